@@ -1,0 +1,256 @@
+"""LocalBackend: the backend protocol over an embedded workspace (SQLite + local folders)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cairn.core import ids
+from cairn.core.errors import NotFoundError
+from cairn.core.spec import GraphSpec
+from cairn.core.status import Status
+from cairn.engine import client as agent_client
+from cairn.engine.context import DEFAULT_DATASTORE
+from cairn.engine.fingerprint import differing_parts
+from cairn.storage.layout import WorkspaceLayout, run_dir
+from cairn.storage.objects import ObjectStore
+from cairn.storage.snapshot import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, diff_manifests, load_manifest, take_snapshot
+from cairn.store import queries as q
+from cairn.store.db import Store
+
+CONFIG_VERSION = 1
+
+
+class LocalBackend:
+    def __init__(self, layout: WorkspaceLayout) -> None:
+        self.layout = layout
+        self.location = str(layout.root)
+        self.store = Store.for_sqlite_file(layout.db)
+        self.store.migrate()
+        self.objects = ObjectStore(layout.objects)
+        self._config = json.loads(layout.config.read_text()) if layout.config.exists() else {}
+
+    @classmethod
+    def create(cls, root: str | os.PathLike[str], exist_ok: bool = True) -> LocalBackend:
+        layout = WorkspaceLayout(root)
+        if layout.config.exists() and not exist_ok:
+            raise FileExistsError(f"a Cairn workspace already exists in {layout.root}")
+        for d in (layout.dot, layout.objects, layout.datastores, layout.work):
+            d.mkdir(parents=True, exist_ok=True)
+        if not layout.config.exists():
+            layout.config.write_text(json.dumps(
+                {"version": CONFIG_VERSION, "kind": "embedded", "name": layout.root.name}, indent=2) + "\n")
+        backend = cls(layout)
+        if not backend.list_datastores():
+            (layout.datastores / DEFAULT_DATASTORE).mkdir(parents=True, exist_ok=True)
+            backend.register_datastore(DEFAULT_DATASTORE, "local",
+                                       {"path": f"datastores/{DEFAULT_DATASTORE}"}, True)
+        if not backend.list_compute_targets():
+            backend.put_compute_target("local", "local", {})
+        return backend
+
+    @property
+    def name(self) -> str:
+        return str(self._config.get("name") or self.layout.root.name)
+
+    # -- workspace objects -----------------------------------------------------------------
+
+    def list_datastores(self) -> list[dict[str, Any]]:
+        return q.list_named(self.store, "datastores")
+
+    def register_datastore(self, name: str, kind: str, config: dict[str, Any], default: bool) -> None:
+        q.put_named(self.store, "datastores", name, kind, config, is_default=default)
+
+    def datastore_root(self, name: str) -> str:
+        for d in self.list_datastores():
+            if d["name"] == name:
+                path = Path(d["config"].get("path", ""))
+                return str(path if path.is_absolute() else self.layout.dot / path)
+        raise NotFoundError(f"datastore {name!r} is not registered in workspace {self.location}")
+
+    def list_compute_targets(self) -> list[dict[str, Any]]:
+        return q.list_named(self.store, "compute_targets")
+
+    def put_compute_target(self, name: str, kind: str, config: dict[str, Any]) -> None:
+        q.put_named(self.store, "compute_targets", name, kind, config)
+
+    def list_experiments(self) -> list[str]:
+        return q.list_experiments(self.store)
+
+    # -- authoring -------------------------------------------------------------------------
+
+    def snapshot(self, source_directory: str) -> str:
+        src = str(Path(source_directory).resolve())
+        limits = self._config.get("snapshot", {})
+        snap = take_snapshot(
+            src, self.objects, q.load_stat_cache(self.store, src + os.sep),
+            max_files=int(os.environ.get("CAIRN_SNAPSHOT_MAX_FILES", limits.get("max_files", DEFAULT_MAX_FILES))),
+            max_bytes=int(os.environ.get("CAIRN_SNAPSHOT_MAX_BYTES", limits.get("max_bytes", DEFAULT_MAX_BYTES))),
+        )
+        manifest_digest = self.objects.put_bytes(json.dumps(snap.manifest, sort_keys=True).encode())
+        q.record_snapshot(self.store, snap.digest, manifest_digest, len(snap.entries), snap.size,
+                          snap.stat_updates)
+        return snap.digest
+
+    def submit_pipeline(self, experiment: str, name: str, spec: GraphSpec, *, tags: dict[str, str],
+                        properties: dict[str, str], step_properties: dict[str, dict[str, str]],
+                        regenerate_outputs: bool, continue_on_step_failure: bool) -> tuple[str, dict[str, str]]:
+        run_id = ids.new_id("run")
+        step_ids = {s.name: ids.new_id("step") for s in spec.steps}
+        q.insert_pipeline_run(
+            self.store, run_id=run_id, experiment=experiment, name=name, spec_json=spec.to_json(),
+            steps=[(step_ids[s.name], s.name) for s in spec.steps], tags=tags, properties=properties,
+            step_properties={step_ids[k]: v for k, v in step_properties.items()},
+            regenerate_outputs=regenerate_outputs, continue_on_step_failure=continue_on_step_failure)
+        agent_client.ensure_agent(self.layout)
+        return run_id, step_ids
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        return q.get_run(self.store, run_id)
+
+    def list_runs(self, experiment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        return q.list_runs(self.store, experiment, limit)
+
+    def get_children(self, run_id: str) -> list[dict[str, Any]]:
+        return q.child_runs(self.store, run_id)
+
+    def get_events(self, run_id: str) -> list[dict[str, Any]]:
+        return q.run_events(self.store, run_id)
+
+    def cancel_run(self, run_id: str) -> dict[str, Any] | None:
+        run = q.get_run(self.store, run_id)
+        if run is None:
+            return None
+        target = run["parent_id"] or run_id  # canceling a step cancels its pipeline run
+        row = q.request_cancel(self.store, target)
+        agent_client.poke(self.layout)
+        return row
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        q.set_tags(self.store, run_id, tags)
+
+    def add_properties(self, run_id: str, props: dict[str, Any]) -> list[str]:
+        return q.add_properties(self.store, run_id, props)
+
+    def get_tags(self, run_id: str) -> dict[str, Any]:
+        return q.get_kv(self.store, run_id, "tags")
+
+    def get_properties(self, run_id: str) -> dict[str, Any]:
+        return q.get_kv(self.store, run_id, "properties")
+
+    def log_metric(self, run_id: str, name: str, kind: str, value: Any) -> None:
+        q.add_metric(self.store, run_id, name, kind, value)
+
+    def get_metric_rows(self, run_ids: list[str]) -> list[dict[str, Any]]:
+        return q.get_metric_rows(self.store, run_ids)
+
+    def get_outputs(self, step_run_id: str) -> dict[str, dict[str, Any]]:
+        outs = q.get_outputs(self.store, step_run_id)
+        for o in outs.values():
+            o["local_path"] = str(Path(self.datastore_root(o["datastore"])) / o["path"])
+        return outs
+
+    def run_folder(self, run_id: str) -> Path:
+        run = q.get_run(self.store, run_id)
+        if run is None:
+            raise NotFoundError(f"no run with id {run_id!r} in workspace {self.location}")
+        rel = run_dir(run["parent_id"], run_id) if run["parent_id"] else run_dir(run_id)
+        default = next((d["name"] for d in self.list_datastores() if d["is_default"]), DEFAULT_DATASTORE)
+        return Path(self.datastore_root(default)) / rel
+
+    def read_log(self, run_id: str, which: str, offset: int = 0) -> tuple[str, int]:
+        """Text of a step's ``stdout``/``stderr``/``system`` log from byte ``offset``; and the new offset."""
+        path = self.run_folder(run_id) / "logs" / f"{which}.txt"
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return "", offset
+        # never split a line or a UTF-8 character: keep a partial last line for the next read
+        cut = data.rfind(b"\n") + 1 if not data.endswith(b"\n") else len(data)
+        return data[:cut].decode("utf-8", "replace"), offset + cut
+
+    def put_artifact(self, run_id: str, name: str, local_path: str) -> str:
+        from cairn.storage.paths import confined
+
+        dest = confined(self.run_folder(run_id) / "artifacts", name, "artifact name")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local_path, dest)
+        return str(dest)
+
+    def explain(self, step_run_id: str) -> dict[str, Any]:
+        run = q.get_run(self.store, step_run_id)
+        if run is None or run["kind"] != "step":
+            raise NotFoundError(f"no step run with id {step_run_id!r} in workspace {self.location}")
+        parts = json.loads(run["fingerprint_parts"]) if run["fingerprint_parts"] else None
+        result: dict[str, Any] = {"step_run_id": step_run_id, "step": run["name"], "status": run["status"],
+                                  "pipeline_run_id": run["parent_id"], "fingerprint": run["fingerprint"],
+                                  "parts": parts, "reused_from": run["reused_from"], "changes": [],
+                                  "compared_with": None, "summary": ""}
+        if parts is None:
+            result["summary"] = f"the step did not get as far as a fingerprint ({run['status']}: " \
+                                f"{run['status_reason'] or 'no reason recorded'})"
+            return result
+        if run["status"] == Status.REUSED.value:
+            source = q.get_run(self.store, run["reused_from"]) or {}
+            result["summary"] = (f"reused: every part of the fingerprint matches step run {run['reused_from']} "
+                                 f"of pipeline run {source.get('parent_id')}")
+            return result
+        prev = q.previous_step_run(self.store, run["experiment"], run["name"], run["created_at"], step_run_id)
+        pipeline = q.get_run(self.store, run["parent_id"]) or {}
+        spec = GraphSpec.from_json(pipeline["spec"]) if pipeline.get("spec") else None
+        allow_reuse = spec.step(run["name"]).allow_reuse if spec else True
+        if prev is None:
+            result["summary"] = f"ran: no earlier run of step {run['name']!r} in experiment {run['experiment']!r}"
+        else:
+            old = json.loads(prev["fingerprint_parts"])
+            result["compared_with"] = prev["id"]
+            result["changes"] = [self._describe(k, old.get(k), parts.get(k)) for k in differing_parts(old, parts)]
+            if result["changes"]:
+                result["summary"] = f"ran: {len(result['changes'])} part(s) differ from step run {prev['id']}"
+            elif not allow_reuse:
+                result["summary"] = "ran: reuse is off for this step (allow_reuse=False)"
+            elif pipeline.get("regenerate_outputs"):
+                result["summary"] = "ran: the pipeline was submitted with regenerate_outputs=True"
+            else:
+                result["summary"] = (f"ran: same fingerprint as step run {prev['id']}, whose outputs were not "
+                                     f"available for reuse")
+        if not allow_reuse and "allow_reuse" not in result["summary"]:
+            result["summary"] += " (reuse is off for this step: allow_reuse=False)"
+        elif pipeline.get("regenerate_outputs") and "regenerate" not in result["summary"]:
+            result["summary"] += " (submitted with regenerate_outputs=True)"
+        return result
+
+    def _describe(self, key: str, old: Any, new: Any) -> str:
+        if key == "snapshot":
+            a, b = q.get_snapshot(self.store, old or ""), q.get_snapshot(self.store, new or "")
+            if a and b:
+                files = diff_manifests(load_manifest(self.objects, a["manifest"]),
+                                       load_manifest(self.objects, b["manifest"]))
+                return "snapshot changed: " + (", ".join(files[:10]) + (" ..." if len(files) > 10 else "")
+                                               if files else "file modes changed")
+            return "snapshot changed"
+        if key.startswith("input:"):
+            if old is None:
+                return f"input {key[6:]} added"
+            if new is None:
+                return f"input {key[6:]} removed"
+            return f"input {key[6:]} changed"
+        if key in ("params", "environment_variables") and isinstance(old, dict) and isinstance(new, dict):
+            names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            return f"{key} changed: " + ", ".join(f"{n} {old.get(n)!r} -> {new.get(n)!r}" for n in names)
+        return f"{key} changed: {old!r} -> {new!r}"
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def ensure_progress(self) -> None:
+        agent_client.ensure_agent(self.layout)
+
+    def watch(self, run_id: str) -> agent_client.Watch:
+        return agent_client.Watch(self.layout, run_id)

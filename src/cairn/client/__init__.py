@@ -1,0 +1,1 @@
+"""The client API: workspace, experiments, runs, pipeline authoring. Users import from ``cairn``."""

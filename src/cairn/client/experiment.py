@@ -1,0 +1,66 @@
+"""Experiment: a named group of runs. ``submit`` queues a pipeline run and returns at once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cairn.core.errors import UserInputError
+from cairn.core.names import check_experiment_name, check_type
+
+if TYPE_CHECKING:
+    from cairn.client.run import PipelineRun, Run
+    from cairn.client.workspace import Workspace
+
+
+class Experiment:
+    def __init__(self, workspace: Workspace, name: str, **ignored: Any) -> None:
+        from cairn.client.workspace import Workspace
+
+        check_type(workspace, Workspace, "Experiment workspace")
+        self.workspace = workspace
+        self.name = check_experiment_name(name)
+
+    def submit(self, config: Any, tags: dict[str, Any] | None = None, regenerate_outputs: bool = False,
+               continue_on_step_failure: bool = False, **kwargs: Any) -> PipelineRun:
+        """Queue ``config`` (a Pipeline) and return its PipelineRun without waiting."""
+        from cairn.client.pipeline import Pipeline
+        from cairn.client.run import PipelineRun
+
+        if not isinstance(config, Pipeline):
+            raise UserInputError(f"Experiment.submit expects a Pipeline, not {type(config).__name__}")
+        if config.workspace != self.workspace:
+            raise UserInputError("the pipeline belongs to another workspace than the experiment")
+        if tags is not None and not isinstance(tags, dict):
+            raise UserInputError(f"tags must be a dict, not {type(tags).__name__}")
+        check_type(regenerate_outputs, bool, "regenerate_outputs")
+        check_type(continue_on_step_failure, bool, "continue_on_step_failure")
+        unknown = set(kwargs) - {"pipeline_parameters", "credential_passthrough"}
+        if unknown:
+            raise UserInputError(f"Experiment.submit got unexpected argument(s): {', '.join(sorted(unknown))}")
+        spec, step_props = config._compile()
+        run_props = dict(next(iter(step_props.values()), {}))
+        run_props.pop("cairn.snapshot", None)
+        run_id, _ = self.workspace._backend.submit_pipeline(
+            self.name, config.description or "pipeline", spec,
+            tags={str(k): "" if v is None else str(v) for k, v in (tags or {}).items()},
+            properties=run_props, step_properties=step_props,
+            regenerate_outputs=regenerate_outputs, continue_on_step_failure=continue_on_step_failure)
+        return PipelineRun(self, run_id)
+
+    def get_runs(self) -> list[Run]:
+        from cairn.client.run import Run
+
+        return [Run._from_record(self.workspace, r) for r in self.workspace._backend.list_runs(self.name, 1000)]
+
+    @classmethod
+    def list(cls, workspace: Workspace) -> list[Experiment]:
+        return list(workspace.experiments.values())
+
+    def __repr__(self) -> str:
+        return f"Experiment(name={self.name!r}, workspace={self.workspace.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Experiment) and (other.workspace, other.name) == (self.workspace, self.name)
+
+    def __hash__(self) -> int:
+        return hash((self.workspace.location, self.name))

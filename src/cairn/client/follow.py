@@ -1,0 +1,110 @@
+"""Following a pipeline run until it ends: status lines, live logs, and what to do if the agent dies."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from cairn.core.errors import RunFailedError, RunTimeoutError
+from cairn.core.status import Status
+
+LOG_TAIL_INTERVAL = 0.2  # how often new log lines are shown while a step runs (the display only)
+IDLE_RECHECK = 5.0  # a safety net: events wake the follower long before this
+
+
+def _fmt_duration(row: dict[str, Any]) -> str:
+    if row.get("started_at") and row.get("ended_at"):
+        return f" in {row['ended_at'] - row['started_at']:.2f} s"
+    return ""
+
+
+def follow(backend: Any, run_id: str, *, show_output: bool = True, timeout_seconds: float | None = None,
+           raise_on_error: bool = True, only_step: str | None = None, out: TextIO | None = None) -> str:
+    """Wait for pipeline run ``run_id`` to end and return its final status."""
+    out = out or sys.stdout
+    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+    watch = backend.watch(run_id)
+    seen: dict[str, tuple[str, str | None]] = {}
+    offsets: dict[tuple[str, str], int] = {}
+    connected = False
+    announced = False
+    try:
+        while True:
+            run = backend.get_run(run_id)
+            children = backend.get_children(run_id)
+            if show_output:
+                if not announced:
+                    print(f"Pipeline run {run_id} (experiment {run['experiment']}): {run['status']}", file=out)
+                    announced = True
+                _print_changes(backend, children, seen, offsets, out, only_step)
+            status = Status(run["status"])
+            target = next((c for c in children if c["id"] == only_step), None) if only_step else None
+            if status.is_terminal or (target is not None and Status(target["status"]).is_terminal):
+                if show_output:
+                    print(f"Pipeline run {run_id}: {run['status']}{_fmt_duration(run)}"
+                          + (f" ({run['status_reason']})" if run["status_reason"] else ""), file=out)
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise RunTimeoutError(f"run {run_id} is still {run['status']} after {timeout_seconds} s "
+                                      f"(it goes on; wait again or `cairn cancel {run_id}`)")
+            if not connected:
+                backend.ensure_progress()  # starts an agent if none serves the workspace (resume)
+                connected = watch.connect()
+            running = any(c["status"] == Status.RUNNING.value for c in children)
+            wait = LOG_TAIL_INTERVAL if show_output and running else IDLE_RECHECK
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - now))
+            try:
+                if connected:
+                    watch.wait(wait)
+                else:
+                    time.sleep(min(wait, 0.5))
+            except ConnectionError:
+                connected = False
+    finally:
+        watch.close()
+    final = backend.get_run(run_id)
+    if raise_on_error:
+        failed_target = None
+        if only_step:
+            step = backend.get_run(only_step)
+            failed_target = step if step and step["status"] in (Status.FAILED.value, Status.CANCELED.value) else None
+        if final["status"] in (Status.FAILED.value, Status.CANCELED.value) or failed_target:
+            raise RunFailedError(_failure_message(backend, final))
+    return final["status"]
+
+
+def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str, tuple[str, str | None]],
+                   offsets: dict[tuple[str, str], int], out: TextIO, only_step: str | None) -> None:
+    for c in children:
+        if only_step and c["id"] != only_step:
+            continue
+        key = (c["status"], c["status_reason"])
+        if c["status"] in (Status.RUNNING.value, Status.FAILED.value, Status.COMPLETED.value, Status.CANCELED.value):
+            for which in ("stdout", "stderr"):
+                text, offsets[(c["id"], which)] = backend.read_log(c["id"], which, offsets.get((c["id"], which), 0))
+                for line in text.splitlines():
+                    print(f"  {c['name']} | {line}", file=out)
+        if seen.get(c["id"]) != key:
+            seen[c["id"]] = key
+            if c["status"] == Status.NOT_STARTED.value and not c["status_reason"]:
+                continue
+            extra = ""
+            if c["status"] == Status.REUSED.value:
+                extra = f" (reused step run {c['reused_from']})"
+            elif c["status_reason"]:
+                extra = f" ({c['status_reason']})"
+            print(f"  [{c['name']}] {c['status']}{_fmt_duration(c) if Status(c['status']).is_terminal else ''}"
+                  f"{extra}  step run {c['id']}", file=out)
+    out.flush()
+
+
+def _failure_message(backend: Any, run: dict[str, Any]) -> str:
+    lines = [f"pipeline run {run['id']} {run['status']}" + (f": {run['status_reason']}" if run["status_reason"] else "")]
+    for c in backend.get_children(run["id"]):
+        if c["status"] == Status.FAILED.value:
+            lines.append(f"  step {c['name']!r} ({c['id']}) failed: {c['status_reason']}")
+            lines.append(f"    see its logs: cairn logs {c['id']}")
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""Pipeline: a graph of steps. Validation collects every problem; submit compiles to a graph spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cairn.client.steps import PythonScriptStep
+from cairn.core.errors import PipelineValidationError, UserInputError
+from cairn.core.spec import Argument, GraphSpec, InputSpec, OutputSpec, StepSpec
+from cairn.data.pipeline_data import PipelineData, PipelineDataInput
+
+if TYPE_CHECKING:
+    from cairn.client.workspace import Workspace
+
+
+def _flatten(steps: Any, out: list[PythonScriptStep], where: str = "steps") -> None:
+    if isinstance(steps, (list, tuple)):
+        for i, s in enumerate(steps):
+            _flatten(s, out, f"{where}[{i}]")
+    elif isinstance(steps, PythonScriptStep):
+        if not any(s is steps for s in out):
+            out.append(steps)
+    else:
+        raise UserInputError(f"Pipeline {where} is a {type(steps).__name__}; a pipeline's steps must be "
+                             f"PythonScriptStep objects (lists of them may be nested)")
+
+
+class Pipeline:
+    """Steps to run together. Upstream producers of their inputs are pulled in when not listed."""
+
+    def __init__(self, workspace: Workspace, steps: Any, description: str | None = None,
+                 default_datastore: Any = None, default_source_directory: str | None = None,
+                 **ignored: Any) -> None:
+        from cairn.client.workspace import Workspace
+
+        if not isinstance(workspace, Workspace):
+            raise UserInputError(f"Pipeline workspace must be a Workspace, not {type(workspace).__name__}")
+        self.workspace = workspace
+        self.description = description
+        self.default_datastore = default_datastore
+        listed: list[PythonScriptStep] = []
+        _flatten(steps, listed)
+        self.steps = _with_producers(listed)
+
+    # -- validation ------------------------------------------------------------------------
+
+    def validate(self) -> list[str]:
+        """Every problem of the pipeline, each naming its step; an empty list when it is sound."""
+        problems: list[str] = []
+        steps = self.steps
+        if not steps:
+            return ["the pipeline has no steps; pass at least one step in steps=[...]"]
+        seen: dict[str, int] = {}
+        for s in steps:
+            seen[s.name] = seen.get(s.name, 0) + 1
+        for name, count in seen.items():
+            if count > 1:
+                problems.append(f"{count} steps are named {name!r}; give each step a distinct name=")
+        targets = {c["name"] for c in self.workspace._backend.list_compute_targets()}
+        stores = {d["name"] for d in self.workspace._backend.list_datastores()}
+        producers: dict[int, list[PythonScriptStep]] = {}
+        for s in steps:
+            for o in s.outputs:
+                producers.setdefault(id(o), []).append(s)
+        for s in steps:
+            who = f"step {s.name!r}"
+            src = Path(s.source_directory)
+            if not src.is_dir():
+                problems.append(f"{who}: source_directory {s.source_directory!r} does not exist")
+            elif not (src / s.script_name).is_file():
+                problems.append(f"{who}: script {s.script_name!r} is not in source_directory {s.source_directory!r}")
+            target = _target_name(s)
+            if target not in targets:
+                problems.append(f"{who}: compute target {target!r} does not exist in the workspace "
+                                f"(known: {', '.join(sorted(targets))})")
+            problems += s.runconfig.validate(s.name)
+            try:
+                s.runconfig.environment.to_spec()
+            except UserInputError as exc:
+                problems.append(f"{who}: {exc}")
+            out_names: dict[str, int] = {}
+            for o in s.outputs:
+                out_names[o.output_name] = out_names.get(o.output_name, 0) + 1
+                ds = o.datastore_name
+                if ds is not None and ds not in stores:
+                    problems.append(f"{who}: output {o.name!r} names datastore {ds!r}, which is not registered")
+            for n, c in out_names.items():
+                if c > 1:
+                    problems.append(f"{who}: two outputs are named {n!r}")
+            for b in s.input_bindings():
+                made_by = producers.get(id(b.data), [])
+                if not made_by:
+                    problems.append(f"{who}: input {b.data.name!r} is produced by no step of the pipeline; "
+                                    f"list it in outputs=[...] of the step that writes it")
+                elif any(p is s for p in made_by):
+                    problems.append(f"{who}: {b.data.name!r} is both an input and an output of the step")
+            for a in s._run_after:
+                if not any(a is x for x in steps):
+                    problems.append(f"{who}: run_after step {a.name!r} is not in the pipeline")
+        for key, made_by in producers.items():
+            if len(made_by) > 1:
+                data = next(o for o in made_by[0].outputs if id(o) == key)
+                names = " and ".join(repr(p.name) for p in made_by)
+                problems.append(f"PipelineData {data.name!r} is written by steps {names}; each output "
+                                f"must have exactly one producing step")
+        cycle = _find_cycle(steps, producers)
+        if cycle:
+            problems.append("the steps form a cycle: " + " -> ".join(repr(n) for n in cycle))
+        return problems
+
+    # -- compiling -------------------------------------------------------------------------
+
+    def _compile(self) -> tuple[GraphSpec, dict[str, dict[str, str]]]:
+        problems = self.validate()
+        if problems:
+            raise PipelineValidationError(problems)
+        backend = self.workspace._backend
+        default_store = self.default_datastore
+        default_store_name = (default_store if isinstance(default_store, str) else
+                              getattr(default_store, "name", None)) or self.workspace.get_default_datastore().name
+        producer_of: dict[int, PythonScriptStep] = {id(o): s for s in self.steps for o in s.outputs}
+        snapshots: dict[str, str] = {}
+        gits: dict[str, dict[str, str]] = {}
+        specs, step_props = [], {}
+        from cairn.storage.git import git_properties
+
+        for s in self.steps:
+            if s.source_directory not in snapshots:
+                snapshots[s.source_directory] = backend.snapshot(s.source_directory)
+                gits[s.source_directory] = git_properties(s.source_directory)
+            bindings = s.input_bindings()
+            inputs = tuple(InputSpec(b.input_name, producer_of[id(b.data)].name, b.data.output_name, b.mode,
+                                     b.path_on_compute) for b in bindings)
+            binding_name = {id(b.data): b.input_name for b in bindings}
+            args = []
+            for a in s.arguments:
+                if isinstance(a, PipelineData):
+                    if any(a is o for o in s.outputs):
+                        args.append(Argument(output=a.output_name))
+                    else:
+                        args.append(Argument(input=binding_name[id(a)]))
+                elif isinstance(a, PipelineDataInput):
+                    args.append(Argument(input=a.input_name))
+                else:
+                    args.append(Argument(literal=str(a) if not isinstance(a, bool) else str(a)))
+            env_spec = s.runconfig.environment.to_spec()
+            from cairn.environments.spec import spec_digest
+
+            rc = s.runconfig
+            specs.append(StepSpec(
+                name=s.name, script_name=s.script_name, source_directory=s.source_directory,
+                snapshot=snapshots[s.source_directory], arguments=tuple(args), inputs=inputs,
+                outputs=tuple(OutputSpec(o.output_name, o.datastore_name or default_store_name) for o in s.outputs),
+                params=tuple(sorted((k, str(v)) for k, v in s.params.items())),
+                environment=env_spec, environment_digest=spec_digest(env_spec),
+                environment_variables=tuple(sorted((str(k), str(v)) for k, v in rc.environment_variables.items())),
+                compute_target=_target_name(s), allow_reuse=s.allow_reuse, version=s.version,
+                run_after=tuple(a.name for a in s._run_after),
+                max_run_duration_seconds=rc.max_run_duration_seconds,
+            ))
+            step_props[s.name] = {**gits[s.source_directory], "cairn.snapshot": snapshots[s.source_directory]}
+        return GraphSpec(tuple(specs)), step_props
+
+    def __repr__(self) -> str:
+        return f"Pipeline(steps={[s.name for s in self.steps]!r})"
+
+
+def _target_name(step: PythonScriptStep) -> str:
+    t = step.compute_target if step.compute_target is not None else step.runconfig.target
+    if t is None:
+        return "local"
+    return t if isinstance(t, str) else t.name
+
+
+def _with_producers(listed: list[PythonScriptStep]) -> list[PythonScriptStep]:
+    """The listed steps plus, transitively, the producers of their inputs and run_after steps."""
+    steps = list(listed)
+    i = 0
+    while i < len(steps):
+        s = steps[i]
+        needed = [p for b in s.input_bindings() for p in getattr(b.data, "_producers", [])]
+        needed += s._run_after
+        for p in needed:
+            if not any(p is x for x in steps):
+                steps.append(p)
+        i += 1
+    return steps
+
+
+def _find_cycle(steps: list[PythonScriptStep], producers: dict[int, list[PythonScriptStep]]) -> list[str] | None:
+    upstream: dict[int, list[PythonScriptStep]] = {}
+    for s in steps:
+        ups = [p for b in s.input_bindings() for p in producers.get(id(b.data), []) if p is not s]
+        upstream[id(s)] = ups + [a for a in s._run_after]
+    state: dict[int, int] = {}
+    path: list[PythonScriptStep] = []
+
+    def visit(s: PythonScriptStep) -> list[str] | None:
+        state[id(s)] = 1
+        path.append(s)
+        for u in upstream.get(id(s), []):
+            if state.get(id(u)) == 1:
+                start = next(i for i, x in enumerate(path) if x is u)
+                return [x.name for x in reversed(path[start:])] + [path[-1].name]
+            if state.get(id(u)) is None:
+                found = visit(u)
+                if found:
+                    return found
+        path.pop()
+        state[id(s)] = 2
+        return None
+
+    for s in steps:
+        if state.get(id(s)) is None:
+            found = visit(s)
+            if found:
+                return found
+    return None

@@ -1,0 +1,401 @@
+"""Runs: PipelineRun, StepRun, and the live or offline run a script gets from Run.get_context()."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from abc import ABC, abstractmethod
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cairn.core.errors import NotFoundError, UserInputError
+from cairn.core.names import check_type
+from cairn.core.status import Status
+
+if TYPE_CHECKING:
+    from cairn.client.experiment import Experiment
+    from cairn.client.workspace import Workspace
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
+
+
+def aggregate_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Azure ML's shape: a scalar logged once is a value, logged again a list; rows make tables."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        name, kind, value = r["name"], r["kind"], r["value"]
+        if kind == "scalar":
+            if name in out:
+                out[name] = out[name] + [value] if isinstance(out[name], list) else [out[name], value]
+            else:
+                out[name] = value
+        elif kind == "row":
+            table = out.setdefault(name, {})
+            for col, v in value.items():
+                table.setdefault(col, []).append(v)
+        else:  # list, table, image: the latest wins
+            out[name] = value
+    return out
+
+
+class _MetricsMixin(ABC):
+    """log_* methods shared by live and offline runs; ``_record`` says where they go."""
+
+    @abstractmethod
+    def _record(self, name: str, kind: str, value: Any) -> None: ...
+
+    @staticmethod
+    def _check_name(name: Any) -> str:
+        check_type(name, str, "metric name")
+        if not name.strip():
+            raise UserInputError("metric name must not be empty")
+        return name
+
+    @staticmethod
+    def _jsonable(value: Any, what: str) -> Any:
+        if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+            value = value.item()  # numpy scalars
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise UserInputError(f"{what} must be a number, string, bool or a list/dict of them, "
+                                 f"not {type(value).__name__}") from None
+        return value
+
+    def log(self, name: str, value: Any, description: str = "", step: int | None = None) -> None:
+        self._record(self._check_name(name), "scalar", self._jsonable(value, f"metric {name!r}"))
+
+    def log_list(self, name: str, value: list[Any], description: str = "") -> None:
+        if not isinstance(value, (list, tuple)) and not hasattr(value, "tolist"):
+            raise UserInputError(f"log_list {name!r} expects a list, not {type(value).__name__}")
+        value = value.tolist() if hasattr(value, "tolist") else list(value)
+        self._record(self._check_name(name), "list", self._jsonable(value, f"metric {name!r}"))
+
+    def log_row(self, name: str, description: str | None = None, **kwargs: Any) -> None:
+        self._record(self._check_name(name), "row", self._jsonable(kwargs, f"row {name!r}"))
+
+    def log_table(self, name: str, value: dict[str, list[Any]], description: str = "") -> None:
+        if not isinstance(value, dict):
+            raise UserInputError(f"log_table {name!r} expects a dict of column -> list, not {type(value).__name__}")
+        self._record(self._check_name(name), "table", self._jsonable(value, f"table {name!r}"))
+
+    def log_image(self, name: str, path: str | os.PathLike[str] | None = None, plot: Any = None,
+                  description: str = "") -> None:
+        self._check_name(name)
+        if (path is None) == (plot is None):
+            raise UserInputError("log_image needs exactly one of path= (an image file) or plot= (a matplotlib figure)")
+        tmp = None
+        if plot is not None:
+            tmp = tempfile.NamedTemporaryFile(suffix=".png", delete=False)
+            tmp.close()
+            plot.savefig(tmp.name)
+            path = tmp.name
+        assert path is not None
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"log_image {name!r}: image file {str(path)!r} does not exist")
+        try:
+            stored = self._store_image(name, str(path))
+        finally:
+            if tmp is not None:
+                os.unlink(tmp.name)
+        self._record(name, "image", stored)
+
+    def _store_image(self, name: str, path: str) -> str:
+        return path
+
+
+class Run(_MetricsMixin):
+    """A run recorded in a workspace (a pipeline run or a step run)."""
+
+    def __init__(self, experiment: Experiment, run_id: str) -> None:
+        self.experiment = experiment
+        self.id = run_id
+        self._backend = experiment.workspace._backend
+
+    @classmethod
+    def _from_record(cls, workspace: Workspace, record: dict[str, Any]) -> Run:
+        from cairn.client.experiment import Experiment
+
+        exp = Experiment(workspace, record["experiment"])
+        return PipelineRun(exp, record["id"]) if record["kind"] == "pipeline" else StepRun(exp, record["id"])
+
+    @staticmethod
+    def get_context(allow_offline: bool = True) -> Run:
+        """The live run of the step this script runs in; outside a pipeline an offline run."""
+        run_id = os.environ.get("CAIRN_RUN_ID")
+        workspace = os.environ.get("CAIRN_WORKSPACE")
+        if run_id and workspace:
+            from cairn.client.experiment import Experiment
+            from cairn.client.workspace import Workspace
+
+            return StepRun(Experiment(Workspace(workspace), os.environ["CAIRN_EXPERIMENT"]), run_id)
+        if not allow_offline:
+            raise NotFoundError("not running inside a Cairn step (no CAIRN_RUN_ID); pass allow_offline=True "
+                                "to get an offline run")
+        return OfflineRun()
+
+    # -- record --------------------------------------------------------------------------
+
+    def _row(self) -> dict[str, Any]:
+        row = self._backend.get_run(self.id)
+        if row is None:
+            raise NotFoundError(f"run {self.id!r} no longer exists")
+        return row
+
+    @property
+    def workspace(self) -> Workspace:
+        return self.experiment.workspace
+
+    @property
+    def name(self) -> str:
+        return self._row()["name"]
+
+    @property
+    def status(self) -> str:
+        return self._row()["status"]
+
+    def get_status(self) -> str:
+        return self.status
+
+    @property
+    def parent(self) -> Run | None:
+        parent_id = self._row()["parent_id"]
+        return PipelineRun(self.experiment, parent_id) if parent_id else None
+
+    def get_details(self) -> dict[str, Any]:
+        row = self._row()
+        return {
+            "runId": self.id, "name": row["name"], "experiment": row["experiment"], "status": row["status"],
+            "statusReason": row["status_reason"], "startTimeUtc": _iso(row["started_at"]),
+            "endTimeUtc": _iso(row["ended_at"]), "createdTimeUtc": _iso(row["created_at"]),
+            "properties": self.get_properties(), "tags": self.get_tags(), "parentRunId": row["parent_id"],
+            "events": [{"status": e["status"], "reason": e["reason"], "time": _iso(e["at"])}
+                       for e in self._backend.get_events(self.id)],
+        }
+
+    def get_tags(self) -> dict[str, Any]:
+        return self._backend.get_tags(self.id)
+
+    def get_properties(self) -> dict[str, Any]:
+        return self._backend.get_properties(self.id)
+
+    @property
+    def tags(self) -> dict[str, Any]:
+        return self.get_tags()
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        return self.get_properties()
+
+    def tag(self, key: str, value: Any = None) -> None:
+        check_type(key, str, "tag key")
+        self._backend.set_tags(self.id, {key: "" if value is None else value})
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not isinstance(tags, dict):
+            raise UserInputError(f"set_tags expects a dict, not {type(tags).__name__}")
+        self._backend.set_tags(self.id, {str(k): "" if v is None else v for k, v in tags.items()})
+
+    def add_properties(self, properties: dict[str, Any]) -> None:
+        if not isinstance(properties, dict):
+            raise UserInputError(f"add_properties expects a dict, not {type(properties).__name__}")
+        clashes = self._backend.add_properties(self.id, {str(k): v for k, v in properties.items()})
+        if clashes:
+            raise UserInputError(f"properties are immutable once set; already set with another value: "
+                                 f"{', '.join(clashes)} (use tags for values that change)")
+
+    def _record(self, name: str, kind: str, value: Any) -> None:
+        self._backend.log_metric(self.id, name, kind, value)
+
+    def _store_image(self, name: str, path: str) -> str:
+        return self._backend.put_artifact(self.id, f"images/{Path(name).name}{Path(path).suffix or '.png'}", path)
+
+    def get_metrics(self, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
+        if recursive:
+            ids = [self.id, *(c["id"] for c in self._backend.get_children(self.id))]
+            rows = self._backend.get_metric_rows(ids)
+            result = {rid: aggregate_metrics([r for r in rows if r["run_id"] == rid]) for rid in ids}
+            return {rid: {k: v for k, v in m.items() if name is None or k == name} for rid, m in result.items()}
+        metrics = aggregate_metrics(self._backend.get_metric_rows([self.id]))
+        return {k: v for k, v in metrics.items() if name is None or k == name}
+
+    def cancel(self) -> None:
+        """Cancel the run (for a step run: its pipeline run). Steps running now are killed."""
+        self._backend.cancel_run(self.id)
+
+    def wait_for_completion(self, show_output: bool = True, timeout_seconds: float | None = None,
+                            raise_on_error: bool = True) -> dict[str, Any]:
+        from cairn.client.follow import follow
+
+        pipeline_id = self._row()["parent_id"] or self.id
+        follow(self._backend, pipeline_id, show_output=show_output, timeout_seconds=timeout_seconds,
+               raise_on_error=raise_on_error, only_step=None if pipeline_id == self.id else self.id)
+        return self.get_details()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, experiment={self.experiment.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Run) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+class PipelineRun(Run):
+    def get_steps(self) -> list[StepRun]:
+        return [StepRun(self.experiment, c["id"]) for c in self._backend.get_children(self.id)]
+
+    def find_step_run(self, name: str) -> list[StepRun]:
+        check_type(name, str, "step name")
+        return [StepRun(self.experiment, c["id"]) for c in self._backend.get_children(self.id) if c["name"] == name]
+
+    def get_graph_spec(self) -> dict[str, Any]:
+        return json.loads(self._row()["spec"])
+
+
+class OutputData:
+    """A committed output of a step run."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.name: str = record["name"]
+        self.datastore_name: str = record["datastore"]
+        self.path_on_datastore: str = record["path"]
+        self.digest: str = record["digest"]
+        self.size: int = record["size"]
+        self.local_path = Path(record["local_path"])
+
+    def download(self, local_path: str | os.PathLike[str], overwrite: bool = False,
+                 show_progress: bool = False) -> str:
+        """Copy the output into ``local_path/<output name>``; returns that path."""
+        dest = Path(local_path) / self.name
+        if dest.exists():
+            if not overwrite:
+                raise FileExistsError(f"{dest} exists; pass overwrite=True to replace it")
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if self.local_path.is_dir():
+            shutil.copytree(self.local_path, dest)
+        else:
+            shutil.copy2(self.local_path, dest)
+        if show_progress:
+            print(f"downloaded {self.name} ({self.size} bytes) to {dest}")
+        return str(dest)
+
+    def __repr__(self) -> str:
+        return f"OutputData(name={self.name!r}, path={str(self.local_path)!r})"
+
+
+class StepRun(Run):
+    @property
+    def reused_from(self) -> str | None:
+        """The step run whose outputs this one reused (None when it ran)."""
+        return self._row()["reused_from"]
+
+    @property
+    def is_reused(self) -> bool:
+        return self.status == Status.REUSED.value
+
+    def _log_source(self) -> str:
+        return self.reused_from or self.id  # a reused step shows the logs of the run it reused
+
+    def get_stdout_log(self) -> str:
+        return self._backend.read_log(self._log_source(), "stdout")[0]
+
+    def get_stderr_log(self) -> str:
+        return self._backend.read_log(self._log_source(), "stderr")[0]
+
+    def get_system_log(self) -> str:
+        return self._backend.read_log(self.id, "system")[0]
+
+    def get_outputs(self) -> dict[str, OutputData]:
+        return {n: OutputData(r) for n, r in self._backend.get_outputs(self.id).items()}
+
+    def get_output_data(self, name: str) -> OutputData:
+        check_type(name, str, "output name")
+        outputs = self._backend.get_outputs(self.id)
+        if name not in outputs:
+            have = ", ".join(sorted(outputs)) or "none"
+            raise NotFoundError(f"step run {self.id} has no committed output {name!r} (outputs: {have}; "
+                                f"status {self.status})")
+        return OutputData(outputs[name])
+
+    def get_fingerprint(self) -> dict[str, Any]:
+        return {"fingerprint": self._row()["fingerprint"], "parts": json.loads(self._row()["fingerprint_parts"] or "null")}
+
+    def explain(self) -> dict[str, Any]:
+        """Why the step ran or was reused: its fingerprint parts and what differs from the last run."""
+        return self._backend.explain(self.id)
+
+    @property
+    def input_datasets(self) -> dict[str, Any]:
+        """Inside the step: input name -> local path."""
+        if os.environ.get("CAIRN_RUN_ID") == self.id:
+            return json.loads(os.environ.get("CAIRN_INPUTS", "{}"))
+        return {}
+
+    @property
+    def output_datasets(self) -> dict[str, Any]:
+        if os.environ.get("CAIRN_RUN_ID") == self.id:
+            return json.loads(os.environ.get("CAIRN_OUTPUTS", "{}"))
+        return {}
+
+
+class _OfflineExperiment:
+    name = "offline"
+    workspace = None
+
+
+class OfflineRun(_MetricsMixin):
+    """What ``Run.get_context()`` gives outside a pipeline: it prints what it would log."""
+
+    def __init__(self) -> None:
+        self.id = "OfflineRun"
+        self.experiment = _OfflineExperiment()
+        self.parent = None
+        self.input_datasets: dict[str, Any] = {}
+        self.output_datasets: dict[str, Any] = {}
+        self._metrics: list[dict[str, Any]] = []
+        self._tags: dict[str, Any] = {}
+        self._properties: dict[str, Any] = {}
+
+    def _record(self, name: str, kind: str, value: Any) -> None:
+        print(f"[offline run] {kind} {name} = {value!r}", file=sys.stderr)
+        self._metrics.append({"name": name, "kind": kind, "value": value})
+
+    def get_metrics(self, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
+        m = aggregate_metrics(self._metrics)
+        return {k: v for k, v in m.items() if name is None or k == name}
+
+    def tag(self, key: str, value: Any = None) -> None:
+        print(f"[offline run] tag {key} = {value!r}", file=sys.stderr)
+        self._tags[key] = value
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.tag(k, v)
+
+    def get_tags(self) -> dict[str, Any]:
+        return dict(self._tags)
+
+    def add_properties(self, properties: dict[str, Any]) -> None:
+        print(f"[offline run] properties {properties!r}", file=sys.stderr)
+        self._properties.update(properties)
+
+    def get_properties(self) -> dict[str, Any]:
+        return dict(self._properties)
+
+    def get_status(self) -> str:
+        return Status.RUNNING.value
+
+    def complete(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "OfflineRun()"

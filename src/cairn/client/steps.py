@@ -1,0 +1,112 @@
+"""PythonScriptStep: run a Python script as one step of a pipeline."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from cairn.client.environment import RunConfiguration
+from cairn.core.errors import UserInputError
+from cairn.core.names import check_step_name, check_type
+from cairn.data.pipeline_data import PipelineData, PipelineDataInput
+
+_SCALARS = (str, int, float, bool)
+
+
+class PythonScriptStep:
+    """Runs ``script_name`` from ``source_directory`` with ``arguments``.
+
+    PipelineData objects in ``arguments`` become paths at run time: one listed in ``outputs`` is an
+    output, any other is an input (inputs referenced only in arguments are inferred).
+    """
+
+    def __init__(self, script_name: str, name: str | None = None, arguments: list[Any] | None = None,
+                 compute_target: Any = None, runconfig: RunConfiguration | None = None,
+                 runconfig_pipeline_params: Any = None, inputs: list[Any] | None = None,
+                 outputs: list[PipelineData] | None = None, params: dict[str, Any] | None = None,
+                 source_directory: str | os.PathLike[str] | None = None, allow_reuse: bool = True,
+                 version: str | None = None, hash_paths: list[str] | None = None) -> None:
+        check_type(script_name, str, "PythonScriptStep script_name")
+        rel = PurePosixPath(script_name.replace("\\", "/"))
+        if not script_name.strip() or rel.is_absolute() or ".." in rel.parts:
+            raise UserInputError(f"PythonScriptStep script_name {script_name!r} must be a path relative to "
+                                 f"source_directory, like 'train.py' or 'scripts/train.py'")
+        self.script_name = script_name
+        self.name = check_step_name(name if name is not None else script_name)
+        who = f"step {self.name!r}"
+        if arguments is not None and not isinstance(arguments, (list, tuple)):
+            raise UserInputError(f"{who}: arguments must be a list, not {type(arguments).__name__}")
+        self.arguments = list(arguments or [])
+        for i, a in enumerate(self.arguments):
+            if not isinstance(a, (*_SCALARS, os.PathLike, PipelineData, PipelineDataInput)):
+                raise UserInputError(f"{who}: arguments[{i}] is a {type(a).__name__}; allowed are str, int, "
+                                     f"float, bool, PipelineData and its as_input()/as_download()/as_mount()")
+        if compute_target is not None and not isinstance(compute_target, str) and not hasattr(compute_target, "name"):
+            raise UserInputError(f"{who}: compute_target must be a ComputeTarget or a target name, not "
+                                 f"{type(compute_target).__name__}")
+        self.compute_target = compute_target
+        if runconfig is not None and not isinstance(runconfig, RunConfiguration):
+            raise UserInputError(f"{who}: runconfig must be a RunConfiguration, not {type(runconfig).__name__}")
+        self.runconfig = runconfig or RunConfiguration()
+        if inputs is not None and not isinstance(inputs, (list, tuple)):
+            raise UserInputError(f"{who}: inputs must be a list, not {type(inputs).__name__}")
+        self.inputs = list(inputs or [])
+        for i, x in enumerate(self.inputs):
+            if not isinstance(x, (PipelineData, PipelineDataInput)):
+                raise UserInputError(f"{who}: inputs[{i}] is a {type(x).__name__}; allowed are PipelineData "
+                                     f"and its as_input()/as_download()/as_mount()")
+        if outputs is not None and not isinstance(outputs, (list, tuple)):
+            raise UserInputError(f"{who}: outputs must be a list, not {type(outputs).__name__}")
+        self.outputs = list(outputs or [])
+        for i, o in enumerate(self.outputs):
+            if not isinstance(o, PipelineData):
+                raise UserInputError(f"{who}: outputs[{i}] is a {type(o).__name__}; outputs must be PipelineData")
+        if params is not None and not isinstance(params, dict):
+            raise UserInputError(f"{who}: params must be a dict of name -> value, not {type(params).__name__}")
+        self.params = dict(params or {})
+        for k, v in self.params.items():
+            if not isinstance(k, str) or not k.isidentifier():
+                raise UserInputError(f"{who}: param name {k!r} must be an identifier (it becomes an "
+                                     f"environment variable)")
+            if not isinstance(v, _SCALARS):
+                raise UserInputError(f"{who}: param {k!r} must be a str, int, float or bool, not {type(v).__name__}")
+        if source_directory is not None and not isinstance(source_directory, (str, os.PathLike)):
+            raise UserInputError(f"{who}: source_directory must be a folder path, not "
+                                 f"{type(source_directory).__name__}")
+        self.source_directory = str(Path(source_directory if source_directory is not None else ".").resolve())
+        check_type(allow_reuse, bool, f"{who}: allow_reuse")
+        self.allow_reuse = allow_reuse
+        if version is not None and not isinstance(version, str):
+            raise UserInputError(f"{who}: version must be a str, not {type(version).__name__}")
+        self.version = version
+        if hash_paths:
+            warnings.warn("hash_paths is no longer needed: every file of source_directory is part of the "
+                          "snapshot digest", DeprecationWarning, stacklevel=2)
+        self._run_after: list[PythonScriptStep] = []
+        for o in self.outputs:
+            o._producers = [*getattr(o, "_producers", []), self]
+
+    def run_after(self, step: PythonScriptStep) -> None:
+        """Start this step only after ``step`` has finished."""
+        if not isinstance(step, PythonScriptStep):
+            raise UserInputError(f"run_after expects a step, not {type(step).__name__}")
+        self._run_after.append(step)
+
+    # -- compiled view ---------------------------------------------------------------------
+
+    def input_bindings(self) -> list[PipelineDataInput]:
+        """Declared inputs plus inputs inferred from arguments (one binding per input name)."""
+        found: dict[str, PipelineDataInput] = {}
+        candidates = [*self.inputs, *(a for a in self.arguments if isinstance(a, (PipelineData, PipelineDataInput)))]
+        for c in candidates:
+            if isinstance(c, PipelineData):
+                if any(c is o for o in self.outputs):
+                    continue
+                c = c.as_input()
+            found.setdefault(c.input_name, c)
+        return list(found.values())
+
+    def __repr__(self) -> str:
+        return f"PythonScriptStep(name={self.name!r}, script_name={self.script_name!r})"

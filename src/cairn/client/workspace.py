@@ -1,0 +1,115 @@
+"""Workspace: the entry point. An embedded workspace is a ``.cairn/`` folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cairn.core.errors import NotFoundError, UserInputError, WorkspaceNotFoundError
+from cairn.storage.layout import DOT, WorkspaceLayout
+
+if TYPE_CHECKING:
+    from cairn.backend.local import LocalBackend
+    from cairn.client.compute import ComputeTarget
+    from cairn.client.datastore import Datastore
+    from cairn.client.experiment import Experiment
+    from cairn.client.run import Run
+
+
+class Workspace:
+    """An embedded workspace rooted at ``path`` (the folder holding ``.cairn/``).
+
+    Use :meth:`create` to make one and :meth:`from_config` to find one.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise UserInputError(f"Workspace path must be a folder path (str or Path), not {type(path).__name__}")
+        layout = WorkspaceLayout(path)
+        if not layout.config.is_file():
+            raise WorkspaceNotFoundError(
+                f"no Cairn workspace in {layout.root} (missing {DOT}/config.json); "
+                f"create one with `cairn init` or Workspace.create({str(path)!r})")
+        from cairn.backend.local import LocalBackend
+
+        self._backend: LocalBackend = LocalBackend(layout)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str] = ".", exist_ok: bool = True, **ignored: Any) -> Workspace:
+        """Make an embedded workspace in ``path`` (or open it when it exists and ``exist_ok``)."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise UserInputError(f"Workspace.create path must be a folder path, not {type(path).__name__}")
+        from cairn.backend.local import LocalBackend
+
+        LocalBackend.create(path, exist_ok=exist_ok)
+        return cls(path)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **ignored: Any) -> Workspace:
+        """Find ``.cairn/config.json`` in ``path`` (default: the current folder) or its parents."""
+        start = Path(path) if path is not None else Path.cwd()
+        if start.name == "config.json" and start.parent.name == DOT:
+            return cls(start.parent.parent)
+        start = start.resolve()
+        for folder in (start, *start.parents):
+            if (folder / DOT / "config.json").is_file():
+                return cls(folder)
+        raise WorkspaceNotFoundError(
+            f"no Cairn workspace found in {start} or any folder above it; run `cairn init` in your "
+            f"project folder (or call Workspace.create(path)) first")
+
+    # -- identity --------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._backend.name
+
+    @property
+    def location(self) -> str:
+        return self._backend.location
+
+    def __repr__(self) -> str:
+        return f"Workspace(name={self.name!r}, location={self.location!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Workspace) and other.location == self.location
+
+    def __hash__(self) -> int:
+        return hash(self.location)
+
+    # -- what it holds ---------------------------------------------------------------------
+
+    def get_default_datastore(self) -> Datastore:
+        from cairn.client.datastore import Datastore
+
+        return Datastore.get_default(self)
+
+    @property
+    def datastores(self) -> dict[str, Datastore]:
+        from cairn.client.datastore import Datastore
+
+        return {d["name"]: Datastore._from_record(self, d) for d in self._backend.list_datastores()}
+
+    @property
+    def compute_targets(self) -> dict[str, ComputeTarget]:
+        from cairn.client.compute import ComputeTarget
+
+        return {c["name"]: ComputeTarget._from_record(self, c) for c in self._backend.list_compute_targets()}
+
+    @property
+    def experiments(self) -> dict[str, Experiment]:
+        from cairn.client.experiment import Experiment
+
+        return {n: Experiment(self, n) for n in self._backend.list_experiments()}
+
+    def get_run(self, run_id: str) -> Run:
+        from cairn.client.run import Run
+
+        if not isinstance(run_id, str):
+            raise UserInputError(f"run_id must be a str, not {type(run_id).__name__}")
+        record = self._backend.get_run(run_id)
+        if record is None:
+            raise NotFoundError(f"no run with id {run_id!r} in workspace {self.location}; "
+                                f"`cairn runs list` shows the runs")
+        return Run._from_record(self, record)

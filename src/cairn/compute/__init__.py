@@ -1,0 +1,1 @@
+"""Compute targets: where step jobs run. Each kind implements the small ``Compute`` protocol."""

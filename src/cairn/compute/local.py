@@ -1,0 +1,43 @@
+"""The built-in ``local`` target: each step runs as a subprocess of this machine, at most
+``max_concurrency`` at a time (default: the number of cores)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from cairn.compute.base import DoneCallback
+from cairn.runner.execute import StepControl, StepReporter, execute_step
+from cairn.runner.job import StepJob, StepResult
+
+
+class LocalCompute:
+    def __init__(self, name: str = "local", max_concurrency: int | None = None) -> None:
+        self.name = name
+        self.max_concurrency = int(max_concurrency or os.cpu_count() or 1)
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return self.max_concurrency - self._running
+
+    def submit(self, job: StepJob, reporter: StepReporter, control: StepControl,
+               done: DoneCallback) -> None:
+        with self._lock:
+            self._running += 1
+
+        def work() -> None:
+            try:
+                result = execute_step(job, reporter, control)
+            except BaseException as exc:  # never lose a slot or a step's ending
+                result = StepResult(job.step_run_id, "Failed", f"runner crashed: {exc}", None)
+            finally:
+                with self._lock:
+                    self._running -= 1
+            done(result)
+
+        threading.Thread(target=work, name=f"step-{job.step_run_id}", daemon=True).start()
+
+    def shutdown(self) -> None:
+        pass

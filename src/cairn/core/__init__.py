@@ -1,0 +1,1 @@
+"""Pure building blocks: ids, digests, statuses, errors and the graph spec. No I/O here."""

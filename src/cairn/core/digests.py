@@ -1,0 +1,43 @@
+"""Content digests. One algorithm everywhere (BLAKE2b, 256 bits), written as ``blake2b:<hex>``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+PREFIX = "blake2b:"
+_CHUNK = 1 << 20
+
+
+def _hasher() -> Any:
+    return hashlib.blake2b(digest_size=32)
+
+
+def digest_bytes(data: bytes) -> str:
+    h = _hasher()
+    h.update(data)
+    return PREFIX + h.hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one serialisation that digests are taken of: sorted keys, no spaces, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest_json(value: Any) -> str:
+    return digest_bytes(canonical_json(value))
+
+
+def digest_file(path: str | os.PathLike[str]) -> str:
+    h = _hasher()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return PREFIX + h.hexdigest()
+
+
+def short(digest: str, n: int = 12) -> str:
+    """``blake2b:9f1c2a...`` shortened for display."""
+    return digest[: len(PREFIX) + n] if digest.startswith(PREFIX) else digest[:n]

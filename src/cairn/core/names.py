@@ -1,0 +1,45 @@
+"""Validation of user-given names and values, with messages that say what is allowed."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from cairn.core.errors import UserInputError
+
+_DATA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,254}$")
+
+
+def check_type(value: Any, types: type | tuple[type, ...], what: str) -> None:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        allowed = ", ".join(t.__name__ for t in _as_tuple(types))
+        raise UserInputError(f"{what} must be of type {allowed}, not {type(value).__name__} ({value!r})")
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def check_data_name(name: Any, what: str) -> str:
+    check_type(name, str, what)
+    if not _DATA_NAME.match(name) or len(name) > 255:
+        raise UserInputError(f"{what} {name!r} is not valid: use letters, digits and underscores, "
+                             f"starting with a letter or underscore (e.g. 'prepped_data')")
+    return name
+
+
+def check_experiment_name(name: Any) -> str:
+    check_type(name, str, "experiment name")
+    if not _EXPERIMENT_NAME.match(name):
+        raise UserInputError(f"experiment name {name!r} is not valid: use 1 to 255 letters, digits, "
+                             f"'-' and '_', starting with a letter or digit")
+    return name
+
+
+def check_step_name(name: Any) -> str:
+    check_type(name, str, "step name")
+    if not name.strip() or len(name) > 255 or any(c in name for c in "/\\\0\n\r\t"):
+        raise UserInputError(f"step name {name!r} is not valid: use 1 to 255 characters without "
+                             f"'/', '\\\\' or control characters")
+    return name

@@ -1,0 +1,144 @@
+"""The graph spec: what authoring compiles to and the only thing the engine ever sees.
+
+Plain frozen data with one canonical JSON form. A published pipeline will be a stored spec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SPEC_VERSION = 1
+PYTHON_SCRIPT_STEP = "PythonScriptStep@1"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """An input of a step: an output of another step of the same pipeline."""
+
+    name: str
+    producer: str  # step name
+    output: str  # output name on the producer
+    mode: str = "mount"  # mount | download | direct
+    path_on_compute: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """An output a step writes; ``datastore`` names where it is committed."""
+
+    name: str
+    datastore: str
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One command-line argument: a literal, or a reference resolved to a path at run time."""
+
+    literal: str | None = None
+    input: str | None = None
+    output: str | None = None
+
+    def template(self) -> str:
+        """The form used in fingerprints and explanations: paths are never part of it."""
+        if self.input is not None:
+            return f"{{input:{self.input}}}"
+        if self.output is not None:
+            return f"{{output:{self.output}}}"
+        return self.literal or ""
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    script_name: str
+    source_directory: str
+    snapshot: str
+    kind: str = PYTHON_SCRIPT_STEP
+    arguments: tuple[Argument, ...] = ()
+    inputs: tuple[InputSpec, ...] = ()
+    outputs: tuple[OutputSpec, ...] = ()
+    params: tuple[tuple[str, str], ...] = ()
+    environment: dict[str, Any] = field(default_factory=dict, hash=False)
+    environment_digest: str = ""
+    environment_variables: tuple[tuple[str, str], ...] = ()
+    compute_target: str = "local"
+    allow_reuse: bool = True
+    version: str | None = None
+    run_after: tuple[str, ...] = ()
+    max_run_duration_seconds: float | None = None
+    properties: tuple[tuple[str, str], ...] = ()
+
+    def upstream(self) -> set[str]:
+        """Names of the steps that must finish before this one starts."""
+        return {i.producer for i in self.inputs} | set(self.run_after)
+
+    def argument_template(self) -> list[str]:
+        return [a.template() for a in self.arguments]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    steps: tuple[StepSpec, ...]
+    version: int = SPEC_VERSION
+
+    def step(self, name: str) -> StepSpec:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def downstream(self, name: str) -> list[str]:
+        """Every step that depends on ``name``, directly or not, in spec order."""
+        found: set[str] = set()
+        frontier = {name}
+        while frontier:
+            nxt = {s.name for s in self.steps if s.upstream() & frontier and s.name not in found}
+            found |= nxt
+            frontier = nxt
+        return [s.name for s in self.steps if s.name in found]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphSpec:
+        if data.get("version") != SPEC_VERSION:
+            raise ValueError(f"graph spec version {data.get('version')!r} is not supported "
+                             f"(this Cairn reads version {SPEC_VERSION})")
+        return cls(steps=tuple(_step_from_dict(s) for s in data["steps"]), version=SPEC_VERSION)
+
+    @classmethod
+    def from_json(cls, text: str) -> GraphSpec:
+        return cls.from_dict(json.loads(text))
+
+
+def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((str(k), str(v)) for k, v in value)
+
+
+def _step_from_dict(d: dict[str, Any]) -> StepSpec:
+    return StepSpec(
+        name=d["name"],
+        script_name=d["script_name"],
+        source_directory=d["source_directory"],
+        snapshot=d["snapshot"],
+        kind=d.get("kind", PYTHON_SCRIPT_STEP),
+        arguments=tuple(Argument(**a) for a in d.get("arguments", ())),
+        inputs=tuple(InputSpec(**i) for i in d.get("inputs", ())),
+        outputs=tuple(OutputSpec(**o) for o in d.get("outputs", ())),
+        params=_pairs(d.get("params", ())),
+        environment=dict(d.get("environment", {})),
+        environment_digest=d.get("environment_digest", ""),
+        environment_variables=_pairs(d.get("environment_variables", ())),
+        compute_target=d.get("compute_target", "local"),
+        allow_reuse=bool(d.get("allow_reuse", True)),
+        version=d.get("version"),
+        run_after=tuple(d.get("run_after", ())),
+        max_run_duration_seconds=d.get("max_run_duration_seconds"),
+        properties=_pairs(d.get("properties", ())),
+    )

@@ -1,0 +1,1 @@
+"""Data passed between steps: PipelineData and its input bindings."""

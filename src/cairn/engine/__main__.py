@@ -1,0 +1,24 @@
+"""``python -m cairn.engine WORKSPACE``: the detached local agent (started on demand)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cairn.engine.agent import Agent
+from cairn.storage.layout import WorkspaceLayout
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cairn.engine")
+    parser.add_argument("workspace")
+    parser.add_argument("--idle-timeout", type=float, default=300.0,
+                        help="seconds without work before the agent exits (0: never)")
+    parser.add_argument("--max-concurrency", type=int, default=None)
+    args = parser.parse_args(argv)
+    idle = None if args.idle_timeout == 0 else args.idle_timeout
+    return Agent(WorkspaceLayout(args.workspace), idle, args.max_concurrency).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Talking to the local agent from any process: start it on demand (detached), poke it, watch a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from cairn.core.errors import AgentError
+from cairn.storage.layout import WorkspaceLayout
+
+AGENT_START_TIMEOUT = 60.0
+READY_FD_ENV = "CAIRN_AGENT_READY_FD"
+
+
+def _connect(layout: WorkspaceLayout) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(layout.agent_socket))
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def _request(layout: WorkspaceLayout, msg: dict[str, Any]) -> dict[str, Any] | None:
+    sock = _connect(layout)
+    if sock is None:
+        return None
+    try:
+        sock.settimeout(10)
+        sock.sendall((json.dumps(msg) + "\n").encode())
+        line = sock.makefile("r").readline()
+        return json.loads(line) if line else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        sock.close()
+
+
+def ping(layout: WorkspaceLayout) -> bool:
+    return _request(layout, {"op": "ping"}) is not None
+
+
+def poke(layout: WorkspaceLayout) -> bool:
+    """Tell the agent to look at the queue now. False when no agent answers."""
+    return _request(layout, {"op": "poke"}) is not None
+
+
+def start_agent(layout: WorkspaceLayout, idle_timeout: float | None = None) -> None:
+    """Start a detached agent and wait until it serves (or another agent does)."""
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ)
+    env[READY_FD_ENV] = str(write_fd)
+    argv = [sys.executable, "-m", "cairn.engine", str(layout.root)]
+    if idle_timeout is not None:
+        argv += ["--idle-timeout", str(idle_timeout)]
+    layout.dot.mkdir(parents=True, exist_ok=True)
+    with open(layout.agent_log, "ab") as log:
+        try:
+            subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                             pass_fds=(write_fd,), start_new_session=True, cwd=str(layout.root))
+        finally:
+            os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], AGENT_START_TIMEOUT)
+        message = os.read(read_fd, 64) if ready else b""
+    finally:
+        os.close(read_fd)
+    if not message:
+        raise AgentError(f"the local agent did not start within {AGENT_START_TIMEOUT:.0f} s; "
+                         f"see its log: {layout.agent_log}")
+
+
+def ensure_agent(layout: WorkspaceLayout) -> None:
+    """Make sure an agent serves the workspace and has looked at the queue."""
+    if poke(layout):
+        return
+    start_agent(layout)
+    poke(layout)
+
+
+class Watch:
+    """A subscription to one run's changes. ``wait`` returns an event, None on timeout,
+    and raises ConnectionError when the agent went away."""
+
+    def __init__(self, layout: WorkspaceLayout, run_id: str) -> None:
+        self.layout = layout
+        self.run_id = run_id
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    def connect(self) -> bool:
+        self.close()
+        sock = _connect(self.layout)
+        if sock is None:
+            return False
+        sock.sendall((json.dumps({"op": "watch", "run": self.run_id}) + "\n").encode())
+        self._sock = sock
+        return True
+
+    def wait(self, timeout: float | None) -> dict[str, Any] | None:
+        if self._sock is None:
+            raise ConnectionError("not connected")
+        while b"\n" not in self._buf:
+            ready, _, _ = select.select([self._sock], [], [], timeout)
+            if not ready:
+                return None
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                self.close()
+                raise ConnectionError("the agent went away")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

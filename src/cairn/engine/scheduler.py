@@ -1,0 +1,202 @@
+"""The scheduler of ONE pipeline run: which steps are ready, reuse or dispatch, and the ending.
+
+It keeps no state that the store does not also have: a new agent rebuilds it from the store and
+carries on (finished steps stay finished; unfinished ones run again).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cairn.core.spec import GraphSpec, StepSpec
+from cairn.core.status import ACTIVE, Status
+from cairn.engine.context import EngineContext
+from cairn.engine.fingerprint import fingerprint, fingerprint_parts
+from cairn.runner.execute import process_start_time
+from cairn.runner.job import InputLocation, StepJob
+from cairn.storage.layout import run_dir
+from cairn.storage.snapshot import load_manifest
+from cairn.store import queries as q
+
+Dispatch = Callable[[StepJob, StepSpec], None]
+
+
+class PipelineScheduler:
+    def __init__(self, ctx: EngineContext, run_id: str) -> None:
+        self.ctx = ctx
+        self.run_id = run_id
+        run = q.get_run(ctx.store, run_id)
+        assert run is not None
+        self.run = run
+        self.spec = GraphSpec.from_json(run["spec"])
+        self.step_ids: dict[str, str] = {}
+        self.status: dict[str, Status] = {}
+        self.running: set[str] = set()
+        self.failed_step: str | None = None
+        self.canceling = False
+        self._roots = ctx.datastore_roots()
+        self._default_store = ctx.default_datastore()
+        self._resume()
+
+    # -- start and resume ------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        store = self.ctx.store
+        resumed = []
+        for child in q.child_runs(store, self.run_id):
+            self.step_ids[child["name"]] = child["id"]
+            st = Status(child["status"])
+            if st in (Status.PREPARING, Status.RUNNING, Status.FINALIZING):
+                _kill_orphan(child.get("pid"), child.get("pid_started"))
+                q.update_status(store, child["id"], Status.QUEUED,
+                                "resumed: the agent that ran this step stopped; running it again")
+                st = Status.QUEUED
+                resumed.append(child["name"])
+            self.status[child["name"]] = st
+            if st == Status.FAILED and self.failed_step is None:
+                self.failed_step = child["name"]
+        run_status = Status(self.run["status"])
+        if run_status == Status.QUEUED:
+            q.update_status(store, self.run_id, Status.RUNNING)
+        elif resumed or run_status in ACTIVE:
+            q.update_status(store, self.run_id, Status.RUNNING,
+                            "resumed by a new agent" if self.run["attempt"] > 1 else None)
+
+    # -- progress --------------------------------------------------------------------------
+
+    def ready_steps(self) -> list[StepSpec]:
+        if self.canceling or (self.failed_step and not self.run["continue_on_step_failure"]):
+            return []
+        ready = []
+        for step in self.spec.steps:
+            if self.status[step.name] not in (Status.NOT_STARTED, Status.QUEUED) or step.name in self.running:
+                continue
+            if all(self.status[u].is_success for u in step.upstream()):
+                ready.append(step)
+        return ready
+
+    def prepare(self, step: StepSpec) -> StepJob | None:
+        """Reuse the step if its fingerprint is cached (returns None), else build its job."""
+        store = self.ctx.store
+        step_run_id = self.step_ids[step.name]
+        inputs = []
+        for i in step.inputs:
+            produced = q.get_outputs(store, self.step_ids[i.producer])[i.output]
+            path = Path(self._roots[produced["datastore"]]) / produced["path"]
+            inputs.append(InputLocation(i.name, str(path), produced["digest"], i.mode))
+        parts = fingerprint_parts(step, {i.name: i.digest for i in inputs})
+        fp = fingerprint(parts)
+        log_dir = Path(self._roots[self._default_store]) / run_dir(self.run_id, step_run_id) / "logs"
+        if step.allow_reuse and not self.run["regenerate_outputs"]:
+            source = q.lookup_cache(store, fp)
+            if source and self._outputs_present(source, step):
+                if q.record_reuse(store, step_run_id, source, fp, parts):
+                    log_dir.mkdir(parents=True, exist_ok=True)
+                    with open(log_dir / "system.txt", "a", encoding="utf-8") as f:
+                        f.write(f"reused the outputs of step run {source} (fingerprint {fp})\n")
+                    self.status[step.name] = Status.REUSED
+                    return None
+        q.update_status(store, step_run_id, Status.QUEUED)
+        self.status[step.name] = Status.QUEUED
+        attempt = (q.get_run(store, step_run_id) or {}).get("attempt", 0) + 1
+        snapshot = q.get_snapshot(store, step.snapshot)
+        if snapshot is None:
+            raise RuntimeError(f"snapshot {step.snapshot} of step {step.name!r} is not in the store")
+        base = run_dir(self.run_id, step_run_id)
+        return StepJob(
+            workspace=str(self.ctx.layout.root), experiment=self.run["experiment"],
+            pipeline_run_id=self.run_id, step_run_id=step_run_id, attempt=attempt,
+            step=_spec_dict(step), manifest=load_manifest(self.ctx.objects, snapshot["manifest"]),
+            objects_root=str(self.ctx.objects.root), work_dir=str(self.ctx.layout.work / step_run_id),
+            log_dir=str(log_dir), datastore_roots=self._roots,
+            output_dirs={o.name: f"{base}/outputs/{o.name}" for o in step.outputs},
+            staging_dirs={o.name: f"{base}/staging/a{attempt}/{o.name}" for o in step.outputs},
+            inputs=tuple(inputs), interpreter=step.environment.get("interpreter_path") or "",
+            fingerprint=fp, fingerprint_parts=parts, cacheable=step.allow_reuse,
+        )
+
+    def _outputs_present(self, source_id: str, step: StepSpec) -> bool:
+        outs = q.get_outputs(self.ctx.store, source_id)
+        if {o.name for o in step.outputs} - outs.keys():
+            return False
+        return all((Path(self._roots.get(o["datastore"], "/nonexistent")) / o["path"]).exists()
+                   for o in outs.values())
+
+    def started(self, step: StepSpec) -> None:
+        self.running.add(step.name)
+
+    def finished(self, step_name: str, status: Status) -> None:
+        self.running.discard(step_name)
+        self.status[step_name] = status
+        if status == Status.FAILED and self.failed_step is None:
+            self.failed_step = step_name
+
+    def dispatch_failed(self, step: StepSpec, reason: str) -> None:
+        q.update_status(self.ctx.store, self.step_ids[step.name], Status.FAILED, reason)
+        self.finished(step.name, Status.FAILED)
+
+    def begin_cancel(self) -> None:
+        self.canceling = True
+
+    def is_done(self) -> bool:
+        return not self.running and not self.ready_steps()
+
+    def finish(self) -> Status:
+        """Record the end: steps that never ran say why; the pipeline gets its final status."""
+        store = self.ctx.store
+        for step in self.spec.steps:
+            st = self.status[step.name]
+            if st.is_terminal:
+                continue
+            if self.canceling:
+                q.update_status(store, self.step_ids[step.name], Status.CANCELED, "pipeline run canceled")
+                self.status[step.name] = Status.CANCELED
+                continue
+            failed_up = [u for u in _all_upstream(self.spec, step.name) if self.status[u] == Status.FAILED]
+            if failed_up:
+                reason = f"not run: upstream step {failed_up[0]!r} failed"
+            elif self.failed_step:
+                reason = f"not run: the pipeline stopped after step {self.failed_step!r} failed"
+            else:
+                reason = "not run"
+            q.update_status(store, self.step_ids[step.name], Status.NOT_STARTED, reason)
+        if self.canceling:
+            final, reason = Status.CANCELED, "canceled"
+        elif any(s == Status.FAILED for s in self.status.values()):
+            bad = [n for n, s in self.status.items() if s == Status.FAILED]
+            final, reason = Status.FAILED, "failed step(s): " + ", ".join(bad)
+        else:
+            final, reason = Status.COMPLETED, None
+        q.update_status(store, self.run_id, final, reason)
+        return final
+
+
+def _all_upstream(spec: GraphSpec, name: str) -> list[str]:
+    seen: list[str] = []
+    frontier = list(spec.step(name).upstream())
+    while frontier:
+        n = frontier.pop()
+        if n not in seen:
+            seen.append(n)
+            frontier.extend(spec.step(n).upstream())
+    return seen
+
+
+def _spec_dict(step: StepSpec) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(step)
+
+
+def _kill_orphan(pid: int | None, started: str | None) -> None:
+    """Kill the process group of a step left behind by a dead agent (if it is really ours)."""
+    if not pid or not started or process_start_time(pid) != started:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,1 @@
+"""Environment specs and their digests (uv-built environments come with a later issue)."""

@@ -1,0 +1,1 @@
+"""Runs ONE step job anywhere: materialise the snapshot, resolve inputs, run, capture, commit."""

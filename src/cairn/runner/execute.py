@@ -1,0 +1,266 @@
+"""Executing one step job. Local compute calls this in a thread; other computes call the very same
+function where the step runs. Reporting goes through a ``StepReporter`` so the runner never needs
+to know where the metadata lives."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from cairn.core.spec import _step_from_dict
+from cairn.core.status import Status
+from cairn.runner.job import StepJob, StepResult
+from cairn.storage.objects import ObjectStore
+from cairn.storage.snapshot import materialize
+from cairn.storage.tree import digest_tree
+
+_CAIRN_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds the cairn package
+KILL_GRACE_SECONDS = 5.0
+
+
+class StepReporter(Protocol):
+    def started(self, step_run_id: str, status: Status, **fields: Any) -> bool: ...
+
+    def succeeded(self, job: StepJob, outputs: list[dict[str, Any]], exit_code: int) -> bool: ...
+
+    def ended(self, step_run_id: str, status: Status, reason: str, exit_code: int | None) -> None: ...
+
+
+class StepControl:
+    """Lets the engine stop a running step: cancel() kills its whole process group."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.canceled = False
+        self.cancel_reason = "canceled"
+
+    def attach(self, proc: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._proc = proc
+            if self.canceled:
+                _kill_group(proc)
+
+    def cancel(self, reason: str = "canceled") -> None:
+        with self._lock:
+            self.canceled = True
+            self.cancel_reason = reason
+            if self._proc is not None:
+                _kill_group(self._proc)
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (guards against a recycled pid when killing orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+class _SystemLog:
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "a", encoding="utf-8")
+
+    def __call__(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+        self._f.write(f"{stamp} {message}\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def resolve_arguments(job: StepJob) -> list[str]:
+    spec = _step_from_dict(job.step)
+    inputs = {i.name: i.path for i in job.inputs}
+    args = []
+    for a in spec.arguments:
+        if a.input is not None:
+            args.append(inputs[a.input])
+        elif a.output is not None:
+            args.append(str(Path(job.datastore_roots[_output_store(spec, a.output)]) / job.staging_dirs[a.output]))
+        else:
+            args.append(a.literal or "")
+    return args
+
+
+def _output_store(spec: Any, name: str) -> str:
+    return next(o.datastore for o in spec.outputs if o.name == name)
+
+
+def step_environment(job: StepJob, output_paths: dict[str, str]) -> dict[str, str]:
+    spec = _step_from_dict(job.step)
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in (spec.environment.get("environment_variables") or {}).items()})
+    env.update(dict(spec.environment_variables))
+    for key, value in spec.params:
+        env[f"AML_PARAMETER_{key}"] = value
+        env[f"CAIRN_PARAMETER_{key}"] = value
+    env.update({
+        "CAIRN_WORKSPACE": job.workspace,
+        "CAIRN_RUN_ID": job.step_run_id,
+        "CAIRN_PIPELINE_RUN_ID": job.pipeline_run_id,
+        "CAIRN_EXPERIMENT": job.experiment,
+        "CAIRN_STEP_NAME": spec.name,
+        "CAIRN_INPUTS": json.dumps({i.name: i.path for i in job.inputs}),
+        "CAIRN_OUTPUTS": json.dumps(output_paths),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (_CAIRN_PARENT, env.get("PYTHONPATH")) if p),
+    })
+    return env
+
+
+def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | None = None,
+                 on_started: Callable[[int], None] | None = None) -> StepResult:
+    """Run one step to its end and report it. Never raises for a step's own failure."""
+    control = control or StepControl()
+    spec = _step_from_dict(job.step)
+    log_dir = Path(job.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    syslog = _SystemLog(log_dir / "system.txt")
+    work = Path(job.work_dir)
+    try:
+        syslog(f"attempt {job.attempt} of step {spec.name!r} (step run {job.step_run_id})")
+        reporter.started(job.step_run_id, Status.PREPARING)
+        if work.exists():
+            shutil.rmtree(work)
+        materialize(job.manifest, ObjectStore(job.objects_root), work)
+        syslog(f"snapshot {spec.snapshot} materialised in {work} ({len(job.manifest.get('files', []))} files)")
+        for i in job.inputs:
+            syslog(f"input {i.name}: {i.path} ({i.digest}, {i.mode})")
+        output_paths = {}
+        for o in spec.outputs:
+            staging = Path(job.datastore_roots[o.datastore]) / job.staging_dirs[o.name]
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+            output_paths[o.name] = str(staging)
+            syslog(f"output {o.name}: staging in {staging}")
+        script = work / spec.script_name
+        if not script.is_file():
+            return _end(job, reporter, syslog, Status.FAILED,
+                        f"script {spec.script_name!r} is not in the snapshot of {spec.source_directory!r}",
+                        None)
+        argv = [job.interpreter or sys.executable, spec.script_name, *resolve_arguments(job)]
+        syslog(f"command: {' '.join(argv)}")
+        env = step_environment(job, output_paths)
+        started = time.monotonic()
+        with open(log_dir / "stdout.txt", "ab") as out, open(log_dir / "stderr.txt", "ab") as err:
+            try:
+                proc = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=err,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            except OSError as exc:
+                return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {exc}", None)
+            control.attach(proc)
+            reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
+                             pid_started=process_start_time(proc.pid), attempt=job.attempt)
+            if on_started:
+                on_started(proc.pid)
+            syslog(f"started pid {proc.pid}")
+            timed_out = False
+            try:
+                code = proc.wait(timeout=spec.max_run_duration_seconds)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc, signal.SIGTERM)
+                try:
+                    code = proc.wait(timeout=KILL_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc)
+                    code = proc.wait()
+            _kill_group(proc)  # nothing the step started may outlive it
+        elapsed = time.monotonic() - started
+        syslog(f"exit code {code} after {elapsed:.3f} s")
+        if control.canceled:
+            return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, code)
+        if timed_out:
+            return _end(job, reporter, syslog, Status.FAILED,
+                        f"exceeded max_run_duration_seconds={spec.max_run_duration_seconds:g}: "
+                        f"the step was killed after {elapsed:.1f} s", code)
+        if code != 0:
+            return _end(job, reporter, syslog, Status.FAILED, _exit_reason(code, log_dir), code)
+        reporter.started(job.step_run_id, Status.FINALIZING)
+        outputs = _commit_outputs(job, spec, syslog)
+        if not reporter.succeeded(job, outputs, code):
+            syslog("the step run had already ended (canceled?): outputs not recorded")
+            return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
+        syslog("completed")
+        shutil.rmtree(work, ignore_errors=True)
+        return StepResult(job.step_run_id, Status.COMPLETED.value, None, code)
+    except Exception as exc:  # an infrastructure fault: the step fails with the reason, the agent lives
+        import traceback
+
+        syslog("runner error:\n" + traceback.format_exc())
+        return _end(job, reporter, syslog, Status.FAILED, f"runner error: {type(exc).__name__}: {exc}", None)
+    finally:
+        syslog.close()
+
+
+def _exit_reason(code: int, log_dir: Path) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the step was killed by {name}"
+    tail = _last_line(log_dir / "stderr.txt")
+    return f"the script exited with code {code}" + (f": {tail}" if tail else "")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[-1].strip()[:300] if lines else ""
+    except OSError:
+        return ""
+
+
+def _end(job: StepJob, reporter: StepReporter, syslog: _SystemLog, status: Status, reason: str,
+         code: int | None) -> StepResult:
+    syslog(f"{status.value}: {reason}")
+    reporter.ended(job.step_run_id, status, reason, code)
+    return StepResult(job.step_run_id, status.value, reason, code)
+
+
+def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog) -> list[dict[str, Any]]:
+    """Digest each staged output, then move it into place with one rename (no copy)."""
+    committed = []
+    for o in spec.outputs:
+        root = Path(job.datastore_roots[o.datastore])
+        staging = root / job.staging_dirs[o.name]
+        final = root / job.output_dirs[o.name]
+        if not staging.exists():
+            staging.mkdir(parents=True)
+        tree = digest_tree(staging)
+        if final.exists():  # left by an attempt that died before its transaction
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, final)
+        syslog(f"output {o.name}: {tree.file_count} files, {tree.size} bytes, {tree.digest}")
+        committed.append({"name": o.name, "datastore": o.datastore, "path": job.output_dirs[o.name],
+                          "digest": tree.digest, "size": tree.size, "file_count": tree.file_count})
+    for o in spec.outputs:
+        shutil.rmtree((Path(job.datastore_roots[o.datastore]) / job.staging_dirs[o.name]).parent,
+                      ignore_errors=True)
+    return committed

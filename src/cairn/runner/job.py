@@ -1,0 +1,47 @@
+"""A step job: everything the runner needs to execute one step, as plain JSON-able data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class InputLocation:
+    name: str
+    path: str  # absolute, local to the machine that runs the step
+    digest: str
+    mode: str = "mount"
+
+
+@dataclass(frozen=True)
+class StepJob:
+    workspace: str  # workspace root folder
+    experiment: str
+    pipeline_run_id: str
+    step_run_id: str
+    attempt: int
+    step: dict[str, Any]  # a StepSpec as a dict
+    manifest: dict[str, Any]  # the snapshot manifest to materialise
+    objects_root: str
+    work_dir: str  # where the snapshot is materialised (the step's working directory)
+    log_dir: str  # absolute: stdout.txt, stderr.txt, system.txt
+    datastore_roots: dict[str, str]  # datastore name -> absolute local root
+    output_dirs: dict[str, str]  # output name -> datastore-relative committed folder
+    staging_dirs: dict[str, str]  # output name -> datastore-relative staging folder
+    inputs: tuple[InputLocation, ...] = ()
+    interpreter: str = ""
+    fingerprint: str = ""
+    fingerprint_parts: dict[str, Any] = field(default_factory=dict)
+    cacheable: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step_run_id: str
+    status: str  # Completed | Failed | Canceled
+    reason: str | None = None
+    exit_code: int | None = None

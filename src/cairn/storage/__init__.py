@@ -1,0 +1,1 @@
+"""Where bytes live: the content-addressed object store, snapshots, datastore roots."""

@@ -1,0 +1,63 @@
+"""Where each thing of an embedded workspace lives on disk. Paths come from ids, never user strings."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+DOT = ".cairn"
+
+
+class WorkspaceLayout:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.dot = self.root / DOT
+
+    @property
+    def config(self) -> Path:
+        return self.dot / "config.json"
+
+    @property
+    def db(self) -> Path:
+        return self.dot / "cairn.db"
+
+    @property
+    def objects(self) -> Path:
+        return self.dot / "objects"
+
+    @property
+    def datastores(self) -> Path:
+        return self.dot / "datastores"
+
+    @property
+    def envs(self) -> Path:
+        return self.dot / "envs"
+
+    @property
+    def work(self) -> Path:
+        return self.dot / "work"
+
+    @property
+    def agent_lock(self) -> Path:
+        return self.dot / "agent.lock"
+
+    @property
+    def agent_log(self) -> Path:
+        return self.dot / "agent.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        path = self.dot / "agent.sock"
+        if len(str(path)) < 100:  # AF_UNIX paths are limited to 108 bytes
+            return path
+        key = hashlib.blake2b(str(self.root).encode(), digest_size=8).hexdigest()
+        short = Path(tempfile.gettempdir()) / f"cairn-{os.getuid()}" / f"{key}.sock"
+        short.parent.mkdir(mode=0o700, exist_ok=True)
+        return short
+
+
+def run_dir(pipeline_run_id: str, step_run_id: str | None = None) -> str:
+    """The datastore-relative folder of a run: ``runs/<pipeline-run>/<step-run>``."""
+    return f"runs/{pipeline_run_id}/{step_run_id}" if step_run_id else f"runs/{pipeline_run_id}"

@@ -1,0 +1,154 @@
+"""Snapshots of a source directory: content-addressed, ignore-file aware, stat-cached.
+
+A file whose (size, mtime, inode) match the stat cache is not read again; the caller loads and
+saves the cache (the store owns it), so this module does no SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat as stat_mod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cairn.core.digests import digest_file, digest_json
+from cairn.core.errors import SnapshotTooLargeError
+from cairn.storage.objects import ObjectStore
+
+IGNORE_FILES = (".cairnignore", ".amlignore", ".gitignore")
+ALWAYS_IGNORED = (".git", ".cairn", "__pycache__", ".ipynb_checkpoints")
+DEFAULT_MAX_FILES = 25_000
+DEFAULT_MAX_BYTES = 300 * 1024 * 1024
+
+StatKey = tuple[int, int, int]  # size, mtime_ns, inode
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    path: str  # POSIX, relative to the source directory
+    digest: str
+    size: int
+    executable: bool
+
+
+@dataclass
+class Snapshot:
+    digest: str
+    entries: list[SnapshotEntry]
+    manifest: dict
+    ignore_file: str | None
+    stat_updates: dict[str, tuple[StatKey, str]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(e.size for e in self.entries)
+
+
+def _ignore_spec(source: Path) -> tuple[object | None, str | None]:
+    for name in IGNORE_FILES:
+        f = source / name
+        if f.is_file():
+            import pathspec
+
+            lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
+            return pathspec.PathSpec.from_lines("gitwildmatch", lines), name
+    return None, None
+
+
+def _walk(source: Path, spec: object | None) -> list[tuple[str, os.stat_result, str]]:
+    found: list[tuple[str, os.stat_result, str]] = []
+    stack = [("", str(source))]
+    while stack:
+        rel_dir, abs_dir = stack.pop()
+        with os.scandir(abs_dir) as it:
+            for entry in it:
+                if entry.name in ALWAYS_IGNORED:
+                    continue
+                rel = f"{rel_dir}{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    if spec is not None and spec.match_file(rel + "/"):  # type: ignore[attr-defined]
+                        continue
+                    stack.append((rel + "/", entry.path))
+                elif entry.is_file():  # follows a symlink to a file: its content is snapshotted
+                    if spec is not None and spec.match_file(rel):  # type: ignore[attr-defined]
+                        continue
+                    found.append((rel, entry.stat(), entry.path))
+    found.sort()
+    return found
+
+
+def take_snapshot(
+    source: str | os.PathLike[str],
+    objects: ObjectStore,
+    stat_cache: dict[str, tuple[StatKey, str]],
+    max_files: int = DEFAULT_MAX_FILES,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Snapshot:
+    """Snapshot ``source`` into ``objects``.
+
+    ``stat_cache`` maps absolute file paths to ((size, mtime_ns, inode), digest); entries that
+    had to be (re)hashed are returned in ``Snapshot.stat_updates`` for the caller to save.
+    """
+    src = Path(source)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source directory {str(source)!r} does not exist or is not a directory")
+    spec, ignore_file = _ignore_spec(src)
+    files = _walk(src, spec)
+    total = sum(st.st_size for _, st, _ in files)
+    if len(files) > max_files or total > max_bytes:
+        largest = sorted(files, key=lambda f: f[1].st_size, reverse=True)[:5]
+        listing = ", ".join(f"{rel} ({st.st_size / 1e6:.1f} MB)" for rel, st, _ in largest)
+        use = ignore_file or ".cairnignore"
+        raise SnapshotTooLargeError(
+            f"source directory {str(src)!r} has {len(files)} files and {total / 1e6:.1f} MB; the "
+            f"snapshot limit is {max_files} files and {max_bytes / 1e6:.0f} MB. Largest files: "
+            f"{listing}. Put data in a datastore or list what the step does not need in "
+            f"{str(src / use)!r} (gitignore syntax).")
+    entries: list[SnapshotEntry] = []
+    updates: dict[str, tuple[StatKey, str]] = {}
+    for rel, st, abspath in files:
+        key: StatKey = (st.st_size, st.st_mtime_ns, st.st_ino)
+        cached = stat_cache.get(abspath)
+        if cached is not None and tuple(cached[0]) == key:
+            digest = cached[1]
+        else:
+            digest = digest_file(abspath)
+            updates[abspath] = (key, digest)
+        objects.put_file(abspath, digest)  # a no-op when that content is already stored
+        entries.append(SnapshotEntry(rel, digest, st.st_size, bool(st.st_mode & stat_mod.S_IXUSR)))
+    manifest = {"files": [[e.path, e.digest, e.size, e.executable] for e in entries]}
+    return Snapshot(digest_json(manifest), entries, manifest, ignore_file, updates)
+
+
+def manifest_files(manifest: dict) -> dict[str, str]:
+    """path -> digest of a stored manifest."""
+    return {row[0]: row[1] for row in manifest.get("files", [])}
+
+
+def materialize(manifest: dict, objects: ObjectStore, dest: str | os.PathLike[str]) -> None:
+    """Write the snapshot's files into ``dest`` (a fresh, writable copy the step may change)."""
+    root = Path(dest)
+    root.mkdir(parents=True, exist_ok=True)
+    made: set[Path] = set()
+    for rel, digest, _size, executable in manifest.get("files", []):
+        target = root.joinpath(*rel.split("/"))
+        if target.parent not in made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            made.add(target.parent)
+        shutil.copyfile(objects.path_for(digest), target)
+        os.chmod(target, 0o755 if executable else 0o644)
+
+
+def diff_manifests(old: dict, new: dict) -> list[str]:
+    """Human lines naming what changed between two snapshots ("train.py modified")."""
+    a, b = manifest_files(old), manifest_files(new)
+    lines = [f"{p} modified" for p in sorted(a.keys() & b.keys()) if a[p] != b[p]]
+    lines += [f"{p} added" for p in sorted(b.keys() - a.keys())]
+    lines += [f"{p} removed" for p in sorted(a.keys() - b.keys())]
+    return lines
+
+
+def load_manifest(objects: ObjectStore, manifest_digest: str) -> dict:
+    return json.loads(objects.read_bytes(manifest_digest))

@@ -1,0 +1,100 @@
+"""Opening the metadata database: engines, pragmas, migrations, transactions.
+
+SQLite (WAL) is the default; any SQLAlchemy URL works (PostgreSQL for teams). Writes take the
+database lock up front (``BEGIN IMMEDIATE`` on SQLite) so that two processes never deadlock on
+a lock upgrade; reads never block writers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
+SCHEMA_REVISION = "0001"
+_MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class Store:
+    """The metadata database of one workspace."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._writer = _make_engine(url, immediate=True)
+        self._reader = _make_engine(url, immediate=False)
+        self._migrated = False
+
+    @classmethod
+    def for_sqlite_file(cls, path: Path) -> Store:
+        return cls(f"sqlite:///{path}")
+
+    def migrate(self) -> None:
+        """Bring the schema up to date (Alembic), only importing Alembic when behind."""
+        if self._migrated:
+            return
+        if self.current_revision() != SCHEMA_REVISION:
+            from alembic import command
+            from alembic.config import Config
+
+            cfg = Config()
+            cfg.set_main_option("script_location", str(_MIGRATIONS))
+            cfg.attributes["engine"] = self._writer
+            command.upgrade(cfg, "head")
+        self._migrated = True
+
+    def current_revision(self) -> str | None:
+        from sqlalchemy import text
+        from sqlalchemy.exc import OperationalError, ProgrammingError
+
+        try:
+            with self._reader.connect() as conn:
+                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except (OperationalError, ProgrammingError):
+            return None
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self._reader.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One transaction: everything inside commits together or not at all."""
+        with self._writer.begin() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        self._writer.dispose()
+        self._reader.dispose()
+
+
+def _make_engine(url: str, immediate: bool) -> Engine:
+    from sqlalchemy import create_engine, event
+
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+
+    from sqlalchemy.pool import NullPool
+
+    # NullPool: a connection is never shared across a fork (the agent forks step processes).
+    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine

@@ -1,0 +1,361 @@
+"""Every query of the metadata store. Callers get plain dicts, never rows or sessions."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy.engine import Connection
+
+from cairn.core.status import ACTIVE, Status, can_move
+from cairn.store import schema as t
+from cairn.store.db import Store
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _d(row: Any) -> dict[str, Any] | None:
+    return dict(row._mapping) if row is not None else None
+
+
+# -- experiments ---------------------------------------------------------------------------
+
+def ensure_experiment(conn: Connection, name: str) -> None:
+    if conn.execute(select(t.experiments.c.name).where(t.experiments.c.name == name)).first() is None:
+        conn.execute(insert(t.experiments).values(name=name, created_at=_now()))
+
+
+def list_experiments(store: Store) -> list[str]:
+    with store.read() as conn:
+        return [r[0] for r in conn.execute(select(t.experiments.c.name).order_by(t.experiments.c.name))]
+
+
+# -- runs ----------------------------------------------------------------------------------
+
+def insert_pipeline_run(
+    store: Store, *, run_id: str, experiment: str, name: str, spec_json: str,
+    steps: list[tuple[str, str]], tags: dict[str, str], properties: dict[str, str],
+    step_properties: dict[str, dict[str, str]], regenerate_outputs: bool,
+    continue_on_step_failure: bool,
+) -> None:
+    """The pipeline run (Queued) and one NotStarted step run per step, in one transaction."""
+    now = _now()
+    with store.write() as conn:
+        ensure_experiment(conn, experiment)
+        conn.execute(insert(t.runs).values(
+            id=run_id, experiment=experiment, parent_id=None, kind="pipeline", name=name,
+            status=Status.QUEUED.value, created_at=now, spec=spec_json,
+            regenerate_outputs=regenerate_outputs,
+            continue_on_step_failure=continue_on_step_failure, cancel_requested=False, attempt=0))
+        conn.execute(insert(t.run_events).values(run_id=run_id, status=Status.QUEUED.value, at=now))
+        for order, (step_id, step_name) in enumerate(steps, 1):
+            conn.execute(insert(t.runs).values(  # created_at keeps the spec's step order
+                id=step_id, experiment=experiment, parent_id=run_id, kind="step", name=step_name,
+                status=Status.NOT_STARTED.value, created_at=now + order * 1e-6, regenerate_outputs=False,
+                continue_on_step_failure=False, cancel_requested=False, attempt=0))
+            conn.execute(insert(t.run_events).values(
+                run_id=step_id, status=Status.NOT_STARTED.value, at=now))
+        _put_kv(conn, t.run_tags, run_id, tags)
+        _put_kv(conn, t.run_properties, run_id, properties)
+        for step_id, props in step_properties.items():
+            _put_kv(conn, t.run_properties, step_id, props)
+
+
+def get_run(store: Store, run_id: str) -> dict[str, Any] | None:
+    with store.read() as conn:
+        return _d(conn.execute(select(t.runs).where(t.runs.c.id == run_id)).first())
+
+
+def child_runs(store: Store, parent_id: str) -> list[dict[str, Any]]:
+    with store.read() as conn:
+        rows = conn.execute(select(t.runs).where(t.runs.c.parent_id == parent_id)
+                            .order_by(t.runs.c.created_at, t.runs.c.id))
+        return [dict(r._mapping) for r in rows]
+
+
+def list_runs(store: Store, experiment: str | None = None, limit: int = 50,
+              kind: str = "pipeline") -> list[dict[str, Any]]:
+    q = select(t.runs).where(t.runs.c.kind == kind)
+    if experiment:
+        q = q.where(t.runs.c.experiment == experiment)
+    with store.read() as conn:
+        rows = conn.execute(q.order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc()).limit(limit))
+        return [dict(r._mapping) for r in rows]
+
+
+def run_events(store: Store, run_id: str) -> list[dict[str, Any]]:
+    with store.read() as conn:
+        rows = conn.execute(select(t.run_events).where(t.run_events.c.run_id == run_id)
+                            .order_by(t.run_events.c.id))
+        return [dict(r._mapping) for r in rows]
+
+
+def set_status(conn: Connection, run_id: str, status: Status, reason: str | None = None,
+               **fields: Any) -> bool:
+    """Move a run along the state machine and record the event. False if the move is not allowed
+    (e.g. the run already ended: a late update never overwrites a final status)."""
+    row = conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).first()
+    if row is None:
+        return False
+    old = Status(row[0])
+    if old != status and not can_move(old, status):
+        return False
+    now = _now()
+    values: dict[str, Any] = {"status": status.value, "status_reason": reason, **fields}
+    if status in (Status.RUNNING, Status.PREPARING) and old in (Status.NOT_STARTED, Status.QUEUED):
+        values["started_at"] = now
+    if status.is_terminal:
+        values["ended_at"] = now
+        values.setdefault("lease_owner", None)
+    conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
+    if old != status or reason:
+        conn.execute(insert(t.run_events).values(run_id=run_id, status=status.value,
+                                                 reason=reason, at=now))
+    return True
+
+
+def update_status(store: Store, run_id: str, status: Status, reason: str | None = None,
+                  **fields: Any) -> bool:
+    with store.write() as conn:
+        return set_status(conn, run_id, status, reason, **fields)
+
+
+def update_fields(store: Store, run_id: str, **fields: Any) -> None:
+    with store.write() as conn:
+        conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(**fields))
+
+
+def request_cancel(store: Store, run_id: str) -> dict[str, Any] | None:
+    """Mark a run for cancelation. A run nobody has claimed yet is canceled at once."""
+    with store.write() as conn:
+        row = _d(conn.execute(select(t.runs).where(t.runs.c.id == run_id)).first())
+        if row is None or Status(row["status"]).is_terminal:
+            return row
+        conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(cancel_requested=True))
+        if row["status"] == Status.QUEUED.value and row["lease_owner"] is None:
+            set_status(conn, run_id, Status.CANCELED, "canceled before it started")
+            for child in conn.execute(select(t.runs.c.id).where(t.runs.c.parent_id == run_id)).all():
+                set_status(conn, child[0], Status.CANCELED, "pipeline run canceled")
+    return get_run(store, run_id)
+
+
+# -- queue and leases ----------------------------------------------------------------------
+
+def claim_run(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable[str] = ()) -> str | None:
+    """Atomically take the oldest queued run, or an active one whose lease expired or whose
+    owner is known dead. Returns its id, or None when nothing is waiting."""
+    now = _now()
+    dead = list(reclaimable_owners)
+    pipeline = t.runs.c.kind == "pipeline"
+    waiting = and_(t.runs.c.status == Status.QUEUED.value, t.runs.c.lease_owner.is_(None))
+    orphaned = and_(
+        t.runs.c.status.in_([s.value for s in ACTIVE]),
+        t.runs.c.lease_owner.is_not(None),
+        t.runs.c.lease_owner != owner,
+        or_(t.runs.c.lease_expires_at < now, t.runs.c.lease_owner.in_(dead) if dead else False),
+    )
+    with store.write() as conn:
+        row = conn.execute(select(t.runs.c.id).where(pipeline, or_(waiting, orphaned))
+                           .order_by(t.runs.c.created_at).limit(1)).first()
+        if row is None:
+            return None
+        conn.execute(update(t.runs).where(t.runs.c.id == row[0]).values(
+            lease_owner=owner, lease_expires_at=now + ttl, attempt=t.runs.c.attempt + 1))
+        return row[0]
+
+
+def renew_leases(store: Store, owner: str, ttl: float) -> set[str]:
+    """Extend every lease ``owner`` holds; returns the runs it still holds."""
+    with store.write() as conn:
+        conn.execute(update(t.runs).where(t.runs.c.lease_owner == owner)
+                     .values(lease_expires_at=_now() + ttl))
+        return {r[0] for r in conn.execute(select(t.runs.c.id).where(t.runs.c.lease_owner == owner))}
+
+
+def release_lease(store: Store, run_id: str, owner: str) -> None:
+    with store.write() as conn:
+        conn.execute(update(t.runs).where(t.runs.c.id == run_id, t.runs.c.lease_owner == owner)
+                     .values(lease_owner=None, lease_expires_at=None))
+
+
+def lease_owners(store: Store) -> set[str]:
+    with store.read() as conn:
+        rows = conn.execute(select(t.runs.c.lease_owner).where(t.runs.c.lease_owner.is_not(None))
+                            .distinct())
+        return {r[0] for r in rows}
+
+
+def has_waiting_runs(store: Store) -> bool:
+    with store.read() as conn:
+        return conn.execute(select(t.runs.c.id).where(
+            t.runs.c.kind == "pipeline", t.runs.c.status == Status.QUEUED.value,
+            t.runs.c.lease_owner.is_(None)).limit(1)).first() is not None
+
+
+# -- tags, properties ----------------------------------------------------------------------
+
+def _put_kv(conn: Connection, table: Any, run_id: str, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        conn.execute(delete(table).where(table.c.run_id == run_id, table.c.key == key))
+        conn.execute(insert(table).values(run_id=run_id, key=key,
+                                          value=None if value is None else str(value)))
+
+
+def set_tags(store: Store, run_id: str, tags: dict[str, Any]) -> None:
+    with store.write() as conn:
+        _put_kv(conn, t.run_tags, run_id, tags)
+
+
+def add_properties(store: Store, run_id: str, props: dict[str, Any]) -> list[str]:
+    """Properties are immutable once set: returns the keys that already had another value."""
+    clashes = []
+    with store.write() as conn:
+        current = {r[0]: r[1] for r in conn.execute(
+            select(t.run_properties.c.key, t.run_properties.c.value)
+            .where(t.run_properties.c.run_id == run_id))}
+        fresh = {}
+        for k, v in props.items():
+            if k in current and current[k] != str(v):
+                clashes.append(k)
+            elif k not in current:
+                fresh[k] = v
+        _put_kv(conn, t.run_properties, run_id, fresh)
+    return clashes
+
+
+def get_kv(store: Store, run_id: str, which: str) -> dict[str, str | None]:
+    table = t.run_tags if which == "tags" else t.run_properties
+    with store.read() as conn:
+        rows = conn.execute(select(table.c.key, table.c.value).where(table.c.run_id == run_id)
+                            .order_by(table.c.key))
+        return {r[0]: r[1] for r in rows}
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+def add_metric(store: Store, run_id: str, name: str, kind: str, value: Any) -> None:
+    with store.write() as conn:
+        conn.execute(insert(t.metrics).values(run_id=run_id, name=name, kind=kind,
+                                              value=json.dumps(value), at=_now()))
+
+
+def get_metric_rows(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
+    with store.read() as conn:
+        rows = conn.execute(select(t.metrics).where(t.metrics.c.run_id.in_(run_ids))
+                            .order_by(t.metrics.c.id))
+        return [{**dict(r._mapping), "value": json.loads(r.value)} for r in rows]
+
+
+# -- outputs and the reuse cache -----------------------------------------------------------
+
+def get_outputs(store: Store, step_run_id: str) -> dict[str, dict[str, Any]]:
+    with store.read() as conn:
+        rows = conn.execute(select(t.step_outputs).where(t.step_outputs.c.step_run_id == step_run_id))
+        return {r.name: dict(r._mapping) for r in rows}
+
+
+def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], fingerprint: str,
+                parts: dict[str, Any], exit_code: int, cacheable: bool) -> bool:
+    """Outputs, Completed status and cache entry in ONE transaction (the atomic-output rule)."""
+    with store.write() as conn:
+        if not set_status(conn, step_run_id, Status.COMPLETED, None, exit_code=exit_code,
+                          fingerprint=fingerprint, fingerprint_parts=json.dumps(parts)):
+            return False
+        conn.execute(delete(t.step_outputs).where(t.step_outputs.c.step_run_id == step_run_id))
+        for o in outputs:
+            conn.execute(insert(t.step_outputs).values(step_run_id=step_run_id, **o))
+        if cacheable:
+            conn.execute(delete(t.cache_entries).where(t.cache_entries.c.fingerprint == fingerprint))
+            conn.execute(insert(t.cache_entries).values(
+                fingerprint=fingerprint, step_run_id=step_run_id, created_at=_now()))
+    return True
+
+
+def lookup_cache(store: Store, fingerprint: str) -> str | None:
+    with store.read() as conn:
+        row = conn.execute(select(t.cache_entries.c.step_run_id)
+                           .where(t.cache_entries.c.fingerprint == fingerprint)).first()
+        return row[0] if row else None
+
+
+def record_reuse(store: Store, step_run_id: str, source_id: str, fingerprint: str,
+                 parts: dict[str, Any]) -> bool:
+    with store.write() as conn:
+        rows = conn.execute(select(t.step_outputs).where(t.step_outputs.c.step_run_id == source_id)).all()
+        if not set_status(conn, step_run_id, Status.REUSED, f"reused the outputs of step run {source_id}",
+                          reused_from=source_id, fingerprint=fingerprint,
+                          fingerprint_parts=json.dumps(parts)):
+            return False
+        conn.execute(delete(t.step_outputs).where(t.step_outputs.c.step_run_id == step_run_id))
+        for r in rows:
+            conn.execute(insert(t.step_outputs).values({**dict(r._mapping), "step_run_id": step_run_id}))
+    return True
+
+
+def previous_step_run(store: Store, experiment: str, step_name: str, before: float,
+                      exclude_id: str) -> dict[str, Any] | None:
+    """The most recent earlier run of the same step in the same experiment that has a fingerprint."""
+    with store.read() as conn:
+        row = conn.execute(select(t.runs).where(
+            t.runs.c.kind == "step", t.runs.c.experiment == experiment, t.runs.c.name == step_name,
+            t.runs.c.id != exclude_id, t.runs.c.fingerprint.is_not(None),
+            t.runs.c.created_at <= before,
+        ).order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc()).limit(1)).first()
+        return _d(row)
+
+
+# -- snapshots and the stat cache ----------------------------------------------------------
+
+def record_snapshot(store: Store, digest: str, manifest_digest: str, file_count: int, size: int,
+                    stat_updates: dict[str, tuple[tuple[int, int, int], str]]) -> None:
+    with store.write() as conn:
+        if conn.execute(select(t.snapshots.c.digest).where(t.snapshots.c.digest == digest)).first() is None:
+            conn.execute(insert(t.snapshots).values(digest=digest, manifest=manifest_digest,
+                                                    file_count=file_count, size=size, created_at=_now()))
+        if stat_updates:
+            paths = list(stat_updates)
+            for i in range(0, len(paths), 500):
+                conn.execute(delete(t.file_stat_cache).where(t.file_stat_cache.c.path.in_(paths[i:i + 500])))
+            conn.execute(insert(t.file_stat_cache), [
+                {"path": p, "size": k[0], "mtime_ns": k[1], "inode": k[2], "digest": d}
+                for p, (k, d) in stat_updates.items()])
+
+
+def get_snapshot(store: Store, digest: str) -> dict[str, Any] | None:
+    with store.read() as conn:
+        return _d(conn.execute(select(t.snapshots).where(t.snapshots.c.digest == digest)).first())
+
+
+def load_stat_cache(store: Store, prefix: str) -> dict[str, tuple[tuple[int, int, int], str]]:
+    c = t.file_stat_cache.c
+    with store.read() as conn:
+        rows = conn.execute(select(c.path, c.size, c.mtime_ns, c.inode, c.digest)
+                            .where(c.path >= prefix, c.path < prefix + "\U0010ffff"))
+        return {r[0]: ((r[1], r[2], r[3]), r[4]) for r in rows}
+
+
+# -- datastores and compute targets --------------------------------------------------------
+
+def put_named(store: Store, which: str, name: str, kind: str, config: dict[str, Any],
+              is_default: bool = False) -> None:
+    table = t.datastores if which == "datastores" else t.compute_targets
+    with store.write() as conn:
+        conn.execute(delete(table).where(table.c.name == name))
+        values = {"name": name, "kind": kind, "config": json.dumps(config), "created_at": _now()}
+        if which == "datastores":
+            if is_default:
+                conn.execute(update(table).values(is_default=False))
+            values["is_default"] = is_default
+        conn.execute(insert(table).values(**values))
+
+
+def list_named(store: Store, which: str) -> list[dict[str, Any]]:
+    table = t.datastores if which == "datastores" else t.compute_targets
+    with store.read() as conn:
+        rows = conn.execute(select(table).order_by(table.c.name))
+        return [{**dict(r._mapping), "config": json.loads(r.config)} for r in rows]
