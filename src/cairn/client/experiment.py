@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING, Any
 from cairn.core.errors import UserInputError
 from cairn.core.names import check_experiment_name, check_type
 
+# Pipeline runs submitted by this process, in order (`cairn run FILE` follows them).
+SUBMITTED: list[PipelineRun] = []
+
 if TYPE_CHECKING:
     from cairn.client.run import PipelineRun, Run
     from cairn.client.workspace import Workspace
@@ -45,7 +48,9 @@ class Experiment:
             tags={str(k): "" if v is None else str(v) for k, v in (tags or {}).items()},
             properties=run_props, step_properties=step_props,
             regenerate_outputs=regenerate_outputs, continue_on_step_failure=continue_on_step_failure)
-        return PipelineRun(self, run_id)
+        run = PipelineRun(self, run_id)
+        SUBMITTED.append(run)
+        return run
 
     def get_runs(self) -> list[Run]:
         from cairn.client.run import Run

@@ -168,15 +168,19 @@ class Agent:
 
     def _advance_all(self) -> None:
         for run_id, sched in list(self.schedulers.items()):
-            for step in sched.ready_steps():
-                compute = self._compute(step.compute_target)
-                if compute is None:
-                    sched.dispatch_failed(step, f"compute target {step.compute_target!r} does not exist "
-                                                f"in this workspace")
-                    continue
-                if compute.free_slots() <= 0:
-                    continue
-                self._start_step(sched, step, compute)
+            progressed = True
+            while progressed:  # a reused step makes its downstream ready at once: no event will come
+                progressed = False
+                for step in sched.ready_steps():
+                    compute = self._compute(step.compute_target)
+                    if compute is None:
+                        sched.dispatch_failed(step, f"compute target {step.compute_target!r} does not exist "
+                                                    f"in this workspace")
+                        progressed = True
+                        continue
+                    if compute.free_slots() <= 0:
+                        continue
+                    progressed |= self._start_step(sched, step, compute)
             if sched.is_done():
                 final = sched.finish()
                 q.release_lease(self.ctx.store, run_id, self.owner)
@@ -184,21 +188,23 @@ class Agent:
                 self._log(f"run {run_id} {final.value}")
                 self._notify(run_id, final=True)
 
-    def _start_step(self, sched: PipelineScheduler, step: StepSpec, compute: Compute) -> None:
+    def _start_step(self, sched: PipelineScheduler, step: StepSpec, compute: Compute) -> bool:
+        """Reuse or dispatch ``step``; True when it ended at once (reused, or could not start)."""
         try:
             job = sched.prepare(step)
         except Exception as exc:
             sched.dispatch_failed(step, f"could not prepare the step: {type(exc).__name__}: {exc}")
             self._notify(sched.run_id)
-            return
+            return True
         if job is None:  # reused
             self._notify(sched.run_id)
-            return
+            return True
         control = StepControl()
         self.controls[job.step_run_id] = control
         self.step_parent[job.step_run_id] = sched.run_id
         sched.started(step)
         compute.submit(job, self.reporter, control, lambda result: self.events.put(("done", result)))
+        return False
 
     def _compute(self, name: str) -> Compute | None:
         if name not in self.computes:
@@ -284,6 +290,10 @@ class Agent:
                 op = msg.get("op")
                 if op == "poke":
                     self.events.put(("poke",))
+                    with self._watch_lock:
+                        _send(conn, {"ok": True})
+                elif op == "stop":
+                    self.events.put(("stop",))
                     with self._watch_lock:
                         _send(conn, {"ok": True})
                 elif op == "ping":

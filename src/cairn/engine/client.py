@@ -51,6 +51,30 @@ def poke(layout: WorkspaceLayout) -> bool:
     return _request(layout, {"op": "poke"}) is not None
 
 
+def stop_agent(layout: WorkspaceLayout, timeout: float = 30.0) -> bool:
+    """Ask the agent to stop and wait until it has released the workspace. False if none ran."""
+    import fcntl
+    import signal
+
+    if _request(layout, {"op": "stop"}) is None:
+        return False
+    if not layout.agent_lock.exists():
+        return True
+    with open(layout.agent_lock, "a+") as lock:
+        def give_up(_signum: int, _frame: object) -> None:
+            raise TimeoutError(f"the agent did not stop within {timeout:.0f} s")
+
+        previous = signal.signal(signal.SIGALRM, give_up)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # granted when the agent process has exited
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    return True
+
+
 def start_agent(layout: WorkspaceLayout, idle_timeout: float | None = None) -> None:
     """Start a detached agent and wait until it serves (or another agent does)."""
     read_fd, write_fd = os.pipe()

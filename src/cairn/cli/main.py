@@ -1,0 +1,270 @@
+"""``cairn`` commands. Exit codes scripts can rely on:
+
+0 success; 1 the run failed or was canceled; 2 a usage or input error; 3 timed out waiting; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cairn.core.errors import CairnError, RunFailedError, RunTimeoutError
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USER_ERROR, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+app = typer.Typer(help="Cairn: create, run and watch ML pipelines.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+runs_app = typer.Typer(help="List and inspect runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+console = Console()
+if not console.is_terminal:  # piped output: never cut ids and paths that scripts read
+    console = Console(width=200)
+err = Console(stderr=True)
+
+WorkspaceOption = typer.Option(None, "--workspace", "-w", help="workspace folder (default: found from here upwards)")
+
+
+def _workspace(path: Path | None) -> Any:
+    from cairn.client.workspace import Workspace
+
+    return Workspace.from_config(path)
+
+
+def _fmt_time(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _duration(row: dict[str, Any]) -> str:
+    if row.get("started_at") and row.get("ended_at"):
+        return f"{row['ended_at'] - row['started_at']:.2f}s"
+    if row.get("started_at"):
+        return f"{time.time() - row['started_at']:.0f}s…"
+    return "-"
+
+
+_STYLE = {"Completed": "green", "Reused": "cyan", "Failed": "red", "Canceled": "yellow", "Running": "blue"}
+
+
+def _status(s: str) -> str:
+    return f"[{_STYLE.get(s, 'white')}]{s}[/]"
+
+
+@app.command()
+def init(path: Path = typer.Argument(Path("."), help="folder to make the workspace in")) -> None:
+    """Make an embedded workspace (.cairn/) in PATH."""
+    from cairn.client.workspace import Workspace
+
+    ws = Workspace.create(path)
+    console.print(f"Workspace ready in [bold]{ws.location}[/] (default datastore "
+                  f"{ws.get_default_datastore().name!r}, compute target 'local')")
+
+
+@app.command("run")
+def run_file(pipeline_file: Path = typer.Argument(..., help="a Python file that builds and submits a pipeline"),
+             follow: bool = typer.Option(True, help="follow the submitted runs to their end"),
+             timeout: float = typer.Option(None, help="seconds to wait before giving up (exit code 3)")) -> None:
+    """Run PIPELINE_FILE, then follow every pipeline run it submitted."""
+    import runpy
+
+    from cairn.client import experiment as exp_module
+
+    if not pipeline_file.is_file():
+        raise CairnError(f"pipeline file {str(pipeline_file)!r} does not exist")
+    exp_module.SUBMITTED.clear()
+    sys.argv = [str(pipeline_file)]
+    sys.path.insert(0, str(pipeline_file.resolve().parent))
+    runpy.run_path(str(pipeline_file), run_name="__main__")
+    runs = list(exp_module.SUBMITTED)
+    if not runs:
+        err.print("[yellow]the file submitted no pipeline run[/]")
+        return
+    if follow:
+        failed = False
+        for r in runs:
+            try:
+                r.wait_for_completion(show_output=True, timeout_seconds=timeout, raise_on_error=True)
+            except RunFailedError as exc:
+                err.print(f"[red]{exc}[/]")
+                failed = True
+        if failed:
+            raise typer.Exit(EXIT_RUN_FAILED)
+
+
+@runs_app.command("list")
+def runs_list(experiment: str = typer.Option(None, "--experiment", "-e"), limit: int = typer.Option(20),
+              workspace: Path = WorkspaceOption) -> None:
+    """The most recent pipeline runs."""
+    ws = _workspace(workspace)
+    table = Table("run", "experiment", "status", "created", "duration", "steps")
+    for r in ws._backend.list_runs(experiment, limit):
+        children = ws._backend.get_children(r["id"])
+        done = sum(1 for c in children if c["status"] in ("Completed", "Reused"))
+        reused = sum(1 for c in children if c["status"] == "Reused")
+        table.add_row(r["id"], r["experiment"], _status(r["status"]), _fmt_time(r["created_at"]), _duration(r),
+                      f"{done}/{len(children)}" + (f" ({reused} reused)" if reused else ""))
+    console.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A run's status, steps, outputs, tags, properties and metrics."""
+    ws = _workspace(workspace)
+    run = ws.get_run(run_id)
+    details = run.get_details()
+    steps = run.get_steps() if hasattr(run, "get_steps") else []
+    if as_json:
+        details["steps"] = [s.get_details() | {"outputs": {n: str(o.local_path) for n, o in s.get_outputs().items()}}
+                            for s in steps]
+        details["metrics"] = run.get_metrics()
+        console.print_json(json.dumps(details, default=str))
+        return
+    row = run._row()
+    console.print(f"[bold]{run_id}[/]  {row['kind']} run '{row['name']}' in experiment '{row['experiment']}'")
+    console.print(f"status: {_status(row['status'])}" + (f" — {row['status_reason']}" if row["status_reason"] else ""))
+    console.print(f"created {_fmt_time(row['created_at'])}, duration {_duration(row)}")
+    if steps:
+        table = Table("step", "status", "duration", "step run", "note")
+        for s in steps:
+            r = s._row()
+            note = f"reused {r['reused_from']}" if r["reused_from"] else (r["status_reason"] or "")
+            table.add_row(r["name"], _status(r["status"]), _duration(r), s.id, note)
+        console.print(table)
+    for s in ([run] if not steps else []):
+        for name, o in s.get_outputs().items():
+            console.print(f"output {name}: {o.local_path} ({o.size} bytes, {o.digest})")
+    for title, values in (("tags", details["tags"]), ("properties", details["properties"])):
+        if values:
+            console.print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    metrics = run.get_metrics(recursive=bool(steps))
+    if steps:
+        names = {s.id: s._row()["name"] for s in steps}
+        for rid, m in metrics.items():
+            if m:
+                console.print(f"metrics of {names.get(rid, 'pipeline')}: {json.dumps(m, default=str)}")
+    elif metrics:
+        console.print(f"metrics: {json.dumps(metrics, default=str)}")
+
+
+@app.command()
+def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the run ends"),
+         system: bool = typer.Option(False, "--system", help="also show the system log"),
+         workspace: Path = WorkspaceOption) -> None:
+    """Print the logs of a step run (or of every step of a pipeline run)."""
+    from cairn.client.follow import follow as follow_run
+
+    ws = _workspace(workspace)
+    run = ws.get_run(run_id)
+    row = run._row()
+    backend = ws._backend
+    if follow:
+        status = follow_run(backend, row["parent_id"] or run_id, show_output=True, raise_on_error=False,
+                            only_step=run_id if row["parent_id"] else None)
+        if status in ("Failed", "Canceled"):
+            raise typer.Exit(EXIT_RUN_FAILED)
+        return
+    steps = [run] if row["parent_id"] else run.get_steps()
+    for s in steps:
+        srow = s._row()
+        source = srow["reused_from"] or s.id
+        kinds = ["stdout", "stderr"] + (["system"] if system else [])
+        if len(steps) > 1:
+            console.rule(f"{srow['name']} ({s.id}) {srow['status']}")
+        for which in kinds:
+            text, _ = backend.read_log(source if which != "system" else s.id, which)
+            if text:
+                if len(steps) > 1 or len(kinds) > 1:
+                    console.print(f"[dim]--- {which} ---[/]")
+                sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+@app.command()
+def cancel(run_id: str, workspace: Path = WorkspaceOption) -> None:
+    """Cancel a run (a step run's ID cancels its pipeline run)."""
+    ws = _workspace(workspace)
+    run = ws.get_run(run_id)
+    run.cancel()
+    console.print(f"cancel requested for {run.parent.id if run.parent else run_id} (now {run.get_status()})")
+
+
+@app.command()
+def explain(step_run_id: str, workspace: Path = WorkspaceOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Why a step ran or was reused: its fingerprint parts and what changed."""
+    ws = _workspace(workspace)
+    info = ws._backend.explain(step_run_id)
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    console.print(f"[bold]{info['step']}[/] ({step_run_id}): {_status(info['status'])}")
+    console.print(info["summary"])
+    for change in info["changes"]:
+        console.print(f"  • {change}")
+    if info["parts"]:
+        table = Table("part", "value", title=f"fingerprint {info['fingerprint']}")
+        for k, v in info["parts"].items():
+            table.add_row(k, v if isinstance(v, str) else json.dumps(v))
+        console.print(table)
+
+
+@app.command()
+def agent(workspace: Path = WorkspaceOption,
+          idle_timeout: float = typer.Option(0, help="seconds without work before exiting (0: never)"),
+          max_concurrency: int = typer.Option(None, help="override the local target's concurrency")) -> None:
+    """Run the workspace's agent in the foreground (normally started on demand)."""
+    from cairn.engine.agent import Agent
+
+    ws = _workspace(workspace)
+    from cairn.storage.layout import WorkspaceLayout
+
+    console.print(f"agent serving {ws.location} (Ctrl-C to stop)")
+    raise typer.Exit(Agent(WorkspaceLayout(ws.location), idle_timeout or None, max_concurrency).serve())
+
+
+@app.command()
+def demo(path: Path = typer.Argument(Path("cairn-demo"), help="folder for the demo workspace"),
+         regenerate: bool = typer.Option(False, help="run every step again (no reuse)")) -> None:
+    """Run the demo pipeline: prepare -> train three models in parallel -> compare."""
+    from cairn.demo.pipeline import run_demo
+
+    status = run_demo(path, regenerate=regenerate, console=console)
+    if status != "Completed":
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except RunTimeoutError as exc:
+        err.print(f"[yellow]timeout:[/] {exc}")
+        sys.exit(EXIT_TIMEOUT)
+    except RunFailedError as exc:
+        err.print(f"[red]{exc}[/]")
+        sys.exit(EXIT_RUN_FAILED)
+    except (CairnError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        err.print("interrupted (runs go on in the background; `cairn cancel ID` stops one)")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # click's usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(EXIT_USER_ERROR)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(EXIT_INTERRUPTED)
+        raise
+
+
+if __name__ == "__main__":
+    main()
