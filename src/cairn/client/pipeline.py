@@ -41,7 +41,7 @@ class Pipeline:
         self.default_datastore = default_datastore
         listed: list[PythonScriptStep] = []
         _flatten(steps, listed)
-        self.steps = _with_producers(listed)
+        self.steps = _upstream_first(_with_producers(listed))
 
     # -- validation ------------------------------------------------------------------------
 
@@ -186,6 +186,35 @@ def _with_producers(listed: list[PythonScriptStep]) -> list[PythonScriptStep]:
                 steps.append(p)
         i += 1
     return steps
+
+
+def _upstream_first(steps: list[PythonScriptStep]) -> list[PythonScriptStep]:
+    """A stable topological order (listing order where the graph allows); cycles keep listing order
+    so that validate() can report them."""
+    producers: dict[int, list[PythonScriptStep]] = {}
+    for s in steps:
+        for o in s.outputs:
+            producers.setdefault(id(o), []).append(s)
+    ordered: list[PythonScriptStep] = []
+    placed: set[int] = set()
+    visiting: set[int] = set()
+
+    def place(s: PythonScriptStep) -> None:
+        if id(s) in placed or id(s) in visiting:
+            return
+        visiting.add(id(s))
+        for b in s.input_bindings():
+            for p in producers.get(id(b.data), []):
+                place(p)
+        for a in s._run_after:
+            place(a)
+        visiting.discard(id(s))
+        placed.add(id(s))
+        ordered.append(s)
+
+    for s in steps:
+        place(s)
+    return ordered
 
 
 def _find_cycle(steps: list[PythonScriptStep], producers: dict[int, list[PythonScriptStep]]) -> list[str] | None:

@@ -13,6 +13,7 @@ import os
 import queue
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -89,8 +90,8 @@ class Agent:
             self._log("agent stopped")
         return 0
 
-    def _on_term(self, _signum: int, _frame: Any) -> None:
-        self.events.put(("stop",))
+    def _on_term(self, signum: int, _frame: Any) -> None:
+        self.events.put(("stop", f"signal {signal.Signals(signum).name}"))
 
     def _log(self, msg: str) -> None:
         print(time.strftime("%Y-%m-%dT%H:%M:%S"), msg, file=sys.stderr, flush=True)
@@ -110,6 +111,7 @@ class Agent:
                 held = q.renew_leases(self.ctx.store, self.owner, LEASE_TTL)
                 for run_id in list(self.schedulers):
                     if run_id not in held:  # another agent took it: stop touching it
+                        self._log(f"lease on run {run_id} lost to another agent; leaving it")
                         self._abandon(run_id)
                 next_renewal = now + LEASE_TTL / 3
             deadline = next_renewal
@@ -137,6 +139,7 @@ class Agent:
     def _handle(self, event: tuple[Any, ...]) -> bool:
         kind = event[0]
         if kind == "stop":
+            self._log(f"stopping: {event[1] if len(event) > 1 else 'asked to'}")
             self._stop_all()
             return False
         if kind == "done":
@@ -251,6 +254,7 @@ class Agent:
         if q.has_waiting_runs(self.ctx.store):  # a run was submitted as we were closing
             self._open_listener()
             return False
+        self._log(f"idle for {self.idle_timeout:g} s: exiting")
         return True
 
     # -- the socket: pokes and watchers ----------------------------------------------------
@@ -293,14 +297,15 @@ class Agent:
                     with self._watch_lock:
                         _send(conn, {"ok": True})
                 elif op == "stop":
-                    self.events.put(("stop",))
+                    self.events.put(("stop", "asked by a client"))
                     with self._watch_lock:
                         _send(conn, {"ok": True})
                 elif op == "ping":
                     with self._watch_lock:
                         _send(conn, {"ok": True, "pid": os.getpid()})
                 elif op == "watch":
-                    conn.settimeout(10)  # a stuck watcher must not stall the agent
+                    # a stuck watcher must not stall the agent: bound sends only (reads wait forever)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
                     with self._watch_lock:
                         self._watchers.setdefault(msg["run"], []).append(conn)
                         _send(conn, {"ok": True})

@@ -1,0 +1,307 @@
+"""End-to-end pipeline runs with real subprocesses: the seed flow, reuse, failures, limits."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cairn import (Experiment, Pipeline, PipelineData, PythonScriptStep, Run, RunConfiguration,
+                   RunFailedError, Status)
+
+PRODUCER = """
+import argparse, os, sys
+p = argparse.ArgumentParser(); p.add_argument("--out"); p.add_argument("--text", default="hello")
+a = p.parse_args()
+os.makedirs(a.out, exist_ok=True)
+open(os.path.join(a.out, "data.txt"), "w").write(a.text)
+with open(os.environ["MARKER"], "a") as m:
+    m.write("producer\\n")
+print("produced", a.text)
+"""
+
+CONSUMER = """
+import argparse, os
+from cairn import Run
+p = argparse.ArgumentParser(); p.add_argument("--data"); p.add_argument("--out")
+a = p.parse_args()
+text = open(os.path.join(a.data, "data.txt")).read()
+os.makedirs(a.out, exist_ok=True)
+open(os.path.join(a.out, "result.txt"), "w").write(text.upper())
+run = Run.get_context()
+run.log("length", len(text))
+run.log("loss", 0.5); run.log("loss", 0.25)
+run.log_list("scores", [1, 2, 3])
+run.log_row("table", epoch=1, acc=0.5); run.log_row("table", epoch=2, acc=0.7)
+run.tag("kind", "consumer")
+run.add_properties({"owner": "tests"})
+assert run.input_datasets["data"] == a.data, (run.input_datasets, a.data)
+assert run.parent.id == os.environ["CAIRN_PIPELINE_RUN_ID"]
+assert run.experiment.workspace is not None
+with open(os.environ["MARKER"], "a") as m:
+    m.write("consumer\\n")
+print("alpha", os.environ["AML_PARAMETER_alpha"])
+"""
+
+
+def _two_steps(ws, src: Path, text: str = "hello", **consumer_kwargs):
+    data = PipelineData("data")
+    result = PipelineData("result")
+    producer = PythonScriptStep("producer.py", name="producer", source_directory=src,
+                                arguments=["--out", data, "--text", text], outputs=[data])
+    consumer = PythonScriptStep("consumer.py", name="consumer", source_directory=src,
+                                arguments=["--data", data.as_input(), "--out", result], outputs=[result],
+                                params={"alpha": 0.1}, **consumer_kwargs)
+    return producer, consumer
+
+
+@pytest.fixture
+def src(write_script, tmp_path, monkeypatch):
+    monkeypatch.setenv("MARKER", str(tmp_path / "marker.txt"))
+    write_script("producer.py", PRODUCER)
+    return write_script("consumer.py", CONSUMER)
+
+
+def _marker(tmp_path: Path) -> list[str]:
+    path = tmp_path / "marker.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_seed_flow_runs_steps_passes_data_and_records_everything(workspace, src, tmp_path, capsys):
+    _, consumer = _two_steps(workspace, src)
+    pipeline = Pipeline(workspace, [consumer])  # the producer is pulled in
+    run = Experiment(workspace, "seed").submit(pipeline, tags={"team": "a"})
+    assert run.get_status() in ("Queued", "Running", "Completed")
+    run.wait_for_completion(show_output=True)
+    shown = capsys.readouterr().out
+    assert "producer | produced hello" in shown and "[consumer] Completed" in shown
+    assert run.get_status() == "Completed"
+    assert [s.name for s in run.get_steps()] == ["producer", "consumer"]  # upstream first
+    step = run.find_step_run("consumer")[0]
+    assert step.get_status() == "Completed"
+    assert "alpha 0.1" in step.get_stdout_log()
+    assert step.get_stderr_log() == ""
+    system = step.get_system_log()
+    assert "command:" in system and "exit code 0" in system
+    out = step.get_output_data("result")
+    assert (out.local_path / "result.txt").read_text() == "HELLO"
+    target = out.download(tmp_path / "dl")
+    assert Path(target, "result.txt").read_text() == "HELLO"
+    metrics = step.get_metrics()
+    assert metrics["length"] == 5 and metrics["loss"] == [0.5, 0.25] and metrics["scores"] == [1, 2, 3]
+    assert metrics["table"] == {"epoch": [1, 2], "acc": [0.5, 0.7]}
+    assert run.get_metrics(recursive=True)[step.id]["length"] == 5
+    assert step.get_tags()["kind"] == "consumer" and step.get_properties()["owner"] == "tests"
+    assert run.get_tags() == {"team": "a"}
+    details = run.get_details()
+    assert details["status"] == "Completed" and details["startTimeUtc"] and details["endTimeUtc"]
+    assert [e["status"] for e in step.get_details()["events"]][:1] == ["NotStarted"]
+    assert workspace.get_run(step.id) == step
+
+
+def test_second_run_reuses_every_step_without_copying(workspace, src, tmp_path):
+    exp = Experiment(workspace, "reuse")
+    first = exp.submit(Pipeline(workspace, list(_two_steps(workspace, src))))
+    first.wait_for_completion(show_output=False)
+    second = exp.submit(Pipeline(workspace, list(_two_steps(workspace, src))))
+    second.wait_for_completion(show_output=False)
+    assert _marker(tmp_path) == ["producer", "consumer"]  # nothing ran the second time
+    for name in ("producer", "consumer"):
+        old, new = first.find_step_run(name)[0], second.find_step_run(name)[0]
+        assert new.get_status() == "Reused" and new.reused_from == old.id
+        assert new.get_output_data(new.get_outputs() and next(iter(new.get_outputs()))).local_path == \
+            old.get_output_data(next(iter(old.get_outputs()))).local_path
+        explained = new.explain()
+        assert explained["reused_from"] == old.id and "reused" in explained["summary"]
+
+
+def test_changed_argument_reruns_only_affected_steps_and_explains_why(workspace, src, tmp_path):
+    exp = Experiment(workspace, "change")
+    exp.submit(Pipeline(workspace, list(_two_steps(workspace, src, text="one")))).wait_for_completion(show_output=False)
+    run = exp.submit(Pipeline(workspace, list(_two_steps(workspace, src, text="two"))))
+    run.wait_for_completion(show_output=False)
+    assert _marker(tmp_path) == ["producer", "consumer", "producer", "consumer"]
+    producer = run.find_step_run("producer")[0].explain()
+    assert any(c.startswith("arguments changed") for c in producer["changes"])
+    consumer = run.find_step_run("consumer")[0].explain()
+    assert consumer["changes"] == ["input data changed"]
+
+
+def test_edited_script_is_named_in_the_explanation(workspace, src, tmp_path):
+    exp = Experiment(workspace, "edit")
+    exp.submit(Pipeline(workspace, list(_two_steps(workspace, src)))).wait_for_completion(show_output=False)
+    (src / "consumer.py").write_text((src / "consumer.py").read_text() + "\n# edited\n")
+    run = exp.submit(Pipeline(workspace, list(_two_steps(workspace, src))))
+    run.wait_for_completion(show_output=False)
+    # both steps share the source folder, so both snapshots changed
+    info = run.find_step_run("consumer")[0].explain()
+    assert info["changes"] == ["snapshot changed: consumer.py modified"]
+    assert info["parts"]["script"] == "consumer.py" and info["parts"]["input:data"].startswith("blake2b:")
+
+
+def test_early_cutoff_reuses_downstream_when_upstream_reran_with_same_bytes(workspace, src, tmp_path):
+    exp = Experiment(workspace, "cutoff")
+    exp.submit(Pipeline(workspace, list(_two_steps(workspace, src)))).wait_for_completion(show_output=False)
+    producer, consumer = _two_steps(workspace, src)
+    producer.allow_reuse = False  # the producer runs again and writes identical bytes
+    run = exp.submit(Pipeline(workspace, [producer, consumer]))
+    run.wait_for_completion(show_output=False)
+    assert _marker(tmp_path) == ["producer", "consumer", "producer"]
+    assert run.find_step_run("producer")[0].get_status() == "Completed"
+    assert run.find_step_run("consumer")[0].get_status() == "Reused"
+    assert "allow_reuse=False" in run.find_step_run("producer")[0].explain()["summary"]
+
+
+def test_regenerate_outputs_runs_everything_again(workspace, src, tmp_path):
+    exp = Experiment(workspace, "regen")
+    exp.submit(Pipeline(workspace, list(_two_steps(workspace, src)))).wait_for_completion(show_output=False)
+    run = exp.submit(Pipeline(workspace, list(_two_steps(workspace, src))), regenerate_outputs=True)
+    run.wait_for_completion(show_output=False)
+    assert _marker(tmp_path).count("consumer") == 2
+    assert "regenerate_outputs=True" in run.find_step_run("consumer")[0].explain()["summary"]
+
+
+def test_failed_step_keeps_logs_commits_nothing_and_stops_downstream(workspace, write_script):
+    src = write_script("bad.py", """
+        import os, sys
+        os.makedirs(sys.argv[2], exist_ok=True)
+        open(os.path.join(sys.argv[2], "partial.txt"), "w").write("x")
+        print("about to fail")
+        raise SystemExit("boom: the data is wrong")
+    """)
+    write_script("after.py", "print('never')")
+    out = PipelineData("out")
+    bad = PythonScriptStep("bad.py", name="bad", source_directory=src, arguments=["--out", out], outputs=[out])
+    after = PythonScriptStep("after.py", name="after", source_directory=src, arguments=[out.as_input()])
+    run = Experiment(workspace, "fail").submit(Pipeline(workspace, [bad, after]))
+    with pytest.raises(RunFailedError) as info:
+        run.wait_for_completion(show_output=False)
+    assert "bad" in str(info.value) and "boom: the data is wrong" in str(info.value)
+    assert run.get_status() == "Failed"
+    step = run.find_step_run("bad")[0]
+    assert step.get_status() == "Failed"
+    assert "about to fail" in step.get_stdout_log() and "boom" in step.get_stderr_log()
+    assert step.get_outputs() == {}
+    assert not Path(workspace.get_default_datastore().root, "runs", run.id, step.id, "outputs").exists()
+    downstream = run.find_step_run("after")[0]
+    assert downstream.get_status() == "NotStarted"
+    assert downstream._row()["status_reason"] == "not run: upstream step 'bad' failed"
+    # a failed step is never reused
+    again = Experiment(workspace, "fail").submit(Pipeline(workspace, [bad, after]))
+    assert again.wait_for_completion(show_output=False, raise_on_error=False)["status"] == "Failed"
+    assert again.find_step_run("bad")[0].get_status() == "Failed"
+
+
+def test_max_run_duration_kills_the_step_and_says_why(workspace, write_script):
+    src = write_script("slow.py", "import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n")
+    rc = RunConfiguration()
+    rc.max_run_duration_seconds = 1
+    step = PythonScriptStep("slow.py", name="slow", source_directory=src, runconfig=rc)
+    run = Experiment(workspace, "timeout").submit(Pipeline(workspace, [step]))
+    details = run.wait_for_completion(show_output=False, raise_on_error=False)
+    assert details["status"] == "Failed"
+    reason = run.find_step_run("slow")[0]._row()["status_reason"]
+    assert "max_run_duration_seconds=1" in reason
+
+
+def test_step_killed_with_sigkill_is_failed_with_the_signal(workspace, write_script):
+    src = write_script("suicide.py", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    run = Experiment(workspace, "sigkill").submit(
+        Pipeline(workspace, [PythonScriptStep("suicide.py", name="suicide", source_directory=src)]))
+    run.wait_for_completion(show_output=False, raise_on_error=False)
+    step = run.find_step_run("suicide")[0]
+    assert step.get_status() == "Failed"
+    assert "SIGKILL" in step._row()["status_reason"]
+
+
+def test_independent_steps_run_in_parallel(workspace, write_script, tmp_path):
+    # Each step waits (bounded) until its sibling has started: only parallel execution finishes.
+    src = write_script("meet.py", """
+        import os, sys, time
+        here, other = sys.argv[1], sys.argv[2]
+        open(here, "w").close()
+        deadline = time.time() + 30
+        while not os.path.exists(other):
+            if time.time() > deadline:
+                raise SystemExit("sibling never started: steps did not run in parallel")
+            time.sleep(0.01)
+    """)
+    a, b = str(tmp_path / "a.flag"), str(tmp_path / "b.flag")
+    steps = [PythonScriptStep("meet.py", name="left", source_directory=src, arguments=[a, b], allow_reuse=False),
+             PythonScriptStep("meet.py", name="right", source_directory=src, arguments=[b, a], allow_reuse=False)]
+    run = Experiment(workspace, "parallel").submit(Pipeline(workspace, steps))
+    assert run.wait_for_completion(show_output=False)["status"] == "Completed"
+
+
+def test_run_after_orders_steps(workspace, write_script, tmp_path):
+    log = tmp_path / "order.txt"
+    src = write_script("note.py", "import sys\nopen(sys.argv[1], 'a').write(sys.argv[2] + '\\n')\n")
+    first = PythonScriptStep("note.py", name="first", source_directory=src, arguments=[str(log), "first"])
+    second = PythonScriptStep("note.py", name="second", source_directory=src, arguments=[str(log), "second"])
+    second.run_after(first)
+    Experiment(workspace, "order").submit(Pipeline(workspace, [second])).wait_for_completion(show_output=False)
+    assert log.read_text().split() == ["first", "second"]
+
+
+def test_cancel_kills_running_step_and_cancels_the_rest(workspace, write_script, tmp_path):
+    started = tmp_path / "started"
+    src = write_script("hang.py", f"open({str(started)!r}, 'w').close()\nimport time\ntime.sleep(120)\n")
+    write_script("after.py", "print('never')")
+    out = PipelineData("out")
+    hang = PythonScriptStep("hang.py", name="hang", source_directory=src, arguments=[out], outputs=[out])
+    after = PythonScriptStep("after.py", name="after", source_directory=src, arguments=[out.as_input()])
+    run = Experiment(workspace, "cancel").submit(Pipeline(workspace, [hang, after]))
+    step = run.find_step_run("hang")[0]
+    watch = workspace._backend.watch(run.id)
+    assert watch.connect()
+    while step.get_status() != "Running":  # woken by the agent's events, not a timer
+        watch.wait(10)
+    watch.close()
+    run.cancel()
+    with pytest.raises(RunFailedError):
+        run.wait_for_completion(show_output=False, timeout_seconds=60)
+    assert run.get_status() == "Canceled"
+    assert step.get_status() == "Canceled" and run.find_step_run("after")[0].get_status() == "Canceled"
+    pid = step._row()["pid"]
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_offline_run_prints_and_does_not_fail(capsys):
+    run = Run.get_context()
+    run.log("accuracy", 0.9)
+    run.log_list("xs", [1, 2])
+    run.tag("k", "v")
+    assert run.get_metrics() == {"accuracy": 0.9, "xs": [1, 2]}
+    assert "accuracy" in capsys.readouterr().err
+
+
+def test_git_facts_become_run_properties(workspace, write_script, tmp_path):
+    import subprocess
+
+    src = write_script("hello.py", "print('hi')\n", folder="repo")
+    for cmd in (["init", "-q", "-b", "main"], ["add", "."],
+                ["-c", "user.email=a@b.c", "-c", "user.name=t", "commit", "-qm", "init"]):
+        subprocess.run(["git", "-C", str(src), *cmd], check=True)
+    (src / "hello.py").write_text("print('changed')\n")
+    run = Experiment(workspace, "git").submit(
+        Pipeline(workspace, [PythonScriptStep("hello.py", source_directory=src)]))
+    run.wait_for_completion(show_output=False)
+    props = run.get_properties()
+    commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert props["cairn.git.commit"] == commit == props["mlflow.source.git.commit"]
+    assert props["cairn.git.branch"] == "main" and props["cairn.git.dirty"] == "true"
+    assert run.get_steps()[0].get_properties()["cairn.git.commit"] == commit
+
+
+def test_runs_are_listed_and_found_by_id(workspace, src):
+    run = Experiment(workspace, "find").submit(Pipeline(workspace, list(_two_steps(workspace, src))))
+    run.wait_for_completion(show_output=False)
+    assert workspace.get_run(run.id).get_status() == Status.COMPLETED
+    assert "find" in workspace.experiments
+    assert [r.id for r in workspace.experiments["find"].get_runs()] == [run.id]
+    spec = run.get_graph_spec()
+    assert {s["name"] for s in spec["steps"]} == {"producer", "consumer"}
+    assert json.dumps(spec)  # the graph spec is plain JSON
+    assert os.path.isdir(workspace.get_default_datastore().root)

@@ -1,0 +1,94 @@
+"""Kill -9 the agent mid-run: the next agent resumes, finished steps are kept, nothing stays stuck."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from cairn import Experiment, Pipeline, PipelineData, PythonScriptStep
+from cairn.core.status import ACTIVE
+from cairn.engine.client import _request
+from cairn.storage.layout import WorkspaceLayout
+
+FIRST = """
+import os, sys
+os.makedirs(sys.argv[1], exist_ok=True)
+open(os.path.join(sys.argv[1], "x.txt"), "w").write("x")
+open(os.environ["MARKER"], "a").write("first\\n")
+"""
+
+SECOND = """
+import os, sys, time
+open(os.environ["MARKER"], "a").write(f"second-start {os.getpid()}\\n")
+deadline = time.time() + 60
+while not os.path.exists(os.environ["GO"]):  # blocks until the test lets it finish
+    if time.time() > deadline:
+        raise SystemExit("never released")
+    time.sleep(0.02)
+open(os.environ["MARKER"], "a").write("second-done\\n")
+"""
+
+
+def _wait_until(workspace, run_id: str, predicate) -> None:
+    watch = workspace._backend.watch(run_id)
+    assert watch.connect()
+    try:
+        while not predicate():
+            watch.wait(10)
+    finally:
+        watch.close()
+
+
+def test_agent_killed_mid_run_is_resumed_without_rerunning_finished_steps(workspace, write_script, tmp_path,
+                                                                         monkeypatch):
+    marker, go = tmp_path / "marker.txt", tmp_path / "go"
+    monkeypatch.setenv("MARKER", str(marker))
+    monkeypatch.setenv("GO", str(go))
+    src = write_script("first.py", FIRST)
+    write_script("second.py", SECOND)
+    data = PipelineData("data")
+    first = PythonScriptStep("first.py", name="first", source_directory=src, arguments=[data], outputs=[data])
+    second = PythonScriptStep("second.py", name="second", source_directory=src, arguments=[data.as_input()])
+    run = Experiment(workspace, "crash").submit(Pipeline(workspace, [first, second]))
+    step2 = run.find_step_run("second")[0]
+    _wait_until(workspace, run.id, lambda: step2.get_status() == "Running")
+    orphan_pid = step2._row()["pid"]
+    assert Path(f"/proc/{orphan_pid}").exists()
+
+    agent_pid = _request(WorkspaceLayout(workspace.location), {"op": "ping"})["pid"]
+    os.kill(agent_pid, signal.SIGKILL)
+    workspace._backend.ensure_progress()  # what wait_for_completion does: start a new agent
+
+    def resumed() -> bool:
+        return any("resumed" in (e["reason"] or "") for e in step2.get_details()["events"])
+
+    _wait_until(workspace, run.id, resumed)
+    go.touch()  # only the re-run can see this: the orphan was killed when the run was resumed
+    details = run.wait_for_completion(show_output=False, timeout_seconds=120)
+
+    assert details["status"] == "Completed"
+    lines = marker.read_text().split("\n")
+    assert lines.count("first") == 1  # the finished step was not run again
+    assert lines.count("second-done") == 1
+    assert not Path(f"/proc/{orphan_pid}").exists() or \
+        Path(f"/proc/{orphan_pid}/stat").read_text().split()[2] == "Z"  # the orphan was killed
+    assert step2.get_status() == "Completed"
+    reasons = [e["reason"] or "" for e in step2.get_details()["events"]]
+    assert any("resumed" in r for r in reasons)
+    assert run.find_step_run("first")[0].get_status() == "Completed"
+    for child in workspace._backend.get_children(run.id):
+        assert child["status"] not in {s.value for s in ACTIVE}
+    new_agent = _request(WorkspaceLayout(workspace.location), {"op": "ping"})["pid"]
+    assert new_agent != agent_pid
+
+
+def test_queued_run_survives_an_agent_that_dies_before_claiming(workspace, write_script):
+    src = write_script("ok.py", "print('ok')\n")
+    layout = WorkspaceLayout(workspace.location)
+    # Submit, then kill the agent at once: the run must still complete when someone waits.
+    run = Experiment(workspace, "early").submit(Pipeline(workspace, [PythonScriptStep("ok.py", source_directory=src)]))
+    reply = _request(layout, {"op": "ping"})
+    if reply:
+        os.kill(reply["pid"], signal.SIGKILL)
+    assert run.wait_for_completion(show_output=False, timeout_seconds=120)["status"] == "Completed"
