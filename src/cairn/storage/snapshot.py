@@ -53,7 +53,7 @@ def _ignore_spec(source: Path) -> tuple[object | None, str | None]:
             import pathspec
 
             lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
-            return pathspec.PathSpec.from_lines("gitwildmatch", lines), name
+            return pathspec.GitIgnoreSpec.from_lines(lines), name
     return None, None
 
 

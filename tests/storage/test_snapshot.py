@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cairn.core.errors import SnapshotTooLargeError
+from cairn.storage import snapshot as snap_mod
+from cairn.storage.objects import ObjectStore
+from cairn.storage.snapshot import diff_manifests, materialize, take_snapshot
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return root
+
+
+def _paths(snap) -> list[str]:
+    return [e.path for e in snap.entries]
+
+
+def test_ignore_files_take_precedence_in_order(tmp_path):
+    src = _tree(tmp_path / "src", {"a.py": "a", "data/big.csv": "x", "notes.txt": "n", "keep.log": "k",
+                                   ".git/HEAD": "ref", "__pycache__/a.pyc": "c"})
+    objects = ObjectStore(tmp_path / "objects")
+    (src / ".gitignore").write_text("*.log\n")
+    assert _paths(take_snapshot(src, objects, {})) == [".gitignore", "a.py", "data/big.csv", "notes.txt"]
+    (src / ".amlignore").write_text("data/\n")
+    assert "data/big.csv" not in _paths(take_snapshot(src, objects, {}))
+    assert "keep.log" in _paths(take_snapshot(src, objects, {}))  # .gitignore no longer applies
+    (src / ".cairnignore").write_text("notes.txt\n")
+    snap = take_snapshot(src, objects, {})
+    assert snap.ignore_file == ".cairnignore"
+    assert "notes.txt" not in _paths(snap) and "data/big.csv" in _paths(snap)
+
+
+def test_identical_content_is_stored_once_and_digest_is_stable(tmp_path):
+    src = _tree(tmp_path / "src", {"a.txt": "same", "b/c.txt": "same"})
+    objects = ObjectStore(tmp_path / "objects")
+    first = take_snapshot(src, objects, {})
+    stored = [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
+    assert len(stored) == 1
+    assert take_snapshot(src, objects, {}).digest == first.digest
+    (src / "a.txt").write_text("changed")
+    assert take_snapshot(src, objects, {}).digest != first.digest
+
+
+def test_unchanged_files_are_not_hashed_again(tmp_path, monkeypatch):
+    src = _tree(tmp_path / "src", {f"f{i}.txt": str(i) for i in range(20)})
+    objects = ObjectStore(tmp_path / "objects")
+    first = take_snapshot(src, objects, {})
+    cache = dict(first.stat_updates)
+    assert len(cache) == 20
+    calls = []
+    real = snap_mod.digest_file
+    monkeypatch.setattr(snap_mod, "digest_file", lambda p: calls.append(p) or real(p))
+    again = take_snapshot(src, objects, cache)
+    assert calls == [] and again.digest == first.digest and again.stat_updates == {}
+    target = src / "f3.txt"
+    target.write_text("new content")
+    os.utime(target, ns=(1, 1))
+    third = take_snapshot(src, objects, cache)
+    assert [Path(c).name for c in calls] == ["f3.txt"] and third.digest != first.digest
+
+
+def test_limits_name_the_largest_files_and_the_ignore_file(tmp_path):
+    src = _tree(tmp_path / "src", {"small.py": "x", "huge.bin": "y" * 5000, "mid.bin": "z" * 1000})
+    with pytest.raises(SnapshotTooLargeError) as info:
+        take_snapshot(src, ObjectStore(tmp_path / "o"), {}, max_bytes=2000)
+    msg = str(info.value)
+    assert "huge.bin" in msg and msg.index("huge.bin") < msg.index("mid.bin") and ".cairnignore" in msg
+    with pytest.raises(SnapshotTooLargeError, match="3 files"):
+        take_snapshot(src, ObjectStore(tmp_path / "o"), {}, max_files=2)
+
+
+def test_missing_source_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        take_snapshot(tmp_path / "nope", ObjectStore(tmp_path / "o"), {})
+
+
+def test_materialize_restores_files_and_exec_bits(tmp_path):
+    src = _tree(tmp_path / "src", {"run.sh": "echo hi", "pkg/mod.py": "x = 1"})
+    os.chmod(src / "run.sh", 0o755)
+    objects = ObjectStore(tmp_path / "objects")
+    snap = take_snapshot(src, objects, {})
+    dest = tmp_path / "work"
+    materialize(snap.manifest, objects, dest)
+    assert (dest / "pkg/mod.py").read_text() == "x = 1"
+    assert os.access(dest / "run.sh", os.X_OK)
+    (dest / "pkg/mod.py").write_text("changed by the step")  # a copy: the object store is untouched
+    materialize(snap.manifest, objects, tmp_path / "work2")
+    assert (tmp_path / "work2/pkg/mod.py").read_text() == "x = 1"
+
+
+def test_diff_manifests_names_files():
+    old = {"files": [["a.py", "d1", 1, False], ["b.py", "d2", 1, False]]}
+    new = {"files": [["a.py", "d9", 1, False], ["c.py", "d3", 1, False]]}
+    assert diff_manifests(old, new) == ["a.py modified", "c.py added", "b.py removed"]

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import threading
+import time
+
+from cairn.core.status import Status
+from cairn.store import queries as q
+from cairn.store.db import SCHEMA_REVISION, Store
+
+
+def _store(tmp_path) -> Store:
+    store = Store.for_sqlite_file(tmp_path / "cairn.db")
+    store.migrate()
+    return store
+
+
+def _queue_runs(store: Store, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        run_id = f"run_{i:018d}"
+        q.insert_pipeline_run(store, run_id=run_id, experiment="e", name="p", spec_json="{}", steps=[],
+                              tags={}, properties={}, step_properties={}, regenerate_outputs=False,
+                              continue_on_step_failure=False)
+        ids.append(run_id)
+    return ids
+
+
+def test_sqlite_is_in_wal_mode_and_migrated(tmp_path):
+    store = _store(tmp_path)
+    assert store.current_revision() == SCHEMA_REVISION
+    with store.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    store.migrate()  # idempotent
+    again = Store.for_sqlite_file(tmp_path / "cairn.db")
+    again.migrate()
+    assert again.current_revision() == SCHEMA_REVISION
+
+
+def test_concurrent_claims_never_hand_one_run_to_two_agents(tmp_path):
+    store = _store(tmp_path)
+    ids = _queue_runs(store, 20)
+    claimed: dict[str, list[str]] = {}
+
+    def agent(owner: str) -> None:
+        mine = claimed.setdefault(owner, [])
+        other = Store.for_sqlite_file(tmp_path / "cairn.db")
+        while (run_id := q.claim_run(other, owner, ttl=30)) is not None:
+            mine.append(run_id)
+
+    threads = [threading.Thread(target=agent, args=(f"agent{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = [r for runs in claimed.values() for r in runs]
+    assert sorted(everything) == sorted(ids)  # each run exactly once
+
+
+def test_expired_or_dead_leases_are_reclaimed(tmp_path):
+    store = _store(tmp_path)
+    run_id = _queue_runs(store, 1)[0]
+    assert q.claim_run(store, "host:1:a", ttl=30) == run_id
+    q.update_status(store, run_id, Status.RUNNING)
+    assert q.claim_run(store, "host:2:b", ttl=30) is None  # the lease is alive
+    assert q.claim_run(store, "host:2:b", ttl=30, reclaimable_owners=["host:1:a"]) == run_id
+    assert q.claim_run(store, "host:3:c", ttl=30) is None
+    q.update_fields(store, run_id, lease_expires_at=time.time() - 1)
+    assert q.claim_run(store, "host:3:c", ttl=30) == run_id
+    assert q.get_run(store, run_id)["attempt"] == 3
+
+
+def test_a_finished_run_never_changes_status_again(tmp_path):
+    store = _store(tmp_path)
+    run_id = _queue_runs(store, 1)[0]
+    assert q.update_status(store, run_id, Status.RUNNING)
+    assert q.update_status(store, run_id, Status.CANCELED, "canceled")
+    assert not q.update_status(store, run_id, Status.COMPLETED)
+    assert q.get_run(store, run_id)["status"] == "Canceled"
+    assert [e["status"] for e in q.run_events(store, run_id)] == ["Queued", "Running", "Canceled"]
