@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cairn import (Experiment, Pipeline, PipelineData, PythonScriptStep, Run, RunConfiguration,
-                   RunFailedError, Status)
+from cairn import Experiment, Pipeline, PipelineData, PythonScriptStep, Run, RunConfiguration, RunFailedError, Status
 
 PRODUCER = """
 import argparse, os, sys
@@ -36,6 +35,8 @@ run.log("loss", 0.5); run.log("loss", 0.25)
 run.log_list("scores", [1, 2, 3])
 run.log_row("table", epoch=1, acc=0.5); run.log_row("table", epoch=2, acc=0.7)
 run.tag("kind", "consumer")
+open("plot.png", "wb").write(b"PNG fake image bytes")
+run.log_image("plot", path="plot.png")
 run.add_properties({"owner": "tests"})
 assert run.input_datasets["data"] == a.data, (run.input_datasets, a.data)
 assert run.parent.id == os.environ["CAIRN_PIPELINE_RUN_ID"]
@@ -92,6 +93,8 @@ def test_seed_flow_runs_steps_passes_data_and_records_everything(workspace, src,
     metrics = step.get_metrics()
     assert metrics["length"] == 5 and metrics["loss"] == [0.5, 0.25] and metrics["scores"] == [1, 2, 3]
     assert metrics["table"] == {"epoch": [1, 2], "acc": [0.5, 0.7]}
+    assert Path(metrics["plot"]).read_bytes() == b"PNG fake image bytes"  # kept with the run
+    assert Path(metrics["plot"]).is_relative_to(workspace.get_default_datastore().root)
     assert run.get_metrics(recursive=True)[step.id]["length"] == 5
     assert step.get_tags()["kind"] == "consumer" and step.get_properties()["owner"] == "tests"
     assert run.get_tags() == {"team": "a"}
