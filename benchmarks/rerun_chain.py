@@ -16,8 +16,9 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from cairn import Experiment, Workspace  # noqa: E402
 from shapes import chain_pipeline  # noqa: E402
+
+from cairn import Experiment, Workspace  # noqa: E402
 
 EXPERIMENT = "bench-chain"
 

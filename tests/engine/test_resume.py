@@ -92,3 +92,21 @@ def test_queued_run_survives_an_agent_that_dies_before_claiming(workspace, write
     if reply:
         os.kill(reply["pid"], signal.SIGKILL)
     assert run.wait_for_completion(show_output=False, timeout_seconds=120)["status"] == "Completed"
+
+
+def test_a_stopped_agent_hands_its_running_steps_back_to_the_queue(workspace, write_script, tmp_path, monkeypatch):
+    from cairn.engine.client import stop_agent
+
+    marker, go = tmp_path / "marker.txt", tmp_path / "go"
+    monkeypatch.setenv("MARKER", str(marker))
+    monkeypatch.setenv("GO", str(go))
+    src = write_script("second.py", SECOND)
+    run = Experiment(workspace, "stop").submit(
+        Pipeline(workspace, [PythonScriptStep("second.py", name="second", source_directory=src)]))
+    step = run.find_step_run("second")[0]
+    _wait_until(workspace, run.id, lambda: step.get_status() == "Running")
+    assert stop_agent(WorkspaceLayout(workspace.location))
+    assert step.get_status() == "Queued" and run.get_status() == "Queued"
+    go.touch()
+    assert run.wait_for_completion(show_output=False, timeout_seconds=120)["status"] == "Completed"
+    assert marker.read_text().split("\n").count("second-done") == 1

@@ -232,7 +232,7 @@ class Agent:
     def _abandon(self, run_id: str) -> None:
         for step_run_id, parent in list(self.step_parent.items()):
             if parent == run_id:
-                self.controls[step_run_id].cancel("lease lost to another agent")
+                self.controls[step_run_id].cancel("lease lost to another agent", requeue=True)
         self.schedulers.pop(run_id, None)
 
     def _stop_all(self) -> None:
@@ -240,12 +240,13 @@ class Agent:
         self._stopping = True
         self._close_listener()
         for control in self.controls.values():
-            control.cancel("agent stopped")
+            control.cancel("the agent stopped", requeue=True)
         for run_id in list(self.schedulers):
             for step_run_id, parent in self.step_parent.items():
                 if parent == run_id:
                     q.update_status(self.ctx.store, step_run_id, Status.QUEUED,
                                     "the agent stopped; the step will run again")
+            q.update_status(self.ctx.store, run_id, Status.QUEUED, "the agent stopped; waiting for an agent")
             q.release_lease(self.ctx.store, run_id, self.owner)
             self._notify(run_id)
 

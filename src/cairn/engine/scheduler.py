@@ -131,6 +131,8 @@ class PipelineScheduler:
 
     def finished(self, step_name: str, status: Status) -> None:
         self.running.discard(step_name)
+        if status == Status.QUEUED:  # stopped by its agent, not ended: it runs again
+            return
         self.status[step_name] = status
         if status == Status.FAILED and self.failed_step is None:
             self.failed_step = step_name
@@ -164,13 +166,15 @@ class PipelineScheduler:
             else:
                 reason = "not run"
             q.update_status(store, self.step_ids[step.name], Status.NOT_STARTED, reason)
-        if self.canceling:
+        failed = [n for n, s in self.status.items() if s == Status.FAILED]
+        if self.canceling or any(s == Status.CANCELED for s in self.status.values()):
             final, reason = Status.CANCELED, "canceled"
-        elif any(s == Status.FAILED for s in self.status.values()):
-            bad = [n for n, s in self.status.items() if s == Status.FAILED]
-            final, reason = Status.FAILED, "failed step(s): " + ", ".join(bad)
-        else:
+        elif failed:
+            final, reason = Status.FAILED, "failed step(s): " + ", ".join(failed)
+        elif all(s.is_success for s in self.status.values()):
             final, reason = Status.COMPLETED, None
+        else:
+            final, reason = Status.FAILED, "some steps could not run"
         q.update_status(store, self.run_id, final, reason)
         return final
 

@@ -43,6 +43,7 @@ class StepControl:
         self._proc: subprocess.Popen[bytes] | None = None
         self.canceled = False
         self.cancel_reason = "canceled"
+        self.requeue = False  # stopped by its agent: report nothing, the step runs again later
 
     def attach(self, proc: subprocess.Popen[bytes]) -> None:
         with self._lock:
@@ -50,10 +51,11 @@ class StepControl:
             if self.canceled:
                 _kill_group(proc)
 
-    def cancel(self, reason: str = "canceled") -> None:
+    def cancel(self, reason: str = "canceled", requeue: bool = False) -> None:
         with self._lock:
             self.canceled = True
             self.cancel_reason = reason
+            self.requeue = requeue
             if self._proc is not None:
                 _kill_group(self._proc)
 
@@ -189,6 +191,9 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             _kill_group(proc)  # nothing the step started may outlive it
         elapsed = time.monotonic() - started
         syslog(f"exit code {code} after {elapsed:.3f} s")
+        if control.requeue:
+            syslog(f"stopped: {control.cancel_reason}; the step will run again")
+            return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, code)
         if control.canceled:
             return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, code)
         if timed_out:

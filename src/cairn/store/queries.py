@@ -152,7 +152,8 @@ def claim_run(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable
     now = _now()
     dead = list(reclaimable_owners)
     pipeline = t.runs.c.kind == "pipeline"
-    waiting = and_(t.runs.c.status == Status.QUEUED.value, t.runs.c.lease_owner.is_(None))
+    # Queued, or handed back by an agent that stopped cleanly (active, no lease)
+    waiting = and_(t.runs.c.status.in_([s.value for s in ACTIVE]), t.runs.c.lease_owner.is_(None))
     orphaned = and_(
         t.runs.c.status.in_([s.value for s in ACTIVE]),
         t.runs.c.lease_owner.is_not(None),
@@ -193,7 +194,7 @@ def lease_owners(store: Store) -> set[str]:
 def has_waiting_runs(store: Store) -> bool:
     with store.read() as conn:
         return conn.execute(select(t.runs.c.id).where(
-            t.runs.c.kind == "pipeline", t.runs.c.status == Status.QUEUED.value,
+            t.runs.c.kind == "pipeline", t.runs.c.status.in_([s.value for s in ACTIVE]),
             t.runs.c.lease_owner.is_(None)).limit(1)).first() is not None
 
 
