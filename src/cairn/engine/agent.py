@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from cairn import __version__
 from cairn.compute.base import Compute, make_compute
 from cairn.core.spec import StepSpec
 from cairn.core.status import Status
@@ -296,14 +297,14 @@ class Agent:
                 if op == "poke":
                     self.events.put(("poke",))
                     with self._watch_lock:
-                        _send(conn, {"ok": True})
+                        _send(conn, {"ok": True, "version": __version__})
                 elif op == "stop":
                     self.events.put(("stop", "asked by a client"))
                     with self._watch_lock:
                         _send(conn, {"ok": True})
                 elif op == "ping":
                     with self._watch_lock:
-                        _send(conn, {"ok": True, "pid": os.getpid()})
+                        _send(conn, {"ok": True, "pid": os.getpid(), "version": __version__})
                 elif op == "watch":
                     # a stuck watcher must not stall the agent: bound sends only (reads wait forever)
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))

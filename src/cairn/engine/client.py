@@ -101,9 +101,14 @@ def start_agent(layout: WorkspaceLayout, idle_timeout: float | None = None) -> N
 
 
 def ensure_agent(layout: WorkspaceLayout) -> None:
-    """Make sure an agent serves the workspace and has looked at the queue."""
-    if poke(layout):
+    """Make sure an agent of this Cairn version serves the workspace and has looked at the queue."""
+    from cairn import __version__
+
+    reply = _request(layout, {"op": "poke"})
+    if reply is not None and reply.get("version") == __version__:
         return
+    if reply is not None:  # an agent of another Cairn version: it hands its runs back and exits
+        stop_agent(layout)
     start_agent(layout)
     poke(layout)
 
