@@ -82,23 +82,31 @@ def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str,
         if only_step and c["id"] != only_step:
             continue
         key = (c["status"], c["status_reason"])
-        if c["status"] in (Status.RUNNING.value, Status.FAILED.value, Status.COMPLETED.value, Status.CANCELED.value):
+        changed = seen.get(c["id"]) != key
+        seen[c["id"]] = key
+        terminal = Status(c["status"]).is_terminal
+        if changed and not terminal:  # "Running" comes before the lines it prints ...
+            _print_status(c, out)
+        if c["status"] in (Status.RUNNING.value, Status.FINALIZING.value) or (terminal and c["status"] != "Reused"):
             for which in ("stdout", "stderr"):
                 text, offsets[(c["id"], which)] = backend.read_log(c["id"], which, offsets.get((c["id"], which), 0))
                 for line in text.splitlines():
                     print(f"  {c['name']} | {line}", file=out)
-        if seen.get(c["id"]) != key:
-            seen[c["id"]] = key
-            if c["status"] == Status.NOT_STARTED.value and not c["status_reason"]:
-                continue
-            extra = ""
-            if c["status"] == Status.REUSED.value:
-                extra = f" (reused step run {c['reused_from']})"
-            elif c["status_reason"]:
-                extra = f" ({c['status_reason']})"
-            print(f"  [{c['name']}] {c['status']}{_fmt_duration(c) if Status(c['status']).is_terminal else ''}"
-                  f"{extra}  step run {c['id']}", file=out)
+        if changed and terminal:  # ... and "Completed" after them
+            _print_status(c, out)
     out.flush()
+
+
+def _print_status(c: dict[str, Any], out: TextIO) -> None:
+    if c["status"] == Status.NOT_STARTED.value and not c["status_reason"]:
+        return
+    extra = ""
+    if c["status"] == Status.REUSED.value:
+        extra = f" (reused step run {c['reused_from']})"
+    elif c["status_reason"]:
+        extra = f" ({c['status_reason']})"
+    duration = _fmt_duration(c) if Status(c["status"]).is_terminal else ""
+    print(f"  [{c['name']}] {c['status']}{duration}{extra}  step run {c['id']}", file=out)
 
 
 def _failure_message(backend: Any, run: dict[str, Any]) -> str:
