@@ -181,8 +181,6 @@ def test_init_in_the_current_folder_twice_then_use_it_from_a_subfolder(tmp_path:
         stop_agent(WorkspaceLayout(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `cairn init FILE` lets NotADirectoryError (an OSError that "
-                   "cli.main.main does not catch) escape as a traceback with exit code 1")
 def test_init_on_a_file_is_an_input_error(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("not a folder")
     result = cairn("init", "afile", cwd=tmp_path)
@@ -208,8 +206,6 @@ def test_commands_outside_a_workspace(tmp_path: Path, args: list[str]) -> None:
     assert not (tmp_path / ".cairn").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: cli/main.py's stderr Console has no width, so piped error messages "
-                   "are wrapped at 80 columns (here splitting the one-line message, even inside `cairn init`)")
 def test_error_messages_are_not_wrapped(tmp_path: Path) -> None:
     if any((p / ".cairn" / "config.json").is_file() for p in (tmp_path, *tmp_path.parents)):
         pytest.skip(f"a Cairn workspace exists above {tmp_path}")
@@ -229,8 +225,6 @@ def test_the_workspace_option(completed: Done, tmp_path: Path) -> None:
 USAGE = [[], ["bogus"], ["runs", "show"], ["runs", "list", "--limit", "many"], ["logs"]]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: cli.main.main checks click.exceptions.ClickException, but typer "
-                   "0.29 raises its vendored typer._click exceptions, so usage errors end in a traceback, exit 1")
 @pytest.mark.parametrize("args", USAGE, ids=[" ".join(a) or "no-args" for a in USAGE])
 def test_usage_errors_exit_2_without_a_traceback(tmp_path: Path, args: list[str]) -> None:
     result = cairn(*args, cwd=tmp_path)
@@ -312,8 +306,6 @@ def test_run_of_a_failing_step_reports_it(failed: Done) -> None:
     no_traceback(failed.result)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: cli.main.main ignores the return value of app(standalone_mode=False); "
-                   "typer returns the code of typer.Exit instead of raising it, so `cairn run` exits 0")
 def test_run_of_a_failing_step_exits_1(failed: Done) -> None:
     assert failed.result.returncode == 1
 
@@ -392,8 +384,6 @@ def test_logs_follow_of_a_finished_run(completed: Done) -> None:
     assert "greet | hello from step" in result.stdout and "Completed" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="bug: cli.main.main ignores the return value of app(standalone_mode=False), "
-                   "so `cairn logs --follow` of a failed (or canceled) run exits 0")
 def test_logs_follow_of_a_failed_run_exits_1(failed: Done) -> None:
     result = failed.project.cairn("logs", failed.run_id, "--follow")
     assert "breaker | about to fail" in result.stdout

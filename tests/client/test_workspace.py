@@ -135,8 +135,6 @@ def test_from_config_without_a_workspace(tmp_path: Path, monkeypatch: pytest.Mon
         assert str(tmp_path.resolve()) in message
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="bug: Workspace.from_config does Path(path) without "
-                   "checking the type, so from_config(5) raises a bare TypeError")
 def test_from_config_rejects_a_path_of_the_wrong_type() -> None:
     with pytest.raises(UserInputError, match="path"):
         Workspace.from_config(5)  # type: ignore[arg-type]
@@ -201,9 +199,6 @@ def test_register_local_folder_rejects_bad_arguments(workspace: Workspace, tmp_p
     assert Datastore.register_local_folder(workspace, "my_data", folder, overwrite=True).name == "my_data"
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, AttributeError), reason="bug: "
-                   "Datastore.register_local_folder checks neither workspace (AttributeError on ._backend) nor "
-                   "path (TypeError from Path())")
 @pytest.mark.parametrize("bad", ["workspace", "path"])
 def test_register_local_folder_rejects_arguments_of_the_wrong_type(workspace: Workspace, tmp_path: Path,
                                                                    bad: str) -> None:
@@ -281,8 +276,6 @@ def test_create_compute_target_rejects_bad_arguments(workspace: Workspace) -> No
     assert set(workspace.compute_targets) == {"local"}
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="bug: ComputeTarget.create does not check "
-                   "workspace, so a non-Workspace fails with AttributeError on ._backend")
 def test_create_compute_target_rejects_a_workspace_that_is_not_one() -> None:
     with pytest.raises(UserInputError, match="workspace"):
         ComputeTarget.create("ws", "cpu", LocalCompute.provisioning_configuration())  # type: ignore[arg-type]

@@ -27,6 +27,8 @@ console = Console()
 if not console.is_terminal:  # piped output: never cut ids and paths that scripts read
     console = Console(width=200)
 err = Console(stderr=True)
+if not err.is_terminal:
+    err = Console(stderr=True, width=200)
 
 WorkspaceOption = typer.Option(None, "--workspace", "-w", help="workspace folder (default: found from here upwards)")
 
@@ -80,10 +82,20 @@ def run_file(pipeline_file: Path = typer.Argument(..., help="a Python file that 
     exp_module.SUBMITTED.clear()
     sys.argv = [str(pipeline_file)]
     sys.path.insert(0, str(pipeline_file.resolve().parent))
-    runpy.run_path(str(pipeline_file), run_name="__main__")
+    try:
+        runpy.run_path(str(pipeline_file), run_name="__main__")
+    except (CairnError, SystemExit):
+        raise
+    except Exception:  # a bug in the user's file: show where, then exit as an input error
+        err.print_exception(max_frames=10)
+        raise typer.Exit(EXIT_USER_ERROR) from None
     runs = list(exp_module.SUBMITTED)
     if not runs:
         err.print("[yellow]the file submitted no pipeline run[/]")
+        return
+    if not follow:
+        for r in runs:
+            console.print(f"submitted pipeline run {r.id} (experiment {r.experiment.name})")
         return
     if follow:
         failed = False
@@ -238,32 +250,45 @@ def demo(path: Path = typer.Argument(Path("cairn-demo"), help="folder for the de
         raise typer.Exit(EXIT_RUN_FAILED)
 
 
-def main() -> None:
+def _click_exceptions() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """typer may bundle its own copy of click: catch the classes it really raises, and click's."""
+    import click
+
+    errors: list[type[BaseException]] = [click.exceptions.ClickException]
+    aborts: list[type[BaseException]] = [click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)]
     try:
-        app(standalone_mode=False)
+        from typer._click.exceptions import ClickException  # type: ignore[import-not-found]
+
+        errors.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(errors), tuple(aborts)
+
+
+def main() -> None:
+    click_error, click_abort = _click_exceptions()
+    try:
+        rc = app(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except RunTimeoutError as exc:
-        err.print(f"[yellow]timeout:[/] {exc}")
+        err.print(f"[yellow]timeout:[/] {exc}", highlight=False)
         sys.exit(EXIT_TIMEOUT)
     except RunFailedError as exc:
-        err.print(f"[red]{exc}[/]")
+        err.print(f"[red]{exc}[/]", highlight=False)
         sys.exit(EXIT_RUN_FAILED)
-    except (CairnError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+    except (CairnError, OSError, ValueError) as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         err.print("interrupted (runs go on in the background; `cairn cancel ID` stops one)")
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:  # click's usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(EXIT_USER_ERROR)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(EXIT_INTERRUPTED)
-        raise
+    except click_abort:
+        sys.exit(EXIT_INTERRUPTED)
+    except click_error as exc:
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(EXIT_USER_ERROR)
+    sys.exit(rc if isinstance(rc, int) else EXIT_OK)
 
 
 if __name__ == "__main__":

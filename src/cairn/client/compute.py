@@ -64,6 +64,9 @@ class ComputeTarget:
 
     @classmethod
     def create(cls, workspace: Workspace, name: str, provisioning_configuration: Any) -> ComputeTarget:
+        from cairn.client.workspace import Workspace
+
+        check_type(workspace, Workspace, "ComputeTarget.create workspace")
         check_data_name(name, "compute target name")
         if not isinstance(provisioning_configuration, LocalComputeConfiguration):
             raise UserInputError(f"provisioning_configuration must come from "

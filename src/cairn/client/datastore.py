@@ -55,7 +55,12 @@ class Datastore:
     def register_local_folder(cls, workspace: Workspace, datastore_name: str,
                               path: str | os.PathLike[str], overwrite: bool = False) -> Datastore:
         """Register an existing folder of this machine as a datastore."""
+        from cairn.client.workspace import Workspace
         from cairn.core.names import check_data_name
+
+        check_type(workspace, Workspace, "register_local_folder workspace")
+        if not isinstance(path, (str, os.PathLike)):
+            raise UserInputError(f"register_local_folder path must be a folder path, not {type(path).__name__}")
 
         check_data_name(datastore_name, "datastore name")
         folder = Path(path).resolve()

@@ -3,6 +3,7 @@ with the environments issue; this one runs steps with the current or a given int
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,10 @@ class Environment:
     def to_spec(self) -> dict[str, Any]:
         spec = current_interpreter_spec()
         spec["name"] = self.name
-        if self.python.interpreter_path:
+        if self.python.interpreter_path is not None:
+            if not isinstance(self.python.interpreter_path, (str, os.PathLike)):
+                raise UserInputError(f"environment {self.name!r}: python.interpreter_path must be a path, not "
+                                     f"{type(self.python.interpreter_path).__name__}")
             path = Path(self.python.interpreter_path)
             if not path.is_file() or not os.access(path, os.X_OK):
                 raise UserInputError(f"environment {self.name!r}: interpreter_path {str(path)!r} is not an "
@@ -87,9 +91,14 @@ class RunConfiguration:
         if not isinstance(self.environment_variables, dict):
             problems.append(f"step {step_name!r}: runconfig.environment_variables must be a dict")
         m = self.max_run_duration_seconds
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0):
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
+                              or m <= 0):
             problems.append(f"step {step_name!r}: runconfig.max_run_duration_seconds must be a positive "
                             f"number of seconds, not {m!r}")
+        t = self.target
+        if t is not None and not isinstance(t, str) and not isinstance(getattr(t, "name", None), str):
+            problems.append(f"step {step_name!r}: runconfig.target must be a ComputeTarget or a target name, "
+                            f"not {type(t).__name__}")
         if not isinstance(self.node_count, int) or self.node_count != 1:
             problems.append(f"step {step_name!r}: runconfig.node_count={self.node_count!r}: local compute "
                             f"runs a step on one node")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cairn.client.environment import Environment
 from cairn.client.steps import PythonScriptStep
 from cairn.core.errors import PipelineValidationError, UserInputError
 from cairn.core.spec import Argument, GraphSpec, InputSpec, OutputSpec, StepSpec
@@ -70,15 +71,17 @@ class Pipeline:
                 problems.append(f"{who}: source_directory {s.source_directory!r} does not exist")
             elif not (src / s.script_name).is_file():
                 problems.append(f"{who}: script {s.script_name!r} is not in source_directory {s.source_directory!r}")
-            target = _target_name(s)
-            if target not in targets:
+            rc_problems = s.runconfig.validate(s.name)
+            problems += rc_problems
+            target = _target_name(s) if not any("runconfig.target" in p for p in rc_problems) else None
+            if target is not None and target not in targets:
                 problems.append(f"{who}: compute target {target!r} does not exist in the workspace "
                                 f"(known: {', '.join(sorted(targets))})")
-            problems += s.runconfig.validate(s.name)
-            try:
-                s.runconfig.environment.to_spec()
-            except UserInputError as exc:
-                problems.append(f"{who}: {exc}")
+            if isinstance(s.runconfig.environment, Environment):
+                try:
+                    s.runconfig.environment.to_spec()
+                except UserInputError as exc:
+                    problems.append(f"{who}: {exc}")
             out_names: dict[str, int] = {}
             for o in s.outputs:
                 out_names[o.output_name] = out_names.get(o.output_name, 0) + 1
@@ -88,7 +91,15 @@ class Pipeline:
             for n, c in out_names.items():
                 if c > 1:
                     problems.append(f"{who}: two outputs are named {n!r}")
-            for b in s.input_bindings():
+            bindings = s.input_bindings()
+            names_seen: dict[str, int] = {}
+            for b in bindings:
+                names_seen[b.input_name] = names_seen.get(b.input_name, 0) + 1
+            for n, c in names_seen.items():
+                if c > 1:
+                    problems.append(f"{who}: {c} different inputs are named {n!r}; give them distinct names with "
+                                    f"as_input(input_name=...)")
+            for b in bindings:
                 made_by = producers.get(id(b.data), [])
                 if not made_by:
                     problems.append(f"{who}: input {b.data.name!r} is produced by no step of the pipeline; "
@@ -132,7 +143,9 @@ class Pipeline:
             bindings = s.input_bindings()
             inputs = tuple(InputSpec(b.input_name, producer_of[id(b.data)].name, b.data.output_name, b.mode,
                                      b.path_on_compute) for b in bindings)
-            binding_name = {id(b.data): b.input_name for b in bindings}
+            binding_name: dict[int, str] = {}
+            for b in bindings:
+                binding_name.setdefault(id(b.data), b.input_name)
             args = []
             for a in s.arguments:
                 if isinstance(a, PipelineData):

@@ -28,10 +28,13 @@ class PythonScriptStep:
                  outputs: list[PipelineData] | None = None, params: dict[str, Any] | None = None,
                  source_directory: str | os.PathLike[str] | None = None, allow_reuse: bool = True,
                  version: str | None = None, hash_paths: list[str] | None = None) -> None:
-        check_type(script_name, str, "PythonScriptStep script_name")
+        if name is not None:
+            check_step_name(name)
+        who = f"step {name!r}" if name is not None else "PythonScriptStep"
+        check_type(script_name, str, f"{who}: script_name")
         rel = PurePosixPath(script_name.replace("\\", "/"))
         if not script_name.strip() or rel.is_absolute() or ".." in rel.parts:
-            raise UserInputError(f"PythonScriptStep script_name {script_name!r} must be a path relative to "
+            raise UserInputError(f"{who}: script_name {script_name!r} must be a path relative to "
                                  f"source_directory, like 'train.py' or 'scripts/train.py'")
         self.script_name = script_name
         self.name = check_step_name(name if name is not None else script_name)
@@ -75,12 +78,18 @@ class PythonScriptStep:
         if source_directory is not None and not isinstance(source_directory, (str, os.PathLike)):
             raise UserInputError(f"{who}: source_directory must be a folder path, not "
                                  f"{type(source_directory).__name__}")
-        self.source_directory = str(Path(source_directory if source_directory is not None else ".").resolve())
+        try:
+            self.source_directory = str(Path(source_directory if source_directory is not None else ".").resolve())
+        except (ValueError, OSError) as exc:
+            raise UserInputError(f"{who}: source_directory {source_directory!r} is not a usable path: {exc}") from None
         check_type(allow_reuse, bool, f"{who}: allow_reuse")
         self.allow_reuse = allow_reuse
         if version is not None and not isinstance(version, str):
             raise UserInputError(f"{who}: version must be a str, not {type(version).__name__}")
         self.version = version
+        if hash_paths is not None and (not isinstance(hash_paths, (list, tuple)) or
+                                       not all(isinstance(h, str) for h in hash_paths)):
+            raise UserInputError(f"{who}: hash_paths must be a list of paths (and is no longer needed)")
         if hash_paths:
             warnings.warn("hash_paths is no longer needed: every file of source_directory is part of the "
                           "snapshot digest", DeprecationWarning, stacklevel=2)
@@ -97,16 +106,18 @@ class PythonScriptStep:
     # -- compiled view ---------------------------------------------------------------------
 
     def input_bindings(self) -> list[PipelineDataInput]:
-        """Declared inputs plus inputs inferred from arguments (one binding per input name)."""
-        found: dict[str, PipelineDataInput] = {}
-        candidates = [*self.inputs, *(a for a in self.arguments if isinstance(a, (PipelineData, PipelineDataInput)))]
-        for c in candidates:
-            if isinstance(c, PipelineData):
-                if any(c is o for o in self.outputs):
-                    continue
-                c = c.as_input()
-            found.setdefault(c.input_name, c)
-        return list(found.values())
+        """Declared inputs plus inputs inferred from arguments: one binding per distinct data and name.
+
+        A bare PipelineData in ``arguments`` that is also in ``outputs`` is the output, not an input.
+        """
+        found: list[PipelineDataInput] = []
+        from_args = [a for a in self.arguments if isinstance(a, (PipelineData, PipelineDataInput))
+                     and not (isinstance(a, PipelineData) and any(a is o for o in self.outputs))]
+        for c in [*self.inputs, *from_args]:
+            binding = c.as_input() if isinstance(c, PipelineData) else c
+            if not any(b.data is binding.data and b.input_name == binding.input_name for b in found):
+                found.append(binding)
+        return found
 
     def __repr__(self) -> str:
         return f"PythonScriptStep(name={self.name!r}, script_name={self.script_name!r})"

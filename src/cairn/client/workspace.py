@@ -48,6 +48,9 @@ class Workspace:
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **ignored: Any) -> Workspace:
         """Find ``.cairn/config.json`` in ``path`` (default: the current folder) or its parents."""
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise UserInputError(f"Workspace.from_config path must be a folder or config.json path, not "
+                                 f"{type(path).__name__}")
         start = Path(path) if path is not None else Path.cwd()
         if start.name == "config.json" and start.parent.name == DOT:
             return cls(start.parent.parent)

@@ -23,7 +23,7 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 
 def check_data_name(name: Any, what: str) -> str:
     check_type(name, str, what)
-    if not _DATA_NAME.match(name) or len(name) > 255:
+    if not _DATA_NAME.fullmatch(name) or len(name) > 255:
         raise UserInputError(f"{what} {name!r} is not valid: use letters, digits and underscores, "
                              f"starting with a letter or underscore (e.g. 'prepped_data')")
     return name
@@ -31,7 +31,7 @@ def check_data_name(name: Any, what: str) -> str:
 
 def check_experiment_name(name: Any) -> str:
     check_type(name, str, "experiment name")
-    if not _EXPERIMENT_NAME.match(name):
+    if not _EXPERIMENT_NAME.fullmatch(name):
         raise UserInputError(f"experiment name {name!r} is not valid: use 1 to 255 letters, digits, "
                              f"'-' and '_', starting with a letter or digit")
     return name
@@ -39,7 +39,7 @@ def check_experiment_name(name: Any) -> str:
 
 def check_step_name(name: Any) -> str:
     check_type(name, str, "step name")
-    if not name.strip() or len(name) > 255 or any(c in name for c in "/\\\0\n\r\t"):
-        raise UserInputError(f"step name {name!r} is not valid: use 1 to 255 characters without "
-                             f"'/', '\\\\' or control characters")
+    if not name.strip() or len(name) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise UserInputError(f"step name {name!r} is not valid: use 1 to 255 characters, none of them "
+                             f"control characters")
     return name

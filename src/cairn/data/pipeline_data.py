@@ -23,7 +23,8 @@ class PipelineData:
                  output_mode: str = "mount", output_path_on_compute: str | None = None,
                  is_directory: bool = True, **ignored: Any) -> None:
         self.name = check_data_name(name, "PipelineData name")
-        self.output_name = check_data_name(output_name, "PipelineData output_name") if output_name else name
+        self.output_name = (check_data_name(output_name, "PipelineData output_name")
+                            if output_name is not None else name)
         if datastore is not None and not isinstance(datastore, str) and not hasattr(datastore, "name"):
             raise UserInputError(f"PipelineData {name!r}: datastore must be a Datastore or a datastore "
                                  f"name, not {type(datastore).__name__}")
@@ -63,7 +64,7 @@ class PipelineDataInput:
                  path_on_compute: str | None = None) -> None:
         check_type(data, PipelineData, "data")
         self.data = data
-        self.input_name = check_data_name(input_name, "input_name") if input_name else data.name
+        self.input_name = check_data_name(input_name, "input_name") if input_name is not None else data.name
         if mode not in MODES:
             raise UserInputError(f"input mode {mode!r} is not one of {MODES}")
         self.mode = mode
