@@ -497,3 +497,38 @@ def test_explain_reuse_then_a_changed_script(completed: Done) -> None:
     info = json.loads(p.cairn("explain", changed_step, "--json").stdout)
     assert info["changes"] == ["snapshot changed: hello.py modified"]
     assert info["compared_with"] in (completed.step_id, reused_step)  # the latest earlier run of the step
+
+
+# -- review fixes ---------------------------------------------------------------------------------
+
+def test_run_follows_a_file_that_ends_with_sys_exit_main(project: Project) -> None:
+    project.write_step("hello.py", "import sys\nprint('args', sys.argv[1:])\n")
+    (project.root / "main_style.py").write_text(textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from cairn import Experiment, Pipeline, PythonScriptStep, Workspace
+
+        def main() -> int:
+            ws = Workspace.from_config()
+            step = PythonScriptStep("hello.py", name="hello", source_directory=Path(__file__).parent / "src",
+                                    arguments=sys.argv[1:])
+            Experiment(ws, "main-style").submit(Pipeline(ws, [step]))
+            return 0
+
+        if __name__ == "__main__":
+            sys.exit(main())
+    """))
+    result = project.cairn("run", "main_style.py", "--flag", "value")
+    assert result.returncode == 0, result.stderr
+    assert "args ['--flag', 'value']" in result.stdout and "Completed" in result.stdout
+
+
+def test_a_second_agent_refuses_to_start(completed: Done) -> None:
+    completed.project.cairn("runs", "list")  # any command; then make sure an agent serves
+    from cairn.engine.client import ensure_agent
+
+    ensure_agent(WorkspaceLayout(completed.project.root))
+    result = completed.project.cairn("agent")
+    assert result.returncode == 2
+    assert "already serves" in flat(result.stderr)
+    no_traceback(result)

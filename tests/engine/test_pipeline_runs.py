@@ -296,6 +296,17 @@ def test_git_facts_become_run_properties(workspace, write_script, tmp_path):
     assert props["cairn.git.commit"] == commit == props["mlflow.source.git.commit"]
     assert props["cairn.git.branch"] == "main" and props["cairn.git.dirty"] == "true"
     assert run.get_steps()[0].get_properties()["cairn.git.commit"] == commit
+    subprocess.run(["git", "-C", str(src), "checkout", "-q", "hello.py"], check=True)
+    (src / "untracked.py").write_text("print('new')\n")  # in the snapshot, not in the commit
+    again = Experiment(workspace, "git").submit(
+        Pipeline(workspace, [PythonScriptStep("hello.py", source_directory=src)]))
+    again.wait_for_completion(show_output=False)
+    assert again.get_properties()["cairn.git.dirty"] == "true"
+    (src / "untracked.py").unlink()
+    clean = Experiment(workspace, "git").submit(
+        Pipeline(workspace, [PythonScriptStep("hello.py", source_directory=src)]))
+    clean.wait_for_completion(show_output=False)
+    assert clean.get_properties()["cairn.git.dirty"] == "false"
 
 
 def test_runs_are_listed_and_found_by_id(workspace, src):
@@ -308,3 +319,25 @@ def test_runs_are_listed_and_found_by_id(workspace, src):
     assert {s["name"] for s in spec["steps"]} == {"producer", "consumer"}
     assert json.dumps(spec)  # the graph spec is plain JSON
     assert os.path.isdir(workspace.get_default_datastore().root)
+
+
+def test_logs_keep_a_last_line_without_newline(workspace, write_script):
+    src = write_script("partial.py", "import sys\nsys.stdout.write('line1\\nno newline')\nsys.stderr.write('err end')\n")
+    run = Experiment(workspace, "partial").submit(
+        Pipeline(workspace, [PythonScriptStep("partial.py", name="partial", source_directory=src)]))
+    run.wait_for_completion(show_output=False)
+    step = run.find_step_run("partial")[0]
+    assert step.get_stdout_log() == "line1\nno newline"
+    assert step.get_stderr_log() == "err end"
+
+
+def test_a_fully_reused_run_reports_the_metrics_of_the_runs_it_reused(workspace, src):
+    exp = Experiment(workspace, "metrics")
+    first = exp.submit(Pipeline(workspace, list(_two_steps(workspace, src))))
+    first.wait_for_completion(show_output=False)
+    second = exp.submit(Pipeline(workspace, list(_two_steps(workspace, src))))
+    second.wait_for_completion(show_output=False)
+    reused = second.find_step_run("consumer")[0]
+    assert reused.get_status() == "Reused"
+    assert reused.get_metrics()["length"] == 5
+    assert second.get_metrics(recursive=True)[reused.id]["loss"] == [0.5, 0.25]

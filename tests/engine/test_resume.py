@@ -20,6 +20,8 @@ open(os.environ["MARKER"], "a").write("first\\n")
 
 SECOND = """
 import os, sys, time
+from cairn import Run
+Run.get_context().log("attempt_metric", 1)
 open(os.environ["MARKER"], "a").write(f"second-start {os.getpid()}\\n")
 deadline = time.time() + 60
 while not os.path.exists(os.environ["GO"]):  # blocks until the test lets it finish
@@ -74,6 +76,8 @@ def test_agent_killed_mid_run_is_resumed_without_rerunning_finished_steps(worksp
     assert not Path(f"/proc/{orphan_pid}").exists() or \
         Path(f"/proc/{orphan_pid}/stat").read_text().split()[2] == "Z"  # the orphan was killed
     assert step2.get_status() == "Completed"
+    assert step2.get_metrics() == {"attempt_metric": 1}  # the killed attempt's metric is gone
+    assert "==== cairn: attempt 2" in step2.get_stdout_log() + step2.get_stderr_log()
     reasons = [e["reason"] or "" for e in step2.get_details()["events"]]
     assert any("resumed" in r for r in reasons)
     assert run.find_step_run("first")[0].get_status() == "Completed"
@@ -110,3 +114,20 @@ def test_a_stopped_agent_hands_its_running_steps_back_to_the_queue(workspace, wr
     go.touch()
     assert run.wait_for_completion(show_output=False, timeout_seconds=120)["status"] == "Completed"
     assert marker.read_text().split("\n").count("second-done") == 1
+
+
+def test_cancel_while_no_agent_runs_stops_the_run(workspace, write_script, tmp_path, monkeypatch):
+    monkeypatch.setenv("MARKER", str(tmp_path / "marker.txt"))
+    monkeypatch.setenv("GO", str(tmp_path / "go"))  # never created: the step would wait
+    src = write_script("second.py", SECOND)
+    run = Experiment(workspace, "cancel-dead").submit(
+        Pipeline(workspace, [PythonScriptStep("second.py", name="second", source_directory=src)]))
+    step = run.find_step_run("second")[0]
+    _wait_until(workspace, run.id, lambda: step.get_status() == "Running")
+    orphan = step._row()["pid"]
+    os.kill(_request(WorkspaceLayout(workspace.location), {"op": "ping"})["pid"], signal.SIGKILL)
+    run.cancel()
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60)["status"] == "Canceled"
+    assert step.get_status() == "Canceled"
+    assert not Path(f"/proc/{orphan}").exists() or Path(f"/proc/{orphan}/stat").read_text().split()[2] == "Z"
+    assert [e["status"] for e in step.get_details()["events"]].count("Running") == 1  # never started again

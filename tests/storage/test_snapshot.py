@@ -100,3 +100,11 @@ def test_diff_manifests_names_files():
     old = {"files": [["a.py", "d1", 1, False], ["b.py", "d2", 1, False]]}
     new = {"files": [["a.py", "d9", 1, False], ["c.py", "d3", 1, False]]}
     assert diff_manifests(old, new) == ["a.py modified", "c.py added", "b.py removed"]
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    shared = _tree(tmp_path / "shared", {"lib.py": "x = 1"})
+    src = _tree(tmp_path / "src", {"main.py": "import lib"})
+    (src / "common").symlink_to(shared, target_is_directory=True)
+    (src / "loop").symlink_to(src, target_is_directory=True)  # must not recurse forever
+    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == ["common/lib.py", "main.py"]

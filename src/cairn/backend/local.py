@@ -128,7 +128,8 @@ class LocalBackend:
             return None
         target = run["parent_id"] or run_id  # canceling a step cancels its pipeline run
         row = q.request_cancel(self.store, target)
-        agent_client.poke(self.layout)
+        if row is not None and not Status(row["status"]).is_terminal:
+            agent_client.ensure_agent(self.layout)  # a claimed run needs a live agent to stop its steps
         return row
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
@@ -163,8 +164,10 @@ class LocalBackend:
         default = next((d["name"] for d in self.list_datastores() if d["is_default"]), DEFAULT_DATASTORE)
         return Path(self.datastore_root(default)) / rel
 
-    def read_log(self, run_id: str, which: str, offset: int = 0) -> tuple[str, int]:
-        """Text of a step's ``stdout``/``stderr``/``system`` log from byte ``offset``; and the new offset."""
+    def read_log(self, run_id: str, which: str, offset: int = 0, complete: bool = True) -> tuple[str, int]:
+        """Text of a step's ``stdout``/``stderr``/``system`` log from byte ``offset``, and the new offset.
+
+        ``complete=False`` (following a live log) holds back a last line that has no newline yet."""
         path = self.run_folder(run_id) / "logs" / f"{which}.txt"
         try:
             with open(path, "rb") as f:
@@ -172,8 +175,8 @@ class LocalBackend:
                 data = f.read()
         except FileNotFoundError:
             return "", offset
-        # never split a line or a UTF-8 character: keep a partial last line for the next read
-        cut = data.rfind(b"\n") + 1 if not data.endswith(b"\n") else len(data)
+        # while following, never split a line or a UTF-8 character: keep a partial last line back
+        cut = len(data) if complete or data.endswith(b"\n") else data.rfind(b"\n") + 1
         return data[:cut].decode("utf-8", "replace"), offset + cut
 
     def put_artifact(self, run_id: str, name: str, local_path: str) -> str:

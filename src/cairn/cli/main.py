@@ -68,11 +68,12 @@ def init(path: Path = typer.Argument(Path("."), help="folder to make the workspa
                   f"{ws.get_default_datastore().name!r}, compute target 'local')")
 
 
-@app.command("run")
-def run_file(pipeline_file: Path = typer.Argument(..., help="a Python file that builds and submits a pipeline"),
+@app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run_file(ctx: typer.Context,
+             pipeline_file: Path = typer.Argument(..., help="a Python file that builds and submits a pipeline"),
              follow: bool = typer.Option(True, help="follow the submitted runs to their end"),
-             timeout: float = typer.Option(None, help="seconds to wait before giving up (exit code 3)")) -> None:
-    """Run PIPELINE_FILE, then follow every pipeline run it submitted."""
+             timeout: float = typer.Option(None, help="seconds to wait in all before giving up (exit code 3)")) -> None:
+    """Run PIPELINE_FILE (extra arguments are passed to it), then follow every pipeline run it submitted."""
     import runpy
 
     from cairn.client import experiment as exp_module
@@ -80,11 +81,14 @@ def run_file(pipeline_file: Path = typer.Argument(..., help="a Python file that 
     if not pipeline_file.is_file():
         raise CairnError(f"pipeline file {str(pipeline_file)!r} does not exist")
     exp_module.SUBMITTED.clear()
-    sys.argv = [str(pipeline_file)]
+    sys.argv = [str(pipeline_file), *ctx.args]
     sys.path.insert(0, str(pipeline_file.resolve().parent))
     try:
         runpy.run_path(str(pipeline_file), run_name="__main__")
-    except (CairnError, SystemExit):
+    except SystemExit as exc:  # `sys.exit(main())` is a normal end; a failure code is passed on
+        if exc.code not in (None, 0):
+            raise typer.Exit(exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR) from None
+    except CairnError:
         raise
     except Exception:  # a bug in the user's file: show where, then exit as an input error
         err.print_exception(max_frames=10)
@@ -97,16 +101,17 @@ def run_file(pipeline_file: Path = typer.Argument(..., help="a Python file that 
         for r in runs:
             console.print(f"submitted pipeline run {r.id} (experiment {r.experiment.name})")
         return
-    if follow:
-        failed = False
-        for r in runs:
-            try:
-                r.wait_for_completion(show_output=True, timeout_seconds=timeout, raise_on_error=True)
-            except RunFailedError as exc:
-                err.print(f"[red]{exc}[/]")
-                failed = True
-        if failed:
-            raise typer.Exit(EXIT_RUN_FAILED)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    failed = False
+    for r in runs:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            r.wait_for_completion(show_output=True, timeout_seconds=left, raise_on_error=True)
+        except RunFailedError as exc:
+            err.print(f"[red]{exc}[/]", highlight=False)
+            failed = True
+    if failed:
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
 @runs_app.command("list")
@@ -231,12 +236,18 @@ def agent(workspace: Path = WorkspaceOption,
           max_concurrency: int = typer.Option(None, help="override the local target's concurrency")) -> None:
     """Run the workspace's agent in the foreground (normally started on demand)."""
     from cairn.engine.agent import Agent
-
-    ws = _workspace(workspace)
+    from cairn.engine.client import _request
     from cairn.storage.layout import WorkspaceLayout
 
+    ws = _workspace(workspace)
+    layout = WorkspaceLayout(ws.location)
+    other = _request(layout, {"op": "ping"})
+    if other is not None:
+        err.print(f"[red]error:[/] another agent (pid {other.get('pid')}) already serves {ws.location}; "
+                  f"stop it first (kill {other.get('pid')}) or let it serve", highlight=False)
+        raise typer.Exit(EXIT_USER_ERROR)
     console.print(f"agent serving {ws.location} (Ctrl-C to stop)")
-    raise typer.Exit(Agent(WorkspaceLayout(ws.location), idle_timeout or None, max_concurrency).serve())
+    raise typer.Exit(Agent(layout, idle_timeout or None, max_concurrency).serve())
 
 
 @app.command()

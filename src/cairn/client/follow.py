@@ -85,14 +85,16 @@ def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str,
         changed = seen.get(c["id"]) != key
         seen[c["id"]] = key
         terminal = Status(c["status"]).is_terminal
-        if changed and not terminal:  # "Running" comes before the lines it prints ...
+        after = terminal or c["status"] == Status.FINALIZING.value
+        if changed and not after:  # "Running" comes before the lines it prints ...
             _print_status(c, out)
         if c["status"] in (Status.RUNNING.value, Status.FINALIZING.value) or (terminal and c["status"] != "Reused"):
             for which in ("stdout", "stderr"):
-                text, offsets[(c["id"], which)] = backend.read_log(c["id"], which, offsets.get((c["id"], which), 0))
+                text, offsets[(c["id"], which)] = backend.read_log(
+                    c["id"], which, offsets.get((c["id"], which), 0), complete=terminal)
                 for line in text.splitlines():
                     print(f"  {c['name']} | {line}", file=out)
-        if changed and terminal:  # ... and "Completed" after them
+        if changed and after:  # ... and "Completed" after them
             _print_status(c, out)
     out.flush()
 

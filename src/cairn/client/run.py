@@ -217,13 +217,18 @@ class Run(_MetricsMixin):
         return self._backend.put_artifact(self.id, f"images/{Path(name).name}{Path(path).suffix or '.png'}", path)
 
     def get_metrics(self, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
+        """Metrics by name; with ``recursive``, by run id for this run and its step runs.
+        A reused step shows the metrics of the step run whose outputs it reused."""
+        rows_of = [self._row()]
         if recursive:
-            ids = [self.id, *(c["id"] for c in self._backend.get_children(self.id))]
-            rows = self._backend.get_metric_rows(ids)
-            result = {rid: aggregate_metrics([r for r in rows if r["run_id"] == rid]) for rid in ids}
-            return {rid: {k: v for k, v in m.items() if name is None or k == name} for rid, m in result.items()}
-        metrics = aggregate_metrics(self._backend.get_metric_rows([self.id]))
-        return {k: v for k, v in metrics.items() if name is None or k == name}
+            rows_of += self._backend.get_children(self.id)
+        source = {r["id"]: r.get("reused_from") or r["id"] for r in rows_of}
+        rows = self._backend.get_metric_rows(sorted(set(source.values())))
+        result = {}
+        for rid, src in source.items():
+            m = aggregate_metrics([r for r in rows if r["run_id"] == src])
+            result[rid] = {k: v for k, v in m.items() if name is None or k == name}
+        return result if recursive else result[self.id]
 
     def cancel(self) -> None:
         """Cancel the run (for a step run: its pipeline run). Steps running now are killed."""
@@ -306,13 +311,13 @@ class StepRun(Run):
         return self.reused_from or self.id  # a reused step shows the logs of the run it reused
 
     def get_stdout_log(self) -> str:
-        return self._backend.read_log(self._log_source(), "stdout")[0]
+        return self._backend.read_log(self._log_source(), "stdout", 0, complete=True)[0]
 
     def get_stderr_log(self) -> str:
-        return self._backend.read_log(self._log_source(), "stderr")[0]
+        return self._backend.read_log(self._log_source(), "stderr", 0, complete=True)[0]
 
     def get_system_log(self) -> str:
-        return self._backend.read_log(self.id, "system")[0]
+        return self._backend.read_log(self.id, "system", 0, complete=True)[0]
 
     def get_outputs(self) -> dict[str, OutputData]:
         return {n: OutputData(r) for n, r in self._backend.get_outputs(self.id).items()}
@@ -368,6 +373,15 @@ class OfflineRun(_MetricsMixin):
     def _record(self, name: str, kind: str, value: Any) -> None:
         print(f"[offline run] {kind} {name} = {value!r}", file=sys.stderr)
         self._metrics.append({"name": name, "kind": kind, "value": value})
+
+    def log_image(self, name: str, path: str | os.PathLike[str] | None = None, plot: Any = None,
+                  description: str = "") -> None:
+        """Offline: say what would be logged; never fail a script that runs outside a pipeline."""
+        if path is not None and not Path(path).is_file():
+            print(f"[offline run] image {name}: {str(path)!r} does not exist (it would fail in a pipeline)",
+                  file=sys.stderr)
+            return
+        super().log_image(name, path=path, plot=plot, description=description)
 
     def get_metrics(self, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
         m = aggregate_metrics(self._metrics)

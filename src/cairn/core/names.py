@@ -24,7 +24,7 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 def check_data_name(name: Any, what: str) -> str:
     check_type(name, str, what)
     if not _DATA_NAME.fullmatch(name) or len(name) > 255:
-        raise UserInputError(f"{what} {name!r} is not valid: use letters, digits and underscores, "
+        raise UserInputError(f"{what} {name!r} is not valid: use 1 to 255 letters, digits and underscores, "
                              f"starting with a letter or underscore (e.g. 'prepped_data')")
     return name
 

@@ -18,7 +18,7 @@ def fingerprint_parts(step: StepSpec, input_digests: dict[str, str]) -> dict[str
         "environment": step.environment_digest,
         "environment_variables": dict(step.environment_variables),
         "version": step.version,
-        "outputs": sorted(o.name for o in step.outputs),
+        "outputs": {o.name: o.datastore for o in step.outputs},
     }
     for name in sorted(input_digests):
         parts[f"input:{name}"] = input_digests[name]

@@ -20,6 +20,7 @@ from cairn.runner.execute import process_start_time
 from cairn.runner.job import InputLocation, StepJob
 from cairn.storage.layout import run_dir
 from cairn.storage.snapshot import load_manifest
+from cairn.storage.tree import stat_signature
 from cairn.store import queries as q
 
 Dispatch = Callable[[StepJob, StepSpec], None]
@@ -37,7 +38,7 @@ class PipelineScheduler:
         self.status: dict[str, Status] = {}
         self.running: set[str] = set()
         self.failed_step: str | None = None
-        self.canceling = False
+        self.canceling = bool(run["cancel_requested"])  # canceled while no agent was running
         self._roots = ctx.datastore_roots()
         self._default_store = ctx.default_datastore()
         self._resume()
@@ -52,6 +53,7 @@ class PipelineScheduler:
             st = Status(child["status"])
             if st in (Status.PREPARING, Status.RUNNING, Status.FINALIZING):
                 _kill_orphan(child.get("pid"), child.get("pid_started"))
+                q.delete_metrics(store, child["id"])  # the interrupted attempt's metrics would mix in
                 q.update_status(store, child["id"], Status.QUEUED,
                                 "resumed: the agent that ran this step stopped; running it again")
                 st = Status.QUEUED
@@ -103,6 +105,8 @@ class PipelineScheduler:
         q.update_status(store, step_run_id, Status.QUEUED)
         self.status[step.name] = Status.QUEUED
         attempt = (q.get_run(store, step_run_id) or {}).get("attempt", 0) + 1
+        if attempt > 1:  # an interrupted attempt's metrics must not mix into this one's
+            q.delete_metrics(store, step_run_id)
         snapshot = q.get_snapshot(store, step.snapshot)
         if snapshot is None:
             raise RuntimeError(f"snapshot {step.snapshot} of step {step.name!r} is not in the store")
@@ -120,11 +124,17 @@ class PipelineScheduler:
         )
 
     def _outputs_present(self, source_id: str, step: StepSpec) -> bool:
+        """The earlier outputs still exist, unchanged since they were committed."""
         outs = q.get_outputs(self.ctx.store, source_id)
         if {o.name for o in step.outputs} - outs.keys():
             return False
-        return all((Path(self._roots.get(o["datastore"], "/nonexistent")) / o["path"]).exists()
-                   for o in outs.values())
+        for o in outs.values():
+            path = Path(self._roots.get(o["datastore"], "/nonexistent")) / o["path"]
+            if not path.exists():
+                return False
+            if o.get("stat_signature") and stat_signature(path) != o["stat_signature"]:
+                return False
+        return True
 
     def started(self, step: StepSpec) -> None:
         self.running.add(step.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from cairn.core.status import Status
 from cairn.runner.job import StepJob, StepResult
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
-from cairn.storage.tree import digest_tree
+from cairn.storage.tree import digest_tree, make_read_only
 
 _CAIRN_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds the cairn package
 KILL_GRACE_SECONDS = 5.0
@@ -90,9 +91,37 @@ class _SystemLog:
         self._f.close()
 
 
-def resolve_arguments(job: StepJob) -> list[str]:
+DOWNLOAD_FOLDER = ".cairn_inputs"
+
+
+def materialize_inputs(job: StepJob, work: Path) -> dict[str, str]:
+    """Input name -> the path the step sees. ``mount``/``direct`` get the committed folder itself
+    (no copy, read-only); ``download`` gets a private copy in the working directory."""
+    from cairn.storage.paths import confined
+
     spec = _step_from_dict(job.step)
-    inputs = {i.name: i.path for i in job.inputs}
+    on_compute = {i.name: i.path_on_compute for i in spec.inputs}
+    paths = {}
+    for i in job.inputs:
+        if i.mode != "download":
+            paths[i.name] = i.path
+            continue
+        dest = confined(work, on_compute.get(i.name) or f"{DOWNLOAD_FOLDER}/{i.name}",
+                        f"path_on_compute of input {i.name!r}")
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if Path(i.path).is_dir():
+            shutil.copytree(i.path, dest, symlinks=True, copy_function=shutil.copyfile)
+        else:
+            shutil.copyfile(i.path, dest)
+        paths[i.name] = str(dest)
+    return paths
+
+
+def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> list[str]:
+    spec = _step_from_dict(job.step)
+    inputs = inputs if inputs is not None else {i.name: i.path for i in job.inputs}
     args = []
     for a in spec.arguments:
         if a.input is not None:
@@ -108,7 +137,7 @@ def _output_store(spec: Any, name: str) -> str:
     return next(o.datastore for o in spec.outputs if o.name == name)
 
 
-def step_environment(job: StepJob, output_paths: dict[str, str]) -> dict[str, str]:
+def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: dict[str, str]) -> dict[str, str]:
     spec = _step_from_dict(job.step)
     env = dict(os.environ)
     env.update({k: str(v) for k, v in (spec.environment.get("environment_variables") or {}).items()})
@@ -122,7 +151,7 @@ def step_environment(job: StepJob, output_paths: dict[str, str]) -> dict[str, st
         "CAIRN_PIPELINE_RUN_ID": job.pipeline_run_id,
         "CAIRN_EXPERIMENT": job.experiment,
         "CAIRN_STEP_NAME": spec.name,
-        "CAIRN_INPUTS": json.dumps({i.name: i.path for i in job.inputs}),
+        "CAIRN_INPUTS": json.dumps(input_paths),
         "CAIRN_OUTPUTS": json.dumps(output_paths),
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (_CAIRN_PARENT, env.get("PYTHONPATH")) if p),
@@ -146,8 +175,10 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             shutil.rmtree(work)
         materialize(job.manifest, ObjectStore(job.objects_root), work)
         syslog(f"snapshot {spec.snapshot} materialised in {work} ({len(job.manifest.get('files', []))} files)")
+        input_paths = materialize_inputs(job, work)
         for i in job.inputs:
-            syslog(f"input {i.name}: {i.path} ({i.digest}, {i.mode})")
+            how = f"copied to {input_paths[i.name]}" if i.mode == "download" else "used in place"
+            syslog(f"input {i.name}: {i.path} ({i.digest}, {i.mode}: {how})")
         output_paths = {}
         for o in spec.outputs:
             staging = Path(job.datastore_roots[o.datastore]) / job.staging_dirs[o.name]
@@ -161,9 +192,14 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED,
                         f"script {spec.script_name!r} is not in the snapshot of {spec.source_directory!r}",
                         None)
-        argv = [job.interpreter or sys.executable, spec.script_name, *resolve_arguments(job)]
-        syslog(f"command: {' '.join(argv)}")
-        env = step_environment(job, output_paths)
+        argv = [job.interpreter or sys.executable, spec.script_name, *resolve_arguments(job, input_paths)]
+        syslog(f"command: {shlex.join(argv)}")
+        env = step_environment(job, output_paths, input_paths)
+        if job.attempt > 1:  # the logs keep every attempt; say where this one starts
+            marker = f"==== cairn: attempt {job.attempt} (the previous attempt was interrupted) ====\n".encode()
+            for name in ("stdout.txt", "stderr.txt"):
+                with open(log_dir / name, "ab") as f:
+                    f.write(marker)
         started = time.monotonic()
         with open(log_dir / "stdout.txt", "ab") as out, open(log_dir / "stderr.txt", "ab") as err:
             try:
@@ -182,6 +218,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                 code = proc.wait(timeout=spec.max_run_duration_seconds)
             except subprocess.TimeoutExpired:
                 timed_out = True
+                syslog(f"over max_run_duration_seconds={spec.max_run_duration_seconds:g}: sending SIGTERM, "
+                       f"then SIGKILL after {KILL_GRACE_SECONDS:g} s")
                 _kill_group(proc, signal.SIGTERM)
                 try:
                     code = proc.wait(timeout=KILL_GRACE_SECONDS)
@@ -199,7 +237,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         if timed_out:
             return _end(job, reporter, syslog, Status.FAILED,
                         f"exceeded max_run_duration_seconds={spec.max_run_duration_seconds:g}: "
-                        f"the step was killed after {elapsed:.1f} s", code)
+                        f"the step was stopped", code)
         if code != 0:
             return _end(job, reporter, syslog, Status.FAILED, _exit_reason(code, log_dir), code)
         reporter.started(job.step_run_id, Status.FINALIZING)
@@ -243,6 +281,7 @@ def _last_line(path: Path) -> str:
 
 def _end(job: StepJob, reporter: StepReporter, syslog: _SystemLog, status: Status, reason: str,
          code: int | None) -> StepResult:
+    _remove_staging(job, _step_from_dict(job.step))  # a step that did not succeed commits nothing
     syslog(f"{status.value}: {reason}")
     reporter.ended(job.step_run_id, status, reason, code)
     return StepResult(job.step_run_id, status.value, reason, code)
@@ -258,14 +297,24 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog) -> list[dict[st
         if not staging.exists():
             staging.mkdir(parents=True)
         tree = digest_tree(staging)
+        make_read_only(staging)
         if final.exists():  # left by an attempt that died before its transaction
             shutil.rmtree(final) if final.is_dir() else final.unlink()
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(staging, final)
         syslog(f"output {o.name}: {tree.file_count} files, {tree.size} bytes, {tree.digest}")
         committed.append({"name": o.name, "datastore": o.datastore, "path": job.output_dirs[o.name],
-                          "digest": tree.digest, "size": tree.size, "file_count": tree.file_count})
-    for o in spec.outputs:
-        shutil.rmtree((Path(job.datastore_roots[o.datastore]) / job.staging_dirs[o.name]).parent,
-                      ignore_errors=True)
+                          "digest": tree.digest, "size": tree.size, "file_count": tree.file_count,
+                          "stat_signature": tree.stat_signature})
+    _remove_staging(job, spec)
     return committed
+
+
+def _remove_staging(job: StepJob, spec: Any) -> None:
+    for o in spec.outputs:
+        staging_attempt = (Path(job.datastore_roots[o.datastore]) / job.staging_dirs[o.name]).parent
+        shutil.rmtree(staging_attempt, ignore_errors=True)
+        try:
+            staging_attempt.parent.rmdir()  # staging/ itself, once no attempt is left in it
+        except OSError:
+            pass

@@ -25,7 +25,8 @@ def git_properties(source_directory: str) -> dict[str, str]:
     commit = _git(src, "rev-parse", "HEAD") or ""
     branch = _git(src, "rev-parse", "--abbrev-ref", "HEAD") or ""
     url = _git(src, "config", "--get", "remote.origin.url") or top
-    status = _git(src, "status", "--porcelain", "--untracked-files=no")
+    # changes under the source folder only, untracked files included: they are in the snapshot too
+    status = _git(src, "status", "--porcelain", "--untracked-files=normal", "--", ".")
     dirty = "true" if status else "false"
     return {
         "cairn.git.repository_uri": url, "cairn.git.branch": branch, "cairn.git.commit": commit,

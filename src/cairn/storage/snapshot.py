@@ -20,7 +20,7 @@ from cairn.storage.objects import ObjectStore
 IGNORE_FILES = (".cairnignore", ".amlignore", ".gitignore")
 ALWAYS_IGNORED = (".git", ".cairn", "__pycache__", ".ipynb_checkpoints")
 DEFAULT_MAX_FILES = 25_000
-DEFAULT_MAX_BYTES = 300 * 1024 * 1024
+DEFAULT_MAX_BYTES = 300_000_000  # 300 MB, as Azure ML's snapshot limit
 
 StatKey = tuple[int, int, int]  # size, mtime_ns, inode
 
@@ -60,6 +60,7 @@ def _ignore_spec(source: Path) -> tuple[object | None, str | None]:
 def _walk(source: Path, spec: object | None) -> list[tuple[str, os.stat_result, str]]:
     found: list[tuple[str, os.stat_result, str]] = []
     stack = [("", str(source))]
+    visited = {os.path.realpath(source)}  # symlinked folders are followed, each real folder once
     while stack:
         rel_dir, abs_dir = stack.pop()
         with os.scandir(abs_dir) as it:
@@ -67,9 +68,13 @@ def _walk(source: Path, spec: object | None) -> list[tuple[str, os.stat_result, 
                 if entry.name in ALWAYS_IGNORED:
                     continue
                 rel = f"{rel_dir}{entry.name}"
-                if entry.is_dir(follow_symlinks=False):
+                if entry.is_dir():
                     if spec is not None and spec.match_file(rel + "/"):  # type: ignore[attr-defined]
                         continue
+                    real = os.path.realpath(entry.path)
+                    if real in visited:
+                        continue
+                    visited.add(real)
                     stack.append((rel + "/", entry.path))
                 elif entry.is_file():  # follows a symlink to a file: its content is snapshotted
                     if spec is not None and spec.match_file(rel):  # type: ignore[attr-defined]
@@ -98,14 +103,21 @@ def take_snapshot(
     files = _walk(src, spec)
     total = sum(st.st_size for _, st, _ in files)
     if len(files) > max_files or total > max_bytes:
-        largest = sorted(files, key=lambda f: f[1].st_size, reverse=True)[:5]
-        listing = ", ".join(f"{rel} ({st.st_size / 1e6:.1f} MB)" for rel, st, _ in largest)
+        if len(files) > max_files:  # too many files: name the folders that hold most of them
+            counts: dict[str, int] = {}
+            for rel, _, _ in files:
+                top = rel.split("/", 1)[0] + "/" if "/" in rel else "(top level)"
+                counts[top] = counts.get(top, 0) + 1
+            busiest = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:5]
+            listing = "Folders with the most files: " + ", ".join(f"{k} ({v} files)" for k, v in busiest)
+        else:
+            largest = sorted(files, key=lambda f: f[1].st_size, reverse=True)[:5]
+            listing = "Largest files: " + ", ".join(f"{rel} ({st.st_size / 1e6:.1f} MB)" for rel, st, _ in largest)
         use = ignore_file or ".cairnignore"
         raise SnapshotTooLargeError(
             f"source directory {str(src)!r} has {len(files)} files and {total / 1e6:.1f} MB; the "
-            f"snapshot limit is {max_files} files and {max_bytes / 1e6:.0f} MB. Largest files: "
-            f"{listing}. Put data in a datastore or list what the step does not need in "
-            f"{str(src / use)!r} (gitignore syntax).")
+            f"snapshot limit is {max_files} files and {max_bytes / 1e6:.0f} MB. {listing}. Put data in a "
+            f"datastore or list what the step does not need in {str(src / use)!r} (gitignore syntax).")
     entries: list[SnapshotEntry] = []
     updates: dict[str, tuple[StatKey, str]] = {}
     for rel, st, abspath in files:

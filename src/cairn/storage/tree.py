@@ -1,12 +1,17 @@
-"""Content digest of an output folder (or file): names, sizes and bytes of everything in it."""
+"""Content digest of an output folder (or file): names, sizes and bytes of everything in it.
+
+Also a stat signature (names, sizes, mtimes; no reading) to notice cheaply that committed
+bytes were changed in place after the fact.
+"""
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cairn.core.digests import digest_file, digest_json
+from cairn.core.digests import digest_bytes, digest_file, digest_json
 
 
 @dataclass(frozen=True)
@@ -14,23 +19,52 @@ class TreeDigest:
     digest: str
     size: int
     file_count: int
+    stat_signature: str
+
+
+def _files(root: Path) -> list[tuple[str, str]]:
+    """(relative POSIX path, absolute path) of every file or symlink under root, sorted."""
+    if not root.is_dir():
+        return [("", str(root))]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        # symlinked folders are listed (as links), not followed: no loops, no escapes
+        for name in [*filenames, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))]:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+            found.append((rel, os.path.join(dirpath, name)))
+    found.sort()
+    return found
+
+
+def _entry(full: str) -> tuple[int, int, str]:
+    st = os.lstat(full)
+    if stat.S_ISLNK(st.st_mode):  # a link is its target text (a broken link is not an error)
+        return 0, st.st_mtime_ns, digest_bytes(b"symlink:" + os.readlink(full).encode())
+    return st.st_size, st.st_mtime_ns, digest_file(full)
 
 
 def digest_tree(path: str | os.PathLike[str]) -> TreeDigest:
-    root = Path(path)
-    if root.is_file():
-        st = root.stat()
-        return TreeDigest(digest_json({"file": digest_file(root)}), st.st_size, 1)
-    rows: list[list[object]] = []
-    size = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
-            st = os.stat(full)
-            size += st.st_size
-            rows.append([rel, st.st_size, digest_file(full)])
-    rows.sort()
-    return TreeDigest(digest_json({"tree": rows}), size, len(rows))
+    rows, stats, size = [], [], 0
+    for rel, full in _files(Path(path)):
+        file_size, mtime, digest = _entry(full)
+        size += file_size
+        rows.append([rel, file_size, digest])
+        stats.append([rel, file_size, mtime])
+    return TreeDigest(digest_json({"tree": rows}), size, len(rows), digest_json({"stat": stats}))
+
+
+def stat_signature(path: str | os.PathLike[str]) -> str:
+    stats = []
+    for rel, full in _files(Path(path)):
+        st = os.lstat(full)
+        stats.append([rel, 0 if stat.S_ISLNK(st.st_mode) else st.st_size, st.st_mtime_ns])
+    return digest_json({"stat": stats})
+
+
+def make_read_only(path: str | os.PathLike[str]) -> None:
+    """Committed outputs are read-only: a later step that writes to its input fails loudly
+    (except as root, which is why reuse also checks the stat signature)."""
+    for _rel, full in _files(Path(path)):
+        if not os.path.islink(full):
+            os.chmod(full, stat.S_IMODE(os.lstat(full).st_mode) & ~0o222)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 
 

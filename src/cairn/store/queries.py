@@ -245,6 +245,11 @@ def add_metric(store: Store, run_id: str, name: str, kind: str, value: Any) -> N
                                               value=json.dumps(value), at=_now()))
 
 
+def delete_metrics(store: Store, run_id: str) -> None:
+    with store.write() as conn:
+        conn.execute(delete(t.metrics).where(t.metrics.c.run_id == run_id))
+
+
 def get_metric_rows(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
     with store.read() as conn:
         rows = conn.execute(select(t.metrics).where(t.metrics.c.run_id.in_(run_ids))

@@ -97,6 +97,8 @@ step_outputs = Table(
     Column("digest", String(80), nullable=False),
     Column("size", Integer, nullable=False),
     Column("file_count", Integer, nullable=False),
+    # (path, size, mtime) of every file at commit: a cheap check that nobody changed it since
+    Column("stat_signature", String(80), nullable=True),
 )
 
 cache_entries = Table(
