@@ -147,6 +147,9 @@ class LocalBackend:
     def log_metric(self, run_id: str, name: str, kind: str, value: Any) -> None:
         q.add_metric(self.store, run_id, name, kind, value)
 
+    def log_metrics(self, run_id: str, rows: list[tuple[str, str, Any, float]]) -> None:
+        q.add_metrics(self.store, run_id, rows)
+
     def get_metric_rows(self, run_ids: list[str]) -> list[dict[str, Any]]:
         return q.get_metric_rows(self.store, run_ids)
 

@@ -211,7 +211,9 @@ class Run(_MetricsMixin):
                                  f"{', '.join(clashes)} (use tags for values that change)")
 
     def _record(self, name: str, kind: str, value: Any) -> None:
-        self._backend.log_metric(self.id, name, kind, value)
+        from cairn.client.metric_batcher import batcher_for
+
+        batcher_for(self._backend, self.id).add(name, kind, value)
 
     def _store_image(self, name: str, path: str) -> str:
         return self._backend.put_artifact(self.id, f"images/{Path(name).name}{Path(path).suffix or '.png'}", path)
@@ -219,6 +221,9 @@ class Run(_MetricsMixin):
     def get_metrics(self, name: str | None = None, recursive: bool = False) -> dict[str, Any]:
         """Metrics by name; with ``recursive``, by run id for this run and its step runs.
         A reused step shows the metrics of the step run whose outputs it reused."""
+        from cairn.client.metric_batcher import flush_all
+
+        flush_all()  # what this process logged is visible to what it reads
         rows_of = [self._row()]
         if recursive:
             rows_of += self._backend.get_children(self.id)

@@ -245,6 +245,13 @@ def add_metric(store: Store, run_id: str, name: str, kind: str, value: Any) -> N
                                               value=json.dumps(value), at=_now()))
 
 
+def add_metrics(store: Store, run_id: str, rows: list[tuple[str, str, Any, float]]) -> None:
+    """Many (name, kind, value, time) rows in one transaction."""
+    with store.write() as conn:
+        conn.execute(insert(t.metrics), [{"run_id": run_id, "name": n, "kind": k, "value": json.dumps(v), "at": at}
+                                         for n, k, v, at in rows])
+
+
 def delete_metrics(store: Store, run_id: str) -> None:
     with store.write() as conn:
         conn.execute(delete(t.metrics).where(t.metrics.c.run_id == run_id))

@@ -1,0 +1,66 @@
+"""Metrics logged inside a step are written in batches: a training loop that logs every batch
+must not pay one database transaction per value. Rows reach the store within FLUSH_INTERVAL
+seconds, at once when a reader asks, and at interpreter exit."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+from typing import Any
+
+FLUSH_INTERVAL = 0.25
+MAX_ROWS = 1000
+
+
+class MetricBatcher:
+    def __init__(self, backend: Any, run_id: str) -> None:
+        self._backend = backend
+        self._run_id = run_id
+        self._rows: list[tuple[str, str, Any, float]] = []
+        self._cond = threading.Condition()
+        self._write_lock = threading.Lock()  # batches reach the store in the order they were logged
+        self._thread: threading.Thread | None = None
+        atexit.register(self.flush)
+
+    def add(self, name: str, kind: str, value: Any) -> None:
+        with self._cond:
+            self._rows.append((name, kind, value, time.time()))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="cairn-metrics", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        if len(self._rows) >= MAX_ROWS:
+            self.flush()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._rows:
+                    self._cond.wait()
+            time.sleep(FLUSH_INTERVAL)  # gather a batch: this is the batching window, not a poll
+            self.flush()
+
+    def flush(self) -> None:
+        with self._write_lock:
+            with self._cond:
+                rows, self._rows = self._rows, []
+            if rows:
+                self._backend.log_metrics(self._run_id, rows)
+
+
+_batchers: dict[tuple[str, str], MetricBatcher] = {}
+_lock = threading.Lock()
+
+
+def batcher_for(backend: Any, run_id: str) -> MetricBatcher:
+    key = (backend.location, run_id)
+    with _lock:
+        if key not in _batchers:
+            _batchers[key] = MetricBatcher(backend, run_id)
+        return _batchers[key]
+
+
+def flush_all() -> None:
+    for b in list(_batchers.values()):
+        b.flush()
