@@ -32,7 +32,8 @@ def follow(backend: Any, run_id: str, *, show_output: bool = True, timeout_secon
     try:
         while True:
             run = backend.get_run(run_id)
-            children = backend.get_children(run_id)
+            # step rows are read only when something is shown or one step is awaited
+            children = backend.get_children(run_id) if show_output or only_step else []
             if show_output:
                 if not announced:
                     print(f"Pipeline run {run_id} (experiment {run['experiment']}): {run['status']}", file=out)
@@ -58,7 +59,9 @@ def follow(backend: Any, run_id: str, *, show_output: bool = True, timeout_secon
                 wait = min(wait, max(0.0, deadline - now))
             try:
                 if connected:
-                    watch.wait(wait)
+                    if watch.wait(wait) is not None:
+                        while watch.wait(0) is not None:  # many changes at once: read the store once
+                            pass
                 else:
                     time.sleep(min(wait, 0.5))
             except ConnectionError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cairn.engine.agent import Agent
+from cairn.engine.agent_socket import AgentSocket, signal_ready
 from cairn.storage.layout import WorkspaceLayout
 
 
@@ -17,7 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrency", type=int, default=None)
     args = parser.parse_args(argv)
     idle = None if args.idle_timeout == 0 else args.idle_timeout
-    return Agent(WorkspaceLayout(args.workspace), idle, args.max_concurrency).serve()
+    layout = WorkspaceLayout(args.workspace)
+    front = AgentSocket(layout)
+    if not front.acquire():
+        signal_ready(b"other\n")
+        return 0
+    front.open()
+    signal_ready(b"ready\n")  # pokes queue up while the heavy modules load
+
+    from cairn.engine.agent import Agent
+
+    return Agent(layout, idle, args.max_concurrency, front=front).serve()
 
 
 if __name__ == "__main__":

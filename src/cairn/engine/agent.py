@@ -7,23 +7,18 @@ lease-renewal / idle deadline. It never polls for work.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import queue
 import signal
 import socket
-import struct
 import sys
-import threading
 import time
 from typing import Any
 
-from cairn import __version__
 from cairn.compute.base import Compute, make_compute
 from cairn.core.spec import StepSpec
 from cairn.core.status import Status
-from cairn.engine.client import READY_FD_ENV, ping
+from cairn.engine.agent_socket import AgentSocket, signal_ready
 from cairn.engine.context import EngineContext
 from cairn.engine.reporter import StoreReporter
 from cairn.engine.scheduler import PipelineScheduler
@@ -41,53 +36,40 @@ def agent_owner_id() -> str:
 
 class Agent:
     def __init__(self, layout: WorkspaceLayout, idle_timeout: float | None = 300.0,
-                 max_concurrency: int | None = None) -> None:
+                 max_concurrency: int | None = None, front: AgentSocket | None = None) -> None:
         self.layout = layout
+        self.front = front or AgentSocket(layout)
+        self._serving = front is not None  # a booted front door already holds the lock and listens
         self.idle_timeout = idle_timeout
         self.max_concurrency = max_concurrency
         self.owner = agent_owner_id()
-        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.events = self.front.events
         self.schedulers: dict[str, PipelineScheduler] = {}
         self.controls: dict[str, StepControl] = {}  # step run id -> control
         self.step_parent: dict[str, str] = {}  # step run id -> pipeline run id
         self.computes: dict[str, Compute] = {}
-        self._watchers: dict[str, list[socket.socket]] = {}
-        self._watch_lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self._lock_file: Any = None
         self._stopping = False
+        self._queue_may_have_work = True  # set by pokes and timers: claiming costs a write transaction
 
     # -- life cycle ------------------------------------------------------------------------
 
-    def acquire(self) -> bool:
-        """Take the workspace's agent lock. False if another live agent already serves it."""
-        self.layout.dot.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.layout.agent_lock, "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        if ping(self.layout):
-            return False
-        fcntl.flock(self._lock_file, fcntl.LOCK_EX)  # the other agent is shutting down: wait for it
-        return True
-
     def serve(self) -> int:
-        if not self.acquire():
-            _signal_ready(b"other\n")
-            return 0
+        if not self._serving:
+            if not self.front.acquire():
+                signal_ready(b"other\n")
+                self._log("another agent already serves this workspace")
+                return 1
+            self.front.open()
+            signal_ready(b"ready\n")
         self.ctx = EngineContext.open(self.layout)
         self.reporter = StoreReporter(self.ctx.store, on_change=self._step_changed)
-        self._open_listener()
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        _signal_ready(b"ready\n")
         self._log(f"agent {self.owner} serving {self.layout.root}")
         try:
             self._loop()
         finally:
-            self._close_listener()
+            self.front.close()
             self._log("agent stopped")
         return 0
 
@@ -103,7 +85,9 @@ class Agent:
         next_renewal = time.monotonic() + LEASE_TTL / 3
         idle_since = time.monotonic()
         while True:
-            self._claim_waiting()
+            if self._queue_may_have_work:
+                self._queue_may_have_work = False
+                self._claim_waiting()
             self._advance_all()
             now = time.monotonic()
             if self.schedulers:
@@ -115,8 +99,9 @@ class Agent:
                         self._log(f"lease on run {run_id} lost to another agent; leaving it")
                         self._abandon(run_id)
                 next_renewal = now + LEASE_TTL / 3
+                self._queue_may_have_work = True  # leases of other hosts' agents may have expired
             deadline = next_renewal
-            if not self.schedulers and self.idle_timeout is not None and not self._has_watchers():
+            if not self.schedulers and self.idle_timeout is not None and not self.front.has_watchers():
                 if now - idle_since >= self.idle_timeout:
                     if self._shutdown_if_idle():
                         return
@@ -152,6 +137,7 @@ class Agent:
                 name = next(n for n, i in sched.step_ids.items() if i == result.step_run_id)
                 sched.finished(name, Status(result.status))
         elif kind == "poke":
+            self._queue_may_have_work = True
             self._check_cancels()
         return True
 
@@ -239,7 +225,7 @@ class Agent:
     def _stop_all(self) -> None:
         """Stop: kill running steps and hand the runs back to the queue for the next agent."""
         self._stopping = True
-        self._close_listener()
+        self.front.close()
         for control in self.controls.values():
             control.cancel("the agent stopped", requeue=True)
         for run_id in list(self.schedulers):
@@ -252,81 +238,14 @@ class Agent:
             self._notify(run_id)
 
     def _shutdown_if_idle(self) -> bool:
-        self._close_listener()
+        self.front.close()
         if q.has_waiting_runs(self.ctx.store):  # a run was submitted as we were closing
-            self._open_listener()
+            self.front.open()
             return False
         self._log(f"idle for {self.idle_timeout:g} s: exiting")
         return True
 
-    # -- the socket: pokes and watchers ----------------------------------------------------
-
-    def _open_listener(self) -> None:
-        path = self.layout.agent_socket
-        path.unlink(missing_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        sock.listen(64)
-        self._listener = sock
-        threading.Thread(target=self._accept, args=(sock,), daemon=True, name="agent-accept").start()
-
-    def _close_listener(self) -> None:
-        if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
-            self._listener = None
-            self.layout.agent_socket.unlink(missing_ok=True)
-
-    def _accept(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
-
-    def _serve_conn(self, conn: socket.socket) -> None:
-        reader = conn.makefile("r", encoding="utf-8")
-        try:
-            for line in reader:
-                msg = json.loads(line)
-                op = msg.get("op")
-                if op == "poke":
-                    self.events.put(("poke",))
-                    with self._watch_lock:
-                        _send(conn, {"ok": True, "version": __version__})
-                elif op == "stop":
-                    self.events.put(("stop", "asked by a client"))
-                    with self._watch_lock:
-                        _send(conn, {"ok": True})
-                elif op == "ping":
-                    with self._watch_lock:
-                        _send(conn, {"ok": True, "pid": os.getpid(), "version": __version__})
-                elif op == "watch":
-                    # a stuck watcher must not stall the agent: bound sends only (reads wait forever)
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
-                    with self._watch_lock:
-                        self._watchers.setdefault(msg["run"], []).append(conn)
-                        _send(conn, {"ok": True})
-                    self.events.put(("poke",))
-        except (OSError, ValueError):
-            pass
-        finally:
-            with self._watch_lock:
-                for conns in self._watchers.values():
-                    if conn in conns:
-                        conns.remove(conn)
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-    def _has_watchers(self) -> bool:
-        with self._watch_lock:
-            return any(self._watchers.values())
+    # -- watchers --------------------------------------------------------------------------
 
     def _step_changed(self, step_run_id: str) -> None:
         run_id = self.step_parent.get(step_run_id)
@@ -334,24 +253,4 @@ class Agent:
             self._notify(run_id)
 
     def _notify(self, run_id: str, final: bool = False) -> None:
-        with self._watch_lock:  # one writer at a time per socket
-            for conn in self._watchers.get(run_id, ()):
-                try:
-                    _send(conn, {"event": "final" if final else "changed", "run": run_id})
-                except OSError:
-                    pass
-
-
-def _send(conn: socket.socket, msg: dict[str, Any]) -> None:
-    conn.sendall((json.dumps(msg) + "\n").encode())
-
-
-def _signal_ready(message: bytes) -> None:
-    fd = os.environ.pop(READY_FD_ENV, None)
-    if fd is None:
-        return
-    try:
-        os.write(int(fd), message)
-        os.close(int(fd))
-    except OSError:
-        pass
+        self.front.notify(run_id, final)

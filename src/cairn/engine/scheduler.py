@@ -102,8 +102,7 @@ class PipelineScheduler:
                         f.write(f"reused the outputs of step run {source} (fingerprint {fp})\n")
                     self.status[step.name] = Status.REUSED
                     return None
-        q.update_status(store, step_run_id, Status.QUEUED)
-        self.status[step.name] = Status.QUEUED
+        self.status[step.name] = Status.QUEUED  # the runner's Preparing is the next recorded status
         attempt = (q.get_run(store, step_run_id) or {}).get("attempt", 0) + 1
         if attempt > 1:  # an interrupted attempt's metrics must not mix into this one's
             q.delete_metrics(store, step_run_id)

@@ -240,7 +240,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                         f"the step was stopped", code)
         if code != 0:
             return _end(job, reporter, syslog, Status.FAILED, _exit_reason(code, log_dir), code)
-        reporter.started(job.step_run_id, Status.FINALIZING)
+        if spec.outputs:  # digesting outputs can take a while: say so
+            reporter.started(job.step_run_id, Status.FINALIZING)
         outputs = _commit_outputs(job, spec, syslog)
         if not reporter.succeeded(job, outputs, code):
             syslog("the step run had already ended (canceled?): outputs not recorded")

@@ -78,10 +78,10 @@ def _make_engine(url: str, immediate: bool) -> Engine:
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
 
-    from sqlalchemy.pool import NullPool
-
-    # NullPool: a connection is never shared across a fork (the agent forks step processes).
-    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 60})
+    # Pooled connections: opening one per transaction made SQLite checkpoint and fsync the WAL
+    # each time the last connection closed. Step processes are fork+exec'd, so no connection is
+    # ever used across a fork.
+    engine = create_engine(url, pool_size=8, max_overflow=32, connect_args={"timeout": 60, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]

@@ -53,13 +53,14 @@ def insert_pipeline_run(
             regenerate_outputs=regenerate_outputs,
             continue_on_step_failure=continue_on_step_failure, cancel_requested=False, attempt=0))
         conn.execute(insert(t.run_events).values(run_id=run_id, status=Status.QUEUED.value, at=now))
-        for order, (step_id, step_name) in enumerate(steps, 1):
-            conn.execute(insert(t.runs).values(  # created_at keeps the spec's step order
-                id=step_id, experiment=experiment, parent_id=run_id, kind="step", name=step_name,
-                status=Status.NOT_STARTED.value, created_at=now + order * 1e-6, regenerate_outputs=False,
-                continue_on_step_failure=False, cancel_requested=False, attempt=0))
-            conn.execute(insert(t.run_events).values(
-                run_id=step_id, status=Status.NOT_STARTED.value, at=now))
+        if steps:
+            conn.execute(insert(t.runs), [  # created_at keeps the spec's step order
+                {"id": step_id, "experiment": experiment, "parent_id": run_id, "kind": "step", "name": step_name,
+                 "status": Status.NOT_STARTED.value, "created_at": now + order * 1e-6, "regenerate_outputs": False,
+                 "continue_on_step_failure": False, "cancel_requested": False, "attempt": 0}
+                for order, (step_id, step_name) in enumerate(steps, 1)])
+            conn.execute(insert(t.run_events), [
+                {"run_id": step_id, "status": Status.NOT_STARTED.value, "at": now} for step_id, _ in steps])
         _put_kv(conn, t.run_tags, run_id, tags)
         _put_kv(conn, t.run_properties, run_id, properties)
         for step_id, props in step_properties.items():
@@ -201,10 +202,11 @@ def has_waiting_runs(store: Store) -> bool:
 # -- tags, properties ----------------------------------------------------------------------
 
 def _put_kv(conn: Connection, table: Any, run_id: str, values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        conn.execute(delete(table).where(table.c.run_id == run_id, table.c.key == key))
-        conn.execute(insert(table).values(run_id=run_id, key=key,
-                                          value=None if value is None else str(value)))
+    if not values:
+        return
+    conn.execute(delete(table).where(table.c.run_id == run_id, table.c.key.in_(list(values))))
+    conn.execute(insert(table), [{"run_id": run_id, "key": k, "value": None if v is None else str(v)}
+                                 for k, v in values.items()])
 
 
 def set_tags(store: Store, run_id: str, tags: dict[str, Any]) -> None:

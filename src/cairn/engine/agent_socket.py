@@ -1,0 +1,134 @@
+"""The agent's front door, kept light so that an agent answers within milliseconds of starting:
+the workspace lock, the Unix socket (poke, ping, stop, watch) and the watchers' notifications.
+Heavy modules (the store, the scheduler) are imported only after the agent already serves."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import socket
+import struct
+import threading
+from typing import Any
+
+from cairn import __version__
+from cairn.engine.client import READY_FD_ENV, ping
+from cairn.storage.layout import WorkspaceLayout
+
+
+class AgentSocket:
+    def __init__(self, layout: WorkspaceLayout) -> None:
+        self.layout = layout
+        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._watchers: dict[str, list[socket.socket]] = {}
+        self._lock = threading.Lock()  # guards watchers, and one writer at a time per socket
+        self._listener: socket.socket | None = None
+        self._lock_file: Any = None
+
+    def acquire(self) -> bool:
+        """Take the workspace's agent lock. False if another live agent already serves it."""
+        self.layout.dot.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.layout.agent_lock, "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        if ping(self.layout):
+            return False
+        fcntl.flock(self._lock_file, fcntl.LOCK_EX)  # the other agent is shutting down: wait for it
+        return True
+
+    def open(self) -> None:
+        path = self.layout.agent_socket
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        sock.listen(64)
+        self._listener = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True, name="agent-accept").start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+            self.layout.agent_socket.unlink(missing_ok=True)
+
+    def has_watchers(self) -> bool:
+        with self._lock:
+            return any(self._watchers.values())
+
+    def notify(self, run_id: str, final: bool = False) -> None:
+        with self._lock:
+            for conn in self._watchers.get(run_id, ()):
+                try:
+                    _send(conn, {"event": "final" if final else "changed", "run": run_id})
+                except OSError:
+                    pass
+
+    def _accept(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
+
+    def _reply(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        with self._lock:
+            _send(conn, msg)
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        reader = conn.makefile("r", encoding="utf-8")
+        try:
+            for line in reader:
+                msg = json.loads(line)
+                op = msg.get("op")
+                if op == "poke":
+                    self.events.put(("poke",))
+                    self._reply(conn, {"ok": True, "version": __version__})
+                elif op == "stop":
+                    self.events.put(("stop", "asked by a client"))
+                    self._reply(conn, {"ok": True})
+                elif op == "ping":
+                    self._reply(conn, {"ok": True, "pid": os.getpid(), "version": __version__})
+                elif op == "watch":
+                    # a stuck watcher must not stall the agent: bound sends only (reads wait forever)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
+                    with self._lock:
+                        self._watchers.setdefault(msg["run"], []).append(conn)
+                        _send(conn, {"ok": True})
+                    self.events.put(("poke",))
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self._lock:
+                for conns in self._watchers.values():
+                    if conn in conns:
+                        conns.remove(conn)
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+def _send(conn: socket.socket, msg: dict[str, Any]) -> None:
+    conn.sendall((json.dumps(msg) + "\n").encode())
+
+
+def signal_ready(message: bytes) -> None:
+    """Tell the process that started this agent (if any) that it serves now."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), message)
+        os.close(int(fd))
+    except OSError:
+        pass
