@@ -35,7 +35,12 @@ def write_script(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+# Agents that a test leaves behind (e.g. a workspace it never stops) exit soon on their own.
+AGENT_IDLE_TIMEOUT = "20"
+os.environ["CAIRN_AGENT_IDLE_TIMEOUT"] = AGENT_IDLE_TIMEOUT
+
+
 @pytest.fixture(autouse=True)
 def _no_inherited_step_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in [v for v in os.environ if v.startswith("CAIRN_")]:
+    for var in [v for v in os.environ if v.startswith("CAIRN_") and v != "CAIRN_AGENT_IDLE_TIMEOUT"]:
         monkeypatch.delenv(var)

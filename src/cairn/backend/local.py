@@ -258,5 +258,8 @@ class LocalBackend:
     def ensure_progress(self) -> None:
         agent_client.ensure_agent(self.layout)
 
-    def watch(self, run_id: str) -> agent_client.Watch:
-        return agent_client.Watch(self.layout, run_id)
+    def watch(self, run_id: str, final_only: bool = False) -> agent_client.Watch:
+        return agent_client.Watch(self.layout, run_id, final_only)
+
+    def prestart(self) -> None:
+        agent_client.prestart_agent(self.layout)

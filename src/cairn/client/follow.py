@@ -24,7 +24,7 @@ def follow(backend: Any, run_id: str, *, show_output: bool = True, timeout_secon
     """Wait for pipeline run ``run_id`` to end and return its final status."""
     out = out or sys.stdout
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
-    watch = backend.watch(run_id)
+    watch = backend.watch(run_id, final_only=not show_output and not only_step)
     seen: dict[str, tuple[str, str | None]] = {}
     offsets: dict[tuple[str, str], int] = {}
     connected = False

@@ -43,6 +43,8 @@ class Pipeline:
         listed: list[PythonScriptStep] = []
         _flatten(steps, listed)
         self.steps = _upstream_first(_with_producers(listed))
+        # A pipeline is built to be submitted: let the agent load meanwhile (it exits when idle).
+        workspace._backend.prestart()
 
     # -- validation ------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cairn.engine.agent_socket import AgentSocket, signal_ready
@@ -12,8 +13,10 @@ from cairn.storage.layout import WorkspaceLayout
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cairn.engine")
     parser.add_argument("workspace")
-    parser.add_argument("--idle-timeout", type=float, default=300.0,
-                        help="seconds without work before the agent exits (0: never)")
+    parser.add_argument("--idle-timeout", type=float,
+                        default=float(os.environ.get("CAIRN_AGENT_IDLE_TIMEOUT", "300")),
+                        help="seconds without work before the agent exits (0: never; "
+                             "default: $CAIRN_AGENT_IDLE_TIMEOUT or 300)")
     parser.add_argument("--max-concurrency", type=int, default=None)
     args = parser.parse_args(argv)
     idle = None if args.idle_timeout == 0 else args.idle_timeout

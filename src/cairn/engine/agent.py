@@ -136,6 +136,8 @@ class Agent:
             if sched is not None:
                 name = next(n for n, i in sched.step_ids.items() if i == result.step_run_id)
                 sched.finished(name, Status(result.status))
+        elif kind == "sync":
+            self.front.reply(event[1], {"ok": True, "pid": os.getpid()})
         elif kind == "poke":
             self._queue_may_have_work = True
             self._check_cancels()

@@ -11,6 +11,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 from cairn import __version__
@@ -23,23 +24,30 @@ class AgentSocket:
         self.layout = layout
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._watchers: dict[str, list[socket.socket]] = {}
+        self._final_only: set[socket.socket] = set()  # watchers that only want the end
         self._lock = threading.Lock()  # guards watchers, and one writer at a time per socket
         self._listener: socket.socket | None = None
         self._lock_file: Any = None
 
-    def acquire(self) -> bool:
-        """Take the workspace's agent lock. False if another live agent already serves it."""
+    def acquire(self, timeout: float = 60.0) -> bool:
+        """Take the workspace's agent lock. False if another live agent already serves it.
+
+        The holder of the lock is either starting (its socket opens within milliseconds) or
+        shutting down (the lock is released soon): try both for a while, at start-up only."""
         self.layout.dot.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.layout.agent_lock, "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        if ping(self.layout):
-            return False
-        fcntl.flock(self._lock_file, fcntl.LOCK_EX)  # the other agent is shutting down: wait for it
-        return True
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            if ping(self.layout):
+                return False
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"another agent holds {self.layout.agent_lock} but does not answer")
+            time.sleep(0.01)
 
     def open(self) -> None:
         path = self.layout.agent_socket
@@ -48,6 +56,7 @@ class AgentSocket:
         sock.bind(str(path))
         sock.listen(64)
         self._listener = sock
+        self.layout.agent_starting.unlink(missing_ok=True)  # it answers now
         threading.Thread(target=self._accept, args=(sock,), daemon=True, name="agent-accept").start()
 
     def close(self) -> None:
@@ -67,6 +76,8 @@ class AgentSocket:
     def notify(self, run_id: str, final: bool = False) -> None:
         with self._lock:
             for conn in self._watchers.get(run_id, ()):
+                if not final and conn in self._final_only:
+                    continue
                 try:
                     _send(conn, {"event": "final" if final else "changed", "run": run_id})
                 except OSError:
@@ -79,6 +90,12 @@ class AgentSocket:
             except OSError:
                 return
             threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
+
+    def reply(self, conn: socket.socket, msg: dict[str, Any]) -> None:
+        try:
+            self._reply(conn, msg)
+        except OSError:
+            pass
 
     def _reply(self, conn: socket.socket, msg: dict[str, Any]) -> None:
         with self._lock:
@@ -96,6 +113,8 @@ class AgentSocket:
                 elif op == "stop":
                     self.events.put(("stop", "asked by a client"))
                     self._reply(conn, {"ok": True})
+                elif op == "sync":  # answered by the agent's loop: it has loaded and serves
+                    self.events.put(("sync", conn))
                 elif op == "ping":
                     self._reply(conn, {"ok": True, "pid": os.getpid(), "version": __version__})
                 elif op == "watch":
@@ -103,6 +122,8 @@ class AgentSocket:
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
                     with self._lock:
                         self._watchers.setdefault(msg["run"], []).append(conn)
+                        if msg.get("final_only"):
+                            self._final_only.add(conn)
                         _send(conn, {"ok": True})
                     self.events.put(("poke",))
         except (OSError, ValueError):
@@ -112,6 +133,7 @@ class AgentSocket:
                 for conns in self._watchers.values():
                     if conn in conns:
                         conns.remove(conn)
+                self._final_only.discard(conn)
             try:
                 conn.close()
             except OSError:

@@ -8,6 +8,7 @@ import select
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from cairn.core.errors import AgentError
@@ -46,6 +47,11 @@ def ping(layout: WorkspaceLayout) -> bool:
     return _request(layout, {"op": "ping"}) is not None
 
 
+def sync(layout: WorkspaceLayout) -> bool:
+    """Wait until the agent's loop itself answers (its modules are loaded). False if no agent."""
+    return _request(layout, {"op": "sync"}) is not None
+
+
 def poke(layout: WorkspaceLayout) -> bool:
     """Tell the agent to look at the queue now. False when no agent answers."""
     return _request(layout, {"op": "poke"}) is not None
@@ -55,11 +61,15 @@ def stop_agent(layout: WorkspaceLayout, timeout: float = 30.0) -> bool:
     """Ask the agent to stop and wait until it has released the workspace. False if none ran."""
     import fcntl
     import signal
+    import time
 
-    if _request(layout, {"op": "stop"}) is None:
-        return False
-    if not layout.agent_lock.exists():
-        return True
+    deadline = time.monotonic() + timeout
+    while _request(layout, {"op": "stop"}) is None:
+        if not _agent_starting(layout):
+            return False
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the agent of {layout.root} holds its lock but does not answer")
+        time.sleep(0.01)
     with open(layout.agent_lock, "a+") as lock:
         def give_up(_signum: int, _frame: object) -> None:
             raise TimeoutError(f"the agent did not stop within {timeout:.0f} s")
@@ -73,6 +83,40 @@ def stop_agent(layout: WorkspaceLayout, timeout: float = 30.0) -> bool:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
     return True
+
+
+def _agent_starting(layout: WorkspaceLayout) -> bool:
+    """Whether an agent process was started for this workspace and has not answered yet."""
+    import fcntl
+
+    if layout.agent_lock.exists():
+        with open(layout.agent_lock, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            except BlockingIOError:
+                return True  # held by an agent that does not answer yet
+    try:
+        pid = int(layout.agent_starting.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"cairn.engine" in cmdline and str(layout.root).encode() in cmdline
+
+
+def prestart_agent(layout: WorkspaceLayout) -> None:
+    """Start an agent in the background without waiting, so that it has loaded by the time a
+    pipeline is submitted. Does nothing when one answers."""
+    if ping(layout):
+        return
+    env = dict(os.environ)
+    env.pop(READY_FD_ENV, None)
+    layout.dot.mkdir(parents=True, exist_ok=True)
+    with open(layout.agent_log, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cairn.engine", str(layout.root)], env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                cwd=str(layout.root))
+    layout.agent_starting.write_text(str(proc.pid))  # lets stop_agent wait for it (the agent removes it)
 
 
 def start_agent(layout: WorkspaceLayout, idle_timeout: float | None = None) -> None:
@@ -117,9 +161,10 @@ class Watch:
     """A subscription to one run's changes. ``wait`` returns an event, None on timeout,
     and raises ConnectionError when the agent went away."""
 
-    def __init__(self, layout: WorkspaceLayout, run_id: str) -> None:
+    def __init__(self, layout: WorkspaceLayout, run_id: str, final_only: bool = False) -> None:
         self.layout = layout
         self.run_id = run_id
+        self.final_only = final_only
         self._sock: socket.socket | None = None
         self._buf = b""
 
@@ -128,7 +173,7 @@ class Watch:
         sock = _connect(self.layout)
         if sock is None:
             return False
-        sock.sendall((json.dumps({"op": "watch", "run": self.run_id}) + "\n").encode())
+        sock.sendall((json.dumps({"op": "watch", "run": self.run_id, "final_only": self.final_only}) + "\n").encode())
         self._sock = sock
         return True
 

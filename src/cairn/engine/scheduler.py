@@ -40,6 +40,7 @@ class PipelineScheduler:
         self.failed_step: str | None = None
         self.canceling = bool(run["cancel_requested"])  # canceled while no agent was running
         self._roots = ctx.datastore_roots()
+        self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
         self._default_store = ctx.default_datastore()
         self._resume()
 
@@ -106,14 +107,16 @@ class PipelineScheduler:
         attempt = (q.get_run(store, step_run_id) or {}).get("attempt", 0) + 1
         if attempt > 1:  # an interrupted attempt's metrics must not mix into this one's
             q.delete_metrics(store, step_run_id)
-        snapshot = q.get_snapshot(store, step.snapshot)
-        if snapshot is None:
-            raise RuntimeError(f"snapshot {step.snapshot} of step {step.name!r} is not in the store")
+        if step.snapshot not in self._manifests:
+            snapshot = q.get_snapshot(store, step.snapshot)
+            if snapshot is None:
+                raise RuntimeError(f"snapshot {step.snapshot} of step {step.name!r} is not in the store")
+            self._manifests[step.snapshot] = load_manifest(self.ctx.objects, snapshot["manifest"])
         base = run_dir(self.run_id, step_run_id)
         return StepJob(
             workspace=str(self.ctx.layout.root), experiment=self.run["experiment"],
             pipeline_run_id=self.run_id, step_run_id=step_run_id, attempt=attempt,
-            step=_spec_dict(step), manifest=load_manifest(self.ctx.objects, snapshot["manifest"]),
+            step=_spec_dict(step), manifest=self._manifests[step.snapshot],
             objects_root=str(self.ctx.objects.root), work_dir=str(self.ctx.layout.work / step_run_id),
             log_dir=str(log_dir), datastore_roots=self._roots,
             output_dirs={o.name: f"{base}/outputs/{o.name}" for o in step.outputs},

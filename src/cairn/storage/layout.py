@@ -44,6 +44,10 @@ class WorkspaceLayout:
         return self.dot / "agent.lock"
 
     @property
+    def agent_starting(self) -> Path:
+        return self.dot / "agent.starting"
+
+    @property
     def agent_log(self) -> Path:
         return self.dot / "agent.log"
 
