@@ -35,6 +35,7 @@ class PipelineScheduler:
         self.run = run
         self.spec = GraphSpec.from_json(run["spec"])
         self.step_ids: dict[str, str] = {}
+        self.attempts: dict[str, int] = {}  # step name -> attempts started so far
         self.status: dict[str, Status] = {}
         self.running: set[str] = set()
         self.failed_step: str | None = None
@@ -51,6 +52,7 @@ class PipelineScheduler:
         resumed = []
         for child in q.child_runs(store, self.run_id):
             self.step_ids[child["name"]] = child["id"]
+            self.attempts[child["name"]] = child["attempt"] or 0
             st = Status(child["status"])
             if st in (Status.PREPARING, Status.RUNNING, Status.FINALIZING):
                 _kill_orphan(child.get("pid"), child.get("pid_started"))
@@ -104,7 +106,7 @@ class PipelineScheduler:
                     self.status[step.name] = Status.REUSED
                     return None
         self.status[step.name] = Status.QUEUED  # the runner's Preparing is the next recorded status
-        attempt = (q.get_run(store, step_run_id) or {}).get("attempt", 0) + 1
+        attempt = self.attempts[step.name] = self.attempts[step.name] + 1
         if attempt > 1:  # an interrupted attempt's metrics must not mix into this one's
             q.delete_metrics(store, step_run_id)
         if step.snapshot not in self._manifests:
