@@ -37,7 +37,7 @@ from shapes import (
 )
 
 from cairn import Experiment, Pipeline, PipelineRun, Workspace
-from cairn.engine.client import ensure_agent, stop_agent
+from cairn.engine.client import ensure_agent, stop_agent, sync
 from cairn.storage.layout import WorkspaceLayout
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +47,7 @@ POOL_SIZE = os.cpu_count() or 1  # the local target's default concurrency: the b
 REUSE_TARGET_S = 1.0
 RATIO_TARGET = 1.3
 SHAPES = ("chain", "fanout", "reuse")
-PHASES = ("dispatch", "prepare", "start", "process", "commit")
+PHASES = ("dispatch", "start", "process", "commit")
 
 
 # -- one measurement at a time -------------------------------------------------------------
@@ -79,6 +79,7 @@ class Bench:
         self.layouts.append(layout)
         if warm_agent:
             ensure_agent(layout)  # what the first submit to this workspace would have left running
+            sync(layout)  # ... and fully loaded, as an agent that served a run before is
         return ws
 
     def stop(self, ws: Workspace) -> None:
@@ -159,8 +160,8 @@ def _rerun_in_fresh_process(ws: Workspace, bench: Bench) -> dict[str, Any]:
         raise RuntimeError(f"the re-run process failed ({proc.returncode}):\n{proc.stderr}")
     inside = json.loads(proc.stdout.strip().splitlines()[-1])
     _check_steps(ws.get_run(inside["run_id"]), "Reused", CHAIN_LENGTH)
-    # whatever the process did before its first line: interpreter start-up and site imports
-    inside["interpreter_start"] = seconds - inside["in_process"]
+    # what the process did outside its measured lines: interpreter start-up and shut-down
+    inside["start_and_exit"] = seconds - inside["in_process"]
     return {"seconds": seconds, "inside": inside}
 
 
@@ -193,8 +194,8 @@ def bare_digest(bench: Bench, shape: str) -> str:
 def step_phases(ws: Workspace, run: PipelineRun, wall_start: float, wall_end: float) -> dict[str, float]:
     """Median seconds per step of each phase of a sequential chain, from the recorded events.
 
-    dispatch: upstream Completed (or pipeline Running) -> Queued   (agent loop, fingerprint, reuse check)
-    prepare:  Queued -> Preparing       (job built, step thread started)
+    dispatch: upstream Completed (or pipeline Running) -> Preparing  (agent loop, fingerprint, reuse
+              check, job built, step thread started; the agent records no separate Queued status)
     start:    Preparing -> Running      (snapshot materialised, staging made, Popen)
     process:  Running -> Finalizing     (the script itself)
     commit:   Finalizing -> Completed   (output digested, renamed, committed in one transaction)
@@ -207,9 +208,8 @@ def step_phases(ws: Workspace, run: PipelineRun, wall_start: float, wall_end: fl
     first_queued = last_done = 0.0
     for step in steps:
         at = {e["status"]: datetime.fromisoformat(e["time"]).timestamp() for e in step.get_details()["events"]}
-        first_queued = first_queued or at["Queued"]
-        per_step["dispatch"].append(at["Queued"] - previous_done)
-        per_step["prepare"].append(at["Preparing"] - at["Queued"])
+        first_queued = first_queued or at["Preparing"]
+        per_step["dispatch"].append(at["Preparing"] - previous_done)
         per_step["start"].append(at["Running"] - at["Preparing"])
         per_step["process"].append(at["Finalizing"] - at["Running"])
         per_step["commit"].append(at["Completed"] - at["Finalizing"])
@@ -232,13 +232,18 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    try:  # which Cairn was measured; best effort, the benchmark also runs outside a checkout
+        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
     return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "platform": platform.platform(), "loadavg_at_start": os.getloadavg()}
+            "platform": platform.platform(), "commit": commit, "loadavg_at_start": os.getloadavg()}
 
 
 def run_all(repeat: int, shapes: list[str], cold: bool, keep: bool) -> dict[str, Any]:
     raw: dict[str, list[Any]] = {k: [] for k in (
-        "chain_bare", "chain_warm", "chain_cold", "fanout_bare", "fanout_warm", "fanout_cold", "reuse")}
+        "chain_bare", "chain_warm", "chain_cold", "fanout_bare", "fanout_warm", "fanout_cold", "reuse", "loadavg")}
     with bench_root(keep) as bench:
         # Unrecorded warm-up (imports of this process, page cache), which doubles as the check that
         # both sides did the same work: their last output files must be identical.
@@ -261,7 +266,8 @@ def run_all(repeat: int, shapes: list[str], cold: bool, keep: bool) -> dict[str,
                 if "chain" not in shapes:
                     raw["chain_bare"].append(time_bare(bench, "chain"))
                 raw["reuse"].append(time_reuse(bench))
-            print(f"  repetition {i + 1}/{repeat} done", file=sys.stderr)
+            raw["loadavg"].append(os.getloadavg()[0])  # other work on the machine shows up here
+            print(f"  repetition {i + 1}/{repeat} done (load average {raw['loadavg'][-1]:.2f})", file=sys.stderr)
     return raw
 
 
@@ -300,7 +306,7 @@ def breakdowns(raw: dict[str, list[Any]]) -> dict[str, dict[str, float]]:
             out[f"chain_{agent}_phases"]["submit"] = statistics.median(m["submit"] for m in raw[f"chain_{agent}"])
         reruns = [m[agent] for m in raw["reuse"]]
         if reruns:
-            keys = ("interpreter_start", "import", "open_and_build", "submit", "wait")
+            keys = ("start_and_exit", "import", "open_and_build", "submit", "wait")
             out[f"reuse_{agent}_parts"] = {k: statistics.median(r["inside"][k] for r in reruns) for k in keys}
     return out
 
@@ -316,10 +322,21 @@ def print_report(rows: list[dict[str, Any]], parts: dict[str, dict[str, float]],
         bare = f"{r['bare_s']:.3f}" if r["bare_s"] is not None else "-"
         print(f"{r['shape']:36} {r['agent']:5} {bare:>7} {r['cairn_s']:8.3f} {ratio:>10}  {r['target']:>8}  {met}")
     print("(reused re-run: 'bare' is the bare chain, which has no cache and runs all 20 steps again)")
-    for name, values in parts.items():
-        unit = "ms per step" if "phases" in name else "ms"
-        shown = ", ".join(f"{k} {v * 1000:.1f}" for k, v in values.items())
-        print(f"{name} ({unit} for the step phases): {shown}")
+    bare_step = next((r["bare_s"] / CHAIN_LENGTH for r in rows if r["shape"].startswith("chain")), None)
+    for agent in ("warm", "cold"):
+        p = parts.get(f"chain_{agent}_phases")
+        if p:
+            steps = "  ".join(f"{k} {p[k] * 1000:.1f}" for k in PHASES)
+            total = sum(p[k] for k in PHASES) * 1000
+            bare = f"; bare: {bare_step * 1000:.1f} ms per step in all" if bare_step else ""
+            print(f"\nchain, {agent} agent, median ms per step{bare}:\n  {steps}  = {total:.1f}")
+            print(f"  per run: submit {p['submit'] * 1000:.1f}, submit -> run claimed {p['until_claimed'] * 1000:.1f}, "
+                  f"last step done -> wait returned {p['until_returned'] * 1000:.1f}")
+    for agent in ("warm", "cold"):
+        p = parts.get(f"reuse_{agent}_parts")
+        if p:
+            shown = ", ".join(f"{k.replace('_', ' ')} {v * 1000:.1f}" for k, v in p.items())
+            print(f"\nreused re-run process, {agent} agent, ms: {shown}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ client, for one shape of ``bench_pipelines.py``.
 
     .venv/bin/python benchmarks/profile_overhead.py [--shape chain|fanout] [--runs 3]
         [--what-if pooled] [--what-if lean-wait]
+    .venv/bin/python benchmarks/profile_overhead.py --sqlite   # one SQLite transaction, three ways
 
 The agent runs in the foreground of a child process whose functions are wrapped with timers at run
 time (pyinstrument samples only one thread, and the agent's steps run in threads). Nothing under
@@ -175,13 +176,24 @@ def _lean_wait(ws: Any) -> None:
 
 
 def client_main(shape: str, runs: int, what_if: list[str], keep: bool) -> int:
+    root = Path(tempfile.mkdtemp(prefix="cairn-profile-"))
+    try:
+        _profile(root, shape, runs, what_if)
+    finally:  # also when the output pipe closes early (`| head`)
+        if keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def _profile(root: Path, shape: str, runs: int, what_if: list[str]) -> None:
     from pyinstrument import Profiler
 
     from cairn import Experiment, Workspace
     from cairn.engine.client import ping, stop_agent
     from cairn.storage.layout import WorkspaceLayout
 
-    root = Path(tempfile.mkdtemp(prefix="cairn-profile-"))
     source = root / "step_src"
     shutil.copytree(STEP_SOURCE, source)
     ws = Workspace.create(root / "ws")
@@ -231,10 +243,51 @@ def client_main(shape: str, runs: int, what_if: list[str], keep: bool) -> int:
         print(f"{name:36} {calls / runs:9.1f} {total * 1000 / runs:9.1f} {total * 1000 / calls:8.2f}")
     print("\nclient (pyinstrument, all runs together):")
     print(profiler.output_text(unicode=False, color=False, show_all=False))
-    if keep:
-        print(f"kept {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
+
+
+def sqlite_costs(n: int = 300) -> int:
+    """One small write transaction in WAL mode, three ways: why NullPool is expensive."""
+    import sqlite3
+
+    pragmas = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=60000",
+               "PRAGMA foreign_keys=ON")  # what cairn.store.db runs on every new connection
+
+    def connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None)
+        for pragma in pragmas:
+            conn.execute(pragma)
+        return conn
+
+    def write(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.execute("COMMIT")
+
+    def per_call(func: Callable[[], None]) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            func()
+        return (time.perf_counter() - started) / n * 1000
+
+    with tempfile.TemporaryDirectory(prefix="cairn-sqlite-") as tmp:
+        db = Path(tmp) / "t.db"
+        setup = connect(db)
+        setup.execute("CREATE TABLE t (x)")
+        setup.close()
+
+        def fresh() -> None:
+            conn = connect(db)
+            write(conn)
+            conn.close()
+
+        alone = per_call(fresh)  # the last close checkpoints the WAL, fsyncs and deletes it
+        holder = connect(db)
+        holder.execute("SELECT count(*) FROM t").fetchone()
+        beside = per_call(fresh)  # another connection keeps the WAL alive
+        kept = per_call(lambda: write(holder))
+        holder.close()
+    print(f"one write transaction in WAL mode, ms: new connection, no other open {alone:.3f}; new connection "
+          f"while another stays open {beside:.3f}; one kept connection {kept:.3f}")
     return 0
 
 
@@ -244,9 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--what-if", choices=("pooled", "lean-wait"), action="append", default=[])
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--sqlite", action="store_true", help="only time one SQLite transaction three ways")
     parser.add_argument("--agent", metavar="WORKSPACE", help=argparse.SUPPRESS)  # the timed agent itself
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.sqlite:
+        return sqlite_costs()
     if args.agent:
         return agent_main(args.agent, args.report, "pooled" in args.what_if)
     return client_main(args.shape, args.runs, args.what_if, args.keep)
