@@ -341,3 +341,24 @@ def test_a_fully_reused_run_reports_the_metrics_of_the_runs_it_reused(workspace,
     assert reused.get_status() == "Reused"
     assert reused.get_metrics()["length"] == 5
     assert second.get_metrics(recursive=True)[reused.id]["loss"] == [0.5, 0.25]
+
+
+def test_a_target_with_max_concurrency_1_runs_one_step_at_a_time(workspace, write_script, tmp_path):
+    from cairn import ComputeTarget, LocalCompute
+
+    log = tmp_path / "spans.txt"
+    src = write_script("span.py", """
+        import sys, time
+        start = time.time()
+        time.sleep(0.2)
+        with open(sys.argv[1], "a") as f:
+            f.write(f"{start} {time.time()}\\n")
+    """)
+    target = ComputeTarget.create(workspace, "one_at_a_time", LocalCompute.provisioning_configuration(max_concurrency=1))
+    steps = [PythonScriptStep("span.py", name=f"s{i}", source_directory=src, arguments=[str(log), i],
+                              compute_target=target) for i in range(3)]
+    Experiment(workspace, "limit").submit(Pipeline(workspace, steps)).wait_for_completion(show_output=False)
+    spans = sorted(tuple(map(float, line.split())) for line in log.read_text().splitlines())
+    assert len(spans) == 3
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        assert start >= end  # never two at once
