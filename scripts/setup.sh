@@ -12,5 +12,5 @@ fi
 UV="$("$PY" -m uv --version >/dev/null 2>&1 && echo "$PY -m uv" || echo uv)"
 [ -x .venv/bin/python ] || $UV venv --quiet --python "$PY" .venv
 # --compile-bytecode: imports stay fast even where PYTHONDONTWRITEBYTECODE is set.
-VIRTUAL_ENV="$PWD/.venv" $UV pip install --quiet --compile-bytecode -e ".[${CAIRN_EXTRAS:-dev}]"
+$UV pip install --quiet --python .venv/bin/python --compile-bytecode -e ".[${CAIRN_EXTRAS:-dev}]"
 .venv/bin/python -m compileall -q src >/dev/null
