@@ -262,15 +262,21 @@ def demo(path: Path = typer.Argument(Path("cairn-demo"), help="folder for the de
 
 
 def _click_exceptions() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
-    """typer may bundle its own copy of click: catch the classes it really raises, and click's."""
-    import click
-
-    errors: list[type[BaseException]] = [click.exceptions.ClickException]
-    aborts: list[type[BaseException]] = [click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)]
+    """typer may bundle its own copy of click (and not install click at all): catch the classes it
+    really raises, and click's where click is installed."""
+    errors: list[type[BaseException]] = []
+    aborts: list[type[BaseException]] = [getattr(typer, "Abort", KeyboardInterrupt)]
     try:
         from typer._click.exceptions import ClickException  # type: ignore[import-not-found]
 
         errors.append(ClickException)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        errors.append(click.exceptions.ClickException)
+        aborts.append(click.exceptions.Abort)
     except ImportError:
         pass
     return tuple(errors), tuple(aborts)
