@@ -47,7 +47,7 @@ POOL_SIZE = os.cpu_count() or 1  # the local target's default concurrency: the b
 REUSE_TARGET_S = 1.0
 RATIO_TARGET = 1.3
 SHAPES = ("chain", "fanout", "reuse")
-PHASES = ("dispatch", "start", "process", "commit")
+PHASES = ("dispatch+start", "process+commit")
 
 
 # -- one measurement at a time -------------------------------------------------------------
@@ -194,9 +194,9 @@ def bare_digest(bench: Bench, shape: str) -> str:
 def step_phases(ws: Workspace, run: PipelineRun, wall_start: float, wall_end: float) -> dict[str, float]:
     """Median seconds per step of each phase of a sequential chain, from the recorded events.
 
-    dispatch: upstream Completed (or pipeline Running) -> Preparing  (agent loop, fingerprint, reuse
-              check, job built, step thread started; the agent records no separate Queued status)
-    start:    Preparing -> Running      (snapshot materialised, staging made, Popen)
+    dispatch+start: upstream Completed (or pipeline Running) -> Running  (agent loop, fingerprint,
+              reuse check, job built, step thread started, snapshot materialised, Popen; Cairn
+              records Preparing only when that takes over 0.2 s)
     process:  Running -> Finalizing     (the script itself)
     commit:   Finalizing -> Completed   (output digested, renamed, committed in one transaction)
     """
@@ -208,11 +208,9 @@ def step_phases(ws: Workspace, run: PipelineRun, wall_start: float, wall_end: fl
     first_queued = last_done = 0.0
     for step in steps:
         at = {e["status"]: datetime.fromisoformat(e["time"]).timestamp() for e in step.get_details()["events"]}
-        first_queued = first_queued or at["Preparing"]
-        per_step["dispatch"].append(at["Preparing"] - previous_done)
-        per_step["start"].append(at["Running"] - at["Preparing"])
-        per_step["process"].append(at["Finalizing"] - at["Running"])
-        per_step["commit"].append(at["Completed"] - at["Finalizing"])
+        first_queued = first_queued or at["Running"]
+        per_step["dispatch+start"].append(at["Running"] - previous_done)
+        per_step["process+commit"].append(at["Completed"] - at["Running"])
         previous_done = last_done = at["Completed"]
     result = {p: statistics.median(v) for p, v in per_step.items()}
     result["claim"] = events["Running"] - events["Queued"]  # submit's insert -> the agent took the run

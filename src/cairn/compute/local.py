@@ -7,7 +7,7 @@ import os
 import threading
 
 from cairn.compute.base import DoneCallback
-from cairn.runner.execute import StepControl, StepReporter, execute_step
+from cairn.runner.execute import StepControl, StepReporter, cleanup_after, execute_step
 from cairn.runner.job import StepJob, StepResult
 
 
@@ -36,6 +36,7 @@ class LocalCompute:
                 with self._lock:
                     self._running -= 1
             done(result)
+            cleanup_after(job, result)
 
         threading.Thread(target=work, name=f"step-{job.step_run_id}", daemon=True).start()
 

@@ -34,7 +34,7 @@ ACTIVE = frozenset({Status.QUEUED, Status.PREPARING, Status.RUNNING, Status.FINA
 # Allowed moves. Any non-terminal state may go to Failed or Canceled; a resumed run goes back
 # to Queued from any active state (its lease expired, its unfinished steps run again).
 _NEXT: dict[Status, frozenset[Status]] = {
-    Status.NOT_STARTED: frozenset({Status.QUEUED, Status.REUSED, Status.PREPARING}),
+    Status.NOT_STARTED: frozenset({Status.QUEUED, Status.REUSED, Status.PREPARING, Status.RUNNING}),
     Status.QUEUED: frozenset({Status.PREPARING, Status.RUNNING, Status.REUSED}),
     Status.PREPARING: frozenset({Status.RUNNING, Status.QUEUED}),
     Status.RUNNING: frozenset({Status.FINALIZING, Status.COMPLETED, Status.QUEUED}),

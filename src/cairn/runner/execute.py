@@ -168,9 +168,12 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
     log_dir.mkdir(parents=True, exist_ok=True)
     syslog = _SystemLog(log_dir / "system.txt")
     work = Path(job.work_dir)
+    preparing: _DeferredStatus | None = None
     try:
         syslog(f"attempt {job.attempt} of step {spec.name!r} (step run {job.step_run_id})")
-        reporter.started(job.step_run_id, Status.PREPARING)
+        # Short phases are not worth a status write: Preparing is recorded only when preparing
+        # takes a while, Finalizing only when committing does (the state machine drops a late one).
+        preparing = _DeferredStatus(reporter, job.step_run_id, Status.PREPARING)
         if work.exists():
             shutil.rmtree(work)
         materialize(job.manifest, ObjectStore(job.objects_root), work)
@@ -208,6 +211,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             except OSError as exc:
                 return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {exc}", None)
             control.attach(proc)
+            preparing.cancel()
             reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
                              pid_started=process_start_time(proc.pid), attempt=job.attempt)
             if on_started:
@@ -240,14 +244,13 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                         f"the step was stopped", code)
         if code != 0:
             return _end(job, reporter, syslog, Status.FAILED, _exit_reason(code, log_dir), code)
-        if spec.outputs:  # digesting outputs can take a while: say so
-            reporter.started(job.step_run_id, Status.FINALIZING)
+        finalizing = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)
         outputs = _commit_outputs(job, spec, syslog)
+        finalizing.cancel()
         if not reporter.succeeded(job, outputs, code):
             syslog("the step run had already ended (canceled?): outputs not recorded")
             return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
         syslog("completed")
-        shutil.rmtree(work, ignore_errors=True)
         return StepResult(job.step_run_id, Status.COMPLETED.value, None, code)
     except Exception as exc:  # an infrastructure fault: the step fails with the reason, the agent lives
         import traceback
@@ -256,6 +259,27 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         return _end(job, reporter, syslog, Status.FAILED, f"runner error: {type(exc).__name__}: {exc}", None)
     finally:
         syslog.close()
+        if preparing is not None:
+            preparing.cancel()
+
+
+def cleanup_after(job: StepJob, result: StepResult) -> None:
+    """Remove a completed step's working folder (off the critical path: after the engine was told).
+    A failed step's folder is kept for inspection."""
+    if result.status == Status.COMPLETED.value:
+        shutil.rmtree(job.work_dir, ignore_errors=True)
+
+
+class _DeferredStatus:
+    """Records ``status`` only if the phase it names lasts longer than ``delay`` seconds."""
+
+    def __init__(self, reporter: StepReporter, step_run_id: str, status: Status, delay: float = 0.2) -> None:
+        self._timer = threading.Timer(delay, reporter.started, args=(step_run_id, status))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def _exit_reason(code: int, log_dir: Path) -> str:
