@@ -14,3 +14,8 @@ UV="$("$PY" -m uv --version >/dev/null 2>&1 && echo "$PY -m uv" || echo uv)"
 # --compile-bytecode: imports stay fast even where PYTHONDONTWRITEBYTECODE is set.
 $UV pip install --quiet --python .venv/bin/python --compile-bytecode -e ".[${CAIRN_EXTRAS:-dev}]"
 .venv/bin/python -m compileall -q src >/dev/null
+# Azurite (the Azure Blob emulator the integration tests start) comes from npm.
+if [ "${CAIRN_EXTRAS:-dev}" = "dev" ] && [ ! -x node_modules/.bin/azurite-blob ]; then
+  command -v npm >/dev/null 2>&1 || { echo "npm is needed for the test services (Azurite): install Node.js" >&2; exit 2; }
+  npm install --no-audit --no-fund --silent
+fi

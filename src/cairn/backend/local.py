@@ -9,19 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from cairn.core import ids
-from cairn.core.errors import NotFoundError
+from cairn.core.errors import NotFoundError, UserInputError
 from cairn.core.spec import GraphSpec
 from cairn.core.status import Status
 from cairn.engine import client as agent_client
 from cairn.engine.context import DEFAULT_DATASTORE
 from cairn.engine.fingerprint import differing_parts
+from cairn.storage.datastores import DatastoreLocation
 from cairn.storage.layout import WorkspaceLayout, run_dir
 from cairn.storage.objects import ObjectStore
+from cairn.storage.secrets import SecretBox
 from cairn.storage.snapshot import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, diff_manifests, load_manifest, take_snapshot
 from cairn.store import queries as q
 from cairn.store.db import Store
 
 CONFIG_VERSION = 1
+SEALED = "sealed_credentials"  # the config key holding encrypted credentials
 
 
 class LocalBackend:
@@ -32,6 +35,7 @@ class LocalBackend:
         self.store.migrate()
         self.objects = ObjectStore(layout.objects)
         self._config = json.loads(layout.config.read_text()) if layout.config.exists() else {}
+        self._secrets = SecretBox(layout.dot / "secret.key")
 
     @classmethod
     def create(cls, root: str | os.PathLike[str], exist_ok: bool = True) -> LocalBackend:
@@ -59,17 +63,39 @@ class LocalBackend:
     # -- workspace objects -----------------------------------------------------------------
 
     def list_datastores(self) -> list[dict[str, Any]]:
-        return q.list_named(self.store, "datastores")
+        """Registered datastores; their credentials never leave this module (only ``has_secrets``)."""
+        rows = q.list_named(self.store, "datastores")
+        for r in rows:
+            sealed = r["config"].pop(SEALED, None)
+            r["has_secrets"] = bool(sealed)
+        return rows
 
-    def register_datastore(self, name: str, kind: str, config: dict[str, Any], default: bool) -> None:
-        q.put_named(self.store, "datastores", name, kind, config, is_default=default)
+    def register_datastore(self, name: str, kind: str, config: dict[str, Any], default: bool,
+                           secrets: dict[str, Any] | None = None) -> None:
+        stored = dict(config)
+        if secrets:
+            stored[SEALED] = self._secrets.seal(secrets)
+        q.put_named(self.store, "datastores", name, kind, stored, is_default=default)
+
+    def unregister_datastore(self, name: str) -> None:
+        q.delete_named(self.store, "datastores", name)
+
+    def datastore_location(self, name: str) -> DatastoreLocation:
+        for d in q.list_named(self.store, "datastores"):
+            if d["name"] == name:
+                config = dict(d["config"])
+                sealed = config.pop(SEALED, None)
+                if d["kind"] == "local":
+                    path = Path(config.get("path", ""))
+                    config["path"] = str(path if path.is_absolute() else self.layout.dot / path)
+                return DatastoreLocation(name, d["kind"], config, self._secrets.open(sealed) if sealed else {})
+        raise NotFoundError(f"datastore {name!r} is not registered in workspace {self.location}")
 
     def datastore_root(self, name: str) -> str:
-        for d in self.list_datastores():
-            if d["name"] == name:
-                path = Path(d["config"].get("path", ""))
-                return str(path if path.is_absolute() else self.layout.dot / path)
-        raise NotFoundError(f"datastore {name!r} is not registered in workspace {self.location}")
+        loc = self.datastore_location(name)
+        if loc.kind != "local":
+            raise UserInputError(f"datastore {name!r} is a {loc.kind} datastore: it has no local folder")
+        return loc.config["path"]
 
     def list_compute_targets(self) -> list[dict[str, Any]]:
         return q.list_named(self.store, "compute_targets")

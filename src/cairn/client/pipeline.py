@@ -61,7 +61,7 @@ class Pipeline:
             if count > 1:
                 problems.append(f"{count} steps are named {name!r}; give each step a distinct name=")
         targets = {c["name"] for c in self.workspace._backend.list_compute_targets()}
-        stores = {d["name"] for d in self.workspace._backend.list_datastores()}
+        stores = {d["name"]: d["kind"] for d in self.workspace._backend.list_datastores()}
         producers: dict[int, list[PythonScriptStep]] = {}
         for s in steps:
             for o in s.outputs:
@@ -90,6 +90,9 @@ class Pipeline:
                 ds = o.datastore_name
                 if ds is not None and ds not in stores:
                     problems.append(f"{who}: output {o.name!r} names datastore {ds!r}, which is not registered")
+                elif ds is not None and stores[ds] != "local":
+                    problems.append(f"{who}: output {o.name!r} is on {stores[ds]} datastore {ds!r}; this version "
+                                    f"of Cairn commits step outputs to local datastores only")
             for n, c in out_names.items():
                 if c > 1:
                     problems.append(f"{who}: two outputs are named {n!r}")

@@ -29,6 +29,8 @@ class EngineContext:
         """Local roots of the workspace's folder datastores, by name."""
         roots = {}
         for d in q.list_named(self.store, "datastores"):
+            if d["kind"] != "local":  # object stores have no local root
+                continue
             path = Path(d["config"].get("path", ""))
             roots[d["name"]] = str(path if path.is_absolute() else self.layout.dot / path)
         return roots

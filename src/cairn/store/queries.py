@@ -369,6 +369,12 @@ def put_named(store: Store, which: str, name: str, kind: str, config: dict[str, 
         conn.execute(insert(table).values(**values))
 
 
+def delete_named(store: Store, which: str, name: str) -> None:
+    table = t.datastores if which == "datastores" else t.compute_targets
+    with store.write() as conn:
+        conn.execute(delete(table).where(table.c.name == name))
+
+
 def list_named(store: Store, which: str) -> list[dict[str, Any]]:
     table = t.datastores if which == "datastores" else t.compute_targets
     with store.read() as conn:
