@@ -193,7 +193,7 @@ def test_failed_step_keeps_logs_commits_nothing_and_stops_downstream(workspace, 
     assert downstream._row()["status_reason"] == "not run: upstream step 'bad' failed"
     # a failed step is never reused
     again = Experiment(workspace, "fail").submit(Pipeline(workspace, [bad, after]))
-    assert again.wait_for_completion(show_output=False, raise_on_error=False)["status"] == "Failed"
+    assert again.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
     assert again.find_step_run("bad")[0].get_status() == "Failed"
 
 
@@ -204,7 +204,7 @@ def test_max_run_duration_kills_the_step_and_says_why(workspace, write_script):
     step = PythonScriptStep("slow.py", name="slow", source_directory=src, runconfig=rc)
     run = Experiment(workspace, "timeout").submit(Pipeline(workspace, [step]))
     details = run.wait_for_completion(show_output=False, raise_on_error=False)
-    assert details["status"] == "Failed"
+    assert details == "Failed"
     reason = run.find_step_run("slow")[0]._row()["status_reason"]
     assert "max_run_duration_seconds=1" in reason
 
@@ -235,7 +235,7 @@ def test_independent_steps_run_in_parallel(workspace, write_script, tmp_path):
     steps = [PythonScriptStep("meet.py", name="left", source_directory=src, arguments=[a, b], allow_reuse=False),
              PythonScriptStep("meet.py", name="right", source_directory=src, arguments=[b, a], allow_reuse=False)]
     run = Experiment(workspace, "parallel").submit(Pipeline(workspace, steps))
-    assert run.wait_for_completion(show_output=False)["status"] == "Completed"
+    assert run.wait_for_completion(show_output=False) == "Completed"
 
 
 def test_run_after_orders_steps(workspace, write_script, tmp_path):
@@ -362,3 +362,67 @@ def test_a_target_with_max_concurrency_1_runs_one_step_at_a_time(workspace, writ
     assert len(spans) == 3
     for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert start >= end  # never two at once
+
+
+AZURE_STYLE = """
+import os
+from multiprocessing import get_context
+from cairn import Run
+
+def work(i):
+    Run.get_context().log("worker", i)
+    Run.get_context().flush()
+
+run = Run.get_context()
+for i in range(10):
+    run.log("parent", i)
+pid = os.fork()
+if pid == 0:
+    Run.get_context().log("child", 1)
+    Run.get_context().flush()
+    os._exit(0)
+os.waitpid(pid, 0)
+with get_context("fork").Pool(2) as pool:
+    pool.map(work, range(4))
+run.upload_file("notes/summary.txt", __file__)
+assert "notes/summary.txt" in run.get_file_names()
+run.add_properties({"token": os.urandom(4).hex()})
+run.complete()
+"""
+
+
+def test_azure_ml_run_methods_and_forked_workers(workspace, write_script):
+    src = write_script("azure_style.py", AZURE_STYLE)
+    run = Experiment(workspace, "azure").submit(
+        Pipeline(workspace, [PythonScriptStep("azure_style.py", name="azure", source_directory=src)]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    step = run.find_step_run("azure")[0]
+    metrics = step.get_metrics()
+    assert metrics["parent"] == list(range(10))  # not written twice by the forked child
+    assert metrics["child"] == 1 and sorted(metrics["worker"]) == [0, 1, 2, 3]
+    assert step.get_file_names() == ["notes/summary.txt"]
+    assert "token" in step.get_properties()
+
+
+def test_run_fail_marks_the_step_failed(workspace, write_script):
+    src = write_script("fails.py", "from cairn import Run\nRun.get_context().fail('bad data')\n")
+    run = Experiment(workspace, "fail-call").submit(
+        Pipeline(workspace, [PythonScriptStep("fails.py", name="fails", source_directory=src)]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
+    step = run.find_step_run("fails")[0]
+    assert "run.fail(): bad data" in step._row()["status_reason"]
+    explained = step.explain()  # a failed step still has its fingerprint
+    assert explained["parts"]["script"] == "fails.py" and explained["summary"].startswith("failed")
+
+
+def test_output_download_keeps_existing_files_and_gives_writable_copies(workspace, src, tmp_path):
+    run = Experiment(workspace, "dl").submit(Pipeline(workspace, list(_two_steps(workspace, src))))
+    run.wait_for_completion(show_output=False)
+    out = run.find_step_run("consumer")[0].get_output_data("result")
+    path = Path(out.download(tmp_path / "dl"))
+    assert os.access(path / "result.txt", os.W_OK)
+    (path / "result.txt").write_text("mine")
+    out.download(tmp_path / "dl")  # a second download keeps what is there
+    assert (path / "result.txt").read_text() == "mine"
+    out.download(tmp_path / "dl", overwrite=True)
+    assert (path / "result.txt").read_text() == "HELLO"

@@ -22,6 +22,7 @@ SECOND = """
 import os, sys, time
 from cairn import Run
 Run.get_context().log("attempt_metric", 1)
+Run.get_context().add_properties({"attempt_token": str(os.getpid())})  # differs per attempt
 open(os.environ["MARKER"], "a").write(f"second-start {os.getpid()}\\n")
 deadline = time.time() + 60
 while not os.path.exists(os.environ["GO"]):  # blocks until the test lets it finish
@@ -69,7 +70,7 @@ def test_agent_killed_mid_run_is_resumed_without_rerunning_finished_steps(worksp
     go.touch()  # only the re-run can see this: the orphan was killed when the run was resumed
     details = run.wait_for_completion(show_output=False, timeout_seconds=120)
 
-    assert details["status"] == "Completed"
+    assert details == "Completed"
     lines = marker.read_text().split("\n")
     assert lines.count("first") == 1  # the finished step was not run again
     assert lines.count("second-done") == 1
@@ -77,6 +78,7 @@ def test_agent_killed_mid_run_is_resumed_without_rerunning_finished_steps(worksp
         Path(f"/proc/{orphan_pid}/stat").read_text().split()[2] == "Z"  # the orphan was killed
     assert step2.get_status() == "Completed"
     assert step2.get_metrics() == {"attempt_metric": 1}  # the killed attempt's metric is gone
+    assert "attempt_token" in step2.get_properties()  # set again, without a clash with attempt 1
     assert "==== cairn: attempt 2" in step2.get_stdout_log() + step2.get_stderr_log()
     reasons = [e["reason"] or "" for e in step2.get_details()["events"]]
     assert any("resumed" in r for r in reasons)
@@ -95,7 +97,7 @@ def test_queued_run_survives_an_agent_that_dies_before_claiming(workspace, write
     reply = _request(layout, {"op": "ping"})
     if reply:
         os.kill(reply["pid"], signal.SIGKILL)
-    assert run.wait_for_completion(show_output=False, timeout_seconds=120)["status"] == "Completed"
+    assert run.wait_for_completion(show_output=False, timeout_seconds=120) == "Completed"
 
 
 def test_a_stopped_agent_hands_its_running_steps_back_to_the_queue(workspace, write_script, tmp_path, monkeypatch):
@@ -112,7 +114,7 @@ def test_a_stopped_agent_hands_its_running_steps_back_to_the_queue(workspace, wr
     assert stop_agent(WorkspaceLayout(workspace.location))
     assert step.get_status() == "Queued" and run.get_status() == "Queued"
     go.touch()
-    assert run.wait_for_completion(show_output=False, timeout_seconds=120)["status"] == "Completed"
+    assert run.wait_for_completion(show_output=False, timeout_seconds=120) == "Completed"
     assert marker.read_text().split("\n").count("second-done") == 1
 
 
@@ -127,7 +129,7 @@ def test_cancel_while_no_agent_runs_stops_the_run(workspace, write_script, tmp_p
     orphan = step._row()["pid"]
     os.kill(_request(WorkspaceLayout(workspace.location), {"op": "ping"})["pid"], signal.SIGKILL)
     run.cancel()
-    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60)["status"] == "Canceled"
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
     assert step.get_status() == "Canceled"
     assert not Path(f"/proc/{orphan}").exists() or Path(f"/proc/{orphan}/stat").read_text().split()[2] == "Z"
     assert [e["status"] for e in step.get_details()["events"]].count("Running") == 1  # never started again

@@ -216,8 +216,20 @@ class LocalBackend:
         shutil.copyfile(local_path, dest)
         return str(dest)
 
+    def artifact_path(self, run_id: str, name: str) -> Path:
+        from cairn.storage.paths import confined
+
+        return confined(self.run_folder(run_id) / "artifacts", name, "artifact name")
+
+    def list_artifacts(self, run_id: str) -> list[str]:
+        root = self.run_folder(run_id) / "artifacts"
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
     def explain(self, step_run_id: str) -> dict[str, Any]:
         run = q.get_run(self.store, step_run_id)
+        if run is not None and run["kind"] == "pipeline":
+            steps = ", ".join(f"{c['name']} ({c['id']})" for c in q.child_runs(self.store, step_run_id))
+            raise UserInputError(f"{step_run_id} is a pipeline run; explain one of its step runs: {steps}")
         if run is None or run["kind"] != "step":
             raise NotFoundError(f"no step run with id {step_run_id!r} in workspace {self.location}")
         parts = json.loads(run["fingerprint_parts"]) if run["fingerprint_parts"] else None
@@ -253,6 +265,8 @@ class LocalBackend:
             else:
                 result["summary"] = (f"ran: same fingerprint as step run {prev['id']}, whose outputs were not "
                                      f"available for reuse")
+        if run["status"] == Status.FAILED.value:
+            result["summary"] = f"failed ({run['status_reason']}); " + result["summary"]
         if not allow_reuse and "allow_reuse" not in result["summary"]:
             result["summary"] += " (reuse is off for this step: allow_reuse=False)"
         elif pipeline.get("regenerate_outputs") and "regenerate" not in result["summary"]:

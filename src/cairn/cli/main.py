@@ -58,6 +58,12 @@ def _status(s: str) -> str:
     return f"[{_STYLE.get(s, 'white')}]{s}[/]"
 
 
+def _resume_if_orphaned(ws: Any, rows: list[dict[str, Any]]) -> None:
+    """A run shown as active needs a live agent: if none serves, start one (it resumes the run)."""
+    if any(r["status"] in ("Queued", "Preparing", "Running", "Finalizing") for r in rows):
+        ws._backend.ensure_progress()
+
+
 @app.command()
 def init(path: Path = typer.Argument(Path("."), help="folder to make the workspace in")) -> None:
     """Make an embedded workspace (.cairn/) in PATH."""
@@ -120,7 +126,9 @@ def runs_list(experiment: str = typer.Option(None, "--experiment", "-e"), limit:
     """The most recent pipeline runs."""
     ws = _workspace(workspace)
     table = Table("run", "experiment", "status", "created", "duration", "steps")
-    for r in ws._backend.list_runs(experiment, limit):
+    listed = ws._backend.list_runs(experiment, limit)
+    _resume_if_orphaned(ws, listed)
+    for r in listed:
         children = ws._backend.get_children(r["id"])
         done = sum(1 for c in children if c["status"] in ("Completed", "Reused"))
         reused = sum(1 for c in children if c["status"] == "Reused")
@@ -134,11 +142,14 @@ def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = ty
     """A run's status, steps, outputs, tags, properties and metrics."""
     ws = _workspace(workspace)
     run = ws.get_run(run_id)
+    _resume_if_orphaned(ws, [run._row()])
     details = run.get_details()
     steps = run.get_steps() if hasattr(run, "get_steps") else []
     if as_json:
         details["steps"] = [s.get_details() | {"outputs": {n: str(o.local_path) for n, o in s.get_outputs().items()}}
                             for s in steps]
+        if not steps and hasattr(run, "get_outputs"):
+            details["outputs"] = {n: str(o.local_path) for n, o in run.get_outputs().items()}
         details["metrics"] = run.get_metrics()
         console.print_json(json.dumps(details, default=str))
         return
@@ -207,8 +218,12 @@ def cancel(run_id: str, workspace: Path = WorkspaceOption) -> None:
     """Cancel a run (a step run's ID cancels its pipeline run)."""
     ws = _workspace(workspace)
     run = ws.get_run(run_id)
+    target = run.parent or run
+    if target.get_status() in ("Completed", "Failed", "Canceled"):
+        console.print(f"run {target.id} already ended ({target.get_status()}): nothing to cancel")
+        return
     run.cancel()
-    console.print(f"cancel requested for {run.parent.id if run.parent else run_id} (now {run.get_status()})")
+    console.print(f"cancel requested for {target.id} (now {target.get_status()})")
 
 
 @app.command()
@@ -301,6 +316,7 @@ def main() -> None:
         err.print("interrupted (runs go on in the background; `cairn cancel ID` stops one)")
         sys.exit(EXIT_INTERRUPTED)
     except click_abort:
+        err.print("interrupted (runs go on in the background; `cairn cancel ID` stops one)")
         sys.exit(EXIT_INTERRUPTED)
     except click_error as exc:
         exc.show()  # type: ignore[attr-defined]

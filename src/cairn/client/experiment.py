@@ -40,6 +40,9 @@ class Experiment:
         unknown = set(kwargs) - {"pipeline_parameters", "credential_passthrough"}
         if unknown:
             raise UserInputError(f"Experiment.submit got unexpected argument(s): {', '.join(sorted(unknown))}")
+        if kwargs.get("pipeline_parameters"):
+            raise UserInputError("pipeline_parameters are not supported by this version of Cairn (there is no "
+                                 "PipelineParameter yet): pass values as step arguments or params instead")
         spec, step_props = config._compile()
         run_props = dict(next(iter(step_props.values()), {}))
         run_props.pop("cairn.snapshot", None)

@@ -43,12 +43,14 @@ def follow(backend: Any, run_id: str, *, show_output: bool = True, timeout_secon
             target = next((c for c in children if c["id"] == only_step), None) if only_step else None
             if status.is_terminal or (target is not None and Status(target["status"]).is_terminal):
                 if show_output:
-                    print(f"Pipeline run {run_id}: {run['status']}{_fmt_duration(run)}"
-                          + (f" ({run['status_reason']})" if run["status_reason"] else ""), file=out)
+                    ended = target if target is not None else run
+                    kind = "Step run" if target is not None else "Pipeline run"
+                    print(f"{kind} {ended['id']}: {ended['status']}{_fmt_duration(ended)}"
+                          + (f" ({ended['status_reason']})" if ended["status_reason"] else ""), file=out)
                 break
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                raise RunTimeoutError(f"run {run_id} is still {run['status']} after {timeout_seconds} s "
+                raise RunTimeoutError(f"run {run_id} is still {run['status']} after {timeout_seconds:g} s "
                                       f"(it goes on; wait again or `cairn cancel {run_id}`)")
             if not connected:
                 backend.ensure_progress()  # starts an agent if none serves the workspace (resume)

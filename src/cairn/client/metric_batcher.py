@@ -5,6 +5,7 @@ seconds, at once when a reader asks, and at interpreter exit."""
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 from typing import Any
@@ -51,6 +52,21 @@ class MetricBatcher:
 
 _batchers: dict[tuple[str, str], MetricBatcher] = {}
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (multiprocessing workers, os.fork) logs its own metrics: it must neither
+    write again what its parent had buffered nor wait on the parent's writer thread."""
+    global _lock
+    _lock = threading.Lock()
+    for b in _batchers.values():
+        b._rows = []
+        b._cond = threading.Condition()
+        b._write_lock = threading.Lock()
+        b._thread = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def batcher_for(backend: Any, run_id: str) -> MetricBatcher:

@@ -12,9 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cairn.core.errors import NotFoundError, UserInputError
+from cairn.core.errors import CairnError, NotFoundError, UserInputError
 from cairn.core.names import check_type
 from cairn.core.status import Status
+from cairn.runner.markers import FAIL_MARKER
 
 if TYPE_CHECKING:
     from cairn.client.experiment import Experiment
@@ -131,6 +132,13 @@ class Run(_MetricsMixin):
         run_id = os.environ.get("CAIRN_RUN_ID")
         workspace = os.environ.get("CAIRN_WORKSPACE")
         if run_id and workspace:
+            try:
+                import sqlalchemy  # noqa: F401  (the store needs it)
+            except ImportError:
+                raise CairnError(
+                    f"Run.get_context() needs Cairn's dependencies (SQLAlchemy) in this interpreter "
+                    f"({sys.executable}); install cairn into it, or run the step in an environment "
+                    f"that has them") from None
             from cairn.client.experiment import Experiment
             from cairn.client.workspace import Workspace
 
@@ -180,10 +188,16 @@ class Run(_MetricsMixin):
         }
 
     def get_tags(self) -> dict[str, Any]:
-        return self._backend.get_tags(self.id)
+        return self._merged("tags")
 
     def get_properties(self) -> dict[str, Any]:
-        return self._backend.get_properties(self.id)
+        return self._merged("properties")
+
+    def _merged(self, which: str) -> dict[str, Any]:
+        """A reused step shows what the run it reused recorded, then its own."""
+        get = self._backend.get_tags if which == "tags" else self._backend.get_properties
+        source = self._row().get("reused_from")
+        return {**(get(source) if source else {}), **get(self.id)}
 
     @property
     def tags(self) -> dict[str, Any]:
@@ -240,13 +254,70 @@ class Run(_MetricsMixin):
         self._backend.cancel_run(self.id)
 
     def wait_for_completion(self, show_output: bool = True, timeout_seconds: float | None = None,
-                            raise_on_error: bool = True) -> dict[str, Any]:
+                            raise_on_error: bool = True) -> str:
+        """Wait for the run to end; returns its final status (as Azure ML's PipelineRun does)."""
         from cairn.client.follow import follow
 
         pipeline_id = self._row()["parent_id"] or self.id
         follow(self._backend, pipeline_id, show_output=show_output, timeout_seconds=timeout_seconds,
                raise_on_error=raise_on_error, only_step=None if pipeline_id == self.id else self.id)
-        return self.get_details()
+        return self.get_status()
+
+    # -- Azure ML run methods scripts call ---------------------------------------------------
+
+    @property
+    def display_name(self) -> str:
+        return self.name
+
+    def flush(self) -> None:
+        """Write metrics logged so far (they are batched)."""
+        from cairn.client.metric_batcher import flush_all
+
+        flush_all()
+
+    def complete(self) -> None:
+        """Kept for scripts written for Azure ML: a step's status comes from its exit code, so this
+        only writes pending metrics."""
+        self.flush()
+
+    def fail(self, error_details: Any = None, error_code: str | None = None) -> None:
+        """Mark the step failed even if it exits 0 (its outputs are then not committed)."""
+        self.flush()
+        log_dir = os.environ.get("CAIRN_LOG_DIR")
+        if os.environ.get("CAIRN_RUN_ID") != self.id or not log_dir:
+            raise UserInputError("fail() marks the run of the step it is called in; call it inside that step")
+        Path(log_dir, FAIL_MARKER).write_text(str(error_details or "the step called run.fail()"))
+
+    def upload_file(self, name: str, path_or_stream: Any) -> str:
+        """Keep a file with the run (its ``artifacts/``); returns where it is stored."""
+        check_type(name, str, "artifact name")
+        if hasattr(path_or_stream, "read"):
+            with tempfile.NamedTemporaryFile(delete=False) as tmp:
+                data = path_or_stream.read()
+                tmp.write(data.encode() if isinstance(data, str) else data)
+            try:
+                return self._backend.put_artifact(self.id, name, tmp.name)
+            finally:
+                os.unlink(tmp.name)
+        if not Path(path_or_stream).is_file():
+            raise FileNotFoundError(f"upload_file {name!r}: {str(path_or_stream)!r} is not a file")
+        return self._backend.put_artifact(self.id, name, str(path_or_stream))
+
+    def get_file_names(self) -> list[str]:
+        return self._backend.list_artifacts(self.id)
+
+    def download_file(self, name: str, output_file_path: str | os.PathLike[str] | None = None) -> str:
+        source = self._backend.artifact_path(self.id, name)
+        if not source.is_file():
+            raise FileNotFoundError(f"run {self.id} has no file {name!r}; it has: {self.get_file_names()}")
+        dest = Path(output_file_path or Path(name).name)
+        if dest.is_dir():
+            dest = dest / Path(name).name
+        shutil.copyfile(source, dest)
+        return str(dest)
+
+    def get_children(self) -> list[Run]:
+        return [Run._from_record(self.workspace, r) for r in self._backend.get_children(self.id)]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, experiment={self.experiment.name!r})"
@@ -283,19 +354,25 @@ class OutputData:
 
     def download(self, local_path: str | os.PathLike[str], overwrite: bool = False,
                  show_progress: bool = False) -> str:
-        """Copy the output into ``local_path/<output name>``; returns that path."""
+        """Copy the output into ``local_path/<output name>`` (writable copies); files that exist
+        there are kept unless ``overwrite``. Returns that path."""
         dest = Path(local_path) / self.name
-        if dest.exists():
-            if not overwrite:
-                raise FileExistsError(f"{dest} exists; pass overwrite=True to replace it")
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.local_path.is_dir():
-            shutil.copytree(self.local_path, dest)
-        else:
-            shutil.copy2(self.local_path, dest)
+        copied = skipped = 0
+        sources = [self.local_path] if self.local_path.is_file() else \
+            sorted(p for p in self.local_path.rglob("*") if p.is_file())
+        for src in sources:
+            target = dest if src == self.local_path else dest / src.relative_to(self.local_path)
+            if target.exists() and not overwrite:
+                skipped += 1
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target.unlink()
+            shutil.copyfile(src, target)
+            copied += 1
+        dest.mkdir(parents=True, exist_ok=True) if self.local_path.is_dir() else None
         if show_progress:
-            print(f"downloaded {self.name} ({self.size} bytes) to {dest}")
+            print(f"downloaded {self.name}: {copied} file(s) to {dest}" + (f", {skipped} kept" if skipped else ""))
         return str(dest)
 
     def __repr__(self) -> str:

@@ -143,6 +143,17 @@ class Agent:
             self._check_cancels()
         return True
 
+    def _refresh_computes(self) -> None:
+        """A target re-created with another limit applies from the next dispatch."""
+        targets = {c["name"]: c for c in q.list_named(self.ctx.store, "compute_targets")}
+        for name, compute in list(self.computes.items()):
+            record = targets.get(name)
+            if record is None or record["kind"] != "local":
+                continue
+            wanted = self.max_concurrency or record["config"].get("max_concurrency") or os.cpu_count() or 1
+            if getattr(compute, "max_concurrency", wanted) != wanted:
+                compute.max_concurrency = int(wanted)  # type: ignore[attr-defined]
+
     def _claim_waiting(self) -> None:
         dead = {o for o in q.lease_owners(self.ctx.store)
                 if o != self.owner and o.split(":")[0] == socket.gethostname()}
@@ -152,6 +163,8 @@ class Agent:
             if run_id is None:
                 return
             try:
+                if self.computes:
+                    self._refresh_computes()
                 self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id)
                 self._log(f"claimed run {run_id}")
             except Exception as exc:  # a spec we cannot read must not stop the agent

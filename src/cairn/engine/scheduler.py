@@ -56,7 +56,7 @@ class PipelineScheduler:
             st = Status(child["status"])
             if st in (Status.PREPARING, Status.RUNNING, Status.FINALIZING):
                 _kill_orphan(child.get("pid"), child.get("pid_started"))
-                q.delete_metrics(store, child["id"])  # the interrupted attempt's metrics would mix in
+                q.forget_attempt(store, child["id"])  # the interrupted attempt's records would mix in
                 q.update_status(store, child["id"], Status.QUEUED,
                                 "resumed: the agent that ran this step stopped; running it again")
                 st = Status.QUEUED
@@ -107,8 +107,8 @@ class PipelineScheduler:
                     return None
         self.status[step.name] = Status.QUEUED  # the runner's Preparing is the next recorded status
         attempt = self.attempts[step.name] = self.attempts[step.name] + 1
-        if attempt > 1:  # an interrupted attempt's metrics must not mix into this one's
-            q.delete_metrics(store, step_run_id)
+        if attempt > 1:  # an interrupted attempt's records must not mix into this one's
+            q.forget_attempt(store, step_run_id)
         if step.snapshot not in self._manifests:
             snapshot = q.get_snapshot(store, step.snapshot)
             if snapshot is None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from cairn.core.spec import _step_from_dict
 from cairn.core.status import Status
 from cairn.runner.job import StepJob, StepResult
+from cairn.runner.markers import FAIL_MARKER
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
 from cairn.storage.tree import digest_tree, make_read_only
@@ -151,6 +152,7 @@ def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: di
         "CAIRN_PIPELINE_RUN_ID": job.pipeline_run_id,
         "CAIRN_EXPERIMENT": job.experiment,
         "CAIRN_STEP_NAME": spec.name,
+        "CAIRN_LOG_DIR": job.log_dir,
         "CAIRN_INPUTS": json.dumps(input_paths),
         "CAIRN_OUTPUTS": json.dumps(output_paths),
         "PYTHONUNBUFFERED": "1",
@@ -213,7 +215,9 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             control.attach(proc)
             preparing.cancel()
             reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
-                             pid_started=process_start_time(proc.pid), attempt=job.attempt)
+                             pid_started=process_start_time(proc.pid), attempt=job.attempt,
+                             fingerprint=job.fingerprint,  # kept even if the step fails: explainable
+                             fingerprint_parts=json.dumps(job.fingerprint_parts))
             if on_started:
                 on_started(proc.pid)
             syslog(f"started pid {proc.pid}")
@@ -244,6 +248,11 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                         f"the step was stopped", code)
         if code != 0:
             return _end(job, reporter, syslog, Status.FAILED, _exit_reason(code, log_dir), code)
+        failed_by_script = log_dir / FAIL_MARKER
+        if failed_by_script.exists():
+            details = failed_by_script.read_text(errors="replace").strip()[:300]
+            failed_by_script.unlink()
+            return _end(job, reporter, syslog, Status.FAILED, f"the script called run.fail(): {details}", code)
         finalizing = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)
         outputs = _commit_outputs(job, spec, syslog)
         finalizing.cancel()
@@ -336,10 +345,7 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog) -> list[dict[st
 
 
 def _remove_staging(job: StepJob, spec: Any) -> None:
+    """Remove the step's whole staging folder: this attempt's and any an interrupted one left."""
     for o in spec.outputs:
-        staging_attempt = (Path(job.datastore_roots[o.datastore]) / job.staging_dirs[o.name]).parent
-        shutil.rmtree(staging_attempt, ignore_errors=True)
-        try:
-            staging_attempt.parent.rmdir()  # staging/ itself, once no attempt is left in it
-        except OSError:
-            pass
+        staging = (Path(job.datastore_roots[o.datastore]) / job.staging_dirs[o.name]).parent.parent
+        shutil.rmtree(staging, ignore_errors=True)

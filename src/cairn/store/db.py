@@ -7,6 +7,8 @@ a lock upgrade; reads never block writers.
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,11 @@ class Store:
         self._writer = _make_engine(url, immediate=True)
         self._reader = _make_engine(url, immediate=False)
         self._migrated = False
+        _OPEN_STORES.add(self)
+
+    def _forget_connections(self) -> None:
+        self._writer.dispose(close=False)
+        self._reader.dispose(close=False)
 
     @classmethod
     def for_sqlite_file(cls, path: Path) -> Store:
@@ -70,6 +77,18 @@ class Store:
     def dispose(self) -> None:
         self._writer.dispose()
         self._reader.dispose()
+
+
+_OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must open its own connections, never reuse its parent's."""
+    for store in list(_OPEN_STORES):
+        store._forget_connections()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _make_engine(url: str, immediate: bool) -> Engine:

@@ -259,6 +259,19 @@ def delete_metrics(store: Store, run_id: str) -> None:
         conn.execute(delete(t.metrics).where(t.metrics.c.run_id == run_id))
 
 
+SYSTEM_PROPERTY_PREFIXES = ("cairn.", "mlflow.", "azureml.")
+
+
+def forget_attempt(store: Store, step_run_id: str) -> None:
+    """What an interrupted attempt's script recorded (metrics, tags, its own properties) goes:
+    the next attempt starts clean. Properties Cairn set at submit stay."""
+    with store.write() as conn:
+        conn.execute(delete(t.metrics).where(t.metrics.c.run_id == step_run_id))
+        conn.execute(delete(t.run_tags).where(t.run_tags.c.run_id == step_run_id))
+        keep = or_(*(t.run_properties.c.key.startswith(p) for p in SYSTEM_PROPERTY_PREFIXES))
+        conn.execute(delete(t.run_properties).where(t.run_properties.c.run_id == step_run_id, ~keep))
+
+
 def get_metric_rows(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
     with store.read() as conn:
         rows = conn.execute(select(t.metrics).where(t.metrics.c.run_id.in_(run_ids))
