@@ -216,6 +216,16 @@ class LocalBackend:
         shutil.copyfile(local_path, dest)
         return str(dest)
 
+    def register_dataset(self, **fields: Any) -> dict[str, Any]:
+        return q.register_dataset(self.store, **fields)
+
+    def get_dataset(self, *, dataset_id: str | None = None, name: str | None = None,
+                    version: int | None = None) -> dict[str, Any] | None:
+        return q.get_dataset(self.store, dataset_id=dataset_id, name=name, version=version)
+
+    def list_datasets(self) -> list[dict[str, Any]]:
+        return q.list_datasets(self.store)
+
     def artifact_path(self, run_id: str, name: str) -> Path:
         from cairn.storage.paths import confined
 

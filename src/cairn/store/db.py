@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 
 

@@ -393,3 +393,57 @@ def list_named(store: Store, which: str) -> list[dict[str, Any]]:
     with store.read() as conn:
         rows = conn.execute(select(table).order_by(table.c.name))
         return [{**dict(r._mapping), "config": json.loads(r.config)} for r in rows]
+
+
+# -- the dataset registry ------------------------------------------------------------------
+
+def register_dataset(store: Store, *, dataset_id: str, name: str, kind: str, definition: dict[str, Any],
+                     definition_digest: str, content_digest: str, file_count: int, size: int,
+                     description: str | None, tags: dict[str, str], create_new_version: bool) -> dict[str, Any]:
+    """A new version, unless the latest has the same definition and content (then that one)."""
+    c = t.datasets.c
+    with store.write() as conn:
+        latest = _d(conn.execute(select(t.datasets).where(c.name == name).order_by(c.version.desc()).limit(1)).first())
+        if latest is not None:
+            same = latest["definition_digest"] == definition_digest and latest["content_digest"] == content_digest
+            if same or not create_new_version:
+                if not same:
+                    raise ValueError(f"dataset {name!r} is already registered (version {latest['version']}) with "
+                                     f"other data; pass create_new_version=True to add a version")
+                return latest
+        row = {"id": dataset_id, "name": name, "version": (latest["version"] + 1) if latest else 1, "kind": kind,
+               "definition": json.dumps(definition, sort_keys=True), "definition_digest": definition_digest,
+               "content_digest": content_digest, "file_count": file_count, "size": size,
+               "description": description, "tags": json.dumps(tags), "created_at": _now()}
+        conn.execute(insert(t.datasets).values(**row))
+        return row
+
+
+def get_dataset(store: Store, *, dataset_id: str | None = None, name: str | None = None,
+                version: int | None = None) -> dict[str, Any] | None:
+    c = t.datasets.c
+    q = select(t.datasets)
+    if dataset_id is not None:
+        q = q.where(c.id == dataset_id)
+    else:
+        q = q.where(c.name == name)
+        q = q.where(c.version == version) if version is not None else q.order_by(c.version.desc()).limit(1)
+    with store.read() as conn:
+        return _d(conn.execute(q).first())
+
+
+def list_datasets(store: Store) -> list[dict[str, Any]]:
+    """The latest version of every registered dataset."""
+    with store.read() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(select(t.datasets).order_by(t.datasets.c.name,
+                                                                                   t.datasets.c.version))]
+    latest: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        latest[r["name"]] = r
+    return list(latest.values())
+
+
+def dataset_versions(store: Store, name: str) -> list[dict[str, Any]]:
+    with store.read() as conn:
+        return [dict(r._mapping) for r in conn.execute(
+            select(t.datasets).where(t.datasets.c.name == name).order_by(t.datasets.c.version))]

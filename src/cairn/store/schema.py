@@ -142,3 +142,20 @@ file_stat_cache = Table(
     Column("inode", Integer, nullable=False),
     Column("digest", String(80), nullable=False),
 )
+
+datasets = Table(
+    "datasets", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),  # file | tabular
+    Column("definition", Text, nullable=False),  # JSON: paths, format, options, transforms
+    Column("definition_digest", String(80), nullable=False),
+    Column("content_digest", String(80), nullable=False),
+    Column("file_count", Integer, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("description", Text, nullable=True),
+    Column("tags", Text, nullable=False),  # JSON
+    Column("created_at", Float, nullable=False),
+    Index("ix_datasets_name_version", "name", "version", unique=True),
+)

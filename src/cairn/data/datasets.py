@@ -1,0 +1,280 @@
+"""Dataset definitions: which files of which datastore (or URL), and how to read them.
+
+A definition is plain JSON (kind, paths, reading options, transformations), so it can live in a
+graph spec and in the registry. Resolving it lists the files through fsspec and yields a content
+digest from the listing (size, ETag/checksum where the store gives one, path) without reading data.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cairn.core.digests import digest_json
+from cairn.core.errors import CairnError
+from cairn.storage.datastores import DatastoreLocation, remote_path, translate_errors
+
+TABULAR_FORMATS = ("delimited", "parquet", "json_lines")
+
+
+class DatasetError(CairnError):
+    """A dataset cannot be resolved or read."""
+
+
+@dataclass(frozen=True)
+class ResolvedFile:
+    """One file of a dataset: where it is, and its path relative to the dataset's root."""
+
+    datastore: str | None  # None for http(s) URLs
+    path: str  # full path in the store's filesystem (or the URL)
+    relative: str
+    size: int
+    version: str  # ETag / checksum / mtime: what changes when the bytes change
+
+
+def _has_magic(path: str) -> bool:
+    return globlib.has_magic(path)
+
+
+def _static_prefix(pattern: str) -> str:
+    parts = []
+    for part in pattern.split("/"):
+        if _has_magic(part):
+            break
+        parts.append(part)
+    return "/".join(parts)
+
+
+def _version_of(info: dict[str, Any]) -> str:
+    for key in ("ETag", "etag", "content_md5", "md5", "checksum", "LastModified", "last_modified", "mtime", "created"):
+        value = info.get(key)
+        if value:
+            return str(value.hex() if isinstance(value, (bytes, bytearray)) else value)
+    return ""
+
+
+def resolve_files(definition: dict[str, Any], locate: Any) -> list[ResolvedFile]:
+    """Every file the definition names. ``locate(name)`` gives a DatastoreLocation."""
+    found: dict[str, ResolvedFile] = {}
+    for entry in definition["paths"]:
+        if "url" in entry:
+            found[entry["url"]] = _resolve_url(entry["url"])
+            continue
+        loc: DatastoreLocation = locate(entry["datastore"])
+        fs, root = loc.filesystem()
+        pattern = remote_path(root, entry["path"] or ".")
+        try:
+            if _has_magic(entry["path"]):
+                infos = fs.glob(pattern, detail=True)
+                base = remote_path(root, _static_prefix(entry["path"]))
+            elif fs.isdir(pattern):
+                infos = fs.find(pattern, detail=True)
+                base = pattern
+            elif fs.exists(pattern):
+                infos = {pattern: fs.info(pattern)}
+                base = pattern.rsplit("/", 1)[0]
+            else:
+                infos = {}
+                base = pattern
+        except Exception as exc:
+            raise translate_errors(loc, f"listing {entry['path']!r}", exc) from None
+        for full, info in sorted(infos.items()):
+            if info.get("type") == "directory":
+                continue
+            rel = full[len(base.rstrip("/")) + 1:] if full.startswith(base.rstrip("/") + "/") else full.rsplit("/", 1)[-1]
+            found[f"{loc.name}:{full}"] = ResolvedFile(loc.name, full, rel, int(info.get("size") or 0), _version_of(info))
+    return list(found.values())
+
+
+def _resolve_url(url: str) -> ResolvedFile:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise DatasetError(f"dataset URL {url!r} does not exist") from None
+    except Exception as exc:
+        raise DatasetError(f"cannot reach dataset URL {url!r}: {type(exc).__name__}: {exc}") from None
+    return ResolvedFile(None, url, url.rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0), _version_of(info))
+
+
+def content_digest(files: list[ResolvedFile]) -> str:
+    """Digest of what the store says about the files (no data is read)."""
+    return digest_json(sorted([f.datastore or "", f.path, f.size, f.version] for f in files))
+
+
+def describe_paths(definition: dict[str, Any]) -> str:
+    return ", ".join(e.get("url") or f"{e['datastore']}:{e['path']}" for e in definition["paths"])
+
+
+def fetch(files: list[ResolvedFile], locate: Any, dest: Path) -> None:
+    """Copy the files into ``dest`` keeping their relative paths (atomic per file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    systems: dict[str, Any] = {}
+
+    def one(f: ResolvedFile) -> None:
+        target = dest / f.relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.cairn-partial")
+        if f.datastore is None:
+            import fsspec
+
+            with fsspec.open(f.path, "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+        else:
+            fs = systems[f.datastore]
+            fs.get_file(f.path, str(tmp))
+        os.replace(tmp, target)
+
+    for f in files:
+        if f.datastore is not None and f.datastore not in systems:
+            systems[f.datastore] = locate(f.datastore).filesystem()[0]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, files))
+
+
+def local_folder(definition: dict[str, Any], locate: Any) -> str | None:
+    """The dataset's own local folder or file when it is exactly one, on a local datastore (then
+    consuming it needs no copy); else None."""
+    paths = definition["paths"]
+    if len(paths) != 1 or "url" in paths[0] or _has_magic(paths[0]["path"]):
+        return None
+    loc = locate(paths[0]["datastore"])
+    if loc.kind != "local":
+        return None
+    full = Path(remote_path(loc.config["path"], paths[0]["path"] or "."))
+    return str(full) if full.exists() else None
+
+
+# -- reading tabular data ------------------------------------------------------------------
+
+def read_table(definition: dict[str, Any], files: list[ResolvedFile], locate: Any) -> Any:
+    """A pandas DataFrame of every file (pyarrow reads them), then the transformations."""
+    try:
+        import pandas as pd
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise DatasetError("reading tabular datasets needs pandas and pyarrow: pip install 'cairn[data]'") from None
+
+    fmt = definition["format"]
+    opts = definition.get("options", {})
+    frames = []
+    systems: dict[str, Any] = {}
+    for f in sorted(files, key=lambda x: x.relative):
+        if f.datastore is None:
+            import fsspec
+
+            opener = fsspec.open(f.path, "rb")
+        else:
+            if f.datastore not in systems:
+                systems[f.datastore] = locate(f.datastore).filesystem()[0]
+            opener = systems[f.datastore].open(f.path, "rb")
+        with opener as handle:
+            frame = _read_one(fmt, opts, handle, f)
+        if opts.get("include_path"):
+            frame.insert(0, "Path", f.relative)
+        frames.append(frame)
+    if not frames:
+        raise DatasetError(f"the dataset ({describe_paths(definition)}) has no files")
+    table = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    types = opts.get("set_column_types") or {}
+    for column, kind in types.items():
+        if column not in table.columns:
+            raise DatasetError(f"set_column_types names column {column!r}, which the data does not have "
+                               f"(columns: {', '.join(map(str, table.columns))})")
+        table[column] = _convert(table[column], kind, column)
+    for op, arg in definition.get("transforms", []):
+        table = _apply(table, op, arg)
+    return table.reset_index(drop=True)
+
+
+def _read_one(fmt: str, opts: dict[str, Any], handle: Any, f: ResolvedFile) -> Any:
+    import pyarrow as pa
+
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(handle).to_pandas()
+        if fmt == "json_lines":
+            import pyarrow.json as pj
+
+            return pj.read_json(handle).to_pandas()
+        import pyarrow.csv as pc
+
+        raw = handle.read()
+        encoding = opts.get("encoding", "utf8")
+        if encoding.replace("-", "").lower() not in ("utf8",):
+            try:
+                raw = raw.decode(encoding).encode("utf-8")
+            except (UnicodeDecodeError, LookupError) as exc:
+                raise DatasetError(f"{f.relative}: cannot decode as {encoding!r}: {exc}") from None
+        else:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = raw[: exc.start].count(b"\n") + 1
+                raise DatasetError(f"{f.relative}, line {line}: not valid UTF-8 (byte {exc.start}); pass "
+                                   f"encoding='latin1' (or the file's encoding)") from None
+        read = pc.ReadOptions(autogenerate_column_names=not opts.get("header", True))
+        parse = pc.ParseOptions(delimiter=opts.get("separator", ","), newlines_in_values=opts.get("support_multi_line", False))
+        convert = pc.ConvertOptions(column_types=None) if opts.get("infer_column_types", True) else \
+            pc.ConvertOptions(strings_can_be_null=True)
+        if not opts.get("infer_column_types", True):
+            header = raw.split(b"\n", 1)[0].decode("utf-8").split(opts.get("separator", ","))
+            convert = pc.ConvertOptions(column_types={c.strip(): pa.string() for c in header})
+        return pc.read_csv(pa.BufferReader(raw), read_options=read, parse_options=parse,
+                           convert_options=convert).to_pandas()
+    except DatasetError:
+        raise
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+        raise DatasetError(f"{f.relative}: cannot read as {fmt}: {exc}") from None
+
+
+def _convert(series: Any, kind: str, column: str) -> Any:
+    import pandas as pd
+
+    try:
+        if kind in ("int", "integer"):
+            return pd.to_numeric(series, errors="raise").astype("Int64")
+        if kind in ("float", "double"):
+            return pd.to_numeric(series, errors="raise").astype(float)
+        if kind in ("str", "string"):
+            return series.astype(str)
+        if kind in ("bool", "boolean"):
+            return series.map(lambda v: str(v).strip().lower() in ("1", "true", "yes", "y", "t"))
+        if kind in ("datetime", "date"):
+            return pd.to_datetime(series, errors="raise")
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"column {column!r} cannot be converted to {kind}: {exc}") from None
+    raise DatasetError(f"unknown column type {kind!r} for column {column!r}; use int, float, str, bool or datetime")
+
+
+def _apply(table: Any, op: str, arg: Any) -> Any:
+    if op == "take":
+        return table.head(arg)
+    if op == "skip":
+        return table.iloc[arg:]
+    if op in ("keep_columns", "drop_columns"):
+        missing = [c for c in arg if c not in table.columns]
+        if missing:
+            raise DatasetError(f"{op}: no column(s) {', '.join(map(repr, missing))} (columns: "
+                               f"{', '.join(map(str, table.columns))})")
+        return table[arg] if op == "keep_columns" else table.drop(columns=arg)
+    if op == "split":
+        import numpy as np
+
+        fraction, seed, first = arg
+        mask = np.random.default_rng(seed).random(len(table)) < fraction
+        return table[mask] if first else table[~mask]
+    raise DatasetError(f"unknown transformation {op!r}")
+
+
+def definition_digest(definition: dict[str, Any]) -> str:
+    return digest_json(definition)
