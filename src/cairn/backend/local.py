@@ -13,7 +13,7 @@ from cairn.core.errors import NotFoundError, UserInputError
 from cairn.core.spec import GraphSpec
 from cairn.core.status import Status
 from cairn.engine import client as agent_client
-from cairn.engine.context import DEFAULT_DATASTORE
+from cairn.engine.context import DEFAULT_DATASTORE, SEALED, locate_datastore
 from cairn.engine.fingerprint import differing_parts
 from cairn.storage.datastores import DatastoreLocation
 from cairn.storage.layout import WorkspaceLayout, run_dir
@@ -24,7 +24,7 @@ from cairn.store import queries as q
 from cairn.store.db import Store
 
 CONFIG_VERSION = 1
-SEALED = "sealed_credentials"  # the config key holding encrypted credentials
+
 
 
 class LocalBackend:
@@ -81,15 +81,7 @@ class LocalBackend:
         q.delete_named(self.store, "datastores", name)
 
     def datastore_location(self, name: str) -> DatastoreLocation:
-        for d in q.list_named(self.store, "datastores"):
-            if d["name"] == name:
-                config = dict(d["config"])
-                sealed = config.pop(SEALED, None)
-                if d["kind"] == "local":
-                    path = Path(config.get("path", ""))
-                    config["path"] = str(path if path.is_absolute() else self.layout.dot / path)
-                return DatastoreLocation(name, d["kind"], config, self._secrets.open(sealed) if sealed else {})
-        raise NotFoundError(f"datastore {name!r} is not registered in workspace {self.location}")
+        return locate_datastore(self.store, self.layout, name)
 
     def datastore_root(self, name: str) -> str:
         loc = self.datastore_location(name)

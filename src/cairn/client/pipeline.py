@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cairn.client.dataset import DatasetConsumptionConfig
 from cairn.client.environment import Environment
 from cairn.client.steps import PythonScriptStep
 from cairn.core.errors import PipelineValidationError, UserInputError
-from cairn.core.spec import Argument, GraphSpec, InputSpec, OutputSpec, StepSpec
+from cairn.core.spec import Argument, DatasetInputSpec, GraphSpec, InputSpec, OutputSpec, StepSpec
 from cairn.data.pipeline_data import PipelineData, PipelineDataInput
 
 if TYPE_CHECKING:
@@ -100,6 +101,11 @@ class Pipeline:
             names_seen: dict[str, int] = {}
             for b in bindings:
                 names_seen[b.input_name] = names_seen.get(b.input_name, 0) + 1
+            for d in s.dataset_bindings():
+                names_seen[d.name] = names_seen.get(d.name, 0) + 1
+                owner = d.dataset._workspace
+                if owner is not None and owner != self.workspace:
+                    problems.append(f"{who}: dataset input {d.name!r} belongs to another workspace")
             for n, c in names_seen.items():
                 if c > 1:
                     problems.append(f"{who}: {c} different inputs are named {n!r}; give them distinct names with "
@@ -160,6 +166,8 @@ class Pipeline:
                         args.append(Argument(input=binding_name[id(a)]))
                 elif isinstance(a, PipelineDataInput):
                     args.append(Argument(input=a.input_name))
+                elif isinstance(a, DatasetConsumptionConfig):
+                    args.append(Argument(input=a.name))
                 else:
                     args.append(Argument(literal=str(a) if not isinstance(a, bool) else str(a)))
             env_spec = s.runconfig.environment.to_spec()
@@ -176,12 +184,27 @@ class Pipeline:
                 compute_target=_target_name(s), allow_reuse=s.allow_reuse, version=s.version,
                 run_after=tuple(a.name for a in s._run_after),
                 max_run_duration_seconds=rc.max_run_duration_seconds,
+                dataset_inputs=tuple(_dataset_input(d, self.workspace) for d in s.dataset_bindings()),
             ))
             step_props[s.name] = {**gits[s.source_directory], "cairn.snapshot": snapshots[s.source_directory]}
+            for d in specs[-1].dataset_inputs:  # lineage: what data the step consumed
+                step_props[s.name][f"cairn.input.{d.name}.digest"] = d.content_digest
+                if d.dataset:
+                    step_props[s.name][f"cairn.input.{d.name}.dataset"] = d.dataset
         return GraphSpec(tuple(specs)), step_props
 
     def __repr__(self) -> str:
         return f"Pipeline(steps={[s.name for s in self.steps]!r})"
+
+
+def _dataset_input(d: DatasetConsumptionConfig, workspace: Workspace) -> DatasetInputSpec:
+    """Resolve the dataset now: its listing digest is what the step's fingerprint will see."""
+    dataset = d.dataset
+    dataset._workspace = dataset._workspace or workspace
+    registered = f"{dataset.name}:{dataset.version}" if dataset.name else None
+    return DatasetInputSpec(name=d.name, kind=dataset.kind, definition=dataset.definition,
+                            content_digest=dataset.content_digest, mode=d.mode,
+                            path_on_compute=d.path_on_compute, dataset=registered)
 
 
 def _target_name(step: PythonScriptStep) -> str:

@@ -422,10 +422,17 @@ class StepRun(Run):
 
     @property
     def input_datasets(self) -> dict[str, Any]:
-        """Inside the step: input name -> local path."""
-        if os.environ.get("CAIRN_RUN_ID") == self.id:
-            return json.loads(os.environ.get("CAIRN_INPUTS", "{}"))
-        return {}
+        """Inside the step: input name -> its local path; a dataset input in direct mode -> the Dataset."""
+        if os.environ.get("CAIRN_RUN_ID") != self.id:
+            return {}
+        result: dict[str, Any] = json.loads(os.environ.get("CAIRN_INPUTS", "{}"))
+        for name, d in json.loads(os.environ.get("CAIRN_DATASETS", "{}")).items():
+            if d["mode"] == "direct":
+                from cairn.client.dataset import FileDataset, TabularDataset
+
+                cls = FileDataset if d["kind"] == "file" else TabularDataset
+                result[name] = cls(d["definition"], self.workspace)
+        return result
 
     @property
     def output_datasets(self) -> dict[str, Any]:

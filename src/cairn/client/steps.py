@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cairn.client.dataset import DatasetConsumptionConfig
 from cairn.client.environment import RunConfiguration
 from cairn.core.errors import UserInputError
 from cairn.core.names import check_step_name, check_type
@@ -43,9 +44,10 @@ class PythonScriptStep:
             raise UserInputError(f"{who}: arguments must be a list, not {type(arguments).__name__}")
         self.arguments = list(arguments or [])
         for i, a in enumerate(self.arguments):
-            if not isinstance(a, (*_SCALARS, os.PathLike, PipelineData, PipelineDataInput)):
+            if not isinstance(a, (*_SCALARS, os.PathLike, PipelineData, PipelineDataInput, DatasetConsumptionConfig)):
                 raise UserInputError(f"{who}: arguments[{i}] is a {type(a).__name__}; allowed are str, int, "
-                                     f"float, bool, PipelineData and its as_input()/as_download()/as_mount()")
+                                     f"float, bool, PipelineData and its as_input()/as_download()/as_mount(), "
+                                     f"and dataset.as_named_input(name) (with .as_download()/.as_mount())")
         if compute_target is not None and not isinstance(compute_target, str) and not hasattr(compute_target, "name"):
             raise UserInputError(f"{who}: compute_target must be a ComputeTarget or a target name, not "
                                  f"{type(compute_target).__name__}")
@@ -57,9 +59,10 @@ class PythonScriptStep:
             raise UserInputError(f"{who}: inputs must be a list, not {type(inputs).__name__}")
         self.inputs = list(inputs or [])
         for i, x in enumerate(self.inputs):
-            if not isinstance(x, (PipelineData, PipelineDataInput)):
+            if not isinstance(x, (PipelineData, PipelineDataInput, DatasetConsumptionConfig)):
                 raise UserInputError(f"{who}: inputs[{i}] is a {type(x).__name__}; allowed are PipelineData "
-                                     f"and its as_input()/as_download()/as_mount()")
+                                     f"and its as_input()/as_download()/as_mount(), and "
+                                     f"dataset.as_named_input(name)")
         if outputs is not None and not isinstance(outputs, (list, tuple)):
             raise UserInputError(f"{who}: outputs must be a list, not {type(outputs).__name__}")
         self.outputs = list(outputs or [])
@@ -113,11 +116,19 @@ class PythonScriptStep:
         found: list[PipelineDataInput] = []
         from_args = [a for a in self.arguments if isinstance(a, (PipelineData, PipelineDataInput))
                      and not (isinstance(a, PipelineData) and any(a is o for o in self.outputs))]
-        for c in [*self.inputs, *from_args]:
+        for c in [*(x for x in self.inputs if not isinstance(x, DatasetConsumptionConfig)), *from_args]:
             binding = c.as_input() if isinstance(c, PipelineData) else c
             if not any(b.data is binding.data and b.input_name == binding.input_name for b in found):
                 found.append(binding)
         return found
+
+    def dataset_bindings(self) -> list[DatasetConsumptionConfig]:
+        """Dataset inputs, declared or in arguments (one per name)."""
+        found: dict[str, DatasetConsumptionConfig] = {}
+        for c in [*self.inputs, *self.arguments]:
+            if isinstance(c, DatasetConsumptionConfig):
+                found.setdefault(c.name, c)
+        return list(found.values())
 
     def __repr__(self) -> str:
         return f"PythonScriptStep(name={self.name!r}, script_name={self.script_name!r})"

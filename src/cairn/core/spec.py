@@ -25,6 +25,20 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class DatasetInputSpec:
+    """An input of a step read from a dataset. Its content digest (from the store's listing at
+    submit) is the input's part of the fingerprint: new data in the same path means a new digest."""
+
+    name: str
+    kind: str  # file | tabular
+    definition: dict[str, Any] = field(hash=False, compare=True)
+    content_digest: str = ""
+    mode: str = "direct"  # direct | mount | download
+    path_on_compute: str | None = None
+    dataset: str | None = None  # "name:version" when registered
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     """An output a step writes; ``datastore`` names where it is committed."""
 
@@ -69,6 +83,7 @@ class StepSpec:
     run_after: tuple[str, ...] = ()
     max_run_duration_seconds: float | None = None
     properties: tuple[tuple[str, str], ...] = ()
+    dataset_inputs: tuple[DatasetInputSpec, ...] = ()
 
     def upstream(self) -> set[str]:
         """Names of the steps that must finish before this one starts."""
@@ -141,4 +156,5 @@ def _step_from_dict(d: dict[str, Any]) -> StepSpec:
         run_after=tuple(d.get("run_after", ())),
         max_run_duration_seconds=d.get("max_run_duration_seconds"),
         properties=_pairs(d.get("properties", ())),
+        dataset_inputs=tuple(DatasetInputSpec(**x) for x in d.get("dataset_inputs", ())),
     )

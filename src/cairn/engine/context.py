@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cairn.core.errors import NotFoundError
+from cairn.storage.datastores import DatastoreLocation
 from cairn.storage.layout import WorkspaceLayout
 from cairn.storage.objects import ObjectStore
+from cairn.storage.secrets import SecretBox
 from cairn.store import queries as q
 from cairn.store.db import Store
 
@@ -35,8 +38,28 @@ class EngineContext:
             roots[d["name"]] = str(path if path.is_absolute() else self.layout.dot / path)
         return roots
 
+    def datastore_location(self, name: str) -> DatastoreLocation:
+        return locate_datastore(self.store, self.layout, name)
+
     def default_datastore(self) -> str:
         for d in q.list_named(self.store, "datastores"):
             if d["is_default"]:
                 return d["name"]
         return DEFAULT_DATASTORE
+
+
+SEALED = "sealed_credentials"  # the config key holding a datastore's encrypted credentials
+
+
+def locate_datastore(store: Store, layout: WorkspaceLayout, name: str) -> DatastoreLocation:
+    """A registered datastore with its credentials decrypted (they never leave the process)."""
+    for d in q.list_named(store, "datastores"):
+        if d["name"] == name:
+            config = dict(d["config"])
+            sealed = config.pop(SEALED, None)
+            if d["kind"] == "local":
+                path = Path(config.get("path", ""))
+                config["path"] = str(path if path.is_absolute() else layout.dot / path)
+            secrets = SecretBox(layout.dot / "secret.key").open(sealed) if sealed else {}
+            return DatastoreLocation(name, d["kind"], config, secrets)
+    raise NotFoundError(f"datastore {name!r} is not registered in workspace {layout.root}")

@@ -14,6 +14,7 @@ from typing import Any
 
 from cairn.core.spec import GraphSpec, StepSpec
 from cairn.core.status import ACTIVE, Status
+from cairn.data.datasets import local_folder
 from cairn.engine.context import EngineContext
 from cairn.engine.fingerprint import fingerprint, fingerprint_parts
 from cairn.runner.execute import process_start_time
@@ -93,6 +94,17 @@ class PipelineScheduler:
             produced = q.get_outputs(store, self.step_ids[i.producer])[i.output]
             path = Path(self._roots[produced["datastore"]]) / produced["path"]
             inputs.append(InputLocation(i.name, str(path), produced["digest"], i.mode))
+        datasets, locations = {}, {}
+        for d in step.dataset_inputs:
+            own = None if d.mode == "download" else local_folder(d.definition, self.ctx.datastore_location)
+            inputs.append(InputLocation(d.name, own or "", d.content_digest, d.mode))
+            datasets[d.name] = {"kind": d.kind, "definition": d.definition, "mode": d.mode,
+                                "path_on_compute": d.path_on_compute}
+            if own is None:
+                for entry in d.definition["paths"]:
+                    if "datastore" in entry and entry["datastore"] not in locations:
+                        loc = self.ctx.datastore_location(entry["datastore"])
+                        locations[loc.name] = {"kind": loc.kind, "config": loc.config, "secrets": loc.secrets}
         parts = fingerprint_parts(step, {i.name: i.digest for i in inputs})
         fp = fingerprint(parts)
         log_dir = Path(self._roots[self._default_store]) / run_dir(self.run_id, step_run_id) / "logs"
@@ -125,6 +137,7 @@ class PipelineScheduler:
             staging_dirs={o.name: f"{base}/staging/a{attempt}/{o.name}" for o in step.outputs},
             inputs=tuple(inputs), interpreter=step.environment.get("interpreter_path") or "",
             fingerprint=fp, fingerprint_parts=parts, cacheable=step.allow_reuse,
+            datasets=datasets, datastore_locations=locations,
         )
 
     def _outputs_present(self, source_id: str, step: StepSpec) -> bool:

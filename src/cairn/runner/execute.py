@@ -102,8 +102,12 @@ def materialize_inputs(job: StepJob, work: Path) -> dict[str, str]:
 
     spec = _step_from_dict(job.step)
     on_compute = {i.name: i.path_on_compute for i in spec.inputs}
+    on_compute.update({d.name: d.path_on_compute for d in spec.dataset_inputs})
     paths = {}
     for i in job.inputs:
+        if i.name in job.datasets and not i.path:  # a dataset with no local folder of its own: fetch it
+            paths[i.name] = _fetch_dataset(job, i.name, work, on_compute.get(i.name))
+            continue
         if i.mode != "download":
             paths[i.name] = i.path
             continue
@@ -118,6 +122,20 @@ def materialize_inputs(job: StepJob, work: Path) -> dict[str, str]:
             shutil.copyfile(i.path, dest)
         paths[i.name] = str(dest)
     return paths
+
+
+def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | None) -> str:
+    from cairn.data.datasets import fetch, resolve_files
+    from cairn.storage.datastores import DatastoreLocation
+    from cairn.storage.paths import confined
+
+    def locate(store: str) -> DatastoreLocation:
+        loc = job.datastore_locations[store]
+        return DatastoreLocation(store, loc["kind"], loc["config"], loc["secrets"])
+
+    dest = confined(work, path_on_compute or f"{DOWNLOAD_FOLDER}/{name}", f"path_on_compute of input {name!r}")
+    fetch(resolve_files(job.datasets[name]["definition"], locate), locate, dest)
+    return str(dest)
 
 
 def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> list[str]:
@@ -154,6 +172,8 @@ def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: di
         "CAIRN_STEP_NAME": spec.name,
         "CAIRN_LOG_DIR": job.log_dir,
         "CAIRN_INPUTS": json.dumps(input_paths),
+        "CAIRN_DATASETS": json.dumps({n: {k: d[k] for k in ("kind", "definition", "mode")}
+                                      for n, d in job.datasets.items()}),
         "CAIRN_OUTPUTS": json.dumps(output_paths),
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (_CAIRN_PARENT, env.get("PYTHONPATH")) if p),
@@ -182,7 +202,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         syslog(f"snapshot {spec.snapshot} materialised in {work} ({len(job.manifest.get('files', []))} files)")
         input_paths = materialize_inputs(job, work)
         for i in job.inputs:
-            how = f"copied to {input_paths[i.name]}" if i.mode == "download" else "used in place"
+            fetched = i.name in job.datasets and not i.path
+            how = f"copied to {input_paths[i.name]}" if i.mode == "download" or fetched else "used in place"
             syslog(f"input {i.name}: {i.path} ({i.digest}, {i.mode}: {how})")
         output_paths = {}
         for o in spec.outputs:

@@ -34,6 +34,10 @@ class StepJob:
     fingerprint: str = ""
     fingerprint_parts: dict[str, Any] = field(default_factory=dict)
     cacheable: bool = True
+    # dataset inputs: name -> {"kind", "definition", "mode", "path_on_compute"}; and the datastores
+    # they read, with credentials (the job lives in the agent's memory only)
+    datasets: dict[str, Any] = field(default_factory=dict)
+    datastore_locations: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

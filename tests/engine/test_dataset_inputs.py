@@ -1,0 +1,66 @@
+"""Datasets as step inputs: modes, direct Dataset objects, and reuse that follows the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cairn import Dataset, Experiment, Pipeline, PythonScriptStep
+
+READ_FILES = """
+import os, sys
+from cairn import Run
+folder = sys.argv[1]
+print("folder", folder)
+print("files", sorted(os.listdir(folder)))
+print("same", Run.get_context().input_datasets["raw"] == folder)
+open(os.environ["MARKER"], "a").write("ran\\n")
+"""
+
+READ_TABLE = """
+from cairn import Run
+table = Run.get_context().input_datasets["tbl"]
+df = table.to_pandas_dataframe()
+print("rows", len(df), "sum", int(df["a"].sum()))
+"""
+
+
+def test_local_file_dataset_is_used_in_place_and_reuse_follows_the_data(workspace, write_script, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("MARKER", str(tmp_path / "marker"))
+    store = workspace.get_default_datastore()
+    data = Path(store.root) / "raw"
+    data.mkdir()
+    (data / "one.txt").write_text("1")
+    src = write_script("read.py", READ_FILES)
+    raw = Dataset.File.from_files((store, "raw"))
+
+    def submit():
+        step = PythonScriptStep("read.py", name="read", source_directory=src,
+                                arguments=[raw.as_named_input("raw").as_mount()])
+        run = Experiment(workspace, "data").submit(Pipeline(workspace, [step]))
+        run.wait_for_completion(show_output=False)
+        return run.find_step_run("read")[0]
+
+    first = submit()
+    out = first.get_stdout_log()
+    assert f"folder {data}" in out and "same True" in out  # no copy on a local datastore
+    assert first.get_properties()["cairn.input.raw.digest"].startswith("blake2b:")
+    assert submit().get_status() == "Reused"
+    (data / "two.txt").write_text("2")  # new data in the same path
+    third = submit()
+    assert third.get_status() == "Completed" and "'two.txt'" in third.get_stdout_log()
+    assert third.explain()["changes"] == ["input raw changed"]
+    assert (tmp_path / "marker").read_text().split() == ["ran", "ran"]
+
+
+def test_tabular_dataset_direct_is_a_dataset_in_the_step(workspace, write_script):
+    store = workspace.get_default_datastore()
+    (Path(store.root) / "t.csv").write_text("a,b\n1,x\n2,y\n")
+    table = Dataset.Tabular.from_delimited_files((store, "t.csv")).register(workspace, "numbers")
+    src = write_script("table.py", READ_TABLE)
+    step = PythonScriptStep("table.py", name="table", source_directory=src, inputs=[table.as_named_input("tbl")])
+    run = Experiment(workspace, "tables").submit(Pipeline(workspace, [step]))
+    run.wait_for_completion(show_output=False)
+    done = run.find_step_run("table")[0]
+    assert "rows 2 sum 3" in done.get_stdout_log()
+    assert done.get_properties()["cairn.input.tbl.dataset"] == "numbers:1"
