@@ -19,6 +19,7 @@ _PUBLIC: dict[str, str] = {
     "RunConfiguration": "cairn.client.environment",
     "PipelineData": "cairn.data.pipeline_data",
     "Dataset": "cairn.client.dataset",
+    "OutputFileDatasetConfig": "cairn.data.output_dataset",
     "FileDataset": "cairn.client.dataset",
     "TabularDataset": "cairn.client.dataset",
     "PythonScriptStep": "cairn.client.steps",

@@ -174,8 +174,19 @@ class LocalBackend:
     def get_outputs(self, step_run_id: str) -> dict[str, dict[str, Any]]:
         outs = q.get_outputs(self.store, step_run_id)
         for o in outs.values():
-            o["local_path"] = str(Path(self.datastore_root(o["datastore"])) / o["path"])
+            loc = self.datastore_location(o["datastore"])
+            o["local_path"] = str(Path(loc.config["path"]) / o["path"]) if loc.kind == "local" else None
         return outs
+
+    def fetch_output(self, output: dict[str, Any], dest: Path, overwrite: bool) -> tuple[int, int]:
+        """Copy an output that lives in an object store into ``dest``; (copied, kept) file counts."""
+        from cairn.data.datasets import fetch, resolve_files
+
+        files = resolve_files({"paths": [{"datastore": output["datastore"], "path": output["path"]}]},
+                              self.datastore_location)
+        wanted = [f for f in files if overwrite or not (dest / f.relative).exists()]
+        fetch(wanted, self.datastore_location, dest)
+        return len(wanted), len(files) - len(wanted)
 
     def run_folder(self, run_id: str) -> Path:
         run = q.get_run(self.store, run_id)

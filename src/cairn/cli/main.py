@@ -58,6 +58,10 @@ def _status(s: str) -> str:
     return f"[{_STYLE.get(s, 'white')}]{s}[/]"
 
 
+def _where(output: Any) -> str:
+    return str(output.local_path) if output.local_path else f"{output.datastore_name}:{output.path_on_datastore}"
+
+
 def _resume_if_orphaned(ws: Any, rows: list[dict[str, Any]]) -> None:
     """A run shown as active needs a live agent: if none serves, start one (it resumes the run)."""
     if any(r["status"] in ("Queued", "Preparing", "Running", "Finalizing") for r in rows):
@@ -146,10 +150,10 @@ def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = ty
     details = run.get_details()
     steps = run.get_steps() if hasattr(run, "get_steps") else []
     if as_json:
-        details["steps"] = [s.get_details() | {"outputs": {n: str(o.local_path) for n, o in s.get_outputs().items()}}
+        details["steps"] = [s.get_details() | {"outputs": {n: _where(o) for n, o in s.get_outputs().items()}}
                             for s in steps]
         if not steps and hasattr(run, "get_outputs"):
-            details["outputs"] = {n: str(o.local_path) for n, o in run.get_outputs().items()}
+            details["outputs"] = {n: _where(o) for n, o in run.get_outputs().items()}
         details["metrics"] = run.get_metrics()
         console.print_json(json.dumps(details, default=str))
         return
@@ -166,7 +170,7 @@ def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = ty
         console.print(table)
     for s in ([run] if not steps else []):
         for name, o in s.get_outputs().items():
-            console.print(f"output {name}: {o.local_path} ({o.size} bytes, {o.digest})")
+            console.print(f"output {name}: {_where(o)} ({o.size} bytes, {o.digest})")
     for title, values in (("tags", details["tags"]), ("properties", details["properties"])):
         if values:
             console.print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in values.items()))

@@ -91,9 +91,7 @@ class Pipeline:
                 ds = o.datastore_name
                 if ds is not None and ds not in stores:
                     problems.append(f"{who}: output {o.name!r} names datastore {ds!r}, which is not registered")
-                elif ds is not None and stores[ds] != "local":
-                    problems.append(f"{who}: output {o.name!r} is on {stores[ds]} datastore {ds!r}; this version "
-                                    f"of Cairn commits step outputs to local datastores only")
+
             for n, c in out_names.items():
                 if c > 1:
                     problems.append(f"{who}: two outputs are named {n!r}")
@@ -153,7 +151,7 @@ class Pipeline:
                 gits[s.source_directory] = git_properties(s.source_directory)
             bindings = s.input_bindings()
             inputs = tuple(InputSpec(b.input_name, producer_of[id(b.data)].name, b.data.output_name, b.mode,
-                                     b.path_on_compute) for b in bindings)
+                                     b.path_on_compute, b.read_as) for b in bindings)
             binding_name: dict[int, str] = {}
             for b in bindings:
                 binding_name.setdefault(id(b.data), b.input_name)
@@ -177,7 +175,7 @@ class Pipeline:
             specs.append(StepSpec(
                 name=s.name, script_name=s.script_name, source_directory=s.source_directory,
                 snapshot=snapshots[s.source_directory], arguments=tuple(args), inputs=inputs,
-                outputs=tuple(OutputSpec(o.output_name, o.datastore_name or default_store_name) for o in s.outputs),
+                outputs=tuple(_output_spec(o, default_store_name) for o in s.outputs),
                 params=tuple(sorted((k, str(v)) for k, v in s.params.items())),
                 environment=env_spec, environment_digest=spec_digest(env_spec),
                 environment_variables=tuple(sorted((str(k), str(v)) for k, v in rc.environment_variables.items())),
@@ -195,6 +193,13 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline(steps={[s.name for s in self.steps]!r})"
+
+
+def _output_spec(o: PipelineData, default_store: str) -> OutputSpec:
+    destination = getattr(o, "destination_path", None)
+    registration = getattr(o, "registration", None)
+    return OutputSpec(o.output_name, o.datastore_name or default_store, destination,
+                      bool(getattr(o, "upload_overwrite", False)), registration)
 
 
 def _dataset_input(d: DatasetConsumptionConfig, workspace: Workspace) -> DatasetInputSpec:

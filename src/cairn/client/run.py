@@ -344,19 +344,27 @@ class PipelineRun(Run):
 class OutputData:
     """A committed output of a step run."""
 
-    def __init__(self, record: dict[str, Any]) -> None:
+    def __init__(self, record: dict[str, Any], backend: Any = None) -> None:
         self.name: str = record["name"]
         self.datastore_name: str = record["datastore"]
         self.path_on_datastore: str = record["path"]
         self.digest: str = record["digest"]
         self.size: int = record["size"]
-        self.local_path = Path(record["local_path"])
+        # None when the output lives in an object store (download() fetches it)
+        self.local_path: Path | None = Path(record["local_path"]) if record.get("local_path") else None
+        self._record = record
+        self._backend = backend
 
     def download(self, local_path: str | os.PathLike[str], overwrite: bool = False,
                  show_progress: bool = False) -> str:
         """Copy the output into ``local_path/<output name>`` (writable copies); files that exist
         there are kept unless ``overwrite``. Returns that path."""
         dest = Path(local_path) / self.name
+        if self.local_path is None:
+            copied, skipped = self._backend.fetch_output(self._record, dest, overwrite)
+            if show_progress:
+                print(f"downloaded {self.name}: {copied} file(s) to {dest}" + (f", {skipped} kept" if skipped else ""))
+            return str(dest)
         copied = skipped = 0
         sources = [self.local_path] if self.local_path.is_file() else \
             sorted(p for p in self.local_path.rglob("*") if p.is_file())
@@ -376,7 +384,7 @@ class OutputData:
         return str(dest)
 
     def __repr__(self) -> str:
-        return f"OutputData(name={self.name!r}, path={str(self.local_path)!r})"
+        return f"OutputData(name={self.name!r}, datastore={self.datastore_name!r}, path={self.path_on_datastore!r})"
 
 
 class StepRun(Run):
@@ -402,7 +410,7 @@ class StepRun(Run):
         return self._backend.read_log(self.id, "system", 0, complete=True)[0]
 
     def get_outputs(self) -> dict[str, OutputData]:
-        return {n: OutputData(r) for n, r in self._backend.get_outputs(self.id).items()}
+        return {n: OutputData(r, self._backend) for n, r in self._backend.get_outputs(self.id).items()}
 
     def get_output_data(self, name: str) -> OutputData:
         check_type(name, str, "output name")
@@ -411,7 +419,7 @@ class StepRun(Run):
             have = ", ".join(sorted(outputs)) or "none"
             raise NotFoundError(f"step run {self.id} has no committed output {name!r} (outputs: {have}; "
                                 f"status {self.status})")
-        return OutputData(outputs[name])
+        return OutputData(outputs[name], self._backend)
 
     def get_fingerprint(self) -> dict[str, Any]:
         return {"fingerprint": self._row()["fingerprint"], "parts": json.loads(self._row()["fingerprint_parts"] or "null")}

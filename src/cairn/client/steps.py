@@ -11,6 +11,7 @@ from cairn.client.dataset import DatasetConsumptionConfig
 from cairn.client.environment import RunConfiguration
 from cairn.core.errors import UserInputError
 from cairn.core.names import check_step_name, check_type
+from cairn.data.output_dataset import OutputFileDatasetConfig, OutputTabularDatasetConfig
 from cairn.data.pipeline_data import PipelineData, PipelineDataInput
 
 _SCALARS = (str, int, float, bool)
@@ -44,6 +45,8 @@ class PythonScriptStep:
             raise UserInputError(f"{who}: arguments must be a list, not {type(arguments).__name__}")
         self.arguments = list(arguments or [])
         for i, a in enumerate(self.arguments):
+            if isinstance(a, OutputTabularDatasetConfig):
+                self.arguments[i] = a = a.as_input()
             if not isinstance(a, (*_SCALARS, os.PathLike, PipelineData, PipelineDataInput, DatasetConsumptionConfig)):
                 raise UserInputError(f"{who}: arguments[{i}] is a {type(a).__name__}; allowed are str, int, "
                                      f"float, bool, PipelineData and its as_input()/as_download()/as_mount(), "
@@ -57,7 +60,7 @@ class PythonScriptStep:
         self.runconfig = runconfig or RunConfiguration()
         if inputs is not None and not isinstance(inputs, (list, tuple)):
             raise UserInputError(f"{who}: inputs must be a list, not {type(inputs).__name__}")
-        self.inputs = list(inputs or [])
+        self.inputs = [x.as_input() if isinstance(x, OutputTabularDatasetConfig) else x for x in (inputs or [])]
         for i, x in enumerate(self.inputs):
             if not isinstance(x, (PipelineData, PipelineDataInput, DatasetConsumptionConfig)):
                 raise UserInputError(f"{who}: inputs[{i}] is a {type(x).__name__}; allowed are PipelineData "
@@ -66,6 +69,11 @@ class PythonScriptStep:
         if outputs is not None and not isinstance(outputs, (list, tuple)):
             raise UserInputError(f"{who}: outputs must be a list, not {type(outputs).__name__}")
         self.outputs = list(outputs or [])
+        # An OutputFileDatasetConfig passed only in arguments is an output of this step (Azure ML v1)
+        for a in self.arguments:
+            if isinstance(a, OutputFileDatasetConfig) and not any(a is o for o in self.outputs) \
+                    and not any(a is x or getattr(x, "data", None) is a for x in self.inputs or []):
+                self.outputs.append(a)
         for i, o in enumerate(self.outputs):
             if not isinstance(o, PipelineData):
                 raise UserInputError(f"{who}: outputs[{i}] is a {type(o).__name__}; outputs must be PipelineData")

@@ -22,6 +22,7 @@ class InputSpec:
     output: str  # output name on the producer
     mode: str = "mount"  # mount | download | direct
     path_on_compute: str | None = None
+    read_as: dict[str, Any] | None = field(default=None, hash=False)  # a tabular reading of the output
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,16 @@ class DatasetInputSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """An output a step writes; ``datastore`` names where it is committed."""
+    """An output a step writes; ``datastore`` names where it is committed.
+
+    ``destination`` is a path template in that datastore ({run-id}, {output-name}); by default the
+    run's own folder. ``register`` asks for a dataset version when the step completes."""
 
     name: str
     datastore: str
+    destination: str | None = None
+    overwrite: bool = False
+    register: dict[str, Any] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ class PipelineDataInput:
     """
 
     def __init__(self, data: PipelineData, input_name: str | None, mode: str,
-                 path_on_compute: str | None = None) -> None:
+                 path_on_compute: str | None = None, read_as: dict[str, Any] | None = None) -> None:
         check_type(data, PipelineData, "data")
         self.data = data
         self.input_name = check_data_name(input_name, "input_name") if input_name is not None else data.name
@@ -69,6 +69,13 @@ class PipelineDataInput:
             raise UserInputError(f"input mode {mode!r} is not one of {MODES}")
         self.mode = mode
         self.path_on_compute = path_on_compute
+        self.read_as = read_as
+
+    def as_download(self, path_on_compute: str | None = None) -> PipelineDataInput:
+        return PipelineDataInput(self.data, self.input_name, "download", path_on_compute, self.read_as)
+
+    def as_mount(self) -> PipelineDataInput:
+        return PipelineDataInput(self.data, self.input_name, "mount", None, self.read_as)
 
     def __repr__(self) -> str:
         return f"PipelineDataInput({self.data.name!r}, mode={self.mode!r})"

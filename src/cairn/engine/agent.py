@@ -62,7 +62,8 @@ class Agent:
             self.front.open()
             signal_ready(b"ready\n")
         self.ctx = EngineContext.open(self.layout)
-        self.reporter = StoreReporter(self.ctx.store, on_change=self._step_changed)
+        self.reporter = StoreReporter(self.ctx.store, on_change=self._step_changed,
+                                      locate=self.ctx.datastore_location)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         self._log(f"agent {self.owner} serving {self.layout.root}")

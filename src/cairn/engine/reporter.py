@@ -11,9 +11,10 @@ from cairn.store.db import Store
 
 
 class StoreReporter:
-    def __init__(self, store: Store, on_change: Any = None) -> None:
+    def __init__(self, store: Store, on_change: Any = None, locate: Any = None) -> None:
         self._store = store
         self._on_change = on_change or (lambda run_id: None)
+        self._locate = locate
 
     def started(self, step_run_id: str, status: Status, **fields: Any) -> bool:
         ok = q.update_status(self._store, step_run_id, status, None, **fields)
@@ -29,3 +30,21 @@ class StoreReporter:
     def ended(self, step_run_id: str, status: Status, reason: str, exit_code: int | None) -> None:
         q.update_status(self._store, step_run_id, status, reason, exit_code=exit_code)
         self._on_change(step_run_id)
+
+    def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str:
+        """A committed output becomes a new version of a registered dataset (and the step run says so)."""
+        from cairn.core import ids
+        from cairn.data.datasets import content_digest, definition_digest, resolve_files
+
+        read_as = registration.get("read_as") or {}
+        kind = "tabular" if read_as else "file"
+        definition = {"kind": kind, "paths": [{"datastore": output["datastore"], "path": output["path"]}], **read_as}
+        files = resolve_files(definition, self._locate)
+        row = q.register_dataset(
+            self._store, dataset_id=ids.new_id("ds"), name=registration["name"], kind=kind, definition=definition,
+            definition_digest=definition_digest(definition), content_digest=content_digest(files),
+            file_count=len(files), size=sum(f.size for f in files), description=registration.get("description"),
+            tags=registration.get("tags") or {}, create_new_version=True)
+        label = f"{row['name']}:{row['version']}"
+        q.add_properties(self._store, job.step_run_id, {f"cairn.output.{output['name']}.dataset": label})
+        return label

@@ -90,11 +90,21 @@ class PipelineScheduler:
         store = self.ctx.store
         step_run_id = self.step_ids[step.name]
         inputs = []
+        datasets: dict[str, Any] = {}
+        locations: dict[str, Any] = {}
         for i in step.inputs:
             produced = q.get_outputs(store, self.step_ids[i.producer])[i.output]
-            path = Path(self._roots[produced["datastore"]]) / produced["path"]
-            inputs.append(InputLocation(i.name, str(path), produced["digest"], i.mode))
-        datasets, locations = {}, {}
+            store_name = produced["datastore"]
+            local = store_name in self._roots
+            path = str(Path(self._roots[store_name]) / produced["path"]) if local else ""  # remote: fetched
+            inputs.append(InputLocation(i.name, path, produced["digest"], i.mode))
+            if i.read_as or not local:
+                definition = {"kind": "tabular" if i.read_as else "file",
+                              "paths": [{"datastore": store_name, "path": produced["path"]}], **(i.read_as or {})}
+                datasets[i.name] = {"kind": definition["kind"], "definition": definition,
+                                    "mode": "direct" if i.read_as else i.mode, "path_on_compute": i.path_on_compute}
+            if not local:
+                self._add_location(locations, store_name)
         for d in step.dataset_inputs:
             own = None if d.mode == "download" else local_folder(d.definition, self.ctx.datastore_location)
             inputs.append(InputLocation(d.name, own or "", d.content_digest, d.mode))
@@ -102,9 +112,11 @@ class PipelineScheduler:
                                 "path_on_compute": d.path_on_compute}
             if own is None:
                 for entry in d.definition["paths"]:
-                    if "datastore" in entry and entry["datastore"] not in locations:
-                        loc = self.ctx.datastore_location(entry["datastore"])
-                        locations[loc.name] = {"kind": loc.kind, "config": loc.config, "secrets": loc.secrets}
+                    if "datastore" in entry:
+                        self._add_location(locations, entry["datastore"])
+        for o in step.outputs:
+            if o.datastore not in self._roots:
+                self._add_location(locations, o.datastore)
         parts = fingerprint_parts(step, {i.name: i.digest for i in inputs})
         fp = fingerprint(parts)
         log_dir = Path(self._roots[self._default_store]) / run_dir(self.run_id, step_run_id) / "logs"
@@ -133,12 +145,18 @@ class PipelineScheduler:
             step=_spec_dict(step), manifest=self._manifests[step.snapshot],
             objects_root=str(self.ctx.objects.root), work_dir=str(self.ctx.layout.work / step_run_id),
             log_dir=str(log_dir), datastore_roots=self._roots,
-            output_dirs={o.name: f"{base}/outputs/{o.name}" for o in step.outputs},
-            staging_dirs={o.name: f"{base}/staging/a{attempt}/{o.name}" for o in step.outputs},
+            output_dirs={o.name: _destination(o, base, step_run_id) for o in step.outputs},
+            staging_dirs={o.name: str(Path(self._roots.get(o.datastore, self._roots[self._default_store]))
+                                      / base / "staging" / f"a{attempt}" / o.name) for o in step.outputs},
             inputs=tuple(inputs), interpreter=step.environment.get("interpreter_path") or "",
             fingerprint=fp, fingerprint_parts=parts, cacheable=step.allow_reuse,
             datasets=datasets, datastore_locations=locations,
         )
+
+    def _add_location(self, locations: dict[str, Any], name: str) -> None:
+        if name not in locations:
+            loc = self.ctx.datastore_location(name)
+            locations[name] = {"kind": loc.kind, "config": loc.config, "secrets": loc.secrets}
 
     def _outputs_present(self, source_id: str, step: StepSpec) -> bool:
         """The earlier outputs still exist, unchanged since they were committed."""
@@ -146,6 +164,10 @@ class PipelineScheduler:
         if {o.name for o in step.outputs} - outs.keys():
             return False
         for o in outs.values():
+            if o["datastore"] not in self._roots:  # an object store: the output must still be listed
+                if not _remote_exists(self.ctx.datastore_location(o["datastore"]), o["path"]):
+                    return False
+                continue
             path = Path(self._roots.get(o["datastore"], "/nonexistent")) / o["path"]
             if not path.exists():
                 return False
@@ -204,6 +226,23 @@ class PipelineScheduler:
             final, reason = Status.FAILED, "some steps could not run"
         q.update_status(store, self.run_id, final, reason)
         return final
+
+
+def _destination(o: Any, base: str, step_run_id: str) -> str:
+    """Where an output is committed in its datastore: its destination template, or the run's folder."""
+    if not o.destination:
+        return f"{base}/outputs/{o.name}"
+    return o.destination.replace("{run-id}", step_run_id).replace("{output-name}", o.name).strip("/")
+
+
+def _remote_exists(loc: Any, path: str) -> bool:
+    from cairn.storage.datastores import remote_path
+
+    try:
+        fs, root = loc.filesystem()
+        return bool(fs.exists(remote_path(root, path)))
+    except Exception:  # an unreachable store cannot be reused from: the step runs (and says why)
+        return False
 
 
 def _all_upstream(spec: GraphSpec, name: str) -> list[str]:

@@ -36,6 +36,8 @@ class StepReporter(Protocol):
 
     def ended(self, step_run_id: str, status: Status, reason: str, exit_code: int | None) -> None: ...
 
+    def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str: ...
+
 
 class StepControl:
     """Lets the engine stop a running step: cancel() kills its whole process group."""
@@ -146,14 +148,10 @@ def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> lis
         if a.input is not None:
             args.append(inputs[a.input])
         elif a.output is not None:
-            args.append(str(Path(job.datastore_roots[_output_store(spec, a.output)]) / job.staging_dirs[a.output]))
+            args.append(job.staging_dirs[a.output])
         else:
             args.append(a.literal or "")
     return args
-
-
-def _output_store(spec: Any, name: str) -> str:
-    return next(o.datastore for o in spec.outputs if o.name == name)
 
 
 def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: dict[str, str]) -> dict[str, str]:
@@ -207,7 +205,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             syslog(f"input {i.name}: {i.path} ({i.digest}, {i.mode}: {how})")
         output_paths = {}
         for o in spec.outputs:
-            staging = Path(job.datastore_roots[o.datastore]) / job.staging_dirs[o.name]
+            staging = Path(job.staging_dirs[o.name])
             if staging.exists():
                 shutil.rmtree(staging)
             staging.mkdir(parents=True)
@@ -275,11 +273,23 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             failed_by_script.unlink()
             return _end(job, reporter, syslog, Status.FAILED, f"the script called run.fail(): {details}", code)
         finalizing = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)
-        outputs = _commit_outputs(job, spec, syslog)
-        finalizing.cancel()
+        try:
+            outputs = _commit_outputs(job, spec, syslog)
+        except OutputCommitError as exc:
+            return _end(job, reporter, syslog, Status.FAILED, str(exc), code)
+        finally:
+            finalizing.cancel()
         if not reporter.succeeded(job, outputs, code):
             syslog("the step run had already ended (canceled?): outputs not recorded")
             return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
+        for o in spec.outputs:
+            if o.register:
+                record = next(x for x in outputs if x["name"] == o.name)
+                try:
+                    registered = reporter.register_output(job, record, o.register)
+                    syslog(f"output {o.name}: registered as dataset {registered}")
+                except Exception as exc:  # the step's work is committed; say why registration failed
+                    syslog(f"output {o.name}: could not register dataset {o.register['name']!r}: {exc}")
         syslog("completed")
         return StepResult(job.step_run_id, Status.COMPLETED.value, None, code)
     except Exception as exc:  # an infrastructure fault: the step fails with the reason, the agent lives
@@ -342,31 +352,63 @@ def _end(job: StepJob, reporter: StepReporter, syslog: _SystemLog, status: Statu
     return StepResult(job.step_run_id, status.value, reason, code)
 
 
+class OutputCommitError(Exception):
+    """An output cannot be committed where it was asked to go (the step fails with this reason)."""
+
+
 def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog) -> list[dict[str, Any]]:
-    """Digest each staged output, then move it into place with one rename (no copy)."""
+    """Digest each staged output, then move it into place with one rename (no copy) on a local
+    datastore, or upload it to an object store."""
     committed = []
     for o in spec.outputs:
-        root = Path(job.datastore_roots[o.datastore])
-        staging = root / job.staging_dirs[o.name]
-        final = root / job.output_dirs[o.name]
+        staging = Path(job.staging_dirs[o.name])
         if not staging.exists():
             staging.mkdir(parents=True)
         tree = digest_tree(staging)
-        make_read_only(staging)
-        if final.exists():  # left by an attempt that died before its transaction
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staging, final)
-        syslog(f"output {o.name}: {tree.file_count} files, {tree.size} bytes, {tree.digest}")
+        if o.datastore in job.datastore_roots:
+            _commit_local(job, o, staging)
+        else:
+            _commit_remote(job, o, staging)
+        syslog(f"output {o.name}: {tree.file_count} files, {tree.size} bytes, {tree.digest} "
+               f"-> {o.datastore}:{job.output_dirs[o.name]}")
+        local = o.datastore in job.datastore_roots
         committed.append({"name": o.name, "datastore": o.datastore, "path": job.output_dirs[o.name],
                           "digest": tree.digest, "size": tree.size, "file_count": tree.file_count,
-                          "stat_signature": tree.stat_signature})
+                          "stat_signature": tree.stat_signature if local else None})
     _remove_staging(job, spec)
     return committed
+
+
+def _commit_local(job: StepJob, o: Any, staging: Path) -> None:
+    final = Path(job.datastore_roots[o.datastore]) / job.output_dirs[o.name]
+    if final.exists():
+        if o.destination and not o.overwrite and (final.is_file() or any(final.iterdir())):
+            raise OutputCommitError(f"output {o.name!r}: destination {o.datastore}:{job.output_dirs[o.name]} "
+                                    f"already holds files; use as_upload(overwrite=True) or a destination "
+                                    f"with {{run-id}} in it")
+        shutil.rmtree(final) if final.is_dir() else final.unlink()  # left by an attempt that died
+    make_read_only(staging)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staging, final)
+
+
+def _commit_remote(job: StepJob, o: Any, staging: Path) -> None:
+    from cairn.storage.datastores import DatastoreLocation, remote_path, upload
+
+    loc_data = job.datastore_locations[o.datastore]
+    loc = DatastoreLocation(o.datastore, loc_data["kind"], loc_data["config"], loc_data["secrets"])
+    target = job.output_dirs[o.name]
+    if o.destination and not o.overwrite:
+        fs, root = loc.filesystem()
+        if fs.exists(remote_path(root, target)) and fs.find(remote_path(root, target)):
+            raise OutputCommitError(f"output {o.name!r}: destination {o.datastore}:{target} already holds files; "
+                                    f"use as_upload(overwrite=True) or a destination with {{run-id}} in it")
+    files = [(str(p), f"{target}/{p.relative_to(staging).as_posix()}") for p in sorted(staging.rglob("*"))
+             if p.is_file()]
+    upload(loc, files, overwrite=True, show_progress=False)
 
 
 def _remove_staging(job: StepJob, spec: Any) -> None:
     """Remove the step's whole staging folder: this attempt's and any an interrupted one left."""
     for o in spec.outputs:
-        staging = (Path(job.datastore_roots[o.datastore]) / job.staging_dirs[o.name]).parent.parent
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(Path(job.staging_dirs[o.name]).parent.parent, ignore_errors=True)

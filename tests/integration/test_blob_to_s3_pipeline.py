@@ -1,0 +1,72 @@
+"""The issue's pipeline: read a blob dataset (Azurite), write an OutputFileDatasetConfig to S3
+(moto), register it on completion, and read it downstream as a tabular dataset."""
+
+from __future__ import annotations
+
+import uuid
+
+from cairn import Dataset, Datastore, Experiment, OutputFileDatasetConfig, Pipeline, PythonScriptStep
+
+PREPARE = """
+import os, sys
+src, out = sys.argv[1], sys.argv[2]
+rows = []
+for name in sorted(os.listdir(src)):
+    with open(os.path.join(src, name)) as f:
+        rows += f.read().splitlines()[1:]
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "clean.csv"), "w") as f:
+    f.write("value\\n" + "\\n".join(str(int(r) * 10) for r in rows) + "\\n")
+"""
+
+SUMMARISE = """
+from cairn import Run
+run = Run.get_context()
+df = run.input_datasets["clean"].to_pandas_dataframe()
+run.log("total", int(df["value"].sum()))
+print("total", int(df["value"].sum()))
+"""
+
+
+def test_blob_dataset_to_registered_s3_output(workspace, azurite, moto_s3, write_script, tmp_path):
+    blobs = Datastore.register_azure_blob_container(
+        workspace, "blobs", container_name=f"c{uuid.uuid4().hex[:10]}", account_name=azurite["account_name"],
+        account_key=azurite["account_key"], endpoint=azurite["endpoint"], protocol="http", create_if_not_exists=True)
+    s3 = Datastore.register_s3_bucket(
+        workspace, "lake", bucket_name=f"b{uuid.uuid4().hex[:10]}", endpoint_url=moto_s3["endpoint_url"],
+        access_key_id=moto_s3["access_key_id"], secret_access_key=moto_s3["secret_access_key"],
+        create_if_not_exists=True)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.csv").write_text("v\n1\n2\n")
+    (tmp_path / "raw" / "b.csv").write_text("v\n3\n")
+    blobs.upload(tmp_path / "raw", target_path="raw", show_progress=False)
+
+    src = write_script("prepare.py", PREPARE)
+    write_script("summarise.py", SUMMARISE)
+    raw = Dataset.File.from_files((blobs, "raw"))
+    clean = OutputFileDatasetConfig("clean", destination=(s3, "clean/{run-id}")).as_upload() \
+        .register_on_complete("clean_values", description="cleaned", tags={"stage": "prep"})
+    prepare = PythonScriptStep("prepare.py", name="prepare", source_directory=src,
+                               arguments=[raw.as_named_input("raw").as_download(), clean])
+    summarise = PythonScriptStep("summarise.py", name="summarise", source_directory=src,
+                                 inputs=[clean.read_delimited_files().as_input("clean")])
+    run = Experiment(workspace, "lake").submit(Pipeline(workspace, [prepare, summarise]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+
+    step = run.find_step_run("prepare")[0]
+    output = step.get_output_data("clean")
+    assert output.datastore_name == "lake" and output.path_on_datastore == f"clean/{step.id}"
+    assert output.local_path is None  # it lives in S3
+    fetched = output.download(tmp_path / "out")
+    assert open(f"{fetched}/clean.csv").read() == "value\n10\n20\n30\n"
+    assert step.get_properties()["cairn.output.clean.dataset"] == "clean_values:1"
+    registered = Dataset.get_by_name(workspace, "clean_values")
+    assert registered.description == "cleaned" and registered.tags == {"stage": "prep"}
+    assert registered.to_path() == ["clean.csv"]
+    downloaded = registered.download(tmp_path / "check")
+    assert open(downloaded[0]).read() == "value\n10\n20\n30\n"
+    assert run.find_step_run("summarise")[0].get_metrics()["total"] == 60
+
+    again = Experiment(workspace, "lake").submit(Pipeline(workspace, [prepare, summarise]))
+    assert again.wait_for_completion(show_output=False) == "Completed"
+    assert [s.get_status() for s in again.get_steps()] == ["Reused", "Reused"]
