@@ -54,8 +54,10 @@ def test_tabular_reading_and_transformations(store):
 def test_bad_input_gives_clear_errors(store):
     root = Path(store.root)
     (root / "bad.csv").write_text("a,b\n1,2\n3,4,5\n")
-    with pytest.raises(DatasetError, match="bad.csv"):
+    with pytest.raises(DatasetError, match="bad.csv, line 3: expected 2 columns, got 3"):
         Dataset.Tabular.from_delimited_files((store, "bad.csv")).to_pandas_dataframe()
+    skipped = Dataset.Tabular.from_delimited_files((store, "bad.csv"), on_error="skip").to_pandas_dataframe()
+    assert skipped["a"].tolist() == [1]
     (root / "latin.csv").write_bytes("name\ncaf\xe9\n".encode("latin1"))
     with pytest.raises(DatasetError, match="latin.csv, line 2: not valid UTF-8"):
         Dataset.Tabular.from_delimited_files((store, "latin.csv")).to_pandas_dataframe()

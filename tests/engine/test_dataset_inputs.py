@@ -64,3 +64,25 @@ def test_tabular_dataset_direct_is_a_dataset_in_the_step(workspace, write_script
     done = run.find_step_run("table")[0]
     assert "rows 2 sum 3" in done.get_stdout_log()
     assert done.get_properties()["cairn.input.tbl.dataset"] == "numbers:1"
+
+
+LINKED = """
+import os, sys
+print("real", os.path.realpath(sys.argv[1]))
+print("listing", sorted(os.listdir(sys.argv[1])))
+"""
+
+
+def test_local_download_with_path_on_compute_is_a_link_not_a_copy(workspace, write_script):
+    store = workspace.get_default_datastore()
+    data = Path(store.root) / "pics"
+    data.mkdir()
+    (data / "p.txt").write_text("x")
+    src = write_script("linked.py", LINKED)
+    raw = Dataset.File.from_files((store, "pics"))
+    step = PythonScriptStep("linked.py", name="linked", source_directory=src,
+                            arguments=[raw.as_named_input("pics").as_download(path_on_compute="data/pics")])
+    run = Experiment(workspace, "link").submit(Pipeline(workspace, [step]))
+    run.wait_for_completion(show_output=False)
+    out = run.find_step_run("linked")[0].get_stdout_log()
+    assert f"real {data.resolve()}" in out and "listing ['p.txt']" in out

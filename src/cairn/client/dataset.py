@@ -254,13 +254,17 @@ class _TabularFactory:
     def from_delimited_files(path: Any, validate: bool = True, include_path: bool = False,
                              infer_column_types: bool = True, set_column_types: dict[str, str] | None = None,
                              separator: str = ",", header: bool = True, support_multi_line: bool = False,
-                             encoding: str = "utf8", **ignored: Any) -> TabularDataset:
+                             encoding: str = "utf8", on_error: str = "fail", **ignored: Any) -> TabularDataset:
+        """Delimited text files. ``on_error='skip'`` leaves out rows with the wrong number of fields
+        (the default, 'fail', names the file and line of the first one)."""
+        if on_error not in ("fail", "skip"):
+            raise UserInputError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
         if not isinstance(separator, str) or len(separator) != 1:
             raise UserInputError(f"separator must be one character, not {separator!r}")
         header_ok = header if isinstance(header, bool) else str(header).lower() not in ("no_header", "none", "false")
         options = {"include_path": include_path, "infer_column_types": infer_column_types,
                    "set_column_types": set_column_types or {}, "separator": separator, "header": header_ok,
-                   "support_multi_line": support_multi_line, "encoding": encoding}
+                   "support_multi_line": support_multi_line, "encoding": encoding, "on_error": on_error}
         return _tabular(path, "delimited", options, validate)
 
     @staticmethod

@@ -223,18 +223,41 @@ def _read_one(fmt: str, opts: dict[str, Any], handle: Any, f: ResolvedFile) -> A
                 raise DatasetError(f"{f.relative}, line {line}: not valid UTF-8 (byte {exc.start}); pass "
                                    f"encoding='latin1' (or the file's encoding)") from None
         read = pc.ReadOptions(autogenerate_column_names=not opts.get("header", True))
-        parse = pc.ParseOptions(delimiter=opts.get("separator", ","), newlines_in_values=opts.get("support_multi_line", False))
+        bad_rows: list[Any] = []
+        on_error = opts.get("on_error", "fail")
+
+        def invalid_row(row: Any) -> str:
+            bad_rows.append(row)
+            return "skip" if on_error == "skip" else "error"
+
+        parse = pc.ParseOptions(delimiter=opts.get("separator", ","),
+                                newlines_in_values=opts.get("support_multi_line", False),
+                                invalid_row_handler=invalid_row)
         convert = pc.ConvertOptions(column_types=None) if opts.get("infer_column_types", True) else \
             pc.ConvertOptions(strings_can_be_null=True)
         if not opts.get("infer_column_types", True):
             header = raw.split(b"\n", 1)[0].decode("utf-8").split(opts.get("separator", ","))
             convert = pc.ConvertOptions(column_types={c.strip(): pa.string() for c in header})
-        return pc.read_csv(pa.BufferReader(raw), read_options=read, parse_options=parse,
-                           convert_options=convert).to_pandas()
+        try:
+            return pc.read_csv(pa.BufferReader(raw), read_options=read, parse_options=parse,
+                               convert_options=convert).to_pandas()
+        except pa.ArrowInvalid:
+            if not bad_rows:
+                raise
+            row = bad_rows[-1]
+            line = row.number if row.number is not None else _line_of(raw, row.text)
+            raise DatasetError(f"{f.relative}, line {line}: expected {row.expected_columns} columns, got "
+                               f"{row.actual_columns}: {row.text!r}; fix the row, or pass on_error='skip' to "
+                               f"leave such rows out") from None
     except DatasetError:
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
         raise DatasetError(f"{f.relative}: cannot read as {fmt}: {exc}") from None
+
+
+def _line_of(raw: bytes, text: str) -> int | str:
+    at = raw.find(text.encode("utf-8"))
+    return raw[:at].count(b"\n") + 1 if at >= 0 else "?"
 
 
 def _convert(series: Any, kind: str, column: str) -> Any:

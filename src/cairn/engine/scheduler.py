@@ -106,7 +106,8 @@ class PipelineScheduler:
             if not local:
                 self._add_location(locations, store_name)
         for d in step.dataset_inputs:
-            own = None if d.mode == "download" else local_folder(d.definition, self.ctx.datastore_location)
+            # on a local datastore every mode is the data's own path: no copy (the rule)
+            own = local_folder(d.definition, self.ctx.datastore_location)
             inputs.append(InputLocation(d.name, own or "", d.content_digest, d.mode))
             datasets[d.name] = {"kind": d.kind, "definition": d.definition, "mode": d.mode,
                                 "path_on_compute": d.path_on_compute}

@@ -98,8 +98,9 @@ DOWNLOAD_FOLDER = ".cairn_inputs"
 
 
 def materialize_inputs(job: StepJob, work: Path) -> dict[str, str]:
-    """Input name -> the path the step sees. ``mount``/``direct`` get the committed folder itself
-    (no copy, read-only); ``download`` gets a private copy in the working directory."""
+    """Input name -> the path the step sees. Step outputs: ``mount``/``direct`` get the committed
+    folder itself (no copy, read-only); ``download`` gets a private copy in the working directory.
+    Datasets on a local datastore are used in place in every mode; others are fetched."""
     from cairn.storage.paths import confined
 
     spec = _step_from_dict(job.step)
@@ -109,6 +110,16 @@ def materialize_inputs(job: StepJob, work: Path) -> dict[str, str]:
     for i in job.inputs:
         if i.name in job.datasets and not i.path:  # a dataset with no local folder of its own: fetch it
             paths[i.name] = _fetch_dataset(job, i.name, work, on_compute.get(i.name))
+            continue
+        if i.name in job.datasets:  # a dataset's own local folder: used in place, linked where asked
+            wanted = on_compute.get(i.name)
+            if wanted:
+                link = confined(work, wanted, f"path_on_compute of input {i.name!r}")
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(i.path, target_is_directory=Path(i.path).is_dir())
+                paths[i.name] = str(link)
+            else:
+                paths[i.name] = i.path
             continue
         if i.mode != "download":
             paths[i.name] = i.path
@@ -136,7 +147,14 @@ def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | N
         return DatastoreLocation(store, loc["kind"], loc["config"], loc["secrets"])
 
     dest = confined(work, path_on_compute or f"{DOWNLOAD_FOLDER}/{name}", f"path_on_compute of input {name!r}")
-    fetch(resolve_files(job.datasets[name]["definition"], locate), locate, dest)
+    files = resolve_files(job.datasets[name]["definition"], locate)
+    local = [f for f in files if f.datastore and job.datastore_locations[f.datastore]["kind"] == "local"]
+    for f in local:  # files of a local datastore (a glob, several paths) are linked, not copied
+        target = dest / f.relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(f.path)
+    fetch([f for f in files if f not in local], locate, dest)
     return str(dest)
 
 
