@@ -70,3 +70,34 @@ def test_blob_dataset_to_registered_s3_output(workspace, azurite, moto_s3, write
     again = Experiment(workspace, "lake").submit(Pipeline(workspace, [prepare, summarise]))
     assert again.wait_for_completion(show_output=False) == "Completed"
     assert [s.get_status() for s in again.get_steps()] == ["Reused", "Reused"]
+
+
+def test_lineage_names_producers_and_consumers(workspace, write_script):
+    import json
+    import subprocess
+    import sys
+
+    src = write_script("make.py", "import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\n"
+                                  "open(os.path.join(sys.argv[1], 'v.csv'), 'w').write('v\\n1\\n')\n")
+    write_script("use.py", "from cairn import Run\nprint(Run.get_context().input_datasets['t'].to_path())\n")
+    out = OutputFileDatasetConfig("made").register_on_complete("made_values")
+    make = PythonScriptStep("make.py", name="make", source_directory=src, arguments=[out])
+    Experiment(workspace, "lineage").submit(Pipeline(workspace, [make])).wait_for_completion(show_output=False)
+    registered = Dataset.get_by_name(workspace, "made_values")
+    use = PythonScriptStep("use.py", name="use", source_directory=src, inputs=[registered.as_named_input("t")])
+    run = Experiment(workspace, "lineage").submit(Pipeline(workspace, [use]))
+    run.wait_for_completion(show_output=False)
+    assert "['v.csv']" in run.find_step_run("use")[0].get_stdout_log()
+    (version,) = Dataset.get_lineage(workspace, "made_values")
+    assert [r["step"] for r in version["produced_by"]] == ["make"]
+    assert [(r["step"], r["as"]) for r in version["consumed_by"]] == [("use", "t")]
+    shown = subprocess.run([sys.executable, "-m", "cairn", "datasets", "show", "made_values", "--json",
+                            "-w", workspace.location], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)[0]["consumed_by"][0]["step"] == "use"
+    listed = subprocess.run([sys.executable, "-m", "cairn", "datasets", "list", "-w", workspace.location],
+                            capture_output=True, text=True)
+    assert "made_values" in listed.stdout
+    missing = subprocess.run([sys.executable, "-m", "cairn", "datasets", "show", "nope", "-w", workspace.location],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no dataset 'nope'" in missing.stderr

@@ -229,6 +229,17 @@ class LocalBackend:
     def list_datasets(self) -> list[dict[str, Any]]:
         return q.list_datasets(self.store)
 
+    def dataset_lineage(self, name: str) -> list[dict[str, Any]]:
+        """Every version of a dataset with the step runs that produced and consumed it."""
+        versions = q.dataset_versions(self.store, name)
+        if not versions:
+            known = ", ".join(sorted(r["name"] for r in q.list_datasets(self.store))) or "none"
+            raise NotFoundError(f"no dataset {name!r} in this workspace (registered: {known})")
+        return [{"id": v["id"], "version": v["version"], "kind": v["kind"], "content_digest": v["content_digest"],
+                 "file_count": v["file_count"], "size": v["size"], "created_at": v["created_at"],
+                 "description": v["description"], "tags": json.loads(v["tags"]),
+                 **q.runs_with_dataset(self.store, f"{name}:{v['version']}")} for v in versions]
+
     def artifact_path(self, run_id: str, name: str) -> Path:
         from cairn.storage.paths import confined
 

@@ -23,6 +23,8 @@ app = typer.Typer(help="Cairn: create, run and watch ML pipelines.", no_args_is_
                   pretty_exceptions_enable=False, add_completion=False)
 runs_app = typer.Typer(help="List and inspect runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+datasets_app = typer.Typer(help="Registered datasets and their lineage.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
 console = Console()
 if not console.is_terminal:  # piped output: never cut ids and paths that scripts read
     console = Console(width=200)
@@ -182,6 +184,37 @@ def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = ty
                 console.print(f"metrics of {names.get(rid, 'pipeline')}: {json.dumps(m, default=str)}")
     elif metrics:
         console.print(f"metrics: {json.dumps(metrics, default=str)}")
+
+
+@datasets_app.command("list")
+def datasets_list(workspace: Path = WorkspaceOption) -> None:
+    """Registered datasets (latest versions)."""
+    ws = _workspace(workspace)
+    table = Table("dataset", "version", "kind", "files", "size", "digest", "registered")
+    for d in ws._backend.list_datasets():
+        table.add_row(d["name"], str(d["version"]), d["kind"], str(d["file_count"]), f"{d['size']:,} B",
+                      d["content_digest"][:20] + "…", _fmt_time(d["created_at"]))
+    console.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(name: str, workspace: Path = WorkspaceOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A dataset's versions, digests, and the runs that produced and consumed each."""
+    ws = _workspace(workspace)
+    versions = ws._backend.dataset_lineage(name)
+    if as_json:
+        console.print_json(json.dumps(versions, default=str))
+        return
+    for v in versions:
+        console.print(f"[bold]{name}[/] version {v['version']} ({v['kind']}, {v['file_count']} files, "
+                      f"{v['size']:,} B) id {v['id']}, registered {_fmt_time(v['created_at'])}", highlight=False)
+        console.print(f"  digest {v['content_digest']}", highlight=False)
+        for label, runs in (("produced by", v["produced_by"]), ("consumed by", v["consumed_by"])):
+            for r in runs:
+                console.print(f"  {label} step {r['step']!r} ({r['step_run_id']}) of pipeline run "
+                              f"{r['pipeline_run_id']} as {r['as']!r}: {r['status']}", highlight=False)
+            if not runs:
+                console.print(f"  {label}: none", highlight=False)
 
 
 @app.command()

@@ -321,5 +321,12 @@ class Dataset:
         return _from_row(workspace, row)
 
     @staticmethod
+    def get_lineage(workspace: Workspace, name: str) -> list[dict[str, Any]]:
+        """Each version of dataset ``name``: its digest, the step runs that produced it and those
+        that consumed it."""
+        check_type(name, str, "dataset name")
+        return workspace._backend.dataset_lineage(name)
+
+    @staticmethod
     def get_all(workspace: Workspace) -> dict[str, _DatasetBase]:
         return {r["name"]: _from_row(workspace, r) for r in workspace._backend.list_datasets()}

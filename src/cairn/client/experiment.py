@@ -44,8 +44,8 @@ class Experiment:
             raise UserInputError("pipeline_parameters are not supported by this version of Cairn (there is no "
                                  "PipelineParameter yet): pass values as step arguments or params instead")
         spec, step_props = config._compile()
-        run_props = dict(next(iter(step_props.values()), {}))
-        run_props.pop("cairn.snapshot", None)
+        first = next(iter(step_props.values()), {})  # the pipeline run carries the git facts only
+        run_props = {k: v for k, v in first.items() if k.startswith(("cairn.git.", "mlflow."))}
         run_id, _ = self.workspace._backend.submit_pipeline(
             self.name, config.description or "pipeline", spec,
             tags={str(k): "" if v is None else str(v) for k, v in (tags or {}).items()},
