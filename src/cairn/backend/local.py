@@ -13,7 +13,7 @@ from cairn.core.errors import NotFoundError, UserInputError
 from cairn.core.spec import GraphSpec
 from cairn.core.status import Status
 from cairn.engine import client as agent_client
-from cairn.engine.context import DEFAULT_DATASTORE, SEALED, locate_datastore
+from cairn.engine.context import DEFAULT_DATASTORE, SEALED, local_run_root, locate_datastore
 from cairn.engine.fingerprint import differing_parts
 from cairn.storage.datastores import DatastoreLocation
 from cairn.storage.layout import WorkspaceLayout, run_dir
@@ -76,6 +76,9 @@ class LocalBackend:
         if secrets:
             stored[SEALED] = self._secrets.seal(secrets)
         q.put_named(self.store, "datastores", name, kind, stored, is_default=default)
+
+    def make_default_datastore(self, name: str) -> None:
+        q.set_default_datastore(self.store, name)
 
     def unregister_datastore(self, name: str) -> None:
         q.delete_named(self.store, "datastores", name)
@@ -193,14 +196,29 @@ class LocalBackend:
         if run is None:
             raise NotFoundError(f"no run with id {run_id!r} in workspace {self.location}")
         rel = run_dir(run["parent_id"], run_id) if run["parent_id"] else run_dir(run_id)
-        default = next((d["name"] for d in self.list_datastores() if d["is_default"]), DEFAULT_DATASTORE)
-        return Path(self.datastore_root(default)) / rel
+        return local_run_root(self.store, self.layout) / rel
+
+    def _remote_default(self) -> Any:
+        """The default datastore's location when it is an object store, else None."""
+        default = next((d for d in self.list_datastores() if d["is_default"]), None)
+        if default is None or default["kind"] == "local":
+            return None
+        return self.datastore_location(default["name"])
 
     def read_log(self, run_id: str, which: str, offset: int = 0, complete: bool = True) -> tuple[str, int]:
         """Text of a step's ``stdout``/``stderr``/``system`` log from byte ``offset``, and the new offset.
 
         ``complete=False`` (following a live log) holds back a last line that has no newline yet."""
         path = self.run_folder(run_id) / "logs" / f"{which}.txt"
+        remote = self._remote_default() if not path.exists() else None
+        if remote is not None:  # not in this machine's cache: read it from the default object store
+            fs, root = remote.filesystem()
+            rel = path.relative_to(local_run_root(self.store, self.layout)).as_posix()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{root}/{rel}", str(path))
+            except Exception:
+                return "", offset
         try:
             with open(path, "rb") as f:
                 f.seek(offset)
@@ -217,6 +235,12 @@ class LocalBackend:
         dest = confined(self.run_folder(run_id) / "artifacts", name, "artifact name")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local_path, dest)
+        remote = self._remote_default()
+        if remote is not None:  # artifacts live with the run in the default object store too
+            from cairn.storage.datastores import upload
+
+            rel = dest.relative_to(local_run_root(self.store, self.layout)).as_posix()
+            upload(remote, [(str(dest), rel)], overwrite=True, show_progress=False)
         return str(dest)
 
     def register_dataset(self, **fields: Any) -> dict[str, Any]:

@@ -138,11 +138,9 @@ class Datastore:
         self.workspace._backend.unregister_datastore(self.name)
 
     def set_as_default(self) -> None:
-        rec = next(d for d in self.workspace._backend.list_datastores() if d["name"] == self.name)
-        if rec["kind"] != "local":
-            raise UserInputError(f"datastore {self.name!r} is a {rec['kind']} datastore; this version of Cairn "
-                                 f"keeps run logs and outputs in a local default datastore")
-        self.workspace._backend.register_datastore(self.name, rec["kind"], rec["config"], True)
+        """Make this the workspace's default: step outputs and run logs go here from now on (for an
+        object store, logs are also kept in a local cache while steps run)."""
+        self.workspace._backend.make_default_datastore(self.name)
         self.is_default = True
 
     def _location(self) -> Any:

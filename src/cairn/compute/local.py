@@ -7,7 +7,7 @@ import os
 import threading
 
 from cairn.compute.base import DoneCallback
-from cairn.runner.execute import StepControl, StepReporter, cleanup_after, execute_step
+from cairn.runner.execute import StepControl, StepReporter, cleanup_after, execute_step, upload_logs
 from cairn.runner.job import StepJob, StepResult
 
 
@@ -30,6 +30,7 @@ class LocalCompute:
         def work() -> None:
             try:
                 result = execute_step(job, reporter, control)
+                upload_logs(job, result)
             except BaseException as exc:  # never lose a slot or a step's ending
                 result = StepResult(job.step_run_id, "Failed", f"runner crashed: {exc}", None)
             finally:

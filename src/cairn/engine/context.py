@@ -41,6 +41,12 @@ class EngineContext:
     def datastore_location(self, name: str) -> DatastoreLocation:
         return locate_datastore(self.store, self.layout, name)
 
+    def local_run_root(self) -> Path:
+        """Where run folders (logs, staging) are written on this machine: the default datastore's
+        own folder, or a local cache when the default datastore is an object store (logs are then
+        uploaded to it when each step ends)."""
+        return local_run_root(self.store, self.layout)
+
     def default_datastore(self) -> str:
         for d in q.list_named(self.store, "datastores"):
             if d["is_default"]:
@@ -63,3 +69,13 @@ def locate_datastore(store: Store, layout: WorkspaceLayout, name: str) -> Datast
             secrets = SecretBox(layout.dot / "secret.key").open(sealed) if sealed else {}
             return DatastoreLocation(name, d["kind"], config, secrets)
     raise NotFoundError(f"datastore {name!r} is not registered in workspace {layout.root}")
+
+
+def local_run_root(store: Store, layout: WorkspaceLayout) -> Path:
+    for d in q.list_named(store, "datastores"):
+        if d["is_default"]:
+            if d["kind"] == "local":
+                path = Path(d["config"].get("path", ""))
+                return path if path.is_absolute() else layout.dot / path
+            return layout.dot / "cache" / d["name"]
+    return layout.datastores / DEFAULT_DATASTORE

@@ -44,6 +44,7 @@ class PipelineScheduler:
         self._roots = ctx.datastore_roots()
         self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
         self._default_store = ctx.default_datastore()
+        self._run_root = ctx.local_run_root()
         self._resume()
 
     # -- start and resume ------------------------------------------------------------------
@@ -120,7 +121,7 @@ class PipelineScheduler:
                 self._add_location(locations, o.datastore)
         parts = fingerprint_parts(step, {i.name: i.digest for i in inputs})
         fp = fingerprint(parts)
-        log_dir = Path(self._roots[self._default_store]) / run_dir(self.run_id, step_run_id) / "logs"
+        log_dir = self._run_root / run_dir(self.run_id, step_run_id) / "logs"
         if step.allow_reuse and not self.run["regenerate_outputs"]:
             source = q.lookup_cache(store, fp)
             if source and self._outputs_present(source, step):
@@ -147,12 +148,20 @@ class PipelineScheduler:
             objects_root=str(self.ctx.objects.root), work_dir=str(self.ctx.layout.work / step_run_id),
             log_dir=str(log_dir), datastore_roots=self._roots,
             output_dirs={o.name: _destination(o, base, step_run_id) for o in step.outputs},
-            staging_dirs={o.name: str(Path(self._roots.get(o.datastore, self._roots[self._default_store]))
+            staging_dirs={o.name: str(Path(self._roots.get(o.datastore, self._run_root))
                                       / base / "staging" / f"a{attempt}" / o.name) for o in step.outputs},
+            log_upload=self._log_upload(locations, step_run_id),
             inputs=tuple(inputs), interpreter=step.environment.get("interpreter_path") or "",
             fingerprint=fp, fingerprint_parts=parts, cacheable=step.allow_reuse,
             datasets=datasets, datastore_locations=locations,
         )
+
+    def _log_upload(self, locations: dict[str, Any], step_run_id: str) -> dict[str, Any] | None:
+        """Where the step's logs go when it ends, if the default datastore is an object store."""
+        if self._default_store in self._roots:
+            return None
+        self._add_location(locations, self._default_store)
+        return {"datastore": self._default_store, "path": f"{run_dir(self.run_id, step_run_id)}/logs"}
 
     def _add_location(self, locations: dict[str, Any], name: str) -> None:
         if name not in locations:

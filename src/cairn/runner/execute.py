@@ -321,8 +321,25 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             preparing.cancel()
 
 
+def upload_logs(job: StepJob, result: StepResult) -> None:
+    """When the default datastore is an object store, the step's logs go there once it ended
+    (before the engine hears of the end, so a finished run has its logs in place)."""
+    if job.log_upload and result.status != Status.QUEUED.value:
+        from cairn.storage.datastores import DatastoreLocation, upload
+
+        target = job.log_upload
+        loc_data = job.datastore_locations[target["datastore"]]
+        loc = DatastoreLocation(target["datastore"], loc_data["kind"], loc_data["config"], loc_data["secrets"])
+        files = [(str(p), f"{target['path']}/{p.name}") for p in sorted(Path(job.log_dir).glob("*.txt"))]
+        try:
+            upload(loc, files, overwrite=True, show_progress=False)
+        except Exception as exc:  # the logs stay in the local cache; say so where they are
+            with open(Path(job.log_dir) / "system.txt", "a", encoding="utf-8") as f:
+                f.write(f"could not upload the logs to {target['datastore']}: {exc}\n")
+
+
 def cleanup_after(job: StepJob, result: StepResult) -> None:
-    """Remove a completed step's working folder (off the critical path: after the engine was told).
+    """Remove a completed step's working folder, after the engine was told (off the critical path).
     A failed step's folder is kept for inspection."""
     if result.status == Status.COMPLETED.value:
         shutil.rmtree(job.work_dir, ignore_errors=True)

@@ -38,6 +38,7 @@ class StepJob:
     # they read, with credentials (the job lives in the agent's memory only)
     datasets: dict[str, Any] = field(default_factory=dict)
     datastore_locations: dict[str, Any] = field(default_factory=dict)
+    log_upload: dict[str, Any] | None = None  # {"datastore", "path"}: copy the logs there at the end
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

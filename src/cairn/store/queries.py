@@ -382,6 +382,12 @@ def put_named(store: Store, which: str, name: str, kind: str, config: dict[str, 
         conn.execute(insert(table).values(**values))
 
 
+def set_default_datastore(store: Store, name: str) -> None:
+    with store.write() as conn:
+        conn.execute(update(t.datastores).values(is_default=False))
+        conn.execute(update(t.datastores).where(t.datastores.c.name == name).values(is_default=True))
+
+
 def delete_named(store: Store, which: str, name: str) -> None:
     table = t.datastores if which == "datastores" else t.compute_targets
     with store.write() as conn:

@@ -1,0 +1,62 @@
+"""An object store (moto S3) as the workspace's default datastore: outputs and logs live there,
+and the foundation's flow still works: data passed between steps, logs, metrics, reuse."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+from cairn import Datastore, Experiment, Pipeline, PipelineData, PythonScriptStep
+
+PRODUCE = """
+import os, sys
+os.makedirs(sys.argv[1], exist_ok=True)
+open(os.path.join(sys.argv[1], "n.txt"), "w").write("41")
+print("produced")
+"""
+
+CONSUME = """
+import sys
+from cairn import Run
+n = int(open(sys.argv[1] + "/n.txt").read()) + 1
+Run.get_context().log("answer", n)
+print("answer", n)
+"""
+
+
+def test_s3_default_datastore_runs_the_foundation_flow(workspace, moto_s3, write_script):
+    s3 = Datastore.register_s3_bucket(
+        workspace, "lake", bucket_name=f"b{uuid.uuid4().hex[:10]}", endpoint_url=moto_s3["endpoint_url"],
+        access_key_id=moto_s3["access_key_id"], secret_access_key=moto_s3["secret_access_key"],
+        create_if_not_exists=True)
+    s3.set_as_default()
+    assert workspace.get_default_datastore().name == "lake"
+    src = write_script("produce.py", PRODUCE)
+    write_script("consume.py", CONSUME)
+
+    def submit():
+        data = PipelineData("n")
+        produce = PythonScriptStep("produce.py", name="produce", source_directory=src, arguments=[data], outputs=[data])
+        consume = PythonScriptStep("consume.py", name="consume", source_directory=src, arguments=[data.as_input()])
+        run = Experiment(workspace, "s3-default").submit(Pipeline(workspace, [produce, consume]))
+        assert run.wait_for_completion(show_output=False) == "Completed"
+        return run
+
+    run = submit()
+    produce, consume = run.find_step_run("produce")[0], run.find_step_run("consume")[0]
+    output = produce.get_output_data("n")
+    assert output.datastore_name == "lake" and output.local_path is None
+    assert consume.get_metrics()["answer"] == 42 and "answer 42" in consume.get_stdout_log()
+
+    fs, root = s3._location().filesystem()
+    fs.invalidate_cache()
+    assert fs.exists(f"{root}/{output.path_on_datastore}/n.txt")
+    assert fs.exists(f"{root}/runs/{run.id}/{consume.id}/logs/stdout.txt")  # logs live in S3 too
+    cache = Path(workspace.location, ".cairn", "cache")
+    shutil.rmtree(cache)  # another machine: no local cache; logs come from S3
+    assert "answer 42" in consume.get_stdout_log()
+
+    again = submit()
+    assert [s.get_status() for s in again.get_steps()] == ["Reused", "Reused"]
+    assert again.find_step_run("consume")[0].get_metrics()["answer"] == 42
