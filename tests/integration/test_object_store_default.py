@@ -53,6 +53,10 @@ def test_s3_default_datastore_runs_the_foundation_flow(workspace, moto_s3, write
     fs.invalidate_cache()
     assert fs.exists(f"{root}/{output.path_on_datastore}/n.txt")
     assert fs.exists(f"{root}/runs/{run.id}/{consume.id}/logs/stdout.txt")  # logs live in S3 too
+    from cairn.core.digests import digest_file
+
+    script = digest_file(src / "consume.py").split(":", 1)[1]
+    assert fs.exists(f"{root}/snapshots/objects/{script}")  # and the source snapshot
     cache = Path(workspace.location, ".cairn", "cache")
     shutil.rmtree(cache)  # another machine: no local cache; logs come from S3
     assert "answer 42" in consume.get_stdout_log()

@@ -112,8 +112,16 @@ class LocalBackend:
             max_bytes=int(os.environ.get("CAIRN_SNAPSHOT_MAX_BYTES", limits.get("max_bytes", DEFAULT_MAX_BYTES))),
         )
         manifest_digest = self.objects.put_bytes(json.dumps(snap.manifest, sort_keys=True).encode())
+        first_time = q.get_snapshot(self.store, snap.digest) is None
         q.record_snapshot(self.store, snap.digest, manifest_digest, len(snap.entries), snap.size,
                           snap.stat_updates)
+        remote = self._remote_default() if first_time else None
+        if remote is not None:  # the snapshot lives with the runs in the default object store too
+            from cairn.storage.datastores import upload
+
+            digests = {e.digest for e in snap.entries} | {manifest_digest}
+            files = [(str(self.objects.path_for(d)), f"snapshots/objects/{d.split(':', 1)[1]}") for d in sorted(digests)]
+            upload(remote, files, overwrite=False, show_progress=len(files) > 200)
         return snap.digest
 
     def submit_pipeline(self, experiment: str, name: str, spec: GraphSpec, *, tags: dict[str, str],

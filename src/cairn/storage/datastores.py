@@ -47,7 +47,7 @@ def _azure(loc: DatastoreLocation) -> tuple[Any, str]:
     from adlfs import AzureBlobFileSystem
 
     c, s = loc.config, loc.secrets
-    endpoint = c.get("endpoint")
+    endpoint = blob_endpoint(c)
     if endpoint:  # an explicit endpoint (Azurite, sovereign clouds): a connection string says it all
         parts = [f"DefaultEndpointsProtocol={c.get('protocol') or 'https'}", f"AccountName={c['account_name']}",
                  f"BlobEndpoint={endpoint}"]
@@ -60,6 +60,17 @@ def _azure(loc: DatastoreLocation) -> tuple[Any, str]:
         fs = AzureBlobFileSystem(account_name=c["account_name"], account_key=s.get("account_key"),
                                  sas_token=s.get("sas_token"), skip_instance_cache=True)
     return fs, c["container_name"]
+
+
+def blob_endpoint(config: dict[str, Any]) -> str | None:
+    """The blob service URL. ``endpoint`` is, as in Azure ML, a storage suffix such as
+    'core.chinacloudapi.cn' (then https://<account>.blob.<suffix>), or a full URL (Azurite)."""
+    endpoint = config.get("endpoint")
+    if not endpoint or endpoint == "core.windows.net":
+        return None
+    if "://" in endpoint:
+        return endpoint
+    return f"{config.get('protocol') or 'https'}://{config['account_name']}.blob.{endpoint}"
 
 
 def _s3(loc: DatastoreLocation) -> tuple[Any, str]:
@@ -128,7 +139,7 @@ def probe(loc: DatastoreLocation, action: str, timeout: float = 5.0) -> None:
 
     c = loc.config
     if loc.kind == "azure_blob":
-        url = c.get("endpoint") or f"https://{c['account_name']}.blob.core.windows.net"
+        url = blob_endpoint(c) or f"https://{c['account_name']}.blob.core.windows.net"
     elif loc.kind == "s3":
         url = c.get("endpoint_url") or f"https://s3.{c.get('region') or 'us-east-1'}.amazonaws.com"
     else:
