@@ -205,27 +205,11 @@ def upload(loc: DatastoreLocation, files: list[tuple[str, str]], overwrite: bool
             raise translate_errors(loc, "uploading", exc) from None
         report.skipped = len(existing)
         targets = [(a, b) for a, b in targets if b not in existing]
-    total = sum(os.path.getsize(a) for a, _ in targets)
-    progress = _progress(total, f"uploading to {loc.name}", show_progress)
-
     def one(pair: tuple[str, str]) -> int:
-        local, target = pair
-        fs.put_file(local, target)
-        size = os.path.getsize(local)
-        if progress is not None:
-            progress.advance(progress.task_ids[0], size)
-        return size
+        fs.put_file(pair[0], pair[1])
+        return os.path.getsize(pair[0])
 
-    try:
-        with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
-            for size in pool.map(one, targets):
-                report.files += 1
-                report.bytes += size
-    except Exception as exc:
-        raise translate_errors(loc, "uploading", exc) from None
-    finally:
-        if progress is not None:
-            progress.stop()
+    _transfer(loc, "uploading", targets, one, sum(os.path.getsize(a) for a, _ in targets), show_progress, report)
     if hasattr(fs, "invalidate_cache"):
         fs.invalidate_cache()
     return report
@@ -255,26 +239,31 @@ def download(loc: DatastoreLocation, target_path: str, prefix: str | None, overw
             report.skipped += 1
             continue
         plan.append((remote, dest, int(info.get("size") or 0)))
-    progress = _progress(sum(p[2] for p in plan), f"downloading from {loc.name}", show_progress)
-
     def one(item: tuple[str, Path, int]) -> int:
         remote, dest, size = item
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.cairn-partial")
         fs.get_file(remote, str(tmp))
         os.replace(tmp, dest)  # a reader never sees half a file
-        if progress is not None:
-            progress.advance(progress.task_ids[0], size)
         return size
 
+    _transfer(loc, "downloading", plan, one, sum(p[2] for p in plan), show_progress, report)
+    return report
+
+
+def _transfer(loc: DatastoreLocation, action: str, items: list[Any], one: Callable[[Any], int], total: int,
+              show_progress: bool, report: TransferReport) -> None:
+    """Run ``one`` over ``items`` in parallel, with a progress bar of bytes."""
+    progress = _progress(total, f"{action} {'to' if action == 'uploading' else 'from'} {loc.name}", show_progress)
     try:
         with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
-            for size in pool.map(one, plan):
+            for size in pool.map(one, items):
                 report.files += 1
                 report.bytes += size
+                if progress is not None:
+                    progress.advance(progress.task_ids[0], size)
     except Exception as exc:
-        raise translate_errors(loc, "downloading", exc) from None
+        raise translate_errors(loc, action, exc) from None
     finally:
         if progress is not None:
             progress.stop()
-    return report
