@@ -304,6 +304,8 @@ class Dataset:
     def get_by_name(workspace: Workspace, name: str, version: int | str = "latest") -> _DatasetBase:
         check_type(name, str, "dataset name")
         wanted = None if version == "latest" else version
+        if isinstance(wanted, str) and wanted.isdigit():  # Azure ML accepts "2" as well as 2
+            wanted = int(wanted)
         if wanted is not None and (isinstance(wanted, bool) or not isinstance(wanted, int)):
             raise UserInputError(f"version must be 'latest' or a version number, not {version!r}")
         row = workspace._backend.get_dataset(name=name, version=wanted)

@@ -99,8 +99,11 @@ class Datastore:
             **ignored: Any) -> Datastore:
         """Register an S3 (or S3-compatible) bucket. Credentials are stored encrypted and never shown."""
         name = _text(bucket_name, "bucket_name")
-        if len(name) < 3:
-            raise UserInputError(f"bucket_name {name!r} is too short: S3 bucket names have 3 to 63 characters")
+        import re
+
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", name) or ".." in name:
+            raise UserInputError(f"bucket_name {name!r} is not a valid S3 bucket name: use 3 to 63 lower-case "
+                                 f"letters, digits, '-' and '.', starting and ending with a letter or digit")
         config = {"bucket_name": name}
         if endpoint_url is not None:
             config["endpoint_url"] = _text(endpoint_url, "endpoint_url")
@@ -171,7 +174,10 @@ class Datastore:
         pairs = []
         for f in files:
             p = Path(f)
-            rel = p.relative_to(relative_root).as_posix() if relative_root else p.name
+            try:
+                rel = p.relative_to(relative_root).as_posix() if relative_root else p.name
+            except ValueError:
+                raise UserInputError(f"file {str(p)!r} is not under relative_root {str(relative_root)!r}") from None
             pairs.append((str(p), "/".join(filter(None, [target_path or "", rel]))))
         upload(self._location(), pairs, overwrite, show_progress)
         return DataPath(self, target_path or "")

@@ -49,11 +49,15 @@ def _static_prefix(pattern: str) -> str:
 
 
 def _version_of(info: dict[str, Any]) -> str:
-    for key in ("ETag", "etag", "content_md5", "md5", "checksum", "LastModified", "last_modified", "mtime", "created"):
-        value = info.get(key)
+    """What changes when the bytes change: ETag/checksum, else the modification time (any spelling:
+    S3 'ETag'/'LastModified', Azure 'etag'/'last_modified', http 'ETag'/'Last-Modified', local 'mtime')."""
+    normalised = {k.lower().replace("-", "").replace("_", ""): v for k, v in info.items()}
+    found = []
+    for key in ("etag", "contentmd5", "md5", "checksum", "lastmodified", "mtime", "created"):
+        value = normalised.get(key)
         if value:
-            return str(value.hex() if isinstance(value, (bytes, bytearray)) else value)
-    return ""
+            found.append(str(value.hex() if isinstance(value, (bytes, bytearray)) else value))
+    return "|".join(found)
 
 
 def resolve_files(definition: dict[str, Any], locate: Any) -> list[ResolvedFile]:
@@ -85,18 +89,43 @@ def resolve_files(definition: dict[str, Any], locate: Any) -> list[ResolvedFile]
             if info.get("type") == "directory":
                 continue
             rel = full[len(base.rstrip("/")) + 1:] if full.startswith(base.rstrip("/") + "/") else full.rsplit("/", 1)[-1]
+            _check_relative(rel, loc.name, full)
             found[f"{loc.name}:{full}"] = ResolvedFile(loc.name, full, rel, int(info.get("size") or 0), _version_of(info))
-    return list(found.values())
+    files = list(found.values())
+    if len({f.relative for f in files}) < len(files):
+        # several paths hold files of the same name: keep them apart by their path in the store
+        roots = {e["datastore"]: locate(e["datastore"]).filesystem()[1] for e in definition["paths"] if "datastore" in e}
+        many_stores = len(roots) > 1
+        files = [ResolvedFile(f.datastore, f.path,
+                              (f"{f.datastore}/" if many_stores and f.datastore else "") +
+                              (f.path[len(roots[f.datastore].rstrip("/")) + 1:] if f.datastore else f.relative),
+                              f.size, f.version) for f in files]
+    return files
+
+
+def _check_relative(rel: str, store: str, full: str) -> None:
+    from cairn.storage.datastores import remote_path
+
+    try:
+        remote_path("", rel)
+    except Exception:
+        raise DatasetError(f"object {full!r} of datastore {store!r} has '..' or an absolute path in its name; "
+                           f"it cannot be part of a dataset") from None
 
 
 def _resolve_url(url: str) -> ResolvedFile:
     import fsspec
 
+    if url.endswith("/"):
+        raise DatasetError(f"dataset URL {url!r} names a folder; a URL dataset must name files")
     fs, path = fsspec.core.url_to_fs(url)
     try:
         info = fs.info(path)
-    except FileNotFoundError:
-        raise DatasetError(f"dataset URL {url!r} does not exist") from None
+    except FileNotFoundError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and "connect" in f"{type(cause).__name__} {cause}".lower():
+            raise DatasetError(f"cannot reach dataset URL {url!r}: {cause}") from None
+        raise DatasetError(f"dataset URL {url!r} does not exist (HTTP 404)") from None
     except Exception as exc:
         raise DatasetError(f"cannot reach dataset URL {url!r}: {type(exc).__name__}: {exc}") from None
     return ResolvedFile(None, url, url.rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0), _version_of(info))
@@ -117,8 +146,10 @@ def fetch(files: list[ResolvedFile], locate: Any, dest: Path) -> None:
 
     systems: dict[str, Any] = {}
 
+    from cairn.storage.paths import confined
+
     def one(f: ResolvedFile) -> None:
-        target = dest / f.relative
+        target = confined(dest, f.relative, f"file {f.relative!r} of the dataset")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.cairn-partial")
         if f.datastore is None:
@@ -209,8 +240,9 @@ def _read_one(fmt: str, opts: dict[str, Any], handle: Any, f: ResolvedFile) -> A
         import pyarrow.csv as pc
 
         raw = handle.read()
-        encoding = opts.get("encoding", "utf8")
-        if encoding.replace("-", "").lower() not in ("utf8",):
+        encoding = _ENCODINGS.get(opts.get("encoding", "utf8").replace("-", "").replace("_", "").lower(),
+                                  opts.get("encoding", "utf8"))
+        if encoding != "utf-8":
             try:
                 raw = raw.decode(encoding).encode("utf-8")
             except (UnicodeDecodeError, LookupError) as exc:
@@ -235,9 +267,10 @@ def _read_one(fmt: str, opts: dict[str, Any], handle: Any, f: ResolvedFile) -> A
                                 invalid_row_handler=invalid_row)
         convert = pc.ConvertOptions(column_types=None) if opts.get("infer_column_types", True) else \
             pc.ConvertOptions(strings_can_be_null=True)
-        if not opts.get("infer_column_types", True):
-            header = raw.split(b"\n", 1)[0].decode("utf-8").split(opts.get("separator", ","))
-            convert = pc.ConvertOptions(column_types={c.strip(): pa.string() for c in header})
+        if not opts.get("infer_column_types", True):  # every column as text: learn the names first
+            names = pc.read_csv(pa.BufferReader(raw), read_options=read, parse_options=pc.ParseOptions(
+                delimiter=opts.get("separator", ","), invalid_row_handler=lambda row: "skip")).column_names
+            convert = pc.ConvertOptions(column_types={c: pa.string() for c in names})
         try:
             return pc.read_csv(pa.BufferReader(raw), read_options=read, parse_options=parse,
                                convert_options=convert).to_pandas()
@@ -253,6 +286,11 @@ def _read_one(fmt: str, opts: dict[str, Any], handle: Any, f: ResolvedFile) -> A
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
         raise DatasetError(f"{f.relative}: cannot read as {fmt}: {exc}") from None
+
+
+# Azure ML v1's encoding names, and Python's
+_ENCODINGS = {"utf8": "utf-8", "utf8bom": "utf-8-sig", "iso88591": "latin-1", "latin1": "latin-1",
+              "windows1252": "cp1252", "ascii": "ascii", "utf16": "utf-16", "utf32": "utf-32"}
 
 
 def _line_of(raw: bytes, text: str) -> int | str:

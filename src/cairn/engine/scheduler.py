@@ -95,6 +95,11 @@ class PipelineScheduler:
         locations: dict[str, Any] = {}
         for i in step.inputs:
             produced = q.get_outputs(store, self.step_ids[i.producer])[i.output]
+            producer_spec = self.spec.step(i.producer)
+            if any(o.name == i.output and o.register for o in producer_spec.outputs):
+                label = q.get_kv(store, self.step_ids[i.producer], "properties").get(f"cairn.output.{i.output}.dataset")
+                if label:  # lineage: this step consumes the dataset version its producer registered
+                    q.add_properties(store, step_run_id, {f"cairn.input.{i.name}.dataset": label})
             store_name = produced["datastore"]
             local = store_name in self._roots
             path = str(Path(self._roots[store_name]) / produced["path"]) if local else ""  # remote: fetched

@@ -433,11 +433,13 @@ def _commit_remote(job: StepJob, o: Any, staging: Path) -> None:
     loc_data = job.datastore_locations[o.datastore]
     loc = DatastoreLocation(o.datastore, loc_data["kind"], loc_data["config"], loc_data["secrets"])
     target = job.output_dirs[o.name]
-    if o.destination and not o.overwrite:
-        fs, root = loc.filesystem()
-        if fs.exists(remote_path(root, target)) and fs.find(remote_path(root, target)):
+    fs, root = loc.filesystem()
+    existing = fs.find(remote_path(root, target)) if fs.exists(remote_path(root, target)) else []
+    if existing:
+        if o.destination and not o.overwrite:
             raise OutputCommitError(f"output {o.name!r}: destination {o.datastore}:{target} already holds files; "
                                     f"use as_upload(overwrite=True) or a destination with {{run-id}} in it")
+        fs.rm(existing)  # the output is exactly what this step wrote: no stale files from before
     files = [(str(p), f"{target}/{p.relative_to(staging).as_posix()}") for p in sorted(staging.rglob("*"))
              if p.is_file()]
     upload(loc, files, overwrite=True, show_progress=False)

@@ -111,8 +111,13 @@ def translate_errors(loc: DatastoreLocation, action: str, exc: BaseException) ->
     if isinstance(exc, FileNotFoundError) or "notfound" in lowered or "nosuchbucket" in lowered \
             or "containernotfound" in lowered or "does not exist" in lowered:
         return FileNotFoundError(f"{action}: not found in datastore {loc.name!r} ({where}): {exc}")
+    if "invalidresourcename" in lowered or "invalidbucketname" in lowered:
+        return UserInputError(f"{action}: {where} is not a valid name for datastore {loc.name!r} (Azure container "
+                              f"names: 3-63 lower-case letters, digits and '-'; S3 buckets: 3-63 lower-case "
+                              f"letters, digits, '-' and '.')")
     if isinstance(exc, PermissionError) or "authenticat" in lowered or "403" in lowered \
-            or "accessdenied" in lowered or "signature" in lowered or "invalidaccesskeyid" in lowered:
+            or "accessdenied" in lowered or "signature" in lowered or "invalidaccesskeyid" in lowered \
+            or "incorrect padding" in lowered or "signingerror" in lowered:
         return DatastoreAccessError(f"{action}: datastore {loc.name!r} ({where}) refused the credentials; "
                                     f"check the key or token you registered it with ({type(exc).__name__})")
     if any(w in lowered for w in ("connect", "timeout", "unreachable", "name or service", "refused")):
@@ -223,6 +228,9 @@ def download(loc: DatastoreLocation, target_path: str, prefix: str | None, overw
     base = remote_path(root, prefix)
     try:
         listing = {base: fs.info(base)} if fs.isfile(base) else fs.find(base, detail=True)
+        if not listing and prefix and "/" in base:  # a name prefix, as Azure ML's download has it
+            parent = base.rsplit("/", 1)[0]
+            listing = {k: v for k, v in fs.find(parent, detail=True).items() if k.startswith(base)}
         if not listing:
             raise FileNotFoundError(f"nothing under {prefix or '/'!r}")
     except FileNotFoundError as exc:
@@ -233,8 +241,11 @@ def download(loc: DatastoreLocation, target_path: str, prefix: str | None, overw
     plan = []
     report = TransferReport()
     prefix_len = len(root.rstrip("/")) + 1
+    from cairn.storage.paths import confined
+
     for remote, info in sorted(listing.items()):
-        dest = dest_root / remote[prefix_len:]  # the path inside the datastore, as Azure ML does
+        # the path inside the datastore, as Azure ML does; a key with '..' in it is refused
+        dest = confined(dest_root, remote[prefix_len:], f"object {remote!r} of datastore {loc.name!r}")
         if dest.exists() and not overwrite:
             report.skipped += 1
             continue
