@@ -63,12 +63,15 @@ def _version_of(info: dict[str, Any]) -> str:
 def resolve_files(definition: dict[str, Any], locate: Any) -> list[ResolvedFile]:
     """Every file the definition names. ``locate(name)`` gives a DatastoreLocation."""
     found: dict[str, ResolvedFile] = {}
+    systems: dict[str, tuple[Any, str]] = {}
     for entry in definition["paths"]:
         if "url" in entry:
             found[entry["url"]] = _resolve_url(entry["url"])
             continue
         loc: DatastoreLocation = locate(entry["datastore"])
-        fs, root = loc.filesystem()
+        if loc.name not in systems:  # one client per datastore: an S3 client costs ~0.2 s to set up
+            systems[loc.name] = loc.filesystem()
+        fs, root = systems[loc.name]
         pattern = remote_path(root, entry["path"] or ".")
         try:
             if _has_magic(entry["path"]):

@@ -199,17 +199,21 @@ def upload(loc: DatastoreLocation, files: list[tuple[str, str]], overwrite: bool
     probe(loc, "uploading")
     fs, root = loc.filesystem()
     report = TransferReport()
+    existing: set[str] = set()
     for local, _ in files:
         if not os.path.isfile(local):
             raise FileNotFoundError(f"cannot upload {local!r}: no such file")
     targets = [(local, remote_path(root, rel)) for local, rel in files]
-    if not overwrite:
-        try:
-            existing = {t for _, t in targets if fs.exists(t)}
+    if not overwrite and targets:
+        try:  # one listing of the common prefix, not one request per file
+            common = os.path.commonpath([t for _, t in targets]) if len(targets) > 1 else targets[0][1]
+            listed = set(fs.find(common)) if fs.exists(common) else set()
+            existing = {t for _, t in targets if t in listed or t.rstrip("/") in listed}
         except Exception as exc:
             raise translate_errors(loc, "uploading", exc) from None
         report.skipped = len(existing)
         targets = [(a, b) for a, b in targets if b not in existing]
+
     def one(pair: tuple[str, str]) -> int:
         fs.put_file(pair[0], pair[1])
         return os.path.getsize(pair[0])
