@@ -14,6 +14,13 @@ from cairn.engine.client import stop_agent
 from cairn.storage.layout import WorkspaceLayout
 
 
+def require_no_workspace_above(path: Path) -> None:
+    """Discovery tests need a folder with no workspace above it; a stray one is a broken machine
+    set-up, reported as a failure (never a silent skip)."""
+    stray = [p for p in (path, *path.parents) if (p / ".cairn" / "config.json").is_file()]
+    assert not stray, f"a Cairn workspace exists at {stray[0]}, above {path}: remove it to run this test"
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Iterator[Workspace]:
     ws = Workspace.create(tmp_path / "ws")

@@ -19,6 +19,7 @@ import pytest
 from cairn import Workspace
 from cairn.engine.client import stop_agent
 from cairn.storage.layout import WorkspaceLayout
+from tests.conftest import require_no_workspace_above
 
 COMMAND_TIMEOUT = 120  # a safety net only: every command here ends in a few seconds
 
@@ -197,8 +198,7 @@ OUTSIDE = [["runs", "list"], ["runs", "show", "run_x", "--json"], ["logs", "run_
 
 @pytest.mark.parametrize("args", OUTSIDE, ids=[" ".join(a) for a in OUTSIDE])
 def test_commands_outside_a_workspace(tmp_path: Path, args: list[str]) -> None:
-    if any((p / ".cairn" / "config.json").is_file() for p in (tmp_path, *tmp_path.parents)):
-        pytest.skip(f"a Cairn workspace exists above {tmp_path}")
+    require_no_workspace_above(tmp_path)
     result = cairn(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert "`cairn init`" in flat(result.stderr)
@@ -207,8 +207,7 @@ def test_commands_outside_a_workspace(tmp_path: Path, args: list[str]) -> None:
 
 
 def test_error_messages_are_not_wrapped(tmp_path: Path) -> None:
-    if any((p / ".cairn" / "config.json").is_file() for p in (tmp_path, *tmp_path.parents)):
-        pytest.skip(f"a Cairn workspace exists above {tmp_path}")
+    require_no_workspace_above(tmp_path)
     result = cairn("runs", "list", cwd=tmp_path)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -280,8 +279,7 @@ def test_run_an_invalid_pipeline_lists_every_problem(project: Project) -> None:
 
 
 def test_run_a_pipeline_file_outside_a_workspace(tmp_path: Path) -> None:
-    if any((p / ".cairn" / "config.json").is_file() for p in (tmp_path, *tmp_path.parents)):
-        pytest.skip(f"a Cairn workspace exists above {tmp_path}")
+    require_no_workspace_above(tmp_path)
     Project(tmp_path).write_pipeline("hello.py", "greet")
     result = cairn("run", "pipeline.py", cwd=tmp_path)
     assert result.returncode == 2

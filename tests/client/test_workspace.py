@@ -28,6 +28,7 @@ from cairn import (
 from cairn.engine.client import stop_agent
 from cairn.storage.layout import WorkspaceLayout
 from cairn.store.db import SCHEMA_REVISION
+from tests.conftest import require_no_workspace_above
 
 
 @pytest.fixture
@@ -46,8 +47,7 @@ def make_workspace() -> Iterator[Callable[[Path], Workspace]]:
 
 
 def _no_workspace_above(path: Path) -> None:
-    if any((p / ".cairn" / "config.json").is_file() for p in (path, *path.parents)):
-        pytest.skip(f"a Cairn workspace exists above {path}; discovery cannot fail here")
+    require_no_workspace_above(path)
 
 
 # -- creating ---------------------------------------------------------------------------------
