@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+@contextmanager
+def _server(name: str, argv_for_port: Any, data: Path, env: dict[str, str] | None = None) -> Iterator[int]:
+    """Start a server on a free port of 127.0.0.1, wait until it listens, stop it afterwards."""
+    log = data / f"{name}.log"
+    port = _free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv_for_port(port), stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_for_port(port, proc, name, log)
+        yield port
+    finally:
+        _stop(proc)
+
+
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     exe = REPO / "node_modules" / ".bin" / "azurite-blob"
@@ -57,16 +72,11 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         pytest.fail(f"Azurite is not installed ({exe} is missing): run `bash scripts/setup.sh`, which runs "
                     f"`npm install` in the repository")
     data = tmp_path_factory.mktemp("azurite")
-    log = data / "azurite.log"
-    port = _free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(exe), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
-                                 str(data), "--skipApiVersionCheck", "--disableTelemetry"],
-                                stdout=out, stderr=subprocess.STDOUT)
-    _wait_for_port(port, proc, "Azurite", log)
-    yield {"account_name": AZURITE_ACCOUNT, "account_key": AZURITE_KEY,
-           "endpoint": f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}", "port": port}
-    _stop(proc)
+    argv = lambda port: [str(exe), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",  # noqa: E731
+                         str(data), "--skipApiVersionCheck", "--disableTelemetry"]
+    with _server("Azurite", argv, data) as port:
+        yield {"account_name": AZURITE_ACCOUNT, "account_key": AZURITE_KEY,
+               "endpoint": f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}", "port": port}
 
 
 @pytest.fixture(scope="session")
@@ -75,14 +85,8 @@ def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     if not exe.exists():
         pytest.fail(f"moto_server is not installed next to {sys.executable}: run `bash scripts/setup.sh` "
                     f"(the [s3] and [dev] extras)")
-    data = tmp_path_factory.mktemp("moto")
-    log = data / "moto.log"
-    port = _free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
-    _wait_for_port(port, proc, "moto_server", log)
-    yield {"endpoint_url": f"http://127.0.0.1:{port}", "access_key_id": "testing", "secret_access_key": "testing",
-           "port": port}
-    _stop(proc)
+    argv = lambda port: [str(exe), "-H", "127.0.0.1", "-p", str(port)]  # noqa: E731
+    with _server("moto_server", argv, tmp_path_factory.mktemp("moto"), env) as port:
+        yield {"endpoint_url": f"http://127.0.0.1:{port}", "access_key_id": "testing",
+               "secret_access_key": "testing", "port": port}

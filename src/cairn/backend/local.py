@@ -13,7 +13,7 @@ from cairn.core.errors import NotFoundError, UserInputError
 from cairn.core.spec import GraphSpec
 from cairn.core.status import Status
 from cairn.engine import client as agent_client
-from cairn.engine.context import DEFAULT_DATASTORE, SEALED, local_run_root, locate_datastore
+from cairn.engine.context import DEFAULT_DATASTORE, SEALED, local_datastore_roots, local_run_root, locate_datastore
 from cairn.engine.fingerprint import differing_parts
 from cairn.storage.datastores import DatastoreLocation
 from cairn.storage.layout import WorkspaceLayout, run_dir
@@ -184,9 +184,9 @@ class LocalBackend:
 
     def get_outputs(self, step_run_id: str) -> dict[str, dict[str, Any]]:
         outs = q.get_outputs(self.store, step_run_id)
+        roots = local_datastore_roots(self.store, self.layout)  # one query, no credentials decrypted
         for o in outs.values():
-            loc = self.datastore_location(o["datastore"])
-            o["local_path"] = str(Path(loc.config["path"]) / o["path"]) if loc.kind == "local" else None
+            o["local_path"] = str(Path(roots[o["datastore"]]) / o["path"]) if o["datastore"] in roots else None
         return outs
 
     def fetch_output(self, output: dict[str, Any], dest: Path, overwrite: bool) -> tuple[int, int]:

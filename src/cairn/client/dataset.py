@@ -115,7 +115,6 @@ class _DatasetBase:
     def register(self, workspace: Workspace, name: str, description: str | None = None,
                  tags: dict[str, Any] | None = None, create_new_version: bool = False) -> _DatasetBase:
         from cairn.client.workspace import Workspace
-        from cairn.core import ids
 
         check_type(workspace, Workspace, "register workspace")
         check_data_name(name, "dataset name")
@@ -125,11 +124,8 @@ class _DatasetBase:
         files = self._resolve(refresh=True)
         try:
             row = workspace._backend.register_dataset(
-                dataset_id=ids.new_id("ds"), name=name, kind=self.kind,
-                definition=self._definition, definition_digest=ds_core.definition_digest(self._definition),
-                content_digest=ds_core.content_digest(files), file_count=len(files), size=sum(f.size for f in files),
-                description=description, tags={str(k): str(v) for k, v in (tags or {}).items()},
-                create_new_version=create_new_version)
+                **ds_core.version_record(self._definition, files), name=name, description=description,
+                tags={str(k): str(v) for k, v in (tags or {}).items()}, create_new_version=create_new_version)
         except ValueError as exc:
             raise UserInputError(str(exc)) from None
         return _from_row(workspace, row)

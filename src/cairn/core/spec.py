@@ -89,7 +89,6 @@ class StepSpec:
     version: str | None = None
     run_after: tuple[str, ...] = ()
     max_run_duration_seconds: float | None = None
-    properties: tuple[tuple[str, str], ...] = ()
     dataset_inputs: tuple[DatasetInputSpec, ...] = ()
 
     def upstream(self) -> set[str]:
@@ -132,7 +131,7 @@ class GraphSpec:
         if data.get("version") != SPEC_VERSION:
             raise ValueError(f"graph spec version {data.get('version')!r} is not supported "
                              f"(this Cairn reads version {SPEC_VERSION})")
-        return cls(steps=tuple(_step_from_dict(s) for s in data["steps"]), version=SPEC_VERSION)
+        return cls(steps=tuple(step_from_dict(s) for s in data["steps"]), version=SPEC_VERSION)
 
     @classmethod
     def from_json(cls, text: str) -> GraphSpec:
@@ -143,7 +142,7 @@ def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in value)
 
 
-def _step_from_dict(d: dict[str, Any]) -> StepSpec:
+def step_from_dict(d: dict[str, Any]) -> StepSpec:
     return StepSpec(
         name=d["name"],
         script_name=d["script_name"],
@@ -162,6 +161,5 @@ def _step_from_dict(d: dict[str, Any]) -> StepSpec:
         version=d.get("version"),
         run_after=tuple(d.get("run_after", ())),
         max_run_duration_seconds=d.get("max_run_duration_seconds"),
-        properties=_pairs(d.get("properties", ())),
         dataset_inputs=tuple(DatasetInputSpec(**x) for x in d.get("dataset_inputs", ())),
     )

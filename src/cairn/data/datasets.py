@@ -8,7 +8,6 @@ digest from the listing (size, ETag/checksum where the store gives one, path) wi
 from __future__ import annotations
 
 import glob as globlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,28 +146,24 @@ def fetch(files: list[ResolvedFile], locate: Any, dest: Path) -> None:
     """Copy the files into ``dest`` keeping their relative paths (atomic per file)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    systems: dict[str, Any] = {}
+    import fsspec
 
+    from cairn.storage.datastores import get_atomic
     from cairn.storage.paths import confined
 
-    def one(f: ResolvedFile) -> None:
-        target = confined(dest, f.relative, f"file {f.relative!r} of the dataset")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.cairn-partial")
-        if f.datastore is None:
-            import fsspec
-
-            with fsspec.open(f.path, "rb") as src, open(tmp, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    out.write(chunk)
-        else:
-            fs = systems[f.datastore]
-            fs.get_file(f.path, str(tmp))
-        os.replace(tmp, target)
-
+    systems: dict[str, Any] = {}
     for f in files:
         if f.datastore is not None and f.datastore not in systems:
             systems[f.datastore] = locate(f.datastore).filesystem()[0]
+
+    def one(f: ResolvedFile) -> None:
+        target = confined(dest, f.relative, f"file {f.relative!r} of the dataset")
+        if f.datastore is None:  # an http(s) URL
+            fs, path = fsspec.core.url_to_fs(f.path)
+            get_atomic(fs, path, target)
+        else:
+            get_atomic(systems[f.datastore], f.path, target)
+
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, files))
 
@@ -342,3 +337,12 @@ def _apply(table: Any, op: str, arg: Any) -> Any:
 
 def definition_digest(definition: dict[str, Any]) -> str:
     return digest_json(definition)
+
+
+def version_record(definition: dict[str, Any], files: list[ResolvedFile]) -> dict[str, Any]:
+    """What the registry stores about a dataset version, from its definition and listing."""
+    from cairn.core import ids
+
+    return {"dataset_id": ids.new_id("ds"), "kind": definition["kind"], "definition": definition,
+            "definition_digest": definition_digest(definition), "content_digest": content_digest(files),
+            "file_count": len(files), "size": sum(f.size for f in files)}

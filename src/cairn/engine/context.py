@@ -30,13 +30,7 @@ class EngineContext:
 
     def datastore_roots(self) -> dict[str, str]:
         """Local roots of the workspace's folder datastores, by name."""
-        roots = {}
-        for d in q.list_named(self.store, "datastores"):
-            if d["kind"] != "local":  # object stores have no local root
-                continue
-            path = Path(d["config"].get("path", ""))
-            roots[d["name"]] = str(path if path.is_absolute() else self.layout.dot / path)
-        return roots
+        return local_datastore_roots(self.store, self.layout)
 
     def datastore_location(self, name: str) -> DatastoreLocation:
         return locate_datastore(self.store, self.layout, name)
@@ -57,6 +51,18 @@ class EngineContext:
 SEALED = "sealed_credentials"  # the config key holding a datastore's encrypted credentials
 
 
+def _local_root(config: dict[str, object], layout: WorkspaceLayout) -> Path:
+    """A folder datastore's root: absolute as registered, or relative to ``.cairn/``."""
+    path = Path(str(config.get("path", "")))
+    return path if path.is_absolute() else layout.dot / path
+
+
+def local_datastore_roots(store: Store, layout: WorkspaceLayout) -> dict[str, str]:
+    """Local roots of the folder datastores, by name (object stores have none), in one query."""
+    return {d["name"]: str(_local_root(d["config"], layout))
+            for d in q.list_named(store, "datastores") if d["kind"] == "local"}
+
+
 def locate_datastore(store: Store, layout: WorkspaceLayout, name: str) -> DatastoreLocation:
     """A registered datastore with its credentials decrypted (they never leave the process)."""
     for d in q.list_named(store, "datastores"):
@@ -64,8 +70,7 @@ def locate_datastore(store: Store, layout: WorkspaceLayout, name: str) -> Datast
             config = dict(d["config"])
             sealed = config.pop(SEALED, None)
             if d["kind"] == "local":
-                path = Path(config.get("path", ""))
-                config["path"] = str(path if path.is_absolute() else layout.dot / path)
+                config["path"] = str(_local_root(config, layout))
             secrets = SecretBox(layout.dot / "secret.key").open(sealed) if sealed else {}
             return DatastoreLocation(name, d["kind"], config, secrets)
     raise NotFoundError(f"datastore {name!r} is not registered in workspace {layout.root}")
@@ -75,7 +80,6 @@ def local_run_root(store: Store, layout: WorkspaceLayout) -> Path:
     for d in q.list_named(store, "datastores"):
         if d["is_default"]:
             if d["kind"] == "local":
-                path = Path(d["config"].get("path", ""))
-                return path if path.is_absolute() else layout.dot / path
+                return _local_root(d["config"], layout)
             return layout.dot / "cache" / d["name"]
     return layout.datastores / DEFAULT_DATASTORE

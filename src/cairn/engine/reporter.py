@@ -33,17 +33,14 @@ class StoreReporter:
 
     def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str:
         """A committed output becomes a new version of a registered dataset (and the step run says so)."""
-        from cairn.core import ids
-        from cairn.data.datasets import content_digest, definition_digest, resolve_files
+        from cairn.data.datasets import resolve_files, version_record
 
         read_as = registration.get("read_as") or {}
-        kind = "tabular" if read_as else "file"
-        definition = {"kind": kind, "paths": [{"datastore": output["datastore"], "path": output["path"]}], **read_as}
-        files = resolve_files(definition, self._locate)
+        definition = {"kind": "tabular" if read_as else "file",
+                      "paths": [{"datastore": output["datastore"], "path": output["path"]}], **read_as}
         row = q.register_dataset(
-            self._store, dataset_id=ids.new_id("ds"), name=registration["name"], kind=kind, definition=definition,
-            definition_digest=definition_digest(definition), content_digest=content_digest(files),
-            file_count=len(files), size=sum(f.size for f in files), description=registration.get("description"),
+            self._store, **version_record(definition, resolve_files(definition, self._locate)),
+            name=registration["name"], description=registration.get("description"),
             tags=registration.get("tags") or {}, create_new_version=True)
         label = f"{row['name']}:{row['version']}"
         q.add_properties(self._store, job.step_run_id, {f"cairn.output.{output['name']}.dataset": label})

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from cairn.core.spec import _step_from_dict
 from cairn.core.status import Status
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
@@ -103,7 +102,7 @@ def materialize_inputs(job: StepJob, work: Path) -> dict[str, str]:
     Datasets on a local datastore are used in place in every mode; others are fetched."""
     from cairn.storage.paths import confined
 
-    spec = _step_from_dict(job.step)
+    spec = job.spec
     on_compute = {i.name: i.path_on_compute for i in spec.inputs}
     on_compute.update({d.name: d.path_on_compute for d in spec.dataset_inputs})
     paths = {}
@@ -159,7 +158,7 @@ def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | N
 
 
 def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> list[str]:
-    spec = _step_from_dict(job.step)
+    spec = job.spec
     inputs = inputs if inputs is not None else {i.name: i.path for i in job.inputs}
     args = []
     for a in spec.arguments:
@@ -173,7 +172,7 @@ def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> lis
 
 
 def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: dict[str, str]) -> dict[str, str]:
-    spec = _step_from_dict(job.step)
+    spec = job.spec
     env = dict(os.environ)
     env.update({k: str(v) for k, v in (spec.environment.get("environment_variables") or {}).items()})
     env.update(dict(spec.environment_variables))
@@ -201,7 +200,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                  on_started: Callable[[int], None] | None = None) -> StepResult:
     """Run one step to its end and report it. Never raises for a step's own failure."""
     control = control or StepControl()
-    spec = _step_from_dict(job.step)
+    spec = job.spec
     log_dir = Path(job.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     syslog = _SystemLog(log_dir / "system.txt")
@@ -381,7 +380,7 @@ def _last_line(path: Path) -> str:
 
 def _end(job: StepJob, reporter: StepReporter, syslog: _SystemLog, status: Status, reason: str,
          code: int | None) -> StepResult:
-    _remove_staging(job, _step_from_dict(job.step))  # a step that did not succeed commits nothing
+    _remove_staging(job, job.spec)  # a step that did not succeed commits nothing
     syslog(f"{status.value}: {reason}")
     reporter.ended(job.step_run_id, status, reason, code)
     return StepResult(job.step_run_id, status.value, reason, code)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
+
+from cairn.core.spec import StepSpec, step_from_dict
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,11 @@ class StepJob:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @cached_property
+    def spec(self) -> StepSpec:
+        """The step's spec, parsed once per job."""
+        return step_from_dict(self.step)
 
 
 @dataclass(frozen=True)

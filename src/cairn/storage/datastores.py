@@ -255,15 +255,19 @@ def download(loc: DatastoreLocation, target_path: str, prefix: str | None, overw
             continue
         plan.append((remote, dest, int(info.get("size") or 0)))
     def one(item: tuple[str, Path, int]) -> int:
-        remote, dest, size = item
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.cairn-partial")
-        fs.get_file(remote, str(tmp))
-        os.replace(tmp, dest)  # a reader never sees half a file
-        return size
+        get_atomic(fs, item[0], item[1])
+        return item[2]
 
     _transfer(loc, "downloading", plan, one, sum(p[2] for p in plan), show_progress, report)
     return report
+
+
+def get_atomic(fs: Any, remote: str, dest: Path) -> None:
+    """Copy one file out of a store; a reader of ``dest`` never sees half a file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.cairn-partial")
+    fs.get_file(remote, str(tmp))
+    os.replace(tmp, dest)
 
 
 def _transfer(loc: DatastoreLocation, action: str, items: list[Any], one: Callable[[Any], int], total: int,

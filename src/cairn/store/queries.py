@@ -254,11 +254,6 @@ def add_metrics(store: Store, run_id: str, rows: list[tuple[str, str, Any, float
                                          for n, k, v, at in rows])
 
 
-def delete_metrics(store: Store, run_id: str) -> None:
-    with store.write() as conn:
-        conn.execute(delete(t.metrics).where(t.metrics.c.run_id == run_id))
-
-
 SYSTEM_PROPERTY_PREFIXES = ("cairn.", "mlflow.", "azureml.")
 
 
