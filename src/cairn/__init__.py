@@ -17,6 +17,7 @@ _PUBLIC: dict[str, str] = {
     "LocalCompute": "cairn.client.compute",
     "Environment": "cairn.client.environment",
     "RunConfiguration": "cairn.client.environment",
+    "CondaDependencies": "cairn.environments.conda",
     "PipelineData": "cairn.data.pipeline_data",
     "Dataset": "cairn.client.dataset",
     "OutputFileDatasetConfig": "cairn.data.output_dataset",

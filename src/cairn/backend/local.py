@@ -272,6 +272,31 @@ class LocalBackend:
                  "description": v["description"], "tags": json.loads(v["tags"]),
                  **q.runs_with_dataset(self.store, f"{name}:{v['version']}")} for v in versions]
 
+    def register_environment(self, name: str, definition: dict[str, Any], spec_digest: str) -> dict[str, Any]:
+        return q.register_environment(self.store, name, definition, spec_digest)
+
+    def get_environment(self, name: str, version: int | None = None) -> dict[str, Any] | None:
+        return q.get_environment(self.store, name, version)
+
+    def list_environments(self) -> list[dict[str, Any]]:
+        """The latest version of each registered environment."""
+        latest: dict[str, dict[str, Any]] = {}
+        for row in q.list_environments(self.store):
+            latest[row["name"]] = row
+        return list(latest.values())
+
+    def environments_in_use(self) -> set[str]:
+        """Cache keys of the built environments that steps of unfinished runs still need."""
+        from cairn.environments.spec import cache_key, is_managed
+
+        keys = set()
+        for spec_json in q.unfinished_run_specs(self.store):
+            for step in json.loads(spec_json).get("steps", []):
+                env = step.get("environment") or {}
+                if is_managed(env):
+                    keys.add(cache_key(env))
+        return keys
+
     def artifact_path(self, run_id: str, name: str) -> Path:
         from cairn.storage.paths import confined
 

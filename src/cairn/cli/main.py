@@ -25,6 +25,8 @@ runs_app = typer.Typer(help="List and inspect runs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 datasets_app = typer.Typer(help="Registered datasets and their lineage.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+env_app = typer.Typer(help="Environments: registered, curated and built.", no_args_is_help=True)
+app.add_typer(env_app, name="env")
 console = Console()
 if not console.is_terminal:  # piped output: never cut ids and paths that scripts read
     console = Console(width=200)
@@ -217,9 +219,78 @@ def datasets_show(name: str, workspace: Path = WorkspaceOption, as_json: bool = 
                 console.print(f"  {label}: none", highlight=False)
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@env_app.command("list")
+def env_list(workspace: Path = WorkspaceOption) -> None:
+    """Registered and curated environments (latest versions), and what is built in the cache."""
+    from cairn.client.environment import Environment
+    from cairn.environments.build import EnvironmentCache
+    from cairn.environments.spec import cache_key, is_managed
+
+    ws = _workspace(workspace)
+    built = {e["key"]: e for e in EnvironmentCache(ws._backend.layout.envs).entries()}
+    shown = set()
+    table = Table("environment", "version", "kind", "python", "packages", "built", "size", "last used")
+    for name, env in sorted(Environment.list(ws).items()):
+        spec = env.to_spec()
+        key = cache_key(spec) if is_managed(spec) else None
+        entry = built.get(key) if key else None
+        shown.add(key)
+        packages = ", ".join(spec.get("pip") or []) if is_managed(spec) else "(as installed)"
+        table.add_row(name, str(env.version or "-"), spec["kind"], spec["python"], packages or "-",
+                      ("yes " + key) if entry else ("no" if key else "-"),
+                      _size(entry["size"]) if entry else "-", _fmt_time(entry["last_used"]) if entry else "-")
+    for key, entry in sorted(built.items()):
+        if key not in shown:  # built for a run from an unregistered Environment(...)
+            table.add_row(f"{entry['name']} (unregistered)", "-", "managed", entry["spec"].get("python", "?"),
+                          ", ".join(entry["spec"].get("pip") or []) or "-", "yes " + key, _size(entry["size"]),
+                          _fmt_time(entry["last_used"]))
+    console.print(table)
+
+
+@env_app.command("build")
+def env_build(name: str, version: int = typer.Option(None, "--version", help="registered version (default: latest)"),
+              workspace: Path = WorkspaceOption) -> None:
+    """Build an environment into the workspace's cache now, printing the build log."""
+    from cairn.client.environment import Environment
+
+    ws = _workspace(workspace)
+    env = Environment.get(ws, name, version)
+    folder = env.build(ws, show_output=True)
+    console.print(f"environment {name!r} is built: {folder}", highlight=False)
+
+
+@env_app.command("prune")
+def env_prune(dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be removed"),
+              workspace: Path = WorkspaceOption) -> None:
+    """Remove built environments that no unfinished run needs (they are rebuilt when asked for)."""
+    from cairn.environments.build import EnvironmentCache
+
+    ws = _workspace(workspace)
+    cache = EnvironmentCache(ws._backend.layout.envs)
+    sizes = {e["key"]: (e["name"], e["size"]) for e in cache.entries()}
+    removed, busy = cache.prune(ws._backend.environments_in_use(), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for key in removed:
+        name, size = sizes.get(key, ("(unfinished build)", 0))
+        console.print(f"{verb} {key} ({name}, {_size(size)})", highlight=False)
+    for key in busy:
+        console.print(f"kept {key}: a step is using it now", highlight=False)
+    total = sum(sizes.get(k, ("", 0))[1] for k in removed)
+    console.print(f"{verb} {len(removed)} environment(s), {_size(total)}; {len(busy)} in use", highlight=False)
+
+
 @app.command()
 def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the run ends"),
          system: bool = typer.Option(False, "--system", help="also show the system log"),
+         environment: bool = typer.Option(False, "--environment", help="also show the environment build log"),
          workspace: Path = WorkspaceOption) -> None:
     """Print the logs of a step run (or of every step of a pipeline run)."""
     from cairn.client.follow import follow as follow_run
@@ -238,11 +309,13 @@ def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
     for s in steps:
         srow = s._row()
         source = srow["reused_from"] or s.id
-        kinds = ["stdout", "stderr"] + (["system"] if system else [])
+        env_failed = srow["status"] == "Failed" and (srow["status_reason"] or "").startswith("environment ")
+        kinds = (["environment"] if environment or env_failed else []) + ["stdout", "stderr"] + \
+            (["system"] if system else [])
         if len(steps) > 1:
             console.rule(f"{srow['name']} ({s.id}) {srow['status']}")
         for which in kinds:
-            text, _ = backend.read_log(source if which != "system" else s.id, which)
+            text, _ = backend.read_log(source if which in ("stdout", "stderr") else s.id, which)
             if text:
                 if len(steps) > 1 or len(kinds) > 1:
                     console.print(f"[dim]--- {which} ---[/]")

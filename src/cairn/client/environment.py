@@ -1,84 +1,311 @@
-"""Environment and RunConfiguration as users write them. Isolated uv-built environments come
-with the environments issue; this one runs steps with the current or a given interpreter."""
+"""Environment and RunConfiguration as users write them (Azure ML SDK v1 names).
+
+An environment is either *user-managed* (an existing interpreter, as it is; the default
+environment is the interpreter Cairn runs in) or *managed*: an isolated environment that Cairn
+builds with uv from its ``CondaDependencies`` into the workspace's environment cache, once per
+build digest, shared by every step and run that asks for the same packages."""
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cairn.core.errors import UserInputError
+from cairn.core.errors import NotFoundError, UserInputError
 from cairn.core.names import check_type
-from cairn.environments.spec import current_interpreter_spec, spec_digest
+from cairn.environments.conda import CondaDependencies
+from cairn.environments.spec import INTERPRETER, current_interpreter_spec, managed_spec, spec_digest
+
+if TYPE_CHECKING:
+    from cairn.client.workspace import Workspace
+
+CURATED_PREFIX = "cairn-"
 
 
 class PythonSection:
     def __init__(self) -> None:
-        self.user_managed_dependencies = True
+        self.user_managed_dependencies = False  # as in Azure ML: Cairn builds the environment
         self.interpreter_path: str | None = None
-        self.conda_dependencies: Any = None
+        self.conda_dependencies: CondaDependencies | None = None
 
 
 class DockerSection:
+    """Recorded for targets that run containers; a target that cannot fails the step, saying so."""
+
     def __init__(self) -> None:
         self.enabled = False
         self.base_image: str | None = None
 
 
 class Environment:
-    """A named description of where a step's Python runs."""
+    """A named, versioned description of where a step's Python runs."""
 
     def __init__(self, name: str) -> None:
         check_type(name, str, "Environment name")
         if not name.strip():
             raise UserInputError("Environment name must not be empty")
         self.name = name
+        self.version: int | None = None
         self.python = PythonSection()
         self.docker = DockerSection()
         self.environment_variables: dict[str, str] = {}
 
+    # -- constructors ------------------------------------------------------------------------
+
+    @staticmethod
+    def from_pip_requirements(name: str, file_path: str | os.PathLike[str]) -> Environment:
+        """An environment with the packages of a pip requirements file (``-r`` includes followed)."""
+        env = Environment(name)
+        deps = CondaDependencies()
+        for line in _requirement_lines(Path(file_path), set()):
+            deps.add_pip_package(line)
+        env.python.conda_dependencies = deps
+        return env
+
+    @staticmethod
+    def from_conda_specification(name: str, file_path: str | os.PathLike[str]) -> Environment:
+        """An environment from a conda environment YAML file (its pip section and Python version)."""
+        env = Environment(name)
+        env.python.conda_dependencies = CondaDependencies(conda_dependencies_file_path=file_path)
+        return env
+
+    @staticmethod
+    def from_existing_interpreter(name: str, interpreter_path: str | None = None) -> Environment:
+        """A user-managed environment: ``interpreter_path`` (default: the current one) as it is."""
+        env = Environment(name)
+        env.python.user_managed_dependencies = True
+        env.python.interpreter_path = interpreter_path
+        return env
+
+    def clone(self, new_name: str) -> Environment:
+        """A copy under another name, unregistered."""
+        other = copy.deepcopy(self)
+        Environment.__init__(other, new_name)  # validates the name
+        other.python, other.docker = copy.deepcopy(self.python), copy.deepcopy(self.docker)
+        other.environment_variables = dict(self.environment_variables)
+        return other
+
+    # -- the registry ------------------------------------------------------------------------
+
+    def register(self, workspace: Workspace) -> Environment:
+        """Register this definition as the next version of its name; an identical spec to the latest
+        version registers nothing new and returns that version."""
+        if self.name.lower().startswith(CURATED_PREFIX):
+            raise UserInputError(f"environment names starting with {CURATED_PREFIX!r} belong to Cairn's curated "
+                                 f"environments; register {self.name!r} under another name (env.clone('my-env'))")
+        spec = self.to_spec()
+        row = workspace._backend.register_environment(self.name, self.to_definition(), spec_digest(spec))
+        self.version = row["version"]
+        return Environment._from_definition(row["definition"], row["version"])
+
+    @staticmethod
+    def get(workspace: Workspace, name: str, version: int | str | None = None) -> Environment:
+        check_type(name, str, "environment name")
+        if version is not None:
+            try:
+                version = int(version)
+            except (TypeError, ValueError):
+                raise UserInputError(f"environment version must be a whole number, not {version!r}") from None
+        from cairn.environments.curated import curated_definition
+
+        curated = curated_definition(name)
+        if curated is not None:
+            if version not in (None, 1):
+                raise NotFoundError(f"curated environment {name!r} has only version 1")
+            return Environment._from_definition(curated, 1)
+        row = workspace._backend.get_environment(name, version)
+        if row is None:
+            known = sorted(Environment.list(workspace))
+            which = f"{name!r} version {version}" if version is not None else repr(name)
+            raise NotFoundError(f"environment {which} is not registered in this workspace (known: "
+                                f"{', '.join(known)})")
+        return Environment._from_definition(row["definition"], row["version"])
+
+    @staticmethod
+    def list(workspace: Workspace) -> dict[str, Environment]:
+        """The latest version of every registered environment, and Cairn's curated ones."""
+        from cairn.environments.curated import CURATED
+
+        result = {name: Environment._from_definition(make(), 1) for name, make in CURATED.items()}
+        for row in workspace._backend.list_environments():
+            result[row["name"]] = Environment._from_definition(row["definition"], row["version"])
+        return result
+
+    def build(self, workspace: Workspace, show_output: bool = True) -> str:
+        """Build this environment into the workspace's cache now (steps build it when they first
+        need it); returns the environment's folder."""
+        from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, check_buildable
+        from cairn.environments.spec import is_managed
+
+        spec = self.to_spec()
+        if not is_managed(spec):
+            raise UserInputError(f"environment {self.name!r} is user-managed: there is nothing to build")
+        problems = check_buildable(spec, self.name)
+        if problems:
+            raise UserInputError(problems[0])
+        log = (lambda line: print(line, flush=True)) if show_output else (lambda line: None)
+        try:
+            resolved = EnvironmentCache(workspace._backend.layout.envs).resolve(spec, self.name, log)
+        except EnvironmentBuildError as exc:
+            raise UserInputError(f"environment {self.name!r} could not be built: {exc}") from None
+        resolved.close()
+        return str(resolved.folder)
+
+    # -- the spec ----------------------------------------------------------------------------
+
     def to_spec(self) -> dict[str, Any]:
-        spec = current_interpreter_spec()
-        spec["name"] = self.name
-        if self.python.interpreter_path is not None:
-            if not isinstance(self.python.interpreter_path, (str, os.PathLike)):
-                raise UserInputError(f"environment {self.name!r}: python.interpreter_path must be a path, not "
-                                     f"{type(self.python.interpreter_path).__name__}")
-            path = Path(self.python.interpreter_path)
-            if not path.is_file() or not os.access(path, os.X_OK):
-                raise UserInputError(f"environment {self.name!r}: interpreter_path {str(path)!r} is not an "
-                                     f"executable file")
-            spec["interpreter_path"] = str(path)
-            spec["kind"] = "interpreter"
+        """The canonical spec (its digest is part of every step fingerprint)."""
+        python, docker = self.python, self.docker
+        if not isinstance(python.user_managed_dependencies, bool):
+            raise UserInputError(f"environment {self.name!r}: python.user_managed_dependencies must be True or "
+                                 f"False, not {python.user_managed_dependencies!r}")
+        deps = python.conda_dependencies
+        if deps is not None and not isinstance(deps, CondaDependencies):
+            raise UserInputError(f"environment {self.name!r}: python.conda_dependencies must be a "
+                                 f"CondaDependencies, not {type(deps).__name__}")
+        if python.user_managed_dependencies:
+            if deps is not None and (deps.pip_packages or deps.conda_packages):
+                raise UserInputError(
+                    f"environment {self.name!r} has user_managed_dependencies=True and conda_dependencies: "
+                    f"the packages would be ignored; set python.user_managed_dependencies = False to have "
+                    f"Cairn build them, or drop conda_dependencies")
+            spec = current_interpreter_spec()
+            if python.interpreter_path is not None:
+                spec["interpreter_path"] = _check_interpreter(self.name, python.interpreter_path)
+                spec["kind"] = INTERPRETER
+        else:
+            if python.interpreter_path is not None:
+                raise UserInputError(f"environment {self.name!r}: python.interpreter_path is used only with "
+                                     f"python.user_managed_dependencies = True")
+            deps = deps or CondaDependencies()
+            from cairn.environments.spec import split_conda_packages
+
+            index, extra = deps.index_urls()
+            spec = managed_spec(python=deps.get_python_version(), pip=deps.pip_packages + deps.other_pip_options(),
+                                conda=split_conda_packages(deps.conda_packages)[1], channels=deps.conda_channels,
+                                index_url=index, extra_index_urls=extra)
         if not isinstance(self.environment_variables, dict):
             raise UserInputError(f"environment {self.name!r}: environment_variables must be a dict")
         spec["environment_variables"] = {str(k): str(v) for k, v in self.environment_variables.items()}
-        if self.docker.enabled or self.python.conda_dependencies is not None or \
-                not self.python.user_managed_dependencies:
-            raise UserInputError(
-                f"environment {self.name!r} asks for docker or managed dependencies, which this version of "
-                f"Cairn cannot build yet; set python.user_managed_dependencies = True and leave docker "
-                f"disabled to use an existing interpreter")
+        if not isinstance(docker.enabled, bool):
+            raise UserInputError(f"environment {self.name!r}: docker.enabled must be True or False")
+        if docker.base_image is not None and not isinstance(docker.base_image, str):
+            raise UserInputError(f"environment {self.name!r}: docker.base_image must be an image name")
+        spec["docker"] = {"enabled": docker.enabled, "base_image": docker.base_image}
+        spec["name"] = self.name
+        spec["version"] = self.version
         return spec
 
     @property
     def digest(self) -> str:
         return spec_digest(self.to_spec())
 
+    @property
+    def is_user_managed(self) -> bool:
+        return bool(self.python.user_managed_dependencies)
+
+    def to_definition(self) -> dict[str, Any]:
+        """A JSON/YAML-able definition (what the registry and RunConfiguration.save keep)."""
+        deps = self.python.conda_dependencies
+        return {"name": self.name,
+                "python": {"user_managed_dependencies": self.python.user_managed_dependencies,
+                           "interpreter_path": self.python.interpreter_path,
+                           "conda_dependencies": deps.as_dict() if isinstance(deps, CondaDependencies) else None},
+                "docker": {"enabled": self.docker.enabled, "base_image": self.docker.base_image},
+                "environment_variables": dict(self.environment_variables)}
+
+    @staticmethod
+    def _from_definition(d: dict[str, Any], version: int | None = None) -> Environment:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise UserInputError(f"an environment definition must be a mapping with a 'name', not {d!r}")
+        env = Environment(d["name"])
+        env.version = version
+        py = d.get("python") or {}
+        if not isinstance(py, dict):
+            raise UserInputError(f"environment {env.name!r}: 'python' must be a mapping")
+        env.python.user_managed_dependencies = py.get("user_managed_dependencies", False)
+        env.python.interpreter_path = py.get("interpreter_path")
+        if py.get("conda_dependencies") is not None:
+            env.python.conda_dependencies = CondaDependencies(_underlying_structure=py["conda_dependencies"])
+        dk = d.get("docker") or {}
+        env.docker.enabled = bool(dk.get("enabled", False))
+        env.docker.base_image = dk.get("base_image")
+        variables = d.get("environment_variables") or {}
+        if not isinstance(variables, dict):
+            raise UserInputError(f"environment {env.name!r}: 'environment_variables' must be a mapping")
+        env.environment_variables = {str(k): str(v) for k, v in variables.items()}
+        return env
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Environment) and self.to_definition() == other.to_definition()
+
     def __repr__(self) -> str:
-        return f"Environment(name={self.name!r})"
+        version = f", version={self.version}" if self.version is not None else ""
+        return f"Environment(name={self.name!r}{version})"
+
+
+def _check_interpreter(env_name: str, value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise UserInputError(f"environment {env_name!r}: python.interpreter_path must be a path, not "
+                             f"{type(value).__name__}")
+    path = Path(value)
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise UserInputError(f"environment {env_name!r}: interpreter_path {str(path)!r} is not an executable file")
+    return str(path)
+
+
+def _requirement_lines(path: Path, seen: set[Path]) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserInputError(f"requirements file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise UserInputError(f"cannot read requirements file {str(path)!r}: {exc}") from None
+    seen.add(path.resolve())
+    lines = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        flag, _, rest = line.replace("=", " ", 1).partition(" ") if line.startswith("-") else (line, "", "")
+        if flag in ("-r", "--requirement", "-c", "--constraint"):
+            included = (path.parent / rest.strip()).resolve()
+            if flag in ("-c", "--constraint"):
+                raise UserInputError(f"{path}:{n}: constraint files (-c) are not supported; pin the versions in "
+                                     f"the requirements instead")
+            if included not in seen:
+                lines += _requirement_lines(included, seen)
+        elif flag in ("-e", "--editable"):
+            raise UserInputError(f"{path}:{n}: editable requirements ({line!r}) cannot go into a shared, cached "
+                                 f"environment; put the code in the step's source_directory instead")
+        else:
+            lines.append(line)
+    return lines
+
+
+DEFAULT_ENVIRONMENT = "cairn-default"
+
+
+def default_environment() -> Environment:
+    """The interpreter Cairn runs in, as it is."""
+    return Environment.from_existing_interpreter(DEFAULT_ENVIRONMENT)
 
 
 class RunConfiguration:
-    """How a step runs: target, environment, extra environment variables, time limit."""
+    """How a step runs: target, environment, extra environment variables, time limit, nodes."""
 
     def __init__(self, script: str | None = None, arguments: Any = None, framework: str | None = None,
-                 communicator: str | None = None, conda_dependencies: Any = None) -> None:
+                 communicator: str | None = None, conda_dependencies: CondaDependencies | None = None) -> None:
         self.script = script
         self.arguments = arguments
+        self.framework = framework or "Python"
         self.target: Any = None
-        self.environment = Environment("cairn-default")
+        self.environment = default_environment()
+        if conda_dependencies is not None:  # Azure ML: a run configuration built from packages
+            self.environment = Environment("cairn-runconfig")
+            self.environment.python.conda_dependencies = conda_dependencies
         self.environment_variables: dict[str, str] = {}
         self.max_run_duration_seconds: float | None = None
         self.node_count = 1
@@ -99,10 +326,70 @@ class RunConfiguration:
         if t is not None and not isinstance(t, str) and not isinstance(getattr(t, "name", None), str):
             problems.append(f"step {step_name!r}: runconfig.target must be a ComputeTarget or a target name, "
                             f"not {type(t).__name__}")
-        if not isinstance(self.node_count, int) or self.node_count != 1:
+        if not isinstance(self.node_count, int) or isinstance(self.node_count, bool) or self.node_count != 1:
             problems.append(f"step {step_name!r}: runconfig.node_count={self.node_count!r}: local compute "
                             f"runs a step on one node")
         return problems
 
+    # -- YAML --------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        target = self.target if isinstance(self.target, str) or self.target is None else self.target.name
+        return {"script": self.script, "arguments": list(self.arguments) if self.arguments else [],
+                "framework": self.framework, "target": target,
+                "environment": self.environment.to_definition() if isinstance(self.environment, Environment) else None,
+                "environment_variables": dict(self.environment_variables),
+                "max_run_duration_seconds": self.max_run_duration_seconds, "node_count": self.node_count}
+
+    def save(self, path: str | os.PathLike[str], name: str | None = None) -> str:
+        """Write this run configuration as YAML to ``path`` (a file, or a folder to hold
+        ``<name>.runconfig``); returns the file's path."""
+        import yaml
+
+        problems = self.validate(name or "runconfig")
+        if problems:
+            raise UserInputError("cannot save the run configuration: " + "; ".join(problems))
+        target = _runconfig_file(Path(path), name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        return str(target)
+
+    @staticmethod
+    def load(path: str | os.PathLike[str], name: str | None = None) -> RunConfiguration:
+        import yaml
+
+        source = _runconfig_file(Path(path), name)
+        try:
+            data = yaml.safe_load(source.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserInputError(f"run configuration file {str(source)!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise UserInputError(f"run configuration file {str(source)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserInputError(f"run configuration file {str(source)!r} must hold a mapping")
+        unknown = set(data) - set(RunConfiguration().to_dict())
+        if unknown:
+            raise UserInputError(f"run configuration file {str(source)!r} has unknown keys: "
+                                 f"{', '.join(sorted(unknown))}")
+        rc = RunConfiguration(script=data.get("script"), arguments=data.get("arguments") or None,
+                              framework=data.get("framework"))
+        rc.target = data.get("target")
+        if data.get("environment") is not None:
+            rc.environment = Environment._from_definition(data["environment"])
+        rc.environment_variables = data.get("environment_variables") or {}
+        rc.max_run_duration_seconds = data.get("max_run_duration_seconds")
+        rc.node_count = data.get("node_count", 1)
+        problems = rc.validate(source.name)
+        if problems:
+            raise UserInputError(f"run configuration file {str(source)!r}: " + "; ".join(problems))
+        return rc
+
     def __repr__(self) -> str:
         return f"RunConfiguration(target={self.target!r}, environment={self.environment!r})"
+
+
+def _runconfig_file(path: Path, name: str | None) -> Path:
+    if path.is_dir() or name is not None:
+        return path / f"{name or 'runconfig'}.runconfig"
+    return path
+

@@ -93,8 +93,10 @@ def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str,
         after = terminal or c["status"] == Status.FINALIZING.value
         if changed and not after:  # "Running" comes before the lines it prints ...
             _print_status(c, out)
-        if c["status"] in (Status.RUNNING.value, Status.FINALIZING.value) or (terminal and c["status"] != "Reused"):
-            for which in ("stdout", "stderr"):
+        streaming = c["status"] in (Status.PREPARING.value, Status.RUNNING.value, Status.FINALIZING.value)
+        if streaming or (terminal and c["status"] != Status.REUSED.value):
+            # the environment's build log first (it is written while the step is Preparing)
+            for which in ("environment", "stdout", "stderr"):
                 text, offsets[(c["id"], which)] = backend.read_log(
                     c["id"], which, offsets.get((c["id"], which), 0), complete=terminal)
                 for line in text.splitlines():

@@ -82,9 +82,13 @@ class Pipeline:
                                 f"(known: {', '.join(sorted(targets))})")
             if isinstance(s.runconfig.environment, Environment):
                 try:
-                    s.runconfig.environment.to_spec()
+                    env_spec = s.runconfig.environment.to_spec()
                 except UserInputError as exc:
                     problems.append(f"{who}: {exc}")
+                else:
+                    from cairn.environments.build import check_buildable
+
+                    problems += [f"{who}: {p}" for p in check_buildable(env_spec, s.runconfig.environment.name)]
             out_names: dict[str, int] = {}
             for o in s.outputs:
                 out_names[o.output_name] = out_names.get(o.output_name, 0) + 1

@@ -406,6 +406,10 @@ class StepRun(Run):
     def get_stderr_log(self) -> str:
         return self._backend.read_log(self._log_source(), "stderr", 0, complete=True)[0]
 
+    def get_environment_log(self) -> str:
+        """What building (or finding) the step's environment printed; empty for the default one."""
+        return self._backend.read_log(self.id, "environment", 0, complete=True)[0]
+
     def get_system_log(self) -> str:
         return self._backend.read_log(self.id, "system", 0, complete=True)[0]
 

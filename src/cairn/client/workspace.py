@@ -101,6 +101,13 @@ class Workspace:
         return {c["name"]: ComputeTarget._from_record(self, c) for c in self._backend.list_compute_targets()}
 
     @property
+    def environments(self) -> dict[str, Any]:
+        """Registered environments (latest versions) and Cairn's curated ones, by name."""
+        from cairn.client.environment import Environment
+
+        return Environment.list(self)
+
+    @property
     def experiments(self) -> dict[str, Experiment]:
         from cairn.client.experiment import Experiment
 

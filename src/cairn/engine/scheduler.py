@@ -158,7 +158,7 @@ class PipelineScheduler:
             log_upload=self._log_upload(locations, step_run_id),
             inputs=tuple(inputs), interpreter=step.environment.get("interpreter_path") or "",
             fingerprint=fp, fingerprint_parts=parts, cacheable=step.allow_reuse,
-            datasets=datasets, datastore_locations=locations,
+            datasets=datasets, datastore_locations=locations, env_cache=str(self.ctx.layout.envs),
         )
 
     def _log_upload(self, locations: dict[str, Any], step_run_id: str) -> dict[str, Any] | None:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cairn.core.status import Status
+from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
+from cairn.environments.spec import is_managed
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
 from cairn.storage.objects import ObjectStore
@@ -171,9 +173,13 @@ def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> lis
     return args
 
 
-def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: dict[str, str]) -> dict[str, str]:
+def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: dict[str, str],
+                     resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
     spec = job.spec
     env = dict(os.environ)
+    if resolved is not None:  # an isolated environment: nothing of the agent's Python leaks in
+        for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX"):
+            env.pop(name, None)
     env.update({k: str(v) for k, v in (spec.environment.get("environment_variables") or {}).items()})
     env.update(dict(spec.environment_variables))
     for key, value in spec.params:
@@ -191,9 +197,54 @@ def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: di
                                       for n, d in job.datasets.items()}),
         "CAIRN_OUTPUTS": json.dumps(output_paths),
         "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (_CAIRN_PARENT, env.get("PYTHONPATH")) if p),
     })
+    if resolved is None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_CAIRN_PARENT, env.get("PYTHONPATH")) if p)
+    else:
+        env.update(resolved.step_variables())
+        env["PATH"] = os.pathsep.join(p for p in (resolved.bin_dir, env.get("PATH")) if p)
     return env
+
+
+def _docker_refusal(spec: Any) -> str | None:
+    """Local compute runs steps as processes: an environment that asks for a container fails the
+    step, saying so, rather than running somewhere else than asked."""
+    docker = spec.environment.get("docker") or {}
+    if not docker.get("enabled"):
+        return None
+    image = f" (base image {docker['base_image']!r})" if docker.get("base_image") else ""
+    return (f"compute target {spec.compute_target or 'local'!r} runs steps as local processes and cannot run "
+            f"containers, but environment {spec.environment.get('name')!r} has docker.enabled = True{image}; "
+            f"set environment.docker.enabled = False to run the step in an environment Cairn builds with uv")
+
+
+def _build_error(exc: Exception) -> str:
+    """The part of a build failure worth a status line: uv's error and its explanation."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if ln.lower().startswith("error")), max(0, len(lines) - 3))
+    return " ".join(ln.lstrip("╰─▶ ").strip() for ln in lines[start:])[:400]
+
+
+def _resolve_environment(job: StepJob, control: StepControl, syslog: _SystemLog) -> ResolvedEnvironment:
+    """The step's built environment, building it first if needed; the build log goes to the
+    step's ``environment.txt`` as it is written (it streams like any step log)."""
+    from cairn.storage.layout import WorkspaceLayout
+
+    spec = job.spec
+    name = spec.environment.get("name") or "environment"
+    cache = EnvironmentCache(job.env_cache or WorkspaceLayout(job.workspace).envs)
+    started = time.monotonic()
+    with open(Path(job.log_dir) / "environment.txt", "a", encoding="utf-8") as env_log:
+        def log(line: str) -> None:
+            env_log.write(line + "\n")
+            env_log.flush()
+
+        resolved = cache.resolve(spec.environment, name, log, attach=control.attach,
+                                 canceled=lambda: control.canceled)
+        how = "built" if resolved.built_now else "ready"
+        log(f"environment {name!r}: {how} ({resolved.folder}); Python {resolved.python}")
+    syslog(f"environment {name!r} {how} in {time.monotonic() - started:.3f} s: {resolved.folder}")
+    return resolved
 
 
 def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | None = None,
@@ -206,6 +257,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
     syslog = _SystemLog(log_dir / "system.txt")
     work = Path(job.work_dir)
     preparing: _DeferredStatus | None = None
+    resolved: ResolvedEnvironment | None = None
     try:
         syslog(f"attempt {job.attempt} of step {spec.name!r} (step run {job.step_run_id})")
         # Short phases are not worth a status write: Preparing is recorded only when preparing
@@ -233,9 +285,26 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED,
                         f"script {spec.script_name!r} is not in the snapshot of {spec.source_directory!r}",
                         None)
-        argv = [job.interpreter or sys.executable, spec.script_name, *resolve_arguments(job, input_paths)]
+        refused = _docker_refusal(spec)
+        if refused:
+            return _end(job, reporter, syslog, Status.FAILED, refused, None)
+        if is_managed(spec.environment):
+            try:
+                resolved = _resolve_environment(job, control, syslog)
+            except EnvironmentBuildError as exc:
+                if control.requeue:
+                    syslog(f"stopped while preparing the environment: {control.cancel_reason}")
+                    return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, None)
+                if control.canceled:
+                    return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, None)
+                return _end(job, reporter, syslog, Status.FAILED,
+                            f"environment {spec.environment.get('name')!r} could not be built: {_build_error(exc)} "
+                            f"(the whole uv output is in the step's environment log: cairn logs {job.step_run_id} "
+                            f"--environment)", None)
+        interpreter = resolved.python if resolved else (job.interpreter or sys.executable)
+        argv = [interpreter, spec.script_name, *resolve_arguments(job, input_paths)]
         syslog(f"command: {shlex.join(argv)}")
-        env = step_environment(job, output_paths, input_paths)
+        env = step_environment(job, output_paths, input_paths, resolved)
         if job.attempt > 1:  # the logs keep every attempt; say where this one starts
             marker = f"==== cairn: attempt {job.attempt} (the previous attempt was interrupted) ====\n".encode()
             for name in ("stdout.txt", "stderr.txt"):
@@ -318,6 +387,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         syslog.close()
         if preparing is not None:
             preparing.cancel()
+        if resolved is not None:
+            resolved.close()  # the environment may be pruned again
 
 
 def upload_logs(job: StepJob, result: StepResult) -> None:

@@ -42,6 +42,7 @@ class StepJob:
     datasets: dict[str, Any] = field(default_factory=dict)
     datastore_locations: dict[str, Any] = field(default_factory=dict)
     log_upload: dict[str, Any] | None = None  # {"datastore", "path"}: copy the logs there at the end
+    env_cache: str = ""  # where built environments live on the machine that runs the step
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -465,3 +465,52 @@ def runs_with_dataset(store: Store, label: str) -> dict[str, list[dict[str, Any]
         found[side].append({"step_run_id": r.run_id, "pipeline_run_id": r.parent_id, "step": r.name,
                             "status": r.status, "as": r.key.split(".")[2], "created_at": r.created_at})
     return found
+
+
+# -- the environment registry --------------------------------------------------------------
+
+def register_environment(store: Store, name: str, definition: dict[str, Any], spec_digest: str) -> dict[str, Any]:
+    """A new version, unless the latest has the same spec (then that one)."""
+    c = t.environments.c
+    with store.write() as conn:
+        latest = _d(conn.execute(select(t.environments).where(c.name == name).order_by(c.version.desc())
+                                 .limit(1)).first())
+        if latest is not None and latest["spec_digest"] == spec_digest:
+            return _environment_row(latest)
+        row = {"name": name, "version": (latest["version"] + 1) if latest else 1,
+               "definition": json.dumps(definition, sort_keys=True), "spec_digest": spec_digest,
+               "created_at": _now()}
+        conn.execute(insert(t.environments).values(**row))
+        return _environment_row(row)
+
+
+def get_environment(store: Store, name: str, version: int | None = None) -> dict[str, Any] | None:
+    c = t.environments.c
+    q = select(t.environments).where(c.name == name)
+    q = q.where(c.version == version) if version is not None else q.order_by(c.version.desc()).limit(1)
+    with store.read() as conn:
+        row = _d(conn.execute(q).first())
+    return _environment_row(row) if row else None
+
+
+def list_environments(store: Store) -> list[dict[str, Any]]:
+    """Every version of every registered environment, by name then version."""
+    c = t.environments.c
+    with store.read() as conn:
+        return [_environment_row(dict(r._mapping))
+                for r in conn.execute(select(t.environments).order_by(c.name, c.version))]
+
+
+def _environment_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "definition": json.loads(row["definition"]) if isinstance(row["definition"], str)
+            else row["definition"]}
+
+
+def unfinished_run_specs(store: Store) -> list[str]:
+    """The graph spec JSON of every pipeline run that has not ended (what its steps still need)."""
+    r = t.runs.c
+    terminal = [s.value for s in Status if s.is_terminal]
+    with store.read() as conn:
+        return [row.spec for row in conn.execute(select(r.spec).where(r.kind == "pipeline",
+                                                                      r.status.not_in(terminal)))
+                if row.spec]

@@ -159,3 +159,12 @@ datasets = Table(
     Column("created_at", Float, nullable=False),
     Index("ix_datasets_name_version", "name", "version", unique=True),
 )
+
+environments = Table(
+    "environments", metadata,
+    Column("name", String(255), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("definition", Text, nullable=False),  # JSON: what Environment.to_definition() gives
+    Column("spec_digest", String(80), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
