@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cairn import Workspace
-from tests.cli.test_cli import Project, flat, no_traceback, project  # noqa: F401  (a fixture)
+from tests.cli.test_cli import Project, flat, no_traceback
+
+
+@pytest.fixture
+def project(workspace: Workspace) -> Project:
+    return Project(Path(workspace.location))
 
 
 def test_build_list_and_prune(project: Project, workspace: Workspace) -> None:

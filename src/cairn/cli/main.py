@@ -324,6 +324,40 @@ def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
 
 
 @app.command()
+def debug(step_run_id: str,
+          folder: Path = typer.Option(None, "--dir", help="where to recreate the step (default: .cairn/debug/<step run id>)"),
+          print_only: bool = typer.Option(False, "--print", help="only prepare the folder and print the command"),
+          force: bool = typer.Option(False, "--force", help="replace the folder if it exists"),
+          workspace: Path = WorkspaceOption) -> None:
+    """Recreate a step as it ran (snapshot, environment, inputs, arguments, variables) and run it here,
+    in the foreground, so breakpoint() works; --print only prints the command."""
+    import subprocess
+
+    from cairn.engine.debug import prepare_debug
+
+    ws = _workspace(workspace)
+    plan = prepare_debug(ws.location, step_run_id, folder, force=force, log=lambda line: err.print(line, highlight=False))
+    try:
+        err.print(f"step {plan.step_name!r} ({plan.status}) recreated in {plan.folder}", highlight=False)
+        for name, path in plan.inputs.items():
+            err.print(f"  input {name}: {path}", highlight=False)
+        for name, path in plan.outputs.items():
+            err.print(f"  output {name}: {path}", highlight=False)
+        if print_only:
+            console.print(f"cd {plan.folder} && ./debug.sh", highlight=False, soft_wrap=True)
+            console.print(f"# or: {plan.folder / 'debug.sh'} (it sets the step's variables, then runs: "
+                          f"{' '.join(plan.argv)})", highlight=False, soft_wrap=True)
+            return
+        err.print(f"running: {' '.join(plan.argv)}", highlight=False)
+        code = subprocess.run(plan.argv, cwd=plan.folder, env=plan.env).returncode
+    finally:
+        plan.close()
+    err.print(f"the step exited with code {code}", highlight=False)
+    if code != 0:
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+@app.command()
 def cancel(run_id: str, workspace: Path = WorkspaceOption) -> None:
     """Cancel a run (a step run's ID cancels its pipeline run)."""
     ws = _workspace(workspace)

@@ -465,8 +465,9 @@ class OfflineRun(_MetricsMixin):
         self.id = "OfflineRun"
         self.experiment = _OfflineExperiment()
         self.parent = None
-        self.input_datasets: dict[str, Any] = {}
-        self.output_datasets: dict[str, Any] = {}
+        # a step recreated by `cairn debug` still finds its inputs and outputs here
+        self.input_datasets: dict[str, Any] = json.loads(os.environ.get("CAIRN_INPUTS") or "{}")
+        self.output_datasets: dict[str, Any] = json.loads(os.environ.get("CAIRN_OUTPUTS") or "{}")
         self._metrics: list[dict[str, Any]] = []
         self._tags: dict[str, Any] = {}
         self._properties: dict[str, Any] = {}

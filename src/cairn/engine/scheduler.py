@@ -28,7 +28,8 @@ Dispatch = Callable[[StepJob, StepSpec], None]
 
 
 class PipelineScheduler:
-    def __init__(self, ctx: EngineContext, run_id: str) -> None:
+    def __init__(self, ctx: EngineContext, run_id: str, resume: bool = True) -> None:
+        """``resume=False`` reads the run without changing it (``cairn debug`` rebuilds a step's job)."""
         self.ctx = ctx
         self.run_id = run_id
         run = q.get_run(ctx.store, run_id)
@@ -45,7 +46,13 @@ class PipelineScheduler:
         self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
         self._default_store = ctx.default_datastore()
         self._run_root = ctx.local_run_root()
-        self._resume()
+        if resume:
+            self._resume()
+        else:
+            for child in q.child_runs(ctx.store, run_id):
+                self.step_ids[child["name"]] = child["id"]
+                self.attempts[child["name"]] = child["attempt"] or 0
+                self.status[child["name"]] = Status(child["status"])
 
     # -- start and resume ------------------------------------------------------------------
 
@@ -90,6 +97,46 @@ class PipelineScheduler:
         """Reuse the step if its fingerprint is cached (returns None), else build its job."""
         store = self.ctx.store
         step_run_id = self.step_ids[step.name]
+        inputs, datasets, locations = self._locate_inputs(step, step_run_id, record_lineage=True)
+        parts = fingerprint_parts(step, {i.name: i.digest for i in inputs})
+        fp = fingerprint(parts)
+        log_dir = self._run_root / run_dir(self.run_id, step_run_id) / "logs"
+        if step.allow_reuse and not self.run["regenerate_outputs"]:
+            source = q.lookup_cache(store, fp)
+            if source and self._outputs_present(source, step):
+                if q.record_reuse(store, step_run_id, source, fp, parts):
+                    log_dir.mkdir(parents=True, exist_ok=True)
+                    with open(log_dir / "system.txt", "a", encoding="utf-8") as f:
+                        f.write(f"reused the outputs of step run {source} (fingerprint {fp})\n")
+                    self.status[step.name] = Status.REUSED
+                    return None
+        self.status[step.name] = Status.QUEUED  # the runner's Preparing is the next recorded status
+        attempt = self.attempts[step.name] = self.attempts[step.name] + 1
+        if attempt > 1:  # an interrupted attempt's records must not mix into this one's
+            q.forget_attempt(store, step_run_id)
+        return self._job(step, step_run_id, attempt, inputs, datasets, locations, fp, parts, log_dir)
+
+    def debug_job(self, step: StepSpec, work_dir: Path) -> StepJob:
+        """The step's job as it would run now, changing nothing in the store: its inputs are the
+        committed outputs its upstream steps have in this run (reused ones included)."""
+        step_run_id = self.step_ids[step.name]
+        missing = [f"{i.producer!r} ({self.status[i.producer].value})" for i in step.inputs
+                   if i.output not in q.get_outputs(self.ctx.store, self.step_ids[i.producer])]
+        if missing:
+            raise ValueError(f"step {step.name!r} cannot be recreated: upstream step {missing[0]} has no "
+                             f"committed output for it in this run")
+        inputs, datasets, locations = self._locate_inputs(step, step_run_id, record_lineage=False)
+        parts = fingerprint_parts(step, {i.name: i.digest for i in inputs})
+        job = self._job(step, step_run_id, max(1, self.attempts[step.name]), inputs, datasets, locations,
+                        fingerprint(parts), parts, work_dir / ".cairn_debug" / "logs")
+        staging = {o.name: str(work_dir / ".cairn_debug" / "outputs" / o.name) for o in step.outputs}
+        from dataclasses import replace
+
+        return replace(job, work_dir=str(work_dir), staging_dirs=staging, log_upload=None)
+
+    def _locate_inputs(self, step: StepSpec, step_run_id: str, record_lineage: bool
+                       ) -> tuple[list[InputLocation], dict[str, Any], dict[str, Any]]:
+        store = self.ctx.store
         inputs = []
         datasets: dict[str, Any] = {}
         locations: dict[str, Any] = {}
@@ -98,7 +145,7 @@ class PipelineScheduler:
             producer_spec = self.spec.step(i.producer)
             if any(o.name == i.output and o.register for o in producer_spec.outputs):
                 label = q.get_kv(store, self.step_ids[i.producer], "properties").get(f"cairn.output.{i.output}.dataset")
-                if label:  # lineage: this step consumes the dataset version its producer registered
+                if label and record_lineage:  # lineage: this step consumes the dataset version its producer registered
                     q.add_properties(store, step_run_id, {f"cairn.input.{i.name}.dataset": label})
             store_name = produced["datastore"]
             local = store_name in self._roots
@@ -124,24 +171,13 @@ class PipelineScheduler:
         for o in step.outputs:
             if o.datastore not in self._roots:
                 self._add_location(locations, o.datastore)
-        parts = fingerprint_parts(step, {i.name: i.digest for i in inputs})
-        fp = fingerprint(parts)
-        log_dir = self._run_root / run_dir(self.run_id, step_run_id) / "logs"
-        if step.allow_reuse and not self.run["regenerate_outputs"]:
-            source = q.lookup_cache(store, fp)
-            if source and self._outputs_present(source, step):
-                if q.record_reuse(store, step_run_id, source, fp, parts):
-                    log_dir.mkdir(parents=True, exist_ok=True)
-                    with open(log_dir / "system.txt", "a", encoding="utf-8") as f:
-                        f.write(f"reused the outputs of step run {source} (fingerprint {fp})\n")
-                    self.status[step.name] = Status.REUSED
-                    return None
-        self.status[step.name] = Status.QUEUED  # the runner's Preparing is the next recorded status
-        attempt = self.attempts[step.name] = self.attempts[step.name] + 1
-        if attempt > 1:  # an interrupted attempt's records must not mix into this one's
-            q.forget_attempt(store, step_run_id)
+        return inputs, datasets, locations
+
+    def _job(self, step: StepSpec, step_run_id: str, attempt: int, inputs: list[InputLocation],
+             datasets: dict[str, Any], locations: dict[str, Any], fp: str, parts: dict[str, Any],
+             log_dir: Path) -> StepJob:
         if step.snapshot not in self._manifests:
-            snapshot = q.get_snapshot(store, step.snapshot)
+            snapshot = q.get_snapshot(self.ctx.store, step.snapshot)
             if snapshot is None:
                 raise RuntimeError(f"snapshot {step.snapshot} of step {step.name!r} is not in the store")
             self._manifests[step.snapshot] = load_manifest(self.ctx.objects, snapshot["manifest"])
