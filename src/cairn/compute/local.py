@@ -1,5 +1,6 @@
 """The built-in ``local`` target: each step runs as a subprocess of this machine, at most
-``max_concurrency`` at a time (default: the number of cores)."""
+``max_concurrency`` at a time (default: the number of cores); with ``warm_start_modules``, steps
+are forked from a per-environment server that imported those modules once (runner/warm.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,28 @@ import threading
 from cairn.compute.base import DoneCallback
 from cairn.runner.execute import StepControl, StepReporter, cleanup_after, execute_step, upload_logs
 from cairn.runner.job import StepJob, StepResult
+from cairn.runner.warm import WarmPool
 
 
 class LocalCompute:
-    def __init__(self, name: str = "local", max_concurrency: int | None = None) -> None:
+    def __init__(self, name: str = "local", max_concurrency: int | None = None,
+                 warm_start_modules: list[str] | None = None) -> None:
         self.name = name
         self.max_concurrency = int(max_concurrency or os.cpu_count() or 1)
         self._running = 0
         self._lock = threading.Lock()
+        self.warm: WarmPool | None = None
+        self.set_warm_start(warm_start_modules)
+
+    def set_warm_start(self, modules: list[str] | None) -> None:
+        """Opt-in warm start: steps are forked from a server that imported ``modules`` once."""
+        wanted = tuple(modules) if modules else None
+        current = self.warm.modules if self.warm else None
+        if wanted == current:
+            return
+        if self.warm is not None:
+            self.warm.shutdown()
+        self.warm = WarmPool(wanted) if wanted else None
 
     def free_slots(self) -> int:
         with self._lock:
@@ -29,7 +44,7 @@ class LocalCompute:
 
         def work() -> None:
             try:
-                result = execute_step(job, reporter, control)
+                result = execute_step(job, reporter, control, warm=self.warm)
                 upload_logs(job, result)
             except BaseException as exc:  # never lose a slot or a step's ending
                 result = StepResult(job.step_run_id, "Failed", f"runner crashed: {exc}", None)
@@ -42,4 +57,5 @@ class LocalCompute:
         threading.Thread(target=work, name=f"step-{job.step_run_id}", daemon=True).start()
 
     def shutdown(self) -> None:
-        pass
+        if self.warm is not None:
+            self.warm.shutdown()

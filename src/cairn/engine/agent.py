@@ -70,6 +70,11 @@ class Agent:
         try:
             self._loop()
         finally:
+            for compute in self.computes.values():
+                try:
+                    compute.shutdown()  # e.g. warm-start servers
+                except Exception as exc:
+                    self._log(f"could not shut down compute target {compute.name!r}: {exc}")
             self.front.close()
             self._log("agent stopped")
         return 0
@@ -154,6 +159,8 @@ class Agent:
             wanted = self.max_concurrency or record["config"].get("max_concurrency") or os.cpu_count() or 1
             if getattr(compute, "max_concurrency", wanted) != wanted:
                 compute.max_concurrency = int(wanted)  # type: ignore[attr-defined]
+            if hasattr(compute, "set_warm_start"):
+                compute.set_warm_start(record["config"].get("warm_start_modules"))
 
     def _claim_waiting(self) -> None:
         dead = {o for o in q.lease_owners(self.ctx.store)

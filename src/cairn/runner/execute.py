@@ -22,6 +22,7 @@ from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, Re
 from cairn.environments.spec import is_managed
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
+from cairn.runner.warm import WarmPool, WarmProcess, WarmStartError
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
 from cairn.storage.tree import digest_tree, make_read_only
@@ -173,14 +174,26 @@ def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> lis
     return args
 
 
-def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: dict[str, str],
-                     resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
-    spec = job.spec
+def base_environment(job: StepJob, resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
+    """The variables every step of this environment gets (what a warm-start server starts with)."""
     env = dict(os.environ)
     if resolved is not None:  # an isolated environment: nothing of the agent's Python leaks in
         for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX"):
             env.pop(name, None)
-    env.update({k: str(v) for k, v in (spec.environment.get("environment_variables") or {}).items()})
+    env.update({k: str(v) for k, v in (job.spec.environment.get("environment_variables") or {}).items()})
+    env["PYTHONUNBUFFERED"] = "1"
+    if resolved is None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_CAIRN_PARENT, os.environ.get("PYTHONPATH")) if p)
+    else:
+        env.update(resolved.step_variables())
+        env["PATH"] = os.pathsep.join(p for p in (resolved.bin_dir, env.get("PATH")) if p)
+    return env
+
+
+def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: dict[str, str],
+                     resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
+    spec = job.spec
+    env = base_environment(job, resolved)
     env.update(dict(spec.environment_variables))
     for key, value in spec.params:
         env[f"AML_PARAMETER_{key}"] = value
@@ -196,14 +209,24 @@ def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: di
         "CAIRN_DATASETS": json.dumps({n: {k: d[k] for k in ("kind", "definition", "mode")}
                                       for n, d in job.datasets.items()}),
         "CAIRN_OUTPUTS": json.dumps(output_paths),
-        "PYTHONUNBUFFERED": "1",
     })
-    if resolved is None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_CAIRN_PARENT, env.get("PYTHONPATH")) if p)
-    else:
-        env.update(resolved.step_variables())
-        env["PATH"] = os.pathsep.join(p for p in (resolved.bin_dir, env.get("PATH")) if p)
     return env
+
+
+def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | None, argv: list[str], work: Path,
+                env: dict[str, str], syslog: _SystemLog) -> WarmProcess | None:
+    """The step forked by its environment's warm-start server, or None to start it cold."""
+    log_dir = Path(job.log_dir)
+    try:
+        server = warm.server(argv[0], base_environment(job, resolved), Path(job.workspace) / ".cairn")
+        proc = server.launch(argv, str(work), env, str(log_dir / "stdout.txt"), str(log_dir / "stderr.txt"))
+    except (WarmStartError, OSError) as exc:
+        syslog(f"warm start unavailable ({exc}); starting the step cold")
+        return None
+    ready = server.ready
+    syslog(f"warm start: forked by server pid {ready['pid']} (preloaded: {', '.join(ready['preloaded']) or 'none'}"
+           + (f"; could not preload: {'; '.join(ready['failed'])}" if ready["failed"] else "") + ")")
+    return proc
 
 
 def _docker_refusal(spec: Any) -> str | None:
@@ -248,7 +271,7 @@ def _resolve_environment(job: StepJob, control: StepControl, syslog: _SystemLog)
 
 
 def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | None = None,
-                 on_started: Callable[[int], None] | None = None) -> StepResult:
+                 on_started: Callable[[int], None] | None = None, warm: WarmPool | None = None) -> StepResult:
     """Run one step to its end and report it. Never raises for a step's own failure."""
     control = control or StepControl()
     spec = job.spec
@@ -312,9 +335,11 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                     f.write(marker)
         started = time.monotonic()
         with open(log_dir / "stdout.txt", "ab") as out, open(log_dir / "stderr.txt", "ab") as err:
+            proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog) if warm is not None else None
             try:
-                proc = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=err,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                if proc is None:
+                    proc = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=err,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
             except OSError as exc:
                 return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {exc}", None)
             control.attach(proc)

@@ -1,0 +1,196 @@
+"""Warm step start: a server that imports a list of modules once, then forks a fresh child for each
+step, which runs the step's script as ``python script.py args`` would.
+
+This file runs as a script under the step environment's own interpreter and uses only the
+standard library. Usage: ``python forkserver.py SOCKET MODULE...``; it prints one JSON line when
+ready and exits when its standard input closes (the agent that started it is gone).
+
+Protocol, one Unix-socket connection per step: the client sends one JSON line
+``{"argv", "cwd", "env", "stdout", "stderr"}``; the server answers ``{"pid": N}`` once the child
+exists (in its own process group, so the client can kill the group), then ``{"exit": CODE}`` when
+it ends (a negative code is the signal that killed it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+MAX_REQUEST = 1 << 22
+# Cairn's step-side client (Run.get_context()): imported once too, where the environment has it.
+STEP_CLIENT = ["cairn.client.run", "cairn.client.workspace", "cairn.backend.local"]
+
+
+def main() -> None:
+    sock_path, modules = sys.argv[1], sys.argv[2:]
+    del sys.path[0]  # this file's folder: the steps' scripts must not import Cairn's runner modules by chance
+    started = time.monotonic()
+    preloaded, failed = [], []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+            preloaded.append(name)
+        except Exception as exc:  # the step imports it itself (and fails there, with its own error)
+            failed.append(f"{name}: {type(exc).__name__}: {exc}")
+    for name in STEP_CLIENT:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass  # a step that calls Run.get_context() imports it itself
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sock_path)
+    server.listen(64)
+    sel = selectors.DefaultSelector()
+    sel.register(server, selectors.EVENT_READ, ("accept", None, None))
+    sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
+    print(json.dumps({"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
+                      "import_seconds": round(time.monotonic() - started, 3)}), flush=True)
+    while True:
+        for key, _ in sel.select():
+            kind, pid, conn = key.data
+            if kind == "parent":
+                if not os.read(sys.stdin.fileno(), 4096):
+                    return  # the agent closed our stdin: it is gone, so are we
+            elif kind == "accept":
+                client, _ = server.accept()
+                _serve(client, server, sel)
+            else:  # a child ended: tell its client
+                _, status = os.waitpid(pid, 0)
+                sel.unregister(key.fileobj)
+                os.close(key.fd)
+                _send(conn, {"exit": os.waitstatus_to_exitcode(status)})
+                conn.close()
+
+
+def _send(conn: socket.socket, message: dict) -> None:
+    try:
+        conn.sendall((json.dumps(message) + "\n").encode())
+    except OSError:
+        pass  # the client gave up (its step was canceled): nothing to tell
+
+
+def _serve(conn: socket.socket, server: socket.socket, sel: selectors.BaseSelector) -> None:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+        chunk = conn.recv(65536)
+        if not chunk:
+            conn.close()
+            return
+        data += chunk
+    request = json.loads(data)
+    pid = os.fork()
+    if pid == 0:
+        _child(request, conn, server, sel)  # never returns
+    try:
+        os.setpgid(pid, pid)  # also done by the child: whoever is first, the group exists before we answer
+    except OSError:
+        pass
+    _send(conn, {"pid": pid})
+    pidfd = os.pidfd_open(pid)
+    sel.register(pidfd, selectors.EVENT_READ, ("child", pid, conn))
+
+
+def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selectors.BaseSelector) -> None:
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        for fileobj in [k.fileobj for k in sel.get_map().values()]:
+            if isinstance(fileobj, int) and fileobj > 2:
+                os.close(fileobj)  # other children's pidfds
+        sel.close()
+        server.close()
+        conn.close()
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.chdir(request["cwd"])
+        fds = [os.open(os.devnull, os.O_RDONLY),
+               os.open(request["stdout"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644),
+               os.open(request["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)]
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        script = os.path.abspath(request["argv"][1])
+        sys.argv = request["argv"][1:]
+        sys.path.insert(0, os.path.dirname(script))  # as for `python script.py`
+        _reseed()
+        code = _run(script)
+    finally:
+        os._exit(code)
+
+
+def _reseed() -> None:
+    """Children of one server would otherwise share the random state the server had."""
+    import random
+
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        try:
+            numpy.random.seed()
+        except Exception:
+            pass
+
+
+def _run(script: str) -> int:
+    import threading
+    import traceback
+    import types
+    from importlib.machinery import SourceFileLoader
+
+    code = 0
+    try:  # what `python script.py` does: a fresh __main__ module, the script's code run in it
+        main = types.ModuleType("__main__")
+        main.__file__ = script
+        main.__cached__ = None
+        main.__loader__ = SourceFileLoader("__main__", script)
+        main.__builtins__ = __builtins__
+        sys.modules["__main__"] = main
+        with open(script, "rb") as f:
+            source = f.read()
+        exec(compile(source, script, "exec"), main.__dict__)
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:  # what the interpreter does when a script ends: wait for threads, then atexit
+        threading._shutdown()  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    try:
+        import atexit
+
+        atexit._run_exitfuncs()
+    except Exception:
+        traceback.print_exc()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    return code
+
+
+def _exit_code(value: object) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value & 0xFF
+    print(value, file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    main()

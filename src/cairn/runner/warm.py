@@ -1,0 +1,137 @@
+"""Warm step start, the agent's side: one fork server per (interpreter, preloaded modules,
+environment), started on first use and stopped with the compute target. A warm-started step is
+still its own process, with its own arguments, working directory, environment variables,
+stdout/stderr files and exit code; ``WarmProcess`` looks like ``subprocess.Popen`` to the runner.
+
+When not to use it: modules that start threads at import (only the forking thread survives into
+the child), that open GPU contexts or network connections at import (shared with every child),
+or that read environment variables at import (they see the server's, not the step's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
+
+
+class WarmStartError(Exception):
+    """The fork server could not start a step (the runner then starts it cold)."""
+
+
+class _Lines:
+    """JSON lines from a socket, with a timeout that leaves the socket usable afterwards."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self._buffer = b""
+
+    def read(self, timeout: float | None = None) -> dict[str, Any] | None:
+        self.conn.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            chunk = self.conn.recv(65536)  # socket.timeout propagates; the buffer keeps what came
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+
+class WarmProcess:
+    """A step forked by a fork server: ``pid``, ``wait(timeout)``, ``returncode``."""
+
+    def __init__(self, pid: int, lines: _Lines) -> None:
+        self.pid = pid
+        self._lines = lines
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            message = self._lines.read(timeout)
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(f"warm step {self.pid}", timeout or 0) from None
+        except OSError:
+            message = None
+        # no message: the server died; its child was killed with the step's group, or is by the runner
+        self.returncode = int(message["exit"]) if message else -9
+        self._lines.conn.close()
+        return self.returncode
+
+
+class WarmServer:
+    def __init__(self, python: str, modules: tuple[str, ...], env: dict[str, str], log_path: Path) -> None:
+        folder = Path(tempfile.gettempdir()) / f"cairn-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        self.socket_path = str(folder / f"warm-{uuid.uuid4().hex[:12]}.sock")
+        self.modules = modules
+        with open(log_path, "ab") as log:
+            self._proc = subprocess.Popen([python, FORKSERVER, self.socket_path, *modules], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()  # blocks while the modules import: that is the point
+        if not line:
+            code = self._proc.wait()
+            raise WarmStartError(f"the fork server exited with code {code} before it was ready (see {log_path})")
+        self.ready: dict[str, Any] = json.loads(line)
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def launch(self, argv: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> WarmProcess:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lines = _Lines(conn)
+        try:
+            conn.connect(self.socket_path)
+            conn.sendall((json.dumps({"argv": argv, "cwd": cwd, "env": env, "stdout": stdout,
+                                      "stderr": stderr}) + "\n").encode())
+            message = lines.read()
+        except OSError as exc:
+            conn.close()
+            raise WarmStartError(f"the fork server did not take the step: {exc}") from None
+        if message is None:
+            conn.close()
+            raise WarmStartError("the fork server closed the connection before starting the step")
+        return WarmProcess(int(message["pid"]), lines)
+
+    def stop(self) -> None:
+        try:
+            if self._proc.stdin:
+                self._proc.stdin.close()  # the server exits on EOF; its running children go on
+            self._proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+        Path(self.socket_path).unlink(missing_ok=True)
+
+
+class WarmPool:
+    """The fork servers of one compute target."""
+
+    def __init__(self, modules: tuple[str, ...]) -> None:
+        self.modules = modules
+        self._servers: dict[tuple[Any, ...], WarmServer] = {}
+        self._lock = threading.Lock()
+
+    def server(self, python: str, env: dict[str, str], log_dir: Path) -> WarmServer:
+        key = (python, tuple(sorted(env.items())))
+        with self._lock:  # one server per key; the first step waits while it imports
+            server = self._servers.get(key)
+            if server is None or not server.alive():
+                log_dir.mkdir(parents=True, exist_ok=True)
+                server = WarmServer(python, self.modules, env, log_dir / "warm-start.log")
+                self._servers[key] = server
+            return server
+
+    def shutdown(self) -> None:
+        with self._lock:
+            servers, self._servers = list(self._servers.values()), {}
+        for s in servers:
+            s.stop()

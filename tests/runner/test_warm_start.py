@@ -1,0 +1,140 @@
+"""Warm step start: steps forked from a server that imported modules once behave like cold steps
+(argv, cwd, variables, logs, exit codes, __main__, sys.path, fresh random state, no state shared
+between steps), and can be canceled and timed out like them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cairn import (
+    ComputeTarget,
+    Experiment,
+    LocalCompute,
+    Pipeline,
+    PipelineData,
+    PythonScriptStep,
+    RunConfiguration,
+    UserInputError,
+    Workspace,
+)
+
+PRELOADED = "email.mime.text"  # a stdlib module no fresh interpreter has imported
+
+STEP = f"""
+    import json, os, random, sys
+    preloaded = {PRELOADED!r} in sys.modules
+    import helper  # a module beside the script: sys.path[0] is the script's folder
+    import email
+    leaked = getattr(email, "cairn_leak", None)
+    email.cairn_leak = sys.argv[1]  # a later step must not see this
+    print(json.dumps({{"argv": sys.argv, "cwd": os.getcwd(), "name": __name__, "file": __file__,
+                      "preloaded": preloaded, "leaked": leaked, "group": os.getpgid(0) == os.getpid(),
+                      "var": os.environ.get("STEP_VAR"), "random": random.random(), "helper": helper.VALUE}}))
+    print("to stderr", file=sys.stderr)
+    if len(sys.argv) > 2:
+        os.makedirs(sys.argv[2], exist_ok=True)
+    code = int(os.environ.get("EXIT_CODE", "0"))
+    if code:
+        sys.exit(code)
+"""
+
+
+def warm_target(workspace: Workspace, modules: list[str] | None = None) -> None:
+    ComputeTarget.create(workspace, "local",
+                         LocalCompute.provisioning_configuration(warm_start_modules=modules or [PRELOADED]))
+
+
+@pytest.fixture
+def src(write_script: Callable[..., Path]) -> Path:
+    write_script("helper.py", "VALUE = 7\n")
+    return write_script("step.py", STEP)
+
+
+def chain(src: Path, n: int, **variables: str) -> list[PythonScriptStep]:
+    steps, previous = [], None
+    for i in range(n):
+        out = PipelineData(f"out{i}")
+        rc = RunConfiguration()
+        rc.environment_variables = {"STEP_VAR": f"v{i}", **variables}
+        steps.append(PythonScriptStep("step.py", name=f"s{i}", source_directory=str(src), runconfig=rc,
+                                      arguments=[f"step{i}", out], outputs=[out],
+                                      inputs=[previous] if previous is not None else [], allow_reuse=False))
+        previous = out
+    return steps
+
+
+def outputs(run: object) -> list[dict]:
+    import json
+
+    return [json.loads(s.get_stdout_log()) for s in sorted(run.get_steps(), key=lambda s: s.name)]  # type: ignore[attr-defined]
+
+
+def test_warm_steps_behave_like_cold_ones(workspace: Workspace, src: Path) -> None:
+    cold = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 3)))
+    assert cold.wait_for_completion(show_output=False) == "Completed"
+    warm_target(workspace)
+    warm = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 3)))
+    assert warm.wait_for_completion(show_output=False) == "Completed"
+    cold_out, warm_out = outputs(cold), outputs(warm)
+    assert [o["preloaded"] for o in cold_out] == [False] * 3
+    assert [o["preloaded"] for o in warm_out] == [True] * 3
+    for c, w in zip(cold_out, warm_out, strict=True):
+        assert w["argv"][0] == c["argv"][0] == "step.py" and w["argv"][1] == c["argv"][1]
+        assert Path(w["cwd"]).name == Path(w["argv"][2]).parts[-4]  # the step's own working folder
+        assert w["name"] == "__main__" and w["file"].endswith("/step.py") and w["helper"] == 7
+        assert w["leaked"] is None and w["group"] and w["var"] == c["var"]
+    assert len({o["random"] for o in warm_out}) == 3  # each child reseeded
+    for s in warm.get_steps():
+        assert s.get_stderr_log() == "to stderr\n"
+        assert "warm start: forked by server" in s.get_system_log()
+
+
+def test_a_failing_warm_step_fails_with_its_exit_code(workspace: Workspace, src: Path) -> None:
+    warm_target(workspace)
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 1, EXIT_CODE="3")))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
+    (step,) = run.get_steps()
+    assert step._row()["exit_code"] == 3
+    assert "exited with code 3" in step._row()["status_reason"]
+
+
+def test_a_warm_step_can_be_canceled_and_timed_out(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    src = write_script("sleep.py", "import time\nprint('sleeping', flush=True)\ntime.sleep(120)\n")
+    warm_target(workspace)
+    rc = RunConfiguration()
+    rc.max_run_duration_seconds = 1
+    timed = PythonScriptStep("sleep.py", name="timed", source_directory=str(src), runconfig=rc, allow_reuse=False)
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, [timed]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Failed"
+    assert "exceeded max_run_duration_seconds=1" in run.get_steps()[0]._row()["status_reason"]
+
+    slow = PythonScriptStep("sleep.py", name="slow", source_directory=str(src), allow_reuse=False)
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, [slow]))
+    step = run.get_steps()[0]
+    watch = workspace._backend.watch(run.id)
+    assert watch.connect()
+    while step.get_status() != "Running":  # woken by the agent's events, not a timer
+        watch.wait(10)
+    watch.close()
+    pid = step._row()["pid"]
+    run.cancel()
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=30) == "Canceled"
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_a_module_that_cannot_be_preloaded_is_reported_not_fatal(workspace: Workspace, src: Path) -> None:
+    warm_target(workspace, ["no_such_module_for_cairn", PRELOADED])
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 1)))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    system = run.get_steps()[0].get_system_log()
+    assert "could not preload: no_such_module_for_cairn" in system
+    assert outputs(run)[0]["preloaded"] is True
+
+
+@pytest.mark.parametrize("modules", ["pandas", [5], ["not a module"]])
+def test_bad_warm_start_modules_are_clear_errors(modules: object) -> None:
+    with pytest.raises(UserInputError, match="warm_start_modules"):
+        LocalCompute.provisioning_configuration(warm_start_modules=modules)  # type: ignore[arg-type]
