@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from cairn.environments import client_overlay
 from cairn.environments.build import MARKER, EnvironmentBuildError, EnvironmentCache
 from cairn.environments.spec import cache_key, managed_spec
 
@@ -111,19 +110,31 @@ def test_steps_import_cairn_from_the_environment_but_not_the_agents_packages(tmp
     resolved.close()
 
 
-def test_a_changed_cairn_client_refreshes_only_the_client(tmp_path: Path) -> None:
+def test_a_changed_cairn_client_adds_a_client_folder_beside_the_old_one(tmp_path: Path) -> None:
     cache = EnvironmentCache(tmp_path / "envs")
     first = cache.resolve(empty_env(), "refresh")
     first.close()
     marker = (first.folder / MARKER).read_text()
-    (first.folder / "cairn-client" / client_overlay.KEY_FILE).write_text("an older Cairn")
+    older = first.folder / "cairn-client-of-an-older-cairn"
+    Path(first.client_path).rename(older)  # as if this environment had been built by another version
     lines: list[str] = []
     again = cache.resolve(empty_env(), "refresh", lines.append)
-    assert not again.built_now
+    assert not again.built_now and again.client_path == first.client_path
     assert any("refreshing Cairn's client" in line for line in lines)
     assert (first.folder / MARKER).read_text() == marker
+    assert older.is_dir()  # a step that started with it keeps it
     assert run_in(again, "import cairn").returncode == 0
     again.close()
+
+
+def test_uv_settings_of_the_machine_do_not_change_a_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "uv.toml").write_text("this is = not valid toml [[[\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UV_OVERRIDE", str(tmp_path / "missing-overrides.txt"))
+    monkeypatch.setenv("UV_INDEX_URL", "http://127.0.0.1:9/simple")
+    resolved = EnvironmentCache(tmp_path / "envs").resolve(empty_env(), "clean")
+    assert run_in(resolved, "import pip; print('pip', pip.__version__)").stdout.startswith("pip ")  # seeded
+    resolved.close()
 
 
 def test_prune_spares_needed_and_busy_environments(tmp_path: Path) -> None:
@@ -158,3 +169,11 @@ def test_a_step_waiting_for_another_builder_can_be_canceled(tmp_path: Path) -> N
         with pytest.raises(EnvironmentBuildError, match="canceled"):
             cache.resolve(spec, "waiting", lines.append, canceled=lambda: True)
     assert any("being built by another step" in line for line in lines)
+
+
+def test_credentials_in_index_urls_never_reach_the_build_log(tmp_path: Path) -> None:
+    from cairn.environments.build import redact
+
+    assert redact("uv pip install --index-url https://me:s3cret@pkgs.example.org/simple") == \
+        "uv pip install --index-url https://***@pkgs.example.org/simple"
+    assert redact("--extra-index-url https://token@host/simple x") == "--extra-index-url https://***@host/simple x"

@@ -142,3 +142,27 @@ def test_a_registered_environment_runs_by_name(workspace: Workspace, src: Path) 
     run = Experiment(workspace, "envs").submit(Pipeline(workspace, [step(src, "s", rc)]))
     assert run.wait_for_completion(show_output=False) == "Completed"
     assert run.get_steps()[0].get_metrics()["six"] == "1.16.0"
+
+
+def test_a_pin_that_breaks_cairns_client_is_named_in_the_error(workspace: Workspace, src: Path) -> None:
+    conflicting = step(src, "old-sqlalchemy", runconfig("old-sqlalchemy", ["six==1.16.0", "sqlalchemy==1.4.54"]))
+    run = Experiment(workspace, "envs").submit(Pipeline(workspace, [conflicting]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
+    (s,) = run.get_steps()
+    assert "SQLAlchemy 1.4.54 (Cairn's client uses" in s.get_environment_log()  # warned at build time
+    stderr = s.get_stderr_log()
+    assert "cannot load Cairn's client in this environment: it pins" in stderr and "SQLAlchemy 1.4.54" in stderr
+
+
+def test_a_step_has_pip_of_its_own_environment(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    code = """
+        import shutil, subprocess, sys
+        pip = shutil.which("pip")
+        print(pip.startswith(sys.prefix), subprocess.run([sys.executable, "-m", "pip", "--version"]).returncode)
+    """
+    src = write_script("pip_check.py", code)
+    rc = runconfig("with-pip", [])
+    run = Experiment(workspace, "envs").submit(Pipeline(workspace, [
+        PythonScriptStep("pip_check.py", name="pip", source_directory=str(src), runconfig=rc)]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    assert run.get_steps()[0].get_stdout_log().splitlines()[-1] == "True 0"

@@ -184,3 +184,59 @@ def test_a_broken_run_configuration_file_is_a_clear_error(tmp_path: Path, conten
         RunConfiguration.load(tmp_path / "bad.runconfig")
     with pytest.raises(UserInputError, match="does not exist"):
         RunConfiguration.load(tmp_path / "missing.runconfig")
+
+
+@pytest.mark.parametrize("line, version", [
+    ("python", None), ("python=3.11.*", "3.11"), ("python=3.11.7=h955ad1f_0", "3.11.7"), ("python>=3.8", None),
+    ("python==3.12", "3.12"),
+])
+def test_conda_python_lines_in_every_common_form(tmp_path: Path, line: str, version: str | None) -> None:
+    (tmp_path / "env.yml").write_text(f"dependencies:\n  - {line}\n  - pip:\n    - six\n")
+    deps = CondaDependencies(conda_dependencies_file_path=tmp_path / "env.yml")
+    assert deps.get_python_version() == version
+
+
+def test_url_requirements_are_kept_apart_and_hash_lists_stay_whole(tmp_path: Path) -> None:
+    deps = CondaDependencies.create(pip_packages=["git+https://example.org/a.git", "git+https://example.org/b.git",
+                                                  "https://example.org/x-1.0-py3-none-any.whl", "lib @ ./lib"])
+    assert len(deps.pip_packages) == 4
+    (tmp_path / "requirements.txt").write_text(
+        "six==1.16.0 \\\n    --hash=sha256:aaaa \\\n    --hash=sha256:bbbb\nidna==3.7\n")
+    spec = Environment.from_pip_requirements("hashed", tmp_path / "requirements.txt").to_spec()
+    assert spec["pip"] == ["idna==3.7", "six==1.16.0      --hash=sha256:aaaa      --hash=sha256:bbbb"]
+
+
+def test_a_python_version_must_be_a_string() -> None:
+    with pytest.raises(UserInputError, match="string such as '3.10'"):
+        CondaDependencies.create(python_version=3.10)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("environment: {name: x, docker: yes}\n", "'docker' must be a mapping"),
+    ("environment: {name: x, docker: {enabled: 'false'}}\n", "docker.enabled must be true or false"),
+    ("environment: {name: x, python: {userManagedDependencies: true}}\n", "unknown keys: userManagedDependencies"),
+    ("environment_variables: {A: null}\n", "'A' needs a text value"),
+    ("arguments: 5\n", "'arguments' must be a list"),
+])
+def test_odd_run_configuration_yaml_is_refused_clearly(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "odd.runconfig").write_text(content)
+    with pytest.raises(UserInputError, match=message):
+        RunConfiguration.load(tmp_path / "odd.runconfig")
+    (tmp_path / "latin1.runconfig").write_bytes("target: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserInputError, match="cannot read"):
+        RunConfiguration.load(tmp_path / "latin1.runconfig")
+
+
+def test_azure_ml_environment_helpers(workspace: Workspace, tmp_path: Path) -> None:
+    env = Environment("aml-style")
+    env.python.conda_dependencies.add_pip_package("six==1.16.0")  # type: ignore[union-attr]  # a default object
+    env.save_to_directory(tmp_path / "saved")
+    assert Environment.load_from_directory(tmp_path / "saved") == env
+    with pytest.raises(UserInputError, match="overwrite=True"):
+        env.save_to_directory(tmp_path / "saved")
+    boxed = Environment.from_docker_image("boxed", "python:3.11-slim")
+    assert boxed.to_spec()["docker"] == {"enabled": True, "base_image": "python:3.11-slim"}
+    with pytest.raises(UserInputError, match="1 or more"):
+        Environment.get(workspace, "cairn-minimal", version=10**20)
+    with pytest.raises(UserInputError, match="path of a conda YAML file"):
+        Environment.from_conda_specification("none", None)  # type: ignore[arg-type]

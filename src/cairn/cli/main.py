@@ -239,7 +239,11 @@ def env_list(workspace: Path = WorkspaceOption) -> None:
     shown = set()
     table = Table("environment", "version", "kind", "python", "packages", "built", "size", "last used")
     for name, env in sorted(Environment.list(ws).items()):
-        spec = env.to_spec()
+        try:
+            spec = env.to_spec()
+        except CairnError as exc:  # e.g. a registered interpreter that is gone: say so, list the rest
+            table.add_row(name, str(env.version or "-"), "?", "?", f"cannot be used: {exc}", "-", "-", "-")
+            continue
         key = cache_key(spec) if is_managed(spec) else None
         entry = built.get(key) if key else None
         shown.add(key)
@@ -263,8 +267,8 @@ def env_build(name: str, version: int = typer.Option(None, "--version", help="re
 
     ws = _workspace(workspace)
     env = Environment.get(ws, name, version)
-    folder = env.build(ws, show_output=True)
-    console.print(f"environment {name!r} is built: {folder}", highlight=False)
+    build = env.build(ws, show_output=True)
+    console.print(f"environment {name!r} is built: {build.folder}", highlight=False)
 
 
 @env_app.command("prune")

@@ -28,7 +28,7 @@ class PythonSection:
     def __init__(self) -> None:
         self.user_managed_dependencies = False  # as in Azure ML: Cairn builds the environment
         self.interpreter_path: str | None = None
-        self.conda_dependencies: CondaDependencies | None = None
+        self.conda_dependencies: CondaDependencies | None = CondaDependencies()  # Python only, to add to
 
 
 class DockerSection:
@@ -57,6 +57,8 @@ class Environment:
     @staticmethod
     def from_pip_requirements(name: str, file_path: str | os.PathLike[str]) -> Environment:
         """An environment with the packages of a pip requirements file (``-r`` includes followed)."""
+        if not isinstance(file_path, (str, os.PathLike)):
+            raise UserInputError(f"from_pip_requirements needs the path of a requirements file, not {file_path!r}")
         env = Environment(name)
         deps = CondaDependencies()
         for line in _requirement_lines(Path(file_path), set()):
@@ -67,8 +69,62 @@ class Environment:
     @staticmethod
     def from_conda_specification(name: str, file_path: str | os.PathLike[str]) -> Environment:
         """An environment from a conda environment YAML file (its pip section and Python version)."""
+        if not isinstance(file_path, (str, os.PathLike)):
+            raise UserInputError(f"from_conda_specification needs the path of a conda YAML file, not {file_path!r}")
         env = Environment(name)
         env.python.conda_dependencies = CondaDependencies(conda_dependencies_file_path=file_path)
+        return env
+
+    @staticmethod
+    def from_docker_image(name: str, image: str, container_registry: Any = None,
+                          conda_specification: str | os.PathLike[str] | None = None,
+                          pip_requirements: str | os.PathLike[str] | None = None) -> Environment:
+        """An environment that runs in a container image (recorded: a target that cannot run
+        containers fails the step, saying so)."""
+        if not isinstance(image, str) or not image.strip():
+            raise UserInputError(f"from_docker_image needs an image name such as 'python:3.11-slim', not {image!r}")
+        if conda_specification is not None:
+            env = Environment.from_conda_specification(name, conda_specification)
+        elif pip_requirements is not None:
+            env = Environment.from_pip_requirements(name, pip_requirements)
+        else:
+            env = Environment(name)
+        env.docker.enabled = True
+        env.docker.base_image = image
+        return env
+
+    def save_to_directory(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+        """Write ``azureml_environment.json`` and ``conda_dependencies.yml`` into ``path``."""
+        import json
+
+        folder = Path(path)
+        files = [folder / "azureml_environment.json", folder / "conda_dependencies.yml"]
+        if not overwrite and any(f.exists() for f in files):
+            raise UserInputError(f"{folder} already holds a saved environment; pass overwrite=True to replace it")
+        folder.mkdir(parents=True, exist_ok=True)
+        definition = self.to_definition()
+        deps = definition["python"].pop("conda_dependencies")
+        definition["python"]["conda_dependencies_file"] = "conda_dependencies.yml" if deps else None
+        files[0].write_text(json.dumps(definition, indent=2))
+        if deps:
+            self.python.conda_dependencies.save(files[1])  # type: ignore[union-attr]
+
+    @staticmethod
+    def load_from_directory(path: str | os.PathLike[str]) -> Environment:
+        import json
+
+        folder = Path(path)
+        try:
+            definition = json.loads((folder / "azureml_environment.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserInputError(f"{folder} holds no saved environment (azureml_environment.json)") from None
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise UserInputError(f"cannot read {folder / 'azureml_environment.json'}: {exc}") from None
+        python = definition.get("python") if isinstance(definition, dict) else None
+        conda_file = python.pop("conda_dependencies_file", None) if isinstance(python, dict) else None
+        env = Environment._from_definition(definition)
+        if conda_file:
+            env.python.conda_dependencies = CondaDependencies(conda_dependencies_file_path=folder / conda_file)
         return env
 
     @staticmethod
@@ -108,6 +164,8 @@ class Environment:
                 version = int(version)
             except (TypeError, ValueError):
                 raise UserInputError(f"environment version must be a whole number, not {version!r}") from None
+            if not 1 <= version < 2**31:
+                raise UserInputError(f"environment version must be 1 or more, not {version}")
         from cairn.environments.curated import curated_definition
 
         curated = curated_definition(name)
@@ -133,9 +191,9 @@ class Environment:
             result[row["name"]] = Environment._from_definition(row["definition"], row["version"])
         return result
 
-    def build(self, workspace: Workspace, show_output: bool = True) -> str:
+    def build(self, workspace: Workspace, show_output: bool = True) -> EnvironmentBuild:
         """Build this environment into the workspace's cache now (steps build it when they first
-        need it); returns the environment's folder."""
+        need it). The build is done when this returns; ``wait_for_completion`` is for Azure ML code."""
         from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, check_buildable
         from cairn.environments.spec import is_managed
 
@@ -151,7 +209,11 @@ class Environment:
         except EnvironmentBuildError as exc:
             raise UserInputError(f"environment {self.name!r} could not be built: {exc}") from None
         resolved.close()
-        return str(resolved.folder)
+        return EnvironmentBuild(str(resolved.folder), resolved.built_now)
+
+    def build_local(self, workspace: Workspace, platform: str | None = None, **kwargs: Any) -> EnvironmentBuild:
+        """Azure ML's local build: the same as ``build`` (Cairn builds environments locally)."""
+        return self.build(workspace, show_output=bool(kwargs.get("show_output", True)))
 
     # -- the spec ----------------------------------------------------------------------------
 
@@ -220,22 +282,22 @@ class Environment:
     def _from_definition(d: dict[str, Any], version: int | None = None) -> Environment:
         if not isinstance(d, dict) or not isinstance(d.get("name"), str):
             raise UserInputError(f"an environment definition must be a mapping with a 'name', not {d!r}")
+        _only_keys(d, {"name", "python", "docker", "environment_variables", "version"}, "the environment")
         env = Environment(d["name"])
         env.version = version
-        py = d.get("python") or {}
-        if not isinstance(py, dict):
-            raise UserInputError(f"environment {env.name!r}: 'python' must be a mapping")
-        env.python.user_managed_dependencies = py.get("user_managed_dependencies", False)
+        where = f"environment {env.name!r}"
+        py = _mapping(d.get("python"), f"{where}: 'python'")
+        _only_keys(py, {"user_managed_dependencies", "interpreter_path", "conda_dependencies"}, f"{where}: 'python'")
+        env.python.user_managed_dependencies = _flag(py.get("user_managed_dependencies", False),
+                                                     f"{where}: python.user_managed_dependencies")
         env.python.interpreter_path = py.get("interpreter_path")
         if py.get("conda_dependencies") is not None:
             env.python.conda_dependencies = CondaDependencies(_underlying_structure=py["conda_dependencies"])
-        dk = d.get("docker") or {}
-        env.docker.enabled = bool(dk.get("enabled", False))
+        dk = _mapping(d.get("docker"), f"{where}: 'docker'")
+        _only_keys(dk, {"enabled", "base_image"}, f"{where}: 'docker'")
+        env.docker.enabled = _flag(dk.get("enabled", False), f"{where}: docker.enabled")
         env.docker.base_image = dk.get("base_image")
-        variables = d.get("environment_variables") or {}
-        if not isinstance(variables, dict):
-            raise UserInputError(f"environment {env.name!r}: 'environment_variables' must be a mapping")
-        env.environment_variables = {str(k): str(v) for k, v in variables.items()}
+        env.environment_variables = _variables(d.get("environment_variables"), f"{where}: 'environment_variables'")
         return env
 
     def __eq__(self, other: object) -> bool:
@@ -244,6 +306,53 @@ class Environment:
     def __repr__(self) -> str:
         version = f", version={self.version}" if self.version is not None else ""
         return f"Environment(name={self.name!r}{version})"
+
+
+class EnvironmentBuild:
+    """What ``Environment.build`` returns: the build is already complete."""
+
+    def __init__(self, folder: str, built_now: bool) -> None:
+        self.folder = folder
+        self.built_now = built_now
+        self.status = "Succeeded"
+
+    def wait_for_completion(self, show_output: bool = False) -> EnvironmentBuild:
+        return self
+
+    def __str__(self) -> str:
+        return self.folder
+
+    def __repr__(self) -> str:
+        return f"EnvironmentBuild(folder={self.folder!r}, status={self.status!r})"
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserInputError(f"{what} must be a mapping, not {value!r}")
+    return value
+
+
+def _only_keys(d: dict[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise UserInputError(f"{what} has unknown keys: {', '.join(map(str, unknown))} (known: "
+                             f"{', '.join(sorted(allowed))})")
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserInputError(f"{what} must be true or false, not {value!r}")
+    return value
+
+
+def _variables(value: Any, what: str) -> dict[str, str]:
+    variables = _mapping(value, what)
+    bad = [k for k, v in variables.items() if v is None or isinstance(v, (dict, list))]
+    if bad:
+        raise UserInputError(f"{what}: {bad[0]!r} needs a text value, not {variables[bad[0]]!r}")
+    return {str(k): str(v) for k, v in variables.items()}
 
 
 def _check_interpreter(env_name: str, value: Any) -> str:
@@ -261,10 +370,11 @@ def _requirement_lines(path: Path, seen: set[Path]) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserInputError(f"requirements file {str(path)!r} does not exist") from None
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise UserInputError(f"cannot read requirements file {str(path)!r}: {exc}") from None
     seen.add(path.resolve())
     lines = []
+    text = text.replace("\\\n", " ")  # continuation lines (pip-compile's --hash lists) are one requirement
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split(" #", 1)[0].strip()
         if not line or line.startswith("#"):
@@ -358,11 +468,15 @@ class RunConfiguration:
     def load(path: str | os.PathLike[str], name: str | None = None) -> RunConfiguration:
         import yaml
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise UserInputError(f"RunConfiguration.load needs the path of a run configuration file, not {path!r}")
         source = _runconfig_file(Path(path), name)
         try:
             data = yaml.safe_load(source.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UserInputError(f"run configuration file {str(source)!r} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserInputError(f"cannot read run configuration file {str(source)!r}: {exc}") from None
         except yaml.YAMLError as exc:
             raise UserInputError(f"run configuration file {str(source)!r} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
@@ -371,12 +485,15 @@ class RunConfiguration:
         if unknown:
             raise UserInputError(f"run configuration file {str(source)!r} has unknown keys: "
                                  f"{', '.join(sorted(unknown))}")
-        rc = RunConfiguration(script=data.get("script"), arguments=data.get("arguments") or None,
-                              framework=data.get("framework"))
+        arguments = data.get("arguments")
+        if arguments is not None and not isinstance(arguments, list):
+            raise UserInputError(f"run configuration file {str(source)!r}: 'arguments' must be a list")
+        rc = RunConfiguration(script=data.get("script"), arguments=arguments or None, framework=data.get("framework"))
         rc.target = data.get("target")
         if data.get("environment") is not None:
             rc.environment = Environment._from_definition(data["environment"])
-        rc.environment_variables = data.get("environment_variables") or {}
+        rc.environment_variables = _variables(data.get("environment_variables"),
+                                              f"run configuration file {str(source)!r}: 'environment_variables'")
         rc.max_run_duration_seconds = data.get("max_run_duration_seconds")
         rc.node_count = data.get("node_count", 1)
         problems = rc.validate(source.name)

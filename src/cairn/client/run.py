@@ -139,10 +139,19 @@ class Run(_MetricsMixin):
                     f"Run.get_context() needs Cairn's dependencies (SQLAlchemy) in this interpreter "
                     f"({sys.executable}); install cairn into it, or run the step in an environment "
                     f"that has them") from None
-            from cairn.client.experiment import Experiment
-            from cairn.client.workspace import Workspace
+            try:
+                from cairn.client.experiment import Experiment
+                from cairn.client.workspace import Workspace
 
-            return StepRun(Experiment(Workspace(workspace), os.environ["CAIRN_EXPERIMENT"]), run_id)
+                return StepRun(Experiment(Workspace(workspace), os.environ["CAIRN_EXPERIMENT"]), run_id)
+            except (ImportError, TypeError, AttributeError) as exc:
+                conflicts = os.environ.get("CAIRN_CLIENT_CONFLICTS")
+                if not conflicts:
+                    raise
+                raise CairnError(
+                    f"Run.get_context() cannot load Cairn's client in this environment: it pins {conflicts}, "
+                    f"and its own versions come first on sys.path ({type(exc).__name__}: {exc}); unpin them or "
+                    f"pin the versions Cairn uses") from None
         if not allow_offline:
             raise NotFoundError("not running inside a Cairn step (no CAIRN_RUN_ID); pass allow_offline=True "
                                 "to get an offline run")

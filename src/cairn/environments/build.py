@@ -3,7 +3,7 @@
 Layout under ``<workspace>/.cairn/envs``::
 
     <key>/venv/            the environment (uv venv + uv pip install)
-    <key>/cairn-client/    Cairn's client for steps in this environment (see client_overlay)
+    <key>/cairn-client-<k>/ Cairn's client for steps in this environment, one per client version
     <key>/build.log        what uv printed while building it
     <key>/env.json         written last, atomically: the environment is complete
     <key>.build.lock       held exclusively while building (one builder across threads and processes)
@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cairn.environments import client_overlay
-from cairn.environments.spec import MANAGED, cache_key, conda_to_pip, host_python
+from cairn.environments.spec import MANAGED, cache_key, conda_to_pip, host_python, python_version_ok
 
 MARKER = "env.json"
 LOCK_WAIT_STEP = 0.2  # while another process builds: how often a waiting step checks for cancel
@@ -106,8 +107,13 @@ class ResolvedEnvironment:
     built_now: bool
     _use_lock: IO[bytes] | None = None
 
+    client_conflicts: tuple[str, ...] = ()
+
     def step_variables(self) -> dict[str, str]:
-        return {"VIRTUAL_ENV": str(self.folder / "venv"), "CAIRN_CLIENT_PATH": self.client_path}
+        variables = {"VIRTUAL_ENV": str(self.folder / "venv"), "CAIRN_CLIENT_PATH": self.client_path}
+        if self.client_conflicts:
+            variables["CAIRN_CLIENT_CONFLICTS"] = "; ".join(self.client_conflicts)
+        return variables
 
     def close(self) -> None:
         if self._use_lock is not None:
@@ -158,16 +164,24 @@ class EnvironmentCache:
                 built_now = self._build_locked(key, spec, env_name, log, attach, canceled)
             folder = self.folder(key)
             os.utime(folder / MARKER)  # last used: prune and `cairn env list` show it
+            record = self._record(key)
             venv = folder / "venv"
             return ResolvedEnvironment(key, folder, str(venv / "bin" / "python"), str(venv / "bin"),
-                                       str(folder / "cairn-client"), built_now, use)
+                                       str(client_overlay.client_folder(folder, spec["python"])), built_now, use,
+                                       tuple(record.get("client_conflicts") or ()))
         except BaseException:
             use.close()
             raise
 
+    def _record(self, key: str) -> dict[str, Any]:
+        try:
+            return json.loads((self.folder(key) / MARKER).read_text())
+        except (OSError, ValueError):
+            return {}
+
     def _ready(self, key: str, spec: dict[str, Any]) -> bool:
         folder = self.folder(key)
-        return (folder / MARKER).is_file() and client_overlay.overlay_current(folder / "cairn-client", spec["python"])
+        return (folder / MARKER).is_file() and client_overlay.overlay_current(folder, spec["python"])
 
     def _build_locked(self, key: str, spec: dict[str, Any], env_name: str, log: Callable[[str], None],
                       attach: Callable[[subprocess.Popen[bytes]], None] | None,
@@ -194,8 +208,8 @@ class EnvironmentCache:
         with open(folder / "build.log", "a", encoding="utf-8") as build_log:
             tee = _Tee(log, lambda line: (build_log.write(line + "\n"), build_log.flush()))
             tee("refreshing Cairn's client in the environment")
-            client_overlay.build_overlay(folder / "cairn-client", spec["python"], str(folder / "venv/bin/python"),
-                                         _runner(tee, attach))
+            client_overlay.build_overlay(folder, spec["python"], str(folder / "venv/bin/python"),
+                                         _runner(tee, attach), tee)
 
     def _build(self, folder: Path, spec: dict[str, Any], env_name: str, log: Callable[[str], None],
                attach: Callable[[subprocess.Popen[bytes]], None] | None) -> None:
@@ -212,11 +226,16 @@ class EnvironmentCache:
                 self._create_venv(folder, spec, env_name, tee, run)
                 site = _site_packages(folder / "venv")
                 client_overlay.install_hook(site)
-                client_overlay.build_overlay(folder / "cairn-client", spec["python"],
-                                             str(folder / "venv/bin/python"), run)
+                client_overlay.build_overlay(folder, spec["python"], str(folder / "venv/bin/python"), run, tee)
+                conflicts = client_overlay.client_conflicts(str(folder / "venv/bin/python")) \
+                    if client_overlay.client_supported(spec["python"]) else []
+                if conflicts:
+                    tee("warning: this environment pins packages that Cairn's client also uses, at other versions: "
+                        + "; ".join(conflicts) + ". Its own versions win, so Run.get_context() may fail in it.")
                 elapsed = time.monotonic() - started
                 tee(f"environment {env_name!r} built in {elapsed:.1f} s")
-            record = {"name": env_name, "spec": spec, "built_at": time.time(), "build_seconds": round(elapsed, 3)}
+            record = {"name": env_name, "spec": spec, "built_at": time.time(), "build_seconds": round(elapsed, 3),
+                      "client_conflicts": conflicts}
             tmp = folder / (MARKER + ".tmp")
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
             os.replace(tmp, folder / MARKER)  # the environment exists from here on
@@ -238,7 +257,8 @@ class EnvironmentCache:
                 f"solving conda packages with {Path(solver).name}")
         else:
             python = find_python(spec["python"])
-            run([uv, "venv", "--color", "never", "--python", python or spec["python"], str(venv)],
+            run([uv, "venv", "--no-config", "--seed", "--color", "never", "--python", python or spec["python"],
+                 str(venv)],
                 f"creating a Python {spec['python']} environment"
                 + ("" if python else " (not installed here: uv will try to download it)"))
         pip = list(spec.get("pip") or [])
@@ -248,7 +268,7 @@ class EnvironmentCache:
             index = ["--index-url", spec["index_url"]] if spec.get("index_url") else []
             for extra in spec.get("extra_index_urls") or []:
                 index += ["--extra-index-url", extra]
-            run([uv, "pip", "install", "--color", "never", "--python", str(venv / "bin" / "python"),
+            run([uv, "pip", "install", "--no-config", "--color", "never", "--python", str(venv / "bin" / "python"),
                  "--compile-bytecode", *index, "-r", str(requirements)], "installing pip packages with uv")
 
     # -- listing and pruning -----------------------------------------------------------------
@@ -303,25 +323,39 @@ def _try_lock(f: IO[bytes], exclusive: bool = True) -> bool:
 def _runner(tee: _Tee, attach: Callable[[subprocess.Popen[bytes]], None] | None
             ) -> Callable[[list[str], str], None]:
     def run(argv: list[str], what: str) -> None:
-        tee(f"{what}: {' '.join(argv)}")
-        env = {**os.environ, "NO_COLOR": "1", "UV_NO_PROGRESS": "1"}
-        env.pop("VIRTUAL_ENV", None)
-        env.pop("PYTHONPATH", None)
+        tee(f"{what}: {redact(' '.join(argv))}")
+        # the build depends on the spec only: no uv settings of this machine or shell
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")
+               and k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL")}
+        env.update({"NO_COLOR": "1", "UV_NO_PROGRESS": "1"})
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
         if attach is not None:
             attach(proc)
         tail: list[str] = []
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            tee(line)
-            tail = (tail + [line])[-12:]
-        code = proc.wait()
+        try:
+            for raw in proc.stdout:
+                line = redact(raw.decode("utf-8", "replace").rstrip())
+                tee(line)
+                tail = (tail + [line])[-12:]
+            code = proc.wait()
+        except BaseException:  # Ctrl-C, or the step's thread giving up: uv must not go on writing
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            raise
         if code != 0:
             detail = "\n".join(t for t in tail if t.strip())
             raise EnvironmentBuildError(f"{what} failed (exit code {code}):\n{detail}")
     return run
+
+
+def redact(text: str) -> str:
+    """Credentials in index URLs (``https://user:token@host``) never reach a log."""
+    return re.sub(r"(://)[^/@\s:]+(:[^/@\s]*)?@", r"\1***@", text)
 
 
 def _site_packages(venv: Path) -> Path:
@@ -345,6 +379,10 @@ def _folder_size(folder: Path) -> int:
 def check_buildable(spec: dict[str, Any], env_name: str) -> list[str]:
     """Problems that make ``spec`` impossible to build here (found before anything is submitted)."""
     problems = []
+    python = spec.get("python") or ""
+    if spec.get("kind") == MANAGED and not python_version_ok(python):
+        problems.append(f"environment {env_name!r}: python_version {python!r} is not a Python version; write it "
+                        f"as a string such as '3.11'")
     conda = conda_problem(spec, env_name)
     if conda:
         problems.append(conda)

@@ -1,7 +1,7 @@
 """How a step in an isolated environment can still call ``Run.get_context()`` without Cairn being
 installed into every environment.
 
-Each built environment gets a folder ``cairn-client/`` that holds the ``cairn`` package and the
+Each built environment gets a folder ``cairn-client-<key>/`` that holds the ``cairn`` package and the
 distributions it needs to import (SQLAlchemy, fsspec, ...). For an environment of the agent's own
 Python version these are symbolic links to the agent's installed files: no download, no copy, and
 the step's client is exactly the agent's version. For another Python version they are installed
@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from cairn.core.digests import digest_json
 
@@ -85,35 +86,78 @@ def overlay_key(python: str) -> str:
                         "pins": pins}).split(":", 1)[1][:24]
 
 
-def overlay_current(folder: Path, python: str) -> bool:
+def client_folder(env_folder: Path, python: str) -> Path:
+    """This Cairn's client folder in an environment: one per client version, never rewritten in
+    place (a running step keeps the one it started with; prune removes the environment whole)."""
+    return env_folder / f"cairn-client-{overlay_key(python)}"
+
+
+def overlay_current(env_folder: Path, python: str) -> bool:
+    return (client_folder(env_folder, python) / KEY_FILE).is_file()
+
+
+def client_supported(python: str) -> bool:
+    """Cairn's client needs Python 3.11 or newer; an older environment runs steps without it."""
     try:
-        return (folder / KEY_FILE).read_text() == overlay_key(python)
-    except OSError:
+        major, minor = (int(x) for x in python.split(".")[:2])
+    except ValueError:
         return False
+    return (major, minor) >= (3, 11)
 
 
-def build_overlay(folder: Path, python: str, env_python: str, run: object) -> None:
-    """Fill ``folder`` with Cairn's client for an environment of Python ``python``.
+def build_overlay(env_folder: Path, python: str, env_python: str, run: Any, log: Any) -> None:
+    """Make this Cairn's client folder in ``env_folder`` for an environment of Python ``python``
+    (in a temporary folder, renamed into place when complete).
 
     ``run(argv, what)`` runs a command with its output in the build log (raising on failure)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    target = client_folder(env_folder, python)
+    staging = env_folder / f".{target.name}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     host = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    if python == host:
+    if not client_supported(python):
+        log(f"note: Cairn's client needs Python 3.11 or newer; steps in this Python {python} environment "
+            f"run, but cannot call Run.get_context()")
+    elif python == host:
         for dist in client_distributions():
             for top in _top_level_entries(dist):
-                link = folder / top.name
+                link = staging / top.name
                 if not link.exists() and not link.is_symlink():
                     link.symlink_to(top, target_is_directory=top.is_dir())
     else:
         from cairn.environments.build import uv_binary
 
         pins = [f"{d.metadata['Name']}=={d.version}" for d in client_distributions()]
-        run([uv_binary(), "pip", "install", "--color", "never", "--target", str(folder), "--python", env_python,
-             "--compile-bytecode", *pins], "installing Cairn's client for this Python version")
-    (folder / "cairn").symlink_to(cairn_package_dir(), target_is_directory=True)
-    (folder / KEY_FILE).write_text(overlay_key(python))
+        run([uv_binary(), "pip", "install", "--no-config", "--color", "never", "--target", str(staging),
+             "--python", env_python, "--compile-bytecode", *pins], "installing Cairn's client for this Python version")
+    if client_supported(python):
+        (staging / "cairn").symlink_to(cairn_package_dir(), target_is_directory=True)
+    (staging / KEY_FILE).write_text(overlay_key(python))
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(staging, target)
+
+
+def client_conflicts(env_python: str) -> list[str]:
+    """Distributions Cairn's client needs that the environment pins at another version (its own
+    copy wins on sys.path, so Run.get_context() may not work there)."""
+    import json
+    import subprocess
+
+    code = ("import importlib.metadata as m, json; print(json.dumps({d.metadata['Name'].lower(): d.version "
+            "for d in m.distributions()}))")
+    try:
+        out = subprocess.run([env_python, "-I", "-c", code], capture_output=True, text=True, timeout=60).stdout
+        installed = json.loads(out)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return []
+    conflicts = []
+    for d in client_distributions():
+        name = d.metadata["Name"].lower()
+        if name in installed and installed[name] != d.version:
+            conflicts.append(f"{d.metadata['Name']} {installed[name]} (Cairn's client uses {d.version})")
+    return conflicts
 
 
 def _top_level_entries(dist: md.Distribution) -> list[Path]:

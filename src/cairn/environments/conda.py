@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from cairn.core.errors import UserInputError
-from cairn.environments.spec import python_version_ok, requirement_name, split_conda_packages
+from cairn.environments.spec import (
+    conda_python_version,
+    pip_key,
+    python_version_ok,
+    requirement_name,
+    split_conda_packages,
+)
 
 
 def _strings(value: Any, what: str) -> list[str]:
@@ -39,6 +45,9 @@ class CondaDependencies:
         self._pip_options: list[str] = []
         self._channels: list[str] = []
         if conda_dependencies_file_path is not None:
+            if not isinstance(conda_dependencies_file_path, (str, os.PathLike)):
+                raise UserInputError(f"conda_dependencies_file_path must be a path, not "
+                                     f"{type(conda_dependencies_file_path).__name__}")
             self._load(Path(conda_dependencies_file_path))
         elif _underlying_structure is not None:
             self._from_structure(_underlying_structure, "the given structure")
@@ -71,16 +80,18 @@ class CondaDependencies:
         if p.startswith("-"):
             self.set_pip_option(p)
             return
-        self._pip = [x for x in self._pip if requirement_name(x).lower() != requirement_name(p).lower()] + [p]
+        self._pip = [x for x in self._pip if pip_key(x) != pip_key(p)] + [p]
 
     def remove_pip_package(self, pip_package: str) -> None:
-        name = requirement_name(pip_package).lower()
-        self._pip = [x for x in self._pip if requirement_name(x).lower() != name]
+        key = pip_key(pip_package)
+        self._pip = [x for x in self._pip if pip_key(x) != key]
 
     def add_conda_package(self, conda_package: str) -> None:
         (p,) = _strings([conda_package], "a conda package")
         if requirement_name(p).lower() == "python":
-            self.set_python_version(p.strip()[len("python"):].lstrip("=<>! ") or "")
+            version = conda_python_version(p)
+            if version is not None:
+                self.set_python_version(version)
             return
         if requirement_name(p).lower() == "pip":  # pip's own version: uv installs the pip packages
             return
@@ -95,6 +106,9 @@ class CondaDependencies:
         if c not in self._channels:
             self._channels.append(c)
 
+    def remove_channel(self, channel: str) -> None:
+        self._channels = [c for c in self._channels if c != channel]
+
     def set_pip_option(self, pip_option: str) -> None:
         (o,) = _strings([pip_option], "a pip option")
         flag = o.split()[0].split("=")[0]
@@ -104,7 +118,9 @@ class CondaDependencies:
             self._pip_options.append(o)
 
     def set_python_version(self, version: str) -> None:
-        version = str(version).strip()
+        if not isinstance(version, str):  # 3.10 as a float is 3.1
+            raise UserInputError(f"python_version must be a string such as '3.10', not {version!r}")
+        version = version.strip()
         if not python_version_ok(version):
             raise UserInputError(f"python_version {version!r} is not a Python version; write it as '3.11' or "
                                  f"'3.11.7'")
@@ -176,7 +192,7 @@ class CondaDependencies:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UserInputError(f"conda file {str(path)!r} does not exist") from None
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise UserInputError(f"cannot read conda file {str(path)!r}: {exc}") from None
         try:
             data = yaml.safe_load(text) or {}

@@ -82,17 +82,37 @@ def requirement_name(requirement: str) -> str:
     return m.group(1) if m else requirement.strip()
 
 
+def conda_python_version(requirement: str) -> str | None:
+    """The version in a conda ``python`` spec: ``python=3.11.*`` -> 3.11, ``python=3.11.7=h955ad1f_0``
+    -> 3.11.7; None for a bare ``python`` or a range (``python>=3.8``: this machine's Python)."""
+    rest = requirement.strip()[len("python"):].strip()
+    if not rest or rest[0] in "<>!~":
+        return None
+    version = rest.lstrip("=").split("=")[0].strip()
+    version = version.removesuffix(".*").removesuffix("*").rstrip(".")
+    return version or None
+
+
 def split_conda_packages(packages: list[str]) -> tuple[str | None, list[str]]:
     """(python version asked for, packages that need a conda solver)."""
     python, others = None, []
     for p in packages:
         name = requirement_name(p).lower()
         if name == "python":
-            rest = p.strip()[len("python"):].lstrip("=<>! ")
-            python = rest.split(",")[0].strip() or None
+            python = conda_python_version(p)
         elif name not in _CONDA_META:
             others.append(p.strip())
     return python, others
+
+
+def pip_key(requirement: str) -> str:
+    """What makes two pip requirements "the same package" (URLs and paths are their own key)."""
+    r = requirement.strip()
+    if " @ " in r or re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*\s*@", r):
+        return requirement_name(r).lower()
+    if "://" in r or r.startswith(("git+", ".", "/", "~")) or r.endswith((".whl", ".tar.gz", ".zip")):
+        return r
+    return requirement_name(r).lower()
 
 
 def conda_to_pip(requirement: str) -> str | None:

@@ -186,7 +186,9 @@ def base_environment(job: StepJob, resolved: ResolvedEnvironment | None = None) 
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_CAIRN_PARENT, os.environ.get("PYTHONPATH")) if p)
     else:
         env.update(resolved.step_variables())
-        env["PATH"] = os.pathsep.join(p for p in (resolved.bin_dir, env.get("PATH")) if p)
+        agent_bin = os.path.join(sys.prefix, "bin") if sys.prefix != sys.base_prefix else None
+        path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != agent_bin]  # not the agent's venv
+        env["PATH"] = os.pathsep.join([resolved.bin_dir, *path])
     return env
 
 

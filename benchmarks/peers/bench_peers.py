@@ -1,0 +1,212 @@
+"""Cairn side by side with Prefect, Kedro, Metaflow and Luigi, and the bare floor, on the same shapes.
+
+    .venv/bin/python benchmarks/peers/bench_peers.py [--repeat 3] [--tools ...] [--shapes ...]
+
+Installs each peer into its own virtual environment under ``benchmarks/.peers/`` with uv (once; pinned
+versions below), then, for each repetition and tool, runs the shapes in order in one fresh state folder:
+(a) ``chain`` 20 steps, (c) ``rerun`` the chain with nothing changed (each tool's own reuse),
+(d) ``edit`` the chain after editing step 10's script, (b) ``fanout`` 1 -> 50 -> 1, (e) ``dag`` 500
+random steps, (f) ``handoff`` of a 1 GiB output between two steps; and (g) ``snapshot`` of a 10,000-file
+source folder (Cairn only: no peer snapshots code). Every step is the same script (``work.py``) run as
+its own process; every tool runs two at a time. Prints a Markdown table and writes the raw figures
+as JSON to ``benchmarks/results/``. See ``benchmarks/README.md``, section "Side by side".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import common  # noqa: E402
+
+PEERS_ROOT = HERE.parent / ".peers"
+RESULTS = HERE.parent / "results"
+# Pinned so that a later run measures the same peers; Python is the harness's own.
+PEERS = {
+    "prefect": ["prefect==3.6.4"],
+    "kedro": ["kedro==1.1.1"],
+    "metaflow": ["metaflow==2.19.12"],
+    "luigi": ["luigi==3.6.0"],
+}
+DRIVERS = {"bare": "bare.py", "cairn": "cairn_driver.py", **{p: f"{p}_driver.py" for p in PEERS}}
+SHAPE_LABELS = {"chain": "(a) 20-step chain", "fanout": "(b) 1 -> 50 -> 1 fan-out",
+                "rerun": "(c) chain, nothing changed", "edit": "(d) chain, step 10 edited",
+                "dag": "(e) 500-step random DAG", "handoff": "(f) 1 GiB hand-off",
+                "snapshot": "(g) snapshot 10,000 files"}
+ORDER = ("chain", "rerun", "edit", "fanout", "dag", "handoff")
+
+
+def peer_python(tool: str) -> str:
+    """The interpreter of the tool's own venv, made (once) with uv."""
+    if tool in ("bare", "cairn"):
+        return sys.executable
+    venv = PEERS_ROOT / tool
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    wanted = " ".join(PEERS[tool])
+    if not (stamp.exists() and stamp.read_text() == wanted):
+        from cairn.environments.build import uv_binary
+
+        print(f"installing {wanted} into {venv} ...", file=sys.stderr, flush=True)
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([uv_binary(), "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+        subprocess.run([uv_binary(), "pip", "install", "--quiet", "--python", str(python), "--compile-bytecode",
+                        *PEERS[tool]], check=True)
+        stamp.write_text(wanted)
+    return str(python)
+
+
+def run_driver(tool: str, shape: str, state: Path) -> dict[str, Any]:
+    """One driver process: its own pipeline seconds, its wall time, its peak RSS (the largest single
+    process of its tree, from wait4), and how many steps ran (from ran.log)."""
+    env = {**os.environ, "BENCH_RAN_LOG": str(state / "ran.log"), "PYTHONUNBUFFERED": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    (state / "ran.log").write_text("")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen([peer_python(tool), str(HERE / "drivers" / DRIVERS[tool]), "--shape", shape,
+                                 "--state", str(state)], stdout=out, stderr=err, text=True, env=env, cwd=state)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": "\n".join((stderr or stdout).strip().splitlines()[-8:]), "wall": wall}
+    result = json.loads(lines[-1])
+    ran = [ln for ln in (state / "ran.log").read_text().splitlines() if ln]
+    return {**result, "wall": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "ran": len(ran),
+            "ran_names": sorted(ran) if shape == "edit" else None}
+
+
+def edit_step_10(state: Path) -> None:
+    script = common.step_script(state, "chain_10")
+    text = script.read_text()
+    script.write_text(text.replace("SALT = 0", "SALT = 1"))
+
+
+def snapshot_figures(repeat: int) -> dict[str, list[float]]:
+    """(g) Cairn's snapshot of a 10,000-file folder, first time and unchanged; the floor is a walk
+    that stats every file (the least an "unchanged?" check must do)."""
+    from cairn import Workspace
+    from cairn.engine.client import stop_agent
+    from cairn.storage.layout import WorkspaceLayout
+
+    figures: dict[str, list[float]] = {"first": [], "unchanged": [], "floor (walk + stat)": []}
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory(prefix="cairn-bench-snap-") as tmp:
+            src = Path(tmp) / "src"
+            for i in range(10_000):
+                folder = src / f"pkg{i // 500:02d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"mod{i:05d}.py").write_text(f"VALUE = {i}\n")
+            ws = Workspace.create(Path(tmp) / "ws")
+            try:
+                started = time.perf_counter()
+                ws._backend.snapshot(str(src))
+                figures["first"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                ws._backend.snapshot(str(src))
+                figures["unchanged"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                for dirpath, _, files in os.walk(src):
+                    for f in files:
+                        os.stat(os.path.join(dirpath, f))
+                figures["floor (walk + stat)"].append(time.perf_counter() - started)
+            finally:
+                stop_agent(WorkspaceLayout(ws.location))
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--tools", default=",".join(DRIVERS))
+    parser.add_argument("--shapes", default=",".join((*ORDER, "snapshot")))
+    args = parser.parse_args()
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [t for t in tools if t not in DRIVERS] + [s for s in shapes if s not in SHAPE_LABELS]
+    if unknown:
+        sys.exit(f"unknown tool or shape: {', '.join(unknown)} (tools: {', '.join(DRIVERS)}; shapes: "
+                 f"{', '.join(SHAPE_LABELS)})")
+    for tool in tools:
+        peer_python(tool)  # install first: no install is timed
+    raw: list[dict[str, Any]] = []
+    for rep in range(args.repeat):
+        for tool in tools:
+            with tempfile.TemporaryDirectory(prefix=f"cairn-peers-{tool}-") as tmp:
+                state = Path(tmp)
+                for shape in [s for s in ORDER if s in shapes]:
+                    if shape == "edit":
+                        edit_step_10(state)
+                    result = run_driver(tool, shape, state)
+                    raw.append({"tool": tool, "shape": shape, "rep": rep, **result})
+                    shown = (f"{result['seconds']:.2f} s, ran {result['ran']}" if result.get("seconds") is not None
+                             else result.get("note") or "ERROR")
+                    print(f"[{rep + 1}/{args.repeat}] {tool:9} {shape:8} {shown}", file=sys.stderr, flush=True)
+                    if "error" in result:
+                        print(result["error"], file=sys.stderr)
+    snapshot = snapshot_figures(args.repeat) if "snapshot" in shapes and "cairn" in tools else {}
+    print_table(raw, tools, shapes, snapshot)
+    from bench_pipelines import machine
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"peers-{int(time.time())}.json"
+    path.write_text(json.dumps({"machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                                "peers": PEERS, "raw": raw, "snapshot": snapshot}, indent=1))
+    print(f"\nraw figures: {path}")
+
+
+def _median(raw: list[dict[str, Any]], tool: str, shape: str, key: str) -> float | None:
+    values = [r[key] for r in raw if r["tool"] == tool and r["shape"] == shape and r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
+                snapshot: dict[str, list[float]]) -> None:
+    print("\n| shape | tool | seconds (median) | / bare | Cairn / tool | peak MB | steps run | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in [s for s in ORDER if s in shapes]:
+        bare = _median(raw, "bare", shape, "seconds")
+        cairn = _median(raw, "cairn", shape, "seconds")
+        for tool in tools:
+            seconds = _median(raw, tool, shape, "seconds")
+            rows = [r for r in raw if r["tool"] == tool and r["shape"] == shape]
+            if seconds is None:
+                error = next((r.get("error", "") for r in rows), "")
+                note = next((r.get("note", "") for r in rows if r.get("note")), "")
+                what = "n/a" if note and not error else "failed"
+                print(f"| {SHAPE_LABELS[shape]} | {tool} | {what} | | | | | "
+                      f"{note or (error.splitlines()[-1] if error else '')} |")
+                continue
+            ratio = f"{seconds / bare:.2f}x" if bare else ""
+            versus = f"{cairn / seconds:.2f}" if cairn and tool != "cairn" else ""
+            ran = sorted({r["ran"] for r in rows if "ran" in r})
+            notes = sorted({r.get("note", "") for r in rows if r.get("note")})
+            print(f"| {SHAPE_LABELS[shape]} | {tool} | {seconds:.2f} | {ratio} | {versus} | "
+                  f"{_median(raw, tool, shape, 'peak_rss_mb') or 0:.0f} | {'/'.join(map(str, ran))} | "
+                  f"{'; '.join(notes)} |")
+    if snapshot:
+        for label, values in snapshot.items():
+            print(f"| {SHAPE_LABELS['snapshot']} | cairn: {label} | {statistics.median(values):.3f} | | | | | "
+                  f"{'floor' if 'floor' in label else 'target < 0.2 s unchanged' if label == 'unchanged' else ''} |")
+
+
+if __name__ == "__main__":
+    main()

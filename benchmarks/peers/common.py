@@ -1,0 +1,129 @@
+"""What every driver shares (standard library only: each tool's driver imports it from its own venv).
+
+A driver is ``python drivers/<tool>.py --shape SHAPE --state DIR`` and prints one JSON line
+``{"seconds": wall seconds of the pipeline itself (after imports), "note": "..."}`` last on stdout.
+The state folder persists across the shapes of one repetition, in this order: chain, rerun, edit
+(the harness edits ``steps/chain_10/step.py`` between rerun and edit), fanout, dag, handoff.
+Steps append their names to ``<state>/ran.log`` (the harness counts what ran; drivers need not).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work.py"
+PARALLELISM = 2
+CHAIN_LENGTH = 20
+FAN_WIDTH = 50
+DAG_SIZE = 500
+HANDOFF_BYTES = 1 << 30
+SHAPES = ("chain", "rerun", "edit", "fanout", "dag", "handoff")
+
+
+def chain() -> list[tuple[str, list[str]]]:
+    """[(step name, [upstream names])] in a valid order."""
+    return [(f"chain_{i:02d}", [f"chain_{i - 1:02d}"] if i else []) for i in range(CHAIN_LENGTH)]
+
+
+def fanout() -> list[tuple[str, list[str]]]:
+    middle = [(f"fan_{i:02d}", ["fan_source"]) for i in range(FAN_WIDTH)]
+    return [("fan_source", []), *middle, ("fan_sink", [name for name, _ in middle])]
+
+
+def dag() -> list[tuple[str, list[str]]]:
+    """A random DAG of DAG_SIZE steps (fixed seed): each step has up to 3 parents among earlier ones."""
+    rng = random.Random(7)
+    steps = []
+    for i in range(DAG_SIZE):
+        parents = sorted(rng.sample(range(i), k=min(i, rng.randint(0, 3))))
+        steps.append((f"dag_{i:03d}", [f"dag_{p:03d}" for p in parents]))
+    return steps
+
+
+def handoff() -> list[tuple[str, list[str]]]:
+    return [("handoff_write", []), ("handoff_read", ["handoff_write"])]
+
+
+def graph(shape: str) -> list[tuple[str, list[str]]]:
+    return {"chain": chain, "rerun": chain, "edit": chain, "fanout": fanout, "dag": dag, "handoff": handoff}[shape]()
+
+
+def step_script(state: Path, name: str) -> Path:
+    """Each step's own copy of work.py in its own folder (tools that snapshot code see one step's
+    edit as that step's change only)."""
+    folder = state / "steps" / name
+    script = folder / "step.py"
+    if not script.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(WORK, script)
+    return script
+
+
+def step_argv(state: Path, name: str, inputs: list[str], out: str, python: str | None = None) -> list[str]:
+    """The command of one step: its own script, its input folders, its output folder."""
+    argv = [python or sys.executable, str(step_script(state, name)), "--name", name, "--out", out,
+            "--ran", str(state / "ran.log")]
+    for folder in inputs:
+        argv += ["--in", folder]
+    if name == "handoff_write":
+        argv += ["--size", str(HANDOFF_BYTES)]
+    return argv
+
+
+def run_step(state: Path, name: str, inputs: list[str], out: str) -> None:
+    subprocess.run(step_argv(state, name, inputs, out), check=True)
+
+
+def prepare_scripts(state: Path, shape: str) -> None:
+    for name, _ in graph(shape):
+        step_script(state, name)
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.started
+
+
+def report(seconds: float, note: str = "") -> None:
+    import json
+
+    print(json.dumps({"seconds": seconds, "note": note}), flush=True)
+
+
+def data_dir(state: Path, name: str) -> str:
+    return str(state / "data" / name)
+
+
+def bare_run(state: Path, shape: str) -> None:
+    """The floor: each step as `subprocess.run`, PARALLELISM at a time, in dependency order."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    steps = graph(shape)
+    ups = dict(steps)
+    done: set[str] = set()
+    running: dict[object, str] = {}
+    pending = [name for name, _ in steps]
+    with ThreadPoolExecutor(PARALLELISM) as pool:
+        while pending or running:
+            for name in [n for n in pending if all(u in done for u in ups[n])]:
+                if len(running) >= PARALLELISM:
+                    break
+                pending.remove(name)
+                running[pool.submit(run_step, state, name, [data_dir(state, u) for u in ups[name]],
+                                    data_dir(state, name))] = name
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in finished:
+                f.result()
+                done.add(running.pop(f))
+

@@ -1,0 +1,43 @@
+"""Cairn: a pipeline of PythonScriptSteps on the embedded workspace in the state folder, local
+compute with max_concurrency=2; reuse is Cairn's own (content-keyed fingerprints)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+from cairn import (  # noqa: E402
+    ComputeTarget,
+    Experiment,
+    LocalCompute,
+    Pipeline,
+    PipelineData,
+    PythonScriptStep,
+    Workspace,
+)
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--shape", required=True, choices=common.SHAPES)
+parser.add_argument("--state", required=True, type=Path)
+args = parser.parse_args()
+common.prepare_scripts(args.state, args.shape)
+ws = Workspace.create(args.state / "cairn-ws")
+ComputeTarget.create(ws, "local", LocalCompute.provisioning_configuration(max_concurrency=common.PARALLELISM))
+with common.Timer() as t:
+    data: dict[str, PipelineData] = {}
+    steps = []
+    for name, ups in common.graph(args.shape):
+        out = data[name] = PipelineData(name)
+        arguments: list[object] = ["--name", name, "--out", out, "--ran", str(args.state / "ran.log")]
+        for u in ups:
+            arguments += ["--in", data[u].as_input()]
+        if name == "handoff_write":
+            arguments += ["--size", str(common.HANDOFF_BYTES)]
+        steps.append(PythonScriptStep("step.py", name=name, source_directory=str(args.state / "steps" / name),
+                                      arguments=arguments, outputs=[out]))
+    run = Experiment(ws, args.shape).submit(Pipeline(ws, steps))
+    status = run.wait_for_completion(show_output=False)
+assert status == "Completed", status
+common.report(t.seconds)
