@@ -41,3 +41,18 @@ def digest_file(path: str | os.PathLike[str]) -> str:
 def short(digest: str, n: int = 12) -> str:
     """``blake2b:9f1c2a...`` shortened for display."""
     return digest[: len(PREFIX) + n] if digest.startswith(PREFIX) else digest[:n]
+
+
+def content_digest_file(path: str | os.PathLike[str]) -> str:
+    """Digest of a step output's file: XXH3-128 where installed (~10x BLAKE2b here: a 1 GiB output
+    costs ~0.25 s instead of ~1.8 s). Output digests detect change and key reuse among a
+    workspace's own steps; they are not a security boundary (the object store keeps BLAKE2b)."""
+    try:
+        import xxhash
+    except ImportError:
+        return digest_file(path)
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK * 8):
+            h.update(chunk)
+    return "xxh3-128:" + h.hexdigest()

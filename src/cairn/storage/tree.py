@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cairn.core.digests import digest_bytes, digest_file, digest_json
+from cairn.core.digests import content_digest_file, digest_bytes, digest_json
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def _entry(full: str) -> tuple[int, int, str]:
     st = os.lstat(full)
     if stat.S_ISLNK(st.st_mode):  # a link is its target text (a broken link is not an error)
         return 0, st.st_mtime_ns, digest_bytes(b"symlink:" + os.readlink(full).encode())
-    return st.st_size, st.st_mtime_ns, digest_file(full)
+    return st.st_size, st.st_mtime_ns, content_digest_file(full)
 
 
 def digest_tree(path: str | os.PathLike[str]) -> TreeDigest:
