@@ -36,10 +36,10 @@ PEERS_ROOT = HERE.parent / ".peers"
 RESULTS = HERE.parent / "results"
 # Pinned so that a later run measures the same peers; Python is the harness's own.
 PEERS = {
-    "prefect": ["prefect==3.6.4"],
-    "kedro": ["kedro==1.1.1"],
-    "metaflow": ["metaflow==2.19.12"],
-    "luigi": ["luigi==3.6.0"],
+    "prefect": ["prefect==3.9.1"],
+    "kedro": ["kedro==1.7.0"],
+    "metaflow": ["metaflow==2.19.39"],
+    "luigi": ["luigi==3.8.1"],
 }
 DRIVERS = {"bare": "bare.py", "cairn": "cairn_driver.py", **{p: f"{p}_driver.py" for p in PEERS}}
 SHAPE_LABELS = {"chain": "(a) 20-step chain", "fanout": "(b) 1 -> 50 -> 1 fan-out",
@@ -95,7 +95,8 @@ def run_driver(tool: str, shape: str, state: Path) -> dict[str, Any]:
 
 
 def edit_step_10(state: Path) -> None:
-    script = common.step_script(state, "chain_10")
+    """Edit the 10th step's script so that its output changes."""
+    script = common.step_script(state, common.EDITED_STEP)
     text = script.read_text()
     script.write_text(text.replace("SALT = 0", "SALT = 1"))
 

@@ -3,13 +3,12 @@
 A driver is ``python drivers/<tool>.py --shape SHAPE --state DIR`` and prints one JSON line
 ``{"seconds": wall seconds of the pipeline itself (after imports), "note": "..."}`` last on stdout.
 The state folder persists across the shapes of one repetition, in this order: chain, rerun, edit
-(the harness edits ``steps/chain_10/step.py`` between rerun and edit), fanout, dag, handoff.
+(the harness edits the 10th step, ``steps/chain_09/step.py``, between rerun and edit), fanout, dag, handoff.
 Steps append their names to ``<state>/ran.log`` (the harness counts what ran; drivers need not).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ FAN_WIDTH = 50
 DAG_SIZE = 500
 HANDOFF_BYTES = 1 << 30
 SHAPES = ("chain", "rerun", "edit", "fanout", "dag", "handoff")
+EDITED_STEP = "chain_09"  # the 10th step: after its edit, steps 10 to 20 (11 of them) must run
 
 
 def chain() -> list[tuple[str, list[str]]]:

@@ -2,7 +2,7 @@
 it, ``python flow.py run --max-workers 2``, on the local datastore and metadata inside the state folder.
 Every step passes its output folder on as an artifact (``self.path``). Start and end, which Metaflow
 requires, carry the first and last steps. Reuse is Metaflow's own ``resume``: ``rerun`` resumes the
-successful chain run (every task is cloned), ``edit`` is ``resume chain_10`` (that step and all after
+successful chain run (every task is cloned), ``edit`` is ``resume chain_09`` (the edited 10th step) (that step and all after
 it run again, those before are cloned). A random DAG is not expressible: Metaflow graphs are nested
 split/join."""
 
@@ -83,13 +83,13 @@ flow.write_text(HEADER.format(here=str(common.HERE), state=str(state), cls=cls) 
 env = {**os.environ, "METAFLOW_DEFAULT_DATASTORE": "local", "METAFLOW_DEFAULT_METADATA": "local",
        "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(state), "METAFLOW_HOME": str(state / "metaflow-home"),
        "USERNAME": "bench"}
-command = {"rerun": ["resume"], "edit": ["resume", "chain_10"]}.get(args.shape, ["run"])
+command = {"rerun": ["resume"], "edit": ["resume", common.EDITED_STEP]}.get(args.shape, ["run"])
 with common.Timer() as t:
     done = subprocess.run([sys.executable, str(flow), *command, "--max-workers", str(common.PARALLELISM)],
                           env=env, cwd=state, stdout=sys.stderr)
 if done.returncode:
     sys.exit(f"metaflow {' '.join(command)} failed ({done.returncode})")
 notes = {"rerun": "resume of the successful run: Metaflow clones every task",
-         "edit": "resume chain_10: Metaflow does not detect the edit; the user names the step, "
+         "edit": f"resume {common.EDITED_STEP}: Metaflow does not detect the edit; the user names the step, "
                  "which re-runs with everything after it, earlier steps cloned"}
 common.report(t.seconds, notes.get(args.shape, ""))
