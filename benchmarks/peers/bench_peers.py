@@ -41,7 +41,8 @@ PEERS = {
     "metaflow": ["metaflow==2.19.39"],
     "luigi": ["luigi==3.8.1"],
 }
-DRIVERS = {"bare": "bare.py", "cairn": "cairn_driver.py", **{p: f"{p}_driver.py" for p in PEERS}}
+DRIVERS = {"bare": "bare.py", "cairn": "cairn_driver.py", "cairn-warm": "cairn_driver.py --warm",
+           **{p: f"{p}_driver.py" for p in PEERS}}
 SHAPE_LABELS = {"chain": "(a) 20-step chain", "fanout": "(b) 1 -> 50 -> 1 fan-out",
                 "rerun": "(c) chain, nothing changed", "edit": "(d) chain, step 10 edited",
                 "dag": "(e) 500-step random DAG", "handoff": "(f) 1 GiB hand-off",
@@ -51,7 +52,7 @@ ORDER = ("chain", "rerun", "edit", "fanout", "dag", "handoff")
 
 def peer_python(tool: str) -> str:
     """The interpreter of the tool's own venv, made (once) with uv."""
-    if tool in ("bare", "cairn"):
+    if tool in ("bare", "cairn", "cairn-warm"):
         return sys.executable
     venv = PEERS_ROOT / tool
     python = venv / "bin" / "python"
@@ -77,7 +78,8 @@ def run_driver(tool: str, shape: str, state: Path) -> dict[str, Any]:
     (state / "ran.log").write_text("")
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        proc = subprocess.Popen([peer_python(tool), str(HERE / "drivers" / DRIVERS[tool]), "--shape", shape,
+        driver, *extra = DRIVERS[tool].split()
+        proc = subprocess.Popen([peer_python(tool), str(HERE / "drivers" / driver), *extra, "--shape", shape,
                                  "--state", str(state)], stdout=out, stderr=err, text=True, env=env, cwd=state)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -163,6 +165,11 @@ def main() -> None:
                     print(f"[{rep + 1}/{args.repeat}] {tool:9} {shape:8} {shown}", file=sys.stderr, flush=True)
                     if "error" in result:
                         print(result["error"], file=sys.stderr)
+                if (state / "cairn-ws").is_dir():  # the workspace's agent outlives the drivers: stop it
+                    from cairn.engine.client import stop_agent
+                    from cairn.storage.layout import WorkspaceLayout
+
+                    stop_agent(WorkspaceLayout(state / "cairn-ws"))
     snapshot = snapshot_figures(args.repeat) if "snapshot" in shapes and "cairn" in tools else {}
     print_table(raw, tools, shapes, snapshot)
     from bench_pipelines import machine
@@ -197,7 +204,7 @@ def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
                       f"{note or (error.splitlines()[-1] if error else '')} |")
                 continue
             ratio = f"{seconds / bare:.2f}x" if bare else ""
-            versus = f"{cairn / seconds:.2f}" if cairn and tool != "cairn" else ""
+            versus = f"{cairn / seconds:.2f}" if cairn and not tool.startswith("cairn") else ""
             ran = sorted({r["ran"] for r in rows if "ran" in r})
             notes = sorted({r.get("note", "") for r in rows if r.get("note")})
             print(f"| {SHAPE_LABELS[shape]} | {tool} | {seconds:.2f} | {ratio} | {versus} | "

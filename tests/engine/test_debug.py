@@ -133,3 +133,11 @@ def test_a_step_whose_upstream_failed_cannot_be_recreated(workspace: Workspace,
     assert result.returncode == 2, result.stderr
     assert "upstream step 'first' (Failed) has no committed output" in flat(result.stderr)
     no_traceback(result)
+
+
+def test_force_never_removes_a_folder_debug_did_not_make(workspace: Workspace, ran: dict[str, str]) -> None:
+    root = Path(workspace.location)
+    (root / "notes.txt").write_text("precious")
+    result = cairn("debug", ran["1.train"], "--dir", str(root), "--force", "--print", cwd=root)
+    assert result.returncode == 2 and "was not made by `cairn debug`" in flat(result.stderr)
+    assert (root / "notes.txt").read_text() == "precious" and (root / ".cairn" / "cairn.db").is_file()

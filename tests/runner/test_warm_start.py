@@ -138,3 +138,62 @@ def test_a_module_that_cannot_be_preloaded_is_reported_not_fatal(workspace: Work
 def test_bad_warm_start_modules_are_clear_errors(modules: object) -> None:
     with pytest.raises(UserInputError, match="warm_start_modules"):
         LocalCompute.provisioning_configuration(warm_start_modules=modules)  # type: ignore[arg-type]
+
+
+def test_what_python_reads_at_start_is_honoured_or_the_step_starts_cold(
+        workspace: Workspace, write_script: Callable[..., Path], tmp_path: Path) -> None:
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "extra_module.py").write_text("NAME = 'from PYTHONPATH'\n")
+    src = write_script("quirks.py", """
+        import sys, time
+        import extra_module
+        print(extra_module.NAME, time.strftime("%Z"), hash("cairn"), flush=True)
+        sys.stdout.write("partial line without newline")
+    """)
+    warm_target(workspace, ["json"])
+
+    def run_with(**variables: str) -> object:
+        rc = RunConfiguration()
+        rc.environment_variables = {"PYTHONPATH": str(extra), "TZ": "Asia/Tokyo", **variables}
+        step = PythonScriptStep("quirks.py", name="quirks", source_directory=str(src), runconfig=rc,
+                                allow_reuse=False)
+        run = Experiment(workspace, "warm").submit(Pipeline(workspace, [step]))
+        assert run.wait_for_completion(show_output=False) == "Completed"
+        return run.get_steps()[0]
+
+    step = run_with()
+    assert "warm start: forked by server" in step.get_system_log()  # type: ignore[attr-defined]
+    out = step.get_stdout_log()  # type: ignore[attr-defined]
+    assert out.startswith("from PYTHONPATH JST ") and out.endswith("partial line without newline")
+    seeded = run_with(PYTHONHASHSEED="0")
+    assert "warm start skipped: the step sets PYTHONHASHSEED" in seeded.get_system_log()  # type: ignore[attr-defined]
+
+
+def test_unclosed_files_are_flushed_in_warm_steps(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    src = write_script("unclosed.py", """
+        import os, sys
+        os.makedirs(sys.argv[1], exist_ok=True)
+        f = open(os.path.join(sys.argv[1], "data.txt"), "w")
+        f.write("kept")
+    """)
+    warm_target(workspace)
+    out = PipelineData("out")
+    step = PythonScriptStep("unclosed.py", name="unclosed", source_directory=str(src), arguments=[out],
+                            outputs=[out], allow_reuse=False)
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    folder = Path(run.get_steps()[0].get_output_data("out").local_path)
+    assert (folder / "data.txt").read_text() == "kept"
+
+
+def test_a_shared_socket_folder_prepared_by_someone_else_is_refused(tmp_path: Path) -> None:
+    from cairn.storage.layout import private_folder
+
+    folder = tmp_path / "cairn-shared"
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)
+    with pytest.raises(PermissionError, match="not a private folder"):
+        private_folder(folder)
+    folder.chmod(0o700)
+    private_folder(folder)

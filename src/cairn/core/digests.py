@@ -44,13 +44,11 @@ def short(digest: str, n: int = 12) -> str:
 
 
 def content_digest_file(path: str | os.PathLike[str]) -> str:
-    """Digest of a step output's file: XXH3-128 where installed (~10x BLAKE2b here: a 1 GiB output
+    """Digest of a step output's file: XXH3-128 (~10x BLAKE2b here: a 1 GiB output
     costs ~0.25 s instead of ~1.8 s). Output digests detect change and key reuse among a
     workspace's own steps; they are not a security boundary (the object store keeps BLAKE2b)."""
-    try:
-        import xxhash
-    except ImportError:
-        return digest_file(path)
+    import xxhash  # a dependency of Cairn: digests must not depend on what happens to be installed
+
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK * 8):

@@ -26,6 +26,7 @@ from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
 from cairn.store import queries as q
 
+DEBUG_MARKER = ".cairn_debug"  # what marks a folder as made by `cairn debug` (--force may replace it)
 # The recorded run is not this one: without these, Run.get_context() is an offline run.
 _RUN_BINDINGS = ("CAIRN_RUN_ID", "CAIRN_WORKSPACE", "CAIRN_PIPELINE_RUN_ID", "CAIRN_LOG_DIR")
 
@@ -64,16 +65,20 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     # by default inside .cairn/: a folder beside the sources could end up in the next snapshot
     target = Path(folder) if folder else layout.dot / "debug" / step_run_id
     target = target.resolve()
-    if target.exists() and any(target.iterdir()):
+    try:
+        job = scheduler.debug_job(step, target)  # everything is checked before anything is removed
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
         if not force:
             raise UserInputError(f"{target} already exists and is not empty; pass --force to replace it, or "
                                  f"--dir to choose another folder")
+        if not (target / DEBUG_MARKER).is_dir():
+            raise UserInputError(f"{target} was not made by `cairn debug` (it has no {DEBUG_MARKER} folder): "
+                                 f"--force replaces only such folders; choose another --dir")
         shutil.rmtree(target)
-    try:
-        job = scheduler.debug_job(step, target)
-    except ValueError as exc:
-        raise UserInputError(str(exc)) from None
     target.mkdir(parents=True, exist_ok=True)
+    (target / DEBUG_MARKER).mkdir(exist_ok=True)
     materialize(job.manifest, ObjectStore(job.objects_root), target)
     inputs = materialize_inputs(job, target)
     outputs = {}

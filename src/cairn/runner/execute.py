@@ -22,7 +22,7 @@ from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, Re
 from cairn.environments.spec import is_managed
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
-from cairn.runner.warm import WarmPool, WarmProcess, WarmStartError
+from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmStartError
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
 from cairn.storage.tree import digest_tree, make_read_only
@@ -219,8 +219,13 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
                 env: dict[str, str], syslog: _SystemLog) -> WarmProcess | None:
     """The step forked by its environment's warm-start server, or None to start it cold."""
     log_dir = Path(job.log_dir)
+    base = base_environment(job, resolved)
+    differs = [v for v in STARTUP_VARIABLES if env.get(v) != base.get(v)]
+    if differs:
+        syslog(f"warm start skipped: the step sets {', '.join(differs)}, which Python reads only at start")
+        return None
     try:
-        server = warm.server(argv[0], base_environment(job, resolved), Path(job.workspace) / ".cairn")
+        server = warm.server(argv[0], base, Path(job.workspace) / ".cairn")
         proc = server.launch(argv, str(work), env, str(log_dir / "stdout.txt"), str(log_dir / "stderr.txt"))
     except (WarmStartError, OSError) as exc:
         syslog(f"warm start unavailable ({exc}); starting the step cold")

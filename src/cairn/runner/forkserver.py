@@ -30,6 +30,20 @@ STEP_CLIENT = ["cairn.client.run", "cairn.client.workspace", "cairn.backend.loca
 def main() -> None:
     sock_path, modules = sys.argv[1], sys.argv[2:]
     del sys.path[0]  # this file's folder: the steps' scripts must not import Cairn's runner modules by chance
+    ready_fd = os.dup(1)
+    os.dup2(2, 1)  # what the imports print goes to the server's log, never into the ready line
+    if not hasattr(os, "pidfd_open") or not hasattr(os, "waitstatus_to_exitcode"):
+        _ready(ready_fd, {"ready": False, "reason": f"Python {sys.version.split()[0]} has no os.pidfd_open"})
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError as exc:
+        _ready(ready_fd, {"ready": False, "reason": f"this kernel has no pidfd_open ({exc})"})
+        return
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sock_path)  # first: a path that cannot be bound costs no imports
+    os.chmod(sock_path, 0o600)
+    server.listen(64)
     started = time.monotonic()
     preloaded, failed = [], []
     for name in modules:
@@ -43,22 +57,26 @@ def main() -> None:
             importlib.import_module(name)
         except Exception:
             pass  # a step that calls Run.get_context() imports it itself
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(sock_path)
-    server.listen(64)
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ, ("accept", None, None))
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
-    print(json.dumps({"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
-                      "import_seconds": round(time.monotonic() - started, 3)}), flush=True)
-    while True:
+    _ready(ready_fd, {"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
+                      "import_seconds": round(time.monotonic() - started, 3)})
+    accepting = True
+    while accepting or len(sel.get_map()) > 1:  # after the agent leaves: until the running steps end
         for key, _ in sel.select():
             kind, pid, conn = key.data
             if kind == "parent":
-                if not os.read(sys.stdin.fileno(), 4096):
-                    return  # the agent closed our stdin: it is gone, so are we
+                if not os.read(sys.stdin.fileno(), 4096):  # the agent is gone or done with us
+                    sel.unregister(key.fileobj)
+                    sel.unregister(server)
+                    server.close()
+                    accepting = False
             elif kind == "accept":
                 client, _ = server.accept()
+                if _peer_uid(client) != os.getuid():
+                    client.close()  # only the user who started the server may run code in it
+                    continue
                 _serve(client, server, sel)
             else:  # a child ended: tell its client
                 _, status = os.waitpid(pid, 0)
@@ -66,6 +84,18 @@ def main() -> None:
                 os.close(key.fd)
                 _send(conn, {"exit": os.waitstatus_to_exitcode(status)})
                 conn.close()
+
+
+def _ready(fd: int, message: dict) -> None:
+    os.write(fd, (json.dumps(message) + "\n").encode())
+    os.close(fd)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    import struct
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 def _send(conn: socket.socket, message: dict) -> None:
@@ -116,14 +146,22 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
+        import io
+
         sys.stdin = open(0, closefd=False)
-        sys.stdout = open(1, "w", buffering=1, closefd=False)
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        # PYTHONUNBUFFERED, as for cold steps: a killed step's last partial line is in its log
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True, write_through=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, write_through=True)
+        server_path = os.environ.get("PYTHONPATH", "")
         os.environ.clear()
         os.environ.update(request["env"])
         script = os.path.abspath(request["argv"][1])
         sys.argv = request["argv"][1:]
-        sys.path.insert(0, os.path.dirname(script))  # as for `python script.py`
+        extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                 if p and p not in server_path.split(os.pathsep)]
+        sys.path[0:0] = [os.path.dirname(script), *extra]  # as for `python script.py` with its PYTHONPATH
+        if hasattr(time, "tzset"):
+            time.tzset()  # TZ of the step, not of the server
         _reseed()
         code = _run(script)
     finally:
@@ -175,6 +213,13 @@ def _run(script: str) -> int:
         atexit._run_exitfuncs()
     except Exception:
         traceback.print_exc()
+    try:  # and then it finalises the script's objects: files left open are flushed and closed
+        import gc
+
+        sys.modules["__main__"].__dict__.clear()
+        gc.collect()
+    except Exception:
+        pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

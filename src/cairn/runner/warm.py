@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
+START_TIMEOUT = 300.0  # importing the modules may take a while; a hang must not
+# Variables Python reads only when it starts: a step that sets them differently starts cold.
+STARTUP_VARIABLES = ("PYTHONHASHSEED", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNOUSERSITE", "PYTHONUTF8",
+                     "PYTHONIOENCODING", "PYTHONWARNINGS", "PYTHONDEVMODE", "PYTHONOPTIMIZE", "PYTHONMALLOC")
 
 
 class WarmStartError(Exception):
@@ -69,19 +73,46 @@ class WarmProcess:
 
 class WarmServer:
     def __init__(self, python: str, modules: tuple[str, ...], env: dict[str, str], log_path: Path) -> None:
-        folder = Path(tempfile.gettempdir()) / f"cairn-{os.getuid()}"
-        folder.mkdir(mode=0o700, exist_ok=True)
-        self.socket_path = str(folder / f"warm-{uuid.uuid4().hex[:12]}.sock")
+        # a fresh private folder (mode 0700, unguessable name) in /tmp: short enough for AF_UNIX
+        self._folder = tempfile.mkdtemp(prefix="cairn-warm-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        self.socket_path = os.path.join(self._folder, "s")
         self.modules = modules
         with open(log_path, "ab") as log:
             self._proc = subprocess.Popen([python, FORKSERVER, self.socket_path, *modules], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
+        try:
+            self.ready: dict[str, Any] = self._wait_ready(log_path)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_ready(self, log_path: Path) -> dict[str, Any]:
+        import select
+
         assert self._proc.stdout is not None
-        line = self._proc.stdout.readline()  # blocks while the modules import: that is the point
+        # the modules import now: that is the point, but a hanging import must not hang the agent
+        readable, _, _ = select.select([self._proc.stdout], [], [], START_TIMEOUT)
+        if not readable:
+            raise WarmStartError(f"the fork server was not ready after {START_TIMEOUT:g} s (see {log_path})")
+        line = self._proc.stdout.readline()
         if not line:
             code = self._proc.wait()
             raise WarmStartError(f"the fork server exited with code {code} before it was ready (see {log_path})")
-        self.ready: dict[str, Any] = json.loads(line)
+        try:
+            ready = json.loads(line)
+        except ValueError:
+            raise WarmStartError(f"the fork server said {line[:200]!r} instead of being ready") from None
+        if not ready.get("ready"):
+            raise WarmStartError(f"warm start is not possible here: {ready.get('reason')}")
+        return ready
+
+    def kill(self) -> None:
+        try:
+            self._proc.kill()
+            self._proc.wait()
+        except OSError:
+            pass
+        shutil.rmtree(self._folder, ignore_errors=True)
 
     def alive(self) -> bool:
         return self._proc.poll() is None
@@ -103,13 +134,18 @@ class WarmServer:
         return WarmProcess(int(message["pid"]), lines)
 
     def stop(self) -> None:
+        """Let the server go: it takes no new step, and exits once its running steps have ended
+        (their exit codes still reach the runners waiting for them)."""
         try:
             if self._proc.stdin:
-                self._proc.stdin.close()  # the server exits on EOF; its running children go on
-            self._proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            self._proc.kill()
-        Path(self.socket_path).unlink(missing_ok=True)
+                self._proc.stdin.close()
+        except OSError:
+            pass
+        threading.Thread(target=self._reap, daemon=True).start()
+
+    def _reap(self) -> None:
+        self._proc.wait()
+        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 class WarmPool:
@@ -118,15 +154,26 @@ class WarmPool:
     def __init__(self, modules: tuple[str, ...]) -> None:
         self.modules = modules
         self._servers: dict[tuple[Any, ...], WarmServer] = {}
+        self._failed: dict[tuple[Any, ...], str] = {}  # warm start impossible there: do not try again
+        self._locks: dict[tuple[Any, ...], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def server(self, python: str, env: dict[str, str], log_dir: Path) -> WarmServer:
         key = (python, tuple(sorted(env.items())))
-        with self._lock:  # one server per key; the first step waits while it imports
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # one server per key; steps of that key wait while it imports, others do not
+            if key in self._failed:
+                raise WarmStartError(self._failed[key])
             server = self._servers.get(key)
             if server is None or not server.alive():
                 log_dir.mkdir(parents=True, exist_ok=True)
-                server = WarmServer(python, self.modules, env, log_dir / "warm-start.log")
+                try:
+                    server = WarmServer(python, self.modules, env, log_dir / "warm-start.log")
+                except WarmStartError as exc:
+                    if "not possible here" in str(exc):
+                        self._failed[key] = str(exc)
+                    raise
                 self._servers[key] = server
             return server
 

@@ -58,8 +58,20 @@ class WorkspaceLayout:
             return path
         key = hashlib.blake2b(str(self.root).encode(), digest_size=8).hexdigest()
         short = Path(tempfile.gettempdir()) / f"cairn-{os.getuid()}" / f"{key}.sock"
-        short.parent.mkdir(mode=0o700, exist_ok=True)
+        private_folder(short.parent)
         return short
+
+
+def private_folder(path: Path) -> None:
+    """Make ``path`` a folder only this user can use, or refuse one that another user could have
+    prepared (a predictable name in a shared /tmp must not let them intercept the agent)."""
+    import stat
+
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{path} is not a private folder of this user (owner uid {st.st_uid}, mode "
+                              f"{stat.S_IMODE(st.st_mode):o}); remove it so that Cairn can make its own")
 
 
 def run_dir(pipeline_run_id: str, step_run_id: str | None = None) -> str:
