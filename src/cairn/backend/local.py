@@ -110,6 +110,7 @@ class LocalBackend:
             src, self.objects, q.load_stat_cache(self.store, src + os.sep),
             max_files=int(os.environ.get("CAIRN_SNAPSHOT_MAX_FILES", limits.get("max_files", DEFAULT_MAX_FILES))),
             max_bytes=int(os.environ.get("CAIRN_SNAPSHOT_MAX_BYTES", limits.get("max_bytes", DEFAULT_MAX_BYTES))),
+            is_recorded=lambda digest: q.get_snapshot(self.store, digest) is not None,
         )
         manifest_digest = self.objects.put_bytes(json.dumps(snap.manifest, sort_keys=True).encode())
         first_time = q.get_snapshot(self.store, snap.digest) is None

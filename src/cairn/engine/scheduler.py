@@ -44,6 +44,7 @@ class PipelineScheduler:
         self.canceling = bool(run["cancel_requested"])  # canceled while no agent was running
         self._roots = ctx.datastore_roots()
         self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
+        self._outputs: dict[str, dict[str, Any]] = {}  # producer step run -> its committed outputs
         self._default_store = ctx.default_datastore()
         self._run_root = ctx.local_run_root()
         if resume:
@@ -121,7 +122,7 @@ class PipelineScheduler:
         committed outputs its upstream steps have in this run (reused ones included)."""
         step_run_id = self.step_ids[step.name]
         missing = [f"{i.producer!r} ({self.status[i.producer].value})" for i in step.inputs
-                   if i.output not in q.get_outputs(self.ctx.store, self.step_ids[i.producer])]
+                   if i.output not in self._outputs_of(self.step_ids[i.producer])]
         if missing:
             raise ValueError(f"step {step.name!r} cannot be recreated: upstream step {missing[0]} has no "
                              f"committed output for it in this run")
@@ -134,6 +135,16 @@ class PipelineScheduler:
 
         return replace(job, work_dir=str(work_dir), staging_dirs=staging, log_upload=None)
 
+    def _outputs_of(self, step_run_id: str) -> dict[str, Any]:
+        """Committed outputs never change: each producer's are read once (a fan-out source has many
+        consumers)."""
+        outputs = self._outputs.get(step_run_id)
+        if outputs is None:
+            outputs = q.get_outputs(self.ctx.store, step_run_id)
+            if outputs:
+                self._outputs[step_run_id] = outputs
+        return outputs
+
     def _locate_inputs(self, step: StepSpec, step_run_id: str, record_lineage: bool
                        ) -> tuple[list[InputLocation], dict[str, Any], dict[str, Any]]:
         store = self.ctx.store
@@ -141,7 +152,7 @@ class PipelineScheduler:
         datasets: dict[str, Any] = {}
         locations: dict[str, Any] = {}
         for i in step.inputs:
-            produced = q.get_outputs(store, self.step_ids[i.producer])[i.output]
+            produced = self._outputs_of(self.step_ids[i.producer])[i.output]
             producer_spec = self.spec.step(i.producer)
             if any(o.name == i.output and o.register for o in producer_spec.outputs):
                 label = q.get_kv(store, self.step_ids[i.producer], "properties").get(f"cairn.output.{i.output}.dataset")

@@ -447,16 +447,58 @@ def cleanup_after(job: StepJob, result: StepResult) -> None:
         shutil.rmtree(job.work_dir, ignore_errors=True)
 
 
+class _Deadlines:
+    """One thread for every deferred status of the process (a thread per step phase cost more than
+    the phase itself for short steps)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._canceled: set[int] = set()
+        self._counter = 0
+        self._thread: threading.Thread | None = None
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> int:
+        import heapq
+
+        with self._cond:
+            self._counter += 1
+            heapq.heappush(self._heap, (time.monotonic() + delay, self._counter, fn))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="cairn-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return self._counter
+
+    def cancel(self, handle: int) -> None:
+        with self._cond:
+            self._canceled.add(handle)
+
+    def _run(self) -> None:
+        import heapq
+
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, handle, fn = heapq.heappop(self._heap)
+                if handle in self._canceled:
+                    self._canceled.discard(handle)
+                    continue
+            fn()
+
+
+_deadlines = _Deadlines()
+
+
 class _DeferredStatus:
     """Records ``status`` only if the phase it names lasts longer than ``delay`` seconds."""
 
     def __init__(self, reporter: StepReporter, step_run_id: str, status: Status, delay: float = 0.2) -> None:
-        self._timer = threading.Timer(delay, reporter.started, args=(step_run_id, status))
-        self._timer.daemon = True
-        self._timer.start()
+        self._handle = _deadlines.call_later(delay, lambda: reporter.started(step_run_id, status))
 
     def cancel(self) -> None:
-        self._timer.cancel()
+        _deadlines.cancel(self._handle)
 
 
 def _exit_reason(code: int, log_dir: Path) -> str:

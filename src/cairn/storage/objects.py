@@ -3,31 +3,41 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from cairn.core.digests import PREFIX, digest_bytes
 
+_HEX = re.compile(r"[0-9a-f]{8,}")
+
 
 class ObjectStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._root = str(self.root)
+
+    def _location(self, digest: str) -> str:
+        """The object's path as a string (a snapshot of 10,000 files asks 10,000 times: no pathlib)."""
+        hexpart = digest[len(PREFIX):] if digest.startswith(PREFIX) else digest
+        if not _HEX.fullmatch(hexpart):
+            raise ValueError(f"not an object digest: {digest!r}")
+        return f"{self._root}/{hexpart[:2]}/{hexpart[2:]}"
 
     def path_for(self, digest: str) -> Path:
-        hexpart = digest[len(PREFIX):] if digest.startswith(PREFIX) else digest
-        if len(hexpart) < 8 or not all(c in "0123456789abcdef" for c in hexpart):
-            raise ValueError(f"not an object digest: {digest!r}")
-        return self.root / hexpart[:2] / hexpart[2:]
+        return Path(self._location(digest))
 
     def has(self, digest: str) -> bool:
-        return self.path_for(digest).exists()
+        return os.path.exists(self._location(digest))
 
-    def put_file(self, src: str | os.PathLike[str], digest: str) -> Path:
-        """Store ``src`` under ``digest`` (already computed by the caller) unless present."""
-        dest = self.path_for(digest)
-        if dest.exists():
-            return dest
+    def put_file(self, src: str | os.PathLike[str], digest: str) -> Path | None:
+        """Store ``src`` under ``digest`` (already computed by the caller) unless present. Returns
+        the stored path, or None when the object was already there."""
+        location = self._location(digest)
+        if os.path.exists(location):
+            return None
+        dest = Path(location)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         os.close(fd)

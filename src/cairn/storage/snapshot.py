@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import stat as stat_mod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def take_snapshot(
     stat_cache: dict[str, tuple[StatKey, str]],
     max_files: int = DEFAULT_MAX_FILES,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    is_recorded: Callable[[str], bool] | None = None,
 ) -> Snapshot:
     """Snapshot ``source`` into ``objects``.
 
@@ -128,10 +130,13 @@ def take_snapshot(
         else:
             digest = digest_file(abspath)
             updates[abspath] = (key, digest)
-        objects.put_file(abspath, digest)  # a no-op when that content is already stored
         entries.append(SnapshotEntry(rel, digest, st.st_size, bool(st.st_mode & stat_mod.S_IXUSR)))
     manifest = {"files": [[e.path, e.digest, e.size, e.executable] for e in entries]}
-    return Snapshot(digest_json(manifest), entries, manifest, ignore_file, updates)
+    digest = digest_json(manifest)
+    if updates or is_recorded is None or not is_recorded(digest):  # an unchanged snapshot's objects are stored
+        for (_rel, _st, abspath), entry in zip(files, entries, strict=True):
+            objects.put_file(abspath, entry.digest)  # a no-op when that content is already stored
+    return Snapshot(digest, entries, manifest, ignore_file, updates)
 
 
 def manifest_files(manifest: dict) -> dict[str, str]:

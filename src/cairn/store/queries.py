@@ -356,10 +356,14 @@ def get_snapshot(store: Store, digest: str) -> dict[str, Any] | None:
 
 def load_stat_cache(store: Store, prefix: str) -> dict[str, tuple[tuple[int, int, int], str]]:
     c = t.file_stat_cache.c
+    query = (select(c.path, c.size, c.mtime_ns, c.inode, c.digest)
+             .where(c.path >= prefix, c.path < prefix + "\U0010ffff"))
     with store.read() as conn:
-        rows = conn.execute(select(c.path, c.size, c.mtime_ns, c.inode, c.digest)
-                            .where(c.path >= prefix, c.path < prefix + "\U0010ffff"))
-        return {r[0]: ((r[1], r[2], r[3]), r[4]) for r in rows}
+        # plain tuples from the driver: 10,000 rows through SQLAlchemy's Row objects cost ~80 ms
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        compiled = query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": False})
+        cursor.execute(str(compiled), tuple(compiled.params[k] for k in compiled.positiontup or ()))
+        return {r[0]: ((r[1], r[2], r[3]), r[4]) for r in cursor.fetchall()}
 
 
 # -- datastores and compute targets --------------------------------------------------------
