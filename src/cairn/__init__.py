@@ -15,6 +15,7 @@ _PUBLIC: dict[str, str] = {
     "Datastore": "cairn.client.datastore",
     "ComputeTarget": "cairn.client.compute",
     "LocalCompute": "cairn.client.compute",
+    "RayCompute": "cairn.client.compute",
     "Environment": "cairn.client.environment",
     "RunConfiguration": "cairn.client.environment",
     "CondaDependencies": "cairn.environments.conda",

@@ -98,6 +98,20 @@ class LocalBackend:
     def put_compute_target(self, name: str, kind: str, config: dict[str, Any]) -> None:
         q.put_named(self.store, "compute_targets", name, kind, config)
 
+    def delete_compute_target(self, name: str) -> None:
+        q.delete_named(self.store, "compute_targets", name)
+
+    def running_steps_on(self, target: str) -> list[dict[str, Any]]:
+        """Steps of unfinished runs that run on ``target`` now: step run id, name, pipeline run."""
+        running = []
+        for run in q.unfinished_pipeline_runs(self.store):
+            spec = json.loads(run["spec"]) if run.get("spec") else {"steps": []}
+            on_target = {s["name"] for s in spec["steps"] if (s.get("compute_target") or "local") == target}
+            for child in q.child_runs(self.store, run["id"]):
+                if child["name"] in on_target and child["status"] in ("Preparing", "Running", "Finalizing"):
+                    running.append({"step_run_id": child["id"], "name": child["name"], "pipeline_run_id": run["id"]})
+        return running
+
     def list_experiments(self) -> list[str]:
         return q.list_experiments(self.store)
 

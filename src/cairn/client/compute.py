@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cairn.core.errors import NotFoundError, UserInputError
+from cairn.core.errors import CairnError, NotFoundError, UserInputError
 from cairn.core.names import check_data_name, check_type
 
 if TYPE_CHECKING:
@@ -51,6 +51,66 @@ class LocalCompute:
         return LocalComputeConfiguration(max_concurrency, modules)
 
 
+@dataclass(frozen=True)
+class RayAttachConfiguration:
+    address: str
+    retries: int = 1
+    kind: str = "ray"
+
+    def to_config(self) -> dict[str, Any]:
+        return {"address": self.address, "managed": False, "retries": self.retries}
+
+
+@dataclass(frozen=True)
+class RayProvisioningConfiguration:
+    min_nodes: int = 0
+    max_nodes: int = 4
+    cpus_per_node: int | None = None
+    gpus_per_node: int | None = None
+    retries: int = 1
+    kind: str = "ray"
+
+    def to_config(self) -> dict[str, Any]:
+        return {"managed": True, "min_nodes": self.min_nodes, "max_nodes": self.max_nodes,
+                "cpus_per_node": self.cpus_per_node, "gpus_per_node": self.gpus_per_node, "retries": self.retries}
+
+
+def _count(value: Any, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserInputError(f"{what} must be a whole number of at least {minimum}, not {value!r}")
+    return value
+
+
+class RayCompute:
+    """Steps as Ray tasks on a Ray cluster: attach an existing one, or provision one on this
+    machine (a head and worker processes on 127.0.0.1). For a cluster of several machines, start
+    it with Ray's cluster launcher (``ray up cluster.yaml``) and attach to its head."""
+
+    @staticmethod
+    def attach_configuration(address: str, retries: int = 1) -> RayAttachConfiguration:
+        if not isinstance(address, str) or ":" not in address or not address.rsplit(":", 1)[1].isdigit():
+            raise UserInputError(f"address must be the Ray head's 'HOST:PORT' (e.g. '127.0.0.1:6379'), not "
+                                 f"{address!r}")
+        return RayAttachConfiguration(address.removeprefix("ray://"), _count(retries, "retries", 0))
+
+    @staticmethod
+    def provisioning_configuration(min_nodes: int = 0, max_nodes: int = 4, cpus_per_node: int | None = None,
+                                   gpus_per_node: int | None = None, retries: int = 1,
+                                   **ignored: Any) -> RayProvisioningConfiguration:
+        """``min_nodes`` nodes are started here (the head counts as one; at least the head);
+        ``max_nodes`` is recorded for Ray's autoscaler on a real cluster. Azure ML's other
+        arguments (vm_size, idle_seconds_before_scaledown, ...) are accepted and ignored."""
+        _count(min_nodes, "min_nodes", 0)
+        _count(max_nodes, "max_nodes", 1)
+        if min_nodes > max_nodes:
+            raise UserInputError(f"min_nodes ({min_nodes}) cannot exceed max_nodes ({max_nodes})")
+        for value, what in ((cpus_per_node, "cpus_per_node"), (gpus_per_node, "gpus_per_node")):
+            if value is not None:
+                _count(value, what, 1 if what == "cpus_per_node" else 0)
+        return RayProvisioningConfiguration(min_nodes, max_nodes, cpus_per_node, gpus_per_node,
+                                            _count(retries, "retries", 0))
+
+
 class ComputeTarget:
     """A named compute target of a workspace. ``ComputeTarget(ws, name)`` looks one up."""
 
@@ -86,26 +146,116 @@ class ComputeTarget:
 
         check_type(workspace, Workspace, "ComputeTarget.create workspace")
         check_data_name(name, "compute target name")
-        if not isinstance(provisioning_configuration, LocalComputeConfiguration):
+        if not isinstance(provisioning_configuration, (LocalComputeConfiguration, RayProvisioningConfiguration)):
             raise UserInputError(f"provisioning_configuration must come from "
-                                 f"LocalCompute.provisioning_configuration(...), not "
+                                 f"LocalCompute.provisioning_configuration(...) or "
+                                 f"RayCompute.provisioning_configuration(...), not "
                                  f"{type(provisioning_configuration).__name__}")
-        workspace._backend.put_compute_target(name, provisioning_configuration.kind,
-                                              provisioning_configuration.to_config())
+        config = provisioning_configuration.to_config()
+        if isinstance(provisioning_configuration, RayProvisioningConfiguration):
+            config = _start_local_ray(workspace, name, provisioning_configuration)
+        workspace._backend.put_compute_target(name, provisioning_configuration.kind, config)
+        return cls(workspace, name)
+
+    @classmethod
+    def attach(cls, workspace: Workspace, name: str, attach_configuration: Any) -> ComputeTarget:
+        """Attach an existing cluster (``RayCompute.attach_configuration(address=...)``)."""
+        from cairn.client.workspace import Workspace
+
+        check_type(workspace, Workspace, "ComputeTarget.attach workspace")
+        check_data_name(name, "compute target name")
+        if not isinstance(attach_configuration, RayAttachConfiguration):
+            raise UserInputError(f"attach_configuration must come from RayCompute.attach_configuration(...), "
+                                 f"not {type(attach_configuration).__name__}")
+        host, port = attach_configuration.address.rsplit(":", 1)
+        import socket
+
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                pass
+        except OSError as exc:
+            raise UserInputError(f"cannot reach a Ray head at {attach_configuration.address} ({exc}); start it "
+                                 f"with `ray start --head --port={port}` or check the address") from None
+        workspace._backend.put_compute_target(name, "ray", attach_configuration.to_config())
         return cls(workspace, name)
 
     @classmethod
     def list(cls, workspace: Workspace) -> list[ComputeTarget]:
         return list(workspace.compute_targets.values())
 
-    def wait_for_completion(self, show_output: bool = False) -> None:
-        """Local targets are ready at once."""
+    def wait_for_completion(self, show_output: bool = False, timeout_seconds: float = 120) -> None:
+        """Local targets are ready at once; a provisioned Ray cluster when all its nodes joined."""
+        if self.type != "ray":
+            return
+        from cairn.compute.ray_cluster import wait_ready
+
+        expected = len(self.config.get("nodes") or []) or 1
+        show = (lambda line: print(f"{self.name}: {line}", flush=True)) if show_output else None
+        try:
+            nodes = wait_ready(self.config["address"], expected, timeout_seconds, show)
+        except TimeoutError as exc:
+            raise CairnError(f"compute target {self.name!r}: {exc}") from None
+        if show_output:
+            print(f"{self.name}: Succeeded, {len(nodes)} node(s) at {self.config['address']}", flush=True)
 
     def get_status(self) -> dict[str, Any]:
+        """State, nodes, CPUs, GPUs, memory, and the steps running on the target now."""
         import os
 
-        return {"name": self.name, "type": self.type, "state": "Ready",
-                "max_concurrency": self.config.get("max_concurrency") or os.cpu_count()}
+        running = self.workspace._backend.running_steps_on(self.name)
+        if self.type != "ray":
+            return {"name": self.name, "type": self.type, "state": "Ready", "running_steps": running,
+                    "max_concurrency": self.config.get("max_concurrency") or os.cpu_count()}
+        from cairn.compute.ray_cluster import cluster_nodes
+
+        try:
+            alive = cluster_nodes(self.config["address"])
+        except Exception as exc:  # the cluster is gone or unreachable: say so, do not raise
+            return {"name": self.name, "type": "ray", "state": "Unreachable", "address": self.config["address"],
+                    "error": f"{type(exc).__name__}: {exc}", "running_steps": running, "nodes": []}
+        nodes = [{"node_id": n["NodeID"], "address": n.get("NodeManagerAddress"),
+                  "cpus": n["Resources"].get("CPU", 0), "gpus": n["Resources"].get("GPU", 0),
+                  "memory_gb": round(n["Resources"].get("memory", 0) / 1024 ** 3, 2)} for n in alive]
+        return {"name": self.name, "type": "ray", "state": "Succeeded" if nodes else "Unreachable",
+                "address": self.config["address"], "managed": bool(self.config.get("managed")),
+                "nodes": nodes, "node_count": len(nodes), "cpus": sum(n["cpus"] for n in nodes),
+                "gpus": sum(n["gpus"] for n in nodes), "memory_gb": round(sum(n["memory_gb"] for n in nodes), 2),
+                "running_steps": running}
+
+    def delete(self) -> None:
+        """Remove the target; a Ray cluster Cairn started here is stopped with it."""
+        if self.name == "local":
+            raise UserInputError("the built-in 'local' target cannot be deleted")
+        if self.type == "ray" and not self.config.get("managed"):
+            raise UserInputError(f"compute target {self.name!r} is an attached Ray cluster that Cairn did not "
+                                 f"start: use detach() (the cluster keeps running)")
+        if self.type == "ray":
+            from cairn.compute.ray_cluster import stop_node
+
+            for node in reversed(self.config.get("nodes") or []):
+                stop_node(node)
+        self.workspace._backend.delete_compute_target(self.name)
+
+    def detach(self) -> None:
+        """Forget an attached cluster (it keeps running)."""
+        if self.type != "ray" or self.config.get("managed"):
+            raise UserInputError(f"compute target {self.name!r} was not attached: use delete()")
+        self.workspace._backend.delete_compute_target(self.name)
 
     def __repr__(self) -> str:
         return f"ComputeTarget(name={self.name!r}, type={self.type!r})"
+
+
+def _start_local_ray(workspace: Workspace, name: str, config: RayProvisioningConfiguration) -> dict[str, Any]:
+    """Start the head and worker nodes on this machine; ``wait_for_completion`` waits for them."""
+    from pathlib import Path
+
+    from cairn.compute.ray_cluster import start_node
+
+    logs = Path(workspace.location) / ".cairn" / "ray" / name
+    head = start_node(None, config.cpus_per_node, logs / "head.log", gpus=config.gpus_per_node)
+    nodes = [head]
+    for i in range(max(0, config.min_nodes - 1)):
+        nodes.append(start_node(head["address"], config.cpus_per_node, logs / f"worker-{i + 1}.log",
+                                gpus=config.gpus_per_node))
+    return {**config.to_config(), "address": head["address"], "nodes": nodes}

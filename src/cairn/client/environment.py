@@ -419,6 +419,10 @@ class RunConfiguration:
         self.environment_variables: dict[str, str] = {}
         self.max_run_duration_seconds: float | None = None
         self.node_count = 1
+        # resources a scheduling target (Ray) reserves for the step; local compute runs it as is
+        self.cpus: float | None = None
+        self.gpus: float | None = None
+        self.memory_gb: float | None = None
 
     def validate(self, step_name: str) -> list[str]:
         problems = []
@@ -436,9 +440,14 @@ class RunConfiguration:
         if t is not None and not isinstance(t, str) and not isinstance(getattr(t, "name", None), str):
             problems.append(f"step {step_name!r}: runconfig.target must be a ComputeTarget or a target name, "
                             f"not {type(t).__name__}")
+        for field in ("cpus", "gpus", "memory_gb"):
+            v = getattr(self, field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v < 0 or (field != "gpus" and v == 0)):
+                problems.append(f"step {step_name!r}: runconfig.{field} must be a positive number, not {v!r}")
         if not isinstance(self.node_count, int) or isinstance(self.node_count, bool) or self.node_count != 1:
-            problems.append(f"step {step_name!r}: runconfig.node_count={self.node_count!r}: local compute "
-                            f"runs a step on one node")
+            problems.append(f"step {step_name!r}: runconfig.node_count={self.node_count!r}: Cairn runs a step "
+                            f"on one node (on Ray too: use a fan-out of steps to spread work)")
         return problems
 
     # -- YAML --------------------------------------------------------------------------------
@@ -449,7 +458,8 @@ class RunConfiguration:
                 "framework": self.framework, "target": target,
                 "environment": self.environment.to_definition() if isinstance(self.environment, Environment) else None,
                 "environment_variables": dict(self.environment_variables),
-                "max_run_duration_seconds": self.max_run_duration_seconds, "node_count": self.node_count}
+                "max_run_duration_seconds": self.max_run_duration_seconds, "node_count": self.node_count,
+                "cpus": self.cpus, "gpus": self.gpus, "memory_gb": self.memory_gb}
 
     def save(self, path: str | os.PathLike[str], name: str | None = None) -> str:
         """Write this run configuration as YAML to ``path`` (a file, or a folder to hold
@@ -496,6 +506,7 @@ class RunConfiguration:
                                               f"run configuration file {str(source)!r}: 'environment_variables'")
         rc.max_run_duration_seconds = data.get("max_run_duration_seconds")
         rc.node_count = data.get("node_count", 1)
+        rc.cpus, rc.gpus, rc.memory_gb = data.get("cpus"), data.get("gpus"), data.get("memory_gb")
         problems = rc.validate(source.name)
         if problems:
             raise UserInputError(f"run configuration file {str(source)!r}: " + "; ".join(problems))

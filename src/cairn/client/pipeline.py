@@ -186,6 +186,7 @@ class Pipeline:
                 compute_target=_target_name(s), allow_reuse=s.allow_reuse, version=s.version,
                 run_after=tuple(a.name for a in s._run_after),
                 max_run_duration_seconds=rc.max_run_duration_seconds,
+                cpus=rc.cpus, gpus=rc.gpus, memory_gb=rc.memory_gb,
                 dataset_inputs=tuple(_dataset_input(d, self.workspace) for d in s.dataset_bindings()),
             ))
             step_props[s.name] = {**gits[s.source_directory], "cairn.snapshot": snapshots[s.source_directory]}

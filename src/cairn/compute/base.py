@@ -14,6 +14,7 @@ DoneCallback = Callable[[StepResult], None]
 # kind -> "module:Class", imported only when a target of that kind is used (Ray is heavy).
 KNOWN_KINDS: dict[str, str] = {
     "local": "cairn.compute.local:LocalCompute",
+    "ray": "cairn.compute.ray:RayCompute",
 }
 
 

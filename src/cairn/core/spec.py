@@ -90,6 +90,10 @@ class StepSpec:
     run_after: tuple[str, ...] = ()
     max_run_duration_seconds: float | None = None
     dataset_inputs: tuple[DatasetInputSpec, ...] = ()
+    # what the step asks of a target that schedules by resources (Ray); not part of its fingerprint
+    cpus: float | None = None
+    gpus: float | None = None
+    memory_gb: float | None = None
 
     def upstream(self) -> set[str]:
         """Names of the steps that must finish before this one starts."""
@@ -161,5 +165,6 @@ def step_from_dict(d: dict[str, Any]) -> StepSpec:
         version=d.get("version"),
         run_after=tuple(d.get("run_after", ())),
         max_run_duration_seconds=d.get("max_run_duration_seconds"),
+        cpus=d.get("cpus"), gpus=d.get("gpus"), memory_gb=d.get("memory_gb"),
         dataset_inputs=tuple(DatasetInputSpec(**x) for x in d.get("dataset_inputs", ())),
     )

@@ -17,21 +17,22 @@ SOURCES = Path(__file__).with_name("src")
 MODELS = ("logistic_regression", "random_forest", "gradient_boosting")
 
 
-def build_pipeline(ws: Workspace, source_directory: str | Path) -> Pipeline:
+def build_pipeline(ws: Workspace, source_directory: str | Path, compute_target: Any = None) -> Pipeline:
     prepped = PipelineData("prepped")
     prep = PythonScriptStep("prepare.py", name="prepare", source_directory=source_directory,
-                            arguments=["--output", prepped], outputs=[prepped])
+                            arguments=["--output", prepped], outputs=[prepped], compute_target=compute_target)
     trained, train_steps = [], []
     for model in MODELS:
         out = PipelineData(f"model_{model}")
         trained.append(out)
         train_steps.append(PythonScriptStep(
             "train.py", name=f"train_{model}", source_directory=source_directory,
-            arguments=["--data", prepped.as_input(), "--model", model, "--output", out], outputs=[out]))
+            arguments=["--data", prepped.as_input(), "--model", model, "--output", out], outputs=[out],
+            compute_target=compute_target))
     report = PipelineData("report")
     compare = PythonScriptStep("compare.py", name="compare", source_directory=source_directory,
                                arguments=["--models", *[t.as_input() for t in trained], "--output", report],
-                               outputs=[report])
+                               outputs=[report], compute_target=compute_target)
     return Pipeline(ws, [prep, train_steps, compare], description="demo: compare three classifiers")
 
 

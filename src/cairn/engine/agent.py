@@ -21,7 +21,7 @@ from cairn.core.status import Status
 from cairn.engine.agent_socket import AgentSocket, signal_ready
 from cairn.engine.context import EngineContext
 from cairn.engine.reporter import StoreReporter
-from cairn.engine.scheduler import PipelineScheduler
+from cairn.engine.scheduler import PipelineScheduler, _kill_orphan
 from cairn.runner.execute import StepControl, process_start_time
 from cairn.runner.job import StepResult
 from cairn.storage.layout import WorkspaceLayout
@@ -141,7 +141,16 @@ class Agent:
             sched = self.schedulers.get(run_id or "")
             if sched is not None:
                 name = next(n for n, i in sched.step_ids.items() if i == result.step_run_id)
+                if result.status == Status.QUEUED.value and result.reason and not self._stopping:
+                    # the compute lost the attempt (a Ray node died): it runs again, saying why
+                    row = q.get_run(self.ctx.store, result.step_run_id) or {}
+                    _kill_orphan(row.get("pid"), row.get("pid_started"))
+                    q.update_status(self.ctx.store, result.step_run_id, Status.QUEUED, result.reason)
+                    self._notify(sched.run_id)
                 sched.finished(name, Status(result.status))
+        elif kind == "changed":
+            if event[1] in self.schedulers:
+                self._notify(event[1])
         elif kind == "sync":
             self.front.reply(event[1], {"ok": True, "pid": os.getpid()})
         elif kind == "poke":

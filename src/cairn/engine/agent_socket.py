@@ -115,6 +115,9 @@ class AgentSocket:
                     self._reply(conn, {"ok": True})
                 elif op == "sync":  # answered by the agent's loop: it has loaded and serves
                     self.events.put(("sync", conn))
+                elif op == "changed":  # a step that runs elsewhere (Ray) wrote its status to the store
+                    self.events.put(("changed", str(msg.get("run", ""))))
+                    self._reply(conn, {"ok": True})
                 elif op == "ping":
                     self._reply(conn, {"ok": True, "pid": os.getpid(), "version": __version__})
                 elif op == "watch":

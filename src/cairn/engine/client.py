@@ -52,6 +52,11 @@ def sync(layout: WorkspaceLayout) -> bool:
     return _request(layout, {"op": "sync"}) is not None
 
 
+def changed(layout: WorkspaceLayout, run_id: str) -> bool:
+    """Tell the agent that a step of ``run_id`` changed in the store (its watchers are told)."""
+    return _request(layout, {"op": "changed", "run": run_id}) is not None
+
+
 def poke(layout: WorkspaceLayout) -> bool:
     """Tell the agent to look at the queue now. False when no agent answers."""
     return _request(layout, {"op": "poke"}) is not None

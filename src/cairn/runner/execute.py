@@ -47,9 +47,18 @@ class StepControl:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._cancellers: list[Callable[[bool], None]] = []
         self.canceled = False
         self.cancel_reason = "canceled"
         self.requeue = False  # stopped by its agent: report nothing, the step runs again later
+
+    def on_cancel(self, canceller: Callable[[bool], None]) -> None:
+        """For a step that runs elsewhere (a Ray task): ``canceller(requeue)`` stops it."""
+        with self._lock:
+            self._cancellers.append(canceller)
+            if not self.canceled:
+                return
+        canceller(self.requeue)
 
     def attach(self, proc: subprocess.Popen[bytes]) -> None:
         with self._lock:
@@ -64,6 +73,9 @@ class StepControl:
             self.requeue = requeue
             if self._proc is not None:
                 _kill_group(self._proc)
+            cancellers = list(self._cancellers)
+        for canceller in cancellers:
+            canceller(requeue)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:

@@ -512,9 +512,12 @@ def _environment_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def unfinished_run_specs(store: Store) -> list[str]:
     """The graph spec JSON of every pipeline run that has not ended (what its steps still need)."""
+    return [run["spec"] for run in unfinished_pipeline_runs(store) if run["spec"]]
+
+
+def unfinished_pipeline_runs(store: Store) -> list[dict[str, Any]]:
     r = t.runs.c
     terminal = [s.value for s in Status if s.is_terminal]
     with store.read() as conn:
-        return [row.spec for row in conn.execute(select(r.spec).where(r.kind == "pipeline",
-                                                                      r.status.not_in(terminal)))
-                if row.spec]
+        return [dict(row._mapping) for row in conn.execute(
+            select(r.id, r.spec).where(r.kind == "pipeline", r.status.not_in(terminal)))]

@@ -1,0 +1,178 @@
+"""The ``ray`` target: each step runs as a Ray task on an existing Ray cluster — the very same
+``execute_step`` as on local compute, inside the task (no second execution path).
+
+The task reports to the workspace's store itself and tells the agent over its socket that
+something changed; a task lost with its worker or node is handed back to the scheduler, which runs
+the step again as a new attempt (``retries`` times, default once), then fails it with the reason.
+The embedded workspace (SQLite and local folders) therefore needs the Ray nodes on this machine;
+nodes on other machines need a store and datastores they can all reach (the team server).
+
+Security: Ray's own job and task APIs have no authentication (CVE-2023-48022, "ShadowRay") and Ray
+may listen on every interface. A Ray cluster must sit on a trusted network. Cairn never opens the
+Ray dashboard or job API; it only connects as a driver to the address it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from cairn.compute.base import DoneCallback
+from cairn.runner.execute import StepControl, StepReporter
+from cairn.runner.job import StepJob, StepResult
+
+DEFAULT_RETRIES = 1
+
+
+def run_step_task(job: StepJob) -> dict[str, Any]:
+    """The body of the Ray task, on a Ray worker: run the step with the shared runner."""
+    import ray
+
+    from cairn.engine.client import changed
+    from cairn.engine.context import EngineContext
+    from cairn.engine.reporter import StoreReporter
+    from cairn.runner.execute import execute_step, upload_logs
+    from cairn.storage.layout import WorkspaceLayout
+    from cairn.store import queries as q
+
+    layout = WorkspaceLayout(job.workspace)
+    ctx = EngineContext.open(layout)
+    reporter = StoreReporter(ctx.store, on_change=lambda _sid: changed(layout, job.pipeline_run_id),
+                             locate=ctx.datastore_location)
+    context = ray.get_runtime_context()
+    node = context.get_node_id()
+    q.add_properties(ctx.store, job.step_run_id, {
+        "cairn.ray.node": node, f"cairn.ray.node.a{job.attempt}": node,
+        "cairn.ray.resources": json.dumps(context.get_assigned_resources(), sort_keys=True)})
+    control = StepControl()
+    box: list[StepResult] = []
+    runner = threading.Thread(target=lambda: box.append(execute_step(job, reporter, control)), daemon=True)
+    runner.start()
+    try:
+        while runner.is_alive():  # short joins: Ray delivers its cancel as an exception between bytecodes
+            runner.join(0.25)
+    except KeyboardInterrupt:  # ray.cancel(): stop the step's process group, report Canceled
+        control.cancel("canceled")
+        runner.join()
+    result = box[0] if box else StepResult(job.step_run_id, "Failed", "the runner ended without a result", None)
+    upload_logs(job, result)
+    return {"step_run_id": result.step_run_id, "status": result.status, "reason": result.reason,
+            "exit_code": result.exit_code}
+
+
+class RayCompute:
+    def __init__(self, name: str, address: str, retries: int = DEFAULT_RETRIES, **config: Any) -> None:
+        self.name = name
+        self.address = address
+        self.retries = int(retries)
+        self.config = config
+        self._lock = threading.Lock()
+        self._running: dict[str, float] = {}  # step run -> CPUs it holds
+        self._lost: dict[str, int] = {}  # step run -> attempts lost with a worker or node
+        self._remote: Any = None
+        self._capacity = 0.0
+
+    # -- the cluster -------------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        import ray
+
+        from cairn.compute.ray_cluster import connect
+
+        connect(self.address, switch=False)
+        if self._remote is None:
+            self._remote = ray.remote(run_step_task)
+        return ray
+
+    def _refresh_capacity(self) -> None:
+        ray = self._connect()
+        self._capacity = float(ray.cluster_resources().get("CPU", 0))
+
+    def free_slots(self) -> int:
+        with self._lock:
+            used = sum(self._running.values())
+            running = len(self._running)
+        if self._capacity - used < 1:  # nodes may have joined since: ask the cluster again
+            self._refresh_capacity()
+        return max(0, int(self._capacity - used)) if running else max(1, int(self._capacity - used))
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def submit(self, job: StepJob, reporter: StepReporter, control: StepControl, done: DoneCallback) -> None:
+        spec = job.spec
+        cpus = float(spec.cpus) if spec.cpus else 1.0
+        options: dict[str, Any] = {"num_cpus": cpus, "max_retries": 0, "retry_exceptions": False,
+                                   "scheduling_strategy": "SPREAD", "name": f"cairn:{spec.name}"}
+        if spec.gpus:
+            options["num_gpus"] = float(spec.gpus)
+        if spec.memory_gb:
+            options["memory"] = int(spec.memory_gb * 1024 ** 3)
+        with self._lock:
+            self._running[job.step_run_id] = cpus
+        try:
+            ray = self._connect()
+            ref = self._remote.options(**options).remote(job)
+        except Exception as exc:  # no cluster at that address: the step fails, saying so
+            with self._lock:
+                self._running.pop(job.step_run_id, None)
+            reason = f"could not submit to Ray cluster {self.address!r} (target {self.name!r}): {exc}"
+            reporter.ended(job.step_run_id, _status("Failed"), reason, None)
+            done(StepResult(job.step_run_id, "Failed", reason, None))
+            return
+        control.on_cancel(lambda requeue: ray.cancel(ref, force=requeue))
+        threading.Thread(target=self._wait, args=(job, ref, reporter, control, done),
+                         name=f"ray-{job.step_run_id}", daemon=True).start()
+
+    def _wait(self, job: StepJob, ref: Any, reporter: StepReporter, control: StepControl,
+              done: DoneCallback) -> None:
+        import ray
+        from ray import exceptions as rx
+
+        try:
+            out = ray.get(ref)
+            result = StepResult(out["step_run_id"], out["status"], out["reason"], out["exit_code"])
+        except rx.TaskCancelledError:
+            status = "Queued" if control.requeue else "Canceled"
+            if status == "Canceled":
+                reporter.ended(job.step_run_id, _status(status), control.cancel_reason, None)
+            result = StepResult(job.step_run_id, status, None if control.requeue else control.cancel_reason, None)
+        except (rx.WorkerCrashedError, rx.NodeDiedError, rx.LocalRayletDiedError, rx.RaySystemError,
+                rx.ObjectLostError, rx.OwnerDiedError) as exc:
+            result = self._lost_attempt(job, reporter, control, exc)
+        except rx.RayTaskError as exc:  # the runner itself raised (it reports a step's own failure)
+            reason = f"the Ray task failed: {str(exc).strip().splitlines()[-1][:300]}"
+            reporter.ended(job.step_run_id, _status("Failed"), reason, None)
+            result = StepResult(job.step_run_id, "Failed", reason, None)
+        except Exception as exc:
+            result = self._lost_attempt(job, reporter, control, exc)
+        finally:
+            with self._lock:
+                self._running.pop(job.step_run_id, None)
+        done(result)
+
+    def _lost_attempt(self, job: StepJob, reporter: StepReporter, control: StepControl,
+                      exc: Exception) -> StepResult:
+        what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        if control.canceled:
+            status = "Queued" if control.requeue else "Canceled"
+            if status == "Canceled":
+                reporter.ended(job.step_run_id, _status(status), control.cancel_reason, None)
+            return StepResult(job.step_run_id, status, None if control.requeue else control.cancel_reason, None)
+        lost = self._lost[job.step_run_id] = self._lost.get(job.step_run_id, 0) + 1
+        if lost <= self.retries:
+            return StepResult(job.step_run_id, "Queued",
+                              f"retrying (attempt {job.attempt} was lost with its Ray worker or node: {what})", None)
+        reason = (f"the Ray worker or node running the step died ({what}); it was retried {self.retries} "
+                  f"time(s)")
+        reporter.ended(job.step_run_id, _status("Failed"), reason, None)
+        return StepResult(job.step_run_id, "Failed", reason, None)
+
+    def shutdown(self) -> None:
+        pass  # the cluster is not ours to stop; its tasks end with their steps
+
+
+def _status(value: str) -> Any:
+    from cairn.core.status import Status
+
+    return Status(value)

@@ -1,0 +1,196 @@
+"""Steps on a real Ray cluster started by the tests on this machine: a head and a second node
+(``ray start --address=...`` with its own temporary folder). The demo pipeline, a fan-out spread
+over both nodes, cancel reaching the task and its process, and (last: it kills a node) a node
+that dies mid-step, whose step is retried and the run completes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cairn import (
+    ComputeTarget,
+    Experiment,
+    Pipeline,
+    PipelineValidationError,
+    PythonScriptStep,
+    RayCompute,
+    RunConfiguration,
+    UserInputError,
+    Workspace,
+)
+from cairn.compute.ray_cluster import start_node, stop_node, wait_ready
+from cairn.demo.pipeline import SOURCES, build_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    logs = tmp_path_factory.mktemp("ray-logs")
+    head = start_node(None, cpus=2, log=logs / "head.log")
+    second = None
+    try:
+        second = start_node(head["address"], cpus=2, log=logs / "second.log")
+        wait_ready(head["address"], 2)
+        yield {"address": head["address"], "head": head, "second": second}
+    finally:
+        for node in (second, head):
+            if node is not None:
+                stop_node(node)
+
+
+@pytest.fixture
+def ray_target(workspace: Workspace, cluster: dict[str, Any]) -> ComputeTarget:
+    return ComputeTarget.attach(workspace, "ray", RayCompute.attach_configuration(address=cluster["address"]))
+
+
+def node_of(step: Any) -> str:
+    return step.get_properties()["cairn.ray.node"]
+
+
+def wait_until(workspace: Workspace, run: Any, ready: Callable[[], bool]) -> None:
+    watch = workspace._backend.watch(run.id)
+    assert watch.connect()
+    try:
+        while not ready():  # woken by the agent's events, not a timer
+            watch.wait(10)
+    finally:
+        watch.close()
+
+
+def test_the_demo_pipeline_runs_on_ray(workspace: Workspace, ray_target: ComputeTarget, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "demo-src"
+    shutil.copytree(SOURCES, src)
+    run = Experiment(workspace, "ray").submit(build_pipeline(workspace, src, compute_target=ray_target))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    report = run.find_step_run("compare")[0].get_output_data("report").local_path / "report.md"
+    assert "Best model" in report.read_text()
+    assert all(s.get_properties().get("cairn.ray.node") for s in run.get_steps())  # every step ran on Ray
+    status = ray_target.get_status()
+    assert status["state"] == "Succeeded" and status["node_count"] == 2 and status["cpus"] == 4
+    assert status["running_steps"] == []
+    assert {c.name for c in ComputeTarget.list(workspace)} == {"local", "ray"} == set(workspace.compute_targets)
+
+
+def test_a_fan_out_spreads_over_both_nodes(workspace: Workspace, ray_target: ComputeTarget,
+                                           write_script: Callable[..., Path]) -> None:
+    src = write_script("nap.py", "import time\ntime.sleep(1.5)\nprint('done')\n")
+    steps = [PythonScriptStep("nap.py", name=f"nap{i}", source_directory=str(src), compute_target="ray",
+                              allow_reuse=False) for i in range(6)]
+    run = Experiment(workspace, "ray").submit(Pipeline(workspace, steps))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    assert len({node_of(s) for s in run.get_steps()}) == 2
+    assert all(s.get_stdout_log() == "done\n" for s in run.get_steps())  # logs come back from the nodes
+
+
+def test_cancel_reaches_the_task_and_its_process(workspace: Workspace, ray_target: ComputeTarget,
+                                                 write_script: Callable[..., Path], tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    src = write_script("hang.py", f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                                  f"print('started', flush=True)\ntime.sleep(300)\n")
+    run = Experiment(workspace, "ray").submit(Pipeline(workspace, [
+        PythonScriptStep("hang.py", name="hang", source_directory=str(src), compute_target="ray")]))
+    step = run.get_steps()[0]
+    wait_until(workspace, run, lambda: step.get_status() == "Running" and pid_file.exists())
+    pid = int(pid_file.read_text())
+    run.cancel()
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
+    assert step.get_status() == "Canceled"
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_step_resources_come_from_the_run_configuration(workspace: Workspace, ray_target: ComputeTarget,
+                                                        write_script: Callable[..., Path]) -> None:
+    import json
+
+    src = write_script("resources.py", "print('ok')\n")
+    rc = RunConfiguration()
+    rc.cpus = 2
+    big = PythonScriptStep("resources.py", name="big", source_directory=str(src), compute_target="ray", runconfig=rc)
+    run = Experiment(workspace, "ray").submit(Pipeline(workspace, [big]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    assert json.loads(run.get_steps()[0].get_properties()["cairn.ray.resources"]) == {"CPU": 2.0}
+    rc_bad = RunConfiguration()
+    rc_bad.cpus = -1
+    with pytest.raises(PipelineValidationError, match="runconfig.cpus must be a positive number"):
+        Experiment(workspace, "ray").submit(Pipeline(workspace, [
+            PythonScriptStep("resources.py", name="bad", source_directory=str(src), runconfig=rc_bad)]))
+
+
+def test_attach_and_provisioning_errors_are_clear(workspace: Workspace) -> None:
+    with pytest.raises(UserInputError, match="HOST:PORT"):
+        RayCompute.attach_configuration(address="localhost")
+    with pytest.raises(UserInputError, match="cannot reach a Ray head"):
+        ComputeTarget.attach(workspace, "nowhere", RayCompute.attach_configuration(address="127.0.0.1:9"))
+    with pytest.raises(UserInputError, match="cannot exceed max_nodes"):
+        RayCompute.provisioning_configuration(min_nodes=5, max_nodes=2)
+    with pytest.raises(UserInputError, match="local' target cannot be deleted"):
+        ComputeTarget(workspace, "local").delete()
+
+
+def test_a_provisioned_cluster_starts_reports_and_is_deleted(workspace: Workspace) -> None:
+    target = ComputeTarget.create(workspace, "mini", RayCompute.provisioning_configuration(min_nodes=1, cpus_per_node=1))
+    try:
+        target.wait_for_completion(show_output=False)
+        status = target.get_status()
+        assert status["state"] == "Succeeded" and status["node_count"] == 1 and status["managed"]
+        with pytest.raises(UserInputError, match="use delete"):
+            target.detach()
+    finally:
+        nodes = target.config["nodes"]
+        target.delete()
+    assert "mini" not in workspace.compute_targets
+    for node in nodes:
+        assert not Path(f"/proc/{node['pid']}").exists() or \
+            "Z" in Path(f"/proc/{node['pid']}/stat").read_text().split()[2]
+
+
+def test_a_node_that_dies_mid_step_is_retried_elsewhere(workspace: Workspace, ray_target: ComputeTarget,
+                                                        cluster: dict[str, Any],
+                                                        write_script: Callable[..., Path]) -> None:
+    """Last: it kills the second node's raylet."""
+    from cairn.compute.ray_cluster import cluster_nodes
+
+    src = write_script("slow.py", "import time\nprint('working', flush=True)\ntime.sleep(6)\nprint('done')\n")
+    steps = [PythonScriptStep("slow.py", name=f"slow{i}", source_directory=str(src), compute_target="ray",
+                              allow_reuse=False) for i in range(4)]
+    run = Experiment(workspace, "ray").submit(Pipeline(workspace, steps))
+    second_id = next(n["NodeID"] for n in cluster_nodes(cluster["address"])
+                     if n.get("NodeManagerPort") == cluster["second"]["node_manager_port"])
+
+    def on_second_node_and_running() -> bool:
+        return any(s.get_status() == "Running" and s.get_properties().get("cairn.ray.node") == second_id
+                   for s in run.get_steps())
+
+    wait_until(workspace, run, on_second_node_and_running)
+    raylet = _raylet_pid(cluster["second"]["temp_dir"])
+    os.kill(raylet, signal.SIGKILL)
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=120) == "Completed"
+    retried = [s for s in run.get_steps() if s._row()["attempt"] > 1]
+    assert retried, "a step that was on the dead node must have run again"
+    for s in retried:
+        reasons = [e["reason"] or "" for e in workspace._backend.get_events(s.id)]
+        assert any(r.startswith("retrying (attempt 1 was lost with its Ray worker or node") for r in reasons)
+        last = s._row()["attempt"]
+        assert s.get_properties()[f"cairn.ray.node.a{last}"] != second_id  # the retry ran on the node left
+        assert s.get_stdout_log().endswith("done\n")
+
+
+def _raylet_pid(temp_dir: str) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "raylet" in cmdline.split(" ")[0] and temp_dir in cmdline:
+                return int(entry.name)
+    raise AssertionError(f"no raylet found for {temp_dir}")
