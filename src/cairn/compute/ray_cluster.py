@@ -150,7 +150,9 @@ def stop_node(node: dict[str, Any]) -> None:
             time.sleep(0.1)
         if not _alive(pid):
             break
-    _kill_session_leftovers(node["temp_dir"])
+    deadline = time.monotonic() + 10
+    while _kill_session_leftovers(node["temp_dir"]) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the killed processes must be gone before their folder can stay removed
     shutil.rmtree(node["temp_dir"], ignore_errors=True)
 
 
@@ -166,8 +168,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _kill_session_leftovers(temp_dir: str) -> None:
-    """Ray daemonises some processes out of the session: find them by their temporary folder."""
+def _kill_session_leftovers(temp_dir: str) -> int:
+    """Ray daemonises some processes out of the session: find them by their temporary folder and
+    kill them; returns how many were still alive."""
+    found = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -175,8 +179,10 @@ def _kill_session_leftovers(temp_dir: str) -> None:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
         except OSError:
             continue
-        if temp_dir in cmdline:
+        if temp_dir in cmdline and _alive(int(entry.name)):
+            found += 1
             try:
                 os.kill(int(entry.name), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+    return found
