@@ -163,6 +163,17 @@ def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | N
     dest = confined(work, path_on_compute or f"{DOWNLOAD_FOLDER}/{name}", f"path_on_compute of input {name!r}")
     files = resolve_files(job.datasets[name]["definition"], locate)
     local = [f for f in files if f.datastore and job.datastore_locations[f.datastore]["kind"] == "local"]
+    digest = next((i.digest for i in job.inputs if i.name == name), "")
+    if not local and digest:  # all remote: fetched once per machine, kept in the input cache
+        cached = _cached_input(digest, lambda folder: fetch(files, locate, folder))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if job.datasets[name]["mode"] == "download":  # a private, writable copy, from the local cache
+            shutil.copytree(cached, dest, symlinks=True, copy_function=shutil.copyfile, dirs_exist_ok=True)
+        else:
+            if dest.exists() or dest.is_symlink():
+                shutil.rmtree(dest) if dest.is_dir() and not dest.is_symlink() else dest.unlink()
+            dest.symlink_to(cached, target_is_directory=True)
+        return str(dest)
     for f in local:  # files of a local datastore (a glob, several paths) are linked, not copied
         target = dest / f.relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +181,41 @@ def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | N
             target.symlink_to(f.path)
     fetch([f for f in files if f not in local], locate, dest)
     return str(dest)
+
+
+def input_cache_root() -> Path:
+    """Where this machine keeps fetched inputs, by content digest ($CAIRN_INPUT_CACHE)."""
+    return Path(os.environ.get("CAIRN_INPUT_CACHE") or Path.home() / ".cache" / "cairn" / "inputs")
+
+
+def _cached_input(digest: str, fill: Callable[[Path], None]) -> Path:
+    """The folder holding the input with ``digest``, fetched by ``fill`` the first time (into a
+    temporary folder renamed into place: a half-fetched input is never used)."""
+    import uuid
+
+    root = input_cache_root()
+    folder = root / digest.replace(":", "-")
+    if folder.is_dir():
+        os.utime(folder)  # last used
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".fetching-{uuid.uuid4().hex}"
+    try:
+        staging.mkdir()
+        fill(staging)
+        make_read_only(staging)
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another step fetched the same input meanwhile: use that one
+            if not folder.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            for p in staging.rglob("*"):
+                if p.is_file():
+                    p.chmod(0o644)
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> list[str]:
@@ -313,6 +359,10 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         for i in job.inputs:
             fetched = i.name in job.datasets and not i.path
             how = f"copied to {input_paths[i.name]}" if i.mode == "download" or fetched else "used in place"
+            if fetched and Path(input_paths[i.name]).is_symlink():
+                how = f"linked from this machine's input cache ({os.readlink(input_paths[i.name])})"
+            elif fetched and i.digest and (input_cache_root() / i.digest.replace(":", "-")).is_dir():
+                how = f"copied to {input_paths[i.name]} from this machine's input cache"
             syslog(f"input {i.name}: {i.path} ({i.digest}, {i.mode}: {how})")
         output_paths = {}
         for o in spec.outputs:
