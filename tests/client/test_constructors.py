@@ -335,7 +335,7 @@ def test_run_configuration_attributes() -> None:
     ("max_run_duration_seconds", True, "max_run_duration_seconds must be a positive number of seconds, not True"),
     ("environment_variables", ["A=1"], "environment_variables must be a dict"),
     ("environment", "my-env", "environment must be an Environment, not str"),
-    ("node_count", 2, "node_count=2"),
+    ("node_count", 0, "node_count must be a whole number of at least 1, not 0"),
 ])
 def test_run_configuration_validate_names_step_and_value(attribute: str, value: object, fragment: str) -> None:
     rc = RunConfiguration()

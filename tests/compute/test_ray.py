@@ -118,11 +118,33 @@ def test_step_resources_come_from_the_run_configuration(workspace: Workspace, ra
     run = Experiment(workspace, "ray").submit(Pipeline(workspace, [big]))
     assert run.wait_for_completion(show_output=False) == "Completed"
     assert json.loads(run.get_steps()[0].get_properties()["cairn.ray.resources"]) == {"CPU": 2.0}
+    rc_huge = RunConfiguration()
+    rc_huge.cpus = 64
+    huge = PythonScriptStep("resources.py", name="huge", source_directory=str(src), compute_target="ray",
+                            runconfig=rc_huge, allow_reuse=False)  # resources are not part of the fingerprint
+    run = Experiment(workspace, "ray").submit(Pipeline(workspace, [huge]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Failed"
+    assert "asks for 64 CPUs and the largest node" in run.get_steps()[0]._row()["status_reason"]
     rc_bad = RunConfiguration()
     rc_bad.cpus = -1
     with pytest.raises(PipelineValidationError, match="runconfig.cpus must be a positive number"):
         Experiment(workspace, "ray").submit(Pipeline(workspace, [
             PythonScriptStep("resources.py", name="bad", source_directory=str(src), runconfig=rc_bad)]))
+
+
+def test_node_count_reserves_distinct_nodes_for_one_step(workspace: Workspace, ray_target: ComputeTarget,
+                                                         write_script: Callable[..., Path]) -> None:
+    src = write_script("multi.py", "import json, os\n"
+                                   "print(os.environ['CAIRN_NODE_COUNT'], len(set(json.loads(os.environ['CAIRN_NODES']))))\n")
+    rc = RunConfiguration()
+    rc.node_count = 2
+    step = PythonScriptStep("multi.py", name="multi", source_directory=str(src), compute_target="ray", runconfig=rc)
+    run = Experiment(workspace, "ray").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    assert run.get_steps()[0].get_stdout_log() == "2 2\n"
+    local = PythonScriptStep("multi.py", name="here", source_directory=str(src), runconfig=rc)
+    with pytest.raises(PipelineValidationError, match="node_count=2 needs a Ray target"):
+        Experiment(workspace, "ray").submit(Pipeline(workspace, [local]))
 
 
 def test_attach_and_provisioning_errors_are_clear(workspace: Workspace) -> None:

@@ -445,9 +445,9 @@ class RunConfiguration:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                                   or v < 0 or (field != "gpus" and v == 0)):
                 problems.append(f"step {step_name!r}: runconfig.{field} must be a positive number, not {v!r}")
-        if not isinstance(self.node_count, int) or isinstance(self.node_count, bool) or self.node_count != 1:
-            problems.append(f"step {step_name!r}: runconfig.node_count={self.node_count!r}: Cairn runs a step "
-                            f"on one node (on Ray too: use a fan-out of steps to spread work)")
+        if not isinstance(self.node_count, int) or isinstance(self.node_count, bool) or self.node_count < 1:
+            problems.append(f"step {step_name!r}: runconfig.node_count must be a whole number of at least 1, not "
+                            f"{self.node_count!r}")
         return problems
 
     # -- YAML --------------------------------------------------------------------------------

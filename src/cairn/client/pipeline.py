@@ -61,7 +61,8 @@ class Pipeline:
         for name, count in seen.items():
             if count > 1:
                 problems.append(f"{count} steps are named {name!r}; give each step a distinct name=")
-        targets = {c["name"] for c in self.workspace._backend.list_compute_targets()}
+        kinds = {c["name"]: c["kind"] for c in self.workspace._backend.list_compute_targets()}
+        targets = set(kinds)
         stores = {d["name"]: d["kind"] for d in self.workspace._backend.list_datastores()}
         producers: dict[int, list[PythonScriptStep]] = {}
         for s in steps:
@@ -80,6 +81,10 @@ class Pipeline:
             if target is not None and target not in targets:
                 problems.append(f"{who}: compute target {target!r} does not exist in the workspace "
                                 f"(known: {', '.join(sorted(targets))})")
+            elif target is not None and kinds.get(target) != "ray" and s.runconfig.node_count != 1 \
+                    and not any("node_count" in p for p in rc_problems):
+                problems.append(f"{who}: runconfig.node_count={s.runconfig.node_count} needs a Ray target (it "
+                                f"reserves that many nodes); target {target!r} runs a step on this machine")
             if isinstance(s.runconfig.environment, Environment):
                 try:
                     env_spec = s.runconfig.environment.to_spec()
@@ -186,7 +191,7 @@ class Pipeline:
                 compute_target=_target_name(s), allow_reuse=s.allow_reuse, version=s.version,
                 run_after=tuple(a.name for a in s._run_after),
                 max_run_duration_seconds=rc.max_run_duration_seconds,
-                cpus=rc.cpus, gpus=rc.gpus, memory_gb=rc.memory_gb,
+                cpus=rc.cpus, gpus=rc.gpus, memory_gb=rc.memory_gb, node_count=rc.node_count,
                 dataset_inputs=tuple(_dataset_input(d, self.workspace) for d in s.dataset_bindings()),
             ))
             step_props[s.name] = {**gits[s.source_directory], "cairn.snapshot": snapshots[s.source_directory]}

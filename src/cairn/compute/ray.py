@@ -23,6 +23,8 @@ from cairn.runner.execute import StepControl, StepReporter
 from cairn.runner.job import StepJob, StepResult
 
 DEFAULT_RETRIES = 1
+RESERVE_TIMEOUT = 120.0  # how long a step with node_count > 1 waits for its nodes
+_FIELD = {"CPU": "cpus", "GPU": "gpus", "memory": "memory_gb"}
 
 
 def run_step_task(job: StepJob) -> dict[str, Any]:
@@ -72,6 +74,8 @@ class RayCompute:
         self._lost: dict[str, int] = {}  # step run -> attempts lost with a worker or node
         self._remote: Any = None
         self._capacity = 0.0
+        self._nodes: list[dict[str, float]] = []  # the alive nodes' resources, asked at most every 5 s
+        self._nodes_at = -1e9
 
     # -- the cluster -------------------------------------------------------------------------
 
@@ -112,6 +116,17 @@ class RayCompute:
             self._running[job.step_run_id] = cpus
         try:
             ray = self._connect()
+            too_big = self._infeasible(ray, cpus, float(spec.gpus or 0), float(spec.memory_gb or 0))
+            if too_big:
+                with self._lock:
+                    self._running.pop(job.step_run_id, None)
+                reporter.ended(job.step_run_id, _status("Failed"), too_big, None)
+                done(StepResult(job.step_run_id, "Failed", too_big, None))
+                return
+            if spec.node_count > 1:  # reserving nodes may take a while: never in the agent's loop
+                threading.Thread(target=self._run_on_nodes, args=(job, options, reporter, control, done),
+                                 name=f"ray-{job.step_run_id}", daemon=True).start()
+                return
             ref = self._remote.options(**options).remote(job)
         except Exception as exc:  # no cluster at that address: the step fails, saying so
             with self._lock:
@@ -123,6 +138,63 @@ class RayCompute:
         control.on_cancel(lambda requeue: ray.cancel(ref, force=requeue))
         threading.Thread(target=self._wait, args=(job, ref, reporter, control, done),
                          name=f"ray-{job.step_run_id}", daemon=True).start()
+
+    def _run_on_nodes(self, job: StepJob, options: dict[str, Any], reporter: StepReporter, control: StepControl,
+                      done: DoneCallback) -> None:
+        """node_count > 1: reserve that many nodes (one bundle each, on distinct nodes), run the step
+        on the first, and tell it the reservation (CAIRN_NODE_COUNT, CAIRN_NODES, CAIRN_RAY_ADDRESS,
+        CAIRN_PLACEMENT_GROUP) so that it can start its own Ray work on the others."""
+        import dataclasses
+
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        spec = job.spec
+        bundle = {"CPU": options["num_cpus"], **({"GPU": options["num_gpus"]} if "num_gpus" in options else {})}
+        group = placement_group([dict(bundle) for _ in range(spec.node_count)], strategy="STRICT_SPREAD")
+        try:
+            if not group.wait(timeout_seconds=RESERVE_TIMEOUT):
+                reason = (f"could not reserve {spec.node_count} nodes with {bundle} each on Ray cluster "
+                          f"{self.address!r} within {RESERVE_TIMEOUT:g} s (it has {len(self._nodes)} alive node(s))")
+                reporter.ended(job.step_run_id, _status("Failed"), reason, None)
+                with self._lock:
+                    self._running.pop(job.step_run_id, None)
+                done(StepResult(job.step_run_id, "Failed", reason, None))
+                return
+            table = placement_group_table(group)
+            nodes = [table["bundles_to_node_id"][i] for i in range(spec.node_count)]
+            extra = {"CAIRN_NODE_COUNT": str(spec.node_count), "CAIRN_NODES": json.dumps(nodes),
+                     "CAIRN_RAY_ADDRESS": self.address, "CAIRN_PLACEMENT_GROUP": group.id.hex()}
+            variables = [*[list(p) for p in job.step.get("environment_variables", [])], *map(list, extra.items())]
+            job = dataclasses.replace(job, step={**job.step, "environment_variables": variables})
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+            ref = self._remote.options(**{**options, "scheduling_strategy": strategy}).remote(job)
+            control.on_cancel(lambda requeue: ray.cancel(ref, force=requeue))
+            self._wait(job, ref, reporter, control, done)
+        finally:
+            remove_placement_group(group)
+
+    def _infeasible(self, ray: Any, cpus: float, gpus: float, memory_gb: float) -> str | None:
+        """Why no node of the cluster can ever run a step asking this much (Ray would queue it
+        forever), or None."""
+        import time
+
+        if time.monotonic() - self._nodes_at > 5 or self._first_problem(self._nodes, cpus, gpus, memory_gb):
+            self._nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]  # asked again before failing
+            self._nodes_at = time.monotonic()
+        return self._first_problem(self._nodes, cpus, gpus, memory_gb)
+
+    def _first_problem(self, nodes: list[dict[str, float]], cpus: float, gpus: float, memory_gb: float) -> str | None:
+        if not nodes:
+            return f"Ray cluster {self.address!r} (target {self.name!r}) has no alive node"
+        for want, key, unit, scale in ((cpus, "CPU", "CPUs", 1), (gpus, "GPU", "GPUs", 1),
+                                       (memory_gb, "memory", "GB of memory", 1024 ** 3)):
+            largest = max(n.get(key, 0) for n in nodes) / scale
+            if want > largest:
+                return (f"the step asks for {want:g} {unit} and the largest node of Ray cluster {self.address!r} "
+                        f"(target {self.name!r}) has {largest:g}; lower runconfig.{_FIELD[key]} or add a bigger node")
+        return None
 
     def _wait(self, job: StepJob, ref: Any, reporter: StepReporter, control: StepControl,
               done: DoneCallback) -> None:

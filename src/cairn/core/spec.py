@@ -94,6 +94,7 @@ class StepSpec:
     cpus: float | None = None
     gpus: float | None = None
     memory_gb: float | None = None
+    node_count: int = 1  # > 1: nodes reserved for the step on a Ray target (its process runs on the first)
 
     def upstream(self) -> set[str]:
         """Names of the steps that must finish before this one starts."""
@@ -165,6 +166,6 @@ def step_from_dict(d: dict[str, Any]) -> StepSpec:
         version=d.get("version"),
         run_after=tuple(d.get("run_after", ())),
         max_run_duration_seconds=d.get("max_run_duration_seconds"),
-        cpus=d.get("cpus"), gpus=d.get("gpus"), memory_gb=d.get("memory_gb"),
+        cpus=d.get("cpus"), gpus=d.get("gpus"), memory_gb=d.get("memory_gb"), node_count=int(d.get("node_count", 1)),
         dataset_inputs=tuple(DatasetInputSpec(**x) for x in d.get("dataset_inputs", ())),
     )
