@@ -158,6 +158,26 @@ def test_attach_and_provisioning_errors_are_clear(workspace: Workspace) -> None:
         ComputeTarget(workspace, "local").delete()
 
 
+def test_a_cluster_that_is_gone_fails_its_steps_and_nothing_else(workspace: Workspace, tmp_path: Path,
+                                                                  write_script: Callable[..., Path]) -> None:
+    node = start_node(None, cpus=1, log=tmp_path / "gone.log")
+    try:
+        wait_ready(node["address"], 1)
+        ComputeTarget.attach(workspace, "gone", RayCompute.attach_configuration(address=node["address"]))
+    finally:
+        stop_node(node)
+    src = write_script("hello.py", "print('hello')\n")
+    run = Experiment(workspace, "ray").submit(Pipeline(workspace, [
+        PythonScriptStep("hello.py", name="there", source_directory=str(src), compute_target="gone"),
+        PythonScriptStep("hello.py", name="here", source_directory=str(src), allow_reuse=False)]),
+        continue_on_step_failure=True)
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Failed"
+    steps = {s.name: s for s in run.get_steps()}
+    assert steps["here"].get_status() == "Completed"  # the agent was never stuck on the dead cluster
+    assert "no Ray head answers at" in steps["there"]._row()["status_reason"]
+    assert ComputeTarget(workspace, "gone").get_status()["state"] == "Unreachable"
+
+
 def test_a_provisioned_cluster_starts_reports_and_is_deleted(workspace: Workspace) -> None:
     target = ComputeTarget.create(workspace, "mini", RayCompute.provisioning_configuration(min_nodes=1, cpus_per_node=1))
     try:

@@ -33,14 +33,13 @@ def run_step_task(job: StepJob) -> dict[str, Any]:
 
     from cairn.engine.client import changed
     from cairn.engine.context import EngineContext
-    from cairn.engine.reporter import StoreReporter
     from cairn.runner.execute import execute_step, upload_logs
     from cairn.storage.layout import WorkspaceLayout
     from cairn.store import queries as q
 
     layout = WorkspaceLayout(job.workspace)
     ctx = EngineContext.open(layout)
-    reporter = StoreReporter(ctx.store, on_change=lambda _sid: changed(layout, job.pipeline_run_id),
+    reporter = _TaskReporter(ctx.store, on_change=lambda _sid: changed(layout, job.pipeline_run_id),
                              locate=ctx.datastore_location)
     context = ray.get_runtime_context()
     node = context.get_node_id()
@@ -51,16 +50,55 @@ def run_step_task(job: StepJob) -> dict[str, Any]:
     box: list[StepResult] = []
     runner = threading.Thread(target=lambda: box.append(execute_step(job, reporter, control)), daemon=True)
     runner.start()
-    try:
-        while runner.is_alive():  # short joins: Ray delivers its cancel as an exception between bytecodes
-            runner.join(0.25)
-    except KeyboardInterrupt:  # ray.cancel(): stop the step's process group, report Canceled
-        control.cancel("canceled")
-        runner.join()
+    runner.join()  # a cancel kills this worker (ray.cancel with force); the agent kills the step's group
     result = box[0] if box else StepResult(job.step_run_id, "Failed", "the runner ended without a result", None)
     upload_logs(job, result)
     return {"step_run_id": result.step_run_id, "status": result.status, "reason": result.reason,
             "exit_code": result.exit_code}
+
+
+def _kill_step_group(reporter: Any, step_run_id: str) -> None:
+    """Kill the process group a canceled step left on this machine (its pid and start time are in
+    the store: a recycled pid is never killed). A step on another machine ends with its worker."""
+    from cairn.engine.scheduler import _kill_orphan
+    from cairn.store import queries as q
+
+    store = getattr(reporter, "_store", None)
+    row = (q.get_run(store, step_run_id) if store is not None else None) or {}
+    _kill_orphan(row.get("pid"), row.get("pid_started"))
+
+
+def _requeued(store: Any, step_run_id: str) -> bool:
+    from cairn.store import queries as q
+
+    row = q.get_run(store, step_run_id)
+    return row is not None and row["status"] == "Queued"
+
+
+class _TaskReporter:
+    """The store reporter of a Ray task, which never writes an ending over a step that its agent
+    has handed back to the queue (an agent stop kills the task's step: that is not its failure)."""
+
+    def __init__(self, store: Any, on_change: Any, locate: Any) -> None:
+        from cairn.engine.reporter import StoreReporter
+
+        self._store = store
+        self._inner = StoreReporter(store, on_change=on_change, locate=locate)
+
+    def started(self, step_run_id: str, status: Any, **fields: Any) -> bool:
+        return self._inner.started(step_run_id, status, **fields)
+
+    def succeeded(self, job: StepJob, outputs: list[dict[str, Any]], exit_code: int) -> bool:
+        if _requeued(self._store, job.step_run_id):
+            return False
+        return self._inner.succeeded(job, outputs, exit_code)
+
+    def ended(self, step_run_id: str, status: Any, reason: str, exit_code: int | None) -> None:
+        if not _requeued(self._store, step_run_id):
+            self._inner.ended(step_run_id, status, reason, exit_code)
+
+    def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str:
+        return self._inner.register_output(job, output, registration)
 
 
 class RayCompute:
@@ -76,29 +114,32 @@ class RayCompute:
         self._capacity = 0.0
         self._nodes: list[dict[str, float]] = []  # the alive nodes' resources, asked at most every 5 s
         self._nodes_at = -1e9
+        self._connect_lock = threading.Lock()
 
     # -- the cluster -------------------------------------------------------------------------
+    # Nothing here runs on the agent's loop thread: a cluster that is gone or slow must never stall
+    # the agent (its other runs, local ones included, go on).
 
     def _connect(self) -> Any:
         import ray
 
-        from cairn.compute.ray_cluster import connect
+        from cairn.compute.ray_cluster import connect, probe
 
-        connect(self.address, switch=False)
-        if self._remote is None:
-            self._remote = ray.remote(run_step_task)
+        with self._connect_lock:  # one connection attempt at a time; the first failure is quick
+            probe(self.address)
+            connect(self.address, switch=False)
+            if self._remote is None:
+                self._remote = ray.remote(run_step_task)
+            self._capacity = float(ray.cluster_resources().get("CPU", 0))
         return ray
 
-    def _refresh_capacity(self) -> None:
-        ray = self._connect()
-        self._capacity = float(ray.cluster_resources().get("CPU", 0))
-
     def free_slots(self) -> int:
+        """From what is known (no call to the cluster): before the first connection, one step."""
         with self._lock:
             used = sum(self._running.values())
             running = len(self._running)
-        if self._capacity - used < 1:  # nodes may have joined since: ask the cluster again
-            self._refresh_capacity()
+        if self._capacity <= 0:
+            return 0 if running else 1
         return max(0, int(self._capacity - used)) if running else max(1, int(self._capacity - used))
 
     # -- steps -------------------------------------------------------------------------------
@@ -106,38 +147,50 @@ class RayCompute:
     def submit(self, job: StepJob, reporter: StepReporter, control: StepControl, done: DoneCallback) -> None:
         spec = job.spec
         cpus = float(spec.cpus) if spec.cpus else 1.0
+        with self._lock:
+            self._running[job.step_run_id] = cpus
+        threading.Thread(target=self._dispatch, args=(job, cpus, reporter, control, done),
+                         name=f"ray-{job.step_run_id}", daemon=True).start()
+
+    def _fail(self, job: StepJob, reason: str, reporter: StepReporter, done: DoneCallback) -> None:
+        with self._lock:
+            self._running.pop(job.step_run_id, None)
+        reporter.ended(job.step_run_id, _status("Failed"), reason, None)
+        done(StepResult(job.step_run_id, "Failed", reason, None))
+
+    def _dispatch(self, job: StepJob, cpus: float, reporter: StepReporter, control: StepControl,
+                  done: DoneCallback) -> None:
+        spec = job.spec
         options: dict[str, Any] = {"num_cpus": cpus, "max_retries": 0, "retry_exceptions": False,
                                    "scheduling_strategy": "SPREAD", "name": f"cairn:{spec.name}"}
         if spec.gpus:
             options["num_gpus"] = float(spec.gpus)
         if spec.memory_gb:
             options["memory"] = int(spec.memory_gb * 1024 ** 3)
-        with self._lock:
-            self._running[job.step_run_id] = cpus
         try:
             ray = self._connect()
             too_big = self._infeasible(ray, cpus, float(spec.gpus or 0), float(spec.memory_gb or 0))
-            if too_big:
-                with self._lock:
-                    self._running.pop(job.step_run_id, None)
-                reporter.ended(job.step_run_id, _status("Failed"), too_big, None)
-                done(StepResult(job.step_run_id, "Failed", too_big, None))
-                return
-            if spec.node_count > 1:  # reserving nodes may take a while: never in the agent's loop
-                threading.Thread(target=self._run_on_nodes, args=(job, options, reporter, control, done),
-                                 name=f"ray-{job.step_run_id}", daemon=True).start()
-                return
-            ref = self._remote.options(**options).remote(job)
-        except Exception as exc:  # no cluster at that address: the step fails, saying so
+        except Exception as exc:  # no cluster there, or another one already driven: the step fails, saying so
+            self._fail(job, f"could not submit to Ray cluster {self.address!r} (target {self.name!r}): {exc}",
+                       reporter, done)
+            return
+        if too_big:
+            self._fail(job, too_big, reporter, done)
+            return
+        if control.canceled:
+            status = "Queued" if control.requeue else "Canceled"
             with self._lock:
                 self._running.pop(job.step_run_id, None)
-            reason = f"could not submit to Ray cluster {self.address!r} (target {self.name!r}): {exc}"
-            reporter.ended(job.step_run_id, _status("Failed"), reason, None)
-            done(StepResult(job.step_run_id, "Failed", reason, None))
+            if status == "Canceled":
+                reporter.ended(job.step_run_id, _status(status), control.cancel_reason, None)
+            done(StepResult(job.step_run_id, status, None if control.requeue else control.cancel_reason, None))
             return
-        control.on_cancel(lambda requeue: ray.cancel(ref, force=requeue))
-        threading.Thread(target=self._wait, args=(job, ref, reporter, control, done),
-                         name=f"ray-{job.step_run_id}", daemon=True).start()
+        if spec.node_count > 1:
+            self._run_on_nodes(job, options, reporter, control, done)
+            return
+        ref = self._remote.options(**options).remote(job)
+        control.on_cancel(lambda requeue: ray.cancel(ref, force=True))
+        self._wait(job, ref, reporter, control, done)
 
     def _run_on_nodes(self, job: StepJob, options: dict[str, Any], reporter: StepReporter, control: StepControl,
                       done: DoneCallback) -> None:
@@ -170,7 +223,7 @@ class RayCompute:
             job = dataclasses.replace(job, step={**job.step, "environment_variables": variables})
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
             ref = self._remote.options(**{**options, "scheduling_strategy": strategy}).remote(job)
-            control.on_cancel(lambda requeue: ray.cancel(ref, force=requeue))
+            control.on_cancel(lambda requeue: ray.cancel(ref, force=True))
             self._wait(job, ref, reporter, control, done)
         finally:
             remove_placement_group(group)
@@ -205,6 +258,7 @@ class RayCompute:
             out = ray.get(ref)
             result = StepResult(out["step_run_id"], out["status"], out["reason"], out["exit_code"])
         except rx.TaskCancelledError:
+            _kill_step_group(reporter, job.step_run_id)  # the worker is gone; the step's process group must go too
             status = "Queued" if control.requeue else "Canceled"
             if status == "Canceled":
                 reporter.ended(job.step_run_id, _status(status), control.cancel_reason, None)
@@ -221,6 +275,10 @@ class RayCompute:
         finally:
             with self._lock:
                 self._running.pop(job.step_run_id, None)
+        if result.status in ("Failed", "Canceled"):
+            # the task's own report may still be on its way: the step ends before its run does
+            reporter.ended(job.step_run_id, _status(result.status), result.reason or result.status.lower(),
+                           result.exit_code)
         done(result)
 
     def _lost_attempt(self, job: StepJob, reporter: StepReporter, control: StepControl,

@@ -108,6 +108,7 @@ def cluster_nodes(address: str, timeout: float = 60) -> list[dict[str, Any]]:
     that becomes a Ray driver stays one (threads, a raylet connection that may die with its node)."""
     import json
 
+    probe(address)
     try:
         out = subprocess.run([sys.executable, "-c", _NODES, address], capture_output=True, text=True,
                              timeout=timeout, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
@@ -120,6 +121,42 @@ def cluster_nodes(address: str, timeout: float = 60) -> list[dict[str, Any]]:
     return [n for n in json.loads(lines[-1]) if n.get("Alive")]
 
 
+def probe(address: str, timeout: float = 3.0) -> None:
+    """Fail fast when nothing listens at ``address`` (ray.init would retry for a long time)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"no Ray head answers at {address} ({exc})") from None
+
+
+def _this_machine() -> set[str]:
+    names = {"127.0.0.1", "localhost", "::1"}
+    try:
+        names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        pass
+    return names
+
+
+def same_cluster(current: str, address: str) -> bool:
+    """Ray reports a head given as 127.0.0.1 by the machine's routable address: same port, and the
+    same host or both this machine."""
+    (h1, p1), (h2, p2) = current.rsplit(":", 1), address.rsplit(":", 1)
+    if p1 != p2:
+        return False
+    if h1 == h2:
+        return True
+    if h2.startswith("127.") or h2 in ("localhost", "::1"):  # asked for this machine: Ray names it otherwise
+        return True
+    local = _this_machine()
+    try:
+        return socket.gethostbyname(h1) == socket.gethostbyname(h2) or (h1 in local and h2 in local)
+    except OSError:
+        return False
+
+
 def connect(address: str, switch: bool = True) -> None:
     """Make this process a Ray driver of the cluster at ``address``. A process drives one cluster
     at a time: with ``switch`` it leaves another one first, else that is an error."""
@@ -127,7 +164,7 @@ def connect(address: str, switch: bool = True) -> None:
 
     if ray.is_initialized():
         current = ray.get_runtime_context().gcs_address
-        if current.rsplit(":", 1)[-1] == address.rsplit(":", 1)[-1]:  # Ray reports its routable host
+        if same_cluster(current, address):
             return
         if not switch:
             raise RuntimeError(f"this process already drives the Ray cluster at {current}; one agent drives one "

@@ -164,8 +164,19 @@ def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | N
     files = resolve_files(job.datasets[name]["definition"], locate)
     local = [f for f in files if f.datastore and job.datastore_locations[f.datastore]["kind"] == "local"]
     digest = next((i.digest for i in job.inputs if i.name == name), "")
+    cached = None
     if not local and digest:  # all remote: fetched once per machine, kept in the input cache
-        cached = _cached_input(digest, lambda folder: fetch(files, locate, folder))
+        from cairn.core.digests import digest_json
+
+        # the content digest and the layout the step sees (the same files under other folders differ)
+        key = digest_json({"content": digest, "layout": sorted(f.relative for f in files)})
+        try:
+            cached = _cached_input(key, {f.relative: f.size for f in files},
+                                   lambda folder: fetch(files, locate, folder))
+        except PermissionError as exc:  # an unusable cache must not fail the step: fetch as before
+            _warn_cache(job, f"the input cache {input_cache_root()} cannot be used ({exc}); set "
+                             f"$CAIRN_INPUT_CACHE to a writable folder. Fetching {name!r} for this step only")
+    if cached is not None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if job.datasets[name]["mode"] == "download":  # a private, writable copy, from the local cache
             shutil.copytree(cached, dest, symlinks=True, copy_function=shutil.copyfile, dirs_exist_ok=True)
@@ -188,22 +199,32 @@ def input_cache_root() -> Path:
     return Path(os.environ.get("CAIRN_INPUT_CACHE") or Path.home() / ".cache" / "cairn" / "inputs")
 
 
-def _cached_input(digest: str, fill: Callable[[Path], None]) -> Path:
-    """The folder holding the input with ``digest``, fetched by ``fill`` the first time (into a
-    temporary folder renamed into place: a half-fetched input is never used)."""
+def _warn_cache(job: StepJob, message: str) -> None:
+    with open(Path(job.log_dir) / "system.txt", "a", encoding="utf-8") as f:
+        f.write(message + "\n")
+
+
+def _cached_input(key: str, sizes: dict[str, int], fill: Callable[[Path], None]) -> Path:
+    """The folder holding the input keyed ``key``, fetched by ``fill`` the first time (into a
+    temporary folder renamed into place: a half-fetched input is never used). A cached folder whose
+    files are not the expected ones (changed by a step: root ignores read-only bits) is fetched again."""
     import uuid
 
     root = input_cache_root()
-    folder = root / digest.replace(":", "-")
+    folder = root / key.replace(":", "-")
     if folder.is_dir():
-        os.utime(folder)  # last used
-        return folder
+        if _cache_intact(folder, sizes):
+            os.utime(folder)  # last used
+            return folder
+        _remove_read_only(folder)
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".fetching-{uuid.uuid4().hex}"
     try:
         staging.mkdir()
         fill(staging)
         make_read_only(staging)
+        for dirpath, _, _ in os.walk(staging):
+            os.chmod(dirpath, 0o555)  # folders too: a step given a link cannot add or remove files
         try:
             os.rename(staging, folder)
         except OSError:  # another step fetched the same input meanwhile: use that one
@@ -211,11 +232,25 @@ def _cached_input(digest: str, fill: Callable[[Path], None]) -> Path:
                 raise
     finally:
         if staging.exists():
-            for p in staging.rglob("*"):
-                if p.is_file():
-                    p.chmod(0o644)
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove_read_only(staging)
     return folder
+
+
+def _cache_intact(folder: Path, sizes: dict[str, int]) -> bool:
+    found = {}
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            full = os.path.join(dirpath, n)
+            found[os.path.relpath(full, folder).replace(os.sep, "/")] = os.path.getsize(full)
+    return found == sizes
+
+
+def _remove_read_only(folder: Path) -> None:
+    for dirpath, dirnames, _ in os.walk(folder):
+        os.chmod(dirpath, 0o755)
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o755)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> list[str]:
@@ -361,8 +396,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             how = f"copied to {input_paths[i.name]}" if i.mode == "download" or fetched else "used in place"
             if fetched and Path(input_paths[i.name]).is_symlink():
                 how = f"linked from this machine's input cache ({os.readlink(input_paths[i.name])})"
-            elif fetched and i.digest and (input_cache_root() / i.digest.replace(":", "-")).is_dir():
-                how = f"copied to {input_paths[i.name]} from this machine's input cache"
+            elif fetched:
+                how = f"copied to {input_paths[i.name]} (through this machine's input cache when it can)"
             syslog(f"input {i.name}: {i.path} ({i.digest}, {i.mode}: {how})")
         output_paths = {}
         for o in spec.outputs:
