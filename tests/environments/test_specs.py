@@ -174,7 +174,7 @@ def test_run_configuration_round_trips_through_yaml(tmp_path: Path) -> None:
 @pytest.mark.parametrize("content, message", [
     ("target: [", "not valid YAML"),
     ("colour: blue\n", "unknown keys: colour"),
-    ("node_count: 4\n", "node_count=4"),
+    ("node_count: 0\n", "node_count must be a whole number of at least 1"),
     ("max_run_duration_seconds: -1\n", "positive number"),
     ("environment: {python: 5, name: x}\n", "'python' must be a mapping"),
 ])
