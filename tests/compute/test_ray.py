@@ -178,6 +178,28 @@ def test_a_cluster_that_is_gone_fails_its_steps_and_nothing_else(workspace: Work
     assert ComputeTarget(workspace, "gone").get_status()["state"] == "Unreachable"
 
 
+def test_a_target_attached_again_to_a_new_cluster_uses_it(workspace: Workspace, tmp_path: Path,
+                                                          write_script: Callable[..., Path]) -> None:
+    src = write_script("hello.py", "print('hello')\n")
+
+    def run_once() -> str:
+        run = Experiment(workspace, "ray").submit(Pipeline(workspace, [
+            PythonScriptStep("hello.py", name="hello", source_directory=str(src), compute_target="again",
+                             allow_reuse=False)]))
+        return run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=90)
+
+    for n in range(2):
+        node = start_node(None, cpus=1, log=tmp_path / f"again{n}.log")
+        try:
+            wait_ready(node["address"], 1)
+            if n:
+                ComputeTarget(workspace, "again").detach()
+            ComputeTarget.attach(workspace, "again", RayCompute.attach_configuration(address=node["address"]))
+            assert run_once() == "Completed"  # the agent (still up) follows the target to the new cluster
+        finally:
+            stop_node(node)
+
+
 def test_a_provisioned_cluster_starts_reports_and_is_deleted(workspace: Workspace) -> None:
     target = ComputeTarget.create(workspace, "mini", RayCompute.provisioning_configuration(min_nodes=1, cpus_per_node=1))
     try:

@@ -166,6 +166,10 @@ def connect(address: str, switch: bool = True) -> None:
         current = ray.get_runtime_context().gcs_address
         if same_cluster(current, address):
             return
+        try:
+            probe(current, timeout=1.0)
+        except ConnectionError:
+            switch = True  # the cluster this process drove is gone: nothing to keep
         if not switch:
             raise RuntimeError(f"this process already drives the Ray cluster at {current}; one agent drives one "
                                f"Ray cluster at a time")

@@ -49,6 +49,7 @@ class Agent:
         self.step_parent: dict[str, str] = {}  # step run id -> pipeline run id
         self.computes: dict[str, Compute] = {}
         self._stopping = False
+        self._compute_configs: dict[str, dict[str, Any]] = {}  # the record each compute was made from
         self._queue_may_have_work = True  # set by pokes and timers: claiming costs a write transaction
 
     # -- life cycle ------------------------------------------------------------------------
@@ -163,7 +164,14 @@ class Agent:
         targets = {c["name"]: c for c in q.list_named(self.ctx.store, "compute_targets")}
         for name, compute in list(self.computes.items()):
             record = targets.get(name)
-            if record is None or record["kind"] != "local":
+            if record is not None and record["kind"] != "local":
+                # another cluster under the same name (deleted and attached again): a new compute,
+                # once the old one has no step left (its steps end where they run)
+                if record["config"] != self._compute_configs.get(name) and not getattr(compute, "_running", None):
+                    compute.shutdown()
+                    del self.computes[name]
+                continue
+            if record is None:
                 continue
             wanted = self.max_concurrency or record["config"].get("max_concurrency") or os.cpu_count() or 1
             if getattr(compute, "max_concurrency", wanted) != wanted:
@@ -237,6 +245,7 @@ class Agent:
             if self.max_concurrency and targets[name]["kind"] == "local":
                 config["max_concurrency"] = self.max_concurrency
             self.computes[name] = make_compute(name, targets[name]["kind"], config)
+            self._compute_configs[name] = targets[name]["config"]
         return self.computes[name]
 
     def _check_cancels(self) -> None:
