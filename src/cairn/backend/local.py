@@ -99,7 +99,54 @@ class LocalBackend:
         q.put_named(self.store, "compute_targets", name, kind, config)
 
     def delete_compute_target(self, name: str) -> None:
+        """Forget a target; the Ray nodes Cairn started for it are stopped first."""
+        record = next((c for c in self.list_compute_targets() if c["name"] == name), None)
+        if record is not None and record["kind"] == "ray" and record["config"].get("managed"):
+            from cairn.compute.ray_cluster import stop_node
+
+            for node in reversed(record["config"].get("nodes") or []):
+                stop_node(node)
         q.delete_named(self.store, "compute_targets", name)
+
+    def provision_ray_cluster(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """Start a Ray head and ``min_nodes - 1`` worker nodes here; returns the target's config."""
+        from cairn.compute.ray_cluster import start_node
+
+        logs = self.layout.dot / "ray" / name
+        cpus, gpus = config.get("cpus_per_node"), config.get("gpus_per_node")
+        head = start_node(None, cpus, logs / "head.log", gpus=gpus)
+        nodes = [head] + [start_node(head["address"], cpus, logs / f"worker-{i + 1}.log", gpus=gpus)
+                          for i in range(max(0, config.get("min_nodes", 0) - 1))]
+        return {**config, "address": head["address"], "nodes": nodes}
+
+    def wait_for_ray_cluster(self, config: dict[str, Any], timeout: float, show: Any) -> list[dict[str, Any]]:
+        from cairn.compute.ray_cluster import wait_ready
+
+        return wait_ready(config["address"], len(config.get("nodes") or []) or 1, timeout, show)
+
+    def ray_cluster_nodes(self, address: str) -> list[dict[str, Any]]:
+        from cairn.compute.ray_cluster import cluster_nodes
+
+        return cluster_nodes(address)
+
+    def build_environment(self, spec: dict[str, Any], name: str, log: Any) -> tuple[str, bool]:
+        """Build (or find) the environment in this workspace's cache: (its folder, built now)."""
+        from cairn.environments.build import EnvironmentCache
+
+        resolved = EnvironmentCache(self.layout.envs).resolve(spec, name, log)
+        resolved.close()
+        return str(resolved.folder), resolved.built_now
+
+    def built_environments(self) -> list[dict[str, Any]]:
+        from cairn.environments.build import EnvironmentCache
+
+        return EnvironmentCache(self.layout.envs).entries()
+
+    def prune_environments(self, dry_run: bool = False) -> tuple[list[str], list[str]]:
+        """Remove built environments no unfinished run needs: (removed keys, keys a step is using)."""
+        from cairn.environments.build import EnvironmentCache
+
+        return EnvironmentCache(self.layout.envs).prune(self.environments_in_use(), dry_run=dry_run)
 
     def running_steps_on(self, target: str) -> list[dict[str, Any]]:
         """Steps of unfinished runs that run on ``target`` now: step run id, name, pipeline run."""

@@ -231,11 +231,10 @@ def _size(n: int) -> str:
 def env_list(workspace: Path = WorkspaceOption) -> None:
     """Registered and curated environments (latest versions), and what is built in the cache."""
     from cairn.client.environment import Environment
-    from cairn.environments.build import EnvironmentCache
     from cairn.environments.spec import cache_key, is_managed
 
     ws = _workspace(workspace)
-    built = {e["key"]: e for e in EnvironmentCache(ws._backend.layout.envs).entries()}
+    built = {e["key"]: e for e in ws._backend.built_environments()}
     shown = set()
     table = Table("environment", "version", "kind", "python", "packages", "built", "size", "last used")
     for name, env in sorted(Environment.list(ws).items()):
@@ -275,12 +274,9 @@ def env_build(name: str, version: int = typer.Option(None, "--version", help="re
 def env_prune(dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be removed"),
               workspace: Path = WorkspaceOption) -> None:
     """Remove built environments that no unfinished run needs (they are rebuilt when asked for)."""
-    from cairn.environments.build import EnvironmentCache
-
     ws = _workspace(workspace)
-    cache = EnvironmentCache(ws._backend.layout.envs)
-    sizes = {e["key"]: (e["name"], e["size"]) for e in cache.entries()}
-    removed, busy = cache.prune(ws._backend.environments_in_use(), dry_run=dry_run)
+    sizes = {e["key"]: (e["name"], e["size"]) for e in ws._backend.built_environments()}
+    removed, busy = ws._backend.prune_environments(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for key in removed:
         name, size = sizes.get(key, ("(unfinished build)", 0))

@@ -152,8 +152,8 @@ class ComputeTarget:
                                  f"RayCompute.provisioning_configuration(...), not "
                                  f"{type(provisioning_configuration).__name__}")
         config = provisioning_configuration.to_config()
-        if isinstance(provisioning_configuration, RayProvisioningConfiguration):
-            config = _start_local_ray(workspace, name, provisioning_configuration)
+        if isinstance(provisioning_configuration, RayProvisioningConfiguration):  # started now, awaited later
+            config = workspace._backend.provision_ray_cluster(name, config)
         workspace._backend.put_compute_target(name, provisioning_configuration.kind, config)
         return cls(workspace, name)
 
@@ -187,12 +187,9 @@ class ComputeTarget:
         """Local targets are ready at once; a provisioned Ray cluster when all its nodes joined."""
         if self.type != "ray":
             return
-        from cairn.compute.ray_cluster import wait_ready
-
-        expected = len(self.config.get("nodes") or []) or 1
         show = (lambda line: print(f"{self.name}: {line}", flush=True)) if show_output else None
         try:
-            nodes = wait_ready(self.config["address"], expected, timeout_seconds, show)
+            nodes = self.workspace._backend.wait_for_ray_cluster(self.config, timeout_seconds, show)
         except TimeoutError as exc:
             raise CairnError(f"compute target {self.name!r}: {exc}") from None
         if show_output:
@@ -206,10 +203,8 @@ class ComputeTarget:
         if self.type != "ray":
             return {"name": self.name, "type": self.type, "state": "Ready", "running_steps": running,
                     "max_concurrency": self.config.get("max_concurrency") or os.cpu_count()}
-        from cairn.compute.ray_cluster import cluster_nodes
-
         try:
-            alive = cluster_nodes(self.config["address"])
+            alive = self.workspace._backend.ray_cluster_nodes(self.config["address"])
         except Exception as exc:  # the cluster is gone or unreachable: say so, do not raise
             return {"name": self.name, "type": "ray", "state": "Unreachable", "address": self.config["address"],
                     "error": f"{type(exc).__name__}: {exc}", "running_steps": running, "nodes": []}
@@ -229,12 +224,7 @@ class ComputeTarget:
         if self.type == "ray" and not self.config.get("managed"):
             raise UserInputError(f"compute target {self.name!r} is an attached Ray cluster that Cairn did not "
                                  f"start: use detach() (the cluster keeps running)")
-        if self.type == "ray":
-            from cairn.compute.ray_cluster import stop_node
-
-            for node in reversed(self.config.get("nodes") or []):
-                stop_node(node)
-        self.workspace._backend.delete_compute_target(self.name)
+        self.workspace._backend.delete_compute_target(self.name)  # stops the nodes Cairn started
 
     def detach(self) -> None:
         """Forget an attached cluster (it keeps running)."""
@@ -245,17 +235,3 @@ class ComputeTarget:
     def __repr__(self) -> str:
         return f"ComputeTarget(name={self.name!r}, type={self.type!r})"
 
-
-def _start_local_ray(workspace: Workspace, name: str, config: RayProvisioningConfiguration) -> dict[str, Any]:
-    """Start the head and worker nodes on this machine; ``wait_for_completion`` waits for them."""
-    from pathlib import Path
-
-    from cairn.compute.ray_cluster import start_node
-
-    logs = Path(workspace.location) / ".cairn" / "ray" / name
-    head = start_node(None, config.cpus_per_node, logs / "head.log", gpus=config.gpus_per_node)
-    nodes = [head]
-    for i in range(max(0, config.min_nodes - 1)):
-        nodes.append(start_node(head["address"], config.cpus_per_node, logs / f"worker-{i + 1}.log",
-                                gpus=config.gpus_per_node))
-    return {**config.to_config(), "address": head["address"], "nodes": nodes}

@@ -194,7 +194,7 @@ class Environment:
     def build(self, workspace: Workspace, show_output: bool = True) -> EnvironmentBuild:
         """Build this environment into the workspace's cache now (steps build it when they first
         need it). The build is done when this returns; ``wait_for_completion`` is for Azure ML code."""
-        from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, check_buildable
+        from cairn.environments.build import EnvironmentBuildError, check_buildable
         from cairn.environments.spec import is_managed
 
         spec = self.to_spec()
@@ -205,11 +205,10 @@ class Environment:
             raise UserInputError(problems[0])
         log = (lambda line: print(line, flush=True)) if show_output else (lambda line: None)
         try:
-            resolved = EnvironmentCache(workspace._backend.layout.envs).resolve(spec, self.name, log)
+            folder, built_now = workspace._backend.build_environment(spec, self.name, log)
         except EnvironmentBuildError as exc:
             raise UserInputError(f"environment {self.name!r} could not be built: {exc}") from None
-        resolved.close()
-        return EnvironmentBuild(str(resolved.folder), resolved.built_now)
+        return EnvironmentBuild(folder, built_now)
 
     def build_local(self, workspace: Workspace, platform: str | None = None, **kwargs: Any) -> EnvironmentBuild:
         """Azure ML's local build: the same as ``build`` (Cairn builds environments locally)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from cairn.compute.base import DoneCallback
@@ -27,83 +28,13 @@ RESERVE_TIMEOUT = 120.0  # how long a step with node_count > 1 waits for its nod
 _FIELD = {"CPU": "cpus", "GPU": "gpus", "memory": "memory_gb"}
 
 
-def run_step_task(job: StepJob) -> dict[str, Any]:
-    """The body of the Ray task, on a Ray worker: run the step with the shared runner."""
-    import ray
-
-    from cairn.engine.client import changed
-    from cairn.engine.context import EngineContext
-    from cairn.runner.execute import execute_step, upload_logs
-    from cairn.storage.layout import WorkspaceLayout
-    from cairn.store import queries as q
-
-    layout = WorkspaceLayout(job.workspace)
-    ctx = EngineContext.open(layout)
-    reporter = _TaskReporter(ctx.store, on_change=lambda _sid: changed(layout, job.pipeline_run_id),
-                             locate=ctx.datastore_location)
-    context = ray.get_runtime_context()
-    node = context.get_node_id()
-    q.add_properties(ctx.store, job.step_run_id, {
-        "cairn.ray.node": node, f"cairn.ray.node.a{job.attempt}": node,
-        "cairn.ray.resources": json.dumps(context.get_assigned_resources(), sort_keys=True)})
-    control = StepControl()
-    box: list[StepResult] = []
-    runner = threading.Thread(target=lambda: box.append(execute_step(job, reporter, control)), daemon=True)
-    runner.start()
-    runner.join()  # a cancel kills this worker (ray.cancel with force); the agent kills the step's group
-    result = box[0] if box else StepResult(job.step_run_id, "Failed", "the runner ended without a result", None)
-    upload_logs(job, result)
-    return {"step_run_id": result.step_run_id, "status": result.status, "reason": result.reason,
-            "exit_code": result.exit_code}
-
-
-def _kill_step_group(reporter: Any, step_run_id: str) -> None:
-    """Kill the process group a canceled step left on this machine (its pid and start time are in
-    the store: a recycled pid is never killed). A step on another machine ends with its worker."""
-    from cairn.engine.scheduler import _kill_orphan
-    from cairn.store import queries as q
-
-    store = getattr(reporter, "_store", None)
-    row = (q.get_run(store, step_run_id) if store is not None else None) or {}
-    _kill_orphan(row.get("pid"), row.get("pid_started"))
-
-
-def _requeued(store: Any, step_run_id: str) -> bool:
-    from cairn.store import queries as q
-
-    row = q.get_run(store, step_run_id)
-    return row is not None and row["status"] == "Queued"
-
-
-class _TaskReporter:
-    """The store reporter of a Ray task, which never writes an ending over a step that its agent
-    has handed back to the queue (an agent stop kills the task's step: that is not its failure)."""
-
-    def __init__(self, store: Any, on_change: Any, locate: Any) -> None:
-        from cairn.engine.reporter import StoreReporter
-
-        self._store = store
-        self._inner = StoreReporter(store, on_change=on_change, locate=locate)
-
-    def started(self, step_run_id: str, status: Any, **fields: Any) -> bool:
-        return self._inner.started(step_run_id, status, **fields)
-
-    def succeeded(self, job: StepJob, outputs: list[dict[str, Any]], exit_code: int) -> bool:
-        if _requeued(self._store, job.step_run_id):
-            return False
-        return self._inner.succeeded(job, outputs, exit_code)
-
-    def ended(self, step_run_id: str, status: Any, reason: str, exit_code: int | None) -> None:
-        if not _requeued(self._store, step_run_id):
-            self._inner.ended(step_run_id, status, reason, exit_code)
-
-    def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str:
-        return self._inner.register_output(job, output, registration)
-
-
 class RayCompute:
-    def __init__(self, name: str, address: str, retries: int = DEFAULT_RETRIES, **config: Any) -> None:
+    def __init__(self, name: str, address: str, retries: int = DEFAULT_RETRIES,
+                 task_body: Callable[[StepJob], dict[str, Any]] | None = None, **config: Any) -> None:
+        """``task_body`` is what each Ray task runs (the engine gives its own: the runner reporting to
+        the workspace's store); the cluster record's other keys are kept in ``config``."""
         self.name = name
+        self._task_body = task_body
         self.address = address
         self.retries = int(retries)
         self.config = config
@@ -129,7 +60,9 @@ class RayCompute:
             probe(self.address)
             connect(self.address, switch=False)
             if self._remote is None:
-                self._remote = ray.remote(run_step_task)
+                if self._task_body is None:
+                    raise RuntimeError("RayCompute was made without a task body (the agent gives it one)")
+                self._remote = ray.remote(self._task_body)
             self._capacity = float(ray.cluster_resources().get("CPU", 0))
         return ray
 
@@ -257,8 +190,7 @@ class RayCompute:
         try:
             out = ray.get(ref)
             result = StepResult(out["step_run_id"], out["status"], out["reason"], out["exit_code"])
-        except rx.TaskCancelledError:
-            _kill_step_group(reporter, job.step_run_id)  # the worker is gone; the step's process group must go too
+        except rx.TaskCancelledError:  # the worker is gone; the agent kills what the step left on this machine
             status = "Queued" if control.requeue else "Canceled"
             if status == "Canceled":
                 reporter.ended(job.step_run_id, _status(status), control.cancel_reason, None)

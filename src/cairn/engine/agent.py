@@ -21,7 +21,7 @@ from cairn.core.status import Status
 from cairn.engine.agent_socket import AgentSocket, signal_ready
 from cairn.engine.context import EngineContext
 from cairn.engine.reporter import StoreReporter
-from cairn.engine.scheduler import PipelineScheduler, _kill_orphan
+from cairn.engine.scheduler import PipelineScheduler, kill_orphan
 from cairn.runner.execute import StepControl, process_start_time
 from cairn.runner.job import StepResult
 from cairn.storage.layout import WorkspaceLayout
@@ -142,10 +142,12 @@ class Agent:
             sched = self.schedulers.get(run_id or "")
             if sched is not None:
                 name = next(n for n, i in sched.step_ids.items() if i == result.step_run_id)
-                if result.status == Status.QUEUED.value and result.reason and not self._stopping:
-                    # the compute lost the attempt (a Ray node died): it runs again, saying why
+                lost = result.status == Status.QUEUED.value and result.reason and not self._stopping
+                if lost or result.status == Status.CANCELED.value:
+                    # a step that ran elsewhere (a Ray task) may have left its process group here
                     row = q.get_run(self.ctx.store, result.step_run_id) or {}
-                    _kill_orphan(row.get("pid"), row.get("pid_started"))
+                    kill_orphan(row.get("pid"), row.get("pid_started"))
+                if lost:  # the compute lost the attempt (a Ray node died): it runs again, saying why
                     q.update_status(self.ctx.store, result.step_run_id, Status.QUEUED, result.reason)
                     self._notify(sched.run_id)
                 sched.finished(name, Status(result.status))
@@ -244,6 +246,10 @@ class Agent:
             config = dict(targets[name]["config"])
             if self.max_concurrency and targets[name]["kind"] == "local":
                 config["max_concurrency"] = self.max_concurrency
+            if targets[name]["kind"] == "ray":  # what its tasks run: the engine's runner body
+                from cairn.engine.ray_task import run_step_task
+
+                config["task_body"] = run_step_task
             self.computes[name] = make_compute(name, targets[name]["kind"], config)
             self._compute_configs[name] = targets[name]["config"]
         return self.computes[name]

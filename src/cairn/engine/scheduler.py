@@ -65,7 +65,7 @@ class PipelineScheduler:
             self.attempts[child["name"]] = child["attempt"] or 0
             st = Status(child["status"])
             if st in (Status.PREPARING, Status.RUNNING, Status.FINALIZING):
-                _kill_orphan(child.get("pid"), child.get("pid_started"))
+                kill_orphan(child.get("pid"), child.get("pid_started"))
                 q.forget_attempt(store, child["id"])  # the interrupted attempt's records would mix in
                 q.update_status(store, child["id"], Status.QUEUED,
                                 "resumed: the agent that ran this step stopped; running it again")
@@ -324,7 +324,7 @@ def _spec_dict(step: StepSpec) -> dict[str, Any]:
     return asdict(step)
 
 
-def _kill_orphan(pid: int | None, started: str | None) -> None:
+def kill_orphan(pid: int | None, started: str | None) -> None:
     """Kill the process group of a step left behind by a dead agent (if it is really ours)."""
     if not pid or not started or process_start_time(pid) != started:
         return

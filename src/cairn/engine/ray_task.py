@@ -1,0 +1,68 @@
+"""The body of a Ray task (``compute/ray.py`` runs it on a worker): the shared runner, reporting to
+the workspace's store and poking the agent's socket so that its watchers hear of each change."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cairn.runner.job import StepJob
+
+
+def run_step_task(job: StepJob) -> dict[str, Any]:
+    """The body of the Ray task, on a Ray worker: run the step with the shared runner."""
+    import ray
+
+    from cairn.engine.client import changed
+    from cairn.engine.context import EngineContext
+    from cairn.runner.execute import StepControl, execute_step, upload_logs
+    from cairn.storage.layout import WorkspaceLayout
+    from cairn.store import queries as q
+
+    layout = WorkspaceLayout(job.workspace)
+    ctx = EngineContext.open(layout)
+    reporter = _TaskReporter(ctx.store, on_change=lambda _sid: changed(layout, job.pipeline_run_id),
+                             locate=ctx.datastore_location)
+    context = ray.get_runtime_context()
+    node = context.get_node_id()
+    q.add_properties(ctx.store, job.step_run_id, {
+        "cairn.ray.node": node, f"cairn.ray.node.a{job.attempt}": node,
+        "cairn.ray.resources": json.dumps(context.get_assigned_resources(), sort_keys=True)})
+    # a cancel kills this worker (ray.cancel with force); the agent kills the step's process group
+    result = execute_step(job, reporter, StepControl())
+    upload_logs(job, result)
+    return {"step_run_id": result.step_run_id, "status": result.status, "reason": result.reason,
+            "exit_code": result.exit_code}
+
+
+def _requeued(store: Any, step_run_id: str) -> bool:
+    from cairn.store import queries as q
+
+    row = q.get_run(store, step_run_id)
+    return row is not None and row["status"] == "Queued"
+
+
+class _TaskReporter:
+    """The store reporter of a Ray task, which never writes an ending over a step that its agent
+    has handed back to the queue (an agent stop kills the task's step: that is not its failure)."""
+
+    def __init__(self, store: Any, on_change: Any, locate: Any) -> None:
+        from cairn.engine.reporter import StoreReporter
+
+        self._store = store
+        self._inner = StoreReporter(store, on_change=on_change, locate=locate)
+
+    def started(self, step_run_id: str, status: Any, **fields: Any) -> bool:
+        return self._inner.started(step_run_id, status, **fields)
+
+    def succeeded(self, job: StepJob, outputs: list[dict[str, Any]], exit_code: int) -> bool:
+        if _requeued(self._store, job.step_run_id):
+            return False
+        return self._inner.succeeded(job, outputs, exit_code)
+
+    def ended(self, step_run_id: str, status: Any, reason: str, exit_code: int | None) -> None:
+        if not _requeued(self._store, step_run_id):
+            self._inner.ended(step_run_id, status, reason, exit_code)
+
+    def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str:
+        return self._inner.register_output(job, output, registration)
