@@ -18,7 +18,7 @@ from cairn import (  # noqa: E402
     PythonScriptStep,
     Workspace,
 )
-from cairn.engine.client import ensure_agent  # noqa: E402
+from cairn.engine.client import ensure_agent, sync  # noqa: E402
 from cairn.storage.layout import WorkspaceLayout  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -34,8 +34,10 @@ warm = ["argparse", "hashlib"] if args.warm else None
 ComputeTarget.create(ws, "local", LocalCompute.provisioning_configuration(max_concurrency=common.PARALLELISM,
                                                                           warm_start_modules=warm))
 # The agent is a long-lived server, like Prefect's: it is up before the timer, as in an edit-run loop
-# (`Pipeline(...)` starts it in the background anyway; it stays up 300 s after the last run).
+# (`Pipeline(...)` starts it in the background anyway; it stays up 300 s after the last run): started
+# and loaded (`sync` answers from its loop) before the timer.
 ensure_agent(WorkspaceLayout(ws.location))
+sync(WorkspaceLayout(ws.location))
 with common.Timer() as t:
     data: dict[str, PipelineData] = {}
     steps = []

@@ -5,12 +5,21 @@ are forked from a per-environment server that imported those modules once (runne
 from __future__ import annotations
 
 import os
+import sys
 import threading
+from pathlib import Path
 
 from cairn.compute.base import DoneCallback
-from cairn.runner.execute import StepControl, StepReporter, cleanup_after, execute_step, upload_logs
+from cairn.runner.execute import (
+    StepControl,
+    StepReporter,
+    cleanup_after,
+    environment_base,
+    execute_step,
+    upload_logs,
+)
 from cairn.runner.job import StepJob, StepResult
-from cairn.runner.warm import WarmPool
+from cairn.runner.warm import WarmPool, WarmStartError
 
 
 class LocalCompute:
@@ -32,6 +41,21 @@ class LocalCompute:
         if self.warm is not None:
             self.warm.shutdown()
         self.warm = WarmPool(wanted) if wanted else None
+
+    def prestart(self, log_dir: Path) -> None:
+        """Start the default environment's warm-start server now, in the background, so that the
+        first step is warm too (a step that needs it meanwhile waits for it, as it would anyway)."""
+        warm = self.warm
+        if warm is None:
+            return
+
+        def start() -> None:
+            try:
+                warm.server(sys.executable, environment_base({}), log_dir)
+            except (WarmStartError, OSError):
+                pass  # the first step tries again and says why in its system log
+
+        threading.Thread(target=start, name=f"warm-start-{self.name}", daemon=True).start()
 
     def free_slots(self) -> int:
         with self._lock:

@@ -68,6 +68,7 @@ class Agent:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         self._log(f"agent {self.owner} serving {self.layout.root}")
+        self._prepare_local_targets(None)  # warm-start servers start with the agent, not with a first step
         try:
             self._loop()
         finally:
@@ -141,7 +142,7 @@ class Agent:
             self.controls.pop(result.step_run_id, None)
             sched = self.schedulers.get(run_id or "")
             if sched is not None:
-                name = next(n for n, i in sched.step_ids.items() if i == result.step_run_id)
+                name = sched.name_of(result.step_run_id)
                 lost = result.status == Status.QUEUED.value and result.reason and not self._stopping
                 if lost or result.status == Status.CANCELED.value:
                     # a step that ran elsewhere (a Ray task) may have left its process group here
@@ -180,6 +181,7 @@ class Agent:
                 compute.max_concurrency = int(wanted)  # type: ignore[attr-defined]
             if hasattr(compute, "set_warm_start"):
                 compute.set_warm_start(record["config"].get("warm_start_modules"))
+                compute.prestart(self.layout.dot)
 
     def _claim_waiting(self) -> None:
         dead = {o for o in q.lease_owners(self.ctx.store)
@@ -194,6 +196,7 @@ class Agent:
                     self._refresh_computes()
                 self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id)
                 self._log(f"claimed run {run_id}")
+                self._prepare_local_targets(self.schedulers[run_id])
             except Exception as exc:  # a spec we cannot read must not stop the agent
                 q.update_status(self.ctx.store, run_id, Status.FAILED, f"could not start the run: {exc}")
             self._notify(run_id)
@@ -238,6 +241,16 @@ class Agent:
         compute.submit(job, self.reporter, control, lambda result: self.events.put(("done", result)))
         return False
 
+    def _prepare_local_targets(self, sched: PipelineScheduler | None) -> None:
+        """Make the local targets with warm start (all, or those of ``sched``'s run) now: their
+        warm-start servers start at once, in the background, while steps are still being prepared."""
+        warm = {c["name"] for c in q.list_named(self.ctx.store, "compute_targets")
+                if c["kind"] == "local" and c["config"].get("warm_start_modules")}
+        if sched is not None:
+            warm &= {step.compute_target for step in sched.spec.steps}
+        for name in warm:
+            self._compute(name)
+
     def _compute(self, name: str) -> Compute | None:
         if name not in self.computes:
             targets = {c["name"]: c for c in q.list_named(self.ctx.store, "compute_targets")}
@@ -252,6 +265,8 @@ class Agent:
                 config["task_body"] = run_step_task
             self.computes[name] = make_compute(name, targets[name]["kind"], config)
             self._compute_configs[name] = targets[name]["config"]
+            if hasattr(self.computes[name], "prestart"):
+                self.computes[name].prestart(self.layout.dot)  # type: ignore[attr-defined]
         return self.computes[name]
 
     def _check_cancels(self) -> None:

@@ -6,6 +6,7 @@ carries on (finished steps stay finished; unfinished ones run again).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -35,7 +36,10 @@ class PipelineScheduler:
         run = q.get_run(ctx.store, run_id)
         assert run is not None
         self.run = run
-        self.spec = GraphSpec.from_json(run["spec"])
+        raw_spec = json.loads(run["spec"])
+        self.spec = GraphSpec.from_dict(raw_spec)
+        # each job carries its step as the submitted JSON has it (what StepSpec parses back)
+        self._spec_dicts: dict[str, dict[str, Any]] = {d["name"]: d for d in raw_spec["steps"]}
         self.step_ids: dict[str, str] = {}
         self.attempts: dict[str, int] = {}  # step name -> attempts started so far
         self.status: dict[str, Status] = {}
@@ -45,8 +49,18 @@ class PipelineScheduler:
         self._roots = ctx.datastore_roots()
         self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
         self._outputs: dict[str, dict[str, Any]] = {}  # producer step run -> its committed outputs
+        self._names: dict[str, str] = {}  # step run id -> step name
         self._default_store = ctx.default_datastore()
         self._run_root = ctx.local_run_root()
+        # Readiness is kept up to date as statuses change, not recomputed from the whole graph on
+        # every event (a 500-step graph made that the agent's largest cost).
+        self._order = {step.name: index for index, step in enumerate(self.spec.steps)}
+        self._downstream: dict[str, list[str]] = {step.name: [] for step in self.spec.steps}
+        for step in self.spec.steps:
+            for u in step.upstream():
+                self._downstream[u].append(step.name)
+        self._unmet: dict[str, int] = {}  # step name -> upstream steps not (yet) ended successfully
+        self._ready: set[str] = set()  # waiting steps whose upstream steps all succeeded
         if resume:
             self._resume()
         else:
@@ -54,6 +68,33 @@ class PipelineScheduler:
                 self.step_ids[child["name"]] = child["id"]
                 self.attempts[child["name"]] = child["attempt"] or 0
                 self.status[child["name"]] = Status(child["status"])
+        self._count_unmet()
+
+    def name_of(self, step_run_id: str) -> str:
+        if len(self._names) != len(self.step_ids):
+            self._names = {i: n for n, i in self.step_ids.items()}
+        return self._names[step_run_id]
+
+    def _count_unmet(self) -> None:
+        for step in self.spec.steps:
+            self._unmet[step.name] = sum(not self.status[u].is_success for u in step.upstream())
+            self._check_ready(step.name)
+
+    def _check_ready(self, name: str) -> None:
+        if (self._unmet[name] == 0 and self.status[name] in (Status.NOT_STARTED, Status.QUEUED)
+                and name not in self.running):
+            self._ready.add(name)
+        else:
+            self._ready.discard(name)
+
+    def _set_status(self, name: str, status: Status) -> None:
+        was_success = self.status[name].is_success
+        self.status[name] = status
+        if status.is_success != was_success:
+            for d in self._downstream[name]:
+                self._unmet[d] += -1 if status.is_success else 1
+                self._check_ready(d)
+        self._check_ready(name)
 
     # -- start and resume ------------------------------------------------------------------
 
@@ -86,13 +127,7 @@ class PipelineScheduler:
     def ready_steps(self) -> list[StepSpec]:
         if self.canceling or (self.failed_step and not self.run["continue_on_step_failure"]):
             return []
-        ready = []
-        for step in self.spec.steps:
-            if self.status[step.name] not in (Status.NOT_STARTED, Status.QUEUED) or step.name in self.running:
-                continue
-            if all(self.status[u].is_success for u in step.upstream()):
-                ready.append(step)
-        return ready
+        return [self.spec.steps[i] for i in sorted(self._order[name] for name in self._ready)]
 
     def prepare(self, step: StepSpec) -> StepJob | None:
         """Reuse the step if its fingerprint is cached (returns None), else build its job."""
@@ -109,9 +144,9 @@ class PipelineScheduler:
                     log_dir.mkdir(parents=True, exist_ok=True)
                     with open(log_dir / "system.txt", "a", encoding="utf-8") as f:
                         f.write(f"reused the outputs of step run {source} (fingerprint {fp})\n")
-                    self.status[step.name] = Status.REUSED
+                    self._set_status(step.name, Status.REUSED)
                     return None
-        self.status[step.name] = Status.QUEUED  # the runner's Preparing is the next recorded status
+        self._set_status(step.name, Status.QUEUED)  # the runner's Preparing is the next recorded status
         attempt = self.attempts[step.name] = self.attempts[step.name] + 1
         if attempt > 1:  # an interrupted attempt's records must not mix into this one's
             q.forget_attempt(store, step_run_id)
@@ -196,7 +231,7 @@ class PipelineScheduler:
         return StepJob(
             workspace=str(self.ctx.layout.root), experiment=self.run["experiment"],
             pipeline_run_id=self.run_id, step_run_id=step_run_id, attempt=attempt,
-            step=_spec_dict(step), manifest=self._manifests[step.snapshot],
+            step=self._spec_dicts[step.name], manifest=self._manifests[step.snapshot],
             objects_root=str(self.ctx.objects.root), work_dir=str(self.ctx.layout.work / step_run_id),
             log_dir=str(log_dir), datastore_roots=self._roots,
             output_dirs={o.name: _destination(o, base, step_run_id) for o in step.outputs},
@@ -239,12 +274,14 @@ class PipelineScheduler:
 
     def started(self, step: StepSpec) -> None:
         self.running.add(step.name)
+        self._ready.discard(step.name)
 
     def finished(self, step_name: str, status: Status) -> None:
         self.running.discard(step_name)
         if status == Status.QUEUED:  # stopped by its agent, not ended: it runs again
+            self._check_ready(step_name)
             return
-        self.status[step_name] = status
+        self._set_status(step_name, status)
         if status == Status.FAILED and self.failed_step is None:
             self.failed_step = step_name
 
@@ -267,7 +304,7 @@ class PipelineScheduler:
                 continue
             if self.canceling:
                 q.update_status(store, self.step_ids[step.name], Status.CANCELED, "pipeline run canceled")
-                self.status[step.name] = Status.CANCELED
+                self._set_status(step.name, Status.CANCELED)
                 continue
             failed_up = [u for u in _all_upstream(self.spec, step.name) if self.status[u] == Status.FAILED]
             if failed_up:
@@ -316,12 +353,6 @@ def _all_upstream(spec: GraphSpec, name: str) -> list[str]:
             seen.append(n)
             frontier.extend(spec.step(n).upstream())
     return seen
-
-
-def _spec_dict(step: StepSpec) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(step)
 
 
 def kill_orphan(pid: int | None, started: str | None) -> None:

@@ -269,11 +269,16 @@ def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> lis
 
 def base_environment(job: StepJob, resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
     """The variables every step of this environment gets (what a warm-start server starts with)."""
+    return environment_base(job.spec.environment.get("environment_variables") or {}, resolved)
+
+
+def environment_base(variables: dict[str, Any], resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
+    """``base_environment`` from an environment's own variables (``{}`` for the default one)."""
     env = dict(os.environ)
     if resolved is not None:  # an isolated environment: nothing of the agent's Python leaks in
         for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX"):
             env.pop(name, None)
-    env.update({k: str(v) for k, v in (job.spec.environment.get("environment_variables") or {}).items()})
+    env.update({k: str(v) for k, v in variables.items()})
     env["PYTHONUNBUFFERED"] = "1"
     if resolved is None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_CAIRN_PARENT, os.environ.get("PYTHONPATH")) if p)

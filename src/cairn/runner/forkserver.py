@@ -13,7 +13,9 @@ it ends (a negative code is the signal that killed it).
 
 from __future__ import annotations
 
+import gc
 import importlib
+import io
 import json
 import os
 import selectors
@@ -24,7 +26,11 @@ import time
 
 MAX_REQUEST = 1 << 22
 # Cairn's step-side client (Run.get_context()): imported once too, where the environment has it.
-STEP_CLIENT = ["cairn.client.run", "cairn.client.workspace", "cairn.backend.local"]
+# One module at a time, between steps (SQLAlchemy's package alone takes ~0.3 s: it cannot be split).
+STEP_CLIENT = ["sqlalchemy", "cairn.client.run", "cairn.client.workspace", "cairn.store.queries",
+               "cairn.backend.local"]
+# What every child uses on its way in and out: imported once here, not once per step.
+CHILD_NEEDS = ["atexit", "random", "threading", "traceback", "types", "importlib.machinery"]
 
 
 def main() -> None:
@@ -52,19 +58,26 @@ def main() -> None:
             preloaded.append(name)
         except Exception as exc:  # the step imports it itself (and fails there, with its own error)
             failed.append(f"{name}: {type(exc).__name__}: {exc}")
-    for name in STEP_CLIENT:
-        try:
-            importlib.import_module(name)
-        except Exception:
-            pass  # a step that calls Run.get_context() imports it itself
+    for name in CHILD_NEEDS:
+        importlib.import_module(name)
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ, ("accept", None, None))
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
     _ready(ready_fd, {"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
                       "import_seconds": round(time.monotonic() - started, 3)})
     accepting = True
+    # Cairn's step-side client is imported when the server is idle, after it said it is ready: a
+    # step need not wait for it (~0.3 s), and a step that calls Run.get_context() later finds it.
+    idle_imports = list(STEP_CLIENT)
     while accepting or len(sel.get_map()) > 1:  # after the agent leaves: until the running steps end
-        for key, _ in sel.select():
+        events = sel.select(timeout=0 if idle_imports else None)
+        if not events and idle_imports:
+            try:
+                importlib.import_module(idle_imports.pop(0))
+            except Exception:
+                pass  # a step that calls Run.get_context() imports it itself
+            continue
+        for key, _ in events:
             kind, pid, conn = key.data
             if kind == "parent":
                 if not os.read(sys.stdin.fileno(), 4096):  # the agent is gone or done with us
@@ -114,6 +127,9 @@ def _serve(conn: socket.socket, server: socket.socket, sel: selectors.BaseSelect
             return
         data += chunk
     request = json.loads(data)
+    # Everything the server holds goes to the permanent generation: a child's collections (and its
+    # final one) then scan only what the step made, and never touch, so never copy, the server's pages.
+    gc.freeze()
     pid = os.fork()
     if pid == 0:
         _child(request, conn, server, sel)  # never returns
@@ -146,8 +162,6 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        import io
-
         sys.stdin = open(0, closefd=False)
         # PYTHONUNBUFFERED, as for cold steps: a killed step's last partial line is in its log
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True, write_through=True)
@@ -214,8 +228,6 @@ def _run(script: str) -> int:
     except Exception:
         traceback.print_exc()
     try:  # and then it finalises the script's objects: files left open are flushed and closed
-        import gc
-
         sys.modules["__main__"].__dict__.clear()
         gc.collect()
     except Exception:

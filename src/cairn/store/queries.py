@@ -7,8 +7,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.dml import Update
 
 from cairn.core.status import ACTIVE, Status, can_move
 from cairn.store import schema as t
@@ -21,6 +22,29 @@ def _now() -> float:
 
 def _d(row: Any) -> dict[str, Any] | None:
     return dict(row._mapping) if row is not None else None
+
+
+# The per-step statements are built once, with bound parameters: building and keying a statement
+# costs SQLAlchemy several times what SQLite needs to run it, and the engine runs a few per step.
+_STATUS_OF = select(t.runs.c.status).where(t.runs.c.id == bindparam("b_id"))
+_INSERT_EVENT = insert(t.run_events)
+_INSERT_OUTPUT = insert(t.step_outputs)
+_DELETE_OUTPUTS = delete(t.step_outputs).where(t.step_outputs.c.step_run_id == bindparam("b_id"))
+_OUTPUTS_OF = select(t.step_outputs).where(t.step_outputs.c.step_run_id == bindparam("b_id"))
+_DELETE_CACHE_ENTRY = delete(t.cache_entries).where(t.cache_entries.c.fingerprint == bindparam("b_fingerprint"))
+_INSERT_CACHE_ENTRY = insert(t.cache_entries)
+_CACHE_LOOKUP = select(t.cache_entries.c.step_run_id).where(t.cache_entries.c.fingerprint == bindparam("b_fingerprint"))
+_UPDATE_RUN: dict[tuple[str, ...], Update] = {}
+
+
+def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:
+    """``UPDATE runs SET values WHERE id = run_id`` through one prebuilt statement per column set."""
+    columns = tuple(sorted(values))
+    stmt = _UPDATE_RUN.get(columns)
+    if stmt is None:
+        stmt = _UPDATE_RUN[columns] = (update(t.runs).where(t.runs.c.id == bindparam("b_id"))
+                                       .values({c: bindparam(f"b_{c}") for c in columns}))
+    conn.execute(stmt, {"b_id": run_id, **{f"b_{c}": v for c, v in values.items()}})
 
 
 # -- experiments ---------------------------------------------------------------------------
@@ -100,7 +124,7 @@ def set_status(conn: Connection, run_id: str, status: Status, reason: str | None
                **fields: Any) -> bool:
     """Move a run along the state machine and record the event. False if the move is not allowed
     (e.g. the run already ended: a late update never overwrites a final status)."""
-    row = conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).first()
+    row = conn.execute(_STATUS_OF, {"b_id": run_id}).first()
     if row is None:
         return False
     old = Status(row[0])
@@ -113,10 +137,9 @@ def set_status(conn: Connection, run_id: str, status: Status, reason: str | None
     if status.is_terminal:
         values["ended_at"] = now
         values.setdefault("lease_owner", None)
-    conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(**values))
+    _update_run(conn, run_id, values)
     if old != status or reason:
-        conn.execute(insert(t.run_events).values(run_id=run_id, status=status.value,
-                                                 reason=reason, at=now))
+        conn.execute(_INSERT_EVENT, {"run_id": run_id, "status": status.value, "reason": reason, "at": now})
     return True
 
 
@@ -278,8 +301,7 @@ def get_metric_rows(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
 
 def get_outputs(store: Store, step_run_id: str) -> dict[str, dict[str, Any]]:
     with store.read() as conn:
-        rows = conn.execute(select(t.step_outputs).where(t.step_outputs.c.step_run_id == step_run_id))
-        return {r.name: dict(r._mapping) for r in rows}
+        return {r.name: dict(r._mapping) for r in conn.execute(_OUTPUTS_OF, {"b_id": step_run_id})}
 
 
 def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], fingerprint: str,
@@ -289,20 +311,24 @@ def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], f
         if not set_status(conn, step_run_id, Status.COMPLETED, None, exit_code=exit_code,
                           fingerprint=fingerprint, fingerprint_parts=json.dumps(parts)):
             return False
-        conn.execute(delete(t.step_outputs).where(t.step_outputs.c.step_run_id == step_run_id))
-        for o in outputs:
-            conn.execute(insert(t.step_outputs).values(step_run_id=step_run_id, **o))
+        conn.execute(_DELETE_OUTPUTS, {"b_id": step_run_id})
+        if outputs:
+            conn.execute(_INSERT_OUTPUT, [_output_row(step_run_id, o) for o in outputs])
         if cacheable:
-            conn.execute(delete(t.cache_entries).where(t.cache_entries.c.fingerprint == fingerprint))
-            conn.execute(insert(t.cache_entries).values(
-                fingerprint=fingerprint, step_run_id=step_run_id, created_at=_now()))
+            conn.execute(_DELETE_CACHE_ENTRY, {"b_fingerprint": fingerprint})
+            conn.execute(_INSERT_CACHE_ENTRY, {"fingerprint": fingerprint, "step_run_id": step_run_id,
+                                               "created_at": _now()})
     return True
+
+
+def _output_row(step_run_id: str, output: dict[str, Any]) -> dict[str, Any]:
+    """Every column, so that all rows of one executemany have the same keys."""
+    return {"stat_signature": None, **output, "step_run_id": step_run_id}
 
 
 def lookup_cache(store: Store, fingerprint: str) -> str | None:
     with store.read() as conn:
-        row = conn.execute(select(t.cache_entries.c.step_run_id)
-                           .where(t.cache_entries.c.fingerprint == fingerprint)).first()
+        row = conn.execute(_CACHE_LOOKUP, {"b_fingerprint": fingerprint}).first()
         return row[0] if row else None
 
 
