@@ -188,11 +188,13 @@ def _median(raw: list[dict[str, Any]], tool: str, shape: str, key: str) -> float
 
 def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
                 snapshot: dict[str, list[float]]) -> None:
-    print("\n| shape | tool | seconds (median) | / bare | Cairn / tool | peak MB | steps run | note |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| shape | tool | seconds (median) | / bare | cairn / tool | cairn-warm / tool | peak MB | steps run "
+          "| note |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for shape in [s for s in ORDER if s in shapes]:
         bare = _median(raw, "bare", shape, "seconds")
         cairn = _median(raw, "cairn", shape, "seconds")
+        warm = _median(raw, "cairn-warm", shape, "seconds")
         for tool in tools:
             seconds = _median(raw, tool, shape, "seconds")
             rows = [r for r in raw if r["tool"] == tool and r["shape"] == shape]
@@ -200,19 +202,24 @@ def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
                 error = next((r.get("error", "") for r in rows), "")
                 note = next((r.get("note", "") for r in rows if r.get("note")), "")
                 what = "n/a" if note and not error else "failed"
-                print(f"| {SHAPE_LABELS[shape]} | {tool} | {what} | | | | | "
+                print(f"| {SHAPE_LABELS[shape]} | {tool} | {what} | | | | | | "
                       f"{note or (error.splitlines()[-1] if error else '')} |")
                 continue
             ratio = f"{seconds / bare:.2f}x" if bare else ""
             versus = f"{cairn / seconds:.2f}" if cairn and not tool.startswith("cairn") else ""
+            versus_warm = f"{warm / seconds:.2f}" if warm and not tool.startswith("cairn") else ""
             ran = sorted({r["ran"] for r in rows if "ran" in r})
             notes = sorted({r.get("note", "") for r in rows if r.get("note")})
-            print(f"| {SHAPE_LABELS[shape]} | {tool} | {seconds:.2f} | {ratio} | {versus} | "
+            dispatch = _median(raw, tool, shape, "dispatch_ms")
+            if dispatch is not None:  # Cairn's own scheduling cost (drivers/cairn_driver.py)
+                notes.append(f"dispatch {dispatch:.1f} ms/step, agent CPU "
+                             f"{_median(raw, tool, shape, 'agent_cpu_ms_per_step') or 0:.1f} ms/step")
+            print(f"| {SHAPE_LABELS[shape]} | {tool} | {seconds:.2f} | {ratio} | {versus} | {versus_warm} | "
                   f"{_median(raw, tool, shape, 'peak_rss_mb') or 0:.0f} | {'/'.join(map(str, ran))} | "
                   f"{'; '.join(notes)} |")
     if snapshot:
         for label, values in snapshot.items():
-            print(f"| {SHAPE_LABELS['snapshot']} | cairn: {label} | {statistics.median(values):.3f} | | | | | "
+            print(f"| {SHAPE_LABELS['snapshot']} | cairn: {label} | {statistics.median(values):.3f} | | | | | | "
                   f"{'floor' if 'floor' in label else 'target < 0.2 s unchanged' if label == 'unchanged' else ''} |")
 
 

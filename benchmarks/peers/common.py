@@ -95,10 +95,45 @@ class Timer:
         self.seconds = time.perf_counter() - self.started
 
 
-def report(seconds: float, note: str = "") -> None:
+def report(seconds: float, note: str = "", extra: dict | None = None) -> None:
     import json
 
-    print(json.dumps({"seconds": seconds, "note": note}), flush=True)
+    print(json.dumps({"seconds": seconds, "note": note, **(extra or {})}), flush=True)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cairn_overhead(workspace: str, run_id: str, agent_cpu: float) -> dict:
+    """Cairn's scheduling cost, read from its store after the run: the dispatch latency of each
+    step that ran (from its last upstream step's end to its own Running), and the agent's CPU
+    time per step that ran (everything the agent did for it: queries, folders, starting it)."""
+    import json
+    import sqlite3
+    import statistics
+
+    db = sqlite3.connect(Path(workspace) / ".cairn" / "cairn.db")
+    try:
+        spec = json.loads(db.execute("SELECT spec FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
+        rows = db.execute("SELECT id, name, status, ended_at FROM runs WHERE parent_id = ?", (run_id,)).fetchall()
+        running = dict(db.execute("SELECT r.name, MAX(e.at) FROM run_events e JOIN runs r ON r.id = e.run_id "
+                                  "WHERE r.parent_id = ? AND e.status = 'Running' GROUP BY r.name", (run_id,)))
+    finally:
+        db.close()
+    ended = {name: end for _, name, _, end in rows}
+    ran = [name for _, name, status, _ in rows if status == "Completed"]
+    latencies = []
+    for step in spec["steps"]:
+        ups = {i["producer"] for i in step["inputs"]} | set(step.get("run_after") or ())
+        if step["name"] in running and ups:
+            latencies.append((running[step["name"]] - max(ended[u] for u in ups)) * 1000)
+    return {"dispatch_ms": statistics.median(latencies) if latencies else None,
+            "agent_cpu_ms_per_step": agent_cpu * 1000 / len(ran) if ran else None}
 
 
 def data_dir(state: Path, name: str) -> str:

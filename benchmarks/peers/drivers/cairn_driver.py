@@ -18,7 +18,7 @@ from cairn import (  # noqa: E402
     PythonScriptStep,
     Workspace,
 )
-from cairn.engine.client import ensure_agent, sync  # noqa: E402
+from cairn.engine.client import _request, ensure_agent  # noqa: E402
 from cairn.storage.layout import WorkspaceLayout  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -36,8 +36,10 @@ ComputeTarget.create(ws, "local", LocalCompute.provisioning_configuration(max_co
 # The agent is a long-lived server, like Prefect's: it is up before the timer, as in an edit-run loop
 # (`Pipeline(...)` starts it in the background anyway; it stays up 300 s after the last run): started
 # and loaded (`sync` answers from its loop) before the timer.
-ensure_agent(WorkspaceLayout(ws.location))
-sync(WorkspaceLayout(ws.location))
+layout = WorkspaceLayout(ws.location)
+ensure_agent(layout)
+agent_pid = (_request(layout, {"op": "sync"}) or {})["pid"]
+cpu_before = common.process_cpu_seconds(agent_pid)
 with common.Timer() as t:
     data: dict[str, PipelineData] = {}
     steps = []
@@ -53,4 +55,5 @@ with common.Timer() as t:
     run = Experiment(ws, args.shape).submit(Pipeline(ws, steps))
     status = run.wait_for_completion(show_output=False)
 assert status == "Completed", status
-common.report(t.seconds)
+agent_cpu = common.process_cpu_seconds(agent_pid) - cpu_before
+common.report(t.seconds, extra=common.cairn_overhead(ws.location, run.id, agent_cpu))

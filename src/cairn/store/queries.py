@@ -335,14 +335,14 @@ def lookup_cache(store: Store, fingerprint: str) -> str | None:
 def record_reuse(store: Store, step_run_id: str, source_id: str, fingerprint: str,
                  parts: dict[str, Any]) -> bool:
     with store.write() as conn:
-        rows = conn.execute(select(t.step_outputs).where(t.step_outputs.c.step_run_id == source_id)).all()
+        rows = conn.execute(_OUTPUTS_OF, {"b_id": source_id}).all()
         if not set_status(conn, step_run_id, Status.REUSED, f"reused the outputs of step run {source_id}",
                           reused_from=source_id, fingerprint=fingerprint,
                           fingerprint_parts=json.dumps(parts)):
             return False
-        conn.execute(delete(t.step_outputs).where(t.step_outputs.c.step_run_id == step_run_id))
-        for r in rows:
-            conn.execute(insert(t.step_outputs).values({**dict(r._mapping), "step_run_id": step_run_id}))
+        conn.execute(_DELETE_OUTPUTS, {"b_id": step_run_id})
+        if rows:
+            conn.execute(_INSERT_OUTPUT, [{**dict(r._mapping), "step_run_id": step_run_id} for r in rows])
     return True
 
 
