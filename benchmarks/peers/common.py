@@ -111,8 +111,9 @@ def process_cpu_seconds(pid: int) -> float:
 
 def cairn_overhead(workspace: str, run_id: str, agent_cpu: float) -> dict:
     """Cairn's scheduling cost, read from its store after the run: the dispatch latency of each
-    step that ran (from its last upstream step's end to its own Running), and the agent's CPU
-    time per step that ran (everything the agent did for it: queries, folders, starting it)."""
+    step that ran (from the step ending that let it start — its last upstream step, or the one that
+    freed a slot — to its own Running), and the agent's CPU time per step that ran (everything the
+    agent did for it: queries, folders, starting it, committing it)."""
     import json
     import sqlite3
     import statistics
@@ -125,13 +126,14 @@ def cairn_overhead(workspace: str, run_id: str, agent_cpu: float) -> dict:
                                   "WHERE r.parent_id = ? AND e.status = 'Running' GROUP BY r.name", (run_id,)))
     finally:
         db.close()
-    ended = {name: end for _, name, _, end in rows}
     ran = [name for _, name, status, _ in rows if status == "Completed"]
+    ends = sorted(end for _, _, status, end in rows if end is not None and status == "Completed")
     latencies = []
     for step in spec["steps"]:
-        ups = {i["producer"] for i in step["inputs"]} | set(step.get("run_after") or ())
-        if step["name"] in running and ups:
-            latencies.append((running[step["name"]] - max(ended[u] for u in ups)) * 1000)
+        started = running.get(step["name"])
+        before = [end for end in ends if end <= started] if started is not None else []
+        if before:  # the first steps of a run wait for no ending: their start is the run's start
+            latencies.append((started - before[-1]) * 1000)
     return {"dispatch_ms": statistics.median(latencies) if latencies else None,
             "agent_cpu_ms_per_step": agent_cpu * 1000 / len(ran) if ran else None}
 

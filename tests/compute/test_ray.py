@@ -105,6 +105,8 @@ def test_cancel_reaches_the_task_and_its_process(workspace: Workspace, ray_targe
     assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
     assert step.get_status() == "Canceled"
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    events = [e["status"] for e in workspace._backend.get_events(step.id)]
+    assert events.count("Canceled") == 1, events  # told by the driver once, not once per code path
 
 
 def test_step_resources_come_from_the_run_configuration(workspace: Workspace, ray_target: ComputeTarget,
@@ -258,3 +260,16 @@ def _raylet_pid(temp_dir: str) -> int:
             if "raylet" in cmdline.split(" ")[0] and temp_dir in cmdline:
                 return int(entry.name)
     raise AssertionError(f"no raylet found for {temp_dir}")
+
+
+def test_a_node_that_cannot_reach_the_embedded_workspace_fails_the_step_saying_why(workspace: Workspace,
+                                                                                   tmp_path: Path) -> None:
+    """A Ray node on another machine has no such folder: the task returns the reason instead of
+    failing somewhere inside the store (the driver records it)."""
+    from types import SimpleNamespace
+
+    from cairn.engine.ray_task import workspace_unreachable
+
+    assert workspace_unreachable(SimpleNamespace(workspace=workspace.location)) is None  # type: ignore[arg-type]
+    reason = workspace_unreachable(SimpleNamespace(workspace=str(tmp_path / "elsewhere")))  # type: ignore[arg-type]
+    assert reason and "cannot reach the workspace" in reason and "nodes of its own machine only" in reason

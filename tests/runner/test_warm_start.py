@@ -197,3 +197,44 @@ def test_a_shared_socket_folder_prepared_by_someone_else_is_refused(tmp_path: Pa
         private_folder(folder)
     folder.chmod(0o700)
     private_folder(folder)
+
+
+def test_the_warm_start_server_starts_with_the_agent(workspace: Workspace, src: Path) -> None:
+    import re
+
+    from cairn.engine.client import ensure_agent, stop_agent, sync
+    from cairn.storage.layout import WorkspaceLayout
+
+    layout = WorkspaceLayout(workspace.location)
+    warm_target(workspace)
+    stop_agent(layout)  # a fresh agent, which finds the warm target when it starts
+    ensure_agent(layout)
+    assert sync(layout)
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 2)))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    log = layout.agent_log.read_text()
+    last_start = log.rindex("serving ")
+    starting = log.index("warm start: starting the server of target 'local'", last_start)
+    assert starting < log.index("claimed run", last_start)  # before any run asked for it
+    (ready,) = re.findall(r"warm start: server pid (\d+) of target 'local' is ready", log[last_start:])
+    for step in run.get_steps():  # every step, the first included, came from that server
+        assert f"forked by server pid {ready} " in step.get_system_log()
+
+
+def test_a_warm_step_reports_to_its_run(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    """Cairn's client is imported by the server once it is idle; a step that comes first imports it
+    itself. Either way Run.get_context() is the step's run."""
+    src = write_script("metric.py", """
+        import sys
+        from cairn import Run
+        run = Run.get_context()
+        run.log("answer", int(sys.argv[1]))
+    """)
+    warm_target(workspace)
+    steps = [PythonScriptStep("metric.py", name=f"m{i}", source_directory=str(src), arguments=[str(40 + i)],
+                              allow_reuse=False) for i in range(3)]
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, steps))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    for step in run.get_steps():
+        assert step.get_metrics()["answer"] == 40 + int(step.name[1:])
+        assert "warm start: forked by server" in step.get_system_log()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cairn.compute.base import DoneCallback
@@ -42,18 +43,21 @@ class LocalCompute:
             self.warm.shutdown()
         self.warm = WarmPool(wanted) if wanted else None
 
-    def prestart(self, log_dir: Path) -> None:
+    def prestart(self, log_dir: Path, log: Callable[[str], None] | None = None) -> None:
         """Start the default environment's warm-start server now, in the background, so that the
         first step is warm too (a step that needs it meanwhile waits for it, as it would anyway)."""
         warm = self.warm
-        if warm is None:
+        if warm is None or warm.has_server(sys.executable, environment_base({})):
             return
+        say = log or (lambda _message: None)
+        say(f"warm start: starting the server of target {self.name!r} (modules: {', '.join(warm.modules)})")
 
         def start() -> None:
             try:
-                warm.server(sys.executable, environment_base({}), log_dir)
-            except (WarmStartError, OSError):
-                pass  # the first step tries again and says why in its system log
+                server = warm.server(sys.executable, environment_base({}), log_dir)
+                say(f"warm start: server pid {server.ready['pid']} of target {self.name!r} is ready")
+            except (WarmStartError, OSError) as exc:  # the first step tries again and says why in its log
+                say(f"warm start: the server of target {self.name!r} could not start: {exc}")
 
         threading.Thread(target=start, name=f"warm-start-{self.name}", daemon=True).start()
 

@@ -192,15 +192,12 @@ class RayCompute:
             result = StepResult(out["step_run_id"], out["status"], out["reason"], out["exit_code"])
         except rx.TaskCancelledError:  # the worker is gone; the agent kills what the step left on this machine
             status = "Queued" if control.requeue else "Canceled"
-            if status == "Canceled":
-                reporter.ended(job.step_run_id, _status(status), control.cancel_reason, None)
             result = StepResult(job.step_run_id, status, None if control.requeue else control.cancel_reason, None)
         except (rx.WorkerCrashedError, rx.NodeDiedError, rx.LocalRayletDiedError, rx.RaySystemError,
                 rx.ObjectLostError, rx.OwnerDiedError) as exc:
             result = self._lost_attempt(job, reporter, control, exc)
         except rx.RayTaskError as exc:  # the runner itself raised (it reports a step's own failure)
             reason = f"the Ray task failed: {str(exc).strip().splitlines()[-1][:300]}"
-            reporter.ended(job.step_run_id, _status("Failed"), reason, None)
             result = StepResult(job.step_run_id, "Failed", reason, None)
         except Exception as exc:
             result = self._lost_attempt(job, reporter, control, exc)
@@ -208,7 +205,8 @@ class RayCompute:
             with self._lock:
                 self._running.pop(job.step_run_id, None)
         if result.status in ("Failed", "Canceled"):
-            # the task's own report may still be on its way: the step ends before its run does
+            # recorded here, once: the task's own report may still be on its way (or never come), and
+            # the step must have ended before its run does
             reporter.ended(job.step_run_id, _status(result.status), result.reason or result.status.lower(),
                            result.exit_code)
         done(result)
@@ -218,8 +216,6 @@ class RayCompute:
         what = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
         if control.canceled:
             status = "Queued" if control.requeue else "Canceled"
-            if status == "Canceled":
-                reporter.ended(job.step_run_id, _status(status), control.cancel_reason, None)
             return StepResult(job.step_run_id, status, None if control.requeue else control.cancel_reason, None)
         lost = self._lost[job.step_run_id] = self._lost.get(job.step_run_id, 0) + 1
         if lost <= self.retries:
@@ -227,7 +223,6 @@ class RayCompute:
                               f"retrying (attempt {job.attempt} was lost with its Ray worker or node: {what})", None)
         reason = (f"the Ray worker or node running the step died ({what}); it was retried {self.retries} "
                   f"time(s)")
-        reporter.ended(job.step_run_id, _status("Failed"), reason, None)
         return StepResult(job.step_run_id, "Failed", reason, None)
 
     def shutdown(self) -> None:

@@ -181,7 +181,7 @@ class Agent:
                 compute.max_concurrency = int(wanted)  # type: ignore[attr-defined]
             if hasattr(compute, "set_warm_start"):
                 compute.set_warm_start(record["config"].get("warm_start_modules"))
-                compute.prestart(self.layout.dot)
+                compute.prestart(self.layout.dot, self._log)
 
     def _claim_waiting(self) -> None:
         dead = {o for o in q.lease_owners(self.ctx.store)
@@ -266,7 +266,7 @@ class Agent:
             self.computes[name] = make_compute(name, targets[name]["kind"], config)
             self._compute_configs[name] = targets[name]["config"]
             if hasattr(self.computes[name], "prestart"):
-                self.computes[name].prestart(self.layout.dot)  # type: ignore[attr-defined]
+                self.computes[name].prestart(self.layout.dot, self._log)  # type: ignore[attr-defined]
         return self.computes[name]
 
     def _check_cancels(self) -> None:

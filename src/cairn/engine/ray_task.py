@@ -20,6 +20,9 @@ def run_step_task(job: StepJob) -> dict[str, Any]:
     from cairn.store import queries as q
 
     layout = WorkspaceLayout(job.workspace)
+    unreachable = workspace_unreachable(job)
+    if unreachable:  # told to the driver, which records it: this node cannot write to the store
+        return {"step_run_id": job.step_run_id, "status": "Failed", "reason": unreachable, "exit_code": None}
     ctx = EngineContext.open(layout)
     reporter = _TaskReporter(ctx.store, on_change=lambda _sid: changed(layout, job.pipeline_run_id),
                              locate=ctx.datastore_location)
@@ -33,6 +36,21 @@ def run_step_task(job: StepJob) -> dict[str, Any]:
     upload_logs(job, result)
     return {"step_run_id": result.step_run_id, "status": result.status, "reason": result.reason,
             "exit_code": result.exit_code}
+
+
+def workspace_unreachable(job: StepJob) -> str | None:
+    """Why this Ray node cannot run the step of an embedded workspace (its SQLite store and local
+    folders are on the agent's machine), or None when it can."""
+    import socket
+
+    from cairn.storage.layout import WorkspaceLayout
+
+    if WorkspaceLayout(job.workspace).db.is_file():
+        return None
+    return (f"the step was placed on Ray node {socket.gethostname()!r}, which cannot reach the workspace "
+            f"{job.workspace!r} (its store and folders are on the agent's machine): an embedded workspace "
+            f"runs Ray steps on nodes of its own machine only. Start the cluster's nodes there, or use a "
+            f"workspace on the team server for nodes on other machines")
 
 
 def _requeued(store: Any, step_run_id: str) -> bool:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from cairn.core.status import Status
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
 from cairn.environments.spec import is_managed
+from cairn.runner.input_cache import cache_root, cached_input
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
 from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmStartError
@@ -111,10 +112,12 @@ class _SystemLog:
 DOWNLOAD_FOLDER = ".cairn_inputs"
 
 
-def materialize_inputs(job: StepJob, work: Path) -> dict[str, str]:
+def materialize_inputs(job: StepJob, work: Path, holds: list[int] | None = None) -> dict[str, str]:
     """Input name -> the path the step sees. Step outputs: ``mount``/``direct`` get the committed
     folder itself (no copy, read-only); ``download`` gets a private copy in the working directory.
-    Datasets on a local datastore are used in place in every mode; others are fetched."""
+    Datasets on a local datastore are used in place in every mode; others are fetched, through this
+    machine's input cache, whose entries stay while the step holds them (``holds``: lock file
+    descriptors, closed by the caller when the step has ended)."""
     from cairn.storage.paths import confined
 
     spec = job.spec
@@ -123,7 +126,7 @@ def materialize_inputs(job: StepJob, work: Path) -> dict[str, str]:
     paths = {}
     for i in job.inputs:
         if i.name in job.datasets and not i.path:  # a dataset with no local folder of its own: fetch it
-            paths[i.name] = _fetch_dataset(job, i.name, work, on_compute.get(i.name))
+            paths[i.name] = _fetch_dataset(job, i.name, work, on_compute.get(i.name), holds)
             continue
         if i.name in job.datasets:  # a dataset's own local folder: used in place, linked where asked
             wanted = on_compute.get(i.name)
@@ -151,7 +154,8 @@ def materialize_inputs(job: StepJob, work: Path) -> dict[str, str]:
     return paths
 
 
-def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | None) -> str:
+def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | None,
+                   holds: list[int] | None) -> str:
     from cairn.data.datasets import fetch, resolve_files
     from cairn.storage.datastores import DatastoreLocation
     from cairn.storage.paths import confined
@@ -171,10 +175,10 @@ def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | N
         # the content digest and the layout the step sees (the same files under other folders differ)
         key = digest_json({"content": digest, "layout": sorted(f.relative for f in files)})
         try:
-            cached = _cached_input(key, {f.relative: f.size for f in files},
-                                   lambda folder: fetch(files, locate, folder))
+            cached = cached_input(key, {f.relative: f.size for f in files},
+                                  lambda folder: fetch(files, locate, folder), holds)
         except PermissionError as exc:  # an unusable cache must not fail the step: fetch as before
-            _warn_cache(job, f"the input cache {input_cache_root()} cannot be used ({exc}); set "
+            _warn_cache(job, f"the input cache {cache_root()} cannot be used ({exc}); set "
                              f"$CAIRN_INPUT_CACHE to a writable folder. Fetching {name!r} for this step only")
     if cached is not None:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -194,63 +198,9 @@ def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | N
     return str(dest)
 
 
-def input_cache_root() -> Path:
-    """Where this machine keeps fetched inputs, by content digest ($CAIRN_INPUT_CACHE)."""
-    return Path(os.environ.get("CAIRN_INPUT_CACHE") or Path.home() / ".cache" / "cairn" / "inputs")
-
-
 def _warn_cache(job: StepJob, message: str) -> None:
     with open(Path(job.log_dir) / "system.txt", "a", encoding="utf-8") as f:
         f.write(message + "\n")
-
-
-def _cached_input(key: str, sizes: dict[str, int], fill: Callable[[Path], None]) -> Path:
-    """The folder holding the input keyed ``key``, fetched by ``fill`` the first time (into a
-    temporary folder renamed into place: a half-fetched input is never used). A cached folder whose
-    files are not the expected ones (changed by a step: root ignores read-only bits) is fetched again."""
-    import uuid
-
-    root = input_cache_root()
-    folder = root / key.replace(":", "-")
-    if folder.is_dir():
-        if _cache_intact(folder, sizes):
-            os.utime(folder)  # last used
-            return folder
-        _remove_read_only(folder)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".fetching-{uuid.uuid4().hex}"
-    try:
-        staging.mkdir()
-        fill(staging)
-        make_read_only(staging)
-        for dirpath, _, _ in os.walk(staging):
-            os.chmod(dirpath, 0o555)  # folders too: a step given a link cannot add or remove files
-        try:
-            os.rename(staging, folder)
-        except OSError:  # another step fetched the same input meanwhile: use that one
-            if not folder.is_dir():
-                raise
-    finally:
-        if staging.exists():
-            _remove_read_only(staging)
-    return folder
-
-
-def _cache_intact(folder: Path, sizes: dict[str, int]) -> bool:
-    found = {}
-    for dirpath, _, names in os.walk(folder):
-        for n in names:
-            full = os.path.join(dirpath, n)
-            found[os.path.relpath(full, folder).replace(os.sep, "/")] = os.path.getsize(full)
-    return found == sizes
-
-
-def _remove_read_only(folder: Path) -> None:
-    for dirpath, dirnames, _ in os.walk(folder):
-        os.chmod(dirpath, 0o755)
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o755)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> list[str]:
@@ -386,6 +336,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
     work = Path(job.work_dir)
     preparing: _DeferredStatus | None = None
     resolved: ResolvedEnvironment | None = None
+    holds: list[int] = []  # input cache entries this step uses
     try:
         syslog(f"attempt {job.attempt} of step {spec.name!r} (step run {job.step_run_id})")
         # Short phases are not worth a status write: Preparing is recorded only when preparing
@@ -395,7 +346,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             shutil.rmtree(work)
         materialize(job.manifest, ObjectStore(job.objects_root), work)
         syslog(f"snapshot {spec.snapshot} materialised in {work} ({len(job.manifest.get('files', []))} files)")
-        input_paths = materialize_inputs(job, work)
+        input_paths = materialize_inputs(job, work, holds)
         for i in job.inputs:
             fetched = i.name in job.datasets and not i.path
             how = f"copied to {input_paths[i.name]}" if i.mode == "download" or fetched else "used in place"
@@ -523,6 +474,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             preparing.cancel()
         if resolved is not None:
             resolved.close()  # the environment may be pruned again
+        for fd in holds:
+            os.close(fd)  # its input cache entries may be evicted again
 
 
 def upload_logs(job: StepJob, result: StepResult) -> None:

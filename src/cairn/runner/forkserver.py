@@ -29,6 +29,7 @@ MAX_REQUEST = 1 << 22
 # One module at a time, between steps (SQLAlchemy's package alone takes ~0.3 s: it cannot be split).
 STEP_CLIENT = ["sqlalchemy", "cairn.client.run", "cairn.client.workspace", "cairn.store.queries",
                "cairn.backend.local"]
+QUIET_SECONDS = 0.05
 # What every child uses on its way in and out: imported once here, not once per step.
 CHILD_NEEDS = ["atexit", "random", "threading", "traceback", "types", "importlib.machinery"]
 
@@ -66,11 +67,12 @@ def main() -> None:
     _ready(ready_fd, {"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
                       "import_seconds": round(time.monotonic() - started, 3)})
     accepting = True
-    # Cairn's step-side client is imported when the server is idle, after it said it is ready: a
-    # step need not wait for it (~0.3 s), and a step that calls Run.get_context() later finds it.
+    # Cairn's step-side client is imported once the server has been quiet for a moment (no request,
+    # no step ending): a burst of short steps never waits for it (~0.3 s), and a step that calls
+    # Run.get_context() later finds it imported.
     idle_imports = list(STEP_CLIENT)
     while accepting or len(sel.get_map()) > 1:  # after the agent leaves: until the running steps end
-        events = sel.select(timeout=0 if idle_imports else None)
+        events = sel.select(timeout=QUIET_SECONDS if idle_imports else None)
         if not events and idle_imports:
             try:
                 importlib.import_module(idle_imports.pop(0))

@@ -156,7 +156,14 @@ class WarmPool:
         self._servers: dict[tuple[Any, ...], WarmServer] = {}
         self._failed: dict[tuple[Any, ...], str] = {}  # warm start impossible there: do not try again
         self._locks: dict[tuple[Any, ...], threading.Lock] = {}
+        self._starting: set[tuple[Any, ...]] = set()
         self._lock = threading.Lock()
+
+    def has_server(self, python: str, env: dict[str, str]) -> bool:
+        """A server for this interpreter and environment is running (or failed for good)."""
+        key = (python, tuple(sorted(env.items())))
+        server = self._servers.get(key)
+        return key in self._failed or key in self._starting or (server is not None and server.alive())
 
     def server(self, python: str, env: dict[str, str], log_dir: Path) -> WarmServer:
         key = (python, tuple(sorted(env.items())))
@@ -168,12 +175,15 @@ class WarmPool:
             server = self._servers.get(key)
             if server is None or not server.alive():
                 log_dir.mkdir(parents=True, exist_ok=True)
+                self._starting.add(key)
                 try:
                     server = WarmServer(python, self.modules, env, log_dir / "warm-start.log")
                 except WarmStartError as exc:
                     if "not possible here" in str(exc):
                         self._failed[key] = str(exc)
                     raise
+                finally:
+                    self._starting.discard(key)
                 self._servers[key] = server
             return server
 

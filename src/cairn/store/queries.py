@@ -26,7 +26,7 @@ def _d(row: Any) -> dict[str, Any] | None:
 
 # The per-step statements are built once, with bound parameters: building and keying a statement
 # costs SQLAlchemy several times what SQLite needs to run it, and the engine runs a few per step.
-_STATUS_OF = select(t.runs.c.status).where(t.runs.c.id == bindparam("b_id"))
+_STATUS_OF = select(t.runs.c.status, t.runs.c.status_reason).where(t.runs.c.id == bindparam("b_id"))
 _INSERT_EVENT = insert(t.run_events)
 _INSERT_OUTPUT = insert(t.step_outputs)
 _DELETE_OUTPUTS = delete(t.step_outputs).where(t.step_outputs.c.step_run_id == bindparam("b_id"))
@@ -130,6 +130,8 @@ def set_status(conn: Connection, run_id: str, status: Status, reason: str | None
     old = Status(row[0])
     if old != status and not can_move(old, status):
         return False
+    if old == status and old.is_terminal and reason == row[1]:
+        return True  # the same ending told twice (by a task and by its driver): recorded once, kept as first told
     now = _now()
     values: dict[str, Any] = {"status": status.value, "status_reason": reason, **fields}
     if status in (Status.RUNNING, Status.PREPARING) and old in (Status.NOT_STARTED, Status.QUEUED):

@@ -1,0 +1,143 @@
+"""This machine's cache of fetched inputs (``~/.cache/cairn/inputs`` or ``$CAIRN_INPUT_CACHE``):
+an input that lives in an object store is fetched once per machine and content, then linked into
+each step that reads it.
+
+Entries are read-only folders named by the digest of their content and layout, filled in a
+temporary folder and renamed into place (a half-fetched input is never used). The cache holds at
+most ``$CAIRN_INPUT_CACHE_MAX_GB`` (default 20): after each fill the least recently used entries
+are removed, except those a running step holds (a shared ``flock`` for as long as the step runs).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from cairn.storage.tree import make_read_only
+
+DEFAULT_LIMIT_GB = 20.0
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CAIRN_INPUT_CACHE") or Path.home() / ".cache" / "cairn" / "inputs")
+
+
+def limit_bytes() -> int:
+    raw = os.environ.get("CAIRN_INPUT_CACHE_MAX_GB", "")
+    try:
+        gb = float(raw) if raw else DEFAULT_LIMIT_GB
+    except ValueError:
+        raise ValueError(f"CAIRN_INPUT_CACHE_MAX_GB={raw!r} is not a number of gigabytes (e.g. 20 or 0.5)") from None
+    return int(gb * 1024 ** 3)
+
+
+def cached_input(key: str, sizes: dict[str, int], fill: Callable[[Path], None], holds: list[int] | None) -> Path:
+    """The folder holding the input keyed ``key``, fetched by ``fill`` the first time. A cached
+    folder whose files are not the expected ones (changed by a step: root ignores read-only bits)
+    is fetched again. The entry's lock is added to ``holds`` (the caller closes it when its step
+    has ended); without ``holds`` it is released at once."""
+    limit = limit_bytes()  # a bad setting fails before anything is fetched
+    root = cache_root()
+    name = key.replace(":", "-")
+    folder = root / name
+    for sub in (root, root / ".locks", root / ".sizes"):
+        sub.mkdir(parents=True, exist_ok=True)
+    lock = os.open(root / ".locks" / name, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_SH)  # waits while an eviction removes this entry
+        if folder.is_dir():
+            if _intact(folder, sizes):
+                os.utime(folder)  # last used
+                _keep(lock, holds)
+                return folder
+            _remove(folder)
+        _fill(root, folder, fill)
+        (root / ".sizes" / name).write_text(str(sum(sizes.values())))
+        _keep(lock, holds)
+    except BaseException:
+        os.close(lock)
+        raise
+    evict(root, limit)
+    return folder
+
+
+def evict(root: Path, limit: int) -> list[str]:
+    """Remove the least recently used entries until the cache holds at most ``limit`` bytes;
+    entries held by a running step stay. Returns the names removed."""
+    entries = []
+    for entry in root.iterdir() if root.is_dir() else ():
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        entries.append((entry.stat().st_mtime, entry.name, _size(root, entry)))
+    total = sum(size for _, _, size in entries)
+    removed = []
+    for _, name, size in sorted(entries):
+        if total <= limit:
+            break
+        lock = os.open(root / ".locks" / name, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)  # a running step uses it
+            continue
+        try:
+            _remove(root / name)
+            (root / ".sizes" / name).unlink(missing_ok=True)
+            removed.append(name)
+            total -= size
+        finally:
+            os.close(lock)
+    return removed
+
+
+def _keep(lock: int, holds: list[int] | None) -> None:
+    if holds is None:
+        os.close(lock)
+    else:
+        holds.append(lock)
+
+
+def _fill(root: Path, folder: Path, fill: Callable[[Path], None]) -> None:
+    staging = root / f".fetching-{uuid.uuid4().hex}"
+    try:
+        staging.mkdir()
+        fill(staging)
+        make_read_only(staging)
+        for dirpath, _, _ in os.walk(staging):
+            os.chmod(dirpath, 0o555)  # folders too: a step given a link cannot add or remove files
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another step fetched the same input meanwhile: use that one
+            if not folder.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            _remove(staging)
+
+
+def _size(root: Path, entry: Path) -> int:
+    try:
+        return int((root / ".sizes" / entry.name).read_text())
+    except (OSError, ValueError):  # filled by an older Cairn: measured
+        return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(entry) for n in names)
+
+
+def _intact(folder: Path, sizes: dict[str, int]) -> bool:
+    found = {}
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            full = os.path.join(dirpath, n)
+            found[os.path.relpath(full, folder).replace(os.sep, "/")] = os.path.getsize(full)
+    return found == sizes
+
+
+def _remove(folder: Path) -> None:
+    for dirpath, dirnames, _ in os.walk(folder):
+        os.chmod(dirpath, 0o755)
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o755)
+    shutil.rmtree(folder, ignore_errors=True)
