@@ -29,7 +29,7 @@ def test_an_input_is_fetched_once_and_kept_read_only(cache: Path) -> None:
     calls: list[str] = []
     first = input_cache.cached_input("xxh:a", {"data.bin": 3}, filler(b"abc", calls), None)
     again = input_cache.cached_input("xxh:a", {"data.bin": 3}, filler(b"abc", calls), None)
-    assert first == again and len(calls) == 1
+    assert first is not None and first == again and len(calls) == 1
     assert (first / "data.bin").read_bytes() == b"abc"
     assert not os.access(first, os.W_OK) or os.geteuid() == 0  # root ignores the bits
     assert oct(first.stat().st_mode & 0o777) == "0o555"
@@ -38,10 +38,11 @@ def test_an_input_is_fetched_once_and_kept_read_only(cache: Path) -> None:
 def test_a_changed_entry_is_fetched_again(cache: Path) -> None:
     calls: list[str] = []
     folder = input_cache.cached_input("xxh:a", {"data.bin": 3}, filler(b"abc", calls), None)
+    assert folder is not None
     os.chmod(folder, 0o755)
     (folder / "extra.txt").write_text("a step wrote here")  # possible as root
     folder = input_cache.cached_input("xxh:a", {"data.bin": 3}, filler(b"abc", calls), None)
-    assert len(calls) == 2 and sorted(p.name for p in folder.iterdir()) == ["data.bin"]
+    assert folder is not None and len(calls) == 2 and sorted(p.name for p in folder.iterdir()) == ["data.bin"]
 
 
 def test_the_least_recently_used_entries_go_first_but_held_ones_stay(cache: Path,
@@ -54,6 +55,7 @@ def test_the_least_recently_used_entries_go_first_but_held_ones_stay(cache: Path
     os.utime(a, (1, 1))  # a is the least recently used
     os.utime(b, (2, 2))
     c = input_cache.cached_input("xxh:c", {"data.bin": 1000}, filler(b"c" * 1000, calls), None)
+    assert a is not None and c is not None and b is not None
     assert a.is_dir() and c.is_dir() and not b.exists()  # a is held: b went instead
     for fd in held:
         os.close(fd)  # the step ended
@@ -62,7 +64,22 @@ def test_the_least_recently_used_entries_go_first_but_held_ones_stay(cache: Path
     assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == ["xxh-c", "xxh-d"]
 
 
-def test_a_bad_limit_is_a_clear_error(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CAIRN_INPUT_CACHE_MAX_GB", "lots")
-    with pytest.raises(ValueError, match="CAIRN_INPUT_CACHE_MAX_GB='lots' is not a number"):
+def test_a_changed_entry_that_another_step_holds_is_left_alone(cache: Path) -> None:
+    calls: list[str] = []
+    held: list[int] = []
+    folder = input_cache.cached_input("xxh:a", {"data.bin": 3}, filler(b"abc", calls), held)
+    os.chmod(folder, 0o755)
+    (folder / "extra.txt").write_text("a step wrote here")
+    assert input_cache.cached_input("xxh:a", {"data.bin": 3}, filler(b"abc", calls), None) is None  # fetch privately
+    assert (folder / "extra.txt").exists() and len(calls) == 1  # the holder's files were not pulled away
+    for fd in held:
+        os.close(fd)
+    folder = input_cache.cached_input("xxh:a", {"data.bin": 3}, filler(b"abc", calls), None)
+    assert folder is not None and len(calls) == 2 and not (folder / "extra.txt").exists()
+
+
+@pytest.mark.parametrize("value", ["lots", "nan", "inf", "-1"])
+def test_a_bad_limit_is_a_clear_error(cache: Path, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("CAIRN_INPUT_CACHE_MAX_GB", value)
+    with pytest.raises(ValueError, match=f"CAIRN_INPUT_CACHE_MAX_GB='{value}' is not a number of gigabytes"):
         input_cache.cached_input("xxh:a", {"data.bin": 3}, filler(b"abc", []), None)

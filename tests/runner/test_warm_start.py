@@ -238,3 +238,24 @@ def test_a_warm_step_reports_to_its_run(workspace: Workspace, write_script: Call
     for step in run.get_steps():
         assert step.get_metrics()["answer"] == 40 + int(step.name[1:])
         assert "warm start: forked by server" in step.get_system_log()
+
+
+def test_a_server_let_go_finishes_its_running_step(tmp_path: Path) -> None:
+    """Stopping a server (the target's modules changed, the agent left) takes no new step but
+    lets the running one end with its own exit code."""
+    import os
+    import sys
+
+    from cairn.runner.warm import WarmServer
+
+    script = tmp_path / "slow.py"
+    script.write_text("import time\ntime.sleep(0.5)\nprint('done')\n")
+    server = WarmServer(sys.executable, ("json",), dict(os.environ), tmp_path / "warm.log")
+    try:
+        step = server.launch([sys.executable, str(script)], str(tmp_path), dict(os.environ),
+                             str(tmp_path / "out.txt"), str(tmp_path / "err.txt"))
+        server.stop()
+        assert step.wait(timeout=30) == 0
+        assert (tmp_path / "out.txt").read_text() == "done\n"
+    finally:
+        server.kill()

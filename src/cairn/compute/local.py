@@ -47,7 +47,7 @@ class LocalCompute:
         """Start the default environment's warm-start server now, in the background, so that the
         first step is warm too (a step that needs it meanwhile waits for it, as it would anyway)."""
         warm = self.warm
-        if warm is None or warm.has_server(sys.executable, environment_base({})):
+        if warm is None or not warm.begin_start(sys.executable, environment_base({})):
             return
         say = log or (lambda _message: None)
         say(f"warm start: starting the server of target {self.name!r} (modules: {', '.join(warm.modules)})")

@@ -93,6 +93,22 @@ class RayCompute:
 
     def _dispatch(self, job: StepJob, cpus: float, reporter: StepReporter, control: StepControl,
                   done: DoneCallback) -> None:
+        told: list[StepResult] = []
+
+        def done_once(result: StepResult) -> None:
+            if not told:
+                told.append(result)
+                done(result)
+
+        try:
+            self._submit(job, cpus, reporter, control, done_once)
+        except Exception as exc:  # whatever Ray raised on the way, the step ends and the run goes on
+            if not told:
+                self._fail(job, f"could not run the step on Ray cluster {self.address!r} (target {self.name!r}): "
+                                f"{type(exc).__name__}: {exc}", reporter, done_once)
+
+    def _submit(self, job: StepJob, cpus: float, reporter: StepReporter, control: StepControl,
+                done: DoneCallback) -> None:
         spec = job.spec
         options: dict[str, Any] = {"num_cpus": cpus, "max_retries": 0, "retry_exceptions": False,
                                    "scheduling_strategy": "SPREAD", "name": f"cairn:{spec.name}"}

@@ -9,7 +9,7 @@ from typing import Any
 
 PREFIX = "blake2b:"
 _CHUNK = 1 << 20
-_MAP_AT_LEAST = 4 << 20  # below this, reading costs less than setting up a mapping
+_READ_BUFFER = 256 << 10
 
 
 def _hasher() -> Any:
@@ -47,25 +47,16 @@ def short(digest: str, n: int = 12) -> str:
 def content_digest_file(path: str | os.PathLike[str]) -> str:
     """Digest of a step output's file: XXH3-128 (~10x BLAKE2b here). Output digests detect
     change and key reuse among a workspace's own steps; they are not a security boundary (the
-    object store keeps BLAKE2b). A large file is hashed through a read-only mapping of the
-    page cache, not copied through a buffer: a 1 GiB output costs ~0.1 s instead of ~0.3 s."""
+    object store keeps BLAKE2b). Read in place into one reused buffer the size of a CPU cache
+    (~0.18 s for 1 GiB here, against ~0.32 s through fresh 8 MiB chunks). Not through ``mmap``,
+    which would be ~2x faster still: a file cut short while mapped kills the reading process
+    (SIGBUS), and for local compute that is the agent."""
     import xxhash  # a dependency of Cairn: digests must not depend on what happens to be installed
 
     h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size >= _MAP_AT_LEAST:
-            import mmap
-
-            try:
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    if hasattr(mapped, "madvise"):
-                        mapped.madvise(mmap.MADV_SEQUENTIAL)
-                    h.update(mapped)
-                return "xxh3-128:" + h.hexdigest()
-            except (OSError, ValueError):  # a file system that cannot map: read it instead
-                h.reset()
-                f.seek(0)
-        while chunk := f.read(_CHUNK * 8):
-            h.update(chunk)
+    buffer = bytearray(_READ_BUFFER)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
     return "xxh3-128:" + h.hexdigest()

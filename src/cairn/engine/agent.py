@@ -148,10 +148,14 @@ class Agent:
                     # a step that ran elsewhere (a Ray task) may have left its process group here
                     row = q.get_run(self.ctx.store, result.step_run_id) or {}
                     kill_orphan(row.get("pid"), row.get("pid_started"))
+                status = Status(result.status)
                 if lost:  # the compute lost the attempt (a Ray node died): it runs again, saying why
-                    q.update_status(self.ctx.store, result.step_run_id, Status.QUEUED, result.reason)
+                    if not q.update_status(self.ctx.store, result.step_run_id, Status.QUEUED, result.reason):
+                        # the attempt had ended after all (its task reported before the loss): keep that
+                        row = q.get_run(self.ctx.store, result.step_run_id) or {}
+                        status = Status(row.get("status") or Status.FAILED.value)
                     self._notify(sched.run_id)
-                sched.finished(name, Status(result.status))
+                sched.finished(name, status)
         elif kind == "changed":
             if event[1] in self.schedulers:
                 self._notify(event[1])
@@ -243,13 +247,17 @@ class Agent:
 
     def _prepare_local_targets(self, sched: PipelineScheduler | None) -> None:
         """Make the local targets with warm start (all, or those of ``sched``'s run) now: their
-        warm-start servers start at once, in the background, while steps are still being prepared."""
-        warm = {c["name"] for c in q.list_named(self.ctx.store, "compute_targets")
-                if c["kind"] == "local" and c["config"].get("warm_start_modules")}
-        if sched is not None:
-            warm &= {step.compute_target for step in sched.spec.steps}
-        for name in warm:
-            self._compute(name)
+        warm-start servers start at once, in the background, while steps are still being prepared.
+        Best effort: a target that cannot be made fails its own steps when they are dispatched."""
+        try:
+            warm = {c["name"] for c in q.list_named(self.ctx.store, "compute_targets")
+                    if c["kind"] == "local" and c["config"].get("warm_start_modules")}
+            if sched is not None:
+                warm &= {step.compute_target for step in sched.spec.steps}
+            for name in warm:
+                self._compute(name)
+        except Exception as exc:
+            self._log(f"could not prepare the local compute targets: {type(exc).__name__}: {exc}")
 
     def _compute(self, name: str) -> Compute | None:
         if name not in self.computes:

@@ -80,7 +80,8 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     target.mkdir(parents=True, exist_ok=True)
     (target / DEBUG_MARKER).mkdir(exist_ok=True)
     materialize(job.manifest, ObjectStore(job.objects_root), target)
-    inputs = materialize_inputs(job, target)
+    # cached inputs stay held (not evicted) until this process exits: through the foreground run
+    inputs = materialize_inputs(job, target, holds=[])
     outputs = {}
     for o in step.outputs:
         Path(job.staging_dirs[o.name]).mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ def main() -> None:
     # no step ending): a burst of short steps never waits for it (~0.3 s), and a step that calls
     # Run.get_context() later finds it imported.
     idle_imports = list(STEP_CLIENT)
-    while accepting or len(sel.get_map()) > 1:  # after the agent leaves: until the running steps end
+    while accepting or sel.get_map():  # after the agent leaves: until the running steps have ended
         events = sel.select(timeout=QUIET_SECONDS if idle_imports else None)
         if not events and idle_imports:
             try:

@@ -31,15 +31,20 @@ def limit_bytes() -> int:
     try:
         gb = float(raw) if raw else DEFAULT_LIMIT_GB
     except ValueError:
-        raise ValueError(f"CAIRN_INPUT_CACHE_MAX_GB={raw!r} is not a number of gigabytes (e.g. 20 or 0.5)") from None
+        gb = -1.0
+    if not 0 <= gb < float("inf"):
+        raise ValueError(f"CAIRN_INPUT_CACHE_MAX_GB={raw!r} is not a number of gigabytes (e.g. 20 or 0.5; "
+                         f"0 keeps only what running steps use)")
     return int(gb * 1024 ** 3)
 
 
-def cached_input(key: str, sizes: dict[str, int], fill: Callable[[Path], None], holds: list[int] | None) -> Path:
+def cached_input(key: str, sizes: dict[str, int], fill: Callable[[Path], None],
+                 holds: list[int] | None) -> Path | None:
     """The folder holding the input keyed ``key``, fetched by ``fill`` the first time. A cached
     folder whose files are not the expected ones (changed by a step: root ignores read-only bits)
-    is fetched again. The entry's lock is added to ``holds`` (the caller closes it when its step
-    has ended); without ``holds`` it is released at once."""
+    is fetched again — or, while other steps use it, not touched: then None, and the caller fetches
+    a private copy. The entry's lock is added to ``holds`` (the caller closes it when its step has
+    ended); without ``holds`` it is released at once."""
     limit = limit_bytes()  # a bad setting fails before anything is fetched
     root = cache_root()
     name = key.replace(":", "-")
@@ -54,14 +59,23 @@ def cached_input(key: str, sizes: dict[str, int], fill: Callable[[Path], None], 
                 os.utime(folder)  # last used
                 _keep(lock, holds)
                 return folder
+            try:  # replaced only when no other step holds it
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock)
+                return None
             _remove(folder)
+            fcntl.flock(lock, fcntl.LOCK_SH)
         _fill(root, folder, fill)
         (root / ".sizes" / name).write_text(str(sum(sizes.values())))
         _keep(lock, holds)
     except BaseException:
         os.close(lock)
         raise
-    evict(root, limit)
+    try:
+        evict(root, limit)
+    except OSError:
+        pass  # best effort: another step may be filling or evicting at the same time
     return folder
 
 
@@ -70,9 +84,13 @@ def evict(root: Path, limit: int) -> list[str]:
     entries held by a running step stay. Returns the names removed."""
     entries = []
     for entry in root.iterdir() if root.is_dir() else ():
-        if entry.name.startswith(".") or not entry.is_dir():
+        if entry.name.startswith("."):
             continue
-        entries.append((entry.stat().st_mtime, entry.name, _size(root, entry)))
+        try:
+            if entry.is_dir():
+                entries.append((entry.stat().st_mtime, entry.name, _size(root, entry)))
+        except OSError:
+            continue  # removed meanwhile by another step's eviction
     total = sum(size for _, _, size in entries)
     removed = []
     for _, name, size in sorted(entries):
@@ -85,9 +103,10 @@ def evict(root: Path, limit: int) -> list[str]:
             os.close(lock)  # a running step uses it
             continue
         try:
-            _remove(root / name)
-            (root / ".sizes" / name).unlink(missing_ok=True)
-            removed.append(name)
+            if (root / name).is_dir():  # not already removed by another step's eviction
+                _remove(root / name)
+                (root / ".sizes" / name).unlink(missing_ok=True)
+                removed.append(name)
             total -= size
         finally:
             os.close(lock)
@@ -137,7 +156,9 @@ def _intact(folder: Path, sizes: dict[str, int]) -> bool:
 
 def _remove(folder: Path) -> None:
     for dirpath, dirnames, _ in os.walk(folder):
-        os.chmod(dirpath, 0o755)
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o755)
+        for d in (dirpath, *(os.path.join(dirpath, n) for n in dirnames)):
+            try:
+                os.chmod(d, 0o755)
+            except OSError:
+                pass  # gone already: rmtree does not mind
     shutil.rmtree(folder, ignore_errors=True)

@@ -157,38 +157,52 @@ class WarmPool:
         self._failed: dict[tuple[Any, ...], str] = {}  # warm start impossible there: do not try again
         self._locks: dict[tuple[Any, ...], threading.Lock] = {}
         self._starting: set[tuple[Any, ...]] = set()
+        self._closed = False
         self._lock = threading.Lock()
 
-    def has_server(self, python: str, env: dict[str, str]) -> bool:
-        """A server for this interpreter and environment is running (or failed for good)."""
+    def begin_start(self, python: str, env: dict[str, str]) -> bool:
+        """Claim the start of the server for this interpreter and environment: False when one runs,
+        is being started, or cannot start here; else the caller must call ``server()`` next."""
         key = (python, tuple(sorted(env.items())))
-        server = self._servers.get(key)
-        return key in self._failed or key in self._starting or (server is not None and server.alive())
+        with self._lock:
+            server = self._servers.get(key)
+            if self._closed or key in self._failed or key in self._starting or (server is not None and server.alive()):
+                return False
+            self._starting.add(key)
+            return True
 
     def server(self, python: str, env: dict[str, str], log_dir: Path) -> WarmServer:
         key = (python, tuple(sorted(env.items())))
         with self._lock:
             lock = self._locks.setdefault(key, threading.Lock())
-        with lock:  # one server per key; steps of that key wait while it imports, others do not
-            if key in self._failed:
-                raise WarmStartError(self._failed[key])
-            server = self._servers.get(key)
-            if server is None or not server.alive():
+        try:
+            with lock:  # one server per key; steps of that key wait while it imports, others do not
+                if key in self._failed:
+                    raise WarmStartError(self._failed[key])
+                server = self._servers.get(key)
+                if server is not None and server.alive():
+                    return server
                 log_dir.mkdir(parents=True, exist_ok=True)
-                self._starting.add(key)
                 try:
                     server = WarmServer(python, self.modules, env, log_dir / "warm-start.log")
                 except WarmStartError as exc:
                     if "not possible here" in str(exc):
                         self._failed[key] = str(exc)
                     raise
-                finally:
-                    self._starting.discard(key)
-                self._servers[key] = server
-            return server
+                with self._lock:
+                    if self._closed:  # the target's warm start was turned off meanwhile
+                        server.stop()
+                        raise WarmStartError("warm start was turned off for this compute target")
+                    self._servers[key] = server
+                    self._starting.discard(key)  # together: a server is always either starting or known
+                return server
+        finally:
+            with self._lock:
+                self._starting.discard(key)
 
     def shutdown(self) -> None:
         with self._lock:
+            self._closed = True
             servers, self._servers = list(self._servers.values()), {}
         for s in servers:
             s.stop()

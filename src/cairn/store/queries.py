@@ -130,8 +130,8 @@ def set_status(conn: Connection, run_id: str, status: Status, reason: str | None
     old = Status(row[0])
     if old != status and not can_move(old, status):
         return False
-    if old == status and old.is_terminal and reason == row[1]:
-        return True  # the same ending told twice (by a task and by its driver): recorded once, kept as first told
+    if old == status and status in (Status.FAILED, Status.CANCELED) and reason == row[1]:
+        return True  # the same ending told twice (by a Ray task and by its driver): recorded once, as first told
     now = _now()
     values: dict[str, Any] = {"status": status.value, "status_reason": reason, **fields}
     if status in (Status.RUNNING, Status.PREPARING) and old in (Status.NOT_STARTED, Status.QUEUED):
