@@ -167,16 +167,23 @@ class LocalBackend:
     def snapshot(self, source_directory: str) -> str:
         src = str(Path(source_directory).resolve())
         limits = self._config.get("snapshot", {})
+        recorded: dict[str, bool] = {}
+
+        def is_recorded(digest: str) -> bool:
+            recorded[digest] = q.get_snapshot(self.store, digest) is not None
+            return recorded[digest]
+
         snap = take_snapshot(
             src, self.objects, q.load_stat_cache(self.store, src + os.sep),
             max_files=int(os.environ.get("CAIRN_SNAPSHOT_MAX_FILES", limits.get("max_files", DEFAULT_MAX_FILES))),
             max_bytes=int(os.environ.get("CAIRN_SNAPSHOT_MAX_BYTES", limits.get("max_bytes", DEFAULT_MAX_BYTES))),
-            is_recorded=lambda digest: q.get_snapshot(self.store, digest) is not None,
+            is_recorded=is_recorded,
         )
         manifest_digest = self.objects.put_bytes(json.dumps(snap.manifest, sort_keys=True).encode())
-        first_time = q.get_snapshot(self.store, snap.digest) is None
-        q.record_snapshot(self.store, snap.digest, manifest_digest, len(snap.entries), snap.size,
-                          snap.stat_updates)
+        first_time = not (recorded[snap.digest] if snap.digest in recorded else is_recorded(snap.digest))
+        if first_time or snap.stat_updates:  # an unchanged folder costs no write transaction
+            q.record_snapshot(self.store, snap.digest, manifest_digest, len(snap.entries), snap.size,
+                              snap.stat_updates)
         remote = self._remote_default() if first_time else None
         if remote is not None:  # the snapshot lives with the runs in the default object store too
             from cairn.storage.datastores import upload

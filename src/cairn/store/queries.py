@@ -382,15 +382,24 @@ def get_snapshot(store: Store, digest: str) -> dict[str, Any] | None:
         return _d(conn.execute(select(t.snapshots).where(t.snapshots.c.digest == digest)).first())
 
 
+_STAT_CACHE_OF = (select(t.file_stat_cache.c.path, t.file_stat_cache.c.size, t.file_stat_cache.c.mtime_ns,
+                          t.file_stat_cache.c.inode, t.file_stat_cache.c.digest)
+                  .where(t.file_stat_cache.c.path >= bindparam("b_low"), t.file_stat_cache.c.path < bindparam("b_high")))
+_COMPILED: dict[str, Any] = {}  # dialect name -> the stat cache query compiled for it
+
+
 def load_stat_cache(store: Store, prefix: str) -> dict[str, tuple[tuple[int, int, int], str]]:
-    c = t.file_stat_cache.c
-    query = (select(c.path, c.size, c.mtime_ns, c.inode, c.digest)
-             .where(c.path >= prefix, c.path < prefix + "\U0010ffff"))
     with store.read() as conn:
+        compiled = _COMPILED.get(conn.dialect.name)
+        if compiled is None:
+            compiled = _COMPILED[conn.dialect.name] = _STAT_CACHE_OF.compile(dialect=conn.dialect)
+        bounds = {"b_low": prefix, "b_high": prefix + "\U0010ffff"}
         # plain tuples from the driver: 10,000 rows through SQLAlchemy's Row objects cost ~80 ms
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        compiled = query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": False})
-        cursor.execute(str(compiled), tuple(compiled.params[k] for k in compiled.positiontup or ()))
+        if compiled.positiontup:  # qmark/format styles (SQLite): parameters by position
+            cursor.execute(str(compiled), tuple(bounds[k] for k in compiled.positiontup))
+        else:  # named styles (PostgreSQL's pyformat)
+            cursor.execute(str(compiled), bounds)
         return {r[0]: ((r[1], r[2], r[3]), r[4]) for r in cursor.fetchall()}
 
 
