@@ -154,10 +154,11 @@ class Pipeline:
         specs, step_props = [], {}
         from cairn.storage.git import git_properties
 
+        folders = list(dict.fromkeys(s.source_directory for s in self.steps))
+        snapshots.update(backend.snapshots(folders))
+        for folder in folders:
+            gits[folder] = git_properties(folder)
         for s in self.steps:
-            if s.source_directory not in snapshots:
-                snapshots[s.source_directory] = backend.snapshot(s.source_directory)
-                gits[s.source_directory] = git_properties(s.source_directory)
             bindings = s.input_bindings()
             inputs = tuple(InputSpec(b.input_name, producer_of[id(b.data)].name, b.data.output_name, b.mode,
                                      b.path_on_compute, b.read_as) for b in bindings)

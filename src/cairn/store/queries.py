@@ -364,10 +364,17 @@ def previous_step_run(store: Store, experiment: str, step_name: str, before: flo
 
 def record_snapshot(store: Store, digest: str, manifest_digest: str, file_count: int, size: int,
                     stat_updates: dict[str, tuple[tuple[int, int, int], str]]) -> None:
+    record_snapshots(store, [(digest, manifest_digest, file_count, size)], stat_updates)
+
+
+def record_snapshots(store: Store, snapshots: list[tuple[str, str, int, int]],
+                     stat_updates: dict[str, tuple[tuple[int, int, int], str]]) -> None:
+    """New snapshots (digest, manifest digest, file count, size) and stat-cache rows, in one transaction."""
     with store.write() as conn:
-        if conn.execute(select(t.snapshots.c.digest).where(t.snapshots.c.digest == digest)).first() is None:
-            conn.execute(insert(t.snapshots).values(digest=digest, manifest=manifest_digest,
-                                                    file_count=file_count, size=size, created_at=_now()))
+        for digest, manifest_digest, file_count, size in snapshots:
+            if conn.execute(select(t.snapshots.c.digest).where(t.snapshots.c.digest == digest)).first() is None:
+                conn.execute(insert(t.snapshots).values(digest=digest, manifest=manifest_digest,
+                                                        file_count=file_count, size=size, created_at=_now()))
         if stat_updates:
             paths = list(stat_updates)
             for i in range(0, len(paths), 500):
