@@ -426,3 +426,27 @@ def test_output_download_keeps_existing_files_and_gives_writable_copies(workspac
     assert (path / "result.txt").read_text() == "mine"
     out.download(tmp_path / "dl", overwrite=True)
     assert (path / "result.txt").read_text() == "HELLO"
+
+
+def test_a_step_prepared_ahead_never_starts_when_canceled_while_it_waits(workspace, write_script):
+    """With max_concurrency=1 the second step is prepared while the first runs and waits for the
+    process slot; canceling the run then ends it without ever starting its process."""
+    from cairn import ComputeTarget, LocalCompute
+
+    src = write_script("hang.py", "import time\nprint('started', flush=True)\ntime.sleep(120)\n")
+    target = ComputeTarget.create(workspace, "one", LocalCompute.provisioning_configuration(max_concurrency=1))
+    steps = [PythonScriptStep("hang.py", name=f"h{i}", source_directory=src, compute_target=target,
+                              allow_reuse=False) for i in range(2)]
+    run = Experiment(workspace, "ahead").submit(Pipeline(workspace, steps))
+    watch = workspace._backend.watch(run.id)
+    assert watch.connect()
+    while not any(s.get_status() == "Running" for s in run.get_steps()):  # woken by the agent's events
+        watch.wait(10)
+    watch.close()
+    running = [s for s in run.get_steps() if s.get_status() == "Running"]
+    waiting = [s for s in run.get_steps() if s.get_status() != "Running"]
+    assert len(running) == 1 and len(waiting) == 1 and waiting[0].get_status() in ("NotStarted", "Queued")
+    run.cancel()
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
+    assert {s.get_status() for s in run.get_steps()} == {"Canceled"}
+    assert waiting[0]._row()["pid"] is None  # its process never existed

@@ -1,6 +1,7 @@
 """The built-in ``local`` target: each step runs as a subprocess of this machine, at most
-``max_concurrency`` at a time (default: the number of cores); with ``warm_start_modules``, steps
-are forked from a per-environment server that imported those modules once (runner/warm.py)."""
+``max_concurrency`` at a time (default: the number of cores), as many more prepared ahead; with
+``warm_start_modules``, steps are forked from a per-environment server that imported those modules
+once (runner/warm.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from cairn.compute.base import DoneCallback
 from cairn.runner.execute import (
+    ProcessSlots,
     StepControl,
     StepReporter,
     cleanup_after,
@@ -30,6 +32,9 @@ class LocalCompute:
         self.max_concurrency = int(max_concurrency or os.cpu_count() or 1)
         self._running = 0
         self._lock = threading.Lock()
+        # Up to max_concurrency more steps are prepared ahead (folders, inputs, environment) while
+        # the running ones run; processes are still at most max_concurrency at a time.
+        self._slots = ProcessSlots(lambda: self.max_concurrency)
         self.warm: WarmPool | None = None
         self.set_warm_start(warm_start_modules)
 
@@ -63,7 +68,7 @@ class LocalCompute:
 
     def free_slots(self) -> int:
         with self._lock:
-            return self.max_concurrency - self._running
+            return 2 * self.max_concurrency - self._running
 
     def submit(self, job: StepJob, reporter: StepReporter, control: StepControl,
                done: DoneCallback) -> None:
@@ -72,7 +77,7 @@ class LocalCompute:
 
         def work() -> None:
             try:
-                result = execute_step(job, reporter, control, warm=self.warm)
+                result = execute_step(job, reporter, control, warm=self.warm, slots=self._slots)
                 upload_logs(job, result)
             except BaseException as exc:  # never lose a slot or a step's ending
                 result = StepResult(job.step_run_id, "Failed", f"runner crashed: {exc}", None)

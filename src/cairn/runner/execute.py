@@ -42,6 +42,36 @@ class StepReporter(Protocol):
     def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str: ...
 
 
+class ProcessSlots:
+    """At most ``limit()`` step processes at a time; a step prepared ahead waits here for one (and
+    stops waiting when it is canceled)."""
+
+    def __init__(self, limit: Callable[[], int]) -> None:
+        self._limit = limit
+        self._busy = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, control: StepControl) -> bool:
+        """True with a slot; False when the step was canceled while it waited."""
+        control.on_cancel(lambda _requeue: self.wake())
+        with self._cond:
+            while self._busy >= self._limit() and not control.canceled:
+                self._cond.wait()
+            if control.canceled:
+                return False
+            self._busy += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
 class StepControl:
     """Lets the engine stop a running step: cancel() kills its whole process group."""
 
@@ -326,8 +356,11 @@ def _resolve_environment(job: StepJob, control: StepControl, syslog: _SystemLog)
 
 
 def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | None = None,
-                 on_started: Callable[[int], None] | None = None, warm: WarmPool | None = None) -> StepResult:
-    """Run one step to its end and report it. Never raises for a step's own failure."""
+                 on_started: Callable[[int], None] | None = None, warm: WarmPool | None = None,
+                 slots: ProcessSlots | None = None) -> StepResult:
+    """Run one step to its end and report it. Never raises for a step's own failure. With ``slots``,
+    everything before the process (folders, inputs, environment) is done ahead, and the process
+    waits for a slot."""
     control = control or StepControl()
     spec = job.spec
     log_dir = Path(job.log_dir)
@@ -393,38 +426,21 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             for name in ("stdout.txt", "stderr.txt"):
                 with open(log_dir / name, "ab") as f:
                     f.write(marker)
-        started = time.monotonic()
-        with open(log_dir / "stdout.txt", "ab") as out, open(log_dir / "stderr.txt", "ab") as err:
-            proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog) if warm is not None else None
-            try:
-                if proc is None:
-                    proc = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=err,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-            except OSError as exc:
-                return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {exc}", None)
-            control.attach(proc)
-            preparing.cancel()
-            reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
-                             pid_started=process_start_time(proc.pid), attempt=job.attempt,
-                             fingerprint=job.fingerprint,  # kept even if the step fails: explainable
-                             fingerprint_parts=json.dumps(job.fingerprint_parts))
-            if on_started:
-                on_started(proc.pid)
-            syslog(f"started pid {proc.pid}")
-            timed_out = False
-            try:
-                code = proc.wait(timeout=spec.max_run_duration_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                syslog(f"over max_run_duration_seconds={spec.max_run_duration_seconds:g}: sending SIGTERM, "
-                       f"then SIGKILL after {KILL_GRACE_SECONDS:g} s")
-                _kill_group(proc, signal.SIGTERM)
-                try:
-                    code = proc.wait(timeout=KILL_GRACE_SECONDS)
-                except subprocess.TimeoutExpired:
-                    _kill_group(proc)
-                    code = proc.wait()
-            _kill_group(proc)  # nothing the step started may outlive it
+        preparing.cancel()  # prepared: what is left is starting the process (a slot, if it must wait for one)
+        if slots is not None and not slots.acquire(control):  # canceled while it waited: never started
+            if control.requeue:
+                syslog(f"stopped before it started: {control.cancel_reason}; the step will run again")
+                return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, None)
+            return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, None)
+        try:
+            started = time.monotonic()
+            code, timed_out = _run_process(job, reporter, control, on_started, warm, resolved, argv, work, env,
+                                           syslog, log_dir)
+        finally:
+            if slots is not None:
+                slots.release()  # the process has ended: the next step's may start while this one commits
+        if code is None:
+            return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {timed_out}", None)
         elapsed = time.monotonic() - started
         syslog(f"exit code {code} after {elapsed:.3f} s")
         if control.requeue:
@@ -476,6 +492,45 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             resolved.close()  # the environment may be pruned again
         for fd in holds:
             os.close(fd)  # its input cache entries may be evicted again
+
+
+def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_started: Callable[[int], None] | None,
+                 warm: WarmPool | None, resolved: ResolvedEnvironment | None, argv: list[str], work: Path,
+                 env: dict[str, str], syslog: _SystemLog, log_dir: Path) -> tuple[Any, Any]:
+    """Start the step's process (forked warm, or cold), record Running, wait for its end: (exit code,
+    timed out), or (None, why it could not start)."""
+    spec = job.spec
+    with open(log_dir / "stdout.txt", "ab") as out, open(log_dir / "stderr.txt", "ab") as err:
+        proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog) if warm is not None else None
+        try:
+            if proc is None:
+                proc = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=err,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            return None, exc
+        control.attach(proc)
+        reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
+                         pid_started=process_start_time(proc.pid), attempt=job.attempt,
+                         fingerprint=job.fingerprint,  # kept even if the step fails: explainable
+                         fingerprint_parts=json.dumps(job.fingerprint_parts))
+        if on_started:
+            on_started(proc.pid)
+        syslog(f"started pid {proc.pid}")
+        timed_out = False
+        try:
+            code = proc.wait(timeout=spec.max_run_duration_seconds)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            syslog(f"over max_run_duration_seconds={spec.max_run_duration_seconds:g}: sending SIGTERM, "
+                   f"then SIGKILL after {KILL_GRACE_SECONDS:g} s")
+            _kill_group(proc, signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=KILL_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                code = proc.wait()
+        _kill_group(proc)  # nothing the step started may outlive it
+    return code, timed_out
 
 
 def upload_logs(job: StepJob, result: StepResult) -> None:
