@@ -440,13 +440,44 @@ def test_a_step_prepared_ahead_never_starts_when_canceled_while_it_waits(workspa
     run = Experiment(workspace, "ahead").submit(Pipeline(workspace, steps))
     watch = workspace._backend.watch(run.id)
     assert watch.connect()
-    while not any(s.get_status() == "Running" for s in run.get_steps()):  # woken by the agent's events
+    for _ in range(30):  # woken by the agent's events, at most ~5 minutes
+        if any(s.get_status() == "Running" for s in run.get_steps()):
+            break
         watch.wait(10)
     watch.close()
     running = [s for s in run.get_steps() if s.get_status() == "Running"]
     waiting = [s for s in run.get_steps() if s.get_status() != "Running"]
-    assert len(running) == 1 and len(waiting) == 1 and waiting[0].get_status() in ("NotStarted", "Queued")
+    assert len(running) == 1 and len(waiting) == 1
+    assert waiting[0].get_status() in ("NotStarted", "Queued", "Preparing")  # prepared, not started
     run.cancel()
     assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
     assert {s.get_status() for s in run.get_steps()} == {"Canceled"}
     assert waiting[0]._row()["pid"] is None  # its process never existed
+
+
+def test_no_step_starts_after_a_failure_stops_the_run(workspace, write_script):
+    """Steps prepared ahead of their process slot are withdrawn when a step fails (and the run does
+    not continue on failure): with one slot, no step starts after the failing one, whatever order
+    they got the slot in, and those that never started say why."""
+    from cairn import ComputeTarget, LocalCompute
+
+    src = write_script("job.py", """
+        import sys, time
+        time.sleep(0.5)
+        sys.exit(3 if sys.argv[1] == "fail" else 0)
+    """)
+    target = ComputeTarget.create(workspace, "one", LocalCompute.provisioning_configuration(max_concurrency=1))
+    steps = [PythonScriptStep("job.py", name=name, source_directory=src, compute_target=target, arguments=[name],
+                              allow_reuse=False) for name in ("fail", "b", "c", "d")]
+    run = Experiment(workspace, "withdraw").submit(Pipeline(workspace, steps))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=120) == "Failed"
+    by_name = {s.name: s for s in run.get_steps()}
+    failed_at = by_name["fail"]._row()["ended_at"]
+    rows = [by_name[name]._row() for name in ("b", "c", "d")]
+    assert all(row["status"] in ("Completed", "NotStarted") for row in rows), rows
+    for row in rows:
+        if row["status"] == "NotStarted":
+            assert row["pid"] is None and "not run: the pipeline stopped after step 'fail' failed" in row["status_reason"]
+        else:
+            assert row["ended_at"] < failed_at  # one slot: it ran (and ended) before the failing step
+    assert any(row["status"] == "NotStarted" for row in rows)

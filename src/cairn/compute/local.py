@@ -29,14 +29,23 @@ class LocalCompute:
     def __init__(self, name: str = "local", max_concurrency: int | None = None,
                  warm_start_modules: list[str] | None = None) -> None:
         self.name = name
-        self.max_concurrency = int(max_concurrency or os.cpu_count() or 1)
+        self._max_concurrency = int(max_concurrency or os.cpu_count() or 1)
         self._running = 0
         self._lock = threading.Lock()
         # Up to max_concurrency more steps are prepared ahead (folders, inputs, environment) while
         # the running ones run; processes are still at most max_concurrency at a time.
-        self._slots = ProcessSlots(lambda: self.max_concurrency)
+        self._slots = ProcessSlots(lambda: self._max_concurrency)
         self.warm: WarmPool | None = None
         self.set_warm_start(warm_start_modules)
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._max_concurrency
+
+    @max_concurrency.setter
+    def max_concurrency(self, value: int) -> None:
+        self._max_concurrency = int(value)
+        self._slots.wake()  # a higher limit lets waiting steps start now
 
     def set_warm_start(self, modules: list[str] | None) -> None:
         """Opt-in warm start: steps are forked from a server that imported ``modules`` once."""
@@ -75,13 +84,16 @@ class LocalCompute:
         with self._lock:
             self._running += 1
 
+        slot = self._slots.ticket(job.pipeline_run_id)  # taken here, in dispatch order
+
         def work() -> None:
             try:
-                result = execute_step(job, reporter, control, warm=self.warm, slots=self._slots)
+                result = execute_step(job, reporter, control, warm=self.warm, slot=slot)
                 upload_logs(job, result)
             except BaseException as exc:  # never lose a slot or a step's ending
                 result = StepResult(job.step_run_id, "Failed", f"runner crashed: {exc}", None)
             finally:
+                slot.forget()  # a step that ended before its turn leaves the line
                 with self._lock:
                     self._running -= 1
             done(result)

@@ -35,8 +35,9 @@ ACTIVE = frozenset({Status.QUEUED, Status.PREPARING, Status.RUNNING, Status.FINA
 # to Queued from any active state (its lease expired, its unfinished steps run again).
 _NEXT: dict[Status, frozenset[Status]] = {
     Status.NOT_STARTED: frozenset({Status.QUEUED, Status.REUSED, Status.PREPARING, Status.RUNNING}),
-    Status.QUEUED: frozenset({Status.PREPARING, Status.RUNNING, Status.REUSED}),
-    Status.PREPARING: frozenset({Status.RUNNING, Status.QUEUED}),
+    # back to NotStarted: prepared, never started, and its run ended (it says why)
+    Status.QUEUED: frozenset({Status.PREPARING, Status.RUNNING, Status.REUSED, Status.NOT_STARTED}),
+    Status.PREPARING: frozenset({Status.RUNNING, Status.QUEUED, Status.NOT_STARTED}),
     Status.RUNNING: frozenset({Status.FINALIZING, Status.COMPLETED, Status.QUEUED}),
     Status.FINALIZING: frozenset({Status.COMPLETED, Status.QUEUED}),
 }

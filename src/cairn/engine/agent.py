@@ -156,6 +156,10 @@ class Agent:
                         status = Status(row.get("status") or Status.FAILED.value)
                     self._notify(sched.run_id)
                 sched.finished(name, status)
+                if status == Status.FAILED and not sched.run["continue_on_step_failure"]:
+                    for other, parent in self.step_parent.items():  # prepared ahead, not started: they never will
+                        if parent == sched.run_id:
+                            self.controls[other].withdraw()
         elif kind == "changed":
             if event[1] in self.schedulers:
                 self._notify(event[1])

@@ -43,26 +43,60 @@ class StepReporter(Protocol):
 
 
 class ProcessSlots:
-    """At most ``limit()`` step processes at a time; a step prepared ahead waits here for one (and
-    stops waiting when it is canceled)."""
+    """At most ``limit()`` step processes at a time. Of the steps prepared and waiting, the one
+    given to the compute first (a ticket each, taken at dispatch) goes first — a step still being
+    prepared holds nobody up — and a waiting step stops waiting when it is canceled or withdrawn."""
 
     def __init__(self, limit: Callable[[], int]) -> None:
         self._limit = limit
         self._busy = 0
         self._cond = threading.Condition()
+        self._waiting: dict[int, str] = {}  # ticket -> run, of the prepared steps waiting for a slot
+        self._stopped_runs: set[str] = set()  # runs that stopped after a failure: their steps never start
+        self._next_ticket = 0
 
-    def acquire(self, control: StepControl) -> bool:
-        """True with a slot; False when the step was canceled while it waited."""
-        control.on_cancel(lambda _requeue: self.wake())
+    def ticket(self, run_id: str = "") -> SlotTicket:
         with self._cond:
-            while self._busy >= self._limit() and not control.canceled:
-                self._cond.wait()
-            if control.canceled:
-                return False
-            self._busy += 1
-            return True
+            number = self._next_ticket
+            self._next_ticket += 1
+        return SlotTicket(self, number, run_id)
 
-    def release(self) -> None:
+    def stop_run(self, run_id: str) -> None:
+        """A step of ``run_id`` failed: its waiting steps are withdrawn before its slot is given on
+        (the engine hears of the failure only later)."""
+        with self._cond:
+            self._stopped_runs.add(run_id)
+            self._cond.notify_all()
+
+    def _acquire(self, number: int, run_id: str, control: StepControl,
+                 waiting: Callable[[int], None] | None) -> bool:
+        control.add_waker(self.wake)
+        with self._cond:
+            self._waiting[number] = run_id
+            told = False
+            try:
+                while not (control.canceled or control.withdrawn):
+                    if run_id and run_id in self._stopped_runs:
+                        control.withdrawn = True
+                        break
+                    if self._busy < self._limit() and number == min(self._waiting):
+                        self._busy += 1
+                        return True
+                    if waiting is not None and not told:
+                        told = True
+                        waiting(self._busy)
+                    self._cond.wait()
+                return False
+            finally:
+                self._waiting.pop(number, None)
+                self._cond.notify_all()  # the next in line may go now
+
+    def _forget(self, number: int) -> None:
+        with self._cond:
+            if self._waiting.pop(number, None) is not None:
+                self._cond.notify_all()
+
+    def _release(self) -> None:
         with self._cond:
             self._busy -= 1
             self._cond.notify_all()
@@ -72,6 +106,30 @@ class ProcessSlots:
             self._cond.notify_all()
 
 
+class SlotTicket:
+    """One step's place in line for a process slot."""
+
+    def __init__(self, slots: ProcessSlots, number: int, run_id: str) -> None:
+        self._slots = slots
+        self._number = number
+        self.run_id = run_id
+
+    def acquire(self, control: StepControl, waiting: Callable[[int], None] | None = None) -> bool:
+        """True with a slot; False when the step was canceled or withdrawn while it waited.
+        ``waiting(busy)`` is called once if the step has to wait."""
+        return self._slots._acquire(self._number, self.run_id, control, waiting)
+
+    def stop_run(self) -> None:
+        self._slots.stop_run(self.run_id)
+
+    def release(self) -> None:
+        self._slots._release()
+
+    def forget(self) -> None:
+        """The step ended before it asked for a slot: it leaves the line."""
+        self._slots._forget(self._number)
+
+
 class StepControl:
     """Lets the engine stop a running step: cancel() kills its whole process group."""
 
@@ -79,9 +137,23 @@ class StepControl:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._cancellers: list[Callable[[bool], None]] = []
+        self._wakers: list[Callable[[], None]] = []
         self.canceled = False
         self.cancel_reason = "canceled"
         self.requeue = False  # stopped by its agent: report nothing, the step runs again later
+        self.withdrawn = False  # not to start any more (its run stopped after a failure); a started step goes on
+
+    def add_waker(self, waker: Callable[[], None]) -> None:
+        """``waker()`` is called when the step is canceled or withdrawn (a wait for a slot ends)."""
+        with self._lock:
+            self._wakers.append(waker)
+
+    def withdraw(self) -> None:
+        with self._lock:
+            self.withdrawn = True
+            wakers = list(self._wakers)
+        for waker in wakers:
+            waker()
 
     def on_cancel(self, canceller: Callable[[bool], None]) -> None:
         """For a step that runs elsewhere (a Ray task): ``canceller(requeue)`` stops it."""
@@ -102,11 +174,16 @@ class StepControl:
             self.canceled = True
             self.cancel_reason = reason
             self.requeue = requeue
-            if self._proc is not None:
+            # a process already waited for (an environment build's uv) is not killed: its group id
+            # may belong to another process by now
+            if self._proc is not None and getattr(self._proc, "returncode", None) is None:
                 _kill_group(self._proc)
             cancellers = list(self._cancellers)
+            wakers = list(self._wakers)
         for canceller in cancellers:
             canceller(requeue)
+        for waker in wakers:
+            waker()
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
@@ -357,10 +434,10 @@ def _resolve_environment(job: StepJob, control: StepControl, syslog: _SystemLog)
 
 def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | None = None,
                  on_started: Callable[[int], None] | None = None, warm: WarmPool | None = None,
-                 slots: ProcessSlots | None = None) -> StepResult:
-    """Run one step to its end and report it. Never raises for a step's own failure. With ``slots``,
+                 slot: SlotTicket | None = None) -> StepResult:
+    """Run one step to its end and report it. Never raises for a step's own failure. With ``slot``,
     everything before the process (folders, inputs, environment) is done ahead, and the process
-    waits for a slot."""
+    waits for its turn."""
     control = control or StepControl()
     spec = job.spec
     log_dir = Path(job.log_dir)
@@ -427,18 +504,26 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                 with open(log_dir / name, "ab") as f:
                     f.write(marker)
         preparing.cancel()  # prepared: what is left is starting the process (a slot, if it must wait for one)
-        if slots is not None and not slots.acquire(control):  # canceled while it waited: never started
+        if slot is not None and not slot.acquire(
+                control, lambda busy: syslog(f"prepared; waiting for a process slot ({busy} step(s) running)")):
+            if control.withdrawn and not control.canceled:  # its run stopped after a failure: never started
+                syslog("not started: the pipeline stopped after a step failed")
+                return StepResult(job.step_run_id, Status.QUEUED.value, None, None)
             if control.requeue:
                 syslog(f"stopped before it started: {control.cancel_reason}; the step will run again")
                 return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, None)
             return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, None)
+        code: Any = None
+        timed_out: Any = False
         try:
             started = time.monotonic()
             code, timed_out = _run_process(job, reporter, control, on_started, warm, resolved, argv, work, env,
                                            syslog, log_dir)
         finally:
-            if slots is not None:
-                slots.release()  # the process has ended: the next step's may start while this one commits
+            if slot is not None:
+                if (code != 0 or timed_out) and job.stop_run_on_failure and not control.canceled:
+                    slot.stop_run()  # before the slot is given on: no step of this run starts after it
+                slot.release()  # the process has ended: the next step's may start while this one commits
         if code is None:
             return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {timed_out}", None)
         elapsed = time.monotonic() - started
@@ -509,13 +594,18 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
         except OSError as exc:
             return None, exc
         control.attach(proc)
-        reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
-                         pid_started=process_start_time(proc.pid), attempt=job.attempt,
-                         fingerprint=job.fingerprint,  # kept even if the step fails: explainable
-                         fingerprint_parts=json.dumps(job.fingerprint_parts))
-        if on_started:
-            on_started(proc.pid)
-        syslog(f"started pid {proc.pid}")
+        try:
+            reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
+                             pid_started=process_start_time(proc.pid), attempt=job.attempt,
+                             fingerprint=job.fingerprint,  # kept even if the step fails: explainable
+                             fingerprint_parts=json.dumps(job.fingerprint_parts))
+            if on_started:
+                on_started(proc.pid)
+            syslog(f"started pid {proc.pid}")
+        except BaseException:  # the step cannot be followed: it must not run on unseen (nor hold a slot)
+            _kill_group(proc)
+            proc.wait()
+            raise
         timed_out = False
         try:
             code = proc.wait(timeout=spec.max_run_duration_seconds)

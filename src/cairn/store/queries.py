@@ -392,14 +392,15 @@ def get_snapshot(store: Store, digest: str) -> dict[str, Any] | None:
 _STAT_CACHE_OF = (select(t.file_stat_cache.c.path, t.file_stat_cache.c.size, t.file_stat_cache.c.mtime_ns,
                           t.file_stat_cache.c.inode, t.file_stat_cache.c.digest)
                   .where(t.file_stat_cache.c.path >= bindparam("b_low"), t.file_stat_cache.c.path < bindparam("b_high")))
-_COMPILED: dict[str, Any] = {}  # dialect name -> the stat cache query compiled for it
+_COMPILED: dict[tuple[str, str, str], Any] = {}  # (dialect, driver, paramstyle) -> the stat cache query compiled
 
 
 def load_stat_cache(store: Store, prefix: str) -> dict[str, tuple[tuple[int, int, int], str]]:
     with store.read() as conn:
-        compiled = _COMPILED.get(conn.dialect.name)
+        key = (conn.dialect.name, conn.dialect.driver, conn.dialect.paramstyle)
+        compiled = _COMPILED.get(key)
         if compiled is None:
-            compiled = _COMPILED[conn.dialect.name] = _STAT_CACHE_OF.compile(dialect=conn.dialect)
+            compiled = _COMPILED[key] = _STAT_CACHE_OF.compile(dialect=conn.dialect)
         bounds = {"b_low": prefix, "b_high": prefix + "\U0010ffff"}
         # plain tuples from the driver: 10,000 rows through SQLAlchemy's Row objects cost ~80 ms
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
