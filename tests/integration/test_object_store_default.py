@@ -64,3 +64,33 @@ def test_s3_default_datastore_runs_the_foundation_flow(workspace, moto_s3, write
     again = submit()
     assert [s.get_status() for s in again.get_steps()] == ["Reused", "Reused"]
     assert again.find_step_run("consume")[0].get_metrics()["answer"] == 42
+
+
+def test_a_snapshot_whose_upload_failed_is_uploaded_by_the_next_submit(workspace, moto_s3, write_script,
+                                                                      monkeypatch):
+    import pytest
+
+    import cairn.storage.datastores as datastores
+    from cairn.core.digests import digest_file
+
+    s3 = Datastore.register_s3_bucket(
+        workspace, "lake", bucket_name=f"b{uuid.uuid4().hex[:10]}", endpoint_url=moto_s3["endpoint_url"],
+        access_key_id=moto_s3["access_key_id"], secret_access_key=moto_s3["secret_access_key"],
+        create_if_not_exists=True)
+    s3.set_as_default()
+    src = write_script("produce.py", PRODUCE)
+    real_upload = datastores.upload
+
+    def broken(*args, **kwargs):
+        raise OSError("the network went away")
+
+    monkeypatch.setattr(datastores, "upload", broken)
+    step = PythonScriptStep("produce.py", name="produce", source_directory=src, arguments=["out"])
+    with pytest.raises(OSError, match="the network went away"):
+        Experiment(workspace, "retry").submit(Pipeline(workspace, [step]))
+    monkeypatch.setattr(datastores, "upload", real_upload)
+    run = Experiment(workspace, "retry").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    fs, root = s3._location().filesystem()
+    fs.invalidate_cache()
+    assert fs.exists(f"{root}/snapshots/objects/{digest_file(src / 'produce.py').split(':', 1)[1]}")

@@ -192,15 +192,16 @@ class LocalBackend:
                 new.append((snap, manifest_digest))
             stat_updates.update(snap.stat_updates)
             digests[source_directory] = snap.digest
-        if new or stat_updates:
-            q.record_snapshots(self.store, [(n.digest, m, len(n.entries), n.size) for n, m in new], stat_updates)
         remote = self._remote_default() if new else None
         if remote is not None:  # the snapshots live with the runs in the default object store too
             from cairn.storage.datastores import upload
 
+            # uploaded before they are recorded: a failed upload leaves them new, so the next submit tries again
             objects = {e.digest for n, _ in new for e in n.entries} | {m for _, m in new}
             files = [(str(self.objects.path_for(d)), f"snapshots/objects/{d.split(':', 1)[1]}") for d in sorted(objects)]
             upload(remote, files, overwrite=False, show_progress=len(files) > 200)
+        if new or stat_updates:
+            q.record_snapshots(self.store, [(n.digest, m, len(n.entries), n.size) for n, m in new], stat_updates)
         return digests
 
     def submit_pipeline(self, experiment: str, name: str, spec: GraphSpec, *, tags: dict[str, str],
