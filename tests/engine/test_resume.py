@@ -133,3 +133,21 @@ def test_cancel_while_no_agent_runs_stops_the_run(workspace, write_script, tmp_p
     assert step.get_status() == "Canceled"
     assert not Path(f"/proc/{orphan}").exists() or Path(f"/proc/{orphan}/stat").read_text().split()[2] == "Z"
     assert [e["status"] for e in step.get_details()["events"]].count("Running") == 1  # never started again
+
+
+def test_the_end_of_an_abandoned_attempt_does_not_touch_the_step_run_again(tmp_path):
+    """A run whose lease this agent lost is abandoned (its steps stopped, requeued); if the agent
+    claims it again and reruns a step, the late end of the abandoned attempt must not end or
+    forget the new one."""
+    from cairn.engine.agent import Agent
+    from cairn.runner.execute import StepControl
+    from cairn.runner.job import StepResult
+
+    agent = Agent(WorkspaceLayout(tmp_path / "ws"))
+    abandoned, current = StepControl(), StepControl()
+    agent.controls["step_1"] = current  # the rerun's attempt
+    agent.step_parent["step_1"] = "run_1"
+    assert agent._handle(("done", StepResult("step_1", "Queued", None, None), abandoned))
+    assert agent.controls["step_1"] is current and agent.step_parent["step_1"] == "run_1"
+    assert agent._handle(("done", StepResult("step_1", "Completed", None, 0), current))
+    assert "step_1" not in agent.controls and "step_1" not in agent.step_parent

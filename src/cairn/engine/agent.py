@@ -138,6 +138,10 @@ class Agent:
             return False
         if kind == "done":
             result: StepResult = event[1]
+            if self.controls.get(result.step_run_id) is not event[2]:
+                # an attempt abandoned with its run (lease lost), whose step this agent runs again since
+                self._log(f"ignored the end of an abandoned attempt of step run {result.step_run_id}")
+                return True
             run_id = self.step_parent.pop(result.step_run_id, None)
             self.controls.pop(result.step_run_id, None)
             sched = self.schedulers.get(run_id or "")
@@ -246,7 +250,8 @@ class Agent:
         self.controls[job.step_run_id] = control
         self.step_parent[job.step_run_id] = sched.run_id
         sched.started(step)
-        compute.submit(job, self.reporter, control, lambda result: self.events.put(("done", result)))
+        compute.submit(job, self.reporter, control,
+                       lambda result, attempt=control: self.events.put(("done", result, attempt)))
         return False
 
     def _prepare_local_targets(self, sched: PipelineScheduler | None) -> None:
