@@ -13,7 +13,6 @@ from pathlib import Path
 
 from cairn.compute.base import DoneCallback
 from cairn.runner.execute import (
-    ProcessSlots,
     StepControl,
     StepReporter,
     cleanup_after,
@@ -22,6 +21,7 @@ from cairn.runner.execute import (
     upload_logs,
 )
 from cairn.runner.job import StepJob, StepResult
+from cairn.runner.slots import ProcessSlots
 from cairn.runner.warm import WarmPool, WarmStartError
 
 
@@ -60,15 +60,15 @@ class LocalCompute:
     def prestart(self, log_dir: Path, log: Callable[[str], None] | None = None) -> None:
         """Start the default environment's warm-start server now, in the background, so that the
         first step is warm too (a step that needs it meanwhile waits for it, as it would anyway)."""
-        warm = self.warm
-        if warm is None or not warm.begin_start(sys.executable, environment_base({})):
+        warm, env = self.warm, environment_base({})
+        if warm is None or not warm.begin_start(sys.executable, env):
             return
         say = log or (lambda _message: None)
         say(f"warm start: starting the server of target {self.name!r} (modules: {', '.join(warm.modules)})")
 
         def start() -> None:
             try:
-                server = warm.server(sys.executable, environment_base({}), log_dir)
+                server = warm.server(sys.executable, env, log_dir)
                 say(f"warm start: server pid {server.ready['pid']} of target {self.name!r} is ready")
             except (WarmStartError, OSError) as exc:  # the first step tries again and says why in its log
                 say(f"warm start: the server of target {self.name!r} could not start: {exc}")
@@ -93,7 +93,6 @@ class LocalCompute:
             except BaseException as exc:  # never lose a slot or a step's ending
                 result = StepResult(job.step_run_id, "Failed", f"runner crashed: {exc}", None)
             finally:
-                slot.forget()  # a step that ended before its turn leaves the line
                 with self._lock:
                     self._running -= 1
             done(result)

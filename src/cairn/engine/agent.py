@@ -192,8 +192,7 @@ class Agent:
             if getattr(compute, "max_concurrency", wanted) != wanted:
                 compute.max_concurrency = int(wanted)  # type: ignore[attr-defined]
             if hasattr(compute, "set_warm_start"):
-                compute.set_warm_start(record["config"].get("warm_start_modules"))
-                compute.prestart(self.layout.dot, self._log)
+                compute.set_warm_start(record["config"].get("warm_start_modules"))  # started by _prepare_local_targets
 
     def _claim_waiting(self) -> None:
         dead = {o for o in q.lease_owners(self.ctx.store)
@@ -255,16 +254,19 @@ class Agent:
         return False
 
     def _prepare_local_targets(self, sched: PipelineScheduler | None) -> None:
-        """Make the local targets with warm start (all, or those of ``sched``'s run) now: their
-        warm-start servers start at once, in the background, while steps are still being prepared.
-        Best effort: a target that cannot be made fails its own steps when they are dispatched."""
+        """Make the local targets with warm start (all, or those of ``sched``'s run) now and start
+        their warm-start servers, in the background, while steps are still being prepared (the one
+        place servers are started ahead). Best effort: a target that cannot be made fails its own
+        steps when they are dispatched."""
         try:
             warm = {c["name"] for c in q.list_named(self.ctx.store, "compute_targets")
                     if c["kind"] == "local" and c["config"].get("warm_start_modules")}
             if sched is not None:
                 warm &= {step.compute_target for step in sched.spec.steps}
             for name in warm:
-                self._compute(name)
+                compute = self._compute(name)
+                if compute is not None:
+                    compute.prestart(self.layout.dot, self._log)  # type: ignore[attr-defined]
         except Exception as exc:
             self._log(f"could not prepare the local compute targets: {type(exc).__name__}: {exc}")
 
@@ -282,8 +284,6 @@ class Agent:
                 config["task_body"] = run_step_task
             self.computes[name] = make_compute(name, targets[name]["kind"], config)
             self._compute_configs[name] = targets[name]["config"]
-            if hasattr(self.computes[name], "prestart"):
-                self.computes[name].prestart(self.layout.dot, self._log)  # type: ignore[attr-defined]
         return self.computes[name]
 
     def _check_cancels(self) -> None:

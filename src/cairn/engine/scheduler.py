@@ -49,7 +49,6 @@ class PipelineScheduler:
         self._roots = ctx.datastore_roots()
         self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
         self._outputs: dict[str, dict[str, Any]] = {}  # producer step run -> its committed outputs
-        self._names: dict[str, str] = {}  # step run id -> step name
         self._default_store = ctx.default_datastore()
         self._run_root = ctx.local_run_root()
         # Readiness is kept up to date as statuses change, not recomputed from the whole graph on
@@ -68,11 +67,10 @@ class PipelineScheduler:
                 self.step_ids[child["name"]] = child["id"]
                 self.attempts[child["name"]] = child["attempt"] or 0
                 self.status[child["name"]] = Status(child["status"])
+        self._names = {i: n for n, i in self.step_ids.items()}  # step run id -> step name
         self._count_unmet()
 
     def name_of(self, step_run_id: str) -> str:
-        if len(self._names) != len(self.step_ids):
-            self._names = {i: n for n, i in self.step_ids.items()}
         return self._names[step_run_id]
 
     def _count_unmet(self) -> None:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from cairn.core.status import Status
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
@@ -23,6 +23,7 @@ from cairn.environments.spec import is_managed
 from cairn.runner.input_cache import cache_root, cached_input
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
+from cairn.runner.slots import SlotTicket
 from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmStartError
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
@@ -40,94 +41,6 @@ class StepReporter(Protocol):
     def ended(self, step_run_id: str, status: Status, reason: str, exit_code: int | None) -> None: ...
 
     def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str: ...
-
-
-class ProcessSlots:
-    """At most ``limit()`` step processes at a time. Of the steps prepared and waiting, the one
-    given to the compute first (a ticket each, taken at dispatch) goes first — a step still being
-    prepared holds nobody up — and a waiting step stops waiting when it is canceled or withdrawn."""
-
-    def __init__(self, limit: Callable[[], int]) -> None:
-        self._limit = limit
-        self._busy = 0
-        self._cond = threading.Condition()
-        self._waiting: dict[int, str] = {}  # ticket -> run, of the prepared steps waiting for a slot
-        self._stopped_runs: set[str] = set()  # runs that stopped after a failure: their steps never start
-        self._next_ticket = 0
-
-    def ticket(self, run_id: str = "") -> SlotTicket:
-        with self._cond:
-            number = self._next_ticket
-            self._next_ticket += 1
-        return SlotTicket(self, number, run_id)
-
-    def stop_run(self, run_id: str) -> None:
-        """A step of ``run_id`` failed: its waiting steps are withdrawn before its slot is given on
-        (the engine hears of the failure only later)."""
-        with self._cond:
-            self._stopped_runs.add(run_id)
-            self._cond.notify_all()
-
-    def _acquire(self, number: int, run_id: str, control: StepControl,
-                 waiting: Callable[[int], None] | None) -> bool:
-        control.add_waker(self.wake)
-        with self._cond:
-            self._waiting[number] = run_id
-            told = False
-            try:
-                while not (control.canceled or control.withdrawn):
-                    if run_id and run_id in self._stopped_runs:
-                        control.withdrawn = True
-                        break
-                    if self._busy < self._limit() and number == min(self._waiting):
-                        self._busy += 1
-                        return True
-                    if waiting is not None and not told:
-                        told = True
-                        waiting(self._busy)
-                    self._cond.wait()
-                return False
-            finally:
-                self._waiting.pop(number, None)
-                self._cond.notify_all()  # the next in line may go now
-
-    def _forget(self, number: int) -> None:
-        with self._cond:
-            if self._waiting.pop(number, None) is not None:
-                self._cond.notify_all()
-
-    def _release(self) -> None:
-        with self._cond:
-            self._busy -= 1
-            self._cond.notify_all()
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-
-class SlotTicket:
-    """One step's place in line for a process slot."""
-
-    def __init__(self, slots: ProcessSlots, number: int, run_id: str) -> None:
-        self._slots = slots
-        self._number = number
-        self.run_id = run_id
-
-    def acquire(self, control: StepControl, waiting: Callable[[int], None] | None = None) -> bool:
-        """True with a slot; False when the step was canceled or withdrawn while it waited.
-        ``waiting(busy)`` is called once if the step has to wait."""
-        return self._slots._acquire(self._number, self.run_id, control, waiting)
-
-    def stop_run(self) -> None:
-        self._slots.stop_run(self.run_id)
-
-    def release(self) -> None:
-        self._slots._release()
-
-    def forget(self) -> None:
-        """The step ended before it asked for a slot: it leaves the line."""
-        self._slots._forget(self._number)
 
 
 class StepControl:
@@ -513,19 +426,18 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                 syslog(f"stopped before it started: {control.cancel_reason}; the step will run again")
                 return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, None)
             return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, None)
-        code: Any = None
-        timed_out: Any = False
+        ended: _ProcessEnd | None = None
+        started = time.monotonic()
         try:
-            started = time.monotonic()
-            code, timed_out = _run_process(job, reporter, control, on_started, warm, resolved, argv, work, env,
-                                           syslog, log_dir)
+            ended = _run_process(job, reporter, control, on_started, warm, resolved, argv, work, env, syslog, log_dir)
         finally:
             if slot is not None:
-                if (code != 0 or timed_out) and job.stop_run_on_failure and not control.canceled:
+                if (ended is None or not ended.succeeded) and job.stop_run_on_failure and not control.canceled:
                     slot.stop_run()  # before the slot is given on: no step of this run starts after it
                 slot.release()  # the process has ended: the next step's may start while this one commits
-        if code is None:
-            return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {timed_out}", None)
+        if ended.start_error is not None:
+            return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {ended.start_error}", None)
+        code, timed_out = ended.code, ended.timed_out
         elapsed = time.monotonic() - started
         syslog(f"exit code {code} after {elapsed:.3f} s")
         if control.requeue:
@@ -579,11 +491,20 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             os.close(fd)  # its input cache entries may be evicted again
 
 
+class _ProcessEnd(NamedTuple):
+    code: int | None = None
+    timed_out: bool = False
+    start_error: OSError | None = None  # the process could not be started
+
+    @property
+    def succeeded(self) -> bool:
+        return self.code == 0 and not self.timed_out
+
+
 def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_started: Callable[[int], None] | None,
                  warm: WarmPool | None, resolved: ResolvedEnvironment | None, argv: list[str], work: Path,
-                 env: dict[str, str], syslog: _SystemLog, log_dir: Path) -> tuple[Any, Any]:
-    """Start the step's process (forked warm, or cold), record Running, wait for its end: (exit code,
-    timed out), or (None, why it could not start)."""
+                 env: dict[str, str], syslog: _SystemLog, log_dir: Path) -> _ProcessEnd:
+    """Start the step's process (forked warm, or cold), record Running, wait for its end."""
     spec = job.spec
     with open(log_dir / "stdout.txt", "ab") as out, open(log_dir / "stderr.txt", "ab") as err:
         proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog) if warm is not None else None
@@ -592,7 +513,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
                 proc = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=err,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
-            return None, exc
+            return _ProcessEnd(start_error=exc)
         control.attach(proc)
         try:
             reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
@@ -620,7 +541,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
                 _kill_group(proc)
                 code = proc.wait()
         _kill_group(proc)  # nothing the step started may outlive it
-    return code, timed_out
+    return _ProcessEnd(code, timed_out)
 
 
 def upload_logs(job: StepJob, result: StepResult) -> None:
