@@ -143,7 +143,14 @@ class Run(_MetricsMixin):
                 from cairn.client.experiment import Experiment
                 from cairn.client.workspace import Workspace
 
-                return StepRun(Experiment(Workspace(workspace), os.environ["CAIRN_EXPERIMENT"]), run_id)
+                relay = os.environ.get("CAIRN_RELAY")  # a Ray node of another machine: through its runner
+                if relay:
+                    from cairn.backend.relay import RelayBackend
+
+                    ws = Workspace._over(RelayBackend(relay))
+                else:
+                    ws = Workspace(workspace)
+                return StepRun(Experiment(ws, os.environ["CAIRN_EXPERIMENT"]), run_id)
             except (ImportError, TypeError, AttributeError) as exc:
                 conflicts = os.environ.get("CAIRN_CLIENT_CONFLICTS")
                 if not conflicts:

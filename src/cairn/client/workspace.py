@@ -36,6 +36,13 @@ class Workspace:
         self._backend: LocalBackend = LocalBackend(layout)
 
     @classmethod
+    def _over(cls, backend: Any) -> Workspace:
+        """A workspace reached through ``backend`` (a step's relay on a Ray node of another machine)."""
+        ws = cls.__new__(cls)
+        ws._backend = backend
+        return ws
+
+    @classmethod
     def create(cls, path: str | os.PathLike[str] = ".", exist_ok: bool = True, **ignored: Any) -> Workspace:
         """Make an embedded workspace in ``path`` (or open it when it exists and ``exist_ok``)."""
         if not isinstance(path, (str, os.PathLike)):

@@ -1,11 +1,13 @@
 """The ``ray`` target: each step runs as a Ray task on an existing Ray cluster — the very same
 ``execute_step`` as on local compute, inside the task (no second execution path).
 
-The task reports to the workspace's store itself and tells the agent over its socket that
-something changed; a task lost with its worker or node is handed back to the scheduler, which runs
-the step again as a new attempt (``retries`` times, default once), then fails it with the reason.
-The embedded workspace (SQLite and local folders) therefore needs the Ray nodes on this machine;
-nodes on other machines need a store and datastores they can all reach (the team server).
+On a node of this machine the task reports to the workspace's store itself and tells the agent
+over its socket that something changed. On a node of another machine it goes through the workspace's
+relay, an actor the engine starts on the agent's own node (``relay_factory``; see
+``engine/ray_relay.py``): status, logs, outputs on local datastores, snapshot and input files, and
+the script's ``Run.get_context()``. A task lost with its worker or node is handed back to the
+scheduler, which runs the step again as a new attempt (``retries`` times, default once), then fails
+it with the reason.
 
 Security: Ray's own job and task APIs have no authentication (CVE-2023-48022, "ShadowRay") and Ray
 may listen on every interface. A Ray cluster must sit on a trusted network. Cairn never opens the
@@ -30,11 +32,17 @@ _FIELD = {"CPU": "cpus", "GPU": "gpus", "memory": "memory_gb"}
 
 class RayCompute:
     def __init__(self, name: str, address: str, retries: int = DEFAULT_RETRIES,
-                 task_body: Callable[[StepJob], dict[str, Any]] | None = None, **config: Any) -> None:
-        """``task_body`` is what each Ray task runs (the engine gives its own: the runner reporting to
-        the workspace's store); the cluster record's other keys are kept in ``config``."""
+                 task_body: Callable[..., dict[str, Any]] | None = None,
+                 relay_factory: Callable[[], Any] | None = None, **config: Any) -> None:
+        """``task_body(job, relay)`` is what each Ray task runs (the engine gives its own: the runner
+        reporting to the workspace); ``relay_factory()`` starts, once per connection, the actor that
+        tasks on other machines reach the workspace through (it has ``kill_step(step_run_id)``);
+        the cluster record's other keys are kept in ``config``."""
         self.name = name
         self._task_body = task_body
+        self._relay_factory = relay_factory
+        self._relay: Any = None
+        self._relay_job: Any = None
         self.address = address
         self.retries = int(retries)
         self.config = config
@@ -64,6 +72,10 @@ class RayCompute:
                     raise RuntimeError("RayCompute was made without a task body (the agent gives it one)")
                 self._remote = ray.remote(self._task_body)
             self._capacity = float(ray.cluster_resources().get("CPU", 0))
+            job_id = ray.get_runtime_context().get_job_id()
+            if self._relay_factory is not None and self._relay_job != job_id:  # a new connection: a new relay
+                self._relay = self._relay_factory()
+                self._relay_job = job_id
         return ray
 
     def free_slots(self) -> int:
@@ -137,8 +149,8 @@ class RayCompute:
         if spec.node_count > 1:
             self._run_on_nodes(job, options, reporter, control, done)
             return
-        ref = self._remote.options(**options).remote(job)
-        control.on_cancel(lambda requeue: ray.cancel(ref, force=True))
+        ref = self._remote.options(**options).remote(job, self._relay)
+        control.on_cancel(lambda requeue: self._cancel(ref, job))
         self._wait(job, ref, reporter, control, done)
 
     def _run_on_nodes(self, job: StepJob, options: dict[str, Any], reporter: StepReporter, control: StepControl,
@@ -148,7 +160,6 @@ class RayCompute:
         CAIRN_PLACEMENT_GROUP) so that it can start its own Ray work on the others."""
         import dataclasses
 
-        import ray
         from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -171,11 +182,26 @@ class RayCompute:
             variables = [*[list(p) for p in job.step.get("environment_variables", [])], *map(list, extra.items())]
             job = dataclasses.replace(job, step={**job.step, "environment_variables": variables})
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
-            ref = self._remote.options(**{**options, "scheduling_strategy": strategy}).remote(job)
-            control.on_cancel(lambda requeue: ray.cancel(ref, force=True))
+            ref = self._remote.options(**{**options, "scheduling_strategy": strategy}).remote(job, self._relay)
+            control.on_cancel(lambda requeue: self._cancel(ref, job))
             self._wait(job, ref, reporter, control, done)
         finally:
             remove_placement_group(group)
+
+    def _cancel(self, ref: Any, job: StepJob) -> None:
+        """Stop the task's worker; a step on another machine also has its process group killed there
+        (on this machine the agent does it)."""
+        import ray
+
+        self._kill_remote(job)
+        ray.cancel(ref, force=True)
+
+    def _kill_remote(self, job: StepJob) -> None:
+        if self._relay is not None:
+            try:
+                self._relay.kill_step.remote(job.step_run_id)
+            except Exception:  # no relay any more: no step of another machine either
+                pass
 
     def _infeasible(self, ray: Any, cpus: float, gpus: float, memory_gb: float) -> str | None:
         """Why no node of the cluster can ever run a step asking this much (Ray would queue it
@@ -233,6 +259,7 @@ class RayCompute:
         if control.canceled:
             status = "Queued" if control.requeue else "Canceled"
             return StepResult(job.step_run_id, status, None if control.requeue else control.cancel_reason, None)
+        self._kill_remote(job)  # its worker died, but the node may live on: so may the step's process
         lost = self._lost[job.step_run_id] = self._lost.get(job.step_run_id, 0) + 1
         if lost <= self.retries:
             return StepResult(job.step_run_id, "Queued",

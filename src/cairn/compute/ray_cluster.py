@@ -41,11 +41,14 @@ def free_port() -> int:
 
 
 def start_node(address: str | None, cpus: int | None, log: Path, port: int | None = None,
-               gpus: int | None = None) -> dict[str, Any]:
-    """Start a head (``address`` None) or a worker node; returns what ``stop_node`` needs."""
+               gpus: int | None = None, launcher: tuple[str, ...] = (),
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Start a head (``address`` None) or a worker node; returns what ``stop_node`` needs.
+    ``launcher`` is put before ``ray start`` (e.g. a namespace wrapper), ``env`` added to its
+    variables."""
     temp_dir = tempfile.mkdtemp(prefix="cairn-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     manager_port = free_port()
-    argv = [ray_cli(), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+    argv = [*launcher, ray_cli(), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}",
             "--node-ip-address=127.0.0.1", f"--node-manager-port={manager_port}",
             f"--object-manager-port={free_port()}"]
     if address is None:
@@ -60,7 +63,8 @@ def start_node(address: str | None, cpus: int | None, log: Path, port: int | Non
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                                start_new_session=True,
+                                env={**os.environ, **(env or {}), "RAY_USAGE_STATS_ENABLED": "0"})
     node = {"pid": proc.pid, "temp_dir": temp_dir, "log": str(log), "node_manager_port": manager_port}
     if address is None:
         node["address"] = f"127.0.0.1:{argv_port(argv)}"

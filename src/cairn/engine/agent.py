@@ -7,6 +7,7 @@ lease-renewal / idle deadline. It never polls for work.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import signal
@@ -279,9 +280,11 @@ class Agent:
             if self.max_concurrency and targets[name]["kind"] == "local":
                 config["max_concurrency"] = self.max_concurrency
             if targets[name]["kind"] == "ray":  # what its tasks run: the engine's runner body
+                from cairn.engine.ray_relay import start_relay
                 from cairn.engine.ray_task import run_step_task
 
                 config["task_body"] = run_step_task
+                config["relay_factory"] = functools.partial(start_relay, str(self.layout.root))
             self.computes[name] = make_compute(name, targets[name]["kind"], config)
             self._compute_configs[name] = targets[name]["config"]
         return self.computes[name]

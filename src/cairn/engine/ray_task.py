@@ -9,8 +9,9 @@ from typing import Any
 from cairn.runner.job import StepJob
 
 
-def run_step_task(job: StepJob) -> dict[str, Any]:
-    """The body of the Ray task, on a Ray worker: run the step with the shared runner."""
+def run_step_task(job: StepJob, relay: Any = None) -> dict[str, Any]:
+    """The body of the Ray task, on a Ray worker: run the step with the shared runner. On a node that
+    cannot see the workspace (another machine), through the workspace's ``relay``."""
     import ray
 
     from cairn.engine.client import changed
@@ -20,17 +21,22 @@ def run_step_task(job: StepJob) -> dict[str, Any]:
     from cairn.store import queries as q
 
     layout = WorkspaceLayout(job.workspace)
+    context = ray.get_runtime_context()
+    node = context.get_node_id()
+    where = {"cairn.ray.node": node, f"cairn.ray.node.a{job.attempt}": node,
+             "cairn.ray.resources": json.dumps(context.get_assigned_resources(), sort_keys=True)}
     unreachable = workspace_unreachable(job)
+    if unreachable and relay is not None:  # another machine: through the workspace's relay
+        from cairn.engine.remote_step import run_remote
+
+        ray.get(relay.add_properties.remote(job.step_run_id, {**where, "cairn.ray.relayed": "true"}))
+        return run_remote(job, relay, node)
     if unreachable:  # told to the driver, which records it: this node cannot write to the store
         return {"step_run_id": job.step_run_id, "status": "Failed", "reason": unreachable, "exit_code": None}
     ctx = EngineContext.open(layout)
-    reporter = _TaskReporter(ctx.store, on_change=lambda _sid: changed(layout, job.pipeline_run_id),
-                             locate=ctx.datastore_location)
-    context = ray.get_runtime_context()
-    node = context.get_node_id()
-    q.add_properties(ctx.store, job.step_run_id, {
-        "cairn.ray.node": node, f"cairn.ray.node.a{job.attempt}": node,
-        "cairn.ray.resources": json.dumps(context.get_assigned_resources(), sort_keys=True)})
+    reporter = TaskReporter(ctx.store, on_change=lambda _sid: changed(layout, job.pipeline_run_id),
+                            locate=ctx.datastore_location)
+    q.add_properties(ctx.store, job.step_run_id, where)
     # a cancel kills this worker (ray.cancel with force); the agent kills the step's process group
     result = execute_step(job, reporter, StepControl())
     upload_logs(job, result)
@@ -47,10 +53,10 @@ def workspace_unreachable(job: StepJob) -> str | None:
 
     if WorkspaceLayout(job.workspace).db.is_file():
         return None
-    return (f"the step was placed on Ray node {socket.gethostname()!r}, which cannot reach the workspace "
-            f"{job.workspace!r} (its store and folders are on the agent's machine): an embedded workspace "
-            f"runs Ray steps on nodes of its own machine only. Start the cluster's nodes there, or use a "
-            f"workspace on the team server for nodes on other machines")
+    return (f"the step was placed on Ray node {socket.gethostname()!r}, which cannot see the workspace "
+            f"{job.workspace!r} (its store and folders are on the agent's machine), and the workspace's relay "
+            f"was not started: the agent must run on a node of the Ray cluster (start one there with "
+            f"`ray start --address=HEAD:PORT`) for steps to run on nodes of other machines")
 
 
 def _requeued(store: Any, step_run_id: str) -> bool:
@@ -60,7 +66,7 @@ def _requeued(store: Any, step_run_id: str) -> bool:
     return row is not None and row["status"] == "Queued"
 
 
-class _TaskReporter:
+class TaskReporter:
     """The store reporter of a Ray task, which never writes an ending over a step that its agent
     has handed back to the queue (an agent stop kills the task's step: that is not its failure)."""
 

@@ -347,10 +347,10 @@ def _resolve_environment(job: StepJob, control: StepControl, syslog: _SystemLog)
 
 def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | None = None,
                  on_started: Callable[[int], None] | None = None, warm: WarmPool | None = None,
-                 slot: SlotTicket | None = None) -> StepResult:
+                 slot: SlotTicket | None = None, commit_local: LocalCommit | None = None) -> StepResult:
     """Run one step to its end and report it. Never raises for a step's own failure. With ``slot``,
     everything before the process (folders, inputs, environment) is done ahead, and the process
-    waits for its turn."""
+    waits for its turn. ``commit_local``: see ``_commit_outputs``."""
     control = control or StepControl()
     spec = job.spec
     log_dir = Path(job.log_dir)
@@ -458,7 +458,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED, f"the script called run.fail(): {details}", code)
         finalizing = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)
         try:
-            outputs = _commit_outputs(job, spec, syslog)
+            outputs = _commit_outputs(job, spec, syslog, commit_local)
         except OutputCommitError as exc:
             return _end(job, reporter, syslog, Status.FAILED, str(exc), code)
         finally:
@@ -646,7 +646,7 @@ def _last_line(path: Path) -> str:
 
 def _end(job: StepJob, reporter: StepReporter, syslog: _SystemLog, status: Status, reason: str,
          code: int | None) -> StepResult:
-    _remove_staging(job, job.spec)  # a step that did not succeed commits nothing
+    remove_staging(job, job.spec)  # a step that did not succeed commits nothing
     syslog(f"{status.value}: {reason}")
     reporter.ended(job.step_run_id, status, reason, code)
     return StepResult(job.step_run_id, status.value, reason, code)
@@ -656,27 +656,40 @@ class OutputCommitError(Exception):
     """An output cannot be committed where it was asked to go (the step fails with this reason)."""
 
 
-def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog) -> list[dict[str, Any]]:
+def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog,
+                    commit_local: LocalCommit | None = None) -> list[dict[str, Any]]:
     """Digest each staged output, then move it into place with one rename (no copy) on a local
-    datastore, or upload it to an object store."""
+    datastore, or upload it to an object store. ``commit_local`` commits outputs of local
+    datastores elsewhere (a step on a Ray node of another machine hands them to the workspace)."""
     committed = []
     for o in spec.outputs:
         staging = Path(job.staging_dirs[o.name])
         if not staging.exists():
             staging.mkdir(parents=True)
-        tree = digest_tree(staging)
-        if o.datastore in job.datastore_roots:
-            _commit_local(job, o, staging)
-        else:
-            _commit_remote(job, o, staging)
-        syslog(f"output {o.name}: {tree.file_count} files, {tree.size} bytes, {tree.digest} "
-               f"-> {o.datastore}:{job.output_dirs[o.name]}")
         local = o.datastore in job.datastore_roots
-        committed.append({"name": o.name, "datastore": o.datastore, "path": job.output_dirs[o.name],
-                          "digest": tree.digest, "size": tree.size, "file_count": tree.file_count,
-                          "stat_signature": tree.stat_signature if local else None})
-    _remove_staging(job, spec)
+        record = (commit_local or commit_output)(job, o, staging) if local else commit_output(job, o, staging)
+        syslog(f"output {o.name}: {record['file_count']} files, {record['size']} bytes, {record['digest']} "
+               f"-> {o.datastore}:{job.output_dirs[o.name]}")
+        committed.append(record)
+    remove_staging(job, spec)
     return committed
+
+
+LocalCommit = Callable[[StepJob, Any, Path], dict[str, Any]]
+
+
+def commit_output(job: StepJob, o: Any, staging: Path) -> dict[str, Any]:
+    """Digest one staged output and commit it: renamed into place on a local datastore (no copy),
+    uploaded to an object store. Returns the output's record."""
+    tree = digest_tree(staging)
+    local = o.datastore in job.datastore_roots
+    if local:
+        _commit_local(job, o, staging)
+    else:
+        _commit_remote(job, o, staging)
+    return {"name": o.name, "datastore": o.datastore, "path": job.output_dirs[o.name],
+            "digest": tree.digest, "size": tree.size, "file_count": tree.file_count,
+            "stat_signature": tree.stat_signature if local else None}
 
 
 def _commit_local(job: StepJob, o: Any, staging: Path) -> None:
@@ -710,7 +723,7 @@ def _commit_remote(job: StepJob, o: Any, staging: Path) -> None:
     upload(loc, files, overwrite=True, show_progress=False)
 
 
-def _remove_staging(job: StepJob, spec: Any) -> None:
+def remove_staging(job: StepJob, spec: Any) -> None:
     """Remove the step's whole staging folder: this attempt's and any an interrupted one left."""
     for o in spec.outputs:
         shutil.rmtree(Path(job.staging_dirs[o.name]).parent.parent, ignore_errors=True)
