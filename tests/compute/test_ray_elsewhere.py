@@ -180,5 +180,44 @@ def test_logs_stream_while_the_step_runs_and_cancel_kills_its_process_there(
     run.cancel()
     assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
     assert step.get_status() == "Canceled"
-    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
-             "the step's process on the other node to be killed", timeout=30)
+    wait_for(lambda: gone(pid), "the step's process on the other node to be killed", timeout=30)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_with_an_object_store_default_the_node_uploads_outputs_and_the_workspace_keeps_the_logs(
+        workspace: Workspace, target: ComputeTarget, elsewhere: dict[str, Any], moto_s3: dict[str, Any],
+        write_script: Callable[..., Path]) -> None:
+    import uuid
+
+    from cairn import Datastore
+
+    s3 = Datastore.register_s3_bucket(
+        workspace, "lake", bucket_name=f"b{uuid.uuid4().hex[:10]}", endpoint_url=moto_s3["endpoint_url"],
+        access_key_id=moto_s3["access_key_id"], secret_access_key=moto_s3["secret_access_key"],
+        create_if_not_exists=True)
+    s3.set_as_default()
+    src = write_script("produce.py", "import sys, os\nopen(os.path.join(sys.argv[1], 'n.txt'), 'w').write('41')\n")
+    write_script("consume.py", "import sys\nfrom cairn import Run\nn = int(open(sys.argv[1] + '/n.txt').read()) + 1\n"
+                               "Run.get_context().log('answer', n)\nprint('answer', n)\n")
+    data = PipelineData("n")
+    produce = PythonScriptStep("produce.py", name="produce", source_directory=str(src), arguments=[data],
+                               outputs=[data], compute_target=target)
+    consume = PythonScriptStep("consume.py", name="consume", source_directory=str(src),
+                               arguments=[data.as_input()], compute_target=target)
+    run = Experiment(workspace, "far").submit(Pipeline(workspace, [produce, consume]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    first, second = run.find_step_run("produce")[0], run.find_step_run("consume")[0]
+    assert relayed_on(first, elsewhere["node"]) and relayed_on(second, elsewhere["node"])
+    output = first.get_output_data("n")
+    assert output.datastore_name == "lake" and output.local_path is None
+    assert second.get_metrics()["answer"] == 42 and second.get_stdout_log() == "answer 42\n"
+    fs, root = s3._location().filesystem()
+    fs.invalidate_cache()
+    assert fs.exists(f"{root}/{output.path_on_datastore}/n.txt")
+    assert fs.cat(f"{root}/runs/{run.id}/{second.id}/logs/stdout.txt") == b"answer 42\n"

@@ -122,17 +122,18 @@ class WorkspaceRelay:
     # -- files ------------------------------------------------------------------------------------
 
     def _inside(self, path: str) -> Path:
-        """``path`` resolved, if it lies in the workspace's own folders; else an error."""
+        """``path``, if it lies in the workspace's data: its local datastores, or the local cache of an
+        object-store default datastore (run logs and staging). Never its store, keys or objects."""
         from cairn.engine.context import local_datastore_roots
 
         if self._roots is None:
-            self._roots = [self.layout.dot.resolve(),
+            self._roots = [(self.layout.dot / "cache").resolve(),
                            *(Path(r).resolve() for r in local_datastore_roots(self.ctx.store, self.layout).values())]
         full = Path(os.path.abspath(path))
         resolved = full.resolve()
         if not any(resolved == r or r in resolved.parents for r in self._roots):
             self._roots = None  # a datastore registered since: asked again next time
-            raise PermissionError(f"{path} is not inside workspace {self.layout.root} or its local datastores")
+            raise PermissionError(f"{path} is not inside a local datastore of workspace {self.layout.root}")
         return full
 
     def read_objects(self, digests: list[str]) -> dict[str, bytes]:
