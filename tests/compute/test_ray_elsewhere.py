@@ -118,6 +118,11 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
         run.tag("where", "elsewhere")
         Path("note.txt").write_text("an artifact")
         run.upload_file("notes/note.txt", "note.txt")
+        print("artifact back:", open(run.download_file("notes/note.txt", "copy.txt")).read())
+        try:
+            run.experiment.workspace._backend.datastore_location("workspaceblobstore")
+        except PermissionError as exc:
+            print("refused:", exc)
         print("to stderr", file=sys.stderr)
         """)
     write_script("use.py", """
@@ -140,6 +145,8 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
     out = first.get_stdout_log()
     assert "workspace visible: False" in out  # it really ran where the workspace is not
     assert "input files: ['a.txt', 'empty.txt', 'sub/b.txt']" in out
+    assert "artifact back: an artifact" in out
+    assert "refused: datastore_location is not available to a step on a Ray node of another machine" in out
     assert first.get_stderr_log() == "to stderr\n"
     assert first.get_metrics()["rows"] == [3, 4]
     assert first.get_tags()["where"] == "elsewhere"
@@ -153,6 +160,8 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
     registered = Dataset.get_by_name(workspace, "uppercased")
     assert registered.version == 1
     assert (second.get_output_data("upper").local_path / "upper.txt").read_text() == "ALPHA\nBETA\n"
+    assert list((elsewhere["cache"] / "node" / "steps").iterdir()) == []  # the node keeps no step folder
+    assert not list(Path(workspace.location, ".cairn", "datastores").rglob("staging"))
 
 
 def test_a_failing_step_on_another_machine_fails_with_its_reason_and_logs(

@@ -87,6 +87,17 @@ class RelayBackend:
     def put_artifact(self, run_id: str, name: str, local_path: str) -> str:
         return str(self._call("__put_artifact__", (run_id, name, Path(local_path).read_bytes()), {}))
 
+    def artifact_path(self, run_id: str, name: str) -> Path:
+        """A copy of the run's file on this machine (a missing file: a path that does not exist)."""
+        import tempfile
+
+        data = self._call("__read_artifact__", (run_id, name), {})
+        folder = Path(tempfile.mkdtemp(prefix="cairn-artifact-"))
+        path = folder / Path(name).name
+        if data is not None:
+            path.write_bytes(data)
+        return path
+
     def prestart(self) -> None:
         """Nothing to start: the workspace's agent runs on its own machine."""
 

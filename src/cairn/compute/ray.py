@@ -74,8 +74,11 @@ class RayCompute:
             self._capacity = float(ray.cluster_resources().get("CPU", 0))
             job_id = ray.get_runtime_context().get_job_id()
             if self._relay_factory is not None and self._relay_job != job_id:  # a new connection: a new relay
-                self._relay = self._relay_factory()
                 self._relay_job = job_id
+                try:
+                    self._relay = self._relay_factory()
+                except Exception:  # steps on this machine's nodes need none; others fail, saying so
+                    self._relay = None
         return ray
 
     def free_slots(self) -> int:
@@ -149,7 +152,7 @@ class RayCompute:
         if spec.node_count > 1:
             self._run_on_nodes(job, options, reporter, control, done)
             return
-        ref = self._remote.options(**options).remote(job, self._relay)
+        ref = self._remote.options(**options).remote(job, self._expect(job))
         control.on_cancel(lambda requeue: self._cancel(ref, job))
         self._wait(job, ref, reporter, control, done)
 
@@ -182,11 +185,23 @@ class RayCompute:
             variables = [*[list(p) for p in job.step.get("environment_variables", [])], *map(list, extra.items())]
             job = dataclasses.replace(job, step={**job.step, "environment_variables": variables})
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
-            ref = self._remote.options(**{**options, "scheduling_strategy": strategy}).remote(job, self._relay)
+            ref = self._remote.options(**{**options, "scheduling_strategy": strategy}).remote(job, self._expect(job))
             control.on_cancel(lambda requeue: self._cancel(ref, job))
             self._wait(job, ref, reporter, control, done)
         finally:
             remove_placement_group(group)
+
+    def _expect(self, job: StepJob) -> Any:
+        """The relay, told of ``job`` (the only attempt its task may act for); None without one."""
+        import ray
+
+        if self._relay is None:
+            return None
+        try:
+            ray.get(self._relay.expect.remote(job), timeout=30)
+        except Exception:  # no relay: a task on another machine fails, saying so; others run as ever
+            return None
+        return self._relay
 
     def _cancel(self, ref: Any, job: StepJob) -> None:
         """Stop the task's worker; a step on another machine also has its process group killed there
@@ -246,6 +261,11 @@ class RayCompute:
         finally:
             with self._lock:
                 self._running.pop(job.step_run_id, None)
+            if self._relay is not None:
+                try:
+                    self._relay.done.remote(job.step_run_id, job.attempt)
+                except Exception:
+                    pass
         if result.status in ("Failed", "Canceled"):
             # recorded here, once: the task's own report may still be on its way (or never come), and
             # the step must have ended before its run does

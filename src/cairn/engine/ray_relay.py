@@ -3,9 +3,11 @@ that holds the embedded workspace), through which steps on nodes of *other* mach
 workspace — their status, logs, outputs on local datastores, snapshot files, inputs on local
 datastores, and their scripts' ``Run.get_context()`` calls.
 
-Everything goes through Ray's own connections between the nodes: Cairn opens no port. The relay
-serves only paths inside the workspace (its ``.cairn/`` folder and its local datastores' roots),
-and only to tasks of the cluster, which must sit on a trusted network (see ``compute/ray.py``).
+Everything goes through Ray's own connections between the nodes: Cairn opens no port. The driver
+hands the relay each step attempt's job before its task starts (``expect``); a node names the
+attempt, never a path of the workspace's machine: the relay serves only that job's snapshot objects
+and inputs, and writes only that job's log folder and output staging folders. Script calls are a
+fixed set of reading and recording methods (no datastore, compute or pipeline changes, no paths).
 """
 
 from __future__ import annotations
@@ -18,12 +20,20 @@ from typing import Any
 
 from cairn.runner.job import StepJob
 
-CHUNK = 32 << 20  # bytes per call: big enough to stream fast, small enough for Ray's object store
 _REPORTS = {"started", "succeeded", "ended", "register_output"}
+EXPECT_TIMEOUT = 30.0  # how long a call may wait for the driver's copy of its job
+# what a script's Run.get_context() may do through the relay: read, and record on runs and datasets
+SCRIPT_METHODS = frozenset({
+    "name", "location", "list_datastores", "list_compute_targets", "list_experiments", "get_run", "list_runs",
+    "get_children", "get_events", "cancel_run", "set_tags", "add_properties", "get_tags", "get_properties",
+    "log_metric", "log_metrics", "get_metric_rows", "get_outputs", "read_log", "register_dataset",
+    "get_dataset", "list_datasets", "dataset_lineage", "get_environment", "list_environments",
+    "list_artifacts", "explain"})
+Attempt = tuple[str, int]  # step run id, attempt
 
 
 class WorkspaceRelay:
-    """Runs in a Ray worker process on the agent's node (``relay_options`` pins it there)."""
+    """Runs in a Ray worker process on the agent's node (``start_relay`` pins it there)."""
 
     def __init__(self, workspace: str) -> None:
         from cairn.engine.context import EngineContext
@@ -34,58 +44,32 @@ class WorkspaceRelay:
             raise RuntimeError(f"the workspace relay was placed on {socket.gethostname()!r}, which cannot see "
                                f"the workspace {workspace!r}: the agent must run on a node of the Ray cluster")
         self.ctx = EngineContext.open(self.layout)
-        self._lock = threading.Lock()
-        self._processes: dict[str, tuple[str, int, str | None]] = {}  # step run -> node, pid, start time
+        self._cond = threading.Condition()
+        self._jobs: dict[Attempt, StepJob] = {}
+        self._processes: dict[str, tuple[int, str, int, str | None]] = {}  # step run -> attempt, node, pid, start
+        self._datasets: dict[tuple[str, int, str], list[Any]] = {}  # a dataset input's files, listed once
         self._backend: Any = None
-        self._roots: list[Path] | None = None
 
-    # -- reports (the runner's StepReporter, on the workspace's side) ------------------------------
+    # -- the driver's side ------------------------------------------------------------------------
 
-    def report(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A StepReporter call of a step on another machine. An attempt its agent handed back to the
-        queue (stopped) records no ending; the process is remembered by its node, not recorded as a
-        pid of this machine (the agent kills leftover pids of its own machine)."""
-        from cairn.engine.client import changed
-        from cairn.engine.ray_task import TaskReporter
+    def expect(self, job: StepJob) -> None:
+        """The job of an attempt about to be submitted: the only one its node may act for."""
+        with self._cond:
+            self._jobs[(job.step_run_id, job.attempt)] = job
+            self._cond.notify_all()
 
-        if method not in _REPORTS:
-            raise ValueError(f"not a report: {method}")
-        run_id = args[0].pipeline_run_id if method in ("succeeded", "register_output") else None
-        if method == "started":
-            node = kwargs.pop("node", None)
-            pid, started = kwargs.pop("pid", None), kwargs.pop("pid_started", None)
-            if node and pid:
-                with self._lock:
-                    self._processes[args[0]] = (node, int(pid), started)
-        reporter = TaskReporter(self.ctx.store, on_change=lambda sid: self._changed(changed, sid, run_id),
-                                locate=self.ctx.datastore_location)
-        answer = getattr(reporter, method)(*args, **kwargs)
-        if method in ("succeeded", "ended"):
-            self.forget(args[0].step_run_id if method == "succeeded" else args[0])
-        return answer
+    def done(self, step_run_id: str, attempt: int) -> None:
+        with self._cond:
+            self._jobs.pop((step_run_id, attempt), None)
+            for key in [k for k in self._datasets if k[:2] == (step_run_id, attempt)]:
+                del self._datasets[key]
 
-    def _changed(self, changed: Any, step_run_id: str, run_id: str | None) -> None:
-        from cairn.store import queries as q
-
-        if run_id is None:
-            row = q.get_run(self.ctx.store, step_run_id)
-            run_id = row["parent_id"] if row else None
-        if run_id:
-            changed(self.layout, run_id)
-
-    def add_properties(self, step_run_id: str, props: dict[str, Any]) -> None:
-        from cairn.store import queries as q
-
-        q.add_properties(self.ctx.store, step_run_id, props)
-
-    def process_of(self, step_run_id: str) -> tuple[str, int, str | None] | None:
-        """Where the step's process runs (node id, pid, start time), for a cancel to reach it."""
-        with self._lock:
-            return self._processes.get(step_run_id)
-
-    def forget(self, step_run_id: str) -> tuple[str, int, str | None] | None:
-        with self._lock:
-            return self._processes.pop(step_run_id, None)
+    def _job(self, step_run_id: str, attempt: int) -> StepJob:
+        with self._cond:
+            if not self._cond.wait_for(lambda: (step_run_id, attempt) in self._jobs, timeout=EXPECT_TIMEOUT):
+                raise PermissionError(f"step run {step_run_id} attempt {attempt} is not running on this workspace's "
+                                      f"Ray target (ended, or never submitted by its agent)")
+            return self._jobs[(step_run_id, attempt)]
 
     def kill_step(self, step_run_id: str) -> bool:
         """Kill the process group of a step on another machine (its task is being canceled, or was
@@ -94,128 +78,220 @@ class WorkspaceRelay:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        where = self.forget(step_run_id)
+        with self._cond:
+            where = self._processes.pop(step_run_id, None)
         if where is None:
             return False
-        node, pid, started = where
+        _attempt, node, pid, started = where
         strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
         ref = ray.remote(kill_process_group).options(num_cpus=0, scheduling_strategy=strategy,
                                                      max_retries=0).remote(pid, started)
         try:
-            ray.get(ref, timeout=30)
+            return bool(ray.get(ref, timeout=30))
         except Exception:  # the node is gone too: so is the process
             return False
-        return True
 
-    def upload_logs(self, job: StepJob, result: dict[str, Any]) -> None:
+    # -- reports (the runner's StepReporter, on the workspace's side) ------------------------------
+
+    def report(self, step_run_id: str, attempt: int, method: str, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+        """A StepReporter call of a step on another machine, for its own attempt. An attempt its agent
+        handed back to the queue (stopped) records no ending; the process is remembered by its node,
+        not recorded as a pid of this machine (the agent kills leftover pids of its own machine)."""
+        from cairn.engine.client import changed
+        from cairn.engine.ray_task import TaskReporter
+
+        if method not in _REPORTS:
+            raise ValueError(f"not a report: {method}")
+        job = self._job(step_run_id, attempt)
+        if method == "started":
+            node = kwargs.pop("node", None)
+            pid, started = kwargs.pop("pid", None), kwargs.pop("pid_started", None)
+            if node and pid:
+                with self._cond:
+                    self._processes[step_run_id] = (attempt, node, int(pid), started)
+        reporter = TaskReporter(self.ctx.store, on_change=lambda _sid: changed(self.layout, job.pipeline_run_id),
+                                locate=self.ctx.datastore_location)
+        if method in ("succeeded", "register_output"):
+            answer = getattr(reporter, method)(job, *args, **kwargs)
+        else:
+            answer = getattr(reporter, method)(step_run_id, *args, **kwargs)
+        if method in ("succeeded", "ended"):
+            with self._cond:
+                if self._processes.get(step_run_id, (None,))[0] == attempt:
+                    self._processes.pop(step_run_id, None)
+        return answer
+
+    def add_properties(self, step_run_id: str, attempt: int, props: dict[str, Any]) -> None:
+        from cairn.store import queries as q
+
+        self._job(step_run_id, attempt)
+        q.add_properties(self.ctx.store, step_run_id, props)
+
+    # -- files of the attempt's job ------------------------------------------------------------------
+
+    def read_object(self, step_run_id: str, attempt: int, digest: str, offset: int, length: int) -> bytes:
+        """Part of one of the job's snapshot objects."""
+        job = self._job(step_run_id, attempt)
+        if digest not in {f[1] for f in job.manifest.get("files", [])}:
+            raise PermissionError(f"{digest} is not a file of step run {step_run_id}'s snapshot")
+        with open(self.ctx.objects.path_for(digest), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def _input_root(self, job: StepJob, name: str) -> Path:
+        path = next((i.path for i in job.inputs if i.name == name), "")
+        if not path:
+            raise PermissionError(f"input {name!r} of step run {job.step_run_id} is not on the workspace's machine")
+        return Path(path)
+
+    def input_files(self, step_run_id: str, attempt: int, name: str) -> list[tuple[str, int]]:
+        """(relative path, size) of every file of a job's input ('' for the input itself when a file)."""
+        from cairn.storage.tree import _files
+
+        root = self._input_root(self._job(step_run_id, attempt), name)
+        if not root.exists():
+            raise FileNotFoundError(f"input {name!r} ({root}) does not exist on the workspace's machine any more")
+        return [(rel, os.path.getsize(f)) for rel, f in _files(root) if os.path.isfile(f)]
+
+    def dataset_files(self, step_run_id: str, attempt: int, name: str) -> list[tuple[str, int]]:
+        """(relative path, size) of a job's dataset input's files on the local datastores."""
+        job = self._job(step_run_id, attempt)
+        return [(f.relative, int(f.size)) for f in self._dataset(job, name)]
+
+    def _dataset(self, job: StepJob, name: str) -> list[Any]:
+        from cairn.data.datasets import resolve_files
+
+        if name not in job.datasets:
+            raise PermissionError(f"{name!r} is not a dataset input of step run {job.step_run_id}")
+        key = (job.step_run_id, job.attempt, name)
+        with self._cond:
+            files = self._datasets.get(key)
+        if files is None:
+            files = resolve_files(job.datasets[name]["definition"], self.ctx.datastore_location)
+            if any(f.datastore not in job.datastore_roots for f in files):
+                raise PermissionError(f"dataset input {name!r} is not all on local datastores")
+            with self._cond:
+                self._datasets[key] = files
+        return files
+
+    def read_input(self, step_run_id: str, attempt: int, name: str, relative: str, offset: int,
+                   length: int) -> bytes:
+        from cairn.storage.paths import confined
+
+        job = self._job(step_run_id, attempt)
+        if any(i.name == name and i.path for i in job.inputs):
+            root = self._input_root(job, name)
+            path = root if not relative else confined(root, relative, "input file")
+        else:
+            found = {f.relative: f.path for f in self._dataset(job, name)}
+            if relative not in found:
+                raise PermissionError(f"{relative!r} is not a file of dataset input {name!r}")
+            path = Path(found[relative])
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def _target(self, job: StepJob, where: str | None, relative: str) -> Path:
+        """A path in the attempt's log folder (``where`` None) or an output's staging folder."""
+        from cairn.storage.paths import confined
+
+        if where is None:
+            if not relative or "/" in relative:
+                raise PermissionError(f"{relative!r} is not a log file name")
+            return Path(job.log_dir) / relative
+        if where not in job.staging_dirs:
+            raise PermissionError(f"{where!r} is not an output of step run {job.step_run_id}")
+        root = Path(job.staging_dirs[where])
+        return root if not relative else confined(root, relative, "output file")
+
+    def log_sizes(self, step_run_id: str, attempt: int) -> dict[str, int]:
+        folder = Path(self._job(step_run_id, attempt).log_dir)
+        return {p.name: p.stat().st_size for p in folder.glob("*.txt")} if folder.is_dir() else {}
+
+    def write_file(self, step_run_id: str, attempt: int, where: str | None, relative: str, offset: int, data: bytes,
+                   executable: bool = False) -> None:
+        """Write ``data`` at ``offset`` (0 starts the file anew) of a log file or a staged output file."""
+        path = self._target(self._job(step_run_id, attempt), where, relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0), 0o755 if executable else 0o644)
+        try:
+            if data:
+                os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def make_entries(self, step_run_id: str, attempt: int, output: str, folders: list[str],
+                     links: list[tuple[str, str]]) -> None:
+        """An output's empty folders and symbolic links (kept as links, as local compute keeps them)."""
+        job = self._job(step_run_id, attempt)
+        self._target(job, output, "").mkdir(parents=True, exist_ok=True)
+        for rel in folders:
+            self._target(job, output, rel).mkdir(parents=True, exist_ok=True)
+        for rel, target in links:
+            path = self._target(job, output, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            path.symlink_to(target)
+
+    def commit_output(self, step_run_id: str, attempt: int, name: str) -> dict[str, Any]:
+        """Commit an output the node has written into the attempt's staging folder here: digest it
+        here (its stat signature is this machine's) and rename it into place, as local compute does."""
+        from cairn.runner.execute import commit_output
+
+        job = self._job(step_run_id, attempt)
+        output = next(o for o in job.spec.outputs if o.name == name)
+        staging = Path(job.staging_dirs[name])
+        staging.mkdir(parents=True, exist_ok=True)
+        return commit_output(job, output, staging)
+
+    def remove_staging(self, step_run_id: str, attempt: int) -> None:
+        from cairn.runner.execute import remove_staging
+
+        job = self._job(step_run_id, attempt)
+        remove_staging(job, job.spec)
+
+    def upload_logs(self, step_run_id: str, attempt: int, result: dict[str, Any]) -> None:
         """The step's whole logs (every attempt's, as the workspace holds them) to an object-store
         default datastore."""
         from cairn.runner.execute import upload_logs
         from cairn.runner.job import StepResult
 
-        upload_logs(job, StepResult(**result))
-
-    def file_sizes(self, folder: str) -> dict[str, int]:
-        full = self._inside(folder)
-        return {p.name: p.stat().st_size for p in full.glob("*")} if full.is_dir() else {}
-
-    # -- files ------------------------------------------------------------------------------------
-
-    def _inside(self, path: str) -> Path:
-        """``path``, if it lies in the workspace's data: its local datastores, or the local cache of an
-        object-store default datastore (run logs and staging). Never its store, keys or objects."""
-        from cairn.engine.context import local_datastore_roots
-
-        if self._roots is None:
-            self._roots = [(self.layout.dot / "cache").resolve(),
-                           *(Path(r).resolve() for r in local_datastore_roots(self.ctx.store, self.layout).values())]
-        full = Path(os.path.abspath(path))
-        resolved = full.resolve()
-        if not any(resolved == r or r in resolved.parents for r in self._roots):
-            self._roots = None  # a datastore registered since: asked again next time
-            raise PermissionError(f"{path} is not inside a local datastore of workspace {self.layout.root}")
-        return full
-
-    def read_objects(self, digests: list[str]) -> dict[str, bytes]:
-        """Snapshot objects by digest."""
-        return {d: self.ctx.objects.read_bytes(d) for d in digests}
-
-    def tree(self, path: str) -> list[tuple[str, int]]:
-        """(relative path, size) of every file under ``path`` ('' for ``path`` itself when a file)."""
-        from cairn.storage.tree import _files
-
-        full = self._inside(path)
-        if not full.exists():
-            raise FileNotFoundError(f"{path} does not exist on the workspace's machine any more")
-        return [(rel, os.path.getsize(f)) for rel, f in _files(full) if os.path.isfile(f)]
-
-    def read_file(self, path: str, offset: int, length: int) -> bytes:
-        with open(self._inside(path), "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-
-    def dataset_files(self, definition: dict[str, Any]) -> list[tuple[str, str, int]]:
-        """(relative, absolute path, size) of a file dataset's files on the local datastores."""
-        from cairn.data.datasets import resolve_files
-
-        files = resolve_files(definition, self.ctx.datastore_location)
-        return [(f.relative, str(self._inside(f.path)), int(f.size)) for f in files]
-
-    def write_file(self, path: str, offset: int, data: bytes) -> None:
-        """Write ``data`` at ``offset`` (0 starts the file anew): step logs as they grow, staged outputs."""
-        full = self._inside(path)
-        full.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0)
-        fd = os.open(full, flags, 0o644)
-        try:
-            os.pwrite(fd, data, offset) if data else None
-            if offset:
-                os.ftruncate(fd, offset + len(data))
-        finally:
-            os.close(fd)
-
-    def make_folders(self, paths: list[str]) -> None:
-        for path in paths:
-            self._inside(path).mkdir(parents=True, exist_ok=True)
-
-    def commit_output(self, job: StepJob, name: str) -> dict[str, Any]:
-        """Commit an output the step's node has written into the workspace's staging folder: digest it
-        here (its stat signature is this machine's) and rename it into place, as local compute does."""
-        from cairn.runner.execute import commit_output
-
-        output = next(o for o in job.spec.outputs if o.name == name)
-        staging = self._inside(job.staging_dirs[name])
-        staging.mkdir(parents=True, exist_ok=True)
-        return commit_output(job, output, staging)
-
-    def remove_staging(self, job: StepJob) -> None:
-        from cairn.runner.execute import remove_staging
-
-        for name in job.staging_dirs.values():
-            self._inside(name)
-        remove_staging(job, job.spec)
+        upload_logs(self._job(step_run_id, attempt), StepResult(**result))
 
     # -- the step's own Run.get_context() --------------------------------------------------------
 
-    def backend(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def backend(self, step_run_id: str, attempt: int, method: str, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
         """A client backend call of a step's script on another machine (``backend/relay.py``)."""
-        if method.startswith("_"):
-            raise AttributeError(method)
-        with self._lock:
+        if method not in SCRIPT_METHODS:
+            raise PermissionError(f"{method} is not available to a step on a Ray node of another machine "
+                                  f"(a script there may read, and record on runs and datasets)")
+        self._job(step_run_id, attempt)
+        value = getattr(self._local_backend(), method)
+        return value(*args, **kwargs) if callable(value) else value
+
+    def _local_backend(self) -> Any:
+        with self._cond:
             if self._backend is None:
                 from cairn.backend.local import LocalBackend
 
                 self._backend = LocalBackend(self.layout)
-        value = getattr(self._backend, method)
-        return value(*args, **kwargs) if callable(value) else value
+            return self._backend
 
-    def put_artifact(self, run_id: str, name: str, data: bytes) -> str:
+    def put_artifact(self, step_run_id: str, attempt: int, run_id: str, name: str, data: bytes) -> str:
         import tempfile
 
+        self._job(step_run_id, attempt)
         with tempfile.NamedTemporaryFile(dir=self.layout.dot, prefix=".artifact-") as tmp:
             tmp.write(data)
             tmp.flush()
-            return str(self.backend("put_artifact", (run_id, name, tmp.name), {}))
+            return str(self._local_backend().put_artifact(run_id, name, tmp.name))
+
+    def read_artifact(self, step_run_id: str, attempt: int, run_id: str, name: str) -> bytes | None:
+        self._job(step_run_id, attempt)
+        path = self._local_backend().artifact_path(run_id, name)
+        return path.read_bytes() if path.is_file() else None
 
 
 def kill_process_group(pid: int, started: str | None) -> bool:

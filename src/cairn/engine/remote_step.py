@@ -7,12 +7,15 @@ a scratch folder (``$CAIRN_NODE_CACHE``, default ``~/.cache/cairn/node``). Its l
 workspace while it runs (every ``LOG_INTERVAL`` seconds and at its end), outputs for local datastores
 are sent there and committed by the relay (digested and renamed into place on the workspace's
 machine), outputs for object stores are uploaded from here, and its script's ``Run.get_context()``
-reaches the workspace through a Unix socket this task serves (``$CAIRN_RELAY``).
+reaches the workspace through a Unix socket this task serves (``$CAIRN_RELAY``). The step's
+process dies with this task's worker (a cancel kills the worker; nobody else on this machine
+would stop it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import shutil
 import tempfile
@@ -21,30 +24,53 @@ from pathlib import Path
 from typing import Any
 
 from cairn.runner.job import InputLocation, StepJob
+from cairn.runner.markers import FAIL_MARKER
 
 LOG_INTERVAL = 0.5  # seconds between two shipments of a running step's new log lines
-CHUNK = 32 << 20
+CHUNK = 32 << 20  # bytes per relay call
+CALL_TIMEOUT = 300.0  # one relay call (a chunk at most): a relay that answers nothing fails the step
 
 
 def node_root() -> Path:
     return Path(os.environ.get("CAIRN_NODE_CACHE") or Path.home() / ".cache" / "cairn" / "node")
 
 
-def run_remote(job: StepJob, relay: Any, node: str) -> dict[str, Any]:
-    """Run ``job`` on this node through ``relay``; returns what the driver records."""
-    import ray
+class _Relay:
+    """Calls to the workspace's relay for one attempt, answering with the workspace's own errors."""
 
+    def __init__(self, actor: Any, job: StepJob) -> None:
+        self.actor, self.step_run_id, self.attempt = actor, job.step_run_id, job.attempt
+
+    def __call__(self, method: str, *args: Any) -> Any:
+        import ray
+        from ray.exceptions import RayTaskError
+
+        try:
+            return ray.get(getattr(self.actor, method).remote(self.step_run_id, self.attempt, *args),
+                           timeout=CALL_TIMEOUT)
+        except RayTaskError as exc:  # the relay's own error (not found, refused): as it was raised
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+
+
+def run_remote(job: StepJob, actor: Any, node: str) -> dict[str, Any]:
+    """Run ``job`` on this node through the relay ``actor``; returns what the driver records."""
     from cairn.runner.execute import StepControl, execute_step
 
-    def call(method: str, *args: Any, **kwargs: Any) -> Any:
-        return ray.get(getattr(relay, method).remote(*args, **kwargs))
-
-    scratch = node_root() / "steps" / f"{job.step_run_id}-a{job.attempt}"
+    call = _Relay(actor, job)
+    steps = node_root() / "steps"
+    steps.mkdir(parents=True, exist_ok=True)
+    _sweep(steps)
+    scratch = steps / f"{job.step_run_id}-a{job.attempt}"
     shutil.rmtree(scratch, ignore_errors=True)
     (scratch / "logs").mkdir(parents=True)
+    claim = os.open(scratch / ".running", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(claim, fcntl.LOCK_EX)  # while held, no other task sweeps this folder away
     holds: list[int] = []
     sock_dir = tempfile.mkdtemp(prefix="cairn-relay-")  # short: Unix socket paths are limited to 108 bytes
-    shipper = _LogShipper(call, scratch / "logs", job.log_dir)
+    shipper = _LogShipper(call, scratch / "logs")
     stop_serving = None
     try:
         try:
@@ -52,27 +78,55 @@ def run_remote(job: StepJob, relay: Any, node: str) -> dict[str, Any]:
         except Exception as exc:  # nothing ran: say why, in the step's own log too
             reason = f"could not bring the step's files to Ray node {_host()!r}: {type(exc).__name__}: {exc}"
             (scratch / "logs" / "system.txt").write_text(reason + "\n")
-            shipper.flush()
-            call("report", "ended", (job.step_run_id, _status("Failed"), reason, None), {})
+            shipper.flush_quietly()
+            call("report", "ended", (_status("Failed"), reason, None), {})
             return {"step_run_id": job.step_run_id, "status": "Failed", "reason": reason, "exit_code": None}
-        stop_serving = _serve_run_context(job, relay, call, f"{sock_dir}/relay.sock")
+        stop_serving = _serve_run_context(call, job.workspace, f"{sock_dir}/relay.sock")
         local = _with_variable(local, "CAIRN_RELAY", f"{sock_dir}/relay.sock")
-        reporter = _RelayReporter(call, job, node, shipper)
         shipper.start()
-        result = execute_step(local, reporter, StepControl(), commit_local=_LocalCommitter(call, job))
+        result = execute_step(local, _RelayReporter(call, node, shipper), StepControl(),
+                              commit_local=_LocalCommitter(call))
         shipper.stop()
         if result.status != "Queued":
-            call("upload_logs", job, dataclasses.asdict(result))
+            try:
+                call("upload_logs", dataclasses.asdict(result))
+            except Exception:  # the logs stay in the workspace's local cache; its own upload says why
+                pass
         return {"step_run_id": result.step_run_id, "status": result.status, "reason": result.reason,
                 "exit_code": result.exit_code}
     finally:
         shipper.stop()
         if stop_serving is not None:
             stop_serving()
+        try:
+            call("remove_staging")  # what an output's commit left behind on the workspace's machine
+        except Exception:
+            pass
         shutil.rmtree(sock_dir, ignore_errors=True)
         for fd in holds:
             os.close(fd)
-        shutil.rmtree(scratch, ignore_errors=True)  # the workspace has the logs; a failed step's folder too
+        shutil.rmtree(scratch, ignore_errors=True)  # the workspace has the logs
+        os.close(claim)
+
+
+def _sweep(steps: Path) -> None:
+    """Remove what tasks killed mid-step left (a canceled task's worker never cleans up)."""
+    import time
+
+    for folder in steps.iterdir():
+        try:
+            if time.time() - folder.stat().st_mtime < 60:  # just made: its task may not hold it yet
+                continue
+            fd = os.open(folder / ".running", os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a running step's
+        finally:
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _host() -> str:
@@ -95,85 +149,85 @@ def _with_variable(job: StepJob, name: str, value: str) -> StepJob:
 # -- bringing the step's files here ------------------------------------------------------------------
 
 
-def _localize(job: StepJob, call: Any, scratch: Path, holds: list[int]) -> StepJob:
+def _localize(job: StepJob, call: _Relay, scratch: Path, holds: list[int]) -> StepJob:
     """The job as this node runs it: its snapshot's objects and its inputs fetched here, its
-    folders in ``scratch``."""
+    folders in ``scratch``, its process tied to this task."""
     from cairn.storage.objects import ObjectStore
 
     objects = ObjectStore(node_root() / "objects")
-    _fetch_objects(job.manifest, objects, call)
-    inputs = tuple(_localize_input(job, i, call, holds) for i in job.inputs)
+    _fetch_objects(job.manifest, objects, call, scratch)
+    inputs = tuple(_localize_input(job, i, call, holds, scratch) for i in job.inputs)
     return dataclasses.replace(
         job, objects_root=str(objects.root), work_dir=str(scratch / "work"), log_dir=str(scratch / "logs"),
         staging_dirs={name: str(scratch / "staging" / f"a{job.attempt}" / name) for name in job.staging_dirs},
-        inputs=inputs, env_cache=str(node_root() / "envs"))
+        inputs=inputs, env_cache=str(node_root() / "envs"), die_with_runner=True)
 
 
-def _fetch_objects(manifest: dict[str, Any], objects: Any, call: Any) -> None:
-    missing: dict[str, int] = {}
-    for _rel, digest, size, _executable in manifest.get("files", []):
-        if digest not in missing and not objects.has(digest):
-            missing[digest] = int(size)
-    batch: list[str] = []
-    total = 0
-    for digest, size in [*missing.items(), ("", 0)]:
-        if batch and (not digest or total + size > CHUNK):
-            for wanted, data in call("read_objects", batch).items():
-                if objects.put_bytes(data) != wanted:
-                    raise OSError(f"snapshot object {wanted} arrived damaged")
-            batch, total = [], 0
-        if digest:
-            batch.append(digest)
-            total += size
+def _fetch_objects(manifest: dict[str, Any], objects: Any, call: _Relay, scratch: Path) -> None:
+    from cairn.core.digests import digest_file
+
+    wanted = {digest: int(size) for _rel, digest, size, _x in manifest.get("files", []) if not objects.has(digest)}
+    for digest, size in wanted.items():
+        part = scratch / ".object"
+        _copy_in(lambda offset, d=digest: call("read_object", d, offset, CHUNK), size, part)
+        if digest_file(part) != digest:
+            raise OSError(f"snapshot object {digest} arrived damaged")
+        objects.put_file(part, digest)
+        part.unlink()
 
 
-def _localize_input(job: StepJob, i: InputLocation, call: Any, holds: list[int]) -> InputLocation:
+def _copy_in(read: Any, size: int, target: Path) -> None:
+    """Write ``size`` bytes, read chunk by chunk with ``read(offset)``, to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as f:
+        offset = 0
+        while offset < size:
+            data = read(offset)
+            if not data:
+                raise OSError(f"{target.name} became shorter while it was fetched")
+            f.write(data)
+            offset += len(data)
+
+
+def _localize_input(job: StepJob, i: InputLocation, call: _Relay, holds: list[int], scratch: Path) -> InputLocation:
     """An input of the workspace's machine, fetched into this node's input cache (by content);
     inputs from object stores are left to the runner (it fetches them itself)."""
     from cairn.core.digests import digest_json
     from cairn.runner.input_cache import cached_input
 
     if i.path:  # a folder or file on the workspace's machine
-        files = [(rel, size, i.path if not rel else f"{i.path}/{rel}") for rel, size in call("tree", i.path)]
+        files = call("input_files", i.name)
         single = len(files) == 1 and files[0][0] == ""
-        name = Path(i.path).name
-        if single:
-            files = [(name, files[0][1], i.path)]
+        names = [(Path(i.path).name, "", files[0][1])] if single else [(rel, rel, size) for rel, size in files]
     elif i.name in job.datasets and _local_datastores(job, i.name):
-        files = [(rel, size, path) for rel, path, size in call("dataset_files", job.datasets[i.name]["definition"])]
         single = False
+        names = [(rel, rel, size) for rel, size in call("dataset_files", i.name)]
     else:
         return i
-    key = digest_json({"content": i.digest, "layout": sorted(rel for rel, _s, _p in files), "from": "workspace"})
+    key = digest_json({"content": i.digest, "layout": sorted(n for n, _r, _s in names), "from": "workspace"})
 
     def fill(folder: Path) -> None:
-        for rel, size, source in files:
-            target = folder / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as f:
-                offset = 0
-                while offset < size:
-                    data = call("read_file", source, offset, CHUNK)
-                    if not data:
-                        raise OSError(f"{source} became shorter while it was fetched")
-                    f.write(data)
-                    offset += len(data)
+        for name, relative, size in names:
+            _copy_in(lambda offset, r=relative: call("read_input", i.name, r, offset, CHUNK), size, folder / name)
 
-    folder = cached_input(key, {rel: size for rel, size, _p in files}, fill, holds)
-    if folder is None:  # the cached copy is in use and changed: a private copy for this step
-        folder = Path(tempfile.mkdtemp(prefix="input-", dir=node_root()))
+    try:
+        folder = cached_input(key, {n: s for n, _r, s in names}, fill, holds)
+    except PermissionError:  # an unusable cache must not fail the step: a copy for this step only
+        folder = None
+    if folder is None:  # or the cached copy is in use and changed
+        folder = scratch / "inputs" / i.name
         fill(folder)
-    path = folder / files[0][0] if single else folder
+    path = folder / names[0][0] if single else folder
     return dataclasses.replace(i, path=str(path))
 
 
 def _local_datastores(job: StepJob, name: str) -> bool:
     """Whether the dataset reads files of the workspace's local datastores (all of them, or an error)."""
-    stores = {p["datastore"] for p in job.datasets[name]["definition"].get("paths", []) if "datastore" in p}
+    stores = {p.get("datastore") for p in job.datasets[name]["definition"].get("paths", [])}
     local = {s for s in stores if s in job.datastore_roots}
     if local and local != stores:
         raise OSError(f"dataset input {name!r} mixes local datastores ({', '.join(sorted(local))}) with object "
-                      f"stores; on a Ray node of another machine, register it from one kind of datastore")
+                      f"stores or URLs; on a Ray node of another machine, register it from one kind of place")
     return bool(local)
 
 
@@ -181,65 +235,71 @@ def _local_datastores(job: StepJob, name: str) -> bool:
 
 
 class _RelayReporter:
-    """The runner's StepReporter: every report goes to the workspace's relay; an ending waits until
-    the step's logs are all there (a finished run has its logs in place)."""
+    """The runner's StepReporter: every report goes to the workspace's relay; an ending first sends
+    what the logs still hold (best effort: a late log line never changes how the step ended)."""
 
-    def __init__(self, call: Any, job: StepJob, node: str, shipper: _LogShipper) -> None:
-        self._call, self._job, self._node, self._shipper = call, job, node, shipper
+    def __init__(self, call: _Relay, node: str, shipper: _LogShipper) -> None:
+        self._call, self._node, self._shipper = call, node, shipper
 
     def started(self, step_run_id: str, status: Any, **fields: Any) -> bool:
         if "pid" in fields:
             fields["node"] = self._node
-        return bool(self._call("report", "started", (step_run_id, status), fields))
+        return bool(self._call("report", "started", (status,), fields))
 
     def succeeded(self, job: StepJob, outputs: list[dict[str, Any]], exit_code: int) -> bool:
-        self._shipper.flush()
-        return bool(self._call("report", "succeeded", (self._job, outputs, exit_code), {}))
+        self._shipper.flush_quietly()
+        return bool(self._call("report", "succeeded", (outputs, exit_code), {}))
 
     def ended(self, step_run_id: str, status: Any, reason: str, exit_code: int | None) -> None:
-        self._shipper.flush()
-        self._call("report", "ended", (step_run_id, status, reason, exit_code), {})
+        self._shipper.flush_quietly()
+        self._call("report", "ended", (status, reason, exit_code), {})
 
     def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str:
-        return str(self._call("report", "register_output", (self._job, output, registration), {}))
+        return str(self._call("report", "register_output", (output, registration), {}))
 
 
 class _LocalCommitter:
-    """Sends an output for a local datastore of the workspace to its staging folder there, and has
-    the relay commit it (digested on the workspace's machine, renamed into place)."""
+    """Sends an output for a local datastore of the workspace to its staging folder there (files with
+    their executable bit, symbolic links as links, empty folders), and has the relay commit it
+    (digested on the workspace's machine, renamed into place)."""
 
-    def __init__(self, call: Any, job: StepJob) -> None:
-        self._call, self._job = call, job
+    def __init__(self, call: _Relay) -> None:
+        self._call = call
 
     def __call__(self, local_job: StepJob, o: Any, staging: Path) -> dict[str, Any]:
-        from cairn.storage.tree import _files
-
-        target = self._job.staging_dirs[o.name]
-        folders = []
-        if staging.is_dir():
-            folders = [str(Path(target) / os.path.relpath(d, staging)) for d, _sub, names in os.walk(staging)
-                       if not names and not _sub]
-        self._call("make_folders", [target, *folders])
-        for rel, full in _files(staging):
-            dest = f"{target}/{rel}" if rel else target
+        folders, links, files = [], [], []
+        for dirpath, dirnames, filenames in os.walk(staging):
+            rel_dir = os.path.relpath(dirpath, staging)
+            for name in [*filenames, *dirnames]:
+                full = os.path.join(dirpath, name)
+                rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+                if os.path.islink(full):
+                    links.append((rel, os.readlink(full)))
+                elif name in filenames:
+                    files.append((rel, full))
+            if not dirnames and not filenames and rel_dir != ".":
+                folders.append(rel_dir.replace(os.sep, "/"))
+        self._call("make_entries", o.name, folders, links)
+        for rel, full in files:
+            executable = os.access(full, os.X_OK)
             with open(full, "rb") as f:
                 offset = 0
                 while True:
                     data = f.read(CHUNK)
                     if data or not offset:  # an empty file is written too
-                        self._call("write_file", dest, offset, data)
+                        self._call("write_file", o.name, rel, offset, data, executable)
                     if not data:
                         break
                     offset += len(data)
-        return dict(self._call("commit_output", self._job, o.name))
+        return dict(self._call("commit_output", o.name))
 
 
 class _LogShipper:
-    """Streams the step's log files (everything in its log folder ending in ``.txt``) to the
-    workspace's log folder, appending after what earlier attempts left there."""
+    """Streams the step's log files (``*.txt`` in its log folder) to the workspace's log folder of
+    the step, appending after what earlier attempts left there."""
 
-    def __init__(self, call: Any, local: Path, remote: str) -> None:
-        self._call, self._local, self._remote = call, local, remote
+    def __init__(self, call: _Relay, local: Path) -> None:
+        self._call, self._local = call, local
         self._sent: dict[str, int] = {}
         self._base: dict[str, int] | None = None
         self._lock = threading.Lock()
@@ -252,44 +312,51 @@ class _LogShipper:
 
     def _run(self) -> None:
         while not self._stop.wait(LOG_INTERVAL):  # a batch every interval, not a status poll
-            try:
-                self.flush()
-            except Exception:  # the workspace is out of reach for a moment: the next batch catches up
-                pass
+            self.flush_quietly()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is not None:
             self._thread.join()
             self._thread = None
+            self.flush_quietly()
+
+    def flush_quietly(self) -> None:
+        """Ship what is new; a relay that does not answer now is caught up with next time."""
+        try:
             self.flush()
+        except Exception:
+            pass
 
     def flush(self) -> None:
         with self._lock:
             if self._base is None:
-                self._base = self._call("file_sizes", self._remote)
+                self._base = self._call("log_sizes")
             for path in sorted(self._local.glob("*.txt")):
+                if path.name == FAIL_MARKER:  # a message to the runner, not a log
+                    continue
                 sent = self._sent.get(path.name, 0)
-                with open(path, "rb") as f:
-                    f.seek(sent)
-                    data = f.read(CHUNK)
-                while data:
-                    self._call("write_file", f"{self._remote}/{path.name}", self._base.get(path.name, 0) + sent, data)
-                    sent += len(data)
+                while True:
                     with open(path, "rb") as f:
                         f.seek(sent)
                         data = f.read(CHUNK)
-                self._sent[path.name] = sent
+                    if not data:
+                        break
+                    self._call("write_file", None, path.name, self._base.get(path.name, 0) + sent, data)
+                    sent += len(data)
+                    self._sent[path.name] = sent
 
 
-def _serve_run_context(job: StepJob, relay: Any, call: Any, path: str) -> Any:
+def _serve_run_context(call: _Relay, workspace: str, path: str) -> Any:
     from cairn.backend.relay import serve
 
     def handle(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if method == "__location__":
-            return job.workspace
+            return workspace
         if method == "__put_artifact__":
             return call("put_artifact", *args)
+        if method == "__read_artifact__":
+            return call("read_artifact", *args)
         return call("backend", method, args, kwargs)
 
     return serve(path, handle)

@@ -491,6 +491,14 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             os.close(fd)  # its input cache entries may be evicted again
 
 
+def _die_with_parent() -> None:
+    """In the step's child process: SIGKILL when the thread that started it dies (Linux)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 class _ProcessEnd(NamedTuple):
     code: int | None = None
     timed_out: bool = False
@@ -511,7 +519,8 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
         try:
             if proc is None:
                 proc = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=err,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=_die_with_parent if job.die_with_runner else None)
         except OSError as exc:
             return _ProcessEnd(start_error=exc)
         control.attach(proc)
