@@ -101,6 +101,8 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
     store = workspace.get_default_datastore()
     store.upload(str(data), target_path="raw", show_progress=False)
     raw = Dataset.File.from_files((store, "raw/**"))
+    (Path(store.root) / "t.csv").write_text("a,b\n1,x\n2,y\n")
+    table = Dataset.Tabular.from_delimited_files((store, "t.csv")).register(workspace, "numbers")
     src = write_script("make.py", """
         import os, sys
         from pathlib import Path
@@ -123,6 +125,8 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
             run.experiment.workspace._backend.datastore_location("workspaceblobstore")
         except PermissionError as exc:
             print("refused:", exc)
+        df = run.input_datasets["tbl"].to_pandas_dataframe()
+        print("table rows", len(df), "sum", int(df["a"].sum()))
         print("to stderr", file=sys.stderr)
         """)
     write_script("use.py", """
@@ -135,7 +139,8 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
     made = PipelineData("made")
     upper = OutputFileDatasetConfig("upper").register_on_complete("uppercased")
     make = PythonScriptStep("make.py", name="make", source_directory=str(src), compute_target=target,
-                            arguments=[raw.as_named_input("raw").as_mount(), made], outputs=[made])
+                            arguments=[raw.as_named_input("raw").as_mount(), made], outputs=[made],
+                            inputs=[table.as_named_input("tbl")])
     use = PythonScriptStep("use.py", name="use", source_directory=str(src), compute_target=target,
                            arguments=[made.as_download(), upper], inputs=[made.as_download()], outputs=[upper])
     run = Experiment(workspace, "far").submit(Pipeline(workspace, [make, use]))
@@ -146,6 +151,7 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
     assert "workspace visible: False" in out  # it really ran where the workspace is not
     assert "input files: ['a.txt', 'empty.txt', 'sub/b.txt']" in out
     assert "artifact back: an artifact" in out
+    assert "table rows 2 sum 3" in out  # a tabular dataset read by the script itself (direct mode)
     assert "refused: datastore_location is not available to a step on a Ray node of another machine" in out
     assert first.get_stderr_log() == "to stderr\n"
     assert first.get_metrics()["rows"] == [3, 4]

@@ -81,7 +81,7 @@ def run_remote(job: StepJob, actor: Any, node: str) -> dict[str, Any]:
             shipper.flush_quietly()
             call("report", "ended", (_status("Failed"), reason, None), {})
             return {"step_run_id": job.step_run_id, "status": "Failed", "reason": reason, "exit_code": None}
-        stop_serving = _serve_run_context(call, job.workspace, f"{sock_dir}/relay.sock")
+        stop_serving = _serve_run_context(call, local, f"{sock_dir}/relay.sock")
         local = _with_variable(local, "CAIRN_RELAY", f"{sock_dir}/relay.sock")
         shipper.start()
         result = execute_step(local, _RelayReporter(call, node, shipper), StepControl(),
@@ -157,10 +157,25 @@ def _localize(job: StepJob, call: _Relay, scratch: Path, holds: list[int]) -> St
     objects = ObjectStore(node_root() / "objects")
     _fetch_objects(job.manifest, objects, call, scratch)
     inputs = tuple(_localize_input(job, i, call, holds, scratch) for i in job.inputs)
+    datasets, locations = dict(job.datasets), dict(job.datastore_locations)
+    for before, after in zip(job.inputs, inputs, strict=True):
+        if after is not before and after.name in datasets:
+            # a Dataset the script reads itself (direct mode) reads the copy on this node: a local
+            # datastore of the node's own, named for the input
+            store = f"{NODE_STORE_PREFIX}{after.name}"
+            root = after.path if Path(after.path).is_dir() else str(Path(after.path).parent)
+            locations[store] = {"kind": "local", "config": {"path": root}, "secrets": {}}
+            pattern = "" if Path(after.path).is_dir() else Path(after.path).name
+            definition = {**datasets[after.name]["definition"], "paths": [{"datastore": store, "path": pattern}]}
+            datasets[after.name] = {**datasets[after.name], "definition": definition}
     return dataclasses.replace(
         job, objects_root=str(objects.root), work_dir=str(scratch / "work"), log_dir=str(scratch / "logs"),
         staging_dirs={name: str(scratch / "staging" / f"a{job.attempt}" / name) for name in job.staging_dirs},
-        inputs=inputs, env_cache=str(node_root() / "envs"), die_with_runner=True)
+        inputs=inputs, datasets=datasets, datastore_locations=locations, env_cache=str(node_root() / "envs"),
+        die_with_runner=True)
+
+
+NODE_STORE_PREFIX = "node-copy-of-input-"
 
 
 def _fetch_objects(manifest: dict[str, Any], objects: Any, call: _Relay, scratch: Path) -> None:
@@ -347,12 +362,19 @@ class _LogShipper:
                     self._sent[path.name] = sent
 
 
-def _serve_run_context(call: _Relay, workspace: str, path: str) -> Any:
+def _serve_run_context(call: _Relay, job: StepJob, path: str) -> Any:
+    """``Run.get_context()`` of the step's script, through the relay; the datastores its job
+    carries (object stores, and the node's copies of inputs) are answered here, so that a Dataset
+    the script reads itself reads from where this node can."""
     from cairn.backend.relay import serve
+    from cairn.storage.datastores import DatastoreLocation
 
     def handle(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if method == "__location__":
-            return workspace
+            return job.workspace
+        loc = job.datastore_locations.get(args[0]) if method == "datastore_location" and args else None
+        if loc is not None and (loc["kind"] != "local" or args[0].startswith(NODE_STORE_PREFIX)):
+            return DatastoreLocation(args[0], loc["kind"], loc["config"], loc["secrets"])
         if method == "__put_artifact__":
             return call("put_artifact", *args)
         if method == "__read_artifact__":
