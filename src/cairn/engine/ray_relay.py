@@ -120,13 +120,18 @@ class WorkspaceRelay:
             with self._cond:
                 if self._processes.get(step_run_id, (None,))[0] == attempt:
                     self._processes.pop(step_run_id, None)
+            self.remove_staging(step_run_id, attempt)  # what output commits left here
         return answer
 
-    def add_properties(self, step_run_id: str, attempt: int, props: dict[str, Any]) -> None:
+    def begin(self, step_run_id: str, attempt: int, props: dict[str, Any]) -> dict[str, int]:
+        """The attempt has started on its node (``props`` say where); returns the sizes of the step's
+        log files so far (earlier attempts'), after which this attempt's lines go."""
         from cairn.store import queries as q
 
-        self._job(step_run_id, attempt)
+        job = self._job(step_run_id, attempt)
         q.add_properties(self.ctx.store, step_run_id, props)
+        folder = Path(job.log_dir)
+        return {p.name: p.stat().st_size for p in folder.glob("*.txt")} if folder.is_dir() else {}
 
     # -- files of the attempt's job ------------------------------------------------------------------
 
@@ -205,9 +210,10 @@ class WorkspaceRelay:
         root = Path(job.staging_dirs[where])
         return root if not relative else confined(root, relative, "output file")
 
-    def log_sizes(self, step_run_id: str, attempt: int) -> dict[str, int]:
-        folder = Path(self._job(step_run_id, attempt).log_dir)
-        return {p.name: p.stat().st_size for p in folder.glob("*.txt")} if folder.is_dir() else {}
+    def write_logs(self, step_run_id: str, attempt: int, parts: list[tuple[str, int, bytes]]) -> None:
+        """New bytes of the step's log files: (file name, offset, bytes) each."""
+        for name, offset, data in parts:
+            self.write_file(step_run_id, attempt, None, name, offset, data)
 
     def write_file(self, step_run_id: str, attempt: int, where: str | None, relative: str, offset: int, data: bytes,
                    executable: bool = False) -> None:

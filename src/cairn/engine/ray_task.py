@@ -29,8 +29,7 @@ def run_step_task(job: StepJob, relay: Any = None) -> dict[str, Any]:
     if unreachable and relay is not None:  # another machine: through the workspace's relay
         from cairn.engine.remote_step import run_remote
 
-        ray.get(relay.add_properties.remote(job.step_run_id, job.attempt, {**where, "cairn.ray.relayed": "true"}))
-        return run_remote(job, relay, node)
+        return run_remote(job, relay, node, {**where, "cairn.ray.relayed": "true"})
     if unreachable:  # told to the driver, which records it: this node cannot write to the store
         return {"step_run_id": job.step_run_id, "status": "Failed", "reason": unreachable, "exit_code": None}
     ctx = EngineContext.open(layout)

@@ -55,11 +55,13 @@ class _Relay:
             raise
 
 
-def run_remote(job: StepJob, actor: Any, node: str) -> dict[str, Any]:
-    """Run ``job`` on this node through the relay ``actor``; returns what the driver records."""
+def run_remote(job: StepJob, actor: Any, node: str, where: dict[str, str]) -> dict[str, Any]:
+    """Run ``job`` on this node through the relay ``actor`` (``where``: properties saying where);
+    returns what the driver records."""
     from cairn.runner.execute import StepControl, execute_step
 
     call = _Relay(actor, job)
+    log_sizes = call("begin", where)
     steps = node_root() / "steps"
     steps.mkdir(parents=True, exist_ok=True)
     _sweep(steps)
@@ -70,8 +72,9 @@ def run_remote(job: StepJob, actor: Any, node: str) -> dict[str, Any]:
     fcntl.flock(claim, fcntl.LOCK_EX)  # while held, no other task sweeps this folder away
     holds: list[int] = []
     sock_dir = tempfile.mkdtemp(prefix="cairn-relay-")  # short: Unix socket paths are limited to 108 bytes
-    shipper = _LogShipper(call, scratch / "logs")
+    shipper = _LogShipper(call, scratch / "logs", log_sizes)
     stop_serving = None
+    ended = False
     try:
         try:
             local = _localize(job, call, scratch, holds)
@@ -87,7 +90,8 @@ def run_remote(job: StepJob, actor: Any, node: str) -> dict[str, Any]:
         result = execute_step(local, _RelayReporter(call, node, shipper), StepControl(),
                               commit_local=_LocalCommitter(call))
         shipper.stop()
-        if result.status != "Queued":
+        ended = result.status != "Queued"
+        if ended and job.log_upload:
             try:
                 call("upload_logs", dataclasses.asdict(result))
             except Exception:  # the logs stay in the workspace's local cache; its own upload says why
@@ -98,10 +102,11 @@ def run_remote(job: StepJob, actor: Any, node: str) -> dict[str, Any]:
         shipper.stop()
         if stop_serving is not None:
             stop_serving()
-        try:
-            call("remove_staging")  # what an output's commit left behind on the workspace's machine
-        except Exception:
-            pass
+        if not ended:  # an ending report removes what output commits left on the workspace's machine
+            try:
+                call("remove_staging")
+            except Exception:
+                pass
         shutil.rmtree(sock_dir, ignore_errors=True)
         for fd in holds:
             os.close(fd)
@@ -313,10 +318,10 @@ class _LogShipper:
     """Streams the step's log files (``*.txt`` in its log folder) to the workspace's log folder of
     the step, appending after what earlier attempts left there."""
 
-    def __init__(self, call: _Relay, local: Path) -> None:
+    def __init__(self, call: _Relay, local: Path, base: dict[str, int]) -> None:
         self._call, self._local = call, local
         self._sent: dict[str, int] = {}
-        self._base: dict[str, int] | None = None
+        self._base = base  # what the workspace's log files held before this attempt
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -344,22 +349,25 @@ class _LogShipper:
             pass
 
     def flush(self) -> None:
+        """One call per batch: every file's new bytes (up to CHUNK in all; more in further calls)."""
         with self._lock:
-            if self._base is None:
-                self._base = self._call("log_sizes")
-            for path in sorted(self._local.glob("*.txt")):
-                if path.name == FAIL_MARKER:  # a message to the runner, not a log
-                    continue
-                sent = self._sent.get(path.name, 0)
-                while True:
+            while True:
+                parts, size = [], 0
+                for path in sorted(self._local.glob("*.txt")):
+                    if path.name == FAIL_MARKER or size >= CHUNK:  # the marker talks to the runner: no log
+                        continue
+                    sent = self._sent.get(path.name, 0)
                     with open(path, "rb") as f:
                         f.seek(sent)
-                        data = f.read(CHUNK)
-                    if not data:
-                        break
-                    self._call("write_file", None, path.name, self._base.get(path.name, 0) + sent, data)
-                    sent += len(data)
-                    self._sent[path.name] = sent
+                        data = f.read(CHUNK - size)
+                    if data:
+                        parts.append((path.name, self._base.get(path.name, 0) + sent, data))
+                        size += len(data)
+                if not parts:
+                    return
+                self._call("write_logs", parts)
+                for name, offset, data in parts:
+                    self._sent[name] = offset - self._base.get(name, 0) + len(data)
 
 
 def _serve_run_context(call: _Relay, job: StepJob, path: str) -> Any:
