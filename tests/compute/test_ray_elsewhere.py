@@ -115,6 +115,10 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
         (out / "nested").mkdir(parents=True)
         (out / "nested" / "joined.txt").write_text("".join(Path(sys.argv[1], f).read_text() for f in files))
         (out / "blank").mkdir()
+        (out / "big.bin").write_bytes(bytes(range(256)) * (12 << 10))  # 3 MiB: sent by parts, not inline
+        (out / "run.sh").write_text("echo hi")
+        os.chmod(out / "run.sh", 0o755)
+        os.symlink("nested/joined.txt", out / "link")
         run.log("rows", len(files))
         run.log("rows", len(files) + 1)
         run.tag("where", "elsewhere")
@@ -133,6 +137,7 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
         import sys
         from pathlib import Path
         text = (Path(sys.argv[1]) / "nested" / "joined.txt").read_text()
+        assert (Path(sys.argv[1]) / "big.bin").read_bytes() == bytes(range(256)) * (12 << 10)
         Path(sys.argv[2], "upper.txt").write_text(text.upper())
         print("read", len(text), "characters")
         """)
@@ -160,6 +165,11 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
     committed = first.get_output_data("made").local_path
     assert (committed / "nested" / "joined.txt").read_text() == "alpha\nbeta\n"
     assert (committed / "blank").is_dir()
+    assert (committed / "big.bin").stat().st_size == 3 << 20 and os.access(committed / "run.sh", os.X_OK)
+    assert os.readlink(committed / "link") == "nested/joined.txt"  # a link stays a link, as on local compute
+    from cairn.storage.tree import digest_tree
+
+    assert first.get_output_data("made")._record["digest"] == digest_tree(committed).digest
     assert not os.access(committed / "nested" / "joined.txt", os.W_OK) or os.geteuid() == 0
     assert second.get_stdout_log() == "read 11 characters\n"
     assert "completed" in second.get_system_log()

@@ -150,19 +150,22 @@ class WorkspaceRelay:
             raise PermissionError(f"input {name!r} of step run {job.step_run_id} is not on the workspace's machine")
         return Path(path)
 
-    def input_files(self, step_run_id: str, attempt: int, name: str) -> list[tuple[str, int]]:
-        """(relative path, size) of every file of a job's input ('' for the input itself when a file)."""
+    def input_files(self, step_run_id: str, attempt: int, name: str,
+                    inline: int = 0) -> list[tuple[str, int, bytes | None]]:
+        """(relative path, size, bytes or None) of every file of a job's input ('' for the input itself
+        when a file); the bytes of files up to ``inline`` bytes in all come along (no second call)."""
         from cairn.storage.tree import _files
 
         root = self._input_root(self._job(step_run_id, attempt), name)
         if not root.exists():
             raise FileNotFoundError(f"input {name!r} ({root}) does not exist on the workspace's machine any more")
-        return [(rel, os.path.getsize(f)) for rel, f in _files(root) if os.path.isfile(f)]
+        return _with_bytes([(rel, f) for rel, f in _files(root) if os.path.isfile(f)], inline)
 
-    def dataset_files(self, step_run_id: str, attempt: int, name: str) -> list[tuple[str, int]]:
-        """(relative path, size) of a job's dataset input's files on the local datastores."""
+    def dataset_files(self, step_run_id: str, attempt: int, name: str,
+                      inline: int = 0) -> list[tuple[str, int, bytes | None]]:
+        """As ``input_files``, for a job's dataset input's files on the local datastores."""
         job = self._job(step_run_id, attempt)
-        return [(f.relative, int(f.size)) for f in self._dataset(job, name)]
+        return _with_bytes([(f.relative, f.path) for f in self._dataset(job, name)], inline)
 
     def _dataset(self, job: StepJob, name: str) -> list[Any]:
         from cairn.data.datasets import resolve_files
@@ -240,11 +243,15 @@ class WorkspaceRelay:
             path.unlink(missing_ok=True)
             path.symlink_to(target)
 
-    def commit_output(self, step_run_id: str, attempt: int, name: str) -> dict[str, Any]:
-        """Commit an output the node has written into the attempt's staging folder here: digest it
-        here (its stat signature is this machine's) and rename it into place, as local compute does."""
+    def commit_output(self, step_run_id: str, attempt: int, name: str,
+                      files: list[tuple[str, bytes, bool]] | None = None) -> dict[str, Any]:
+        """Commit an output the node has written into the attempt's staging folder here (with its
+        last small ``files``: relative path, bytes, executable): digest it here (its stat signature
+        is this machine's) and rename it into place, as local compute does."""
         from cairn.runner.execute import commit_output
 
+        for rel, data, executable in files or []:
+            self.write_file(step_run_id, attempt, name, rel, 0, data, executable)
         job = self._job(step_run_id, attempt)
         output = next(o for o in job.spec.outputs if o.name == name)
         staging = Path(job.staging_dirs[name])
@@ -298,6 +305,22 @@ class WorkspaceRelay:
         self._job(step_run_id, attempt)
         path = self._local_backend().artifact_path(run_id, name)
         return path.read_bytes() if path.is_file() else None
+
+
+def _with_bytes(files: list[tuple[str, str]], inline: int) -> list[tuple[str, int, bytes | None]]:
+    listed: list[tuple[str, int, bytes | None]] = []
+    for rel, path in files:
+        size = os.path.getsize(path)
+        data = None
+        if size <= inline:
+            with open(path, "rb") as f:
+                data = f.read(size + 1)
+            if len(data) != size:  # changed while listed: read it by parts, as a big file
+                data = None
+            else:
+                inline -= size
+        listed.append((rel, size, data))
+    return listed
 
 
 def kill_process_group(pid: int, started: str | None) -> bool:

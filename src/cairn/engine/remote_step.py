@@ -28,6 +28,7 @@ from cairn.runner.markers import FAIL_MARKER
 
 LOG_INTERVAL = 0.5  # seconds between two shipments of a running step's new log lines
 CHUNK = 32 << 20  # bytes per relay call
+INLINE = 1 << 20  # small files (this many bytes in all) travel with the call that lists or commits them
 CALL_TIMEOUT = 300.0  # one relay call (a chunk at most): a relay that answers nothing fails the step
 
 
@@ -216,22 +217,27 @@ def _localize_input(job: StepJob, i: InputLocation, call: _Relay, holds: list[in
     from cairn.runner.input_cache import cached_input
 
     if i.path:  # a folder or file on the workspace's machine
-        files = call("input_files", i.name)
+        files = call("input_files", i.name, INLINE)
         single = len(files) == 1 and files[0][0] == ""
-        names = [(Path(i.path).name, "", files[0][1])] if single else [(rel, rel, size) for rel, size in files]
+        names = ([(Path(i.path).name, "", files[0][1], files[0][2])] if single
+                 else [(rel, rel, size, data) for rel, size, data in files])
     elif i.name in job.datasets and _local_datastores(job, i.name):
         single = False
-        names = [(rel, rel, size) for rel, size in call("dataset_files", i.name)]
+        names = [(rel, rel, size, data) for rel, size, data in call("dataset_files", i.name, INLINE)]
     else:
         return i
-    key = digest_json({"content": i.digest, "layout": sorted(n for n, _r, _s in names), "from": "workspace"})
+    key = digest_json({"content": i.digest, "layout": sorted(n[0] for n in names), "from": "workspace"})
 
     def fill(folder: Path) -> None:
-        for name, relative, size in names:
+        for name, relative, size, data in names:
+            if data is not None:  # small: it came with the listing
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(data)
+                continue
             _copy_in(lambda offset, r=relative: call("read_input", i.name, r, offset, CHUNK), size, folder / name)
 
     try:
-        folder = cached_input(key, {n: s for n, _r, s in names}, fill, holds)
+        folder = cached_input(key, {n[0]: n[2] for n in names}, fill, holds)
     except PermissionError:  # an unusable cache must not fail the step: a copy for this step only
         folder = None
     if folder is None:  # or the cached copy is in use and changed
@@ -299,9 +305,17 @@ class _LocalCommitter:
                     files.append((rel, full))
             if not dirnames and not filenames and rel_dir != ".":
                 folders.append(rel_dir.replace(os.sep, "/"))
-        self._call("make_entries", o.name, folders, links)
+        if folders or links:
+            self._call("make_entries", o.name, folders, links)
+        small, room = [], INLINE
         for rel, full in files:
             executable = os.access(full, os.X_OK)
+            size = os.path.getsize(full)
+            if size <= room:  # sent with the commit: one call for a small output
+                with open(full, "rb") as f:
+                    small.append((rel, f.read(), executable))
+                room -= size
+                continue
             with open(full, "rb") as f:
                 offset = 0
                 while True:
@@ -311,7 +325,7 @@ class _LocalCommitter:
                     if not data:
                         break
                     offset += len(data)
-        return dict(self._call("commit_output", o.name))
+        return dict(self._call("commit_output", o.name, small))
 
 
 class _LogShipper:
