@@ -734,5 +734,10 @@ def _commit_remote(job: StepJob, o: Any, staging: Path) -> None:
 
 def remove_staging(job: StepJob, spec: Any) -> None:
     """Remove the step's whole staging folder: this attempt's and any an interrupted one left."""
-    for o in spec.outputs:
-        shutil.rmtree(Path(job.staging_dirs[o.name]).parent.parent, ignore_errors=True)
+    for attempt_dir in {os.path.dirname(job.staging_dirs[o.name]) for o in spec.outputs}:
+        root = os.path.dirname(attempt_dir)
+        try:  # after a commit both are empty: two calls instead of a tree walk (this is on the step's path)
+            os.rmdir(attempt_dir)
+            os.rmdir(root)
+        except OSError:
+            shutil.rmtree(root, ignore_errors=True)
