@@ -126,18 +126,35 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
         run.upload_file("notes/note.txt", "note.txt")
         print("artifact back:", open(run.download_file("notes/note.txt", "copy.txt")).read())
         try:
-            run.experiment.workspace._backend.datastore_location("workspaceblobstore")
+            run.experiment.workspace._backend.register_datastore("root", "local", {"path": "/"}, False)
         except PermissionError as exc:
             print("refused:", exc)
         df = run.input_datasets["tbl"].to_pandas_dataframe()
         print("table rows", len(df), "sum", int(df["a"].sum()))
+        from cairn import Dataset
+        try:
+            Dataset.get_by_name(run.experiment.workspace, "numbers").to_pandas_dataframe()
+        except PermissionError as exc:
+            print("by name:", exc)
+        import multiprocessing
+        def child(i):
+            run.log("child", i)
+            run.flush()
+        with multiprocessing.get_context("fork").Pool(2) as pool:  # children share nothing of the parent's link
+            pool.map(child, range(4))
+        copy = Path(run.input_datasets["rawdl"])
+        (copy / "a.txt").write_text("changed in my copy")  # download mode: a writable copy of its own
+        print("download copy written:", (copy / "a.txt").read_text())
         print("to stderr", file=sys.stderr)
         """)
     write_script("use.py", """
         import sys
         from pathlib import Path
-        text = (Path(sys.argv[1]) / "nested" / "joined.txt").read_text()
-        assert (Path(sys.argv[1]) / "big.bin").read_bytes() == bytes(range(256)) * (12 << 10)
+        import os
+        made = Path(sys.argv[1])
+        text = (made / "nested" / "joined.txt").read_text()
+        assert (made / "big.bin").read_bytes() == bytes(range(256)) * (12 << 10)
+        print("shape:", os.access(made / "run.sh", os.X_OK), os.readlink(made / "link"), (made / "blank").is_dir())
         Path(sys.argv[2], "upper.txt").write_text(text.upper())
         print("read", len(text), "characters")
         """)
@@ -145,9 +162,9 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
     upper = OutputFileDatasetConfig("upper").register_on_complete("uppercased")
     make = PythonScriptStep("make.py", name="make", source_directory=str(src), compute_target=target,
                             arguments=[raw.as_named_input("raw").as_mount(), made], outputs=[made],
-                            inputs=[table.as_named_input("tbl")])
+                            inputs=[table.as_named_input("tbl"), raw.as_named_input("rawdl").as_download()])
     use = PythonScriptStep("use.py", name="use", source_directory=str(src), compute_target=target,
-                           arguments=[made.as_download(), upper], inputs=[made.as_download()], outputs=[upper])
+                           arguments=[made.as_mount(), upper], inputs=[made.as_mount()], outputs=[upper])
     run = Experiment(workspace, "far").submit(Pipeline(workspace, [make, use]))
     assert run.wait_for_completion(show_output=False) == "Completed", [s.get_system_log() for s in run.get_steps()]
     first, second = run.find_step_run("make")[0], run.find_step_run("use")[0]
@@ -157,7 +174,7 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
     assert "input files: ['a.txt', 'empty.txt', 'sub/b.txt']" in out
     assert "artifact back: an artifact" in out
     assert "table rows 2 sum 3" in out  # a tabular dataset read by the script itself (direct mode)
-    assert "refused: datastore_location is not available to a step on a Ray node of another machine" in out
+    assert "refused: register_datastore is not available to a step on a Ray node of another machine" in out
     assert first.get_stderr_log() == "to stderr\n"
     assert first.get_metrics()["rows"] == [3, 4]
     assert first.get_tags()["where"] == "elsewhere"
@@ -171,7 +188,11 @@ def test_inputs_logs_metrics_artifacts_and_registered_outputs_go_through_the_rel
 
     assert first.get_output_data("made")._record["digest"] == digest_tree(committed).digest
     assert not os.access(committed / "nested" / "joined.txt", os.W_OK) or os.geteuid() == 0
-    assert second.get_stdout_log() == "read 11 characters\n"
+    assert "by name: datastore 'workspaceblobstore' is a folder on the workspace's machine" in out
+    assert sorted(first.get_metrics()["child"]) == [0, 1, 2, 3]  # logged by forked children
+    assert "download copy written: changed in my copy" in out
+    assert (Path(store.root) / "raw" / "a.txt").read_text() == "alpha\n"  # the data itself is untouched
+    assert second.get_stdout_log() == "shape: True nested/joined.txt True\nread 11 characters\n"
     assert "completed" in second.get_system_log()
     registered = Dataset.get_by_name(workspace, "uppercased")
     assert registered.version == 1
@@ -194,18 +215,21 @@ def test_a_failing_step_on_another_machine_fails_with_its_reason_and_logs(
 
 def test_logs_stream_while_the_step_runs_and_cancel_kills_its_process_there(
         workspace: Workspace, target: ComputeTarget, write_script: Callable[..., Path]) -> None:
-    src = write_script("hang.py", "import os, time\nprint('pid', os.getpid(), flush=True)\ntime.sleep(300)\n")
+    src = write_script("hang.py", "import os, subprocess, sys, time\n"
+                                  "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+                                  "print('pid', os.getpid(), child.pid, flush=True)\ntime.sleep(300)\n")
     run = Experiment(workspace, "far").submit(Pipeline(workspace, [
         PythonScriptStep("hang.py", name="hang", source_directory=str(src), compute_target=target)]))
     step = run.get_steps()[0]
     wait_for(lambda: step.get_stdout_log().startswith("pid "), "the step's first line in the workspace")
     assert step.get_status() == "Running"
-    pid = int(step.get_stdout_log().split()[1])
-    assert Path(f"/proc/{pid}").exists()
+    pid, child = map(int, step.get_stdout_log().split()[1:3])
+    assert Path(f"/proc/{pid}").exists() and Path(f"/proc/{child}").exists()
     run.cancel()
     assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
     assert step.get_status() == "Canceled"
     wait_for(lambda: gone(pid), "the step's process on the other node to be killed", timeout=30)
+    wait_for(lambda: gone(child), "the process the step started to be killed too", timeout=30)
 
 
 def gone(pid: int) -> bool:

@@ -54,9 +54,12 @@ class RelayBackend:
         self._address = address
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._pid = os.getpid()
         self.location = str(self._call("__location__", (), {}))
 
     def _connect(self) -> socket.socket:
+        if self._pid != os.getpid():  # a forked child (multiprocessing): never share the parent's connection
+            self._pid, self._sock, self._lock = os.getpid(), None, threading.Lock()
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -69,6 +72,8 @@ class RelayBackend:
         return self._sock
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._pid != os.getpid():
+            self._connect()  # replaces the lock a fork may have copied while held
         with self._lock:
             sock = self._connect()
             _send(sock, (method, args, kwargs))

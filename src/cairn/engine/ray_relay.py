@@ -150,22 +150,34 @@ class WorkspaceRelay:
             raise PermissionError(f"input {name!r} of step run {job.step_run_id} is not on the workspace's machine")
         return Path(path)
 
-    def input_files(self, step_run_id: str, attempt: int, name: str,
-                    inline: int = 0) -> list[tuple[str, int, bytes | None]]:
-        """(relative path, size, bytes or None) of every file of a job's input ('' for the input itself
-        when a file); the bytes of files up to ``inline`` bytes in all come along (no second call)."""
-        from cairn.storage.tree import _files
-
+    def input_files(self, step_run_id: str, attempt: int, name: str, inline: int = 0) -> dict[str, Any]:
+        """A job's input as the node rebuilds it: ``files`` (relative path, size, bytes or None,
+        executable; '' for the input itself when a file), ``links`` (relative path, target) and empty
+        ``folders``; the bytes of files up to ``inline`` bytes in all come along (no second call)."""
         root = self._input_root(self._job(step_run_id, attempt), name)
-        if not root.exists():
+        if not os.path.lexists(root):
             raise FileNotFoundError(f"input {name!r} ({root}) does not exist on the workspace's machine any more")
-        return _with_bytes([(rel, f) for rel, f in _files(root) if os.path.isfile(f)], inline)
+        if not root.is_dir():
+            return {"files": _with_bytes([("", str(root))], inline), "links": [], "folders": []}
+        files, links, folders = [], [], []
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel_dir = os.path.relpath(dirpath, root)
+            for entry in [*filenames, *dirnames]:
+                full = os.path.join(dirpath, entry)
+                rel = entry if rel_dir == "." else f"{rel_dir}/{entry}".replace(os.sep, "/")
+                if os.path.islink(full):
+                    links.append((rel, os.readlink(full)))
+                elif entry in filenames:
+                    files.append((rel, full))
+            if not dirnames and not filenames and rel_dir != ".":
+                folders.append(rel_dir.replace(os.sep, "/"))
+        return {"files": _with_bytes(sorted(files), inline), "links": sorted(links), "folders": sorted(folders)}
 
-    def dataset_files(self, step_run_id: str, attempt: int, name: str,
-                      inline: int = 0) -> list[tuple[str, int, bytes | None]]:
+    def dataset_files(self, step_run_id: str, attempt: int, name: str, inline: int = 0) -> dict[str, Any]:
         """As ``input_files``, for a job's dataset input's files on the local datastores."""
         job = self._job(step_run_id, attempt)
-        return _with_bytes([(f.relative, f.path) for f in self._dataset(job, name)], inline)
+        return {"files": _with_bytes([(f.relative, f.path) for f in self._dataset(job, name)], inline),
+                "links": [], "folders": []}
 
     def _dataset(self, job: StepJob, name: str) -> list[Any]:
         from cairn.data.datasets import resolve_files
@@ -307,8 +319,8 @@ class WorkspaceRelay:
         return path.read_bytes() if path.is_file() else None
 
 
-def _with_bytes(files: list[tuple[str, str]], inline: int) -> list[tuple[str, int, bytes | None]]:
-    listed: list[tuple[str, int, bytes | None]] = []
+def _with_bytes(files: list[tuple[str, str]], inline: int) -> list[tuple[str, int, bytes | None, bool]]:
+    listed: list[tuple[str, int, bytes | None, bool]] = []
     for rel, path in files:
         size = os.path.getsize(path)
         data = None
@@ -319,23 +331,50 @@ def _with_bytes(files: list[tuple[str, str]], inline: int) -> list[tuple[str, in
                 data = None
             else:
                 inline -= size
-        listed.append((rel, size, data))
+        listed.append((rel, size, data, os.access(path, os.X_OK)))
     return listed
 
 
 def kill_process_group(pid: int, started: str | None) -> bool:
-    """On the step's node: kill its process group if ``pid`` is still the step's process."""
+    """On the step's node: kill the step's process group — its leader if it is still the step's
+    process, and every process left in the step's session that started no earlier than it (the
+    leader may have died with its Ray worker, leaving its children: the session id cannot be given
+    to a new session while they live)."""
     import signal
 
     from cairn.runner.execute import process_start_time
 
-    if started is None or process_start_time(pid) != started:
+    if started is None:
         return False
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+    killed = False
+    if process_start_time(pid) == started:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+            killed = True
+        except (ProcessLookupError, PermissionError):
+            pass
+    for member in _session_members(pid, int(started)):
+        try:
+            os.kill(member, signal.SIGKILL)
+            killed = True
+        except (ProcessLookupError, PermissionError):
+            pass
+    return killed
+
+
+def _session_members(session: int, not_before: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and int(fields[19]) >= not_before:  # session id, start time
+            found.append(int(entry))
+    return found
 
 
 def start_relay(workspace: str) -> Any:

@@ -211,39 +211,61 @@ def _copy_in(read: Any, size: int, target: Path) -> None:
 
 
 def _localize_input(job: StepJob, i: InputLocation, call: _Relay, holds: list[int], scratch: Path) -> InputLocation:
-    """An input of the workspace's machine, fetched into this node's input cache (by content);
-    inputs from object stores are left to the runner (it fetches them itself)."""
+    """An input of the workspace's machine, fetched into this node's input cache (by content) as it
+    is there (files with their executable bit, links as links, empty folders); inputs from object
+    stores are left to the runner (it fetches them itself). A dataset in download mode gets a private
+    copy (the cache is shared by the node's steps)."""
     from cairn.core.digests import digest_json
     from cairn.runner.input_cache import cached_input
 
     if i.path:  # a folder or file on the workspace's machine
-        files = call("input_files", i.name, INLINE)
-        single = len(files) == 1 and files[0][0] == ""
-        names = ([(Path(i.path).name, "", files[0][1], files[0][2])] if single
-                 else [(rel, rel, size, data) for rel, size, data in files])
+        listing = call("input_files", i.name, INLINE)
     elif i.name in job.datasets and _local_datastores(job, i.name):
-        single = False
-        names = [(rel, rel, size, data) for rel, size, data in call("dataset_files", i.name, INLINE)]
+        listing = call("dataset_files", i.name, INLINE)
     else:
         return i
-    key = digest_json({"content": i.digest, "layout": sorted(n[0] for n in names), "from": "workspace"})
+    files, links, folders = listing["files"], listing["links"], listing["folders"]
+    single = len(files) == 1 and files[0][0] == "" and not links
+    if single:
+        files = [(Path(i.path).name, *files[0][1:])]
+    sizes = {rel: size for rel, size, _data, _x in files}
+    sizes.update({rel: len(os.fsencode(target)) for rel, target in links})  # as the cache checks links
+    key = digest_json({"content": i.digest, "layout": sorted(sizes), "from": "workspace"})
 
     def fill(folder: Path) -> None:
-        for name, relative, size, data in names:
+        for rel in folders:
+            (folder / rel).mkdir(parents=True, exist_ok=True)
+        for rel, size, data, executable in files:
+            target = folder / rel
+            source = "" if single else rel
             if data is not None:  # small: it came with the listing
-                (folder / name).parent.mkdir(parents=True, exist_ok=True)
-                (folder / name).write_bytes(data)
-                continue
-            _copy_in(lambda offset, r=relative: call("read_input", i.name, r, offset, CHUNK), size, folder / name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            else:
+                _copy_in(lambda offset, r=source: call("read_input", i.name, r, offset, CHUNK), size, target)
+            if executable:
+                target.chmod(0o755)
+        for rel, link_target in links:
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).symlink_to(link_target)
 
     try:
-        folder = cached_input(key, {n[0]: n[2] for n in names}, fill, holds)
+        folder = cached_input(key, sizes, fill, holds)
     except PermissionError:  # an unusable cache must not fail the step: a copy for this step only
         folder = None
     if folder is None:  # or the cached copy is in use and changed
         folder = scratch / "inputs" / i.name
         fill(folder)
-    path = folder / names[0][0] if single else folder
+    elif i.name in job.datasets and job.datasets[i.name]["mode"] == "download":
+        private = scratch / "inputs" / i.name
+        shutil.copytree(folder, private, symlinks=True)
+        for dirpath, dirnames, filenames in os.walk(private):  # the cache's copy is read-only; this one is not
+            for entry in [*dirnames, *filenames]:
+                full = os.path.join(dirpath, entry)
+                if not os.path.islink(full):
+                    os.chmod(full, os.stat(full).st_mode | 0o200)
+        folder = private
+    path = folder / files[0][0] if single else folder
     return dataclasses.replace(i, path=str(path))
 
 
@@ -397,6 +419,11 @@ def _serve_run_context(call: _Relay, job: StepJob, path: str) -> Any:
         loc = job.datastore_locations.get(args[0]) if method == "datastore_location" and args else None
         if loc is not None and (loc["kind"] != "local" or args[0].startswith(NODE_STORE_PREFIX)):
             return DatastoreLocation(args[0], loc["kind"], loc["config"], loc["secrets"])
+        if method == "datastore_location" and args and args[0] in job.datastore_roots:
+            raise PermissionError(
+                f"datastore {args[0]!r} is a folder on the workspace's machine, which this Ray node (another "
+                f"machine) cannot read directly: pass the data to the step as an input (e.g. "
+                f"dataset.as_named_input('name')), or keep it on an object-store datastore")
         if method == "__put_artifact__":
             return call("put_artifact", *args)
         if method == "__read_artifact__":

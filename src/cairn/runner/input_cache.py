@@ -146,11 +146,12 @@ def _size(root: Path, entry: Path) -> int:
 
 
 def _intact(folder: Path, sizes: dict[str, int]) -> bool:
+    """Every file (and link: the length of its target's name) is there with its size, and nothing else."""
     found = {}
-    for dirpath, _, names in os.walk(folder):
-        for n in names:
+    for dirpath, dirnames, names in os.walk(folder):
+        for n in [*names, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))]:
             full = os.path.join(dirpath, n)
-            found[os.path.relpath(full, folder).replace(os.sep, "/")] = os.path.getsize(full)
+            found[os.path.relpath(full, folder).replace(os.sep, "/")] = os.lstat(full).st_size
     return found == sizes
 
 
