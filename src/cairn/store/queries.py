@@ -60,6 +60,15 @@ def _fast(conn: Connection, stmt: Any, params: dict[str, Any] | list[dict[str, A
     return cursor
 
 
+def _fast_rows(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """``_fast`` for a prebuilt select: its rows as dicts by column name."""
+    if conn.dialect.name != "sqlite":
+        return [dict(r._mapping) for r in conn.execute(stmt, params)]
+    cursor = _fast(conn, stmt, params)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
 def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:
     """``UPDATE runs SET values WHERE id = run_id`` through one prebuilt statement per column set."""
     columns = tuple(sorted(values))
@@ -326,7 +335,7 @@ def get_metric_rows(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
 
 def get_outputs(store: Store, step_run_id: str) -> dict[str, dict[str, Any]]:
     with store.read() as conn:
-        return {r.name: dict(r._mapping) for r in conn.execute(_OUTPUTS_OF, {"b_id": step_run_id})}
+        return {r["name"]: r for r in _fast_rows(conn, _OUTPUTS_OF, {"b_id": step_run_id})}
 
 
 def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], fingerprint: str,
@@ -359,15 +368,15 @@ def lookup_cache(store: Store, fingerprint: str) -> str | None:
 
 def record_reuse(store: Store, step_run_id: str, source_id: str, fingerprint: str,
                  parts: dict[str, Any]) -> bool:
-    with store.write() as conn:
-        rows = conn.execute(_OUTPUTS_OF, {"b_id": source_id}).all()
+    with store.fast_write() as conn:  # prebuilt statements only
+        rows = _fast_rows(conn, _OUTPUTS_OF, {"b_id": source_id})
         if not set_status(conn, step_run_id, Status.REUSED, f"reused the outputs of step run {source_id}",
                           reused_from=source_id, fingerprint=fingerprint,
                           fingerprint_parts=json.dumps(parts)):
             return False
-        conn.execute(_DELETE_OUTPUTS, {"b_id": step_run_id})
+        _fast(conn, _DELETE_OUTPUTS, {"b_id": step_run_id})
         if rows:
-            conn.execute(_INSERT_OUTPUT, [{**dict(r._mapping), "step_run_id": step_run_id} for r in rows])
+            _fast(conn, _INSERT_OUTPUT, [{**r, "step_run_id": step_run_id} for r in rows])
     return True
 
 
