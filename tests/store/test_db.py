@@ -77,3 +77,36 @@ def test_a_finished_run_never_changes_status_again(tmp_path):
     assert not q.update_status(store, run_id, Status.COMPLETED)
     assert q.get_run(store, run_id)["status"] == "Canceled"
     assert [e["status"] for e in q.run_events(store, run_id)] == ["Queued", "Running", "Canceled"]
+
+
+def _one_step(store: Store) -> str:
+    q.insert_pipeline_run(store, run_id="run_x", experiment="e", name="p", spec_json="{}",
+                          steps=[("step_x", "only")], tags={}, properties={}, step_properties={},
+                          regenerate_outputs=False, continue_on_step_failure=False)
+    return "step_x"
+
+
+def test_a_step_commit_is_all_or_nothing_and_leaves_the_store_writable(tmp_path):
+    """The per-step writes bypass SQLAlchemy's execution on SQLite: a failure inside one still undoes
+    all of it, raises SQLAlchemy's error, and releases the write lock."""
+    from sqlalchemy.exc import DBAPIError
+
+    store = _store(tmp_path)
+    step = _one_step(store)
+    assert q.update_status(store, step, Status.RUNNING, None, pid=12, pid_started="34", attempt=1)
+    good = {"name": "o", "datastore": "d", "path": "p", "digest": "x", "size": 1, "file_count": 1,
+            "stat_signature": None}
+    broken = {**good, "name": "o2", "digest": None}  # digest is NOT NULL
+    try:
+        q.commit_step(store, step, [good, broken], "fp", {}, 0, True)
+    except DBAPIError:
+        pass
+    else:
+        raise AssertionError("a NOT NULL violation must fail the commit")
+    row = q.get_run(store, step)
+    assert row["status"] == "Running" and row["pid"] == 12 and row["attempt"] == 1
+    assert q.get_outputs(store, step) == {} and q.lookup_cache(store, "fp") is None
+    assert q.commit_step(store, step, [good], "fp", {"a": 1}, 0, True)  # the lock was released
+    assert q.get_run(store, step)["status"] == "Completed"
+    assert q.get_outputs(store, step)["o"]["digest"] == "x" and q.lookup_cache(store, "fp") == step
+    assert [e["status"] for e in q.run_events(store, step)][-2:] == ["Running", "Completed"]

@@ -35,35 +35,58 @@ _DELETE_CACHE_ENTRY = delete(t.cache_entries).where(t.cache_entries.c.fingerprin
 _INSERT_CACHE_ENTRY = insert(t.cache_entries)
 _CACHE_LOOKUP = select(t.cache_entries.c.step_run_id).where(t.cache_entries.c.fingerprint == bindparam("b_fingerprint"))
 _UPDATE_RUN: dict[tuple[str, ...], Update] = {}
-_SQLITE_TEXT: dict[tuple[int, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
+# the statement itself is kept with its text: an id is only unique while its object lives
+_SQLITE_TEXT: dict[tuple[int, tuple[str, ...]], tuple[Any, str, tuple[str, ...]]] = {}
 
 
 def _fast(conn: Connection, stmt: Any, params: dict[str, Any] | list[dict[str, Any]]) -> Any:
-    """Run one of the prebuilt per-step statements above. On SQLite, its text is made once and run
-    on the transaction's own DBAPI cursor: SQLAlchemy's execution costs several times what SQLite
-    needs for these (the columns are plain floats, strings and integers: no type processing to
-    skip). Returns a cursor (``fetchone``/``fetchall``/``description``) there, a Result elsewhere."""
+    """Run one of the prebuilt per-step statements above (a write only inside a transaction:
+    ``store.write`` or ``store.fast_write``). On SQLite, its text is made once and run on the transaction's own DBAPI
+    cursor: SQLAlchemy's execution costs several times what SQLite needs for these. Their columns
+    are plain floats, strings and integers with no Python-side defaults (a default added to these
+    tables must be passed explicitly here). Returns something with ``fetchone``/``fetchall``."""
+    if stmt.is_dml and getattr(conn, "in_transaction", lambda: True)() is False:
+        raise RuntimeError("the per-step writes run inside a transaction (store.write or store.fast_write)")
     if conn.dialect.name != "sqlite":
-        return conn.execute(stmt, params)
+        result = conn.execute(stmt, params)
+        return _Rows(result.mappings().all() if result.returns_rows else [])
     rows = params if isinstance(params, list) else [params]
     keys = tuple(sorted(rows[0]))
-    text = _SQLITE_TEXT.get((id(stmt), keys))
-    if text is None:
+    cached = _SQLITE_TEXT.get((id(stmt), keys))
+    if cached is None or cached[0] is not stmt:
         compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
-        text = _SQLITE_TEXT[(id(stmt), keys)] = (str(compiled), tuple(compiled.positiontup or ()))
-    sql, order = text
+        cached = _SQLITE_TEXT[(id(stmt), keys)] = (stmt, str(compiled), tuple(compiled.positiontup or ()))
+    _stmt, sql, order = cached
     cursor = conn.connection.driver_connection.cursor()
-    if isinstance(params, list):
-        cursor.executemany(sql, [[row[k] for k in order] for row in rows])
-    else:
-        cursor.execute(sql, [params[k] for k in order])
+    try:
+        if isinstance(params, list):
+            cursor.executemany(sql, [[row[k] for k in order] for row in rows])
+        else:
+            cursor.execute(sql, [params[k] for k in order])
+    except Exception as exc:  # as SQLAlchemy would raise it, so that callers see one kind of error
+        from sqlalchemy.exc import DBAPIError
+
+        raise DBAPIError.instance(sql, params, exc, type(exc)) from exc
     return cursor
+
+
+class _Rows:
+    """A buffered result (other databases): ``fetchone``/``fetchall`` of tuples, ``description``."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self._rows = [tuple(r.values()) for r in rows]
+        self.description = [(k,) for k in rows[0].keys()] if rows else []
+
+    def fetchone(self) -> Any:
+        return self._rows.pop(0) if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        rows, self._rows = self._rows, []
+        return rows
 
 
 def _fast_rows(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
     """``_fast`` for a prebuilt select: its rows as dicts by column name."""
-    if conn.dialect.name != "sqlite":
-        return [dict(r._mapping) for r in conn.execute(stmt, params)]
     cursor = _fast(conn, stmt, params)
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
