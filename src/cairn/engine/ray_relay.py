@@ -159,19 +159,10 @@ class WorkspaceRelay:
             raise FileNotFoundError(f"input {name!r} ({root}) does not exist on the workspace's machine any more")
         if not root.is_dir():
             return {"files": _with_bytes([("", str(root))], inline), "links": [], "folders": []}
-        files, links, folders = [], [], []
-        for dirpath, dirnames, filenames in os.walk(root):
-            rel_dir = os.path.relpath(dirpath, root)
-            for entry in [*filenames, *dirnames]:
-                full = os.path.join(dirpath, entry)
-                rel = entry if rel_dir == "." else f"{rel_dir}/{entry}".replace(os.sep, "/")
-                if os.path.islink(full):
-                    links.append((rel, os.readlink(full)))
-                elif entry in filenames:
-                    files.append((rel, full))
-            if not dirnames and not filenames and rel_dir != ".":
-                folders.append(rel_dir.replace(os.sep, "/"))
-        return {"files": _with_bytes(sorted(files), inline), "links": sorted(links), "folders": sorted(folders)}
+        from cairn.storage.tree import tree_entries
+
+        tree = tree_entries(root)
+        return {"files": _with_bytes(tree.files, inline), "links": tree.links, "folders": tree.folders}
 
     def dataset_files(self, step_run_id: str, attempt: int, name: str, inline: int = 0) -> dict[str, Any]:
         """As ``input_files``, for a job's dataset input's files on the local datastores."""

@@ -315,22 +315,13 @@ class _LocalCommitter:
         self._call = call
 
     def __call__(self, local_job: StepJob, o: Any, staging: Path) -> dict[str, Any]:
-        folders, links, files = [], [], []
-        for dirpath, dirnames, filenames in os.walk(staging):
-            rel_dir = os.path.relpath(dirpath, staging)
-            for name in [*filenames, *dirnames]:
-                full = os.path.join(dirpath, name)
-                rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
-                if os.path.islink(full):
-                    links.append((rel, os.readlink(full)))
-                elif name in filenames:
-                    files.append((rel, full))
-            if not dirnames and not filenames and rel_dir != ".":
-                folders.append(rel_dir.replace(os.sep, "/"))
-        if folders or links:
-            self._call("make_entries", o.name, folders, links)
+        from cairn.storage.tree import tree_entries
+
+        tree = tree_entries(staging)
+        if tree.folders or tree.links:
+            self._call("make_entries", o.name, tree.folders, tree.links)
         small, room = [], INLINE
-        for rel, full in files:
+        for rel, full in tree.files:
             executable = os.access(full, os.X_OK)
             size = os.path.getsize(full)
             if size <= room:  # sent with the commit: one call for a small output

@@ -37,6 +37,32 @@ def _files(root: Path) -> list[tuple[str, str]]:
     return found
 
 
+@dataclass(frozen=True)
+class TreeEntries:
+    """A folder as it must be rebuilt elsewhere: its regular files (relative path, absolute path),
+    its symbolic links (relative path, target; kept as links, never followed) and its empty folders."""
+
+    files: list[tuple[str, str]]
+    links: list[tuple[str, str]]
+    folders: list[str]
+
+
+def tree_entries(root: str | os.PathLike[str]) -> TreeEntries:
+    files, links, folders = [], [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in [*filenames, *dirnames]:
+            full = os.path.join(dirpath, name)
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+            if os.path.islink(full):
+                links.append((rel, os.readlink(full)))
+            elif name in filenames:
+                files.append((rel, full))
+        if not dirnames and not filenames and rel_dir != ".":
+            folders.append(rel_dir.replace(os.sep, "/"))
+    return TreeEntries(sorted(files), sorted(links), sorted(folders))
+
+
 def _entry(full: str) -> tuple[int, int, str]:
     st = os.lstat(full)
     if stat.S_ISLNK(st.st_mode):  # a link is its target text (a broken link is not an error)
