@@ -22,9 +22,10 @@ from cairn.core.status import Status
 from cairn.engine.agent_socket import AgentSocket, signal_ready
 from cairn.engine.context import EngineContext
 from cairn.engine.reporter import StoreReporter
-from cairn.engine.scheduler import PipelineScheduler, kill_orphan
-from cairn.runner.execute import StepControl, process_start_time
+from cairn.engine.scheduler import PipelineScheduler
+from cairn.runner.execute import StepControl
 from cairn.runner.job import StepResult
+from cairn.runner.processes import kill_step_processes, process_start_time
 from cairn.storage.layout import WorkspaceLayout
 from cairn.store import queries as q
 
@@ -152,7 +153,7 @@ class Agent:
                 if lost or result.status == Status.CANCELED.value:
                     # a step that ran elsewhere (a Ray task) may have left its process group here
                     row = q.get_run(self.ctx.store, result.step_run_id) or {}
-                    kill_orphan(row.get("pid"), row.get("pid_started"))
+                    kill_step_processes(row.get("pid"), row.get("pid_started"))
                 status = Status(result.status)
                 if lost:  # the compute lost the attempt (a Ray node died): it runs again, saying why
                     if not q.update_status(self.ctx.store, result.step_run_id, Status.QUEUED, result.reason):

@@ -84,7 +84,9 @@ class WorkspaceRelay:
             return False
         _attempt, node, pid, started = where
         strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-        ref = ray.remote(kill_process_group).options(num_cpus=0, scheduling_strategy=strategy,
+        from cairn.runner.processes import kill_step_processes
+
+        ref = ray.remote(kill_step_processes).options(num_cpus=0, scheduling_strategy=strategy,
                                                      max_retries=0).remote(pid, started)
         try:
             return bool(ray.get(ref, timeout=30))
@@ -324,48 +326,6 @@ def _with_bytes(files: list[tuple[str, str]], inline: int) -> list[tuple[str, in
                 inline -= size
         listed.append((rel, size, data, os.access(path, os.X_OK)))
     return listed
-
-
-def kill_process_group(pid: int, started: str | None) -> bool:
-    """On the step's node: kill the step's process group — its leader if it is still the step's
-    process, and every process left in the step's session that started no earlier than it (the
-    leader may have died with its Ray worker, leaving its children: the session id cannot be given
-    to a new session while they live)."""
-    import signal
-
-    from cairn.runner.execute import process_start_time
-
-    if started is None:
-        return False
-    killed = False
-    if process_start_time(pid) == started:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-            killed = True
-        except (ProcessLookupError, PermissionError):
-            pass
-    for member in _session_members(pid, int(started)):
-        try:
-            os.kill(member, signal.SIGKILL)
-            killed = True
-        except (ProcessLookupError, PermissionError):
-            pass
-    return killed
-
-
-def _session_members(session: int, not_before: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session and int(fields[19]) >= not_before:  # session id, start time
-            found.append(int(entry))
-    return found
 
 
 def start_relay(workspace: str) -> Any:

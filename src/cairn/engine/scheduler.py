@@ -7,8 +7,6 @@ carries on (finished steps stay finished; unfinished ones run again).
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,8 @@ from cairn.core.status import ACTIVE, Status
 from cairn.data.datasets import local_folder
 from cairn.engine.context import EngineContext
 from cairn.engine.fingerprint import fingerprint, fingerprint_parts
-from cairn.runner.execute import process_start_time
 from cairn.runner.job import InputLocation, StepJob
+from cairn.runner.processes import kill_step_processes
 from cairn.storage.layout import run_dir
 from cairn.storage.snapshot import load_manifest
 from cairn.storage.tree import stat_signature
@@ -104,7 +102,7 @@ class PipelineScheduler:
             self.attempts[child["name"]] = child["attempt"] or 0
             st = Status(child["status"])
             if st in (Status.PREPARING, Status.RUNNING, Status.FINALIZING):
-                kill_orphan(child.get("pid"), child.get("pid_started"))
+                kill_step_processes(child.get("pid"), child.get("pid_started"))  # left by a dead agent
                 q.forget_attempt(store, child["id"])  # the interrupted attempt's records would mix in
                 q.update_status(store, child["id"], Status.QUEUED,
                                 "resumed: the agent that ran this step stopped; running it again")
@@ -353,12 +351,3 @@ def _all_upstream(spec: GraphSpec, name: str) -> list[str]:
             frontier.extend(spec.step(n).upstream())
     return seen
 
-
-def kill_orphan(pid: int | None, started: str | None) -> None:
-    """Kill the process group of a step left behind by a dead agent (if it is really ours)."""
-    if not pid or not started or process_start_time(pid) != started:
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

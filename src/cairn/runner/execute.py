@@ -23,6 +23,7 @@ from cairn.environments.spec import is_managed
 from cairn.runner.input_cache import cache_root, cached_input
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
+from cairn.runner.processes import process_start_time
 from cairn.runner.slots import SlotTicket
 from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmStartError
 from cairn.storage.objects import ObjectStore
@@ -104,16 +105,6 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> Non
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (guards against a recycled pid when killing orphans)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[19].decode()
-    except (OSError, IndexError):
-        return None
 
 
 class _SystemLog:
