@@ -27,23 +27,15 @@ from cairn import (
 )
 from cairn.compute.ray_cluster import start_node, stop_node, wait_ready
 from cairn.demo.pipeline import SOURCES, build_pipeline
+from tests.compute.ray_nodes import gone, head_and_node
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    logs = tmp_path_factory.mktemp("ray-logs")
-    head = start_node(None, cpus=2, log=logs / "head.log")
-    second = None
-    try:
-        second = start_node(head["address"], cpus=2, log=logs / "second.log")
-        wait_ready(head["address"], 2)
+    with head_and_node(tmp_path_factory.mktemp("ray-logs"), 2, cpus=2) as (head, second):
         yield {"address": head["address"], "head": head, "second": second}
-    finally:
-        for node in (second, head):
-            if node is not None:
-                stop_node(node)
 
 
 @pytest.fixture
@@ -112,13 +104,6 @@ def test_cancel_reaches_the_task_and_its_process(workspace: Workspace, ray_targe
         time.sleep(0.05)
     events = [e["status"] for e in workspace._backend.get_events(step.id)]
     assert events.count("Canceled") == 1, events  # told by the driver once, not once per code path
-
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_step_resources_come_from_the_run_configuration(workspace: Workspace, ray_target: ComputeTarget,

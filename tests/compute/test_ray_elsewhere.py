@@ -27,8 +27,9 @@ from cairn import (
     RayCompute,
     Workspace,
 )
-from cairn.compute.ray_cluster import cluster_nodes, start_node, stop_node, wait_ready
+from cairn.compute.ray_cluster import cluster_nodes
 from cairn.demo.pipeline import SOURCES, build_pipeline
+from tests.compute.ray_nodes import gone, head_and_node
 
 pytestmark = pytest.mark.slow
 
@@ -40,20 +41,14 @@ def elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     node_cache = Path(tempfile.mkdtemp(prefix="cairn-node-cache-"))  # outside the hidden folder
     launcher = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(hidden))
-    head = start_node(None, cpus=0, log=logs / "head.log")
-    other = None
     try:
-        other = start_node(head["address"], cpus=2, log=logs / "elsewhere.log", launcher=launcher,
+        with head_and_node(logs, 0, cpus=2, launcher=launcher,
                            env={"CAIRN_NODE_CACHE": str(node_cache / "node"),
-                                "CAIRN_INPUT_CACHE": str(node_cache / "inputs")})
-        wait_ready(head["address"], 2)
-        other_id = next(n["NodeID"] for n in cluster_nodes(head["address"])
-                        if n.get("NodeManagerPort") == other["node_manager_port"])
-        yield {"address": head["address"], "node": other_id, "cache": node_cache}
+                                "CAIRN_INPUT_CACHE": str(node_cache / "inputs")}) as (head, other):
+            other_id = next(n["NodeID"] for n in cluster_nodes(head["address"])
+                            if n.get("NodeManagerPort") == other["node_manager_port"])
+            yield {"address": head["address"], "node": other_id, "cache": node_cache}
     finally:
-        for node in (other, head):
-            if node is not None:
-                stop_node(node)
         shutil.rmtree(logs, ignore_errors=True)
         shutil.rmtree(node_cache, ignore_errors=True)
 
@@ -231,12 +226,6 @@ def test_logs_stream_while_the_step_runs_and_cancel_kills_its_process_there(
     wait_for(lambda: gone(pid), "the step's process on the other node to be killed", timeout=30)
     wait_for(lambda: gone(child), "the process the step started to be killed too", timeout=30)
 
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_with_an_object_store_default_the_node_uploads_outputs_and_the_workspace_keeps_the_logs(
