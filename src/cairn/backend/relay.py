@@ -1,50 +1,31 @@
-"""The client backend of a step that runs on a Ray node of another machine: its script's
-``Run.get_context()`` reaches the workspace through the runner (a Unix socket the Ray task serves,
-named by ``$CAIRN_RELAY``), which hands each call to the workspace's relay on the agent's machine.
+"""A step's ``Run.get_context()`` on a Ray node of another machine, both ends of it.
 
-Calls are the backend protocol's (``backend/base.py``), pickled; a file argument (an artifact) is
-sent as its bytes. Errors come back as the workspace raised them.
+``RelayBackend`` is the script's backend: it reaches the workspace through the step's runner (a
+Unix socket the Ray task serves, named by ``$CAIRN_RELAY``; ``core/socket_rpc.py``), which hands
+each call to the workspace's relay on the agent's machine (``engine/ray_relay.py``). There
+``ScriptService`` answers it with this workspace's local backend, for a fixed set of reading and
+recording methods. Calls are the backend protocol's (``backend/base.py``), pickled; a file argument
+(an artifact) travels as its bytes. Errors come back as the workspace raised them.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-_HEADER = struct.Struct("!Q")
+from cairn.core.socket_rpc import receive, send
 
-
-def _send(sock: socket.socket, value: Any) -> None:
-    data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_HEADER.pack(len(data)) + data)
-
-
-def _receive(sock: socket.socket) -> Any:
-    header = _read(sock, _HEADER.size)
-    if header is None:
-        return None
-    (size,) = _HEADER.unpack(header)
-    data = _read(sock, size)
-    if data is None:
-        raise ConnectionError("the step's runner closed the relay connection mid-answer")
-    return pickle.loads(data)
-
-
-def _read(sock: socket.socket, size: int) -> bytes | None:
-    chunks, left = [], size
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+# what a script's Run.get_context() may do through the relay: read, and record on runs and datasets
+SCRIPT_METHODS = frozenset({
+    "name", "location", "list_datastores", "list_compute_targets", "list_experiments", "get_run", "list_runs",
+    "get_children", "get_events", "cancel_run", "set_tags", "add_properties", "get_tags", "get_properties",
+    "log_metric", "log_metrics", "get_metric_rows", "get_outputs", "read_log", "register_dataset",
+    "get_dataset", "list_datasets", "dataset_lineage", "get_environment", "list_environments",
+    "list_artifacts", "explain"})
 
 
 class RelayBackend:
@@ -76,8 +57,8 @@ class RelayBackend:
             self._connect()  # replaces the lock a fork may have copied while held
         with self._lock:
             sock = self._connect()
-            _send(sock, (method, args, kwargs))
-            answer = _receive(sock)
+            send(sock, (method, args, kwargs))
+            answer = receive(sock)
         if answer is None:
             raise ConnectionError("the step's runner closed the relay connection")
         ok, value = answer
@@ -120,56 +101,38 @@ class RelayBackend:
         return call
 
 
-def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]) -> Callable[[], None]:
-    """Serve ``RelayBackend`` connections on the Unix socket ``path`` (only this user may connect)
-    with ``call(method, args, kwargs)``; returns a function that stops serving."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old)
-    listener.listen(16)
-    stopping = threading.Event()
+class ScriptService:
+    """The workspace's side of the scripts' calls (made by the relay, on the workspace's machine)."""
 
-    def handle(conn: socket.socket) -> None:
-        with conn:
-            while True:
-                try:
-                    request = _receive(conn)
-                except (OSError, ConnectionError, EOFError, pickle.UnpicklingError):
-                    return
-                if request is None:
-                    return
-                method, args, kwargs = request
-                try:
-                    answer: tuple[bool, Any] = (True, call(method, args, kwargs))
-                except Exception as exc:  # the workspace's error goes back to the script that asked
-                    answer = (False, exc)
-                try:
-                    _send(conn, answer)
-                except (pickle.PicklingError, TypeError, AttributeError):
-                    _send(conn, (False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
-                except OSError:
-                    return
+    def __init__(self, workspace: str) -> None:
+        self._workspace = workspace
+        self._lock = threading.Lock()
+        self._backend: Any = None
 
-    def accept() -> None:
-        while not stopping.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=handle, args=(conn,), name="cairn-relay-conn", daemon=True).start()
+    def _local(self) -> Any:
+        with self._lock:
+            if self._backend is None:
+                from cairn.backend.local import LocalBackend
+                from cairn.storage.layout import WorkspaceLayout
 
-    threading.Thread(target=accept, name="cairn-relay", daemon=True).start()
+                self._backend = LocalBackend(WorkspaceLayout(self._workspace))
+            return self._backend
 
-    def stop() -> None:
-        stopping.set()
-        try:
-            listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        listener.close()
-        Path(path).unlink(missing_ok=True)
+    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if method not in SCRIPT_METHODS:
+            raise PermissionError(f"{method} is not available to a step on a Ray node of another machine "
+                                  f"(a script there may read, and record on runs and datasets)")
+        value = getattr(self._local(), method)
+        return value(*args, **kwargs) if callable(value) else value
 
-    return stop
+    def put_artifact(self, run_id: str, name: str, data: bytes) -> str:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=Path(self._workspace) / ".cairn", prefix=".artifact-") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            return str(self._local().put_artifact(run_id, name, tmp.name))
+
+    def read_artifact(self, run_id: str, name: str) -> bytes | None:
+        path = self._local().artifact_path(run_id, name)
+        return path.read_bytes() if path.is_file() else None

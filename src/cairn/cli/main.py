@@ -406,7 +406,9 @@ def agent(workspace: Path = WorkspaceOption,
                   f"stop it first (kill {other.get('pid')}) or let it serve", highlight=False)
         raise typer.Exit(EXIT_USER_ERROR)
     console.print(f"agent serving {ws.location} (Ctrl-C to stop)")
-    raise typer.Exit(Agent(layout, idle_timeout or None, max_concurrency).serve())
+    from cairn.backend.relay import ScriptService
+
+    raise typer.Exit(Agent(layout, idle_timeout or None, max_concurrency, script_service=ScriptService).serve())
 
 
 @app.command()

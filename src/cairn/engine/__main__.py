@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     front.open()
     signal_ready(b"ready\n")  # pokes queue up while the heavy modules load
 
+    from cairn.backend.relay import ScriptService
     from cairn.engine.agent import Agent
 
-    return Agent(layout, idle, args.max_concurrency, front=front).serve()
+    # the agent process's entry point composes the layers: the engine takes the backend's service
+    return Agent(layout, idle, args.max_concurrency, front=front, script_service=ScriptService).serve()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cairn.compute.base import Compute, make_compute
@@ -38,8 +39,13 @@ def agent_owner_id() -> str:
 
 class Agent:
     def __init__(self, layout: WorkspaceLayout, idle_timeout: float | None = 300.0,
-                 max_concurrency: int | None = None, front: AgentSocket | None = None) -> None:
+                 max_concurrency: int | None = None, front: AgentSocket | None = None,
+                 script_service: Callable[[str], Any] | None = None) -> None:
+        """``script_service(workspace)`` answers the ``Run.get_context()`` calls of steps on Ray nodes of
+        other machines (the entry point gives ``backend.relay.ScriptService``: the engine sits below
+        the backend)."""
         self.layout = layout
+        self.script_service = script_service
         self.front = front or AgentSocket(layout)
         self._serving = front is not None  # a booted front door already holds the lock and listens
         self.idle_timeout = idle_timeout
@@ -285,7 +291,7 @@ class Agent:
                 from cairn.engine.ray_task import run_step_task
 
                 config["task_body"] = run_step_task
-                config["relay_factory"] = functools.partial(start_relay, str(self.layout.root))
+                config["relay_factory"] = functools.partial(start_relay, str(self.layout.root), self.script_service)
             self.computes[name] = make_compute(name, targets[name]["kind"], config)
             self._compute_configs[name] = targets[name]["config"]
         return self.computes[name]

@@ -7,7 +7,9 @@ Everything goes through Ray's own connections between the nodes: Cairn opens no 
 hands the relay each step attempt's job before its task starts (``expect``); a node names the
 attempt, never a path of the workspace's machine: the relay serves only that job's snapshot objects
 and inputs, and writes only that job's log folder and output staging folders. Script calls are a
-fixed set of reading and recording methods (no datastore, compute or pipeline changes, no paths).
+fixed set of reading and recording methods (no datastore, compute or pipeline changes, no paths),
+answered by the script service the agent's entry point hands down (``backend/relay.py``: the
+engine does not reach up to the backend itself).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +25,15 @@ from cairn.runner.job import StepJob
 
 _REPORTS = {"started", "succeeded", "ended", "register_output"}
 EXPECT_TIMEOUT = 30.0  # how long a call may wait for the driver's copy of its job
-# what a script's Run.get_context() may do through the relay: read, and record on runs and datasets
-SCRIPT_METHODS = frozenset({
-    "name", "location", "list_datastores", "list_compute_targets", "list_experiments", "get_run", "list_runs",
-    "get_children", "get_events", "cancel_run", "set_tags", "add_properties", "get_tags", "get_properties",
-    "log_metric", "log_metrics", "get_metric_rows", "get_outputs", "read_log", "register_dataset",
-    "get_dataset", "list_datasets", "dataset_lineage", "get_environment", "list_environments",
-    "list_artifacts", "explain"})
 Attempt = tuple[str, int]  # step run id, attempt
 
 
 class WorkspaceRelay:
     """Runs in a Ray worker process on the agent's node (``start_relay`` pins it there)."""
 
-    def __init__(self, workspace: str) -> None:
+    def __init__(self, workspace: str, script_service: Callable[[str], Any] | None = None) -> None:
+        """``script_service(workspace)`` answers the scripts' ``Run.get_context()`` calls (it has
+        ``call``, ``put_artifact`` and ``read_artifact``); without one they are refused."""
         from cairn.engine.context import EngineContext
         from cairn.storage.layout import WorkspaceLayout
 
@@ -48,7 +46,7 @@ class WorkspaceRelay:
         self._jobs: dict[Attempt, StepJob] = {}
         self._processes: dict[str, tuple[int, str, int, str | None]] = {}  # step run -> attempt, node, pid, start
         self._datasets: dict[tuple[str, int, str], list[Any]] = {}  # a dataset input's files, listed once
-        self._backend: Any = None
+        self._script = script_service(workspace) if script_service is not None else None
 
     # -- the driver's side ------------------------------------------------------------------------
 
@@ -282,34 +280,20 @@ class WorkspaceRelay:
     def backend(self, step_run_id: str, attempt: int, method: str, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
         """A client backend call of a step's script on another machine (``backend/relay.py``)."""
-        if method not in SCRIPT_METHODS:
-            raise PermissionError(f"{method} is not available to a step on a Ray node of another machine "
-                                  f"(a script there may read, and record on runs and datasets)")
-        self._job(step_run_id, attempt)
-        value = getattr(self._local_backend(), method)
-        return value(*args, **kwargs) if callable(value) else value
-
-    def _local_backend(self) -> Any:
-        with self._cond:
-            if self._backend is None:
-                from cairn.backend.local import LocalBackend
-
-                self._backend = LocalBackend(self.layout)
-            return self._backend
+        return self._scripts(step_run_id, attempt).call(method, args, kwargs)
 
     def put_artifact(self, step_run_id: str, attempt: int, run_id: str, name: str, data: bytes) -> str:
-        import tempfile
-
-        self._job(step_run_id, attempt)
-        with tempfile.NamedTemporaryFile(dir=self.layout.dot, prefix=".artifact-") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            return str(self._local_backend().put_artifact(run_id, name, tmp.name))
+        return str(self._scripts(step_run_id, attempt).put_artifact(run_id, name, data))
 
     def read_artifact(self, step_run_id: str, attempt: int, run_id: str, name: str) -> bytes | None:
+        return self._scripts(step_run_id, attempt).read_artifact(run_id, name)
+
+    def _scripts(self, step_run_id: str, attempt: int) -> Any:
         self._job(step_run_id, attempt)
-        path = self._local_backend().artifact_path(run_id, name)
-        return path.read_bytes() if path.is_file() else None
+        if self._script is None:
+            raise PermissionError("this agent answers no Run.get_context() calls from Ray nodes of other machines "
+                                  "(it was started without a script service)")
+        return self._script
 
 
 def _with_bytes(files: list[tuple[str, str]], inline: int) -> list[tuple[str, int, bytes | None, bool]]:
@@ -328,7 +312,7 @@ def _with_bytes(files: list[tuple[str, str]], inline: int) -> list[tuple[str, in
     return listed
 
 
-def start_relay(workspace: str) -> Any:
+def start_relay(workspace: str, script_service: Callable[[str], Any] | None = None) -> Any:
     """Start the relay for ``workspace`` on the connected cluster: pinned to the driver's node (the
     agent's machine, where the workspace is), no CPU of its own, many calls at a time (steps report
     concurrently); owned by this driver, so it ends with the agent. Returns at once."""
@@ -338,4 +322,4 @@ def start_relay(workspace: str) -> Any:
     node = ray.get_runtime_context().get_node_id()
     return ray.remote(WorkspaceRelay).options(
         num_cpus=0, max_concurrency=64, max_restarts=-1, max_task_retries=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote(workspace)
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)).remote(workspace, script_service)

@@ -401,7 +401,7 @@ def _serve_run_context(call: _Relay, job: StepJob, path: str) -> Any:
     """``Run.get_context()`` of the step's script, through the relay; the datastores its job
     carries (object stores, and the node's copies of inputs) are answered here, so that a Dataset
     the script reads itself reads from where this node can."""
-    from cairn.backend.relay import serve
+    from cairn.core.socket_rpc import serve
     from cairn.storage.datastores import DatastoreLocation
 
     def handle(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
