@@ -259,3 +259,23 @@ def test_a_server_let_go_finishes_its_running_step(tmp_path: Path) -> None:
         assert (tmp_path / "out.txt").read_text() == "done\n"
     finally:
         server.kill()
+
+
+def test_a_warm_step_compiles_and_fails_as_a_cold_one(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    """No compiler flag of the server's own file reaches the script (its annotations are evaluated),
+    and an uncaught exception is printed from the script's frames, as Python prints it."""
+    src = write_script("step.py", """
+        def f(x: int) -> None: ...
+        print(f.__annotations__["x"])
+        raise ValueError("boom")
+    """)
+    warm_target(workspace)
+    step = PythonScriptStep("step.py", name="fails", source_directory=str(src), allow_reuse=False)
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
+    (failed,) = run.get_steps()
+    assert "warm start: forked by server" in failed.get_system_log()
+    assert failed.get_stdout_log() == "<class 'int'>\n"
+    stderr = failed.get_stderr_log()
+    assert stderr.startswith('Traceback (most recent call last):\n  File "')
+    assert "forkserver" not in stderr and stderr.endswith("ValueError: boom\n")

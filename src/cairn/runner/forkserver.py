@@ -213,11 +213,14 @@ def _run(script: str) -> int:
         sys.modules["__main__"] = main
         with open(script, "rb") as f:
             source = f.read()
-        exec(compile(source, script, "exec"), main.__dict__)
+        code_object = compile(source, script, "exec", dont_inherit=True)  # not this file's __future__ flags
+        exec(code_object, main.__dict__)
     except SystemExit as exc:
         code = _exit_code(exc.code)
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as exc:  # printed as Python prints it: from the script's frames, not this file's
+        tb = exc.__traceback__
+        tb = tb.tb_next if tb is not None else None
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
         code = 1
     try:  # what the interpreter does when a script ends: wait for threads, then atexit
         threading._shutdown()  # type: ignore[attr-defined]
