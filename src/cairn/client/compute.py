@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 class LocalComputeConfiguration:
     max_concurrency: int | None = None
     warm_start_modules: tuple[str, ...] = ()
+    spare_interpreters: bool = True
     kind: str = "local"
 
     def to_config(self) -> dict[str, Any]:
@@ -24,6 +25,8 @@ class LocalComputeConfiguration:
             config["max_concurrency"] = self.max_concurrency
         if self.warm_start_modules:
             config["warm_start_modules"] = list(self.warm_start_modules)
+        if not self.spare_interpreters:
+            config["spare_interpreters"] = False
         return config
 
 
@@ -32,11 +35,16 @@ class LocalCompute:
 
     @staticmethod
     def provisioning_configuration(max_concurrency: int | None = None,
-                                   warm_start_modules: list[str] | None = None) -> LocalComputeConfiguration:
+                                   warm_start_modules: list[str] | None = None,
+                                   spare_interpreters: bool = True) -> LocalComputeConfiguration:
         """``warm_start_modules`` (opt-in): steps are forked from a per-environment server that
         imported these modules once (e.g. ``["pandas", "sklearn"]``), instead of each step paying
         for the imports. Do not use it for modules that start threads, open GPU contexts or read
-        environment variables at import time."""
+        environment variables at import time.
+
+        ``spare_interpreters`` (on by default): each step still starts in a new interpreter of its
+        own, but one started ahead while earlier steps ran, so its start is off the pipeline's path.
+        ``False``: each step's interpreter starts when the step does."""
         if max_concurrency is not None:
             check_type(max_concurrency, int, "max_concurrency")
             if max_concurrency < 1:
@@ -48,7 +56,8 @@ class LocalCompute:
                 raise UserInputError(f"warm_start_modules must be a list of module names such as "
                                      f"['pandas', 'sklearn.ensemble'], not {warm_start_modules!r}")
             modules = tuple(warm_start_modules)
-        return LocalComputeConfiguration(max_concurrency, modules)
+        check_type(spare_interpreters, bool, "spare_interpreters")
+        return LocalComputeConfiguration(max_concurrency, modules, spare_interpreters)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The built-in ``local`` target: each step runs as a subprocess of this machine, at most
-``max_concurrency`` at a time (default: the number of cores), as many more prepared ahead; with
-``warm_start_modules``, steps are forked from a per-environment server that imported those modules
-once (runner/warm.py)."""
+``max_concurrency`` at a time (default: the number of cores), as many more prepared ahead. A step
+runs in a fresh interpreter started ahead while earlier steps ran (runner/spares.py; off with
+``spare_interpreters=False`` or ``CAIRN_SPARE_INTERPRETERS=0``); with ``warm_start_modules``, steps
+are forked from a per-environment server that imported those modules once (runner/warm.py)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ from cairn.runner.execute import (
 )
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.slots import ProcessSlots
+from cairn.runner.spares import SparePool
 from cairn.runner.warm import WarmPool, WarmStartError
 
 
 class LocalCompute:
     def __init__(self, name: str = "local", max_concurrency: int | None = None,
-                 warm_start_modules: list[str] | None = None) -> None:
+                 warm_start_modules: list[str] | None = None, spare_interpreters: bool = True) -> None:
         self.name = name
         self._max_concurrency = int(max_concurrency or os.cpu_count() or 1)
         self._running = 0
@@ -37,6 +39,8 @@ class LocalCompute:
         self._slots = ProcessSlots(lambda: self._max_concurrency)
         self.warm: WarmPool | None = None
         self.set_warm_start(warm_start_modules)
+        self.spares: SparePool | None = None
+        self.set_spare_interpreters(spare_interpreters)
 
     @property
     def max_concurrency(self) -> int:
@@ -57,10 +61,26 @@ class LocalCompute:
             self.warm.shutdown()
         self.warm = WarmPool(wanted) if wanted else None
 
+    def set_spare_interpreters(self, enabled: bool) -> None:
+        """Steps start in interpreters started ahead (``enabled``), or each in a new one when it starts."""
+        enabled = enabled and os.environ.get("CAIRN_SPARE_INTERPRETERS", "1") != "0"
+        if enabled and self.spares is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            # only with a core to spare: on busy cores a spare's start would slow the running steps
+            self.spares = SparePool(min(self._max_concurrency, 4), lambda: self._slots.busy < cores)
+            self._slots.on_release.append(self.spares.poke)
+        elif not enabled and self.spares is not None:
+            self._slots.on_release.remove(self.spares.poke)
+            self.spares.shutdown()
+            self.spares = None
+
     def prestart(self, log_dir: Path, log: Callable[[str], None] | None = None) -> None:
-        """Start the default environment's warm-start server now, in the background, so that the
-        first step is warm too (a step that needs it meanwhile waits for it, as it would anyway)."""
+        """Start the default environment's spare interpreters, and its warm-start server (in the
+        background, so that the first step is warm too: a step that needs it meanwhile waits for
+        it, as it would anyway)."""
         warm, env = self.warm, environment_base({})
+        if self.spares is not None and warm is None:
+            self.spares.want(sys.executable, env)
         if warm is None or not warm.begin_start(sys.executable, env):
             return
         say = log or (lambda _message: None)
@@ -88,7 +108,7 @@ class LocalCompute:
 
         def work() -> None:
             try:
-                result = execute_step(job, reporter, control, warm=self.warm, slot=slot)
+                result = execute_step(job, reporter, control, warm=self.warm, slot=slot, spares=self.spares)
                 upload_logs(job, result)
             except BaseException as exc:  # never lose a slot or a step's ending
                 result = StepResult(job.step_run_id, "Failed", f"runner crashed: {exc}", None)
@@ -103,3 +123,5 @@ class LocalCompute:
     def shutdown(self) -> None:
         if self.warm is not None:
             self.warm.shutdown()
+        if self.spares is not None:
+            self.spares.shutdown()

@@ -201,6 +201,7 @@ class Agent:
                 compute.max_concurrency = int(wanted)  # type: ignore[attr-defined]
             if hasattr(compute, "set_warm_start"):
                 compute.set_warm_start(record["config"].get("warm_start_modules"))  # started by _prepare_local_targets
+                compute.set_spare_interpreters(record["config"].get("spare_interpreters", True))
 
     def _claim_waiting(self) -> None:
         dead = {o for o in q.lease_owners(self.ctx.store)
@@ -262,16 +263,19 @@ class Agent:
         return False
 
     def _prepare_local_targets(self, sched: PipelineScheduler | None) -> None:
-        """Make the local targets with warm start (all, or those of ``sched``'s run) now and start
-        their warm-start servers, in the background, while steps are still being prepared (the one
-        place servers are started ahead). Best effort: a target that cannot be made fails its own
-        steps when they are dispatched."""
+        """Start, in the background, what local targets start ahead while steps are still being
+        prepared: warm-start servers (of all targets at the agent's start, or those of ``sched``'s
+        run) and spare interpreters (those of ``sched``'s run). Best effort: a target that cannot
+        be made fails its own steps when they are dispatched."""
         try:
-            warm = {c["name"] for c in q.list_named(self.ctx.store, "compute_targets")
-                    if c["kind"] == "local" and c["config"].get("warm_start_modules")}
-            if sched is not None:
-                warm &= {step.compute_target for step in sched.spec.steps}
-            for name in warm:
+            local = [c for c in q.list_named(self.ctx.store, "compute_targets") if c["kind"] == "local"]
+            if sched is None:
+                names = {c["name"] for c in local if c["config"].get("warm_start_modules")}
+            else:
+                used = {step.compute_target for step in sched.spec.steps}
+                names = {c["name"] for c in local if c["name"] in used and (
+                    c["config"].get("warm_start_modules") or c["config"].get("spare_interpreters", True))}
+            for name in names:
                 compute = self._compute(name)
                 if compute is not None:
                     compute.prestart(self.layout.dot, self._log)  # type: ignore[attr-defined]

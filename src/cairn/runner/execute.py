@@ -25,6 +25,7 @@ from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
 from cairn.runner.processes import process_start_time
 from cairn.runner.slots import SlotTicket
+from cairn.runner.spares import SparePool
 from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmStartError
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
@@ -338,10 +339,12 @@ def _resolve_environment(job: StepJob, control: StepControl, syslog: _SystemLog)
 
 def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | None = None,
                  on_started: Callable[[int], None] | None = None, warm: WarmPool | None = None,
-                 slot: SlotTicket | None = None, commit_local: LocalCommit | None = None) -> StepResult:
+                 slot: SlotTicket | None = None, commit_local: LocalCommit | None = None,
+                 spares: SparePool | None = None) -> StepResult:
     """Run one step to its end and report it. Never raises for a step's own failure. With ``slot``,
     everything before the process (folders, inputs, environment) is done ahead, and the process
-    waits for its turn. ``commit_local``: see ``_commit_outputs``."""
+    waits for its turn. ``commit_local``: see ``_commit_outputs``. ``spares``: interpreters started
+    ahead, one of which runs the step when it would start cold."""
     control = control or StepControl()
     spec = job.spec
     log_dir = Path(job.log_dir)
@@ -420,7 +423,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         ended: _ProcessEnd | None = None
         started = time.monotonic()
         try:
-            ended = _run_process(job, reporter, control, on_started, warm, resolved, argv, work, env, syslog, log_dir)
+            ended = _run_process(job, reporter, control, on_started, warm, resolved, argv, work, env, syslog, log_dir,
+                                 spares)
         finally:
             if slot is not None:
                 if (ended is None or not ended.succeeded) and job.stop_run_on_failure and not control.canceled:
@@ -502,45 +506,54 @@ class _ProcessEnd(NamedTuple):
 
 def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_started: Callable[[int], None] | None,
                  warm: WarmPool | None, resolved: ResolvedEnvironment | None, argv: list[str], work: Path,
-                 env: dict[str, str], syslog: _SystemLog, log_dir: Path) -> _ProcessEnd:
-    """Start the step's process (forked warm, or cold), record Running, wait for its end."""
+                 env: dict[str, str], syslog: _SystemLog, log_dir: Path,
+                 spares: SparePool | None = None) -> _ProcessEnd:
+    """Start the step's process (forked warm, by a spare interpreter, or cold), record Running,
+    wait for its end."""
     spec = job.spec
-    with open(log_dir / "stdout.txt", "ab") as out, open(log_dir / "stderr.txt", "ab") as err:
-        proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog) if warm is not None else None
+    how = ""
+    proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog) if warm is not None else None
+    if proc is None and spares is not None and not job.die_with_runner:
+        base = base_environment(job, resolved)
+        spare = spares.take(argv[0], base, env)
+        if spare is not None and spares.launch(spare, argv, str(work), str(log_dir / "stdout.txt"),
+                                               str(log_dir / "stderr.txt"), env):
+            proc, how = spare, " (an interpreter started ahead)"
+    if proc is None:
         try:
-            if proc is None:
+            with open(log_dir / "stdout.txt", "ab") as out, open(log_dir / "stderr.txt", "ab") as err:
                 proc = subprocess.Popen(argv, cwd=work, env=env, stdout=out, stderr=err,
                                         stdin=subprocess.DEVNULL, start_new_session=True,
                                         preexec_fn=_die_with_parent if job.die_with_runner else None)
         except OSError as exc:
             return _ProcessEnd(start_error=exc)
-        control.attach(proc)
+    control.attach(proc)
+    try:
+        reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
+                         pid_started=process_start_time(proc.pid), attempt=job.attempt,
+                         fingerprint=job.fingerprint,  # kept even if the step fails: explainable
+                         fingerprint_parts=json.dumps(job.fingerprint_parts))
+        if on_started:
+            on_started(proc.pid)
+        syslog(f"started pid {proc.pid}{how}")
+    except BaseException:  # the step cannot be followed: it must not run on unseen (nor hold a slot)
+        _kill_group(proc)
+        proc.wait()
+        raise
+    timed_out = False
+    try:
+        code = proc.wait(timeout=spec.max_run_duration_seconds)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        syslog(f"over max_run_duration_seconds={spec.max_run_duration_seconds:g}: sending SIGTERM, "
+               f"then SIGKILL after {KILL_GRACE_SECONDS:g} s")
+        _kill_group(proc, signal.SIGTERM)
         try:
-            reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
-                             pid_started=process_start_time(proc.pid), attempt=job.attempt,
-                             fingerprint=job.fingerprint,  # kept even if the step fails: explainable
-                             fingerprint_parts=json.dumps(job.fingerprint_parts))
-            if on_started:
-                on_started(proc.pid)
-            syslog(f"started pid {proc.pid}")
-        except BaseException:  # the step cannot be followed: it must not run on unseen (nor hold a slot)
-            _kill_group(proc)
-            proc.wait()
-            raise
-        timed_out = False
-        try:
-            code = proc.wait(timeout=spec.max_run_duration_seconds)
+            code = proc.wait(timeout=KILL_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
-            timed_out = True
-            syslog(f"over max_run_duration_seconds={spec.max_run_duration_seconds:g}: sending SIGTERM, "
-                   f"then SIGKILL after {KILL_GRACE_SECONDS:g} s")
-            _kill_group(proc, signal.SIGTERM)
-            try:
-                code = proc.wait(timeout=KILL_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                code = proc.wait()
-        _kill_group(proc)  # nothing the step started may outlive it
+            _kill_group(proc)
+            code = proc.wait()
+    _kill_group(proc)  # nothing the step started may outlive it
     return _ProcessEnd(code, timed_out)
 
 

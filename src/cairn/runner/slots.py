@@ -23,6 +23,12 @@ class ProcessSlots:
         self._waiting: dict[int, str] = {}  # ticket -> run, of the prepared steps waiting for a slot
         self._stopped_runs: set[str] = set()  # runs that stopped after a failure: their steps never start
         self._next_ticket = 0
+        self.on_release: list[Callable[[], None]] = []  # told each time a process has ended
+
+    @property
+    def busy(self) -> int:
+        """Step processes running now."""
+        return self._busy
 
     def ticket(self, run_id: str = "") -> SlotTicket:
         with self._cond:
@@ -64,6 +70,8 @@ class ProcessSlots:
         with self._cond:
             self._busy -= 1
             self._cond.notify_all()
+        for listener in self.on_release:
+            listener()
 
     def wake(self) -> None:
         with self._cond:

@@ -1,0 +1,176 @@
+"""Spare interpreters, the agent's side: a few fresh interpreters per (interpreter, environment),
+started ahead while other steps run, each taking exactly one step (``spare_boot.py``). A step run
+by a spare is a cold start whose interpreter start happened earlier: its own new process and
+interpreter, arguments, working directory, variables, stdout/stderr files and exit code.
+
+Spares are started by one background thread (never on a step's path), only while a core is free
+(``may_start``): when every core runs a step, a spare's start would only take CPU from them, and
+the next step starts cold as it would anyway. They are replaced as they are taken, and exit on
+their own when the agent goes (their standard input closes)."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+SPARE_BOOT = str(Path(__file__).with_name("spare_boot.py"))
+MAX_KEYS = 4  # environments with spares at once: the least recently used one's are let go
+# Variables Python reads as it starts (beyond PYTHON*): a step that sets them otherwise starts cold.
+_STARTUP_NAMES = frozenset({"LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME"})
+_READ_LATER = frozenset({"PYTHONBREAKPOINT"})  # read when used, from the step's own os.environ
+
+Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def startup_view(env: dict[str, str]) -> dict[str, str]:
+    """What of ``env`` an interpreter reads when it starts."""
+    return {k: v for k, v in env.items()
+            if (k.startswith("PYTHON") and k not in _READ_LATER) or k in _STARTUP_NAMES}
+
+
+def encode_job(argv: list[str], cwd: str, stdout: str, stderr: str, env: dict[str, str]) -> bytes:
+    fields = [str(len(argv)), *argv, cwd, stdout, stderr, *(f"{k}={v}" for k, v in env.items())]
+    return b"\0".join(os.fsencode(f) for f in fields)
+
+
+class SparePool:
+    """Up to ``per_key`` idle spares for each (interpreter, base environment) in use, started
+    while ``may_start()`` (call ``poke()`` when it may have changed)."""
+
+    def __init__(self, per_key: int, may_start: Callable[[], bool] = lambda: True) -> None:
+        self.per_key = max(1, per_key)
+        self._may_start = may_start
+        self._idle: OrderedDict[Key, list[subprocess.Popen[bytes]]] = OrderedDict()
+        self._envs: dict[Key, dict[str, str]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._maker: threading.Thread | None = None
+
+    def want(self, python: str, base_env: dict[str, str]) -> None:
+        """Have spares of this interpreter and environment ready (started in the background)."""
+        with self._cond:
+            self._want(self._key(python, base_env), base_env)
+
+    def take(self, python: str, base_env: dict[str, str], env: dict[str, str]) -> subprocess.Popen[bytes] | None:
+        """A spare for a step with variables ``env`` (None: start it cold); a new one is started to
+        replace it. A spare may still be starting: it takes the step as soon as it is up."""
+        if startup_view(env) != startup_view(base_env):
+            return None  # Python would start differently for this step
+        key = self._key(python, base_env)
+        with self._cond:
+            spares = self._idle.get(key, [])
+            spares[:] = [s for s in spares if s.poll() is None]
+            spare = None
+            if spares:
+                up = _up(spares)
+                spare = up[0] if up else spares[0]  # one that is up, else the one started first
+                spares.remove(spare)
+            self._want(key, base_env)
+        return spare
+
+    def launch(self, spare: subprocess.Popen[bytes], argv: list[str], cwd: str, stdout: str, stderr: str,
+               env: dict[str, str]) -> bool:
+        """Give ``spare`` its step; False when it is gone (the caller starts the step cold)."""
+        assert spare.stdin is not None and spare.stdout is not None
+        spare.stdout.close()
+        try:
+            spare.stdin.write(encode_job(argv, cwd, stdout, stderr, env))
+            spare.stdin.close()  # end of file: the job is whole
+            return True
+        except OSError:
+            _let_go(spare)
+            return False
+
+    def poke(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._closed = True
+            spares = [s for group in self._idle.values() for s in group]
+            self._idle.clear()
+            self._cond.notify_all()
+        for spare in spares:
+            _let_go(spare)
+
+    # -- the maker thread --------------------------------------------------------------------
+
+    @staticmethod
+    def _key(python: str, base_env: dict[str, str]) -> Key:
+        return python, tuple(sorted(base_env.items()))
+
+    def _want(self, key: Key, base_env: dict[str, str]) -> None:  # under self._cond
+        if self._closed:
+            return
+        self._envs[key] = base_env
+        self._idle.setdefault(key, [])
+        self._idle.move_to_end(key)
+        while len(self._idle) > MAX_KEYS:  # an environment not used for a while: its spares go
+            old, spares = self._idle.popitem(last=False)
+            self._envs.pop(old, None)
+            for spare in spares:
+                _let_go(spare)
+        if self._maker is None or not self._maker.is_alive():
+            self._maker = threading.Thread(target=self._make, name="spare-interpreters", daemon=True)
+            self._maker.start()
+        self._cond.notify_all()
+
+    def _missing(self) -> tuple[Key, dict[str, str]] | None:  # under self._cond
+        if not self._may_start():
+            return None
+        for key, spares in reversed(self._idle.items()):  # the most recently used environment first
+            spares[:] = [s for s in spares if s.poll() is None]
+            if len(spares) < self.per_key:
+                return key, self._envs[key]
+        return None
+
+    def _make(self) -> None:
+        while True:
+            with self._cond:
+                wanted = self._missing()
+                while wanted is None and not self._closed:
+                    self._cond.wait()
+                    wanted = self._missing()
+                if self._closed:
+                    return
+            key, env = wanted
+            try:
+                spare = subprocess.Popen([key[0], SPARE_BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+            except OSError:  # e.g. the environment's interpreter is gone: its steps start cold (and say why)
+                with self._cond:
+                    self._idle.pop(key, None)
+                    self._envs.pop(key, None)
+                continue
+            with self._cond:
+                if self._closed or key not in self._idle:
+                    _let_go(spare)
+                    continue
+                self._idle[key].append(spare)
+
+
+def _up(spares: list[subprocess.Popen[bytes]]) -> list[subprocess.Popen[bytes]]:
+    """Those of ``spares`` that said they are up (one byte on their standard output)."""
+    poller = select.poll()  # not select(): the agent may hold more than 1024 descriptors
+    for s in spares:
+        assert s.stdout is not None
+        poller.register(s.stdout, select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(0)}
+    return [s for s in spares if s.stdout is not None and s.stdout.fileno() in ready]
+
+
+def _let_go(spare: subprocess.Popen[bytes]) -> None:
+    """An idle spare exits quietly once its standard input closes; reaped in the background."""
+    for pipe in (spare.stdin, spare.stdout):
+        try:
+            if pipe is not None:
+                pipe.close()
+        except OSError:
+            pass
+    threading.Thread(target=spare.wait, daemon=True).start()

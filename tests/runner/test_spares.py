@@ -1,0 +1,212 @@
+"""Spare interpreters: a step run by an interpreter started ahead behaves exactly as ``python
+script.py`` started when the step does (same output, errors, exit status, __main__, sys.path,
+modules); it starts cold where its start would differ; the engine uses them by default and not
+when told not to."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cairn import ComputeTarget, Experiment, LocalCompute, Pipeline, PythonScriptStep, Workspace
+from cairn.runner.spares import SparePool
+
+PROBE = '''
+    """the probe's docstring"""
+    import atexit, json, os, sys, threading
+
+    def annotated(x: "undefined_name") -> None: ...
+    print(json.dumps({"file": __file__, "name": __name__, "doc": __doc__, "spec": repr(__spec__),
+                      "package": __package__, "loader": type(__loader__).__name__, "argv": sys.argv,
+                      "path": sys.path, "cwd": os.getcwd(), "var": os.environ.get("PROBE_VAR"),
+                      "stdin": sys.stdin.read(), "builtins": type(__builtins__).__name__,
+                      "main": sys.modules["__main__"].__dict__ is globals(), "cached": __cached__,
+                      "modules": sorted(sys.modules), "flags": str(sys.flags), "encoding": sys.stdout.encoding,
+                      "annotation": repr(annotated.__annotations__["x"])}, sort_keys=True))
+    atexit.register(lambda: print("atexit ran", flush=True))
+    threading.Thread(target=lambda: print("thread ended", flush=True)).start()
+    how = sys.argv[1]
+    if how == "raise":
+        def inner():
+            raise ValueError("boom")
+        inner()
+    if how == "exit3":
+        sys.exit(3)
+    if how == "exit-message":
+        sys.exit("a message for stderr")
+    if how == "interrupt":
+        raise KeyboardInterrupt
+'''
+
+
+@pytest.fixture(scope="module")
+def pool() -> SparePool:
+    spares = SparePool(1)
+    yield spares
+    spares.shutdown()
+
+
+def run_both(pool: SparePool, folder: Path, argv: list[str], env: dict[str, str]) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of ``argv`` started cold, then by a spare interpreter."""
+    results = []
+    with open(folder / "cold.out", "wb") as out, open(folder / "cold.err", "wb") as err:
+        code = subprocess.run(argv, cwd=folder, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL).returncode
+    results.append((code, (folder / "cold.out").read_text(), (folder / "cold.err").read_text()))
+    pool.want(argv[0], env)
+    spare = None
+    while spare is None:  # the pool's thread starts it
+        spare = pool.take(argv[0], env, env)
+    assert pool.launch(spare, argv, str(folder), str(folder / "spare.out"), str(folder / "spare.err"), env)
+    code = spare.wait(timeout=60)
+    results.append((code, (folder / "spare.out").read_text(), (folder / "spare.err").read_text()))
+    return results
+
+
+@pytest.mark.parametrize("how", ["ok", "raise", "exit3", "exit-message", "interrupt"])
+def test_a_spare_runs_a_script_exactly_as_python_would(pool: SparePool, tmp_path: Path, how: str) -> None:
+    (tmp_path / "probe.py").write_text(textwrap.dedent(PROBE))
+    env = dict(os.environ, PROBE_VAR="from the step", PYTHONUNBUFFERED="1")
+    cold, spare = run_both(pool, tmp_path, [sys.executable, "probe.py", how], env)
+    assert spare == cold
+    expected = {"ok": 0, "raise": 1, "exit3": 3, "exit-message": 1, "interrupt": -2}[how]
+    assert cold[0] == expected
+    assert "thread ended" in cold[1] and "atexit ran" in cold[1]  # the interpreter ended as usual
+    assert '"annotation": "\'undefined_name\'"' in cold[1]  # no __future__ flag leaks from the boot file
+    if how == "raise":
+        assert cold[2].startswith('Traceback (most recent call last):\n  File "' + str(tmp_path / "probe.py"))
+        assert "spare_boot" not in spare[2]
+
+
+def test_a_syntax_error_reads_as_it_does_cold(pool: SparePool, tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("x = (\n")
+    cold, spare = run_both(pool, tmp_path, [sys.executable, "broken.py"], dict(os.environ))
+    assert spare == cold
+    assert cold[0] == 1 and "SyntaxError" in cold[2]
+
+
+def test_a_site_folder_changed_after_the_spare_started_makes_it_start_cold(tmp_path: Path) -> None:
+    """``.pth`` files are read as Python starts: a spare that started before one appeared becomes
+    a cold start of the step (same process), which reads it."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    site_dir = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert site_dir.startswith(str(tmp_path))
+    (tmp_path / "show.py").write_text("import os, sys\nprint('extra' if any(p.endswith('added') for p in sys.path) "
+                                      "else 'plain', os.getpid())\n")
+    pool, env = SparePool(1), dict(os.environ)
+    try:
+        for pth in ("none", "extra"):
+            pool.want(python, env)
+            spare = None
+            while spare is None:
+                spare = pool.take(python, env, env)
+            assert spare.stdout is not None
+            assert spare.stdout.read(1) == b"+"  # it is up: its site folders are read
+            if pth == "extra":
+                (tmp_path / "added").mkdir()
+                Path(site_dir, "extra.pth").write_text(str(tmp_path / "added") + "\n")
+            out = tmp_path / f"{pth}.txt"
+            assert pool.launch(spare, [python, "show.py"], str(tmp_path), str(out), str(tmp_path / "err.txt"), env)
+            assert spare.wait(timeout=60) == 0
+            assert out.read_text() == f"{'plain' if pth == 'none' else 'extra'} {spare.pid}\n"
+    finally:
+        pool.shutdown()
+
+
+def test_a_step_that_sets_what_python_reads_at_start_gets_no_spare() -> None:
+    pool = SparePool(1)
+    try:
+        base = dict(os.environ, PYTHONUNBUFFERED="1")
+        assert pool.take(sys.executable, base, {**base, "PYTHONHASHSEED": "7"}) is None
+        assert pool.take(sys.executable, base, {**base, "LC_ALL": "C"}) is None
+    finally:
+        pool.shutdown()
+
+
+def test_a_spare_that_is_gone_is_not_given_a_step(tmp_path: Path) -> None:
+    pool = SparePool(1)
+    try:
+        env = dict(os.environ)
+        pool.want(sys.executable, env)
+        spare = None
+        while spare is None:
+            spare = pool.take(sys.executable, env, env)
+        spare.kill()
+        spare.wait()
+        assert not pool.launch(spare, [sys.executable, "x.py"], str(tmp_path), str(tmp_path / "o"), str(tmp_path / "e"),
+                               env)
+    finally:
+        pool.shutdown()
+
+
+def test_idle_spares_exit_when_let_go() -> None:
+    pool = SparePool(2)
+    env = dict(os.environ)
+    pool.want(sys.executable, env)
+    spares = []
+    while len(spares) < 2:
+        spare = pool.take(sys.executable, env, env)
+        if spare is not None:
+            spares.append(spare)
+    pool.shutdown()
+    for spare in spares:  # taken but never given a step: the caller lets them go
+        assert spare.stdin is not None
+        spare.stdin.close()
+        assert spare.wait(timeout=30) == 0
+
+
+WAIT_FOR_SPARE = """
+    import os, sys, time
+    print(os.getpid(), os.environ["CAIRN_STEP_NAME"])
+    if sys.argv[1] == "wait":  # until the agent has a spare interpreter up for the next step
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        spare = b"spare_boot.py" in f.read()
+                except OSError:
+                    continue
+                if spare and parent == os.getppid():
+                    sys.exit(0)
+            time.sleep(0.02)
+        sys.exit("no spare interpreter was started")
+"""
+
+
+@pytest.mark.parametrize("spares", [True, False])
+def test_the_engine_runs_steps_in_spares_unless_told_not_to(workspace: Workspace,
+                                                            write_script: Callable[..., Path], spares: bool) -> None:
+    from cairn import PipelineData
+
+    src = write_script("step.py", WAIT_FOR_SPARE)
+    ComputeTarget.create(workspace, "local", LocalCompute.provisioning_configuration(spare_interpreters=spares))
+    first = PipelineData("first")
+    steps = [PythonScriptStep("step.py", name="first", source_directory=str(src), outputs=[first],
+                              arguments=["wait" if spares else "go", first], allow_reuse=False),
+             PythonScriptStep("step.py", name="second", source_directory=str(src), inputs=[first],
+                              arguments=["go", first], allow_reuse=False)]
+    run = Experiment(workspace, "spares").submit(Pipeline(workspace, steps))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    by_name = {step.name: step for step in run.get_steps()}
+    pids = {by_name[name].get_stdout_log().split()[0] for name in by_name}
+    assert len(pids) == 2  # each step its own process
+    assert ("(an interpreter started ahead)" in by_name["second"].get_system_log()) == spares
+    if not spares:
+        assert "(an interpreter started ahead)" not in by_name["first"].get_system_log()
+
+
+def test_spare_interpreters_must_be_a_boolean() -> None:
+    from cairn import UserInputError
+
+    with pytest.raises(UserInputError, match="spare_interpreters"):
+        LocalCompute.provisioning_configuration(spare_interpreters="no")  # type: ignore[arg-type]
