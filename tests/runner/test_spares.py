@@ -14,23 +14,37 @@ from pathlib import Path
 
 import pytest
 
-from cairn import ComputeTarget, Experiment, LocalCompute, Pipeline, PythonScriptStep, Workspace
+from cairn import (
+    ComputeTarget,
+    Experiment,
+    LocalCompute,
+    Pipeline,
+    PythonScriptStep,
+    RunConfiguration,
+    Workspace,
+)
 from cairn.runner.spares import SparePool
 
 PROBE = '''
     """the probe's docstring"""
-    import atexit, json, os, sys, threading
+    import atexit, json, os, sys, threading, warnings
 
     def annotated(x: "undefined_name") -> None: ...
+    warnings.warn("deprecated at the top level", DeprecationWarning, stacklevel=2)
     print(json.dumps({"file": __file__, "name": __name__, "doc": __doc__, "spec": repr(__spec__),
                       "package": __package__, "loader": type(__loader__).__name__, "argv": sys.argv,
+                      "orig_argv": sys.orig_argv, "annotations": __annotations__,
                       "path": sys.path, "cwd": os.getcwd(), "var": os.environ.get("PROBE_VAR"),
                       "stdin": sys.stdin.read(), "builtins": type(__builtins__).__name__,
                       "main": sys.modules["__main__"].__dict__ is globals(), "cached": __cached__,
                       "modules": sorted(sys.modules), "flags": str(sys.flags), "encoding": sys.stdout.encoding,
+                      "seekable": [sys.stdin.seekable(), sys.stdout.seekable(), sys.stdout.tell() >= 0],
+                      "same": [sys.stdout is sys.__stdout__, sys.stderr is sys.__stderr__],
                       "annotation": repr(annotated.__annotations__["x"])}, sort_keys=True))
     atexit.register(lambda: print("atexit ran", flush=True))
     threading.Thread(target=lambda: print("thread ended", flush=True)).start()
+    kept = open("kept.txt", "w")
+    kept.write("written before the end")  # flushed when the interpreter finalises, whatever the end
     how = sys.argv[1]
     if how == "raise":
         def inner():
@@ -42,6 +56,9 @@ PROBE = '''
         sys.exit("a message for stderr")
     if how == "interrupt":
         raise KeyboardInterrupt
+    if how == "no-exit":
+        sys.exit = lambda *args: None
+        raise RuntimeError("still a failure")
 '''
 
 
@@ -68,19 +85,32 @@ def run_both(pool: SparePool, folder: Path, argv: list[str], env: dict[str, str]
     return results
 
 
-@pytest.mark.parametrize("how", ["ok", "raise", "exit3", "exit-message", "interrupt"])
+@pytest.mark.parametrize("how", ["ok", "raise", "exit3", "exit-message", "interrupt", "no-exit"])
 def test_a_spare_runs_a_script_exactly_as_python_would(pool: SparePool, tmp_path: Path, how: str) -> None:
     (tmp_path / "probe.py").write_text(textwrap.dedent(PROBE))
     env = dict(os.environ, PROBE_VAR="from the step", PYTHONUNBUFFERED="1")
     cold, spare = run_both(pool, tmp_path, [sys.executable, "probe.py", how], env)
     assert spare == cold
-    expected = {"ok": 0, "raise": 1, "exit3": 3, "exit-message": 1, "interrupt": -2}[how]
+    expected = {"ok": 0, "raise": 1, "exit3": 3, "exit-message": 1, "interrupt": -2, "no-exit": 1}[how]
     assert cold[0] == expected
     assert "thread ended" in cold[1] and "atexit ran" in cold[1]  # the interpreter ended as usual
+    assert (tmp_path / "kept.txt").read_text() == "written before the end"
     assert '"annotation": "\'undefined_name\'"' in cold[1]  # no __future__ flag leaks from the boot file
+    assert "DeprecationWarning" not in cold[2]
     if how == "raise":
         assert cold[2].startswith('Traceback (most recent call last):\n  File "' + str(tmp_path / "probe.py"))
         assert "spare_boot" not in spare[2]
+
+
+def test_a_zip_application_runs_as_python_runs_it(pool: SparePool, tmp_path: Path) -> None:
+    import zipapp
+
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__main__.py").write_text("import sys\nprint('zipped', sys.argv[1:])\n")
+    zipapp.create_archive(tmp_path / "app", tmp_path / "app.pyz")
+    (tmp_path / "app.pyz").rename(tmp_path / "app.py")  # a zip under a script's name
+    cold, spare = run_both(pool, tmp_path, [sys.executable, "app.py", "x"], dict(os.environ))
+    assert spare == cold == (0, "zipped ['x']\n", "")
 
 
 def test_a_syntax_error_reads_as_it_does_cold(pool: SparePool, tmp_path: Path) -> None:
@@ -120,12 +150,54 @@ def test_a_site_folder_changed_after_the_spare_started_makes_it_start_cold(tmp_p
         pool.shutdown()
 
 
-def test_a_step_that_sets_what_python_reads_at_start_gets_no_spare() -> None:
+def test_a_step_whose_other_variables_differ_gets_no_spare() -> None:
+    """Only what Cairn adds for each run of a step may differ from what its spare started with:
+    the dynamic loader, libc, Python and .pth files read the others as a process starts."""
     pool = SparePool(1)
     try:
         base = dict(os.environ, PYTHONUNBUFFERED="1")
-        assert pool.take(sys.executable, base, {**base, "PYTHONHASHSEED": "7"}) is None
-        assert pool.take(sys.executable, base, {**base, "LC_ALL": "C"}) is None
+        for name, value in (("PYTHONHASHSEED", "7"), ("LC_ALL", "C"), ("LD_LIBRARY_PATH", "/opt/lib"),
+                            ("COVERAGE_PROCESS_START", "x")):
+            assert pool.take(sys.executable, base, {**base, name: value}) is None
+        pool.want(sys.executable, base)
+        spare = None
+        while spare is None:
+            spare = pool.take(sys.executable, base, {**base, "CAIRN_RUN_ID": "step_1", "AML_PARAMETER_n": "3"})
+        spare.kill()
+        spare.wait()
+    finally:
+        pool.shutdown()
+
+
+def test_a_spare_that_cannot_enter_the_step_folder_leaves_the_step_to_a_cold_start(
+        pool: SparePool, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    pool.want(sys.executable, env)
+    spare = None
+    while spare is None:
+        spare = pool.take(sys.executable, env, env)
+    assert not pool.launch(spare, [sys.executable, "x.py"], str(tmp_path / "missing"), str(tmp_path / "o"),
+                           str(tmp_path / "e"), env)
+    assert spare.wait(timeout=30) != 0  # it ran nothing
+
+
+def test_a_spare_stuck_starting_is_killed_and_never_takes_the_step(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import cairn.runner.spares as spares_module
+
+    monkeypatch.setattr(spares_module, "TAKE_TIMEOUT", 0.5)
+    stuck = tmp_path / "python"
+    stuck.write_text("#!/bin/sh\nexec sleep 600\n")
+    stuck.chmod(0o755)
+    pool, env = SparePool(1), dict(os.environ)
+    try:
+        pool.want(str(stuck), env)
+        spare = None
+        while spare is None:
+            spare = pool.take(str(stuck), env, env)
+        assert not pool.launch(spare, [str(stuck), "x.py"], str(tmp_path), str(tmp_path / "o"), str(tmp_path / "e"),
+                               env)
+        assert spare.wait(timeout=30) == -9
     finally:
         pool.shutdown()
 
@@ -164,7 +236,9 @@ def test_idle_spares_exit_when_let_go() -> None:
 
 WAIT_FOR_SPARE = """
     import os, sys, time
-    print(os.getpid(), os.environ["CAIRN_STEP_NAME"])
+    with open("/proc/self/environ", "rb") as f:  # what the process started with
+        started_with = b"MY_START_VAR=yes" in f.read().split(b"\\0")
+    print(os.getpid(), os.environ["CAIRN_STEP_NAME"], started_with)
     if sys.argv[1] == "wait":  # until the agent has a spare interpreter up for the next step
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -191,15 +265,18 @@ def test_the_engine_runs_steps_in_spares_unless_told_not_to(workspace: Workspace
     src = write_script("step.py", WAIT_FOR_SPARE)
     ComputeTarget.create(workspace, "local", LocalCompute.provisioning_configuration(spare_interpreters=spares))
     first = PipelineData("first")
-    steps = [PythonScriptStep("step.py", name="first", source_directory=str(src), outputs=[first],
+    rc = RunConfiguration()
+    rc.environment_variables = {"MY_START_VAR": "yes"}  # the spare starts with the step's own variables
+    steps = [PythonScriptStep("step.py", name="first", source_directory=str(src), outputs=[first], runconfig=rc,
                               arguments=["wait" if spares else "go", first], allow_reuse=False),
-             PythonScriptStep("step.py", name="second", source_directory=str(src), inputs=[first],
+             PythonScriptStep("step.py", name="second", source_directory=str(src), inputs=[first], runconfig=rc,
                               arguments=["go", first], allow_reuse=False)]
     run = Experiment(workspace, "spares").submit(Pipeline(workspace, steps))
     assert run.wait_for_completion(show_output=False) == "Completed"
     by_name = {step.name: step for step in run.get_steps()}
-    pids = {by_name[name].get_stdout_log().split()[0] for name in by_name}
-    assert len(pids) == 2  # each step its own process
+    printed = {name: by_name[name].get_stdout_log().split() for name in by_name}
+    assert len({p[0] for p in printed.values()}) == 2  # each step its own process
+    assert all(p[2] == "True" for p in printed.values())
     assert ("(an interpreter started ahead)" in by_name["second"].get_system_log()) == spares
     if not spares:
         assert "(an interpreter started ahead)" not in by_name["first"].get_system_log()

@@ -252,11 +252,18 @@ def environment_base(variables: dict[str, Any], resolved: ResolvedEnvironment | 
     return env
 
 
+def start_environment(job: StepJob, resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
+    """The step's variables but those Cairn adds for each run of it (ids, folders, parameters):
+    what a spare interpreter for it starts with."""
+    env = base_environment(job, resolved)
+    env.update(dict(job.spec.environment_variables))
+    return env
+
+
 def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: dict[str, str],
                      resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
     spec = job.spec
-    env = base_environment(job, resolved)
-    env.update(dict(spec.environment_variables))
+    env = start_environment(job, resolved)
     for key, value in spec.params:
         env[f"AML_PARAMETER_{key}"] = value
         env[f"CAIRN_PARAMETER_{key}"] = value
@@ -514,8 +521,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
     how = ""
     proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog) if warm is not None else None
     if proc is None and spares is not None and not job.die_with_runner:
-        base = base_environment(job, resolved)
-        spare = spares.take(argv[0], base, env)
+        spare = spares.take(argv[0], start_environment(job, resolved), env)
         if spare is not None and spares.launch(spare, argv, str(work), str(log_dir / "stdout.txt"),
                                                str(log_dir / "stderr.txt"), env):
             proc, how = spare, " (an interpreter started ahead)"

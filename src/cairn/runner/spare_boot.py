@@ -64,12 +64,42 @@ def _read_job() -> bytes:
 
 
 def _redirect(stdout: str, stderr: str) -> None:
-    fds = [os.open(os.devnull, os.O_RDONLY),
-           os.open(stdout, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644),
-           os.open(stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)]
+    fds = [os.open(os.devnull, os.O_RDONLY),  # as the agent opens them for a cold step ("ab")
+           os.open(stdout, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666),
+           os.open(stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)]
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
+    io = sys.modules["io"]
+    # new stream objects over the new files: the start-up ones decided what their pipes could do
+    # (seek, tell), with the encoding, errors and buffering Python chose as it started
+    for name, fd, mode in (("stdin", 0, "rb"), ("stdout", 1, "wb"), ("stderr", 2, "wb")):
+        old = getattr(sys, name)
+        if old is None:
+            continue
+        raw = io.FileIO(fd, mode, closefd=False)
+        buffer = raw if isinstance(old.buffer, io.FileIO) else (
+            io.BufferedReader(raw) if mode == "rb" else io.BufferedWriter(raw))
+        new = io.TextIOWrapper(buffer, encoding=old.encoding, errors=old.errors, newline="\n",
+                               line_buffering=old.line_buffering, write_through=old.write_through)
+        setattr(sys, name, new)
+        setattr(sys, f"__{name}__", new)
+
+
+def _cold(argv: list, env: dict) -> bool:
+    """Whether Python itself must start this step: its script is not a source file this spare can
+    run as Python would (options, a folder, a zip application, compiled code), or a site-packages
+    folder changed since this spare started."""
+    if len(argv) < 2 or argv[1].startswith("-") or not os.path.isfile(argv[1]):
+        return True
+    if argv[1].endswith((".pyc", ".pyz")) or _signature(_SITE) != _SITE_MARKS:
+        return True
+    try:
+        with open(argv[1], "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True
+    return head == b"PK\x03\x04"  # a zip application under any name
 
 
 def _main() -> tuple:
@@ -81,9 +111,15 @@ def _main() -> tuple:
     argv = fields[1:1 + argc]
     cwd, stdout, stderr = fields[1 + argc:4 + argc]
     env = dict(item.split("=", 1) for item in fields[4 + argc:])
+    # Until the agent hears "taken" on our standard output, the step is not started: if anything
+    # below fails (or this process dies), the agent starts the step cold, with a cold start's errors.
+    answer = os.dup(1)
     os.chdir(cwd)
+    cold = _cold(argv, env)
     _redirect(stdout, stderr)
-    if argc < 2 or argv[1].startswith("-") or _signature(_SITE) != _SITE_MARKS:
+    os.write(answer, b"!")  # taken: from here on this process is the step
+    os.close(answer)
+    if cold:
         try:
             os.execve(argv[0], argv, env)  # a cold start, in this process
         except OSError as exc:
@@ -93,24 +129,24 @@ def _main() -> tuple:
     os.environ.update(env)
     script = os.path.abspath(argv[1])
     sys.argv = argv[1:]
+    sys.orig_argv = list(argv)
     if _PATH0:
         sys.path.insert(0, os.path.dirname(script))
     main = type(sys)("__main__")  # what `python script.py` runs the script in
     main.__file__ = script
     main.__cached__ = None
+    main.__annotations__ = {}
     main.__builtins__ = sys.modules["builtins"]
     main.__loader__ = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", script)
     sys.modules["__main__"] = main
-    try:
-        with open(script, "rb") as f:
-            source = f.read()
-    except OSError as exc:
-        print(f"{sys.executable}: can't open file {script!r}: [Errno {exc.errno}] {exc.strerror}", file=sys.stderr)
-        os._exit(2)
+    with open(script, "rb") as f:
+        source = f.read()
     return main.__dict__, source, script
 
 
 _globals, _source, _script = _main()
+# warnings raised from the script's top level name this file's frame: not as __main__
+__name__ = "cairn_spare_boot"
 try:
     # dont_inherit: this file's compiler flags are not the script's
     exec(compile(_source, _script, "exec", dont_inherit=True), _globals)
@@ -120,16 +156,7 @@ except BaseException as _exc:  # printed as Python prints it, without this file'
     _tb = _exc.__traceback__  # its first frame is always this file's (the exec above)
     _tb = _tb.tb_next if _tb is not None else None
     sys.excepthook(type(_exc), _exc.with_traceback(_tb), _tb)  # the hook prints the exception's own
-    if isinstance(_exc, KeyboardInterrupt):  # as Python does: end as usual, then die of SIGINT
-        import atexit
-        import signal
-
-        if "threading" in sys.modules:
-            sys.modules["threading"]._shutdown()  # the script's threads are waited for
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    del _exc, _tb
-    sys.exit(1)
+    # then Python ends as it does after an uncaught exception (status 1, or death by SIGINT after
+    # a KeyboardInterrupt, finalising first): printed once, above
+    sys.excepthook = lambda *_args: None
+    raise

@@ -12,25 +12,31 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 SPARE_BOOT = str(Path(__file__).with_name("spare_boot.py"))
+TAKE_TIMEOUT = 30.0  # a spare that has not taken its step by then (a start that hangs) is killed
 MAX_KEYS = 4  # environments with spares at once: the least recently used one's are let go
-# Variables Python reads as it starts (beyond PYTHON*): a step that sets them otherwise starts cold.
-_STARTUP_NAMES = frozenset({"LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME"})
-_READ_LATER = frozenset({"PYTHONBREAKPOINT"})  # read when used, from the step's own os.environ
+# What Cairn adds for each step (ids, folders, parameters): nothing reads them as a process starts.
+# Every other variable a step has is in the environment its spare started with (the dynamic
+# loader, libc, Python and .pth files read theirs at start).
+PER_STEP_PREFIXES = ("CAIRN_", "AML_PARAMETER_")
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
-def startup_view(env: dict[str, str]) -> dict[str, str]:
-    """What of ``env`` an interpreter reads when it starts."""
-    return {k: v for k, v in env.items()
-            if (k.startswith("PYTHON") and k not in _READ_LATER) or k in _STARTUP_NAMES}
+def fits(start_env: dict[str, str], env: dict[str, str]) -> bool:
+    """Whether a spare started with ``start_env`` may run a step whose variables are ``env``."""
+    for name in start_env.keys() | env.keys():
+        if start_env.get(name) != env.get(name) and not name.startswith(PER_STEP_PREFIXES):
+            return False
+    return True
 
 
 def encode_job(argv: list[str], cwd: str, stdout: str, stderr: str, env: dict[str, str]) -> bytes:
@@ -57,10 +63,11 @@ class SparePool:
             self._want(self._key(python, base_env), base_env)
 
     def take(self, python: str, base_env: dict[str, str], env: dict[str, str]) -> subprocess.Popen[bytes] | None:
-        """A spare for a step with variables ``env`` (None: start it cold); a new one is started to
-        replace it. A spare may still be starting: it takes the step as soon as it is up."""
-        if startup_view(env) != startup_view(base_env):
-            return None  # Python would start differently for this step
+        """A spare started with ``base_env`` for a step with variables ``env`` (None: start it
+        cold); a new one is started to replace it. A spare may still be starting: it takes the
+        step as soon as it is up."""
+        if not fits(base_env, env):
+            return None  # the step would not start as it starts cold
         key = self._key(python, base_env)
         with self._cond:
             spares = self._idle.get(key, [])
@@ -75,16 +82,35 @@ class SparePool:
 
     def launch(self, spare: subprocess.Popen[bytes], argv: list[str], cwd: str, stdout: str, stderr: str,
                env: dict[str, str]) -> bool:
-        """Give ``spare`` its step; False when it is gone (the caller starts the step cold)."""
+        """Give ``spare`` its step. True once it said it took it (it is then the step's process);
+        False when it did not (gone, or it could not enter the step's folder or open its logs):
+        the caller starts the step cold, as it would have anyway."""
         assert spare.stdin is not None and spare.stdout is not None
-        spare.stdout.close()
+        taken = False
         try:
             spare.stdin.write(encode_job(argv, cwd, stdout, stderr, env))
             spare.stdin.close()  # end of file: the job is whole
-            return True
+            poller = select.poll()
+            poller.register(spare.stdout, select.POLLIN)
+            deadline = time.monotonic() + TAKE_TIMEOUT
+            while not taken:  # "+" (it is up) may come first; then "!" (taken), or end of file
+                if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    break  # stuck starting: it must not take the step later, cold starts it now
+                answer = os.read(spare.stdout.fileno(), 8)
+                if not answer:
+                    break
+                taken = b"!" in answer
         except OSError:
+            pass
+        if not taken:
+            try:
+                os.killpg(spare.pid, signal.SIGKILL)  # never a second copy of the step
+            except OSError:
+                pass
             _let_go(spare)
             return False
+        spare.stdout.close()
+        return True
 
     def poke(self) -> None:
         with self._cond:
