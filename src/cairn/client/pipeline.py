@@ -152,12 +152,11 @@ class Pipeline:
         snapshots: dict[str, str] = {}
         gits: dict[str, dict[str, str]] = {}
         specs, step_props = [], {}
-        from cairn.storage.git import git_properties
+        from cairn.storage.git import git_properties_of
 
         folders = list(dict.fromkeys(s.source_directory for s in self.steps))
         snapshots.update(backend.snapshots(folders))
-        for folder in folders:
-            gits[folder] = git_properties(folder)
+        gits.update(git_properties_of(folders))
         for s in self.steps:
             bindings = s.input_bindings()
             inputs = tuple(InputSpec(b.input_name, producer_of[id(b.data)].name, b.data.output_name, b.mode,
