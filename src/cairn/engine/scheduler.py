@@ -135,8 +135,12 @@ class PipelineScheduler:
         log_dir = self._run_root / run_dir(self.run_id, step_run_id) / "logs"
         if step.allow_reuse and not self.run["regenerate_outputs"]:
             source = q.lookup_cache(store, fp)
-            if source and self._outputs_present(source, step):
-                if q.record_reuse(store, step_run_id, source, fp, parts):
+            present = self._outputs_present(source, step) if source else None
+            if present is not None:
+                if q.record_reuse(store, step_run_id, source, fp, parts, list(present.values())):
+                    # what downstream steps read next: this step's outputs are the source's
+                    self._outputs[step_run_id] = {name: {**row, "step_run_id": step_run_id}
+                                                  for name, row in present.items()}
                     log_dir.mkdir(parents=True, exist_ok=True)
                     with open(log_dir / "system.txt", "a", encoding="utf-8") as f:
                         f.write(f"reused the outputs of step run {source} (fingerprint {fp})\n")
@@ -252,22 +256,23 @@ class PipelineScheduler:
             loc = self.ctx.datastore_location(name)
             locations[name] = {"kind": loc.kind, "config": loc.config, "secrets": loc.secrets}
 
-    def _outputs_present(self, source_id: str, step: StepSpec) -> bool:
-        """The earlier outputs still exist, unchanged since they were committed."""
+    def _outputs_present(self, source_id: str, step: StepSpec) -> dict[str, dict[str, Any]] | None:
+        """The earlier outputs (by name, as the store has them) if they still exist, unchanged
+        since they were committed; else None."""
         outs = q.get_outputs(self.ctx.store, source_id)
         if {o.name for o in step.outputs} - outs.keys():
-            return False
+            return None
         for o in outs.values():
             if o["datastore"] not in self._roots:  # an object store: the output must still be listed
                 if not _remote_exists(self.ctx.datastore_location(o["datastore"]), o["path"]):
-                    return False
+                    return None
                 continue
             path = Path(self._roots.get(o["datastore"], "/nonexistent")) / o["path"]
             if not path.exists():
-                return False
+                return None
             if o.get("stat_signature") and stat_signature(path) != o["stat_signature"]:
-                return False
-        return True
+                return None
+        return outs
 
     def started(self, step: StepSpec) -> None:
         self.running.add(step.name)

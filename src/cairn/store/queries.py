@@ -140,10 +140,14 @@ def insert_pipeline_run(
                 for order, (step_id, step_name) in enumerate(steps, 1)])
             conn.execute(insert(t.run_events), [
                 {"run_id": step_id, "status": Status.NOT_STARTED.value, "at": now} for step_id, _ in steps])
-        _put_kv(conn, t.run_tags, run_id, tags)
-        _put_kv(conn, t.run_properties, run_id, properties)
-        for step_id, props in step_properties.items():
-            _put_kv(conn, t.run_properties, step_id, props)
+        # new runs have no tags or properties yet: inserted at once (not replaced key by key)
+        if tags:
+            conn.execute(insert(t.run_tags), _kv_rows(run_id, tags))
+        props = _kv_rows(run_id, properties)
+        for step_id, values in step_properties.items():
+            props += _kv_rows(step_id, values)
+        if props:
+            conn.execute(insert(t.run_properties), props)
 
 
 def get_run(store: Store, run_id: str) -> dict[str, Any] | None:
@@ -281,12 +285,15 @@ def has_waiting_runs(store: Store) -> bool:
 
 # -- tags, properties ----------------------------------------------------------------------
 
+def _kv_rows(run_id: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"run_id": run_id, "key": k, "value": None if v is None else str(v)} for k, v in values.items()]
+
+
 def _put_kv(conn: Connection, table: Any, run_id: str, values: dict[str, Any]) -> None:
     if not values:
         return
     conn.execute(delete(table).where(table.c.run_id == run_id, table.c.key.in_(list(values))))
-    conn.execute(insert(table), [{"run_id": run_id, "key": k, "value": None if v is None else str(v)}
-                                 for k, v in values.items()])
+    conn.execute(insert(table), _kv_rows(run_id, values))
 
 
 def set_tags(store: Store, run_id: str, tags: dict[str, Any]) -> None:
@@ -390,9 +397,11 @@ def lookup_cache(store: Store, fingerprint: str) -> str | None:
 
 
 def record_reuse(store: Store, step_run_id: str, source_id: str, fingerprint: str,
-                 parts: dict[str, Any]) -> bool:
+                 parts: dict[str, Any], source_outputs: list[dict[str, Any]] | None = None) -> bool:
+    """``step_run_id`` Reused, with the outputs of ``source_id`` (``source_outputs``: as
+    ``get_outputs`` gave them, when the caller has just read them; committed outputs never change)."""
     with store.fast_write() as conn:  # prebuilt statements only
-        rows = _fast_rows(conn, _OUTPUTS_OF, {"b_id": source_id})
+        rows = source_outputs if source_outputs is not None else _fast_rows(conn, _OUTPUTS_OF, {"b_id": source_id})
         if not set_status(conn, step_run_id, Status.REUSED, f"reused the outputs of step run {source_id}",
                           reused_from=source_id, fingerprint=fingerprint,
                           fingerprint_parts=json.dumps(parts)):

@@ -13,6 +13,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -51,6 +52,9 @@ runs = Table(
     Index("ix_runs_parent", "parent_id"),
     Index("ix_runs_status", "status"),
     Index("ix_runs_experiment_name", "experiment", "name"),
+    # partial: only active runs hold a lease (migration 0005)
+    Index("ix_runs_lease_owner", "lease_owner", sqlite_where=text("lease_owner IS NOT NULL"),
+          postgresql_where=text("lease_owner IS NOT NULL")),
 )
 
 run_events = Table(
