@@ -110,10 +110,11 @@ class GraphSpec:
     version: int = SPEC_VERSION
 
     def step(self, name: str) -> StepSpec:
-        for s in self.steps:
-            if s.name == name:
-                return s
-        raise KeyError(name)
+        by_name = self.__dict__.get("_by_name")
+        if by_name is None:  # built once: the engine looks steps up by name for every input
+            by_name = {s.name: s for s in self.steps}
+            object.__setattr__(self, "_by_name", by_name)
+        return by_name[name]
 
     def downstream(self, name: str) -> list[str]:
         """Every step that depends on ``name``, directly or not, in spec order."""

@@ -59,6 +59,7 @@ class Agent:
         self._stopping = False
         self._compute_configs: dict[str, dict[str, Any]] = {}  # the record each compute was made from
         self._queue_may_have_work = True  # set by pokes and timers: claiming costs a write transaction
+        self._advance_needed = True  # set by events that may let steps start or runs end
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -104,7 +105,9 @@ class Agent:
             if self._queue_may_have_work:
                 self._queue_may_have_work = False
                 self._claim_waiting()
-            self._advance_all()
+            if self._advance_needed:  # not after a mere status change: nothing more may start then
+                self._advance_needed = False
+                self._advance_all()
             now = time.monotonic()
             if self.schedulers:
                 idle_since = now
@@ -127,6 +130,7 @@ class Agent:
             try:
                 event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
+                self._advance_needed = True  # now and then regardless (a cluster that grew)
                 continue
             if not self._handle(event):
                 return
@@ -140,6 +144,8 @@ class Agent:
 
     def _handle(self, event: tuple[Any, ...]) -> bool:
         kind = event[0]
+        if kind not in ("changed", "sync"):  # an ending, a poke (claim, cancel), a stop: steps may start or end
+            self._advance_needed = True
         if kind == "stop":
             self._log(f"stopping: {event[1] if len(event) > 1 else 'asked to'}")
             self._stop_all()
@@ -215,6 +221,7 @@ class Agent:
                 if self.computes:
                     self._refresh_computes()
                 self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id)
+                self._advance_needed = True
                 self._log(f"claimed run {run_id}")
                 self._prepare_local_targets(self.schedulers[run_id])
             except Exception as exc:  # a spec we cannot read must not stop the agent
@@ -226,7 +233,12 @@ class Agent:
             progressed = True
             while progressed:  # a reused step makes its downstream ready at once: no event will come
                 progressed = False
+                full: set[str] = set()  # targets with no free slot: their other ready steps wait too
                 for step in sched.ready_steps():
+                    if step.compute_target in full:
+                        if len(full) == len(sched.targets):
+                            break  # every target of the run is full: the rest wait for a slot
+                        continue
                     compute = self._compute(step.compute_target)
                     if compute is None:
                         sched.dispatch_failed(step, f"compute target {step.compute_target!r} does not exist "
@@ -234,6 +246,7 @@ class Agent:
                         progressed = True
                         continue
                     if compute.free_slots() <= 0:
+                        full.add(step.compute_target)
                         continue
                     progressed |= self._start_step(sched, step, compute)
             if sched.is_done():

@@ -6,8 +6,9 @@ carries on (finished steps stay finished; unfinished ones run again).
 
 from __future__ import annotations
 
+import bisect
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class PipelineScheduler:
         self.run = run
         raw_spec = json.loads(run["spec"])
         self.spec = GraphSpec.from_dict(raw_spec)
+        self.targets = {s.compute_target for s in self.spec.steps}  # the compute targets its steps use
         # each job carries its step as the submitted JSON has it (what StepSpec parses back)
         self._spec_dicts: dict[str, dict[str, Any]] = {d["name"]: d for d in raw_spec["steps"]}
         self.step_ids: dict[str, str] = {}
@@ -58,6 +60,7 @@ class PipelineScheduler:
                 self._downstream[u].append(step.name)
         self._unmet: dict[str, int] = {}  # step name -> upstream steps not (yet) ended successfully
         self._ready: set[str] = set()  # waiting steps whose upstream steps all succeeded
+        self._ready_order: list[int] = []  # their places in the spec, sorted (kept as they change)
         if resume:
             self._resume()
         else:
@@ -79,9 +82,13 @@ class PipelineScheduler:
     def _check_ready(self, name: str) -> None:
         if (self._unmet[name] == 0 and self.status[name] in (Status.NOT_STARTED, Status.QUEUED)
                 and name not in self.running):
-            self._ready.add(name)
-        else:
+            if name not in self._ready:
+                self._ready.add(name)
+                bisect.insort(self._ready_order, self._order[name])
+        elif name in self._ready:
             self._ready.discard(name)
+            order = self._order[name]
+            del self._ready_order[bisect.bisect_left(self._ready_order, order)]
 
     def _set_status(self, name: str, status: Status) -> None:
         was_success = self.status[name].is_success
@@ -120,10 +127,17 @@ class PipelineScheduler:
 
     # -- progress --------------------------------------------------------------------------
 
-    def ready_steps(self) -> list[StepSpec]:
+    def ready_steps(self) -> Iterator[StepSpec]:
+        """The steps that may start now, in spec order (made as they are asked for: a dispatch pass
+        usually stops after the first few, when the compute is full)."""
         if self.canceling or (self.failed_step and not self.run["continue_on_step_failure"]):
-            return []
-        return [self.spec.steps[i] for i in sorted(self._order[name] for name in self._ready)]
+            return iter(())
+        steps = self.spec.steps
+        return (steps[i] for i in self._ready_order[:])  # a copy: dispatching changes the list
+
+    def has_ready(self) -> bool:
+        return bool(self._ready) and not (
+            self.canceling or (self.failed_step and not self.run["continue_on_step_failure"]))
 
     def prepare(self, step: StepSpec) -> StepJob | None:
         """Reuse the step if its fingerprint is cached (returns None), else build its job."""
@@ -276,7 +290,7 @@ class PipelineScheduler:
 
     def started(self, step: StepSpec) -> None:
         self.running.add(step.name)
-        self._ready.discard(step.name)
+        self._check_ready(step.name)  # running: no longer ready
 
     def finished(self, step_name: str, status: Status) -> None:
         self.running.discard(step_name)
@@ -295,7 +309,7 @@ class PipelineScheduler:
         self.canceling = True
 
     def is_done(self) -> bool:
-        return not self.running and not self.ready_steps()
+        return not self.running and not self.has_ready()
 
     def finish(self) -> Status:
         """Record the end: steps that never ran say why; the pipeline gets its final status."""

@@ -96,6 +96,21 @@ class Store:
         finally:
             raw.close()  # back to the pool
 
+    @contextmanager
+    def fast_read(self) -> Iterator[Any]:
+        """Reads by the prebuilt per-step statements (``queries._fast``) only: on SQLite a pooled
+        DBAPI connection, without SQLAlchemy's connection and execution around it; elsewhere the
+        same as ``read``. No writes (``_fast`` refuses them: not in a transaction)."""
+        if not self.url.startswith("sqlite"):
+            with self.read() as conn:
+                yield conn
+            return
+        raw = self._reader.raw_connection()
+        try:
+            yield _RawConnection(self._reader.dialect, raw, in_transaction=False)
+        finally:
+            raw.close()  # back to the pool
+
     def dispose(self) -> None:
         self._writer.dispose()
         self._reader.dispose()
@@ -104,9 +119,13 @@ class Store:
 class _RawConnection:
     """What ``queries._fast`` needs of a connection: its dialect and its DBAPI connection."""
 
-    def __init__(self, dialect: Any, connection: Any) -> None:
+    def __init__(self, dialect: Any, connection: Any, in_transaction: bool = True) -> None:
         self.dialect = dialect
         self.connection = connection
+        self._in_transaction = in_transaction
+
+    def in_transaction(self) -> bool:
+        return self._in_transaction
 
 
 _OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()

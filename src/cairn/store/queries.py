@@ -364,7 +364,7 @@ def get_metric_rows(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
 # -- outputs and the reuse cache -----------------------------------------------------------
 
 def get_outputs(store: Store, step_run_id: str) -> dict[str, dict[str, Any]]:
-    with store.read() as conn:
+    with store.fast_read() as conn:
         return {r["name"]: r for r in _fast_rows(conn, _OUTPUTS_OF, {"b_id": step_run_id})}
 
 
@@ -391,9 +391,9 @@ def _output_row(step_run_id: str, output: dict[str, Any]) -> dict[str, Any]:
 
 
 def lookup_cache(store: Store, fingerprint: str) -> str | None:
-    with store.read() as conn:
-        row = _fast(conn, _CACHE_LOOKUP, {"b_fingerprint": fingerprint}).fetchone()
-        return row[0] if row else None
+    with store.fast_read() as conn:
+        rows = _fast(conn, _CACHE_LOOKUP, {"b_fingerprint": fingerprint}).fetchall()  # done: no read left open
+        return rows[0][0] if rows else None
 
 
 def record_reuse(store: Store, step_run_id: str, source_id: str, fingerprint: str,
