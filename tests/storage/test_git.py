@@ -68,3 +68,15 @@ def test_git_is_asked_once_per_repository(repo: Path, tmp_path: Path, monkeypatc
     props = git_properties_of(folders)
     assert props[str(other / "a")]["cairn.git.dirty"] == "false"  # an empty new repository: nothing committed
     assert len(calls.read_text().splitlines()) == 2 * 5  # two repositories, five questions each
+
+
+def test_a_repository_whose_folder_name_ends_in_a_space(tmp_path: Path) -> None:
+    root = tmp_path / "repo "
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "step.py").write_text("print(1)\n")
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "init")
+    (root / "src" / "step.py").write_text("print(2)\n")
+    assert git_properties(str(root / "src"))["cairn.git.dirty"] == "true"
+    assert git_properties(str(root / "src"))["cairn.git.repository_uri"] == str(root)

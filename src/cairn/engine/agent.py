@@ -105,9 +105,6 @@ class Agent:
             if self._queue_may_have_work:
                 self._queue_may_have_work = False
                 self._claim_waiting()
-            if self._advance_needed:  # not after a mere status change: nothing more may start then
-                self._advance_needed = False
-                self._advance_all()
             now = time.monotonic()
             if self.schedulers:
                 idle_since = now
@@ -119,6 +116,10 @@ class Agent:
                         self._abandon(run_id)
                 next_renewal = now + LEASE_TTL / 3
                 self._queue_may_have_work = True  # leases of other hosts' agents may have expired
+                self._advance_needed = True  # and now and then regardless (a cluster that grew)
+            if self._advance_needed:  # not after a mere status change: nothing more may start then
+                self._advance_needed = False
+                self._advance_all()
             deadline = next_renewal
             if not self.schedulers and self.idle_timeout is not None and not self.front.has_watchers():
                 if now - idle_since >= self.idle_timeout:
@@ -130,7 +131,6 @@ class Agent:
             try:
                 event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                self._advance_needed = True  # now and then regardless (a cluster that grew)
                 continue
             if not self._handle(event):
                 return
@@ -146,6 +146,8 @@ class Agent:
         kind = event[0]
         if kind not in ("changed", "sync"):  # an ending, a poke (claim, cancel), a stop: steps may start or end
             self._advance_needed = True
+        elif kind == "changed" and event[1] in self.schedulers and self.schedulers[event[1]].has_ready():
+            self._advance_needed = True  # a Ray target may have learnt its cluster's size meanwhile
         if kind == "stop":
             self._log(f"stopping: {event[1] if len(event) > 1 else 'asked to'}")
             self._stop_all()

@@ -10,11 +10,12 @@ from pathlib import Path
 
 
 def _git(cwd: str, *args: str) -> str | None:
+    """Git's one-line answer without its line end (a path may end in spaces), or None."""
     try:
         out = subprocess.run(["git", "-C", cwd, *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout.removesuffix("\n") if out.returncode == 0 else None
 
 
 def git_properties(source_directory: str) -> dict[str, str]:
