@@ -261,9 +261,11 @@ def start_environment(job: StepJob, resolved: ResolvedEnvironment | None = None)
 
 
 def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: dict[str, str],
-                     resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
+                     resolved: ResolvedEnvironment | None = None, start: dict[str, str] | None = None
+                     ) -> dict[str, str]:
+    """``start`` (``start_environment``'s, when the caller has it) and what Cairn adds for this run."""
     spec = job.spec
-    env = start_environment(job, resolved)
+    env = dict(start) if start is not None else start_environment(job, resolved)
     for key, value in spec.params:
         env[f"AML_PARAMETER_{key}"] = value
         env[f"CAIRN_PARAMETER_{key}"] = value
@@ -411,7 +413,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         interpreter = resolved.python if resolved else (job.interpreter or sys.executable)
         argv = [interpreter, spec.script_name, *resolve_arguments(job, input_paths)]
         syslog(f"command: {shlex.join(argv)}")
-        env = step_environment(job, output_paths, input_paths, resolved)
+        start_env = start_environment(job, resolved)
+        env = step_environment(job, output_paths, input_paths, resolved, start_env)
         if job.attempt > 1:  # the logs keep every attempt; say where this one starts
             marker = f"==== cairn: attempt {job.attempt} (the previous attempt was interrupted) ====\n".encode()
             for name in ("stdout.txt", "stderr.txt"):
@@ -431,7 +434,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         started = time.monotonic()
         try:
             ended = _run_process(job, reporter, control, on_started, warm, resolved, argv, work, env, syslog, log_dir,
-                                 spares)
+                                 spares, start_env)
         finally:
             if slot is not None:
                 if (ended is None or not ended.succeeded) and job.stop_run_on_failure and not control.canceled:
@@ -514,14 +517,14 @@ class _ProcessEnd(NamedTuple):
 def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_started: Callable[[int], None] | None,
                  warm: WarmPool | None, resolved: ResolvedEnvironment | None, argv: list[str], work: Path,
                  env: dict[str, str], syslog: _SystemLog, log_dir: Path,
-                 spares: SparePool | None = None) -> _ProcessEnd:
+                 spares: SparePool | None, start_env: dict[str, str]) -> _ProcessEnd:
     """Start the step's process (forked warm, by a spare interpreter, or cold), record Running,
     wait for its end."""
     spec = job.spec
     how = ""
     proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog) if warm is not None else None
     if proc is None and spares is not None and not job.die_with_runner:
-        spare = spares.take(argv[0], start_environment(job, resolved), env)
+        spare = spares.take(argv[0], start_env, env)
         if spare is not None and spares.launch(spare, argv, str(work), str(log_dir / "stdout.txt"),
                                                str(log_dir / "stderr.txt"), env):
             proc, how = spare, " (an interpreter started ahead)"
