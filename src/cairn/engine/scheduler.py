@@ -130,14 +130,17 @@ class PipelineScheduler:
     def ready_steps(self) -> Iterator[StepSpec]:
         """The steps that may start now, in spec order (made as they are asked for: a dispatch pass
         usually stops after the first few, when the compute is full)."""
-        if self.canceling or (self.failed_step and not self.run["continue_on_step_failure"]):
+        if self._halted():
             return iter(())
         steps = self.spec.steps
         return (steps[i] for i in self._ready_order[:])  # a copy: dispatching changes the list
 
     def has_ready(self) -> bool:
-        return bool(self._ready) and not (
-            self.canceling or (self.failed_step and not self.run["continue_on_step_failure"]))
+        return bool(self._ready) and not self._halted()
+
+    def _halted(self) -> bool:
+        """Nothing more starts: the run is being canceled, or a step failed and it stops on failure."""
+        return self.canceling or bool(self.failed_step and not self.run["continue_on_step_failure"])
 
     def prepare(self, step: StepSpec) -> StepJob | None:
         """Reuse the step if its fingerprint is cached (returns None), else build its job."""

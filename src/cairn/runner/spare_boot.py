@@ -86,7 +86,7 @@ def _redirect(stdout: str, stderr: str) -> None:
         setattr(sys, f"__{name}__", new)
 
 
-def _cold(argv: list, env: dict) -> bool:
+def _cold(argv: list) -> bool:
     """Whether Python itself must start this step: its script is not a source file this spare can
     run as Python would (options, a folder, a zip application, compiled code), or a site-packages
     folder changed since this spare started."""
@@ -115,7 +115,7 @@ def _main() -> tuple:
     # below fails (or this process dies), the agent starts the step cold, with a cold start's errors.
     answer = os.dup(1)
     os.chdir(cwd)
-    cold = _cold(argv, env)
+    cold = _cold(argv)
     _redirect(stdout, stderr)
     os.write(answer, b"!")  # taken: from here on this process is the step
     os.close(answer)

@@ -83,18 +83,15 @@ class Store:
             with self.write() as conn:
                 yield conn
             return
-        raw = self._writer.raw_connection()
-        try:
-            db = raw.driver_connection
+        with _pooled(self._writer, in_transaction=True) as conn:
+            db = conn.connection.driver_connection
             db.execute("BEGIN IMMEDIATE")
             try:
-                yield _RawConnection(self._writer.dialect, raw)
+                yield conn
             except BaseException:
                 db.rollback()
                 raise
             db.commit()
-        finally:
-            raw.close()  # back to the pool
 
     @contextmanager
     def fast_read(self) -> Iterator[Any]:
@@ -105,21 +102,28 @@ class Store:
             with self.read() as conn:
                 yield conn
             return
-        raw = self._reader.raw_connection()
-        try:
-            yield _RawConnection(self._reader.dialect, raw, in_transaction=False)
-        finally:
-            raw.close()  # back to the pool
+        with _pooled(self._reader, in_transaction=False) as conn:
+            yield conn
 
     def dispose(self) -> None:
         self._writer.dispose()
         self._reader.dispose()
 
 
+@contextmanager
+def _pooled(engine: Engine, in_transaction: bool) -> Iterator[_RawConnection]:
+    """One of ``engine``'s pooled DBAPI connections, given back to the pool afterwards."""
+    raw = engine.raw_connection()
+    try:
+        yield _RawConnection(engine.dialect, raw, in_transaction)
+    finally:
+        raw.close()
+
+
 class _RawConnection:
     """What ``queries._fast`` needs of a connection: its dialect and its DBAPI connection."""
 
-    def __init__(self, dialect: Any, connection: Any, in_transaction: bool = True) -> None:
+    def __init__(self, dialect: Any, connection: Any, in_transaction: bool) -> None:
         self.dialect = dialect
         self.connection = connection
         self._in_transaction = in_transaction

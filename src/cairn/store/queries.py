@@ -397,11 +397,11 @@ def lookup_cache(store: Store, fingerprint: str) -> str | None:
 
 
 def record_reuse(store: Store, step_run_id: str, source_id: str, fingerprint: str,
-                 parts: dict[str, Any], source_outputs: list[dict[str, Any]] | None = None) -> bool:
+                 parts: dict[str, Any], source_outputs: list[dict[str, Any]]) -> bool:
     """``step_run_id`` Reused, with the outputs of ``source_id`` (``source_outputs``: as
-    ``get_outputs`` gave them, when the caller has just read them; committed outputs never change)."""
+    ``get_outputs`` gave them to the caller's reuse check; committed outputs never change)."""
     with store.fast_write() as conn:  # prebuilt statements only
-        rows = source_outputs if source_outputs is not None else _fast_rows(conn, _OUTPUTS_OF, {"b_id": source_id})
+        rows = source_outputs
         if not set_status(conn, step_run_id, Status.REUSED, f"reused the outputs of step run {source_id}",
                           reused_from=source_id, fingerprint=fingerprint,
                           fingerprint_parts=json.dumps(parts)):
