@@ -69,8 +69,10 @@ def pool() -> SparePool:
     spares.shutdown()
 
 
-def run_both(pool: SparePool, folder: Path, argv: list[str], env: dict[str, str]) -> list[tuple[int, str, str]]:
-    """(exit status, stdout, stderr) of ``argv`` started cold, then by a spare interpreter."""
+def run_both(pool: SparePool, folder: Path, argv: list[str], env: dict[str, str],
+             kept: str = "") -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of ``argv`` started cold, then by a spare interpreter
+    (``kept``: where the spare keeps the script's compiled code)."""
     results = []
     with open(folder / "cold.out", "wb") as out, open(folder / "cold.err", "wb") as err:
         code = subprocess.run(argv, cwd=folder, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL).returncode
@@ -79,7 +81,7 @@ def run_both(pool: SparePool, folder: Path, argv: list[str], env: dict[str, str]
     spare = None
     while spare is None:  # the pool's thread starts it
         spare = pool.take(argv[0], env, env)
-    assert pool.launch(spare, argv, str(folder), str(folder / "spare.out"), str(folder / "spare.err"), env)
+    assert pool.launch(spare, argv, str(folder), str(folder / "spare.out"), str(folder / "spare.err"), env, kept)
     code = spare.wait(timeout=60)
     results.append((code, (folder / "spare.out").read_text(), (folder / "spare.err").read_text()))
     return results
@@ -118,6 +120,65 @@ def test_a_syntax_error_reads_as_it_does_cold(pool: SparePool, tmp_path: Path) -
     cold, spare = run_both(pool, tmp_path, [sys.executable, "broken.py"], dict(os.environ))
     assert spare == cold
     assert cold[0] == 1 and "SyntaxError" in cold[2]
+
+
+@pytest.mark.parametrize("how", ["ok", "raise"])
+def test_code_kept_from_an_earlier_run_runs_as_the_script_would(pool: SparePool, tmp_path: Path, how: str) -> None:
+    """The second spare of the same content loads the code the first compiled: it must still be the
+    script's own, at its own path (``__file__``, every frame of a traceback, nested functions)."""
+    kept = str(tmp_path / "kept" / "probe-content")
+    results = []
+    for run in ("first", "second"):
+        folder = tmp_path / run
+        folder.mkdir()
+        (folder / "probe.py").write_text(textwrap.dedent(PROBE))
+        results.append(run_both(pool, folder, [sys.executable, "probe.py", how], dict(os.environ), kept))
+    (kept_file,) = (tmp_path / "kept").iterdir()  # written by the first spare, read by the second
+    assert kept_file.name.startswith("probe-content.")
+    for cold, spare in results:
+        assert spare == cold
+    second_cold = results[1][0]
+    assert str(tmp_path / "second" / "probe.py") in second_cold[1]
+    if how == "raise":
+        assert second_cold[2].count(str(tmp_path / "second" / "probe.py")) == 2  # the top level and inner()
+        assert str(tmp_path / "first") not in results[1][1][2]
+
+
+def test_a_compile_warning_is_printed_at_every_run_and_its_code_not_kept(pool: SparePool, tmp_path: Path) -> None:
+    kept = tmp_path / "kept" / "warns-content"
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "warns.py").write_text("x = 1\nprint(x is 1)\n")  # SyntaxWarning: "is" with a literal
+        cold, spare = run_both(pool, tmp_path / run, [sys.executable, "warns.py"], dict(os.environ), str(kept))
+        assert spare == cold
+        assert "SyntaxWarning" in cold[2] and cold[1] == "True\n"
+    assert not kept.parent.exists()
+
+
+def test_kept_code_is_what_a_spare_runs(pool: SparePool, tmp_path: Path) -> None:
+    """Kept code is loaded, not compiled again (the agent keys it by the script's content digest)."""
+    import importlib.util
+    import marshal
+
+    (tmp_path / "hello.py").write_text("print('hello')\n")
+    kept = tmp_path / "kept" / "hello-content"
+    kept.parent.mkdir()
+    tag = f"{importlib.util.MAGIC_NUMBER.hex()}-{sys.flags.optimize}"
+    Path(f"{kept}.{tag}").write_bytes(marshal.dumps(compile("print('from kept code')", "elsewhere.py", "exec")))
+    _cold, spare = run_both(pool, tmp_path, [sys.executable, "hello.py"], dict(os.environ), str(kept))
+    assert spare == (0, "from kept code\n", "")
+
+
+def test_unreadable_kept_code_is_compiled_again(pool: SparePool, tmp_path: Path) -> None:
+    kept = tmp_path / "kept" / "hello-content"
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "hello.py").write_text("print('hello')\n")
+        if run == "second":
+            (kept_file,) = kept.parent.iterdir()
+            kept_file.write_bytes(b"not marshalled code")
+        cold, spare = run_both(pool, tmp_path / run, [sys.executable, "hello.py"], dict(os.environ), str(kept))
+    assert spare == cold == (0, "hello\n", "")
 
 
 def test_a_site_folder_changed_after_the_spare_started_makes_it_start_cold(tmp_path: Path) -> None:
@@ -280,6 +341,20 @@ def test_the_engine_runs_steps_in_spares_unless_told_not_to(workspace: Workspace
     assert ("(an interpreter started ahead)" in by_name["second"].get_system_log()) == spares
     if not spares:
         assert "(an interpreter started ahead)" not in by_name["first"].get_system_log()
+    # a spare keeps the script's compiled code by content, for the next run of it
+    kept = list((Path(workspace.location) / ".cairn" / "compiled").glob("*"))
+    assert len(kept) == (1 if spares else 0)
+
+
+def test_kept_code_older_than_a_week_is_pruned(tmp_path: Path) -> None:
+    from cairn.runner.spares import prune_kept_code
+
+    (tmp_path / "old").write_bytes(b"x")
+    (tmp_path / "new").write_bytes(b"x")
+    os.utime(tmp_path / "old", (0, 0))
+    assert prune_kept_code(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["new"]
+    assert prune_kept_code(tmp_path / "missing") == 0
 
 
 def test_spare_interpreters_must_be_a_boolean() -> None:

@@ -13,6 +13,7 @@ import queue
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from cairn.engine.scheduler import PipelineScheduler
 from cairn.runner.execute import StepControl
 from cairn.runner.job import StepResult
 from cairn.runner.processes import kill_step_processes, process_start_time
+from cairn.runner.spares import prune_kept_code
 from cairn.storage.layout import WorkspaceLayout
 from cairn.store import queries as q
 
@@ -78,6 +80,7 @@ class Agent:
         signal.signal(signal.SIGINT, self._on_term)
         self._log(f"agent {self.owner} serving {self.layout.root}")
         self._prepare_local_targets(None)  # warm-start servers start with the agent, not with a first step
+        threading.Thread(target=prune_kept_code, args=(self.layout.kept_code,), name="cairn-prune", daemon=True).start()
         try:
             self._loop()
         finally:

@@ -19,7 +19,7 @@ from cairn.engine.context import EngineContext
 from cairn.engine.fingerprint import fingerprint, fingerprint_parts
 from cairn.runner.job import InputLocation, StepJob
 from cairn.runner.processes import kill_step_processes
-from cairn.storage.layout import run_dir
+from cairn.storage.layout import run_dir, staging_dir
 from cairn.storage.snapshot import load_manifest
 from cairn.storage.tree import stat_signature
 from cairn.store import queries as q
@@ -252,8 +252,8 @@ class PipelineScheduler:
             objects_root=str(self.ctx.objects.root), work_dir=str(self.ctx.layout.work / step_run_id),
             log_dir=str(log_dir), datastore_roots=self._roots,
             output_dirs={o.name: _destination(o, base, step_run_id) for o in step.outputs},
-            staging_dirs={o.name: str(Path(self._roots.get(o.datastore, self._run_root))
-                                      / base / "staging" / f"a{attempt}" / o.name) for o in step.outputs},
+            staging_dirs={o.name: staging_dir(self._roots.get(o.datastore, self._run_root), base, o.name, attempt)
+                          for o in step.outputs},
             log_upload=self._log_upload(locations, step_run_id),
             inputs=tuple(inputs), interpreter=step.environment.get("interpreter_path") or "",
             fingerprint=fp, fingerprint_parts=parts, cacheable=step.allow_reuse,

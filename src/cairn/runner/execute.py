@@ -25,8 +25,9 @@ from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
 from cairn.runner.processes import process_start_time
 from cairn.runner.slots import SlotTicket
-from cairn.runner.spares import SparePool
+from cairn.runner.spares import SparePool, kept_code_path
 from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmStartError
+from cairn.storage.layout import DOT, KEPT_CODE, earlier_staging_dirs
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
 from cairn.storage.tree import digest_tree, make_read_only
@@ -109,16 +110,35 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> Non
 
 
 class _SystemLog:
+    """The step's system log. Lines are written out when the step is about to wait (for a slot, for
+    its process, for an environment build) and when it ends, not one write per line."""
+
     def __init__(self, path: Path) -> None:
         self._f = open(path, "a", encoding="utf-8")
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, flush: bool = False) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
         self._f.write(f"{stamp} {message}\n")
+        if flush:
+            self._f.flush()
+
+    def flush(self) -> None:
         self._f.flush()
 
     def close(self) -> None:
         self._f.close()
+
+
+def _fresh_folder(path: str) -> None:
+    """Make an empty folder at ``path``: one ``mkdir`` in the usual case (its parent exists, it does
+    not), whatever a dead attempt left there removed."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+        os.mkdir(path)
+    except FileNotFoundError:
+        os.makedirs(path)
 
 
 DOWNLOAD_FOLDER = ".cairn_inputs"
@@ -357,7 +377,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
     control = control or StepControl()
     spec = job.spec
     log_dir = Path(job.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    os.makedirs(job.log_dir, exist_ok=True)
     syslog = _SystemLog(log_dir / "system.txt")
     work = Path(job.work_dir)
     preparing: _DeferredStatus | None = None
@@ -368,8 +388,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         # Short phases are not worth a status write: Preparing is recorded only when preparing
         # takes a while, Finalizing only when committing does (the state machine drops a late one).
         preparing = _DeferredStatus(reporter, job.step_run_id, Status.PREPARING)
-        if work.exists():
-            shutil.rmtree(work)
+        _fresh_folder(job.work_dir)
         materialize(job.manifest, ObjectStore(job.objects_root), work)
         syslog(f"snapshot {spec.snapshot} materialised in {work} ({len(job.manifest.get('files', []))} files)")
         input_paths = materialize_inputs(job, work, holds)
@@ -383,11 +402,11 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             syslog(f"input {i.name}: {i.path} ({i.digest}, {i.mode}: {how})")
         output_paths = {}
         for o in spec.outputs:
-            staging = Path(job.staging_dirs[o.name])
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
-            output_paths[o.name] = str(staging)
+            staging = job.staging_dirs[o.name]
+            for leftover in earlier_staging_dirs(staging, job.attempt):  # an interrupted attempt's
+                shutil.rmtree(leftover, ignore_errors=True)
+            _fresh_folder(staging)
+            output_paths[o.name] = staging
             syslog(f"output {o.name}: staging in {staging}")
         script = work / spec.script_name
         if not script.is_file():
@@ -399,6 +418,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED, refused, None)
         if is_managed(spec.environment):
             try:
+                syslog.flush()  # an environment build can take minutes: what came before is readable
                 resolved = _resolve_environment(job, control, syslog)
             except EnvironmentBuildError as exc:
                 if control.requeue:
@@ -422,7 +442,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                     f.write(marker)
         preparing.cancel()  # prepared: what is left is starting the process (a slot, if it must wait for one)
         if slot is not None and not slot.acquire(
-                control, lambda busy: syslog(f"prepared; waiting for a process slot ({busy} step(s) running)")):
+                control, lambda busy: syslog(f"prepared; waiting for a process slot ({busy} step(s) running)", flush=True)):
             if control.withdrawn and not control.canceled:  # its run stopped after a failure: never started
                 syslog("not started: the pipeline stopped after a step failed")
                 return StepResult(job.step_run_id, Status.QUEUED.value, None, None)
@@ -468,6 +488,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED, str(exc), code)
         finally:
             finalizing.cancel()
+        syslog.flush()  # the log is whole before the run says it ended
         if not reporter.succeeded(job, outputs, code):
             syslog("the step run had already ended (canceled?): outputs not recorded")
             return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
@@ -494,6 +515,23 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             resolved.close()  # the environment may be pruned again
         for fd in holds:
             os.close(fd)  # its input cache entries may be evicted again
+
+
+_script_digests: dict[tuple[str, str], str] = {}
+
+
+def _kept_code(job: StepJob) -> str:
+    """Where spares keep the compiled code of the step's script (by its content digest in the
+    snapshot), or "" when the snapshot does not list it under that name."""
+    spec = job.spec
+    key = (spec.snapshot, spec.script_name)
+    digest = _script_digests.get(key)
+    if digest is None:
+        digest = next((row[1] for row in job.manifest.get("files", []) if row[0] == spec.script_name), "")
+        if len(_script_digests) >= 4096:
+            _script_digests.clear()
+        _script_digests[key] = digest
+    return kept_code_path(os.path.join(job.workspace, DOT, KEPT_CODE), digest) if digest else ""
 
 
 def _die_with_parent() -> None:
@@ -526,7 +564,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
     if proc is None and spares is not None and not job.die_with_runner:
         spare = spares.take(argv[0], start_env, env)
         if spare is not None and spares.launch(spare, argv, str(work), str(log_dir / "stdout.txt"),
-                                               str(log_dir / "stderr.txt"), env):
+                                               str(log_dir / "stderr.txt"), env, _kept_code(job)):
             proc, how = spare, " (an interpreter started ahead)"
     if proc is None:
         try:
@@ -544,7 +582,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
                          fingerprint_parts=json.dumps(job.fingerprint_parts))
         if on_started:
             on_started(proc.pid)
-        syslog(f"started pid {proc.pid}{how}")
+        syslog(f"started pid {proc.pid}{how}", flush=True)
     except BaseException:  # the step cannot be followed: it must not run on unseen (nor hold a slot)
         _kill_group(proc)
         proc.wait()
@@ -554,6 +592,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
         code = proc.wait(timeout=spec.max_run_duration_seconds)
     except subprocess.TimeoutExpired:
         timed_out = True
+        syslog.flush()
         syslog(f"over max_run_duration_seconds={spec.max_run_duration_seconds:g}: sending SIGTERM, "
                f"then SIGKILL after {KILL_GRACE_SECONDS:g} s")
         _kill_group(proc, signal.SIGTERM)
@@ -669,7 +708,7 @@ def _last_line(path: Path) -> str:
 def _end(job: StepJob, reporter: StepReporter, syslog: _SystemLog, status: Status, reason: str,
          code: int | None) -> StepResult:
     remove_staging(job, job.spec)  # a step that did not succeed commits nothing
-    syslog(f"{status.value}: {reason}")
+    syslog(f"{status.value}: {reason}", flush=True)  # in the log before the run says it ended
     reporter.ended(job.step_run_id, status, reason, code)
     return StepResult(job.step_run_id, status.value, reason, code)
 
@@ -693,7 +732,8 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog,
         syslog(f"output {o.name}: {record['file_count']} files, {record['size']} bytes, {record['digest']} "
                f"-> {o.datastore}:{job.output_dirs[o.name]}")
         committed.append(record)
-    remove_staging(job, spec)
+    if job.attempt > 1:  # a commit renames this attempt's staging folders away: only older ones can be left
+        remove_staging(job, spec)
     return committed
 
 
@@ -723,7 +763,8 @@ def _commit_local(job: StepJob, o: Any, staging: Path) -> None:
                                     f"with {{run-id}} in it")
         shutil.rmtree(final) if final.is_dir() else final.unlink()  # left by an attempt that died
     make_read_only(staging)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.parent != staging.parent:  # a destination of its own (staging is beside the run's outputs)
+        final.parent.mkdir(parents=True, exist_ok=True)
     os.rename(staging, final)
 
 
@@ -746,11 +787,13 @@ def _commit_remote(job: StepJob, o: Any, staging: Path) -> None:
 
 
 def remove_staging(job: StepJob, spec: Any) -> None:
-    """Remove the step's whole staging folder: this attempt's and any an interrupted one left."""
-    for attempt_dir in {os.path.dirname(job.staging_dirs[o.name]) for o in spec.outputs}:
-        root = os.path.dirname(attempt_dir)
-        try:  # after a commit both are empty: two calls instead of a tree walk (this is on the step's path)
-            os.rmdir(attempt_dir)
-            os.rmdir(root)
+    """Remove what this attempt staged and did not commit, and what an interrupted one left."""
+    for o in spec.outputs:
+        staging = job.staging_dirs[o.name]
+        for folder in (*earlier_staging_dirs(staging, job.attempt), staging):
+            if os.path.lexists(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+        try:  # nothing committed: no outputs folder either (one with a committed output is not empty)
+            os.rmdir(os.path.dirname(staging))
         except OSError:
-            shutil.rmtree(root, ignore_errors=True)
+            pass

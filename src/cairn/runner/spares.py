@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 SPARE_BOOT = str(Path(__file__).with_name("spare_boot.py"))
+SPARE_JOB = str(Path(__file__).with_name("spare_job.py"))
 TAKE_TIMEOUT = 30.0  # a spare that has not taken its step by then (a start that hangs) is killed
 MAX_KEYS = 4  # environments with spares at once: the least recently used one's are let go
 # What Cairn adds for each step (ids, folders, parameters): nothing reads them as a process starts.
@@ -39,9 +40,53 @@ def fits(start_env: dict[str, str], env: dict[str, str]) -> bool:
     return True
 
 
-def encode_job(argv: list[str], cwd: str, stdout: str, stderr: str, env: dict[str, str]) -> bytes:
-    fields = [str(len(argv)), *argv, cwd, stdout, stderr, *(f"{k}={v}" for k, v in env.items())]
+def encode_job(argv: list[str], cwd: str, stdout: str, stderr: str, env: dict[str, str], kept: str = "") -> bytes:
+    """The job a spare reads (``spare_job.py``); ``kept``: where the script's compiled code is kept."""
+    fields = [str(len(argv)), *argv, cwd, stdout, stderr, kept, *(f"{k}={v}" for k, v in env.items())]
     return b"\0".join(os.fsencode(f) for f in fields)
+
+
+KEPT_CODE_DAYS = 7  # compiled scripts not written for this long are removed as the agent starts
+
+
+def kept_code_path(folder: str, content_digest: str) -> str:
+    """Where spares keep the compiled code of a script with this content (``<algorithm>:<hex>``)."""
+    return os.path.join(folder, content_digest.partition(":")[2] or content_digest)
+
+
+def prune_kept_code(folder: str | os.PathLike[str], max_age_days: float = KEPT_CODE_DAYS) -> int:
+    """Remove compiled scripts older than ``max_age_days`` (a re-run compiles and keeps them again);
+    returns how many went."""
+    cutoff = time.time() - max_age_days * 86400
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def ensure_compiled(path: str = "") -> None:
+    """Have ``spare_job.py``'s bytecode written for this interpreter: a spare imports it at every
+    start, and without it would compile it each time (``PYTHONDONTWRITEBYTECODE`` stops Python
+    from writing it on its own)."""
+    import importlib.util
+    import py_compile
+
+    path = path or SPARE_JOB
+    try:
+        cached = importlib.util.cache_from_source(path)
+        if not os.path.exists(cached) or os.stat(cached).st_mtime < os.stat(path).st_mtime:
+            py_compile.compile(path, cfile=cached, doraise=True)
+    except Exception:  # e.g. an installation this user cannot write to: spares compile it themselves
+        pass
 
 
 class SparePool:
@@ -81,14 +126,14 @@ class SparePool:
         return spare
 
     def launch(self, spare: subprocess.Popen[bytes], argv: list[str], cwd: str, stdout: str, stderr: str,
-               env: dict[str, str]) -> bool:
+               env: dict[str, str], kept: str = "") -> bool:
         """Give ``spare`` its step. True once it said it took it (it is then the step's process);
         False when it did not (gone, or it could not enter the step's folder or open its logs):
         the caller starts the step cold, as it would have anyway."""
         assert spare.stdin is not None and spare.stdout is not None
         taken = False
         try:
-            spare.stdin.write(encode_job(argv, cwd, stdout, stderr, env))
+            spare.stdin.write(encode_job(argv, cwd, stdout, stderr, env, kept))
             spare.stdin.close()  # end of file: the job is whole
             poller = select.poll()
             poller.register(spare.stdout, select.POLLIN)
@@ -157,6 +202,7 @@ class SparePool:
         return None
 
     def _make(self) -> None:
+        ensure_compiled()
         while True:
             with self._cond:
                 wanted = self._missing()

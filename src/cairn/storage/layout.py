@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 DOT = ".cairn"
+KEPT_CODE = "compiled"  # step scripts compiled by spare interpreters, by content (runner/spare_job.py)
 
 
 class WorkspaceLayout:
@@ -34,6 +35,10 @@ class WorkspaceLayout:
     @property
     def envs(self) -> Path:
         return self.dot / "envs"
+
+    @property
+    def kept_code(self) -> Path:
+        return self.dot / KEPT_CODE
 
     @property
     def work(self) -> Path:
@@ -77,3 +82,19 @@ def private_folder(path: Path) -> None:
 def run_dir(pipeline_run_id: str, step_run_id: str | None = None) -> str:
     """The datastore-relative folder of a run: ``runs/<pipeline-run>/<step-run>``."""
     return f"runs/{pipeline_run_id}/{step_run_id}" if step_run_id else f"runs/{pipeline_run_id}"
+
+
+def staging_dir(root: str | os.PathLike[str], run_folder: str, output: str, attempt: int) -> str:
+    """Where an attempt of a step writes an output before it is committed: a hidden sibling of the
+    committed folder (``<run folder>/outputs/.<name>.a<attempt>.staging``), so that the commit is one
+    rename within a folder the step has anyway, and nothing is left to remove after it."""
+    return os.path.join(root, run_folder, "outputs", f".{output}.a{attempt}.staging")
+
+
+def earlier_staging_dirs(staging: str, attempt: int) -> list[str]:
+    """The staging folders an interrupted earlier attempt may have left beside ``staging``."""
+    suffix = f".a{attempt}.staging"
+    if not staging.endswith(suffix):  # another layout (a node's scratch folder, removed whole)
+        return []
+    stem = staging[: -len(suffix)]
+    return [f"{stem}.a{k}.staging" for k in range(1, attempt)]

@@ -146,14 +146,15 @@ def manifest_files(manifest: dict) -> dict[str, str]:
 
 def materialize(manifest: dict, objects: ObjectStore, dest: str | os.PathLike[str]) -> None:
     """Write the snapshot's files into ``dest`` (a fresh, writable copy the step may change)."""
-    root = Path(dest)
-    root.mkdir(parents=True, exist_ok=True)
-    made: set[Path] = set()
+    root = os.fspath(dest)
+    os.makedirs(root, exist_ok=True)
+    made = {root}
     for rel, digest, _size, executable in manifest.get("files", []):
-        target = root.joinpath(*rel.split("/"))
-        if target.parent not in made:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            made.add(target.parent)
+        target = os.path.join(root, *rel.split("/"))
+        parent = os.path.dirname(target)
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
         shutil.copyfile(objects.path_for(digest), target)
         os.chmod(target, 0o755 if executable else 0o644)
 

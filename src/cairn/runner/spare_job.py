@@ -1,0 +1,193 @@
+"""What a spare interpreter does (``spare_boot.py`` is its entry point): a fresh ``python`` started
+ahead of time that waits for one step and then runs its script as ``python script.py args`` would,
+in itself (no fork: every step still gets an interpreter nobody used before). It hides the
+interpreter's start (~15-20 ms) behind the steps that run before it.
+
+Imported from its compiled bytecode by ``spare_boot.py`` (a file run as a script is parsed at every
+start; a module is not), then dropped from ``sys.modules``; uses only what Python has loaded at
+start (``os``, ``sys``, ``io``, ``marshal``) and imports nothing a cold step would not. Once up the
+spare writes one byte to its standard output, then reads one job from its standard input until end
+of file: NUL-separated fields ``argc, argv..., cwd, stdout, stderr, code, NAME=VALUE...``. Nothing
+there (the agent let it go): it exits quietly.
+
+Where its start could differ from a cold start of that step it becomes one: it ``execve``s
+``argv`` with the step's environment in its own process (same pid, folders and files), which is
+exactly what a cold start does. That is when the script's name is not a file name, and when a
+site-packages folder changed since it started (``.pth`` files are read only at start). The agent
+gives it only steps whose variables Python reads at start are the ones it started with.
+
+``code`` names where the script's compiled code is kept between runs (by the agent, from the
+script's content digest; empty: not kept). Python's ``compile()`` sets up its syntax-tree types the
+first time it is called in a process (~2.5 ms, which ``python script.py`` never pays), so a spare
+loads the code it compiled for that content before when it can; a compile that printed anything
+(a ``SyntaxWarning``) is not kept, so that every run prints it as a cold start does.
+"""
+
+import os
+import sys
+
+
+def _site_folders() -> list:
+    site = sys.modules.get("site")  # not there under -S: nothing was read at start, nothing to check
+    if site is None:
+        return []
+    folders = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+    if getattr(site, "ENABLE_USER_SITE", False):
+        folders.append(site.getusersitepackages())
+    return folders
+
+
+def _signature(folders: list) -> list:
+    marks = []
+    for folder in folders:
+        try:
+            marks.append(os.stat(folder).st_mtime_ns)
+        except OSError:
+            marks.append(None)
+    return marks
+
+
+_SITE = _site_folders()
+_SITE_MARKS = _signature(_SITE)
+try:
+    os.write(1, b"+")  # up: the agent gives steps to spares that are up first
+except OSError:
+    pass  # the agent no longer listens (it took this spare while it was starting)
+
+
+def _read_job() -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _redirect(stdout: str, stderr: str) -> None:
+    fds = [os.open(os.devnull, os.O_RDONLY),  # as the agent opens them for a cold step ("ab")
+           os.open(stdout, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666),
+           os.open(stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)]
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    io = sys.modules["io"]
+    # new stream objects over the new files: the start-up ones decided what their pipes could do
+    # (seek, tell), with the encoding, errors and buffering Python chose as it started
+    for name, fd, mode in (("stdin", 0, "rb"), ("stdout", 1, "wb"), ("stderr", 2, "wb")):
+        old = getattr(sys, name)
+        if old is None:
+            continue
+        raw = io.FileIO(fd, mode, closefd=False)
+        buffer = raw if isinstance(old.buffer, io.FileIO) else (
+            io.BufferedReader(raw) if mode == "rb" else io.BufferedWriter(raw))
+        new = io.TextIOWrapper(buffer, encoding=old.encoding, errors=old.errors, newline="\n",
+                               line_buffering=old.line_buffering, write_through=old.write_through)
+        setattr(sys, name, new)
+        setattr(sys, f"__{name}__", new)
+
+
+def _cold(argv: list) -> bool:
+    """Whether Python itself must start this step: its script is not a source file this spare can
+    run as Python would (options, a folder, a zip application, compiled code), or a site-packages
+    folder changed since this spare started."""
+    if len(argv) < 2 or argv[1].startswith("-") or not os.path.isfile(argv[1]):
+        return True
+    if argv[1].endswith((".pyc", ".pyz")) or _signature(_SITE) != _SITE_MARKS:
+        return True
+    try:
+        with open(argv[1], "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True
+    return head == b"PK\x03\x04"  # a zip application under any name
+
+
+def main(path0: bool) -> tuple:
+    """Wait for the job, become the step's process; returns what the entry point runs: the new
+    ``__main__``'s namespace, the script's source, its path, and where its code is kept (or "")."""
+    data = _read_job()
+    if not data:
+        os._exit(0)  # let go before it had a step: nothing to finalise, nothing to say
+    fields = [os.fsdecode(f) for f in data.split(b"\0")]
+    argc = int(fields[0])
+    argv = fields[1:1 + argc]
+    cwd, stdout, stderr, kept = fields[1 + argc:5 + argc]
+    env = dict(item.split("=", 1) for item in fields[5 + argc:])
+    # Until the agent hears "taken" on our standard output, the step is not started: if anything
+    # below fails (or this process dies), the agent starts the step cold, with a cold start's errors.
+    answer = os.dup(1)
+    os.chdir(cwd)
+    cold = _cold(argv)
+    _redirect(stdout, stderr)
+    os.write(answer, b"!")  # taken: from here on this process is the step
+    os.close(answer)
+    if cold:
+        try:
+            os.execve(argv[0], argv, env)  # a cold start, in this process
+        except OSError as exc:
+            os.write(2, f"cairn: could not start {argv[0]}: {exc}\n".encode())
+            os._exit(127)
+    os.environ.clear()
+    os.environ.update(env)
+    script = os.path.abspath(argv[1])
+    sys.argv = argv[1:]
+    sys.orig_argv = list(argv)
+    if path0:
+        sys.path.insert(0, os.path.dirname(script))
+    main = type(sys)("__main__")  # what `python script.py` runs the script in
+    main.__file__ = script
+    main.__cached__ = None
+    main.__annotations__ = {}
+    main.__builtins__ = sys.modules["builtins"]
+    main.__loader__ = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", script)
+    sys.modules["__main__"] = main
+    with open(script, "rb") as f:
+        source = f.read()
+    return main.__dict__, source, script, kept
+
+
+def code(source: bytes, script: str, kept: str) -> object:
+    """The script's code object: the one compiled before for this content (``kept``), or compiled
+    now, as Python compiles a script (``dont_inherit``: this file's compiler flags are not the
+    script's), and kept when compiling printed nothing."""
+    marshal = sys.modules["marshal"]
+    path = ""
+    if kept:
+        magic = sys.modules["_frozen_importlib_external"].MAGIC_NUMBER.hex()
+        path = f"{kept}.{magic}-{sys.flags.optimize}"
+        try:
+            with open(path, "rb") as f:
+                return _located(marshal.loads(f.read()), script)
+        except Exception:  # not kept yet, or unreadable: compiled as if it never was
+            pass
+    printed = os.fstat(2).st_size
+    compiled = compile(source, script, "exec", dont_inherit=True)
+    if path and os.fstat(2).st_size == printed:
+        _keep(path, marshal.dumps(compiled))
+    return compiled
+
+
+def _located(code: object, script: str) -> object:
+    """``code`` (compiled for the same content elsewhere) with this script's path, as tracebacks
+    and ``__file__``-relative code expect: in every nested function's and class's code too."""
+    kind = type(code)
+    consts = tuple(_located(c, script) if type(c) is kind else c for c in code.co_consts)  # type: ignore[attr-defined]
+    return code.replace(co_filename=script, co_consts=consts)  # type: ignore[attr-defined]
+
+
+def _keep(path: str, data: bytes) -> None:
+    temporary = f"{path}.{os.getpid()}.tmp"
+    for _ in range(2):
+        try:
+            with open(temporary, "wb") as f:
+                f.write(data)
+            os.replace(temporary, path)  # whole or not at all: another spare may read it now
+            return
+        except FileNotFoundError:  # the first kept code of the workspace: its folder
+            try:
+                os.mkdir(os.path.dirname(path))
+            except OSError:
+                return
+        except OSError:
+            return
