@@ -193,9 +193,10 @@ class Agent:
             self._check_cancels()
         return True
 
-    def _refresh_computes(self) -> None:
-        """A target re-created with another limit applies from the next dispatch."""
-        targets = {c["name"]: c for c in q.list_named(self.ctx.store, "compute_targets")}
+    def _refresh_computes(self, records: list[dict[str, Any]]) -> None:
+        """A target re-created with another limit applies from the next dispatch (``records``: the
+        workspace's compute targets as the store has them now)."""
+        targets = {c["name"]: c for c in records}
         for name, compute in list(self.computes.items()):
             record = targets.get(name)
             if record is not None and record["kind"] != "local":
@@ -223,12 +224,13 @@ class Agent:
             if run_id is None:
                 return
             try:
+                targets = q.list_named(self.ctx.store, "compute_targets")  # read once for both below
                 if self.computes:
-                    self._refresh_computes()
+                    self._refresh_computes(targets)
                 self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id)
                 self._advance_needed = True
                 self._log(f"claimed run {run_id}")
-                self._prepare_local_targets(self.schedulers[run_id])
+                self._prepare_local_targets(self.schedulers[run_id], targets)
             except Exception as exc:  # a spec we cannot read must not stop the agent
                 q.update_status(self.ctx.store, run_id, Status.FAILED, f"could not start the run: {exc}")
             self._notify(run_id)
@@ -280,13 +282,16 @@ class Agent:
                        lambda result, attempt=control: self.events.put(("done", result, attempt)))
         return False
 
-    def _prepare_local_targets(self, sched: PipelineScheduler | None) -> None:
+    def _prepare_local_targets(self, sched: PipelineScheduler | None,
+                               targets: list[dict[str, Any]] | None = None) -> None:
         """Start, in the background, what local targets start ahead while steps are still being
         prepared: warm-start servers (of all targets at the agent's start, or those of ``sched``'s
         run) and spare interpreters (those of ``sched``'s run). Best effort: a target that cannot
         be made fails its own steps when they are dispatched."""
         try:
-            local = [c for c in q.list_named(self.ctx.store, "compute_targets") if c["kind"] == "local"]
+            if targets is None:
+                targets = q.list_named(self.ctx.store, "compute_targets")
+            local = [c for c in targets if c["kind"] == "local"]
             if sched is None:
                 names = {c["name"] for c in local if c["config"].get("warm_start_modules")}
             else:
