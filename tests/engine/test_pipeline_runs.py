@@ -166,6 +166,27 @@ def test_regenerate_outputs_runs_everything_again(workspace, src, tmp_path):
     assert "regenerate_outputs=True" in run.find_step_run("consumer")[0].explain()["summary"]
 
 
+def test_an_output_folder_is_named_as_the_output_and_its_commit_leaves_nothing_staged(workspace, write_script):
+    src = write_script("two.py", """
+        import os, sys
+        for folder in sys.argv[1:]:
+            print(os.path.basename(folder))
+            os.makedirs(folder, exist_ok=True)
+            open(os.path.join(folder, "f.txt"), "w").write(folder[-1])
+        open(os.path.join(os.path.dirname(sys.argv[1]), "beside.txt"), "w").write("written next to the outputs")
+    """)
+    model, metrics = PipelineData("model"), PipelineData("metrics")
+    step = PythonScriptStep("two.py", name="two", source_directory=src, arguments=[model, metrics],
+                            outputs=[model, metrics])
+    run = Experiment(workspace, "names").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    step_run = run.find_step_run("two")[0]
+    assert step_run.get_stdout_log().split() == ["model", "metrics"]  # as Azure ML names them
+    outputs = Path(workspace.get_default_datastore().root, "runs", run.id, step_run.id, "outputs")
+    assert sorted(p.name for p in outputs.iterdir()) == ["metrics", "model"]  # nothing staged is left
+    assert (outputs / "model" / "f.txt").read_text() == "l"
+
+
 def test_failed_step_keeps_logs_commits_nothing_and_stops_downstream(workspace, write_script):
     src = write_script("bad.py", """
         import os, sys

@@ -44,6 +44,7 @@ def test_s3_default_datastore_runs_the_foundation_flow(workspace, moto_s3, write
         return run
 
     run = submit()
+    assert not list(Path(workspace.location).rglob(".a[0-9]*"))  # an uploaded output leaves no staged copy here
     produce, consume = run.find_step_run("produce")[0], run.find_step_run("consume")[0]
     output = produce.get_output_data("n")
     assert output.datastore_name == "lake" and output.local_path is None

@@ -157,16 +157,51 @@ def test_a_compile_warning_is_printed_at_every_run_and_its_code_not_kept(pool: S
 
 def test_kept_code_is_what_a_spare_runs(pool: SparePool, tmp_path: Path) -> None:
     """Kept code is loaded, not compiled again (the agent keys it by the script's content digest)."""
-    import importlib.util
     import marshal
 
-    (tmp_path / "hello.py").write_text("print('hello')\n")
     kept = tmp_path / "kept" / "hello-content"
-    kept.parent.mkdir()
-    tag = f"{importlib.util.MAGIC_NUMBER.hex()}-{sys.flags.optimize}"
-    Path(f"{kept}.{tag}").write_bytes(marshal.dumps(compile("print('from kept code')", "elsewhere.py", "exec")))
-    _cold, spare = run_both(pool, tmp_path, [sys.executable, "hello.py"], dict(os.environ), str(kept))
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "hello.py").write_text("print('hello')\n")
+        if run == "second":  # what the first spare kept, replaced: the second runs what is kept
+            (kept_file,) = kept.parent.iterdir()
+            kept_file.write_bytes(marshal.dumps(compile("print('from kept code')", "elsewhere.py", "exec")))
+        _cold, spare = run_both(pool, tmp_path / run, [sys.executable, "hello.py"], dict(os.environ), str(kept))
     assert spare == (0, "from kept code\n", "")
+
+
+ESCAPE = "x = '\\d'\nprint(len(x))\n"  # an invalid escape sequence: a DeprecationWarning as it compiles
+LONG_LITERAL = "print(len(str(" + "9" * 5000 + ")))\n"  # over the default integer digit limit
+
+
+@pytest.mark.parametrize("source, first, second", [
+    (ESCAPE, {}, {"PYTHONWARNINGS": "error"}), (ESCAPE, {"PYTHONWARNINGS": "ignore"}, {}),
+    (ESCAPE, {}, {"PYTHONDEVMODE": "1"}), (LONG_LITERAL, {"PYTHONINTMAXSTRDIGITS": "0"}, {})])
+def test_kept_code_is_not_used_under_other_compiler_settings(pool: SparePool, tmp_path: Path, source: str,
+                                                            first: dict, second: dict) -> None:
+    """What compile() prints or raises also depends on the warning filters and the digit limit:
+    code kept under one setting is not loaded under another."""
+    kept = tmp_path / "kept" / "content"
+    for run, variables in (("first", first), ("second", second)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "script.py").write_text(source)
+        cold, spare = run_both(pool, tmp_path / run, [sys.executable, "script.py"], {**os.environ, **variables},
+                               str(kept))
+        assert spare == cold
+
+
+def test_code_with_set_constants_is_not_kept(pool: SparePool, tmp_path: Path) -> None:
+    """A set display of constants compiles to a frozenset, which marshal rebuilds in another order:
+    its iteration order would differ from a cold start's under the same PYTHONHASHSEED."""
+    words = ", ".join(f"'w{i}'" for i in range(40))
+    kept = tmp_path / "kept" / "content"
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "script.py").write_text(f"for w in {{{words}}}:\n    print(w, end=' ')\n")
+        cold, spare = run_both(pool, tmp_path / run, [sys.executable, "script.py"],
+                               {**os.environ, "PYTHONHASHSEED": "5"}, str(kept))
+        assert spare == cold
+    assert not kept.parent.exists()
 
 
 def test_unreadable_kept_code_is_compiled_again(pool: SparePool, tmp_path: Path) -> None:
@@ -362,3 +397,28 @@ def test_spare_interpreters_must_be_a_boolean() -> None:
 
     with pytest.raises(UserInputError, match="spare_interpreters"):
         LocalCompute.provisioning_configuration(spare_interpreters="no")  # type: ignore[arg-type]
+
+
+def test_the_spares_bytecode_is_rewritten_when_it_was_made_from_another_source(tmp_path: Path) -> None:
+    """A spare imports spare_job.py at every start: its bytecode must match the source, whatever
+    the two files' times (a checkout can give the source an older time than a stale .pyc)."""
+    import importlib.util
+
+    from cairn.runner.spares import ensure_compiled
+
+    source = tmp_path / "job.py"
+    source.write_text("VALUE = 1\n")
+    ensure_compiled(str(source))
+    cached = Path(importlib.util.cache_from_source(str(source)))
+    first = cached.read_bytes()
+    ensure_compiled(str(source))
+    assert cached.read_bytes() == first  # fresh: left alone
+    source.write_text("VALUE = 22\n")  # another size, and a time older than the .pyc's
+    os.utime(source, (1_000_000, 1_000_000))
+    ensure_compiled(str(source))
+    assert cached.read_bytes() != first
+    namespace: dict = {}
+    import marshal
+
+    exec(marshal.loads(cached.read_bytes()[16:]), namespace)
+    assert namespace["VALUE"] == 22

@@ -391,6 +391,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         _fresh_folder(job.work_dir)
         materialize(job.manifest, ObjectStore(job.objects_root), work)
         syslog(f"snapshot {spec.snapshot} materialised in {work} ({len(job.manifest.get('files', []))} files)")
+        if job.datasets or any(i.mode == "download" for i in job.inputs):
+            syslog.flush()  # fetching or copying inputs can take a while: what came before is readable
         input_paths = materialize_inputs(job, work, holds)
         for i in job.inputs:
             fetched = i.name in job.datasets and not i.path
@@ -464,7 +466,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {ended.start_error}", None)
         code, timed_out = ended.code, ended.timed_out
         elapsed = time.monotonic() - started
-        syslog(f"exit code {code} after {elapsed:.3f} s")
+        syslog(f"exit code {code} after {elapsed:.3f} s", flush=True)  # digests and uploads may follow
         if control.requeue:
             syslog(f"stopped: {control.cancel_reason}; the step will run again")
             return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, code)
@@ -592,9 +594,8 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
         code = proc.wait(timeout=spec.max_run_duration_seconds)
     except subprocess.TimeoutExpired:
         timed_out = True
-        syslog.flush()
         syslog(f"over max_run_duration_seconds={spec.max_run_duration_seconds:g}: sending SIGTERM, "
-               f"then SIGKILL after {KILL_GRACE_SECONDS:g} s")
+               f"then SIGKILL after {KILL_GRACE_SECONDS:g} s", flush=True)
         _kill_group(proc, signal.SIGTERM)
         try:
             code = proc.wait(timeout=KILL_GRACE_SECONDS)
@@ -732,8 +733,14 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog,
         syslog(f"output {o.name}: {record['file_count']} files, {record['size']} bytes, {record['digest']} "
                f"-> {o.datastore}:{job.output_dirs[o.name]}")
         committed.append(record)
-    if job.attempt > 1:  # a commit renames this attempt's staging folders away: only older ones can be left
-        remove_staging(job, spec)
+    if job.attempt > 1 or any(o.datastore not in job.datastore_roots for o in spec.outputs):
+        remove_staging(job, spec)  # an upload leaves its staged files; an interrupted attempt its own
+    else:  # every output was renamed away: its attempt folder is empty, unless the step wrote beside it
+        for folder in {os.path.dirname(job.staging_dirs[o.name]) for o in spec.outputs}:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                shutil.rmtree(folder, ignore_errors=True)
     return committed
 
 
@@ -763,7 +770,7 @@ def _commit_local(job: StepJob, o: Any, staging: Path) -> None:
                                     f"with {{run-id}} in it")
         shutil.rmtree(final) if final.is_dir() else final.unlink()  # left by an attempt that died
     make_read_only(staging)
-    if final.parent != staging.parent:  # a destination of its own (staging is beside the run's outputs)
+    if final.parent != staging.parent.parent:  # a destination of its own (not the run's outputs folder)
         final.parent.mkdir(parents=True, exist_ok=True)
     os.rename(staging, final)
 
@@ -788,12 +795,13 @@ def _commit_remote(job: StepJob, o: Any, staging: Path) -> None:
 
 def remove_staging(job: StepJob, spec: Any) -> None:
     """Remove what this attempt staged and did not commit, and what an interrupted one left."""
-    for o in spec.outputs:
-        staging = job.staging_dirs[o.name]
-        for folder in (*earlier_staging_dirs(staging, job.attempt), staging):
-            if os.path.lexists(folder):
-                shutil.rmtree(folder, ignore_errors=True)
+    attempt_folders = {os.path.dirname(job.staging_dirs[o.name]) for o in spec.outputs}
+    for folder in {f for o in spec.outputs for f in earlier_staging_dirs(job.staging_dirs[o.name], job.attempt)}:
+        if os.path.lexists(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+    for folder in attempt_folders:
+        shutil.rmtree(folder, ignore_errors=True)
         try:  # nothing committed: no outputs folder either (one with a committed output is not empty)
-            os.rmdir(os.path.dirname(staging))
+            os.rmdir(os.path.dirname(folder))
         except OSError:
             pass

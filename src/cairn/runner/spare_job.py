@@ -17,10 +17,13 @@ site-packages folder changed since it started (``.pth`` files are read only at s
 gives it only steps whose variables Python reads at start are the ones it started with.
 
 ``code`` names where the script's compiled code is kept between runs (by the agent, from the
-script's content digest; empty: not kept). Python's ``compile()`` sets up its syntax-tree types the
-first time it is called in a process (~2.5 ms, which ``python script.py`` never pays), so a spare
-loads the code it compiled for that content before when it can; a compile that printed anything
-(a ``SyntaxWarning``) is not kept, so that every run prints it as a cold start does.
+script's content digest; empty: not kept), to which the spare adds what else decides what
+``compile()`` does (bytecode format, optimisation, warning filters, the integer digit limit).
+Python's ``compile()`` sets up its syntax-tree types the first time it is called in a process
+(~2.5 ms, which ``python script.py`` never pays), so a spare loads the code it compiled for that
+content before when it can. Not kept: code whose compile printed anything (a ``SyntaxWarning``:
+every run prints it, as a cold start does), and code with set constants (``marshal`` rebuilds them
+in another insertion order).
 """
 
 import os
@@ -148,14 +151,13 @@ def main(path0: bool) -> tuple:
 
 
 def code(source: bytes, script: str, kept: str) -> object:
-    """The script's code object: the one compiled before for this content (``kept``), or compiled
-    now, as Python compiles a script (``dont_inherit``: this file's compiler flags are not the
-    script's), and kept when compiling printed nothing."""
+    """The script's code object: the one compiled before for this content and these compiler
+    settings (``kept``), or compiled now, as Python compiles a script (``dont_inherit``: this file's
+    compiler flags are not the script's), and kept when compiling printed nothing and the code
+    comes back from ``marshal`` exactly as compiled."""
     marshal = sys.modules["marshal"]
-    path = ""
-    if kept:
-        magic = sys.modules["_frozen_importlib_external"].MAGIC_NUMBER.hex()
-        path = f"{kept}.{magic}-{sys.flags.optimize}"
+    path = f"{kept}.{_settings()}" if kept else ""
+    if path:
         try:
             with open(path, "rb") as f:
                 return _located(marshal.loads(f.read()), script)
@@ -163,9 +165,39 @@ def code(source: bytes, script: str, kept: str) -> object:
             pass
     printed = os.fstat(2).st_size
     compiled = compile(source, script, "exec", dont_inherit=True)
-    if path and os.fstat(2).st_size == printed:
+    if path and os.fstat(2).st_size == printed and not _has_frozenset(compiled):
         _keep(path, marshal.dumps(compiled))
     return compiled
+
+
+def _settings() -> str:
+    """What else decides what ``compile()`` makes of a source or prints or raises for it: the
+    bytecode format, the optimisation level, the warning filters (``-W``, ``PYTHONWARNINGS``, dev
+    mode, or a ``sitecustomize`` that set some), and the integer-literal digit limit."""
+    magic = sys.modules["_frozen_importlib_external"].MAGIC_NUMBER.hex()
+    state = repr((sys.warnoptions, sys.flags.dev_mode, sys.flags.int_max_str_digits,
+                  sys.modules["_warnings"].filters)).encode()
+    checksum = 0xCBF29CE484222325  # FNV-1a, 64 bits: hashlib is not loaded in a fresh interpreter
+    for byte in state:
+        checksum = ((checksum ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{magic}-{sys.flags.optimize}-{checksum:016x}"
+
+
+def _has_frozenset(code: object) -> bool:
+    """Whether ``code`` has a set constant (``x in {...}``, ``for x in {...}``): ``marshal`` rebuilds
+    one by inserting its items in another order, so its iteration order could differ from a fresh
+    compile's, even under a fixed ``PYTHONHASHSEED``."""
+    kind = type(code)
+    stack = list(code.co_consts)  # type: ignore[attr-defined]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, frozenset):
+            return True
+        if type(value) is kind:
+            stack.extend(value.co_consts)
+        elif isinstance(value, tuple):
+            stack.extend(value)
+    return False
 
 
 def _located(code: object, script: str) -> object:
@@ -189,5 +221,9 @@ def _keep(path: str, data: bytes) -> None:
                 os.mkdir(os.path.dirname(path))
             except OSError:
                 return
-        except OSError:
+        except OSError:  # e.g. a full disk: nothing half-written stays
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
             return

@@ -83,8 +83,17 @@ def ensure_compiled(path: str = "") -> None:
     path = path or SPARE_JOB
     try:
         cached = importlib.util.cache_from_source(path)
-        if not os.path.exists(cached) or os.stat(cached).st_mtime < os.stat(path).st_mtime:
-            py_compile.compile(path, cfile=cached, doraise=True)
+        source = os.stat(path)
+        try:  # fresh as the import system judges it: magic, then the source's mtime and size it was made from
+            with open(cached, "rb") as f:
+                head = f.read(16)
+        except OSError:
+            head = b""
+        made_from = (int(source.st_mtime) & 0xFFFFFFFF, source.st_size & 0xFFFFFFFF)
+        if (len(head) < 16 or head[:4] != importlib.util.MAGIC_NUMBER or head[4:8] != b"\0\0\0\0"
+                or (int.from_bytes(head[8:12], "little"), int.from_bytes(head[12:16], "little")) != made_from):
+            py_compile.compile(path, cfile=cached, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
     except Exception:  # e.g. an installation this user cannot write to: spares compile it themselves
         pass
 

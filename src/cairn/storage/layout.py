@@ -85,16 +85,17 @@ def run_dir(pipeline_run_id: str, step_run_id: str | None = None) -> str:
 
 
 def staging_dir(root: str | os.PathLike[str], run_folder: str, output: str, attempt: int) -> str:
-    """Where an attempt of a step writes an output before it is committed: a hidden sibling of the
-    committed folder (``<run folder>/outputs/.<name>.a<attempt>.staging``), so that the commit is one
-    rename within a folder the step has anyway, and nothing is left to remove after it."""
-    return os.path.join(root, run_folder, "outputs", f".{output}.a{attempt}.staging")
+    """Where an attempt of a step writes an output before it is committed:
+    ``<run folder>/outputs/.a<attempt>/<name>``, so that the commit is one rename within the folder
+    the output is committed to, and the folder the step is given is named as the output is."""
+    return os.path.join(root, run_folder, "outputs", f".a{attempt}", output)
 
 
 def earlier_staging_dirs(staging: str, attempt: int) -> list[str]:
-    """The staging folders an interrupted earlier attempt may have left beside ``staging``."""
-    suffix = f".a{attempt}.staging"
-    if not staging.endswith(suffix):  # another layout (a node's scratch folder, removed whole)
+    """The attempt folders an interrupted earlier attempt may have left beside ``staging``'s."""
+    attempt_folder = os.path.dirname(staging)
+    if attempt == 1 or os.path.basename(attempt_folder) != f".a{attempt}":  # (a node's scratch folder: removed whole)
         return []
-    stem = staging[: -len(suffix)]
-    return [f"{stem}.a{k}.staging" for k in range(1, attempt)]
+    outputs = os.path.dirname(attempt_folder)
+    legacy = os.path.join(os.path.dirname(outputs), "staging")  # where Cairn before 2026-11-26 staged outputs
+    return [legacy, *(os.path.join(outputs, f".a{k}") for k in range(1, attempt))]
