@@ -741,6 +741,10 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog,
                 os.rmdir(folder)
             except OSError:
                 shutil.rmtree(folder, ignore_errors=True)
+            try:  # empty when every output went to a destination of its own
+                os.rmdir(os.path.dirname(folder))
+            except OSError:
+                pass
     return committed
 
 
