@@ -39,8 +39,35 @@ def test_output_digests_are_xxh3_of_the_bytes(tmp_path):
 
     from cairn.core import digests
 
-    for size in (0, 1, (256 << 10) - 1, 256 << 10, (256 << 10) * 3 + 17):
+    for size in (0, 1, (256 << 10) - 1, 256 << 10, (256 << 10) * 3 + 17,
+                 digests._OVERLAP_FROM, digests._OVERLAP_FROM + 3 * digests._OVERLAP_CHUNK + 5):  # read by a 2nd thread
         data = os.urandom(size)
         path = tmp_path / f"f{size}"
         path.write_bytes(data)
         assert digests.content_digest_file(path) == "xxh3-128:" + xxhash.xxh3_128(data).hexdigest()
+        path.unlink()
+
+
+def test_a_read_error_while_digesting_a_large_file_is_raised(tmp_path, monkeypatch) -> None:
+    """The thread reading ahead hands its error to the caller (no digest of half a file)."""
+    import io
+
+    import pytest
+
+    from cairn.core import digests
+
+    path = tmp_path / "big"
+    path.write_bytes(b"x" * (digests._OVERLAP_FROM + 10))
+
+    class FailingFile(io.FileIO):  # the third read fails, as a disk error would
+        reads = 0
+
+        def readinto(self, buffer):  # type: ignore[override]
+            FailingFile.reads += 1
+            if FailingFile.reads == 3:
+                raise OSError(5, "Input/output error")
+            return super().readinto(buffer)
+
+    monkeypatch.setattr(digests, "open", lambda p, *_a, **_k: FailingFile(p, "rb"), raising=False)
+    with pytest.raises(OSError, match="Input/output error"):
+        digests.content_digest_file(path)
