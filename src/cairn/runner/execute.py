@@ -646,11 +646,13 @@ class _Deadlines:
 
         with self._cond:
             self._counter += 1
-            heapq.heappush(self._heap, (time.monotonic() + delay, self._counter, fn))
+            entry = (time.monotonic() + delay, self._counter, fn)
+            heapq.heappush(self._heap, entry)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="cairn-deadlines", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0] is entry:  # the thread sleeps until the first deadline: only an earlier one wakes it
+                self._cond.notify()
             return self._counter
 
     def cancel(self, handle: int) -> None:
@@ -662,12 +664,13 @@ class _Deadlines:
 
         while True:
             with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
+                while True:
+                    while self._heap and self._heap[0][1] in self._canceled:  # most phases end in time
+                        self._canceled.discard(heapq.heappop(self._heap)[1])
+                    if self._heap and self._heap[0][0] <= time.monotonic():
+                        break
                     self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
-                _, handle, fn = heapq.heappop(self._heap)
-                if handle in self._canceled:
-                    self._canceled.discard(handle)
-                    continue
+                _, _handle, fn = heapq.heappop(self._heap)
             fn()
 
 
