@@ -1,4 +1,4 @@
-"""Cairn side by side with Prefect, Kedro, Metaflow and Luigi, and the bare floor, on the same shapes.
+"""Cairn side by side with Prefect, Kedro, Metaflow, Luigi and Dagster, and the bare floor, on the same shapes.
 
     .venv/bin/python benchmarks/peers/bench_peers.py [--repeat 3] [--tools ...] [--shapes ...]
 
@@ -40,7 +40,12 @@ PEERS = {
     "kedro": ["kedro==1.7.0"],
     "metaflow": ["metaflow==2.19.39"],
     "luigi": ["luigi==3.8.1"],
+    "dagster": ["dagster==1.13.29"],
 }
+# Runs that take many minutes, made only with --slow: Dagster starts each op in a fresh process
+# that imports Dagster and rebuilds the job (~2.5 s per op here): ~10 min per repetition of the DAG.
+SLOW = {("dagster", "dag"): "~2.5 s per op (each a fresh process importing Dagster): ~10 min per "
+                            "repetition on 2 cores; --slow runs it"}
 DRIVERS = {"bare": "bare.py", "cairn": "cairn_driver.py", "cairn-warm": "cairn_driver.py --warm",
            **{p: f"{p}_driver.py" for p in PEERS}}
 SHAPE_LABELS = {"chain": "(a) 20-step chain", "fanout": "(b) 1 -> 50 -> 1 fan-out",
@@ -144,6 +149,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--tools", default=",".join(DRIVERS))
     parser.add_argument("--shapes", default=",".join((*ORDER, "snapshot")))
+    parser.add_argument("--slow", action="store_true", help="also run what takes many minutes (" +
+                        ", ".join(f"{t} {s}" for t, s in SLOW) + ")")
     args = parser.parse_args()
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -161,7 +168,10 @@ def main() -> None:
                 for shape in [s for s in ORDER if s in shapes]:
                     if shape == "edit":
                         edit_step_10(state)
-                    result = run_driver(tool, shape, state)
+                    if (tool, shape) in SLOW and not args.slow:
+                        result = {"seconds": None, "note": f"not run: {SLOW[tool, shape]}", "ran": 0}
+                    else:
+                        result = run_driver(tool, shape, state)
                     raw.append({"tool": tool, "shape": shape, "rep": rep, **result})
                     shown = (f"{result['seconds']:.2f} s, ran {result['ran']}" if result.get("seconds") is not None
                              else result.get("note") or "ERROR")
