@@ -258,6 +258,7 @@ class PipelineScheduler:
             inputs=tuple(inputs), interpreter=step.environment.get("interpreter_path") or "",
             fingerprint=fp, fingerprint_parts=parts, cacheable=step.allow_reuse,
             datasets=datasets, datastore_locations=locations, env_cache=str(self.ctx.layout.envs),
+            kept_code=str(self.ctx.layout.kept_code),
             stop_run_on_failure=not self.run["continue_on_step_failure"],
         )
 

@@ -27,7 +27,7 @@ from cairn.runner.processes import process_start_time
 from cairn.runner.slots import SlotTicket
 from cairn.runner.spares import SparePool, kept_code_path
 from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmStartError
-from cairn.storage.layout import DOT, KEPT_CODE, earlier_staging_dirs
+from cairn.storage.layout import earlier_staging_dirs
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
 from cairn.storage.tree import digest_tree, make_read_only
@@ -524,7 +524,9 @@ _script_digests: dict[tuple[str, str], str] = {}
 
 def _kept_code(job: StepJob) -> str:
     """Where spares keep the compiled code of the step's script (by its content digest in the
-    snapshot), or "" when the snapshot does not list it under that name."""
+    snapshot), or "" when the job keeps none or the snapshot does not list it under that name."""
+    if not job.kept_code:
+        return ""
     spec = job.spec
     key = (spec.snapshot, spec.script_name)
     digest = _script_digests.get(key)
@@ -533,7 +535,7 @@ def _kept_code(job: StepJob) -> str:
         if len(_script_digests) >= 4096:
             _script_digests.clear()
         _script_digests[key] = digest
-    return kept_code_path(os.path.join(job.workspace, DOT, KEPT_CODE), digest) if digest else ""
+    return kept_code_path(job.kept_code, digest) if digest else ""
 
 
 def _die_with_parent() -> None:
@@ -736,18 +738,7 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog,
         syslog(f"output {o.name}: {record['file_count']} files, {record['size']} bytes, {record['digest']} "
                f"-> {o.datastore}:{job.output_dirs[o.name]}")
         committed.append(record)
-    if job.attempt > 1 or any(o.datastore not in job.datastore_roots for o in spec.outputs):
-        remove_staging(job, spec)  # an upload leaves its staged files; an interrupted attempt its own
-    else:  # every output was renamed away: its attempt folder is empty, unless the step wrote beside it
-        for folder in {os.path.dirname(job.staging_dirs[o.name]) for o in spec.outputs}:
-            try:
-                os.rmdir(folder)
-            except OSError:
-                shutil.rmtree(folder, ignore_errors=True)
-            try:  # empty when every output went to a destination of its own
-                os.rmdir(os.path.dirname(folder))
-            except OSError:
-                pass
+    remove_staging(job, spec)  # what an upload staged, what the step wrote beside its outputs, older attempts'
     return committed
 
 
@@ -807,8 +798,11 @@ def remove_staging(job: StepJob, spec: Any) -> None:
         if os.path.lexists(folder):
             shutil.rmtree(folder, ignore_errors=True)
     for folder in attempt_folders:
-        shutil.rmtree(folder, ignore_errors=True)
-        try:  # nothing committed: no outputs folder either (one with a committed output is not empty)
+        try:  # after a local commit it is empty: one call instead of a tree walk (on the step's path)
+            os.rmdir(folder)
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+        try:  # nothing committed here: no outputs folder either (one with a committed output is not empty)
             os.rmdir(os.path.dirname(folder))
         except OSError:
             pass

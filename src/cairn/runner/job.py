@@ -43,6 +43,7 @@ class StepJob:
     datastore_locations: dict[str, Any] = field(default_factory=dict)
     log_upload: dict[str, Any] | None = None  # {"datastore", "path"}: copy the logs there at the end
     env_cache: str = ""  # where built environments live on the machine that runs the step
+    kept_code: str = ""  # where spare interpreters keep compiled step scripts ("": not kept)
     stop_run_on_failure: bool = True  # the run stops when a step fails (not continue_on_step_failure)
     die_with_runner: bool = False  # the step's process is killed if its runner dies (a Ray node of another machine)
 

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 DOT = ".cairn"
-KEPT_CODE = "compiled"  # step scripts compiled by spare interpreters, by content (runner/spare_job.py)
 
 
 class WorkspaceLayout:
@@ -38,7 +37,8 @@ class WorkspaceLayout:
 
     @property
     def kept_code(self) -> Path:
-        return self.dot / KEPT_CODE
+        """Step scripts compiled by spare interpreters, by content (runner/spare_job.py)."""
+        return self.dot / "compiled"
 
     @property
     def work(self) -> Path:
