@@ -87,6 +87,23 @@ def run_both(pool: SparePool, folder: Path, argv: list[str], env: dict[str, str]
     return results
 
 
+def run_twice(pool: SparePool, tmp_path: Path, script: str, source: str, kept: Path, args: tuple[str, ...] = (),
+              envs: tuple[dict, dict] = ({}, {}), before_second: Callable[[], None] = lambda: None,
+              ) -> list[tuple[int, str, str]]:
+    """``run_both`` for the same script content in two folders (``first``, ``second``), keeping its
+    compiled code at ``kept``; ``envs``: variables added to each run's; ``before_second`` runs
+    between the two. Returns [(cold, spare) of the first run, (cold, spare) of the second]."""
+    results = []
+    for run, variables in zip(("first", "second"), envs, strict=True):
+        if run == "second":
+            before_second()
+        (tmp_path / run).mkdir()
+        (tmp_path / run / script).write_text(source)
+        results.append(run_both(pool, tmp_path / run, [sys.executable, script, *args], {**os.environ, **variables},
+                                str(kept)))
+    return results
+
+
 @pytest.mark.parametrize("how", ["ok", "raise", "exit3", "exit-message", "interrupt", "no-exit"])
 def test_a_spare_runs_a_script_exactly_as_python_would(pool: SparePool, tmp_path: Path, how: str) -> None:
     (tmp_path / "probe.py").write_text(textwrap.dedent(PROBE))
@@ -126,13 +143,7 @@ def test_a_syntax_error_reads_as_it_does_cold(pool: SparePool, tmp_path: Path) -
 def test_code_kept_from_an_earlier_run_runs_as_the_script_would(pool: SparePool, tmp_path: Path, how: str) -> None:
     """The second spare of the same content loads the code the first compiled: it must still be the
     script's own, at its own path (``__file__``, every frame of a traceback, nested functions)."""
-    kept = str(tmp_path / "kept" / "probe-content")
-    results = []
-    for run in ("first", "second"):
-        folder = tmp_path / run
-        folder.mkdir()
-        (folder / "probe.py").write_text(textwrap.dedent(PROBE))
-        results.append(run_both(pool, folder, [sys.executable, "probe.py", how], dict(os.environ), kept))
+    results = run_twice(pool, tmp_path, "probe.py", textwrap.dedent(PROBE), tmp_path / "kept" / "probe-content", (how,))
     (kept_file,) = (tmp_path / "kept").iterdir()  # written by the first spare, read by the second
     assert kept_file.name.startswith("probe-content.")
     for cold, spare in results:
@@ -146,10 +157,8 @@ def test_code_kept_from_an_earlier_run_runs_as_the_script_would(pool: SparePool,
 
 def test_a_compile_warning_is_printed_at_every_run_and_its_code_not_kept(pool: SparePool, tmp_path: Path) -> None:
     kept = tmp_path / "kept" / "warns-content"
-    for run in ("first", "second"):
-        (tmp_path / run).mkdir()
-        (tmp_path / run / "warns.py").write_text("x = 1\nprint(x is 1)\n")  # SyntaxWarning: "is" with a literal
-        cold, spare = run_both(pool, tmp_path / run, [sys.executable, "warns.py"], dict(os.environ), str(kept))
+    source = "x = 1\nprint(x is 1)\n"  # SyntaxWarning: "is" with a literal
+    for cold, spare in run_twice(pool, tmp_path, "warns.py", source, kept):
         assert spare == cold
         assert "SyntaxWarning" in cold[2] and cold[1] == "True\n"
     assert not kept.parent.exists()
@@ -160,13 +169,12 @@ def test_kept_code_is_what_a_spare_runs(pool: SparePool, tmp_path: Path) -> None
     import marshal
 
     kept = tmp_path / "kept" / "hello-content"
-    for run in ("first", "second"):
-        (tmp_path / run).mkdir()
-        (tmp_path / run / "hello.py").write_text("print('hello')\n")
-        if run == "second":  # what the first spare kept, replaced: the second runs what is kept
-            (kept_file,) = kept.parent.iterdir()
-            kept_file.write_bytes(marshal.dumps(compile("print('from kept code')", "elsewhere.py", "exec")))
-        _cold, spare = run_both(pool, tmp_path / run, [sys.executable, "hello.py"], dict(os.environ), str(kept))
+
+    def replace_kept() -> None:  # what the first spare kept, replaced: the second runs what is kept
+        (kept_file,) = kept.parent.iterdir()
+        kept_file.write_bytes(marshal.dumps(compile("print('from kept code')", "elsewhere.py", "exec")))
+
+    _first, (_cold, spare) = run_twice(pool, tmp_path, "hello.py", "print('hello')\n", kept, before_second=replace_kept)
     assert spare == (0, "from kept code\n", "")
 
 
@@ -181,12 +189,8 @@ def test_kept_code_is_not_used_under_other_compiler_settings(pool: SparePool, tm
                                                             first: dict, second: dict) -> None:
     """What compile() prints or raises also depends on the warning filters and the digit limit:
     code kept under one setting is not loaded under another."""
-    kept = tmp_path / "kept" / "content"
-    for run, variables in (("first", first), ("second", second)):
-        (tmp_path / run).mkdir()
-        (tmp_path / run / "script.py").write_text(source)
-        cold, spare = run_both(pool, tmp_path / run, [sys.executable, "script.py"], {**os.environ, **variables},
-                               str(kept))
+    for cold, spare in run_twice(pool, tmp_path, "script.py", source, tmp_path / "kept" / "content",
+                                 envs=(first, second)):
         assert spare == cold
 
 
@@ -195,24 +199,21 @@ def test_code_with_set_constants_is_not_kept(pool: SparePool, tmp_path: Path) ->
     its iteration order would differ from a cold start's under the same PYTHONHASHSEED."""
     words = ", ".join(f"'w{i}'" for i in range(40))
     kept = tmp_path / "kept" / "content"
-    for run in ("first", "second"):
-        (tmp_path / run).mkdir()
-        (tmp_path / run / "script.py").write_text(f"for w in {{{words}}}:\n    print(w, end=' ')\n")
-        cold, spare = run_both(pool, tmp_path / run, [sys.executable, "script.py"],
-                               {**os.environ, "PYTHONHASHSEED": "5"}, str(kept))
+    seed = {"PYTHONHASHSEED": "5"}
+    for cold, spare in run_twice(pool, tmp_path, "script.py", f"for w in {{{words}}}:\n    print(w, end=' ')\n",
+                                 kept, envs=(seed, seed)):
         assert spare == cold
     assert not kept.parent.exists()
 
 
 def test_unreadable_kept_code_is_compiled_again(pool: SparePool, tmp_path: Path) -> None:
     kept = tmp_path / "kept" / "hello-content"
-    for run in ("first", "second"):
-        (tmp_path / run).mkdir()
-        (tmp_path / run / "hello.py").write_text("print('hello')\n")
-        if run == "second":
-            (kept_file,) = kept.parent.iterdir()
-            kept_file.write_bytes(b"not marshalled code")
-        cold, spare = run_both(pool, tmp_path / run, [sys.executable, "hello.py"], dict(os.environ), str(kept))
+
+    def spoil_kept() -> None:
+        (kept_file,) = kept.parent.iterdir()
+        kept_file.write_bytes(b"not marshalled code")
+
+    _first, (cold, spare) = run_twice(pool, tmp_path, "hello.py", "print('hello')\n", kept, before_second=spoil_kept)
     assert spare == cold == (0, "hello\n", "")
 
 
