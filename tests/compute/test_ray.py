@@ -96,7 +96,7 @@ def test_cancel_reaches_the_task_and_its_process(workspace: Workspace, ray_targe
     pid = int(pid_file.read_text())
     run.cancel()
     assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
-    assert step.get_status() == "Canceled"
+    assert step.get_status() == "Canceled", workspace._backend.get_events(step.id)
     # the agent kills the process when it hears the task's end, which may come just after the run ended
     deadline = time.monotonic() + 30
     while not gone(pid):

@@ -266,6 +266,7 @@ class RayCompute:
                     self._relay.done.remote(job.step_run_id, job.attempt)
                 except Exception:
                     pass
+        result = _after_cancel(result, control)
         if result.status in ("Failed", "Canceled"):
             # recorded here, once: the task's own report may still be on its way (or never come), and
             # the step must have ended before its run does
@@ -290,6 +291,17 @@ class RayCompute:
 
     def shutdown(self) -> None:
         pass  # the cluster is not ours to stop; its tasks end with their steps
+
+
+def _after_cancel(result: StepResult, control: StepControl) -> StepResult:
+    """A step whose task failed after the agent canceled it was canceled (or handed back to the
+    queue), not failed: the cancel killed its process (Ray's force cancel kills a worker's children as
+    the worker exits), and the task may have returned that exit before its worker was gone."""
+    if not control.canceled or result.status != "Failed":
+        return result
+    if control.requeue:
+        return StepResult(result.step_run_id, "Queued", None, result.exit_code)
+    return StepResult(result.step_run_id, "Canceled", control.cancel_reason, result.exit_code)
 
 
 def _status(value: str) -> Any:

@@ -65,9 +65,26 @@ def _requeued(store: Any, step_run_id: str) -> bool:
     return row is not None and row["status"] == "Queued"
 
 
+def _stopped_by_agent(store: Any, step_run_id: str) -> bool:
+    """Whether the step's agent has taken its ending on itself: it handed the step back to the queue
+    (an agent stop), or the step's pipeline run is being canceled. Either kills the task's process
+    (Ray's force cancel kills a worker's children as it exits), and that exit is not the step's
+    failure: the driver records what happened."""
+    from cairn.store import queries as q
+
+    row = q.get_run(store, step_run_id)
+    if row is None:
+        return False
+    if row["status"] == "Queued":
+        return True
+    parent = q.get_run(store, row["parent_id"]) if row.get("parent_id") else None
+    return bool(parent and parent["cancel_requested"])
+
+
 class TaskReporter:
     """The store reporter of a Ray task, which never writes an ending over a step that its agent
-    has handed back to the queue (an agent stop kills the task's step: that is not its failure)."""
+    has handed back to the queue or whose run is being canceled (both kill the task's step: that is
+    not its failure; the driver records the step's ending)."""
 
     def __init__(self, store: Any, on_change: Any, locate: Any) -> None:
         from cairn.engine.reporter import StoreReporter
@@ -84,7 +101,7 @@ class TaskReporter:
         return self._inner.succeeded(job, outputs, exit_code)
 
     def ended(self, step_run_id: str, status: Any, reason: str, exit_code: int | None) -> None:
-        if not _requeued(self._store, step_run_id):
+        if not _stopped_by_agent(self._store, step_run_id):
             self._inner.ended(step_run_id, status, reason, exit_code)
 
     def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str:
