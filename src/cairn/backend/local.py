@@ -18,6 +18,7 @@ from cairn.engine.fingerprint import differing_parts
 from cairn.storage.datastores import DatastoreLocation
 from cairn.storage.layout import WorkspaceLayout, run_dir
 from cairn.storage.objects import ObjectStore
+from cairn.storage.paths import real_path
 from cairn.storage.secrets import SecretBox
 from cairn.storage.snapshot import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, diff_manifests, load_manifest, take_snapshot
 from cairn.store import queries as q
@@ -177,19 +178,19 @@ class LocalBackend:
 
         def is_recorded(digest: str) -> bool:
             if digest not in recorded:
-                recorded[digest] = q.get_snapshot(self.store, digest) is not None
+                recorded[digest] = q.snapshot_recorded(self.store, digest)
             return recorded[digest]
 
         digests: dict[str, str] = {}
-        new: list[tuple[Any, str]] = []  # (snapshot, manifest digest) to record
+        new: dict[str, tuple[Any, str]] = {}  # snapshot digest -> (snapshot, manifest digest) to record
         stat_updates: dict[str, Any] = {}
-        for source_directory in source_directories:
-            src = str(Path(source_directory).resolve())
-            snap = take_snapshot(src, self.objects, q.load_stat_cache(self.store, src + os.sep),
+        real = {folder: real_path(folder) for folder in source_directories}
+        caches = q.load_stat_caches(self.store, [src + os.sep for src in real.values()])
+        for source_directory, src in real.items():
+            snap = take_snapshot(src, self.objects, caches[src + os.sep],
                                  max_files=max_files, max_bytes=max_bytes, is_recorded=is_recorded)
-            manifest_digest = self.objects.put_bytes(json.dumps(snap.manifest, sort_keys=True).encode())
-            if not is_recorded(snap.digest) and all(snap.digest != n.digest for n, _ in new):
-                new.append((snap, manifest_digest))
+            if not is_recorded(snap.digest) and snap.digest not in new:  # a recorded one has its manifest stored
+                new[snap.digest] = (snap, self.objects.put_bytes(json.dumps(snap.manifest, sort_keys=True).encode()))
             stat_updates.update(snap.stat_updates)
             digests[source_directory] = snap.digest
         remote = self._remote_default() if new else None
@@ -197,11 +198,12 @@ class LocalBackend:
             from cairn.storage.datastores import upload
 
             # uploaded before they are recorded: a failed upload leaves them new, so the next submit tries again
-            objects = {e.digest for n, _ in new for e in n.entries} | {m for _, m in new}
+            objects = {e.digest for n, _ in new.values() for e in n.entries} | {m for _, m in new.values()}
             files = [(str(self.objects.path_for(d)), f"snapshots/objects/{d.split(':', 1)[1]}") for d in sorted(objects)]
             upload(remote, files, overwrite=False, show_progress=len(files) > 200)
         if new or stat_updates:
-            q.record_snapshots(self.store, [(n.digest, m, len(n.entries), n.size) for n, m in new], stat_updates)
+            q.record_snapshots(self.store, [(n.digest, m, len(n.entries), n.size) for n, m in new.values()],
+                               stat_updates)
         return digests
 
     def submit_pipeline(self, experiment: str, name: str, spec: GraphSpec, *, tags: dict[str, str],

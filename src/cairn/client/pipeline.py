@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import TYPE_CHECKING, Any
 
 from cairn.client.dataset import DatasetConsumptionConfig
@@ -16,12 +16,14 @@ if TYPE_CHECKING:
     from cairn.client.workspace import Workspace
 
 
-def _flatten(steps: Any, out: list[PythonScriptStep], where: str = "steps") -> None:
+def _flatten(steps: Any, out: list[PythonScriptStep], where: str = "steps", seen: set[int] | None = None) -> None:
+    seen = {id(s) for s in out} if seen is None else seen  # by identity: a step listed twice is one step
     if isinstance(steps, (list, tuple)):
         for i, s in enumerate(steps):
-            _flatten(s, out, f"{where}[{i}]")
+            _flatten(s, out, f"{where}[{i}]", seen)
     elif isinstance(steps, PythonScriptStep):
-        if not any(s is steps for s in out):
+        if id(steps) not in seen:
+            seen.add(id(steps))
             out.append(steps)
     else:
         raise UserInputError(f"Pipeline {where} is a {type(steps).__name__}; a pipeline's steps must be "
@@ -68,12 +70,14 @@ class Pipeline:
         for s in steps:
             for o in s.outputs:
                 producers.setdefault(id(o), []).append(s)
+        listed = {id(s) for s in steps}
         for s in steps:
             who = f"step {s.name!r}"
-            src = Path(s.source_directory)
-            if not src.is_dir():
+            if os.path.isfile(os.path.join(s.source_directory, s.script_name)):
+                pass  # one stat for the usual case
+            elif not os.path.isdir(s.source_directory):
                 problems.append(f"{who}: source_directory {s.source_directory!r} does not exist")
-            elif not (src / s.script_name).is_file():
+            else:
                 problems.append(f"{who}: script {s.script_name!r} is not in source_directory {s.source_directory!r}")
             rc_problems = s.runconfig.validate(s.name)
             problems += rc_problems
@@ -125,7 +129,7 @@ class Pipeline:
                 elif any(p is s for p in made_by):
                     problems.append(f"{who}: {b.data.name!r} is both an input and an output of the step")
             for a in s._run_after:
-                if not any(a is x for x in steps):
+                if id(a) not in listed:
                     problems.append(f"{who}: run_after step {a.name!r} is not in the pipeline")
         for key, made_by in producers.items():
             if len(made_by) > 1:
@@ -232,13 +236,15 @@ def _target_name(step: PythonScriptStep) -> str:
 def _with_producers(listed: list[PythonScriptStep]) -> list[PythonScriptStep]:
     """The listed steps plus, transitively, the producers of their inputs and run_after steps."""
     steps = list(listed)
+    present = {id(x) for x in steps}
     i = 0
     while i < len(steps):
         s = steps[i]
         needed = [p for b in s.input_bindings() for p in getattr(b.data, "_producers", [])]
         needed += s._run_after
         for p in needed:
-            if not any(p is x for x in steps):
+            if id(p) not in present:
+                present.add(id(p))
                 steps.append(p)
         i += 1
     return steps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from cairn.client.dataset import DatasetConsumptionConfig
@@ -13,6 +13,7 @@ from cairn.core.errors import UserInputError
 from cairn.core.names import check_step_name, check_type
 from cairn.data.output_dataset import OutputFileDatasetConfig, OutputTabularDatasetConfig
 from cairn.data.pipeline_data import PipelineData, PipelineDataInput
+from cairn.storage.paths import real_path
 
 _SCALARS = (str, int, float, bool)
 
@@ -90,7 +91,7 @@ class PythonScriptStep:
             raise UserInputError(f"{who}: source_directory must be a folder path, not "
                                  f"{type(source_directory).__name__}")
         try:
-            self.source_directory = str(Path(source_directory if source_directory is not None else ".").resolve())
+            self.source_directory = real_path(source_directory if source_directory is not None else ".")
         except (ValueError, OSError) as exc:
             raise UserInputError(f"{who}: source_directory {source_directory!r} is not a usable path: {exc}") from None
         check_type(allow_reuse, bool, f"{who}: allow_reuse")

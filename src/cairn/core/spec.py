@@ -173,19 +173,28 @@ def step_from_dict(d: dict[str, Any]) -> StepSpec:
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_LEAVES = frozenset({str, int, float, bool, type(None)})
 
 
 def _plain(value: Any) -> Any:
-    """``value`` as plain dicts, lists and scalars (tuples become lists, as in JSON)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    """``value`` as plain dicts, lists and scalars (tuples become lists, as in JSON). Most values are
+    scalars: they are returned where they are met, without a call each (a 500-step spec has ~40,000)."""
+    kind = type(value)
+    if kind in _LEAVES:
         return value
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if is_dataclass(value) and not isinstance(value, type):
-        names = _FIELD_NAMES.get(type(value))
-        if names is None:
-            names = _FIELD_NAMES[type(value)] = tuple(f.name for f in fields(value))
-        return {name: _plain(getattr(value, name)) for name in names}
-    raise TypeError(f"cannot record a value of type {type(value).__name__} in a graph spec: {value!r}")
+    if kind is tuple or kind is list:
+        return [v if type(v) in _LEAVES else _plain(v) for v in value]
+    if kind is dict:
+        return {k: v if type(v) in _LEAVES else _plain(v) for k, v in value.items()}
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        if isinstance(value, (str, int, float, bool)):  # a subclass (an enum of str, a bool-like int)
+            return value
+        if isinstance(value, (tuple, list)):
+            return [_plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: _plain(v) for k, v in value.items()}
+        if not is_dataclass(value) or isinstance(value, type):
+            raise TypeError(f"cannot record a value of type {kind.__name__} in a graph spec: {value!r}")
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in fields(value))
+    return {name: v if type(v := getattr(value, name)) in _LEAVES else _plain(v) for name in names}

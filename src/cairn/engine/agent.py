@@ -57,6 +57,7 @@ class Agent:
         self.schedulers: dict[str, PipelineScheduler] = {}
         self.controls: dict[str, StepControl] = {}  # step run id -> control
         self.step_parent: dict[str, str] = {}  # step run id -> pipeline run id
+        self._reused_in_pass: set[str] = set()  # runs with steps reused in this dispatch pass
         self.computes: dict[str, Compute] = {}
         self._stopping = False
         self._compute_configs: dict[str, dict[str, Any]] = {}  # the record each compute was made from
@@ -256,6 +257,9 @@ class Agent:
                         full.add(step.compute_target)
                         continue
                     progressed |= self._start_step(sched, step, compute)
+            if run_id in self._reused_in_pass:  # watchers re-read the run: one word for the whole pass
+                self._reused_in_pass.discard(run_id)
+                self._notify(run_id)
             if sched.is_done():
                 final = sched.finish()
                 q.release_lease(self.ctx.store, run_id, self.owner)
@@ -271,8 +275,8 @@ class Agent:
             sched.dispatch_failed(step, f"could not prepare the step: {type(exc).__name__}: {exc}")
             self._notify(sched.run_id)
             return True
-        if job is None:  # reused
-            self._notify(sched.run_id)
+        if job is None:  # reused: told to watchers once the pass ends (a rerun reuses many steps in one)
+            self._reused_in_pass.add(sched.run_id)
             return True
         control = StepControl()
         self.controls[job.step_run_id] = control

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
+
+from cairn.storage.paths import real_path
 
 
 def _git(cwd: str, *args: str) -> str | None:
@@ -30,7 +31,7 @@ def git_properties_of(source_directories: list[str]) -> dict[str, dict[str, str]
     result: dict[str, dict[str, str]] = {}
     for folder in source_directories:
         result[folder] = {}
-        tree = _nearest_tree(str(Path(folder).resolve()), found)
+        tree = _nearest_tree(real_path(folder), found)
         if tree is not None:  # not a work tree: no git process at all
             by_tree.setdefault(tree, []).append(folder)
     for tree, folders in by_tree.items():
@@ -43,7 +44,7 @@ def git_properties_of(source_directories: list[str]) -> dict[str, dict[str, str]
         changed = _changed_paths(top, folders)
         for folder in folders:
             # changes under the source folder only, untracked files included: they are in the snapshot too
-            relative = os.path.relpath(Path(folder).resolve(), top)
+            relative = os.path.relpath(real_path(folder), top)
             prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
             # a changed path under it, or an untracked folder around it
             dirty = changed is not None and any(p.startswith(prefix) or (p.endswith("/") and prefix.startswith(p))
@@ -78,7 +79,7 @@ def _nearest_tree(folder: str, found: dict[str, str | None]) -> str | None:
 
 def _changed_paths(top: str, folders: list[str]) -> list[str] | None:
     """Paths (from the repository's top, ``/``-separated) with changes under ``folders``."""
-    pathspecs = [str(Path(f).resolve()) for f in folders]
+    pathspecs = [real_path(f) for f in folders]
     try:
         out = subprocess.run(["git", "-C", top, "status", "--porcelain", "-z", "--untracked-files=normal", "--",
                               *pathspecs], capture_output=True, timeout=30)

@@ -17,6 +17,7 @@ from pathlib import Path
 from cairn.core.digests import digest_file, digest_json
 from cairn.core.errors import SnapshotTooLargeError
 from cairn.storage.objects import ObjectStore
+from cairn.storage.paths import real_path
 
 IGNORE_FILES = (".cairnignore", ".amlignore", ".gitignore")
 ALWAYS_IGNORED = (".git", ".cairn", "__pycache__", ".ipynb_checkpoints")
@@ -47,21 +48,21 @@ class Snapshot:
         return sum(e.size for e in self.entries)
 
 
-def _ignore_spec(source: Path) -> tuple[object | None, str | None]:
+def _ignore_spec(source: str) -> tuple[object | None, str | None]:
     for name in IGNORE_FILES:
-        f = source / name
-        if f.is_file():
+        f = os.path.join(source, name)
+        if os.path.isfile(f):
             import pathspec
 
-            lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
+            lines = Path(f).read_text(encoding="utf-8", errors="replace").splitlines()
             return pathspec.GitIgnoreSpec.from_lines(lines), name
     return None, None
 
 
-def _walk(source: Path, spec: object | None) -> list[tuple[str, os.stat_result, str]]:
+def _walk(source: str, spec: object | None) -> list[tuple[str, os.stat_result, str]]:
     found: list[tuple[str, os.stat_result, str]] = []
-    stack = [("", str(source))]
-    visited = {os.path.realpath(source)}  # symlinked folders are followed, each real folder once
+    stack = [("", source)]
+    visited = {real_path(source)}  # symlinked folders are followed, each real folder once
     while stack:
         rel_dir, abs_dir = stack.pop()
         with os.scandir(abs_dir) as it:
@@ -98,9 +99,9 @@ def take_snapshot(
     ``stat_cache`` maps absolute file paths to ((size, mtime_ns, inode), digest); entries that
     had to be (re)hashed are returned in ``Snapshot.stat_updates`` for the caller to save.
     """
-    src = Path(source)
-    if not src.is_dir():
-        raise FileNotFoundError(f"source directory {str(source)!r} does not exist or is not a directory")
+    src = os.fspath(source)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"source directory {src!r} does not exist or is not a directory")
     spec, ignore_file = _ignore_spec(src)
     files = _walk(src, spec)
     total = sum(st.st_size for _, st, _ in files)
@@ -117,9 +118,9 @@ def take_snapshot(
             listing = "Largest files: " + ", ".join(f"{rel} ({st.st_size / 1e6:.1f} MB)" for rel, st, _ in largest)
         use = ignore_file or ".cairnignore"
         raise SnapshotTooLargeError(
-            f"source directory {str(src)!r} has {len(files)} files and {total / 1e6:.1f} MB; the "
+            f"source directory {src!r} has {len(files)} files and {total / 1e6:.1f} MB; the "
             f"snapshot limit is {max_files} files and {max_bytes / 1e6:.0f} MB. {listing}. Put data in a "
-            f"datastore or list what the step does not need in {str(src / use)!r} (gitignore syntax).")
+            f"datastore or list what the step does not need in {os.path.join(src, use)!r} (gitignore syntax).")
     entries: list[SnapshotEntry] = []
     updates: dict[str, tuple[StatKey, str]] = {}
     for rel, st, abspath in files:

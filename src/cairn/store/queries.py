@@ -448,6 +448,14 @@ def record_snapshots(store: Store, snapshots: list[tuple[str, str, int, int]],
                 for p, (k, d) in stat_updates.items()])
 
 
+_SNAPSHOT_RECORDED = select(t.snapshots.c.digest).where(t.snapshots.c.digest == bindparam("b_digest"))
+
+
+def snapshot_recorded(store: Store, digest: str) -> bool:
+    with store.fast_read() as conn:  # a prebuilt statement: a submit asks once per step folder
+        return _fast(conn, _SNAPSHOT_RECORDED, {"b_digest": digest}).fetchone() is not None
+
+
 def get_snapshot(store: Store, digest: str) -> dict[str, Any] | None:
     with store.read() as conn:
         return _d(conn.execute(select(t.snapshots).where(t.snapshots.c.digest == digest)).first())
@@ -459,20 +467,33 @@ _STAT_CACHE_OF = (select(t.file_stat_cache.c.path, t.file_stat_cache.c.size, t.f
 _COMPILED: dict[tuple[str, str, str], Any] = {}  # (dialect, driver, paramstyle) -> the stat cache query compiled
 
 
-def load_stat_cache(store: Store, prefix: str) -> dict[str, tuple[tuple[int, int, int], str]]:
+StatCache = dict[str, tuple[tuple[int, int, int], str]]
+
+
+def load_stat_cache(store: Store, prefix: str) -> StatCache:
+    return load_stat_caches(store, [prefix])[prefix]
+
+
+def load_stat_caches(store: Store, prefixes: list[str]) -> dict[str, StatCache]:
+    """The stat-cache rows under each prefix, read through one connection (a pipeline of 500 step
+    folders asks for 500 prefixes)."""
+    found: dict[str, StatCache] = {}
     with store.read() as conn:
         key = (conn.dialect.name, conn.dialect.driver, conn.dialect.paramstyle)
         compiled = _COMPILED.get(key)
         if compiled is None:
             compiled = _COMPILED[key] = _STAT_CACHE_OF.compile(dialect=conn.dialect)
-        bounds = {"b_low": prefix, "b_high": prefix + "\U0010ffff"}
+        sql = str(compiled)
         # plain tuples from the driver: 10,000 rows through SQLAlchemy's Row objects cost ~80 ms
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-        if compiled.positiontup:  # qmark/format styles (SQLite): parameters by position
-            cursor.execute(str(compiled), tuple(bounds[k] for k in compiled.positiontup))
-        else:  # named styles (PostgreSQL's pyformat)
-            cursor.execute(str(compiled), bounds)
-        return {r[0]: ((r[1], r[2], r[3]), r[4]) for r in cursor.fetchall()}
+        for prefix in dict.fromkeys(prefixes):
+            bounds = {"b_low": prefix, "b_high": prefix + "\U0010ffff"}
+            if compiled.positiontup:  # qmark/format styles (SQLite): parameters by position
+                cursor.execute(sql, tuple(bounds[k] for k in compiled.positiontup))
+            else:  # named styles (PostgreSQL's pyformat)
+                cursor.execute(sql, bounds)
+            found[prefix] = {r[0]: ((r[1], r[2], r[3]), r[4]) for r in cursor.fetchall()}
+    return found
 
 
 # -- datastores and compute targets --------------------------------------------------------
