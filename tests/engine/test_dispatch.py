@@ -93,3 +93,122 @@ def test_steps_waiting_for_a_target_that_grew_start_at_the_next_status_change(
     finally:
         agent.events.put(("stop", "test over"))
         loop.join(timeout=30)
+
+
+class NoDispatch:
+    """A target for runs whose steps are all reused: it has room, and is never given a step."""
+
+    def free_slots(self) -> int:
+        return 2
+
+    def submit(self, job: Any, reporter: Any, control: Any, done: Any) -> None:
+        raise AssertionError(f"step {job.step_run_id} was dispatched; every step should have been reused")
+
+    def prestart(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+class EndingFront(QuietFront):
+    def __init__(self, runs: int) -> None:
+        super().__init__()
+        self.waiting_for = runs
+        self.ended = threading.Event()
+
+    def notify(self, run_id: str, final: bool = False) -> None:
+        if final:
+            self.waiting_for -= 1
+            if self.waiting_for == 0:
+                self.ended.set()
+
+
+def _rerun_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Workspace, Any, Any]:
+    """A three-step chain run once by a real agent, then submitted again, to be run by an agent in
+    this process (whose store functions a test may replace). Returns the workspace, the second run
+    and what makes the chain's pipeline."""
+    ws = Workspace.create(tmp_path / "ws")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "s.py").write_text("import sys, pathlib\npathlib.Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)\n"
+                              "(pathlib.Path(sys.argv[2]) / 'x').write_text(sys.argv[1])\n")
+
+    def chain() -> Pipeline:
+        from cairn import PipelineData
+
+        data = [PipelineData(f"d{i}") for i in range(3)]
+        return Pipeline(ws, [PythonScriptStep("s.py", name=f"s{i}", source_directory=str(src),
+                                              arguments=[str(i), data[i]] + ([data[i - 1]] if i else []),
+                                              outputs=[data[i]]) for i in range(3)])
+
+    assert Experiment(ws, "reuse").submit(chain()).wait_for_completion(show_output=False) == "Completed"
+    agent_client.stop_agent(WorkspaceLayout(ws.location))
+    monkeypatch.setattr(agent_client, "ensure_agent", lambda layout: None)  # the rerun's agent runs here
+    monkeypatch.setattr(agent_client, "prestart_agent", lambda layout: None)
+    return ws, Experiment(ws, "reuse").submit(chain()), chain
+
+
+def _serve_until_the_run_ends(ws: Workspace, runs: int = 1, within: float = 30) -> None:
+    front = EndingFront(runs)
+    agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=front)
+    agent.ctx = EngineContext.open(agent.layout)
+    agent.computes["local"] = NoDispatch()
+    agent._compute_configs["local"] = {}
+    loop = threading.Thread(target=agent._loop, daemon=True)
+    loop.start()
+    try:
+        assert front.ended.wait(timeout=within), f"{front.waiting_for} of {runs} run(s) did not end"
+    finally:
+        agent.events.put(("stop", "test over"))
+        loop.join(timeout=30)
+
+
+def test_a_rerun_records_the_reuses_of_one_dispatch_pass_in_one_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cairn.store import queries
+
+    ws, run, _ = _rerun_in_process(tmp_path, monkeypatch)
+    batches: list[list[str]] = []
+    record = queries.record_reuses
+
+    def counted(store: Any, records: list[Any]) -> list[str]:
+        batches.append([r[0] for r in records])
+        return record(store, records)
+
+    monkeypatch.setattr(queries, "record_reuses", counted)
+    _serve_until_the_run_ends(ws)
+    steps = {s.name: s for s in run.get_steps()}
+    assert run.get_status() == "Completed"
+    assert {n: s.get_status() for n, s in steps.items()} == {"s0": "Reused", "s1": "Reused", "s2": "Reused"}
+    assert batches == [[steps[n].id for n in ("s0", "s1", "s2")]]  # the whole chain in one pass
+    for i in range(3):  # each reused step has its source's output, as downstream steps read it
+        output = steps[f"s{i}"].get_output_data(f"d{i}")
+        assert output.local_path is not None and (output.local_path / "x").read_text() == str(i)
+
+
+def test_reuses_the_store_could_not_record_fail_their_steps_saying_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from cairn.store import queries
+
+    ws, run, _ = _rerun_in_process(tmp_path, monkeypatch)
+
+    def locked(store: Any, records: list[Any]) -> list[str]:
+        raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(queries, "record_reuses", locked)
+    _serve_until_the_run_ends(ws)
+    assert run.get_status() == "Failed"
+    for step in run.get_steps():
+        assert step.get_status() == "Failed"
+        assert "could not record its reuse: OperationalError" in step.get_details()["statusReason"]
+
+
+def test_runs_queued_together_are_each_claimed_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent claims one run per turn of its loop, and turns again at once while runs may be
+    waiting: runs that end without a single event (all reused) do not leave the next one to the
+    periodic look at the queue (every 10 s)."""
+    ws, first, chain = _rerun_in_process(tmp_path, monkeypatch)
+    others = [Experiment(ws, "reuse").submit(chain()) for _ in range(2)]
+    _serve_until_the_run_ends(ws, runs=3, within=5)
+    assert [r.get_status() for r in (first, *others)] == ["Completed"] * 3

@@ -132,6 +132,8 @@ class Agent:
                     idle_since = time.monotonic()
                     continue
                 deadline = min(deadline, idle_since + self.idle_timeout)
+            if self._queue_may_have_work:  # a run was just claimed: another may be waiting
+                deadline = now
             try:
                 event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -220,21 +222,22 @@ class Agent:
         dead = {o for o in q.lease_owners(self.ctx.store)
                 if o != self.owner and o.split(":")[0] == socket.gethostname()}
         # We hold the workspace lock, so any other agent of this host on this workspace is gone.
-        while True:
-            run_id = q.claim_run(self.ctx.store, self.owner, LEASE_TTL, dead)
-            if run_id is None:
-                return
-            try:
-                targets = q.list_named(self.ctx.store, "compute_targets")  # read once for both below
-                if self.computes:
-                    self._refresh_computes(targets)
-                self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id)
-                self._advance_needed = True
-                self._log(f"claimed run {run_id}")
-                self._prepare_local_targets(self.schedulers[run_id], targets)
-            except Exception as exc:  # a spec we cannot read must not stop the agent
-                q.update_status(self.ctx.store, run_id, Status.FAILED, f"could not start the run: {exc}")
-            self._notify(run_id)
+        run_id = q.claim_run(self.ctx.store, self.owner, LEASE_TTL, dead)
+        if run_id is None:
+            return
+        # one run per turn of the loop: its first steps start before the next claim, which comes at once
+        self._queue_may_have_work = True
+        try:
+            targets = q.list_named(self.ctx.store, "compute_targets")  # read once for both below
+            if self.computes:
+                self._refresh_computes(targets)
+            self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id)
+            self._advance_needed = True
+            self._log(f"claimed run {run_id}")
+            self._prepare_local_targets(self.schedulers[run_id], targets)
+        except Exception as exc:  # a spec we cannot read must not stop the agent
+            q.update_status(self.ctx.store, run_id, Status.FAILED, f"could not start the run: {exc}")
+        self._notify(run_id)
 
     def _advance_all(self) -> None:
         for run_id, sched in list(self.schedulers.items()):
@@ -257,6 +260,7 @@ class Agent:
                         full.add(step.compute_target)
                         continue
                     progressed |= self._start_step(sched, step, compute)
+            self._record_reuses(sched)
             if run_id in self._reused_in_pass:  # watchers re-read the run: one word for the whole pass
                 self._reused_in_pass.discard(run_id)
                 self._notify(run_id)
@@ -278,6 +282,7 @@ class Agent:
         if job is None:  # reused: told to watchers once the pass ends (a rerun reuses many steps in one)
             self._reused_in_pass.add(sched.run_id)
             return True
+        self._record_reuses(sched)  # the reuses that let it start are recorded before it starts
         control = StepControl()
         self.controls[job.step_run_id] = control
         self.step_parent[job.step_run_id] = sched.run_id
@@ -285,6 +290,11 @@ class Agent:
         compute.submit(job, self.reporter, control,
                        lambda result, attempt=control: self.events.put(("done", result, attempt)))
         return False
+
+    def _record_reuses(self, sched: PipelineScheduler) -> None:
+        for name in sched.record_reuses():
+            self._log(f"run {sched.run_id}: step {name!r} had ended before its reuse was recorded; the "
+                      f"store keeps its ending")
 
     def _prepare_local_targets(self, sched: PipelineScheduler | None,
                                targets: list[dict[str, Any]] | None = None) -> None:

@@ -49,6 +49,7 @@ class PipelineScheduler:
         self._roots = ctx.datastore_roots()
         self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
         self._outputs: dict[str, dict[str, Any]] = {}  # producer step run -> its committed outputs
+        self._reuses: list[q.ReuseRecord] = []  # decided, not yet recorded (see record_reuses)
         self._default_store = ctx.default_datastore()
         self._run_root = ctx.local_run_root()
         # Readiness is kept up to date as statuses change, not recomputed from the whole graph on
@@ -154,20 +155,37 @@ class PipelineScheduler:
             source = q.lookup_cache(store, fp)
             present = self._outputs_present(source, step) if source else None
             if present is not None:
-                if q.record_reuse(store, step_run_id, source, fp, parts, list(present.values())):
-                    # what downstream steps read next: this step's outputs are the source's
-                    self._outputs[step_run_id] = {name: {**row, "step_run_id": step_run_id}
-                                                  for name, row in present.items()}
-                    log_dir.mkdir(parents=True, exist_ok=True)
-                    with open(log_dir / "system.txt", "a", encoding="utf-8") as f:
-                        f.write(f"reused the outputs of step run {source} (fingerprint {fp})\n")
-                    self._set_status(step.name, Status.REUSED)
-                    return None
+                # recorded by record_reuses with the others of this dispatch pass, in one transaction
+                self._reuses.append((step_run_id, source, fp, parts, list(present.values())))
+                # what downstream steps read next: this step's outputs are the source's
+                self._outputs[step_run_id] = {name: {**row, "step_run_id": step_run_id}
+                                              for name, row in present.items()}
+                log_dir.mkdir(parents=True, exist_ok=True)
+                with open(log_dir / "system.txt", "a", encoding="utf-8") as f:
+                    f.write(f"reused the outputs of step run {source} (fingerprint {fp})\n")
+                self._set_status(step.name, Status.REUSED)
+                return None
         self._set_status(step.name, Status.QUEUED)  # the runner's Preparing is the next recorded status
         attempt = self.attempts[step.name] = self.attempts[step.name] + 1
         if attempt > 1:  # an interrupted attempt's records must not mix into this one's
             q.forget_attempt(store, step_run_id)
         return self._job(step, step_run_id, attempt, inputs, datasets, locations, fp, parts, log_dir)
+
+    def record_reuses(self) -> list[str]:
+        """Record the reuses ``prepare`` decided since the last call, in one transaction. Call it
+        before a step is dispatched (its upstream steps' endings come before its start) and at the
+        end of each dispatch pass. Returns the names of steps the store refused (they had ended
+        meanwhile: another agent took the run); the run's own view keeps them Reused."""
+        if not self._reuses:
+            return []
+        records, self._reuses = self._reuses, []
+        try:
+            return [self._names[i] for i in q.record_reuses(self.ctx.store, records)]
+        except Exception as exc:  # nothing of the batch was recorded: its steps fail, saying why
+            for step_run_id, *_ in records:
+                self.dispatch_failed(self.spec.step(self._names[step_run_id]),
+                                     f"could not record its reuse: {type(exc).__name__}: {exc}")
+            return []
 
     def debug_job(self, step: StepSpec, work_dir: Path) -> StepJob:
         """The step's job as it would run now, changing nothing in the store: its inputs are the

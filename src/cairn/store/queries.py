@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Boolean, and_, bindparam, delete, insert, literal_column, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.dml import Update
 
@@ -27,12 +27,23 @@ def _d(row: Any) -> dict[str, Any] | None:
 # The per-step statements are built once, with bound parameters: building and keying a statement
 # costs SQLAlchemy several times what SQLite needs to run it, and the engine runs a few per step.
 _STATUS_OF = select(t.runs.c.status, t.runs.c.status_reason).where(t.runs.c.id == bindparam("b_id"))
-_INSERT_EVENT = insert(t.run_events)
-_INSERT_OUTPUT = insert(t.step_outputs)
+# an INSERT of plain values (no Python-side defaults are applied: pass every NOT NULL column) whose
+# SQLite text is written by ``_fast`` itself for each set of columns, never compiled by SQLAlchemy
+_PLAIN_INSERTS: dict[int, tuple[Any, Any]] = {}
+
+
+def _plain_insert(table: Any) -> Any:
+    stmt = insert(table)
+    _PLAIN_INSERTS[id(stmt)] = (stmt, table)
+    return stmt
+
+
+_INSERT_EVENT = _plain_insert(t.run_events)
+_INSERT_OUTPUT = _plain_insert(t.step_outputs)
 _DELETE_OUTPUTS = delete(t.step_outputs).where(t.step_outputs.c.step_run_id == bindparam("b_id"))
 _OUTPUTS_OF = select(t.step_outputs).where(t.step_outputs.c.step_run_id == bindparam("b_id"))
 _DELETE_CACHE_ENTRY = delete(t.cache_entries).where(t.cache_entries.c.fingerprint == bindparam("b_fingerprint"))
-_INSERT_CACHE_ENTRY = insert(t.cache_entries)
+_INSERT_CACHE_ENTRY = _plain_insert(t.cache_entries)
 _CACHE_LOOKUP = select(t.cache_entries.c.step_run_id).where(t.cache_entries.c.fingerprint == bindparam("b_fingerprint"))
 _UPDATE_RUN: dict[tuple[str, ...], Update] = {}
 # the statement itself is kept with its text: an id is only unique while its object lives
@@ -54,8 +65,14 @@ def _fast(conn: Connection, stmt: Any, params: dict[str, Any] | list[dict[str, A
     keys = tuple(sorted(rows[0]))
     cached = _SQLITE_TEXT.get((id(stmt), keys))
     if cached is None or cached[0] is not stmt:
-        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
-        cached = _SQLITE_TEXT[(id(stmt), keys)] = (stmt, str(compiled), tuple(compiled.positiontup or ()))
+        plain = _PLAIN_INSERTS.get(id(stmt))
+        if plain is not None and plain[0] is stmt:
+            columns = ", ".join(f'"{k}"' for k in keys)
+            text = f'INSERT INTO "{plain[1].name}" ({columns}) VALUES ({", ".join("?" * len(keys))})'
+            cached = _SQLITE_TEXT[(id(stmt), keys)] = (stmt, text, keys)
+        else:
+            compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
+            cached = _SQLITE_TEXT[(id(stmt), keys)] = (stmt, str(compiled), tuple(compiled.positiontup or ()))
     _stmt, sql, order = cached
     cursor = conn.connection.driver_connection.cursor()
     try:
@@ -92,6 +109,51 @@ def _fast_rows(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[dict
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+def _select_all(table: Any, where: str | None = None, order: tuple[str, ...] = ()) -> Any:
+    """``SELECT * FROM table [WHERE where = :b_where] [ORDER BY order]`` for ``_fast``, its SQLite
+    text written here rather than by SQLAlchemy's compiler: a user's script is a fresh process, and
+    compiling a select of every column of ``runs`` cost it ~2 ms each time."""
+    stmt = select(table)
+    if where is not None:
+        stmt = stmt.where(table.c[where] == bindparam(f"b_{where}"))
+    if order:
+        stmt = stmt.order_by(*(table.c[o] for o in order))
+    quoted = [f'"{c.name}"' for c in table.c]
+    text = f'SELECT {", ".join(quoted)} FROM "{table.name}"'
+    keys: tuple[str, ...] = ()
+    if where is not None:
+        text += f' WHERE "{where}" = ?'
+        keys = (f"b_{where}",)
+    if order:
+        text += " ORDER BY " + ", ".join(f'"{o}"' for o in order)
+    _SQLITE_TEXT[(id(stmt), keys)] = (stmt, text, keys)
+    return stmt
+
+
+def _typed_rows(rows: list[dict[str, Any]], table: Any) -> list[dict[str, Any]]:
+    """Booleans as bool: SQLite's driver gives the 0 or 1 it stores (SQLAlchemy converts them)."""
+    flags = _BOOLEAN_COLUMNS.get(table.name)
+    if flags is None:
+        flags = _BOOLEAN_COLUMNS[table.name] = tuple(c.name for c in table.c if isinstance(c.type, Boolean))
+    for row in rows:
+        for name in flags:
+            if row[name] is not None:
+                row[name] = bool(row[name])
+    return rows
+
+
+_BOOLEAN_COLUMNS: dict[str, tuple[str, ...]] = {}
+_EXPERIMENT_BY_NAME = _select_all(t.experiments, "name")
+_INSERT_EXPERIMENT = _plain_insert(t.experiments)
+_INSERT_RUN = _plain_insert(t.runs)
+_INSERT_TAG = _plain_insert(t.run_tags)
+_INSERT_PROPERTY = _plain_insert(t.run_properties)
+_RUN_BY_ID = _select_all(t.runs, "id")
+_RUNS_OF_PARENT = _select_all(t.runs, "parent_id", ("created_at", "id"))
+_NAMED = {"datastores": _select_all(t.datastores, order=("name",)),
+          "compute_targets": _select_all(t.compute_targets, order=("name",))}
+
+
 def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:
     """``UPDATE runs SET values WHERE id = run_id`` through one prebuilt statement per column set."""
     columns = tuple(sorted(values))
@@ -105,8 +167,9 @@ def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:
 # -- experiments ---------------------------------------------------------------------------
 
 def ensure_experiment(conn: Connection, name: str) -> None:
-    if conn.execute(select(t.experiments.c.name).where(t.experiments.c.name == name)).first() is None:
-        conn.execute(insert(t.experiments).values(name=name, created_at=_now()))
+    """Inside a write transaction (``store.write`` or ``store.fast_write``)."""
+    if _fast(conn, _EXPERIMENT_BY_NAME, {"b_name": name}).fetchone() is None:
+        _fast(conn, _INSERT_EXPERIMENT, {"name": name, "created_at": _now()})
 
 
 def list_experiments(store: Store) -> list[str]:
@@ -124,42 +187,43 @@ def insert_pipeline_run(
 ) -> None:
     """The pipeline run (Queued) and one NotStarted step run per step, in one transaction."""
     now = _now()
-    with store.write() as conn:
+    # prebuilt statements only: a submit is a user's fresh process, where compiling these cost ~8 ms
+    with store.fast_write() as conn:
         ensure_experiment(conn, experiment)
-        conn.execute(insert(t.runs).values(
-            id=run_id, experiment=experiment, parent_id=None, kind="pipeline", name=name,
-            status=Status.QUEUED.value, created_at=now, spec=spec_json,
-            regenerate_outputs=regenerate_outputs,
-            continue_on_step_failure=continue_on_step_failure, cancel_requested=False, attempt=0))
-        conn.execute(insert(t.run_events).values(run_id=run_id, status=Status.QUEUED.value, at=now))
+        _fast(conn, _INSERT_RUN, {
+            "id": run_id, "experiment": experiment, "parent_id": None, "kind": "pipeline", "name": name,
+            "status": Status.QUEUED.value, "created_at": now, "spec": spec_json,
+            "regenerate_outputs": regenerate_outputs, "continue_on_step_failure": continue_on_step_failure,
+            "cancel_requested": False, "attempt": 0})
+        _fast(conn, _INSERT_EVENT, {"run_id": run_id, "status": Status.QUEUED.value, "reason": None, "at": now})
         if steps:
-            conn.execute(insert(t.runs), [  # created_at keeps the spec's step order
+            _fast(conn, _INSERT_RUN, [  # created_at keeps the spec's step order
                 {"id": step_id, "experiment": experiment, "parent_id": run_id, "kind": "step", "name": step_name,
                  "status": Status.NOT_STARTED.value, "created_at": now + order * 1e-6, "regenerate_outputs": False,
                  "continue_on_step_failure": False, "cancel_requested": False, "attempt": 0}
                 for order, (step_id, step_name) in enumerate(steps, 1)])
-            conn.execute(insert(t.run_events), [
-                {"run_id": step_id, "status": Status.NOT_STARTED.value, "at": now} for step_id, _ in steps])
+            _fast(conn, _INSERT_EVENT, [
+                {"run_id": step_id, "status": Status.NOT_STARTED.value, "reason": None, "at": now}
+                for step_id, _ in steps])
         # new runs have no tags or properties yet: inserted at once (not replaced key by key)
         if tags:
-            conn.execute(insert(t.run_tags), _kv_rows(run_id, tags))
+            _fast(conn, _INSERT_TAG, _kv_rows(run_id, tags))
         props = _kv_rows(run_id, properties)
         for step_id, values in step_properties.items():
             props += _kv_rows(step_id, values)
         if props:
-            conn.execute(insert(t.run_properties), props)
+            _fast(conn, _INSERT_PROPERTY, props)
 
 
 def get_run(store: Store, run_id: str) -> dict[str, Any] | None:
-    with store.read() as conn:
-        return _d(conn.execute(select(t.runs).where(t.runs.c.id == run_id)).first())
+    with store.fast_read() as conn:  # asked by every status check, client and agent alike
+        rows = _typed_rows(_fast_rows(conn, _RUN_BY_ID, {"b_id": run_id}), t.runs)
+    return rows[0] if rows else None
 
 
 def child_runs(store: Store, parent_id: str) -> list[dict[str, Any]]:
-    with store.read() as conn:
-        rows = conn.execute(select(t.runs).where(t.runs.c.parent_id == parent_id)
-                            .order_by(t.runs.c.created_at, t.runs.c.id))
-        return [dict(r._mapping) for r in rows]
+    with store.fast_read() as conn:
+        return _typed_rows(_fast_rows(conn, _RUNS_OF_PARENT, {"b_parent_id": parent_id}), t.runs)
 
 
 def list_runs(store: Store, experiment: str | None = None, limit: int = 50,
@@ -231,28 +295,54 @@ def request_cancel(store: Store, run_id: str) -> dict[str, Any] | None:
 
 # -- queue and leases ----------------------------------------------------------------------
 
+def _claimable(owner: str, now: float, dead: list[str]) -> Any:
+    """The oldest pipeline run an agent may take: queued or handed back (active, no lease), or
+    active under another owner's expired lease, or a dead owner's."""
+    active = t.runs.c.status.in_([s.value for s in ACTIVE])
+    orphaned = and_(active, t.runs.c.lease_owner.is_not(None), t.runs.c.lease_owner != owner,
+                    or_(t.runs.c.lease_expires_at < now, t.runs.c.lease_owner.in_(dead) if dead else False))
+    return (select(t.runs.c.id).where(t.runs.c.kind == "pipeline", or_(and_(active, t.runs.c.lease_owner.is_(None)),
+                                                                       orphaned))
+            .order_by(t.runs.c.created_at).limit(1))
+
+
+# the same without dead owners (the usual case), prebuilt: an agent asks at every poke
+_ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in ACTIVE)
+_CLAIMABLE = (select(t.runs.c.id).where(
+    t.runs.c.kind == "pipeline", t.runs.c.status.in_([s.value for s in ACTIVE]),
+    or_(t.runs.c.lease_owner.is_(None),
+        and_(t.runs.c.lease_owner != bindparam("b_owner"), t.runs.c.lease_expires_at < bindparam("b_now"))))
+    .order_by(t.runs.c.created_at).limit(1))
+_SQLITE_TEXT[(id(_CLAIMABLE), ("b_now", "b_owner"))] = (
+    _CLAIMABLE, f'SELECT "id" FROM "runs" WHERE "kind" = \'pipeline\' AND "status" IN ({_ACTIVE_SQL}) AND '
+                f'("lease_owner" IS NULL OR ("lease_owner" != ? AND "lease_expires_at" < ?)) '
+                f'ORDER BY "created_at" LIMIT 1', ("b_owner", "b_now"))
+_TAKE_LEASE = (update(t.runs).where(t.runs.c.id == bindparam("b_id"))
+               .values(lease_owner=bindparam("b_owner"), lease_expires_at=bindparam("b_expires"),
+                       attempt=t.runs.c.attempt + literal_column("1")))  # no anonymous parameter
+
+
 def claim_run(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable[str] = ()) -> str | None:
     """Atomically take the oldest queued run, or an active one whose lease expired or whose
-    owner is known dead. Returns its id, or None when nothing is waiting."""
+    owner is known dead. Returns its id, or None when nothing is waiting (found by a read: no
+    write transaction is taken for nothing)."""
     now = _now()
     dead = list(reclaimable_owners)
-    pipeline = t.runs.c.kind == "pipeline"
-    # Queued, or handed back by an agent that stopped cleanly (active, no lease)
-    waiting = and_(t.runs.c.status.in_([s.value for s in ACTIVE]), t.runs.c.lease_owner.is_(None))
-    orphaned = and_(
-        t.runs.c.status.in_([s.value for s in ACTIVE]),
-        t.runs.c.lease_owner.is_not(None),
-        t.runs.c.lease_owner != owner,
-        or_(t.runs.c.lease_expires_at < now, t.runs.c.lease_owner.in_(dead) if dead else False),
-    )
-    with store.write() as conn:
-        row = conn.execute(select(t.runs.c.id).where(pipeline, or_(waiting, orphaned))
-                           .order_by(t.runs.c.created_at).limit(1)).first()
-        if row is None:
+    params = {"b_owner": owner, "b_now": now}
+    if dead:  # a dead owner's runs are taken too (rare: an agent of this host died)
+        with store.write() as conn:
+            row = conn.execute(_claimable(owner, now, dead)).first()
+            if row is not None:
+                _fast(conn, _TAKE_LEASE, {"b_id": row[0], "b_owner": owner, "b_expires": now + ttl})
+            return None if row is None else row[0]
+    with store.fast_read() as conn:
+        if _fast(conn, _CLAIMABLE, params).fetchone() is None:
             return None
-        conn.execute(update(t.runs).where(t.runs.c.id == row[0]).values(
-            lease_owner=owner, lease_expires_at=now + ttl, attempt=t.runs.c.attempt + 1))
-        return row[0]
+    with store.fast_write() as conn:  # asked again inside the transaction: another agent may have been first
+        row = _fast(conn, _CLAIMABLE, params).fetchone()
+        if row is not None:
+            _fast(conn, _TAKE_LEASE, {"b_id": row[0], "b_owner": owner, "b_expires": now + ttl})
+        return None if row is None else row[0]
 
 
 def renew_leases(store: Store, owner: str, ttl: float) -> set[str]:
@@ -396,20 +486,26 @@ def lookup_cache(store: Store, fingerprint: str) -> str | None:
         return rows[0][0] if rows else None
 
 
-def record_reuse(store: Store, step_run_id: str, source_id: str, fingerprint: str,
-                 parts: dict[str, Any], source_outputs: list[dict[str, Any]]) -> bool:
-    """``step_run_id`` Reused, with the outputs of ``source_id`` (``source_outputs``: as
-    ``get_outputs`` gave them to the caller's reuse check; committed outputs never change)."""
+ReuseRecord = tuple[str, str, str, dict[str, Any], list[dict[str, Any]]]
+
+
+def record_reuses(store: Store, records: list[ReuseRecord]) -> list[str]:
+    """Each (step run, source run, fingerprint, its parts, the source's outputs) Reused, with the
+    outputs of the source run (as ``get_outputs`` gave them to the caller's reuse check: committed
+    outputs never change), in one transaction: a rerun reuses most of its steps in one dispatch
+    pass. Returns the step runs that could not become Reused (they had ended meanwhile)."""
+    refused = []
     with store.fast_write() as conn:  # prebuilt statements only
-        rows = source_outputs
-        if not set_status(conn, step_run_id, Status.REUSED, f"reused the outputs of step run {source_id}",
-                          reused_from=source_id, fingerprint=fingerprint,
-                          fingerprint_parts=json.dumps(parts)):
-            return False
-        _fast(conn, _DELETE_OUTPUTS, {"b_id": step_run_id})
-        if rows:
-            _fast(conn, _INSERT_OUTPUT, [{**r, "step_run_id": step_run_id} for r in rows])
-    return True
+        for step_run_id, source_id, fingerprint, parts, rows in records:
+            if not set_status(conn, step_run_id, Status.REUSED, f"reused the outputs of step run {source_id}",
+                              reused_from=source_id, fingerprint=fingerprint,
+                              fingerprint_parts=json.dumps(parts)):
+                refused.append(step_run_id)
+                continue
+            _fast(conn, _DELETE_OUTPUTS, {"b_id": step_run_id})
+            if rows:
+                _fast(conn, _INSERT_OUTPUT, [{**r, "step_run_id": step_run_id} for r in rows])
+    return refused
 
 
 def previous_step_run(store: Store, experiment: str, step_name: str, before: float,
@@ -525,9 +621,11 @@ def delete_named(store: Store, which: str, name: str) -> None:
 
 def list_named(store: Store, which: str) -> list[dict[str, Any]]:
     table = t.datastores if which == "datastores" else t.compute_targets
-    with store.read() as conn:
-        rows = conn.execute(select(table).order_by(table.c.name))
-        return [{**dict(r._mapping), "config": json.loads(r.config)} for r in rows]
+    with store.fast_read() as conn:  # the engine asks at every claim, the client at every submit
+        rows = _typed_rows(_fast_rows(conn, _NAMED[table.name], {}), table)
+    for row in rows:
+        row["config"] = json.loads(row["config"])
+    return rows
 
 
 # -- the dataset registry ------------------------------------------------------------------
