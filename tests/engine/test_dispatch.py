@@ -122,7 +122,8 @@ class EndingFront(QuietFront):
                 self.ended.set()
 
 
-def _rerun_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Workspace, Any, Any]:
+def _rerun_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     allow_reuse: tuple[bool, ...] = (True, True, True)) -> tuple[Workspace, Any, Any]:
     """A three-step chain run once by a real agent, then submitted again, to be run by an agent in
     this process (whose store functions a test may replace). Returns the workspace, the second run
     and what makes the chain's pipeline."""
@@ -138,7 +139,7 @@ def _rerun_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
         data = [PipelineData(f"d{i}") for i in range(3)]
         return Pipeline(ws, [PythonScriptStep("s.py", name=f"s{i}", source_directory=str(src),
                                               arguments=[str(i), data[i]] + ([data[i - 1]] if i else []),
-                                              outputs=[data[i]]) for i in range(3)])
+                                              outputs=[data[i]], allow_reuse=allow_reuse[i]) for i in range(3)])
 
     assert Experiment(ws, "reuse").submit(chain()).wait_for_completion(show_output=False) == "Completed"
     agent_client.stop_agent(WorkspaceLayout(ws.location))
@@ -147,11 +148,25 @@ def _rerun_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
     return ws, Experiment(ws, "reuse").submit(chain()), chain
 
 
-def _serve_until_the_run_ends(ws: Workspace, runs: int = 1, within: float = 30) -> None:
+class FailingTarget(NoDispatch):
+    """Records the steps it is given and ends each at once, failed."""
+
+    def __init__(self) -> None:
+        self.given: list[str] = []
+
+    def submit(self, job: Any, reporter: Any, control: Any, done: Any) -> None:
+        from cairn.runner.job import StepResult
+
+        self.given.append(job.step_run_id)
+        done(StepResult(job.step_run_id, "Failed", "failed by the test's target", 1))
+
+
+def _serve_until_the_run_ends(ws: Workspace, runs: int = 1, within: float = 30, target: Any = None) -> None:
     front = EndingFront(runs)
     agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=front)
     agent.ctx = EngineContext.open(agent.layout)
-    agent.computes["local"] = NoDispatch()
+    agent.reporter = None  # the test targets report nothing themselves
+    agent.computes["local"] = target or NoDispatch()
     agent._compute_configs["local"] = {}
     loop = threading.Thread(target=agent._loop, daemon=True)
     loop.start()
@@ -212,3 +227,51 @@ def test_runs_queued_together_are_each_claimed_at_once(tmp_path: Path, monkeypat
     others = [Experiment(ws, "reuse").submit(chain()) for _ in range(2)]
     _serve_until_the_run_ends(ws, runs=3, within=5)
     assert [r.get_status() for r in (first, *others)] == ["Completed"] * 3
+
+
+def test_a_step_whose_upstream_reuse_could_not_be_recorded_is_not_started(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """s0 is reused, s1 (allow_reuse=False) would start in the same dispatch pass: the store refuses
+    s0's reuse, s0 fails, and s1 must not start on an upstream step that failed."""
+    from sqlalchemy.exc import OperationalError
+
+    from cairn.store import queries
+
+    ws, run, _ = _rerun_in_process(tmp_path, monkeypatch, allow_reuse=(True, False, True))
+
+    def locked(store: Any, records: list[Any]) -> list[str]:
+        raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(queries, "record_reuses", locked)
+    target = FailingTarget()
+    _serve_until_the_run_ends(ws, target=target)
+    steps = {s.name: s for s in run.get_steps()}
+    assert target.given == []
+    assert [steps[n].get_status() for n in ("s0", "s1", "s2")] == ["Failed", "NotStarted", "NotStarted"]
+    assert "upstream step 's0' failed" in steps["s1"].get_details()["statusReason"]
+    assert "reused the outputs" not in steps["s0"].get_system_log()  # never a reuse the store did not record
+
+
+class EndedBeforeTheCancel(NoDispatch):
+    """Like a Ray task that recorded its failure just before a cancel reached its driver, which then
+    reports the step Canceled."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def submit(self, job: Any, reporter: Any, control: Any, done: Any) -> None:
+        from cairn.core.status import Status
+        from cairn.runner.job import StepResult
+        from cairn.store import queries
+
+        queries.update_status(self.store, job.step_run_id, Status.RUNNING)
+        queries.update_status(self.store, job.step_run_id, Status.FAILED, "exit code 1", exit_code=1)
+        done(StepResult(job.step_run_id, "Canceled", "pipeline run canceled", None))
+
+
+def test_an_ending_the_store_recorded_before_a_cancel_stands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws, run, _ = _rerun_in_process(tmp_path, monkeypatch, allow_reuse=(False, False, False))
+    _serve_until_the_run_ends(ws, target=EndedBeforeTheCancel(EngineContext.open(WorkspaceLayout(ws.location)).store))
+    s0 = run.find_step_run("s0")[0]
+    assert s0.get_status() == "Failed"
+    assert run.get_status() == "Failed"  # as its step is, not Canceled

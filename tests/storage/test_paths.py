@@ -32,3 +32,4 @@ def test_real_path_resolves_as_realpath_does(tmp_path, monkeypatch):
                  tmp_path / "link"]:
         assert real_path(path) == os.path.realpath(path), path
     assert real_path("link/steps") == str(real)
+    assert real_path(b"link/steps") == str(real) and real_path(b"missing") == os.path.realpath("missing")  # str

@@ -170,11 +170,13 @@ class Agent:
             if sched is not None:
                 name = sched.name_of(result.step_run_id)
                 lost = result.status == Status.QUEUED.value and result.reason and not self._stopping
+                status = Status(result.status)
                 if lost or result.status == Status.CANCELED.value:
                     # a step that ran elsewhere (a Ray task) may have left its process group here
                     row = q.get_run(self.ctx.store, result.step_run_id) or {}
                     kill_step_processes(row.get("pid"), row.get("pid_started"))
-                status = Status(result.status)
+                    if status == Status.CANCELED and row.get("status") in (Status.FAILED.value, Status.COMPLETED.value):
+                        status = Status(row["status"])  # it had ended before the cancel reached it: that stands
                 if lost:  # the compute lost the attempt (a Ray node died): it runs again, saying why
                     if not q.update_status(self.ctx.store, result.step_run_id, Status.QUEUED, result.reason):
                         # the attempt had ended after all (its task reported before the loss): keep that
@@ -246,6 +248,8 @@ class Agent:
                 progressed = False
                 full: set[str] = set()  # targets with no free slot: their other ready steps wait too
                 for step in sched.ready_steps():
+                    if not sched.may_start(step.name):  # this pass changed it (a reuse batch the store refused)
+                        continue
                     if step.compute_target in full:
                         if len(full) == len(sched.targets):
                             break  # every target of the run is full: the rest wait for a slot
@@ -283,6 +287,8 @@ class Agent:
             self._reused_in_pass.add(sched.run_id)
             return True
         self._record_reuses(sched)  # the reuses that let it start are recorded before it starts
+        if not sched.may_start(step.name):  # they could not be: its upstream steps failed instead
+            return True
         control = StepControl()
         self.controls[job.step_run_id] = control
         self.step_parent[job.step_run_id] = sched.run_id

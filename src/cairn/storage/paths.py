@@ -27,7 +27,7 @@ def real_path(path: str | os.PathLike[str]) -> str:
     resolves the path as it opens it and ``/proc/self/fd`` names what it opened: ~6 us, where
     ``realpath`` spends one ``lstat`` and some string work per component (~25-45 us) and
     ``Path.resolve`` more (~55 us). A pipeline resolves each step folder a few times at submit."""
-    text = os.fspath(path)
+    text = os.fsdecode(path)  # a str, as Path.resolve gives, also for bytes
     if _PROC_FD and text:
         try:
             fd = os.open(text, os.O_PATH | os.O_CLOEXEC)
