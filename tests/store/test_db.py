@@ -110,3 +110,25 @@ def test_a_step_commit_is_all_or_nothing_and_leaves_the_store_writable(tmp_path)
     assert q.get_run(store, step)["status"] == "Completed"
     assert q.get_outputs(store, step)["o"]["digest"] == "x" and q.lookup_cache(store, "fp") == step
     assert [e["status"] for e in q.run_events(store, step)][-2:] == ["Running", "Completed"]
+
+
+def test_opening_a_sqlite_store_does_not_load_other_databases_dialects(tmp_path):
+    """Each user script opens the store: SQLAlchemy's PostgreSQL dialect (~50 ms to import) must
+    not come with the schema (a partial index named its PostgreSQL form there)."""
+    import subprocess
+    import sys
+
+    _store(tmp_path)  # created and migrated here: what a later script opens
+    probe = ("import sys\nfrom cairn.store.db import Store\nfrom cairn.store import queries\n"
+             f"store = Store.for_sqlite_file({str(tmp_path / 'cairn.db')!r})\nstore.migrate()\n"
+             "queries.list_experiments(store)\n"
+             "print(sorted(m for m in sys.modules if m.startswith('sqlalchemy.dialects.postgresql')))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_lease_owner_index_is_partial_in_the_migrated_store(tmp_path):
+    store = _store(tmp_path)
+    with store.read() as conn:
+        sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'ix_runs_lease_owner'").scalar()
+    assert sql.endswith("WHERE lease_owner IS NOT NULL")
