@@ -132,3 +132,53 @@ def test_the_lease_owner_index_is_partial_in_the_migrated_store(tmp_path):
     with store.read() as conn:
         sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'ix_runs_lease_owner'").scalar()
     assert sql.endswith("WHERE lease_owner IS NOT NULL")
+
+
+PER_STEP_LIFECYCLE = """
+import sys
+from sqlalchemy.sql import compiler
+from cairn.core.status import Status
+from cairn.store import queries as q
+from cairn.store.db import Store
+
+compiled = []
+real_init = compiler.SQLCompiler.__init__
+def counting(self, dialect, statement, *args, **kwargs):
+    compiled.append(type(statement).__name__)
+    real_init(self, dialect, statement, *args, **kwargs)
+compiler.SQLCompiler.__init__ = counting
+
+store = Store.for_sqlite_file(sys.argv[1])
+store.migrate()
+compiled.clear()  # from here: what a submit, an agent and a step's runner do for each run and step
+q.insert_pipeline_run(store, run_id="run_a", experiment="e", name="p", spec_json="{}",
+                      steps=[("step_a", "a"), ("step_b", "b")], tags={"t": "1"}, properties={"p": "1"},
+                      step_properties={"step_a": {"cairn.snapshot": "x"}}, regenerate_outputs=False,
+                      continue_on_step_failure=False)
+assert q.claim_run(store, "host:1:x", ttl=30) == "run_a"
+assert q.claim_run(store, "host:1:x", ttl=30) is None
+q.get_run(store, "run_a"); q.child_runs(store, "run_a"); q.list_named(store, "datastores")
+q.update_status(store, "run_a", Status.RUNNING)
+assert q.lookup_cache(store, "fp") is None
+q.update_status(store, "step_a", Status.RUNNING, pid=1, pid_started="1", attempt=1, fingerprint="fp",
+                fingerprint_parts="{}")
+output = {"name": "o", "datastore": "d", "path": "runs/x", "digest": "xxh3:0", "size": 1, "file_count": 1}
+assert q.commit_step(store, "step_a", [output], "fp", {}, 0, True)
+assert q.lookup_cache(store, "fp") == "step_a" and q.get_outputs(store, "step_a")["o"]["size"] == 1
+assert q.record_reuses(store, [("step_b", "step_a", "fp", {}, [output])]) == []
+q.load_stat_caches(store, ["/a/", "/b/"]); q.snapshot_recorded(store, "blake2b:0")
+print(compiled)
+"""
+
+
+def test_a_fresh_process_runs_the_per_step_statements_without_compiling_any(tmp_path):
+    """Each user script and each agent is a fresh process: the statements a submit, a claim and a
+    step's runner use have their SQLite text written by Cairn, never compiled on first use."""
+    import subprocess
+    import sys
+
+    _store(tmp_path)
+    out = subprocess.run([sys.executable, "-c", PER_STEP_LIFECYCLE, str(tmp_path / "cairn.db")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -26,10 +26,18 @@ def _d(row: Any) -> dict[str, Any] | None:
 
 # The per-step statements are built once, with bound parameters: building and keying a statement
 # costs SQLAlchemy several times what SQLite needs to run it, and the engine runs a few per step.
-_STATUS_OF = select(t.runs.c.status, t.runs.c.status_reason).where(t.runs.c.id == bindparam("b_id"))
+# Their SQLite text is written here, not by SQLAlchemy's compiler: a fresh process (each user
+# script, each agent) compiled each on its first use (~1-2 ms apiece). Other databases run the
+# SQLAlchemy statement.
+# the statement itself is kept with its text: an id is only unique while its object lives
+_SQLITE_TEXT: dict[tuple[int, tuple[str, ...]], tuple[Any, str, tuple[str, ...]]] = {}
 # an INSERT of plain values (no Python-side defaults are applied: pass every NOT NULL column) whose
-# SQLite text is written by ``_fast`` itself for each set of columns, never compiled by SQLAlchemy
+# SQLite text is written by ``_fast`` itself for each set of columns
 _PLAIN_INSERTS: dict[int, tuple[Any, Any]] = {}
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _plain_insert(table: Any) -> Any:
@@ -38,16 +46,43 @@ def _plain_insert(table: Any) -> Any:
     return stmt
 
 
+def _select(table: Any, columns: tuple[str, ...] = (), where: str | None = None, param: str | None = None,
+            order: tuple[str, ...] = ()) -> Any:
+    """``SELECT columns (all by default) FROM table [WHERE where = :param] [ORDER BY order]``, for
+    ``_fast`` (``param`` defaults to ``b_`` + ``where``)."""
+    cols = [table.c[c] for c in columns] if columns else list(table.c)
+    stmt = select(*cols)
+    text = f"SELECT {', '.join(_quoted(c.name) for c in cols)} FROM {_quoted(table.name)}"
+    keys: tuple[str, ...] = ()
+    if where is not None:
+        param = param or f"b_{where}"
+        stmt = stmt.where(table.c[where] == bindparam(param))
+        text += f" WHERE {_quoted(where)} = ?"
+        keys = (param,)
+    if order:
+        stmt = stmt.order_by(*(table.c[o] for o in order))
+        text += " ORDER BY " + ", ".join(_quoted(o) for o in order)
+    _SQLITE_TEXT[(id(stmt), keys)] = (stmt, text, keys)
+    return stmt
+
+
+def _delete(table: Any, where: str, param: str) -> Any:
+    """``DELETE FROM table WHERE where = :param``, for ``_fast``."""
+    stmt = delete(table).where(table.c[where] == bindparam(param))
+    _SQLITE_TEXT[(id(stmt), (param,))] = (stmt, f"DELETE FROM {_quoted(table.name)} WHERE {_quoted(where)} = ?",
+                                          (param,))
+    return stmt
+
+
+_STATUS_OF = _select(t.runs, ("status", "status_reason"), "id")
 _INSERT_EVENT = _plain_insert(t.run_events)
 _INSERT_OUTPUT = _plain_insert(t.step_outputs)
-_DELETE_OUTPUTS = delete(t.step_outputs).where(t.step_outputs.c.step_run_id == bindparam("b_id"))
-_OUTPUTS_OF = select(t.step_outputs).where(t.step_outputs.c.step_run_id == bindparam("b_id"))
-_DELETE_CACHE_ENTRY = delete(t.cache_entries).where(t.cache_entries.c.fingerprint == bindparam("b_fingerprint"))
+_DELETE_OUTPUTS = _delete(t.step_outputs, "step_run_id", "b_id")
+_OUTPUTS_OF = _select(t.step_outputs, where="step_run_id", param="b_id")
+_DELETE_CACHE_ENTRY = _delete(t.cache_entries, "fingerprint", "b_fingerprint")
 _INSERT_CACHE_ENTRY = _plain_insert(t.cache_entries)
-_CACHE_LOOKUP = select(t.cache_entries.c.step_run_id).where(t.cache_entries.c.fingerprint == bindparam("b_fingerprint"))
+_CACHE_LOOKUP = _select(t.cache_entries, ("step_run_id",), "fingerprint")
 _UPDATE_RUN: dict[tuple[str, ...], Update] = {}
-# the statement itself is kept with its text: an id is only unique while its object lives
-_SQLITE_TEXT: dict[tuple[int, tuple[str, ...]], tuple[Any, str, tuple[str, ...]]] = {}
 
 
 def _fast(conn: Connection, stmt: Any, params: dict[str, Any] | list[dict[str, Any]]) -> Any:
@@ -109,27 +144,6 @@ def _fast_rows(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[dict
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def _select_all(table: Any, where: str | None = None, order: tuple[str, ...] = ()) -> Any:
-    """``SELECT * FROM table [WHERE where = :b_where] [ORDER BY order]`` for ``_fast``, its SQLite
-    text written here rather than by SQLAlchemy's compiler: a user's script is a fresh process, and
-    compiling a select of every column of ``runs`` cost it ~2 ms each time."""
-    stmt = select(table)
-    if where is not None:
-        stmt = stmt.where(table.c[where] == bindparam(f"b_{where}"))
-    if order:
-        stmt = stmt.order_by(*(table.c[o] for o in order))
-    quoted = [f'"{c.name}"' for c in table.c]
-    text = f'SELECT {", ".join(quoted)} FROM "{table.name}"'
-    keys: tuple[str, ...] = ()
-    if where is not None:
-        text += f' WHERE "{where}" = ?'
-        keys = (f"b_{where}",)
-    if order:
-        text += " ORDER BY " + ", ".join(f'"{o}"' for o in order)
-    _SQLITE_TEXT[(id(stmt), keys)] = (stmt, text, keys)
-    return stmt
-
-
 def _typed_rows(rows: list[dict[str, Any]], table: Any) -> list[dict[str, Any]]:
     """Booleans as bool: SQLite's driver gives the 0 or 1 it stores (SQLAlchemy converts them)."""
     flags = _BOOLEAN_COLUMNS.get(table.name)
@@ -143,15 +157,15 @@ def _typed_rows(rows: list[dict[str, Any]], table: Any) -> list[dict[str, Any]]:
 
 
 _BOOLEAN_COLUMNS: dict[str, tuple[str, ...]] = {}
-_EXPERIMENT_BY_NAME = _select_all(t.experiments, "name")
+_EXPERIMENT_BY_NAME = _select(t.experiments, where="name")
 _INSERT_EXPERIMENT = _plain_insert(t.experiments)
 _INSERT_RUN = _plain_insert(t.runs)
 _INSERT_TAG = _plain_insert(t.run_tags)
 _INSERT_PROPERTY = _plain_insert(t.run_properties)
-_RUN_BY_ID = _select_all(t.runs, "id")
-_RUNS_OF_PARENT = _select_all(t.runs, "parent_id", ("created_at", "id"))
-_NAMED = {"datastores": _select_all(t.datastores, order=("name",)),
-          "compute_targets": _select_all(t.compute_targets, order=("name",))}
+_RUN_BY_ID = _select(t.runs, where="id")
+_RUNS_OF_PARENT = _select(t.runs, where="parent_id", order=("created_at", "id"))
+_NAMED = {"datastores": _select(t.datastores, order=("name",)),
+          "compute_targets": _select(t.compute_targets, order=("name",))}
 
 
 def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:
@@ -161,6 +175,9 @@ def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:
     if stmt is None:
         stmt = _UPDATE_RUN[columns] = (update(t.runs).where(t.runs.c.id == bindparam("b_id"))
                                        .values({c: bindparam(f"b_{c}") for c in columns}))
+        assignments = ", ".join(f"{_quoted(c)} = ?" for c in columns)
+        _SQLITE_TEXT[(id(stmt), tuple(sorted(["b_id", *(f"b_{c}" for c in columns)])))] = (
+            stmt, f'UPDATE "runs" SET {assignments} WHERE "id" = ?', (*(f"b_{c}" for c in columns), "b_id"))
     _fast(conn, stmt, {"b_id": run_id, **{f"b_{c}": v for c, v in values.items()}})
 
 
@@ -320,6 +337,9 @@ _SQLITE_TEXT[(id(_CLAIMABLE), ("b_now", "b_owner"))] = (
 _TAKE_LEASE = (update(t.runs).where(t.runs.c.id == bindparam("b_id"))
                .values(lease_owner=bindparam("b_owner"), lease_expires_at=bindparam("b_expires"),
                        attempt=t.runs.c.attempt + literal_column("1")))  # no anonymous parameter
+_SQLITE_TEXT[(id(_TAKE_LEASE), ("b_expires", "b_id", "b_owner"))] = (
+    _TAKE_LEASE, 'UPDATE "runs" SET "lease_owner" = ?, "lease_expires_at" = ?, "attempt" = "attempt" + 1 '
+                 'WHERE "id" = ?', ("b_owner", "b_expires", "b_id"))
 
 
 def claim_run(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable[str] = ()) -> str | None:
@@ -544,7 +564,7 @@ def record_snapshots(store: Store, snapshots: list[tuple[str, str, int, int]],
                 for p, (k, d) in stat_updates.items()])
 
 
-_SNAPSHOT_RECORDED = select(t.snapshots.c.digest).where(t.snapshots.c.digest == bindparam("b_digest"))
+_SNAPSHOT_RECORDED = _select(t.snapshots, ("digest",), "digest")
 
 
 def snapshot_recorded(store: Store, digest: str) -> bool:
@@ -560,9 +580,9 @@ def get_snapshot(store: Store, digest: str) -> dict[str, Any] | None:
 _STAT_CACHE_OF = (select(t.file_stat_cache.c.path, t.file_stat_cache.c.size, t.file_stat_cache.c.mtime_ns,
                           t.file_stat_cache.c.inode, t.file_stat_cache.c.digest)
                   .where(t.file_stat_cache.c.path >= bindparam("b_low"), t.file_stat_cache.c.path < bindparam("b_high")))
-_COMPILED: dict[tuple[str, str, str], Any] = {}  # (dialect, driver, paramstyle) -> the stat cache query compiled
-
-
+_SQLITE_TEXT[(id(_STAT_CACHE_OF), ("b_high", "b_low"))] = (
+    _STAT_CACHE_OF, 'SELECT "path", "size", "mtime_ns", "inode", "digest" FROM "file_stat_cache" '
+                    'WHERE "path" >= ? AND "path" < ?', ("b_low", "b_high"))
 StatCache = dict[str, tuple[tuple[int, int, int], str]]
 
 
@@ -572,23 +592,13 @@ def load_stat_cache(store: Store, prefix: str) -> StatCache:
 
 def load_stat_caches(store: Store, prefixes: list[str]) -> dict[str, StatCache]:
     """The stat-cache rows under each prefix, read through one connection (a pipeline of 500 step
-    folders asks for 500 prefixes)."""
+    folders asks for 500 prefixes), as plain tuples from the driver (10,000 rows through
+    SQLAlchemy's Row objects cost ~80 ms)."""
     found: dict[str, StatCache] = {}
-    with store.read() as conn:
-        key = (conn.dialect.name, conn.dialect.driver, conn.dialect.paramstyle)
-        compiled = _COMPILED.get(key)
-        if compiled is None:
-            compiled = _COMPILED[key] = _STAT_CACHE_OF.compile(dialect=conn.dialect)
-        sql = str(compiled)
-        # plain tuples from the driver: 10,000 rows through SQLAlchemy's Row objects cost ~80 ms
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with store.fast_read() as conn:
         for prefix in dict.fromkeys(prefixes):
-            bounds = {"b_low": prefix, "b_high": prefix + "\U0010ffff"}
-            if compiled.positiontup:  # qmark/format styles (SQLite): parameters by position
-                cursor.execute(sql, tuple(bounds[k] for k in compiled.positiontup))
-            else:  # named styles (PostgreSQL's pyformat)
-                cursor.execute(sql, bounds)
-            found[prefix] = {r[0]: ((r[1], r[2], r[3]), r[4]) for r in cursor.fetchall()}
+            rows = _fast(conn, _STAT_CACHE_OF, {"b_low": prefix, "b_high": prefix + "\U0010ffff"}).fetchall()
+            found[prefix] = {r[0]: ((r[1], r[2], r[3]), r[4]) for r in rows}
     return found
 
 
