@@ -118,6 +118,11 @@ def test_second_run_reuses_every_step_without_copying(workspace, src, tmp_path):
             old.get_output_data(next(iter(old.get_outputs()))).local_path
         explained = new.explain()
         assert explained["reused_from"] == old.id and "reused" in explained["summary"]
+        # its system log is its record: no folder is made for a step that never ran
+        assert new.get_system_log() == (f"reused the outputs of step run {old.id} "
+                                        f"(fingerprint {explained['fingerprint']})\n")
+        assert not (workspace._backend.run_folder(new.id) / "logs").exists()
+        assert workspace._backend.read_log(new.id, "system", 10)[0] == new.get_system_log()[10:]
 
 
 def test_changed_argument_reruns_only_affected_steps_and_explains_why(workspace, src, tmp_path):

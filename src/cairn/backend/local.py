@@ -281,8 +281,8 @@ class LocalBackend:
         fetch(wanted, self.datastore_location, dest)
         return len(wanted), len(files) - len(wanted)
 
-    def run_folder(self, run_id: str) -> Path:
-        run = q.get_run(self.store, run_id)
+    def run_folder(self, run_id: str, run: dict[str, Any] | None = None) -> Path:
+        run = run or q.get_run(self.store, run_id)
         if run is None:
             raise NotFoundError(f"no run with id {run_id!r} in workspace {self.location}")
         rel = run_dir(run["parent_id"], run_id) if run["parent_id"] else run_dir(run_id)
@@ -299,9 +299,18 @@ class LocalBackend:
         """Text of a step's ``stdout``/``stderr``/``system`` log from byte ``offset``, and the new offset.
 
         ``complete=False`` (following a live log) holds back a last line that has no newline yet."""
-        path = self.run_folder(run_id) / "logs" / f"{which}.txt"
-        remote = self._remote_default() if not path.exists() else None
-        if remote is not None:  # not in this machine's cache: read it from the default object store
+        row = q.get_run(self.store, run_id)
+        if row is None:
+            raise NotFoundError(f"no run with id {run_id!r} in workspace {self.location}")
+        # a reused step never ran: its system log is what its record says (the agent writes no file
+        # for it; an earlier, interrupted attempt may have left lines before)
+        reused = (f"reused the outputs of step run {row['reused_from']} (fingerprint {row['fingerprint']})\n"
+                  .encode() if which == "system" and row["status"] == Status.REUSED.value else b"")
+        path = self.run_folder(run_id, row) / "logs" / f"{which}.txt"
+        # not in this machine's cache: read it from the default object store (a reused step's log
+        # is never there: only an attempt that ended uploads its logs)
+        remote = self._remote_default() if not reused and not path.exists() else None
+        if remote is not None:
             fs, root = remote.filesystem()
             rel = path.relative_to(local_run_root(self.store, self.layout)).as_posix()
             try:
@@ -311,10 +320,15 @@ class LocalBackend:
                 return "", offset
         try:
             with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
+                if reused:
+                    data = (f.read() + reused)[offset:]
+                else:
+                    f.seek(offset)
+                    data = f.read()
         except FileNotFoundError:
-            return "", offset
+            if not reused:
+                return "", offset
+            data = reused[offset:]
         # while following, never split a line or a UTF-8 character: keep a partial last line back
         cut = len(data) if complete or data.endswith(b"\n") else data.rfind(b"\n") + 1
         return data[:cut].decode("utf-8", "replace"), offset + cut

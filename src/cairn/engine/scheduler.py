@@ -50,7 +50,6 @@ class PipelineScheduler:
         self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
         self._outputs: dict[str, dict[str, Any]] = {}  # producer step run -> its committed outputs
         self._reuses: list[q.ReuseRecord] = []  # decided, not yet recorded (see record_reuses)
-        self._reuse_logs: dict[str, tuple[Path, str]] = {}  # step run -> (log folder, its line), once recorded
         self._default_store = ctx.default_datastore()
         self._run_root = ctx.local_run_root()
         # Readiness is kept up to date as statuses change, not recomputed from the whole graph on
@@ -162,9 +161,8 @@ class PipelineScheduler:
             present = self._outputs_present(source, step) if source else None
             if present is not None:
                 # recorded by record_reuses with the others of this dispatch pass, in one transaction
+                # no log file: a reused step's system log is read from its record (LocalBackend.read_log)
                 self._reuses.append((step_run_id, source, fp, parts, list(present.values())))
-                self._reuse_logs[step_run_id] = (log_dir, f"reused the outputs of step run {source} "
-                                                          f"(fingerprint {fp})\n")
                 # what downstream steps read next: this step's outputs are the source's
                 self._outputs[step_run_id] = {name: {**row, "step_run_id": step_run_id}
                                               for name, row in present.items()}
@@ -184,19 +182,13 @@ class PipelineScheduler:
         if not self._reuses:
             return []
         records, self._reuses = self._reuses, []
-        logs, self._reuse_logs = self._reuse_logs, {}
         try:
-            refused = set(q.record_reuses(self.ctx.store, records))
+            refused = q.record_reuses(self.ctx.store, records)
         except Exception as exc:  # nothing of the batch was recorded: its steps fail, saying why
             for step_run_id, *_ in records:
                 self.dispatch_failed(self.spec.step(self._names[step_run_id]),
                                      f"could not record its reuse: {type(exc).__name__}: {exc}")
             return []
-        for step_run_id, (log_dir, line) in logs.items():  # what the store now says, in the step's log
-            if step_run_id not in refused:
-                log_dir.mkdir(parents=True, exist_ok=True)
-                with open(log_dir / "system.txt", "a", encoding="utf-8") as f:
-                    f.write(line)
         return [self._names[i] for i in refused]
 
     def debug_job(self, step: StepSpec, work_dir: Path) -> StepJob:
