@@ -304,8 +304,8 @@ class LocalBackend:
             raise NotFoundError(f"no run with id {run_id!r} in workspace {self.location}")
         # a reused step never ran: its system log is what its record says (the agent writes no file
         # for it; an earlier, interrupted attempt may have left lines before)
-        reused = (f"reused the outputs of step run {row['reused_from']} (fingerprint {row['fingerprint']})\n"
-                  .encode() if which == "system" and row["status"] == Status.REUSED.value else b"")
+        reused = (f"{row['status_reason']} (fingerprint {row['fingerprint']})\n".encode()
+                  if which == "system" and row["status"] == Status.REUSED.value else b"")
         path = self.run_folder(run_id, row) / "logs" / f"{which}.txt"
         # not in this machine's cache: read it from the default object store (a reused step's log
         # is never there: only an attempt that ended uploads its logs)

@@ -29,9 +29,10 @@ def git_properties_of(source_directories: list[str]) -> dict[str, dict[str, str]
     found: dict[str, str | None] = {}  # folder -> the nearest folder holding .git, walked once for all
     by_tree: dict[str, list[str]] = {}
     result: dict[str, dict[str, str]] = {}
+    real = {folder: real_path(folder) for folder in source_directories}
     for folder in source_directories:
         result[folder] = {}
-        tree = _nearest_tree(real_path(folder), found)
+        tree = _nearest_tree(real[folder], found)
         if tree is not None:  # not a work tree: no git process at all
             by_tree.setdefault(tree, []).append(folder)
     for tree, folders in by_tree.items():
@@ -41,10 +42,10 @@ def git_properties_of(source_directories: list[str]) -> dict[str, dict[str, str]
         commit = _git(tree, "rev-parse", "HEAD") or ""
         branch = _git(tree, "rev-parse", "--abbrev-ref", "HEAD") or ""
         url = _git(tree, "config", "--get", "remote.origin.url") or top
-        changed = _changed_paths(top, folders)
+        changed = _changed_paths(top, [real[f] for f in folders])
         for folder in folders:
             # changes under the source folder only, untracked files included: they are in the snapshot too
-            relative = os.path.relpath(real_path(folder), top)
+            relative = os.path.relpath(real[folder], top)
             prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
             # a changed path under it, or an untracked folder around it
             dirty = changed is not None and any(p.startswith(prefix) or (p.endswith("/") and prefix.startswith(p))
@@ -78,11 +79,10 @@ def _nearest_tree(folder: str, found: dict[str, str | None]) -> str | None:
 
 
 def _changed_paths(top: str, folders: list[str]) -> list[str] | None:
-    """Paths (from the repository's top, ``/``-separated) with changes under ``folders``."""
-    pathspecs = [real_path(f) for f in folders]
+    """Paths (from the repository's top, ``/``-separated) with changes under ``folders`` (resolved)."""
     try:
         out = subprocess.run(["git", "-C", top, "status", "--porcelain", "-z", "--untracked-files=normal", "--",
-                              *pathspecs], capture_output=True, timeout=30)
+                              *folders], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:

@@ -40,6 +40,13 @@ def _quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _with_sqlite_text(stmt: Any, text: str, order: tuple[str, ...]) -> Any:
+    """``stmt`` for ``_fast``, with its SQLite ``text`` whose ``?`` take the parameters named in
+    ``order``, in that order."""
+    _SQLITE_TEXT[(id(stmt), tuple(sorted(order)))] = (stmt, text, order)
+    return stmt
+
+
 def _plain_insert(table: Any) -> Any:
     stmt = insert(table)
     _PLAIN_INSERTS[id(stmt)] = (stmt, table)
@@ -62,16 +69,13 @@ def _select(table: Any, columns: tuple[str, ...] = (), where: str | None = None,
     if order:
         stmt = stmt.order_by(*(table.c[o] for o in order))
         text += " ORDER BY " + ", ".join(_quoted(o) for o in order)
-    _SQLITE_TEXT[(id(stmt), keys)] = (stmt, text, keys)
-    return stmt
+    return _with_sqlite_text(stmt, text, keys)
 
 
 def _delete(table: Any, where: str, param: str) -> Any:
     """``DELETE FROM table WHERE where = :param``, for ``_fast``."""
     stmt = delete(table).where(table.c[where] == bindparam(param))
-    _SQLITE_TEXT[(id(stmt), (param,))] = (stmt, f"DELETE FROM {_quoted(table.name)} WHERE {_quoted(where)} = ?",
-                                          (param,))
-    return stmt
+    return _with_sqlite_text(stmt, f"DELETE FROM {_quoted(table.name)} WHERE {_quoted(where)} = ?", (param,))
 
 
 _STATUS_OF = _select(t.runs, ("status", "status_reason"), "id")
@@ -102,8 +106,8 @@ def _fast(conn: Connection, stmt: Any, params: dict[str, Any] | list[dict[str, A
     if cached is None or cached[0] is not stmt:
         plain = _PLAIN_INSERTS.get(id(stmt))
         if plain is not None and plain[0] is stmt:
-            columns = ", ".join(f'"{k}"' for k in keys)
-            text = f'INSERT INTO "{plain[1].name}" ({columns}) VALUES ({", ".join("?" * len(keys))})'
+            columns = ", ".join(_quoted(k) for k in keys)
+            text = f'INSERT INTO {_quoted(plain[1].name)} ({columns}) VALUES ({", ".join("?" * len(keys))})'
             cached = _SQLITE_TEXT[(id(stmt), keys)] = (stmt, text, keys)
         else:
             compiled = stmt.compile(dialect=conn.dialect, column_keys=list(keys))
@@ -173,11 +177,10 @@ def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:
     columns = tuple(sorted(values))
     stmt = _UPDATE_RUN.get(columns)
     if stmt is None:
-        stmt = _UPDATE_RUN[columns] = (update(t.runs).where(t.runs.c.id == bindparam("b_id"))
-                                       .values({c: bindparam(f"b_{c}") for c in columns}))
         assignments = ", ".join(f"{_quoted(c)} = ?" for c in columns)
-        _SQLITE_TEXT[(id(stmt), tuple(sorted(["b_id", *(f"b_{c}" for c in columns)])))] = (
-            stmt, f'UPDATE "runs" SET {assignments} WHERE "id" = ?', (*(f"b_{c}" for c in columns), "b_id"))
+        stmt = _UPDATE_RUN[columns] = _with_sqlite_text(
+            update(t.runs).where(t.runs.c.id == bindparam("b_id")).values({c: bindparam(f"b_{c}") for c in columns}),
+            f'UPDATE "runs" SET {assignments} WHERE "id" = ?', (*(f"b_{c}" for c in columns), "b_id"))
     _fast(conn, stmt, {"b_id": run_id, **{f"b_{c}": v for c, v in values.items()}})
 
 
@@ -312,34 +315,24 @@ def request_cancel(store: Store, run_id: str) -> dict[str, Any] | None:
 
 # -- queue and leases ----------------------------------------------------------------------
 
-def _claimable(owner: str, now: float, dead: list[str]) -> Any:
-    """The oldest pipeline run an agent may take: queued or handed back (active, no lease), or
-    active under another owner's expired lease, or a dead owner's."""
-    active = t.runs.c.status.in_([s.value for s in ACTIVE])
-    orphaned = and_(active, t.runs.c.lease_owner.is_not(None), t.runs.c.lease_owner != owner,
-                    or_(t.runs.c.lease_expires_at < now, t.runs.c.lease_owner.in_(dead) if dead else False))
-    return (select(t.runs.c.id).where(t.runs.c.kind == "pipeline", or_(and_(active, t.runs.c.lease_owner.is_(None)),
-                                                                       orphaned))
-            .order_by(t.runs.c.created_at).limit(1))
-
-
-# the same without dead owners (the usual case), prebuilt: an agent asks at every poke
+# the oldest pipeline run an agent may take: queued or handed back (active, no lease), or active
+# under another owner's expired lease
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in ACTIVE)
-_CLAIMABLE = (select(t.runs.c.id).where(
-    t.runs.c.kind == "pipeline", t.runs.c.status.in_([s.value for s in ACTIVE]),
-    or_(t.runs.c.lease_owner.is_(None),
-        and_(t.runs.c.lease_owner != bindparam("b_owner"), t.runs.c.lease_expires_at < bindparam("b_now"))))
-    .order_by(t.runs.c.created_at).limit(1))
-_SQLITE_TEXT[(id(_CLAIMABLE), ("b_now", "b_owner"))] = (
-    _CLAIMABLE, f'SELECT "id" FROM "runs" WHERE "kind" = \'pipeline\' AND "status" IN ({_ACTIVE_SQL}) AND '
-                f'("lease_owner" IS NULL OR ("lease_owner" != ? AND "lease_expires_at" < ?)) '
-                f'ORDER BY "created_at" LIMIT 1', ("b_owner", "b_now"))
-_TAKE_LEASE = (update(t.runs).where(t.runs.c.id == bindparam("b_id"))
-               .values(lease_owner=bindparam("b_owner"), lease_expires_at=bindparam("b_expires"),
-                       attempt=t.runs.c.attempt + literal_column("1")))  # no anonymous parameter
-_SQLITE_TEXT[(id(_TAKE_LEASE), ("b_expires", "b_id", "b_owner"))] = (
-    _TAKE_LEASE, 'UPDATE "runs" SET "lease_owner" = ?, "lease_expires_at" = ?, "attempt" = "attempt" + 1 '
-                 'WHERE "id" = ?', ("b_owner", "b_expires", "b_id"))
+_CLAIMABLE = _with_sqlite_text(
+    select(t.runs.c.id).where(
+        t.runs.c.kind == "pipeline", t.runs.c.status.in_([s.value for s in ACTIVE]),
+        or_(t.runs.c.lease_owner.is_(None),
+            and_(t.runs.c.lease_owner != bindparam("b_owner"), t.runs.c.lease_expires_at < bindparam("b_now"))))
+    .order_by(t.runs.c.created_at).limit(1),
+    f'SELECT "id" FROM "runs" WHERE "kind" = \'pipeline\' AND "status" IN ({_ACTIVE_SQL}) AND '
+    f'("lease_owner" IS NULL OR ("lease_owner" != ? AND "lease_expires_at" < ?)) ORDER BY "created_at" LIMIT 1',
+    ("b_owner", "b_now"))
+_TAKE_LEASE = _with_sqlite_text(
+    update(t.runs).where(t.runs.c.id == bindparam("b_id"))
+    .values(lease_owner=bindparam("b_owner"), lease_expires_at=bindparam("b_expires"),
+            attempt=t.runs.c.attempt + literal_column("1")),  # no anonymous parameter
+    'UPDATE "runs" SET "lease_owner" = ?, "lease_expires_at" = ?, "attempt" = "attempt" + 1 WHERE "id" = ?',
+    ("b_owner", "b_expires", "b_id"))
 
 
 def claim_run(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable[str] = ()) -> str | None:
@@ -349,15 +342,13 @@ def claim_run(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable
     now = _now()
     dead = list(reclaimable_owners)
     params = {"b_owner": owner, "b_now": now}
-    if dead:  # a dead owner's runs are taken too (rare: an agent of this host died)
+    if dead:  # (rare: an agent of this host died) its leases end now: its runs are claimable as any expired one's
         with store.write() as conn:
-            row = conn.execute(_claimable(owner, now, dead)).first()
-            if row is not None:
-                _fast(conn, _TAKE_LEASE, {"b_id": row[0], "b_owner": owner, "b_expires": now + ttl})
-            return None if row is None else row[0]
-    with store.fast_read() as conn:
-        if _fast(conn, _CLAIMABLE, params).fetchone() is None:
-            return None
+            conn.execute(update(t.runs).where(t.runs.c.lease_owner.in_(dead)).values(lease_expires_at=0.0))
+    else:
+        with store.fast_read() as conn:
+            if _fast(conn, _CLAIMABLE, params).fetchone() is None:
+                return None
     with store.fast_write() as conn:  # asked again inside the transaction: another agent may have been first
         row = _fast(conn, _CLAIMABLE, params).fetchone()
         if row is not None:
@@ -577,12 +568,12 @@ def get_snapshot(store: Store, digest: str) -> dict[str, Any] | None:
         return _d(conn.execute(select(t.snapshots).where(t.snapshots.c.digest == digest)).first())
 
 
-_STAT_CACHE_OF = (select(t.file_stat_cache.c.path, t.file_stat_cache.c.size, t.file_stat_cache.c.mtime_ns,
-                          t.file_stat_cache.c.inode, t.file_stat_cache.c.digest)
-                  .where(t.file_stat_cache.c.path >= bindparam("b_low"), t.file_stat_cache.c.path < bindparam("b_high")))
-_SQLITE_TEXT[(id(_STAT_CACHE_OF), ("b_high", "b_low"))] = (
-    _STAT_CACHE_OF, 'SELECT "path", "size", "mtime_ns", "inode", "digest" FROM "file_stat_cache" '
-                    'WHERE "path" >= ? AND "path" < ?', ("b_low", "b_high"))
+_STAT_CACHE_OF = _with_sqlite_text(
+    select(t.file_stat_cache.c.path, t.file_stat_cache.c.size, t.file_stat_cache.c.mtime_ns,
+           t.file_stat_cache.c.inode, t.file_stat_cache.c.digest)
+    .where(t.file_stat_cache.c.path >= bindparam("b_low"), t.file_stat_cache.c.path < bindparam("b_high")),
+    'SELECT "path", "size", "mtime_ns", "inode", "digest" FROM "file_stat_cache" WHERE "path" >= ? AND "path" < ?',
+    ("b_low", "b_high"))
 StatCache = dict[str, tuple[tuple[int, int, int], str]]
 
 
