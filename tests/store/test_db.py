@@ -112,6 +112,39 @@ def test_a_step_commit_is_all_or_nothing_and_leaves_the_store_writable(tmp_path)
     assert [e["status"] for e in q.run_events(store, step)][-2:] == ["Running", "Completed"]
 
 
+def test_writers_of_one_process_take_turns_without_sqlite_busy_waits(tmp_path):
+    """Two threads writing at once, through two stores on one database: the second waits for the
+    first in the process, never in SQLite (whose busy handler sleeps 1, 2, 5 ms... between tries).
+    SQLite's own wait is turned off here, so a second writer that reached it would fail at once."""
+    from sqlalchemy import event
+
+    store, other = _store(tmp_path), Store.for_sqlite_file(tmp_path / "cairn.db")
+    for s in (store, other):
+        for engine in (s._writer, s._reader):
+            event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA busy_timeout=0"))
+    ids = _queue_runs(store, 2)
+    second_tried, second_done = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def second_writer() -> None:
+        second_tried.set()
+        try:
+            assert q.update_status(other, ids[1], Status.RUNNING)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        second_done.set()
+
+    with store.fast_write() as conn:
+        conn.connection.driver_connection.execute("UPDATE runs SET status_reason = 'first' WHERE id = ?", (ids[0],))
+        threading.Thread(target=second_writer).start()
+        second_tried.wait()
+        assert not second_done.wait(0.3), f"the second writer did not wait for the first: {errors}"
+    assert second_done.wait(10)
+    assert errors == []
+    assert q.get_run(store, ids[0])["status_reason"] == "first"
+    assert q.get_run(store, ids[1])["status"] == "Running"
+
+
 def test_opening_a_sqlite_store_does_not_load_other_databases_dialects(tmp_path):
     """Each user script opens the store: SQLAlchemy's PostgreSQL dialect (~50 ms to import) must
     not come with the schema (a partial index named its PostgreSQL form there)."""

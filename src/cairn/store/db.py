@@ -8,9 +8,10 @@ a lock upgrade; reads never block writers.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ class Store:
         self._writer = _make_engine(url, immediate=True)
         self._reader = _make_engine(url, immediate=False)
         self._migrated = False
+        self._one_writer = _writer_lock(url)
         _OPEN_STORES.add(self)
 
     def _forget_connections(self) -> None:
@@ -71,7 +73,7 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """One transaction: everything inside commits together or not at all."""
-        with self._writer.begin() as conn:
+        with self._one_writer, self._writer.begin() as conn:
             yield conn
 
     @contextmanager
@@ -83,7 +85,7 @@ class Store:
             with self.write() as conn:
                 yield conn
             return
-        with _pooled(self._writer, in_transaction=True) as conn:
+        with self._one_writer, _pooled(self._writer, in_transaction=True) as conn:
             db = conn.connection.driver_connection
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -132,13 +134,30 @@ class _RawConnection:
         return self._in_transaction
 
 
+_WRITER_LOCKS: dict[str, threading.Lock] = {}
+
+
+def _writer_lock(url: str) -> Any:
+    """SQLite has one writer at a time. A writer that finds the database locked sleeps and retries
+    (1, 2, 5, 10 ms...), also when the writer it waits for is another connection of its own
+    process. The agent's threads write often and briefly, so within one process they queue on this
+    lock instead (one per database, whichever ``Store`` opened it): the next starts the moment the
+    last commits. Other databases lock rows, not the database: no lock there."""
+    if not url.startswith("sqlite"):
+        return nullcontext()
+    return _WRITER_LOCKS.setdefault(url, threading.Lock())
+
+
 _OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     """A forked child must open its own connections, never reuse its parent's."""
+    for url in _WRITER_LOCKS:  # a thread of the parent may have held one at the fork: it is not here
+        _WRITER_LOCKS[url] = threading.Lock()
     for store in list(_OPEN_STORES):
         store._forget_connections()
+        store._one_writer = _writer_lock(store.url)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
