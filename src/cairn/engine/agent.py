@@ -62,6 +62,7 @@ class Agent:
         self._stopping = False
         self._compute_configs: dict[str, dict[str, Any]] = {}  # the record each compute was made from
         self._queue_may_have_work = True  # set by pokes and timers: claiming costs a write transaction
+        self._first_claim = True
         self._advance_needed = True  # set by events that may let steps start or runs end
 
     # -- life cycle ------------------------------------------------------------------------
@@ -221,10 +222,14 @@ class Agent:
                 compute.set_spare_interpreters(record["config"].get("spare_interpreters", True))
 
     def _claim_waiting(self) -> None:
-        dead = {o for o in q.lease_owners(self.ctx.store)
-                if o != self.owner and o.split(":")[0] == socket.gethostname()}
-        # We hold the workspace lock, so any other agent of this host on this workspace is gone.
+        dead: set[str] = set()
+        if self._first_claim:
+            # We hold the workspace lock, so any other agent of this host on this workspace is gone,
+            # and none can come while we hold it: its leases are looked for once, at the first claim.
+            host = socket.gethostname()
+            dead = {o for o in q.lease_owners(self.ctx.store) if o != self.owner and o.split(":")[0] == host}
         run_id = q.claim_run(self.ctx.store, self.owner, LEASE_TTL, dead)
+        self._first_claim = False
         if run_id is None:
             return
         # one run per turn of the loop: its first steps start before the next claim, which comes at once

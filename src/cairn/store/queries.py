@@ -364,17 +364,26 @@ def renew_leases(store: Store, owner: str, ttl: float) -> set[str]:
         return {r[0] for r in conn.execute(select(t.runs.c.id).where(t.runs.c.lease_owner == owner))}
 
 
+_RELEASE_LEASE = _with_sqlite_text(
+    update(t.runs).where(t.runs.c.id == bindparam("b_id"), t.runs.c.lease_owner == bindparam("b_owner"))
+    .values(lease_owner=None, lease_expires_at=None),
+    'UPDATE "runs" SET "lease_owner" = NULL, "lease_expires_at" = NULL WHERE "id" = ? AND "lease_owner" = ?',
+    ("b_id", "b_owner"))
+
+
 def release_lease(store: Store, run_id: str, owner: str) -> None:
-    with store.write() as conn:
-        conn.execute(update(t.runs).where(t.runs.c.id == run_id, t.runs.c.lease_owner == owner)
-                     .values(lease_owner=None, lease_expires_at=None))
+    with store.fast_write() as conn:
+        _fast(conn, _RELEASE_LEASE, {"b_id": run_id, "b_owner": owner})
+
+
+_LEASE_OWNERS = _with_sqlite_text(
+    select(t.runs.c.lease_owner).where(t.runs.c.lease_owner.is_not(None)).distinct(),
+    'SELECT DISTINCT "lease_owner" FROM "runs" WHERE "lease_owner" IS NOT NULL', ())
 
 
 def lease_owners(store: Store) -> set[str]:
-    with store.read() as conn:
-        rows = conn.execute(select(t.runs.c.lease_owner).where(t.runs.c.lease_owner.is_not(None))
-                            .distinct())
-        return {r[0] for r in rows}
+    with store.fast_read() as conn:
+        return {r[0] for r in _fast(conn, _LEASE_OWNERS, {}).fetchall()}
 
 
 def has_waiting_runs(store: Store) -> bool:
