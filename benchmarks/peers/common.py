@@ -81,13 +81,34 @@ def run_step(state: Path, name: str, inputs: list[str], out: str) -> None:
     subprocess.run(step_argv(state, name, inputs, out), check=True)
 
 
+_prepared: tuple[Path, str] | None = None  # (state, shape) of this driver, for Timer
+
+
 def prepare_scripts(state: Path, shape: str) -> None:
+    global _prepared
+    _prepared = (state, shape)
     for name, _ in graph(shape):
         step_script(state, name)
 
 
+def warm_page_cache(folder: Path, size: int) -> None:
+    """Write and delete a file of ``size`` bytes. On this kind of VM (Firecracker, free page
+    reporting) page-cache pages the guest has not used lately go back to the host, and writing
+    1 GiB into fresh ones took ~1.1 s instead of ~0.33 s; which tool got which depended on how
+    long ago the last large file was deleted. Every tool's hand-off now starts on reused pages,
+    as on a machine without that effect."""
+    block = b"\0" * (1 << 20)
+    path = folder / "page-cache-warm-up.bin"
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(block)
+    path.unlink()
+
+
 class Timer:
     def __enter__(self) -> Timer:
+        if _prepared is not None and _prepared[1] == "handoff":
+            warm_page_cache(_prepared[0], HANDOFF_BYTES + (64 << 20))
         self.started = time.perf_counter()
         return self
 
