@@ -144,12 +144,25 @@ def test_a_registered_environment_runs_by_name(workspace: Workspace, src: Path) 
     assert run.get_steps()[0].get_metrics()["six"] == "1.16.0"
 
 
-def test_a_pin_that_breaks_cairns_client_is_named_in_the_error(workspace: Workspace, src: Path) -> None:
-    conflicting = step(src, "old-sqlalchemy", runconfig("old-sqlalchemy", ["six==1.16.0", "sqlalchemy==1.4.54"]))
+def test_a_pin_that_breaks_cairns_client_only_matters_where_the_step_opens_the_workspace(
+        workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    """Run.get_context() reaches the workspace through the agent: a script in an environment that
+    pins an SQLAlchemy Cairn cannot use still logs. A call it makes that opens the workspace in its
+    own process (an upload) fails, naming the pin."""
+    src = write_script("upload.py", """
+        import six
+        from cairn import Run
+        run = Run.get_context()
+        run.log("six", six.__version__)
+        run.upload_file("note.txt", __file__)
+    """)
+    conflicting = PythonScriptStep("upload.py", name="old-sqlalchemy", source_directory=str(src),
+                                   runconfig=runconfig("old-sqlalchemy", ["six==1.16.0", "sqlalchemy==1.4.54"]))
     run = Experiment(workspace, "envs").submit(Pipeline(workspace, [conflicting]))
     assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
     (s,) = run.get_steps()
     assert "SQLAlchemy 1.4.54 (Cairn's client uses" in s.get_environment_log()  # warned at build time
+    assert s.get_metrics()["six"] == "1.16.0"  # logged through the agent before the upload failed
     stderr = s.get_stderr_log()
     assert "cannot load Cairn's client in this environment: it pins" in stderr and "SQLAlchemy 1.4.54" in stderr
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cairn.core.errors import CairnError, NotFoundError, UserInputError
+from cairn.core.errors import NotFoundError, UserInputError
 from cairn.core.names import check_type
 from cairn.core.status import Status
 from cairn.runner.markers import FAIL_MARKER
@@ -133,32 +133,21 @@ class Run(_MetricsMixin):
         workspace = os.environ.get("CAIRN_WORKSPACE")
         if run_id and workspace:
             try:
-                import sqlalchemy  # noqa: F401  (the store needs it)
-            except ImportError:
-                raise CairnError(
-                    f"Run.get_context() needs Cairn's dependencies (SQLAlchemy) in this interpreter "
-                    f"({sys.executable}); install cairn into it, or run the step in an environment "
-                    f"that has them") from None
-            try:
+                from cairn.backend.relay import RelayBackend, step_backend
                 from cairn.client.experiment import Experiment
                 from cairn.client.workspace import Workspace
 
                 relay = os.environ.get("CAIRN_RELAY")  # a Ray node of another machine: through its runner
-                if relay:
-                    from cairn.backend.relay import RelayBackend
-
-                    ws = Workspace._over(RelayBackend(relay))
-                else:
-                    ws = Workspace(workspace)
+                # on this machine: through the agent that runs the step (or the workspace opened here)
+                ws = Workspace._over(RelayBackend(relay) if relay else step_backend(workspace))
                 return StepRun(Experiment(ws, os.environ["CAIRN_EXPERIMENT"]), run_id)
             except (ImportError, TypeError, AttributeError) as exc:
-                conflicts = os.environ.get("CAIRN_CLIENT_CONFLICTS")
-                if not conflicts:
+                from cairn.backend.relay import client_conflict
+
+                explained = client_conflict(exc)
+                if explained is exc:
                     raise
-                raise CairnError(
-                    f"Run.get_context() cannot load Cairn's client in this environment: it pins {conflicts}, "
-                    f"and its own versions come first on sys.path ({type(exc).__name__}: {exc}); unpin them or "
-                    f"pin the versions Cairn uses") from None
+                raise explained from None
         if not allow_offline:
             raise NotFoundError("not running inside a Cairn step (no CAIRN_RUN_ID); pass allow_offline=True "
                                 "to get an offline run")

@@ -58,11 +58,20 @@ class WorkspaceLayout:
 
     @property
     def agent_socket(self) -> Path:
-        path = self.dot / "agent.sock"
+        return self._socket("agent")
+
+    @property
+    def scripts_socket(self) -> Path:
+        """Where the agent answers the ``Run.get_context()`` calls of the steps it runs here."""
+        return self._socket("scripts")
+
+    def _socket(self, name: str) -> Path:
+        path = self.dot / f"{name}.sock"
         if len(str(path)) < 100:  # AF_UNIX paths are limited to 108 bytes
             return path
         key = hashlib.blake2b(str(self.root).encode(), digest_size=8).hexdigest()
-        short = Path(tempfile.gettempdir()) / f"cairn-{os.getuid()}" / f"{key}.sock"
+        suffix = "" if name == "agent" else f"-{name}"  # the agent's name as earlier versions made it
+        short = Path(tempfile.gettempdir()) / f"cairn-{os.getuid()}" / f"{key}{suffix}.sock"
         private_folder(short.parent)
         return short
 
