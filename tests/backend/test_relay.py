@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cairn import Experiment, Pipeline, PythonScriptStep, Workspace
 from cairn.backend.local import LocalBackend
-from cairn.backend.relay import ScriptService, StepBackend, serve_scripts, step_backend
+from cairn.backend.relay import StepBackend, serve_scripts, step_backend
 from cairn.storage.layout import WorkspaceLayout
 
 LOGGING_STEP = """
@@ -65,7 +65,7 @@ def test_the_scripts_socket_answers_with_the_workspace_and_replaces_a_dead_agent
     ws = Workspace.create(tmp_path / "ws")
     path = WorkspaceLayout(ws.location).scripts_socket
     path.touch()  # left by an agent that died
-    stop = serve_scripts(ws.location, ScriptService(ws.location))
+    stop = serve_scripts(ws.location)
     try:
         backend = step_backend(ws.location)
         assert isinstance(backend, StepBackend)

@@ -182,12 +182,13 @@ def step_backend(workspace: str) -> Any:
         return open_local_backend(workspace)
 
 
-def serve_scripts(workspace: str, service: ScriptService) -> Callable[[], None]:
-    """Answer ``StepBackend`` calls for ``workspace`` with ``service`` (in the agent, which holds the
-    workspace lock: a socket file already there is a dead agent's). Returns what stops it."""
+def serve_scripts(workspace: str) -> Callable[[], None]:
+    """Answer ``StepBackend`` calls for ``workspace`` (in its agent, which holds the workspace lock:
+    a socket file already there is a dead agent's). Returns what stops it."""
     from cairn.core.socket_rpc import serve
     from cairn.storage.layout import WorkspaceLayout
 
+    service = ScriptService(workspace)
     path = WorkspaceLayout(workspace).scripts_socket
     path.unlink(missing_ok=True)
 

@@ -31,15 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     from cairn.backend.relay import ScriptService, serve_scripts
     from cairn.engine.agent import Agent
 
-    # the agent process's entry point composes the layers: the engine takes the backend's service,
-    # and the steps it runs here reach the workspace through it (Run.get_context(), without
-    # opening the store in each step's process)
-    workspace = str(layout.root)
-    stop_scripts = serve_scripts(workspace, ScriptService(workspace))
-    try:
-        return Agent(layout, idle, args.max_concurrency, front=front, script_service=ScriptService).serve()
-    finally:
-        stop_scripts()
+    # the agent process's entry point composes the layers: the engine takes the backend's services
+    return Agent(layout, idle, args.max_concurrency, front=front, script_service=ScriptService,
+                 serve_scripts=serve_scripts).serve()
 
 
 if __name__ == "__main__":

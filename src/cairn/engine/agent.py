@@ -42,12 +42,15 @@ def agent_owner_id() -> str:
 class Agent:
     def __init__(self, layout: WorkspaceLayout, idle_timeout: float | None = 300.0,
                  max_concurrency: int | None = None, front: AgentSocket | None = None,
-                 script_service: Callable[[str], Any] | None = None) -> None:
+                 script_service: Callable[[str], Any] | None = None,
+                 serve_scripts: Callable[[str], Callable[[], None]] | None = None) -> None:
         """``script_service(workspace)`` answers the ``Run.get_context()`` calls of steps on Ray nodes of
-        other machines (the entry point gives ``backend.relay.ScriptService``: the engine sits below
-        the backend)."""
+        other machines; ``serve_scripts(workspace)`` starts answering those of the steps that run on
+        this machine and returns what stops it (the entry points give ``backend.relay``'s: the
+        engine sits below the backend)."""
         self.layout = layout
         self.script_service = script_service
+        self.serve_scripts = serve_scripts
         self.front = front or AgentSocket(layout)
         self._serving = front is not None  # a booted front door already holds the lock and listens
         self.idle_timeout = idle_timeout
@@ -83,9 +86,12 @@ class Agent:
         self._log(f"agent {self.owner} serving {self.layout.root}")
         self._prepare_local_targets(None)  # warm-start servers start with the agent, not with a first step
         threading.Thread(target=prune_kept_code, args=(self.layout.kept_code,), name="cairn-prune", daemon=True).start()
+        stop_scripts = self._serve_scripts()
         try:
             self._loop()
         finally:
+            if stop_scripts is not None:
+                stop_scripts()
             for compute in self.computes.values():
                 try:
                     compute.shutdown()  # e.g. warm-start servers
@@ -94,6 +100,17 @@ class Agent:
             self.front.close()
             self._log("agent stopped")
         return 0
+
+    def _serve_scripts(self) -> Callable[[], None] | None:
+        """Answer the ``Run.get_context()`` calls of the steps run here: a script then needs no store
+        of its own (best effort: without it a script opens the workspace itself)."""
+        if self.serve_scripts is None:
+            return None
+        try:
+            return self.serve_scripts(str(self.layout.root))
+        except OSError as exc:
+            self._log(f"steps open the workspace themselves for Run.get_context(): cannot serve it ({exc})")
+            return None
 
     def _on_term(self, signum: int, _frame: Any) -> None:
         self.events.put(("stop", f"signal {signal.Signals(signum).name}"))
