@@ -26,9 +26,9 @@ import time
 
 MAX_REQUEST = 1 << 22
 # Cairn's step-side client (Run.get_context()): imported once too, where the environment has it.
-# One module at a time, between steps (SQLAlchemy's package alone takes ~0.3 s: it cannot be split).
-STEP_CLIENT = ["sqlalchemy", "cairn.client.run", "cairn.client.workspace", "cairn.store.queries",
-               "cairn.backend.local"]
+# One module at a time, between steps. Not the store (SQLAlchemy): a step's run context goes
+# through the agent, and every module here makes each fork copy more page tables.
+STEP_CLIENT = ["cairn.client.run", "cairn.client.workspace", "cairn.client.experiment", "cairn.backend.relay"]
 QUIET_SECONDS = 0.05
 # What every child uses on its way in and out: imported once here, not once per step.
 CHILD_NEEDS = ["atexit", "random", "threading", "traceback", "types", "importlib.machinery"]
