@@ -1,6 +1,5 @@
-"""A step's ``Run.get_context()`` through the workspace's agent: on a Ray node of another machine
-(``RelayBackend``, both ends of it), and for the steps the agent runs on its own machine
-(``StepBackend``).
+"""A step's ``Run.get_context()`` on a Ray node of another machine, both ends of it. (On the
+agent's own machine scripts reach it through ``backend/through_agent.py``.)
 
 ``RelayBackend`` is the script's backend: it reaches the workspace through the step's runner (a
 Unix socket the Ray task serves, named by ``$CAIRN_RELAY``; ``core/socket_rpc.py``), which hands
@@ -30,6 +29,11 @@ SCRIPT_METHODS = frozenset({
     "list_artifacts", "explain"})
 
 
+class RelayLost(ConnectionError):
+    """The other end of the relay is gone: a call that raises this was not answered (and, unless
+    that end died while answering it, not made)."""
+
+
 class RelayBackend:
     """Forwards every backend method to the workspace (see the module's doc)."""
 
@@ -49,8 +53,8 @@ class RelayBackend:
                 sock.connect(self._address)
             except OSError as exc:
                 sock.close()
-                raise ConnectionError(f"cannot reach the workspace through the step's runner at {self._address} "
-                                      f"({exc}); Run.get_context() works only while the step runs") from None
+                raise RelayLost(f"cannot reach the workspace through the step's runner at {self._address} "
+                                f"({exc}); Run.get_context() works only while the step runs") from None
             self._sock = sock
         return self._sock
 
@@ -59,14 +63,25 @@ class RelayBackend:
             self._connect()  # replaces the lock a fork may have copied while held
         with self._lock:
             sock = self._connect()
-            send(sock, (method, args, kwargs))
-            answer = receive(sock)
-        if answer is None:
-            raise ConnectionError("the step's runner closed the relay connection")
+            try:
+                send(sock, (method, args, kwargs))
+                answer = receive(sock)
+            except OSError as exc:
+                answer, lost = None, exc
+            else:
+                lost = None
+            if answer is None:
+                self.close()
+                raise RelayLost(f"the step's runner closed the relay connection ({lost or 'end of file'})")
         ok, value = answer
         if not ok:
             raise value
         return value
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
     @property
     def name(self) -> str:
@@ -103,119 +118,26 @@ class RelayBackend:
         return call
 
 
-class StepBackend:
-    """``Run.get_context()``'s backend in a step that the workspace's agent runs on this machine.
-
-    Opening the workspace in the step's process costs ~0.4 s (importing SQLAlchemy, opening the
-    store), in every step whose script calls ``Run.get_context()``. The agent has the workspace
-    open, so the calls scripts make (``SCRIPT_METHODS``: reading, recording on runs and datasets)
-    go to it over its scripts socket (``core/socket_rpc.py``), answered as they would be here; any
-    other call opens the workspace in this process, on its first use, as before."""
-
-    def __init__(self, workspace: str, address: str) -> None:
-        self._workspace = workspace
-        self._agent = RelayBackend(address)  # ConnectionError when no agent answers there
-        self.location = self._agent.location
-        self._direct: Any = None
-        self._lock = threading.Lock()
-
-    @property
-    def name(self) -> str:
-        return self._agent.name
-
-    def _local(self) -> Any:
-        with self._lock:
-            if self._direct is None:
-                self._direct = open_local_backend(self._workspace)
-            return self._direct
-
-    def __getattr__(self, method: str) -> Any:
-        if method.startswith("_"):
-            raise AttributeError(method)
-        if method in SCRIPT_METHODS:
-            return getattr(self._agent, method)
-        return getattr(self._local(), method)
-
-
-def open_local_backend(workspace: str) -> Any:
-    """The workspace opened in this process (its store needs SQLAlchemy in this interpreter)."""
-    import sys
-
-    from cairn.core.errors import CairnError
-
-    try:
-        import sqlalchemy  # noqa: F401
-    except ImportError:
-        raise CairnError(
-            f"Run.get_context() needs Cairn's dependencies (SQLAlchemy) in this interpreter ({sys.executable}) "
-            f"for this call; install cairn into it, or run the step in an environment that has them") from None
-    try:
-        from cairn.backend.local import LocalBackend
-        from cairn.storage.layout import WorkspaceLayout
-
-        return LocalBackend(WorkspaceLayout(workspace))
-    except (ImportError, TypeError, AttributeError) as exc:
-        raise client_conflict(exc) from None
-
-
-def client_conflict(exc: BaseException) -> BaseException:
-    """``exc`` (Cairn's client failing to load in a step's environment), explained when the
-    environment pins versions of Cairn's own dependencies (``$CAIRN_CLIENT_CONFLICTS``)."""
-    conflicts = os.environ.get("CAIRN_CLIENT_CONFLICTS")
-    if not conflicts:
-        return exc
-    from cairn.core.errors import CairnError
-
-    return CairnError(
-        f"Run.get_context() cannot load Cairn's client in this environment: it pins {conflicts}, and its own "
-        f"versions come first on sys.path ({type(exc).__name__}: {exc}); unpin them or pin the versions Cairn uses")
-
-
-def step_backend(workspace: str) -> Any:
-    """The backend of ``Run.get_context()`` in a step run on this machine: through the agent when
-    it answers, else the workspace opened here (a step started by hand, or by ``cairn debug``)."""
-    from cairn.storage.layout import WorkspaceLayout
-
-    try:
-        return StepBackend(workspace, str(WorkspaceLayout(workspace).scripts_socket))
-    except (ConnectionError, PermissionError):
-        return open_local_backend(workspace)
-
-
-def serve_scripts(workspace: str) -> Callable[[], None]:
-    """Answer ``StepBackend`` calls for ``workspace`` (in its agent, which holds the workspace lock:
-    a socket file already there is a dead agent's). Returns what stops it."""
-    from cairn.core.socket_rpc import serve
-    from cairn.storage.layout import WorkspaceLayout
-
-    service = ScriptService(workspace)
-    path = WorkspaceLayout(workspace).scripts_socket
-    path.unlink(missing_ok=True)
-
-    def answer(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if method == "__location__":
-            return workspace
-        return service.call(method, args, kwargs)
-
-    return serve(str(path), answer)
-
-
 class ScriptService:
-    """The workspace's side of the scripts' calls (made by the relay, on the workspace's machine)."""
+    """The workspace's side of the scripts' calls (made by the relay, on the workspace's machine).
+    ``allowed``: the backend methods it answers (by default what a script may do)."""
 
-    def __init__(self, workspace: str) -> None:
+    def __init__(self, workspace: str, allowed: frozenset[str] = SCRIPT_METHODS) -> None:
         self._workspace = workspace
+        self._allowed = allowed
         self._lock = threading.Lock()
         self._backend: Any = None
 
     def _local(self) -> Any:
         with self._lock:
             if self._backend is None:
+                from cairn.backend.through_agent import open_local_backend
+
                 self._backend = open_local_backend(self._workspace)
             return self._backend
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if method not in SCRIPT_METHODS:
+        if method not in self._allowed:
             raise PermissionError(f"{method} is not available to a step on a Ray node of another machine "
                                   f"(a script there may read, and record on runs and datasets)")
         value = getattr(self._local(), method)

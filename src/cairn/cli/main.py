@@ -406,7 +406,8 @@ def agent(workspace: Path = WorkspaceOption,
                   f"stop it first (kill {other.get('pid')}) or let it serve", highlight=False)
         raise typer.Exit(EXIT_USER_ERROR)
     console.print(f"agent serving {ws.location} (Ctrl-C to stop)")
-    from cairn.backend.relay import ScriptService, serve_scripts
+    from cairn.backend.relay import ScriptService
+    from cairn.backend.through_agent import serve_scripts
 
     raise typer.Exit(Agent(layout, idle_timeout or None, max_concurrency, script_service=ScriptService,
                            serve_scripts=serve_scripts).serve())

@@ -133,16 +133,17 @@ class Run(_MetricsMixin):
         workspace = os.environ.get("CAIRN_WORKSPACE")
         if run_id and workspace:
             try:
-                from cairn.backend.relay import RelayBackend, step_backend
+                from cairn.backend.relay import RelayBackend
+                from cairn.backend.through_agent import workspace_backend
                 from cairn.client.experiment import Experiment
                 from cairn.client.workspace import Workspace
 
                 relay = os.environ.get("CAIRN_RELAY")  # a Ray node of another machine: through its runner
                 # on this machine: through the agent that runs the step (or the workspace opened here)
-                ws = Workspace._over(RelayBackend(relay) if relay else step_backend(workspace))
+                ws = Workspace._over(RelayBackend(relay) if relay else workspace_backend(workspace))
                 return StepRun(Experiment(ws, os.environ["CAIRN_EXPERIMENT"]), run_id)
             except (ImportError, TypeError, AttributeError) as exc:
-                from cairn.backend.relay import client_conflict
+                from cairn.backend.through_agent import client_conflict
 
                 explained = client_conflict(exc)
                 if explained is exc:

@@ -31,9 +31,10 @@ class Workspace:
             raise WorkspaceNotFoundError(
                 f"no Cairn workspace in {layout.root} (missing {DOT}/config.json); "
                 f"create one with `cairn init` or Workspace.create({str(path)!r})")
-        from cairn.backend.local import LocalBackend
+        from cairn.backend.through_agent import workspace_backend
 
-        self._backend: LocalBackend = LocalBackend(layout)
+        # through the workspace's agent while it is up (no store opened in this process), else opened here
+        self._backend: LocalBackend = workspace_backend(str(layout.root))
 
     @classmethod
     def _over(cls, backend: Any) -> Workspace:

@@ -45,7 +45,9 @@ def _read(sock: socket.socket, size: int) -> bytes | None:
 
 def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]) -> Callable[[], None]:
     """Serve ``RelayBackend`` connections on the Unix socket ``path`` (only this user may connect)
-    with ``call(method, args, kwargs)``; returns a function that stops serving."""
+    with ``call(method, args, kwargs)``; returns a function that stops serving. Stopping lets the
+    calls being answered finish, then closes every connection: a call that gets no answer was not
+    made (unless the serving process died while making it)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
@@ -54,6 +56,9 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
         os.umask(old)
     listener.listen(16)
     stopping = threading.Event()
+    state = threading.Condition()
+    connections: set[socket.socket] = set()
+    answering = [0]
 
     def handle(conn: socket.socket) -> None:
         with conn:
@@ -64,17 +69,33 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
                     return
                 if request is None:
                     return
-                method, args, kwargs = request
+                with state:
+                    if stopping.is_set():
+                        return  # not made: the connection closes unanswered
+                    answering[0] += 1
                 try:
-                    answer: tuple[bool, Any] = (True, call(method, args, kwargs))
-                except Exception as exc:  # the workspace's error goes back to the script that asked
-                    answer = (False, exc)
-                try:
-                    send(conn, answer)
-                except (pickle.PicklingError, TypeError, AttributeError):
-                    send(conn, (False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
-                except OSError:
-                    return
+                    method, args, kwargs = request
+                    try:
+                        answer: tuple[bool, Any] = (True, call(method, args, kwargs))
+                    except Exception as exc:  # the workspace's error goes back to the script that asked
+                        answer = (False, exc)
+                    try:
+                        send(conn, answer)
+                    except (pickle.PicklingError, TypeError, AttributeError):
+                        send(conn, (False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
+                    except OSError:
+                        return
+                finally:
+                    with state:
+                        answering[0] -= 1
+                        state.notify_all()
+
+    def serve_one(conn: socket.socket) -> None:
+        try:
+            handle(conn)
+        finally:
+            with state:
+                connections.discard(conn)
 
     def accept() -> None:
         while not stopping.is_set():
@@ -82,17 +103,30 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
                 conn, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=handle, args=(conn,), name="cairn-relay-conn", daemon=True).start()
+            with state:
+                if stopping.is_set():
+                    conn.close()
+                    return
+                connections.add(conn)
+            threading.Thread(target=serve_one, args=(conn,), name="cairn-relay-conn", daemon=True).start()
 
     threading.Thread(target=accept, name="cairn-relay", daemon=True).start()
 
-    def stop() -> None:
-        stopping.set()
+    def stop(grace: float = 10.0) -> None:
+        with state:
+            stopping.set()
         try:
             listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         listener.close()
         Path(path).unlink(missing_ok=True)
+        with state:
+            state.wait_for(lambda: answering[0] == 0, timeout=grace)
+            for conn in connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)  # its reader sees the end: the client's next call goes elsewhere
+                except OSError:
+                    pass
 
     return stop

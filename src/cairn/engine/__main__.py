@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     front.open()
     signal_ready(b"ready\n")  # pokes queue up while the heavy modules load
 
-    from cairn.backend.relay import ScriptService, serve_scripts
+    from cairn.backend.relay import ScriptService
+    from cairn.backend.through_agent import serve_scripts
     from cairn.engine.agent import Agent
 
     # the agent process's entry point composes the layers: the engine takes the backend's services

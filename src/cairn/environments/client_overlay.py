@@ -13,13 +13,15 @@ the folder to ``sys.path`` *after* the environment's own site-packages (only whe
 from __future__ import annotations
 
 import functools
-import importlib.metadata as md
 import os
 import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import importlib.metadata as md
 
 from cairn.core.digests import digest_json
 
@@ -31,6 +33,14 @@ PTH_NAME = "_cairn_client.pth"
 PTH_LINE = ("import os, sys; p = os.environ.get('CAIRN_CLIENT_PATH'); "
             "p and p not in sys.path and sys.path.append(p)\n")
 KEY_FILE = ".cairn-client-key"
+
+
+def _metadata() -> Any:
+    """``importlib.metadata``, imported when first needed (~30 ms here: validating a pipeline does
+    not need it)."""
+    import importlib.metadata
+
+    return importlib.metadata
 
 
 def _requirement_names(dist: md.Distribution) -> list[str]:
@@ -56,8 +66,8 @@ def client_distributions() -> tuple[md.Distribution, ...]:
         if key in seen or key in _SKIP:
             continue
         try:
-            dist = md.distribution(name)
-        except md.PackageNotFoundError:
+            dist = _metadata().distribution(name)
+        except _metadata().PackageNotFoundError:
             continue  # an optional or platform-specific requirement that is not installed
         seen[key] = dist
         wanted.extend(_requirement_names(dist))
@@ -66,9 +76,9 @@ def client_distributions() -> tuple[md.Distribution, ...]:
 
 def _installed(name: str) -> bool:
     try:
-        md.distribution(name)
+        _metadata().distribution(name)
         return True
-    except md.PackageNotFoundError:
+    except _metadata().PackageNotFoundError:
         return False
 
 

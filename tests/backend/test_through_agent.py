@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cairn import Experiment, Pipeline, PythonScriptStep, Workspace
 from cairn.backend.local import LocalBackend
-from cairn.backend.relay import StepBackend, serve_scripts, step_backend
+from cairn.backend.through_agent import AgentBackend, serve_scripts, workspace_backend
 from cairn.storage.layout import WorkspaceLayout
 
 LOGGING_STEP = """
@@ -54,11 +54,11 @@ def test_a_call_outside_the_scripts_set_opens_the_workspace_in_the_step(workspac
 
 def test_with_no_agent_to_answer_the_step_opens_the_workspace_itself(tmp_path: Path) -> None:
     ws = Workspace.create(tmp_path / "ws")
-    assert isinstance(step_backend(ws.location), LocalBackend)  # no socket at all
+    assert isinstance(workspace_backend(ws.location), LocalBackend)  # no socket at all
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a dead agent's socket file: nobody listens
     stale.bind(str(WorkspaceLayout(ws.location).scripts_socket))
     stale.close()
-    assert isinstance(step_backend(ws.location), LocalBackend)
+    assert isinstance(workspace_backend(ws.location), LocalBackend)
 
 
 def test_the_scripts_socket_answers_with_the_workspace_and_replaces_a_dead_agents(tmp_path: Path) -> None:
@@ -67,8 +67,8 @@ def test_the_scripts_socket_answers_with_the_workspace_and_replaces_a_dead_agent
     path.touch()  # left by an agent that died
     stop = serve_scripts(ws.location)
     try:
-        backend = step_backend(ws.location)
-        assert isinstance(backend, StepBackend)
+        backend = workspace_backend(ws.location)
+        assert isinstance(backend, AgentBackend)
         assert backend.location == ws.location
         assert backend.list_experiments() == ws._backend.list_experiments()
         assert [d["name"] for d in backend.list_datastores()] == ["workspaceblobstore"]

@@ -1,0 +1,163 @@
+"""A workspace reached through its agent, on the agent's own machine: what ``Workspace(path)`` and a
+local step's ``Run.get_context()`` use while the agent is up.
+
+Opening the workspace in a process costs ~0.35 s here, nearly all of it importing SQLAlchemy for
+the store: in every ``python pipeline.py`` of an edit-run loop, and in every step whose script takes
+its run context. The agent has the workspace open. ``AgentBackend`` sends the calls that submitting,
+following and recording need (``LOCAL_METHODS``) to it over its scripts socket
+(``layout.scripts_socket``; ``core/socket_rpc.py``, this user only), where the workspace answers
+them as it would here; the agent's own socket serves ``watch``, ``ensure_progress`` and
+``prestart`` as before; any other call opens the workspace in this process, on its first use. With
+no agent (of this Cairn version) to answer, the workspace is opened here at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from cairn.backend.relay import SCRIPT_METHODS, RelayBackend, RelayLost, ScriptService
+
+# the scripts' calls (reads, records on runs and datasets), and what submitting a pipeline needs
+LOCAL_METHODS = SCRIPT_METHODS | {"snapshots", "submit_pipeline"}
+
+
+class AgentBackend:
+    """The backend protocol, through the workspace's agent on this machine (see the module's doc)."""
+
+    def __init__(self, workspace: str, address: str) -> None:
+        from cairn import __version__
+        from cairn.storage.layout import WorkspaceLayout
+
+        self._workspace = workspace
+        self._agent = RelayBackend(address)  # ConnectionError when no agent answers there
+        version = self._agent._call("__version__", (), {})
+        if version != __version__:  # what travels is pickled: both ends must be the same code
+            self._agent.close()
+            raise ConnectionError(f"the agent runs Cairn {version}, this process {__version__}")
+        self.location = self._agent.location
+        self.layout = WorkspaceLayout(workspace)
+        self._direct: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return str(self._relayed("name")())
+
+    def snapshots(self, source_directories: list[str]) -> dict[str, str]:
+        # the agent's working folder is not this process's
+        absolute = {os.path.abspath(d): d for d in source_directories}
+        digests = self._relayed("snapshots")(list(absolute))
+        return {absolute.get(k, k): v for k, v in digests.items()}
+
+    def ensure_progress(self) -> None:
+        from cairn.engine import client
+
+        client.ensure_agent(self.layout)
+
+    def prestart(self) -> None:
+        from cairn.engine import client
+
+        client.prestart_agent(self.layout)
+
+    def watch(self, run_id: str, final_only: bool = False) -> Any:
+        from cairn.engine import client
+
+        return client.Watch(self.layout, run_id, final_only)
+
+    def _local(self) -> Any:
+        with self._lock:
+            if self._direct is None:
+                self._direct = open_local_backend(self._workspace)
+            return self._direct
+
+    def _relayed(self, method: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            agent = self._agent
+            if agent is not None:
+                try:
+                    return agent._call(method, args, kwargs)
+                except RelayLost:
+                    # the agent has gone (idle, stopped) and answered nothing: the workspace is opened
+                    # here from now on. (Only an agent killed while answering could have made the call.)
+                    self._agent = None
+            value = getattr(self._local(), method)
+            return value(*args, **kwargs) if callable(value) else value  # ``name`` is a property
+
+        call.__name__ = method
+        return call
+
+    def __getattr__(self, method: str) -> Any:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        if method in LOCAL_METHODS:
+            return self._relayed(method)
+        return getattr(self._local(), method)
+
+
+def workspace_backend(workspace: str) -> Any:
+    """``workspace``'s backend in this process: through its agent when one of this Cairn version
+    answers, else the workspace opened here."""
+    from cairn.storage.layout import WorkspaceLayout
+
+    try:
+        return AgentBackend(workspace, str(WorkspaceLayout(workspace).scripts_socket))
+    except (ConnectionError, PermissionError):
+        return open_local_backend(workspace)
+
+
+def open_local_backend(workspace: str) -> Any:
+    """The workspace opened in this process (its store needs SQLAlchemy in this interpreter)."""
+    import sys
+
+    from cairn.core.errors import CairnError
+
+    try:
+        import sqlalchemy  # noqa: F401
+    except ImportError:
+        raise CairnError(
+            f"opening the workspace needs Cairn's dependencies (SQLAlchemy) in this interpreter ({sys.executable}); "
+            f"install cairn into it, or run the step in an environment that has them") from None
+    try:
+        from cairn.backend.local import LocalBackend
+        from cairn.storage.layout import WorkspaceLayout
+
+        return LocalBackend(WorkspaceLayout(workspace))
+    except (ImportError, TypeError, AttributeError) as exc:
+        raise client_conflict(exc) from None
+
+
+def client_conflict(exc: BaseException) -> BaseException:
+    """``exc`` (Cairn's client failing to load in a step's environment), explained when the
+    environment pins versions of Cairn's own dependencies (``$CAIRN_CLIENT_CONFLICTS``)."""
+    conflicts = os.environ.get("CAIRN_CLIENT_CONFLICTS")
+    if not conflicts:
+        return exc
+    from cairn.core.errors import CairnError
+
+    return CairnError(
+        f"Run.get_context() cannot load Cairn's client in this environment: it pins {conflicts}, and its own "
+        f"versions come first on sys.path ({type(exc).__name__}: {exc}); unpin them or pin the versions Cairn uses")
+
+
+def serve_scripts(workspace: str) -> Callable[[], None]:
+    """Answer ``AgentBackend`` calls for ``workspace`` (in its agent, which holds the workspace lock:
+    a socket file already there is a dead agent's). Returns what stops it."""
+    from cairn import __version__
+    from cairn.core.socket_rpc import serve
+    from cairn.storage.layout import WorkspaceLayout
+
+    service = ScriptService(workspace, LOCAL_METHODS)
+    path = WorkspaceLayout(workspace).scripts_socket
+    path.unlink(missing_ok=True)
+
+    def answer(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if method == "__location__":
+            return workspace
+        if method == "__version__":
+            return __version__
+        return service.call(method, args, kwargs)
+
+    return serve(str(path), answer)
