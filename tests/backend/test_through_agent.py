@@ -75,3 +75,51 @@ def test_the_scripts_socket_answers_with_the_workspace_and_replaces_a_dead_agent
     finally:
         stop()
     assert not path.exists()
+
+
+SCRIPT = """
+import sys
+from cairn import Experiment, Pipeline, PythonScriptStep, Workspace
+ws = Workspace(sys.argv[1])
+step = PythonScriptStep("log.py", name="log", source_directory=sys.argv[2])
+run = Experiment(ws, "context").submit(Pipeline(ws, [step]))
+status = run.wait_for_completion(show_output=False)
+print(type(ws._backend).__name__, status, run.get_steps()[0].get_status(), "sqlalchemy" in sys.modules)
+"""
+
+
+def test_a_script_reaches_the_workspace_through_its_agent_while_it_is_up(workspace: Workspace, tmp_path: Path,
+                                                                          write_script: Callable[..., Path]) -> None:
+    import subprocess
+    import sys
+
+    src = write_script("log.py", LOGGING_STEP)
+    _run(workspace, src)  # the agent is up, and the step's result is reusable
+    script = tmp_path / "again.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run([sys.executable, str(script), workspace.location, str(src)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["AgentBackend", "Completed", "Reused", "False"]
+
+
+def test_when_the_agent_goes_the_script_opens_the_workspace_itself(workspace: Workspace,
+                                                                   write_script: Callable[..., Path]) -> None:
+    from cairn.engine.client import stop_agent
+
+    run, _ = _run(workspace, write_script("log.py", LOGGING_STEP))
+    ws = Workspace(workspace.location)
+    assert isinstance(ws._backend, AgentBackend)
+    assert ws._backend.get_run(run.id)["status"] == "Completed"
+    stop_agent(WorkspaceLayout(ws.location))  # e.g. idle: it closes the connection
+    assert ws._backend.get_run(run.id)["status"] == "Completed"  # answered by the workspace opened here
+    assert ws._backend._agent is None and isinstance(ws._backend._direct, LocalBackend)
+    assert [r["id"] for r in ws._backend.list_runs("context")] == [run.id]
+
+
+def test_an_agent_of_another_cairn_version_is_not_used(workspace: Workspace, write_script: Callable[..., Path],
+                                                      monkeypatch) -> None:
+    import cairn
+
+    _run(workspace, write_script("log.py", LOGGING_STEP))
+    monkeypatch.setattr(cairn, "__version__", "0.0.0-other")
+    assert isinstance(workspace_backend(workspace.location), LocalBackend)

@@ -27,6 +27,9 @@ class PipelineValidationError(CairnError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"the pipeline has {len(self.problems)} problem(s):\n{lines}")
 
+    def __reduce__(self) -> tuple:  # rebuilt from its problems, not its message (it crosses the agent's socket)
+        return (type(self), (self.problems,))
+
 
 class SnapshotTooLargeError(CairnError):
     """The source directory is over the snapshot limits."""

@@ -28,7 +28,7 @@ MAX_REQUEST = 1 << 22
 # Cairn's step-side client (Run.get_context()): imported once too, where the environment has it.
 # One module at a time, between steps. Not the store (SQLAlchemy): a step's run context goes
 # through the agent, and every module here makes each fork copy more page tables.
-STEP_CLIENT = ["cairn.client.run", "cairn.client.workspace", "cairn.client.experiment", "cairn.backend.relay"]
+STEP_CLIENT = ["cairn.client.run", "cairn.client.workspace", "cairn.client.experiment", "cairn.backend.through_agent"]
 QUIET_SECONDS = 0.05
 # What every child uses on its way in and out: imported once here, not once per step.
 CHILD_NEEDS = ["atexit", "random", "threading", "traceback", "types", "importlib.machinery"]
