@@ -20,8 +20,10 @@ from typing import Any
 
 from cairn.backend.relay import SCRIPT_METHODS, RelayBackend, RelayLost, ScriptService
 
-# the scripts' calls (reads, records on runs and datasets), and what submitting a pipeline needs
-LOCAL_METHODS = SCRIPT_METHODS | {"snapshots", "submit_pipeline"}
+# the scripts' calls (reads, records on runs and datasets), what submitting a pipeline needs, and
+# recording the workspace's targets and datastores (what a pipeline script sets up each time)
+LOCAL_METHODS = SCRIPT_METHODS | {"snapshots", "submit_pipeline", "put_compute_target", "register_datastore",
+                                  "make_default_datastore", "datastore_location", "datastore_root"}
 
 
 class AgentBackend:

@@ -48,10 +48,11 @@ class Workspace:
         """Make an embedded workspace in ``path`` (or open it when it exists and ``exist_ok``)."""
         if not isinstance(path, (str, os.PathLike)):
             raise UserInputError(f"Workspace.create path must be a folder path, not {type(path).__name__}")
-        from cairn.backend.local import LocalBackend
+        if not exist_ok or not WorkspaceLayout(path).config.is_file():
+            from cairn.backend.local import LocalBackend
 
-        LocalBackend.create(path, exist_ok=exist_ok)
-        return cls(path)
+            LocalBackend.create(path, exist_ok=exist_ok)
+        return cls(path)  # an existing one is opened as it is (through its agent while it is up)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **ignored: Any) -> Workspace:
