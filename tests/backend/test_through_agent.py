@@ -123,3 +123,103 @@ def test_an_agent_of_another_cairn_version_is_not_used(workspace: Workspace, wri
     _run(workspace, write_script("log.py", LOGGING_STEP))
     monkeypatch.setattr(cairn, "__version__", "0.0.0-other")
     assert isinstance(workspace_backend(workspace.location), LocalBackend)
+
+
+def test_snapshot_limits_are_the_submitting_processs(workspace: Workspace, write_script: Callable[..., Path],
+                                                     monkeypatch) -> None:
+    import pytest
+
+    from cairn.core.errors import SnapshotTooLargeError
+
+    src = write_script("log.py", LOGGING_STEP)
+    (src / "more.txt").write_text("x")
+    _run(workspace, src)  # the agent is up
+    ws = Workspace(workspace.location)
+    assert isinstance(ws._backend, AgentBackend)
+    monkeypatch.setenv("CAIRN_SNAPSHOT_MAX_FILES", "1")  # in this process only: the agent never had it
+    with pytest.raises(SnapshotTooLargeError):
+        ws._backend.snapshots([str(src)])
+
+
+def test_create_completes_a_workspace_that_has_only_its_config(tmp_path: Path) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    layout = WorkspaceLayout(ws.location)
+    layout.db.unlink()  # a clone that keeps only .cairn/config.json
+    again = Workspace.create(tmp_path / "ws")
+    assert [d["name"] for d in again._backend.list_datastores()] == ["workspaceblobstore"]
+    assert [c["name"] for c in again._backend.list_compute_targets()] == ["local"]
+
+
+def test_a_call_the_agent_cannot_read_is_made_here(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    src = write_script("enum_tag.py", """
+        import enum
+        from cairn import Run
+
+        class Stage(enum.IntEnum):  # a class only this script has: the agent cannot unpickle it
+            TRAIN = 1
+
+        run = Run.get_context()
+        run.set_tags({"stage": Stage.TRAIN})
+        run.log("after", 1)
+    """)
+    step = PythonScriptStep("enum_tag.py", name="enum", source_directory=str(src))
+    run = Experiment(workspace, "context").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    (s,) = run.get_steps()
+    assert s.get_tags()["stage"] in ("1", "Stage.TRAIN") and s.get_metrics()["after"] == 1
+    _, again = _run(workspace, write_script("log.py", LOGGING_STEP))  # the agent still answers
+    assert again.get_metrics()["store_opened_here"] is False
+
+
+def test_a_record_the_agent_may_have_made_before_it_went_is_not_made_twice(tmp_path: Path) -> None:
+    import pytest
+
+    from cairn.backend.relay import RelayLost
+    from cairn.core.errors import AgentError
+
+    ws = Workspace.create(tmp_path / "ws")
+    stop = serve_scripts(ws.location)
+    try:
+        backend = workspace_backend(ws.location)
+        assert isinstance(backend, AgentBackend)
+
+        def gone_while_answering(method, args, kwargs):
+            raise RelayLost("the agent went", sent=True)
+
+        backend._agent._call = gone_while_answering
+        with pytest.raises(AgentError, match="may or may not have been recorded"):
+            backend.log_metrics("run_x", [])
+        assert backend.list_experiments() == []  # a read is made again, on the workspace opened here
+    finally:
+        stop()
+
+
+def test_an_agent_that_does_not_answer_is_not_waited_for(tmp_path: Path, monkeypatch) -> None:
+    from cairn.backend import through_agent
+
+    ws = Workspace.create(tmp_path / "ws")
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # accepts (backlog), never answers
+    silent.bind(str(WorkspaceLayout(ws.location).scripts_socket))
+    silent.listen(1)
+    monkeypatch.setattr(through_agent, "HANDSHAKE_SECONDS", 0.2)
+    try:
+        assert isinstance(workspace_backend(ws.location), LocalBackend)
+    finally:
+        silent.close()
+
+
+def test_the_scripts_socket_is_private_and_the_umask_untouched(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    ws = Workspace.create(tmp_path / "ws")
+    before = os.umask(0o022)
+    os.umask(before)
+    stop = serve_scripts(ws.location)
+    try:
+        mode = stat.S_IMODE(os.stat(WorkspaceLayout(ws.location).scripts_socket).st_mode)
+        assert mode == 0o600
+        now = os.umask(before)
+        assert now == before
+    finally:
+        stop()

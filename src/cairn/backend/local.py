@@ -20,7 +20,7 @@ from cairn.storage.layout import WorkspaceLayout, run_dir
 from cairn.storage.objects import ObjectStore
 from cairn.storage.paths import real_path
 from cairn.storage.secrets import SecretBox
-from cairn.storage.snapshot import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILES, diff_manifests, load_manifest, take_snapshot
+from cairn.storage.snapshot import diff_manifests, load_manifest, snapshot_limits, take_snapshot
 from cairn.store import queries as q
 from cairn.store.db import Store
 
@@ -168,12 +168,11 @@ class LocalBackend:
     def snapshot(self, source_directory: str) -> str:
         return self.snapshots([source_directory])[source_directory]
 
-    def snapshots(self, source_directories: list[str]) -> dict[str, str]:
+    def snapshots(self, source_directories: list[str], limits: tuple[int, int] | None = None) -> dict[str, str]:
         """Snapshot each folder; what is new is recorded in ONE write transaction for them all (a
-        pipeline of 20 step folders paid 20 before), and an unchanged folder costs none."""
-        limits = self._config.get("snapshot", {})
-        max_files = int(os.environ.get("CAIRN_SNAPSHOT_MAX_FILES", limits.get("max_files", DEFAULT_MAX_FILES)))
-        max_bytes = int(os.environ.get("CAIRN_SNAPSHOT_MAX_BYTES", limits.get("max_bytes", DEFAULT_MAX_BYTES)))
+        pipeline of 20 step folders paid 20 before), and an unchanged folder costs none. ``limits``:
+        (max files, max bytes) as the submitting process has them (``snapshot_limits``)."""
+        max_files, max_bytes = limits or snapshot_limits(self._config)
         recorded: dict[str, bool] = {}
 
         def is_recorded(digest: str) -> bool:
@@ -209,6 +208,16 @@ class LocalBackend:
     def submit_pipeline(self, experiment: str, name: str, spec: GraphSpec, *, tags: dict[str, str],
                         properties: dict[str, str], step_properties: dict[str, dict[str, str]],
                         regenerate_outputs: bool, continue_on_step_failure: bool) -> tuple[str, dict[str, str]]:
+        recorded = self.record_pipeline_run(
+            experiment, name, spec, tags=tags, properties=properties, step_properties=step_properties,
+            regenerate_outputs=regenerate_outputs, continue_on_step_failure=continue_on_step_failure)
+        agent_client.ensure_agent(self.layout)
+        return recorded
+
+    def record_pipeline_run(self, experiment: str, name: str, spec: GraphSpec, *, tags: dict[str, str],
+                            properties: dict[str, str], step_properties: dict[str, dict[str, str]],
+                            regenerate_outputs: bool, continue_on_step_failure: bool) -> tuple[str, dict[str, str]]:
+        """Queue the run (what ``submit_pipeline`` does before it makes sure an agent serves it)."""
         run_id = ids.new_id("run")
         step_ids = {s.name: ids.new_id("step") for s in spec.steps}
         q.insert_pipeline_run(
@@ -216,7 +225,6 @@ class LocalBackend:
             steps=[(step_ids[s.name], s.name) for s in spec.steps], tags=tags, properties=properties,
             step_properties={step_ids[k]: v for k, v in step_properties.items()},
             regenerate_outputs=regenerate_outputs, continue_on_step_failure=continue_on_step_failure)
-        agent_client.ensure_agent(self.layout)
         return run_id, step_ids
 
     # -- runs ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cairn.core.socket_rpc import receive, send
+from cairn.core.socket_rpc import peer_uid, receive, send
 
 # what a script's Run.get_context() may do through the relay: read, and record on runs and datasets
 SCRIPT_METHODS = frozenset({
@@ -30,31 +30,52 @@ SCRIPT_METHODS = frozenset({
 
 
 class RelayLost(ConnectionError):
-    """The other end of the relay is gone: a call that raises this was not answered (and, unless
-    that end died while answering it, not made)."""
+    """The other end of the relay is gone: the call got no answer. ``sent``: whether it had been
+    handed over (then the other end may have made it before it went); if not, it was not made."""
+
+    def __init__(self, message: str, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class RelayBackend:
-    """Forwards every backend method to the workspace (see the module's doc)."""
+    """Forwards every backend method to the workspace (see the module's doc). ``timeout``: how long
+    reaching the other end and its first answer may take (then ``RelayLost``); calls wait."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, timeout: float | None = None) -> None:
         self._address = address
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._pid = os.getpid()
-        self.location = str(self._call("__location__", (), {}))
+        self._timeout = timeout
+        try:
+            self.location = str(self._call("__location__", (), {}))
+        except TimeoutError:
+            self.close()
+            raise RelayLost(f"{address} did not answer within {timeout:g} s", sent=True) from None
+        except BaseException:
+            self.close()
+            raise
+        if self._sock is not None:
+            self._sock.settimeout(None)
+        self._timeout = None
 
     def _connect(self) -> socket.socket:
         if self._pid != os.getpid():  # a forked child (multiprocessing): never share the parent's connection
             self._pid, self._sock, self._lock = os.getpid(), None, threading.Lock()
+        if self._sock is not None and _closed_by_peer(self._sock):
+            self.close()  # the other end went (an agent that stopped): a new one may be there
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self._timeout)
             try:
                 sock.connect(self._address)
+                if peer_uid(sock) != os.getuid():  # never read what another user's process says
+                    raise PermissionError(f"{self._address} is served by another user's process")
             except OSError as exc:
                 sock.close()
                 raise RelayLost(f"cannot reach the workspace through the step's runner at {self._address} "
-                                f"({exc}); Run.get_context() works only while the step runs") from None
+                                f"({exc}); Run.get_context() works only while the step runs", sent=False) from None
             self._sock = sock
         return self._sock
 
@@ -65,14 +86,23 @@ class RelayBackend:
             sock = self._connect()
             try:
                 send(sock, (method, args, kwargs))
+            except TimeoutError:
+                raise
+            except OSError as exc:  # not delivered whole: the other end reads no call from it
+                self.close()
+                raise RelayLost(f"the step's runner closed the relay connection ({exc})", sent=False) from None
+            try:
                 answer = receive(sock)
+            except TimeoutError:
+                raise
             except OSError as exc:
                 answer, lost = None, exc
             else:
                 lost = None
             if answer is None:
                 self.close()
-                raise RelayLost(f"the step's runner closed the relay connection ({lost or 'end of file'})")
+                raise RelayLost(f"the step's runner closed the relay connection ({lost or 'end of file'})",
+                                sent=True)
         ok, value = answer
         if not ok:
             raise value
@@ -154,3 +184,16 @@ class ScriptService:
     def read_artifact(self, run_id: str, name: str) -> bytes | None:
         path = self._local().artifact_path(run_id, name)
         return path.read_bytes() if path.is_file() else None
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end has closed ``sock`` (between calls nothing else may be waiting on it)."""
+    import select
+
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

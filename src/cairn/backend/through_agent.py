@@ -19,11 +19,17 @@ from collections.abc import Callable
 from typing import Any
 
 from cairn.backend.relay import SCRIPT_METHODS, RelayBackend, RelayLost, ScriptService
+from cairn.core.socket_rpc import CallNotUnderstood
 
 # the scripts' calls (reads, records on runs and datasets), what submitting a pipeline needs, and
-# recording the workspace's targets and datastores (what a pipeline script sets up each time)
-LOCAL_METHODS = SCRIPT_METHODS | {"snapshots", "submit_pipeline", "put_compute_target", "register_datastore",
-                                  "make_default_datastore", "datastore_location", "datastore_root"}
+# recording the workspace's compute targets (what a pipeline script sets up each time). Nothing
+# that seals or opens datastore credentials: the key may come from the process's own environment.
+LOCAL_METHODS = SCRIPT_METHODS | {"snapshots", "record_pipeline_run", "put_compute_target"}
+# made again on the workspace opened here when the agent went while answering: the same call twice
+# would record twice (a metric, a dataset version, a run)
+NOT_REPEATED = frozenset({"log_metric", "log_metrics", "register_dataset", "record_pipeline_run",
+                          "add_properties"})
+HANDSHAKE_SECONDS = 5.0  # an agent that is up answers in milliseconds; a stopped (SIGSTOP) one never
 
 
 class AgentBackend:
@@ -34,25 +40,43 @@ class AgentBackend:
         from cairn.storage.layout import WorkspaceLayout
 
         self._workspace = workspace
-        self._agent = RelayBackend(address)  # ConnectionError when no agent answers there
-        version = self._agent._call("__version__", (), {})
+        self._agent: RelayBackend | None = RelayBackend(address, timeout=HANDSHAKE_SECONDS)  # RelayLost
+        try:
+            version = self._agent._call("__version__", (), {})
+        except Exception:
+            self._agent.close()
+            raise
         if version != __version__:  # what travels is pickled: both ends must be the same code
             self._agent.close()
-            raise ConnectionError(f"the agent runs Cairn {version}, this process {__version__}")
+            raise RelayLost(f"the agent runs Cairn {version}, this process {__version__}", sent=False)
         self.location = self._agent.location
         self.layout = WorkspaceLayout(workspace)
         self._direct: Any = None
+        self._pid = os.getpid()
         self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
-        return str(self._relayed("name")())
+        import json
+
+        config = json.loads(self.layout.config.read_text()) if self.layout.config.is_file() else {}
+        return str(config.get("name") or self.layout.root.name)
 
     def snapshots(self, source_directories: list[str]) -> dict[str, str]:
-        # the agent's working folder is not this process's
+        import json
+
+        from cairn.storage.snapshot import snapshot_limits
+
+        config = json.loads(self.layout.config.read_text()) if self.layout.config.is_file() else {}
+        # the agent's working folder and environment are not this process's
         absolute = {os.path.abspath(d): d for d in source_directories}
-        digests = self._relayed("snapshots")(list(absolute))
+        digests = self._relayed("snapshots")(list(absolute), snapshot_limits(config))
         return {absolute.get(k, k): v for k, v in digests.items()}
+
+    def submit_pipeline(self, *args: Any, **kwargs: Any) -> tuple[str, dict[str, str]]:
+        recorded = self._relayed("record_pipeline_run")(*args, **kwargs)
+        self.ensure_progress()
+        return recorded
 
     def ensure_progress(self) -> None:
         from cairn.engine import client
@@ -70,6 +94,8 @@ class AgentBackend:
         return client.Watch(self.layout, run_id, final_only)
 
     def _local(self) -> Any:
+        if self._pid != os.getpid():  # a forked child: a lock a parent's thread held stays held here
+            self._pid, self._lock = os.getpid(), threading.Lock()
         with self._lock:
             if self._direct is None:
                 self._direct = open_local_backend(self._workspace)
@@ -81,10 +107,16 @@ class AgentBackend:
             if agent is not None:
                 try:
                     return agent._call(method, args, kwargs)
-                except RelayLost:
-                    # the agent has gone (idle, stopped) and answered nothing: the workspace is opened
-                    # here from now on. (Only an agent killed while answering could have made the call.)
+                except CallNotUnderstood:
+                    pass  # an argument the agent cannot read (a class of the caller's script): made here
+                except RelayLost as lost:  # the agent went (idle, stopped): the workspace is opened here
                     self._agent = None
+                    if lost.sent and method in NOT_REPEATED:
+                        from cairn.core.errors import AgentError
+
+                        raise AgentError(
+                            f"the workspace's agent stopped while recording {method}; it may or may not have "
+                            f"been recorded: look at the run (e.g. `cairn runs list`) before trying again") from None
             value = getattr(self._local(), method)
             return value(*args, **kwargs) if callable(value) else value  # ``name`` is a property
 
@@ -106,7 +138,7 @@ def workspace_backend(workspace: str) -> Any:
 
     try:
         return AgentBackend(workspace, str(WorkspaceLayout(workspace).scripts_socket))
-    except (ConnectionError, PermissionError):
+    except (RelayLost, PermissionError):
         return open_local_backend(workspace)
 
 

@@ -48,11 +48,16 @@ class Workspace:
         """Make an embedded workspace in ``path`` (or open it when it exists and ``exist_ok``)."""
         if not isinstance(path, (str, os.PathLike)):
             raise UserInputError(f"Workspace.create path must be a folder path, not {type(path).__name__}")
-        if not exist_ok or not WorkspaceLayout(path).config.is_file():
-            from cairn.backend.local import LocalBackend
+        layout = WorkspaceLayout(path)
+        if exist_ok and layout.config.is_file() and layout.db.is_file() and all(
+                d.is_dir() for d in (layout.objects, layout.datastores, layout.work)):
+            ws = cls(path)  # through its agent while it is up: no store opened here
+            if ws._backend.list_datastores() and ws._backend.list_compute_targets():
+                return ws  # complete: nothing to make
+        from cairn.backend.local import LocalBackend
 
-            LocalBackend.create(path, exist_ok=exist_ok)
-        return cls(path)  # an existing one is opened as it is (through its agent while it is up)
+        LocalBackend.create(path, exist_ok=exist_ok)  # makes what is missing (a clone with only config.json)
+        return cls(path)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **ignored: Any) -> Workspace:

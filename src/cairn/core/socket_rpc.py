@@ -21,15 +21,31 @@ def send(sock: socket.socket, value: Any) -> None:
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 
+class CallNotUnderstood(Exception):
+    """The serving end could not read a call (an argument of a type it cannot import): nothing was
+    done. The caller may make the call another way."""
+
+
 def receive(sock: socket.socket) -> Any:
+    data = _frame(sock)
+    return None if data is None else pickle.loads(data)
+
+
+def _frame(sock: socket.socket) -> bytes | None:
     header = _read(sock, _HEADER.size)
     if header is None:
         return None
     (size,) = _HEADER.unpack(header)
     data = _read(sock, size)
     if data is None:
-        raise ConnectionError("the step's runner closed the relay connection mid-answer")
-    return pickle.loads(data)
+        raise ConnectionError("the other end closed the connection mid-message")
+    return data
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The user id of the process at the other end of a Unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 def _read(sock: socket.socket, size: int) -> bytes | None:
@@ -43,48 +59,55 @@ def _read(sock: socket.socket, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]) -> Callable[[], None]:
-    """Serve ``RelayBackend`` connections on the Unix socket ``path`` (only this user may connect)
-    with ``call(method, args, kwargs)``; returns a function that stops serving. Stopping lets the
-    calls being answered finish, then closes every connection: a call that gets no answer was not
-    made (unless the serving process died while making it)."""
+def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any],
+          grace: float = 30.0) -> Callable[[], None]:
+    """Serve ``RelayBackend`` connections on the Unix socket ``path`` (mode 0600, and only processes
+    of this user are answered) with ``call(method, args, kwargs)``; returns a function that stops
+    serving. Stopping lets the calls being answered finish (``grace`` seconds at most), then closes
+    every connection: a caller whose call was not yet read sees the connection end first."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        listener.bind(path)
-    finally:
-        os.umask(old)
+    listener.bind(path)  # no umask change: that would apply to every thread's files meanwhile
+    os.chmod(path, 0o600)
     listener.listen(16)
     stopping = threading.Event()
     state = threading.Condition()
     connections: set[socket.socket] = set()
     answering = [0]
 
+    def answer(conn: socket.socket, data: bytes) -> None:
+        try:
+            method, args, kwargs = pickle.loads(data)
+        except Exception as exc:  # e.g. a value of a class defined in the caller's script
+            send(conn, (False, CallNotUnderstood(f"{type(exc).__name__}: {exc}")))
+            return
+        try:
+            reply: tuple[bool, Any] = (True, call(method, args, kwargs))
+        except Exception as exc:  # the workspace's error goes back to the script that asked
+            reply = (False, exc)
+        try:
+            send(conn, reply)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            send(conn, (False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
+
     def handle(conn: socket.socket) -> None:
         with conn:
+            if peer_uid(conn) != os.getuid():
+                return
             while True:
                 try:
-                    request = receive(conn)
-                except (OSError, ConnectionError, EOFError, pickle.UnpicklingError):
+                    data = _frame(conn)
+                except (OSError, ConnectionError):
                     return
-                if request is None:
+                if data is None:
                     return
                 with state:
                     if stopping.is_set():
-                        return  # not made: the connection closes unanswered
+                        return  # not read: the connection closes unanswered
                     answering[0] += 1
                 try:
-                    method, args, kwargs = request
-                    try:
-                        answer: tuple[bool, Any] = (True, call(method, args, kwargs))
-                    except Exception as exc:  # the workspace's error goes back to the script that asked
-                        answer = (False, exc)
-                    try:
-                        send(conn, answer)
-                    except (pickle.PicklingError, TypeError, AttributeError):
-                        send(conn, (False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
-                    except OSError:
-                        return
+                    answer(conn, data)
+                except OSError:
+                    return
                 finally:
                     with state:
                         answering[0] -= 1
@@ -112,7 +135,7 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
 
     threading.Thread(target=accept, name="cairn-relay", daemon=True).start()
 
-    def stop(grace: float = 10.0) -> None:
+    def stop() -> None:
         with state:
             stopping.set()
         try:
@@ -125,7 +148,7 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
             state.wait_for(lambda: answering[0] == 0, timeout=grace)
             for conn in connections:
                 try:
-                    conn.shutdown(socket.SHUT_RDWR)  # its reader sees the end: the client's next call goes elsewhere
+                    conn.shutdown(socket.SHUT_RDWR)  # its reader sees the end: the caller's next call goes elsewhere
                 except OSError:
                     pass
 

@@ -66,6 +66,7 @@ class Agent:
         self._compute_configs: dict[str, dict[str, Any]] = {}  # the record each compute was made from
         self._queue_may_have_work = True  # set by pokes and timers: claiming costs a write transaction
         self._first_claim = True
+        self._stop_scripts: Callable[[], None] | None = None
         self._advance_needed = True  # set by events that may let steps start or runs end
 
     # -- life cycle ------------------------------------------------------------------------
@@ -86,12 +87,12 @@ class Agent:
         self._log(f"agent {self.owner} serving {self.layout.root}")
         self._prepare_local_targets(None)  # warm-start servers start with the agent, not with a first step
         threading.Thread(target=prune_kept_code, args=(self.layout.kept_code,), name="cairn-prune", daemon=True).start()
-        stop_scripts = self._serve_scripts()
+        self._stop_scripts = self._serve_scripts()
         try:
             self._loop()
         finally:
-            if stop_scripts is not None:
-                stop_scripts()
+            if self._stop_scripts is not None:
+                self._stop_scripts()
             for compute in self.computes.values():
                 try:
                     compute.shutdown()  # e.g. warm-start servers
@@ -397,8 +398,12 @@ class Agent:
 
     def _shutdown_if_idle(self) -> bool:
         self.front.close()
+        if self._stop_scripts is not None:  # it answers what it has read (a run being recorded) first
+            self._stop_scripts()
+            self._stop_scripts = None
         if q.has_waiting_runs(self.ctx.store):  # a run was submitted as we were closing
             self.front.open()
+            self._stop_scripts = self._serve_scripts()
             return False
         self._log(f"idle for {self.idle_timeout:g} s: exiting")
         return True

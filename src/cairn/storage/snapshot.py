@@ -24,6 +24,14 @@ ALWAYS_IGNORED = (".git", ".cairn", "__pycache__", ".ipynb_checkpoints")
 DEFAULT_MAX_FILES = 25_000
 DEFAULT_MAX_BYTES = 300_000_000  # 300 MB, as Azure ML's snapshot limit
 
+
+def snapshot_limits(config: dict) -> tuple[int, int]:
+    """(max files, max bytes) of a snapshot: ``$CAIRN_SNAPSHOT_MAX_FILES``/``_BYTES`` of the process
+    that submits, else the workspace's ``config.json`` (``snapshot``), else the defaults."""
+    limits = config.get("snapshot", {})
+    return (int(os.environ.get("CAIRN_SNAPSHOT_MAX_FILES", limits.get("max_files", DEFAULT_MAX_FILES))),
+            int(os.environ.get("CAIRN_SNAPSHOT_MAX_BYTES", limits.get("max_bytes", DEFAULT_MAX_BYTES))))
+
 StatKey = tuple[int, int, int]  # size, mtime_ns, inode
 
 
