@@ -84,6 +84,7 @@ ws = Workspace(sys.argv[1])
 step = PythonScriptStep("log.py", name="log", source_directory=sys.argv[2])
 run = Experiment(ws, "context").submit(Pipeline(ws, [step]))
 status = run.wait_for_completion(show_output=False)
+assert ws._backend.list_runs("context", 5) and ws._backend.get_events(run.id)  # rows the store read itself
 print(type(ws._backend).__name__, status, run.get_steps()[0].get_status(), "sqlalchemy" in sys.modules)
 """
 

@@ -192,6 +192,21 @@ def serve_scripts(workspace: str) -> Callable[[], None]:
             return workspace
         if method == "__version__":
             return __version__
-        return service.call(method, args, kwargs)
+        return _plain(service.call(method, args, kwargs))
 
     return serve(str(path), answer)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with SQLAlchemy's ``str`` subclass (the keys of rows it read) as plain ``str``: a
+    pickled ``quoted_name`` would make the caller import SQLAlchemy to read the answer."""
+    kind = type(value)
+    if kind is dict:
+        return {(str(k) if isinstance(k, str) else k): _plain(v) for k, v in value.items()}
+    if kind is list:
+        return [_plain(v) for v in value]
+    if kind is tuple:
+        return tuple(_plain(v) for v in value)
+    if kind is not str and isinstance(value, str):
+        return str(value)
+    return value
