@@ -9,12 +9,13 @@ started = time.perf_counter()
 if "--open-here" in sys.argv:
     import os
 
+    from cairn.backend import open_local_backend
     from cairn.client.experiment import Experiment
     from cairn.client.run import StepRun
     from cairn.client.workspace import Workspace
 
-    run = StepRun(Experiment(Workspace(os.environ["CAIRN_WORKSPACE"]), os.environ["CAIRN_EXPERIMENT"]),
-                  os.environ["CAIRN_RUN_ID"])
+    ws = Workspace._over(open_local_backend(os.environ["CAIRN_WORKSPACE"]))  # not through the agent
+    run = StepRun(Experiment(ws, os.environ["CAIRN_EXPERIMENT"]), os.environ["CAIRN_RUN_ID"])
 else:
     from cairn import Run
 

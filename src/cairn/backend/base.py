@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cairn.core.spec import GraphSpec
+if TYPE_CHECKING:  # a step's run context imports this module: the spec's dataclasses cost ~25 ms
+    from cairn.core.spec import GraphSpec
+
+
+class AgentSocketCalls:
+    """What a backend of this machine asks the workspace's agent itself, over its own socket
+    (``engine/client.py``): ``layout`` is the workspace's."""
+
+    layout: Any
+
+    def ensure_progress(self) -> None:
+        from cairn.engine import client
+
+        client.ensure_agent(self.layout)
+
+    def prestart(self) -> None:
+        from cairn.engine import client
+
+        client.prestart_agent(self.layout)
+
+    def watch(self, run_id: str, final_only: bool = False) -> Any:
+        from cairn.engine import client
+
+        return client.Watch(self.layout, run_id, final_only)
 
 
 class Backend(Protocol):

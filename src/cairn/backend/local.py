@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cairn.backend.base import AgentSocketCalls
 from cairn.core import ids
 from cairn.core.errors import NotFoundError, UserInputError
 from cairn.core.spec import GraphSpec
@@ -28,14 +29,14 @@ CONFIG_VERSION = 1
 
 
 
-class LocalBackend:
+class LocalBackend(AgentSocketCalls):
     def __init__(self, layout: WorkspaceLayout) -> None:
         self.layout = layout
         self.location = str(layout.root)
         self.store = Store.for_sqlite_file(layout.db)
         self.store.migrate()
         self.objects = ObjectStore(layout.objects)
-        self._config = json.loads(layout.config.read_text()) if layout.config.exists() else {}
+        self._config = layout.read_config()
         self._secrets = SecretBox(layout.dot / "secret.key")
 
     @classmethod
@@ -59,7 +60,7 @@ class LocalBackend:
 
     @property
     def name(self) -> str:
-        return str(self._config.get("name") or self.layout.root.name)
+        return self.layout.workspace_name(self._config)
 
     # -- workspace objects -----------------------------------------------------------------
 
@@ -477,14 +478,3 @@ class LocalBackend:
             names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             return f"{key} changed: " + ", ".join(f"{n} {old.get(n)!r} -> {new.get(n)!r}" for n in names)
         return f"{key} changed: {old!r} -> {new!r}"
-
-    # -- waiting ---------------------------------------------------------------------------
-
-    def ensure_progress(self) -> None:
-        agent_client.ensure_agent(self.layout)
-
-    def watch(self, run_id: str, final_only: bool = False) -> agent_client.Watch:
-        return agent_client.Watch(self.layout, run_id, final_only)
-
-    def prestart(self) -> None:
-        agent_client.prestart_agent(self.layout)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cairn.backend import open_local_backend
 from cairn.core.socket_rpc import peer_uid, receive, send
 
 # what a script's Run.get_context() may do through the relay: read, and record on runs and datasets
@@ -47,15 +48,8 @@ class RelayBackend:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._pid = os.getpid()
-        self._timeout = timeout
-        try:
-            self.location = str(self._call("__location__", (), {}))
-        except TimeoutError:
-            self.close()
-            raise RelayLost(f"{address} did not answer within {timeout:g} s", sent=True) from None
-        except BaseException:
-            self.close()
-            raise
+        self._timeout = timeout  # for the first answer only (a timeout is an OSError: RelayLost)
+        self.location = str(self._call("__location__", (), {}))
         if self._sock is not None:
             self._sock.settimeout(None)
         self._timeout = None
@@ -86,15 +80,11 @@ class RelayBackend:
             sock = self._connect()
             try:
                 send(sock, (method, args, kwargs))
-            except TimeoutError:
-                raise
             except OSError as exc:  # not delivered whole: the other end reads no call from it
                 self.close()
                 raise RelayLost(f"the step's runner closed the relay connection ({exc})", sent=False) from None
             try:
                 answer = receive(sock)
-            except TimeoutError:
-                raise
             except OSError as exc:
                 answer, lost = None, exc
             else:
@@ -161,8 +151,6 @@ class ScriptService:
     def _local(self) -> Any:
         with self._lock:
             if self._backend is None:
-                from cairn.backend.through_agent import open_local_backend
-
                 self._backend = open_local_backend(self._workspace)
             return self._backend
 

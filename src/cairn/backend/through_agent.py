@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from cairn.backend import open_local_backend
+from cairn.backend.base import AgentSocketCalls
 from cairn.backend.relay import SCRIPT_METHODS, RelayBackend, RelayLost, ScriptService
 from cairn.core.socket_rpc import CallNotUnderstood
 
@@ -32,7 +34,7 @@ NOT_REPEATED = frozenset({"log_metric", "log_metrics", "register_dataset", "reco
 HANDSHAKE_SECONDS = 5.0  # an agent that is up answers in milliseconds; a stopped (SIGSTOP) one never
 
 
-class AgentBackend:
+class AgentBackend(AgentSocketCalls):
     """The backend protocol, through the workspace's agent on this machine (see the module's doc)."""
 
     def __init__(self, workspace: str, address: str) -> None:
@@ -57,17 +59,12 @@ class AgentBackend:
 
     @property
     def name(self) -> str:
-        import json
-
-        config = json.loads(self.layout.config.read_text()) if self.layout.config.is_file() else {}
-        return str(config.get("name") or self.layout.root.name)
+        return self.layout.workspace_name(self.layout.read_config())
 
     def snapshots(self, source_directories: list[str]) -> dict[str, str]:
-        import json
-
         from cairn.storage.snapshot import snapshot_limits
 
-        config = json.loads(self.layout.config.read_text()) if self.layout.config.is_file() else {}
+        config = self.layout.read_config()
         # the agent's working folder and environment are not this process's
         absolute = {os.path.abspath(d): d for d in source_directories}
         digests = self._relayed("snapshots")(list(absolute), snapshot_limits(config))
@@ -77,21 +74,6 @@ class AgentBackend:
         recorded = self._relayed("record_pipeline_run")(*args, **kwargs)
         self.ensure_progress()
         return recorded
-
-    def ensure_progress(self) -> None:
-        from cairn.engine import client
-
-        client.ensure_agent(self.layout)
-
-    def prestart(self) -> None:
-        from cairn.engine import client
-
-        client.prestart_agent(self.layout)
-
-    def watch(self, run_id: str, final_only: bool = False) -> Any:
-        from cairn.engine import client
-
-        return client.Watch(self.layout, run_id, final_only)
 
     def _local(self) -> Any:
         if self._pid != os.getpid():  # a forked child: a lock a parent's thread held stays held here
@@ -142,40 +124,6 @@ def workspace_backend(workspace: str) -> Any:
         return open_local_backend(workspace)
 
 
-def open_local_backend(workspace: str) -> Any:
-    """The workspace opened in this process (its store needs SQLAlchemy in this interpreter)."""
-    import sys
-
-    from cairn.core.errors import CairnError
-
-    try:
-        import sqlalchemy  # noqa: F401
-    except ImportError:
-        raise CairnError(
-            f"opening the workspace needs Cairn's dependencies (SQLAlchemy) in this interpreter ({sys.executable}); "
-            f"install cairn into it, or run the step in an environment that has them") from None
-    try:
-        from cairn.backend.local import LocalBackend
-        from cairn.storage.layout import WorkspaceLayout
-
-        return LocalBackend(WorkspaceLayout(workspace))
-    except (ImportError, TypeError, AttributeError) as exc:
-        raise client_conflict(exc) from None
-
-
-def client_conflict(exc: BaseException) -> BaseException:
-    """``exc`` (Cairn's client failing to load in a step's environment), explained when the
-    environment pins versions of Cairn's own dependencies (``$CAIRN_CLIENT_CONFLICTS``)."""
-    conflicts = os.environ.get("CAIRN_CLIENT_CONFLICTS")
-    if not conflicts:
-        return exc
-    from cairn.core.errors import CairnError
-
-    return CairnError(
-        f"Run.get_context() cannot load Cairn's client in this environment: it pins {conflicts}, and its own "
-        f"versions come first on sys.path ({type(exc).__name__}: {exc}); unpin them or pin the versions Cairn uses")
-
-
 def serve_scripts(workspace: str) -> Callable[[], None]:
     """Answer ``AgentBackend`` calls for ``workspace`` (in its agent, which holds the workspace lock:
     a socket file already there is a dead agent's). Returns what stops it."""
@@ -192,21 +140,7 @@ def serve_scripts(workspace: str) -> Callable[[], None]:
             return workspace
         if method == "__version__":
             return __version__
-        return _plain(service.call(method, args, kwargs))
+        return service.call(method, args, kwargs)
 
     return serve(str(path), answer)
 
-
-def _plain(value: Any) -> Any:
-    """``value`` with SQLAlchemy's ``str`` subclass (the keys of rows it read) as plain ``str``: a
-    pickled ``quoted_name`` would make the caller import SQLAlchemy to read the answer."""
-    kind = type(value)
-    if kind is dict:
-        return {(str(k) if isinstance(k, str) else k): _plain(v) for k, v in value.items()}
-    if kind is list:
-        return [_plain(v) for v in value]
-    if kind is tuple:
-        return tuple(_plain(v) for v in value)
-    if kind is not str and isinstance(value, str):
-        return str(value)
-    return value

@@ -143,7 +143,7 @@ class Run(_MetricsMixin):
                 ws = Workspace._over(RelayBackend(relay) if relay else workspace_backend(workspace))
                 return StepRun(Experiment(ws, os.environ["CAIRN_EXPERIMENT"]), run_id)
             except (ImportError, TypeError, AttributeError) as exc:
-                from cairn.backend.through_agent import client_conflict
+                from cairn.backend import client_conflict
 
                 explained = client_conflict(exc)
                 if explained is exc:

@@ -10,7 +10,7 @@ from cairn.core.errors import NotFoundError, UserInputError, WorkspaceNotFoundEr
 from cairn.storage.layout import DOT, WorkspaceLayout
 
 if TYPE_CHECKING:
-    from cairn.backend.local import LocalBackend
+    from cairn.backend.base import Backend
     from cairn.client.compute import ComputeTarget
     from cairn.client.datastore import Datastore
     from cairn.client.experiment import Experiment
@@ -34,7 +34,7 @@ class Workspace:
         from cairn.backend.through_agent import workspace_backend
 
         # through the workspace's agent while it is up (no store opened in this process), else opened here
-        self._backend: LocalBackend = workspace_backend(str(layout.root))
+        self._backend: Backend = workspace_backend(str(layout.root))
 
     @classmethod
     def _over(cls, backend: Any) -> Workspace:

@@ -72,7 +72,7 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
     stopping = threading.Event()
     state = threading.Condition()
     connections: set[socket.socket] = set()
-    answering = [0]
+    answering = 0
 
     def answer(conn: socket.socket, data: bytes) -> None:
         try:
@@ -90,6 +90,7 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
             send(conn, (False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
 
     def handle(conn: socket.socket) -> None:
+        nonlocal answering
         with conn:
             if peer_uid(conn) != os.getuid():
                 return
@@ -103,14 +104,14 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
                 with state:
                     if stopping.is_set():
                         return  # not read: the connection closes unanswered
-                    answering[0] += 1
+                    answering += 1
                 try:
                     answer(conn, data)
                 except OSError:
                     return
                 finally:
                     with state:
-                        answering[0] -= 1
+                        answering -= 1
                         state.notify_all()
 
     def serve_one(conn: socket.socket) -> None:
@@ -145,7 +146,7 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
         listener.close()
         Path(path).unlink(missing_ok=True)
         with state:
-            state.wait_for(lambda: answering[0] == 0, timeout=grace)
+            state.wait_for(lambda: answering == 0, timeout=grace)
             for conn in connections:
                 try:
                     conn.shutdown(socket.SHUT_RDWR)  # its reader sees the end: the caller's next call goes elsewhere

@@ -19,6 +19,15 @@ class WorkspaceLayout:
     def config(self) -> Path:
         return self.dot / "config.json"
 
+    def read_config(self) -> dict:
+        """``config.json``'s values ({} when there is none)."""
+        import json
+
+        return json.loads(self.config.read_text()) if self.config.is_file() else {}
+
+    def workspace_name(self, config: dict) -> str:
+        return str(config.get("name") or self.root.name)
+
     @property
     def db(self) -> Path:
         return self.dot / "cairn.db"

@@ -21,7 +21,9 @@ def _now() -> float:
 
 
 def _d(row: Any) -> dict[str, Any] | None:
-    return dict(row._mapping) if row is not None else None
+    """A row as a dict with plain ``str`` keys (SQLAlchemy's are its ``str`` subclass: pickled, say
+    to a process reaching the workspace through its agent, they would make it import SQLAlchemy)."""
+    return {str(k): v for k, v in row._mapping.items()} if row is not None else None
 
 
 # The per-step statements are built once, with bound parameters: building and keying a statement
@@ -253,14 +255,14 @@ def list_runs(store: Store, experiment: str | None = None, limit: int = 50,
         q = q.where(t.runs.c.experiment == experiment)
     with store.read() as conn:
         rows = conn.execute(q.order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc()).limit(limit))
-        return [dict(r._mapping) for r in rows]
+        return [_d(r) for r in rows]
 
 
 def run_events(store: Store, run_id: str) -> list[dict[str, Any]]:
     with store.read() as conn:
         rows = conn.execute(select(t.run_events).where(t.run_events.c.run_id == run_id)
                             .order_by(t.run_events.c.id))
-        return [dict(r._mapping) for r in rows]
+        return [_d(r) for r in rows]
 
 
 def set_status(conn: Connection, run_id: str, status: Status, reason: str | None = None,
@@ -468,7 +470,7 @@ def get_metric_rows(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
     with store.read() as conn:
         rows = conn.execute(select(t.metrics).where(t.metrics.c.run_id.in_(run_ids))
                             .order_by(t.metrics.c.id))
-        return [{**dict(r._mapping), "value": json.loads(r.value)} for r in rows]
+        return [{**_d(r), "value": json.loads(r.value)} for r in rows]
 
 
 # -- outputs and the reuse cache -----------------------------------------------------------
@@ -678,7 +680,7 @@ def get_dataset(store: Store, *, dataset_id: str | None = None, name: str | None
 def list_datasets(store: Store) -> list[dict[str, Any]]:
     """The latest version of every registered dataset."""
     with store.read() as conn:
-        rows = [dict(r._mapping) for r in conn.execute(select(t.datasets).order_by(t.datasets.c.name,
+        rows = [_d(r) for r in conn.execute(select(t.datasets).order_by(t.datasets.c.name,
                                                                                    t.datasets.c.version))]
     latest: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -688,7 +690,7 @@ def list_datasets(store: Store) -> list[dict[str, Any]]:
 
 def dataset_versions(store: Store, name: str) -> list[dict[str, Any]]:
     with store.read() as conn:
-        return [dict(r._mapping) for r in conn.execute(
+        return [_d(r) for r in conn.execute(
             select(t.datasets).where(t.datasets.c.name == name).order_by(t.datasets.c.version))]
 
 
@@ -739,7 +741,7 @@ def list_environments(store: Store) -> list[dict[str, Any]]:
     """Every version of every registered environment, by name then version."""
     c = t.environments.c
     with store.read() as conn:
-        return [_environment_row(dict(r._mapping))
+        return [_environment_row(_d(r))
                 for r in conn.execute(select(t.environments).order_by(c.name, c.version))]
 
 
@@ -757,5 +759,5 @@ def unfinished_pipeline_runs(store: Store) -> list[dict[str, Any]]:
     r = t.runs.c
     terminal = [s.value for s in Status if s.is_terminal]
     with store.read() as conn:
-        return [dict(row._mapping) for row in conn.execute(
+        return [_d(row) for row in conn.execute(
             select(r.id, r.spec).where(r.kind == "pipeline", r.status.not_in(terminal)))]
