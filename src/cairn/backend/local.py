@@ -44,7 +44,7 @@ class LocalBackend(AgentSocketCalls):
         layout = WorkspaceLayout(root)
         if layout.config.exists() and not exist_ok:
             raise FileExistsError(f"a Cairn workspace already exists in {layout.root}")
-        for d in (layout.dot, layout.objects, layout.datastores, layout.work):
+        for d in layout.folders:
             d.mkdir(parents=True, exist_ok=True)
         if not layout.config.exists():
             layout.config.write_text(json.dumps(

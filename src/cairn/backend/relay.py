@@ -81,22 +81,21 @@ class RelayBackend:
             try:
                 send(sock, (method, args, kwargs))
             except OSError as exc:  # not delivered whole: the other end reads no call from it
-                self.close()
-                raise RelayLost(f"the step's runner closed the relay connection ({exc})", sent=False) from None
+                raise self._lost(exc, sent=False) from None
             try:
                 answer = receive(sock)
             except OSError as exc:
-                answer, lost = None, exc
-            else:
-                lost = None
+                raise self._lost(exc, sent=True) from None
             if answer is None:
-                self.close()
-                raise RelayLost(f"the step's runner closed the relay connection ({lost or 'end of file'})",
-                                sent=True)
+                raise self._lost("end of file", sent=True)
         ok, value = answer
         if not ok:
             raise value
         return value
+
+    def _lost(self, why: object, sent: bool) -> RelayLost:
+        self.close()
+        return RelayLost(f"the step's runner closed the relay connection ({why})", sent=sent)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None

@@ -49,8 +49,7 @@ class Workspace:
         if not isinstance(path, (str, os.PathLike)):
             raise UserInputError(f"Workspace.create path must be a folder path, not {type(path).__name__}")
         layout = WorkspaceLayout(path)
-        if exist_ok and layout.config.is_file() and layout.db.is_file() and all(
-                d.is_dir() for d in (layout.objects, layout.datastores, layout.work)):
+        if exist_ok and layout.config.is_file() and layout.db.is_file() and all(d.is_dir() for d in layout.folders):
             ws = cls(path)  # through its agent while it is up: no store opened here
             if ws._backend.list_datastores() and ws._backend.list_compute_targets():
                 return ws  # complete: nothing to make

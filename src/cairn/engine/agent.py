@@ -46,8 +46,8 @@ class Agent:
                  serve_scripts: Callable[[str], Callable[[], None]] | None = None) -> None:
         """``script_service(workspace)`` answers the ``Run.get_context()`` calls of steps on Ray nodes of
         other machines; ``serve_scripts(workspace)`` starts answering those of the steps that run on
-        this machine and returns what stops it (the entry points give ``backend.relay``'s: the
-        engine sits below the backend)."""
+        this machine and returns what stops it (the entry points give ``backend.relay.ScriptService``
+        and ``backend.through_agent.serve_scripts``: the engine sits below the backend)."""
         self.layout = layout
         self.script_service = script_service
         self.serve_scripts = serve_scripts
@@ -91,8 +91,7 @@ class Agent:
         try:
             self._loop()
         finally:
-            if self._stop_scripts is not None:
-                self._stop_scripts()
+            self._stop_serving_scripts()
             for compute in self.computes.values():
                 try:
                     compute.shutdown()  # e.g. warm-start servers
@@ -112,6 +111,11 @@ class Agent:
         except OSError as exc:
             self._log(f"steps open the workspace themselves for Run.get_context(): cannot serve it ({exc})")
             return None
+
+    def _stop_serving_scripts(self) -> None:
+        stop, self._stop_scripts = self._stop_scripts, None
+        if stop is not None:
+            stop()
 
     def _on_term(self, signum: int, _frame: Any) -> None:
         self.events.put(("stop", f"signal {signal.Signals(signum).name}"))
@@ -398,9 +402,7 @@ class Agent:
 
     def _shutdown_if_idle(self) -> bool:
         self.front.close()
-        if self._stop_scripts is not None:  # it answers what it has read (a run being recorded) first
-            self._stop_scripts()
-            self._stop_scripts = None
+        self._stop_serving_scripts()  # it answers what it has read (a run being recorded) first
         if q.has_waiting_runs(self.ctx.store):  # a run was submitted as we were closing
             self.front.open()
             self._stop_scripts = self._serve_scripts()

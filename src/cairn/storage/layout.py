@@ -19,6 +19,11 @@ class WorkspaceLayout:
     def config(self) -> Path:
         return self.dot / "config.json"
 
+    @property
+    def folders(self) -> tuple[Path, ...]:
+        """The folders every workspace has."""
+        return (self.dot, self.objects, self.datastores, self.work)
+
     def read_config(self) -> dict:
         """``config.json``'s values ({} when there is none)."""
         import json
