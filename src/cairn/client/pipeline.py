@@ -95,7 +95,7 @@ class Pipeline:
                 except UserInputError as exc:
                     problems.append(f"{who}: {exc}")
                 else:
-                    from cairn.environments.build import check_buildable
+                    from cairn.environments.spec import check_buildable
 
                     problems += [f"{who}: {p}" for p in check_buildable(env_spec, s.runconfig.environment.name)]
             out_names: dict[str, int] = {}

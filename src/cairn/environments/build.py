@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from cairn.environments import client_overlay
-from cairn.environments.spec import MANAGED, cache_key, conda_to_pip, host_python, python_version_ok
+from cairn.environments.spec import (  # noqa: F401 (check_buildable: re-exported)
+    MANAGED,
+    cache_key,
+    check_buildable,
+    conda_problem,
+    conda_solver,
+    host_python,
+)
 
 MARKER = "env.json"
 LOCK_WAIT_STEP = 0.2  # while another process builds: how often a waiting step checks for cancel
@@ -48,30 +55,6 @@ def uv_binary() -> str:
         if found:
             return found
     raise EnvironmentBuildError("uv is not installed: Cairn builds environments with it; `pip install uv`")
-
-
-def conda_solver() -> str | None:
-    for name in ("micromamba", "mamba", "conda"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def conda_problem(spec: dict[str, Any], env_name: str) -> str | None:
-    """Why ``spec`` cannot be built here because of conda-only packages (None when it can)."""
-    conda = spec.get("conda") or []
-    if not conda or conda_solver() is not None:
-        return None
-    suggestions = list(spec.get("pip") or []) + [s for s in (conda_to_pip(p) for p in conda) if s]
-    no_pip = [p for p in conda if conda_to_pip(p) is None]
-    message = (f"environment {env_name!r} lists conda packages ({', '.join(conda)}) and no conda solver "
-               f"(micromamba, mamba or conda) is installed; Cairn builds environments with uv from pip "
-               f"packages. Install a conda solver, or ask pip for them instead: "
-               f"CondaDependencies.create(pip_packages={suggestions!r})")
-    if no_pip:
-        message += f" ({', '.join(no_pip)}: no pip package needed, pip wheels bring their own libraries)"
-    return message
 
 
 def find_python(version: str) -> str | None:
@@ -375,16 +358,4 @@ def _folder_size(folder: Path) -> int:
                 pass
     return total
 
-
-def check_buildable(spec: dict[str, Any], env_name: str) -> list[str]:
-    """Problems that make ``spec`` impossible to build here (found before anything is submitted)."""
-    problems = []
-    python = spec.get("python") or ""
-    if spec.get("kind") == MANAGED and not python_version_ok(python):
-        problems.append(f"environment {env_name!r}: python_version {python!r} is not a Python version; write it "
-                        f"as a string such as '3.11'")
-    conda = conda_problem(spec, env_name)
-    if conda:
-        problems.append(conda)
-    return problems
 
