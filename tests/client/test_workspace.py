@@ -108,6 +108,12 @@ def test_workspace_of_a_folder_without_one(tmp_path: Path) -> None:
     assert not (tmp_path / ".cairn").exists()
 
 
+def test_looking_for_a_workspace_in_a_folder_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    with pytest.raises(WorkspaceNotFoundError) as info:
+        Workspace.from_config(tmp_path / "typo")
+    assert f"{tmp_path.resolve() / 'typo'} does not exist" in str(info.value)
+
+
 # -- finding ----------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ inputs, arguments, environment variables — run in the foreground (pdb works) o
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -62,7 +63,7 @@ def ran(workspace: Workspace, write_script: Callable[..., Path]) -> dict[str, st
 def test_a_failed_step_runs_again_in_the_foreground(workspace: Workspace, ran: dict[str, str]) -> None:
     root = Path(workspace.location)
     result = cairn("debug", ran["1.train"], cwd=root)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 1, result.stderr  # the step's own exit code (SystemExit with a message)
     no_traceback(result)
     assert "lr 0.1 mode debugme" in result.stdout
     assert "inputs ['prepped']" in result.stdout
@@ -79,9 +80,10 @@ def test_print_prepares_a_folder_that_reproduces_the_step_by_hand(workspace: Wor
     folder = tmp_path / "here"
     result = cairn("debug", ran["2.train"], "--print", "--dir", str(folder), cwd=Path(workspace.location))
     assert result.returncode == 0, result.stderr
-    assert f"cd {folder} && ./debug.sh" in flat(result.stdout)
-    by_hand = subprocess.run([str(folder / "debug.sh")], capture_output=True, text=True, timeout=60,
-                             env={"PATH": "/usr/bin:/bin", "FAIL": "0"})
+    script = folder / ".cairn_debug" / "debug.sh"
+    assert str(script) in flat(result.stdout)
+    by_hand = subprocess.run([str(script)], capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin", "FAIL": "0"}, cwd="/")
     assert by_hand.returncode == 0, by_hand.stderr
     assert "mode debugme" in by_hand.stdout
     assert f"prefix {workspace.location}/.cairn/envs/" in by_hand.stdout  # the step's own environment
@@ -141,3 +143,139 @@ def test_force_never_removes_a_folder_debug_did_not_make(workspace: Workspace, r
     result = cairn("debug", ran["1.train"], "--dir", str(root), "--force", "--print", cwd=root)
     assert result.returncode == 2 and "was not made by `cairn debug`" in flat(result.stderr)
     assert (root / "notes.txt").read_text() == "precious" and (root / ".cairn" / "cairn.db").is_file()
+
+
+def test_the_recreated_step_cannot_change_what_the_run_recorded(workspace: Workspace,
+                                                                write_script: Callable[..., Path]) -> None:
+    """Inputs used in place (a committed output, a local datastore's dataset) are seen through a
+    folder of the recreated step's own; a file of the snapshot named debug.sh stays the user's."""
+    from cairn import Dataset
+
+    store = workspace.get_default_datastore()
+    (Path(store.root) / "raw").mkdir()
+    (Path(store.root) / "raw" / "r.txt").write_text("raw")
+    raw = Dataset.File.from_files((store, "raw")).register(workspace, "raw")
+    write_script("make.py", "import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\n"
+                            "open(os.path.join(sys.argv[1], 'm.txt'), 'w').write('made')\n")
+    src = write_script("use.py", """
+        import os, subprocess, sys
+        for folder in sys.argv[1:3] if os.environ.get("CAIRN_DEBUG_OF") else ():  # only when recreated
+            open(os.path.join(folder, "scribble.txt"), "w").write("x")  # adds to its inputs' folders
+            for name in os.listdir(folder):
+                if name != "scribble.txt":
+                    os.remove(os.path.join(folder, name))
+        print(subprocess.run(["sh", "./debug.sh"], capture_output=True, text=True).stdout.strip())
+    """)
+    (src / "debug.sh").write_text("echo user script intact\n")
+    made = PipelineData("made")
+    steps = [PythonScriptStep("make.py", name="make", source_directory=str(src), arguments=[made], outputs=[made]),
+             PythonScriptStep("use.py", name="use", source_directory=str(src),
+                              arguments=[made.as_mount(), raw.as_named_input("raw").as_mount()])]
+    run = Experiment(workspace, "debug").submit(Pipeline(workspace, steps))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    use = run.find_step_run("use")[0]
+    committed = run.find_step_run("make")[0].get_output_data("made").local_path
+    before = {p: sorted(os.listdir(p)) for p in (committed, Path(store.root) / "raw")}
+
+    result = cairn("debug", use.id, cwd=Path(workspace.location))
+    assert result.returncode == 0, result.stderr
+    assert "user script intact" in result.stdout
+    assert {p: sorted(os.listdir(p)) for p in before} == before
+    assert (committed / "m.txt").read_text() == "made" and (Path(store.root) / "raw" / "r.txt").read_text() == "raw"
+
+
+def test_a_recreated_step_has_its_datasets_and_workspace(workspace: Workspace,
+                                                         write_script: Callable[..., Path]) -> None:
+    from cairn import Dataset
+
+    store = workspace.get_default_datastore()
+    (Path(store.root) / "t.csv").write_text("a,b\n1,x\n2,y\n")
+    table = Dataset.Tabular.from_delimited_files((store, "t.csv")).register(workspace, "numbers")
+    src = write_script("table.py", """
+        from cairn import Run
+        run = Run.get_context(allow_offline=False)
+        df = run.input_datasets["tbl"].to_pandas_dataframe()
+        print("rows", len(df), "workspace", run.experiment.workspace.name, "experiment", run.experiment.name)
+        run.parent.log("parent_metric", 1)
+        run.log("child_metric", 2)
+    """)
+    step = PythonScriptStep("table.py", name="table", source_directory=str(src), inputs=[table.as_named_input("tbl")])
+    run = Experiment(workspace, "tables").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    done = run.find_step_run("table")[0]
+    result = cairn("debug", done.id, cwd=Path(workspace.location))
+    assert result.returncode == 0, result.stderr
+    assert f"rows 2 workspace {workspace.name} experiment tables" in result.stdout
+    assert "[offline run] scalar parent_metric = 1" in result.stderr
+    assert run.get_metrics() == {"parent_metric": 1} and done.get_metrics() == {"child_metric": 2}  # the run's own
+
+
+def test_debug_sh_sets_the_steps_variables_whatever_the_shell_has(workspace: Workspace,
+                                                                  write_script: Callable[..., Path],
+                                                                  tmp_path: Path) -> None:
+    src = write_script("env.py", """
+        import os, sys
+        print("vars", os.environ.get("MY-VAR"), os.environ.get("PLAIN"), os.environ.get("CAIRN_STEP_NAME"))
+        print("args", sys.argv[1:])
+        sys.exit(3)
+    """)
+    rc = RunConfiguration()
+    rc.environment_variables = {"MY-VAR": "dash $HOME", "PLAIN": "it's"}
+    step = PythonScriptStep("env.py", name="env", source_directory=str(src), runconfig=rc,
+                            arguments=["two words", "$(id)", ""])
+    run = Experiment(workspace, "debug").submit(Pipeline(workspace, [step]))
+    run.wait_for_completion(show_output=False, raise_on_error=False)
+    step_run = run.find_step_run("env")[0]
+    folder = tmp_path / "with space"
+    result = cairn("debug", step_run.id, "--print", "--dir", str(folder), cwd=Path(workspace.location))
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.splitlines()[0]
+    by_hand = subprocess.run(printed, shell=True, capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin"}, cwd="/")  # a bare shell, elsewhere
+    assert by_hand.returncode == 3, by_hand.stderr
+    assert "vars dash $HOME it's env" in by_hand.stdout
+    assert "args ['two words', '$(id)', '']" in by_hand.stdout
+    foreground = cairn("debug", step_run.id, "--dir", str(folder), "--force", cwd=Path(workspace.location))
+    assert foreground.returncode == 3  # the step's exit code
+    assert "args ['two words', '$(id)', '']" in foreground.stdout
+
+
+def test_a_bad_dir_is_a_clear_error(workspace: Workspace, ran: dict[str, str], tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for where, message in ((a_file, "is a file"), (a_file / "below", "cannot make")):
+        result = cairn("debug", ran["1.train"], "--print", "--dir", str(where), cwd=Path(workspace.location))
+        assert result.returncode == 2 and message in flat(result.stderr), result.stderr
+        no_traceback(result)
+    assert a_file.read_text() == "x"
+
+
+def test_ctrl_c_reaches_the_step_not_cairn(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    """As a terminal's Ctrl-C does: SIGINT to the foreground process group. The step handles it
+    (pdb would stop where it is) and `cairn debug` goes on waiting for it."""
+    import signal
+    import sys
+
+    src = write_script("wait.py", """
+        import os, signal, sys
+        signal.signal(signal.SIGINT, lambda *_: (print("step got SIGINT", flush=True), sys.exit(0)))
+        print("ready", flush=True)
+        if os.environ.get("CAIRN_DEBUG_OF"):  # the recorded run ended at once
+            signal.pause()
+    """)
+    run = Experiment(workspace, "debug").submit(Pipeline(workspace, [
+        PythonScriptStep("wait.py", name="wait", source_directory=str(src))]))
+    run.wait_for_completion(show_output=False, raise_on_error=False)
+    step_run = run.find_step_run("wait")[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    proc = subprocess.Popen([sys.executable, "-m", "cairn", "debug", step_run.id], cwd=workspace.location, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "step got SIGINT" in out

@@ -330,7 +330,10 @@ def debug(step_run_id: str,
           force: bool = typer.Option(False, "--force", help="replace the folder if it exists"),
           workspace: Path = WorkspaceOption) -> None:
     """Recreate a step as it ran (snapshot, environment, inputs, arguments, variables) and run it here,
-    in the foreground, so breakpoint() works; --print only prints the command."""
+    in the foreground, so breakpoint() works; --print only prints the command. Exits with the step's
+    exit code."""
+    import shlex
+    import signal
     import subprocess
 
     from cairn.engine.debug import prepare_debug
@@ -344,17 +347,23 @@ def debug(step_run_id: str,
         for name, path in plan.outputs.items():
             err.print(f"  output {name}: {path}", highlight=False)
         if print_only:
-            console.print(f"cd {plan.folder} && ./debug.sh", highlight=False, soft_wrap=True)
-            console.print(f"# or: {plan.folder / 'debug.sh'} (it sets the step's variables, then runs: "
-                          f"{' '.join(plan.argv)})", highlight=False, soft_wrap=True)
+            console.print(shlex.quote(str(plan.script)), highlight=False, soft_wrap=True)
+            console.print(f"# it sets the step's variables, then runs from {shlex.quote(str(plan.folder))}: "
+                          f"{shlex.join(plan.argv)}", highlight=False, soft_wrap=True)
             return
-        err.print(f"running: {' '.join(plan.argv)}", highlight=False)
-        code = subprocess.run(plan.argv, cwd=plan.folder, env=plan.env).returncode
+        err.print(f"running: {shlex.join(plan.argv)}", highlight=False)
+        # Ctrl-C is the step's (pdb stops where it is): this process waits on. A handler, not SIG_IGN,
+        # which the step would inherit.
+        previous = signal.signal(signal.SIGINT, lambda _signum, _frame: None)
+        try:
+            code = subprocess.run(plan.argv, cwd=plan.folder, env=plan.env).returncode
+        finally:
+            signal.signal(signal.SIGINT, previous)
     finally:
         plan.close()
     err.print(f"the step exited with code {code}", highlight=False)
     if code != 0:
-        raise typer.Exit(EXIT_RUN_FAILED)
+        raise typer.Exit(code if code > 0 else 128 - code)  # killed by a signal: the shell's 128 + N
 
 
 @app.command()

@@ -149,7 +149,7 @@ class Run(_MetricsMixin):
                 if explained is exc:
                     raise
                 raise explained from None
-        if not allow_offline:
+        if not allow_offline and not os.environ.get("CAIRN_DEBUG_OF"):  # a recreated step is offline
             raise NotFoundError("not running inside a Cairn step (no CAIRN_RUN_ID); pass allow_offline=True "
                                 "to get an offline run")
         return OfflineRun()
@@ -460,20 +460,48 @@ class StepRun(Run):
 
 
 class _OfflineExperiment:
-    name = "offline"
-    workspace = None
+    """An offline run's experiment. In a step recreated by `cairn debug`: the recorded step's
+    experiment name and workspace (opened when first asked for), for the script to read."""
+
+    def __init__(self, name: str = "offline", workspace_path: str | None = None) -> None:
+        self.name = name
+        self._workspace_path = workspace_path
+        self._workspace: Workspace | None = None
+
+    @property
+    def workspace(self) -> Workspace | None:
+        if self._workspace is None and self._workspace_path:
+            from cairn.client.workspace import Workspace
+
+            self._workspace = Workspace(self._workspace_path)
+        return self._workspace
 
 
 class OfflineRun(_MetricsMixin):
-    """What ``Run.get_context()`` gives outside a pipeline: it prints what it would log."""
+    """What ``Run.get_context()`` gives outside a pipeline: it prints what it would log. In a step
+    recreated by `cairn debug`, it has the step's inputs, outputs, experiment and workspace (to
+    read), and an offline parent: nothing it logs reaches the recorded runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, _parent_of: OfflineRun | None = None) -> None:
         self.id = "OfflineRun"
-        self.experiment = _OfflineExperiment()
-        self.parent = None
+        debugging = os.environ.get("CAIRN_DEBUG_OF")
+        self.experiment: Any = _OfflineExperiment(
+            os.environ.get("CAIRN_EXPERIMENT", "offline"), os.environ.get("CAIRN_DEBUG_WORKSPACE")) \
+            if debugging else _OfflineExperiment()
+        self.parent = OfflineRun(_parent_of=self) if debugging and _parent_of is None else None
+        if _parent_of is not None:
+            self.experiment = _parent_of.experiment
+        step = _parent_of is None
         # a step recreated by `cairn debug` still finds its inputs and outputs here
-        self.input_datasets: dict[str, Any] = json.loads(os.environ.get("CAIRN_INPUTS") or "{}")
-        self.output_datasets: dict[str, Any] = json.loads(os.environ.get("CAIRN_OUTPUTS") or "{}")
+        self.input_datasets: dict[str, Any] = json.loads(os.environ.get("CAIRN_INPUTS") or "{}") if step else {}
+        self.output_datasets: dict[str, Any] = json.loads(os.environ.get("CAIRN_OUTPUTS") or "{}") if step else {}
+        if step and debugging:
+            for name, d in json.loads(os.environ.get("CAIRN_DATASETS") or "{}").items():
+                if d.get("mode") == "direct":  # as in the recorded run: the Dataset itself
+                    from cairn.client.dataset import FileDataset, TabularDataset
+
+                    cls = FileDataset if d["kind"] == "file" else TabularDataset
+                    self.input_datasets[name] = cls(d["definition"], self.experiment.workspace)
         self._metrics: list[dict[str, Any]] = []
         self._tags: dict[str, Any] = {}
         self._properties: dict[str, Any] = {}

@@ -71,6 +71,9 @@ class Workspace:
         for folder in (start, *start.parents):
             if (folder / DOT / "config.json").is_file():
                 return cls(folder)
+        if not start.exists():
+            raise WorkspaceNotFoundError(f"{start} does not exist: give the folder of a Cairn workspace (or one "
+                                         f"inside it), or make one there with `cairn init`")
         raise WorkspaceNotFoundError(
             f"no Cairn workspace found in {start} or any folder above it; run `cairn init` in your "
             f"project folder (or call Workspace.create(path)) first")

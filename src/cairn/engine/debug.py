@@ -3,11 +3,16 @@ arguments and environment variables — in a local folder, to run it in the fore
 ``breakpoint()`` works) or by hand with the ``debug.sh`` written there.
 
 The recreated step never writes into the recorded run: ``Run.get_context()`` gives an offline run
-(it prints what it would log), and outputs go to ``.cairn_debug/outputs/`` in the folder."""
+(it prints what it would log; its workspace is the recorded one, to read), outputs go to
+``.cairn_debug/outputs/`` in the folder, and inputs the run used in place (committed outputs, a
+local datastore's files) are seen through a folder of their own: hard links to the recorded files,
+or copies where a link cannot be made or would not protect them (as root, read-only files can be
+written)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 from dataclasses import dataclass, field
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cairn.core.errors import NotFoundError, UserInputError
-from cairn.core.status import Status
+from cairn.core.status import TERMINAL, Status
 from cairn.engine.context import EngineContext
 from cairn.engine.scheduler import PipelineScheduler
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
@@ -29,6 +34,9 @@ from cairn.store import queries as q
 DEBUG_MARKER = ".cairn_debug"  # what marks a folder as made by `cairn debug` (--force may replace it)
 # The recorded run is not this one: without these, Run.get_context() is an offline run.
 _RUN_BINDINGS = ("CAIRN_RUN_ID", "CAIRN_WORKSPACE", "CAIRN_PIPELINE_RUN_ID", "CAIRN_LOG_DIR")
+# What a step always gets from Cairn, whatever the shell that runs debug.sh has
+_STEP_OWN = ("PYTHONUNBUFFERED", "PYTHONPATH")
+_STEP_OWN_PREFIXES = ("CAIRN_", "AML_PARAMETER_")
 
 
 @dataclass
@@ -69,48 +77,113 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         job = scheduler.debug_job(step, target)  # everything is checked before anything is removed
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if Status(row["status"]) not in TERMINAL:
+        log(f"warning: step {step.name!r} is {row['status']}: its run has not ended; it is recreated as it "
+            f"was dispatched")
+    if target.exists() and not target.is_dir():
+        raise UserInputError(f"{target} is a file; --dir must name a new folder (or one `cairn debug` made, with "
+                             f"--force)")
+    if target.exists() and any(target.iterdir()):
         if not force:
             raise UserInputError(f"{target} already exists and is not empty; pass --force to replace it, or "
                                  f"--dir to choose another folder")
         if not (target / DEBUG_MARKER).is_dir():
             raise UserInputError(f"{target} was not made by `cairn debug` (it has no {DEBUG_MARKER} folder): "
                                  f"--force replaces only such folders; choose another --dir")
-        shutil.rmtree(target)
-    target.mkdir(parents=True, exist_ok=True)
-    (target / DEBUG_MARKER).mkdir(exist_ok=True)
-    materialize(job.manifest, ObjectStore(job.objects_root), target)
-    # cached inputs stay held (not evicted) until this process exits: through the foreground run
-    inputs = materialize_inputs(job, target, holds=[])
-    outputs = {}
-    for o in step.outputs:
-        Path(job.staging_dirs[o.name]).mkdir(parents=True, exist_ok=True)
-        outputs[o.name] = job.staging_dirs[o.name]
     resolved = None
-    if is_managed(step.environment):
+    if is_managed(step.environment):  # built before an old folder goes: a build that fails leaves it
         try:
             resolved = EnvironmentCache(job.env_cache).resolve(step.environment, step.environment.get("name", "?"),
                                                                log)
         except EnvironmentBuildError as exc:
             raise UserInputError(f"environment {step.environment.get('name')!r} could not be built: {exc}") from None
+    try:
+        if target.exists():
+            shutil.rmtree(target)
+        (target / DEBUG_MARKER).mkdir(parents=True)
+    except OSError as exc:
+        if resolved is not None:
+            resolved.close()
+        raise UserInputError(f"cannot make {target}: {exc.strerror or exc}; choose another --dir") from None
+    materialize(job.manifest, ObjectStore(job.objects_root), target)
+    # cached inputs stay held (not evicted) until this process exits: through the foreground run
+    inputs = materialize_inputs(job, target, holds=[])
+    for name, path in inputs.items():
+        inputs[name] = _private_view(name, path, target, log)
+    outputs = {}
+    for o in step.outputs:
+        Path(job.staging_dirs[o.name]).mkdir(parents=True, exist_ok=True)
+        outputs[o.name] = job.staging_dirs[o.name]
     env = step_environment(job, outputs, inputs, resolved)
     for name in _RUN_BINDINGS:
         env.pop(name, None)
     env["CAIRN_DEBUG_OF"] = step_run_id
+    env["CAIRN_DEBUG_WORKSPACE"] = str(layout.root)  # the offline run's workspace, to read
     interpreter = resolved.python if resolved else (job.interpreter or _current_python())
     argv = [interpreter, step.script_name, *resolve_arguments(job, inputs)]
-    changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+    own = set(dict(step.environment_variables)) | set(step.environment.get("environment_variables") or {})
+    own |= {k for k in env if k.startswith(_STEP_OWN_PREFIXES) or k in _STEP_OWN}
+    if resolved is not None:
+        own |= {"PATH", *resolved.step_variables()}
+    changed = {k: v for k, v in env.items() if os.environ.get(k) != v or k in own}
     removed = sorted(k for k in os.environ if k not in env)
-    script = target / "debug.sh"
-    lines = ["#!/bin/sh", f"# step {step.name!r} of pipeline run {row['parent_id']} (step run {step_run_id}), "
-             f"recreated by `cairn debug`", 'cd "$(dirname "$0")"']
-    lines += [f"unset {name}" for name in removed]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(changed.items())]
-    lines.append(f'exec {shlex.join(argv)} "$@"')
-    script.write_text("\n".join(lines) + "\n")
+    script = target / DEBUG_MARKER / "debug.sh"  # not in the snapshot's folder: it may have a file so named
+    script.write_text(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv))
     script.chmod(0o755)
     return DebugPlan(target, step.name, Status(row["status"]).value, argv, env, changed, removed, script,
                      inputs, outputs, resolved)
+
+
+def _shell_script(step: str, run_id: str, step_run_id: str, changed: dict[str, str], removed: list[str],
+                  argv: list[str]) -> str:
+    """debug.sh: the step's variables (``env``: any name, not only those sh can export), then its
+    command, from the recreated folder."""
+    lines = ["#!/bin/sh", f"# step {step!r} of pipeline run {run_id} (step run {step_run_id}), recreated by "
+             f"`cairn debug`; run it from anywhere, with extra arguments if you like",
+             'cd "$(dirname "$0")/.." || exit', "exec env \\"]
+    lines += [f"  -u {shlex.quote(name)} \\" for name in removed]
+    lines += [f"  {shlex.quote(f'{k}={v}')} \\" for k, v in sorted(changed.items()) if _env_name_ok(k)]
+    lines.append(f'  {shlex.join(argv)} "$@"')
+    return "\n".join(lines) + "\n"
+
+
+def _env_name_ok(name: str) -> bool:
+    """A name ``env NAME=VALUE`` can set (not empty, no '=', not taken for an option)."""
+    return bool(name) and "=" not in name and not name.startswith("-") and re.search(r"\s", name) is None
+
+
+def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
+    """Where the recreated step sees input ``name``: its own folder when the run used the recorded
+    files in place (hard links to them, or copies where a link cannot be made or would not keep
+    the step from writing into them), else ``path`` (already the step's own copy)."""
+    real = Path(path).resolve()
+    if real == folder or folder in real.parents or not real.exists():
+        return path
+    given = Path(path)
+    if folder in given.parents:  # a path_on_compute link to the recorded files: the view replaces it
+        view = given
+        given.unlink()
+    else:
+        view = folder / DEBUG_MARKER / "inputs" / name
+    copy = os.geteuid() == 0 if hasattr(os, "geteuid") else False  # root writes read-only files
+    how = "copies" if copy else "hard links"
+    log(f"input {name}: {real} seen through {how} in {view} (the recorded files stay as they are)")
+    view.parent.mkdir(parents=True, exist_ok=True)
+
+    def place(src: str, dst: str) -> None:
+        if not copy:
+            try:
+                os.link(src, dst)
+                return
+            except OSError:  # another file system, or links not allowed: a copy
+                pass
+        shutil.copy2(src, dst)
+
+    if real.is_dir():
+        shutil.copytree(real, view, symlinks=True, copy_function=place)
+    else:
+        place(str(real), str(view))
+    return str(view)
 
 
 def _current_python() -> str:
