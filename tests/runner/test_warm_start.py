@@ -168,6 +168,8 @@ def test_what_python_reads_at_start_is_honoured_or_the_step_starts_cold(
     assert out.startswith("from PYTHONPATH JST ") and out.endswith("partial line without newline")
     seeded = run_with(PYTHONHASHSEED="0")
     assert "warm start skipped: the step sets PYTHONHASHSEED" in seeded.get_system_log()  # type: ignore[attr-defined]
+    threads = run_with(OMP_NUM_THREADS="1")  # read by BLAS libraries as a preloaded module loads them
+    assert "warm start skipped: the step sets OMP_NUM_THREADS" in threads.get_system_log()  # type: ignore[attr-defined]
 
 
 def test_unclosed_files_are_flushed_in_warm_steps(workspace: Workspace, write_script: Callable[..., Path]) -> None:
@@ -257,6 +259,8 @@ def test_a_server_let_go_finishes_its_running_step(tmp_path: Path) -> None:
         server.stop()
         assert step.wait(timeout=30) == 0
         assert (tmp_path / "out.txt").read_text() == "done\n"
+        server._proc.wait(timeout=30)
+        assert not Path(server.socket_path).parent.exists()  # the server removed its folder as it left
     finally:
         server.kill()
 
@@ -279,3 +283,84 @@ def test_a_warm_step_compiles_and_fails_as_a_cold_one(workspace: Workspace, writ
     stderr = failed.get_stderr_log()
     assert stderr.startswith('Traceback (most recent call last):\n  File "')
     assert "forkserver" not in stderr and stderr.endswith("ValueError: boom\n")
+
+
+def _module_on_the_agents_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, code: str) -> None:
+    """A module the agent's fork servers can import (the agent starts later, from this process)."""
+    import os
+    import textwrap
+
+    folder = tmp_path / "agent-modules"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(textwrap.dedent(code))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p))
+
+
+def test_a_server_that_could_not_start_is_not_waited_for_again(
+        workspace: Workspace, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    starts = tmp_path / "starts.txt"
+    _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_exits_at_import", f"""
+        open({str(starts)!r}, "a").write("start\\n")
+        raise SystemExit(3)
+    """)
+    warm_target(workspace, ["cairn_exits_at_import"])
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 3)))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    for step in run.get_steps():  # each started cold at once, saying why
+        assert "the fork server could not start" in step.get_system_log()
+        assert "exited with code 3" in step.get_system_log()
+    assert starts.read_text() == "start\n"  # one try, not one per step
+
+
+def test_a_step_waiting_for_its_server_can_be_canceled(
+        workspace: Workspace, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import time
+
+    fifo = tmp_path / "import-blocks-here"
+    os.mkfifo(fifo)
+    _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_blocks_at_import", f"""
+        open({str(fifo)!r}).read()  # until the test writes to it
+    """)
+    warm_target(workspace, ["cairn_blocks_at_import"])
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 1)))
+    try:
+        step = run.get_steps()[0]
+        deadline = time.monotonic() + 50  # within the 60 s a step waits for its server
+        while "waiting for the warm-start server" not in step.get_system_log():
+            assert time.monotonic() < deadline, "the step never waited for its server"
+            time.sleep(0.1)
+        run.cancel()
+        assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=30) == "Canceled"
+        assert step.get_status() == "Canceled" and "started pid" not in step.get_system_log()
+    finally:
+        try:  # let the server's import end
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_warm_steps_end_and_write_as_cold_ones(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    src = write_script("ends.py", """
+        import sys
+        print("name:\\udcff")  # a file name that is not UTF-8, as os.listdir gives it
+        if sys.argv[1] == "interrupt":
+            raise KeyboardInterrupt
+    """)
+    write_script("json.py", "VALUE = 'the snapshot has its own'\n", folder="shadowing")
+    shadowing = write_script("shadow.py", "import json\nprint(getattr(json, 'VALUE', 'the standard library'))\n",
+                             folder="shadowing")
+    warm_target(workspace, ["json"])
+    steps = [PythonScriptStep("ends.py", name=how, source_directory=str(src), arguments=[how], allow_reuse=False)
+             for how in ("print", "interrupt")]
+    steps.append(PythonScriptStep("shadow.py", name="shadow", source_directory=str(shadowing), allow_reuse=False))
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, steps), continue_on_step_failure=True)
+    run.wait_for_completion(show_output=False, raise_on_error=False)
+    by_name = {s.name: s for s in run.get_steps()}
+    assert by_name["print"].get_status() == "Completed", by_name["print"].get_stderr_log()
+    assert "warm start: forked by server" in by_name["print"].get_system_log()
+    assert by_name["interrupt"].get_status() == "Failed"
+    assert "SIGINT" in by_name["interrupt"]._row()["status_reason"]  # as Python ends on Ctrl-C
+    assert by_name["shadow"].get_stdout_log().strip() == "the snapshot has its own"
+    assert "warm start skipped: the snapshot has its own json.py" in by_name["shadow"].get_system_log()

@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cairn.compute.base import DoneCallback
 from cairn.runner.execute import (
@@ -24,7 +25,7 @@ from cairn.runner.execute import (
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.slots import ProcessSlots
 from cairn.runner.spares import SparePool
-from cairn.runner.warm import WarmPool, WarmStartError
+from cairn.runner.warm import WarmPool
 
 
 class LocalCompute:
@@ -81,19 +82,19 @@ class LocalCompute:
         warm, env = self.warm, environment_base({})
         if self.spares is not None and warm is None:
             self.spares.want(sys.executable, env)
-        if warm is None or not warm.begin_start(sys.executable, env):
+        if warm is None:
             return
         say = log or (lambda _message: None)
-        say(f"warm start: starting the server of target {self.name!r} (modules: {', '.join(warm.modules)})")
 
-        def start() -> None:
-            try:
-                server = warm.server(sys.executable, env, log_dir)
-                say(f"warm start: server pid {server.ready['pid']} of target {self.name!r} is ready")
-            except (WarmStartError, OSError) as exc:  # the first step tries again and says why in its log
-                say(f"warm start: the server of target {self.name!r} could not start: {exc}")
+        def started(server: Any, failure: str | None) -> None:
+            if server is not None:
+                say(f"warm start: server pid {server.ready['pid']} of target {self.name!r} is ready"
+                    + (f" (could not preload: {'; '.join(server.ready['failed'])})" if server.ready["failed"] else ""))
+            else:  # its steps start cold, each saying why in its system log
+                say(f"warm start: the server of target {self.name!r} could not start: {failure}")
 
-        threading.Thread(target=start, name=f"warm-start-{self.name}", daemon=True).start()
+        if warm.begin_start(sys.executable, env, log_dir, started):
+            say(f"warm start: starting the server of target {self.name!r} (modules: {', '.join(warm.modules)})")
 
     def free_slots(self) -> int:
         with self._lock:

@@ -305,7 +305,7 @@ def step_environment(job: StepJob, output_paths: dict[str, str], input_paths: di
 
 
 def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | None, argv: list[str], work: Path,
-                env: dict[str, str], syslog: _SystemLog) -> WarmProcess | None:
+                env: dict[str, str], syslog: _SystemLog, control: StepControl) -> WarmProcess | None:
     """The step forked by its environment's warm-start server, or None to start it cold."""
     log_dir = Path(job.log_dir)
     base = base_environment(job, resolved)
@@ -314,7 +314,13 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
         syslog(f"warm start skipped: the step sets {', '.join(differs)}, which Python reads only at start")
         return None
     try:
-        server = warm.server(argv[0], base, Path(job.workspace) / ".cairn")
+        server = warm.server(argv[0], base, Path(job.workspace) / ".cairn", stop_waiting=control, on_wait=lambda: syslog(
+            f"waiting for the warm-start server of this environment (importing {', '.join(warm.modules)})", flush=True))
+        shadowed = server.shadowed_by(job.manifest, spec_snapshot=job.spec.snapshot)
+        if shadowed:
+            syslog(f"warm start skipped: the snapshot has its own {', '.join(shadowed)}, which the fork server "
+                   f"imported already (the step would get the server's copy)")
+            return None
         proc = server.launch(argv, str(work), env, str(log_dir / "stdout.txt"), str(log_dir / "stderr.txt"))
     except (WarmStartError, OSError) as exc:
         syslog(f"warm start unavailable ({exc}); starting the step cold")
@@ -445,13 +451,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         preparing.cancel()  # prepared: what is left is starting the process (a slot, if it must wait for one)
         if slot is not None and not slot.acquire(
                 control, lambda busy: syslog(f"prepared; waiting for a process slot ({busy} step(s) running)", flush=True)):
-            if control.withdrawn and not control.canceled:  # its run stopped after a failure: never started
-                syslog("not started: the pipeline stopped after a step failed")
-                return StepResult(job.step_run_id, Status.QUEUED.value, None, None)
-            if control.requeue:
-                syslog(f"stopped before it started: {control.cancel_reason}; the step will run again")
-                return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, None)
-            return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, None)
+            return _stopped_before_start(job, reporter, control, syslog)
         ended: _ProcessEnd | None = None
         started = time.monotonic()
         try:
@@ -462,6 +462,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                 if (ended is None or not ended.succeeded) and job.stop_run_on_failure and not control.canceled:
                     slot.stop_run()  # before the slot is given on: no step of this run starts after it
                 slot.release()  # the process has ended: the next step's may start while this one commits
+        if ended.stopped_first:
+            return _stopped_before_start(job, reporter, control, syslog)
         if ended.start_error is not None:
             return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {ended.start_error}", None)
         code, timed_out = ended.code, ended.timed_out
@@ -519,6 +521,18 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             os.close(fd)  # its input cache entries may be evicted again
 
 
+def _stopped_before_start(job: StepJob, reporter: StepReporter, control: StepControl,
+                          syslog: _SystemLog) -> StepResult:
+    """The result of a step stopped while it waited to start (for a slot, or a warm-start server)."""
+    if control.withdrawn and not control.canceled:  # its run stopped after a failure: never started
+        syslog("not started: the pipeline stopped after a step failed")
+        return StepResult(job.step_run_id, Status.QUEUED.value, None, None)
+    if control.requeue:
+        syslog(f"stopped before it started: {control.cancel_reason}; the step will run again")
+        return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, None)
+    return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, None)
+
+
 _script_digests: dict[tuple[str, str], str] = {}
 
 
@@ -550,6 +564,7 @@ class _ProcessEnd(NamedTuple):
     code: int | None = None
     timed_out: bool = False
     start_error: OSError | None = None  # the process could not be started
+    stopped_first: bool = False  # canceled or withdrawn before its process started (waiting for a warm server)
 
     @property
     def succeeded(self) -> bool:
@@ -564,7 +579,9 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
     wait for its end."""
     spec = job.spec
     how = ""
-    proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog) if warm is not None else None
+    proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog, control) if warm is not None else None
+    if proc is None and (control.canceled or control.withdrawn):
+        return _ProcessEnd(stopped_first=True)
     if proc is None and spares is not None and not job.die_with_runner:
         spare = spares.take(argv[0], start_env, env)
         if spare is not None and spares.launch(spare, argv, str(work), str(log_dir / "stdout.txt"),

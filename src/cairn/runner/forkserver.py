@@ -13,16 +13,19 @@ it ends (a negative code is the signal that killed it).
 
 from __future__ import annotations
 
-import gc
-import importlib
-import io
-import json
-import os
-import selectors
-import signal
-import socket
 import sys
-import time
+
+_AT_START = frozenset(sys.modules)  # what `python script.py` has imported before the script runs
+
+import gc  # noqa: E402
+import importlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import selectors  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
 
 MAX_REQUEST = 1 << 22
 # Cairn's step-side client (Run.get_context()): imported once too, where the environment has it.
@@ -30,12 +33,24 @@ MAX_REQUEST = 1 << 22
 # through the agent, and every module here makes each fork copy more page tables.
 STEP_CLIENT = ["cairn.client.run", "cairn.client.workspace", "cairn.client.experiment", "cairn.backend.through_agent"]
 QUIET_SECONDS = 0.05
+INTERRUPTED = -1  # the script ended on an uncaught KeyboardInterrupt
 # What every child uses on its way in and out: imported once here, not once per step.
 CHILD_NEEDS = ["atexit", "random", "threading", "traceback", "types", "importlib.machinery"]
 
 
 def main() -> None:
-    sock_path, modules = sys.argv[1], sys.argv[2:]
+    sock_path = sys.argv[1]
+    try:
+        _serve_forever(sock_path, sys.argv[2:])
+    finally:  # the agent made the folder for this server alone; it may be gone before it can remove it
+        for remove in (os.unlink, os.rmdir):
+            try:
+                remove(sock_path if remove is os.unlink else os.path.dirname(sock_path))
+            except OSError:
+                pass
+
+
+def _serve_forever(sock_path: str, modules: list[str]) -> None:
     del sys.path[0]  # this file's folder: the steps' scripts must not import Cairn's runner modules by chance
     ready_fd = os.dup(1)
     os.dup2(2, 1)  # what the imports print goes to the server's log, never into the ready line
@@ -64,8 +79,11 @@ def main() -> None:
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ, ("accept", None, None))
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
+    # top-level modules a step's own file of that name would no longer shadow (the agent starts
+    # such a step cold)
+    imported = sorted({n.partition(".")[0] for n in sys.modules} - {n.partition(".")[0] for n in _AT_START})
     _ready(ready_fd, {"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
-                      "import_seconds": round(time.monotonic() - started, 3)})
+                      "import_seconds": round(time.monotonic() - started, 3), "imported": imported})
     accepting = True
     # Cairn's step-side client is imported once the server has been quiet for a moment (no request,
     # no step ending): a burst of short steps never waits for it (~0.3 s), and a step that calls
@@ -165,9 +183,10 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
             os.dup2(fd, target)
             os.close(fd)
         sys.stdin = open(0, closefd=False)
-        # PYTHONUNBUFFERED, as for cold steps: a killed step's last partial line is in its log
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True, write_through=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, write_through=True)
+        # PYTHONUNBUFFERED, as for cold steps: a killed step's last partial line is in its log. The
+        # encodings and error handlers a cold start would choose: the server's, chosen at its start.
+        sys.stdout = _stream(1, sys.__stdout__)
+        sys.stderr = _stream(2, sys.__stderr__)
         server_path = os.environ.get("PYTHONPATH", "")
         os.environ.clear()
         os.environ.update(request["env"])
@@ -181,7 +200,16 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
         _reseed()
         code = _run(script)
     finally:
+        if code == INTERRUPTED:  # as Python ends on an uncaught KeyboardInterrupt: killed by SIGINT
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            code = 128 + signal.SIGINT
         os._exit(code)
+
+
+def _stream(fd: int, like: io.TextIOWrapper | None) -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=like.encoding if like else None,
+                            errors=like.errors if like else None, line_buffering=True, write_through=True)
 
 
 def _reseed() -> None:
@@ -221,7 +249,7 @@ def _run(script: str) -> int:
         tb = exc.__traceback__
         tb = tb.tb_next if tb is not None else None
         sys.excepthook(type(exc), exc.with_traceback(tb), tb)
-        code = 1
+        code = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1
     try:  # what the interpreter does when a script ends: wait for threads, then atexit
         threading._shutdown()  # type: ignore[attr-defined]
     except Exception:

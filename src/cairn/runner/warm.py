@@ -5,7 +5,13 @@ stdout/stderr files and exit code; ``WarmProcess`` looks like ``subprocess.Popen
 
 When not to use it: modules that start threads at import (only the forking thread survives into
 the child), that open GPU contexts or network connections at import (shared with every child),
-or that read environment variables at import (they see the server's, not the step's)."""
+or that read environment variables at import (they see the server's, not the step's). What every
+warm step shares with the server: the preloaded modules as they were when it started (edit one, and
+steps see the change once the server restarts: re-create the target, or restart the agent), the
+hash seed of ``str`` (and so the order of sets of strings), and the process title (``ps`` shows
+``forkserver.py``). A step that sets a variable Python or a preloaded library reads only at start
+(``STARTUP_VARIABLES``), or whose snapshot has its own copy of a module the server imported,
+starts cold, saying why in its system log."""
 
 from __future__ import annotations
 
@@ -16,16 +22,26 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
 START_TIMEOUT = 300.0  # importing the modules may take a while; a hang must not
+# A step waits this long for a server still importing, then starts cold (importing what it needs
+# itself, as slowly); the server goes on starting for the steps after it.
+STEP_WAIT = 60.0
 # Variables Python reads only when it starts: a step that sets them differently starts cold.
 # So do the dynamic loader and libc (a forked child keeps the server's libraries and locale).
+# And the thread counts of OpenMP and BLAS libraries, read when a preloaded module loads them.
 STARTUP_VARIABLES = ("PYTHONHASHSEED", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNOUSERSITE", "PYTHONUTF8",
                      "PYTHONIOENCODING", "PYTHONWARNINGS", "PYTHONDEVMODE", "PYTHONOPTIMIZE", "PYTHONMALLOC",
-                     "LD_LIBRARY_PATH", "LD_PRELOAD", "GLIBC_TUNABLES", "LANG", "LC_ALL", "LC_CTYPE")
+                     "PYTHONFAULTHANDLER", "PYTHONINTMAXSTRDIGITS", "PYTHONPYCACHEPREFIX", "PYTHONTRACEMALLOC",
+                     "PYTHONNODEBUGRANGES", "PYTHONPLATLIBDIR", "PYTHONCOERCECLOCALE",
+                     "LD_LIBRARY_PATH", "LD_PRELOAD", "GLIBC_TUNABLES", "LANG", "LC_ALL", "LC_CTYPE",
+                     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+                     "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
 
 
 class WarmStartError(Exception):
@@ -79,6 +95,7 @@ class WarmServer:
         self._folder = tempfile.mkdtemp(prefix="cairn-warm-", dir="/tmp" if os.path.isdir("/tmp") else None)
         self.socket_path = os.path.join(self._folder, "s")
         self.modules = modules
+        self._shadowed: dict[str, list[str]] = {}  # snapshot digest -> its files the server imported
         with open(log_path, "ab") as log:
             self._proc = subprocess.Popen([python, FORKSERVER, self.socket_path, *modules], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
@@ -107,6 +124,24 @@ class WarmServer:
         if not ready.get("ready"):
             raise WarmStartError(f"warm start is not possible here: {ready.get('reason')}")
         return ready
+
+    def shadowed_by(self, manifest: dict[str, Any], spec_snapshot: str) -> list[str]:
+        """Modules of a snapshot (``name.py``, ``name/__init__.py`` at its top) that this server
+        imported already: a step of that snapshot would get the server's copy, where a cold start
+        imports its own."""
+        found = self._shadowed.get(spec_snapshot)
+        if found is None:
+            imported = set(self.ready.get("imported") or ())
+            found = []
+            for rel, *_ in manifest.get("files", []):
+                head, sep, rest = rel.partition("/")
+                name = head[:-3] if not sep and head.endswith(".py") else head if rest == "__init__.py" else ""
+                if name in imported:
+                    found.append(rel)
+            if len(self._shadowed) >= 1024:
+                self._shadowed.clear()
+            self._shadowed[spec_snapshot] = found = sorted(found)
+        return found
 
     def kill(self) -> None:
         try:
@@ -151,60 +186,104 @@ class WarmServer:
 
 
 class WarmPool:
-    """The fork servers of one compute target."""
+    """The fork servers of one compute target. A server starts in the background (with the agent,
+    or for the first step that needs it); steps wait for it on a condition, so a canceled step
+    stops waiting at once. A server that could not start is not tried again by this pool: its
+    steps start cold at once, saying why (a hanging or failing import fails the same way each time)."""
 
     def __init__(self, modules: tuple[str, ...]) -> None:
         self.modules = modules
         self._servers: dict[tuple[Any, ...], WarmServer] = {}
-        self._failed: dict[tuple[Any, ...], str] = {}  # warm start impossible there: do not try again
-        self._locks: dict[tuple[Any, ...], threading.Lock] = {}
+        self._failed: dict[tuple[Any, ...], str] = {}
         self._starting: set[tuple[Any, ...]] = set()
         self._closed = False
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
 
-    def begin_start(self, python: str, env: dict[str, str]) -> bool:
-        """Claim the start of the server for this interpreter and environment: False when one runs,
-        is being started, or cannot start here; else the caller must call ``server()`` next."""
-        key = (python, tuple(sorted(env.items())))
-        with self._lock:
+    @staticmethod
+    def _key(python: str, env: dict[str, str]) -> tuple[Any, ...]:
+        return python, tuple(sorted(env.items()))
+
+    def begin_start(self, python: str, env: dict[str, str], log_dir: Path,
+                    on_done: Callable[[WarmServer | None, str | None], None] | None = None) -> bool:
+        """Start the server for this interpreter and environment in the background, unless one
+        runs, is being started, or could not start; True when this call started it. ``on_done``
+        gets the server, or None and why it could not start."""
+        key = self._key(python, env)
+        with self._cond:
             server = self._servers.get(key)
             if self._closed or key in self._failed or key in self._starting or (server is not None and server.alive()):
                 return False
             self._starting.add(key)
-            return True
+        threading.Thread(target=self._start, args=(key, python, env, log_dir, on_done),
+                         name="warm-start-server", daemon=True).start()
+        return True
 
-    def server(self, python: str, env: dict[str, str], log_dir: Path) -> WarmServer:
-        key = (python, tuple(sorted(env.items())))
-        with self._lock:
-            lock = self._locks.setdefault(key, threading.Lock())
+    def _start(self, key: tuple[Any, ...], python: str, env: dict[str, str], log_dir: Path,
+               on_done: Callable[[WarmServer | None, str | None], None] | None) -> None:
+        server: WarmServer | None = None
+        failure: str | None = None
         try:
-            with lock:  # one server per key; steps of that key wait while it imports, others do not
-                if key in self._failed:
-                    raise WarmStartError(self._failed[key])
+            log_dir.mkdir(parents=True, exist_ok=True)
+            server = WarmServer(python, self.modules, env, log_dir / "warm-start.log")
+        except (WarmStartError, OSError) as exc:
+            failure = str(exc)
+        except BaseException as exc:  # never leave waiting steps waiting
+            failure = f"{type(exc).__name__}: {exc}"
+        with self._cond:
+            self._starting.discard(key)
+            if server is not None and self._closed:  # the target's warm start was turned off meanwhile
+                server.stop()
+                server, failure = None, "warm start was turned off for this compute target"
+            elif server is not None:
+                self._servers[key] = server
+            else:
+                self._failed[key] = f"the fork server could not start ({failure})"
+            self._cond.notify_all()
+        if on_done is not None:
+            on_done(server, failure)
+
+    def server(self, python: str, env: dict[str, str], log_dir: Path, stop_waiting: Any = None,
+               on_wait: Callable[[], None] | None = None) -> WarmServer:
+        """The running server for this interpreter and environment, started if needed and waited
+        for. Raises WarmStartError when it cannot start (now or before), when warm start was turned
+        off, or when ``stop_waiting`` (a StepControl) is canceled or withdrawn meanwhile."""
+        key = self._key(python, env)
+        if stop_waiting is not None:
+            stop_waiting.add_waker(self._wake)
+        waited = False
+        deadline = time.monotonic() + STEP_WAIT
+        with self._cond:
+            while True:
                 server = self._servers.get(key)
                 if server is not None and server.alive():
                     return server
-                log_dir.mkdir(parents=True, exist_ok=True)
-                try:
-                    server = WarmServer(python, self.modules, env, log_dir / "warm-start.log")
-                except WarmStartError as exc:
-                    if "not possible here" in str(exc):
-                        self._failed[key] = str(exc)
-                    raise
-                with self._lock:
-                    if self._closed:  # the target's warm start was turned off meanwhile
-                        server.stop()
-                        raise WarmStartError("warm start was turned off for this compute target")
-                    self._servers[key] = server
-                    self._starting.discard(key)  # together: a server is always either starting or known
-                return server
-        finally:
-            with self._lock:
-                self._starting.discard(key)
+                if key in self._failed:
+                    raise WarmStartError(self._failed[key])
+                if self._closed:
+                    raise WarmStartError("warm start was turned off for this compute target")
+                if stop_waiting is not None and (stop_waiting.canceled or stop_waiting.withdrawn):
+                    raise WarmStartError("the step was stopped while its fork server started")
+                if key not in self._starting:  # none yet, or it died since: started again
+                    self._servers.pop(key, None)
+                    self._starting.add(key)
+                    threading.Thread(target=self._start, args=(key, python, env, log_dir, None),
+                                     name="warm-start-server", daemon=True).start()
+                if not waited and on_wait is not None:
+                    waited = True
+                    on_wait()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WarmStartError(f"the fork server was still importing after {STEP_WAIT:g} s")
+                self._cond.wait(left)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def shutdown(self) -> None:
-        with self._lock:
+        with self._cond:
             self._closed = True
             servers, self._servers = list(self._servers.values()), {}
+            self._cond.notify_all()
         for s in servers:
             s.stop()
