@@ -312,10 +312,27 @@ def test_a_server_that_could_not_start_is_not_waited_for_again(
     assert starts.read_text() == "start\n"  # one try, not one per step
 
 
+def _processes_running(marker: str) -> list[int]:
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def test_a_step_waiting_for_its_server_can_be_canceled(
         workspace: Workspace, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
     import time
+
+    from cairn.engine.client import stop_agent
+    from cairn.storage.layout import WorkspaceLayout
 
     fifo = tmp_path / "import-blocks-here"
     os.mkfifo(fifo)
@@ -333,6 +350,11 @@ def test_a_step_waiting_for_its_server_can_be_canceled(
         run.cancel()
         assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=30) == "Canceled"
         assert step.get_status() == "Canceled" and "started pid" not in step.get_system_log()
+        stop_agent(WorkspaceLayout(workspace.location))  # a server stuck importing leaves with its agent
+        deadline = time.monotonic() + 30
+        while _processes_running("cairn_blocks_at_import"):
+            assert time.monotonic() < deadline, "the fork server outlived its agent"
+            time.sleep(0.1)
     finally:
         try:  # let the server's import end
             fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)

@@ -40,6 +40,7 @@ CHILD_NEEDS = ["atexit", "random", "threading", "traceback", "types", "importlib
 
 def main() -> None:
     sock_path = sys.argv[1]
+    _leave_with_the_agent_while_importing()
     try:
         _serve_forever(sock_path, sys.argv[2:])
     finally:  # the agent made the folder for this server alone; it may be gone before it can remove it
@@ -119,7 +120,21 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
                 conn.close()
 
 
+def _leave_with_the_agent_while_importing(leave: bool = True) -> None:
+    """An import that hangs must not keep this server once the agent that waits for it is gone:
+    until it is ready, the server is killed when the agent's thread that started it ends (after,
+    it leaves when its standard input closes, once its running steps have ended)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL if leave else 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _ready(fd: int, message: dict) -> None:
+    _leave_with_the_agent_while_importing(False)  # first: the thread that started it ends on this line
     os.write(fd, (json.dumps(message) + "\n").encode())
     os.close(fd)
 
