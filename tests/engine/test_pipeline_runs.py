@@ -504,6 +504,8 @@ def test_no_step_starts_after_a_failure_stops_the_run(workspace, write_script):
     for row in rows:
         if row["status"] == "NotStarted":
             assert row["pid"] is None and "not run: the pipeline stopped after step 'fail' failed" in row["status_reason"]
+            # withdrawn once: not prepared again while the engine had yet to hear of the failure
+            assert "attempt 2" not in by_name[row["name"]].get_system_log()
         else:
             assert row["ended_at"] < failed_at  # one slot: it ran (and ended) before the failing step
     assert any(row["status"] == "NotStarted" for row in rows)

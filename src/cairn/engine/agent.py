@@ -206,7 +206,8 @@ class Agent:
                         row = q.get_run(self.ctx.store, result.step_run_id) or {}
                         status = Status(row.get("status") or Status.FAILED.value)
                     self._notify(sched.run_id)
-                sched.finished(name, status)
+                control: StepControl = event[2]
+                sched.finished(name, status, withdrawn=control.withdrawn and not control.canceled)
                 if status == Status.FAILED and not sched.run["continue_on_step_failure"]:
                     for other, parent in self.step_parent.items():  # prepared ahead, not started: they never will
                         if parent == sched.run_id:

@@ -45,6 +45,7 @@ class PipelineScheduler:
         self.status: dict[str, Status] = {}
         self.running: set[str] = set()
         self.failed_step: str | None = None
+        self._held: set[str] = set()  # withdrawn by their compute: see finished()
         self.canceling = bool(run["cancel_requested"])  # canceled while no agent was running
         self._roots = ctx.datastore_roots()
         self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
@@ -318,8 +319,13 @@ class PipelineScheduler:
         self.running.add(step.name)
         self._check_ready(step.name)  # running: no longer ready
 
-    def finished(self, step_name: str, status: Status) -> None:
+    def finished(self, step_name: str, status: Status, withdrawn: bool = False) -> None:
+        """``withdrawn``: the compute did not start it because another step of the run failed there,
+        a failure the engine hears of next: it waits for it, rather than being dispatched again."""
         self.running.discard(step_name)
+        if status == Status.QUEUED and withdrawn and not self._halted():
+            self._held.add(step_name)
+            return
         if status == Status.QUEUED:  # stopped by its agent, not ended: it runs again
             self._check_ready(step_name)
             return
@@ -335,6 +341,10 @@ class PipelineScheduler:
         self.canceling = True
 
     def is_done(self) -> bool:
+        if self._held and not self.running and not self._halted():  # no failure came after all: they run
+            for name in sorted(self._held):
+                self._check_ready(name)
+            self._held.clear()
         return not self.running and not self.has_ready()
 
     def finish(self) -> Status:
