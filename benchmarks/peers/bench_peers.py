@@ -64,13 +64,20 @@ def peer_python(tool: str) -> str:
     stamp = venv / ".installed"
     wanted = " ".join(PEERS[tool])
     if not (stamp.exists() and stamp.read_text() == wanted):
-        from cairn.environments.build import uv_binary
+        from cairn.environments.build import EnvironmentBuildError, uv_binary
 
         print(f"installing {wanted} into {venv} ...", file=sys.stderr, flush=True)
         shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([uv_binary(), "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
-        subprocess.run([uv_binary(), "pip", "install", "--quiet", "--python", str(python), "--compile-bytecode",
-                        *PEERS[tool]], check=True)
+        try:
+            uv = uv_binary()
+            subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
+            subprocess.run([uv, "pip", "install", "--quiet", "--python", str(python), "--compile-bytecode",
+                            *PEERS[tool]], check=True)
+        except (subprocess.CalledProcessError, EnvironmentBuildError, OSError) as exc:
+            shutil.rmtree(venv, ignore_errors=True)
+            why = "uv's error is above" if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+            sys.exit(f"could not install {wanted} into {venv} ({why}): check the network and uv's index "
+                     f"settings, or leave {tool} out of --tools")
         stamp.write_text(wanted)
     return str(python)
 
@@ -100,8 +107,32 @@ def run_driver(tool: str, shape: str, state: Path) -> dict[str, Any]:
         return {"error": "\n".join((stderr or stdout).strip().splitlines()[-8:]), "wall": wall}
     result = json.loads(lines[-1])
     ran = [ln for ln in (state / "ran.log").read_text().splitlines() if ln]
-    return {**result, "wall": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "ran": len(ran),
+    # the largest single process: of the driver's tree, or Cairn's agent (it outlives the driver)
+    peak = max(usage.ru_maxrss / 1024, result.get("agent_peak_mb") or 0)
+    return {**result, "wall": wall, "peak_rss_mb": peak, "ran": len(ran),
             "ran_names": sorted(ran) if shape == "edit" else None}
+
+
+def expected_ran(shape: str, earlier: set[str]) -> list[str] | None:
+    """The steps Cairn must run in ``shape``, after the ``earlier`` shapes ran in its state folder."""
+    names = [name for name, _ in common.chain()]
+    if shape not in ("chain", "rerun", "edit"):
+        return None
+    if shape == "chain" or not earlier & {"chain", "rerun", "edit"}:  # nothing of the chain's cached yet
+        return names
+    return [] if shape == "rerun" else names[names.index(common.EDITED_STEP):]
+
+
+def check_cairn(tool: str, shape: str, state: Path, result: dict[str, Any], earlier: set[str]) -> None:
+    """Cairn's own rows are checked, not only shown: all of the chain ran, nothing on the rerun,
+    exactly steps 10-20 after the edit."""
+    wanted = expected_ran(shape, earlier)
+    if not tool.startswith("cairn") or wanted is None or "error" in result or result.get("seconds") is None:
+        return
+    ran = sorted(ln for ln in (state / "ran.log").read_text().splitlines() if ln)
+    if ran != sorted(wanted):
+        result["wrong"] = (f"ran {len(ran)} step(s) ({', '.join(ran[:3])}{', ...' if len(ran) > 3 else ''}); "
+                           f"expected {len(wanted)}")
 
 
 def edit_step_10(state: Path) -> None:
@@ -144,11 +175,24 @@ def snapshot_figures(repeat: int) -> dict[str, list[float]]:
     return figures
 
 
+def _repeat(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--tools", default=",".join(DRIVERS))
-    parser.add_argument("--shapes", default=",".join((*ORDER, "snapshot")))
+    parser.add_argument("--repeat", type=_repeat, default=3, help="runs of each shape; the table shows medians "
+                        "(default 3)")
+    parser.add_argument("--tools", default=",".join(DRIVERS), help="comma-separated, of: " + ", ".join(DRIVERS)
+                        + " (default: all; bare and cairn give the ratio columns)")
+    parser.add_argument("--shapes", default=",".join((*ORDER, "snapshot")), help="comma-separated, of: "
+                        + ", ".join(f"{k} {v[:3]}" for k, v in SHAPE_LABELS.items()) + " (default: all)")
     parser.add_argument("--slow", action="store_true", help="also run what takes many minutes (" +
                         ", ".join(f"{t} {s}" for t, s in SLOW) + ")")
     args = parser.parse_args()
@@ -158,6 +202,14 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown tool or shape: {', '.join(unknown)} (tools: {', '.join(DRIVERS)}; shapes: "
                  f"{', '.join(SHAPE_LABELS)})")
+    if not tools or not shapes:
+        sys.exit(f"nothing to run: give at least one tool ({', '.join(DRIVERS)}) and one shape "
+                 f"({', '.join(SHAPE_LABELS)})")
+    if shapes == ["snapshot"] and "cairn" not in tools:
+        sys.exit("the snapshot shape is measured for cairn only (no peer snapshots code): add cairn to --tools")
+    missing = [t for t in ("bare", "cairn") if t not in tools]
+    if missing:
+        print(f"note: without {' and '.join(missing)} in --tools, the ratio columns stay empty", file=sys.stderr)
     for tool in tools:
         peer_python(tool)  # install first: no install is timed
     raw: list[dict[str, Any]] = []
@@ -172,26 +224,37 @@ def main() -> None:
                         result = {"seconds": None, "note": f"not run: {SLOW[tool, shape]}", "ran": 0}
                     else:
                         result = run_driver(tool, shape, state)
+                        check_cairn(tool, shape, state, result, {r["shape"] for r in raw
+                                                                 if r["tool"] == tool and r["rep"] == rep})
                     raw.append({"tool": tool, "shape": shape, "rep": rep, **result})
                     shown = (f"{result['seconds']:.2f} s, ran {result['ran']}" if result.get("seconds") is not None
                              else result.get("note") or "ERROR")
                     print(f"[{rep + 1}/{args.repeat}] {tool:9} {shape:8} {shown}", file=sys.stderr, flush=True)
                     if "error" in result:
                         print(result["error"], file=sys.stderr)
+                    if "wrong" in result:
+                        print(f"WRONG: {tool} {shape}: {result['wrong']}", file=sys.stderr)
                 if (state / "cairn-ws").is_dir():  # the workspace's agent outlives the drivers: stop it
                     from cairn.engine.client import stop_agent
                     from cairn.storage.layout import WorkspaceLayout
 
                     stop_agent(WorkspaceLayout(state / "cairn-ws"))
     snapshot = snapshot_figures(args.repeat) if "snapshot" in shapes and "cairn" in tools else {}
-    print_table(raw, tools, shapes, snapshot)
     from bench_pipelines import machine
 
+    about, now = machine(), datetime.now(UTC)
+    print(f"\n{now:%Y-%m-%d %H:%M} UTC, {about['nproc']} cores ({about['cpu_model'] or 'CPU model unknown'}), "
+          f"Python {about['python']}, Cairn commit {about['commit'] or 'unknown'}; median of {args.repeat}")
+    print_table(raw, tools, shapes, snapshot)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"peers-{int(time.time())}.json"
-    path.write_text(json.dumps({"machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    path = RESULTS / f"peers-{now:%Y%m%dT%H%M%SZ}-{os.getpid()}.json"
+    path.write_text(json.dumps({"machine": about, "date": now.isoformat(timespec="seconds"),
                                 "peers": PEERS, "raw": raw, "snapshot": snapshot}, indent=1))
     print(f"\nraw figures: {path}")
+    failed = [r for r in raw if "error" in r or "wrong" in r]
+    if failed:
+        sys.exit(f"{len(failed)} run(s) failed or ran the wrong steps: "
+                 + "; ".join(sorted({f"{r['tool']} {r['shape']}" for r in failed})))
 
 
 def _median(raw: list[dict[str, Any]], tool: str, shape: str, key: str) -> float | None:
@@ -225,6 +288,7 @@ def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
             versus_warm = f"{warm / seconds:.2f}" if warm and not tool.startswith("cairn") else ""
             ran = sorted({r["ran"] for r in rows if "ran" in r})
             notes = sorted({r.get("note", "") for r in rows if r.get("note")})
+            notes += sorted({f"WRONG: {r['wrong']}" for r in rows if r.get("wrong")})
             dispatch = _median(raw, tool, shape, "dispatch_ms")
             if dispatch is not None:  # Cairn's own scheduling cost (drivers/cairn_driver.py)
                 notes.append(f"dispatch {dispatch:.1f} ms/step, agent CPU "

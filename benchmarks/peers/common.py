@@ -122,6 +122,17 @@ def report(seconds: float, note: str = "", extra: dict | None = None) -> None:
     print(json.dumps({"seconds": seconds, "note": note, **(extra or {})}), flush=True)
 
 
+def process_peak_mb(pid: int) -> float | None:
+    """The peak resident memory of a running process (VmHWM, Linux), in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a running process (Linux)."""
     import os

@@ -56,4 +56,5 @@ with common.Timer() as t:
     status = run.wait_for_completion(show_output=False)
 assert status == "Completed", status
 agent_cpu = common.process_cpu_seconds(agent_pid) - cpu_before
-common.report(t.seconds, extra=common.cairn_overhead(ws.location, run.id, agent_cpu))
+common.report(t.seconds, extra={**common.cairn_overhead(ws.location, run.id, agent_cpu),
+                                "agent_peak_mb": common.process_peak_mb(agent_pid)})
