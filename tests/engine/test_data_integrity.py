@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from cairn import Datastore, Experiment, Pipeline, PipelineData, PythonScriptStep
 
@@ -87,3 +88,86 @@ def test_the_output_datastore_is_part_of_the_fingerprint(workspace, write_script
     output = produce.get_output_data("o")
     assert output.datastore_name == "other" and output.local_path.is_relative_to(tmp_path / "other")
     assert any(c.startswith("outputs changed") for c in produce.explain()["changes"])
+
+
+def test_an_output_destination_is_part_of_the_fingerprint(workspace, write_script, tmp_path):
+    from cairn import OutputFileDatasetConfig
+
+    src = write_script("write.py", "import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\n"
+                                   "open(os.path.join(sys.argv[1], 'x.txt'), 'w').write('x')\n")
+    store = workspace.get_default_datastore()
+    exp = Experiment(workspace, "destinations")
+    for folder in ("fixed/a", "fixed/b"):
+        out = OutputFileDatasetConfig("x", destination=(store, folder)).as_upload(overwrite=True)
+        step = PythonScriptStep("write.py", name="write", source_directory=src, arguments=[out])
+        run = exp.submit(Pipeline(workspace, [step]))
+        assert run.wait_for_completion(show_output=False) == "Completed"
+        assert run.find_step_run("write")[0].get_status() == "Completed"  # the second ran: written elsewhere
+        assert (Path(store.root) / folder / "x.txt").read_text() == "x"
+
+
+def test_an_empty_folder_in_an_output_is_part_of_it(workspace, write_script, tmp_path, monkeypatch):
+    """A consumer that lists its input sees the empty folder: the output changed, the consumer runs."""
+    flag = tmp_path / "with-folder"
+    monkeypatch.setenv("FLAG", str(flag))
+    src = write_script("make.py", """
+        import os, sys
+        os.makedirs(sys.argv[1], exist_ok=True)
+        open(os.path.join(sys.argv[1], "v.txt"), "w").write("v")
+        if os.path.exists(os.environ["FLAG"]):
+            os.makedirs(os.path.join(sys.argv[1], "checkpoints"))
+    """)
+    write_script("list.py", "import os, sys\nprint(sorted(os.listdir(sys.argv[1])))\n")
+
+    def submit():
+        out = PipelineData("o")
+        steps = [PythonScriptStep("make.py", name="make", source_directory=src, arguments=[out], outputs=[out],
+                                  allow_reuse=False),
+                 PythonScriptStep("list.py", name="list", source_directory=src, arguments=[out.as_mount()])]
+        run = Experiment(workspace, "empty").submit(Pipeline(workspace, steps))
+        assert run.wait_for_completion(show_output=False) == "Completed"
+        return run.find_step_run("list")[0]
+
+    assert submit().get_stdout_log().strip() == "['v.txt']"
+    flag.write_text("")
+    second = submit()
+    assert second.get_status() == "Completed", second.explain()
+    assert second.get_stdout_log().strip() == "['checkpoints', 'v.txt']"
+    assert "input o changed" in " ".join(second.explain()["changes"])
+
+
+def test_how_a_dataset_is_read_is_part_of_the_fingerprint(workspace, write_script):
+    from cairn import Dataset
+
+    store = workspace.get_default_datastore()
+    (Path(store.root) / "t.csv").write_text("a,b\n1,x\n2,y\n3,z\n")
+    table = Dataset.Tabular.from_delimited_files((store, "t.csv"))
+    src = write_script("rows.py", "from cairn import Run\n"
+                                  "print('rows', len(Run.get_context().input_datasets['t'].to_pandas_dataframe()))\n")
+
+    def rows(dataset):
+        step = PythonScriptStep("rows.py", name="rows", source_directory=src, inputs=[dataset.as_named_input("t")])
+        run = Experiment(workspace, "reading").submit(Pipeline(workspace, [step]))
+        assert run.wait_for_completion(show_output=False) == "Completed"
+        return run.find_step_run("rows")[0]
+
+    assert rows(table.take(2)).get_stdout_log().strip() == "rows 2"
+    taken = rows(table.take(1))
+    assert taken.get_status() == "Completed" and taken.get_stdout_log().strip() == "rows 1"
+    assert "input t changed" in " ".join(taken.explain()["changes"])
+    assert rows(table.take(1)).get_status() == "Reused"
+
+
+def test_explain_says_an_earlier_identical_run_did_not_complete(workspace, write_script, tmp_path, monkeypatch):
+    flag = tmp_path / "fail"
+    flag.write_text("")
+    monkeypatch.setenv("FLAG", str(flag))
+    src = write_script("flaky.py", "import os, sys\nsys.exit(1 if os.path.exists(os.environ['FLAG']) else 0)\n")
+    step = PythonScriptStep("flaky.py", name="flaky", source_directory=src)
+    exp = Experiment(workspace, "flaky")
+    exp.submit(Pipeline(workspace, [step])).wait_for_completion(show_output=False, raise_on_error=False)
+    flag.unlink()
+    run = exp.submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    summary = run.find_step_run("flaky")[0].explain()["summary"]
+    assert "which did not complete (Failed): nothing to reuse" in summary, summary

@@ -448,11 +448,14 @@ class LocalBackend(AgentSocketCalls):
                 result["summary"] = "ran: reuse is off for this step (allow_reuse=False)"
             elif pipeline.get("regenerate_outputs"):
                 result["summary"] = "ran: the pipeline was submitted with regenerate_outputs=True"
+            elif prev["status"] != Status.COMPLETED.value and prev["status"] != Status.REUSED.value:
+                result["summary"] = (f"ran: same fingerprint as step run {prev['id']}, which did not complete "
+                                     f"({prev['status']}): nothing to reuse")
             else:
                 result["summary"] = (f"ran: same fingerprint as step run {prev['id']}, whose outputs were not "
-                                     f"available for reuse")
-        if run["status"] == Status.FAILED.value:
-            result["summary"] = f"failed ({run['status_reason']}); " + result["summary"]
+                                     f"available for reuse (gone or changed since)")
+        if run["status"] in (Status.FAILED.value, Status.CANCELED.value):
+            result["summary"] = f"{run['status'].lower()} ({run['status_reason']}); " + result["summary"]
         if not allow_reuse and "allow_reuse" not in result["summary"]:
             result["summary"] += " (reuse is off for this step: allow_reuse=False)"
         elif pipeline.get("regenerate_outputs") and "regenerate" not in result["summary"]:

@@ -18,7 +18,9 @@ def fingerprint_parts(step: StepSpec, input_digests: dict[str, str]) -> dict[str
         "environment": step.environment_digest,
         "environment_variables": dict(step.environment_variables),
         "version": step.version,
-        "outputs": {o.name: o.datastore for o in step.outputs},
+        # where an output is committed is part of what the step does (a reused step wrote elsewhere)
+        "outputs": {o.name: [o.datastore, o.destination, bool(o.overwrite)] if o.destination else o.datastore
+                    for o in step.outputs},
     }
     for name in sorted(input_digests):
         parts[f"input:{name}"] = input_digests[name]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cairn.core.digests import digest_json
 from cairn.core.spec import GraphSpec, StepSpec
 from cairn.core.status import ACTIVE, Status
 from cairn.data.datasets import local_folder
@@ -154,7 +155,7 @@ class PipelineScheduler:
         store = self.ctx.store
         step_run_id = self.step_ids[step.name]
         inputs, datasets, locations = self._locate_inputs(step, step_run_id, record_lineage=True)
-        parts = fingerprint_parts(step, {i.name: i.digest for i in inputs})
+        parts = fingerprint_parts(step, _input_digests(step, inputs))
         fp = fingerprint(parts)
         log_dir = self._run_root / run_dir(self.run_id, step_run_id) / "logs"
         if step.allow_reuse and not self.run["regenerate_outputs"]:
@@ -202,7 +203,7 @@ class PipelineScheduler:
             raise ValueError(f"step {step.name!r} cannot be recreated: upstream step {missing[0]} has no "
                              f"committed output for it in this run")
         inputs, datasets, locations = self._locate_inputs(step, step_run_id, record_lineage=False)
-        parts = fingerprint_parts(step, {i.name: i.digest for i in inputs})
+        parts = fingerprint_parts(step, _input_digests(step, inputs))
         job = self._job(step, step_run_id, max(1, self.attempts[step.name]), inputs, datasets, locations,
                         fingerprint(parts), parts, work_dir / ".cairn_debug" / "logs")
         staging = {o.name: str(work_dir / ".cairn_debug" / "outputs" / o.name) for o in step.outputs}
@@ -377,6 +378,21 @@ class PipelineScheduler:
             final, reason = Status.FAILED, "some steps could not run"
         q.update_status(store, self.run_id, final, reason)
         return final
+
+
+def _input_digests(step: StepSpec, inputs: list[InputLocation]) -> dict[str, str]:
+    """What each input gives the step's fingerprint: its content's digest, and how the step reads it
+    where that is more than its files (a dataset's transformations and parse options, an output
+    read as a table): the same files read otherwise give another result."""
+    digests = {i.name: i.digest for i in inputs}
+    for d in step.dataset_inputs:
+        reading = {k: v for k, v in d.definition.items() if k not in ("kind", "paths")}
+        if reading or d.kind != "file":  # (a plain file dataset keeps the fingerprint it had)
+            digests[d.name] = digest_json([d.content_digest, d.kind, reading])
+    for i in step.inputs:
+        if i.read_as:
+            digests[i.name] = digest_json([digests[i.name], i.read_as])
+    return digests
 
 
 def _destination(o: Any, base: str, step_run_id: str) -> str:

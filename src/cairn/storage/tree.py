@@ -24,17 +24,25 @@ class TreeDigest:
 
 def _files(root: Path) -> list[tuple[str, str]]:
     """(relative POSIX path, absolute path) of every file or symlink under root, sorted."""
+    return _walk(root)[0]
+
+
+def _walk(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """``_files``, and the relative POSIX paths of the empty folders under root (sorted): a
+    consumer may list them, so they are part of what an output is."""
     if not root.is_dir():
-        return [("", str(root))]
-    found = []
+        return [("", str(root))], []
+    found, empty = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
         # symlinked folders are listed (as links), not followed: no loops, no escapes
         for name in [*filenames, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))]:
             rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
             found.append((rel, os.path.join(dirpath, name)))
+        if not dirnames and not filenames and rel_dir != ".":
+            empty.append(rel_dir.replace(os.sep, "/"))
     found.sort()
-    return found
+    return found, sorted(empty)
 
 
 @dataclass(frozen=True)
@@ -72,20 +80,23 @@ def _entry(full: str) -> tuple[int, int, str]:
 
 def digest_tree(path: str | os.PathLike[str]) -> TreeDigest:
     rows, stats, size = [], [], 0
-    for rel, full in _files(Path(path)):
+    files, empty = _walk(Path(path))
+    for rel, full in files:
         file_size, mtime, digest = _entry(full)
         size += file_size
         rows.append([rel, file_size, digest])
         stats.append([rel, file_size, mtime])
-    return TreeDigest(digest_json({"tree": rows}), size, len(rows), digest_json({"stat": stats}))
+    folders = {"folders": empty} if empty else {}  # (an output without empty folders keeps its old digest)
+    return TreeDigest(digest_json({"tree": rows, **folders}), size, len(rows), digest_json({"stat": stats, **folders}))
 
 
 def stat_signature(path: str | os.PathLike[str]) -> str:
     stats = []
-    for rel, full in _files(Path(path)):
+    files, empty = _walk(Path(path))
+    for rel, full in files:
         st = os.lstat(full)
         stats.append([rel, 0 if stat.S_ISLNK(st.st_mode) else st.st_size, st.st_mtime_ns])
-    return digest_json({"stat": stats})
+    return digest_json({"stat": stats, **({"folders": empty} if empty else {})})
 
 
 def make_read_only(path: str | os.PathLike[str]) -> None:
