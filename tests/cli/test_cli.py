@@ -332,6 +332,22 @@ def test_runs_show(completed: Done) -> None:
     assert "greet" in step_line and "Completed" in step_line
 
 
+def test_runs_show_lists_each_steps_outputs(workspace: Workspace, tmp_path: Path) -> None:
+    from cairn import Experiment, Pipeline, PipelineData, PythonScriptStep
+
+    src = tmp_path / "made"
+    src.mkdir()
+    (src / "make.py").write_text("import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\n"
+                                 "open(os.path.join(sys.argv[1], 'x.txt'), 'w').write('x')\n")
+    out = PipelineData("o")
+    step = PythonScriptStep("make.py", name="make", source_directory=str(src), arguments=[out], outputs=[out])
+    run = Experiment(workspace, "cli").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    result = cairn("runs", "show", run.id, cwd=Path(workspace.location))
+    assert result.returncode == 0, result.stderr
+    assert f"output make.o: {run.find_step_run('make')[0].get_output_data('o').local_path} (1 bytes," in flat(result.stdout)
+
+
 def test_runs_show_json(completed: Done) -> None:
     result = completed.project.cairn("runs", "show", completed.run_id, "--json")
     assert result.returncode == 0, result.stderr

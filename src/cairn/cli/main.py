@@ -172,9 +172,11 @@ def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = ty
             note = f"reused {r['reused_from']}" if r["reused_from"] else (r["status_reason"] or "")
             table.add_row(r["name"], _status(r["status"]), _duration(r), s.id, note)
         console.print(table)
-    for s in ([run] if not steps else []):
+    for s in (steps or [run]):  # a pipeline's: each step's, named by step
+        who = f"{s._row()['name']}." if steps else ""
         for name, o in s.get_outputs().items():
-            console.print(f"output {name}: {_where(o)} ({o.size} bytes, {o.digest})")
+            console.print(f"output {who}{name}: {_where(o)} ({o.size} bytes, {o.digest})", highlight=False,
+                          soft_wrap=True)  # a path stays whole, to copy
     for title, values in (("tags", details["tags"]), ("properties", details["properties"])):
         if values:
             console.print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
