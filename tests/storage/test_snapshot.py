@@ -67,6 +67,19 @@ def test_unchanged_files_are_not_hashed_again(tmp_path, monkeypatch):
     assert [Path(c).name for c in calls] == ["f3.txt"] and third.digest != first.digest
 
 
+def test_an_ignore_file_in_a_subfolder_applies_below_it(tmp_path):
+    src = _tree(tmp_path / "src", {"a.py": "a", "sub/tmp.bin": "t", "sub/keep.py": "k", "sub/deep/x.bin": "x",
+                                   "other/tmp.bin": "o"})
+    objects = ObjectStore(tmp_path / "objects")
+    (src / "sub" / ".gitignore").write_text("*.bin\n")  # as git reads it: for sub/ and below only
+    assert _paths(take_snapshot(src, objects, {})) == ["a.py", "other/tmp.bin", "sub/.gitignore", "sub/keep.py"]
+    (src / ".cairnignore").write_text("other/\n")  # the source's own file names the nested ones
+    assert "sub/tmp.bin" in _paths(take_snapshot(src, objects, {}))
+    (src / "sub" / ".cairnignore").write_text("keep.py\n")
+    assert [p for p in _paths(take_snapshot(src, objects, {})) if p.startswith(("sub/", "other/"))] == [
+        "sub/.cairnignore", "sub/.gitignore", "sub/deep/x.bin", "sub/tmp.bin"]
+
+
 def test_limits_name_the_largest_files_and_the_ignore_file(tmp_path):
     src = _tree(tmp_path / "src", {"small.py": "x", "huge.bin": "y" * 5000, "mid.bin": "z" * 1000})
     with pytest.raises(SnapshotTooLargeError) as info:

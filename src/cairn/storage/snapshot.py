@@ -67,27 +67,50 @@ def _ignore_spec(source: str) -> tuple[object | None, str | None]:
     return None, None
 
 
-def _walk(source: str, spec: object | None) -> list[tuple[str, os.stat_result, str]]:
+Rules = tuple[tuple[str, object], ...]  # (folder relative to the source, its ignore spec), outermost first
+
+
+def _nested_spec(abs_dir: str, name: str) -> object | None:
+    path = os.path.join(abs_dir, name)
+    if not os.path.isfile(path):
+        return None
+    import pathspec
+
+    return pathspec.GitIgnoreSpec.from_lines(Path(path).read_text(encoding="utf-8", errors="replace").splitlines())
+
+
+def _ignored(rules: Rules, rel: str) -> bool:
+    return any(spec.match_file(rel[len(base):]) for base, spec in rules)  # type: ignore[attr-defined]
+
+
+def _walk(source: str, spec: object | None, ignore_file: str | None = None) -> list[tuple[str, os.stat_result, str]]:
+    """The files to snapshot. As git does, an ignore file in a subfolder applies below it (files
+    named as the source's own one, ``.gitignore`` when it has none)."""
+    nested = ignore_file or ".gitignore"
     found: list[tuple[str, os.stat_result, str]] = []
-    stack = [("", source)]
+    stack: list[tuple[str, str, Rules]] = [("", source, (("", spec),) if spec is not None else ())]
     visited = {real_path(source)}  # symlinked folders are followed, each real folder once
     while stack:
-        rel_dir, abs_dir = stack.pop()
+        rel_dir, abs_dir, rules = stack.pop()
+        if rel_dir:
+            inner = _nested_spec(abs_dir, nested)
+            if inner is not None:
+                rules = (*rules, (rel_dir, inner))
         with os.scandir(abs_dir) as it:
             for entry in it:
                 if entry.name in ALWAYS_IGNORED:
                     continue
                 rel = f"{rel_dir}{entry.name}"
                 if entry.is_dir():
-                    if spec is not None and spec.match_file(rel + "/"):  # type: ignore[attr-defined]
+                    if rules and _ignored(rules, rel + "/"):
                         continue
                     real = os.path.realpath(entry.path)
                     if real in visited:
                         continue
                     visited.add(real)
-                    stack.append((rel + "/", entry.path))
+                    stack.append((rel + "/", entry.path, rules))
                 elif entry.is_file():  # follows a symlink to a file: its content is snapshotted
-                    if spec is not None and spec.match_file(rel):  # type: ignore[attr-defined]
+                    if rules and _ignored(rules, rel):
                         continue
                     found.append((rel, entry.stat(), entry.path))
     found.sort()
@@ -111,7 +134,7 @@ def take_snapshot(
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source directory {src!r} does not exist or is not a directory")
     spec, ignore_file = _ignore_spec(src)
-    files = _walk(src, spec)
+    files = _walk(src, spec, ignore_file)
     total = sum(st.st_size for _, st, _ in files)
     if len(files) > max_files or total > max_bytes:
         if len(files) > max_files:  # too many files: name the folders that hold most of them
