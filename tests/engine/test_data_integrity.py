@@ -171,3 +171,19 @@ def test_explain_says_an_earlier_identical_run_did_not_complete(workspace, write
     assert run.wait_for_completion(show_output=False) == "Completed"
     summary = run.find_step_run("flaky")[0].explain()["summary"]
     assert "which did not complete (Failed): nothing to reuse" in summary, summary
+
+
+def test_explain_names_what_changed_in_the_environment(workspace, write_script):
+    from cairn import Environment, RunConfiguration
+
+    src = write_script("env.py", "import os\nprint(os.environ.get('LEVEL'))\n")
+    exp = Experiment(workspace, "environments")
+    for level in ("1", "2"):
+        rc = RunConfiguration()
+        rc.environment = Environment("isolated")  # managed, no packages: built without a network
+        rc.environment.environment_variables = {"LEVEL": level}
+        step = PythonScriptStep("env.py", name="env", source_directory=src, runconfig=rc)
+        run = exp.submit(Pipeline(workspace, [step]))
+        assert run.wait_for_completion(show_output=False) == "Completed"
+    changes = run.find_step_run("env")[0].explain()["changes"]
+    assert "environment changed: environment_variables LEVEL '1' -> '2'" in changes, changes

@@ -442,6 +442,10 @@ class LocalBackend(AgentSocketCalls):
             old = json.loads(prev["fingerprint_parts"])
             result["compared_with"] = prev["id"]
             result["changes"] = [self._describe(k, old.get(k), parts.get(k)) for k in differing_parts(old, parts)]
+            if "environment" in differing_parts(old, parts) and spec is not None:
+                what = self._environment_change(prev, run["name"], spec.step(run["name"]).environment)
+                result["changes"] = [f"environment changed: {what}" if c.startswith("environment changed:")
+                                     and what else c for c in result["changes"]]
             if result["changes"]:
                 result["summary"] = f"ran: {len(result['changes'])} part(s) differ from step run {prev['id']}"
             elif not allow_reuse:
@@ -461,6 +465,32 @@ class LocalBackend(AgentSocketCalls):
         elif pipeline.get("regenerate_outputs") and "regenerate" not in result["summary"]:
             result["summary"] += " (submitted with regenerate_outputs=True)"
         return result
+
+    def _environment_change(self, prev: dict[str, Any], step_name: str, new: dict[str, Any]) -> str:
+        """What differs between the environment a step ran with before and now ("pip six==1.16.0 ->
+        six==1.17.0"), or "" when the earlier one is not known."""
+        pipeline = q.get_run(self.store, prev["parent_id"]) or {}
+        try:
+            old = GraphSpec.from_json(pipeline["spec"]).step(step_name).environment if pipeline.get("spec") else None
+        except (KeyError, ValueError):
+            old = None
+        if not isinstance(old, dict):
+            return ""
+        said = []
+        for key in sorted(set(old) | set(new)):
+            a, b = old.get(key), new.get(key)
+            if a == b:
+                continue
+            if isinstance(a, list | type(None)) and isinstance(b, list | type(None)):
+                gone = [x for x in a or [] if x not in (b or [])]
+                came = [x for x in b or [] if x not in (a or [])]
+                said.append(f"{key} {', '.join(map(str, gone)) or '(none)'} -> {', '.join(map(str, came)) or '(none)'}")
+            elif isinstance(a, dict) and isinstance(b, dict):
+                names = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                said.append(f"{key} " + ", ".join(f"{n} {a.get(n)!r} -> {b.get(n)!r}" for n in names))
+            else:
+                said.append(f"{key} {a!r} -> {b!r}")
+        return "; ".join(said)
 
     def _describe(self, key: str, old: Any, new: Any) -> str:
         if key == "snapshot":
