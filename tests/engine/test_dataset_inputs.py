@@ -86,3 +86,28 @@ def test_local_download_with_path_on_compute_is_a_link_not_a_copy(workspace, wri
     run.wait_for_completion(show_output=False)
     out = run.find_step_run("linked")[0].get_stdout_log()
     assert f"real {data.resolve()}" in out and "listing ['p.txt']" in out
+
+
+def test_lineage_does_not_claim_a_version_whose_files_changed(workspace, write_script, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MARKER", str(tmp_path / "marker"))
+    store = workspace.get_default_datastore()
+    data = Path(store.root) / "raw"
+    data.mkdir()
+    (data / "one.txt").write_text("1")
+    Dataset.File.from_files((store, "raw")).register(workspace, "raw")
+    src = write_script("read.py", READ_FILES)
+
+    def submit():
+        version_1 = Dataset.get_by_name(workspace, "raw", version=1)
+        step = PythonScriptStep("read.py", name="read", source_directory=src,
+                                arguments=[version_1.as_named_input("raw").as_mount()])
+        run = Experiment(workspace, "lineage").submit(Pipeline(workspace, [step]))
+        run.wait_for_completion(show_output=False)
+        return run.find_step_run("read")[0]
+
+    assert submit().get_properties()["cairn.input.raw.dataset"] == "raw:1"
+    capsys.readouterr()
+    (data / "two.txt").write_text("2")  # changed in place, not registered again
+    changed = submit()
+    assert changed.get_properties()["cairn.input.raw.dataset"] == "raw:1 (its files changed since it was registered)"
+    assert "dataset 'raw' version 1 changed since it was registered" in " ".join(capsys.readouterr().err.split())

@@ -221,8 +221,18 @@ def _dataset_input(d: DatasetConsumptionConfig, workspace: Workspace) -> Dataset
     dataset = d.dataset
     dataset._workspace = dataset._workspace or workspace
     registered = f"{dataset.name}:{dataset.version}" if dataset.name else None
+    digest = dataset.content_digest
+    recorded = (dataset._registration or {}).get("content_digest")
+    if registered and recorded and recorded != digest:
+        # a version names files in a datastore, not a copy of them: lineage must not claim the old ones
+        import sys
+
+        print(f"note: the files of dataset {dataset.name!r} version {dataset.version} changed since it was "
+              f"registered; input {d.name!r} reads them as they are now (register a new version to record "
+              f"them)", file=sys.stderr)
+        registered += " (its files changed since it was registered)"
     return DatasetInputSpec(name=d.name, kind=dataset.kind, definition=dataset.definition,
-                            content_digest=dataset.content_digest, mode=d.mode,
+                            content_digest=digest, mode=d.mode,
                             path_on_compute=d.path_on_compute, dataset=registered)
 
 
