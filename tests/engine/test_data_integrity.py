@@ -187,3 +187,17 @@ def test_explain_names_what_changed_in_the_environment(workspace, write_script):
         assert run.wait_for_completion(show_output=False) == "Completed"
     changes = run.find_step_run("env")[0].explain()["changes"]
     assert "environment changed: environment_variables LEVEL '1' -> '2'" in changes, changes
+
+
+def test_explain_says_when_another_steps_file_changed_a_shared_snapshot(workspace, write_script):
+    src = write_script("a.py", "print('a')\n")
+    write_script("b.py", "print('b')\n")
+    steps = [PythonScriptStep(f"{n}.py", name=n, source_directory=src) for n in ("a", "b")]
+    exp = Experiment(workspace, "shared")
+    exp.submit(Pipeline(workspace, steps)).wait_for_completion(show_output=False)
+    (src / "b.py").write_text("print('b, edited')\n")
+    run = exp.submit(Pipeline(workspace, steps))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    (a_change,) = run.find_step_run("a")[0].explain()["changes"]
+    assert a_change.startswith("snapshot changed: b.py modified (not this step's script a.py: steps that share")
+    assert run.find_step_run("b")[0].explain()["changes"] == ["snapshot changed: b.py modified"]

@@ -442,6 +442,8 @@ class LocalBackend(AgentSocketCalls):
             old = json.loads(prev["fingerprint_parts"])
             result["compared_with"] = prev["id"]
             result["changes"] = [self._describe(k, old.get(k), parts.get(k)) for k in differing_parts(old, parts)]
+            if "snapshot" in differing_parts(old, parts) and parts.get("script") == old.get("script"):
+                result["changes"] = [_shared_snapshot_hint(c, parts["script"]) for c in result["changes"]]
             if "environment" in differing_parts(old, parts) and spec is not None:
                 what = self._environment_change(prev, run["name"], spec.step(run["name"]).environment)
                 result["changes"] = [f"environment changed: {what}" if c.startswith("environment changed:")
@@ -511,3 +513,16 @@ class LocalBackend(AgentSocketCalls):
             names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             return f"{key} changed: " + ", ".join(f"{n} {old.get(n)!r} -> {new.get(n)!r}" for n in names)
         return f"{key} changed: {old!r} -> {new!r}"
+
+
+def _shared_snapshot_hint(change: str, script: str) -> str:
+    """A snapshot change that is not the step's own script: say that steps sharing a source
+    folder share its snapshot (the common cause of "I edited one step and all ran")."""
+    prefix = "snapshot changed: "
+    if not change.startswith(prefix) or change == prefix + "file modes changed" or change.endswith(" ..."):
+        return change  # (a list cut short may name the script further on)
+    changed = [entry.rsplit(" ", 1)[0] for entry in change[len(prefix):].removesuffix(" ...").split(", ")]
+    if script in changed:
+        return change
+    return (change + f" (not this step's script {script}: steps that share a source_directory share its "
+            f"snapshot; a folder of its own reruns only the steps whose files changed)")
