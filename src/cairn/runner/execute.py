@@ -467,7 +467,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         if ended.start_error is not None:
             return _end(job, reporter, syslog, Status.FAILED, f"could not start the step: {ended.start_error}", None)
         code, timed_out = ended.code, ended.timed_out
-        elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - (ended.started_at or started)
         syslog(f"exit code {code} after {elapsed:.3f} s", flush=True)  # digests and uploads may follow
         if control.requeue:
             syslog(f"stopped: {control.cancel_reason}; the step will run again")
@@ -565,6 +565,7 @@ class _ProcessEnd(NamedTuple):
     timed_out: bool = False
     start_error: OSError | None = None  # the process could not be started
     stopped_first: bool = False  # canceled or withdrawn before its process started (waiting for a warm server)
+    started_at: float | None = None  # monotonic, once the process existed (not counting a wait for a warm server)
 
     @property
     def succeeded(self) -> bool:
@@ -596,6 +597,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
         except OSError as exc:
             return _ProcessEnd(start_error=exc)
     control.attach(proc)
+    began = time.monotonic()
     try:
         reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
                          pid_started=process_start_time(proc.pid), attempt=job.attempt,
@@ -622,7 +624,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
             _kill_group(proc)
             code = proc.wait()
     _kill_group(proc)  # nothing the step started may outlive it
-    return _ProcessEnd(code, timed_out)
+    return _ProcessEnd(code, timed_out, started_at=began)
 
 
 def upload_logs(job: StepJob, result: StepResult) -> None:
