@@ -547,3 +547,68 @@ def test_a_second_agent_refuses_to_start(completed: Done) -> None:
     assert result.returncode == 2
     assert "already serves" in flat(result.stderr)
     no_traceback(result)
+
+
+# -- the inner loop, after a user's tests ----------------------------------------------------------
+
+def test_run_does_not_show_again_what_the_file_followed_itself(project: Project) -> None:
+    project.write_step("hello.py", "print('hello once')\n")
+    (project.root / "waits.py").write_text(textwrap.dedent("""
+        from pathlib import Path
+        from cairn import Experiment, Pipeline, PythonScriptStep, Workspace
+        ws = Workspace.from_config()
+        step = PythonScriptStep("hello.py", name="hello", source_directory=Path(__file__).parent / "src",
+                                allow_reuse=False)
+        Experiment(ws, "waits").submit(Pipeline(ws, [step])).wait_for_completion(show_output=True)
+    """))
+    result = project.cairn("run", "waits.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("hello once") == 1 and result.stdout.count("[hello] Completed") == 1, result.stdout
+
+
+def test_an_error_in_the_pipeline_file_shows_the_files_frames_only(project: Project) -> None:
+    (project.root / "syntax.py").write_text("print((\n")
+    result = project.cairn("run", "syntax.py")
+    assert result.returncode == 2
+    assert "syntax.py" in result.stderr and "SyntaxError" in result.stderr
+    assert "runpy" not in result.stderr and "cairn/cli" not in result.stderr, result.stderr
+    (project.root / "name.py").write_text("x = 1\nprint(undefined_name)\n")
+    result = project.cairn("run", "name.py")
+    assert result.returncode == 2
+    assert 'name.py", line 2' in result.stderr and "NameError" in result.stderr
+    assert "runpy" not in result.stderr and "cairn/cli" not in result.stderr, result.stderr
+
+
+def test_runs_list_says_when_it_shows_only_the_latest(project: Project) -> None:
+    p = project
+    p.write_step("hello.py", "print('hi')\n")
+    pipeline = p.write_pipeline("hello.py", "hello")
+    for _ in range(2):
+        assert p.cairn("run", pipeline).returncode == 0
+    assert p.cairn("runs", "list", "--limit", "0").returncode == 2
+    one = p.cairn("runs", "list", "--limit", "1")
+    assert one.returncode == 0 and "the 1 most recent runs; --limit N shows more" in flat(one.stderr)
+    nothing = p.cairn("runs", "list", "-e", "no-such-experiment")
+    assert nothing.returncode == 0 and "no runs in experiment 'no-such-experiment' (experiments:" in flat(nothing.stderr)
+
+
+def test_ctrl_c_while_following_says_the_run_goes_on(project: Project) -> None:
+    import signal
+
+    project.write_step("slow.py", "import time\nprint('started', flush=True)\ntime.sleep(60)\n")
+    pipeline = project.write_pipeline("slow.py", "slow")
+    proc = subprocess.Popen(_argv(("run", pipeline)), cwd=project.root, env=_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the step has started
+            if "slow | started" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "interrupted: pipeline run run_" in flat(err) and "goes on in the background" in flat(err)
+    run_id = re.search(r"pipeline run (run_\w+) goes on", flat(err)).group(1)  # type: ignore[union-attr]
+    assert project.cairn("cancel", run_id).returncode == 0

@@ -339,7 +339,8 @@ class LocalBackend(AgentSocketCalls):
                 return "", offset
             data = reused[offset:]
         # while following, never split a line or a UTF-8 character: keep a partial last line back
-        cut = len(data) if complete or data.endswith(b"\n") else data.rfind(b"\n") + 1
+        # (a line redrawn with carriage returns, a progress bar, is given up to its latest drawing)
+        cut = len(data) if complete or data.endswith(b"\n") else max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
         return data[:cut].decode("utf-8", "replace"), offset + cut
 
     def put_artifact(self, run_id: str, name: str, local_path: str) -> str:

@@ -104,8 +104,8 @@ def run_file(ctx: typer.Context,
             raise typer.Exit(exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR) from None
     except CairnError:
         raise
-    except Exception:  # a bug in the user's file: show where, then exit as an input error
-        err.print_exception(max_frames=10)
+    except Exception as exc:  # a bug in the user's file: show where (its frames, not Cairn's), exit as an input error
+        _print_user_error(exc, pipeline_file)
         raise typer.Exit(EXIT_USER_ERROR) from None
     runs = list(exp_module.SUBMITTED)
     if not runs:
@@ -115,9 +115,14 @@ def run_file(ctx: typer.Context,
         for r in runs:
             console.print(f"submitted pipeline run {r.id} (experiment {r.experiment.name})")
         return
+    from cairn.client.follow import SHOWN_TO_THE_END
+
     deadline = None if timeout is None else time.monotonic() + timeout
     failed = False
     for r in runs:
+        if r.id in SHOWN_TO_THE_END:  # the file followed it itself (wait_for_completion(show_output=True))
+            failed |= r.get_status() in ("Failed", "Canceled")
+            continue
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             r.wait_for_completion(show_output=True, timeout_seconds=left, raise_on_error=True)
@@ -128,13 +133,39 @@ def run_file(ctx: typer.Context,
         raise typer.Exit(EXIT_RUN_FAILED)
 
 
+def _print_user_error(exc: BaseException, pipeline_file: Path) -> None:
+    """Python's own report of an error in the user's pipeline file, from its first frame there on
+    (a syntax error: the file, line and caret)."""
+    import os
+    import traceback
+
+    if isinstance(exc, SyntaxError):
+        text = "".join(traceback.format_exception_only(type(exc), exc))
+    else:
+        tb, mine = exc.__traceback__, str(pipeline_file.resolve())
+        while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != mine:
+            tb = tb.tb_next
+        text = "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
+    sys.stderr.write(text)
+    err.print(f"[red]error:[/] {pipeline_file} stopped with {type(exc).__name__} (see above)", highlight=False)
+
+
 @runs_app.command("list")
-def runs_list(experiment: str = typer.Option(None, "--experiment", "-e"), limit: int = typer.Option(20),
+def runs_list(experiment: str = typer.Option(None, "--experiment", "-e", help="only this experiment's runs"),
+              limit: int = typer.Option(20, help="how many of the most recent runs (at least 1)"),
               workspace: Path = WorkspaceOption) -> None:
     """The most recent pipeline runs."""
+    if limit < 1:
+        raise CairnError(f"--limit must be at least 1, not {limit}")
     ws = _workspace(workspace)
     table = Table("run", "experiment", "status", "created", "duration", "steps")
-    listed = ws._backend.list_runs(experiment, limit)
+    listed = ws._backend.list_runs(experiment, limit + 1)
+    more, listed = len(listed) > limit, listed[:limit]
+    if not listed and experiment:  # an empty answer, with what there is
+        known = sorted(ws.experiments)
+        err.print(f"no runs in experiment {experiment!r}" + (f" (experiments: {', '.join(known)})" if known
+                                                             else " (this workspace has no runs yet)"), highlight=False)
+        return
     _resume_if_orphaned(ws, listed)
     for r in listed:
         children = ws._backend.get_children(r["id"])
@@ -143,6 +174,8 @@ def runs_list(experiment: str = typer.Option(None, "--experiment", "-e"), limit:
         table.add_row(r["id"], r["experiment"], _status(r["status"]), _fmt_time(r["created_at"]), _duration(r),
                       f"{done}/{len(children)}" + (f" ({reused} reused)" if reused else ""))
     console.print(table)
+    if more:
+        err.print(f"the {limit} most recent runs; --limit N shows more", highlight=False)
 
 
 @runs_app.command("show")

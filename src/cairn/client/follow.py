@@ -22,6 +22,28 @@ def _fmt_duration(row: dict[str, Any]) -> str:
 def follow(backend: Any, run_id: str, *, show_output: bool = True, timeout_seconds: float | None = None,
            raise_on_error: bool = True, only_step: str | None = None, out: TextIO | None = None) -> str:
     """Wait for pipeline run ``run_id`` to end and return its final status."""
+    try:
+        status = _follow(backend, run_id, show_output=show_output, timeout_seconds=timeout_seconds,
+                         raise_on_error=raise_on_error, only_step=only_step, out=out)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: pipeline run {run_id} goes on in the background (`cairn logs --follow {run_id}` "
+              f"follows it again, `cairn cancel {run_id}` stops it)", file=sys.stderr, flush=True)
+        raise
+    except RunFailedError:
+        if show_output and not only_step:
+            SHOWN_TO_THE_END.add(run_id)
+        raise
+    if show_output and not only_step:
+        SHOWN_TO_THE_END.add(run_id)
+    return status
+
+
+# Runs this process has shown to their end (`cairn run` does not show them a second time)
+SHOWN_TO_THE_END: set[str] = set()
+
+
+def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: float | None,
+            raise_on_error: bool, only_step: str | None, out: TextIO | None) -> str:
     out = out or sys.stdout
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
     watch = backend.watch(run_id, final_only=not show_output and not only_step)
@@ -99,11 +121,28 @@ def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str,
             for which in ("environment", "stdout", "stderr"):
                 text, offsets[(c["id"], which)] = backend.read_log(
                     c["id"], which, offsets.get((c["id"], which), 0), complete=terminal)
-                for line in text.splitlines():
+                for line in _display_lines(text):
                     print(f"  {c['name']} | {line}", file=out)
         if changed and after:  # ... and "Completed" after them
             _print_status(c, out)
     out.flush()
+
+
+def _display_lines(text: str) -> list[str]:
+    """The lines of ``text`` as a terminal leaves them: of a line redrawn with carriage returns
+    (a progress bar), its latest drawing only."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    shown = []
+    for line in lines:
+        if "\r" in line:
+            drawn = [part for part in line.split("\r") if part]
+            if not drawn:
+                continue
+            line = drawn[-1]
+        shown.append(line)
+    return shown
 
 
 def _print_status(c: dict[str, Any], out: TextIO) -> None:
