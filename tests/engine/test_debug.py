@@ -279,3 +279,23 @@ def test_ctrl_c_reaches_the_step_not_cairn(workspace: Workspace, write_script: C
         proc.kill()
     assert proc.returncode == 0, err
     assert "step got SIGINT" in out
+
+
+def test_a_recreated_step_needs_its_inputs_and_a_folder_outside_its_sources(workspace: Workspace,
+                                                                           ran: dict[str, str]) -> None:
+    import shutil
+
+    root = Path(workspace.location)
+    src = root.parent / "src"  # the `ran` fixture's sources (write_script), beside the workspace
+    inside = cairn("debug", ran["1.train"], "--dir", str(src / "dbg"), cwd=root)
+    assert inside.returncode == 2 and "is inside the step's source folder" in flat(inside.stderr), inside.stderr
+    assert not (src / "dbg").exists()
+    prepped = workspace.get_run(ran["1.prep"]).get_output_data("prepped").local_path
+    moved = prepped.with_name("moved-away")
+    shutil.move(prepped, moved)
+    try:
+        gone = cairn("debug", ran["1.train"], cwd=root)
+        assert gone.returncode == 2 and "does not exist any more" in flat(gone.stderr), gone.stderr
+        no_traceback(gone)
+    finally:
+        shutil.move(moved, prepped)

@@ -373,10 +373,14 @@ def test_warm_steps_end_and_write_as_cold_ones(workspace: Workspace, write_scrip
     write_script("json.py", "VALUE = 'the snapshot has its own'\n", folder="shadowing")
     shadowing = write_script("shadow.py", "import json\nprint(getattr(json, 'VALUE', 'the standard library'))\n",
                              folder="shadowing")
+    write_script("sub/json.py", "VALUE = 'beside the script'\n", folder="nested")  # sys.path[0] is sub/
+    nested = write_script("sub/shadow.py", "import json\nprint(getattr(json, 'VALUE', 'the standard library'))\n",
+                          folder="nested")
     warm_target(workspace, ["json"])
     steps = [PythonScriptStep("ends.py", name=how, source_directory=str(src), arguments=[how], allow_reuse=False)
              for how in ("print", "interrupt")]
     steps.append(PythonScriptStep("shadow.py", name="shadow", source_directory=str(shadowing), allow_reuse=False))
+    steps.append(PythonScriptStep("sub/shadow.py", name="nested", source_directory=str(nested), allow_reuse=False))
     run = Experiment(workspace, "warm").submit(Pipeline(workspace, steps), continue_on_step_failure=True)
     run.wait_for_completion(show_output=False, raise_on_error=False)
     by_name = {s.name: s for s in run.get_steps()}
@@ -386,3 +390,53 @@ def test_warm_steps_end_and_write_as_cold_ones(workspace: Workspace, write_scrip
     assert "SIGINT" in by_name["interrupt"]._row()["status_reason"]  # as Python ends on Ctrl-C
     assert by_name["shadow"].get_stdout_log().strip() == "the snapshot has its own"
     assert "warm start skipped: the snapshot has its own json.py" in by_name["shadow"].get_system_log()
+    assert by_name["nested"].get_stdout_log().strip() == "beside the script"
+    assert "warm start skipped: the snapshot has its own sub/json.py" in by_name["nested"].get_system_log()
+
+
+def test_after_one_step_gave_up_on_a_server_still_importing_the_next_do_not_wait(
+        workspace: Workspace, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    fifo = tmp_path / "import-blocks-here"
+    os.mkfifo(fifo)
+    _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_blocks_at_import", f"""
+        open({str(fifo)!r}).read()  # until the test writes to it
+    """)
+    monkeypatch.setenv("CAIRN_WARM_START_WAIT", "1")  # the agent starts later, from this process
+    warm_target(workspace, ["cairn_blocks_at_import"])
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 2)))
+    try:
+        assert run.wait_for_completion(show_output=False, timeout_seconds=120) == "Completed"
+        logs = {s.name: s.get_system_log() for s in run.get_steps()}
+        assert "waiting for the warm-start server" in logs["s0"]
+        assert "still importing after 1 s" in logs["s0"]
+        assert "waiting for the warm-start server" not in logs["s1"]  # it started cold at once
+        assert "still importing after 1 s" in logs["s1"]
+    finally:
+        try:  # let the server's import end
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+
+def test_folders_of_servers_gone_are_pruned_and_a_listening_one_is_kept(tmp_path: Path) -> None:
+    import socket
+
+    from cairn.runner.warm import prune_stale_folders
+
+    stale, live = tmp_path / "cairn-warm-stale", tmp_path / "cairn-warm-live"
+    for folder in (stale, live):
+        folder.mkdir()
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(stale / "s"))
+    left.close()  # a socket file nobody listens on
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(live / "s"))
+    listening.listen(1)
+    try:
+        assert prune_stale_folders(str(tmp_path)) == 0  # new: its server may not have bound its socket yet
+        assert prune_stale_folders(str(tmp_path), min_age=0) == 1
+        assert not stale.exists() and live.exists()
+    finally:
+        listening.close()

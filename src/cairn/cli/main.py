@@ -386,7 +386,7 @@ def debug(step_run_id: str,
             console.print(f"# it sets the step's variables, then runs from {shlex.quote(str(plan.folder))}: "
                           f"{shlex.join(plan.argv)}", highlight=False, soft_wrap=True)
             return
-        err.print(f"running: {shlex.join(plan.argv)}", highlight=False)
+        err.print(f"running: {shlex.join(plan.argv)}", highlight=False, soft_wrap=True)
         # Ctrl-C is the step's (pdb stops where it is): this process waits on. A handler, not SIG_IGN,
         # which the step would inherit.
         previous = signal.signal(signal.SIGINT, lambda _signum, _frame: None)

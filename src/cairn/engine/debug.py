@@ -80,6 +80,11 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     if Status(row["status"]) not in TERMINAL:
         log(f"warning: step {step.name!r} is {row['status']}: its run has not ended; it is recreated as it "
             f"was dispatched")
+    source = Path(step.source_directory).resolve()
+    if target == source or source in target.parents:
+        raise UserInputError(f"--dir {target} is inside the step's source folder {source}: the next run would "
+                             f"snapshot the recreated files; choose a folder outside it (the default is "
+                             f"{layout.dot / 'debug' / step_run_id})")
     if target.exists() and not target.is_dir():
         raise UserInputError(f"{target} is a file; --dir must name a new folder (or one `cairn debug` made, with "
                              f"--force)")
@@ -157,21 +162,25 @@ def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
     files in place (hard links to them, or copies where a link cannot be made or would not keep
     the step from writing into them), else ``path`` (already the step's own copy)."""
     real = Path(path).resolve()
-    if real == folder or folder in real.parents or not real.exists():
+    if real == folder or folder in real.parents:
         return path
+    if not real.exists():
+        raise UserInputError(f"input {name}: {path} does not exist any more (deleted since the run?): the step "
+                             f"cannot be recreated as it ran")
     given = Path(path)
     if folder in given.parents:  # a path_on_compute link to the recorded files: the view replaces it
         view = given
         given.unlink()
     else:
         view = folder / DEBUG_MARKER / "inputs" / name
-    copy = os.geteuid() == 0 if hasattr(os, "geteuid") else False  # root writes read-only files
-    how = "copies" if copy else "hard links"
+    root = os.geteuid() == 0 if hasattr(os, "geteuid") else False  # root writes read-only files
+    how = "copies" if root else "hard links to its read-only files, copies of the others"
     log(f"input {name}: {real} seen through {how} in {view} (the recorded files stay as they are)")
     view.parent.mkdir(parents=True, exist_ok=True)
 
     def place(src: str, dst: str) -> None:
-        if not copy:
+        # a link shares the file: only one the step cannot write (a committed output's) may be linked
+        if not root and not os.access(src, os.W_OK):
             try:
                 os.link(src, dst)
                 return

@@ -311,12 +311,15 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     base = base_environment(job, resolved)
     differs = [v for v in STARTUP_VARIABLES if env.get(v) != base.get(v)]
     if differs:
-        syslog(f"warm start skipped: the step sets {', '.join(differs)}, which Python reads only at start")
+        syslog(f"warm start skipped: the step sets {', '.join(differs)}, which Python or a preloaded library "
+               f"reads only at start")
         return None
     try:
         server = warm.server(argv[0], base, Path(job.workspace) / ".cairn", stop_waiting=control, on_wait=lambda: syslog(
             f"waiting for the warm-start server of this environment (importing {', '.join(warm.modules)})", flush=True))
-        shadowed = server.shadowed_by(job.manifest, spec_snapshot=job.spec.snapshot)
+        extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in base.get("PYTHONPATH", "")
+                 .split(os.pathsep)]
+        shadowed = server.shadowed_by(job.manifest, job.spec.snapshot, job.spec.script_name, extra)
         if shadowed:
             syslog(f"warm start skipped: the snapshot has its own {', '.join(shadowed)}, which the fork server "
                    f"imported already (the step would get the server's copy)")

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
 START_TIMEOUT = 300.0  # importing the modules may take a while; a hang must not
 # A step waits this long for a server still importing, then starts cold (importing what it needs
 # itself, as slowly); the server goes on starting for the steps after it.
-STEP_WAIT = 60.0
+STEP_WAIT = float(os.environ.get("CAIRN_WARM_START_WAIT", "60"))
 # Variables Python reads only when it starts: a step that sets them differently starts cold.
 # So do the dynamic loader and libc (a forked child keeps the server's libraries and locale).
 # And the thread counts of OpenMP and BLAS libraries, read when a preloaded module loads them.
@@ -42,6 +43,36 @@ STARTUP_VARIABLES = ("PYTHONHASHSEED", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNO
                      "LD_LIBRARY_PATH", "LD_PRELOAD", "GLIBC_TUNABLES", "LANG", "LC_ALL", "LC_CTYPE",
                      "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                      "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def prune_stale_folders(parent: str = "/tmp", min_age: float = 600.0) -> int:
+    """Remove this user's fork-server folders that no server listens in any more (a server killed
+    while importing, with an agent that died, leaves its own); returns how many went. Only folders
+    older than ``min_age`` seconds: a new one has no socket until its server binds it."""
+    removed = 0
+    cutoff = time.time() - min_age
+    try:
+        entries = [e for e in os.scandir(parent) if e.name.startswith("cairn-warm-")]
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if st.st_uid != os.getuid() or not entry.is_dir(follow_symlinks=False) or st.st_mtime > cutoff:
+                continue
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(os.path.join(entry.path, "s"))
+                continue  # a server listens there (one that is still importing listens already)
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+            finally:
+                probe.close()
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 class WarmStartError(Exception):
@@ -95,7 +126,7 @@ class WarmServer:
         self._folder = tempfile.mkdtemp(prefix="cairn-warm-", dir="/tmp" if os.path.isdir("/tmp") else None)
         self.socket_path = os.path.join(self._folder, "s")
         self.modules = modules
-        self._shadowed: dict[str, list[str]] = {}  # snapshot digest -> its files the server imported
+        self._shadowed: dict[tuple[str, str], list[str]] = {}  # (snapshot, script's folder) -> files the server imported
         with open(log_path, "ab") as log:
             self._proc = subprocess.Popen([python, FORKSERVER, self.socket_path, *modules], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
@@ -125,22 +156,38 @@ class WarmServer:
             raise WarmStartError(f"warm start is not possible here: {ready.get('reason')}")
         return ready
 
-    def shadowed_by(self, manifest: dict[str, Any], spec_snapshot: str) -> list[str]:
-        """Modules of a snapshot (``name.py``, ``name/__init__.py`` at its top) that this server
-        imported already: a step of that snapshot would get the server's copy, where a cold start
-        imports its own."""
-        found = self._shadowed.get(spec_snapshot)
+    def shadowed_by(self, manifest: dict[str, Any], spec_snapshot: str, script: str,
+                    extra_paths: Sequence[str] = ()) -> list[str]:
+        """Modules the step would import from its own files (``name.py``, ``name/__init__.py`` beside
+        its script, or in a folder of its own ``PYTHONPATH``) that this server imported already: a
+        warm step would get the server's copy, where a cold start imports its own."""
+        imported = set(self.ready.get("imported") or ())
+        base = posixpath.dirname(script)
+        key = (spec_snapshot, base)
+        found = self._shadowed.get(key)
         if found is None:
-            imported = set(self.ready.get("imported") or ())
+            prefix = f"{base}/" if base else ""
             found = []
             for rel, *_ in manifest.get("files", []):
-                head, sep, rest = rel.partition("/")
+                if not rel.startswith(prefix):
+                    continue
+                head, sep, rest = rel[len(prefix):].partition("/")
                 name = head[:-3] if not sep and head.endswith(".py") else head if rest == "__init__.py" else ""
                 if name in imported:
                     found.append(rel)
             if len(self._shadowed) >= 1024:
                 self._shadowed.clear()
-            self._shadowed[spec_snapshot] = found = sorted(found)
+            self._shadowed[key] = found = sorted(found)
+        for folder in extra_paths:  # rare: read from disk each time
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                continue
+            for entry in names:
+                name = entry[:-3] if entry.endswith(".py") else entry
+                if name in imported and (entry.endswith(".py") or os.path.isfile(os.path.join(folder, entry,
+                                                                                              "__init__.py"))):
+                    found = [*found, os.path.join(folder, entry)]
         return found
 
     def kill(self) -> None:
@@ -272,8 +319,9 @@ class WarmPool:
                     waited = True
                     on_wait()
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    raise WarmStartError(f"the fork server was still importing after {STEP_WAIT:g} s")
+                if left <= 0:  # later steps do not wait again (they use the server if it comes after all)
+                    self._failed.setdefault(key, f"the fork server was still importing after {STEP_WAIT:g} s")
+                    raise WarmStartError(self._failed[key])
                 self._cond.wait(left)
 
     def _wake(self) -> None:

@@ -20,7 +20,7 @@ from cairn.storage.objects import ObjectStore
 from cairn.storage.paths import real_path
 
 IGNORE_FILES = (".cairnignore", ".amlignore", ".gitignore")
-ALWAYS_IGNORED = (".git", ".cairn", "__pycache__", ".ipynb_checkpoints")
+ALWAYS_IGNORED = (".git", ".cairn", "__pycache__", ".ipynb_checkpoints", ".cairn_debug")
 DEFAULT_MAX_FILES = 25_000
 DEFAULT_MAX_BYTES = 300_000_000  # 300 MB, as Azure ML's snapshot limit
 
