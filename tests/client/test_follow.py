@@ -14,3 +14,40 @@ def test_plain_lines_and_blank_lines_are_kept() -> None:
     assert _display_lines("a\n\nb\n") == ["a", "", "b"]
     assert _display_lines("") == []
     assert _display_lines("\r") == []
+
+
+def test_a_line_without_its_newline_yet_is_shown_while_the_step_runs(workspace, write_script, tmp_path) -> None:
+    import io
+    import os
+    import threading
+    import time
+
+    from cairn import Experiment, Pipeline, PythonScriptStep
+    from cairn.client.follow import follow
+
+    go_on = tmp_path / "go-on"
+    os.mkfifo(go_on)
+    src = write_script("partial.py", f"""
+        import sys
+        print("Downloading...", end="", flush=True)
+        open({str(go_on)!r}).read()  # until the test has seen it
+        print(" done")
+    """)
+    run = Experiment(workspace, "partial").submit(Pipeline(workspace, [
+        PythonScriptStep("partial.py", name="partial", source_directory=str(src))]))
+    out = io.StringIO()
+    follower = threading.Thread(target=follow, args=(workspace._backend, run.id),
+                                kwargs={"out": out, "raise_on_error": False}, daemon=True)
+    follower.start()
+    try:
+        deadline = time.monotonic() + 60
+        while "partial | Downloading..." not in out.getvalue():
+            assert time.monotonic() < deadline, out.getvalue()
+            time.sleep(0.1)
+    finally:
+        try:  # the step waits in open(): let it go on (never block here if it is not there)
+            os.close(os.open(go_on, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    follower.join(timeout=60)
+    assert "partial |  done" in out.getvalue()

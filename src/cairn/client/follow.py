@@ -11,6 +11,7 @@ from cairn.core.status import Status
 
 LOG_TAIL_INTERVAL = 0.2  # how often new log lines are shown while a step runs (the display only)
 IDLE_RECHECK = 5.0  # a safety net: events wake the follower long before this
+PARTIAL_AFTER = 1.0  # a line without its newline yet ("Downloading...") is shown after this long
 
 
 def _fmt_duration(row: dict[str, Any]) -> str:
@@ -49,6 +50,7 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
     watch = backend.watch(run_id, final_only=not show_output and not only_step)
     seen: dict[str, tuple[str, str | None]] = {}
     offsets: dict[tuple[str, str], int] = {}
+    shown_at: dict[tuple[str, str], float] = {}  # when each log last showed something
     connected = False
     announced = False
     try:
@@ -60,7 +62,7 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
                 if not announced:
                     print(f"Pipeline run {run_id} (experiment {run['experiment']}): {run['status']}", file=out)
                     announced = True
-                _print_changes(backend, children, seen, offsets, out, only_step)
+                _print_changes(backend, children, seen, offsets, out, only_step, shown_at)
             status = Status(run["status"])
             target = next((c for c in children if c["id"] == only_step), None) if only_step else None
             if status.is_terminal or (target is not None and Status(target["status"]).is_terminal):
@@ -104,7 +106,10 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
 
 
 def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str, tuple[str, str | None]],
-                   offsets: dict[tuple[str, str], int], out: TextIO, only_step: str | None) -> None:
+                   offsets: dict[tuple[str, str], int], out: TextIO, only_step: str | None,
+                   shown_at: dict[tuple[str, str], float] | None = None) -> None:
+    now = time.monotonic()
+    shown_at = {} if shown_at is None else shown_at
     for c in children:
         if only_step and c["id"] != only_step:
             continue
@@ -119,8 +124,12 @@ def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str,
         if streaming or (terminal and c["status"] != Status.REUSED.value):
             # the environment's build log first (it is written while the step is Preparing)
             for which in ("environment", "stdout", "stderr"):
-                text, offsets[(c["id"], which)] = backend.read_log(
-                    c["id"], which, offsets.get((c["id"], which), 0), complete=terminal)
+                key = (c["id"], which)
+                # a log quiet for a while may hold a line still without its newline: shown as it is
+                whole = terminal or now - shown_at.setdefault(key, now) >= PARTIAL_AFTER
+                text, offsets[key] = backend.read_log(c["id"], which, offsets.get(key, 0), complete=whole)
+                if text or whole:
+                    shown_at[key] = now
                 for line in _display_lines(text):
                     print(f"  {c['name']} | {line}", file=out)
         if changed and after:  # ... and "Completed" after them
