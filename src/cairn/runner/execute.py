@@ -758,7 +758,8 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog,
         local = o.datastore in job.datastore_roots
         record = (commit_local or commit_output)(job, o, staging) if local else commit_output(job, o, staging)
         syslog(f"output {o.name}: {record['file_count']} files, {record['size']} bytes, {record['digest']} "
-               f"-> {o.datastore}:{job.output_dirs[o.name]}")
+               f"-> {o.datastore}:{job.output_dirs[o.name]}"
+               + (" (the step wrote nothing into it: committed empty)" if record["file_count"] == 0 else ""))
         committed.append(record)
     remove_staging(job, spec)  # what an upload staged, what the step wrote beside its outputs, older attempts'
     return committed
