@@ -51,3 +51,12 @@ def test_a_line_without_its_newline_yet_is_shown_while_the_step_runs(workspace, 
             pass
     follower.join(timeout=60)
     assert "partial |  done" in out.getvalue()
+
+
+def test_a_partial_read_never_ends_inside_a_character() -> None:
+    from cairn.backend.local import _whole_characters
+
+    text = "naïve".encode()
+    assert _whole_characters(text[:3]) == 2  # "na" and the first byte of "ï"
+    assert _whole_characters(text) == len(text)
+    assert _whole_characters(b"bad \xff byte") == len(b"bad \xff byte")  # not a cut character: shown, replaced

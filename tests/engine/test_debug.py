@@ -299,3 +299,35 @@ def test_a_recreated_step_needs_its_inputs_and_a_folder_outside_its_sources(work
         no_traceback(gone)
     finally:
         shutil.move(moved, prepped)
+
+
+def test_inputs_used_in_place_are_copies_that_keep_file_names(workspace: Workspace,
+                                                             write_script: Callable[..., Path]) -> None:
+    """A single-file dataset keeps its name (a script may read it by its suffix); a link inside a
+    dataset that leads elsewhere in the datastore is a copy in the recreated step, not a way back."""
+    import os
+
+    from cairn import Dataset
+
+    store = Path(workspace.get_default_datastore().root)
+    (store / "table.csv").write_text("a\n1\n")
+    (store / "elsewhere.txt").write_text("recorded")
+    (store / "folder").mkdir()
+    (store / "folder" / "link.txt").symlink_to(store / "elsewhere.txt")
+    one = Dataset.File.from_files((workspace.get_default_datastore(), "table.csv"))
+    many = Dataset.File.from_files((workspace.get_default_datastore(), "folder"))
+    src = write_script("touch.py", """
+        import os, sys
+        print("file", os.path.basename(sys.argv[1]))
+        if os.environ.get("CAIRN_DEBUG_OF"):
+            with open(os.path.join(sys.argv[2], "link.txt"), "w") as f:
+                f.write("changed by the recreated step")
+    """)
+    step = PythonScriptStep("touch.py", name="touch", source_directory=str(src),
+                            arguments=[one.as_named_input("one").as_mount(), many.as_named_input("many").as_mount()])
+    run = Experiment(workspace, "views").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    result = cairn("debug", run.find_step_run("touch")[0].id, cwd=Path(workspace.location))
+    assert result.returncode == 0, result.stderr
+    assert "file table.csv" in result.stdout
+    assert (store / "elsewhere.txt").read_text() == "recorded" and os.path.islink(store / "folder" / "link.txt")

@@ -80,6 +80,14 @@ def test_an_ignore_file_in_a_subfolder_applies_below_it(tmp_path):
         "sub/.cairnignore", "sub/.gitignore", "sub/deep/x.bin", "sub/tmp.bin"]
 
 
+def test_a_nested_ignore_file_may_include_again_what_an_outer_one_ignores(tmp_path):
+    src = _tree(tmp_path / "src", {"a.csv": "a", "data/labels.csv": "l", "data/other.csv": "o"})
+    (src / ".gitignore").write_text("*.csv\n")
+    (src / "data" / ".gitignore").write_text("!labels.csv\n")  # as git reads it: the inner rule decides
+    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "objects"), {})) == [
+        ".gitignore", "data/.gitignore", "data/labels.csv"]
+
+
 def test_limits_name_the_largest_files_and_the_ignore_file(tmp_path):
     src = _tree(tmp_path / "src", {"small.py": "x", "huge.bin": "y" * 5000, "mid.bin": "z" * 1000})
     with pytest.raises(SnapshotTooLargeError) as info:

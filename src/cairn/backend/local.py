@@ -304,10 +304,12 @@ class LocalBackend(AgentSocketCalls):
             return None
         return self.datastore_location(default["name"])
 
-    def read_log(self, run_id: str, which: str, offset: int = 0, complete: bool = True) -> tuple[str, int]:
+    def read_log(self, run_id: str, which: str, offset: int = 0, complete: bool = True,
+                 partial: bool = False) -> tuple[str, int]:
         """Text of a step's ``stdout``/``stderr``/``system`` log from byte ``offset``, and the new offset.
 
-        ``complete=False`` (following a live log) holds back a last line that has no newline yet."""
+        ``complete=False`` (following a live log) holds back a last line that has no newline yet, or
+        with ``partial`` only a last character not whole yet."""
         row = q.get_run(self.store, run_id)
         if row is None:
             raise NotFoundError(f"no run with id {run_id!r} in workspace {self.location}")
@@ -339,8 +341,15 @@ class LocalBackend(AgentSocketCalls):
                 return "", offset
             data = reused[offset:]
         # while following, never split a line or a UTF-8 character: keep a partial last line back
-        # (a line redrawn with carriage returns, a progress bar, is given up to its latest drawing)
-        cut = len(data) if complete or data.endswith(b"\n") else max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        # (a line redrawn with carriage returns, a progress bar, is given up to its latest drawing;
+        # a last carriage return may be half of a "\r\n": kept back)
+        if complete or data.endswith(b"\n"):
+            cut = len(data)
+        elif partial:
+            cut = _whole_characters(data)
+        else:
+            end = len(data) - 1 if data.endswith(b"\r") else len(data)
+            cut = max(data.rfind(b"\n", 0, end), data.rfind(b"\r", 0, end)) + 1
         return data[:cut].decode("utf-8", "replace"), offset + cut
 
     def put_artifact(self, run_id: str, name: str, local_path: str) -> str:
@@ -527,3 +536,13 @@ def _shared_snapshot_hint(change: str, script: str) -> str:
         return change
     return (change + f" (not this step's script {script}: steps that share a source_directory share its "
             f"snapshot; a folder of its own reruns only the steps whose files changed)")
+
+
+def _whole_characters(data: bytes) -> int:
+    """How much of ``data`` ends on a whole UTF-8 character (a writer may be in the middle of one)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data":
+            return exc.start
+    return len(data)

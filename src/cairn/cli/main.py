@@ -142,8 +142,8 @@ def _print_user_error(exc: BaseException, pipeline_file: Path) -> None:
     if isinstance(exc, SyntaxError):
         text = "".join(traceback.format_exception_only(type(exc), exc))
     else:
-        tb, mine = exc.__traceback__, str(pipeline_file.resolve())
-        while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) != mine:
+        tb, mine = exc.__traceback__, os.path.realpath(pipeline_file)
+        while tb is not None and os.path.realpath(tb.tb_frame.f_code.co_filename) != mine:
             tb = tb.tb_next
         text = "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
     sys.stderr.write(text)
@@ -504,11 +504,11 @@ def main() -> None:
     except (CairnError, OSError, ValueError) as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        err.print("interrupted (runs go on in the background; `cairn cancel ID` stops one)")
-        sys.exit(EXIT_INTERRUPTED)
-    except click_abort:
-        err.print("interrupted (runs go on in the background; `cairn cancel ID` stops one)")
+    except (KeyboardInterrupt, *click_abort):
+        from cairn.client import follow
+
+        if not follow.INTERRUPT_EXPLAINED:
+            err.print("interrupted (runs go on in the background; `cairn cancel ID` stops one)")
         sys.exit(EXIT_INTERRUPTED)
     except click_error as exc:
         exc.show()  # type: ignore[attr-defined]

@@ -27,6 +27,8 @@ def follow(backend: Any, run_id: str, *, show_output: bool = True, timeout_secon
         status = _follow(backend, run_id, show_output=show_output, timeout_seconds=timeout_seconds,
                          raise_on_error=raise_on_error, only_step=only_step, out=out)
     except KeyboardInterrupt:
+        global INTERRUPT_EXPLAINED
+        INTERRUPT_EXPLAINED = True
         print(f"\ninterrupted: pipeline run {run_id} goes on in the background (`cairn logs --follow {run_id}` "
               f"follows it again, `cairn cancel {run_id}` stops it)", file=sys.stderr, flush=True)
         raise
@@ -41,6 +43,7 @@ def follow(backend: Any, run_id: str, *, show_output: bool = True, timeout_secon
 
 # Runs this process has shown to their end (`cairn run` does not show them a second time)
 SHOWN_TO_THE_END: set[str] = set()
+INTERRUPT_EXPLAINED = False  # a Ctrl-C while following was explained (the CLI says nothing more)
 
 
 def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: float | None,
@@ -126,9 +129,10 @@ def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str,
             for which in ("environment", "stdout", "stderr"):
                 key = (c["id"], which)
                 # a log quiet for a while may hold a line still without its newline: shown as it is
-                whole = terminal or now - shown_at.setdefault(key, now) >= PARTIAL_AFTER
-                text, offsets[key] = backend.read_log(c["id"], which, offsets.get(key, 0), complete=whole)
-                if text or whole:
+                quiet = not terminal and now - shown_at.setdefault(key, now) >= PARTIAL_AFTER
+                text, offsets[key] = backend.read_log(c["id"], which, offsets.get(key, 0), complete=terminal,
+                                                      **({"partial": True} if quiet else {}))
+                if text or quiet:
                     shown_at[key] = now
                 for line in _display_lines(text):
                     print(f"  {c['name']} | {line}", file=out)

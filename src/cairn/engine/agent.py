@@ -304,12 +304,16 @@ class Agent:
             if run_id in self._reused_in_pass:  # watchers re-read the run: one word for the whole pass
                 self._reused_in_pass.discard(run_id)
                 self._notify(run_id)
-            if sched.is_done():
-                final = sched.finish()
-                q.release_lease(self.ctx.store, run_id, self.owner)
-                del self.schedulers[run_id]
-                self._log(f"run {run_id} {final.value}")
-                self._notify(run_id, final=True)
+            if not sched.is_done():
+                if sched.released:  # steps held for a failure that never came: they start now
+                    sched.released = False
+                    self._advance_needed = True
+                continue
+            final = sched.finish()
+            q.release_lease(self.ctx.store, run_id, self.owner)
+            del self.schedulers[run_id]
+            self._log(f"run {run_id} {final.value}")
+            self._notify(run_id, final=True)
 
     def _start_step(self, sched: PipelineScheduler, step: StepSpec, compute: Compute) -> bool:
         """Reuse or dispatch ``step``; True when it ended at once (reused, or could not start)."""

@@ -5,9 +5,8 @@ arguments and environment variables — in a local folder, to run it in the fore
 The recreated step never writes into the recorded run: ``Run.get_context()`` gives an offline run
 (it prints what it would log; its workspace is the recorded one, to read), outputs go to
 ``.cairn_debug/outputs/`` in the folder, and inputs the run used in place (committed outputs, a
-local datastore's files) are seen through a folder of their own: hard links to the recorded files,
-or copies where a link cannot be made or would not protect them (as root, read-only files can be
-written)."""
+local datastore's files) are copies of its own (hard links to the read-only files of an input too
+large to copy, see ``_private_view``)."""
 
 from __future__ import annotations
 
@@ -158,9 +157,9 @@ def _env_name_ok(name: str) -> bool:
 
 
 def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
-    """Where the recreated step sees input ``name``: its own folder when the run used the recorded
-    files in place (hard links to them, or copies where a link cannot be made or would not keep
-    the step from writing into them), else ``path`` (already the step's own copy)."""
+    """Where the recreated step sees input ``name``: its own copy when the run used the recorded
+    files in place (hard links to the read-only ones instead, for an input over
+    ``CAIRN_DEBUG_COPY_LIMIT`` bytes and a user other than root), else ``path`` (already its own)."""
     real = Path(path).resolve()
     if real == folder or folder in real.parents:
         return path
@@ -171,16 +170,21 @@ def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
     if folder in given.parents:  # a path_on_compute link to the recorded files: the view replaces it
         view = given
         given.unlink()
-    else:
-        view = folder / DEBUG_MARKER / "inputs" / name
+    else:  # a file keeps its name (a script may read it by its suffix)
+        view = folder / DEBUG_MARKER / "inputs" / name / (real.name if real.is_file() else "")
+    files = [real] if real.is_file() else [Path(d) / f for d, _, names in os.walk(real, followlinks=True) for f in names]
+    size = sum(f.stat().st_size for f in files if f.exists())
     root = os.geteuid() == 0 if hasattr(os, "geteuid") else False  # root writes read-only files
-    how = "copies" if root else "hard links to its read-only files, copies of the others"
-    log(f"input {name}: {real} seen through {how} in {view} (the recorded files stay as they are)")
+    limit = int(os.environ.get("CAIRN_DEBUG_COPY_LIMIT", str(2 << 30)))
+    link = not root and size > limit  # a link shares the file: its owner could still chmod and write it
+    how = (f"copies of its {len(files)} files ({size / 1e6:.1f} MB)" if not link else
+           f"hard links to its read-only files and copies of the others ({size / 1e6:.1f} MB, over "
+           f"CAIRN_DEBUG_COPY_LIMIT: do not make them writable, they are the recorded ones)")
+    log(f"input {name}: {real} seen through {how} in {view}")
     view.parent.mkdir(parents=True, exist_ok=True)
 
     def place(src: str, dst: str) -> None:
-        # a link shares the file: only one the step cannot write (a committed output's) may be linked
-        if not root and not os.access(src, os.W_OK):
+        if link and not os.access(src, os.W_OK):
             try:
                 os.link(src, dst)
                 return
@@ -188,8 +192,8 @@ def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
                 pass
         shutil.copy2(src, dst)
 
-    if real.is_dir():
-        shutil.copytree(real, view, symlinks=True, copy_function=place)
+    if real.is_dir():  # links followed: one that leaves the input must not lead back into recorded files
+        shutil.copytree(real, view, symlinks=False, ignore_dangling_symlinks=True, copy_function=place)
     else:
         place(str(real), str(view))
     return str(view)

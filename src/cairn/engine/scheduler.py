@@ -22,7 +22,7 @@ from cairn.runner.job import InputLocation, StepJob
 from cairn.runner.processes import kill_step_processes
 from cairn.storage.layout import run_dir, staging_dir
 from cairn.storage.snapshot import load_manifest
-from cairn.storage.tree import stat_signature
+from cairn.storage.tree import stat_signatures
 from cairn.store import queries as q
 
 Dispatch = Callable[[StepJob, StepSpec], None]
@@ -47,6 +47,7 @@ class PipelineScheduler:
         self.running: set[str] = set()
         self.failed_step: str | None = None
         self._held: set[str] = set()  # withdrawn by their compute: see finished()
+        self.released = False
         self.canceling = bool(run["cancel_requested"])  # canceled while no agent was running
         self._roots = ctx.datastore_roots()
         self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
@@ -312,7 +313,7 @@ class PipelineScheduler:
             path = Path(self._roots.get(o["datastore"], "/nonexistent")) / o["path"]
             if not path.exists():
                 return None
-            if o.get("stat_signature") and stat_signature(path) != o["stat_signature"]:
+            if o.get("stat_signature") and o["stat_signature"] not in stat_signatures(path):
                 return None
         return outs
 
@@ -346,6 +347,7 @@ class PipelineScheduler:
             for name in sorted(self._held):
                 self._check_ready(name)
             self._held.clear()
+            self.released = True  # for the engine: another dispatch pass, now
         return not self.running and not self.has_ready()
 
     def finish(self) -> Status:

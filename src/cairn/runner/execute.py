@@ -317,8 +317,8 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     try:
         server = warm.server(argv[0], base, Path(job.workspace) / ".cairn", stop_waiting=control, on_wait=lambda: syslog(
             f"waiting for the warm-start server of this environment (importing {', '.join(warm.modules)})", flush=True))
-        extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in base.get("PYTHONPATH", "")
-                 .split(os.pathsep)]
+        extra = [os.path.join(work, p) for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                 if p and p not in base.get("PYTHONPATH", "").split(os.pathsep)]  # relative: from the step's folder
         shadowed = server.shadowed_by(job.manifest, job.spec.snapshot, job.spec.script_name, extra)
         if shadowed:
             syslog(f"warm start skipped: the snapshot has its own {', '.join(shadowed)}, which the fork server "
@@ -326,7 +326,8 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
             return None
         proc = server.launch(argv, str(work), env, str(log_dir / "stdout.txt"), str(log_dir / "stderr.txt"))
     except (WarmStartError, OSError) as exc:
-        syslog(f"warm start unavailable ({exc}); starting the step cold")
+        if not (control.canceled or control.withdrawn):  # else it does not start at all
+            syslog(f"warm start unavailable ({exc}); starting the step cold")
         return None
     ready = server.ready
     syslog(f"warm start: forked by server pid {ready['pid']} (preloaded: {', '.join(ready['preloaded']) or 'none'}"

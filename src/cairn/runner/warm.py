@@ -178,7 +178,7 @@ class WarmServer:
             if len(self._shadowed) >= 1024:
                 self._shadowed.clear()
             self._shadowed[key] = found = sorted(found)
-        for folder in extra_paths:  # rare: read from disk each time
+        for folder in extra_paths:  # rare: read from disk each time (relative entries: see the caller)
             try:
                 names = os.listdir(folder)
             except OSError:
@@ -283,6 +283,7 @@ class WarmPool:
                 server, failure = None, "warm start was turned off for this compute target"
             elif server is not None:
                 self._servers[key] = server
+                self._failed.pop(key, None)  # it came after all (a step gave up on it meanwhile)
             else:
                 self._failed[key] = f"the fork server could not start ({failure})"
             self._cond.notify_all()
@@ -321,6 +322,7 @@ class WarmPool:
                 left = deadline - time.monotonic()
                 if left <= 0:  # later steps do not wait again (they use the server if it comes after all)
                     self._failed.setdefault(key, f"the fork server was still importing after {STEP_WAIT:g} s")
+                    self._cond.notify_all()  # nor do the others waiting now
                     raise WarmStartError(self._failed[key])
                 self._cond.wait(left)
 

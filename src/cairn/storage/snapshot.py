@@ -80,7 +80,12 @@ def _nested_spec(abs_dir: str, name: str) -> object | None:
 
 
 def _ignored(rules: Rules, rel: str) -> bool:
-    return any(spec.match_file(rel[len(base):]) for base, spec in rules)  # type: ignore[attr-defined]
+    """As git decides: the innermost ignore file with a rule for the path (a ``!`` rule re-includes)."""
+    for base, spec in reversed(rules):
+        decided = spec.check_file(rel[len(base):]).include  # type: ignore[attr-defined]
+        if decided is not None:
+            return bool(decided)
+    return False
 
 
 def _walk(source: str, spec: object | None, ignore_file: str | None = None) -> list[tuple[str, os.stat_result, str]]:

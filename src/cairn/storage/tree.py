@@ -91,12 +91,19 @@ def digest_tree(path: str | os.PathLike[str]) -> TreeDigest:
 
 
 def stat_signature(path: str | os.PathLike[str]) -> str:
+    return stat_signatures(path)[0]
+
+
+def stat_signatures(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The stat signature, and the one recorded before empty folders counted (an output recorded
+    then is still itself)."""
     stats = []
     files, empty = _walk(Path(path))
     for rel, full in files:
         st = os.lstat(full)
         stats.append([rel, 0 if stat.S_ISLNK(st.st_mode) else st.st_size, st.st_mtime_ns])
-    return digest_json({"stat": stats, **({"folders": empty} if empty else {})})
+    files_only = digest_json({"stat": stats})
+    return (digest_json({"stat": stats, "folders": empty}), files_only) if empty else (files_only,)
 
 
 def make_read_only(path: str | os.PathLike[str]) -> None:
