@@ -60,3 +60,4 @@ def test_a_partial_read_never_ends_inside_a_character() -> None:
     assert _whole_characters(text[:3]) == 2  # "na" and the first byte of "ï"
     assert _whole_characters(text) == len(text)
     assert _whole_characters(b"bad \xff byte") == len(b"bad \xff byte")  # not a cut character: shown, replaced
+    assert _whole_characters(b"\xffabc\xe2\x82") == 4  # an earlier bad byte does not hide a cut "\u20ac"

@@ -331,3 +331,24 @@ def test_inputs_used_in_place_are_copies_that_keep_file_names(workspace: Workspa
     assert result.returncode == 0, result.stderr
     assert "file table.csv" in result.stdout
     assert (store / "elsewhere.txt").read_text() == "recorded" and os.path.islink(store / "folder" / "link.txt")
+
+
+def test_a_link_back_up_an_input_is_no_loop(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    from cairn import Dataset
+
+    store = Path(workspace.get_default_datastore().root)
+    (store / "looped" / "v3").mkdir(parents=True)
+    (store / "looped" / "v3" / "m.txt").write_text("m")
+    (store / "looped" / "latest").symlink_to("v3")
+    (store / "looped" / "v3" / "up").symlink_to("..")
+    data = Dataset.File.from_files((workspace.get_default_datastore(), "looped/v3/m.txt"))
+    data_folder = Dataset.File.from_files((workspace.get_default_datastore(), "looped"), validate=False)
+    src = write_script("ls.py", "import os, sys\nprint(sorted(os.listdir(sys.argv[1])))\n")
+    step = PythonScriptStep("ls.py", name="ls", source_directory=str(src),
+                            arguments=[data_folder.as_named_input("looped").as_mount()],
+                            inputs=[data.as_named_input("one")])
+    run = Experiment(workspace, "loops").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    result = cairn("debug", run.find_step_run("ls")[0].id, cwd=Path(workspace.location))
+    assert result.returncode == 0, result.stderr
+    assert "['latest', 'v3']" in result.stdout

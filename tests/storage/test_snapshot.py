@@ -129,3 +129,11 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     (src / "common").symlink_to(shared, target_is_directory=True)
     (src / "loop").symlink_to(src, target_is_directory=True)  # must not recurse forever
     assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == ["common/lib.py", "main.py"]
+
+
+def test_a_folder_only_rule_never_decides_about_the_files_inside(tmp_path):
+    src = _tree(tmp_path / "src", {"sub/models/big.ckpt": "b", "sub/models/keep.py": "k"})
+    (src / ".gitignore").write_text("*.ckpt\n")
+    (src / "sub" / ".gitignore").write_text("!models/\n")  # git: the folder, not big.ckpt, is re-included
+    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "objects"), {})) == [
+        ".gitignore", "sub/.gitignore", "sub/models/keep.py"]

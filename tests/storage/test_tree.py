@@ -15,7 +15,28 @@ def test_an_empty_folder_changes_the_digest_and_the_old_signature_still_matches(
     before, signed_before = digest_tree(out).digest, stat_signature(out)
     (out / "checkpoints").mkdir()
     assert digest_tree(out).digest != before
-    assert stat_signature(out) != signed_before
-    assert signed_before in stat_signatures(out)  # recorded before empty folders counted: still this output
+    assert stat_signature(out) != signed_before and signed_before not in stat_signatures(out)
     (out / "checkpoints").rmdir()
-    assert digest_tree(out).digest == before and stat_signatures(out) == (signed_before,)
+    assert digest_tree(out).digest == before and stat_signature(out) == signed_before
+
+
+def test_a_folder_added_to_an_output_recorded_now_is_noticed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "v.txt").write_text("v")
+    recorded = digest_tree(out).stat_signature  # what a commit records
+    assert recorded in stat_signatures(out)
+    (out / "new").mkdir()  # someone adds an empty folder to a committed output
+    assert recorded not in stat_signatures(out)
+
+
+def test_an_output_recorded_before_empty_folders_counted_is_still_itself(tmp_path: Path) -> None:
+    from cairn.core.digests import digest_json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "v.txt").write_text("v")
+    (out / "empty").mkdir()
+    st = (out / "v.txt").stat()
+    legacy = digest_json({"stat": [["v.txt", st.st_size, st.st_mtime_ns]]})  # what older commits recorded
+    assert legacy in stat_signatures(out)

@@ -347,6 +347,7 @@ class LocalBackend(AgentSocketCalls):
             cut = len(data)
         elif partial:
             cut = _whole_characters(data)
+            cut -= data[:cut].endswith(b"\r")  # half of a "\r\n", perhaps
         else:
             end = len(data) - 1 if data.endswith(b"\r") else len(data)
             cut = max(data.rfind(b"\n", 0, end), data.rfind(b"\r", 0, end)) + 1
@@ -540,9 +541,10 @@ def _shared_snapshot_hint(change: str, script: str) -> str:
 
 def _whole_characters(data: bytes) -> int:
     """How much of ``data`` ends on a whole UTF-8 character (a writer may be in the middle of one)."""
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if exc.reason == "unexpected end of data":
-            return exc.start
+    for back in range(1, min(4, len(data)) + 1):
+        lead = data[-back]
+        if lead & 0xC0 == 0x80:  # a continuation byte: the character began further back
+            continue
+        needs = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 else 1
+        return len(data) - back if back < needs else len(data)
     return len(data)

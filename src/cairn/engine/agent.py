@@ -163,7 +163,7 @@ class Agent:
                     idle_since = time.monotonic()
                     continue
                 deadline = min(deadline, idle_since + self.idle_timeout)
-            if self._queue_may_have_work:  # a run was just claimed: another may be waiting
+            if self._queue_may_have_work or self._advance_needed:  # a run just claimed, steps just released
                 deadline = now
             try:
                 event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))

@@ -167,13 +167,11 @@ def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
         raise UserInputError(f"input {name}: {path} does not exist any more (deleted since the run?): the step "
                              f"cannot be recreated as it ran")
     given = Path(path)
-    if folder in given.parents:  # a path_on_compute link to the recorded files: the view replaces it
-        view = given
-        given.unlink()
-    else:  # a file keeps its name (a script may read it by its suffix)
-        view = folder / DEBUG_MARKER / "inputs" / name / (real.name if real.is_file() else "")
-    files = [real] if real.is_file() else [Path(d) / f for d, _, names in os.walk(real, followlinks=True) for f in names]
-    size = sum(f.stat().st_size for f in files if f.exists())
+    inside = folder in given.parents  # a path_on_compute link to the recorded files: the view replaces it
+    # a file keeps the name the step sees (a script may read it by its suffix)
+    view = given if inside else folder / DEBUG_MARKER / "inputs" / name / (given.name if real.is_file() else "")
+    files = _input_files(real)
+    size = sum(st.st_size for _, _, st in files)
     root = os.geteuid() == 0 if hasattr(os, "geteuid") else False  # root writes read-only files
     limit = int(os.environ.get("CAIRN_DEBUG_COPY_LIMIT", str(2 << 30)))
     link = not root and size > limit  # a link shares the file: its owner could still chmod and write it
@@ -181,22 +179,46 @@ def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
            f"hard links to its read-only files and copies of the others ({size / 1e6:.1f} MB, over "
            f"CAIRN_DEBUG_COPY_LIMIT: do not make them writable, they are the recorded ones)")
     log(f"input {name}: {real} seen through {how} in {view}")
-    view.parent.mkdir(parents=True, exist_ok=True)
-
-    def place(src: str, dst: str) -> None:
+    if inside:
+        given.unlink()
+    for src, rel, _ in files:
+        dst = view / rel if rel else view
+        dst.parent.mkdir(parents=True, exist_ok=True)
         if link and not os.access(src, os.W_OK):
             try:
                 os.link(src, dst)
-                return
+                continue
             except OSError:  # another file system, or links not allowed: a copy
                 pass
         shutil.copy2(src, dst)
-
-    if real.is_dir():  # links followed: one that leaves the input must not lead back into recorded files
-        shutil.copytree(real, view, symlinks=False, ignore_dangling_symlinks=True, copy_function=place)
-    else:
-        place(str(real), str(view))
+    if not files:
+        view.mkdir(parents=True, exist_ok=True)
     return str(view)
+
+
+def _input_files(real: Path) -> list[tuple[str, str, os.stat_result]]:
+    """(path, path relative to the input, stat) of the files an input holds, links followed (a link
+    back up the tree is not: no loop)."""
+    if real.is_file():
+        return [(str(real), "", real.stat())]
+    found: list[tuple[str, str, os.stat_result]] = []
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(str(real), "", frozenset())]
+    while stack:
+        folder, rel, above = stack.pop()
+        st = os.stat(folder)
+        here = (st.st_dev, st.st_ino)
+        if here in above:  # a link back up the tree
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir():  # follows a link: it must not lead back into recorded files
+                        stack.append((entry.path, f"{rel}{entry.name}/", above | {here}))
+                    elif entry.is_file():
+                        found.append((entry.path, f"{rel}{entry.name}", entry.stat()))
+                except OSError:  # a dangling link: nothing there
+                    continue
+    return found
 
 
 def _current_python() -> str:

@@ -56,39 +56,48 @@ class Snapshot:
         return sum(e.size for e in self.entries)
 
 
-def _ignore_spec(source: str) -> tuple[object | None, str | None]:
+Specs = tuple[object, object]  # (rules for folders: all of the file's; rules for files: not the folder-only ones)
+
+
+def _specs(path: str) -> Specs:
+    """An ignore file's rules. A folder-only rule (``models/``, ``!models/``) decides about the
+    folder, never about the files in it (pathspec would apply it to them)."""
+    import pathspec
+
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    files_only = [ln for ln in lines if not ln.rstrip().endswith("/")]
+    return pathspec.GitIgnoreSpec.from_lines(lines), pathspec.GitIgnoreSpec.from_lines(files_only)
+
+
+def _ignore_spec(source: str) -> tuple[Specs | None, str | None]:
     for name in IGNORE_FILES:
         f = os.path.join(source, name)
         if os.path.isfile(f):
-            import pathspec
-
-            lines = Path(f).read_text(encoding="utf-8", errors="replace").splitlines()
-            return pathspec.GitIgnoreSpec.from_lines(lines), name
+            return _specs(f), name
     return None, None
 
 
-Rules = tuple[tuple[str, object], ...]  # (folder relative to the source, its ignore spec), outermost first
+Rules = tuple[tuple[str, Specs], ...]  # (folder relative to the source, its ignore rules), outermost first
 
 
-def _nested_spec(abs_dir: str, name: str) -> object | None:
+def _nested_spec(abs_dir: str, name: str) -> Specs | None:
     path = os.path.join(abs_dir, name)
-    if not os.path.isfile(path):
-        return None
-    import pathspec
-
-    return pathspec.GitIgnoreSpec.from_lines(Path(path).read_text(encoding="utf-8", errors="replace").splitlines())
+    return _specs(path) if os.path.isfile(path) else None
 
 
 def _ignored(rules: Rules, rel: str) -> bool:
-    """As git decides: the innermost ignore file with a rule for the path (a ``!`` rule re-includes)."""
-    for base, spec in reversed(rules):
+    """As git decides: the innermost ignore file with a rule for the path (a ``!`` rule re-includes);
+    ``rel`` ends with "/" for a folder."""
+    folder = rel.endswith("/")
+    for base, (for_folders, for_files) in reversed(rules):
+        spec = for_folders if folder else for_files
         decided = spec.check_file(rel[len(base):]).include  # type: ignore[attr-defined]
         if decided is not None:
             return bool(decided)
     return False
 
 
-def _walk(source: str, spec: object | None, ignore_file: str | None = None) -> list[tuple[str, os.stat_result, str]]:
+def _walk(source: str, spec: Specs | None, ignore_file: str | None = None) -> list[tuple[str, os.stat_result, str]]:
     """The files to snapshot. As git does, an ignore file in a subfolder applies below it (files
     named as the source's own one, ``.gitignore`` when it has none)."""
     nested = ignore_file or ".gitignore"

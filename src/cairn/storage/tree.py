@@ -87,23 +87,25 @@ def digest_tree(path: str | os.PathLike[str]) -> TreeDigest:
         rows.append([rel, file_size, digest])
         stats.append([rel, file_size, mtime])
     folders = {"folders": empty} if empty else {}  # (an output without empty folders keeps its old digest)
-    return TreeDigest(digest_json({"tree": rows, **folders}), size, len(rows), digest_json({"stat": stats, **folders}))
+    # the stat signature always names its folders: one recorded from now on never equals the older
+    # files-only form, which stat_signatures still accepts for outputs recorded before
+    return TreeDigest(digest_json({"tree": rows, **folders}), size, len(rows),
+                      digest_json({"stat": stats, "folders": empty}))
 
 
 def stat_signature(path: str | os.PathLike[str]) -> str:
     return stat_signatures(path)[0]
 
 
-def stat_signatures(path: str | os.PathLike[str]) -> tuple[str, ...]:
-    """The stat signature, and the one recorded before empty folders counted (an output recorded
-    then is still itself)."""
+def stat_signatures(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """The stat signature, and the files-only form recorded before empty folders counted (an
+    output recorded then is still itself if its files are)."""
     stats = []
     files, empty = _walk(Path(path))
     for rel, full in files:
         st = os.lstat(full)
         stats.append([rel, 0 if stat.S_ISLNK(st.st_mode) else st.st_size, st.st_mtime_ns])
-    files_only = digest_json({"stat": stats})
-    return (digest_json({"stat": stats, "folders": empty}), files_only) if empty else (files_only,)
+    return digest_json({"stat": stats, "folders": empty}), digest_json({"stat": stats})
 
 
 def make_read_only(path: str | os.PathLike[str]) -> None:
