@@ -4,7 +4,8 @@ between steps), and can be canceled and timed out like them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -312,6 +313,25 @@ def test_a_server_that_could_not_start_is_not_waited_for_again(
     assert starts.read_text() == "start\n"  # one try, not one per step
 
 
+@contextmanager
+def _a_module_that_hangs_at_import(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    """The name of a module on the agent's path whose import blocks until the block ends."""
+    import os
+
+    fifo = tmp_path / "import-blocks-here"
+    os.mkfifo(fifo)
+    _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_blocks_at_import", f"""
+        open({str(fifo)!r}).read()  # until the test writes to it
+    """)
+    try:
+        yield "cairn_blocks_at_import"
+    finally:
+        try:  # let the server's import end
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+
 def _processes_running(marker: str) -> list[int]:
     import os
 
@@ -328,20 +348,14 @@ def _processes_running(marker: str) -> list[int]:
 
 def test_a_step_waiting_for_its_server_can_be_canceled(
         workspace: Workspace, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
     import time
 
     from cairn.engine.client import stop_agent
     from cairn.storage.layout import WorkspaceLayout
 
-    fifo = tmp_path / "import-blocks-here"
-    os.mkfifo(fifo)
-    _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_blocks_at_import", f"""
-        open({str(fifo)!r}).read()  # until the test writes to it
-    """)
-    warm_target(workspace, ["cairn_blocks_at_import"])
-    run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 1)))
-    try:
+    with _a_module_that_hangs_at_import(monkeypatch, tmp_path) as hanging:
+        warm_target(workspace, [hanging])
+        run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 1)))
         step = run.get_steps()[0]
         deadline = time.monotonic() + 50  # within the 60 s a step waits for its server
         while "waiting for the warm-start server" not in step.get_system_log():
@@ -352,15 +366,9 @@ def test_a_step_waiting_for_its_server_can_be_canceled(
         assert step.get_status() == "Canceled" and "started pid" not in step.get_system_log()
         stop_agent(WorkspaceLayout(workspace.location))  # a server stuck importing leaves with its agent
         deadline = time.monotonic() + 30
-        while _processes_running("cairn_blocks_at_import"):
+        while _processes_running(hanging):
             assert time.monotonic() < deadline, "the fork server outlived its agent"
             time.sleep(0.1)
-    finally:
-        try:  # let the server's import end
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def test_warm_steps_end_and_write_as_cold_ones(workspace: Workspace, write_script: Callable[..., Path]) -> None:
@@ -396,28 +404,16 @@ def test_warm_steps_end_and_write_as_cold_ones(workspace: Workspace, write_scrip
 
 def test_after_one_step_gave_up_on_a_server_still_importing_the_next_do_not_wait(
         workspace: Workspace, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    fifo = tmp_path / "import-blocks-here"
-    os.mkfifo(fifo)
-    _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_blocks_at_import", f"""
-        open({str(fifo)!r}).read()  # until the test writes to it
-    """)
     monkeypatch.setenv("CAIRN_WARM_START_WAIT", "1")  # the agent starts later, from this process
-    warm_target(workspace, ["cairn_blocks_at_import"])
-    run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 2)))
-    try:
+    with _a_module_that_hangs_at_import(monkeypatch, tmp_path) as hanging:
+        warm_target(workspace, [hanging])
+        run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 2)))
         assert run.wait_for_completion(show_output=False, timeout_seconds=120) == "Completed"
         logs = {s.name: s.get_system_log() for s in run.get_steps()}
-        assert "waiting for the warm-start server" in logs["s0"]
-        assert "still importing after 1 s" in logs["s0"]
-        assert "waiting for the warm-start server" not in logs["s1"]  # it started cold at once
-        assert "still importing after 1 s" in logs["s1"]
-    finally:
-        try:  # let the server's import end
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
+    assert "waiting for the warm-start server" in logs["s0"]
+    assert "still importing after 1 s" in logs["s0"]
+    assert "waiting for the warm-start server" not in logs["s1"]  # it started cold at once
+    assert "still importing after 1 s" in logs["s1"]
 
 
 def test_folders_of_servers_gone_are_pruned_and_a_listening_one_is_kept(tmp_path: Path) -> None:

@@ -452,13 +452,10 @@ class LocalBackend(AgentSocketCalls):
         else:
             old = json.loads(prev["fingerprint_parts"])
             result["compared_with"] = prev["id"]
-            result["changes"] = [self._describe(k, old.get(k), parts.get(k)) for k in differing_parts(old, parts)]
-            if "snapshot" in differing_parts(old, parts) and parts.get("script") == old.get("script"):
-                result["changes"] = [_shared_snapshot_hint(c, parts["script"]) for c in result["changes"]]
-            if "environment" in differing_parts(old, parts) and spec is not None:
-                what = self._environment_change(prev, run["name"], spec.step(run["name"]).environment)
-                result["changes"] = [f"environment changed: {what}" if c.startswith("environment changed:")
-                                     and what else c for c in result["changes"]]
+            own_script = parts.get("script") if parts.get("script") == old.get("script") else None
+            step_env = spec.step(run["name"]).environment if spec is not None else None
+            result["changes"] = [self._describe(k, old.get(k), parts.get(k), prev, own_script, step_env)
+                                 for k in differing_parts(old, parts)]
             if result["changes"]:
                 result["summary"] = f"ran: {len(result['changes'])} part(s) differ from step run {prev['id']}"
             elif not allow_reuse:
@@ -479,12 +476,12 @@ class LocalBackend(AgentSocketCalls):
             result["summary"] += " (submitted with regenerate_outputs=True)"
         return result
 
-    def _environment_change(self, prev: dict[str, Any], step_name: str, new: dict[str, Any]) -> str:
-        """What differs between the environment a step ran with before and now ("pip six==1.16.0 ->
-        six==1.17.0"), or "" when the earlier one is not known."""
+    def _environment_change(self, prev: dict[str, Any], new: dict[str, Any]) -> str:
+        """What differs between the environment step run ``prev`` ran with and ``new`` ("pip
+        six==1.16.0 -> six==1.17.0"), or "" when the earlier one is not known."""
         pipeline = q.get_run(self.store, prev["parent_id"]) or {}
         try:
-            old = GraphSpec.from_json(pipeline["spec"]).step(step_name).environment if pipeline.get("spec") else None
+            old = GraphSpec.from_json(pipeline["spec"]).step(prev["name"]).environment if pipeline.get("spec") else None
         except (KeyError, ValueError):
             old = None
         if not isinstance(old, dict):
@@ -505,15 +502,27 @@ class LocalBackend(AgentSocketCalls):
                 said.append(f"{key} {a!r} -> {b!r}")
         return "; ".join(said)
 
-    def _describe(self, key: str, old: Any, new: Any) -> str:
+    def _describe(self, key: str, old: Any, new: Any, prev: dict[str, Any], own_script: str | None,
+                  step_env: dict[str, Any] | None) -> str:
+        """One fingerprint part that differs from ``prev``'s, in words. ``own_script``: the step's
+        script when it kept its name; ``step_env``: its environment now, when known."""
         if key == "snapshot":
             a, b = q.get_snapshot(self.store, old or ""), q.get_snapshot(self.store, new or "")
-            if a and b:
-                files = diff_manifests(load_manifest(self.objects, a["manifest"]),
-                                       load_manifest(self.objects, b["manifest"]))
-                return "snapshot changed: " + (", ".join(files[:10]) + (" ..." if len(files) > 10 else "")
-                                               if files else "file modes changed")
-            return "snapshot changed"
+            if not (a and b):
+                return "snapshot changed"
+            files = diff_manifests(load_manifest(self.objects, a["manifest"]), load_manifest(self.objects, b["manifest"]))
+            if not files:
+                return "snapshot changed: file modes changed"
+            said = "snapshot changed: " + ", ".join(files[:10]) + (" ..." if len(files) > 10 else "")
+            if own_script and own_script not in (entry.rsplit(" ", 1)[0] for entry in files):
+                # the common cause of "I edited one step and all ran"
+                said += (f" (not this step's script {own_script}: steps that share a source_directory share its "
+                         f"snapshot; a folder of its own reruns only the steps whose files changed)")
+            return said
+        if key == "environment" and step_env is not None:
+            what = self._environment_change(prev, step_env)
+            if what:
+                return f"environment changed: {what}"
         if key.startswith("input:"):
             if old is None:
                 return f"input {key[6:]} added"
@@ -524,19 +533,6 @@ class LocalBackend(AgentSocketCalls):
             names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             return f"{key} changed: " + ", ".join(f"{n} {old.get(n)!r} -> {new.get(n)!r}" for n in names)
         return f"{key} changed: {old!r} -> {new!r}"
-
-
-def _shared_snapshot_hint(change: str, script: str) -> str:
-    """A snapshot change that is not the step's own script: say that steps sharing a source
-    folder share its snapshot (the common cause of "I edited one step and all ran")."""
-    prefix = "snapshot changed: "
-    if not change.startswith(prefix) or change == prefix + "file modes changed" or change.endswith(" ..."):
-        return change  # (a list cut short may name the script further on)
-    changed = [entry.rsplit(" ", 1)[0] for entry in change[len(prefix):].removesuffix(" ...").split(", ")]
-    if script in changed:
-        return change
-    return (change + f" (not this step's script {script}: steps that share a source_directory share its "
-            f"snapshot; a folder of its own reruns only the steps whose files changed)")
 
 
 def _whole_characters(data: bytes) -> int:

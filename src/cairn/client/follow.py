@@ -110,9 +110,8 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
 
 def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str, tuple[str, str | None]],
                    offsets: dict[tuple[str, str], int], out: TextIO, only_step: str | None,
-                   shown_at: dict[tuple[str, str], float] | None = None) -> None:
+                   shown_at: dict[tuple[str, str], float]) -> None:
     now = time.monotonic()
-    shown_at = {} if shown_at is None else shown_at
     for c in children:
         if only_step and c["id"] != only_step:
             continue
@@ -131,7 +130,7 @@ def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str,
                 # a log quiet for a while may hold a line still without its newline: shown as it is
                 quiet = not terminal and now - shown_at.setdefault(key, now) >= PARTIAL_AFTER
                 text, offsets[key] = backend.read_log(c["id"], which, offsets.get(key, 0), complete=terminal,
-                                                      **({"partial": True} if quiet else {}))
+                                                      partial=quiet)
                 if text or quiet:
                     shown_at[key] = now
                 for line in _display_lines(text):

@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -443,20 +444,26 @@ class StepRun(Run):
         """Inside the step: input name -> its local path; a dataset input in direct mode -> the Dataset."""
         if os.environ.get("CAIRN_RUN_ID") != self.id:
             return {}
-        result: dict[str, Any] = json.loads(os.environ.get("CAIRN_INPUTS", "{}"))
-        for name, d in json.loads(os.environ.get("CAIRN_DATASETS", "{}")).items():
-            if d["mode"] == "direct":
-                from cairn.client.dataset import FileDataset, TabularDataset
-
-                cls = FileDataset if d["kind"] == "file" else TabularDataset
-                result[name] = cls(d["definition"], self.workspace)
-        return result
+        return _step_inputs(lambda: self.workspace)
 
     @property
     def output_datasets(self) -> dict[str, Any]:
         if os.environ.get("CAIRN_RUN_ID") == self.id:
             return json.loads(os.environ.get("CAIRN_OUTPUTS", "{}"))
         return {}
+
+
+def _step_inputs(workspace: Callable[[], Workspace | None]) -> dict[str, Any]:
+    """Inside a step: input name -> its local path; a dataset input in direct mode -> the Dataset
+    (of ``workspace()``, asked for only then)."""
+    result: dict[str, Any] = json.loads(os.environ.get("CAIRN_INPUTS") or "{}")
+    for name, d in json.loads(os.environ.get("CAIRN_DATASETS") or "{}").items():
+        if d["mode"] == "direct":
+            from cairn.client.dataset import FileDataset, TabularDataset
+
+            cls = FileDataset if d["kind"] == "file" else TabularDataset
+            result[name] = cls(d["definition"], workspace())
+    return result
 
 
 class _OfflineExperiment:
@@ -482,26 +489,20 @@ class OfflineRun(_MetricsMixin):
     recreated by `cairn debug`, it has the step's inputs, outputs, experiment and workspace (to
     read), and an offline parent: nothing it logs reaches the recorded runs."""
 
-    def __init__(self, *, _parent_of: OfflineRun | None = None) -> None:
+    def __init__(self, *, experiment: _OfflineExperiment | None = None) -> None:
+        """``experiment``: given for the offline parent of a recreated step (it has no inputs)."""
         self.id = "OfflineRun"
-        debugging = os.environ.get("CAIRN_DEBUG_OF")
-        self.experiment: Any = _OfflineExperiment(
-            os.environ.get("CAIRN_EXPERIMENT", "offline"), os.environ.get("CAIRN_DEBUG_WORKSPACE")) \
-            if debugging else _OfflineExperiment()
-        self.parent = OfflineRun(_parent_of=self) if debugging and _parent_of is None else None
-        if _parent_of is not None:
-            self.experiment = _parent_of.experiment
-        step = _parent_of is None
-        # a step recreated by `cairn debug` still finds its inputs and outputs here
-        self.input_datasets: dict[str, Any] = json.loads(os.environ.get("CAIRN_INPUTS") or "{}") if step else {}
+        debugging = bool(os.environ.get("CAIRN_DEBUG_OF"))
+        step = experiment is None
+        self.experiment: Any = experiment or (_OfflineExperiment(
+            os.environ.get("CAIRN_EXPERIMENT", "offline"), os.environ.get("CAIRN_DEBUG_WORKSPACE"))
+            if debugging else _OfflineExperiment())
+        self.parent = OfflineRun(experiment=self.experiment) if debugging and step else None
+        # a step recreated by `cairn debug` still finds its inputs (direct datasets as the run had
+        # them) and outputs here
+        self.input_datasets: dict[str, Any] = (_step_inputs(lambda: self.experiment.workspace) if debugging else
+                                               json.loads(os.environ.get("CAIRN_INPUTS") or "{}")) if step else {}
         self.output_datasets: dict[str, Any] = json.loads(os.environ.get("CAIRN_OUTPUTS") or "{}") if step else {}
-        if step and debugging:
-            for name, d in json.loads(os.environ.get("CAIRN_DATASETS") or "{}").items():
-                if d.get("mode") == "direct":  # as in the recorded run: the Dataset itself
-                    from cairn.client.dataset import FileDataset, TabularDataset
-
-                    cls = FileDataset if d["kind"] == "file" else TabularDataset
-                    self.input_datasets[name] = cls(d["definition"], self.experiment.workspace)
         self._metrics: list[dict[str, Any]] = []
         self._tags: dict[str, Any] = {}
         self._properties: dict[str, Any] = {}

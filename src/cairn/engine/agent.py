@@ -304,10 +304,10 @@ class Agent:
             if run_id in self._reused_in_pass:  # watchers re-read the run: one word for the whole pass
                 self._reused_in_pass.discard(run_id)
                 self._notify(run_id)
+            if sched.release_held():  # steps held for a failure that never came: they start now
+                self._advance_needed = True
+                continue
             if not sched.is_done():
-                if sched.released:  # steps held for a failure that never came: they start now
-                    sched.released = False
-                    self._advance_needed = True
                 continue
             final = sched.finish()
             q.release_lease(self.ctx.store, run_id, self.owner)

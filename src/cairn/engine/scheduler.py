@@ -47,7 +47,6 @@ class PipelineScheduler:
         self.running: set[str] = set()
         self.failed_step: str | None = None
         self._held: set[str] = set()  # withdrawn by their compute: see finished()
-        self.released = False
         self.canceling = bool(run["cancel_requested"])  # canceled while no agent was running
         self._roots = ctx.datastore_roots()
         self._manifests: dict[str, dict[str, Any]] = {}  # snapshot digest -> manifest (shared by steps)
@@ -342,13 +341,18 @@ class PipelineScheduler:
     def begin_cancel(self) -> None:
         self.canceling = True
 
+    def release_held(self) -> bool:
+        """Steps held for a failure that never came (nothing of the run runs, and it goes on) are
+        ready again; True when there were any (the engine dispatches them, and the run is not done)."""
+        if not self._held or self.running or self._halted():
+            return False
+        for name in sorted(self._held):
+            self._check_ready(name)
+        self._held.clear()
+        return True
+
     def is_done(self) -> bool:
-        if self._held and not self.running and not self._halted():  # no failure came after all: they run
-            for name in sorted(self._held):
-                self._check_ready(name)
-            self._held.clear()
-            self.released = True  # for the engine: another dispatch pass, now
-        return not self.running and not self.has_ready()
+        return not self.running and not self.has_ready() and (not self._held or self._halted())
 
     def finish(self) -> Status:
         """Record the end: steps that never ran say why; the pipeline gets its final status."""

@@ -260,10 +260,15 @@ class WarmPool:
             server = self._servers.get(key)
             if self._closed or key in self._failed or key in self._starting or (server is not None and server.alive()):
                 return False
-            self._starting.add(key)
+            self._start_in_background(key, python, env, log_dir, on_done)
+        return True
+
+    def _start_in_background(self, key: tuple[Any, ...], python: str, env: dict[str, str], log_dir: Path,
+                             on_done: Callable[[WarmServer | None, str | None], None] | None) -> None:  # under _cond
+        self._servers.pop(key, None)  # one that died, if any
+        self._starting.add(key)
         threading.Thread(target=self._start, args=(key, python, env, log_dir, on_done),
                          name="warm-start-server", daemon=True).start()
-        return True
 
     def _start(self, key: tuple[Any, ...], python: str, env: dict[str, str], log_dir: Path,
                on_done: Callable[[WarmServer | None, str | None], None] | None) -> None:
@@ -312,10 +317,7 @@ class WarmPool:
                 if stop_waiting is not None and (stop_waiting.canceled or stop_waiting.withdrawn):
                     raise WarmStartError("the step was stopped while its fork server started")
                 if key not in self._starting:  # none yet, or it died since: started again
-                    self._servers.pop(key, None)
-                    self._starting.add(key)
-                    threading.Thread(target=self._start, args=(key, python, env, log_dir, None),
-                                     name="warm-start-server", daemon=True).start()
+                    self._start_in_background(key, python, env, log_dir, None)
                 if not waited and on_wait is not None:
                     waited = True
                     on_wait()
