@@ -236,7 +236,8 @@ def test_a_node_that_dies_mid_step_is_retried_elsewhere(workspace: Workspace, ra
     wait_until(workspace, run, on_second_node_and_running)
     raylet = _raylet_pid(cluster["second"]["temp_dir"])
     os.kill(raylet, signal.SIGKILL)
-    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=120) == "Completed"
+    status = run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=120)
+    assert status == "Completed", [(s.name, s.get_details()["events"]) for s in run.get_steps()]
     retried = [s for s in run.get_steps() if s._row()["attempt"] > 1]
     assert retried, "a step that was on the dead node must have run again"
     for s in retried:

@@ -65,3 +65,46 @@ def test_the_driver_hands_back_a_task_killed_by_an_agent_stop() -> None:
     control = StepControl()
     control.cancel("the agent stopped", requeue=True)
     assert _after_cancel(StepResult("step_x", "Failed", "exit code -9", -9), control).status == "Queued"
+
+
+def test_a_task_does_not_record_a_failure_once_its_node_is_dying(tmp_path: Path) -> None:
+    """A worker whose raylet died kills its step's process before it exits: that is the node's loss,
+    which the driver retries, and must not be recorded first as the step's failure."""
+    store = _running_step(tmp_path)
+    reporter = TaskReporter(store, on_change=lambda _sid: None, locate=lambda _name: None, node_dying=lambda: True)
+    reporter.ended("step_x", Status.FAILED, "killed by signal 9", -9)
+    assert q.get_run(store, "step_x")["status"] == "Running"
+    # and the driver's retry is taken: the step goes back to the queue, not kept as failed
+    assert q.update_status(store, "step_x", Status.QUEUED, "retrying (attempt 1 was lost with its Ray worker or node)")
+
+
+def test_the_raylet_watch_sees_the_worker_s_parent_die() -> None:
+    """Ray starts its workers from the raylet: the watch says the node is dying once that parent is
+    gone (here a parent process that exits while its child watches)."""
+    import os
+
+    from cairn.engine.ray_task import raylet_watch
+
+    result_read, result_write = os.pipe()
+    reaped_read, reaped_write = os.pipe()
+    raylet = os.fork()
+    if raylet == 0:
+        ready_read, ready_write = os.pipe()
+        if os.fork() == 0:  # the "worker"
+            watch = raylet_watch()
+            before = watch()
+            os.write(ready_write, b"!")
+            os.read(reaped_read, 1)  # once the "raylet" has exited and been reaped
+            os.write(result_write, f"{before} {watch()}".encode())
+            os._exit(0)
+        os.read(ready_read, 1)
+        os._exit(0)
+    os.close(result_write)
+    os.waitpid(raylet, 0)
+    os.write(reaped_write, b"!")
+    said = b""
+    while chunk := os.read(result_read, 100):
+        said += chunk
+    for fd in (result_read, reaped_read, reaped_write):
+        os.close(fd)
+    assert said.decode().split() == ["False", "True"]

@@ -4,6 +4,8 @@ the workspace's store and poking the agent's socket so that its watchers hear of
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from typing import Any
 
 from cairn.runner.job import StepJob
@@ -20,6 +22,7 @@ def run_step_task(job: StepJob, relay: Any = None) -> dict[str, Any]:
     from cairn.storage.layout import WorkspaceLayout
     from cairn.store import queries as q
 
+    node_dying = raylet_watch()
     layout = WorkspaceLayout(job.workspace)
     context = ray.get_runtime_context()
     node = context.get_node_id()
@@ -29,18 +32,27 @@ def run_step_task(job: StepJob, relay: Any = None) -> dict[str, Any]:
     if unreachable and relay is not None:  # another machine: through the workspace's relay
         from cairn.engine.remote_step import run_remote
 
-        return run_remote(job, relay, node, {**where, "cairn.ray.relayed": "true"})
+        return run_remote(job, relay, node, {**where, "cairn.ray.relayed": "true"}, node_dying)
     if unreachable:  # told to the driver, which records it: this node cannot write to the store
         return {"step_run_id": job.step_run_id, "status": "Failed", "reason": unreachable, "exit_code": None}
     ctx = EngineContext.open(layout)
     reporter = TaskReporter(ctx.store, on_change=lambda _sid: changed(layout, job.pipeline_run_id),
-                            locate=ctx.datastore_location)
+                            locate=ctx.datastore_location, node_dying=node_dying)
     q.add_properties(ctx.store, job.step_run_id, where)
     # a cancel kills this worker (ray.cancel with force); the agent kills the step's process group
     result = execute_step(job, reporter, StepControl())
     upload_logs(job, result)
     return {"step_run_id": result.step_run_id, "status": result.status, "reason": result.reason,
             "exit_code": result.exit_code}
+
+
+def raylet_watch() -> Callable[[], bool]:
+    """Whether this worker's raylet has died since now. Ray starts its workers from the raylet, so the
+    worker's parent changes the moment it dies. A worker whose raylet died kills its children before it
+    exits (kill_child_processes_on_worker_exit): the step's process dying then is the node's loss,
+    which the driver retries, not the step's failure, and the task must not record it as one."""
+    raylet = os.getppid()
+    return lambda: os.getppid() != raylet
 
 
 def workspace_unreachable(job: StepJob) -> str | None:
@@ -83,13 +95,16 @@ def _stopped_by_agent(store: Any, step_run_id: str) -> bool:
 
 class TaskReporter:
     """The store reporter of a Ray task, which never writes an ending over a step that its agent
-    has handed back to the queue or whose run is being canceled (both kill the task's step: that is
-    not its failure; the driver records the step's ending)."""
+    has handed back to the queue or whose run is being canceled, nor once the task's node is dying
+    (``node_dying()``): each kills the task's step, which is not its failure; the driver records the
+    step's ending."""
 
-    def __init__(self, store: Any, on_change: Any, locate: Any) -> None:
+    def __init__(self, store: Any, on_change: Any, locate: Any,
+                 node_dying: Callable[[], bool] = lambda: False) -> None:
         from cairn.engine.reporter import StoreReporter
 
         self._store = store
+        self._node_dying = node_dying
         self._inner = StoreReporter(store, on_change=on_change, locate=locate)
 
     def started(self, step_run_id: str, status: Any, **fields: Any) -> bool:
@@ -101,7 +116,7 @@ class TaskReporter:
         return self._inner.succeeded(job, outputs, exit_code)
 
     def ended(self, step_run_id: str, status: Any, reason: str, exit_code: int | None) -> None:
-        if not _stopped_by_agent(self._store, step_run_id):
+        if not self._node_dying() and not _stopped_by_agent(self._store, step_run_id):
             self._inner.ended(step_run_id, status, reason, exit_code)
 
     def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str:

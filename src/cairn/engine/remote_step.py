@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,10 @@ class _Relay:
             raise
 
 
-def run_remote(job: StepJob, actor: Any, node: str, where: dict[str, str]) -> dict[str, Any]:
-    """Run ``job`` on this node through the relay ``actor`` (``where``: properties saying where);
+def run_remote(job: StepJob, actor: Any, node: str, where: dict[str, str],
+               node_dying: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Run ``job`` on this node through the relay ``actor`` (``where``: properties saying where;
+    ``node_dying()``: whether this node's raylet has died, when the step's end is not its own);
     returns what the driver records."""
     from cairn.runner.execute import StepControl, execute_step
 
@@ -88,7 +91,7 @@ def run_remote(job: StepJob, actor: Any, node: str, where: dict[str, str]) -> di
         stop_serving = _serve_run_context(call, local, f"{sock_dir}/relay.sock")
         local = _with_variable(local, "CAIRN_RELAY", f"{sock_dir}/relay.sock")
         shipper.start()
-        result = execute_step(local, _RelayReporter(call, node, shipper), StepControl(),
+        result = execute_step(local, _RelayReporter(call, node, shipper, node_dying), StepControl(),
                               commit_local=_LocalCommitter(call))
         shipper.stop()
         ended = result.status != "Queued"
@@ -286,8 +289,8 @@ class _RelayReporter:
     """The runner's StepReporter: every report goes to the workspace's relay; an ending first sends
     what the logs still hold (best effort: a late log line never changes how the step ended)."""
 
-    def __init__(self, call: _Relay, node: str, shipper: _LogShipper) -> None:
-        self._call, self._node, self._shipper = call, node, shipper
+    def __init__(self, call: _Relay, node: str, shipper: _LogShipper, node_dying: Callable[[], bool]) -> None:
+        self._call, self._node, self._shipper, self._node_dying = call, node, shipper, node_dying
 
     def started(self, step_run_id: str, status: Any, **fields: Any) -> bool:
         if "pid" in fields:
@@ -300,7 +303,8 @@ class _RelayReporter:
 
     def ended(self, step_run_id: str, status: Any, reason: str, exit_code: int | None) -> None:
         self._shipper.flush_quietly()
-        self._call("report", "ended", (status, reason, exit_code), {})
+        if not self._node_dying():  # its process died with the node: the driver retries the step
+            self._call("report", "ended", (status, reason, exit_code), {})
 
     def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str:
         return str(self._call("report", "register_output", (output, registration), {}))
