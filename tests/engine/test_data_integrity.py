@@ -201,3 +201,29 @@ def test_explain_says_when_another_steps_file_changed_a_shared_snapshot(workspac
     (a_change,) = run.find_step_run("a")[0].explain()["changes"]
     assert a_change.startswith("snapshot changed: b.py modified (not this step's script a.py: steps that share")
     assert run.find_step_run("b")[0].explain()["changes"] == ["snapshot changed: b.py modified"]
+
+
+def test_a_local_datastore_inside_the_source_folder_is_not_snapshotted(workspace, tmp_path):
+    """A project with its data folder registered as a datastore: outputs committed there must not
+    grow the next snapshot (every run would rerun), and a step with a folder of its own gets no
+    shared-folder hint."""
+    from cairn import Datastore
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "step.py").write_text("import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\n"
+                                     "open(os.path.join(sys.argv[1], 'o.txt'), 'w').write('o')\n")
+    store = Datastore.register_local_folder(workspace, "local_data", str(project / "data"))
+    exp = Experiment(workspace, "in-project")
+
+    def submit():
+        out = PipelineData("out", datastore=store)
+        step = PythonScriptStep("step.py", name="step", source_directory=str(project), arguments=[out], outputs=[out])
+        run = exp.submit(Pipeline(workspace, [step]))
+        assert run.wait_for_completion(show_output=False) == "Completed"
+        return run.find_step_run("step")[0]
+
+    submit()
+    assert submit().get_status() == "Reused"
+    (project / "step.py").write_text((project / "step.py").read_text() + "# edited\n")
+    assert submit().explain()["changes"] == ["snapshot changed: step.py modified"]

@@ -71,7 +71,7 @@ def test_a_failed_step_runs_again_in_the_foreground(workspace: Workspace, ran: d
     assert "[offline run] scalar value = 41" in result.stderr  # never logged into the recorded run
     assert workspace.get_run(ran["1.train"]).get_metrics() == {"value": 41}  # only the original run's
     folder = root / ".cairn" / "debug" / ran["1.train"]
-    assert (folder / "train.py").is_file() and (folder / "prep.py").is_file()  # the snapshot
+    assert sorted(os.listdir(folder / "work")) == ["prep.py", "train.py"]  # the snapshot, as the step's folder was
     assert (folder / ".cairn_debug" / "outputs" / "model" / "model.txt").read_text() == "42"
 
 
@@ -215,12 +215,13 @@ def test_debug_sh_sets_the_steps_variables_whatever_the_shell_has(workspace: Wor
                                                                   tmp_path: Path) -> None:
     src = write_script("env.py", """
         import os, sys
-        print("vars", os.environ.get("MY-VAR"), os.environ.get("PLAIN"), os.environ.get("CAIRN_STEP_NAME"))
+        print("vars", os.environ.get("MY-VAR"), os.environ.get("PLAIN"), os.environ.get("CAIRN_STEP_NAME"),
+              os.environ.get("-x"), os.environ.get("A B"), os.environ.get("CAIRN_RUN_ID"))
         print("args", sys.argv[1:])
         sys.exit(3)
     """)
     rc = RunConfiguration()
-    rc.environment_variables = {"MY-VAR": "dash $HOME", "PLAIN": "it's"}
+    rc.environment_variables = {"MY-VAR": "dash $HOME", "PLAIN": "it's", "-x": "1", "A B": "2"}
     step = PythonScriptStep("env.py", name="env", source_directory=str(src), runconfig=rc,
                             arguments=["two words", "$(id)", ""])
     run = Experiment(workspace, "debug").submit(Pipeline(workspace, [step]))
@@ -230,10 +231,12 @@ def test_debug_sh_sets_the_steps_variables_whatever_the_shell_has(workspace: Wor
     result = cairn("debug", step_run.id, "--print", "--dir", str(folder), cwd=Path(workspace.location))
     assert result.returncode == 0, result.stderr
     printed = result.stdout.splitlines()[0]
-    by_hand = subprocess.run(printed, shell=True, capture_output=True, text=True, timeout=60,
-                             env={"PATH": "/usr/bin:/bin"}, cwd="/")  # a bare shell, elsewhere
+    # a bare shell, elsewhere, that has the recorded run's bindings (as a step's own shell would)
+    by_hand = subprocess.run(printed, shell=True, capture_output=True, text=True, timeout=60, cwd="/",
+                             env={"PATH": "/usr/bin:/bin", "CAIRN_RUN_ID": step_run.id,
+                                  "CAIRN_WORKSPACE": workspace.location})
     assert by_hand.returncode == 3, by_hand.stderr
-    assert "vars dash $HOME it's env" in by_hand.stdout
+    assert "vars dash $HOME it's env 1 2 None" in by_hand.stdout  # never bound to the recorded run
     assert "args ['two words', '$(id)', '']" in by_hand.stdout
     foreground = cairn("debug", step_run.id, "--dir", str(folder), "--force", cwd=Path(workspace.location))
     assert foreground.returncode == 3  # the step's exit code
@@ -292,11 +295,14 @@ def test_a_recreated_step_needs_its_inputs_and_a_folder_outside_its_sources(work
     assert not (src / "dbg").exists()
     prepped = workspace.get_run(ran["1.prep"]).get_output_data("prepped").local_path
     moved = prepped.with_name("moved-away")
+    assert cairn("debug", ran["1.train"], "--print", cwd=root).returncode == 0
+    earlier = root / ".cairn" / "debug" / ran["1.train"] / ".cairn_debug" / "debug.sh"
     shutil.move(prepped, moved)
     try:
-        gone = cairn("debug", ran["1.train"], cwd=root)
+        gone = cairn("debug", ran["1.train"], "--force", cwd=root)
         assert gone.returncode == 2 and "does not exist any more" in flat(gone.stderr), gone.stderr
         no_traceback(gone)
+        assert earlier.is_file()  # checked before the earlier folder was replaced
     finally:
         shutil.move(moved, prepped)
 
@@ -352,3 +358,66 @@ def test_a_link_back_up_an_input_is_no_loop(workspace: Workspace, write_script: 
     result = cairn("debug", run.find_step_run("ls")[0].id, cwd=Path(workspace.location))
     assert result.returncode == 0, result.stderr
     assert "['latest', 'v3']" in result.stdout
+
+
+def test_the_recreated_step_has_its_own_inputs_and_outputs_outside_its_folder(
+        workspace: Workspace, write_script: Callable[..., Path], tmp_path: Path) -> None:
+    """A glob of a local datastore's files (linked in the run's working folder) is copied, empty
+    folders of an input are kept, outputs are outside the working folder (a step may copy its folder
+    into one), each run of debug.sh starts with empty outputs, and --dir inside an input is refused."""
+    from cairn import Dataset, Datastore
+
+    lake = tmp_path / "lake"
+    (lake / "imgs" / "empty").mkdir(parents=True)
+    (lake / "imgs" / "a.txt").write_text("a")
+    store = Datastore.register_local_folder(workspace, "lake", str(lake))
+    src = write_script("keep.py", """
+        import os, shutil, sys
+        glob_dir, folder, out = sys.argv[1:4]
+        print("outputs at start", sorted(os.listdir(out)), "folders", sorted(os.listdir(folder)))
+        shutil.copytree(".", os.path.join(out, "code"))  # saves its code beside the model
+        if os.environ.get("CAIRN_DEBUG_OF"):
+            for top, _, files in os.walk(glob_dir):
+                for name in files:
+                    open(os.path.join(top, name), "a").write("changed")
+    """)
+    out = PipelineData("out")
+    step = PythonScriptStep("keep.py", name="keep", source_directory=str(src), outputs=[out], arguments=[
+        Dataset.File.from_files((store, "imgs/*.txt")).as_named_input("glob").as_download(),
+        Dataset.File.from_files((store, "imgs")).as_named_input("folder").as_mount(), out])
+    run = Experiment(workspace, "layout").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    step_id = run.find_step_run("keep")[0].id
+    root = Path(workspace.location)
+
+    inside = cairn("debug", step_id, "--dir", str(lake / "imgs" / "dbg"), cwd=root)
+    assert inside.returncode == 2 and "inside the step's input folder" in flat(inside.stderr), inside.stderr
+    assert not (lake / "imgs" / "dbg").exists()
+
+    result = cairn("debug", step_id, "--dir", str(tmp_path / "dbg"), cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "outputs at start [] folders ['a.txt', 'empty']" in result.stdout
+    assert (lake / "imgs" / "a.txt").read_text() == "a"  # the glob's files were the step's own copies
+    script = tmp_path / "dbg" / ".cairn_debug" / "debug.sh"
+    again = subprocess.run([str(script)], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert again.returncode == 0, again.stderr
+    assert "outputs at start []" in again.stdout  # not what the first run left
+    assert (lake / "imgs" / "a.txt").read_text() == "a"
+
+
+def test_a_workspace_that_is_its_steps_source_folder_debugs_in_its_default_folder(tmp_path: Path) -> None:
+    """.cairn/ is never in a snapshot, so .cairn/debug/ inside the source folder is fine."""
+    (tmp_path / "hello.py").write_text("print('hello from the step')\n")
+    from cairn.engine.client import stop_agent
+    from cairn.storage.layout import WorkspaceLayout
+
+    workspace = Workspace.create(str(tmp_path))
+    try:
+        run = Experiment(workspace, "here").submit(Pipeline(workspace, [
+            PythonScriptStep("hello.py", name="hello", source_directory=str(tmp_path))]))
+        assert run.wait_for_completion(show_output=False) == "Completed"
+        result = cairn("debug", run.find_step_run("hello")[0].id, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "hello from the step" in result.stdout
+    finally:
+        stop_agent(WorkspaceLayout(workspace.location))

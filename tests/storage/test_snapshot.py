@@ -73,8 +73,9 @@ def test_an_ignore_file_in_a_subfolder_applies_below_it(tmp_path):
     objects = ObjectStore(tmp_path / "objects")
     (src / "sub" / ".gitignore").write_text("*.bin\n")  # as git reads it: for sub/ and below only
     assert _paths(take_snapshot(src, objects, {})) == ["a.py", "other/tmp.bin", "sub/.gitignore", "sub/keep.py"]
-    (src / ".cairnignore").write_text("other/\n")  # the source's own file names the nested ones
-    assert "sub/tmp.bin" in _paths(take_snapshot(src, objects, {}))
+    (src / ".cairnignore").write_text("other/\n")  # each folder's own file decides below it, whatever the source's
+    assert [p for p in _paths(take_snapshot(src, objects, {})) if p.startswith("sub/")] == [
+        "sub/.gitignore", "sub/keep.py"]
     (src / "sub" / ".cairnignore").write_text("keep.py\n")
     assert [p for p in _paths(take_snapshot(src, objects, {})) if p.startswith(("sub/", "other/"))] == [
         "sub/.cairnignore", "sub/.gitignore", "sub/deep/x.bin", "sub/tmp.bin"]
@@ -123,12 +124,61 @@ def test_diff_manifests_names_files():
     assert diff_manifests(old, new) == ["a.py modified", "c.py added", "b.py removed"]
 
 
-def test_symlinked_folders_are_followed_once(tmp_path):
+def test_symlinked_folders_are_followed_but_never_in_a_loop(tmp_path):
     shared = _tree(tmp_path / "shared", {"lib.py": "x = 1"})
-    src = _tree(tmp_path / "src", {"main.py": "import lib"})
+    src = _tree(tmp_path / "src", {"main.py": "import lib", "lib/real/mod.py": "V = 1"})
     (src / "common").symlink_to(shared, target_is_directory=True)
     (src / "loop").symlink_to(src, target_is_directory=True)  # must not recurse forever
-    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == ["common/lib.py", "main.py"]
+    (src / "lib" / "real" / "up").symlink_to("..", target_is_directory=True)
+    (src / "zz").mkdir()
+    (src / "zz" / "alias").symlink_to("../lib/real", target_is_directory=True)  # the real path stays too
+    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == [
+        "common/lib.py", "lib/real/mod.py", "main.py", "zz/alias/mod.py"]
+
+
+def test_a_subfolder_uses_its_own_ignore_file_whatever_the_source_has(tmp_path):
+    src = _tree(tmp_path / "src", {"data/big.bin": "b", "data/keep.txt": "k", "models/w.pt": "w",
+                                   "vendor/lib/build/out.o": "o", "vendor/lib/x.py": "x"})
+    (src / "data" / ".cairnignore").write_text("*.bin\n")
+    (src / "models" / ".amlignore").write_text("*.pt\n")
+    (src / "vendor" / "lib" / ".gitignore").write_text("build/\n")
+    expected = ["data/.cairnignore", "data/keep.txt", "models/.amlignore", "vendor/lib/.gitignore", "vendor/lib/x.py"]
+    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == expected
+    (src / ".amlignore").write_text("nothing-matches\n")
+    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == [".amlignore", *expected]
+
+
+def test_empty_folders_are_part_of_a_snapshot(tmp_path):
+    src = _tree(tmp_path / "src", {"train.py": "t"})
+    objects = ObjectStore(tmp_path / "o")
+    plain = take_snapshot(src, objects, {})
+    assert "folders" not in plain.manifest  # the digest of a snapshot without empty folders is as before
+    (src / "checkpoints").mkdir()
+    (src / "out" / "deep").mkdir(parents=True)
+    (src / "ignored").mkdir()
+    (src / ".gitignore").write_text("ignored/\n")
+    snap = take_snapshot(src, objects, {})
+    assert snap.manifest["folders"] == ["checkpoints", "out/deep"] and snap.digest != plain.digest
+    materialize(snap.manifest, objects, tmp_path / "work")
+    assert (tmp_path / "work" / "checkpoints").is_dir() and (tmp_path / "work" / "out" / "deep").is_dir()
+    assert "empty folder checkpoints/ added" in diff_manifests(plain.manifest, snap.manifest)
+
+
+def test_a_file_name_that_is_not_utf8_is_a_clear_error_unless_ignored(tmp_path):
+    from cairn.core.errors import UserInputError
+
+    src = _tree(tmp_path / "src", {"a.py": "a"})
+    (Path(os.fsdecode(bytes(src) + b"/caf\xe9.txt"))).write_text("x")
+    with pytest.raises(UserInputError, match=r"caf.*not valid UTF-8.*\.cairnignore"):
+        take_snapshot(src, ObjectStore(tmp_path / "o"), {})
+    (src / ".cairnignore").write_text("caf*.txt\n")
+    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == [".cairnignore", "a.py"]
+
+
+def test_excluded_folders_are_left_out(tmp_path):
+    src = _tree(tmp_path / "src", {"train.py": "t", "data/runs/r1/o.txt": "o"})
+    snap = take_snapshot(src, ObjectStore(tmp_path / "o"), {}, exclude=frozenset({os.path.realpath(src / "data")}))
+    assert _paths(snap) == ["train.py"]
 
 
 def test_a_folder_only_rule_never_decides_about_the_files_inside(tmp_path):

@@ -186,9 +186,11 @@ class LocalBackend(AgentSocketCalls):
         stat_updates: dict[str, Any] = {}
         real = {folder: real_path(folder) for folder in source_directories}
         caches = q.load_stat_caches(self.store, [src + os.sep for src in real.values()])
+        data = frozenset(real_path(self.datastore_root(d["name"])) for d in q.list_named(self.store, "datastores")
+                         if d["kind"] == "local")  # a local datastore in a source folder is data, not code
         for source_directory, src in real.items():
-            snap = take_snapshot(src, self.objects, caches[src + os.sep],
-                                 max_files=max_files, max_bytes=max_bytes, is_recorded=is_recorded)
+            snap = take_snapshot(src, self.objects, caches[src + os.sep], max_files=max_files, max_bytes=max_bytes,
+                                 is_recorded=is_recorded, exclude=data)
             if not is_recorded(snap.digest) and snap.digest not in new:  # a recorded one has its manifest stored
                 new[snap.digest] = (snap, self.objects.put_bytes(json.dumps(snap.manifest, sort_keys=True).encode()))
             stat_updates.update(snap.stat_updates)
@@ -453,6 +455,8 @@ class LocalBackend(AgentSocketCalls):
             old = json.loads(prev["fingerprint_parts"])
             result["compared_with"] = prev["id"]
             own_script = parts.get("script") if parts.get("script") == old.get("script") else None
+            if spec is not None and sum(s.snapshot == parts.get("snapshot") for s in spec.steps) < 2:
+                own_script = None  # the hint is for steps sharing a folder: this one has its own
             step_env = spec.step(run["name"]).environment if spec is not None else None
             result["changes"] = [self._describe(k, old.get(k), parts.get(k), prev, own_script, step_env)
                                  for k in differing_parts(old, parts)]

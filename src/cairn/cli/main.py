@@ -376,14 +376,16 @@ def debug(step_run_id: str,
     ws = _workspace(workspace)
     plan = prepare_debug(ws.location, step_run_id, folder, force=force, log=lambda line: err.print(line, highlight=False))
     try:
-        err.print(f"step {plan.step_name!r} ({plan.status}) recreated in {plan.folder}", highlight=False)
+        err.print(f"step {plan.step_name!r} ({plan.status}) recreated in {plan.folder} (its working folder: "
+                  f"{plan.work})", highlight=False)
         for name, path in plan.inputs.items():
             err.print(f"  input {name}: {path}", highlight=False)
         for name, path in plan.outputs.items():
             err.print(f"  output {name}: {path}", highlight=False)
         if print_only:
             console.print(shlex.quote(str(plan.script)), highlight=False, soft_wrap=True)
-            console.print(f"# it sets the step's variables, then runs from {shlex.quote(str(plan.folder))}: "
+            console.print(f"# it empties the outputs, sets the step's variables, then runs from "
+                          f"{shlex.quote(str(plan.work))}: "
                           f"{shlex.join(plan.argv)}", highlight=False, soft_wrap=True)
             return
         err.print(f"running: {shlex.join(plan.argv)}", highlight=False, soft_wrap=True)
@@ -391,12 +393,15 @@ def debug(step_run_id: str,
         # which the step would inherit.
         previous = signal.signal(signal.SIGINT, lambda _signum, _frame: None)
         try:
-            code = subprocess.run(plan.argv, cwd=plan.folder, env=plan.env).returncode
+            code = subprocess.run(plan.argv, cwd=plan.work, env=plan.env).returncode
         finally:
             signal.signal(signal.SIGINT, previous)
     finally:
         plan.close()
-    err.print(f"the step exited with code {code}", highlight=False)
+    if code < 0:
+        err.print(f"the step was killed by {signal.Signals(-code).name} (exit {128 - code})", highlight=False)
+    else:
+        err.print(f"the step exited with code {code}", highlight=False)
     if code != 0:
         raise typer.Exit(code if code > 0 else 128 - code)  # killed by a signal: the shell's 128 + N
 

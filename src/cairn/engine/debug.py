@@ -1,17 +1,17 @@
 """``cairn debug``: recreate a step exactly as it ran — its snapshot, environment, inputs,
 arguments and environment variables — in a local folder, to run it in the foreground (so
-``breakpoint()`` works) or by hand with the ``debug.sh`` written there.
+``breakpoint()`` works) or by hand with the ``.cairn_debug/debug.sh`` written there.
 
-The recreated step never writes into the recorded run: ``Run.get_context()`` gives an offline run
-(it prints what it would log; its workspace is the recorded one, to read), outputs go to
-``.cairn_debug/outputs/`` in the folder, and inputs the run used in place (committed outputs, a
-local datastore's files) are copies of its own (hard links to the read-only files of an input too
-large to copy, see ``_private_view``)."""
+The folder has the step's working folder (``work/``: its snapshot, as in a run) and, beside it,
+``.cairn_debug/``: the script, the step's outputs and its own copies of inputs. The recreated step
+never writes into the recorded run: ``Run.get_context()`` gives an offline run (it prints what it
+would log; its workspace is the recorded one, to read), and inputs the run used in place (committed
+outputs, a local datastore's files, this machine's input cache) are copies of its own (hard links to
+the read-only files of an input too large to copy, see ``_private_view``)."""
 
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 from dataclasses import dataclass, field
@@ -27,10 +27,11 @@ from cairn.environments.spec import is_managed
 from cairn.runner.execute import materialize_inputs, resolve_arguments, step_environment
 from cairn.storage.layout import WorkspaceLayout
 from cairn.storage.objects import ObjectStore
-from cairn.storage.snapshot import materialize
+from cairn.storage.snapshot import materialize, never_snapshotted
 from cairn.store import queries as q
 
 DEBUG_MARKER = ".cairn_debug"  # what marks a folder as made by `cairn debug` (--force may replace it)
+WORK = "work"  # the step's working folder in it: its snapshot (and downloaded inputs), as in a run
 # The recorded run is not this one: without these, Run.get_context() is an offline run.
 _RUN_BINDINGS = ("CAIRN_RUN_ID", "CAIRN_WORKSPACE", "CAIRN_PIPELINE_RUN_ID", "CAIRN_LOG_DIR")
 # What a step always gets from Cairn, whatever the shell that runs debug.sh has
@@ -40,7 +41,8 @@ _STEP_OWN_PREFIXES = ("CAIRN_", "AML_PARAMETER_")
 
 @dataclass
 class DebugPlan:
-    folder: Path
+    folder: Path  # what `cairn debug` made: work/ and .cairn_debug/ (debug.sh, inputs, outputs)
+    work: Path  # the step's working folder
     step_name: str
     status: str
     argv: list[str]
@@ -70,20 +72,17 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     scheduler = PipelineScheduler(ctx, row["parent_id"], resume=False)
     step = scheduler.spec.step(row["name"])
     # by default inside .cairn/: a folder beside the sources could end up in the next snapshot
-    target = Path(folder) if folder else layout.dot / "debug" / step_run_id
-    target = target.resolve()
+    default = layout.dot / "debug" / step_run_id
+    target = (Path(folder) if folder else default).resolve()
+    work, tools = target / WORK, target / DEBUG_MARKER
     try:
-        job = scheduler.debug_job(step, target)  # everything is checked before anything is removed
+        job = scheduler.debug_job(step, work, tools)  # everything is checked before anything is removed
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
     if Status(row["status"]) not in TERMINAL:
         log(f"warning: step {step.name!r} is {row['status']}: its run has not ended; it is recreated as it "
             f"was dispatched")
-    source = Path(step.source_directory).resolve()
-    if target == source or source in target.parents:
-        raise UserInputError(f"--dir {target} is inside the step's source folder {source}: the next run would "
-                             f"snapshot the recreated files; choose a folder outside it (the default is "
-                             f"{layout.dot / 'debug' / step_run_id})")
+    _check_target(target, Path(step.source_directory).resolve(), job.inputs, "--dir " if folder else "", default)
     if target.exists() and not target.is_dir():
         raise UserInputError(f"{target} is a file; --dir must name a new folder (or one `cairn debug` made, with "
                              f"--force)")
@@ -91,7 +90,7 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         if not force:
             raise UserInputError(f"{target} already exists and is not empty; pass --force to replace it, or "
                                  f"--dir to choose another folder")
-        if not (target / DEBUG_MARKER).is_dir():
+        if not tools.is_dir():
             raise UserInputError(f"{target} was not made by `cairn debug` (it has no {DEBUG_MARKER} folder): "
                                  f"--force replaces only such folders; choose another --dir")
     resolved = None
@@ -104,16 +103,23 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     try:
         if target.exists():
             shutil.rmtree(target)
-        (target / DEBUG_MARKER).mkdir(parents=True)
+        tools.mkdir(parents=True)
+        work.mkdir()
     except OSError as exc:
         if resolved is not None:
             resolved.close()
         raise UserInputError(f"cannot make {target}: {exc.strerror or exc}; choose another --dir") from None
-    materialize(job.manifest, ObjectStore(job.objects_root), target)
-    # cached inputs stay held (not evicted) until this process exits: through the foreground run
-    inputs = materialize_inputs(job, target, holds=[])
-    for name, path in inputs.items():
-        inputs[name] = _private_view(name, path, target, log)
+    try:
+        materialize(job.manifest, ObjectStore(job.objects_root), work)
+        # cached inputs stay held (not evicted) until this process exits: through the foreground run
+        inputs = materialize_inputs(job, work, holds=[])
+        for name, path in inputs.items():
+            inputs[name] = _private_view(name, path, target, log)
+    except OSError as exc:  # an input that went away since the checks, a full disk
+        if resolved is not None:
+            resolved.close()
+        raise UserInputError(f"could not recreate the step's files in {target}: {exc}; the folder is incomplete "
+                             f"(run again with --force once fixed)") from None
     outputs = {}
     for o in step.outputs:
         Path(job.staging_dirs[o.name]).mkdir(parents=True, exist_ok=True)
@@ -130,47 +136,94 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     if resolved is not None:
         own |= {"PATH", *resolved.step_variables()}
     changed = {k: v for k, v in env.items() if os.environ.get(k) != v or k in own}
-    removed = sorted(k for k in os.environ if k not in env)
-    script = target / DEBUG_MARKER / "debug.sh"  # not in the snapshot's folder: it may have a file so named
-    script.write_text(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv))
+    removed = sorted({*(k for k in os.environ if k not in env), *_RUN_BINDINGS})  # whatever the shell has
+    script = tools / "debug.sh"  # not in the working folder: the snapshot may have a file so named
+    script.write_text(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv,
+                                    [o.name for o in step.outputs]))
     script.chmod(0o755)
-    return DebugPlan(target, step.name, Status(row["status"]).value, argv, env, changed, removed, script,
+    return DebugPlan(target, work, step.name, Status(row["status"]).value, argv, env, changed, removed, script,
                      inputs, outputs, resolved)
 
 
+def _check_target(target: Path, source: Path, inputs: list[Any], flag: str, default: Path) -> None:
+    """Refuse a folder whose files would change what the step reads: inside its source folder
+    (unless snapshots leave it out, as .cairn/) or inside one of its inputs."""
+    if (target == source or source in target.parents) and not never_snapshotted(source, target):
+        raise UserInputError(f"{flag}{target} is inside the step's source folder {source}: the next run would "
+                             f"snapshot the recreated files; choose a folder outside it (the default is {default})")
+    for i in inputs:
+        if not i.path:
+            continue
+        real = Path(i.path).resolve()
+        if not real.exists():
+            raise UserInputError(f"input {i.name}: {i.path} does not exist any more (deleted since the run?): the "
+                                 f"step cannot be recreated as it ran")
+        if target == real or real in target.parents:
+            raise UserInputError(f"{flag}{target} is inside the step's input folder {real} (input {i.name}): the recreated files "
+                                 f"would change the recorded data; choose a folder outside it")
+
+
 def _shell_script(step: str, run_id: str, step_run_id: str, changed: dict[str, str], removed: list[str],
-                  argv: list[str]) -> str:
-    """debug.sh: the step's variables (``env``: any name, not only those sh can export), then its
-    command, from the recreated folder."""
+                  argv: list[str], outputs: list[str]) -> str:
+    """debug.sh: empty outputs, the step's variables (``env``: any name, not only those sh can
+    export), then its command, from the step's working folder."""
     lines = ["#!/bin/sh", f"# step {step!r} of pipeline run {run_id} (step run {step_run_id}), recreated by "
-             f"`cairn debug`; run it from anywhere, with extra arguments if you like",
-             'cd "$(dirname "$0")/.." || exit', "exec env \\"]
+             f"`cairn debug`; run it from anywhere, with extra arguments if you like.",
+             "# Each run starts with empty outputs, as the step did; inputs (copies) and the working folder keep "
+             "what earlier runs changed: `cairn debug --force` recreates them.",
+             'here=$(cd "$(dirname "$0")" && pwd) || exit']
+    if outputs:
+        folders = " ".join(f'"$here/outputs/"{shlex.quote(name)}' for name in outputs)
+        lines.append(f'rm -rf "$here/outputs" && mkdir -p {folders} || exit')
+    lines += [f'cd "$here/../{WORK}" || exit', "exec env \\"]
     lines += [f"  -u {shlex.quote(name)} \\" for name in removed]
-    lines += [f"  {shlex.quote(f'{k}={v}')} \\" for k, v in sorted(changed.items()) if _env_name_ok(k)]
+    lines.append("  -- \\")  # a name may start with "-"
+    lines += [f"  {shlex.quote(f'{k}={v}')} \\" for k, v in sorted(changed.items()) if k and "=" not in k]
     lines.append(f'  {shlex.join(argv)} "$@"')
     return "\n".join(lines) + "\n"
 
 
-def _env_name_ok(name: str) -> bool:
-    """A name ``env NAME=VALUE`` can set (not empty, no '=', not taken for an option)."""
-    return bool(name) and "=" not in name and not name.startswith("-") and re.search(r"\s", name) is None
-
-
 def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
-    """Where the recreated step sees input ``name``: its own copy when the run used the recorded
-    files in place (hard links to the read-only ones instead, for an input over
-    ``CAIRN_DEBUG_COPY_LIMIT`` bytes and a user other than root), else ``path`` (already its own)."""
-    real = Path(path).resolve()
-    if real == folder or folder in real.parents:
-        return path
-    if not real.exists():
-        raise UserInputError(f"input {name}: {path} does not exist any more (deleted since the run?): the step "
-                             f"cannot be recreated as it ran")
+    """Where the recreated step sees input ``name``: its own copy of whatever the run used in place
+    (the recorded files, or this machine's input cache) — hard links to the read-only ones instead
+    for an input over ``CAIRN_DEBUG_COPY_LIMIT`` bytes and a user other than root. An input that the
+    run's layout puts in the working folder (downloaded, ``path_on_compute``, a glob's files) stays
+    there, its links out of ``folder`` replaced by copies."""
     given = Path(path)
-    inside = folder in given.parents  # a path_on_compute link to the recorded files: the view replaces it
+    if folder in given.parents:
+        for link in _links_out(given, folder):
+            _copy_into(name, link, link, log)
+        return path
+    real = given.resolve()
     # a file keeps the name the step sees (a script may read it by its suffix)
-    view = given if inside else folder / DEBUG_MARKER / "inputs" / name / (given.name if real.is_file() else "")
-    files = _input_files(real)
+    view = folder / DEBUG_MARKER / "inputs" / name / (given.name if real.is_file() else "")
+    _copy_into(name, given, view, log)
+    return str(view)
+
+
+def _links_out(path: Path, folder: Path) -> list[Path]:
+    """The symbolic links at or below ``path`` (not followed) that lead out of ``folder``."""
+    def out(link: Path) -> bool:
+        real = link.resolve()
+        return real != folder and folder not in real.parents
+
+    if path.is_symlink():
+        return [path] if out(path) else []
+    found = []
+    for top, folders, files in os.walk(path):
+        found += [Path(top, n) for n in (*folders, *files) if os.path.islink(os.path.join(top, n))
+                  and out(Path(top, n))]
+    return found
+
+
+def _copy_into(name: str, source: Path, view: Path, log: Any) -> None:
+    """Copy what ``source`` holds (links followed) to ``view``; ``source`` may be ``view`` itself, a
+    link that the copy replaces."""
+    real = source.resolve()
+    if not real.exists():
+        raise UserInputError(f"input {name}: {source} does not exist any more (deleted since the run?): the step "
+                             f"cannot be recreated as it ran")
+    files, folders = _input_files(real)
     size = sum(st.st_size for _, _, st in files)
     root = os.geteuid() == 0 if hasattr(os, "geteuid") else False  # root writes read-only files
     limit = int(os.environ.get("CAIRN_DEBUG_COPY_LIMIT", str(2 << 30)))
@@ -179,8 +232,10 @@ def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
            f"hard links to its read-only files and copies of the others ({size / 1e6:.1f} MB, over "
            f"CAIRN_DEBUG_COPY_LIMIT: do not make them writable, they are the recorded ones)")
     log(f"input {name}: {real} seen through {how} in {view}")
-    if inside:
-        given.unlink()
+    if source.is_symlink():
+        source.unlink()
+    for rel in folders:
+        (view / rel).mkdir(parents=True, exist_ok=True)
     for src, rel, _ in files:
         dst = view / rel if rel else view
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -191,17 +246,15 @@ def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
             except OSError:  # another file system, or links not allowed: a copy
                 pass
         shutil.copy2(src, dst)
-    if not files:
-        view.mkdir(parents=True, exist_ok=True)
-    return str(view)
 
 
-def _input_files(real: Path) -> list[tuple[str, str, os.stat_result]]:
-    """(path, path relative to the input, stat) of the files an input holds, links followed (a link
-    back up the tree is not: no loop)."""
+def _input_files(real: Path) -> tuple[list[tuple[str, str, os.stat_result]], list[str]]:
+    """(path, path relative to the input, stat) of the files an input holds, and its folders (empty
+    ones count: they are content), links followed (a link back up the tree is not: no loop)."""
     if real.is_file():
-        return [(str(real), "", real.stat())]
+        return [(str(real), "", real.stat())], []
     found: list[tuple[str, str, os.stat_result]] = []
+    folders = [""]
     stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(str(real), "", frozenset())]
     while stack:
         folder, rel, above = stack.pop()
@@ -209,6 +262,8 @@ def _input_files(real: Path) -> list[tuple[str, str, os.stat_result]]:
         here = (st.st_dev, st.st_ino)
         if here in above:  # a link back up the tree
             continue
+        if rel:
+            folders.append(rel)
         with os.scandir(folder) as entries:
             for entry in entries:
                 try:
@@ -218,7 +273,7 @@ def _input_files(real: Path) -> list[tuple[str, str, os.stat_result]]:
                         found.append((entry.path, f"{rel}{entry.name}", entry.stat()))
                 except OSError:  # a dangling link: nothing there
                     continue
-    return found
+    return found, folders
 
 
 def _current_python() -> str:

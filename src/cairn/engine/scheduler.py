@@ -193,9 +193,10 @@ class PipelineScheduler:
             return []
         return [self._names[i] for i in refused]
 
-    def debug_job(self, step: StepSpec, work_dir: Path) -> StepJob:
+    def debug_job(self, step: StepSpec, work_dir: Path, tools_dir: Path) -> StepJob:
         """The step's job as it would run now, changing nothing in the store: its inputs are the
-        committed outputs its upstream steps have in this run (reused ones included)."""
+        committed outputs its upstream steps have in this run (reused ones included); its logs and
+        outputs go to ``tools_dir``, outside its working folder as in a run."""
         step_run_id = self.step_ids[step.name]
         missing = [f"{i.producer!r} ({self.status[i.producer].value})" for i in step.inputs
                    if i.output not in self._outputs_of(self.step_ids[i.producer])]
@@ -205,8 +206,8 @@ class PipelineScheduler:
         inputs, datasets, locations = self._locate_inputs(step, step_run_id, record_lineage=False)
         parts = fingerprint_parts(step, _input_digests(step, inputs))
         job = self._job(step, step_run_id, max(1, self.attempts[step.name]), inputs, datasets, locations,
-                        fingerprint(parts), parts, work_dir / ".cairn_debug" / "logs")
-        staging = {o.name: str(work_dir / ".cairn_debug" / "outputs" / o.name) for o in step.outputs}
+                        fingerprint(parts), parts, tools_dir / "logs")
+        staging = {o.name: str(tools_dir / "outputs" / o.name) for o in step.outputs}
         from dataclasses import replace
 
         return replace(job, work_dir=str(work_dir), staging_dirs=staging, log_upload=None)

@@ -13,9 +13,10 @@ import stat as stat_mod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cairn.core.digests import digest_file, digest_json
-from cairn.core.errors import SnapshotTooLargeError
+from cairn.core.errors import SnapshotTooLargeError, UserInputError
 from cairn.storage.objects import ObjectStore
 from cairn.storage.paths import real_path
 
@@ -80,9 +81,13 @@ def _ignore_spec(source: str) -> tuple[Specs | None, str | None]:
 Rules = tuple[tuple[str, Specs], ...]  # (folder relative to the source, its ignore rules), outermost first
 
 
-def _nested_spec(abs_dir: str, name: str) -> Specs | None:
-    path = os.path.join(abs_dir, name)
-    return _specs(path) if os.path.isfile(path) else None
+def _nested_spec(abs_dir: str) -> Specs | None:
+    """A subfolder's own ignore file: the first of IGNORE_FILES it has, as for the source itself."""
+    for name in IGNORE_FILES:
+        path = os.path.join(abs_dir, name)
+        if os.path.isfile(path):
+            return _specs(path)
+    return None
 
 
 def _ignored(rules: Rules, rel: str) -> bool:
@@ -97,19 +102,40 @@ def _ignored(rules: Rules, rel: str) -> bool:
     return False
 
 
-def _walk(source: str, spec: Specs | None, ignore_file: str | None = None) -> list[tuple[str, os.stat_result, str]]:
-    """The files to snapshot. As git does, an ignore file in a subfolder applies below it (files
-    named as the source's own one, ``.gitignore`` when it has none)."""
-    nested = ignore_file or ".gitignore"
+def never_snapshotted(source: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder``, inside ``source``, is left out of every snapshot of ``source`` (a name
+    always ignored, or an ignore file's rule for it or a folder above it), as ``_walk`` decides."""
+    source, folder = os.path.abspath(source), os.path.abspath(folder)
+    spec, _ = _ignore_spec(source)
+    rules: Rules = (("", spec),) if spec is not None else ()
+    rel_dir, abs_dir = "", source
+    for part in Path(os.path.relpath(folder, source)).parts:
+        if part in ALWAYS_IGNORED or (rules and _ignored(rules, f"{rel_dir}{part}/")):
+            return True
+        rel_dir, abs_dir = f"{rel_dir}{part}/", os.path.join(abs_dir, part)
+        inner = _nested_spec(abs_dir) if os.path.isdir(abs_dir) else None
+        if inner is not None:
+            rules = (*rules, (rel_dir, inner))
+    return False
+
+
+def _walk(source: str, spec: Specs | None, exclude: frozenset[str] = frozenset()
+          ) -> tuple[list[tuple[str, os.stat_result, str]], list[str]]:
+    """The files to snapshot, and the folders with none in them (a step may expect a folder to be
+    there). As git does, an ignore file in a subfolder applies below it. Symbolic links to folders
+    are followed (their files are snapshotted under each path that leads to them), but never back
+    into a folder above (a loop); folders in ``exclude`` (real paths) are left out."""
     found: list[tuple[str, os.stat_result, str]] = []
-    stack: list[tuple[str, str, Rules]] = [("", source, (("", spec),) if spec is not None else ())]
-    visited = {real_path(source)}  # symlinked folders are followed, each real folder once
+    empty: list[str] = []
+    stack: list[tuple[str, str, Rules, frozenset[str]]] = [
+        ("", source, (("", spec),) if spec is not None else (), frozenset({real_path(source)}))]
     while stack:
-        rel_dir, abs_dir, rules = stack.pop()
+        rel_dir, abs_dir, rules, above = stack.pop()
         if rel_dir:
-            inner = _nested_spec(abs_dir, nested)
+            inner = _nested_spec(abs_dir)
             if inner is not None:
                 rules = (*rules, (rel_dir, inner))
+        before = (len(found), len(stack))
         with os.scandir(abs_dir) as it:
             for entry in it:
                 if entry.name in ALWAYS_IGNORED:
@@ -119,16 +145,30 @@ def _walk(source: str, spec: Specs | None, ignore_file: str | None = None) -> li
                     if rules and _ignored(rules, rel + "/"):
                         continue
                     real = os.path.realpath(entry.path)
-                    if real in visited:
+                    if real in above or real in exclude:
                         continue
-                    visited.add(real)
-                    stack.append((rel + "/", entry.path, rules))
+                    stack.append((rel + "/", entry.path, rules, above | {real}))
                 elif entry.is_file():  # follows a symlink to a file: its content is snapshotted
                     if rules and _ignored(rules, rel):
                         continue
-                    found.append((rel, entry.stat(), entry.path))
+                    found.append((_checked_name(source, rel), entry.stat(), entry.path))
+        if rel_dir and (len(found), len(stack)) == before:
+            empty.append(_checked_name(source, rel_dir.rstrip("/")))
     found.sort()
-    return found
+    empty.sort()
+    return found, empty
+
+
+def _checked_name(source: str, rel: str) -> str:
+    """``rel``, if it is a name a manifest can hold (UTF-8)."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserInputError(
+            f"{os.path.join(source, rel)!r} has a name that is not valid UTF-8, which a snapshot cannot record: "
+            f"rename it, or list it in {os.path.join(source, '.cairnignore')!r} (gitignore syntax) if the step "
+            f"does not need it") from None
+    return rel
 
 
 def take_snapshot(
@@ -138,8 +178,10 @@ def take_snapshot(
     max_files: int = DEFAULT_MAX_FILES,
     max_bytes: int = DEFAULT_MAX_BYTES,
     is_recorded: Callable[[str], bool] | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> Snapshot:
-    """Snapshot ``source`` into ``objects``.
+    """Snapshot ``source`` into ``objects`` (the folders in ``exclude``, real paths, left out:
+    registered local datastores hold data, not code).
 
     ``stat_cache`` maps absolute file paths to ((size, mtime_ns, inode), digest); entries that
     had to be (re)hashed are returned in ``Snapshot.stat_updates`` for the caller to save.
@@ -148,7 +190,7 @@ def take_snapshot(
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source directory {src!r} does not exist or is not a directory")
     spec, ignore_file = _ignore_spec(src)
-    files = _walk(src, spec, ignore_file)
+    files, empty = _walk(src, spec, exclude)
     total = sum(st.st_size for _, st, _ in files)
     if len(files) > max_files or total > max_bytes:
         if len(files) > max_files:  # too many files: name the folders that hold most of them
@@ -177,7 +219,9 @@ def take_snapshot(
             digest = digest_file(abspath)
             updates[abspath] = (key, digest)
         entries.append(SnapshotEntry(rel, digest, st.st_size, bool(st.st_mode & stat_mod.S_IXUSR)))
-    manifest = {"files": [[e.path, e.digest, e.size, e.executable] for e in entries]}
+    manifest: dict[str, Any] = {"files": [[e.path, e.digest, e.size, e.executable] for e in entries]}
+    if empty:  # only then: a snapshot without empty folders keeps the digest it always had
+        manifest["folders"] = empty
     digest = digest_json(manifest)
     if updates or is_recorded is None or not is_recorded(digest):  # an unchanged snapshot's objects are stored
         for (_rel, _st, abspath), entry in zip(files, entries, strict=True):
@@ -195,6 +239,8 @@ def materialize(manifest: dict, objects: ObjectStore, dest: str | os.PathLike[st
     root = os.fspath(dest)
     os.makedirs(root, exist_ok=True)
     made = {root}
+    for rel in manifest.get("folders", []):
+        os.makedirs(os.path.join(root, *rel.split("/")), exist_ok=True)
     for rel, digest, _size, executable in manifest.get("files", []):
         target = os.path.join(root, *rel.split("/"))
         parent = os.path.dirname(target)
@@ -211,6 +257,9 @@ def diff_manifests(old: dict, new: dict) -> list[str]:
     lines = [f"{p} modified" for p in sorted(a.keys() & b.keys()) if a[p] != b[p]]
     lines += [f"{p} added" for p in sorted(b.keys() - a.keys())]
     lines += [f"{p} removed" for p in sorted(a.keys() - b.keys())]
+    before, after = set(old.get("folders", [])), set(new.get("folders", []))
+    lines += [f"empty folder {p}/ added" for p in sorted(after - before)]
+    lines += [f"empty folder {p}/ removed" for p in sorted(before - after)]
     return lines
 
 
