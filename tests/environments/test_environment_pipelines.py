@@ -179,3 +179,21 @@ def test_a_step_has_pip_of_its_own_environment(workspace: Workspace, write_scrip
         PythonScriptStep("pip_check.py", name="pip", source_directory=str(src), runconfig=rc)]))
     assert run.wait_for_completion(show_output=False) == "Completed"
     assert run.get_steps()[0].get_stdout_log().splitlines()[-1] == "True 0"
+
+
+def test_an_environments_pythonpath_comes_before_cairns(workspace: Workspace,
+                                                        write_script: Callable[..., Path]) -> None:
+    """A user-managed environment's PYTHONPATH (relative: from the step's folder) is kept, with
+    Cairn's own path after it so that the step can still import its client."""
+    write_script("lib/mylib.py", "VALUE = 'from lib'\n")
+    src = write_script("uses_lib.py", "import mylib\nfrom cairn import Run\nprint(mylib.VALUE, Run.__name__)\n")
+    env = Environment("with-path")
+    env.python.user_managed_dependencies = True
+    env.environment_variables = {"PYTHONPATH": "lib"}
+    rc = RunConfiguration()
+    rc.environment = env
+    run = Experiment(workspace, "paths").submit(Pipeline(workspace, [
+        PythonScriptStep("uses_lib.py", name="uses", source_directory=str(src), runconfig=rc)]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Completed", \
+        run.get_steps()[0].get_stderr_log()
+    assert run.get_steps()[0].get_stdout_log() == "from lib Run\n"

@@ -190,6 +190,81 @@ def test_unclosed_files_are_flushed_in_warm_steps(workspace: Workspace, write_sc
     assert (folder / "data.txt").read_text() == "kept"
 
 
+def test_files_left_open_by_a_module_or_a_builtin_are_flushed(tmp_path: Path) -> None:
+    import builtins  # noqa: F401  (the step's own)
+    import os
+    import sys
+
+    from cairn.runner.warm import WarmServer
+
+    (tmp_path / "keeper.py").write_text("import sys\nLOG = open(sys.argv[1], 'w')\n")
+    script = tmp_path / "main.py"
+    script.write_text("import builtins, sys, keeper\nkeeper.LOG.write('important results\\n')\n"
+                      "builtins.KEPT = open(sys.argv[2], 'w', buffering=1 << 16)\nbuiltins.KEPT.write('also')\n")
+    server = WarmServer(sys.executable, ("json",), dict(os.environ), tmp_path / "warm.log")
+    try:
+        step = server.launch([sys.executable, str(script), str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+                             str(tmp_path), dict(os.environ), str(tmp_path / "out.txt"), str(tmp_path / "err.txt"))
+        assert step.wait(timeout=30) == 0, (tmp_path / "err.txt").read_text()
+    finally:
+        server.kill()
+    assert (tmp_path / "a.txt").read_text() == "important results\n" and (tmp_path / "b.txt").read_text() == "also"
+
+
+def test_the_server_refuses_a_bad_request_and_a_step_with_its_own_copy_of_a_module_it_imported(
+        tmp_path: Path) -> None:
+    """The agent checks the modules imported before the server was ready; the server checks again
+    at each request (it imports Cairn's client later). A request it cannot read is refused, and the
+    server goes on serving."""
+    import os
+    import socket
+    import sys
+
+    from cairn.runner.warm import WarmServer, WarmShadowed, WarmStartError
+
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "json.py").write_text("MINE = True\n")
+    (tmp_path / "own" / "main.py").write_text("print('never')\n")
+    (tmp_path / "ok.py").write_text("print('served')\n")
+    server = WarmServer(sys.executable, ("json",), dict(os.environ), tmp_path / "warm.log")
+
+    def launch(script: Path, env: dict[str, str]) -> object:
+        return server.launch([sys.executable, str(script)], str(tmp_path), env, str(tmp_path / "out.txt"),
+                             str(tmp_path / "err.txt"))
+
+    try:
+        with pytest.raises(WarmShadowed) as shadowed:
+            launch(tmp_path / "own" / "main.py", dict(os.environ))
+        assert shadowed.value.files == [str(tmp_path / "own" / "json.py")]
+        raw = socket.socket(socket.AF_UNIX)
+        raw.connect(server.socket_path)
+        raw.sendall(b"{not json\n")
+        assert b"error" in raw.recv(4096)
+        raw.close()
+        with pytest.raises(WarmStartError, match="the fork server did not"):
+            launch(tmp_path / "ok.py", {**os.environ, "BIG": "\U0001F600" * (1 << 24)})  # 64 MB: over its limit
+        assert server.alive()
+        step = launch(tmp_path / "ok.py", {**os.environ, "EMOJI": "\U0001F600" * 100_000})
+        assert step.wait(timeout=30) == 0  # type: ignore[attr-defined]
+        assert (tmp_path / "out.txt").read_text() == "served\n"
+    finally:
+        server.kill()
+
+
+def test_a_step_whose_server_dies_fails_saying_so(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    src = write_script("kill_server.py", """
+        import os, signal, time
+        os.kill(os.getppid(), signal.SIGKILL)  # the fork server, as an out-of-memory kill would
+        time.sleep(30)
+    """)
+    warm_target(workspace)
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, [
+        PythonScriptStep("kill_server.py", name="victim", source_directory=str(src), allow_reuse=False)]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Failed"
+    reason = run.get_steps()[0].get_details()["statusReason"]
+    assert "warm-start server of the step's environment died" in reason, reason
+
+
 def test_a_shared_socket_folder_prepared_by_someone_else_is_refused(tmp_path: Path) -> None:
     from cairn.storage.layout import private_folder
 

@@ -26,7 +26,7 @@ from cairn.runner.markers import FAIL_MARKER
 from cairn.runner.processes import process_start_time
 from cairn.runner.slots import SlotTicket
 from cairn.runner.spares import SparePool, kept_code_path
-from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmStartError
+from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmShadowed, WarmStartError
 from cairn.storage.layout import earlier_staging_dirs
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
@@ -263,7 +263,9 @@ def environment_base(variables: dict[str, Any], resolved: ResolvedEnvironment | 
     env.update({k: str(v) for k, v in variables.items()})
     env["PYTHONUNBUFFERED"] = "1"
     if resolved is None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_CAIRN_PARENT, os.environ.get("PYTHONPATH")) if p)
+        # the environment's own entries first (relative ones from the step's folder), then Cairn for its client
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(variables.get("PYTHONPATH") or ""), _CAIRN_PARENT,
+                                                        os.environ.get("PYTHONPATH")) if p)
     else:
         env.update(resolved.step_variables())
         agent_bin = os.path.join(sys.prefix, "bin") if sys.prefix != sys.base_prefix else None
@@ -325,6 +327,10 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
                    f"imported already (the step would get the server's copy)")
             return None
         proc = server.launch(argv, str(work), env, str(log_dir / "stdout.txt"), str(log_dir / "stderr.txt"))
+    except WarmShadowed as exc:  # a module the server imported after it was ready (Cairn's client, lazily)
+        syslog(f"warm start skipped: the step has its own {', '.join(exc.files)}, which the fork server "
+               f"imported already (the step would get the server's copy)")
+        return None
     except (WarmStartError, OSError) as exc:
         if not (control.canceled or control.withdrawn):  # else it does not start at all
             syslog(f"warm start unavailable ({exc}); starting the step cold")
@@ -482,6 +488,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED,
                         f"exceeded max_run_duration_seconds={spec.max_run_duration_seconds:g}: "
                         f"the step was stopped", code)
+        if ended.lost:
+            return _end(job, reporter, syslog, Status.FAILED, ended.lost, code)
         if code != 0:
             return _end(job, reporter, syslog, Status.FAILED, _exit_reason(code, log_dir), code)
         failed_by_script = log_dir / FAIL_MARKER
@@ -570,6 +578,7 @@ class _ProcessEnd(NamedTuple):
     start_error: OSError | None = None  # the process could not be started
     stopped_first: bool = False  # canceled or withdrawn before its process started (waiting for a warm server)
     started_at: float | None = None  # monotonic, once the process existed (not counting a wait for a warm server)
+    lost: str | None = None  # why its exit status is unknown (its warm-start server died)
 
     @property
     def succeeded(self) -> bool:
@@ -628,7 +637,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
             _kill_group(proc)
             code = proc.wait()
     _kill_group(proc)  # nothing the step started may outlive it
-    return _ProcessEnd(code, timed_out, started_at=began)
+    return _ProcessEnd(code, timed_out, started_at=began, lost=getattr(proc, "lost", None))
 
 
 def upload_logs(job: StepJob, result: StepResult) -> None:

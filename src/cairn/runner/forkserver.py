@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 
 _AT_START = frozenset(sys.modules)  # what `python script.py` has imported before the script runs
+_AT_START_TOP = frozenset(n.partition(".")[0] for n in _AT_START)
 
 import gc  # noqa: E402
 import importlib  # noqa: E402
@@ -27,7 +28,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 
-MAX_REQUEST = 1 << 22
+MAX_REQUEST = 1 << 25
 # Cairn's step-side client (Run.get_context()): imported once too, where the environment has it.
 # One module at a time, between steps. Not the store (SQLAlchemy): a step's run context goes
 # through the agent, and every module here makes each fork copy more page tables.
@@ -82,7 +83,7 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
     # top-level modules a step's own file of that name would no longer shadow (the agent starts
     # such a step cold)
-    imported = sorted({n.partition(".")[0] for n in sys.modules} - {n.partition(".")[0] for n in _AT_START})
+    imported = sorted({n.partition(".")[0] for n in sys.modules} - _AT_START_TOP)
     _ready(ready_fd, {"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
                       "import_seconds": round(time.monotonic() - started, 3), "imported": imported})
     accepting = True
@@ -161,7 +162,19 @@ def _serve(conn: socket.socket, server: socket.socket, sel: selectors.BaseSelect
             conn.close()
             return
         data += chunk
-    request = json.loads(data)
+    try:  # a bad request is refused (its step starts cold); the server goes on for the others
+        if not data.endswith(b"\n"):
+            raise ValueError(f"the request is over {MAX_REQUEST} bytes")
+        request = json.loads(data)
+        shadowed = _own_copies(request)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        _send(conn, {"error": f"{type(exc).__name__}: {exc}"[:500]})
+        conn.close()
+        return
+    if shadowed:
+        _send(conn, {"shadowed": shadowed})
+        conn.close()
+        return
     # Everything the server holds goes to the permanent generation: a child's collections (and its
     # final one) then scan only what the step made, and never touch, so never copy, the server's pages.
     gc.freeze()
@@ -175,6 +188,29 @@ def _serve(conn: socket.socket, server: socket.socket, sel: selectors.BaseSelect
     _send(conn, {"pid": pid})
     pidfd = os.pidfd_open(pid)
     sel.register(pidfd, selectors.EVENT_READ, ("child", pid, conn))
+
+
+def _own_copies(request: dict) -> list[str]:
+    """The step's own modules (beside its script, or in a folder of its own PYTHONPATH) that this
+    server has imported by now: the step would get the server's copy. The agent checks the modules
+    imported before the server was ready; this also sees those imported since (Cairn's client)."""
+    imported = {n.partition(".")[0] for n in sys.modules} - _AT_START_TOP
+    cwd = request["cwd"]
+    server_path = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    folders = [os.path.dirname(os.path.join(cwd, request["argv"][1])),
+               *(os.path.join(cwd, p) for p in request["env"].get("PYTHONPATH", "").split(os.pathsep)
+                 if p and p not in server_path)]
+    found = []
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for entry in names:
+            name = entry[:-3] if entry.endswith(".py") else entry
+            if name in imported and (entry.endswith(".py") or os.path.isfile(os.path.join(folder, entry, "__init__.py"))):
+                found.append(os.path.join(folder, entry))
+    return sorted(found)
 
 
 def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selectors.BaseSelector) -> None:
@@ -280,12 +316,29 @@ def _run(script: str) -> int:
         gc.collect()
     except Exception:
         pass
+    _flush_files_left_open()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
     return code
+
+
+def _flush_files_left_open() -> None:
+    """What an interpreter's exit does for the files a step left open elsewhere than in its script
+    (a module's global, a builtin): what they buffer reaches the file. Only the step's own objects
+    are looked at (the server's were frozen before the fork); outer layers first, as they write into
+    the inner ones."""
+    mine = [o for generation in range(3) for o in gc.get_objects(generation) if isinstance(o, io.IOBase)]
+    for layer in (io.TextIOBase, io.BufferedIOBase, io.BufferedIOBase, io.RawIOBase):  # a gzip file wraps a buffer
+        for stream in mine:
+            if isinstance(stream, layer) and stream is not sys.stdout and stream is not sys.stderr:
+                try:
+                    if not stream.closed and stream.writable():
+                        stream.flush()
+                except Exception:
+                    pass
 
 
 def _exit_code(value: object) -> int:

@@ -39,7 +39,10 @@ STEP_WAIT = float(os.environ.get("CAIRN_WARM_START_WAIT", "60"))
 STARTUP_VARIABLES = ("PYTHONHASHSEED", "PYTHONHOME", "PYTHONSAFEPATH", "PYTHONNOUSERSITE", "PYTHONUTF8",
                      "PYTHONIOENCODING", "PYTHONWARNINGS", "PYTHONDEVMODE", "PYTHONOPTIMIZE", "PYTHONMALLOC",
                      "PYTHONFAULTHANDLER", "PYTHONINTMAXSTRDIGITS", "PYTHONPYCACHEPREFIX", "PYTHONTRACEMALLOC",
-                     "PYTHONNODEBUGRANGES", "PYTHONPLATLIBDIR", "PYTHONCOERCECLOCALE",
+                     "PYTHONNODEBUGRANGES", "PYTHONPLATLIBDIR", "PYTHONCOERCECLOCALE", "PYTHONVERBOSE",
+                     "PYTHONDONTWRITEBYTECODE", "PYTHONPROFILEIMPORTTIME", "PYTHONINSPECT", "PYTHONCASEOK",
+                     "PYTHONUSERBASE", "PYTHONEXECUTABLE", "PYTHONWARNDEFAULTENCODING", "PYTHONPERFSUPPORT",
+                     "PYTHON_CPU_COUNT", "PYTHON_GIL", "PYTHON_FROZEN_MODULES",
                      "LD_LIBRARY_PATH", "LD_PRELOAD", "GLIBC_TUNABLES", "LANG", "LC_ALL", "LC_CTYPE",
                      "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                      "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
@@ -79,6 +82,14 @@ class WarmStartError(Exception):
     """The fork server could not start a step (the runner then starts it cold)."""
 
 
+class WarmShadowed(WarmStartError):
+    """The step has its own copy of a module the server has imported (``files``)."""
+
+    def __init__(self, files: list[str]) -> None:
+        super().__init__(f"the step has its own {', '.join(files)}")
+        self.files = files
+
+
 class _Lines:
     """JSON lines from a socket, with a timeout that leaves the socket usable afterwards."""
 
@@ -100,10 +111,12 @@ class _Lines:
 class WarmProcess:
     """A step forked by a fork server: ``pid``, ``wait(timeout)``, ``returncode``."""
 
-    def __init__(self, pid: int, lines: _Lines) -> None:
+    def __init__(self, pid: int, lines: _Lines, log: Path) -> None:
         self.pid = pid
         self._lines = lines
+        self._log = log
         self.returncode: int | None = None
+        self.lost: str | None = None  # why the exit status is unknown
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is not None:
@@ -114,7 +127,9 @@ class WarmProcess:
             raise subprocess.TimeoutExpired(f"warm step {self.pid}", timeout or 0) from None
         except OSError:
             message = None
-        # no message: the server died; its child was killed with the step's group, or is by the runner
+        if message is None:  # the server died: the runner kills the step's group; its exit status is lost
+            self.lost = (f"the warm-start server of the step's environment died while the step ran (see "
+                         f"{self._log}): the step was stopped and its exit status is unknown")
         self.returncode = int(message["exit"]) if message else -9
         self._lines.conn.close()
         return self.returncode
@@ -126,6 +141,7 @@ class WarmServer:
         self._folder = tempfile.mkdtemp(prefix="cairn-warm-", dir="/tmp" if os.path.isdir("/tmp") else None)
         self.socket_path = os.path.join(self._folder, "s")
         self.modules = modules
+        self.log_path = log_path
         self._shadowed: dict[tuple[str, str], list[str]] = {}  # (snapshot, script's folder) -> files the server imported
         with open(log_path, "ab") as log:
             self._proc = subprocess.Popen([python, FORKSERVER, self.socket_path, *modules], stdin=subprocess.PIPE,
@@ -206,16 +222,20 @@ class WarmServer:
         lines = _Lines(conn)
         try:
             conn.connect(self.socket_path)
-            conn.sendall((json.dumps({"argv": argv, "cwd": cwd, "env": env, "stdout": stdout,
-                                      "stderr": stderr}) + "\n").encode())
+            # not ASCII-escaped: a variable of 1 MB of emoji would be 3 MB of escapes
+            conn.sendall((json.dumps({"argv": argv, "cwd": cwd, "env": env, "stdout": stdout, "stderr": stderr},
+                                     ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape"))
             message = lines.read()
         except OSError as exc:
             conn.close()
             raise WarmStartError(f"the fork server did not take the step: {exc}") from None
-        if message is None:
+        if message is None or "pid" not in message:
             conn.close()
-            raise WarmStartError("the fork server closed the connection before starting the step")
-        return WarmProcess(int(message["pid"]), lines)
+            if message and message.get("shadowed"):
+                raise WarmShadowed(message["shadowed"])
+            why = message.get("error") if message else "it closed the connection"
+            raise WarmStartError(f"the fork server did not start the step: {why}")
+        return WarmProcess(int(message["pid"]), lines, self.log_path)
 
     def stop(self) -> None:
         """Let the server go: it takes no new step, and exits once its running steps have ended
