@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ class PipelineScheduler:
         self._reuses: list[q.ReuseRecord] = []  # decided, not yet recorded (see record_reuses)
         self._default_store = ctx.default_datastore()
         self._run_root = ctx.local_run_root()
+        layout = ctx.layout  # the folders every job names, built once (pathlib is slow on a per-step path)
+        self._folders = {"root": str(layout.root), "objects": str(ctx.objects.root), "work": str(layout.work),
+                         "envs": str(layout.envs), "kept_code": str(layout.kept_code)}
         # Readiness is kept up to date as statuses change, not recomputed from the whole graph on
         # every event (a 500-step graph made that the agent's largest cost).
         self._order = {step.name: index for index, step in enumerate(self.spec.steps)}
@@ -237,7 +241,8 @@ class PipelineScheduler:
                     q.add_properties(store, step_run_id, {f"cairn.input.{i.name}.dataset": label})
             store_name = produced["datastore"]
             local = store_name in self._roots
-            path = str(Path(self._roots[store_name]) / produced["path"]) if local else ""  # remote: fetched
+            # remote: fetched; os.path, not pathlib: this runs for every input of every step
+            path = os.path.normpath(os.path.join(self._roots[store_name], produced["path"])) if local else ""
             inputs.append(InputLocation(i.name, path, produced["digest"], i.mode))
             if i.read_as or not local:
                 definition = {"kind": "tabular" if i.read_as else "file",
@@ -271,10 +276,10 @@ class PipelineScheduler:
             self._manifests[step.snapshot] = load_manifest(self.ctx.objects, snapshot["manifest"])
         base = run_dir(self.run_id, step_run_id)
         return StepJob(
-            workspace=str(self.ctx.layout.root), experiment=self.run["experiment"],
+            workspace=self._folders["root"], experiment=self.run["experiment"],
             pipeline_run_id=self.run_id, step_run_id=step_run_id, attempt=attempt,
             step=self._spec_dicts[step.name], manifest=self._manifests[step.snapshot],
-            objects_root=str(self.ctx.objects.root), work_dir=str(self.ctx.layout.work / step_run_id),
+            objects_root=self._folders["objects"], work_dir=os.path.join(self._folders["work"], step_run_id),
             log_dir=str(log_dir), datastore_roots=self._roots,
             output_dirs={o.name: _destination(o, base, step_run_id) for o in step.outputs},
             staging_dirs={o.name: staging_dir(self._roots.get(o.datastore, self._run_root), base, o.name, attempt)
@@ -282,8 +287,8 @@ class PipelineScheduler:
             log_upload=self._log_upload(locations, step_run_id),
             inputs=tuple(inputs), interpreter=step.environment.get("interpreter_path") or "",
             fingerprint=fp, fingerprint_parts=parts, cacheable=step.allow_reuse,
-            datasets=datasets, datastore_locations=locations, env_cache=str(self.ctx.layout.envs),
-            kept_code=str(self.ctx.layout.kept_code),
+            datasets=datasets, datastore_locations=locations, env_cache=self._folders["envs"],
+            kept_code=self._folders["kept_code"],
             stop_run_on_failure=not self.run["continue_on_step_failure"],
         )
 
