@@ -242,7 +242,7 @@ def test_the_server_refuses_a_bad_request_and_a_step_with_its_own_copy_of_a_modu
         assert b"error" in raw.recv(4096)
         raw.close()
         with pytest.raises(WarmStartError, match="the fork server did not"):
-            launch(tmp_path / "ok.py", {**os.environ, "BIG": "\U0001F600" * (1 << 24)})  # 64 MB: over its limit
+            launch(tmp_path / "ok.py", {**os.environ, "BIG": "x" * ((1 << 25) + 1000)})  # over its 32 MiB
         assert server.alive()
         step = launch(tmp_path / "ok.py", {**os.environ, "EMOJI": "\U0001F600" * 100_000})
         assert step.wait(timeout=30) == 0  # type: ignore[attr-defined]
@@ -253,7 +253,10 @@ def test_the_server_refuses_a_bad_request_and_a_step_with_its_own_copy_of_a_modu
 
 def test_a_step_whose_server_dies_fails_saying_so(workspace: Workspace, write_script: Callable[..., Path]) -> None:
     src = write_script("kill_server.py", """
-        import os, signal, time
+        import os, signal, sys, time
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            if b"forkserver.py" not in f.read():  # started cold: never kill the agent
+                sys.exit("not forked by the warm-start server")
         os.kill(os.getppid(), signal.SIGKILL)  # the fork server, as an out-of-memory kill would
         time.sleep(30)
     """)
@@ -511,3 +514,24 @@ def test_folders_of_servers_gone_are_pruned_and_a_listening_one_is_kept(tmp_path
         assert not stale.exists() and live.exists()
     finally:
         listening.close()
+
+
+def test_a_relative_pythonpath_of_the_environment_is_the_steps_in_a_warm_step(
+        workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    """The server reads a relative entry from its own folder; the step must read it from its own."""
+    from cairn import Environment
+
+    write_script("lib/mylib.py", "VALUE = 'from lib'\n")
+    src = write_script("uses_lib.py", "import mylib\nprint(mylib.VALUE)\n")
+    warm_target(workspace)
+    env = Environment("with-path")
+    env.python.user_managed_dependencies = True
+    env.environment_variables = {"PYTHONPATH": "lib"}
+    rc = RunConfiguration()
+    rc.environment = env
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, [
+        PythonScriptStep("uses_lib.py", name="uses", source_directory=str(src), runconfig=rc, allow_reuse=False)]))
+    step = run.get_steps()[0] if run.wait_for_completion(show_output=False, raise_on_error=False) else None
+    assert step is not None and step.get_status() == "Completed", step and step.get_stderr_log()
+    assert step.get_stdout_log() == "from lib\n"
+    assert "warm start: forked by server" in step.get_system_log()

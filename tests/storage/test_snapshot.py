@@ -73,9 +73,8 @@ def test_an_ignore_file_in_a_subfolder_applies_below_it(tmp_path):
     objects = ObjectStore(tmp_path / "objects")
     (src / "sub" / ".gitignore").write_text("*.bin\n")  # as git reads it: for sub/ and below only
     assert _paths(take_snapshot(src, objects, {})) == ["a.py", "other/tmp.bin", "sub/.gitignore", "sub/keep.py"]
-    (src / ".cairnignore").write_text("other/\n")  # each folder's own file decides below it, whatever the source's
-    assert [p for p in _paths(take_snapshot(src, objects, {})) if p.startswith("sub/")] == [
-        "sub/.gitignore", "sub/keep.py"]
+    (src / ".cairnignore").write_text("other/\n")  # the source chose .cairnignore: git's rules below do not apply
+    assert "sub/tmp.bin" in _paths(take_snapshot(src, objects, {}))
     (src / "sub" / ".cairnignore").write_text("keep.py\n")
     assert [p for p in _paths(take_snapshot(src, objects, {})) if p.startswith(("sub/", "other/"))] == [
         "sub/.cairnignore", "sub/.gitignore", "sub/deep/x.bin", "sub/tmp.bin"]
@@ -144,8 +143,9 @@ def test_a_subfolder_uses_its_own_ignore_file_whatever_the_source_has(tmp_path):
     (src / "vendor" / "lib" / ".gitignore").write_text("build/\n")
     expected = ["data/.cairnignore", "data/keep.txt", "models/.amlignore", "vendor/lib/.gitignore", "vendor/lib/x.py"]
     assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == expected
-    (src / ".amlignore").write_text("nothing-matches\n")
-    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == [".amlignore", *expected]
+    (src / ".amlignore").write_text("nothing-matches\n")  # .amlignore at the top: not git's rules below
+    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == [
+        ".amlignore", *expected[:-1], "vendor/lib/build/out.o", "vendor/lib/x.py"]
 
 
 def test_empty_folders_are_part_of_a_snapshot(tmp_path):
@@ -153,15 +153,19 @@ def test_empty_folders_are_part_of_a_snapshot(tmp_path):
     objects = ObjectStore(tmp_path / "o")
     plain = take_snapshot(src, objects, {})
     assert "folders" not in plain.manifest  # the digest of a snapshot without empty folders is as before
+    (src / "logs").mkdir()
+    (src / "logs" / "x.log").write_text("ignored")
+    (src / "pkg" / "__pycache__").mkdir(parents=True)
+    (src / ".gitignore").write_text("*.log\n")
+    with_ignored = take_snapshot(src, objects, {})
+    assert "folders" not in with_ignored.manifest  # a folder whose files are all ignored is not empty
     (src / "checkpoints").mkdir()
     (src / "out" / "deep").mkdir(parents=True)
-    (src / "ignored").mkdir()
-    (src / ".gitignore").write_text("ignored/\n")
     snap = take_snapshot(src, objects, {})
-    assert snap.manifest["folders"] == ["checkpoints", "out/deep"] and snap.digest != plain.digest
+    assert snap.manifest["folders"] == ["checkpoints", "out/deep"] and snap.digest != with_ignored.digest
     materialize(snap.manifest, objects, tmp_path / "work")
     assert (tmp_path / "work" / "checkpoints").is_dir() and (tmp_path / "work" / "out" / "deep").is_dir()
-    assert "empty folder checkpoints/ added" in diff_manifests(plain.manifest, snap.manifest)
+    assert "empty folder checkpoints/ added" in diff_manifests(with_ignored.manifest, snap.manifest)
 
 
 def test_a_file_name_that_is_not_utf8_is_a_clear_error_unless_ignored(tmp_path):
@@ -173,6 +177,18 @@ def test_a_file_name_that_is_not_utf8_is_a_clear_error_unless_ignored(tmp_path):
         take_snapshot(src, ObjectStore(tmp_path / "o"), {})
     (src / ".cairnignore").write_text("caf*.txt\n")
     assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == [".cairnignore", "a.py"]
+
+
+def test_links_that_lead_to_the_same_folders_many_ways_stop_at_the_limit(tmp_path):
+    src = tmp_path / "src"
+    (src / "f0").mkdir(parents=True)
+    (src / "f0" / "x.txt").write_text("x")
+    for n in range(1, 22):  # each level links twice to the one below: 2**21 paths to f0
+        (src / f"f{n}").mkdir()
+        (src / f"f{n}" / "a").symlink_to(src / f"f{n - 1}", target_is_directory=True)
+        (src / f"f{n}" / "b").symlink_to(src / f"f{n - 1}", target_is_directory=True)
+    with pytest.raises(SnapshotTooLargeError, match="more than .* symbolic link"):
+        take_snapshot(src, ObjectStore(tmp_path / "o"), {}, max_files=1000)
 
 
 def test_excluded_folders_are_left_out(tmp_path):

@@ -399,7 +399,11 @@ def debug(step_run_id: str,
     finally:
         plan.close()
     if code < 0:
-        err.print(f"the step was killed by {signal.Signals(-code).name} (exit {128 - code})", highlight=False)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-code}"
+        err.print(f"the step was killed by {name} (exit {128 - code})", highlight=False)
     else:
         err.print(f"the step exited with code {code}", highlight=False)
     if code != 0:

@@ -319,8 +319,9 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     try:
         server = warm.server(argv[0], base, Path(job.workspace) / ".cairn", stop_waiting=control, on_wait=lambda: syslog(
             f"waiting for the warm-start server of this environment (importing {', '.join(warm.modules)})", flush=True))
+        server_path = base.get("PYTHONPATH", "").split(os.pathsep)  # relative entries: from the step's folder
         extra = [os.path.join(work, p) for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                 if p and p not in base.get("PYTHONPATH", "").split(os.pathsep)]  # relative: from the step's folder
+                 if p and (p not in server_path or not os.path.isabs(p))]
         shadowed = server.shadowed_by(job.manifest, job.spec.snapshot, job.spec.script_name, extra)
         if shadowed:
             syslog(f"warm start skipped: the snapshot has its own {', '.join(shadowed)}, which the fork server "

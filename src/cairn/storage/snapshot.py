@@ -81,9 +81,18 @@ def _ignore_spec(source: str) -> tuple[Specs | None, str | None]:
 Rules = tuple[tuple[str, Specs], ...]  # (folder relative to the source, its ignore rules), outermost first
 
 
-def _nested_spec(abs_dir: str) -> Specs | None:
-    """A subfolder's own ignore file: the first of IGNORE_FILES it has, as for the source itself."""
-    for name in IGNORE_FILES:
+def _nested_names(ignore_file: str | None) -> tuple[str, ...]:
+    """The ignore files a subfolder may have: those of the source's own kind or before it in
+    IGNORE_FILES (a source that chose .cairnignore does not take git's rules from its subfolders)."""
+    return IGNORE_FILES[:IGNORE_FILES.index(ignore_file) + 1] if ignore_file else IGNORE_FILES
+
+
+def _nested_spec(abs_dir: str, names: tuple[str, ...], present: set[str] | None = None) -> Specs | None:
+    """A subfolder's own ignore file: the first of ``names`` it has (``present``: its entries' names,
+    when known, to spare a stat each)."""
+    for name in names:
+        if present is not None and name not in present:
+            continue
         path = os.path.join(abs_dir, name)
         if os.path.isfile(path):
             return _specs(path)
@@ -106,68 +115,79 @@ def never_snapshotted(source: str | os.PathLike[str], folder: str | os.PathLike[
     """Whether ``folder``, inside ``source``, is left out of every snapshot of ``source`` (a name
     always ignored, or an ignore file's rule for it or a folder above it), as ``_walk`` decides."""
     source, folder = os.path.abspath(source), os.path.abspath(folder)
-    spec, _ = _ignore_spec(source)
+    spec, ignore_file = _ignore_spec(source)
+    names = _nested_names(ignore_file)
     rules: Rules = (("", spec),) if spec is not None else ()
     rel_dir, abs_dir = "", source
     for part in Path(os.path.relpath(folder, source)).parts:
         if part in ALWAYS_IGNORED or (rules and _ignored(rules, f"{rel_dir}{part}/")):
             return True
         rel_dir, abs_dir = f"{rel_dir}{part}/", os.path.join(abs_dir, part)
-        inner = _nested_spec(abs_dir) if os.path.isdir(abs_dir) else None
+        inner = _nested_spec(abs_dir, names) if os.path.isdir(abs_dir) else None
         if inner is not None:
             rules = (*rules, (rel_dir, inner))
     return False
 
 
-def _walk(source: str, spec: Specs | None, exclude: frozenset[str] = frozenset()
-          ) -> tuple[list[tuple[str, os.stat_result, str]], list[str]]:
-    """The files to snapshot, and the folders with none in them (a step may expect a folder to be
-    there). As git does, an ignore file in a subfolder applies below it. Symbolic links to folders
-    are followed (their files are snapshotted under each path that leads to them), but never back
-    into a folder above (a loop); folders in ``exclude`` (real paths) are left out."""
+def _walk(source: str, spec: Specs | None, ignore_file: str | None, exclude: frozenset[str] = frozenset(),
+          max_files: int = DEFAULT_MAX_FILES) -> tuple[list[tuple[str, os.stat_result, str]], list[str], bool]:
+    """The files to snapshot, the folders with nothing in them (a step may expect a folder to be
+    there), and whether the walk stopped past ``max_files`` files (or four times as many folders).
+    As git does, an ignore file in a subfolder applies below it. Symbolic links to folders are
+    followed (their files are snapshotted under each path that leads to them), but never back into
+    a folder above (a loop); folders in ``exclude`` (real paths) are left out."""
     found: list[tuple[str, os.stat_result, str]] = []
     empty: list[str] = []
-    stack: list[tuple[str, str, Rules, frozenset[str]]] = [
-        ("", source, (("", spec),) if spec is not None else (), frozenset({real_path(source)}))]
+    nested = _nested_names(ignore_file)
+    root = real_path(source)
+    stack: list[tuple[str, str, Rules, frozenset[str], str]] = [
+        ("", source, (("", spec),) if spec is not None else (), frozenset({root}), root)]
+    folders = 0
     while stack:
-        rel_dir, abs_dir, rules, above = stack.pop()
+        rel_dir, abs_dir, rules, above, real_dir = stack.pop()
+        with os.scandir(abs_dir) as it:
+            entries = list(it)
         if rel_dir:
-            inner = _nested_spec(abs_dir)
+            inner = _nested_spec(abs_dir, nested, {e.name for e in entries})
             if inner is not None:
                 rules = (*rules, (rel_dir, inner))
-        before = (len(found), len(stack))
-        with os.scandir(abs_dir) as it:
-            for entry in it:
-                if entry.name in ALWAYS_IGNORED:
+        for entry in entries:
+            if entry.name in ALWAYS_IGNORED:
+                continue
+            rel = f"{rel_dir}{entry.name}"
+            if entry.is_dir():
+                if rules and _ignored(rules, rel + "/"):
                     continue
-                rel = f"{rel_dir}{entry.name}"
-                if entry.is_dir():
-                    if rules and _ignored(rules, rel + "/"):
-                        continue
-                    real = os.path.realpath(entry.path)
-                    if real in above or real in exclude:
-                        continue
-                    stack.append((rel + "/", entry.path, rules, above | {real}))
-                elif entry.is_file():  # follows a symlink to a file: its content is snapshotted
-                    if rules and _ignored(rules, rel):
-                        continue
-                    found.append((_checked_name(source, rel), entry.stat(), entry.path))
-        if rel_dir and (len(found), len(stack)) == before:
-            empty.append(_checked_name(source, rel_dir.rstrip("/")))
+                # only a link needs resolving: below a real folder, a folder's real path is its name there
+                real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_dir, entry.name)
+                if real in above or real in exclude:
+                    continue
+                folders += 1
+                if folders > 4 * max_files:  # links that lead to the same folders many ways
+                    return found, empty, True
+                stack.append((rel + "/", entry.path, rules, above | {real}, real))
+            elif entry.is_file():  # follows a symlink to a file: its content is snapshotted
+                if rules and _ignored(rules, rel):
+                    continue
+                found.append((_checked_name(source, rel, ignore_file), entry.stat(), entry.path))
+                if len(found) > max_files:
+                    return found, empty, True
+        if rel_dir and not entries:  # nothing at all in it (a folder of ignored files is not recorded)
+            empty.append(_checked_name(source, rel_dir.rstrip("/"), ignore_file))
     found.sort()
     empty.sort()
-    return found, empty
+    return found, empty, False
 
 
-def _checked_name(source: str, rel: str) -> str:
+def _checked_name(source: str, rel: str, ignore_file: str | None) -> str:
     """``rel``, if it is a name a manifest can hold (UTF-8)."""
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         raise UserInputError(
             f"{os.path.join(source, rel)!r} has a name that is not valid UTF-8, which a snapshot cannot record: "
-            f"rename it, or list it in {os.path.join(source, '.cairnignore')!r} (gitignore syntax) if the step "
-            f"does not need it") from None
+            f"rename it, or list it in {os.path.join(source, ignore_file or '.cairnignore')!r} (gitignore syntax) "
+            f"if the step does not need it") from None
     return rel
 
 
@@ -190,22 +210,26 @@ def take_snapshot(
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source directory {src!r} does not exist or is not a directory")
     spec, ignore_file = _ignore_spec(src)
-    files, empty = _walk(src, spec, exclude)
+    files, empty, cut_short = _walk(src, spec, ignore_file, exclude, max_files)
     total = sum(st.st_size for _, st, _ in files)
-    if len(files) > max_files or total > max_bytes:
-        if len(files) > max_files:  # too many files: name the folders that hold most of them
+    if cut_short or len(files) > max_files or total > max_bytes:
+        if len(files) > max_files or cut_short:  # too many files: name the folders that hold most of them
             counts: dict[str, int] = {}
             for rel, _, _ in files:
                 top = rel.split("/", 1)[0] + "/" if "/" in rel else "(top level)"
                 counts[top] = counts.get(top, 0) + 1
             busiest = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:5]
             listing = "Folders with the most files: " + ", ".join(f"{k} ({v} files)" for k, v in busiest)
+            if cut_short:
+                listing += " (a symbolic link to a folder counts its files once for each path to them)"
         else:
             largest = sorted(files, key=lambda f: f[1].st_size, reverse=True)[:5]
             listing = "Largest files: " + ", ".join(f"{rel} ({st.st_size / 1e6:.1f} MB)" for rel, st, _ in largest)
         use = ignore_file or ".cairnignore"
+        how_many = f"more than {len(files)} files (or folders) and {total / 1e6:.1f} MB" if cut_short else \
+            f"{len(files)} files and {total / 1e6:.1f} MB"
         raise SnapshotTooLargeError(
-            f"source directory {src!r} has {len(files)} files and {total / 1e6:.1f} MB; the "
+            f"source directory {src!r} has {how_many}; the "
             f"snapshot limit is {max_files} files and {max_bytes / 1e6:.0f} MB. {listing}. Put data in a "
             f"datastore or list what the step does not need in {os.path.join(src, use)!r} (gitignore syntax).")
     entries: list[SnapshotEntry] = []
