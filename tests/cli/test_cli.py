@@ -35,10 +35,10 @@ def _argv(args: tuple[str, ...]) -> list[str]:
     return [sys.executable, "-m", "cairn", *args]
 
 
-def cairn(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def cairn(*args: str, cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # stdin is not a terminal either: rich would take its width from it
-    return subprocess.run(_argv(args), cwd=cwd, env=_env(), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=COMMAND_TIMEOUT)
+    return subprocess.run(_argv(args), cwd=cwd, env={**_env(), **(env_extra or {})}, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
 
 
 def flat(text: str) -> str:

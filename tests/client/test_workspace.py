@@ -319,3 +319,29 @@ def test_experiments_and_runs_after_a_run(workspace: Workspace, write_script: Ca
     assert isinstance(found_step, StepRun) and found_step.name == "hello"
     assert found_step.parent == run
     assert "hello" in found_step.get_stdout_log()
+
+
+def test_a_workspace_moved_while_its_agent_idles_is_served_where_it_is_now(tmp_path) -> None:
+    """The old agent still answers on the moved socket, but for the old path: it is not used, and
+    the next run's agent serves the new place."""
+    from cairn import Experiment, Pipeline, PythonScriptStep, Workspace
+    from cairn.engine.client import stop_agent
+    from cairn.storage.layout import WorkspaceLayout
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello.py").write_text("print('hello')\n")
+    before, after = tmp_path / "before", tmp_path / "after"
+    ws = Workspace.create(str(before))
+    try:
+        step = PythonScriptStep("hello.py", name="hello", source_directory=str(src), allow_reuse=False)
+        assert Experiment(ws, "e").submit(Pipeline(ws, [step])).wait_for_completion(show_output=False) == "Completed"
+        before.rename(after)
+        moved = Workspace.from_config(str(after))
+        assert moved.location == str(after)
+        step = PythonScriptStep("hello.py", name="hello", source_directory=str(src), allow_reuse=False)
+        run = Experiment(moved, "e").submit(Pipeline(moved, [step]))
+        assert run.wait_for_completion(show_output=False, timeout_seconds=60) == "Completed"
+        assert run.get_steps()[0].get_stdout_log() == "hello\n"
+    finally:
+        stop_agent(WorkspaceLayout(str(after if after.exists() else before)))

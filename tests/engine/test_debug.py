@@ -82,10 +82,17 @@ def test_print_prepares_a_folder_that_reproduces_the_step_by_hand(workspace: Wor
     assert result.returncode == 0, result.stderr
     script = folder / ".cairn_debug" / "debug.sh"
     assert str(script) in flat(result.stdout)
-    by_hand = subprocess.run([str(script)], capture_output=True, text=True, timeout=60,
-                             env={"PATH": "/usr/bin:/bin", "FAIL": "0"}, cwd="/")
+    # through a link elsewhere, with CDPATH, and a shell whose Python variables an isolated environment drops
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "outputs").mkdir(parents=True)
+    (elsewhere / "outputs" / "important.txt").write_text("mine")
+    (elsewhere / "run-step.sh").symlink_to(script)
+    by_hand = subprocess.run([str(elsewhere / "run-step.sh")], capture_output=True, text=True, timeout=60, cwd="/",
+                             env={"PATH": "/usr/bin:/bin", "FAIL": "0", "CDPATH": ".:/tmp",
+                                  "PYTHONHOME": "/nonexistent", "PYTHONPATH": str(tmp_path)})
     assert by_hand.returncode == 0, by_hand.stderr
     assert "mode debugme" in by_hand.stdout
+    assert (elsewhere / "outputs" / "important.txt").read_text() == "mine"
     assert f"prefix {workspace.location}/.cairn/envs/" in by_hand.stdout  # the step's own environment
     again = cairn("debug", ran["2.train"], "--print", "--dir", str(folder), cwd=Path(workspace.location))
     assert again.returncode == 2 and "--force" in flat(again.stderr)
@@ -421,3 +428,31 @@ def test_a_workspace_that_is_its_steps_source_folder_debugs_in_its_default_folde
         assert "hello from the step" in result.stdout
     finally:
         stop_agent(WorkspaceLayout(workspace.location))
+
+
+def test_a_dir_that_would_change_recorded_data_or_the_next_snapshot_is_refused(
+        workspace: Workspace, ran: dict[str, str], tmp_path: Path) -> None:
+    root = Path(workspace.location)
+    committed = workspace.get_run(ran["1.prep"]).get_output_data("prepped").local_path
+    src = root.parent / "src"
+    (tmp_path / "shared").mkdir()
+    (src / "shared").symlink_to(tmp_path / "shared", target_is_directory=True)  # snapshots follow it
+    try:
+        for where, message in ((committed.parent / "dbg", "inside the local datastore folder"),
+                               (tmp_path / "shared" / "dbg", "a link in the step's source folder")):
+            result = cairn("debug", ran["1.train"], "--print", "--dir", str(where), cwd=root)
+            assert result.returncode == 2 and message in flat(result.stderr), result.stderr
+            assert not where.exists()
+    finally:
+        (src / "shared").unlink()
+
+
+def test_a_bad_copy_limit_is_a_clear_error_before_anything_is_removed(workspace: Workspace,
+                                                                       ran: dict[str, str]) -> None:
+    root = Path(workspace.location)
+    assert cairn("debug", ran["1.train"], "--print", cwd=root).returncode == 0
+    script = root / ".cairn" / "debug" / ran["1.train"] / ".cairn_debug" / "debug.sh"
+    result = cairn("debug", ran["1.train"], "--print", "--force", cwd=root, env_extra={"CAIRN_DEBUG_COPY_LIMIT": "2G"})
+    assert result.returncode == 2 and "CAIRN_DEBUG_COPY_LIMIT must be a number of bytes" in flat(result.stderr)
+    no_traceback(result)
+    assert script.is_file()

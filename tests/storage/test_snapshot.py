@@ -191,6 +191,25 @@ def test_links_that_lead_to_the_same_folders_many_ways_stop_at_the_limit(tmp_pat
         take_snapshot(src, ObjectStore(tmp_path / "o"), {}, max_files=1000)
 
 
+def test_too_many_folders_is_a_limit_of_its_own_said_plainly(tmp_path):
+    src = tmp_path / "src"
+    for n in range(450):
+        (src / "runs" / f"r{n}").mkdir(parents=True)
+    with pytest.raises(SnapshotTooLargeError) as info:
+        take_snapshot(src, ObjectStore(tmp_path / "o"), {}, max_files=100)
+    message = str(info.value)
+    assert "more than 400 folders" in message and "symbolic link" not in message and "no files" in message
+
+
+def test_a_source_folder_whose_name_is_not_utf8_is_a_clear_error(tmp_path):
+    from cairn.core.errors import UserInputError
+
+    src = Path(os.fsdecode(bytes(tmp_path) + b"/proj\xe9"))
+    _tree(src, {"a.py": "a"})
+    with pytest.raises(UserInputError, match="source folder .* not valid UTF-8"):
+        take_snapshot(src, ObjectStore(tmp_path / "o"), {})
+
+
 def test_excluded_folders_are_left_out(tmp_path):
     src = _tree(tmp_path / "src", {"train.py": "t", "data/runs/r1/o.txt": "o"})
     snap = take_snapshot(src, ObjectStore(tmp_path / "o"), {}, exclude=frozenset({os.path.realpath(src / "data")}))

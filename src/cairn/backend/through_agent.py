@@ -52,6 +52,9 @@ class AgentBackend(AgentSocketCalls):
             self._agent.close()
             raise RelayLost(f"the agent runs Cairn {version}, this process {__version__}", sent=False)
         self.location = self._agent.location
+        if os.path.realpath(self.location) != os.path.realpath(workspace):  # the workspace was moved since
+            self._agent.close()
+            raise RelayLost(f"the agent answering in {workspace} serves {self.location}", sent=False)
         self.layout = WorkspaceLayout(workspace)
         self._direct: Any = None
         self._pid = os.getpid()

@@ -139,7 +139,10 @@ class Agent:
         while True:
             if self._queue_may_have_work:
                 self._queue_may_have_work = False
-                self._claim_waiting()
+                if self.ctx.layout.db.exists():
+                    self._claim_waiting()
+                else:  # moved (or removed): the runs queued there are for an agent of the new place
+                    self.front.events.put(("stop", f"the workspace is no longer at {self.ctx.layout.root}"))
             now = time.monotonic()
             if self.schedulers:
                 idle_since = now

@@ -19,6 +19,10 @@ from cairn.engine.client import READY_FD_ENV, ping
 from cairn.storage.layout import WorkspaceLayout
 
 
+def _same_place(asked: str | None, root: Any) -> bool:
+    return asked is None or os.path.realpath(asked) == os.path.realpath(root)
+
+
 class AgentSocket:
     def __init__(self, layout: WorkspaceLayout) -> None:
         self.layout = layout
@@ -108,8 +112,9 @@ class AgentSocket:
                 msg = json.loads(line)
                 op = msg.get("op")
                 if op == "poke":
-                    self.events.put(("poke",))
-                    self._reply(conn, {"ok": True, "version": __version__})
+                    if _same_place(msg.get("root"), self.layout.root):  # not a workspace moved since we started
+                        self.events.put(("poke",))
+                    self._reply(conn, {"ok": True, "version": __version__, "root": str(self.layout.root)})
                 elif op == "stop":
                     self.events.put(("stop", "asked by a client"))
                     self._reply(conn, {"ok": True})

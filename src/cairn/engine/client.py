@@ -59,7 +59,7 @@ def changed(layout: WorkspaceLayout, run_id: str) -> bool:
 
 def poke(layout: WorkspaceLayout) -> bool:
     """Tell the agent to look at the queue now. False when no agent answers."""
-    return _request(layout, {"op": "poke"}) is not None
+    return _request(layout, {"op": "poke", "root": str(layout.root)}) is not None
 
 
 def stop_agent(layout: WorkspaceLayout, timeout: float = 30.0) -> bool:
@@ -153,10 +153,11 @@ def ensure_agent(layout: WorkspaceLayout) -> None:
     """Make sure an agent of this Cairn version serves the workspace and has looked at the queue."""
     from cairn import __version__
 
-    reply = _request(layout, {"op": "poke"})
-    if reply is not None and reply.get("version") == __version__:
+    reply = _request(layout, {"op": "poke", "root": str(layout.root)})  # an agent of another place takes nothing
+    moved = reply is not None and os.path.realpath(reply.get("root") or layout.root) != os.path.realpath(layout.root)
+    if reply is not None and reply.get("version") == __version__ and not moved:
         return
-    if reply is not None:  # an agent of another Cairn version: it hands its runs back and exits
+    if reply is not None:  # an agent of another Cairn version, or of this workspace before it was moved: it exits
         stop_agent(layout)
     start_agent(layout)
     poke(layout)

@@ -27,13 +27,15 @@ from cairn.environments.spec import is_managed
 from cairn.runner.execute import materialize_inputs, resolve_arguments, step_environment
 from cairn.storage.layout import WorkspaceLayout
 from cairn.storage.objects import ObjectStore
-from cairn.storage.snapshot import materialize, never_snapshotted
+from cairn.storage.snapshot import materialize, never_snapshotted, snapshot_folders
 from cairn.store import queries as q
 
 DEBUG_MARKER = ".cairn_debug"  # what marks a folder as made by `cairn debug` (--force may replace it)
 WORK = "work"  # the step's working folder in it: its snapshot (and downloaded inputs), as in a run
 # The recorded run is not this one: without these, Run.get_context() is an offline run.
 _RUN_BINDINGS = ("CAIRN_RUN_ID", "CAIRN_WORKSPACE", "CAIRN_PIPELINE_RUN_ID", "CAIRN_LOG_DIR")
+# What the run of a step in an isolated (managed) environment does not inherit (runner/execute.py)
+_ISOLATED_DROPS = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX")
 # What a step always gets from Cairn, whatever the shell that runs debug.sh has
 _STEP_OWN = ("PYTHONUNBUFFERED", "PYTHONPATH")
 _STEP_OWN_PREFIXES = ("CAIRN_", "AML_PARAMETER_")
@@ -82,7 +84,10 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     if Status(row["status"]) not in TERMINAL:
         log(f"warning: step {step.name!r} is {row['status']}: its run has not ended; it is recreated as it "
             f"was dispatched")
-    _check_target(target, Path(step.source_directory).resolve(), job.inputs, "--dir " if folder else "", default)
+    copy_limit = _copy_limit()
+    local_stores = [Path(root).resolve() for root in job.datastore_roots.values()]
+    _check_target(target, Path(step.source_directory).resolve(), job.inputs, local_stores, layout.dot / "debug",
+                  "--dir " if folder else "", default)
     if target.exists() and not target.is_dir():
         raise UserInputError(f"{target} is a file; --dir must name a new folder (or one `cairn debug` made, with "
                              f"--force)")
@@ -114,7 +119,7 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         # cached inputs stay held (not evicted) until this process exits: through the foreground run
         inputs = materialize_inputs(job, work, holds=[])
         for name, path in inputs.items():
-            inputs[name] = _private_view(name, path, target, log)
+            inputs[name] = _private_view(name, path, target, log, copy_limit)
     except OSError as exc:  # an input that went away since the checks, a full disk
         if resolved is not None:
             resolved.close()
@@ -136,21 +141,32 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     if resolved is not None:
         own |= {"PATH", *resolved.step_variables()}
     changed = {k: v for k, v in env.items() if os.environ.get(k) != v or k in own}
-    removed = sorted({*(k for k in os.environ if k not in env), *_RUN_BINDINGS})  # whatever the shell has
+    # whatever the shell has: never the recorded run's bindings, nor what an isolated environment drops
+    isolated = _ISOLATED_DROPS if resolved is not None else ()
+    removed = sorted({*(k for k in os.environ if k not in env), *_RUN_BINDINGS, *(k for k in isolated if k not in env)})
     script = tools / "debug.sh"  # not in the working folder: the snapshot may have a file so named
     script.write_text(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv,
-                                    [o.name for o in step.outputs]))
+                                    [o.name for o in step.outputs], tools))
     script.chmod(0o755)
     return DebugPlan(target, work, step.name, Status(row["status"]).value, argv, env, changed, removed, script,
                      inputs, outputs, resolved)
 
 
-def _check_target(target: Path, source: Path, inputs: list[Any], flag: str, default: Path) -> None:
-    """Refuse a folder whose files would change what the step reads: inside its source folder
-    (unless snapshots leave it out, as .cairn/) or inside one of its inputs."""
-    if (target == source or source in target.parents) and not never_snapshotted(source, target):
+def _check_target(target: Path, source: Path, inputs: list[Any], local_stores: list[Path], debug_root: Path,
+                  flag: str, default: Path) -> None:
+    """Refuse a folder whose files would change what a run reads: one the step's next snapshot
+    would take (inside its source folder, or a folder a link there leads to, unless ignored as .cairn/
+    is), inside one of its inputs, or inside a local datastore (recorded outputs and data)."""
+    def inside(folder: Path) -> bool:
+        return target == folder or folder in target.parents
+
+    if inside(source) and not never_snapshotted(source, target):
         raise UserInputError(f"{flag}{target} is inside the step's source folder {source}: the next run would "
                              f"snapshot the recreated files; choose a folder outside it (the default is {default})")
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not inside(source) and str(existing.resolve()) in snapshot_folders(source):
+        raise UserInputError(f"{flag}{target} is in a folder that a link in the step's source folder {source} "
+                             f"leads to: the next run would snapshot the recreated files; choose another folder")
     for i in inputs:
         if not i.path:
             continue
@@ -158,24 +174,36 @@ def _check_target(target: Path, source: Path, inputs: list[Any], flag: str, defa
         if not real.exists():
             raise UserInputError(f"input {i.name}: {i.path} does not exist any more (deleted since the run?): the "
                                  f"step cannot be recreated as it ran")
-        if target == real or real in target.parents:
-            raise UserInputError(f"{flag}{target} is inside the step's input folder {real} (input {i.name}): the recreated files "
-                                 f"would change the recorded data; choose a folder outside it")
+        if inside(real):
+            raise UserInputError(f"{flag}{target} is inside the step's input folder {real} (input {i.name}): the "
+                                 f"recreated files would change the recorded data; choose a folder outside it")
+    for store in local_stores:
+        if inside(store) and not (target == debug_root or debug_root in target.parents):
+            raise UserInputError(f"{flag}{target} is inside the local datastore folder {store}: the recreated files "
+                                 f"would change recorded data; choose a folder outside it (the default is {default})")
+
+
+def _copy_limit() -> int:
+    value = os.environ.get("CAIRN_DEBUG_COPY_LIMIT", str(2 << 30))
+    try:
+        return int(value)
+    except ValueError:
+        raise UserInputError(f"CAIRN_DEBUG_COPY_LIMIT must be a number of bytes (as 2147483648), not {value!r}") from None
 
 
 def _shell_script(step: str, run_id: str, step_run_id: str, changed: dict[str, str], removed: list[str],
-                  argv: list[str], outputs: list[str]) -> str:
+                  argv: list[str], outputs: list[str], tools: Path) -> str:
     """debug.sh: empty outputs, the step's variables (``env``: any name, not only those sh can
-    export), then its command, from the step's working folder."""
+    export), then its command, from the step's working folder. Its folders are written in full (the
+    arguments and variables name them anyway): a link to the script, or CDPATH, changes nothing."""
     lines = ["#!/bin/sh", f"# step {step!r} of pipeline run {run_id} (step run {step_run_id}), recreated by "
              f"`cairn debug`; run it from anywhere, with extra arguments if you like.",
              "# Each run starts with empty outputs, as the step did; inputs (copies) and the working folder keep "
-             "what earlier runs changed: `cairn debug --force` recreates them.",
-             'here=$(cd "$(dirname "$0")" && pwd) || exit']
+             "what earlier runs changed: `cairn debug --force` recreates them."]
     if outputs:
-        folders = " ".join(f'"$here/outputs/"{shlex.quote(name)}' for name in outputs)
-        lines.append(f'rm -rf "$here/outputs" && mkdir -p {folders} || exit')
-    lines += [f'cd "$here/../{WORK}" || exit', "exec env \\"]
+        folders = " ".join(shlex.quote(str(tools / "outputs" / name)) for name in outputs)
+        lines.append(f"rm -rf {shlex.quote(str(tools / 'outputs'))} && mkdir -p {folders} || exit")
+    lines += [f"cd -P -- {shlex.quote(str(tools.parent / WORK))} || exit", "exec env \\"]
     lines += [f"  -u {shlex.quote(name)} \\" for name in removed]
     lines.append("  -- \\")  # a name may start with "-"
     lines += [f"  {shlex.quote(f'{k}={v}')} \\" for k, v in sorted(changed.items()) if k and "=" not in k]
@@ -183,7 +211,7 @@ def _shell_script(step: str, run_id: str, step_run_id: str, changed: dict[str, s
     return "\n".join(lines) + "\n"
 
 
-def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
+def _private_view(name: str, path: str, folder: Path, log: Any, limit: int) -> str:
     """Where the recreated step sees input ``name``: its own copy of whatever the run used in place
     (the recorded files, or this machine's input cache) — hard links to the read-only ones instead
     for an input over ``CAIRN_DEBUG_COPY_LIMIT`` bytes and a user other than root. An input that the
@@ -192,12 +220,12 @@ def _private_view(name: str, path: str, folder: Path, log: Any) -> str:
     given = Path(path)
     if folder in given.parents:
         for link in _links_out(given, folder):
-            _copy_into(name, link, link, log)
+            _copy_into(name, link, link, log, limit)
         return path
     real = given.resolve()
     # a file keeps the name the step sees (a script may read it by its suffix)
     view = folder / DEBUG_MARKER / "inputs" / name / (given.name if real.is_file() else "")
-    _copy_into(name, given, view, log)
+    _copy_into(name, given, view, log, limit)
     return str(view)
 
 
@@ -216,7 +244,7 @@ def _links_out(path: Path, folder: Path) -> list[Path]:
     return found
 
 
-def _copy_into(name: str, source: Path, view: Path, log: Any) -> None:
+def _copy_into(name: str, source: Path, view: Path, log: Any, limit: int) -> None:
     """Copy what ``source`` holds (links followed) to ``view``; ``source`` may be ``view`` itself, a
     link that the copy replaces."""
     real = source.resolve()
@@ -226,7 +254,6 @@ def _copy_into(name: str, source: Path, view: Path, log: Any) -> None:
     files, folders = _input_files(real)
     size = sum(st.st_size for _, _, st in files)
     root = os.geteuid() == 0 if hasattr(os, "geteuid") else False  # root writes read-only files
-    limit = int(os.environ.get("CAIRN_DEBUG_COPY_LIMIT", str(2 << 30)))
     link = not root and size > limit  # a link shares the file: its owner could still chmod and write it
     how = (f"copies of its {len(files)} files ({size / 1e6:.1f} MB)" if not link else
            f"hard links to its read-only files and copies of the others ({size / 1e6:.1f} MB, over "

@@ -129,15 +129,27 @@ def never_snapshotted(source: str | os.PathLike[str], folder: str | os.PathLike[
     return False
 
 
+def snapshot_folders(source: str | os.PathLike[str]) -> set[str]:
+    """The real paths of the folders a snapshot of ``source`` takes files from (links followed)."""
+    src = os.fspath(source)
+    spec, ignore_file = _ignore_spec(src)
+    walked: set[str] = set()
+    _walk(src, spec, ignore_file, walked=walked)
+    return walked
+
+
 def _walk(source: str, spec: Specs | None, ignore_file: str | None, exclude: frozenset[str] = frozenset(),
-          max_files: int = DEFAULT_MAX_FILES) -> tuple[list[tuple[str, os.stat_result, str]], list[str], bool]:
+          max_files: int = DEFAULT_MAX_FILES, walked: set[str] | None = None
+          ) -> tuple[list[tuple[str, os.stat_result, str]], list[str], str]:
     """The files to snapshot, the folders with nothing in them (a step may expect a folder to be
-    there), and whether the walk stopped past ``max_files`` files (or four times as many folders).
+    there), and why the walk stopped early ("" if it did not: past ``max_files`` files, or four
+    times as many folders).
     As git does, an ignore file in a subfolder applies below it. Symbolic links to folders are
     followed (their files are snapshotted under each path that leads to them), but never back into
     a folder above (a loop); folders in ``exclude`` (real paths) are left out."""
     found: list[tuple[str, os.stat_result, str]] = []
     empty: list[str] = []
+    linked = ""  # said when the walk stops early: links may be why
     nested = _nested_names(ignore_file)
     root = real_path(source)
     stack: list[tuple[str, str, Rules, frozenset[str], str]] = [
@@ -145,6 +157,8 @@ def _walk(source: str, spec: Specs | None, ignore_file: str | None, exclude: fro
     folders = 0
     while stack:
         rel_dir, abs_dir, rules, above, real_dir = stack.pop()
+        if walked is not None:
+            walked.add(real_dir)
         with os.scandir(abs_dir) as it:
             entries = list(it)
         if rel_dir:
@@ -158,25 +172,28 @@ def _walk(source: str, spec: Specs | None, ignore_file: str | None, exclude: fro
             if entry.is_dir():
                 if rules and _ignored(rules, rel + "/"):
                     continue
-                # only a link needs resolving: below a real folder, a folder's real path is its name there
-                real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_dir, entry.name)
+                if entry.is_symlink():
+                    real = real_path(entry.path)
+                    linked = " (a symbolic link to a folder counts what it holds once for each path to it)"
+                else:  # below a real folder, a folder's real path is its name there
+                    real = os.path.join(real_dir, entry.name)
                 if real in above or real in exclude:
                     continue
                 folders += 1
-                if folders > 4 * max_files:  # links that lead to the same folders many ways
-                    return found, empty, True
+                if folders > 4 * max_files:  # a limit of its own: links may lead to the same folders many ways
+                    return found, empty, f"more than {4 * max_files} folders{linked}"
                 stack.append((rel + "/", entry.path, rules, above | {real}, real))
             elif entry.is_file():  # follows a symlink to a file: its content is snapshotted
                 if rules and _ignored(rules, rel):
                     continue
                 found.append((_checked_name(source, rel, ignore_file), entry.stat(), entry.path))
                 if len(found) > max_files:
-                    return found, empty, True
+                    return found, empty, f"more than {max_files} files{linked}"
         if rel_dir and not entries:  # nothing at all in it (a folder of ignored files is not recorded)
             empty.append(_checked_name(source, rel_dir.rstrip("/"), ignore_file))
     found.sort()
     empty.sort()
-    return found, empty, False
+    return found, empty, ""
 
 
 def _checked_name(source: str, rel: str, ignore_file: str | None) -> str:
@@ -210,6 +227,11 @@ def take_snapshot(
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source directory {src!r} does not exist or is not a directory")
     spec, ignore_file = _ignore_spec(src)
+    try:
+        src.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserInputError(f"the source folder {src!r} has a name that is not valid UTF-8, which a run cannot "
+                             f"record: rename it") from None
     files, empty, cut_short = _walk(src, spec, ignore_file, exclude, max_files)
     total = sum(st.st_size for _, st, _ in files)
     if cut_short or len(files) > max_files or total > max_bytes:
@@ -219,15 +241,13 @@ def take_snapshot(
                 top = rel.split("/", 1)[0] + "/" if "/" in rel else "(top level)"
                 counts[top] = counts.get(top, 0) + 1
             busiest = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:5]
-            listing = "Folders with the most files: " + ", ".join(f"{k} ({v} files)" for k, v in busiest)
-            if cut_short:
-                listing += " (a symbolic link to a folder counts its files once for each path to them)"
+            listing = ("Folders with the most files: " + ", ".join(f"{k} ({v} files)" for k, v in busiest)
+                       if busiest else "It has no files, only folders")
         else:
             largest = sorted(files, key=lambda f: f[1].st_size, reverse=True)[:5]
             listing = "Largest files: " + ", ".join(f"{rel} ({st.st_size / 1e6:.1f} MB)" for rel, st, _ in largest)
         use = ignore_file or ".cairnignore"
-        how_many = f"more than {len(files)} files (or folders) and {total / 1e6:.1f} MB" if cut_short else \
-            f"{len(files)} files and {total / 1e6:.1f} MB"
+        how_many = f"{cut_short} (the walk stopped there)" if cut_short else f"{len(files)} files and {total / 1e6:.1f} MB"
         raise SnapshotTooLargeError(
             f"source directory {src!r} has {how_many}; the "
             f"snapshot limit is {max_files} files and {max_bytes / 1e6:.0f} MB. {listing}. Put data in a "
