@@ -222,3 +222,14 @@ def test_a_folder_only_rule_never_decides_about_the_files_inside(tmp_path):
     (src / "sub" / ".gitignore").write_text("!models/\n")  # git: the folder, not big.ckpt, is re-included
     assert _paths(take_snapshot(src, ObjectStore(tmp_path / "objects"), {})) == [
         ".gitignore", "sub/.gitignore", "sub/models/keep.py"]
+
+
+def test_a_rule_that_names_a_folder_decides_about_the_folder_not_its_files(tmp_path):
+    """As git: `!data` re-includes the folder data, not data/x.txt that `*.txt` ignores; `logs/*`
+    ignores what is in logs, but not the files of logs/keep once `!logs/keep/` re-included it."""
+    src = _tree(tmp_path / "src", {"sub/data/x.txt": "x", "sub/data/y.csv": "y", "logs/a.log": "a",
+                                   "logs/keep/b.log": "b"})
+    (src / ".gitignore").write_text("*.txt\nlogs/*\n!logs/keep/\n")
+    (src / "sub" / ".gitignore").write_text("!data\n")
+    assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == [
+        ".gitignore", "logs/keep/b.log", "sub/.gitignore", "sub/data/y.csv"]

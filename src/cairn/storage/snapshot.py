@@ -57,17 +57,37 @@ class Snapshot:
         return sum(e.size for e in self.entries)
 
 
-Specs = tuple[object, object]  # (rules for folders: all of the file's; rules for files: not the folder-only ones)
+Patterns = tuple[tuple[Any, bool], ...]  # (compiled regex, include), in the file's order
+Specs = tuple[Patterns, Patterns]  # (rules for folders: all of the file's; rules for files: not the folder-only ones)
 
 
 def _specs(path: str) -> Specs:
     """An ignore file's rules. A folder-only rule (``models/``, ``!models/``) decides about the
-    folder, never about the files in it (pathspec would apply it to them)."""
+    folder, never about the files in it."""
     import pathspec
 
     lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     files_only = [ln for ln in lines if not ln.rstrip().endswith("/")]
-    return pathspec.GitIgnoreSpec.from_lines(lines), pathspec.GitIgnoreSpec.from_lines(files_only)
+
+    def compiled(rules: list[str]) -> Patterns:
+        spec = pathspec.GitIgnoreSpec.from_lines(rules)
+        return tuple((p.regex, bool(p.include)) for p in spec.patterns if p.include is not None)
+
+    return compiled(lines), compiled(files_only)
+
+
+def _decision(patterns: Patterns, rel: str) -> bool | None:
+    """What the last matching rule says about ``rel`` (True: ignore), or None. For a file, as git
+    reads them, only rules that name the file itself: one that matched a folder above it decided
+    about that folder, which the walk has already entered (pathspec would let ``!data``
+    re-include data/x.txt, and ``logs/*`` ignore logs/keep/b.log)."""
+    folder = rel.endswith("/")
+    decided = None
+    for regex, include in patterns:
+        m = regex.search(rel)  # as pathspec matches
+        if m is not None and (folder or m.groupdict().get("ps_d") is None):
+            decided = include
+    return decided
 
 
 def _ignore_spec(source: str) -> tuple[Specs | None, str | None]:
@@ -105,7 +125,7 @@ def _ignored(rules: Rules, rel: str) -> bool:
     folder = rel.endswith("/")
     for base, (for_folders, for_files) in reversed(rules):
         spec = for_folders if folder else for_files
-        decided = spec.check_file(rel[len(base):]).include  # type: ignore[attr-defined]
+        decided = _decision(spec, rel[len(base):])
         if decided is not None:
             return bool(decided)
     return False
