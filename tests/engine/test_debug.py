@@ -456,3 +456,16 @@ def test_a_bad_copy_limit_is_a_clear_error_before_anything_is_removed(workspace:
     assert result.returncode == 2 and "CAIRN_DEBUG_COPY_LIMIT must be a number of bytes" in flat(result.stderr)
     no_traceback(result)
     assert script.is_file()
+
+
+def test_a_step_whose_source_folder_is_gone_is_recreated_from_its_snapshot(
+        workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    import shutil
+
+    src = write_script("boom.py", "raise SystemExit('boom')\n", folder="gone-src")
+    run = Experiment(workspace, "debug").submit(Pipeline(workspace, [
+        PythonScriptStep("boom.py", name="boom", source_directory=str(src))]))
+    run.wait_for_completion(show_output=False, raise_on_error=False)
+    shutil.rmtree(src)
+    result = cairn("debug", run.find_step_run("boom")[0].id, cwd=Path(workspace.location))
+    assert result.returncode == 1 and "boom" in result.stderr, result.stderr

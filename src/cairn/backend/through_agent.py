@@ -52,7 +52,7 @@ class AgentBackend(AgentSocketCalls):
             self._agent.close()
             raise RelayLost(f"the agent runs Cairn {version}, this process {__version__}", sent=False)
         self.location = self._agent.location
-        if os.path.realpath(self.location) != os.path.realpath(workspace):  # the workspace was moved since
+        if not _same_folder(self.location, workspace):  # the workspace was moved since the agent started
             self._agent.close()
             raise RelayLost(f"the agent answering in {workspace} serves {self.location}", sent=False)
         self.layout = WorkspaceLayout(workspace)
@@ -114,6 +114,13 @@ class AgentBackend(AgentSocketCalls):
         if method in LOCAL_METHODS:
             return self._relayed(method)
         return getattr(self._local(), method)
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there (any more)
+        return False
 
 
 def workspace_backend(workspace: str) -> Any:

@@ -139,7 +139,7 @@ class Agent:
         while True:
             if self._queue_may_have_work:
                 self._queue_may_have_work = False
-                if self.ctx.layout.db.exists():
+                if self._still_here():
                     self._claim_waiting()
                 else:  # moved (or removed): the runs queued there are for an agent of the new place
                     self.front.events.put(("stop", f"the workspace is no longer at {self.ctx.layout.root}"))
@@ -254,6 +254,17 @@ class Agent:
             if hasattr(compute, "set_warm_start"):
                 compute.set_warm_start(record["config"].get("warm_start_modules"))  # started by _prepare_local_targets
                 compute.set_spare_interpreters(record["config"].get("spare_interpreters", True))
+
+    def _still_here(self) -> bool:
+        """Whether the workspace this agent started for is still at its path (not moved away, nor
+        replaced by another); an error other than "not there" says nothing: it is."""
+        try:
+            known = getattr(self.front, "identity", None)
+            return known is None or self.ctx.layout.identity() == known
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
 
     def _claim_waiting(self) -> None:
         dead: set[str] = set()

@@ -19,13 +19,13 @@ from cairn.engine.client import READY_FD_ENV, ping
 from cairn.storage.layout import WorkspaceLayout
 
 
-def _same_place(asked: str | None, root: Any) -> bool:
-    return asked is None or os.path.realpath(asked) == os.path.realpath(root)
-
-
 class AgentSocket:
     def __init__(self, layout: WorkspaceLayout) -> None:
         self.layout = layout
+        try:
+            self.identity: list[int] | None = layout.identity()  # the workspace it serves, wherever it moves
+        except OSError:
+            self.identity = None
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._watchers: dict[str, list[socket.socket]] = {}
         self._final_only: set[socket.socket] = set()  # watchers that only want the end
@@ -112,9 +112,10 @@ class AgentSocket:
                 msg = json.loads(line)
                 op = msg.get("op")
                 if op == "poke":
-                    if _same_place(msg.get("root"), self.layout.root):  # not a workspace moved since we started
+                    place = msg.get("place")
+                    if place is None or place == self.identity:  # not another workspace now at our old path
                         self.events.put(("poke",))
-                    self._reply(conn, {"ok": True, "version": __version__, "root": str(self.layout.root)})
+                    self._reply(conn, {"ok": True, "version": __version__, "place": self.identity})
                 elif op == "stop":
                     self.events.put(("stop", "asked by a client"))
                     self._reply(conn, {"ok": True})

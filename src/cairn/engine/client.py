@@ -59,7 +59,14 @@ def changed(layout: WorkspaceLayout, run_id: str) -> bool:
 
 def poke(layout: WorkspaceLayout) -> bool:
     """Tell the agent to look at the queue now. False when no agent answers."""
-    return _request(layout, {"op": "poke", "root": str(layout.root)}) is not None
+    return _request(layout, {"op": "poke", "place": _identity(layout)}) is not None
+
+
+def _identity(layout: WorkspaceLayout) -> list[int] | None:
+    try:
+        return layout.identity()
+    except OSError:
+        return None
 
 
 def stop_agent(layout: WorkspaceLayout, timeout: float = 30.0) -> bool:
@@ -153,8 +160,10 @@ def ensure_agent(layout: WorkspaceLayout) -> None:
     """Make sure an agent of this Cairn version serves the workspace and has looked at the queue."""
     from cairn import __version__
 
-    reply = _request(layout, {"op": "poke", "root": str(layout.root)})  # an agent of another place takes nothing
-    moved = reply is not None and os.path.realpath(reply.get("root") or layout.root) != os.path.realpath(layout.root)
+    place = _identity(layout)
+    reply = _request(layout, {"op": "poke", "place": place})  # an agent of another workspace takes nothing
+    # the agent of this workspace from before it was moved, or of one that was at this path before
+    moved = reply is not None and None not in (place, reply.get("place")) and reply.get("place") != place
     if reply is not None and reply.get("version") == __version__ and not moved:
         return
     if reply is not None:  # an agent of another Cairn version, or of this workspace before it was moved: it exits

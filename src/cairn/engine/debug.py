@@ -24,7 +24,7 @@ from cairn.engine.context import EngineContext
 from cairn.engine.scheduler import PipelineScheduler
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
 from cairn.environments.spec import is_managed
-from cairn.runner.execute import materialize_inputs, resolve_arguments, step_environment
+from cairn.runner.execute import ISOLATED_DROPS, materialize_inputs, resolve_arguments, step_environment
 from cairn.storage.layout import WorkspaceLayout
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize, never_snapshotted, snapshot_folders
@@ -35,7 +35,7 @@ WORK = "work"  # the step's working folder in it: its snapshot (and downloaded i
 # The recorded run is not this one: without these, Run.get_context() is an offline run.
 _RUN_BINDINGS = ("CAIRN_RUN_ID", "CAIRN_WORKSPACE", "CAIRN_PIPELINE_RUN_ID", "CAIRN_LOG_DIR")
 # What the run of a step in an isolated (managed) environment does not inherit (runner/execute.py)
-_ISOLATED_DROPS = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX")
+_ISOLATED_DROPS = ISOLATED_DROPS
 # What a step always gets from Cairn, whatever the shell that runs debug.sh has
 _STEP_OWN = ("PYTHONUNBUFFERED", "PYTHONPATH")
 _STEP_OWN_PREFIXES = ("CAIRN_", "AML_PARAMETER_")
@@ -163,8 +163,7 @@ def _check_target(target: Path, source: Path, inputs: list[Any], local_stores: l
     if inside(source) and not never_snapshotted(source, target):
         raise UserInputError(f"{flag}{target} is inside the step's source folder {source}: the next run would "
                              f"snapshot the recreated files; choose a folder outside it (the default is {default})")
-    existing = next(p for p in (target, *target.parents) if p.exists())
-    if not inside(source) and str(existing.resolve()) in snapshot_folders(source):
+    if not inside(source) and _reached_by_a_link(source, target):
         raise UserInputError(f"{flag}{target} is in a folder that a link in the step's source folder {source} "
                              f"leads to: the next run would snapshot the recreated files; choose another folder")
     for i in inputs:
@@ -181,6 +180,16 @@ def _check_target(target: Path, source: Path, inputs: list[Any], local_stores: l
         if inside(store) and not (target == debug_root or debug_root in target.parents):
             raise UserInputError(f"{flag}{target} is inside the local datastore folder {store}: the recreated files "
                                  f"would change recorded data; choose a folder outside it (the default is {default})")
+
+
+def _reached_by_a_link(source: Path, target: Path) -> bool:
+    """Whether ``target`` is in a folder that a snapshot of the source folder as it is now would
+    take files from (through a link); a source gone or unreadable since the run has none."""
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    try:
+        return source.is_dir() and str(existing.resolve()) in snapshot_folders(source)
+    except (OSError, UserInputError):
+        return False
 
 
 def _copy_limit() -> int:
@@ -202,6 +211,7 @@ def _shell_script(step: str, run_id: str, step_run_id: str, changed: dict[str, s
              "what earlier runs changed: `cairn debug --force` recreates them."]
     if outputs:
         folders = " ".join(shlex.quote(str(tools / "outputs" / name)) for name in outputs)
+        lines.append("# (its folders are written in full: run it from anywhere, but do not move or copy the folder)")
         lines.append(f"rm -rf {shlex.quote(str(tools / 'outputs'))} && mkdir -p {folders} || exit")
     lines += [f"cd -P -- {shlex.quote(str(tools.parent / WORK))} || exit", "exec env \\"]
     lines += [f"  -u {shlex.quote(name)} \\" for name in removed]

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Protocol
 from cairn.core.status import Status
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
 from cairn.environments.spec import is_managed
+from cairn.runner.forkserver import own_path
 from cairn.runner.input_cache import cache_root, cached_input
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
@@ -249,6 +250,9 @@ def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> lis
     return args
 
 
+ISOLATED_DROPS = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX")  # what an isolated environment drops
+
+
 def base_environment(job: StepJob, resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
     """The variables every step of this environment gets (what a warm-start server starts with)."""
     return environment_base(job.spec.environment.get("environment_variables") or {}, resolved)
@@ -258,7 +262,7 @@ def environment_base(variables: dict[str, Any], resolved: ResolvedEnvironment | 
     """``base_environment`` from an environment's own variables (``{}`` for the default one)."""
     env = dict(os.environ)
     if resolved is not None:  # an isolated environment: nothing of the agent's Python leaks in
-        for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX"):
+        for name in ISOLATED_DROPS:
             env.pop(name, None)
     env.update({k: str(v) for k, v in variables.items()})
     env["PYTHONUNBUFFERED"] = "1"
@@ -319,9 +323,8 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     try:
         server = warm.server(argv[0], base, Path(job.workspace) / ".cairn", stop_waiting=control, on_wait=lambda: syslog(
             f"waiting for the warm-start server of this environment (importing {', '.join(warm.modules)})", flush=True))
-        server_path = base.get("PYTHONPATH", "").split(os.pathsep)  # relative entries: from the step's folder
-        extra = [os.path.join(work, p) for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                 if p and (p not in server_path or not os.path.isabs(p))]
+        extra = [os.path.join(work, p) for p in  # relative entries: from the step's folder
+                 own_path(env.get("PYTHONPATH", ""), base.get("PYTHONPATH", "").split(os.pathsep))]
         shadowed = server.shadowed_by(job.manifest, job.spec.snapshot, job.spec.script_name, extra)
         if shadowed:
             syslog(f"warm start skipped: the snapshot has its own {', '.join(shadowed)}, which the fork server "

@@ -190,10 +190,12 @@ def _serve(conn: socket.socket, server: socket.socket, sel: selectors.BaseSelect
     sel.register(pidfd, selectors.EVENT_READ, ("child", pid, conn))
 
 
-def _own_path(step_path: str, server_path: list[str]) -> list[str]:
+def own_path(step_path: str, server_path: list[str]) -> list[str]:
     """The entries of a step's PYTHONPATH the server's sys.path lacks: those it has not, and every
-    relative one (the server read it from its own folder, the step reads it from its working folder)."""
-    return [p for p in step_path.split(os.pathsep) if p and (p not in server_path or not os.path.isabs(p))]
+    relative one (the server read it from its own folder, the step reads it from its working folder;
+    an empty entry is that folder, as Python reads it). The agent checks shadowing with it too."""
+    entries = step_path.split(os.pathsep) if step_path else []
+    return [p or "." for p in entries if not os.path.isabs(p) or p not in server_path]
 
 
 def _own_copies(request: dict) -> list[str]:
@@ -204,7 +206,7 @@ def _own_copies(request: dict) -> list[str]:
     cwd = request["cwd"]
     server_path = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     folders = [os.path.dirname(os.path.join(cwd, request["argv"][1])),
-               *(os.path.join(cwd, p) for p in _own_path(request["env"].get("PYTHONPATH", ""), server_path))]
+               *(os.path.join(cwd, p) for p in own_path(request["env"].get("PYTHONPATH", ""), server_path))]
     found = []
     for folder in folders:
         try:
@@ -248,7 +250,7 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
         os.environ.update(request["env"])
         script = os.path.abspath(request["argv"][1])
         sys.argv = request["argv"][1:]
-        extra = [os.path.abspath(p) for p in _own_path(os.environ.get("PYTHONPATH", ""), server_path.split(os.pathsep))]
+        extra = [os.path.abspath(p) for p in own_path(os.environ.get("PYTHONPATH", ""), server_path.split(os.pathsep))]
         sys.path[0:0] = [os.path.dirname(script), *extra]  # as for `python script.py` with its PYTHONPATH
         if hasattr(time, "tzset"):
             time.tzset()  # TZ of the step, not of the server

@@ -19,6 +19,12 @@ class WorkspaceLayout:
     def config(self) -> Path:
         return self.dot / "config.json"
 
+    def identity(self) -> list[int]:
+        """The workspace folder itself, whatever path reaches it (a bind mount, a link) and wherever
+        it was moved: (device, inode) of .cairn/. Raises OSError when there is none."""
+        st = os.stat(self.dot)
+        return [st.st_dev, st.st_ino]
+
     @property
     def folders(self) -> tuple[Path, ...]:
         """The folders every workspace has."""
