@@ -535,3 +535,70 @@ def test_a_relative_pythonpath_of_the_environment_is_the_steps_in_a_warm_step(
     assert step is not None and step.get_status() == "Completed", step and step.get_stderr_log()
     assert step.get_stdout_log() == "from lib\n"
     assert "warm start: forked by server" in step.get_system_log()
+
+
+def test_a_warm_steps_sys_path_is_a_cold_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's PYTHONPATH entries were resolved from its own folder: a step has its own, in
+    their order, and finds nothing through the server's folder. Modules the step imported are
+    finalised at its end (a zip file writes its directory, a __del__ runs); a variable that is not
+    UTF-8 reaches it as it is; a request nested too deep is refused and the server goes on."""
+    import os
+    import socket
+    import sys
+    import zipfile
+
+    from cairn.runner.warm import WarmServer
+
+    server_folder, step_folder, absolute = tmp_path / "server", tmp_path / "step", tmp_path / "abs"
+    for folder in (server_folder, step_folder / "lib", absolute):
+        folder.mkdir(parents=True)
+    (server_folder / "onlyserver.py").write_text("")
+    (absolute / "dup.py").write_text("WHERE = 'abs'\n")
+    (step_folder / "lib" / "dup.py").write_text("WHERE = 'lib'\n")
+    (step_folder / "lib" / "keeper.py").write_text(
+        "import zipfile\nZ = zipfile.ZipFile('model.zip', 'w')\nZ.writestr('w.txt', 'w')\n"
+        "class D:\n    def __del__(self):\n        open('del.txt', 'w').write('ran')\nd = D()\n")
+    (step_folder / "main.py").write_text(
+        "import importlib.util, os, dup, keeper\n"
+        "print(dup.WHERE, importlib.util.find_spec('onlyserver') is None, os.environb[b'WEIRD'].hex())\n")
+    path = os.pathsep.join([str(absolute), "lib", ".", ""])
+    monkeypatch.chdir(server_folder)
+    server = WarmServer(sys.executable, ("json",), {**os.environ, "PYTHONPATH": path}, tmp_path / "warm.log")
+    try:
+        raw = socket.socket(socket.AF_UNIX)
+        raw.connect(server.socket_path)
+        raw.sendall(b"[" * 100_000 + b"\n")
+        assert b"error" in raw.recv(4096)
+        raw.close()
+        env = {**os.environ, "PYTHONPATH": path, "WEIRD": os.fsdecode(b"caf\xe9")}
+        step = server.launch([sys.executable, "main.py"], str(step_folder), env, str(tmp_path / "out.txt"),
+                             str(tmp_path / "err.txt"))
+        assert step.wait(timeout=60) == 0, (tmp_path / "err.txt").read_text()
+    finally:
+        server.kill()
+    assert (tmp_path / "out.txt").read_text() == "abs True 636166e9\n"
+    assert zipfile.ZipFile(step_folder / "model.zip").namelist() == ["w.txt"]
+    assert (step_folder / "del.txt").read_text() == "ran" and (tmp_path / "err.txt").read_text() == ""
+
+
+def test_a_variable_no_process_could_start_with_fails_warm_as_cold(workspace: Workspace,
+                                                                   write_script: Callable[..., Path]) -> None:
+    src = write_script("ok.py", "print('ran')\n")
+    warm_target(workspace)
+    rc = RunConfiguration()
+    rc.environment_variables = {"BIG": "x" * 200_000}  # over Linux's 128 KiB for one variable
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, [
+        PythonScriptStep("ok.py", name="big", source_directory=str(src), runconfig=rc, allow_reuse=False)]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
+    step = run.get_steps()[0]
+    assert "could not start the step" in step.get_details()["statusReason"]
+    assert "warm start skipped: variable BIG is" in step.get_system_log()
+
+
+def test_compiled_and_extension_modules_are_the_steps_own_too() -> None:
+    from cairn.runner.forkserver import module_name
+
+    assert [module_name(e, lambda: False) for e in ("json.py", "json.pyc", "json.cpython-311-x86_64-linux-gnu.so",
+                                                    "json.abi3.so", "json.txt", ".py")] == \
+        ["json", "json", "json", "json", "", ""]
+    assert module_name("json", lambda: True) == "json" and module_name("json", lambda: False) == ""

@@ -315,6 +315,10 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     """The step forked by its environment's warm-start server, or None to start it cold."""
     log_dir = Path(job.log_dir)
     base = base_environment(job, resolved)
+    too_big = _unstartable(argv, env)
+    if too_big:  # a cold start fails on it: so must this one, the same way
+        syslog(f"warm start skipped: {too_big}")
+        return None
     differs = [v for v in STARTUP_VARIABLES if env.get(v) != base.get(v)]
     if differs:
         syslog(f"warm start skipped: the step sets {', '.join(differs)}, which Python or a preloaded library "
@@ -343,6 +347,25 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     syslog(f"warm start: forked by server pid {ready['pid']} (preloaded: {', '.join(ready['preloaded']) or 'none'}"
            + (f"; could not preload: {'; '.join(ready['failed'])}" if ready["failed"] else "") + ")")
     return proc
+
+
+_MAX_ARG_STRLEN = 32 * 4096  # Linux: the longest single argument or NAME=value a program may be started with
+
+
+def _unstartable(argv: list[str], env: dict[str, str]) -> str | None:
+    """Why no program could be started with these arguments and variables (a warm step would run
+    anyway, and then fail only in its subprocesses), or None."""
+    longest = max((len(f"{k}={v}".encode("utf-8", "surrogateescape")) + 1 for k, v in env.items()), default=0)
+    if longest > _MAX_ARG_STRLEN:
+        name = max(env, key=lambda k: len(k) + len(env[k]))
+        return f"variable {name} is {longest} bytes, over the {_MAX_ARG_STRLEN} a process can be started with"
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        return None
+    total = sum(len(a.encode("utf-8", "surrogateescape")) + 1 for a in argv) + \
+        sum(len(f"{k}={v}".encode("utf-8", "surrogateescape")) + 1 for k, v in env.items())
+    return f"arguments and variables are {total} bytes, over this system's {limit}" if total > limit else None
 
 
 def _docker_refusal(spec: Any) -> str | None:

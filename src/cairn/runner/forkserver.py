@@ -27,7 +27,15 @@ import selectors  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from importlib.machinery import all_suffixes  # noqa: E402
 
+_MODULE_SUFFIXES = sorted(all_suffixes(), key=len, reverse=True)  # the longest first: .cpython-311-...so before .so
+
+# The sys.path entries the server's own PYTHONPATH gave it (absolute, as Python resolved them at its
+# start, from the agent's folder): a step's sys.path has its own instead, in its own order.
+_SERVER_PATH = frozenset(os.path.abspath(p or os.curdir) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                         if os.environ.get("PYTHONPATH"))
 MAX_REQUEST = 1 << 25
 # Cairn's step-side client (Run.get_context()): imported once too, where the environment has it.
 # One module at a time, between steps. Not the store (SQLAlchemy): a step's run context goes
@@ -165,9 +173,9 @@ def _serve(conn: socket.socket, server: socket.socket, sel: selectors.BaseSelect
     try:  # a bad request is refused (its step starts cold); the server goes on for the others
         if not data.endswith(b"\n") or len(data) > MAX_REQUEST:
             raise ValueError(f"the request is over {MAX_REQUEST} bytes")
-        request = json.loads(data)
+        request = json.loads(data.decode("utf-8", "surrogateescape"))  # variables need not be UTF-8
         shadowed = _own_copies(request)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+    except Exception as exc:  # whatever it was (even nested too deep to parse): refused, the server goes on
         _send(conn, {"error": f"{type(exc).__name__}: {exc}"[:500]})
         conn.close()
         return
@@ -214,10 +222,23 @@ def _own_copies(request: dict) -> list[str]:
         except OSError:
             continue
         for entry in names:
-            name = entry[:-3] if entry.endswith(".py") else entry
-            if name in imported and (entry.endswith(".py") or os.path.isfile(os.path.join(folder, entry, "__init__.py"))):
+            if module_name(entry, lambda e=entry, f=folder: has_init(os.path.join(f, e))) in imported:
                 found.append(os.path.join(folder, entry))
     return sorted(found)
+
+
+def module_name(entry: str, is_package: Callable[[], bool]) -> str:
+    """The module an import finds in the folder entry ``entry`` (``mod.py``, ``mod.pyc``, an
+    extension ``mod.cpython-311-x86_64-linux-gnu.so``, or a package ``mod/`` when ``is_package()``),
+    or ""."""
+    for suffix in _MODULE_SUFFIXES:
+        if entry.endswith(suffix) and len(entry) > len(suffix):
+            return entry[:-len(suffix)]
+    return entry if "." not in entry and is_package() else ""
+
+
+def has_init(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f"__init__{suffix}")) for suffix in _MODULE_SUFFIXES)
 
 
 def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selectors.BaseSelector) -> None:
@@ -245,23 +266,33 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
         # encodings and error handlers a cold start would choose: the server's, chosen at its start.
         sys.stdout = _stream(1, sys.__stdout__)
         sys.stderr = _stream(2, sys.__stderr__)
-        server_path = os.environ.get("PYTHONPATH", "")
         os.environ.clear()
         os.environ.update(request["env"])
         script = os.path.abspath(request["argv"][1])
         sys.argv = request["argv"][1:]
-        extra = [os.path.abspath(p) for p in own_path(os.environ.get("PYTHONPATH", ""), server_path.split(os.pathsep))]
-        sys.path[0:0] = [os.path.dirname(script), *extra]  # as for `python script.py` with its PYTHONPATH
+        sys.path[:] = _step_path(script, os.environ.get("PYTHONPATH", ""))
         if hasattr(time, "tzset"):
             time.tzset()  # TZ of the step, not of the server
         _reseed()
-        code = _run(script)
+        code = _run(script, frozenset(sys.modules))
     finally:
         if code == INTERRUPTED:  # as Python ends on an uncaught KeyboardInterrupt: killed by SIGINT
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)
             code = 128 + signal.SIGINT
         os._exit(code)
+
+
+def _step_path(script: str, pythonpath: str) -> list[str]:
+    """sys.path as ``python script.py`` has it with this PYTHONPATH (from the step's folder): the
+    script's folder, the PYTHONPATH entries in their order, then the interpreter's own; none of the
+    server's PYTHONPATH entries unless the step has them too."""
+    own = [os.path.abspath(p or os.curdir) for p in pythonpath.split(os.pathsep)] if pythonpath else []
+    path: list[str] = []
+    for entry in (os.path.dirname(script), *own, *(p for p in sys.path if p not in _SERVER_PATH)):
+        if entry not in path:
+            path.append(entry)
+    return path
 
 
 def _stream(fd: int, like: io.TextIOWrapper | None) -> io.TextIOWrapper:
@@ -282,7 +313,7 @@ def _reseed() -> None:
             pass
 
 
-def _run(script: str) -> int:
+def _run(script: str, server_modules: frozenset[str] = frozenset()) -> int:
     import threading
     import traceback
     import types
@@ -322,6 +353,7 @@ def _run(script: str) -> int:
         gc.collect()
     except Exception:
         pass
+    _clear_step_modules(server_modules)
     _flush_files_left_open()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -329,6 +361,28 @@ def _run(script: str) -> int:
         except Exception:
             pass
     return code
+
+
+def _clear_step_modules(server_modules: frozenset[str]) -> None:
+    """As an interpreter's exit finalises modules: those the step imported (never the server's,
+    shared by every step) lose their globals, the last imported first, so what only they held is
+    finalised (a zip file writes its directory, a __del__ runs)."""
+    for name, module in reversed(list(sys.modules.items())):
+        if name in server_modules or name == "__main__":
+            continue
+        try:  # as CPython clears a module's dict: names with one leading underscore first, then the others
+            namespace = module.__dict__
+            keys = list(namespace)
+            for key in [k for k in keys if k.startswith("_") and not k.startswith("__")] + \
+                       [k for k in keys if not k.startswith("_") or k.startswith("__")]:
+                if key != "__builtins__":
+                    namespace[key] = None
+        except Exception:
+            pass
+    try:
+        gc.collect()
+    except Exception:
+        pass
 
 
 def _flush_files_left_open() -> None:

@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cairn.runner.forkserver import has_init, module_name
+
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
 START_TIMEOUT = 300.0  # importing the modules may take a while; a hang must not
 # A step waits this long for a server still importing, then starts cold (importing what it needs
@@ -188,7 +190,10 @@ class WarmServer:
                 if not rel.startswith(prefix):
                     continue
                 head, sep, rest = rel[len(prefix):].partition("/")
-                name = head[:-3] if not sep and head.endswith(".py") else head if rest == "__init__.py" else ""
+                if not sep:  # a module file: .py, .pyc, an extension
+                    name = module_name(head, lambda: False)
+                else:  # a package
+                    name = head if module_name(rest, lambda: False) == "__init__" else ""
                 if name in imported:
                     found.append(rel)
             if len(self._shadowed) >= 1024:
@@ -200,9 +205,7 @@ class WarmServer:
             except OSError:
                 continue
             for entry in names:
-                name = entry[:-3] if entry.endswith(".py") else entry
-                if name in imported and (entry.endswith(".py") or os.path.isfile(os.path.join(folder, entry,
-                                                                                              "__init__.py"))):
+                if module_name(entry, lambda e=entry, f=folder: has_init(os.path.join(f, e))) in imported:
                     found = [*found, os.path.join(folder, entry)]
         return found
 
