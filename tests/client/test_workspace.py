@@ -345,3 +345,38 @@ def test_a_workspace_moved_while_its_agent_idles_is_served_where_it_is_now(tmp_p
         assert run.get_steps()[0].get_stdout_log() == "hello\n"
     finally:
         stop_agent(WorkspaceLayout(str(after if after.exists() else before)))
+
+
+def test_an_agent_of_a_workspace_re_created_at_its_path_leaves_the_new_ones_socket(tmp_path) -> None:
+    import os
+    import select
+    import shutil
+    import signal
+
+    from cairn import Experiment, Pipeline, PythonScriptStep, Workspace
+    from cairn.engine.client import _request, stop_agent
+    from cairn.storage.layout import WorkspaceLayout
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello.py").write_text("print('hello')\n")
+    place = tmp_path / "project"
+
+    def run_once() -> str:
+        ws = Workspace.create(str(place))
+        step = PythonScriptStep("hello.py", name="hello", source_directory=str(src), allow_reuse=False)
+        return Experiment(ws, "e").submit(Pipeline(ws, [step])).wait_for_completion(show_output=False,
+                                                                                    timeout_seconds=60)
+    try:
+        assert run_once() == "Completed"
+        old = _request(WorkspaceLayout(str(place)), {"op": "sync"})["pid"]
+        shutil.rmtree(place)  # re-created from scratch while its agent idles
+        assert run_once() == "Completed"
+        ended = os.pidfd_open(old)
+        os.kill(old, signal.SIGTERM)  # the old agent stops, as it would once idle
+        assert select.select([ended], [], [], 30)[0], "the old agent did not stop"
+        os.close(ended)
+        assert (place / ".cairn" / "agent.sock").exists()  # the new agent's: still reachable
+        assert run_once() == "Completed"
+    finally:
+        stop_agent(WorkspaceLayout(str(place)))

@@ -10,7 +10,6 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 _HEADER = struct.Struct("!Q")
@@ -59,6 +58,25 @@ def _read(sock: socket.socket, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def socket_file(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """Which file is at ``path`` now (device, inode), or None: to remove later only the socket we bound."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def remove_socket_file(path: str | os.PathLike[str], bound: tuple[int, int] | None) -> None:
+    """Remove the socket file at ``path`` if it is still the one we bound (``bound``): the folder may
+    have been replaced since (a workspace re-created at the same path), and its new socket is not ours."""
+    if bound is not None and socket_file(path) == bound:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any],
           grace: float = 30.0) -> Callable[[], None]:
     """Serve ``RelayBackend`` connections on the Unix socket ``path`` (mode 0600, and only processes
@@ -67,6 +85,7 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
     every connection: a caller whose call was not yet read sees the connection end first."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)  # no umask change: that would apply to every thread's files meanwhile
+    bound = socket_file(path)
     os.chmod(path, 0o600)
     listener.listen(16)
     stopping = threading.Event()
@@ -144,7 +163,7 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
         except OSError:
             pass
         listener.close()
-        Path(path).unlink(missing_ok=True)
+        remove_socket_file(path, bound)
         with state:
             state.wait_for(lambda: answering == 0, timeout=grace)
             for conn in connections:

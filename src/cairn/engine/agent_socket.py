@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from cairn import __version__
+from cairn.core.socket_rpc import remove_socket_file, socket_file
 from cairn.engine.client import READY_FD_ENV, ping
 from cairn.storage.layout import WorkspaceLayout
 
@@ -31,6 +32,7 @@ class AgentSocket:
         self._final_only: set[socket.socket] = set()  # watchers that only want the end
         self._lock = threading.Lock()  # guards watchers, and one writer at a time per socket
         self._listener: socket.socket | None = None
+        self._bound: tuple[int, int] | None = None
         self._lock_file: Any = None
 
     def acquire(self, timeout: float = 60.0) -> bool:
@@ -58,6 +60,7 @@ class AgentSocket:
         path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(path))
+        self._bound = socket_file(path)
         sock.listen(64)
         self._listener = sock
         self.layout.agent_starting.unlink(missing_ok=True)  # it answers now
@@ -71,7 +74,7 @@ class AgentSocket:
                 pass
             self._listener.close()
             self._listener = None
-            self.layout.agent_socket.unlink(missing_ok=True)
+            remove_socket_file(self.layout.agent_socket, self._bound)  # not a new workspace's, at the same path
 
     def has_watchers(self) -> bool:
         with self._lock:
