@@ -199,10 +199,13 @@ def test_register_local_folder_rejects_bad_arguments(workspace: Workspace, tmp_p
         Datastore.register_local_folder(workspace, "missing", tmp_path / "absent")
     assert "absent" in str(info_missing.value)
     Datastore.register_local_folder(workspace, "my_data", folder)
+    assert Datastore.register_local_folder(workspace, "my_data", folder).name == "my_data"  # the same: as it is
+    other = tmp_path / "other"
+    other.mkdir()
     with pytest.raises(UserInputError) as info:
-        Datastore.register_local_folder(workspace, "my_data", folder)
+        Datastore.register_local_folder(workspace, "my_data", other)
     assert "'my_data' is already registered" in str(info.value) and "overwrite=True" in str(info.value)
-    assert Datastore.register_local_folder(workspace, "my_data", folder, overwrite=True).name == "my_data"
+    assert Datastore.register_local_folder(workspace, "my_data", other, overwrite=True).name == "my_data"
 
 
 @pytest.mark.parametrize("bad", ["workspace", "path"])
@@ -274,12 +277,23 @@ def test_provisioning_configuration_rejects_bad_concurrency(value: object, fragm
 def test_create_compute_target_rejects_bad_arguments(workspace: Workspace) -> None:
     config = LocalCompute.provisioning_configuration()
     with pytest.raises(UserInputError) as info:
-        ComputeTarget.create(workspace, "gpu-1", config)
-    assert "'gpu-1'" in str(info.value) and "compute target name" in str(info.value)
+        ComputeTarget.create(workspace, "1-gpu", config)
+    assert "'1-gpu'" in str(info.value) and "compute target name" in str(info.value)
     with pytest.raises(UserInputError) as info:
         ComputeTarget.create(workspace, "gpu", {"max_concurrency": 2})
     assert "LocalCompute.provisioning_configuration" in str(info.value) and "dict" in str(info.value)
     assert set(workspace.compute_targets) == {"local"}
+
+
+def test_a_compute_target_may_be_named_as_in_azure_ml(workspace: Workspace, tmp_path) -> None:
+    from cairn import Experiment, Pipeline, PythonScriptStep
+
+    ComputeTarget.create(workspace, "cpu-cluster", LocalCompute.provisioning_configuration(max_concurrency=1))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "hi.py").write_text("print('hi')\n")
+    step = PythonScriptStep("hi.py", name="hi", source_directory=str(tmp_path / "src"), compute_target="cpu-cluster")
+    assert Experiment(workspace, "e").submit(Pipeline(workspace, [step])).wait_for_completion(
+        show_output=False) == "Completed"
 
 
 def test_create_compute_target_rejects_a_workspace_that_is_not_one() -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cairn.core.errors import CairnError, NotFoundError, UserInputError
-from cairn.core.names import check_data_name, check_type
+from cairn.core.names import check_compute_name, check_type
 
 if TYPE_CHECKING:
     from cairn.client.workspace import Workspace
@@ -154,7 +154,7 @@ class ComputeTarget:
         from cairn.client.workspace import Workspace
 
         check_type(workspace, Workspace, "ComputeTarget.create workspace")
-        check_data_name(name, "compute target name")
+        check_compute_name(name)
         if not isinstance(provisioning_configuration, (LocalComputeConfiguration, RayProvisioningConfiguration)):
             raise UserInputError(f"provisioning_configuration must come from "
                                  f"LocalCompute.provisioning_configuration(...) or "
@@ -172,7 +172,7 @@ class ComputeTarget:
         from cairn.client.workspace import Workspace
 
         check_type(workspace, Workspace, "ComputeTarget.attach workspace")
-        check_data_name(name, "compute target name")
+        check_compute_name(name)
         if not isinstance(attach_configuration, RayAttachConfiguration):
             raise UserInputError(f"attach_configuration must come from RayCompute.attach_configuration(...), "
                                  f"not {type(attach_configuration).__name__}")

@@ -66,8 +66,12 @@ class Datastore:
         folder = Path(path).resolve()
         if not folder.is_dir():
             raise FileNotFoundError(f"folder {str(path)!r} does not exist; create it first")
-        if not overwrite and any(d["name"] == datastore_name for d in workspace._backend.list_datastores()):
-            raise UserInputError(f"datastore {datastore_name!r} is already registered; pass overwrite=True "
+        existing = next((d for d in workspace._backend.list_datastores() if d["name"] == datastore_name), None)
+        if existing is not None and existing["kind"] == "local" and existing["config"].get("path") == str(folder):
+            return cls(workspace, datastore_name)  # the same folder again (a pipeline file run twice): as it is
+        if not overwrite and existing is not None:
+            where = f" (for {existing['config']['path']})" if existing["kind"] == "local" else ""
+            raise UserInputError(f"datastore {datastore_name!r} is already registered{where}; pass overwrite=True "
                                  f"to replace it")
         workspace._backend.register_datastore(datastore_name, "local", {"path": str(folder)}, False)
         return cls(workspace, datastore_name)

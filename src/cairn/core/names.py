@@ -29,6 +29,18 @@ def check_data_name(name: Any, what: str) -> str:
     return name
 
 
+_COMPUTE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,254}$")
+
+
+def check_compute_name(name: Any) -> str:
+    """A compute target's name: as Azure ML's ("cpu-cluster"), '-' allowed."""
+    check_type(name, str, "compute target name")
+    if not _COMPUTE_NAME.fullmatch(name):
+        raise UserInputError(f"compute target name {name!r} is not valid: use 1 to 255 letters, digits, '-' and "
+                             f"'_', starting with a letter (e.g. 'cpu-cluster')")
+    return name
+
+
 def check_experiment_name(name: Any) -> str:
     check_type(name, str, "experiment name")
     if not _EXPERIMENT_NAME.fullmatch(name):
