@@ -36,6 +36,7 @@ _PUBLIC: dict[str, str] = {
     "UserInputError": "cairn.core.errors",
     "PipelineValidationError": "cairn.core.errors",
     "WorkspaceNotFoundError": "cairn.core.errors",
+    "PathNotFoundError": "cairn.core.errors",
     "RunFailedError": "cairn.core.errors",
     "RunTimeoutError": "cairn.core.errors",
     "SnapshotTooLargeError": "cairn.core.errors",

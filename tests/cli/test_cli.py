@@ -612,3 +612,26 @@ def test_ctrl_c_while_following_says_the_run_goes_on(project: Project) -> None:
     assert "interrupted: pipeline run run_" in flat(err) and "goes on in the background" in flat(err)
     run_id = re.search(r"pipeline run (run_\w+) goes on", flat(err)).group(1)  # type: ignore[union-attr]
     assert project.cairn("cancel", run_id).returncode == 0
+
+
+def test_a_missing_folder_or_data_in_a_pipeline_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "typo_folder.py").write_text(
+        "from cairn import Workspace, Datastore\nDatastore.register_local_folder(Workspace.create('.'), 'raw', 'dta')\n")
+    (tmp_path / "typo_file.py").write_text(
+        "from cairn import Workspace, Datastore, Dataset\nws = Workspace.create('.')\n"
+        "Dataset.Tabular.from_delimited_files((Datastore.register_local_folder(ws, 'raw', 'data'), 'tt.csv'))\n")
+    for script, message in (("typo_folder.py", "folder 'dta' does not exist"),
+                            ("typo_file.py", "match no file: raw:tt.csv")):
+        result = cairn("run", script, cwd=tmp_path)
+        assert result.returncode == 2 and message in flat(result.stderr), result.stderr
+        no_traceback(result)
+    (tmp_path / "data" / "t.csv").write_text("a\n1\n")
+    (tmp_path / "read.py").write_text(
+        "from cairn import Workspace, Datastore, Dataset\nws = Workspace.from_config('.')\n"
+        "Dataset.Tabular.from_delimited_files((Datastore.get(ws, 'raw'), 't.csv'))\n")
+    assert cairn("run", "read.py", cwd=tmp_path).returncode == 0
+    (tmp_path / "data").rename(tmp_path / "moved")  # the datastore's folder is gone
+    result = cairn("run", "read.py", cwd=tmp_path)
+    assert result.returncode == 2 and "datastore 'raw' is the folder" in flat(result.stderr), result.stderr
+    assert "does not exist (moved?)" in flat(result.stderr)

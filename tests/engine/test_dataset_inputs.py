@@ -111,3 +111,5 @@ def test_lineage_does_not_claim_a_version_whose_files_changed(workspace, write_s
     changed = submit()
     assert changed.get_properties()["cairn.input.raw.dataset"] == "raw:1 (its files changed since it was registered)"
     assert "dataset 'raw' version 1 changed since it was registered" in " ".join(capsys.readouterr().err.split())
+    (version,) = Dataset.get_lineage(workspace, "raw")  # both runs are in its lineage, the second one marked
+    assert [r["files_changed"] for r in version["consumed_by"]] == [False, True]

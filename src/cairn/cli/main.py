@@ -248,8 +248,9 @@ def datasets_show(name: str, workspace: Path = WorkspaceOption, as_json: bool = 
         console.print(f"  digest {v['content_digest']}", highlight=False)
         for label, runs in (("produced by", v["produced_by"]), ("consumed by", v["consumed_by"])):
             for r in runs:
+                changed = " (its files had changed since it was registered)" if r.get("files_changed") else ""
                 console.print(f"  {label} step {r['step']!r} ({r['step_run_id']}) of pipeline run "
-                              f"{r['pipeline_run_id']} as {r['as']!r}: {r['status']}", highlight=False)
+                              f"{r['pipeline_run_id']} as {r['as']!r}: {r['status']}{changed}", highlight=False)
             if not runs:
                 console.print(f"  {label}: none", highlight=False)
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cairn.core.errors import NotFoundError, UserInputError
+from cairn.core.errors import NotFoundError, PathNotFoundError, UserInputError
 from cairn.core.names import check_data_name, check_type
 from cairn.data import datasets as ds_core
 
@@ -101,7 +101,14 @@ class _DatasetBase:
 
     def _validate(self) -> None:
         if not self._resolve():
-            raise FileNotFoundError(f"the dataset's path(s) match no file: {ds_core.describe_paths(self._definition)} "
+            for entry in self._definition.get("paths", []):  # a local datastore whose folder is gone says so
+                store = entry.get("datastore")
+                location = self._locate(store) if store else None
+                if location is not None and location.kind == "local" and not os.path.isdir(location.config["path"]):
+                    raise PathNotFoundError(
+                        f"datastore {store!r} is the folder {location.config['path']!r}, which does not exist (moved?): "
+                        f"register it again where it is now, with overwrite=True")
+            raise PathNotFoundError(f"the dataset's path(s) match no file: {ds_core.describe_paths(self._definition)} "
                                     f"(an empty folder, or a glob that matches nothing); check the path, or pass "
                                     f"validate=False to create it anyway")
 

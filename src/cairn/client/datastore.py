@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cairn.core.errors import NotFoundError, UserInputError
+from cairn.core.errors import NotFoundError, PathNotFoundError, UserInputError
 from cairn.core.names import check_type
 from cairn.storage.paths import confined
 
@@ -65,7 +65,7 @@ class Datastore:
         check_data_name(datastore_name, "datastore name")
         folder = Path(path).resolve()
         if not folder.is_dir():
-            raise FileNotFoundError(f"folder {str(path)!r} does not exist; create it first")
+            raise PathNotFoundError(f"folder {str(path)!r} does not exist; create it first")
         existing = next((d for d in workspace._backend.list_datastores() if d["name"] == datastore_name), None)
         if existing is not None and existing["kind"] == "local" and existing["config"].get("path") == str(folder):
             return cls(workspace, datastore_name)  # the same folder again (a pipeline file run twice): as it is
@@ -161,7 +161,7 @@ class Datastore:
 
         src = Path(src_dir)
         if not src.is_dir():
-            raise FileNotFoundError(f"cannot upload {str(src_dir)!r}: no such folder")
+            raise PathNotFoundError(f"cannot upload {str(src_dir)!r}: no such folder")
         files = [(str(p), "/".join(filter(None, [target_path or "", p.relative_to(src).as_posix()])))
                  for p in sorted(src.rglob("*")) if p.is_file()]
         upload(self._location(), files, overwrite, show_progress)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cairn.core.errors import NotFoundError, UserInputError
+from cairn.core.errors import NotFoundError, PathNotFoundError, UserInputError
 from cairn.core.names import check_type
 from cairn.core.status import Status
 from cairn.runner.markers import FAIL_MARKER
@@ -100,7 +100,7 @@ class _MetricsMixin(ABC):
             path = tmp.name
         assert path is not None
         if not Path(path).is_file():
-            raise FileNotFoundError(f"log_image {name!r}: image file {str(path)!r} does not exist")
+            raise PathNotFoundError(f"log_image {name!r}: image file {str(path)!r} does not exist")
         try:
             stored = self._store_image(name, str(path))
         finally:
@@ -307,7 +307,7 @@ class Run(_MetricsMixin):
             finally:
                 os.unlink(tmp.name)
         if not Path(path_or_stream).is_file():
-            raise FileNotFoundError(f"upload_file {name!r}: {str(path_or_stream)!r} is not a file")
+            raise PathNotFoundError(f"upload_file {name!r}: {str(path_or_stream)!r} is not a file")
         return self._backend.put_artifact(self.id, name, str(path_or_stream))
 
     def get_file_names(self) -> list[str]:

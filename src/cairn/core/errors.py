@@ -19,6 +19,10 @@ class WorkspaceNotFoundError(CairnError, FileNotFoundError):
     """No workspace configuration was found."""
 
 
+class PathNotFoundError(CairnError, FileNotFoundError):
+    """A file or folder the user named does not exist (a FileNotFoundError, said without a traceback)."""
+
+
 class PipelineValidationError(CairnError):
     """A pipeline has one or more problems; ``problems`` lists all of them."""
 

@@ -205,10 +205,12 @@ def _shell_script(step: str, run_id: str, step_run_id: str, changed: dict[str, s
     """debug.sh: empty outputs, the step's variables (``env``: any name, not only those sh can
     export), then its command, from the step's working folder. Its folders are written in full (the
     arguments and variables name them anyway): a link to the script, or CDPATH, changes nothing."""
+    gone = f"debug.sh: {tools.parent}, the folder it was written for, is gone (moved?): run `cairn debug` again"
     lines = ["#!/bin/sh", f"# step {step!r} of pipeline run {run_id} (step run {step_run_id}), recreated by "
              f"`cairn debug`; run it from anywhere, with extra arguments if you like.",
              "# Each run starts with empty outputs, as the step did; inputs (copies) and the working folder keep "
-             "what earlier runs changed: `cairn debug --force` recreates them."]
+             "what earlier runs changed: `cairn debug --force` recreates them.",
+             f"[ -d {shlex.quote(str(tools.parent / WORK))} ] || {{ echo {shlex.quote(gone)} >&2; exit 1; }}"]
     if outputs:
         folders = " ".join(shlex.quote(str(tools / "outputs" / name)) for name in outputs)
         lines.append("# (its folders are written in full: run it from anywhere, but do not move or copy the folder)")

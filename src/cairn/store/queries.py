@@ -695,19 +695,22 @@ def dataset_versions(store: Store, name: str) -> list[dict[str, Any]]:
 
 
 def runs_with_dataset(store: Store, label: str) -> dict[str, list[dict[str, Any]]]:
-    """Step runs whose properties say they produced or consumed dataset ``name:version``."""
+    """Step runs whose properties say they produced or consumed dataset ``name:version`` (also
+    those that read its files after they changed: ``files_changed``)."""
     p = t.run_properties.c
     with store.read() as conn:
-        rows = conn.execute(select(p.run_id, p.key, t.runs.c.parent_id, t.runs.c.name, t.runs.c.status,
+        rows = conn.execute(select(p.run_id, p.key, p.value, t.runs.c.parent_id, t.runs.c.name, t.runs.c.status,
                                    t.runs.c.created_at)
                             .join(t.runs, t.runs.c.id == p.run_id)
-                            .where(p.value == label, p.key.like("cairn.%.dataset"))
+                            .where(or_(p.value == label, p.value.startswith(f"{label} (", autoescape=True)),
+                                   p.key.like("cairn.%.dataset"))
                             .order_by(t.runs.c.created_at)).all()
     found: dict[str, list[dict[str, Any]]] = {"produced_by": [], "consumed_by": []}
     for r in rows:
         side = "produced_by" if r.key.startswith("cairn.output.") else "consumed_by"
         found[side].append({"step_run_id": r.run_id, "pipeline_run_id": r.parent_id, "step": r.name,
-                            "status": r.status, "as": r.key.split(".")[2], "created_at": r.created_at})
+                            "status": r.status, "as": r.key.split(".")[2], "created_at": r.created_at,
+                            "files_changed": r.value != label})
     return found
 
 
