@@ -635,3 +635,22 @@ def test_a_missing_folder_or_data_in_a_pipeline_file_is_one_line(tmp_path: Path)
     result = cairn("run", "read.py", cwd=tmp_path)
     assert result.returncode == 2 and "datastore 'raw' is the folder" in flat(result.stderr), result.stderr
     assert "does not exist (moved?)" in flat(result.stderr)
+
+
+def test_runs_show_sums_up_a_long_metric_series(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "fit.py").write_text(
+        "from cairn import Run\nrun = Run.get_context()\n"
+        "for i in range(200):\n    run.log('loss', 1 / (i + 1))\nrun.log('acc', 0.9)\nrun.log_list('few', [1, 2])\n")
+    (tmp_path / "pipe.py").write_text(
+        "from cairn import Workspace, PythonScriptStep, Pipeline, Experiment\nws = Workspace.create('.')\n"
+        "Experiment(ws, 'e').submit(Pipeline(ws, [PythonScriptStep('fit.py', name='fit', source_directory='src')]))\n")
+    import re
+
+    ran = cairn("run", "pipe.py", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    run_id = re.search(r"run_[0-9a-z]+", ran.stdout + ran.stderr).group(0)
+    shown = flat(cairn("runs", "show", run_id, cwd=tmp_path).stdout)
+    assert "loss: 200 values, last 0.005, min 0.005, max 1" in shown and "acc: 0.9" in shown and "few: [1, 2]" in shown
+    full = json.loads(cairn("runs", "show", run_id, "--json", cwd=tmp_path).stdout)
+    assert len(full["steps"][0]["metrics"]["loss"]) == 200  # --json has every value

@@ -469,3 +469,21 @@ def test_a_step_whose_source_folder_is_gone_is_recreated_from_its_snapshot(
     shutil.rmtree(src)
     result = cairn("debug", run.find_step_run("boom")[0].id, cwd=Path(workspace.location))
     assert result.returncode == 1 and "boom" in result.stderr, result.stderr
+
+
+def test_a_dataset_whose_files_changed_since_the_run_is_said(workspace: Workspace,
+                                                            write_script: Callable[..., Path]) -> None:
+    from cairn import Dataset
+
+    store = Path(workspace.get_default_datastore().root)
+    (store / "rows.csv").write_text("a\n1\n2\n")
+    rows = Dataset.File.from_files((workspace.get_default_datastore(), "rows.csv"))
+    src = write_script("count.py", "import sys\nprint('rows', len(open(sys.argv[1]).read().split()) - 1)\n")
+    step = PythonScriptStep("count.py", name="count", source_directory=str(src),
+                            arguments=[rows.as_named_input("rows").as_mount()])
+    run = Experiment(workspace, "changed").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    (store / "rows.csv").write_text("a\n1\n2\n3\n4\n")
+    result = cairn("debug", run.find_step_run("count")[0].id, cwd=Path(workspace.location))
+    assert result.returncode == 0 and "rows 4" in result.stdout
+    assert "input rows: its files changed since the run" in flat(result.stderr)

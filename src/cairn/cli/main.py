@@ -187,8 +187,8 @@ def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = ty
     details = run.get_details()
     steps = run.get_steps() if hasattr(run, "get_steps") else []
     if as_json:
-        details["steps"] = [s.get_details() | {"outputs": {n: _where(o) for n, o in s.get_outputs().items()}}
-                            for s in steps]
+        details["steps"] = [s.get_details() | {"outputs": {n: _where(o) for n, o in s.get_outputs().items()},
+                                               "metrics": s.get_metrics()} for s in steps]
         if not steps and hasattr(run, "get_outputs"):
             details["outputs"] = {n: _where(o) for n, o in run.get_outputs().items()}
         details["metrics"] = run.get_metrics()
@@ -218,9 +218,27 @@ def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = ty
         names = {s.id: s._row()["name"] for s in steps}
         for rid, m in metrics.items():
             if m:
-                console.print(f"metrics of {names.get(rid, 'pipeline')}: {json.dumps(m, default=str)}")
+                console.print(f"metrics of {names.get(rid, 'pipeline')}: {_metrics_summary(m)}", highlight=False)
     elif metrics:
-        console.print(f"metrics: {json.dumps(metrics, default=str)}")
+        console.print(f"metrics: {_metrics_summary(metrics)}", highlight=False)
+
+
+SHOWN_VALUES = 5  # a metric logged more often than this is summed up (--json has every value)
+
+
+def _metrics_summary(metrics: dict[str, Any]) -> str:
+    """Each metric in a few words: a scalar as it is, a long series as its count, last, min and max."""
+    said = []
+    for name, value in metrics.items():
+        numbers = [v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)] \
+            if isinstance(value, list) else []
+        if isinstance(value, list) and len(value) > SHOWN_VALUES and len(numbers) == len(value):
+            said.append(f"{name}: {len(value)} values, last {value[-1]:g}, min {min(numbers):g}, max {max(numbers):g}")
+        elif isinstance(value, list) and len(value) > SHOWN_VALUES:
+            said.append(f"{name}: {len(value)} values, last {json.dumps(value[-1], default=str)}")
+        else:
+            said.append(f"{name}: {json.dumps(value, default=str)}")
+    return "; ".join(said)
 
 
 @datasets_app.command("list")

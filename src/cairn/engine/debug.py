@@ -20,6 +20,7 @@ from typing import Any
 
 from cairn.core.errors import NotFoundError, UserInputError
 from cairn.core.status import TERMINAL, Status
+from cairn.data import datasets as ds_core
 from cairn.engine.context import EngineContext
 from cairn.engine.scheduler import PipelineScheduler
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
@@ -81,6 +82,14 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         job = scheduler.debug_job(step, work, tools)  # everything is checked before anything is removed
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
+    for d in step.dataset_inputs:  # a dataset names files in a datastore: they may have changed since
+        try:
+            now = ds_core.content_digest(ds_core.resolve_files(d.definition, ctx.datastore_location))
+        except Exception:  # unreachable now: materialising it says why, if it must
+            continue
+        if now != d.content_digest:
+            log(f"warning: input {d.name}: its files changed since the run (the run read {d.content_digest}, they "
+                f"are {now} now); the recreated step reads them as they are now")
     if Status(row["status"]) not in TERMINAL:
         log(f"warning: step {step.name!r} is {row['status']}: its run has not ended; it is recreated as it "
             f"was dispatched")
