@@ -200,6 +200,8 @@ def test_register_local_folder_rejects_bad_arguments(workspace: Workspace, tmp_p
     assert "absent" in str(info_missing.value)
     Datastore.register_local_folder(workspace, "my_data", folder)
     assert Datastore.register_local_folder(workspace, "my_data", folder).name == "my_data"  # the same: as it is
+    default = workspace.get_default_datastore()  # registered with a path relative to .cairn/
+    assert Datastore.register_local_folder(workspace, default.name, default.root).name == default.name
     other = tmp_path / "other"
     other.mkdir()
     with pytest.raises(UserInputError) as info:

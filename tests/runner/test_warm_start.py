@@ -602,3 +602,55 @@ def test_compiled_and_extension_modules_are_the_steps_own_too() -> None:
                                                     "json.abi3.so", "json.txt", ".py")] == \
         ["json", "json", "json", "json", "", ""]
     assert module_name("json", lambda: True) == "json" and module_name("json", lambda: False) == ""
+
+
+@pytest.mark.parametrize("step_path", [None, "lib", "SERVER"])
+def test_a_warm_steps_sys_path_equals_a_cold_ones(tmp_path: Path, step_path: str | None) -> None:
+    """Whatever the server's PYTHONPATH (Cairn's folder, as the agent gives it) and the step's: the
+    same sys.path as `python script.py`, so the step imports Cairn's client, and site-packages."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import cairn
+    from cairn.runner.warm import WarmServer
+
+    cairn_parent = str(Path(cairn.__file__).resolve().parents[1])
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "show.py").write_text("import json, sys\nfrom cairn import Run\nprint(json.dumps(sys.path))\n")
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = dict(base) if step_path is None else {**base, "PYTHONPATH": cairn_parent if step_path == "SERVER" else step_path}
+    cold = subprocess.run([sys.executable, "show.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    server = WarmServer(sys.executable, ("json",), {**base, "PYTHONPATH": cairn_parent}, tmp_path / "warm.log")
+    try:
+        step = server.launch([sys.executable, "show.py"], str(tmp_path), env, str(tmp_path / "out.txt"),
+                             str(tmp_path / "err.txt"))
+        assert step.wait(timeout=60) == 0, (tmp_path / "err.txt").read_text()
+    finally:
+        server.kill()
+    assert cold.returncode == 0, cold.stderr
+    assert json.loads((tmp_path / "out.txt").read_text()) == json.loads(cold.stdout)
+
+
+def test_a_daemon_thread_still_running_at_a_warm_steps_end_sees_its_modules(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from cairn.runner.warm import WarmServer
+
+    (tmp_path / "worker.py").write_text("import time\ndef tick():\n    time.sleep(0.001)\n")
+    (tmp_path / "main.py").write_text(
+        "import threading, worker\n"
+        "def beat():\n    while True:\n        worker.tick()\n"
+        "threading.Thread(target=beat, daemon=True, name='heartbeat').start()\n"
+        "import json, decimal, email.mime.text, xml.dom.minidom\n")  # some work at the end
+    server = WarmServer(sys.executable, ("json",), dict(os.environ), tmp_path / "warm.log")
+    try:
+        for _ in range(3):
+            step = server.launch([sys.executable, "main.py"], str(tmp_path), dict(os.environ),
+                                 str(tmp_path / "out.txt"), str(tmp_path / "err.txt"))
+            assert step.wait(timeout=60) == 0
+    finally:
+        server.kill()
+    assert (tmp_path / "err.txt").read_text() == ""

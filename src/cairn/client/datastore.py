@@ -67,7 +67,8 @@ class Datastore:
         if not folder.is_dir():
             raise PathNotFoundError(f"folder {str(path)!r} does not exist; create it first")
         existing = next((d for d in workspace._backend.list_datastores() if d["name"] == datastore_name), None)
-        if existing is not None and existing["kind"] == "local" and existing["config"].get("path") == str(folder):
+        if existing is not None and existing["kind"] == "local" and \
+                Path(workspace._backend.datastore_root(datastore_name)).resolve() == folder:
             return cls(workspace, datastore_name)  # the same folder again (a pipeline file run twice): as it is
         if not overwrite and existing is not None:
             where = f" (for {existing['config']['path']})" if existing["kind"] == "local" else ""

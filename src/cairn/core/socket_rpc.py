@@ -58,16 +58,17 @@ def _read(sock: socket.socket, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def socket_file(path: str | os.PathLike[str]) -> tuple[int, int] | None:
-    """Which file is at ``path`` now (device, inode), or None: to remove later only the socket we bound."""
+def socket_file(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """Which file is at ``path`` now (device, inode, change time: an inode number may be reused),
+    or None: to remove later only the socket we bound."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def remove_socket_file(path: str | os.PathLike[str], bound: tuple[int, int] | None) -> None:
+def remove_socket_file(path: str | os.PathLike[str], bound: tuple[int, int, int] | None) -> None:
     """Remove the socket file at ``path`` if it is still the one we bound (``bound``): the folder may
     have been replaced since (a workspace re-created at the same path), and its new socket is not ours."""
     if bound is not None and socket_file(path) == bound:
@@ -85,8 +86,8 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
     every connection: a caller whose call was not yet read sees the connection end first."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)  # no umask change: that would apply to every thread's files meanwhile
-    bound = socket_file(path)
     os.chmod(path, 0o600)
+    bound = socket_file(path)  # after the chmod: it changes the file's change time
     listener.listen(16)
     stopping = threading.Event()
     state = threading.Condition()

@@ -32,7 +32,7 @@ class AgentSocket:
         self._final_only: set[socket.socket] = set()  # watchers that only want the end
         self._lock = threading.Lock()  # guards watchers, and one writer at a time per socket
         self._listener: socket.socket | None = None
-        self._bound: tuple[int, int] | None = None
+        self._bound: tuple[int, int, int] | None = None
         self._lock_file: Any = None
 
     def acquire(self, timeout: float = 60.0) -> bool:

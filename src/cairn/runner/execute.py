@@ -355,16 +355,16 @@ _MAX_ARG_STRLEN = 32 * 4096  # Linux: the longest single argument or NAME=value 
 def _unstartable(argv: list[str], env: dict[str, str]) -> str | None:
     """Why no program could be started with these arguments and variables (a warm step would run
     anyway, and then fail only in its subprocesses), or None."""
-    longest = max((len(f"{k}={v}".encode("utf-8", "surrogateescape")) + 1 for k, v in env.items()), default=0)
-    if longest > _MAX_ARG_STRLEN:
-        name = max(env, key=lambda k: len(k) + len(env[k]))
-        return f"variable {name} is {longest} bytes, over the {_MAX_ARG_STRLEN} a process can be started with"
+    strings = {f"argument {i}": a.encode("utf-8", "surrogateescape") for i, a in enumerate(argv)}
+    strings.update({f"variable {k}": f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items()})
+    what, longest = max(strings.items(), key=lambda kv: len(kv[1]), default=("", b""))
+    if len(longest) + 1 > _MAX_ARG_STRLEN:
+        return f"{what} is {len(longest) + 1} bytes, over the {_MAX_ARG_STRLEN} a process can be started with"
     try:
         limit = os.sysconf("SC_ARG_MAX")
     except (ValueError, OSError):
         return None
-    total = sum(len(a.encode("utf-8", "surrogateescape")) + 1 for a in argv) + \
-        sum(len(f"{k}={v}".encode("utf-8", "surrogateescape")) + 1 for k, v in env.items())
+    total = sum(len(b) + 1 + 8 for b in strings.values())  # each string, its NUL and its pointer
     return f"arguments and variables are {total} bytes, over this system's {limit}" if total > limit else None
 
 

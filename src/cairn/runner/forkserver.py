@@ -32,10 +32,6 @@ from importlib.machinery import all_suffixes  # noqa: E402
 
 _MODULE_SUFFIXES = sorted(all_suffixes(), key=len, reverse=True)  # the longest first: .cpython-311-...so before .so
 
-# The sys.path entries the server's own PYTHONPATH gave it (absolute, as Python resolved them at its
-# start, from the agent's folder): a step's sys.path has its own instead, in its own order.
-_SERVER_PATH = frozenset(os.path.abspath(p or os.curdir) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                         if os.environ.get("PYTHONPATH"))
 MAX_REQUEST = 1 << 25
 # Cairn's step-side client (Run.get_context()): imported once too, where the environment has it.
 # One module at a time, between steps. Not the store (SQLAlchemy): a step's run context goes
@@ -86,6 +82,7 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
             failed.append(f"{name}: {type(exc).__name__}: {exc}")
     for name in CHILD_NEEDS:
         importlib.import_module(name)
+    _BASE_PATH[:] = _base_path()
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ, ("accept", None, None))
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
@@ -283,13 +280,31 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
         os._exit(code)
 
 
+_BASE_PATH: list[str] = []  # the interpreter's own sys.path, without PYTHONPATH (asked at the server's start)
+
+
+def _base_path() -> list[str]:
+    """What this interpreter puts on sys.path after the script's folder when no PYTHONPATH is set
+    (the standard library, site-packages and what their .pth files add): asked of a fresh one, as
+    the server's own path mixes in its PYTHONPATH, resolved from the agent's folder."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        out = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"],
+                             env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+        return [p for p in json.loads(out) if isinstance(p, str)]
+    except (OSError, ValueError, subprocess.SubprocessError):  # as before: the server's own, less its PYTHONPATH
+        mine = {os.path.abspath(p or os.curdir) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)}
+        return [p for p in sys.path if p not in mine]
+
+
 def _step_path(script: str, pythonpath: str) -> list[str]:
     """sys.path as ``python script.py`` has it with this PYTHONPATH (from the step's folder): the
-    script's folder, the PYTHONPATH entries in their order, then the interpreter's own; none of the
-    server's PYTHONPATH entries unless the step has them too."""
+    script's folder, the PYTHONPATH entries in their order, then the interpreter's own."""
     own = [os.path.abspath(p or os.curdir) for p in pythonpath.split(os.pathsep)] if pythonpath else []
     path: list[str] = []
-    for entry in (os.path.dirname(script), *own, *(p for p in sys.path if p not in _SERVER_PATH)):
+    for entry in (os.path.dirname(script), *own, *_BASE_PATH):
         if entry not in path:
             path.append(entry)
     return path
@@ -348,12 +363,20 @@ def _run(script: str, server_modules: frozenset[str] = frozenset()) -> int:
         atexit._run_exitfuncs()
     except Exception:
         traceback.print_exc()
-    try:  # and then it finalises the script's objects: files left open are flushed and closed
-        sys.modules["__main__"].__dict__.clear()
-        gc.collect()
-    except Exception:
-        pass
-    _clear_step_modules(server_modules)
+    # and then it finalises the script's objects (files left open are flushed and closed), never
+    # under a daemon thread still running (CPython stops them first: here they would see None)
+    import threading
+
+    if threading.active_count() == 1:
+        try:
+            sys.modules["__main__"].__dict__.clear()
+        except Exception:
+            pass
+        _clear_step_modules(server_modules)
+        try:
+            gc.collect()
+        except Exception:
+            pass
     _flush_files_left_open()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -367,9 +390,11 @@ def _clear_step_modules(server_modules: frozenset[str]) -> None:
     """As an interpreter's exit finalises modules: those the step imported (never the server's,
     shared by every step) lose their globals, the last imported first, so what only they held is
     finalised (a zip file writes its directory, a __del__ runs)."""
+    import types
+
     for name, module in reversed(list(sys.modules.items())):
-        if name in server_modules or name == "__main__":
-            continue
+        if name in server_modules or name == "__main__" or type(module) is not types.ModuleType:
+            continue  # (a lazily loaded module would run its code when its dict is read)
         try:  # as CPython clears a module's dict: names with one leading underscore first, then the others
             namespace = module.__dict__
             keys = list(namespace)
@@ -379,10 +404,6 @@ def _clear_step_modules(server_modules: frozenset[str]) -> None:
                     namespace[key] = None
         except Exception:
             pass
-    try:
-        gc.collect()
-    except Exception:
-        pass
 
 
 def _flush_files_left_open() -> None:

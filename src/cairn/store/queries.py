@@ -707,6 +707,8 @@ def runs_with_dataset(store: Store, label: str) -> dict[str, list[dict[str, Any]
                             .order_by(t.runs.c.created_at)).all()
     found: dict[str, list[dict[str, Any]]] = {"produced_by": [], "consumed_by": []}
     for r in rows:
+        if r.value != label and not r.value.startswith(f"{label} ("):  # SQLite's LIKE ignores case: names do not
+            continue
         side = "produced_by" if r.key.startswith("cairn.output.") else "consumed_by"
         found[side].append({"step_run_id": r.run_id, "pipeline_run_id": r.parent_id, "step": r.name,
                             "status": r.status, "as": r.key.split(".")[2], "created_at": r.created_at,
