@@ -177,6 +177,11 @@ def test_a_file_name_that_is_not_utf8_is_a_clear_error_unless_ignored(tmp_path):
         take_snapshot(src, ObjectStore(tmp_path / "o"), {})
     (src / ".cairnignore").write_text("caf*.txt\n")
     assert _paths(take_snapshot(src, ObjectStore(tmp_path / "o"), {})) == [".cairnignore", "a.py"]
+    folder = Path(os.fsdecode(bytes(src) + b"/d\xe9j\xe0"))
+    folder.mkdir()
+    (folder / "plain.txt").write_text("x")  # an ASCII name, below one that is not UTF-8
+    with pytest.raises(UserInputError, match="not valid UTF-8"):
+        take_snapshot(src, ObjectStore(tmp_path / "o"), {})
 
 
 def test_links_that_lead_to_the_same_folders_many_ways_stop_at_the_limit(tmp_path):

@@ -192,6 +192,8 @@ def _walk(source: str, spec: Specs | None, ignore_file: str | None, exclude: fro
             if entry.is_dir():
                 if rules and _ignored(rules, rel + "/"):
                     continue
+                if not entry.name.isascii():  # what is below it is named through it
+                    _checked_name(source, rel, ignore_file)
                 if entry.is_symlink():
                     real = real_path(entry.path)
                     linked = " (a symbolic link to a folder counts what it holds once for each path to it)"
@@ -206,7 +208,9 @@ def _walk(source: str, spec: Specs | None, ignore_file: str | None, exclude: fro
             elif entry.is_file():  # follows a symlink to a file: its content is snapshotted
                 if rules and _ignored(rules, rel):
                     continue
-                found.append((_checked_name(source, rel, ignore_file), entry.stat(), entry.path))
+                if not entry.name.isascii():  # (a C check: only other names pay for the UTF-8 one)
+                    _checked_name(source, rel, ignore_file)
+                found.append((rel, entry.stat(), entry.path))
                 if len(found) > max_files:
                     return found, empty, f"more than {max_files} files{linked}"
         if rel_dir and not entries:  # nothing at all in it (a folder of ignored files is not recorded)
