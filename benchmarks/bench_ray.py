@@ -78,7 +78,7 @@ def start_elsewhere(hidden: Path, logs: Path, cache: Path) -> list[dict[str, obj
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--relayed", action="store_true", help="also a node of 'another machine' (see above)")
     args = parser.parse_args()

@@ -186,7 +186,7 @@ def _repeat(text: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=_repeat, default=3, help="runs of each shape; the table shows medians "
                         "(default 3)")
     parser.add_argument("--tools", default=",".join(DRIVERS), help="comma-separated, of: " + ", ".join(DRIVERS)
