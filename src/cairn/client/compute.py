@@ -38,8 +38,9 @@ class LocalCompute:
                                    warm_start_modules: list[str] | None = None,
                                    spare_interpreters: bool = True) -> LocalComputeConfiguration:
         """``warm_start_modules`` (opt-in): steps are forked from a per-environment server that
-        imported these modules once (e.g. ``["pandas", "sklearn"]``), instead of each step paying
-        for the imports. Do not use it for modules that start threads, open GPU contexts or read
+        imported these modules once (e.g. ``["pandas", "sklearn.linear_model"]``: list submodules the
+        steps import, a package's import does not import them), instead of each step paying for the
+        imports. Do not use it for modules that start threads, open GPU contexts or read
         environment variables at import time.
 
         ``spare_interpreters`` (on by default): each step still starts in a new interpreter of its
