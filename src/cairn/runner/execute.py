@@ -20,7 +20,6 @@ from typing import Any, NamedTuple, Protocol
 from cairn.core.status import Status
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
 from cairn.environments.spec import is_managed
-from cairn.runner.forkserver import own_path
 from cairn.runner.input_cache import cache_root, cached_input
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER
@@ -327,16 +326,10 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     try:
         server = warm.server(argv[0], base, Path(job.workspace) / ".cairn", stop_waiting=control, on_wait=lambda: syslog(
             f"waiting for the warm-start server of this environment (importing {', '.join(warm.modules)})", flush=True))
-        extra = [os.path.join(work, p) for p in  # relative entries: from the step's folder
-                 own_path(env.get("PYTHONPATH", ""), base.get("PYTHONPATH", "").split(os.pathsep))]
-        shadowed = server.shadowed_by(job.manifest, job.spec.snapshot, job.spec.script_name, extra)
-        if shadowed:
-            syslog(f"warm start skipped: the snapshot has its own {', '.join(shadowed)}, which the fork server "
-                   f"imported already (the step would get the server's copy)")
-            return None
         proc = server.launch(argv, str(work), env, str(log_dir / "stdout.txt"), str(log_dir / "stderr.txt"))
-    except WarmShadowed as exc:  # a module the server imported after it was ready (Cairn's client, lazily)
-        syslog(f"warm start skipped: the step has its own {', '.join(exc.files)}, which the fork server "
+    except WarmShadowed as exc:  # the server checks what it has imported by then (Cairn's client, lazily)
+        own = [os.path.relpath(f, work) if Path(f).is_relative_to(work) else f for f in exc.files]
+        syslog(f"warm start skipped: the snapshot has its own {', '.join(own)}, which the fork server "
                f"imported already (the step would get the server's copy)")
         return None
     except (WarmStartError, OSError) as exc:

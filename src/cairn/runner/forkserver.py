@@ -86,11 +86,8 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ, ("accept", None, None))
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
-    # top-level modules a step's own file of that name would no longer shadow (the agent starts
-    # such a step cold)
-    imported = sorted({n.partition(".")[0] for n in sys.modules} - _AT_START_TOP)
     _ready(ready_fd, {"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
-                      "import_seconds": round(time.monotonic() - started, 3), "imported": imported})
+                      "import_seconds": round(time.monotonic() - started, 3)})
     accepting = True
     # Cairn's step-side client is imported once the server has been quiet for a moment (no request,
     # no step ending): a burst of short steps never waits for it (~0.3 s), and a step that calls
@@ -195,32 +192,32 @@ def _serve(conn: socket.socket, server: socket.socket, sel: selectors.BaseSelect
     sel.register(pidfd, selectors.EVENT_READ, ("child", pid, conn))
 
 
-def own_path(step_path: str, server_path: list[str]) -> list[str]:
+def _own_path(step_path: str, server_path: list[str]) -> list[str]:
     """The entries of a step's PYTHONPATH the server's sys.path lacks: those it has not, and every
     relative one (the server read it from its own folder, the step reads it from its working folder;
-    an empty entry is that folder, as Python reads it). The agent checks shadowing with it too."""
+    an empty entry is that folder, as Python reads it)."""
     entries = step_path.split(os.pathsep) if step_path else []
     return [p or "." for p in entries if not os.path.isabs(p) or p not in server_path]
 
 
 def _own_copies(request: dict) -> list[str]:
     """The step's own modules (beside its script, or in a folder of its own PYTHONPATH) that this
-    server has imported by now: the step would get the server's copy. The agent checks the modules
-    imported before the server was ready; this also sees those imported since (Cairn's client)."""
+    server has imported by now (at start, or since: Cairn's client, lazily): the step would get the
+    server's copy, where a cold start imports its own."""
     imported = {n.partition(".")[0] for n in sys.modules} - _AT_START_TOP
     cwd = request["cwd"]
     server_path = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     folders = [os.path.dirname(os.path.join(cwd, request["argv"][1])),
-               *(os.path.join(cwd, p) for p in own_path(request["env"].get("PYTHONPATH", ""), server_path))]
-    found = []
+               *(os.path.join(cwd, p) for p in _own_path(request["env"].get("PYTHONPATH", ""), server_path))]
+    found = set()
     for folder in folders:
         try:
             names = os.listdir(folder)
         except OSError:
             continue
         for entry in names:
-            if module_name(entry, lambda e=entry, f=folder: has_init(os.path.join(f, e))) in imported:
-                found.append(os.path.join(folder, entry))
+            if module_name(entry, lambda e=entry, f=folder: _has_init(os.path.join(f, e))) in imported:
+                found.add(os.path.normpath(os.path.join(folder, entry)))
     return sorted(found)
 
 
@@ -234,7 +231,7 @@ def module_name(entry: str, is_package: Callable[[], bool]) -> str:
     return entry if "." not in entry and is_package() else ""
 
 
-def has_init(folder: str) -> bool:
+def _has_init(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, f"__init__{suffix}")) for suffix in _MODULE_SUFFIXES)
 
 

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from cairn.runner.forkserver import has_init, module_name
 
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
 START_TIMEOUT = 300.0  # importing the modules may take a while; a hang must not
@@ -144,7 +141,6 @@ class WarmServer:
         self.socket_path = os.path.join(self._folder, "s")
         self.modules = modules
         self.log_path = log_path
-        self._shadowed: dict[tuple[str, str], list[str]] = {}  # (snapshot, script's folder) -> files the server imported
         with open(log_path, "ab") as log:
             self._proc = subprocess.Popen([python, FORKSERVER, self.socket_path, *modules], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
@@ -173,41 +169,6 @@ class WarmServer:
         if not ready.get("ready"):
             raise WarmStartError(f"warm start is not possible here: {ready.get('reason')}")
         return ready
-
-    def shadowed_by(self, manifest: dict[str, Any], spec_snapshot: str, script: str,
-                    extra_paths: Sequence[str] = ()) -> list[str]:
-        """Modules the step would import from its own files (``name.py``, ``name/__init__.py`` beside
-        its script, or in a folder of its own ``PYTHONPATH``) that this server imported already: a
-        warm step would get the server's copy, where a cold start imports its own."""
-        imported = set(self.ready.get("imported") or ())
-        base = posixpath.dirname(script)
-        key = (spec_snapshot, base)
-        found = self._shadowed.get(key)
-        if found is None:
-            prefix = f"{base}/" if base else ""
-            found = []
-            for rel, *_ in manifest.get("files", []):
-                if not rel.startswith(prefix):
-                    continue
-                head, sep, rest = rel[len(prefix):].partition("/")
-                if not sep:  # a module file: .py, .pyc, an extension
-                    name = module_name(head, lambda: False)
-                else:  # a package
-                    name = head if module_name(rest, lambda: False) == "__init__" else ""
-                if name in imported:
-                    found.append(rel)
-            if len(self._shadowed) >= 1024:
-                self._shadowed.clear()
-            self._shadowed[key] = found = sorted(found)
-        for folder in extra_paths:  # rare: read from disk each time (relative entries: see the caller)
-            try:
-                names = os.listdir(folder)
-            except OSError:
-                continue
-            for entry in names:
-                if module_name(entry, lambda e=entry, f=folder: has_init(os.path.join(f, e))) in imported:
-                    found = [*found, os.path.join(folder, entry)]
-        return found
 
     def kill(self) -> None:
         try:
