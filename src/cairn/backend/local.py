@@ -186,8 +186,8 @@ class LocalBackend(AgentSocketCalls):
         stat_updates: dict[str, Any] = {}
         real = {folder: real_path(folder) for folder in source_directories}
         caches = q.load_stat_caches(self.store, [src + os.sep for src in real.values()])
-        data = frozenset(real_path(self.datastore_root(d["name"])) for d in q.list_named(self.store, "datastores")
-                         if d["kind"] == "local")  # a local datastore in a source folder is data, not code
+        # a local datastore in a source folder is data, not code (one query for them all)
+        data = frozenset(real_path(root) for root in local_datastore_roots(self.store, self.layout).values())
         for source_directory, src in real.items():
             snap = take_snapshot(src, self.objects, caches[src + os.sep], max_files=max_files, max_bytes=max_bytes,
                                  is_recorded=is_recorded, exclude=data)

@@ -32,21 +32,22 @@ def check_data_name(name: Any, what: str) -> str:
 _COMPUTE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,254}$")
 
 
+def _check_name(name: Any, what: str, pattern: re.Pattern[str], allowed: str) -> str:
+    check_type(name, str, what)
+    if not pattern.fullmatch(name):
+        raise UserInputError(f"{what} {name!r} is not valid: use {allowed}")
+    return name
+
+
 def check_compute_name(name: Any) -> str:
     """A compute target's name: as Azure ML's ("cpu-cluster"), '-' allowed."""
-    check_type(name, str, "compute target name")
-    if not _COMPUTE_NAME.fullmatch(name):
-        raise UserInputError(f"compute target name {name!r} is not valid: use 1 to 255 letters, digits, '-' and "
-                             f"'_', starting with a letter (e.g. 'cpu-cluster')")
-    return name
+    return _check_name(name, "compute target name", _COMPUTE_NAME,
+                       "1 to 255 letters, digits, '-' and '_', starting with a letter (e.g. 'cpu-cluster')")
 
 
 def check_experiment_name(name: Any) -> str:
-    check_type(name, str, "experiment name")
-    if not _EXPERIMENT_NAME.fullmatch(name):
-        raise UserInputError(f"experiment name {name!r} is not valid: use 1 to 255 letters, digits, "
-                             f"'-' and '_', starting with a letter or digit")
-    return name
+    return _check_name(name, "experiment name", _EXPERIMENT_NAME,
+                       "1 to 255 letters, digits, '-' and '_', starting with a letter or digit")
 
 
 def check_step_name(name: Any) -> str:

@@ -35,8 +35,6 @@ DEBUG_MARKER = ".cairn_debug"  # what marks a folder as made by `cairn debug` (-
 WORK = "work"  # the step's working folder in it: its snapshot (and downloaded inputs), as in a run
 # The recorded run is not this one: without these, Run.get_context() is an offline run.
 _RUN_BINDINGS = ("CAIRN_RUN_ID", "CAIRN_WORKSPACE", "CAIRN_PIPELINE_RUN_ID", "CAIRN_LOG_DIR")
-# What the run of a step in an isolated (managed) environment does not inherit (runner/execute.py)
-_ISOLATED_DROPS = ISOLATED_DROPS
 # What a step always gets from Cairn, whatever the shell that runs debug.sh has
 _STEP_OWN = ("PYTHONUNBUFFERED", "PYTHONPATH")
 _STEP_OWN_PREFIXES = ("CAIRN_", "AML_PARAMETER_")
@@ -151,7 +149,7 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         own |= {"PATH", *resolved.step_variables()}
     changed = {k: v for k, v in env.items() if os.environ.get(k) != v or k in own}
     # whatever the shell has: never the recorded run's bindings, nor what an isolated environment drops
-    isolated = _ISOLATED_DROPS if resolved is not None else ()
+    isolated = ISOLATED_DROPS if resolved is not None else ()  # what such a run does not inherit
     removed = sorted({*(k for k in os.environ if k not in env), *_RUN_BINDINGS, *(k for k in isolated if k not in env)})
     script = tools / "debug.sh"  # not in the working folder: the snapshot may have a file so named
     script.write_text(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv,
