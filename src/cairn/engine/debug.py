@@ -80,14 +80,7 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         job = scheduler.debug_job(step, work, tools)  # everything is checked before anything is removed
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
-    for d in step.dataset_inputs:  # a dataset names files in a datastore: they may have changed since
-        try:
-            now = ds_core.content_digest(ds_core.resolve_files(d.definition, ctx.datastore_location))
-        except Exception:  # unreachable now: materialising it says why, if it must
-            continue
-        if now != d.content_digest:
-            log(f"warning: input {d.name}: its files changed since the run (the run read {d.content_digest}, they "
-                f"are {now} now); the recreated step reads them as they are now")
+    _warn_changed_datasets(step, ctx, log)
     if Status(row["status"]) not in TERMINAL:
         log(f"warning: step {step.name!r} is {row['status']}: its run has not ended; it is recreated as it "
             f"was dispatched")
@@ -113,25 +106,11 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         except EnvironmentBuildError as exc:
             raise UserInputError(f"environment {step.environment.get('name')!r} could not be built: {exc}") from None
     try:
-        if target.exists():
-            shutil.rmtree(target)
-        tools.mkdir(parents=True)
-        work.mkdir()
-    except OSError as exc:
+        inputs = _make_folder(job, target, log, copy_limit)
+    except BaseException:
         if resolved is not None:
             resolved.close()
-        raise UserInputError(f"cannot make {target}: {exc.strerror or exc}; choose another --dir") from None
-    try:
-        materialize(job.manifest, ObjectStore(job.objects_root), work)
-        # cached inputs stay held (not evicted) until this process exits: through the foreground run
-        inputs = materialize_inputs(job, work, holds=[])
-        for name, path in inputs.items():
-            inputs[name] = _private_view(name, path, target, log, copy_limit)
-    except OSError as exc:  # an input that went away since the checks, a full disk
-        if resolved is not None:
-            resolved.close()
-        raise UserInputError(f"could not recreate the step's files in {target}: {exc}; the folder is incomplete "
-                             f"(run again with --force once fixed)") from None
+        raise
     outputs = {}
     for o in step.outputs:
         Path(job.staging_dirs[o.name]).mkdir(parents=True, exist_ok=True)
@@ -143,20 +122,61 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     env["CAIRN_DEBUG_WORKSPACE"] = str(layout.root)  # the offline run's workspace, to read
     interpreter = resolved.python if resolved else (job.interpreter or _current_python())
     argv = [interpreter, step.script_name, *resolve_arguments(job, inputs)]
-    own = set(dict(step.environment_variables)) | set(step.environment.get("environment_variables") or {})
-    own |= {k for k in env if k.startswith(_STEP_OWN_PREFIXES) or k in _STEP_OWN}
-    if resolved is not None:
-        own |= {"PATH", *resolved.step_variables()}
-    changed = {k: v for k, v in env.items() if os.environ.get(k) != v or k in own}
-    # whatever the shell has: never the recorded run's bindings, nor what an isolated environment drops
-    isolated = ISOLATED_DROPS if resolved is not None else ()  # what such a run does not inherit
-    removed = sorted({*(k for k in os.environ if k not in env), *_RUN_BINDINGS, *(k for k in isolated if k not in env)})
+    changed, removed = _script_variables(step, env, resolved)
     script = tools / "debug.sh"  # not in the working folder: the snapshot may have a file so named
     script.write_text(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv,
                                     [o.name for o in step.outputs], tools))
     script.chmod(0o755)
     return DebugPlan(target, work, step.name, Status(row["status"]).value, argv, env, changed, removed, script,
                      inputs, outputs, resolved)
+
+
+def _warn_changed_datasets(step: Any, ctx: EngineContext, log: Any) -> None:
+    """A dataset names files in a datastore: say which have changed since the run."""
+    for d in step.dataset_inputs:
+        try:
+            now = ds_core.content_digest(ds_core.resolve_files(d.definition, ctx.datastore_location))
+        except Exception:  # unreachable now: materialising it says why, if it must
+            continue
+        if now != d.content_digest:
+            log(f"warning: input {d.name}: its files changed since the run (the run read {d.content_digest}, they "
+                f"are {now} now); the recreated step reads them as they are now")
+
+
+def _make_folder(job: Any, target: Path, log: Any, copy_limit: int) -> dict[str, str]:
+    """The folder made anew (an earlier one replaced): the snapshot in work/, the inputs; returns
+    where the step sees each input."""
+    work, tools = Path(job.work_dir), target / DEBUG_MARKER
+    try:
+        if target.exists():
+            shutil.rmtree(target)
+        tools.mkdir(parents=True)
+        work.mkdir()
+    except OSError as exc:
+        raise UserInputError(f"cannot make {target}: {exc.strerror or exc}; choose another --dir") from None
+    try:
+        materialize(job.manifest, ObjectStore(job.objects_root), work)
+        # cached inputs stay held (not evicted) until this process exits: through the foreground run
+        inputs = materialize_inputs(job, work, holds=[])
+        return {name: _private_view(name, path, target, log, copy_limit) for name, path in inputs.items()}
+    except OSError as exc:  # an input that went away since the checks, a full disk
+        raise UserInputError(f"could not recreate the step's files in {target}: {exc}; the folder is incomplete "
+                             f"(run again with --force once fixed)") from None
+
+
+def _script_variables(step: Any, env: dict[str, str], resolved: ResolvedEnvironment | None
+                      ) -> tuple[dict[str, str], list[str]]:
+    """What debug.sh sets (what differs from this shell, and the step's own whatever the shell has)
+    and unsets (what the step lacks: never the recorded run's bindings, nor, for an isolated
+    environment, what its run does not inherit)."""
+    own = set(dict(step.environment_variables)) | set(step.environment.get("environment_variables") or {})
+    own |= {k for k in env if k.startswith(_STEP_OWN_PREFIXES) or k in _STEP_OWN}
+    if resolved is not None:
+        own |= {"PATH", *resolved.step_variables()}
+    changed = {k: v for k, v in env.items() if os.environ.get(k) != v or k in own}
+    isolated = ISOLATED_DROPS if resolved is not None else ()
+    removed = sorted({*(k for k in os.environ if k not in env), *_RUN_BINDINGS, *(k for k in isolated if k not in env)})
+    return changed, removed
 
 
 def _check_target(target: Path, source: Path, inputs: list[Any], local_stores: list[Path], debug_root: Path,
