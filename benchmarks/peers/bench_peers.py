@@ -265,10 +265,12 @@ def _median(raw: list[dict[str, Any]], tool: str, shape: str, key: str) -> float
 def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
                 snapshot: dict[str, list[float]]) -> None:
     # "process s": the driver's whole process (interpreter start, imports, the tool's set-up, the timed
-    # run), what typing `python pipeline.py` costs; the hand-off's includes the page-cache warm-up
-    print("\n| shape | tool | seconds (median) | / bare | cairn / tool | cairn-warm / tool | process s | peak MB "
-          "| steps run | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    # run), what typing `python pipeline.py` costs; the hand-off's includes the page-cache warm-up.
+    # "CPU s": what the whole machine spent busy in the timed section (both cores; the tool's servers,
+    # its steps' processes, and anything else that ran then)
+    print("\n| shape | tool | seconds (median) | / bare | cairn / tool | cairn-warm / tool | process s | CPU s "
+          "| peak MB | steps run | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in [s for s in ORDER if s in shapes]:
         bare = _median(raw, "bare", shape, "seconds")
         cairn = _median(raw, "cairn", shape, "seconds")
@@ -280,7 +282,7 @@ def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
                 error = next((r.get("error", "") for r in rows), "")
                 note = next((r.get("note", "") for r in rows if r.get("note")), "")
                 what = "n/a" if note and not error else "failed"
-                print(f"| {SHAPE_LABELS[shape]} | {tool} | {what} | | | | | | | "
+                print(f"| {SHAPE_LABELS[shape]} | {tool} | {what} | | | | | | | | "
                       f"{note or (error.splitlines()[-1] if error else '')} |")
                 continue
             ratio = f"{seconds / bare:.2f}x" if bare else ""
@@ -294,11 +296,12 @@ def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
                 notes.append(f"dispatch {dispatch:.1f} ms/step, agent CPU "
                              f"{_median(raw, tool, shape, 'agent_cpu_ms_per_step') or 0:.1f} ms/step")
             print(f"| {SHAPE_LABELS[shape]} | {tool} | {seconds:.2f} | {ratio} | {versus} | {versus_warm} | "
-                  f"{_median(raw, tool, shape, 'wall') or 0:.2f} | {_median(raw, tool, shape, 'peak_rss_mb') or 0:.0f} | {'/'.join(map(str, ran))} | "
+                  f"{_median(raw, tool, shape, 'wall') or 0:.2f} | {_median(raw, tool, shape, 'machine_cpu_s') or 0:.2f} | "
+                  f"{_median(raw, tool, shape, 'peak_rss_mb') or 0:.0f} | {'/'.join(map(str, ran))} | "
                   f"{'; '.join(notes)} |")
     if snapshot:
         for label, values in snapshot.items():
-            print(f"| {SHAPE_LABELS['snapshot']} | cairn: {label} | {statistics.median(values):.3f} | | | | | | | "
+            print(f"| {SHAPE_LABELS['snapshot']} | cairn: {label} | {statistics.median(values):.3f} | | | | | | | | "
                   f"{'floor' if 'floor' in label else 'target < 0.2 s unchanged' if label == 'unchanged' else ''} |")
 
 
