@@ -61,3 +61,26 @@ def test_a_partial_read_never_ends_inside_a_character() -> None:
     assert _whole_characters(text) == len(text)
     assert _whole_characters(b"bad \xff byte") == len(b"bad \xff byte")  # not a cut character: shown, replaced
     assert _whole_characters(b"\xffabc\xe2\x82") == 4  # an earlier bad byte does not hide a cut "\u20ac"
+
+
+def test_the_line_that_starts_a_later_attempt_is_shown_once() -> None:
+    """The runner puts it in both logs (each is whole on its own); the follower shows both logs."""
+    import io
+
+    from cairn.client.follow import _print_changes
+    from cairn.runner.markers import attempt_marker
+
+    logs = {"stdout": f"{attempt_marker(2)}\nout line\n", "stderr": f"{attempt_marker(2)}\nerr line\n"}
+
+    class Backend:
+        def read_log(self, run_id: str, which: str, offset: int, complete: bool, partial: bool) -> tuple[str, int]:
+            text = logs.get(which, "")[offset:]
+            return text, offset + len(text)
+
+    step = {"id": "s1", "name": "train", "status": "Completed", "status_reason": None, "reused_from": None,
+            "started_at": 1.0, "ended_at": 2.0}
+    out = io.StringIO()
+    _print_changes(Backend(), [step], {}, {}, out, None, {})
+    shown = out.getvalue().splitlines()
+    assert shown.count(f"  train | {attempt_marker(2)}") == 1
+    assert "  train | out line" in shown and "  train | err line" in shown

@@ -8,6 +8,7 @@ from typing import Any, TextIO
 
 from cairn.core.errors import RunFailedError, RunTimeoutError
 from cairn.core.status import Status
+from cairn.runner.markers import is_attempt_marker
 
 LOG_TAIL_INTERVAL = 0.2  # how often new log lines are shown while a step runs (the display only)
 IDLE_RECHECK = 5.0  # a safety net: events wake the follower long before this
@@ -134,6 +135,8 @@ def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str,
                 if text or quiet:
                     shown_at[key] = now
                 for line in _display_lines(text):
+                    if which == "stderr" and is_attempt_marker(line):
+                        continue  # the same line starts the attempt in stdout: shown once
                     print(f"  {c['name']} | {line}", file=out)
         if changed and after:  # ... and "Completed" after them
             _print_status(c, out)

@@ -22,7 +22,7 @@ from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, Re
 from cairn.environments.spec import is_managed
 from cairn.runner.input_cache import cache_root, cached_input
 from cairn.runner.job import StepJob, StepResult
-from cairn.runner.markers import FAIL_MARKER
+from cairn.runner.markers import FAIL_MARKER, attempt_marker
 from cairn.runner.processes import process_start_time
 from cairn.runner.slots import SlotTicket
 from cairn.runner.spares import SparePool, kept_code_path
@@ -474,7 +474,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         start_env = start_environment(job, resolved)
         env = step_environment(job, output_paths, input_paths, resolved, start_env)
         if job.attempt > 1:  # the logs keep every attempt; say where this one starts
-            marker = f"==== cairn: attempt {job.attempt} (the previous attempt was interrupted) ====\n".encode()
+            marker = f"{attempt_marker(job.attempt)}\n".encode()
             for name in ("stdout.txt", "stderr.txt"):
                 with open(log_dir / name, "ab") as f:
                     f.write(marker)
