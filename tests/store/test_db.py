@@ -215,3 +215,18 @@ def test_a_fresh_process_runs_the_per_step_statements_without_compiling_any(tmp_
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+
+def test_committed_output_records_become_exactly_the_rows_the_store_reads_back(tmp_path):
+    """The agent locates a consumer's inputs from the outputs a step's result carries (each through
+    ``output_row``), not from a read of the store: both must be the same rows."""
+    store = _store(tmp_path)
+    step = _one_step(store)
+    q.update_status(store, step, Status.RUNNING, None, pid=12, pid_started="34", attempt=1)
+    outputs = [{"name": "model", "datastore": "d", "path": "runs/x/model", "digest": "xxh3:1", "size": 10,
+                "file_count": 2, "stat_signature": "sig"},
+               {"name": "report", "datastore": "d", "path": "runs/x/report", "digest": "xxh3:2", "size": 0,
+                "file_count": 0, "stat_signature": None}]
+    assert q.commit_step(store, step, outputs, "fp", {}, 0, True)
+    assert {o["name"]: q.output_row(step, o) for o in outputs} == q.get_outputs(store, step)

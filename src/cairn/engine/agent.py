@@ -202,6 +202,9 @@ class Agent:
             self.controls.pop(result.step_run_id, None)
             sched = self.schedulers.get(run_id or "")
             if sched is not None:
+                if result.outputs is not None and result.status == Status.COMPLETED.value:
+                    sched.committed(result.step_run_id, {o["name"]: q.output_row(result.step_run_id, o)
+                                                         for o in result.outputs})
                 name = sched.name_of(result.step_run_id)
                 lost = result.status == Status.QUEUED.value and result.reason and not self._stopping
                 status = Status(result.status)

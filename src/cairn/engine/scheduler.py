@@ -216,6 +216,10 @@ class PipelineScheduler:
 
         return replace(job, work_dir=str(work_dir), staging_dirs=staging, log_upload=None)
 
+    def committed(self, step_run_id: str, outputs: dict[str, dict[str, Any]]) -> None:
+        """The outputs a step of this run committed, as the store has them: its consumers read these."""
+        self._outputs[step_run_id] = outputs
+
     def _outputs_of(self, step_run_id: str) -> dict[str, Any]:
         """Committed outputs never change: each producer's are read once (a fan-out source has many
         consumers)."""

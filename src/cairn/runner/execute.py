@@ -537,7 +537,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                 except Exception as exc:  # the step's work is committed; say why registration failed
                     syslog(f"output {o.name}: could not register dataset {o.register['name']!r}: {exc}")
         syslog("completed")
-        return StepResult(job.step_run_id, Status.COMPLETED.value, None, code)
+        return StepResult(job.step_run_id, Status.COMPLETED.value, None, code, tuple(outputs))
     except Exception as exc:  # an infrastructure fault: the step fails with the reason, the agent lives
         import traceback
 

@@ -62,3 +62,6 @@ class StepResult:
     status: str  # Completed | Failed | Canceled
     reason: str | None = None
     exit_code: int | None = None
+    # Completed: the outputs recorded with it (``commit_output``'s records), so that the engine
+    # locates its consumers' inputs without reading back what it was told
+    outputs: tuple[dict[str, Any], ...] | None = None

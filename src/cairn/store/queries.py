@@ -489,7 +489,7 @@ def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], f
             return False
         _fast(conn, _DELETE_OUTPUTS, {"b_id": step_run_id})
         if outputs:
-            _fast(conn, _INSERT_OUTPUT, [_output_row(step_run_id, o) for o in outputs])
+            _fast(conn, _INSERT_OUTPUT, [output_row(step_run_id, o) for o in outputs])
         if cacheable:
             _fast(conn, _DELETE_CACHE_ENTRY, {"b_fingerprint": fingerprint})
             _fast(conn, _INSERT_CACHE_ENTRY, {"fingerprint": fingerprint, "step_run_id": step_run_id,
@@ -497,8 +497,9 @@ def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], f
     return True
 
 
-def _output_row(step_run_id: str, output: dict[str, Any]) -> dict[str, Any]:
-    """Every column, so that all rows of one executemany have the same keys."""
+def output_row(step_run_id: str, output: dict[str, Any]) -> dict[str, Any]:
+    """Every column, so that all rows of one executemany have the same keys (and a row is what
+    ``get_outputs`` reads back)."""
     return {"stat_signature": None, **output, "step_run_id": step_run_id}
 
 
