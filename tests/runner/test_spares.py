@@ -423,3 +423,15 @@ def test_the_spares_bytecode_is_rewritten_when_it_was_made_from_another_source(t
 
     exec(marshal.loads(cached.read_bytes()[16:]), namespace)
     assert namespace["VALUE"] == 22
+
+
+@pytest.mark.parametrize("case", ["rewrapped", "hook_fails", "hook_exits", "hook_missing", "hook_none", "huge_exit"])
+def test_a_spare_ends_a_script_as_python_does_at_its_edges(pool: SparePool, tmp_path: Path, case: str) -> None:
+    """Re-wrapped standard streams; an excepthook that fails, exits, is missing or is None; an exit
+    status beyond a C long: exactly as a cold start prints and exits."""
+    from tests.runner.test_warm_start import EDGE_CASES
+
+    (tmp_path / "edge.py").write_text(textwrap.dedent(EDGE_CASES[case]))
+    cold, spare = run_both(pool, tmp_path, [sys.executable, "edge.py"], dict(os.environ))
+    assert spare == cold
+    assert cold[0] == {"rewrapped": 0, "hook_exits": 5, "huge_exit": 255}.get(case, 1)

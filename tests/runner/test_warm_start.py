@@ -654,3 +654,144 @@ def test_a_daemon_thread_still_running_at_a_warm_steps_end_sees_its_modules(tmp_
     finally:
         server.kill()
     assert (tmp_path / "err.txt").read_text() == ""
+
+
+# Each a step's whole script: what Python does at a script's edges, which a fork must do the same.
+EDGE_CASES = {
+    "rewrapped": """
+        import io, sys
+        sys.stdout = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", line_buffering=True)
+        print("after re-wrapping", sys.__stdout__.name, sys.stdin.name, sys.__stdout__.mode)
+        print(__annotations__)
+    """,
+    "hook_fails": """
+        import atexit, sys
+        atexit.register(lambda: print("atexit ran"))
+        def hook(kind, value, tb):
+            raise RuntimeError("hook broke")
+        sys.excepthook = hook
+        raise ValueError("boom")
+    """,
+    "hook_exits": """
+        import atexit, sys
+        atexit.register(lambda: print("atexit ran", repr(sys.last_value)))
+        sys.excepthook = lambda *args: sys.exit(5)
+        raise ValueError("boom")
+    """,
+    "hook_missing": """
+        import sys
+        del sys.excepthook
+        raise ValueError("boom")
+    """,
+    "hook_none": """
+        import sys
+        sys.excepthook = None
+        raise ValueError("boom")
+    """,
+    "huge_exit": "import sys\nsys.exit(2 ** 70)\n",
+    "site_hook": """
+        import os
+        print("sitecustomize ran:", os.environ.get("SITE_RAN"))
+    """,
+    "authkey": """
+        import multiprocessing
+        print(multiprocessing.current_process().authkey.hex())
+    """,
+}
+
+
+def test_a_warm_step_ends_as_a_cold_one_at_the_edges(workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    """Re-wrapped standard streams, an excepthook that fails, exits or is missing, an exit status
+    beyond a C long, a sitecustomize on the step's PYTHONPATH, compiled code as the script; and
+    each step's own multiprocessing key."""
+    import py_compile
+
+    for name, code in EDGE_CASES.items():
+        src = write_script(f"{name}.py", code, folder="edges")
+    write_script("sitecustomize.py", "import os\nos.environ['SITE_RAN'] = 'yes'\n", folder="edges/lib")
+    write_script("compiled_src.py", "print('compiled code ran')\n", folder="edges")
+    py_compile.compile(str(src / "compiled_src.py"), cfile=str(src / "compiled.pyc"), doraise=True)
+
+    def steps(tag: str) -> list[PythonScriptStep]:
+        made = []
+        for name in [*EDGE_CASES, "authkey_again"]:
+            rc = RunConfiguration()
+            if name == "site_hook":
+                rc.environment_variables = {"PYTHONPATH": "lib"}
+            script = "authkey.py" if name == "authkey_again" else f"{name}.py"
+            made.append(PythonScriptStep(script, name=name, source_directory=str(src), runconfig=rc,
+                                         arguments=[tag], allow_reuse=False))
+        return [*made, PythonScriptStep("compiled.pyc", name="compiled", source_directory=str(src),
+                                        arguments=[tag], allow_reuse=False)]
+
+    def ended(run: object) -> dict[str, tuple[str, int | None, str, str]]:
+        return {s.name: (s.get_status(), s._row()["exit_code"], s.get_stdout_log(), s.get_stderr_log())
+                for s in run.get_steps()}  # type: ignore[attr-defined]
+
+    ComputeTarget.create(workspace, "local", LocalCompute.provisioning_configuration(spare_interpreters=False))
+    cold = Experiment(workspace, "edges").submit(Pipeline(workspace, steps("cold")), continue_on_step_failure=True)
+    cold.wait_for_completion(show_output=False, raise_on_error=False)
+    warm_target(workspace, [PRELOADED, "multiprocessing"])
+    warm = Experiment(workspace, "edges").submit(Pipeline(workspace, steps("warm")), continue_on_step_failure=True)
+    warm.wait_for_completion(show_output=False, raise_on_error=False)
+    cold_ends, warm_ends = ended(cold), ended(warm)
+
+    for how, ends in (("cold", cold_ends), ("warm", warm_ends)):
+        status, code, out, err = ends["rewrapped"]
+        assert (status, out) == ("Completed", "after re-wrapping <stdout> <stdin> w\n{}\n"), (how, err)
+        status, code, out, err = ends["hook_fails"]
+        assert (status, code, out) == ("Failed", 1, "atexit ran\n"), how
+        assert "Error in sys.excepthook:" in err and "RuntimeError: hook broke" in err, how
+        assert "Original exception was:" in err and err.rstrip().endswith("ValueError: boom"), how
+        assert "During handling" not in err, how
+        status, code, out, _ = ends["hook_exits"]
+        assert (status, code, out) == ("Failed", 5, "atexit ran ValueError('boom')\n"), how
+        status, code, _, err = ends["hook_missing"]
+        assert (status, code) == ("Failed", 1) and err.startswith("sys.excepthook is missing\n"), how
+        assert err.rstrip().endswith("ValueError: boom"), how
+        status, code, _, err = ends["hook_none"]
+        assert (status, code) == ("Failed", 1), how
+        assert err.startswith("Error in sys.excepthook:\nTypeError: 'NoneType' object is not callable\n\n"
+                              "Original exception was:\nTraceback"), (how, err)
+        assert ends["huge_exit"][:2] == ("Failed", 255), how
+        assert ends["site_hook"][2] == "sitecustomize ran: yes\n", how
+        assert ends["compiled"][:3] == ("Completed", 0, "compiled code ran\n"), how
+        assert ends["authkey"][2] != ends["authkey_again"][2], how
+    steps_by_name = {s.name: s for s in warm.get_steps()}
+    assert "warm start: forked by server" in steps_by_name["hook_fails"].get_system_log()
+    assert "warm start skipped: the script is compiled code" in steps_by_name["compiled"].get_system_log()
+    assert "warm start skipped: the snapshot has its own lib/sitecustomize.py" in steps_by_name["site_hook"].get_system_log()
+
+
+def test_what_preloads_set_and_what_a_failed_one_left(workspace: Workspace, write_script: Callable[..., Path],
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variable a preloaded module sets as it is imported is set in the steps that use it, as a
+    cold import would set it; a preload that fails leaves neither variables, warning filters nor
+    logging handlers behind for every step."""
+    modules = tmp_path / "preloads"
+    modules.mkdir()
+    (modules / "sets_variables.py").write_text("import os\nos.environ.setdefault('SET_AT_IMPORT', 'by the import')\n")
+    (modules / "fails_halfway.py").write_text(
+        "import logging, os, warnings\nos.environ['LEFT_BY_FAILURE'] = 'x'\nwarnings.simplefilter('error')\n"
+        "logging.basicConfig(level=logging.DEBUG)\nraise ImportError('halfway')\n")
+    monkeypatch.setenv("PYTHONPATH", str(modules))  # the agent and its fork server find them
+    src = write_script("uses.py", """
+        import logging, os, warnings
+        import sets_variables
+        warnings.warn("only a warning")
+        print(os.environ.get("SET_AT_IMPORT"), os.environ.get("LEFT_BY_FAILURE"), logging.root.handlers,
+              logging.root.level)
+    """, folder="uses")
+    warm_target(workspace, ["sets_variables", "fails_halfway"])
+    rc = RunConfiguration()
+    rc.environment_variables = {"SET_AT_IMPORT": "by the step"}  # a cold import keeps it: setdefault
+    run = Experiment(workspace, "preloads").submit(Pipeline(workspace, [
+        PythonScriptStep("uses.py", name="uses", source_directory=str(src), allow_reuse=False),
+        PythonScriptStep("uses.py", name="overrides", source_directory=str(src), allow_reuse=False, runconfig=rc)]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    for step in run.get_steps():
+        log = step.get_system_log()
+        assert "warm start: forked by server" in log and "could not preload: fails_halfway" in log
+        expected = "by the step" if step.name == "overrides" else "by the import"
+        assert step.get_stdout_log() == f"{expected} None [] 30\n"
+        assert "UserWarning: only a warning" in step.get_stderr_log()

@@ -318,6 +318,10 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     if too_big:  # a cold start fails on it: so must this one, the same way
         syslog(f"warm start skipped: {too_big}")
         return None
+    not_source = _not_source(work / argv[1])
+    if not_source:  # Python runs it through its own loader: only a cold start does the same
+        syslog(f"warm start skipped: the script is {not_source}, not Python source")
+        return None
     differs = [v for v in STARTUP_VARIABLES if env.get(v) != base.get(v)]
     if differs:
         syslog(f"warm start skipped: the step sets {', '.join(differs)}, which Python or a preloaded library "
@@ -329,8 +333,8 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
         proc = server.launch(argv, str(work), env, str(log_dir / "stdout.txt"), str(log_dir / "stderr.txt"))
     except WarmShadowed as exc:  # the server checks what it has imported by then (Cairn's client, lazily)
         own = [os.path.relpath(f, work) if Path(f).is_relative_to(work) else f for f in exc.files]
-        syslog(f"warm start skipped: the snapshot has its own {', '.join(own)}, which the fork server "
-               f"imported already (the step would get the server's copy)")
+        syslog(f"warm start skipped: the snapshot has its own {', '.join(own)}, which a cold start imports "
+               f"and a fork of the server would not (it has the server's copy, or, of a sitecustomize, none)")
         return None
     except (WarmStartError, OSError) as exc:
         if not (control.canceled or control.withdrawn):  # else it does not start at all
@@ -340,6 +344,18 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     syslog(f"warm start: forked by server pid {ready['pid']} (preloaded: {', '.join(ready['preloaded']) or 'none'}"
            + (f"; could not preload: {'; '.join(ready['failed'])}" if ready["failed"] else "") + ")")
     return proc
+
+
+def _not_source(script: Path) -> str | None:
+    """What the script is when it is not a source file (compiled code, a zip application), or None."""
+    if script.suffix == ".pyc":
+        return "compiled code (.pyc)"
+    try:
+        with open(script, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None  # a cold start says what is wrong with it
+    return "a zip application" if head == b"PK\x03\x04" else None
 
 
 _MAX_ARG_STRLEN = 32 * 4096  # Linux: the longest single argument or NAME=value a program may be started with

@@ -74,12 +74,17 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     server.listen(64)
     started = time.monotonic()
     preloaded, failed = [], []
+    environment = dict(os.environ)
     for name in modules:
+        state = _process_state()
         try:
             importlib.import_module(name)
             preloaded.append(name)
         except Exception as exc:  # the step imports it itself (and fails there, with its own error)
             failed.append(f"{name}: {type(exc).__name__}: {exc}")
+            _restore_process_state(state)  # what it changed before failing is not every step's
+    # variables the preloads set (a library's import may set some): a cold step's imports set them too
+    _SET_BY_PRELOADS.update({k: v for k, v in os.environ.items() if environment.get(k) != v})
     for name in CHILD_NEEDS:
         importlib.import_module(name)
     _BASE_PATH[:] = _base_path()
@@ -121,6 +126,34 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
                 os.close(key.fd)
                 _send(conn, {"exit": os.waitstatus_to_exitcode(status)})
                 conn.close()
+
+
+_SET_BY_PRELOADS: dict[str, str] = {}  # variables the preloaded modules set as they were imported
+
+
+def _process_state() -> tuple:
+    """What a module's import may change for the whole process and a failed preload must not leave
+    behind: the variables, the warning filters, the root logger's handlers and level."""
+    import warnings
+
+    logging = sys.modules.get("logging")
+    root = (list(logging.root.handlers), logging.root.level) if logging else None
+    return dict(os.environ), list(warnings.filters), root
+
+
+def _restore_process_state(state: tuple) -> None:
+    import warnings
+
+    environment, filters, root = state
+    for name in [k for k in os.environ if k not in environment]:
+        del os.environ[name]
+    os.environ.update(environment)
+    warnings.filters[:] = filters
+    warnings._filters_mutated()  # type: ignore[attr-defined]
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        logging.root.handlers[:], level = root if root else ([], logging.WARNING)
+        logging.root.setLevel(level)
 
 
 def _leave_with_the_agent_while_importing(leave: bool = True) -> None:
@@ -207,7 +240,8 @@ def _own_copies(request: dict) -> list[str]:
     imported = {n.partition(".")[0] for n in sys.modules} - _AT_START_TOP
     cwd = request["cwd"]
     server_path = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    folders = [os.path.dirname(os.path.join(cwd, request["argv"][1])),
+    script_folder = os.path.dirname(os.path.join(cwd, request["argv"][1]))
+    folders = [script_folder,
                *(os.path.join(cwd, p) for p in _own_path(request["env"].get("PYTHONPATH", ""), server_path))]
     found = set()
     for folder in folders:
@@ -215,10 +249,17 @@ def _own_copies(request: dict) -> list[str]:
             names = os.listdir(folder)
         except OSError:
             continue
+        # Python imports a sitecustomize or usercustomize of the PYTHONPATH as it starts (the
+        # script's folder is not on sys.path yet then): a fork of this server never would
+        at_start = _START_HOOKS if folder != script_folder else frozenset()
         for entry in names:
-            if module_name(entry, lambda e=entry, f=folder: _has_init(os.path.join(f, e))) in imported:
+            name = module_name(entry, lambda e=entry, f=folder: _has_init(os.path.join(f, e)))
+            if name in imported or name in at_start:
                 found.add(os.path.normpath(os.path.join(folder, entry)))
     return sorted(found)
+
+
+_START_HOOKS = frozenset({"sitecustomize", "usercustomize"})
 
 
 def module_name(entry: str, is_package: Callable[[], bool]) -> str:
@@ -255,13 +296,18 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        sys.stdin = open(0, closefd=False)
         # PYTHONUNBUFFERED, as for cold steps: a killed step's last partial line is in its log. The
         # encodings and error handlers a cold start would choose: the server's, chosen at its start.
-        sys.stdout = _stream(1, sys.__stdout__)
-        sys.stderr = _stream(2, sys.__stderr__)
+        # Also sys.__stdout__ & co., as Python's: a script that re-wraps sys.stdout's buffer leaves
+        # the first wrapper alive there (freed, it would close the buffer under the new one).
+        sys.stdin = sys.__stdin__ = open(0, closefd=False)
+        sys.stdin.buffer.raw.name = "<stdin>"  # type: ignore[attr-defined]
+        sys.stdout = sys.__stdout__ = _stream(1, sys.__stdout__, "<stdout>")
+        sys.stderr = sys.__stderr__ = _stream(2, sys.__stderr__, "<stderr>")
         os.environ.clear()
         os.environ.update(request["env"])
+        for name, value in _SET_BY_PRELOADS.items():
+            os.environ.setdefault(name, value)
         script = os.path.abspath(request["argv"][1])
         sys.argv = request["argv"][1:]
         sys.path[:] = _step_path(script, os.environ.get("PYTHONPATH", ""))
@@ -307,9 +353,13 @@ def _step_path(script: str, pythonpath: str) -> list[str]:
     return path
 
 
-def _stream(fd: int, like: io.TextIOWrapper | None) -> io.TextIOWrapper:
-    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding=like.encoding if like else None,
-                            errors=like.errors if like else None, line_buffering=True, write_through=True)
+def _stream(fd: int, like: io.TextIOWrapper | None, name: str) -> io.TextIOWrapper:
+    raw = io.FileIO(fd, "w", closefd=False)
+    raw.name = name  # type: ignore[misc]  # as Python names its standard streams
+    stream = io.TextIOWrapper(raw, encoding=like.encoding if like else None, errors=like.errors if like else None,
+                              line_buffering=True, write_through=True)
+    stream.mode = "w"  # type: ignore[misc]
+    return stream
 
 
 def _reseed() -> None:
@@ -317,6 +367,9 @@ def _reseed() -> None:
     import random
 
     random.seed()
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None:  # the key its connections authenticate with: each process makes its own
+        process.current_process().authkey = os.urandom(32)
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         try:
@@ -337,6 +390,7 @@ def _run(script: str, server_modules: frozenset[str] = frozenset()) -> int:
         main.__file__ = script
         main.__cached__ = None
         main.__loader__ = SourceFileLoader("__main__", script)
+        main.__annotations__ = {}
         main.__builtins__ = __builtins__
         sys.modules["__main__"] = main
         with open(script, "rb") as f:
@@ -348,8 +402,8 @@ def _run(script: str, server_modules: frozenset[str] = frozenset()) -> int:
     except BaseException as exc:  # printed as Python prints it: from the script's frames, not this file's
         tb = exc.__traceback__
         tb = tb.tb_next if tb is not None else None
-        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
-        code = INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1
+        hook_exit = print_uncaught(exc.with_traceback(tb))
+        code = hook_exit if hook_exit is not None else INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1
     try:  # what the interpreter does when a script ends: wait for threads, then atexit
         threading._shutdown()  # type: ignore[attr-defined]
     except Exception:
@@ -422,11 +476,40 @@ def _flush_files_left_open() -> None:
                     pass
 
 
+def print_uncaught(exc: BaseException) -> int | None:
+    """What Python does with an exception no code caught: ``sys.last_*`` set, then ``sys.excepthook``
+    called, and if the hook is missing or fails, both errors shown by the default display. Returns
+    the exit status when the hook raised ``SystemExit`` (Python exits with it), else None.
+    (``spare_job.print_uncaught`` is the same for spare interpreters, which cannot import this.)"""
+    tb = exc.__traceback__
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+    hook = getattr(sys, "excepthook", print_uncaught)  # itself: deleted (None is called, and fails)
+    if hook is print_uncaught:
+        print("sys.excepthook is missing", file=sys.stderr)
+        sys.__excepthook__(type(exc), exc, tb)
+        return None
+    try:
+        hook(type(exc), exc, tb)
+    except SystemExit as stop:
+        return _exit_code(stop.code)
+    except BaseException as failure:
+        print("Error in sys.excepthook:", file=sys.stderr)
+        if failure.__context__ is exc:  # our caller handles it; Python calls the hook outside any handler
+            failure.__context__ = None
+        shown = failure.__traceback__.tb_next if failure.__traceback__ else None  # from the hook's frames
+        sys.__excepthook__(type(failure), failure.with_traceback(shown), shown)  # it shows the exception's own
+        print("\nOriginal exception was:", file=sys.stderr)
+        sys.__excepthook__(type(exc), exc, tb)
+    return None
+
+
 def _exit_code(value: object) -> int:
+    """The exit status ``sys.exit(value)`` gives: an int as the C ``int`` Python passes to ``exit``
+    (one beyond a C long is -1), anything else printed and 1."""
     if value is None:
         return 0
     if isinstance(value, int):
-        return value & 0xFF
+        return (value if -(1 << 63) <= value < (1 << 63) else -1) & 0xFF
     print(value, file=sys.stderr)
     return 1
 

@@ -22,8 +22,10 @@ __name__ = "cairn_spare_boot"
 try:
     _code = _job.code(_source, _script, _kept)
 except BaseException as _exc:  # a SyntaxError: printed as Python prints it for a script, no frames
-    sys.excepthook(type(_exc), _exc.with_traceback(None), None)
+    _stop = _job.print_uncaught(_exc.with_traceback(None))
     sys.excepthook = lambda *_args: None
+    if _stop is not None:  # the script's excepthook ended the process: with its status
+        raise _stop from None
     raise
 try:
     exec(_code, _globals)
@@ -32,8 +34,10 @@ except SystemExit:
 except BaseException as _exc:  # printed as Python prints it, without this file's frame
     _tb = _exc.__traceback__  # its first frame is always this file's (the exec above)
     _tb = _tb.tb_next if _tb is not None else None
-    sys.excepthook(type(_exc), _exc.with_traceback(_tb), _tb)  # the hook prints the exception's own
+    _stop = _job.print_uncaught(_exc.with_traceback(_tb))  # the hook prints the exception's own
     # then Python ends as it does after an uncaught exception (status 1, or death by SIGINT after
     # a KeyboardInterrupt, finalising first): printed once, above
     sys.excepthook = lambda *_args: None
+    if _stop is not None:  # the script's excepthook ended the process: with its status
+        raise _stop from None
     raise

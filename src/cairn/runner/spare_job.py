@@ -82,10 +82,12 @@ def _redirect(stdout: str, stderr: str) -> None:
         if old is None:
             continue
         raw = io.FileIO(fd, mode, closefd=False)
+        raw.name = f"<{name}>"  # as Python names its standard streams
         buffer = raw if isinstance(old.buffer, io.FileIO) else (
             io.BufferedReader(raw) if mode == "rb" else io.BufferedWriter(raw))
         new = io.TextIOWrapper(buffer, encoding=old.encoding, errors=old.errors, newline="\n",
                                line_buffering=old.line_buffering, write_through=old.write_through)
+        new.mode = "r" if name == "stdin" else "w"
         setattr(sys, name, new)
         setattr(sys, f"__{name}__", new)
 
@@ -227,3 +229,30 @@ def _keep(path: str, data: bytes) -> None:
             except OSError:
                 pass
             return
+
+
+def print_uncaught(exc: BaseException) -> object:
+    """What Python does with an exception no code caught: ``sys.last_*`` set, then ``sys.excepthook``
+    called, and if the hook is missing or fails, both errors shown by the default display. Returns
+    the ``SystemExit`` code when the hook raised one (Python exits with it), else None (the same as
+    ``forkserver.print_uncaught``, which this file cannot import)."""
+    tb = exc.__traceback__
+    sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+    hook = getattr(sys, "excepthook", print_uncaught)  # itself: deleted (None is called, and fails)
+    if hook is print_uncaught:
+        print("sys.excepthook is missing", file=sys.stderr)
+        sys.__excepthook__(type(exc), exc, tb)
+        return None
+    try:
+        hook(type(exc), exc, tb)
+    except SystemExit as stop:
+        return stop
+    except BaseException as failure:
+        print("Error in sys.excepthook:", file=sys.stderr)
+        if failure.__context__ is exc:  # our caller handles it; Python calls the hook outside any handler
+            failure.__context__ = None
+        shown = failure.__traceback__.tb_next if failure.__traceback__ else None  # from the hook's frames
+        sys.__excepthook__(type(failure), failure.with_traceback(shown), shown)  # it shows the exception's own
+        print("\nOriginal exception was:", file=sys.stderr)
+        sys.__excepthook__(type(exc), exc, tb)
+    return None
