@@ -509,3 +509,58 @@ def test_no_step_starts_after_a_failure_stops_the_run(workspace, write_script):
         else:
             assert row["ended_at"] < failed_at  # one slot: it ran (and ended) before the failing step
     assert any(row["status"] == "NotStarted" for row in rows)
+
+
+SCRIPT_SIDE_CALLS = """
+import io, os
+from cairn import Run
+
+run = Run.get_context()
+os.makedirs("made/deeper", exist_ok=True)
+for name in ("made/a.txt", "made/deeper/b.txt"):
+    with open(name, "w") as f:
+        f.write(name)
+run.upload_file("one.txt", "made/a.txt")
+run.upload_file("streamed.txt", io.BytesIO(b"from a stream"))
+run.upload_files(["two/a.txt", "two/b.txt"], ["made/a.txt", "made/deeper/b.txt"])
+run.upload_folder("folder", "made")
+names = run.get_file_names()
+assert {"one.txt", "streamed.txt", "two/a.txt", "folder/a.txt", "folder/deeper/b.txt"} <= set(names), names
+run.download_file("streamed.txt", "back.txt")
+assert open("back.txt", "rb").read() == b"from a stream"
+try:
+    run.upload_files(["x", "y"], ["made/a.txt", "missing.txt"])
+except FileNotFoundError as exc:
+    assert "missing.txt" in str(exc)
+else:
+    raise AssertionError("a missing file must be refused")
+run.tag("stage", "calls")
+run.flush()
+details = run.get_details()
+assert details["runId"] == run.id and details["tags"]["stage"] == "calls" and "properties" in details
+assert run.tags["stage"] == "calls" and isinstance(run.properties, dict)
+assert run.name and run.display_name == run.name and run.get_children() == []
+print("all calls worked as", run.name)
+"""
+
+
+def test_the_run_methods_scripts_call_work_in_a_step_and_offline(workspace, write_script):
+    """What Azure ML scripts call on Run.get_context() works in a pipeline step (recorded), and in the
+    offline run a plain `python script.py` or `cairn debug` gets (printed, kept for the script)."""
+    import subprocess
+    import sys
+
+    src = write_script("calls.py", SCRIPT_SIDE_CALLS)
+    run = Experiment(workspace, "calls").submit(
+        Pipeline(workspace, [PythonScriptStep("calls.py", name="calls", source_directory=src)]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Completed", \
+        run.get_steps()[0].get_stderr_log()
+    step = run.get_steps()[0]
+    assert "all calls worked as calls" in step.get_stdout_log()
+    assert "folder/deeper/b.txt" in step.get_file_names()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    offline = subprocess.run([sys.executable, "calls.py"], cwd=src, env=env, capture_output=True, text=True)
+    assert offline.returncode == 0, offline.stderr
+    assert "all calls worked as OfflineRun" in offline.stdout
+    assert "[offline run] upload one.txt from 'made/a.txt'" in offline.stderr

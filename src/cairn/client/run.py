@@ -310,6 +310,15 @@ class Run(_MetricsMixin):
             raise PathNotFoundError(f"upload_file {name!r}: {str(path_or_stream)!r} is not a file")
         return self._backend.put_artifact(self.id, name, str(path_or_stream))
 
+    def upload_files(self, names: list[str], paths: list[str | os.PathLike[str]]) -> list[str]:
+        """``upload_file`` for each (name, path) pair: all checked first, so none is kept when one is missing."""
+        pairs = _upload_pairs(names, paths)
+        return [self.upload_file(name, path) for name, path in pairs]
+
+    def upload_folder(self, name: str, path: str | os.PathLike[str]) -> list[str]:
+        """Keep every file under the folder ``path`` as ``name/<its path in the folder>``."""
+        return [self.upload_file(n, p) for n, p in _folder_files(name, path)]
+
     def get_file_names(self) -> list[str]:
         return self._backend.list_artifacts(self.id)
 
@@ -466,6 +475,24 @@ def _step_inputs(workspace: Callable[[], Workspace | None]) -> dict[str, Any]:
     return result
 
 
+def _upload_pairs(names: list[str], paths: list[Any]) -> list[tuple[str, Any]]:
+    if not isinstance(names, list | tuple) or not isinstance(paths, list | tuple) or len(names) != len(paths):
+        raise UserInputError("upload_files expects two lists of the same length: names and paths")
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise PathNotFoundError(f"upload_files: not a file: {', '.join(repr(m) for m in missing)}")
+    return list(zip(names, paths, strict=True))
+
+
+def _folder_files(name: str, path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    check_type(name, str, "artifact name")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PathNotFoundError(f"upload_folder {name!r}: {str(path)!r} is not a folder")
+    return [(f"{name.rstrip('/')}/{f.relative_to(folder).as_posix()}", str(f))
+            for f in sorted(folder.rglob("*")) if f.is_file()]
+
+
 class _OfflineExperiment:
     """An offline run's experiment. In a step recreated by `cairn debug`: the recorded step's
     experiment name and workspace (opened when first asked for), for the script to read."""
@@ -506,6 +533,7 @@ class OfflineRun(_MetricsMixin):
         self._metrics: list[dict[str, Any]] = []
         self._tags: dict[str, Any] = {}
         self._properties: dict[str, Any] = {}
+        self._files: dict[str, str | bytes] = {}  # uploaded name -> its path, or a stream's bytes
 
     def _record(self, name: str, kind: str, value: Any) -> None:
         print(f"[offline run] {kind} {name} = {value!r}", file=sys.stderr)
@@ -542,11 +570,86 @@ class OfflineRun(_MetricsMixin):
     def get_properties(self) -> dict[str, Any]:
         return dict(self._properties)
 
+    @property
+    def tags(self) -> dict[str, Any]:
+        return self.get_tags()
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        return self.get_properties()
+
+    @property
+    def name(self) -> str:
+        """The recreated step's name under `cairn debug`, else "OfflineRun"."""
+        return os.environ.get("CAIRN_STEP_NAME", self.id) if self.parent is not None else self.id
+
+    @property
+    def display_name(self) -> str:
+        return self.name
+
+    @property
+    def status(self) -> str:
+        return self.get_status()
+
     def get_status(self) -> str:
         return Status.RUNNING.value
 
+    def get_details(self) -> dict[str, Any]:
+        return {"runId": self.id, "name": self.name, "experiment": self.experiment.name, "status": self.status,
+                "statusReason": None, "properties": self.get_properties(), "tags": self.get_tags(),
+                "parentRunId": self.parent.id if self.parent is not None else None, "events": []}
+
+    def flush(self) -> None:
+        pass  # nothing is batched: each call printed at once
+
     def complete(self) -> None:
         pass
+
+    def fail(self, error_details: Any = None, error_code: str | None = None) -> None:
+        print(f"[offline run] fail: {error_details or 'the step called run.fail()'} (in a pipeline the step "
+              f"would be Failed)", file=sys.stderr)
+
+    def cancel(self) -> None:
+        print("[offline run] cancel (in a pipeline the run would be canceled)", file=sys.stderr)
+
+    def upload_file(self, name: str, path_or_stream: Any) -> str:
+        """Offline: checked as in a pipeline, and remembered (``get_file_names``, ``download_file``)."""
+        check_type(name, str, "artifact name")
+        if hasattr(path_or_stream, "read"):
+            data = path_or_stream.read()
+            self._files[name] = data.encode() if isinstance(data, str) else data
+            print(f"[offline run] upload {name} ({len(self._files[name])} bytes from a stream)", file=sys.stderr)
+            return name
+        if not Path(path_or_stream).is_file():
+            raise PathNotFoundError(f"upload_file {name!r}: {str(path_or_stream)!r} is not a file")
+        self._files[name] = str(path_or_stream)
+        print(f"[offline run] upload {name} from {str(path_or_stream)!r}", file=sys.stderr)
+        return name
+
+    def upload_files(self, names: list[str], paths: list[str | os.PathLike[str]]) -> list[str]:
+        return [self.upload_file(name, path) for name, path in _upload_pairs(names, paths)]
+
+    def upload_folder(self, name: str, path: str | os.PathLike[str]) -> list[str]:
+        return [self.upload_file(n, p) for n, p in _folder_files(name, path)]
+
+    def get_file_names(self) -> list[str]:
+        return sorted(self._files)
+
+    def download_file(self, name: str, output_file_path: str | os.PathLike[str] | None = None) -> str:
+        if name not in self._files:
+            raise FileNotFoundError(f"the offline run has no file {name!r}; it has: {self.get_file_names()}")
+        dest = Path(output_file_path or Path(name).name)
+        if dest.is_dir():
+            dest = dest / Path(name).name
+        kept = self._files[name]
+        if isinstance(kept, bytes):
+            dest.write_bytes(kept)
+        else:
+            shutil.copyfile(kept, dest)
+        return str(dest)
+
+    def get_children(self) -> list[Any]:
+        return []
 
     def __repr__(self) -> str:
         return "OfflineRun()"
