@@ -113,3 +113,42 @@ def test_lineage_does_not_claim_a_version_whose_files_changed(workspace, write_s
     assert "dataset 'raw' version 1 changed since it was registered" in " ".join(capsys.readouterr().err.split())
     (version,) = Dataset.get_lineage(workspace, "raw")  # both runs are in its lineage, the second one marked
     assert [r["files_changed"] for r in version["consumed_by"]] == [False, True]
+
+
+def test_where_and_how_an_input_is_given_is_part_of_reuse(workspace, write_script, tmp_path, monkeypatch):
+    """The same data given at another path_on_compute, or in another mode, runs the step again (its
+    arguments name another path; a download is a private copy); a path_on_compute that would leave
+    the working folder is refused where it is written; one the snapshot already has fails the step,
+    saying so."""
+    import pytest
+
+    from cairn import PipelineData, UserInputError
+
+    monkeypatch.setenv("MARKER", str(tmp_path / "marker"))
+    store = workspace.get_default_datastore()
+    (Path(store.root) / "raw").mkdir()
+    (Path(store.root) / "raw" / "one.txt").write_text("1")
+    src = write_script("read.py", READ_FILES)
+    (src / "taken").mkdir()
+    raw = Dataset.File.from_files((store, "raw"))
+
+    def submit(given):
+        step = PythonScriptStep("read.py", name="read", source_directory=src, arguments=[given])
+        run = Experiment(workspace, "data").submit(Pipeline(workspace, [step]))
+        run.wait_for_completion(show_output=False, raise_on_error=False)
+        return run.find_step_run("read")[0]
+
+    assert submit(raw.as_named_input("raw").as_download(path_on_compute="here")).get_status() == "Completed"
+    assert submit(raw.as_named_input("raw").as_download(path_on_compute="here")).get_status() == "Reused"
+    elsewhere = submit(raw.as_named_input("raw").as_download(path_on_compute="there"))
+    assert elsewhere.get_status() == "Completed" and "there" in elsewhere.get_stdout_log()
+    assert submit(raw.as_named_input("raw").as_mount(path_on_compute="there")).get_status() == "Completed"
+    taken = submit(raw.as_named_input("raw").as_download(path_on_compute="taken"))
+    assert taken.get_status() == "Failed"
+    assert "its snapshot already has that path" in taken._row()["status_reason"]
+    assert (tmp_path / "marker").read_text().split() == ["ran"] * 3
+    for bad in ("/abs/path", "../out", ""):
+        with pytest.raises(UserInputError, match="path_on_compute of input 'raw'"):
+            raw.as_named_input("raw").as_download(path_on_compute=bad)
+        with pytest.raises(UserInputError, match="path_on_compute of input 'data'"):
+            PipelineData("data").as_download(path_on_compute=bad)

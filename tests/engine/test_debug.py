@@ -487,3 +487,79 @@ def test_a_dataset_whose_files_changed_since_the_run_is_said(workspace: Workspac
     result = cairn("debug", run.find_step_run("count")[0].id, cwd=Path(workspace.location))
     assert result.returncode == 0 and "rows 4" in result.stdout
     assert "input rows: its files changed since the run" in flat(result.stderr)
+
+
+def test_debug_refuses_folders_of_the_workspace_and_of_other_steps(workspace: Workspace,
+                                                                   write_script: Callable[..., Path]) -> None:
+    """``.cairn/`` (its store, objects and working folders; its ``debug/`` is the default) and the
+    source folder of another step of the run: the next run would snapshot the files there."""
+    a = write_script("a.py", "import sys\nsys.exit(1)\n", folder="a")
+    b = write_script("b.py", "print('b')\n", folder="b")
+    run = Experiment(workspace, "debug").submit(Pipeline(workspace, [
+        PythonScriptStep("a.py", name="a", source_directory=str(a)),
+        PythonScriptStep("b.py", name="b", source_directory=str(b))]))
+    run.wait_for_completion(show_output=False, raise_on_error=False)
+    failed = run.find_step_run("a")[0].id
+    root = Path(workspace.location)
+    for where, message in ((root / ".cairn" / "objects" / "dbg", "inside the workspace's own folder"),
+                           (root / ".cairn" / "work" / "dbg", "inside the workspace's own folder"),
+                           (b / "dbg", "the source folder of another step of this run")):
+        result = cairn("debug", failed, "--print", "--dir", str(where), cwd=root)
+        assert result.returncode == 2 and message in flat(result.stderr), result.stderr
+        no_traceback(result)
+        assert not where.exists()
+    assert cairn("debug", failed, "--print", "--dir", str(root / ".cairn" / "debug" / "mine"), cwd=root).returncode == 0
+
+
+def test_what_debug_cannot_or_should_not_recreate_is_said(workspace: Workspace, write_script: Callable[..., Path],
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that wrote into its input changed it after the run: said. A step whose environment
+    asks for a container is refused, as its run was. The workspace's secret key never goes into
+    debug.sh, which only its user may read."""
+    src = write_script("make.py", "import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\nopen(sys.argv[1] + '/v.txt', 'w').write('v1')\n")
+    write_script("spoil.py", """
+        import os, sys
+        path = os.path.join(sys.argv[1], "v.txt")
+        os.chmod(path, 0o644)  # root writes anyway; a user must make it writable first
+        open(path, "a").write(" spoiled")
+        sys.exit(1)
+    """)
+    made = PipelineData("made")
+    run = Experiment(workspace, "debug").submit(Pipeline(workspace, [
+        PythonScriptStep("make.py", name="make", source_directory=str(src), arguments=[made], outputs=[made]),
+        PythonScriptStep("spoil.py", name="spoil", source_directory=str(src), arguments=[made], inputs=[made])]))
+    run.wait_for_completion(show_output=False, raise_on_error=False)
+    spoil = run.find_step_run("spoil")[0].id
+    monkeypatch.setenv("CAIRN_SECRET_KEY", "not-for-files")
+    result = cairn("debug", spoil, "--print", "--dir", str(tmp_path / "dbg"), cwd=Path(workspace.location))
+    assert result.returncode == 0, result.stderr
+    assert "input made: the output of step 'make' it reads changed since it was committed" in flat(result.stderr)
+    script = tmp_path / "dbg" / ".cairn_debug" / "debug.sh"
+    assert "not-for-files" not in script.read_text() and (script.stat().st_mode & 0o777) == 0o700
+
+    env = Environment("boxed")
+    env.docker.enabled = True
+    rc = RunConfiguration()
+    rc.environment = env
+    boxed = Experiment(workspace, "debug").submit(Pipeline(workspace, [
+        PythonScriptStep("make.py", name="boxed", source_directory=str(src), arguments=["x"], runconfig=rc)]))
+    boxed.wait_for_completion(show_output=False, raise_on_error=False)
+    result = cairn("debug", boxed.get_steps()[0].id, "--print", cwd=Path(workspace.location))
+    assert result.returncode == 2 and "cannot run containers" in flat(result.stderr), result.stderr
+    no_traceback(result)
+
+
+def test_debug_sh_starts_an_interpreter_whose_path_has_an_equals_sign(tmp_path: Path) -> None:
+    from cairn.engine.debug import _shell_script
+
+    tools = tmp_path / "a=b" / ".cairn_debug"
+    (tools.parent / "work").mkdir(parents=True)
+    tools.mkdir()
+    link = tmp_path / "a=b" / "python"
+    link.symlink_to(os.path.realpath(__import__("sys").executable))
+    script = tools / "debug.sh"
+    script.write_text(_shell_script("s", "run", "step", {"GREETING": "hi"}, [], [str(link), "-c",
+                      "import os, sys; print(os.environ['GREETING'], sys.argv[1:])"], [], tools))
+    result = subprocess.run(["sh", str(script), "extra"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hi ['extra']\n"

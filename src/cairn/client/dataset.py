@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cairn.core.errors import NotFoundError, PathNotFoundError, UserInputError
 from cairn.core.names import check_data_name, check_type
 from cairn.data import datasets as ds_core
+from cairn.storage.paths import check_relative
 
 if TYPE_CHECKING:
     from cairn.client.workspace import Workspace
@@ -230,7 +231,7 @@ class DatasetConsumptionConfig:
         self.name = name
         self.dataset = dataset
         self.mode = mode
-        self.path_on_compute = path_on_compute
+        self.path_on_compute = check_relative(path_on_compute, f"path_on_compute of input {name!r}")
 
     def as_download(self, path_on_compute: str | None = None) -> DatasetConsumptionConfig:
         return DatasetConsumptionConfig(self.name, self.dataset, "download", path_on_compute)

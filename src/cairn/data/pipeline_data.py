@@ -6,6 +6,7 @@ from typing import Any
 
 from cairn.core.errors import UserInputError
 from cairn.core.names import check_data_name, check_type
+from cairn.storage.paths import check_relative
 
 MODES = ("mount", "download", "direct")
 
@@ -68,7 +69,7 @@ class PipelineDataInput:
         if mode not in MODES:
             raise UserInputError(f"input mode {mode!r} is not one of {MODES}")
         self.mode = mode
-        self.path_on_compute = path_on_compute
+        self.path_on_compute = check_relative(path_on_compute, f"path_on_compute of input {self.input_name!r}")
         self.read_as = read_as
 
     def as_download(self, path_on_compute: str | None = None) -> PipelineDataInput:

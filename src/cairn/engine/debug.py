@@ -25,9 +25,16 @@ from cairn.engine.context import EngineContext
 from cairn.engine.scheduler import PipelineScheduler
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
 from cairn.environments.spec import is_managed
-from cairn.runner.execute import ISOLATED_DROPS, materialize_inputs, resolve_arguments, step_environment
+from cairn.runner.execute import (
+    ISOLATED_DROPS,
+    docker_refusal,
+    materialize_inputs,
+    resolve_arguments,
+    step_environment,
+)
 from cairn.storage.layout import WorkspaceLayout
 from cairn.storage.objects import ObjectStore
+from cairn.storage.secrets import ENV_KEY
 from cairn.storage.snapshot import materialize, never_snapshotted, snapshot_folders
 from cairn.store import queries as q
 
@@ -72,6 +79,9 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
                              f"{step_run_id}` lists their ids)")
     scheduler = PipelineScheduler(ctx, row["parent_id"], resume=False)
     step = scheduler.spec.step(row["name"])
+    refused = docker_refusal(step)
+    if refused:  # as its run did: it would run on this machine, not in the container it asks for
+        raise UserInputError(f"step {step.name!r} cannot be recreated here: {refused}")
     # by default inside .cairn/: a folder beside the sources could end up in the next snapshot
     default = layout.dot / "debug" / step_run_id
     target = (Path(folder) if folder else default).resolve()
@@ -81,13 +91,18 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
     _warn_changed_datasets(step, ctx, log)
+    for name, producer in scheduler.changed_inputs(step):
+        log(f"warning: input {name}: the output of step {producer!r} it reads changed since it was committed (a "
+            f"step wrote into it?); the recreated step reads it as it is now")
     if Status(row["status"]) not in TERMINAL:
         log(f"warning: step {step.name!r} is {row['status']}: its run has not ended; it is recreated as it "
             f"was dispatched")
     copy_limit = _copy_limit()
     local_stores = [Path(root).resolve() for root in job.datastore_roots.values()]
+    others = [Path(s.source_directory).resolve() for s in scheduler.spec.steps if s.name != step.name]
     _check_target(target, Path(step.source_directory).resolve(), job.inputs, local_stores, layout.dot / "debug",
                   "--dir " if folder else "", default)
+    _check_cairn_folders(target, layout.dot, others, "--dir " if folder else "", default)
     if target.exists() and not target.is_dir():
         raise UserInputError(f"{target} is a file; --dir must name a new folder (or one `cairn debug` made, with "
                              f"--force)")
@@ -126,7 +141,7 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     script = tools / "debug.sh"  # not in the working folder: the snapshot may have a file so named
     script.write_text(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv,
                                     [o.name for o in step.outputs], tools))
-    script.chmod(0o755)
+    script.chmod(0o700)  # it holds the step's variables: for this user only
     return DebugPlan(target, work, step.name, Status(row["status"]).value, argv, env, changed, removed, script,
                      inputs, outputs, resolved)
 
@@ -173,7 +188,8 @@ def _script_variables(step: Any, env: dict[str, str], resolved: ResolvedEnvironm
     own |= {k for k in env if k.startswith(_STEP_OWN_PREFIXES) or k in _STEP_OWN}
     if resolved is not None:
         own |= {"PATH", *resolved.step_variables()}
-    changed = {k: v for k, v in env.items() if os.environ.get(k) != v or k in own}
+    # (never the workspace's secret key: a script file is no place for it; the shell that runs it has it)
+    changed = {k: v for k, v in env.items() if (os.environ.get(k) != v or k in own) and k != ENV_KEY}
     isolated = ISOLATED_DROPS if resolved is not None else ()
     removed = sorted({*(k for k in os.environ if k not in env), *_RUN_BINDINGS, *(k for k in isolated if k not in env)})
     return changed, removed
@@ -207,6 +223,22 @@ def _check_target(target: Path, source: Path, inputs: list[Any], local_stores: l
         if inside(store) and not (target == debug_root or debug_root in target.parents):
             raise UserInputError(f"{flag}{target} is inside the local datastore folder {store}: the recreated files "
                                  f"would change recorded data; choose a folder outside it (the default is {default})")
+
+
+def _check_cairn_folders(target: Path, dot: Path, other_sources: list[Path], flag: str, default: Path) -> None:
+    """Refuse a folder inside the workspace's own (``.cairn/`` but its ``debug/``), or inside the
+    source folder of another step of the run (its next snapshot would take the files)."""
+    def inside(folder: Path) -> bool:
+        return target == folder or folder in target.parents
+
+    if inside(dot.resolve()) and not inside((dot / "debug").resolve()):
+        raise UserInputError(f"{flag}{target} is inside the workspace's own folder {dot.resolve()} (its store, "
+                             f"objects and working folders); choose a folder outside it (the default is {default})")
+    for source in other_sources:
+        if inside(source) and not never_snapshotted(source, target):
+            raise UserInputError(f"{flag}{target} is inside {source}, the source folder of another step of this "
+                                 f"run: its next run would snapshot the recreated files; choose a folder outside it "
+                                 f"(the default is {default})")
 
 
 def _reached_by_a_link(source: Path, target: Path) -> bool:
@@ -246,7 +278,10 @@ def _shell_script(step: str, run_id: str, step_run_id: str, changed: dict[str, s
     lines += [f"  -u {shlex.quote(name)} \\" for name in removed]
     lines.append("  -- \\")  # a name may start with "-"
     lines += [f"  {shlex.quote(f'{k}={v}')} \\" for k, v in sorted(changed.items()) if k and "=" not in k]
-    lines.append(f'  {shlex.join(argv)} "$@"')
+    if "=" in argv[0]:  # env would read it as one more variable: a shell starts it instead
+        lines.append("  /bin/sh -c 'exec \"$0\" \"$@\"' " + shlex.join(argv) + ' "$@"')
+    else:
+        lines.append(f'  {shlex.join(argv)} "$@"')
     return "\n".join(lines) + "\n"
 
 

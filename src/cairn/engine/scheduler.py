@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cairn.core.digests import digest_json
-from cairn.core.spec import GraphSpec, StepSpec
+from cairn.core.spec import GraphSpec, InputSpec, StepSpec
 from cairn.core.status import ACTIVE, Status
 from cairn.data.datasets import local_folder
 from cairn.engine.context import EngineContext
@@ -220,6 +220,19 @@ class PipelineScheduler:
         """The outputs a step of this run committed, as the store has them: its consumers read these."""
         self._outputs[step_run_id] = outputs
 
+    def changed_inputs(self, step: StepSpec) -> list[tuple[str, str]]:
+        """(input, producing step) for each input of ``step`` whose committed output on a local
+        datastore changed since it was committed (its stat signature differs)."""
+        changed = []
+        for i in step.inputs:
+            produced = self._outputs_of(self.step_ids[i.producer]).get(i.output)
+            if not produced or not produced.get("stat_signature") or produced["datastore"] not in self._roots:
+                continue
+            path = Path(self._roots[produced["datastore"]]) / produced["path"]
+            if path.exists() and produced["stat_signature"] not in stat_signatures(path):
+                changed.append((i.name, i.producer))
+        return changed
+
     def _outputs_of(self, step_run_id: str) -> dict[str, Any]:
         """Committed outputs never change: each producer's are read once (a fan-out source has many
         consumers)."""
@@ -408,6 +421,12 @@ def _input_digests(step: StepSpec, inputs: list[InputLocation]) -> dict[str, str
     for i in step.inputs:
         if i.read_as:
             digests[i.name] = digest_json([digests[i.name], i.read_as])
+    # and where and how the step gets it, when not as by default: another path in its arguments, a
+    # private copy instead of the read-only original (default inputs keep the fingerprint they had)
+    for i in (*step.inputs, *step.dataset_inputs):
+        default = "mount" if isinstance(i, InputSpec) else "direct"
+        if i.mode != default or i.path_on_compute:
+            digests[i.name] = digest_json([digests[i.name], i.mode, i.path_on_compute])
     return digests
 
 

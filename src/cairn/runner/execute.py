@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from cairn.core.errors import UserInputError
 from cairn.core.status import Status
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
 from cairn.environments.spec import is_managed
@@ -150,8 +151,6 @@ def materialize_inputs(job: StepJob, work: Path, holds: list[int] | None = None)
     Datasets on a local datastore are used in place in every mode; others are fetched, through this
     machine's input cache, whose entries stay while the step holds them (``holds``: lock file
     descriptors, closed by the caller when the step has ended)."""
-    from cairn.storage.paths import confined
-
     spec = job.spec
     on_compute = {i.name: i.path_on_compute for i in spec.inputs}
     on_compute.update({d.name: d.path_on_compute for d in spec.dataset_inputs})
@@ -163,7 +162,7 @@ def materialize_inputs(job: StepJob, work: Path, holds: list[int] | None = None)
         if i.name in job.datasets:  # a dataset's own local folder: used in place, linked where asked
             wanted = on_compute.get(i.name)
             if wanted:
-                link = confined(work, wanted, f"path_on_compute of input {i.name!r}")
+                link = _own_place(work, wanted, i.name)
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(i.path, target_is_directory=Path(i.path).is_dir())
                 paths[i.name] = str(link)
@@ -173,10 +172,7 @@ def materialize_inputs(job: StepJob, work: Path, holds: list[int] | None = None)
         if i.mode != "download":
             paths[i.name] = i.path
             continue
-        dest = confined(work, on_compute.get(i.name) or f"{DOWNLOAD_FOLDER}/{i.name}",
-                        f"path_on_compute of input {i.name!r}")
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        dest = _own_place(work, on_compute.get(i.name) or f"{DOWNLOAD_FOLDER}/{i.name}", i.name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if Path(i.path).is_dir():
             shutil.copytree(i.path, dest, symlinks=True, copy_function=shutil.copyfile)
@@ -186,17 +182,28 @@ def materialize_inputs(job: StepJob, work: Path, holds: list[int] | None = None)
     return paths
 
 
+def _own_place(work: Path, relative: str, name: str) -> Path:
+    """Where input ``name`` goes in the working folder: inside it, and not over the snapshot's files."""
+    from cairn.storage.paths import confined
+
+    place = confined(work, relative, f"path_on_compute of input {name!r}")
+    if os.path.lexists(place):
+        raise UserInputError(f"input {name!r} goes to {relative!r} in the step's working folder, but its snapshot "
+                             f"already has that path (a file or folder of the source directory): choose a "
+                             f"path_on_compute the source folder does not have")
+    return place
+
+
 def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | None,
                    holds: list[int] | None) -> str:
     from cairn.data.datasets import fetch, resolve_files
     from cairn.storage.datastores import DatastoreLocation
-    from cairn.storage.paths import confined
 
     def locate(store: str) -> DatastoreLocation:
         loc = job.datastore_locations[store]
         return DatastoreLocation(store, loc["kind"], loc["config"], loc["secrets"])
 
-    dest = confined(work, path_on_compute or f"{DOWNLOAD_FOLDER}/{name}", f"path_on_compute of input {name!r}")
+    dest = _own_place(work, path_on_compute or f"{DOWNLOAD_FOLDER}/{name}", name)
     files = resolve_files(job.datasets[name]["definition"], locate)
     local = [f for f in files if f.datastore and job.datastore_locations[f.datastore]["kind"] == "local"]
     digest = next((i.digest for i in job.inputs if i.name == name), "")
@@ -377,7 +384,7 @@ def _unstartable(argv: list[str], env: dict[str, str]) -> str | None:
     return f"arguments and variables are {total} bytes, over this system's {limit}" if total > limit else None
 
 
-def _docker_refusal(spec: Any) -> str | None:
+def docker_refusal(spec: Any) -> str | None:
     """Local compute runs steps as processes: an environment that asks for a container fails the
     step, saying so, rather than running somewhere else than asked."""
     docker = spec.environment.get("docker") or {}
@@ -467,7 +474,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED,
                         f"script {spec.script_name!r} is not in the snapshot of {spec.source_directory!r}",
                         None)
-        refused = _docker_refusal(spec)
+        refused = docker_refusal(spec)
         if refused:
             return _end(job, reporter, syslog, Status.FAILED, refused, None)
         if is_managed(spec.environment):
@@ -554,6 +561,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                     syslog(f"output {o.name}: could not register dataset {o.register['name']!r}: {exc}")
         syslog("completed")
         return StepResult(job.step_run_id, Status.COMPLETED.value, None, code, tuple(outputs))
+    except UserInputError as exc:  # a mistake in the step's definition found while preparing it
+        return _end(job, reporter, syslog, Status.FAILED, str(exc), None)
     except Exception as exc:  # an infrastructure fault: the step fails with the reason, the agent lives
         import traceback
 

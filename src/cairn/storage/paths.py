@@ -19,6 +19,15 @@ def confined(root: str | os.PathLike[str], relative: str, what: str = "path") ->
     return Path(root).joinpath(*rel.parts)
 
 
+def check_relative(relative: str | None, what: str) -> str | None:
+    """``relative`` when it is a path that stays inside whatever folder it is taken in (None passes)."""
+    if relative is not None:
+        if not isinstance(relative, str) or not relative.strip():
+            raise UserInputError(f"{what} must be a non-empty relative path, not {relative!r}")
+        confined(".", relative, what)
+    return relative
+
+
 _PROC_FD = os.path.isdir("/proc/self/fd") and hasattr(os, "O_PATH")
 
 
