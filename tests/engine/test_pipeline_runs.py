@@ -564,3 +564,33 @@ def test_the_run_methods_scripts_call_work_in_a_step_and_offline(workspace, writ
     assert offline.returncode == 0, offline.stderr
     assert "all calls worked as OfflineRun" in offline.stdout
     assert "[offline run] upload one.txt from 'made/a.txt'" in offline.stderr
+
+
+DETACHES = """
+import subprocess, sys, time
+child = subprocess.Popen(["sleep", "300"], start_new_session=True)  # its own session and group
+with open(sys.argv[1], "w") as fifo:
+    fifo.write(str(child.pid))
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_a_stopped_step_takes_what_it_started_in_a_session_of_its_own(workspace, write_script, tmp_path, how):
+    from tests.engine.test_resume import _exits_within
+
+    fifo = tmp_path / "pid.fifo"
+    os.mkfifo(fifo)
+    src = write_script("detaches.py", DETACHES)
+    rc = RunConfiguration()
+    if how == "timeout":
+        rc.max_run_duration_seconds = 2
+    step = PythonScriptStep("detaches.py", name="detaches", source_directory=src, arguments=[str(fifo)],
+                            runconfig=rc, allow_reuse=False)
+    run = Experiment(workspace, "detached").submit(Pipeline(workspace, [step]))
+    with open(fifo) as reader:  # blocks until the step has started its child
+        detached = int(reader.read())
+    if how == "cancel":
+        run.cancel()
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) in ("Canceled", "Failed")
+    assert _exits_within(detached, 30)

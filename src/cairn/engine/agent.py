@@ -211,7 +211,7 @@ class Agent:
                 if lost or result.status == Status.CANCELED.value:
                     # a step that ran elsewhere (a Ray task) may have left its process group here
                     row = q.get_run(self.ctx.store, result.step_run_id) or {}
-                    kill_step_processes(row.get("pid"), row.get("pid_started"))
+                    kill_step_processes(row.get("pid"), row.get("pid_started"), result.step_run_id)
                     if status == Status.CANCELED and row.get("status") in (Status.FAILED.value, Status.COMPLETED.value):
                         status = Status(row["status"])  # it had ended before the cancel reached it: that stands
                 if lost:  # the compute lost the attempt (a Ray node died): it runs again, saying why

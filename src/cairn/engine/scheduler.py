@@ -116,7 +116,7 @@ class PipelineScheduler:
             self.attempts[child["name"]] = child["attempt"] or 0
             st = Status(child["status"])
             if st in (Status.PREPARING, Status.RUNNING, Status.FINALIZING):
-                kill_step_processes(child.get("pid"), child.get("pid_started"))  # left by a dead agent
+                kill_step_processes(child.get("pid"), child.get("pid_started"), child["id"])  # left by a dead agent
                 q.forget_attempt(store, child["id"])  # the interrupted attempt's records would mix in
                 q.update_status(store, child["id"], Status.QUEUED,
                                 "resumed: the agent that ran this step stopped; running it again")

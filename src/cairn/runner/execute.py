@@ -24,7 +24,7 @@ from cairn.environments.spec import is_managed
 from cairn.runner.input_cache import cache_root, cached_input
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER, attempt_marker
-from cairn.runner.processes import process_start_time
+from cairn.runner.processes import kill_detached, process_start_time
 from cairn.runner.slots import SlotTicket
 from cairn.runner.spares import SparePool, kept_code_path
 from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmShadowed, WarmStartError
@@ -682,6 +682,8 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
             _kill_group(proc)
             code = proc.wait()
     _kill_group(proc)  # nothing the step started may outlive it
+    if timed_out or control.canceled:  # what it started in sessions of its own too
+        kill_detached(job.step_run_id)
     return _ProcessEnd(code, timed_out, started_at=began, lost=getattr(proc, "lost", None))
 
 

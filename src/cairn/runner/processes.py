@@ -23,14 +23,15 @@ def process_start_time(pid: int) -> str | None:
     return fields[19].decode() if fields and len(fields) > 19 else None
 
 
-def kill_step_processes(pid: int | None, started: str | None) -> bool:
+def kill_step_processes(pid: int | None, started: str | None, step_run_id: str | None = None) -> bool:
     """Kill a step's processes: its process group if ``pid`` is still the step's leader, and every
     process left in its session that started no earlier than it (the leader may have died first,
     e.g. with its Ray worker, leaving children: the session id cannot go to a new session while they
-    live). Returns whether anything was killed."""
+    live), and with ``step_run_id`` those it started in sessions of their own (``kill_detached``).
+    Returns whether anything was killed."""
+    killed = kill_detached(step_run_id) if step_run_id else False
     if not pid or not started:
-        return False
-    killed = False
+        return killed
     if process_start_time(pid) == started:
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -54,3 +55,29 @@ def _session_members(session: int, not_before: int) -> list[int]:
             if fields and int(fields[3]) == session and int(fields[19]) >= not_before:  # session, start time
                 found.append(int(entry))
     return found
+
+
+def kill_detached(step_run_id: str) -> bool:
+    """Kill the processes a step started in a session of its own (``setsid``, ``start_new_session``),
+    which neither its process group nor its session reaches: each still has the step's
+    ``CAIRN_RUN_ID`` in the environment it was started with (``/proc/PID/environ``, readable for
+    this user's processes). Read only when a step is stopped (canceled, timed out, lost): a scan of
+    every process costs ~10 us each. Returns whether any was killed."""
+    marker = f"\0CAIRN_RUN_ID={step_run_id}\0".encode()
+    killed = False
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                found = marker in b"\0" + f.read()
+        except OSError:  # gone, or another user's
+            continue
+        if found:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed = True
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
