@@ -396,3 +396,17 @@ def test_an_agent_of_a_workspace_re_created_at_its_path_leaves_the_new_ones_sock
         assert run_once() == "Completed"
     finally:
         stop_agent(WorkspaceLayout(str(place)))
+
+
+def test_a_workspace_made_inside_another_says_so(tmp_path, capsys):
+    from cairn import Workspace
+
+    Workspace.create(tmp_path / "project")
+    capsys.readouterr()
+    Workspace.create(tmp_path / "project" / "src")
+    err = capsys.readouterr().err
+    assert f"inside the workspace in {tmp_path / 'project'}" in err and f"Workspace({str(tmp_path / 'project')!r})" in err
+    Workspace.create(tmp_path / "project" / "src")  # it exists now: nothing made, nothing said
+    assert capsys.readouterr().err == ""
+    Workspace.create(tmp_path / "elsewhere")
+    assert capsys.readouterr().err == ""

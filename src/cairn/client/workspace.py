@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,16 @@ if TYPE_CHECKING:
     from cairn.client.datastore import Datastore
     from cairn.client.experiment import Experiment
     from cairn.client.run import Run
+
+
+def _note_enclosing_workspace(root: Path) -> None:
+    """A workspace made inside another's folder is often a mistake (``Workspace.create(".")`` run from
+    a project's subfolder): say where the other one is."""
+    for folder in Path(root).resolve().parents:
+        if (folder / DOT / "config.json").is_file():
+            print(f"note: made a new workspace in {root}, inside the workspace in {folder}; if you meant that "
+                  f"one, remove {Path(root) / DOT} and open it with Workspace({str(folder)!r})", file=sys.stderr)
+            return
 
 
 class Workspace:
@@ -55,7 +66,10 @@ class Workspace:
                 return ws  # complete: nothing to make
         from cairn.backend.local import LocalBackend
 
+        new = not layout.config.is_file()
         LocalBackend.create(path, exist_ok=exist_ok)  # makes what is missing (a clone with only config.json)
+        if new:
+            _note_enclosing_workspace(layout.root)
         return cls(path)
 
     @classmethod
