@@ -266,8 +266,8 @@ def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
                 snapshot: dict[str, list[float]]) -> None:
     # "process s": the driver's whole process (interpreter start, imports, the tool's set-up, the timed
     # run), what typing `python pipeline.py` costs; the hand-off's includes the page-cache warm-up.
-    # "CPU s": what the whole machine spent busy in the timed section (both cores; the tool's servers,
-    # its steps' processes, and anything else that ran then)
+    # "CPU s": what the whole machine spent busy in the timed section (all its cores; the tool's
+    # servers, its steps' processes, and anything else that ran then)
     print("\n| shape | tool | seconds (median) | / bare | cairn / tool | cairn-warm / tool | process s | CPU s "
           "| peak MB | steps run | note |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -121,6 +121,7 @@ class Timer:
         self.seconds = time.perf_counter() - self.started
         self.machine_cpu = machine_busy_seconds() - self.busy
         global _timed_cpu
+        # the driver's own CPU (not its subprocesses'): with the machine's, what ran elsewhere
         _timed_cpu = {"machine_cpu_s": self.machine_cpu, "driver_cpu_s": time.process_time() - self.own}
 
 

@@ -147,7 +147,7 @@ def test_where_and_how_an_input_is_given_is_part_of_reuse(workspace, write_scrip
     assert taken.get_status() == "Failed"
     assert "its snapshot already has that path" in taken._row()["status_reason"]
     assert (tmp_path / "marker").read_text().split() == ["ran"] * 3
-    for bad in ("/abs/path", "../out", ""):
+    for bad in ("/abs/path", "../out", "", "."):
         with pytest.raises(UserInputError, match="path_on_compute of input 'raw'"):
             raw.as_named_input("raw").as_download(path_on_compute=bad)
         with pytest.raises(UserInputError, match="path_on_compute of input 'data'"):

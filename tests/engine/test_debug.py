@@ -512,7 +512,7 @@ def test_debug_refuses_folders_of_the_workspace_and_of_other_steps(workspace: Wo
 
 
 def test_what_debug_cannot_or_should_not_recreate_is_said(workspace: Workspace, write_script: Callable[..., Path],
-                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                          tmp_path: Path) -> None:
     """A step that wrote into its input changed it after the run: said. A step whose environment
     asks for a container is refused, as its run was. The workspace's secret key never goes into
     debug.sh, which only its user may read."""
@@ -530,8 +530,8 @@ def test_what_debug_cannot_or_should_not_recreate_is_said(workspace: Workspace, 
         PythonScriptStep("spoil.py", name="spoil", source_directory=str(src), arguments=[made], inputs=[made])]))
     run.wait_for_completion(show_output=False, raise_on_error=False)
     spoil = run.find_step_run("spoil")[0].id
-    monkeypatch.setenv("CAIRN_SECRET_KEY", "not-for-files")
-    result = cairn("debug", spoil, "--print", "--dir", str(tmp_path / "dbg"), cwd=Path(workspace.location))
+    result = cairn("debug", spoil, "--print", "--dir", str(tmp_path / "dbg"), cwd=Path(workspace.location),
+                   env_extra={"CAIRN_SECRET_KEY": "not-for-files"})
     assert result.returncode == 0, result.stderr
     assert "input made: the output of step 'make' it reads changed since it was committed" in flat(result.stderr)
     script = tmp_path / "dbg" / ".cairn_debug" / "debug.sh"

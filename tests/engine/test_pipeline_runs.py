@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -588,8 +589,12 @@ def test_a_stopped_step_takes_what_it_started_in_a_session_of_its_own(workspace,
     step = PythonScriptStep("detaches.py", name="detaches", source_directory=src, arguments=[str(fifo)],
                             runconfig=rc, allow_reuse=False)
     run = Experiment(workspace, "detached").submit(Pipeline(workspace, [step]))
-    with open(fifo) as reader:  # blocks until the step has started its child
-        detached = int(reader.read())
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()  # its open returns once the step has started its child and opened the fifo
+    reader.join(60)
+    assert got, "the step did not start its child within 60 s: " + run.get_steps()[0].get_stderr_log()
+    detached = int(got[0])
     if how == "cancel":
         run.cancel()
     assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) in ("Canceled", "Failed")

@@ -425,7 +425,8 @@ def test_the_spares_bytecode_is_rewritten_when_it_was_made_from_another_source(t
     assert namespace["VALUE"] == 22
 
 
-@pytest.mark.parametrize("case", ["rewrapped", "hook_fails", "hook_exits", "hook_missing", "hook_none", "huge_exit"])
+@pytest.mark.parametrize("case", ["rewrapped", "hook_fails", "hook_exits", "hook_missing", "hook_none", "huge_exit",
+                                  "hook_outside_handler"])
 def test_a_spare_ends_a_script_as_python_does_at_its_edges(pool: SparePool, tmp_path: Path, case: str) -> None:
     """Re-wrapped standard streams; an excepthook that fails, exits, is missing or is None; an exit
     status beyond a C long: exactly as a cold start prints and exits."""
@@ -435,3 +436,50 @@ def test_a_spare_ends_a_script_as_python_does_at_its_edges(pool: SparePool, tmp_
     cold, spare = run_both(pool, tmp_path, [sys.executable, "edge.py"], dict(os.environ))
     assert spare == cold
     assert cold[0] == {"rewrapped": 0, "hook_exits": 5, "huge_exit": 255}.get(case, 1)
+
+
+@pytest.mark.parametrize("kind", ["zip-with-shebang", "compiled-without-suffix"])
+def test_what_python_recognises_by_content_runs_as_python_runs_it(pool: SparePool, tmp_path: Path,
+                                                                   kind: str) -> None:
+    """A zip application with a shebang line first (zipapp's ``-p``), compiled code under any name:
+    Python tells them by their content; a spare starts them cold, as the warm start does."""
+    import py_compile
+    import zipapp
+
+    from cairn.runner.execute import _not_source
+
+    if kind == "zip-with-shebang":
+        (tmp_path / "app").mkdir()
+        (tmp_path / "app" / "__main__.py").write_text("import sys\nprint('zipped', sys.argv[1:])\n")
+        zipapp.create_archive(tmp_path / "app", tmp_path / "run.py", interpreter="/usr/bin/env python3")
+        expected = "zipped ['x']\n"
+    else:
+        (tmp_path / "src.py").write_text("import sys\nprint('compiled', sys.argv[1:])\n")
+        py_compile.compile(str(tmp_path / "src.py"), cfile=str(tmp_path / "run.py"), doraise=True)
+        expected = "compiled ['x']\n"
+    assert _not_source(tmp_path / "run.py")
+    cold, spare = run_both(pool, tmp_path, [sys.executable, "run.py", "x"], dict(os.environ))
+    assert spare == cold == (0, expected, "")
+
+
+def test_a_step_with_a_relative_pythonpath_gets_its_own_folders(workspace: Workspace,
+                                                                 write_script: Callable[..., Path]) -> None:
+    """A spare resolved a relative PYTHONPATH (and ran a sitecustomize there) in the agent's folder
+    as it started: such a step starts cold, finding its modules and its sitecustomize."""
+    src = write_script("uses_lib.py", "import os, helper\nprint(helper.VALUE, os.environ.get('SITE_RAN'))\n")
+    write_script("helper.py", "VALUE = 'from lib'\n", folder="src/lib")
+    write_script("sitecustomize.py", "import os\nos.environ['SITE_RAN'] = 'yes'\n", folder="src/lib")
+    steps, previous = [], None
+    for i in range(3):
+        rc = RunConfiguration()
+        rc.environment_variables = {"PYTHONPATH": "lib"}
+        step = PythonScriptStep("uses_lib.py", name=f"s{i}", source_directory=str(src), runconfig=rc,
+                                allow_reuse=False)
+        if previous is not None:
+            step.run_after(previous)  # one at a time: a core is free to start spares meanwhile
+        steps.append(previous := step)
+    run = Experiment(workspace, "relative").submit(Pipeline(workspace, steps))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Completed"
+    for s in run.get_steps():
+        assert s.get_stdout_log() == "from lib yes\n"
+        assert "started cold, not by an interpreter started ahead: its PYTHONPATH has 'lib'" in s.get_system_log()

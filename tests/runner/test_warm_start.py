@@ -689,6 +689,11 @@ EDGE_CASES = {
         raise ValueError("boom")
     """,
     "huge_exit": "import sys\nsys.exit(2 ** 70)\n",
+    "hook_outside_handler": """
+        import sys
+        sys.excepthook = lambda kind, value, tb: print("handling", sys.exc_info()[0], kind.__name__)
+        raise ValueError("boom")
+    """,
     "site_hook": """
         import os
         print("sitecustomize ran:", os.environ.get("SITE_RAN"))
@@ -754,12 +759,13 @@ def test_a_warm_step_ends_as_a_cold_one_at_the_edges(workspace: Workspace, write
         assert err.startswith("Error in sys.excepthook:\nTypeError: 'NoneType' object is not callable\n\n"
                               "Original exception was:\nTraceback"), (how, err)
         assert ends["huge_exit"][:2] == ("Failed", 255), how
+        assert ends["hook_outside_handler"][:3] == ("Failed", 1, "handling None ValueError\n"), how
         assert ends["site_hook"][2] == "sitecustomize ran: yes\n", how
         assert ends["compiled"][:3] == ("Completed", 0, "compiled code ran\n"), how
         assert ends["authkey"][2] != ends["authkey_again"][2], how
     steps_by_name = {s.name: s for s in warm.get_steps()}
     assert "warm start: forked by server" in steps_by_name["hook_fails"].get_system_log()
-    assert "warm start skipped: the script is compiled code" in steps_by_name["compiled"].get_system_log()
+    assert "warm start skipped: the script is a .pyc file" in steps_by_name["compiled"].get_system_log()
     assert "warm start skipped: the snapshot has its own lib/sitecustomize.py" in steps_by_name["site_hook"].get_system_log()
 
 

@@ -139,9 +139,12 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     argv = [interpreter, step.script_name, *resolve_arguments(job, inputs)]
     changed, removed = _script_variables(step, env, resolved)
     script = tools / "debug.sh"  # not in the working folder: the snapshot may have a file so named
-    script.write_text(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv,
-                                    [o.name for o in step.outputs], tools))
-    script.chmod(0o700)  # it holds the step's variables: for this user only
+    # it holds the step's variables: for this user only, from the start
+    fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+    with open(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, 0o700)
+        f.write(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv,
+                              [o.name for o in step.outputs], tools))
     return DebugPlan(target, work, step.name, Status(row["status"]).value, argv, env, changed, removed, script,
                      inputs, outputs, resolved)
 
@@ -188,7 +191,7 @@ def _script_variables(step: Any, env: dict[str, str], resolved: ResolvedEnvironm
     own |= {k for k in env if k.startswith(_STEP_OWN_PREFIXES) or k in _STEP_OWN}
     if resolved is not None:
         own |= {"PATH", *resolved.step_variables()}
-    # (never the workspace's secret key: a script file is no place for it; the shell that runs it has it)
+    # (never the workspace's secret key: a script file is no place for it; run it from a shell that has it)
     changed = {k: v for k, v in env.items() if (os.environ.get(k) != v or k in own) and k != ENV_KEY}
     isolated = ISOLATED_DROPS if resolved is not None else ()
     removed = sorted({*(k for k in os.environ if k not in env), *_RUN_BINDINGS, *(k for k in isolated if k not in env)})

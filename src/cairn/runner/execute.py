@@ -353,16 +353,45 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     return proc
 
 
+def _spare_refusal(env: dict[str, str]) -> str | None:
+    """Why an interpreter started ahead (in the agent's folder, before the step's variables were set)
+    could not start this step as ``python`` started now would, or None: what Python reads from its
+    PYTHONPATH as it starts."""
+    path = env.get("PYTHONPATH")
+    if not path:
+        return None
+    for entry in path.split(os.pathsep):
+        if not os.path.isabs(entry):
+            return (f"its PYTHONPATH has {entry or '(an empty entry)'!r}, relative to its working folder, which "
+                    f"Python resolves as it starts")
+        for hook in ("sitecustomize", "usercustomize"):
+            if os.path.isfile(os.path.join(entry, f"{hook}.py")) or os.path.isdir(os.path.join(entry, hook)):
+                return f"its PYTHONPATH has {os.path.join(entry, hook)}, which Python runs as it starts"
+    return None
+
+
 def _not_source(script: Path) -> str | None:
-    """What the script is when it is not a source file (compiled code, a zip application), or None."""
-    if script.suffix == ".pyc":
-        return "compiled code (.pyc)"
+    """What the script is when Python would not run it as source (``spare_job._cold`` checks the
+    same): compiled code (by name, or by its magic number, as Python tells), a zip application (by
+    name, or by the end record of a zip file in its last 64 KiB: a shebang line may come first)."""
+    from importlib.util import MAGIC_NUMBER
+
+    if script.suffix in (".pyc", ".pyz"):
+        return f"a {script.suffix} file"
     try:
         with open(script, "rb") as f:
-            head = f.read(4)
+            head = f.read(2)
+            f.seek(max(0, f.seek(0, os.SEEK_END) - ZIP_END_REACH))
+            tail = f.read()
     except OSError:
         return None  # a cold start says what is wrong with it
-    return "a zip application" if head == b"PK\x03\x04" else None
+    if head == MAGIC_NUMBER[:2]:
+        return "compiled code"
+    return "a zip application" if ZIP_END_RECORD in tail else None
+
+
+ZIP_END_RECORD = b"PK\x05\x06"  # a zip file's end of central directory, within its last 64 KiB
+ZIP_END_REACH = 22 + 65535
 
 
 _MAX_ARG_STRLEN = 32 * 4096  # Linux: the longest single argument or NAME=value a program may be started with
@@ -499,8 +528,10 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         if job.attempt > 1:  # the logs keep every attempt; say where this one starts
             marker = f"{attempt_marker(job.attempt)}\n".encode()
             for name in ("stdout.txt", "stderr.txt"):
-                with open(log_dir / name, "ab") as f:
-                    f.write(marker)
+                with open(log_dir / name, "ab+") as f:  # (appended whatever the position)
+                    size = f.seek(0, os.SEEK_END)
+                    mid_line = size > 0 and f.seek(size - 1) >= 0 and f.read(1) != b"\n"
+                    f.write(b"\n" + marker if mid_line else marker)  # a line of its own, after a killed one's last
         preparing.cancel()  # prepared: what is left is starting the process (a slot, if it must wait for one)
         if slot is not None and not slot.acquire(
                 control, lambda busy: syslog(f"prepared; waiting for a process slot ({busy} step(s) running)", flush=True)):
@@ -642,9 +673,12 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
     if proc is None and (control.canceled or control.withdrawn):
         return _ProcessEnd(stopped_first=True)
     if proc is None and spares is not None and not job.die_with_runner:
-        spare = spares.take(argv[0], start_env, env)
-        if spare is not None and spares.launch(spare, argv, str(work), str(log_dir / "stdout.txt"),
-                                               str(log_dir / "stderr.txt"), env, _kept_code(job)):
+        refusal = _spare_refusal(env)
+        spare = spares.take(argv[0], start_env, env) if refusal is None else None
+        if refusal is not None:
+            syslog(f"started cold, not by an interpreter started ahead: {refusal}")
+        elif spare is not None and spares.launch(spare, argv, str(work), str(log_dir / "stdout.txt"),
+                                                 str(log_dir / "stderr.txt"), env, _kept_code(job)):
             proc, how = spare, " (an interpreter started ahead)"
     if proc is None:
         try:

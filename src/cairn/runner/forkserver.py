@@ -385,6 +385,7 @@ def _run(script: str, server_modules: frozenset[str] = frozenset()) -> int:
     from importlib.machinery import SourceFileLoader
 
     code = 0
+    failure: BaseException | None = None
     try:  # what `python script.py` does: a fresh __main__ module, the script's code run in it
         main = types.ModuleType("__main__")
         main.__file__ = script
@@ -401,9 +402,11 @@ def _run(script: str, server_modules: frozenset[str] = frozenset()) -> int:
         code = _exit_code(exc.code)
     except BaseException as exc:  # printed as Python prints it: from the script's frames, not this file's
         tb = exc.__traceback__
-        tb = tb.tb_next if tb is not None else None
-        hook_exit = print_uncaught(exc.with_traceback(tb))
-        code = hook_exit if hook_exit is not None else INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1
+        failure = exc.with_traceback(tb.tb_next if tb is not None else None)
+    if failure is not None:  # outside any handler, as Python calls the hook (sys.exc_info() empty there)
+        hook_exit = print_uncaught(failure)
+        code = hook_exit if hook_exit is not None else INTERRUPTED if isinstance(failure, KeyboardInterrupt) else 1
+        del failure
     try:  # what the interpreter does when a script ends: wait for threads, then atexit
         threading._shutdown()  # type: ignore[attr-defined]
     except Exception:

@@ -19,25 +19,25 @@ sys.path_importer_cache.pop(_HERE, None)  # nothing of this folder stays visible
 _globals, _source, _script, _kept = _job.main(_PATH0)
 # warnings raised from the script's top level name this file's frame: not as __main__
 __name__ = "cairn_spare_boot"
+_failure = None
 try:
     _code = _job.code(_source, _script, _kept)
 except BaseException as _exc:  # a SyntaxError: printed as Python prints it for a script, no frames
-    _stop = _job.print_uncaught(_exc.with_traceback(None))
+    _failure = _exc.with_traceback(None)
+if _failure is None:
+    try:
+        exec(_code, _globals)
+    except SystemExit:
+        raise
+    except BaseException as _exc:  # printed as Python prints it, without this file's frame
+        _tb = _exc.__traceback__  # its first frame is always this file's (the exec above)
+        _failure = _exc.with_traceback(_tb.tb_next if _tb is not None else None)
+if _failure is not None:
+    # outside any handler, as Python calls the hook (sys.exc_info() is empty there); the hook
+    # prints the exception's own. Then Python ends as it does after an uncaught exception (status 1,
+    # or death by SIGINT after a KeyboardInterrupt, finalising first): printed once, here
+    _stop = _job.print_uncaught(_failure)
     sys.excepthook = lambda *_args: None
     if _stop is not None:  # the script's excepthook ended the process: with its status
-        raise _stop from None
-    raise
-try:
-    exec(_code, _globals)
-except SystemExit:
-    raise
-except BaseException as _exc:  # printed as Python prints it, without this file's frame
-    _tb = _exc.__traceback__  # its first frame is always this file's (the exec above)
-    _tb = _tb.tb_next if _tb is not None else None
-    _stop = _job.print_uncaught(_exc.with_traceback(_tb))  # the hook prints the exception's own
-    # then Python ends as it does after an uncaught exception (status 1, or death by SIGINT after
-    # a KeyboardInterrupt, finalising first): printed once, above
-    sys.excepthook = lambda *_args: None
-    if _stop is not None:  # the script's excepthook ended the process: with its status
-        raise _stop from None
-    raise
+        raise _stop
+    raise _failure

@@ -100,12 +100,14 @@ def _cold(argv: list) -> bool:
         return True
     if argv[1].endswith((".pyc", ".pyz")) or _signature(_SITE) != _SITE_MARKS:
         return True
-    try:
+    try:  # (as execute._not_source): compiled code by its magic number, a zip by its end record
         with open(argv[1], "rb") as f:
-            head = f.read(4)
+            head = f.read(2)
+            f.seek(max(0, f.seek(0, 2) - (22 + 65535)))
+            tail = f.read()
     except OSError:
         return True
-    return head == b"PK\x03\x04"  # a zip application under any name
+    return head == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER[:2] or b"PK\x05\x06" in tail
 
 
 def main(path0: bool) -> tuple:

@@ -25,6 +25,8 @@ def check_relative(relative: str | None, what: str) -> str | None:
         if not isinstance(relative, str) or not relative.strip():
             raise UserInputError(f"{what} must be a non-empty relative path, not {relative!r}")
         confined(".", relative, what)
+        if not [part for part in PurePosixPath(relative.replace("\\", "/")).parts if part != "."]:
+            raise UserInputError(f"{what} {relative!r} names the folder itself; give a path inside it")
     return relative
 
 
