@@ -599,3 +599,26 @@ def test_a_stopped_step_takes_what_it_started_in_a_session_of_its_own(workspace,
         run.cancel()
     assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) in ("Canceled", "Failed")
     assert _exits_within(detached, 30)
+
+
+def test_a_workspace_removed_under_a_run_ends_the_wait_with_a_clear_error(workspace, write_script):
+    """Its agent stops; the waiting client says the workspace is gone, and never makes a new, empty
+    one in its place by starting another agent there."""
+    import shutil
+
+    from cairn import WorkspaceNotFoundError
+
+    src = write_script("long.py", "import time\ntime.sleep(120)\n")
+    run = Experiment(workspace, "removed").submit(Pipeline(workspace, [
+        PythonScriptStep("long.py", name="long", source_directory=src)]))
+    step = run.find_step_run("long")[0]
+    watch = workspace._backend.watch(run.id)
+    assert watch.connect()
+    while step.get_status() != "Running":  # woken by the agent's events, not a timer
+        watch.wait(10)
+    watch.close()
+    dot = Path(workspace.location) / ".cairn"
+    shutil.rmtree(dot)
+    with pytest.raises(WorkspaceNotFoundError, match="is gone"):
+        run.wait_for_completion(show_output=False, timeout_seconds=90)
+    assert not dot.exists()

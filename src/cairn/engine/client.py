@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cairn.core.errors import AgentError
+from cairn.core.errors import AgentError, WorkspaceNotFoundError
 from cairn.storage.layout import WorkspaceLayout
 
 AGENT_START_TIMEOUT = 60.0
@@ -121,14 +121,24 @@ def prestart_agent(layout: WorkspaceLayout) -> None:
     pipeline is submitted. Does nothing when one answers."""
     if ping(layout):
         return
+    _check_still_there(layout)
     env = dict(os.environ)
     env.pop(READY_FD_ENV, None)
-    layout.dot.mkdir(parents=True, exist_ok=True)
     with open(layout.agent_log, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cairn.engine", str(layout.root)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                                 cwd=str(layout.root))
     layout.agent_starting.write_text(str(proc.pid))  # lets stop_agent wait for it (the agent removes it)
+
+
+def _check_still_there(layout: WorkspaceLayout) -> None:
+    """An agent serves a workspace that exists: never one whose folder was removed (it would make a
+    new, empty one there, and the runs of the old one cannot go on anyway)."""
+    if not layout.config.is_file():
+        raise WorkspaceNotFoundError(
+            f"the Cairn workspace in {layout.root} is gone ({layout.config} does not exist: was its .cairn folder "
+            f"removed or moved?); its runs cannot go on. Open the workspace where it is now, or make a new one "
+            f"with `cairn init`")
 
 
 def start_agent(layout: WorkspaceLayout, idle_timeout: float | None = None) -> None:
@@ -139,7 +149,12 @@ def start_agent(layout: WorkspaceLayout, idle_timeout: float | None = None) -> N
     argv = [sys.executable, "-m", "cairn.engine", str(layout.root)]
     if idle_timeout is not None:
         argv += ["--idle-timeout", str(idle_timeout)]
-    layout.dot.mkdir(parents=True, exist_ok=True)
+    try:
+        _check_still_there(layout)
+    except WorkspaceNotFoundError:
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
     with open(layout.agent_log, "ab") as log:
         try:
             subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
