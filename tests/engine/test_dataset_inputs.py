@@ -152,3 +152,34 @@ def test_where_and_how_an_input_is_given_is_part_of_reuse(workspace, write_scrip
             raw.as_named_input("raw").as_download(path_on_compute=bad)
         with pytest.raises(UserInputError, match="path_on_compute of input 'data'"):
             PipelineData("data").as_download(path_on_compute=bad)
+
+
+def test_a_dataset_whose_files_are_gone_is_refused_at_submit(workspace, write_script):
+    """Not an empty input and a Completed step: submit says which path is gone. A dataset over an
+    empty folder that exists is still a dataset with no files."""
+    import shutil
+
+    import pytest
+
+    from cairn import PathNotFoundError
+
+    store = workspace.get_default_datastore()
+    (Path(store.root) / "temp").mkdir()
+    (Path(store.root) / "temp" / "a.txt").write_text("a")
+    (Path(store.root) / "empty").mkdir()
+    registered = Dataset.File.from_files((store, "temp/")).register(workspace, "tempds")
+    src = write_script("read.py", "import sys, os\nprint(sorted(os.listdir(sys.argv[1])))\n")
+    shutil.rmtree(Path(store.root) / "temp")
+
+    def pipeline(dataset):
+        return Pipeline(workspace, [PythonScriptStep("read.py", name="read", source_directory=src,
+                                                     arguments=[dataset.as_named_input("t").as_mount()])])
+
+    for dataset, named in ((registered, "dataset 'tempds:1' names workspaceblobstore:temp"),
+                           (Dataset.File.from_files((store, "nowhere/*.csv"), validate=False),
+                            "its dataset names workspaceblobstore:nowhere/*.csv")):
+        with pytest.raises(PathNotFoundError, match="input 't'") as raised:
+            Experiment(workspace, "gone").submit(pipeline(dataset))
+        assert named in str(raised.value) and "does not exist now" in str(raised.value)
+    run = Experiment(workspace, "gone").submit(pipeline(Dataset.File.from_files((store, "empty"), validate=False)))
+    assert run.wait_for_completion(show_output=False) == "Completed"

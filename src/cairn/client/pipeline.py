@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from cairn.client.dataset import DatasetConsumptionConfig
 from cairn.client.environment import Environment
 from cairn.client.steps import PythonScriptStep
-from cairn.core.errors import PipelineValidationError, UserInputError
+from cairn.core.errors import PathNotFoundError, PipelineValidationError, UserInputError
 from cairn.core.spec import Argument, DatasetInputSpec, GraphSpec, InputSpec, OutputSpec, StepSpec
 from cairn.data.pipeline_data import PipelineData, PipelineDataInput
 
@@ -222,6 +222,16 @@ def _dataset_input(d: DatasetConsumptionConfig, workspace: Workspace) -> Dataset
     dataset._workspace = dataset._workspace or workspace
     registered = f"{dataset.name}:{dataset.version}" if dataset.name else None
     digest = dataset.content_digest
+    if not dataset._resolve():  # no file: an empty folder is a dataset, a path that is gone a mistake
+        from cairn.data.datasets import missing_paths
+
+        gone = missing_paths(dataset.definition, dataset._locate)
+        if gone:
+            what = f"dataset {registered!r}" if registered else "its dataset"
+            raise PathNotFoundError(
+                f"input {d.name!r}: {what} names {', '.join(gone)}, which does not exist now (deleted or moved "
+                f"since the dataset was made?); the step would read nothing. Put the files back, or give the "
+                f"input a dataset over where they are now")
     recorded = (dataset._registration or {}).get("content_digest")
     if registered and recorded and recorded != digest:
         # a version names files in a datastore, not a copy of them: lineage must not claim the old ones

@@ -138,6 +138,26 @@ def content_digest(files: list[ResolvedFile]) -> str:
     return digest_json(sorted([f.datastore or "", f.path, f.size, f.version] for f in files))
 
 
+def missing_paths(definition: dict[str, Any], locate: Any) -> list[str]:
+    """The datastore paths of ``definition`` that name nothing now (a path that does not exist, a
+    glob that matches nothing), as ``datastore:path``: ask when it resolved to no file (an empty
+    folder that exists is a dataset with no files; a path that is gone is a mistake)."""
+    missing = []
+    for entry in definition["paths"]:
+        if "datastore" not in entry:
+            continue
+        loc: DatastoreLocation = locate(entry["datastore"])
+        fs, root = loc.filesystem()
+        pattern = remote_path(root, entry["path"] or ".")
+        try:
+            gone = not fs.glob(pattern) if _has_magic(entry["path"]) else not fs.exists(pattern)
+        except Exception as exc:
+            raise translate_errors(loc, f"listing {entry['path']!r}", exc) from None
+        if gone:
+            missing.append(f"{entry['datastore']}:{entry['path']}")
+    return missing
+
+
 def describe_paths(definition: dict[str, Any]) -> str:
     return ", ".join(e.get("url") or f"{e['datastore']}:{e['path']}" for e in definition["paths"])
 
