@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -654,3 +655,26 @@ def test_runs_show_sums_up_a_long_metric_series(tmp_path: Path) -> None:
     assert "loss: 200 values, last 0.005, min 0.005, max 1" in shown and "acc: 0.9" in shown and "few: [1, 2]" in shown
     full = json.loads(cairn("runs", "show", run_id, "--json", cwd=tmp_path).stdout)
     assert len(full["steps"][0]["metrics"]["loss"]) == 200  # --json has every value
+
+
+WAITS_ITSELF = """\
+from cairn import Experiment, Pipeline, PythonScriptStep, Workspace
+
+ws = Workspace.from_config()
+run = Experiment(ws, "waits").submit(Pipeline(ws, [PythonScriptStep("long.py", name="long", source_directory="src")]))
+print("RUN", run.id, flush=True)
+run.wait_for_completion(show_output=False)  # no timeout of its own: the Azure ML habit
+"""
+
+
+def test_timeout_also_ends_a_wait_of_the_file_itself(project: Project) -> None:
+    project.write_step("long.py", "import time\ntime.sleep(120)\n")
+    (project.root / "waits.py").write_text(WAITS_ITSELF)
+    started = time.monotonic()
+    result = project.cairn("run", "--timeout", "2", "waits.py")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert time.monotonic() - started < 60
+    run_id = re.search(r"^RUN (run_\w+)$", result.stdout, re.M).group(1)  # type: ignore[union-attr]
+    assert "timeout" in flat(result.stderr) and f"cairn cancel {run_id}" in flat(result.stderr)
+    no_traceback(result)
+    assert project.cairn("cancel", run_id).returncode == 0

@@ -94,7 +94,11 @@ def run_file(ctx: typer.Context,
 
     if not pipeline_file.is_file():
         raise CairnError(f"pipeline file {str(pipeline_file)!r} does not exist")
+    from cairn.client import follow as follow_module
+
     exp_module.SUBMITTED.clear()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    follow_module.WAIT_DEADLINE = deadline  # the file's own wait_for_completion() ends by then too
     sys.argv = [str(pipeline_file), *ctx.args]
     sys.path.insert(0, str(pipeline_file.resolve().parent))
     try:
@@ -102,7 +106,7 @@ def run_file(ctx: typer.Context,
     except SystemExit as exc:  # `sys.exit(main())` is a normal end; a failure code is passed on
         if exc.code not in (None, 0):
             raise typer.Exit(exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR) from None
-    except CairnError:
+    except CairnError:  # (a RunTimeoutError of the file's own wait: exit code 3)
         raise
     except Exception as exc:  # a bug in the user's file: show where (its frames, not Cairn's), exit as an input error
         _print_user_error(exc, pipeline_file)
@@ -117,7 +121,6 @@ def run_file(ctx: typer.Context,
         return
     from cairn.client.follow import SHOWN_TO_THE_END
 
-    deadline = None if timeout is None else time.monotonic() + timeout
     failed = False
     for r in runs:
         if r.id in SHOWN_TO_THE_END:  # the file followed it itself (wait_for_completion(show_output=True))

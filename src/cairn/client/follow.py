@@ -47,10 +47,18 @@ SHOWN_TO_THE_END: set[str] = set()
 INTERRUPT_EXPLAINED = False  # a Ctrl-C while following was explained (the CLI says nothing more)
 
 
+# Set by `cairn run --timeout` (a time.monotonic() value): no wait of the process goes past it,
+# those of the pipeline file included.
+WAIT_DEADLINE: float | None = None
+
+
 def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: float | None,
             raise_on_error: bool, only_step: str | None, out: TextIO | None) -> str:
     out = out or sys.stdout
-    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+    began = time.monotonic()
+    deadline = None if timeout_seconds is None else began + timeout_seconds
+    if WAIT_DEADLINE is not None:  # `cairn run --timeout`: the file's own waits end by then too
+        deadline = WAIT_DEADLINE if deadline is None else min(deadline, WAIT_DEADLINE)
     watch = backend.watch(run_id, final_only=not show_output and not only_step)
     seen: dict[str, tuple[str, str | None]] = {}
     offsets: dict[tuple[str, str], int] = {}
@@ -78,7 +86,7 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
                 break
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                raise RunTimeoutError(f"run {run_id} is still {run['status']} after {timeout_seconds:g} s "
+                raise RunTimeoutError(f"run {run_id} is still {run['status']} after {now - began:.0f} s of waiting "
                                       f"(it goes on; wait again or `cairn cancel {run_id}`)")
             if not connected:
                 backend.ensure_progress()  # starts an agent if none serves the workspace (resume)
