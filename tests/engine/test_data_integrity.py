@@ -227,3 +227,37 @@ def test_a_local_datastore_inside_the_source_folder_is_not_snapshotted(workspace
     assert submit().get_status() == "Reused"
     (project / "step.py").write_text((project / "step.py").read_text() + "# edited\n")
     assert submit().explain()["changes"] == ["snapshot changed: step.py modified"]
+
+
+def test_a_step_that_changes_an_input_given_in_place_fails_saying_so(workspace, write_script):
+    """A committed output is read-only, but its folder is not, and root writes anyway: a consumer
+    that adds, rewrites or removes its files fails, naming the input, instead of Completing over
+    changed recorded data; a consumer given a private copy (as_download) may change it."""
+    src = write_script("make.py", "import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\n"
+                                  "open(os.path.join(sys.argv[1], 'v.txt'), 'w').write('v1')\n")
+    write_script("change.py", """
+        import os, sys
+        folder, how = sys.argv[1], sys.argv[2]
+        if how == "add":
+            open(os.path.join(folder, "new.txt"), "w").write("new")
+        elif how == "rewrite":
+            path = os.path.join(folder, "v.txt")
+            os.chmod(path, 0o644)
+            open(path, "a").write(" and more")
+    """)
+    for how, mode, expected in (("add", "mount", "Failed"), ("rewrite", "mount", "Failed"),
+                                ("rewrite", "download", "Completed"), ("read", "mount", "Completed")):
+        made = PipelineData("made")
+        given = made.as_download() if mode == "download" else made.as_input()
+        run = Experiment(workspace, "in-place").submit(Pipeline(workspace, [
+            PythonScriptStep("make.py", name="make", source_directory=str(src), arguments=[made], outputs=[made],
+                             allow_reuse=False),
+            PythonScriptStep("change.py", name="change", source_directory=str(src), arguments=[given, how],
+                             inputs=[given], allow_reuse=False)]))
+        assert run.wait_for_completion(show_output=False, raise_on_error=False) == expected, (how, mode)
+        change = run.find_step_run("change")[0]
+        if expected == "Failed":
+            assert "the step changed its input 'made'" in change._row()["status_reason"], how
+            assert "as_download()" in change._row()["status_reason"]
+        else:
+            assert change._row()["status_reason"] is None

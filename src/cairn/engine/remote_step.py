@@ -269,7 +269,7 @@ def _localize_input(job: StepJob, i: InputLocation, call: _Relay, holds: list[in
                     os.chmod(full, os.stat(full).st_mode | 0o200)
         folder = private
     path = folder / files[0][0] if single else folder
-    return dataclasses.replace(i, path=str(path))
+    return dataclasses.replace(i, path=str(path), stat_signature=None)  # a copy: the runner need not check it
 
 
 def _local_datastores(job: StepJob, name: str) -> bool:

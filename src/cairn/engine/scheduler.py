@@ -260,7 +260,9 @@ class PipelineScheduler:
             local = store_name in self._roots
             # remote: fetched; os.path, not pathlib: this runs for every input of every step
             path = os.path.normpath(os.path.join(self._roots[store_name], produced["path"])) if local else ""
-            inputs.append(InputLocation(i.name, path, produced["digest"], i.mode))
+            in_place = local and i.mode != "download"
+            inputs.append(InputLocation(i.name, path, produced["digest"], i.mode,
+                                        produced.get("stat_signature") if in_place else None))
             if i.read_as or not local:
                 definition = {"kind": "tabular" if i.read_as else "file",
                               "paths": [{"datastore": store_name, "path": produced["path"]}], **(i.read_as or {})}

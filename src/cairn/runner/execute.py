@@ -566,6 +566,12 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED, ended.lost, code)
         if code != 0:
             return _end(job, reporter, syslog, Status.FAILED, _exit_reason(code, log_dir), code)
+        changed = _changed_inputs(job)
+        if changed:
+            return _end(job, reporter, syslog, Status.FAILED,
+                        f"the step changed {', '.join(changed)}, given in place (read-only: committed outputs never "
+                        f"change); write into an output instead, or read the input with as_download() for a "
+                        f"private copy", code)
         failed_by_script = log_dir / FAIL_MARKER
         if failed_by_script.exists():
             details = failed_by_script.read_text(errors="replace").strip()[:300]
@@ -607,6 +613,22 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             resolved.close()  # the environment may be pruned again
         for fd in holds:
             os.close(fd)  # its input cache entries may be evicted again
+
+
+def _changed_inputs(job: StepJob) -> list[str]:
+    """The inputs given in place (committed outputs of upstream steps) that the step changed: added,
+    removed or rewritten files (as root, or after a chmod, it can)."""
+    from cairn.storage.tree import stat_signatures
+
+    changed = []
+    for i in job.inputs:
+        if not i.stat_signature:
+            continue
+        if not os.path.lexists(i.path):
+            changed.append(f"its input {i.name!r} (removed {i.path})")
+        elif i.stat_signature not in stat_signatures(i.path):
+            changed.append(f"its input {i.name!r} ({i.path})")
+    return changed
 
 
 def _stopped_before_start(job: StepJob, reporter: StepReporter, control: StepControl,

@@ -15,6 +15,9 @@ class InputLocation:
     path: str  # absolute, local to the machine that runs the step
     digest: str
     mode: str = "mount"
+    # a committed output given in place (not copied): its stat signature at commit, checked again
+    # when the step ends (it must not have changed it)
+    stat_signature: str | None = None
 
 
 @dataclass(frozen=True)
