@@ -622,3 +622,32 @@ def test_a_workspace_removed_under_a_run_ends_the_wait_with_a_clear_error(worksp
     with pytest.raises(WorkspaceNotFoundError, match="is gone"):
         run.wait_for_completion(show_output=False, timeout_seconds=90)
     assert not dot.exists()
+
+
+CHECKPOINTS = """
+import signal, sys, time
+def save(signum, frame):
+    open(sys.argv[1], "w").write("checkpoint saved on " + signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+print("training", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_cancel_lets_a_step_save_a_checkpoint_first(workspace, write_script, tmp_path):
+    """SIGTERM first (as a timeout does), SIGKILL only for what is left after the grace period."""
+    saved = tmp_path / "checkpoint.txt"
+    src = write_script("train.py", CHECKPOINTS)
+    run = Experiment(workspace, "graceful").submit(Pipeline(workspace, [
+        PythonScriptStep("train.py", name="train", source_directory=src, arguments=[str(saved)])]))
+    step = run.find_step_run("train")[0]
+    watch = workspace._backend.watch(run.id)
+    assert watch.connect()
+    while "training" not in step.get_stdout_log():  # woken by the agent's events (and log polls), not a timer
+        watch.wait(1)
+    watch.close()
+    run.cancel()
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
+    assert saved.read_text() == "checkpoint saved on SIGTERM"
+    assert step.get_status() == "Canceled"

@@ -4,6 +4,7 @@ to know where the metadata lives."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -92,15 +93,26 @@ class StepControl:
             self.cancel_reason = reason
             self.requeue = requeue
             # a process already waited for (an environment build's uv) is not killed: its group id
-            # may belong to another process by now
+            # may belong to another process by now. A cancel asks first (SIGTERM: a step may save a
+            # checkpoint), then kills what is left after KILL_GRACE_SECONDS, as a timeout does; an
+            # agent that stops kills at once (the step runs again anyway).
             if self._proc is not None and getattr(self._proc, "returncode", None) is None:
-                _kill_group(self._proc)
+                if requeue:
+                    _kill_group(self._proc)
+                else:
+                    _kill_group(self._proc, signal.SIGTERM)
+                    _deadlines.call_later(KILL_GRACE_SECONDS, functools.partial(_kill_if_running, self._proc))
             cancellers = list(self._cancellers)
             wakers = list(self._wakers)
         for canceller in cancellers:
             canceller(requeue)
         for waker in wakers:
             waker()
+
+
+def _kill_if_running(proc: Any) -> None:
+    if getattr(proc, "returncode", None) is None:  # not waited for yet: its group is still its own
+        _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
