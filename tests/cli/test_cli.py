@@ -678,3 +678,19 @@ def test_timeout_also_ends_a_wait_of_the_file_itself(project: Project) -> None:
     assert "timeout" in flat(result.stderr) and f"cairn cancel {run_id}" in flat(result.stderr)
     no_traceback(result)
     assert project.cairn("cancel", run_id).returncode == 0
+
+
+def test_logs_follow_shows_the_system_log_at_the_end_when_asked(completed: Done) -> None:
+    result = completed.project.cairn("logs", completed.step_id, "--follow", "--system")
+    assert result.returncode == 0, result.stderr
+    assert "greet | hello from step" in result.stdout
+    assert "system ---" in result.stdout and "attempt 1 of step" in result.stdout
+    plain = completed.project.cairn("logs", completed.step_id, "--environment")
+    assert "no environment build log" in flat(plain.stderr)
+
+
+def test_init_on_a_file_is_a_clear_error(project: Project) -> None:
+    (project.root / "pipeline.py").write_text("# a file, not a folder\n")
+    result = project.cairn("init", "pipeline.py")
+    assert result.returncode == 2 and "is a file, not a folder" in flat(result.stderr), result.stderr
+    no_traceback(result)

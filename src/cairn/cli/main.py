@@ -346,7 +346,7 @@ def env_prune(dry_run: bool = typer.Option(False, "--dry-run", help="only say wh
 
 @app.command()
 def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the run ends"),
-         system: bool = typer.Option(False, "--system", help="also show the system log"),
+         system: bool = typer.Option(False, "--system", help="also show the system log (with --follow: at the end)"),
          environment: bool = typer.Option(False, "--environment", help="also show the environment build log"),
          workspace: Path = WorkspaceOption) -> None:
     """Print the logs of a step run (or of every step of a pipeline run)."""
@@ -356,13 +356,19 @@ def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
     run = ws.get_run(run_id)
     row = run._row()
     backend = ws._backend
-    if follow:
+    steps = [run] if row["parent_id"] else None
+    if follow:  # (the environment's build log is shown as it is written anyway)
         status = follow_run(backend, row["parent_id"] or run_id, show_output=True, raise_on_error=False,
                             only_step=run_id if row["parent_id"] else None)
+        for s in (steps or run.get_steps()) if system else []:  # written through the end: shown after it
+            text, _ = backend.read_log(s.id, "system")
+            console.print(f"[dim]--- {s._row()['name']}: system ---[/]")
+            sys.stdout.write(text)
+        sys.stdout.flush()
         if status in ("Failed", "Canceled"):
             raise typer.Exit(EXIT_RUN_FAILED)
         return
-    steps = [run] if row["parent_id"] else run.get_steps()
+    steps = steps or run.get_steps()
     for s in steps:
         srow = s._row()
         source = srow["reused_from"] or s.id
@@ -373,6 +379,8 @@ def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
             console.rule(f"{srow['name']} ({s.id}) {srow['status']}")
         for which in kinds:
             text, _ = backend.read_log(source if which in ("stdout", "stderr") else s.id, which)
+            if not text and which == "environment" and environment:
+                err.print(f"[dim]{srow['name']}: no environment build log (its environment needed no build)[/]")
             if text:
                 if len(steps) > 1 or len(kinds) > 1:
                     console.print(f"[dim]--- {which} ---[/]")

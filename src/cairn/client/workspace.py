@@ -59,6 +59,9 @@ class Workspace:
         """Make an embedded workspace in ``path`` (or open it when it exists and ``exist_ok``)."""
         if not isinstance(path, (str, os.PathLike)):
             raise UserInputError(f"Workspace.create path must be a folder path, not {type(path).__name__}")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserInputError(f"{os.fspath(path)!r} is a file, not a folder: give the folder to make the "
+                                 f"workspace in (its .cairn/ goes there)")
         layout = WorkspaceLayout(path)
         if exist_ok and layout.config.is_file() and layout.db.is_file() and all(d.is_dir() for d in layout.folders):
             ws = cls(path)  # through its agent while it is up: no store opened here
