@@ -410,3 +410,30 @@ def test_a_workspace_made_inside_another_says_so(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     Workspace.create(tmp_path / "elsewhere")
     assert capsys.readouterr().err == ""
+
+
+def test_replacing_the_default_datastore_keeps_it_the_default(workspace: Workspace, tmp_path: Path) -> None:
+    from cairn import Datastore
+
+    (tmp_path / "elsewhere").mkdir()
+    name = workspace.get_default_datastore().name
+    Datastore.register_local_folder(workspace, name, tmp_path / "elsewhere", overwrite=True)
+    default = workspace.get_default_datastore()
+    assert default.name == name and Path(default.root) == (tmp_path / "elsewhere").resolve()
+
+
+def test_uploads_that_would_replace_each_other_are_refused(workspace: Workspace, tmp_path: Path) -> None:
+    from cairn import CairnError, UserInputError
+
+    for rel in ("a.txt", "sub/a.txt"):
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_text(rel)
+    store = workspace.get_default_datastore()
+    files = [tmp_path / "src" / "a.txt", tmp_path / "src" / "sub" / "a.txt"]
+    with pytest.raises(UserInputError, match="would both be uploaded to 'flat/a.txt'"):
+        store.upload_files(files, target_path="flat", show_progress=False)
+    assert not (Path(store.root) / "flat").exists()
+    store.upload_files(files, relative_root=str(tmp_path / "src"), target_path="kept", show_progress=False)
+    assert (Path(store.root) / "kept" / "sub" / "a.txt").read_text() == "sub/a.txt"
+    with pytest.raises(CairnError, match="not found"):  # a clear error of Cairn's (and a FileNotFoundError)
+        store.download(tmp_path / "back", prefix="zzz", show_progress=False)

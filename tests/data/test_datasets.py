@@ -93,3 +93,16 @@ def test_registry_versions_follow_the_content(workspace, store):
     with pytest.raises(NotFoundError, match="registered: iris"):
         Dataset.get_by_name(workspace, "nope")
     assert Dataset.get_by_name(workspace, "iris", version=1).content_digest == second.content_digest
+
+
+def test_a_dataset_reads_the_files_its_store_has_now(store, tmp_path):
+    """A dataset names files in a store, not a copy of them: files removed or added after it was
+    made are not listed, fetched or read from its first listing."""
+    files = Dataset.File.from_files((store, "iris/"))
+    table = Dataset.Tabular.from_delimited_files([(store, "iris/*.csv")])
+    assert files.to_path() == ["part 1.csv", "part_2.csv"] and len(table.to_pandas_dataframe()) == 3
+    (Path(store.root) / "iris" / "part_2.csv").unlink()
+    (Path(store.root) / "iris" / "part_3.csv").write_text("a,b,name\n7,8.5,w\n9,1.5,v\n")
+    assert files.to_path() == ["part 1.csv", "part_3.csv"]
+    assert sorted(Path(p).name for p in files.download(tmp_path / "dl")) == ["part 1.csv", "part_3.csv"]
+    assert table.to_pandas_dataframe()["a"].tolist() == [1, 3, 7, 9]

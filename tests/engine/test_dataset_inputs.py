@@ -183,3 +183,29 @@ def test_a_dataset_whose_files_are_gone_is_refused_at_submit(workspace, write_sc
         assert named in str(raised.value) and "does not exist now" in str(raised.value)
     run = Experiment(workspace, "gone").submit(pipeline(Dataset.File.from_files((store, "empty"), validate=False)))
     assert run.wait_for_completion(show_output=False) == "Completed"
+
+
+def test_a_dataset_changed_between_submit_and_its_step_fails_the_step(workspace, write_script, tmp_path):
+    """The step's fingerprint (and the input cache's key) name the files the submit saw: a step
+    that would read others fails, saying to submit again, rather than being recorded over them."""
+    import os
+
+    store = workspace.get_default_datastore()
+    (Path(store.root) / "raw").mkdir()
+    (Path(store.root) / "raw" / "a.txt").write_text("a")
+    gate = tmp_path / "gate.fifo"
+    os.mkfifo(gate)
+    src = write_script("wait.py", "import sys\nopen(sys.argv[1]).read()\n")
+    write_script("read.py", "import os, sys\nprint(sorted(os.listdir(sys.argv[1])))\n")
+    raw = Dataset.File.from_files((store, "raw/*.txt"))  # a glob: fetched (linked) for the step
+    first = PythonScriptStep("wait.py", name="wait", source_directory=src, arguments=[str(gate)], allow_reuse=False)
+    read = PythonScriptStep("read.py", name="read", source_directory=src,
+                            arguments=[raw.as_named_input("raw").as_mount()], allow_reuse=False)
+    read.run_after(first)
+    run = Experiment(workspace, "changed").submit(Pipeline(workspace, [first, read]))
+    (Path(store.root) / "raw" / "b.txt").write_text("b")  # after the submit, before the step
+    with open(gate, "w") as opened:  # lets the first step end
+        opened.write("go")
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Failed"
+    reason = run.find_step_run("read")[0]._row()["status_reason"]
+    assert "input 'raw': the dataset's files changed since the run was submitted" in reason

@@ -101,3 +101,30 @@ def test_lineage_names_producers_and_consumers(workspace, write_script):
     missing = subprocess.run([sys.executable, "-m", "cairn", "datasets", "show", "nope", "-w", workspace.location],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no dataset 'nope'" in missing.stderr
+
+
+def test_an_object_store_output_changed_since_its_commit_is_not_reused(workspace, moto_s3, write_script):
+    """Overwritten by another run's step with other bytes: the producer runs again, and its consumer
+    reads what the producer makes now (a local datastore's outputs are checked the same way, by
+    their stat signature)."""
+    s3 = Datastore.register_s3_bucket(
+        workspace, "lake", bucket_name=f"b{uuid.uuid4().hex[:10]}", endpoint_url=moto_s3["endpoint_url"],
+        access_key_id=moto_s3["access_key_id"], secret_access_key=moto_s3["secret_access_key"],
+        create_if_not_exists=True)
+    src = write_script("make.py", "import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\n"
+                                  "open(os.path.join(sys.argv[1], 'v.txt'), 'w').write(sys.argv[2])\n")
+    write_script("read.py", "import os, sys\nprint(open(os.path.join(sys.argv[1], 'v.txt')).read())\n")
+
+    def submit(value: str) -> dict[str, tuple[str, str]]:
+        out = OutputFileDatasetConfig("out", destination=(s3, "fixed/place")).as_upload(overwrite=True)
+        run = Experiment(workspace, "overwritten").submit(Pipeline(workspace, [
+            PythonScriptStep("make.py", name="make", source_directory=src, arguments=[out, value]),
+            PythonScriptStep("read.py", name="read", source_directory=src, arguments=[out.as_input("out")])]))
+        assert run.wait_for_completion(show_output=False) == "Completed"
+        return {s.name: (s.get_status(), s.get_stdout_log().strip()) for s in run.get_steps()}
+
+    assert submit("2") == {"make": ("Completed", ""), "read": ("Completed", "2")}
+    assert submit("2")["read"] == ("Reused", "2")
+    assert submit("3")["read"] == ("Completed", "3")  # the same place, other bytes
+    again = submit("2")  # the first run's output is recorded for this fingerprint: it was overwritten
+    assert again["make"][0] == "Completed" and again["read"][1] == "2"

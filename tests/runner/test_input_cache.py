@@ -45,6 +45,20 @@ def test_a_changed_entry_is_fetched_again(cache: Path) -> None:
     assert folder is not None and len(calls) == 2 and sorted(p.name for p in folder.iterdir()) == ["data.bin"]
 
 
+def test_an_entry_rewritten_in_place_at_the_same_size_is_fetched_again(cache: Path) -> None:
+    """A step running as root (or one that made the file writable) rewrote a cached file: its size
+    alone does not tell, its modification time does; the next step gets the data the store has."""
+    calls: list[str] = []
+    folder = input_cache.cached_input("xxh:a", {"data.bin": 3}, filler(b"abc", calls), None)
+    assert folder is not None
+    target = folder / "data.bin"
+    os.chmod(target, 0o644)
+    target.write_bytes(b"xyz")
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 1_000_000_000))
+    folder = input_cache.cached_input("xxh:a", {"data.bin": 3}, filler(b"abc", calls), None)
+    assert folder is not None and len(calls) == 2 and (folder / "data.bin").read_bytes() == b"abc"
+
+
 def test_the_least_recently_used_entries_go_first_but_held_ones_stay(cache: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAIRN_INPUT_CACHE_MAX_GB", str(2500 / 1024 ** 3))  # room for two 1000-byte entries

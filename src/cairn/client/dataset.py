@@ -148,13 +148,13 @@ class FileDataset(_DatasetBase):
     kind = "file"
 
     def to_path(self) -> list[str]:
-        """The files' paths relative to the dataset's root."""
-        return sorted(f.relative for f in self._resolve())
+        """The files' paths relative to the dataset's root (as the store lists them now)."""
+        return sorted(f.relative for f in self._resolve(refresh=True))
 
     def download(self, target_path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> list[str]:
         """Copy the files into ``target_path`` (a new temporary folder if None); returns their paths."""
         dest = Path(target_path) if target_path is not None else Path(tempfile.mkdtemp(prefix="cairn-ds-"))
-        files = self._resolve()
+        files = self._resolve(refresh=True)  # a dataset names files in a store: those it has now
         clashes = [f.relative for f in files if (dest / f.relative).exists()]
         if clashes and not overwrite:
             raise FileExistsError(f"{len(clashes)} file(s) already exist in {dest} (e.g. {clashes[0]!r}); pass "
@@ -172,7 +172,7 @@ class FileDataset(_DatasetBase):
             return
         folder = Path(mount_point) if mount_point is not None else Path(tempfile.mkdtemp(prefix="cairn-mount-"))
         try:
-            ds_core.fetch(self._resolve(), self._locate, folder)
+            ds_core.fetch(self._resolve(refresh=True), self._locate, folder)
             yield str(folder)
         finally:
             if mount_point is None:
@@ -183,7 +183,7 @@ class TabularDataset(_DatasetBase):
     kind = "tabular"
 
     def to_pandas_dataframe(self) -> Any:
-        return ds_core.read_table(self._definition, self._resolve(), self._locate)
+        return ds_core.read_table(self._definition, self._resolve(refresh=True), self._locate)
 
     def _derived(self, op: str, arg: Any) -> TabularDataset:
         definition = self.definition

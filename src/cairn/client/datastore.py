@@ -74,7 +74,9 @@ class Datastore:
             where = f" (for {existing['config']['path']})" if existing["kind"] == "local" else ""
             raise UserInputError(f"datastore {datastore_name!r} is already registered{where}; pass overwrite=True "
                                  f"to replace it")
-        workspace._backend.register_datastore(datastore_name, "local", {"path": str(folder)}, False)
+        # replacing the default keeps it the default: the workspace always has one
+        workspace._backend.register_datastore(datastore_name, "local", {"path": str(folder)},
+                                              bool(existing and existing.get("is_default")))
         return cls(workspace, datastore_name)
 
     @classmethod
@@ -131,11 +133,14 @@ class Datastore:
 
         check_type(workspace, Workspace, "datastore workspace")
         check_data_name(name, "datastore name")
-        if not overwrite and any(d["name"] == name for d in workspace._backend.list_datastores()):
+        existing = next((d for d in workspace._backend.list_datastores() if d["name"] == name), None)
+        if existing is not None and not overwrite:
             raise UserInputError(f"datastore {name!r} is already registered; pass overwrite=True to replace it")
         if not skip_validation:
             validate(DatastoreLocation(name, kind, config, secrets), create_if_not_exists)
-        workspace._backend.register_datastore(name, kind, config, False, secrets)
+        # replacing the default keeps it the default: the workspace always has one
+        default = bool(existing and existing.get("is_default"))
+        workspace._backend.register_datastore(name, kind, config, default, secrets)
         return cls(workspace, name)
 
     def unregister(self) -> None:

@@ -59,6 +59,23 @@ def _version_of(info: dict[str, Any]) -> str:
     return "|".join(found)
 
 
+def listing_signature(loc: DatastoreLocation, relative: str) -> str | None:
+    """What an object store says of the files under ``relative`` now (their paths, sizes and
+    ETags/checksums), as one digest; None when nothing is there. A committed output on an object
+    store records it: one overwritten or edited since (by another run, or by hand) is not reused."""
+    fs, root = loc.filesystem()
+    base = remote_path(root, relative).rstrip("/")
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache(base)  # a listing cached by this process would hide a change made elsewhere
+    try:
+        infos = fs.find(base, detail=True) if fs.exists(base) else {}
+    except Exception as exc:
+        raise translate_errors(loc, f"listing {relative!r}", exc) from None
+    files = [[full[len(base):], int(info.get("size") or 0), _version_of(info)]
+             for full, info in infos.items() if info.get("type") != "directory"]
+    return digest_json(sorted(files)) if files else None
+
+
 def resolve_files(definition: dict[str, Any], locate: Any) -> list[ResolvedFile]:
     """Every file the definition names. ``locate(name)`` gives a DatastoreLocation."""
     found: dict[str, ResolvedFile] = {}

@@ -330,8 +330,8 @@ class PipelineScheduler:
         if {o.name for o in step.outputs} - outs.keys():
             return None
         for o in outs.values():
-            if o["datastore"] not in self._roots:  # an object store: the output must still be listed
-                if not _remote_exists(self.ctx.datastore_location(o["datastore"]), o["path"]):
+            if o["datastore"] not in self._roots:  # an object store: listed as it was committed
+                if not _remote_unchanged(self.ctx.datastore_location(o["datastore"]), o["path"], o.get("stat_signature")):
                     return None
                 continue
             path = Path(self._roots.get(o["datastore"], "/nonexistent")) / o["path"]
@@ -439,12 +439,17 @@ def _destination(o: Any, base: str, step_run_id: str) -> str:
     return o.destination.replace("{run-id}", step_run_id).replace("{output-name}", o.name).strip("/")
 
 
-def _remote_exists(loc: Any, path: str) -> bool:
+def _remote_unchanged(loc: Any, path: str, signature: str | None) -> bool:
+    """Whether the output is still in its object store as committed (its files' listing, ETags
+    included; one committed by an older Cairn, with no signature: that it exists)."""
+    from cairn.data.datasets import listing_signature
     from cairn.storage.datastores import remote_path
 
     try:
-        fs, root = loc.filesystem()
-        return bool(fs.exists(remote_path(root, path)))
+        if signature is None:
+            fs, root = loc.filesystem()
+            return bool(fs.exists(remote_path(root, path)))
+        return listing_signature(loc, path) == signature
     except Exception:  # an unreachable store cannot be reused from: the step runs (and says why)
         return False
 

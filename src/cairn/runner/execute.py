@@ -215,10 +215,20 @@ def _fetch_dataset(job: StepJob, name: str, work: Path, path_on_compute: str | N
         loc = job.datastore_locations[store]
         return DatastoreLocation(store, loc["kind"], loc["config"], loc["secrets"])
 
+    from cairn.data.datasets import content_digest
+
     dest = _own_place(work, path_on_compute or f"{DOWNLOAD_FOLDER}/{name}", name)
     files = resolve_files(job.datasets[name]["definition"], locate)
     local = [f for f in files if f.datastore and job.datastore_locations[f.datastore]["kind"] == "local"]
     digest = next((i.digest for i in job.inputs if i.name == name), "")
+    # a dataset's digest is its listing's at submit (an upstream output's is of its bytes, and
+    # committed outputs never change): the step's fingerprint and the cache key name those files
+    listed = any(d.name == name for d in job.spec.dataset_inputs)
+    if listed and digest and content_digest(files) != digest:
+        raise UserInputError(
+            f"input {name!r}: the dataset's files changed since the run was submitted ("
+            + ("they are gone" if not files else f"{len(files)} file(s) now, other than then")
+            + "); submit the pipeline again to read them as they are now")
     cached = None
     if not local and digest:  # all remote: fetched once per machine, kept in the input cache
         from cairn.core.digests import digest_json
@@ -900,11 +910,12 @@ def commit_output(job: StepJob, o: Any, staging: Path) -> dict[str, Any]:
     local = o.datastore in job.datastore_roots
     if local:
         _commit_local(job, o, staging)
-    else:
-        _commit_remote(job, o, staging)
+        signature = tree.stat_signature
+    else:  # what the store says of the uploaded files (ETags): checked before the output is reused
+        signature = _commit_remote(job, o, staging)
     return {"name": o.name, "datastore": o.datastore, "path": job.output_dirs[o.name],
             "digest": tree.digest, "size": tree.size, "file_count": tree.file_count,
-            "stat_signature": tree.stat_signature if local else None}
+            "stat_signature": signature}
 
 
 def _commit_local(job: StepJob, o: Any, staging: Path) -> None:
@@ -921,7 +932,8 @@ def _commit_local(job: StepJob, o: Any, staging: Path) -> None:
     os.rename(staging, final)
 
 
-def _commit_remote(job: StepJob, o: Any, staging: Path) -> None:
+def _commit_remote(job: StepJob, o: Any, staging: Path) -> str | None:
+    from cairn.data.datasets import listing_signature
     from cairn.storage.datastores import DatastoreLocation, remote_path, upload
 
     loc_data = job.datastore_locations[o.datastore]
@@ -937,6 +949,7 @@ def _commit_remote(job: StepJob, o: Any, staging: Path) -> None:
     files = [(str(p), f"{target}/{p.relative_to(staging).as_posix()}") for p in sorted(staging.rglob("*"))
              if p.is_file()]
     upload(loc, files, overwrite=True, show_progress=False)
+    return listing_signature(loc, target)
 
 
 def remove_staging(job: StepJob, spec: Any) -> None:

@@ -49,13 +49,13 @@ def cached_input(key: str, sizes: dict[str, int], fill: Callable[[Path], None],
     root = cache_root()
     name = key.replace(":", "-")
     folder = root / name
-    for sub in (root, root / ".locks", root / ".sizes"):
+    for sub in (root, root / ".locks", root / ".sizes", root / ".stamps"):
         sub.mkdir(parents=True, exist_ok=True)
     lock = os.open(root / ".locks" / name, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_SH)  # waits while an eviction removes this entry
         if folder.is_dir():
-            if _intact(folder, sizes):
+            if _intact(folder, sizes, root / ".stamps" / name):
                 os.utime(folder)  # last used
                 _keep(lock, holds)
                 return folder
@@ -68,6 +68,7 @@ def cached_input(key: str, sizes: dict[str, int], fill: Callable[[Path], None],
             fcntl.flock(lock, fcntl.LOCK_SH)
         _fill(root, folder, fill)
         (root / ".sizes" / name).write_text(str(sum(sizes.values())))
+        (root / ".stamps" / name).write_text(_stamp(_listing(folder)))
         _keep(lock, holds)
     except BaseException:
         os.close(lock)
@@ -106,6 +107,7 @@ def evict(root: Path, limit: int) -> list[str]:
             if (root / name).is_dir():  # not already removed by another step's eviction
                 _remove(root / name)
                 (root / ".sizes" / name).unlink(missing_ok=True)
+                (root / ".stamps" / name).unlink(missing_ok=True)
                 removed.append(name)
             total -= size
         finally:
@@ -145,14 +147,36 @@ def _size(root: Path, entry: Path) -> int:
         return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(entry) for n in names)
 
 
-def _intact(folder: Path, sizes: dict[str, int]) -> bool:
-    """Every file (and link: the length of its target's name) is there with its size, and nothing else."""
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file (and link) under ``folder``: (size, modification time); a link's size is the length
+    of its target's name."""
     found = {}
     for dirpath, dirnames, names in os.walk(folder):
         for n in [*names, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))]:
             full = os.path.join(dirpath, n)
-            found[os.path.relpath(full, folder).replace(os.sep, "/")] = os.lstat(full).st_size
-    return found == sizes
+            st = os.lstat(full)
+            found[os.path.relpath(full, folder).replace(os.sep, "/")] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _stamp(listing: dict[str, tuple[int, int]]) -> str:
+    from cairn.core.digests import digest_json
+
+    return digest_json(sorted([rel, size, mtime] for rel, (size, mtime) in listing.items()))
+
+
+def _intact(folder: Path, sizes: dict[str, int], stamp_file: Path) -> bool:
+    """Every file is there with its size, and nothing else; and none was written since the entry
+    was filled (its stamp: sizes and modification times; a step running as root, or one that made
+    a file writable, can change a cached file in place)."""
+    listing = _listing(folder)
+    if {rel: size for rel, (size, _) in listing.items()} != sizes:
+        return False
+    try:
+        stamp = stamp_file.read_text()
+    except OSError:  # filled by an older Cairn: its sizes are all it can be checked by
+        return True
+    return stamp == _stamp(listing)
 
 
 def _remove(folder: Path) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cairn.core.errors import CairnError, UserInputError
+from cairn.core.errors import CairnError, PathNotFoundError, UserInputError
 
 KINDS = ("local", "azure_blob", "s3")
 TRANSFER_THREADS = 8
@@ -110,7 +110,7 @@ def translate_errors(loc: DatastoreLocation, action: str, exc: BaseException) ->
     lowered = text.lower()
     if isinstance(exc, FileNotFoundError) or "notfound" in lowered or "nosuchbucket" in lowered \
             or "containernotfound" in lowered or "does not exist" in lowered:
-        return FileNotFoundError(f"{action}: not found in datastore {loc.name!r} ({where}): {exc}")
+        return PathNotFoundError(f"{action}: not found in datastore {loc.name!r} ({where}): {exc}")
     if "invalidresourcename" in lowered or "invalidbucketname" in lowered:
         return UserInputError(f"{action}: {where} is not a valid name for datastore {loc.name!r} (Azure container "
                               f"names: 3-63 lower-case letters, digits and '-'; S3 buckets: 3-63 lower-case "
@@ -200,9 +200,13 @@ def upload(loc: DatastoreLocation, files: list[tuple[str, str]], overwrite: bool
     fs, root = loc.filesystem()
     report = TransferReport()
     existing: set[str] = set()
-    for local, _ in files:
+    sources: dict[str, str] = {}
+    for local, rel in files:
         if not os.path.isfile(local):
-            raise FileNotFoundError(f"cannot upload {local!r}: no such file")
+            raise PathNotFoundError(f"cannot upload {local!r}: no such file")
+        if sources.setdefault(rel, local) != local:  # one would silently replace the other
+            raise UserInputError(f"{sources[rel]!r} and {local!r} would both be uploaded to {rel!r}; pass "
+                                 f"relative_root (their common folder) to keep the folders they are in")
     targets = [(local, remote_path(root, rel)) for local, rel in files]
     if not overwrite and targets:
         try:  # one listing of the common prefix, not one request per file
