@@ -261,3 +261,19 @@ def test_a_step_that_changes_an_input_given_in_place_fails_saying_so(workspace, 
             assert "as_download()" in change._row()["status_reason"]
         else:
             assert change._row()["status_reason"] is None
+
+
+def test_a_destination_in_another_datastore_leaves_no_step_folder_there(workspace, write_script, tmp_path):
+    from cairn import Datastore, OutputFileDatasetConfig
+
+    (tmp_path / "lake").mkdir()
+    lake = Datastore.register_local_folder(workspace, "lake", tmp_path / "lake")
+    src = write_script("write.py", "import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\n"
+                                   "open(os.path.join(sys.argv[1], 'x.txt'), 'w').write('x')\n")
+    out = OutputFileDatasetConfig("x", destination=(lake, "results/x")).as_upload(overwrite=True)
+    run = Experiment(workspace, "destination").submit(Pipeline(workspace, [
+        PythonScriptStep("write.py", name="write", source_directory=src, arguments=[out])]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    step = run.find_step_run("write")[0]
+    assert (tmp_path / "lake" / "results" / "x" / "x.txt").read_text() == "x"
+    assert not (tmp_path / "lake" / "runs" / run.id / step.id).exists()  # only what the user asked for

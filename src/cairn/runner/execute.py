@@ -963,7 +963,12 @@ def remove_staging(job: StepJob, spec: Any) -> None:
             os.rmdir(folder)
         except OSError:
             shutil.rmtree(folder, ignore_errors=True)
-        try:  # nothing committed here: no outputs folder either (one with a committed output is not empty)
-            os.rmdir(os.path.dirname(folder))
-        except OSError:
-            pass
+        # nothing committed here: no outputs folder either (one with a committed output is not
+        # empty), nor, in a datastore that got only a destination, the step's folder above it (the
+        # run's stays: another step of the run may be making its own in it now)
+        outputs = os.path.dirname(folder)
+        for empty in (outputs, os.path.dirname(outputs)):
+            try:
+                os.rmdir(empty)
+            except OSError:
+                break
