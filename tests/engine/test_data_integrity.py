@@ -277,3 +277,23 @@ def test_a_destination_in_another_datastore_leaves_no_step_folder_there(workspac
     step = run.find_step_run("write")[0]
     assert (tmp_path / "lake" / "results" / "x" / "x.txt").read_text() == "x"
     assert not (tmp_path / "lake" / "runs" / run.id / step.id).exists()  # only what the user asked for
+
+
+def test_an_output_whose_store_cannot_be_reached_fails_its_step_saying_so(workspace, write_script):
+    import socket
+
+    from cairn import Datastore, OutputFileDatasetConfig
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = Datastore.register_s3_bucket(workspace, "down", bucket_name="nowhere", endpoint_url=f"http://127.0.0.1:{port}",
+                                        access_key_id="k", secret_access_key="s", skip_validation=True)
+    src = write_script("write.py", "import os, sys\nos.makedirs(sys.argv[1], exist_ok=True)\n"
+                                   "open(os.path.join(sys.argv[1], 'x.txt'), 'w').write('x')\n")
+    out = OutputFileDatasetConfig("x", destination=(down, "x/{run-id}")).as_upload()
+    run = Experiment(workspace, "unreachable").submit(Pipeline(workspace, [
+        PythonScriptStep("write.py", name="write", source_directory=src, arguments=[out])]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=120) == "Failed"
+    reason = run.find_step_run("write")[0]._row()["status_reason"]
+    assert reason.startswith("output 'x' could not be committed") and "cannot reach datastore 'down'" in reason, reason

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from cairn.core.errors import UserInputError
+from cairn.core.errors import CairnError, UserInputError
 from cairn.core.status import Status
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
 from cairn.environments.spec import is_managed
@@ -934,22 +934,29 @@ def _commit_local(job: StepJob, o: Any, staging: Path) -> None:
 
 def _commit_remote(job: StepJob, o: Any, staging: Path) -> str | None:
     from cairn.data.datasets import listing_signature
-    from cairn.storage.datastores import DatastoreLocation, remote_path, upload
+    from cairn.storage.datastores import DatastoreLocation, probe, remote_path, translate_errors, upload
 
     loc_data = job.datastore_locations[o.datastore]
     loc = DatastoreLocation(o.datastore, loc_data["kind"], loc_data["config"], loc_data["secrets"])
     target = job.output_dirs[o.name]
-    fs, root = loc.filesystem()
-    existing = fs.find(remote_path(root, target)) if fs.exists(remote_path(root, target)) else []
-    if existing:
-        if o.destination and not o.overwrite:
-            raise OutputCommitError(f"output {o.name!r}: destination {o.datastore}:{target} already holds files; "
-                                    f"use as_upload(overwrite=True) or a destination with {{run-id}} in it")
-        fs.rm(existing)  # the output is exactly what this step wrote: no stale files from before
-    files = [(str(p), f"{target}/{p.relative_to(staging).as_posix()}") for p in sorted(staging.rglob("*"))
-             if p.is_file()]
-    upload(loc, files, overwrite=True, show_progress=False)
-    return listing_signature(loc, target)
+    try:
+        probe(loc, f"committing output {o.name!r}")  # an unreachable store fails in seconds, saying so
+        fs, root = loc.filesystem()
+        try:
+            existing = fs.find(remote_path(root, target)) if fs.exists(remote_path(root, target)) else []
+        except Exception as exc:
+            raise translate_errors(loc, f"committing output {o.name!r}", exc) from None
+        if existing:
+            if o.destination and not o.overwrite:
+                raise OutputCommitError(f"output {o.name!r}: destination {o.datastore}:{target} already holds "
+                                        f"files; use as_upload(overwrite=True) or a destination with {{run-id}} in it")
+            fs.rm(existing)  # the output is exactly what this step wrote: no stale files from before
+        files = [(str(p), f"{target}/{p.relative_to(staging).as_posix()}") for p in sorted(staging.rglob("*"))
+                 if p.is_file()]
+        upload(loc, files, overwrite=True, show_progress=False)
+        return listing_signature(loc, target)
+    except CairnError as exc:  # unreachable, refused: the step fails with it (its files stay staged)
+        raise OutputCommitError(f"output {o.name!r} could not be committed: {exc}") from None
 
 
 def remove_staging(job: StepJob, spec: Any) -> None:
