@@ -311,3 +311,28 @@ def test_validate_lists_every_problem_and_submit_raises_them_all(workspace: Work
         assert p in str(info.value)
     assert experiment.get_runs() == []  # nothing was queued
     assert "invalid" not in workspace.experiments
+
+
+@pytest.mark.parametrize("variables", [{"1 BAD=": "x"}, {"": "x"}, {"OK": "a\x00b"}])
+def test_a_variable_no_process_can_be_given_is_refused_at_submit(workspace: Workspace, src: Path,
+                                                                   variables: dict[str, str]) -> None:
+    from cairn import Environment
+
+    rc = RunConfiguration()
+    rc.environment_variables = variables
+    problems = Pipeline(workspace, [step(src, "s", runconfig=rc)]).validate()
+    assert any("environment variable" in p and "step 's'" in p for p in problems), problems
+    env = Environment("with-vars")
+    env.environment_variables = variables
+    rc = RunConfiguration()
+    rc.environment = env
+    with pytest.raises(CairnError, match="environment 'with-vars': .*environment variable"):
+        Experiment(workspace, "vars").submit(Pipeline(workspace, [step(src, "s", runconfig=rc)]))
+
+
+@pytest.mark.parametrize("name", ["line\nbreak", "tab\there", "x" * 256])
+def test_an_environment_name_that_would_break_tables_and_messages_is_refused(name: str) -> None:
+    from cairn import Environment, UserInputError
+
+    with pytest.raises(UserInputError, match="Environment name"):
+        Environment(name)

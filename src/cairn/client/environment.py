@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cairn.core.errors import NotFoundError, UserInputError
-from cairn.core.names import check_type
+from cairn.core.names import check_environment_name, check_type, variable_problems
 from cairn.environments.conda import CondaDependencies
 from cairn.environments.spec import INTERPRETER, current_interpreter_spec, managed_spec, spec_digest
 
@@ -43,10 +43,7 @@ class Environment:
     """A named, versioned description of where a step's Python runs."""
 
     def __init__(self, name: str) -> None:
-        check_type(name, str, "Environment name")
-        if not name.strip():
-            raise UserInputError("Environment name must not be empty")
-        self.name = name
+        self.name = check_environment_name(name)
         self.version: int | None = None
         self.python = PythonSection()
         self.docker = DockerSection()
@@ -249,6 +246,9 @@ class Environment:
                                 index_url=index, extra_index_urls=extra)
         if not isinstance(self.environment_variables, dict):
             raise UserInputError(f"environment {self.name!r}: environment_variables must be a dict")
+        problems = variable_problems(self.environment_variables, f"environment {self.name!r}")
+        if problems:
+            raise UserInputError("; ".join(problems))
         spec["environment_variables"] = {str(k): str(v) for k, v in self.environment_variables.items()}
         if not isinstance(docker.enabled, bool):
             raise UserInputError(f"environment {self.name!r}: docker.enabled must be True or False")
@@ -430,6 +430,8 @@ class RunConfiguration:
                             f"{type(self.environment).__name__}")
         if not isinstance(self.environment_variables, dict):
             problems.append(f"step {step_name!r}: runconfig.environment_variables must be a dict")
+        else:
+            problems += variable_problems(self.environment_variables, f"step {step_name!r}: runconfig")
         m = self.max_run_duration_seconds
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
                               or m <= 0):

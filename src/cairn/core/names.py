@@ -56,3 +56,29 @@ def check_step_name(name: Any) -> str:
         raise UserInputError(f"step name {name!r} is not valid: use 1 to 255 characters, none of them "
                              f"control characters")
     return name
+
+
+def variable_problems(variables: dict[Any, Any], where: str) -> list[str]:
+    """What no process could be started with: a variable named empty, with '=' or a NUL byte, or
+    a value with a NUL byte (names and values are given to the step as text)."""
+    problems = []
+    for key, value in variables.items():
+        name = str(key)
+        if not name or "=" in name or "\0" in name:
+            problems.append(f"{where}: environment variable name {name!r} is not valid (it must be non-empty, "
+                            f"without '=' or NUL characters)")
+        elif "\0" in str(value):
+            problems.append(f"{where}: the value of environment variable {name!r} has a NUL character, which no "
+                            f"process can be given")
+    return problems
+
+
+def check_environment_name(name: Any) -> str:
+    """An environment's name: any printable text up to 255 characters (shown in tables and errors)."""
+    check_type(name, str, "Environment name")
+    if not name.strip():
+        raise UserInputError("Environment name must not be empty")
+    if len(name) > 255 or not name.isprintable():
+        raise UserInputError(f"Environment name {name!r} is not valid: use up to 255 printable characters (no "
+                             f"line breaks, tabs or other control characters)")
+    return name
