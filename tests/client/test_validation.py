@@ -336,3 +336,13 @@ def test_an_environment_name_that_would_break_tables_and_messages_is_refused(nam
 
     with pytest.raises(UserInputError, match="Environment name"):
         Environment(name)
+
+
+def test_the_local_target_stays_this_machine(workspace: Workspace) -> None:
+    from cairn import RayCompute
+
+    with pytest.raises(CairnError, match="'local' is the built-in target"):
+        ComputeTarget.attach(workspace, "local", RayCompute.attach_configuration(address="127.0.0.1:1"))
+    assert ComputeTarget(workspace, "local").type == "local"
+    ComputeTarget.create(workspace, "local", LocalCompute.provisioning_configuration(max_concurrency=1))  # re-made
+    assert ComputeTarget(workspace, "local").config["max_concurrency"] == 1

@@ -207,6 +207,8 @@ def test_a_provisioned_cluster_starts_reports_and_is_deleted(workspace: Workspac
         assert status["state"] == "Succeeded" and status["node_count"] == 1 and status["managed"]
         with pytest.raises(UserInputError, match="use delete"):
             target.detach()
+        with pytest.raises(UserInputError, match="is a Ray cluster Cairn started"):  # it would run on, unnamed
+            ComputeTarget.create(workspace, "mini", RayCompute.provisioning_configuration(min_nodes=1, cpus_per_node=1))
     finally:
         nodes = target.config["nodes"]
         target.delete()

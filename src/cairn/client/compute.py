@@ -161,6 +161,7 @@ class ComputeTarget:
                                  f"LocalCompute.provisioning_configuration(...) or "
                                  f"RayCompute.provisioning_configuration(...), not "
                                  f"{type(provisioning_configuration).__name__}")
+        _check_replaceable(workspace, name, provisioning_configuration.kind)
         config = provisioning_configuration.to_config()
         if isinstance(provisioning_configuration, RayProvisioningConfiguration):  # started now, awaited later
             config = workspace._backend.provision_ray_cluster(name, config)
@@ -177,6 +178,7 @@ class ComputeTarget:
         if not isinstance(attach_configuration, RayAttachConfiguration):
             raise UserInputError(f"attach_configuration must come from RayCompute.attach_configuration(...), "
                                  f"not {type(attach_configuration).__name__}")
+        _check_replaceable(workspace, name, "ray")
         host, port = attach_configuration.address.rsplit(":", 1)
         import socket
 
@@ -245,3 +247,16 @@ class ComputeTarget:
     def __repr__(self) -> str:
         return f"ComputeTarget(name={self.name!r}, type={self.type!r})"
 
+
+
+def _check_replaceable(workspace: Workspace, name: str, kind: str) -> None:
+    """A target may be made again under its name (new settings apply from the next dispatch), but
+    ``local`` stays this machine, and a Ray cluster Cairn started is never left running unnamed."""
+    if name == "local" and kind != "local":
+        raise UserInputError("'local' is the built-in target of this machine; give the Ray cluster another name "
+                             "(e.g. 'ray-cluster')")
+    existing = next((t for t in workspace._backend.list_compute_targets() if t["name"] == name), None)
+    if existing is not None and existing["kind"] == "ray" and existing["config"].get("managed"):
+        raise UserInputError(f"compute target {name!r} is a Ray cluster Cairn started (at "
+                             f"{existing['config'].get('address')}); use ComputeTarget(ws, {name!r}), or "
+                             f"ComputeTarget(ws, {name!r}).delete() first (it stops the cluster) to make it anew")
