@@ -214,8 +214,9 @@ def _alive(pid: int) -> bool:
 
 
 def _kill_session_leftovers(temp_dir: str) -> int:
-    """Ray daemonises some processes out of the session: find them by their temporary folder and
-    kill them; returns how many were still alive."""
+    """Ray daemonises some processes out of the session: find them by their temporary folder, given
+    as an option's value (``--temp-dir=...``, ``--log_dir=...``: a user's ``tail -f`` of a log there
+    is not Ray's), and kill them; returns how many were still alive."""
     found = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -224,7 +225,7 @@ def _kill_session_leftovers(temp_dir: str) -> int:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
         except OSError:
             continue
-        if temp_dir in cmdline and _alive(int(entry.name)):
+        if f"={temp_dir}" in cmdline and _alive(int(entry.name)):
             found += 1
             try:
                 os.kill(int(entry.name), signal.SIGKILL)
