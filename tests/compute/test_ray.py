@@ -149,8 +149,21 @@ def test_node_count_reserves_distinct_nodes_for_one_step(workspace: Workspace, r
 def test_attach_and_provisioning_errors_are_clear(workspace: Workspace) -> None:
     with pytest.raises(UserInputError, match="HOST:PORT"):
         RayCompute.attach_configuration(address="localhost")
-    with pytest.raises(UserInputError, match="cannot reach a Ray head"):
+    with pytest.raises(UserInputError, match="no Ray head answers at 127.0.0.1:9"):
         ComputeTarget.attach(workspace, "nowhere", RayCompute.attach_configuration(address="127.0.0.1:9"))
+    import http.server
+    import threading
+
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)  # e.g. the dashboard
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(UserInputError, match="is not a Ray head"):
+            ComputeTarget.attach(workspace, "web", RayCompute.attach_configuration(
+                address=f"127.0.0.1:{web.server_address[1]}"))
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert "web" not in workspace.compute_targets
     with pytest.raises(UserInputError, match="cannot exceed max_nodes"):
         RayCompute.provisioning_configuration(min_nodes=5, max_nodes=2)
     with pytest.raises(UserInputError, match="local' target cannot be deleted"):

@@ -179,15 +179,14 @@ class ComputeTarget:
             raise UserInputError(f"attach_configuration must come from RayCompute.attach_configuration(...), "
                                  f"not {type(attach_configuration).__name__}")
         _check_replaceable(workspace, name, "ray")
-        host, port = attach_configuration.address.rsplit(":", 1)
-        import socket
+        from cairn.compute.ray_cluster import probe
 
+        port = attach_configuration.address.rsplit(":", 1)[1]
         try:
-            with socket.create_connection((host, int(port)), timeout=5):
-                pass
-        except OSError as exc:
-            raise UserInputError(f"cannot reach a Ray head at {attach_configuration.address} ({exc}); start it "
-                                 f"with `ray start --head --port={port}` or check the address") from None
+            probe(attach_configuration.address, timeout=5)
+        except ConnectionError as exc:
+            raise UserInputError(f"cannot attach {name!r}: {exc}; start a head with `ray start --head "
+                                 f"--port={port}` or check the address") from None
         workspace._backend.put_compute_target(name, "ray", attach_configuration.to_config())
         return cls(workspace, name)
 

@@ -125,14 +125,29 @@ def cluster_nodes(address: str, timeout: float = 60) -> list[dict[str, Any]]:
     return [n for n in json.loads(lines[-1]) if n.get("Alive")]
 
 
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
+
+
 def probe(address: str, timeout: float = 3.0) -> None:
-    """Fail fast when nothing listens at ``address`` (ray.init would retry for a long time)."""
+    """Fail fast when nothing listens at ``address``, or something other than a Ray head does (a
+    web server, Ray's dashboard port): ray.init would wait on either for a long time. A Ray head's
+    GCS serves gRPC, whose HTTP/2 server answers a client's preface with a SETTINGS frame."""
     host, port = address.rsplit(":", 1)
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+            conn.sendall(_HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = conn.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
     except OSError as exc:
         raise ConnectionError(f"no Ray head answers at {address} ({exc})") from None
+    if len(head) < 9 or head[3] != 0x04:  # the frame type of SETTINGS
+        raise ConnectionError(f"what listens at {address} is not a Ray head (it does not speak gRPC: the dashboard's "
+                              f"port, or another server?); give the head's address, the port `ray start --head "
+                              f"--port=...` was given (6379 by default)")
 
 
 def _this_machine() -> set[str]:
