@@ -190,6 +190,32 @@ def test_a_cluster_that_is_gone_fails_its_steps_and_nothing_else(workspace: Work
     assert ComputeTarget(workspace, "gone").get_status()["state"] == "Unreachable"
 
 
+def test_a_head_that_dies_mid_step_ends_its_steps_and_not_the_agent(workspace: Workspace, tmp_path: Path,
+                                                                    write_script: Callable[..., Path]) -> None:
+    """The agent is the cluster's driver: it outlives the head (Ray would end it 60 s later), and
+    its Ray step, whose task Ray would wait for forever, ends saying the head is gone."""
+    from cairn.engine.client import _request
+    from cairn.storage.layout import WorkspaceLayout
+
+    node = start_node(None, cpus=1, log=tmp_path / "dying.log")
+    try:
+        wait_ready(node["address"], 1)
+        ComputeTarget.attach(workspace, "dying", RayCompute.attach_configuration(address=node["address"]))
+        src = write_script("long.py", "import time\nprint('working', flush=True)\ntime.sleep(120)\n")
+        run = Experiment(workspace, "ray").submit(Pipeline(workspace, [
+            PythonScriptStep("long.py", name="there", source_directory=str(src), compute_target="dying")]))
+        there = run.find_step_run("there")[0]
+        wait_until(workspace, run, lambda: there.get_status() == "Running")
+        agent = (_request(WorkspaceLayout(workspace.location), {"op": "sync"}) or {})["pid"]
+        os.killpg(node["pid"], signal.SIGKILL)  # the head and its workers, as a crash would
+        assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=120) == "Failed"
+        reason = there._row()["status_reason"]
+        assert "Ray head" in reason and ("stopped answering" in reason or "no Ray head answers" in reason), reason
+        assert (_request(WorkspaceLayout(workspace.location), {"op": "sync"}) or {})["pid"] == agent
+    finally:
+        stop_node(node)
+
+
 def test_a_target_attached_again_to_a_new_cluster_uses_it(workspace: Workspace, tmp_path: Path,
                                                           write_script: Callable[..., Path]) -> None:
     src = write_script("hello.py", "print('hello')\n")

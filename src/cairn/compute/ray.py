@@ -30,6 +30,9 @@ RESERVE_TIMEOUT = 120.0  # how long a step with node_count > 1 waits for its nod
 _FIELD = {"CPU": "cpus", "GPU": "gpus", "memory": "memory_gb"}
 
 
+HEAD_CHECK_SECONDS = 10.0  # how often a step waiting for its task asks whether the head still answers
+
+
 class RayCompute:
     def __init__(self, name: str, address: str, retries: int = DEFAULT_RETRIES,
                  task_body: Callable[..., dict[str, Any]] | None = None,
@@ -245,7 +248,7 @@ class RayCompute:
         from ray import exceptions as rx
 
         try:
-            out = ray.get(ref)
+            out = self._get(ray, ref)
             result = StepResult(out["step_run_id"], out["status"], out["reason"], out["exit_code"])
         except rx.TaskCancelledError:  # the worker is gone; the agent kills what the step left on this machine
             status = "Queued" if control.requeue else "Canceled"
@@ -273,6 +276,22 @@ class RayCompute:
             reporter.ended(job.step_run_id, _status(result.status), result.reason or result.status.lower(),
                            result.exit_code)
         done(result)
+
+    def _get(self, ray: Any, ref: Any) -> Any:
+        """The task's result. Its head is asked after every HEAD_CHECK_SECONDS without one: this
+        process does not exit when the head dies (``connect``), and Ray would wait for it forever."""
+        from ray import exceptions as rx
+
+        from cairn.compute.ray_cluster import probe
+
+        while True:
+            try:
+                return ray.get(ref, timeout=HEAD_CHECK_SECONDS)
+            except rx.GetTimeoutError:
+                try:
+                    probe(self.address, timeout=3.0)
+                except ConnectionError as exc:
+                    raise ConnectionError(f"the Ray head stopped answering ({exc})") from None
 
     def _lost_attempt(self, job: StepJob, reporter: StepReporter, control: StepControl,
                       exc: Exception) -> StepResult:

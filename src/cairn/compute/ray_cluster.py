@@ -193,8 +193,23 @@ def connect(address: str, switch: bool = True) -> None:
             raise RuntimeError(f"this process already drives the Ray cluster at {current}; one agent drives one "
                                f"Ray cluster at a time")
         ray.shutdown()
-    ray.init(address=address, namespace="cairn", log_to_driver=False, logging_level="WARNING",
-             configure_logging=False)
+    # A driver whose head stops answering exits after 60 s (Ray's gcs_rpc_server_reconnect_timeout_s),
+    # and the driver is the agent: its local steps would go with it. It waits instead; its Ray steps
+    # find the head gone (RayCompute._get) and fail or run again, saying so. Read as the driver
+    # starts: not left for the steps this process starts.
+    previous = os.environ.get(_RECONNECT)
+    os.environ[_RECONNECT] = str(10 ** 9)
+    try:
+        ray.init(address=address, namespace="cairn", log_to_driver=False, logging_level="WARNING",
+                 configure_logging=False)
+    finally:
+        if previous is None:
+            os.environ.pop(_RECONNECT, None)
+        else:
+            os.environ[_RECONNECT] = previous
+
+
+_RECONNECT = "RAY_gcs_rpc_server_reconnect_timeout_s"
 
 
 def stop_node(node: dict[str, Any]) -> None:
