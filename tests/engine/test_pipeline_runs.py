@@ -601,7 +601,7 @@ def test_a_stopped_step_takes_what_it_started_in_a_session_of_its_own(workspace,
     assert _exits_within(detached, 30)
 
 
-def test_a_workspace_removed_under_a_run_ends_the_wait_with_a_clear_error(workspace, write_script):
+def test_a_workspace_removed_under_a_run_ends_the_wait_with_a_clear_error(workspace, write_script, tmp_path):
     """Its agent stops; the waiting client says the workspace is gone, and never makes a new, empty
     one in its place by starting another agent there."""
     import shutil
@@ -618,10 +618,12 @@ def test_a_workspace_removed_under_a_run_ends_the_wait_with_a_clear_error(worksp
         watch.wait(10)
     watch.close()
     dot = Path(workspace.location) / ".cairn"
-    shutil.rmtree(dot)
+    away = tmp_path / "moved-away"
+    os.rename(dot, away)  # gone from the workspace at once (a removal in place races the agent's writes)
     with pytest.raises(WorkspaceNotFoundError, match="is gone"):
         run.wait_for_completion(show_output=False, timeout_seconds=90)
     assert not dot.exists()
+    shutil.rmtree(away, ignore_errors=True)
 
 
 CHECKPOINTS = """

@@ -175,11 +175,10 @@ class ScriptService:
 
 def _closed_by_peer(sock: socket.socket) -> bool:
     """Whether the other end has closed ``sock`` (between calls nothing else may be waiting on it)."""
-    import select
+    from cairn.core.waiting import wait_readable
 
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return wait_readable(sock, 0) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False
     except OSError:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cairn.core.errors import AgentError, WorkspaceNotFoundError
+from cairn.core.waiting import wait_readable
 from cairn.storage.layout import WorkspaceLayout
 
 AGENT_START_TIMEOUT = 60.0
@@ -162,7 +162,7 @@ def start_agent(layout: WorkspaceLayout, idle_timeout: float | None = None) -> N
         finally:
             os.close(write_fd)
     try:
-        ready, _, _ = select.select([read_fd], [], [], AGENT_START_TIMEOUT)
+        ready = wait_readable(read_fd, AGENT_START_TIMEOUT)
         message = os.read(read_fd, 64) if ready else b""
     finally:
         os.close(read_fd)
@@ -211,8 +211,7 @@ class Watch:
         if self._sock is None:
             raise ConnectionError("not connected")
         while b"\n" not in self._buf:
-            ready, _, _ = select.select([self._sock], [], [], timeout)
-            if not ready:
+            if not wait_readable(self._sock, timeout):
                 return None
             chunk = self._sock.recv(65536)
             if not chunk:

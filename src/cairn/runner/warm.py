@@ -151,11 +151,11 @@ class WarmServer:
             raise
 
     def _wait_ready(self, log_path: Path) -> dict[str, Any]:
-        import select
+        from cairn.core.waiting import wait_readable
 
         assert self._proc.stdout is not None
         # the modules import now: that is the point, but a hanging import must not hang the agent
-        readable, _, _ = select.select([self._proc.stdout], [], [], START_TIMEOUT)
+        readable = wait_readable(self._proc.stdout, START_TIMEOUT)
         if not readable:
             raise WarmStartError(f"the fork server was not ready after {START_TIMEOUT:g} s (see {log_path})")
         line = self._proc.stdout.readline()
