@@ -12,6 +12,7 @@ from typing import Any
 
 FLUSH_INTERVAL = 0.25
 MAX_ROWS = 1000
+IDLE_SECONDS = 5.0  # a batcher with nothing logged for this long lets go of its run (and its backend)
 
 
 class MetricBatcher:
@@ -22,25 +23,43 @@ class MetricBatcher:
         self._cond = threading.Condition()
         self._write_lock = threading.Lock()  # batches reach the store in the order they were logged
         self._thread: threading.Thread | None = None
-        atexit.register(self.flush)
+        self._retired = False  # let go after being idle: the run's next batcher takes new rows
 
     def add(self, name: str, kind: str, value: Any) -> None:
         with self._cond:
-            self._rows.append((name, kind, value, time.time()))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="cairn-metrics", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        if len(self._rows) >= MAX_ROWS:
+            retired = self._retired
+            if not retired:
+                self._rows.append((name, kind, value, time.time()))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="cairn-metrics", daemon=True)
+                    self._thread.start()
+                self._cond.notify()
+        if retired:
+            batcher_for(self._backend, self._run_id).add(name, kind, value)
+        elif len(self._rows) >= MAX_ROWS:
             self.flush()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._rows:
-                    self._cond.wait()
+                logged = self._cond.wait_for(lambda: bool(self._rows), timeout=IDLE_SECONDS)
+            if not logged and self._retire():
+                return
             time.sleep(FLUSH_INTERVAL)  # gather a batch: this is the batching window, not a poll
             self.flush()
+
+    def _retire(self) -> bool:
+        """Leave the registry when nothing is pending (a process that logs on many runs must not
+        keep every run's backend, and its database connections, open); False if rows came meanwhile."""
+        with _lock, self._cond:
+            if self._rows:
+                return False
+            self._retired = True
+            self._thread = None
+            key = (self._backend.location, self._run_id)
+            if _batchers.get(key) is self:
+                del _batchers[key]
+            return True
 
     def flush(self) -> None:
         with self._write_lock:
@@ -80,3 +99,6 @@ def batcher_for(backend: Any, run_id: str) -> MetricBatcher:
 def flush_all() -> None:
     for b in list(_batchers.values()):
         b.flush()
+
+
+atexit.register(flush_all)  # what is still batched at interpreter exit
