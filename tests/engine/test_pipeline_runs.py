@@ -653,3 +653,22 @@ def test_a_cancel_lets_a_step_save_a_checkpoint_first(workspace, write_script, t
     assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
     assert saved.read_text() == "checkpoint saved on SIGTERM"
     assert step.get_status() == "Canceled"
+
+
+def test_a_submitted_run_is_not_kept_alive_by_cairn(workspace, write_script):
+    """Outside `cairn run`, nothing of Cairn's holds a submitted run (and through it its workspace and
+    database connections): a notebook submits run after run."""
+    import gc
+    import weakref
+
+    from cairn.client import experiment as experiment_module
+
+    src = write_script("hello.py", "print('hello')\n")
+    run = Experiment(workspace, "kept").submit(Pipeline(workspace, [
+        PythonScriptStep("hello.py", name="hello", source_directory=src)]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    assert experiment_module.SUBMITTED is None  # only `cairn run` collects them, to follow them
+    kept = weakref.ref(run)
+    del run
+    gc.collect()
+    assert kept() is None

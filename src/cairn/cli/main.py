@@ -96,7 +96,7 @@ def run_file(ctx: typer.Context,
         raise CairnError(f"pipeline file {str(pipeline_file)!r} does not exist")
     from cairn.client import follow as follow_module
 
-    exp_module.SUBMITTED.clear()
+    exp_module.SUBMITTED = []
     deadline = None if timeout is None else time.monotonic() + timeout
     follow_module.WAIT_DEADLINE = deadline  # the file's own wait_for_completion() ends by then too
     sys.argv = [str(pipeline_file), *ctx.args]
@@ -111,7 +111,7 @@ def run_file(ctx: typer.Context,
     except Exception as exc:  # a bug in the user's file: show where (its frames, not Cairn's), exit as an input error
         _print_user_error(exc, pipeline_file)
         raise typer.Exit(EXIT_USER_ERROR) from None
-    runs = list(exp_module.SUBMITTED)
+    runs, exp_module.SUBMITTED = list(exp_module.SUBMITTED or []), None
     if not runs:
         err.print("[yellow]the file submitted no pipeline run[/]")
         return

@@ -8,7 +8,9 @@ from cairn.core.errors import UserInputError
 from cairn.core.names import check_experiment_name, check_type
 
 # Pipeline runs submitted by this process, in order (`cairn run FILE` follows them).
-SUBMITTED: list[PipelineRun] = []
+# The runs a pipeline file submits under `cairn run` (which sets a list here, to follow them); None
+# otherwise: a notebook that submits run after run must not keep each one, and its workspace, alive.
+SUBMITTED: list[PipelineRun] | None = None
 
 if TYPE_CHECKING:
     from cairn.client.run import PipelineRun, Run
@@ -52,7 +54,8 @@ class Experiment:
             properties=run_props, step_properties=step_props,
             regenerate_outputs=regenerate_outputs, continue_on_step_failure=continue_on_step_failure)
         run = PipelineRun(self, run_id)
-        SUBMITTED.append(run)
+        if SUBMITTED is not None:
+            SUBMITTED.append(run)
         return run
 
     def get_runs(self) -> list[Run]:
