@@ -326,9 +326,7 @@ class Run(_MetricsMixin):
         source = self._backend.artifact_path(self.id, name)
         if not source.is_file():
             raise FileNotFoundError(f"run {self.id} has no file {name!r}; it has: {self.get_file_names()}")
-        dest = Path(output_file_path or Path(name).name)
-        if dest.is_dir():
-            dest = dest / Path(name).name
+        dest = _download_destination(name, output_file_path)
         shutil.copyfile(source, dest)
         return str(dest)
 
@@ -473,6 +471,13 @@ def _step_inputs(workspace: Callable[[], Workspace | None]) -> dict[str, Any]:
             cls = FileDataset if d["kind"] == "file" else TabularDataset
             result[name] = cls(d["definition"], workspace())
     return result
+
+
+def _download_destination(name: str, output_file_path: str | os.PathLike[str] | None) -> Path:
+    """Where ``download_file`` writes the run's file ``name``: the path given (into it, if a folder),
+    else its base name in the current folder."""
+    dest = Path(output_file_path or Path(name).name)
+    return dest / Path(name).name if dest.is_dir() else dest
 
 
 def _upload_pairs(names: list[str], paths: list[Any]) -> list[tuple[str, Any]]:
@@ -638,9 +643,7 @@ class OfflineRun(_MetricsMixin):
     def download_file(self, name: str, output_file_path: str | os.PathLike[str] | None = None) -> str:
         if name not in self._files:
             raise FileNotFoundError(f"the offline run has no file {name!r}; it has: {self.get_file_names()}")
-        dest = Path(output_file_path or Path(name).name)
-        if dest.is_dir():
-            dest = dest / Path(name).name
+        dest = _download_destination(name, output_file_path)
         kept = self._files[name]
         if isinstance(kept, bytes):
             dest.write_bytes(kept)

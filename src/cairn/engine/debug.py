@@ -204,7 +204,7 @@ def _check_target(target: Path, source: Path, inputs: list[Any], local_stores: l
     would take (inside its source folder, or a folder a link there leads to, unless ignored as .cairn/
     is), inside one of its inputs, or inside a local datastore (recorded outputs and data)."""
     def inside(folder: Path) -> bool:
-        return target == folder or folder in target.parents
+        return _inside(target, folder)
 
     if inside(source) and not never_snapshotted(source, target):
         raise UserInputError(f"{flag}{target} is inside the step's source folder {source}: the next run would "
@@ -228,11 +228,15 @@ def _check_target(target: Path, source: Path, inputs: list[Any], local_stores: l
                                  f"would change recorded data; choose a folder outside it (the default is {default})")
 
 
+def _inside(target: Path, folder: Path) -> bool:
+    return target == folder or folder in target.parents
+
+
 def _check_cairn_folders(target: Path, dot: Path, other_sources: list[Path], flag: str, default: Path) -> None:
     """Refuse a folder inside the workspace's own (``.cairn/`` but its ``debug/``), or inside the
     source folder of another step of the run (its next snapshot would take the files)."""
     def inside(folder: Path) -> bool:
-        return target == folder or folder in target.parents
+        return _inside(target, folder)
 
     if inside(dot.resolve()) and not inside((dot / "debug").resolve()):
         raise UserInputError(f"{flag}{target} is inside the workspace's own folder {dot.resolve()} (its store, "
