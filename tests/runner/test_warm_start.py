@@ -84,7 +84,7 @@ def test_warm_steps_behave_like_cold_ones(workspace: Workspace, src: Path) -> No
     assert [o["preloaded"] for o in warm_out] == [True] * 3
     for c, w in zip(cold_out, warm_out, strict=True):
         assert w["argv"][0] == c["argv"][0] == "step.py" and w["argv"][1] == c["argv"][1]
-        assert Path(w["cwd"]).name == Path(w["argv"][2]).parts[-4]  # the step's own working folder
+        assert Path(w["cwd"]).name == Path(w["argv"][2]).parts[-3]  # the step's own working folder
         assert w["name"] == "__main__" and w["file"].endswith("/step.py") and w["helper"] == 7
         assert w["leaked"] is None and w["group"] and w["var"] == c["var"]
     assert len({o["random"] for o in warm_out}) == 3  # each child reseeded

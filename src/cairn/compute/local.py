@@ -26,6 +26,7 @@ from cairn.runner.job import StepJob, StepResult
 from cairn.runner.slots import ProcessSlots
 from cairn.runner.spares import SparePool
 from cairn.runner.warm import WarmPool
+from cairn.runner.work_folders import WorkFolders
 
 
 class LocalCompute:
@@ -42,6 +43,7 @@ class LocalCompute:
         self.set_warm_start(warm_start_modules)
         self.spares: SparePool | None = None
         self.set_spare_interpreters(spare_interpreters)
+        self._work_folders: dict[str, WorkFolders] = {}  # by work root: completed steps' folders, kept
 
     @property
     def max_concurrency(self) -> int:
@@ -106,22 +108,39 @@ class LocalCompute:
             self._running += 1
 
         slot = self._slots.ticket(job.pipeline_run_id)  # taken here, in dispatch order
+        work_folders = self._work_folders_in(os.path.dirname(job.work_dir))
 
         def work() -> None:
             try:
-                result = execute_step(job, reporter, control, warm=self.warm, slot=slot, spares=self.spares)
+                result = execute_step(job, reporter, control, warm=self.warm, slot=slot, spares=self.spares,
+                                      work_folders=work_folders)
                 upload_logs(job, result)
             except BaseException as exc:  # never lose a slot or a step's ending
                 result = StepResult(job.step_run_id, "Failed", f"runner crashed: {exc}", None)
             finally:
                 with self._lock:
                     self._running -= 1
+            # an unchanged folder is kept before the engine hears of the end: the next step of the
+            # snapshot, started then, can have it
+            kept = work_folders.release(job.work_dir, result.status == "Completed")
             done(result)
-            cleanup_after(job, result)
+            if not kept:
+                cleanup_after(job, result)
 
         threading.Thread(target=work, name=f"step-{job.step_run_id}", daemon=True).start()
 
+    def _work_folders_in(self, root: str) -> WorkFolders:
+        with self._lock:
+            folders = self._work_folders.get(root)
+            if folders is None:
+                folders = self._work_folders[root] = WorkFolders(root, limit=2 * self._max_concurrency + 2)
+            return folders
+
     def shutdown(self) -> None:
+        with self._lock:
+            kept, self._work_folders = list(self._work_folders.values()), {}
+        for folders in kept:
+            folders.clear()
         if self.warm is not None:
             self.warm.shutdown()
         if self.spares is not None:

@@ -35,12 +35,15 @@ from cairn.store import queries as q
 LEASE_TTL = 30.0
 
 
-def _prune_leftovers(kept_code: Any) -> None:
-    """What earlier agents left: compiled scripts not used for a week, fork-server folders in /tmp."""
+def _prune_leftovers(kept_code: Any, work: Any) -> None:
+    """What earlier agents left: compiled scripts not used for a week, fork-server folders in /tmp,
+    completed steps' working folders kept for reuse."""
     from cairn.runner.warm import prune_stale_folders
+    from cairn.runner.work_folders import remove_leftovers
 
     prune_kept_code(kept_code)
     prune_stale_folders()
+    remove_leftovers(work)
 
 
 def agent_owner_id() -> str:
@@ -94,7 +97,8 @@ class Agent:
         signal.signal(signal.SIGINT, self._on_term)
         self._log(f"agent {self.owner} serving {self.layout.root}")
         self._prepare_local_targets(None)  # warm-start servers start with the agent, not with a first step
-        threading.Thread(target=_prune_leftovers, args=(self.layout.kept_code,), name="cairn-prune", daemon=True).start()
+        threading.Thread(target=_prune_leftovers, args=(self.layout.kept_code, self.layout.work), name="cairn-prune",
+                         daemon=True).start()
         self._stop_scripts = self._serve_scripts()
         try:
             self._loop()

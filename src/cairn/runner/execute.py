@@ -29,6 +29,7 @@ from cairn.runner.processes import kill_detached, process_start_time
 from cairn.runner.slots import SlotTicket
 from cairn.runner.spares import SparePool, kept_code_path
 from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmShadowed, WarmStartError
+from cairn.runner.work_folders import WorkFolders
 from cairn.storage.layout import earlier_staging_dirs
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
@@ -479,11 +480,13 @@ def _resolve_environment(job: StepJob, control: StepControl, syslog: _SystemLog)
 def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | None = None,
                  on_started: Callable[[int], None] | None = None, warm: WarmPool | None = None,
                  slot: SlotTicket | None = None, commit_local: LocalCommit | None = None,
-                 spares: SparePool | None = None) -> StepResult:
+                 spares: SparePool | None = None, work_folders: WorkFolders | None = None) -> StepResult:
     """Run one step to its end and report it. Never raises for a step's own failure. With ``slot``,
     everything before the process (folders, inputs, environment) is done ahead, and the process
     waits for its turn. ``commit_local``: see ``_commit_outputs``. ``spares``: interpreters started
-    ahead, one of which runs the step when it would start cold."""
+    ahead, one of which runs the step when it would start cold. ``work_folders``: completed steps'
+    unchanged folders, one of which becomes this step's when it has the same snapshot (the caller
+    releases the step's own there once it ended)."""
     control = control or StepControl()
     spec = job.spec
     log_dir = Path(job.log_dir)
@@ -498,9 +501,16 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         # Short phases are not worth a status write: Preparing is recorded only when preparing
         # takes a while, Finalizing only when committing does (the state machine drops a late one).
         preparing = _DeferredStatus(reporter, job.step_run_id, Status.PREPARING)
-        _fresh_folder(job.work_dir)
-        materialize(job.manifest, ObjectStore(job.objects_root), work)
-        syslog(f"snapshot {spec.snapshot} materialised in {work} ({len(job.manifest.get('files', []))} files)")
+        files = len(job.manifest.get("files", []))
+        if work_folders is not None and work_folders.take(spec.snapshot, job.work_dir):
+            syslog(f"snapshot {spec.snapshot} in {work} ({files} files): the unchanged folder of a completed step "
+                   f"of the same snapshot")
+        else:
+            _fresh_folder(job.work_dir)
+            materialize(job.manifest, ObjectStore(job.objects_root), work)
+            if work_folders is not None:
+                work_folders.stamp(job.work_dir, spec.snapshot)
+            syslog(f"snapshot {spec.snapshot} materialised in {work} ({files} files)")
         if job.datasets or any(i.mode == "download" for i in job.inputs):
             syslog.flush()  # fetching or copying inputs can take a while: what came before is readable
         input_paths = materialize_inputs(job, work, holds)
@@ -890,25 +900,56 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog,
         staging = Path(job.staging_dirs[o.name])
         if not staging.exists():
             staging.mkdir(parents=True)
+    whole = _whole_folder_commits(job, spec) if commit_local is None else {}
+    moved = {name for names in whole.values() for name in names}
+    for o in spec.outputs:
+        staging = Path(job.staging_dirs[o.name])
         local = o.datastore in job.datastore_roots
-        record = (commit_local or commit_output)(job, o, staging) if local else commit_output(job, o, staging)
+        if o.name in moved:  # renamed below, with the others of its attempt folder
+            record = commit_output(job, o, staging, move=False)
+        else:
+            record = (commit_local or commit_output)(job, o, staging) if local else commit_output(job, o, staging)
         syslog(f"output {o.name}: {record['file_count']} files, {record['size']} bytes, {record['digest']} "
                f"-> {o.datastore}:{job.output_dirs[o.name]}"
                + (" (the step wrote nothing into it: committed empty)" if record["file_count"] == 0 else ""))
         committed.append(record)
+    for attempt_folder in whole:
+        os.rename(attempt_folder, os.path.join(os.path.dirname(attempt_folder), "outputs"))
     remove_staging(job, spec)  # what an upload staged, what the step wrote beside its outputs, older attempts'
     return committed
+
+
+def _whole_folder_commits(job: StepJob, spec: Any) -> dict[str, list[str]]:
+    """Attempt folders that become the step's ``outputs`` folder in one rename (no folder made or
+    removed), with their outputs: those holding nothing but outputs committed to that very folder
+    of a local datastore, where no ``outputs`` folder is yet (an earlier attempt may have left one)."""
+    by_folder: dict[str, list[str]] = {}
+    for o in spec.outputs:
+        by_folder.setdefault(os.path.dirname(job.staging_dirs[o.name]), []).append(o.name)
+    whole = {}
+    for folder, names in by_folder.items():
+        outputs = os.path.join(os.path.dirname(folder), "outputs")
+        fits = all(o.datastore in job.datastore_roots and not o.destination
+                   and os.path.join(job.datastore_roots[o.datastore], job.output_dirs[o.name])
+                   == os.path.join(outputs, o.name) for o in spec.outputs if o.name in names)
+        if fits and not os.path.lexists(outputs) and sorted(os.listdir(folder)) == sorted(names):
+            whole[folder] = names
+    return whole
 
 
 LocalCommit = Callable[[StepJob, Any, Path], dict[str, Any]]
 
 
-def commit_output(job: StepJob, o: Any, staging: Path) -> dict[str, Any]:
+def commit_output(job: StepJob, o: Any, staging: Path, move: bool = True) -> dict[str, Any]:
     """Digest one staged output and commit it: renamed into place on a local datastore (no copy),
-    uploaded to an object store. Returns the output's record."""
+    uploaded to an object store. Returns the output's record. ``move`` False: made read-only
+    only (its attempt folder is renamed to the outputs folder, see ``_whole_folder_commits``)."""
     tree = digest_tree(staging)
     local = o.datastore in job.datastore_roots
-    if local:
+    if local and not move:
+        make_read_only(staging)
+        signature = tree.stat_signature
+    elif local:
         _commit_local(job, o, staging)
         signature = tree.stat_signature
     else:  # what the store says of the uploaded files (ETags): checked before the output is reused
@@ -927,8 +968,7 @@ def _commit_local(job: StepJob, o: Any, staging: Path) -> None:
                                     f"with {{run-id}} in it")
         shutil.rmtree(final) if final.is_dir() else final.unlink()  # left by an attempt that died
     make_read_only(staging)
-    if final.parent != staging.parent.parent:  # a destination of its own (not the run's outputs folder)
-        final.parent.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
     os.rename(staging, final)
 
 
@@ -966,16 +1006,15 @@ def remove_staging(job: StepJob, spec: Any) -> None:
         if os.path.lexists(folder):
             shutil.rmtree(folder, ignore_errors=True)
     for folder in attempt_folders:
-        try:  # after a local commit it is empty: one call instead of a tree walk (on the step's path)
+        try:  # after a local commit it is empty, or gone (renamed): one call instead of a tree walk
             os.rmdir(folder)
+        except FileNotFoundError:
+            continue
         except OSError:
             shutil.rmtree(folder, ignore_errors=True)
-        # nothing committed here: no outputs folder either (one with a committed output is not
-        # empty), nor, in a datastore that got only a destination, the step's folder above it (the
-        # run's stays: another step of the run may be making its own in it now)
-        outputs = os.path.dirname(folder)
-        for empty in (outputs, os.path.dirname(outputs)):
-            try:
-                os.rmdir(empty)
-            except OSError:
-                break
+        # in a datastore that got only a destination, nothing is left in the step's folder above
+        # it (the run's stays: another step of the run may be making its own in it now)
+        try:
+            os.rmdir(os.path.dirname(folder))
+        except OSError:
+            pass

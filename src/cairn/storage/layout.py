@@ -115,9 +115,10 @@ def run_dir(pipeline_run_id: str, step_run_id: str | None = None) -> str:
 
 def staging_dir(root: str | os.PathLike[str], run_folder: str, output: str, attempt: int) -> str:
     """Where an attempt of a step writes an output before it is committed:
-    ``<run folder>/outputs/.a<attempt>/<name>``, so that the commit is one rename within the folder
-    the output is committed to, and the folder the step is given is named as the output is."""
-    return os.path.join(root, run_folder, "outputs", f".a{attempt}", output)
+    ``<run folder>/.a<attempt>/<name>``, so that the commit is one rename (of the output, or of the
+    whole attempt folder to ``outputs``: no folder made or removed) within the run folder, and the
+    folder the step is given is named as the output is."""
+    return os.path.join(root, run_folder, f".a{attempt}", output)
 
 
 def earlier_staging_dirs(staging: str, attempt: int) -> list[str]:
@@ -125,6 +126,8 @@ def earlier_staging_dirs(staging: str, attempt: int) -> list[str]:
     attempt_folder = os.path.dirname(staging)
     if attempt == 1 or os.path.basename(attempt_folder) != f".a{attempt}":  # (a node's scratch folder: removed whole)
         return []
-    outputs = os.path.dirname(attempt_folder)
-    legacy = os.path.join(os.path.dirname(outputs), "staging")  # where Cairn before 2026-11-26 staged outputs
-    return [legacy, *(os.path.join(outputs, f".a{k}") for k in range(1, attempt))]
+    run_folder = os.path.dirname(attempt_folder)
+    # (Cairn before 2026-11-26 staged in <run folder>/staging, then in <run folder>/outputs/.a<k>)
+    legacy = [os.path.join(run_folder, "staging"), *(os.path.join(run_folder, "outputs", f".a{k}")
+                                                    for k in range(1, attempt))]
+    return [*legacy, *(os.path.join(run_folder, f".a{k}") for k in range(1, attempt))]

@@ -1,0 +1,115 @@
+"""Completed steps' working folders are renamed for the next step of the same snapshot only when
+they are still exactly that snapshot."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cairn.runner.work_folders import KEPT_PREFIX, WorkFolders, remove_leftovers
+
+
+def _materialised(root: Path, name: str) -> str:
+    folder = root / name
+    (folder / "pkg").mkdir(parents=True)
+    (folder / "step.py").write_text("print('hi')\n")
+    (folder / "pkg" / "util.py").write_text("X = 1\n")
+    return str(folder)
+
+
+def _ran(root: Path, change: Callable[[Path], None] | None = None) -> tuple[WorkFolders, str]:
+    """A folder stamped as snapshot "s1", changed by its step as ``change`` says, then given back."""
+    folders = WorkFolders(root)
+    first = _materialised(root, "step_1")
+    folders.stamp(first, "s1")
+    if change is not None:
+        change(Path(first))
+    assert folders.release(first, completed=True) == (change is None)
+    if change is not None:
+        assert os.path.isdir(first)  # left to the caller to remove
+    return folders, first
+
+
+def test_an_unchanged_folder_becomes_the_next_steps_folder(tmp_path: Path) -> None:
+    folders, first = _ran(tmp_path)
+    assert not os.path.exists(first)
+    assert not folders.take("another-snapshot", str(tmp_path / "step_2"))
+    assert folders.take("s1", str(tmp_path / "step_2"))
+    assert (tmp_path / "step_2" / "step.py").read_text() == "print('hi')\n"
+    assert sorted(p.name for p in (tmp_path / "step_2").rglob("*")) == ["pkg", "step.py", "util.py"]
+    assert not folders.take("s1", str(tmp_path / "step_3"))  # one folder, one step
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda f: (f / "step.py").write_text("print('ho')\n"), id="same-size rewrite"),
+    pytest.param(lambda f: (f / "out.csv").write_text("a,b\n"), id="file added"),
+    pytest.param(lambda f: (f / "pkg" / "__pycache__").mkdir(), id="folder added below"),
+    pytest.param(lambda f: (f / "pkg" / "util.py").unlink(), id="file removed"),
+    pytest.param(lambda f: os.chmod(f / "step.py", 0o600), id="mode changed"),
+    pytest.param(lambda f: os.replace(f / "pkg" / "util.py", f / "pkg" / "other.py"), id="file renamed"),
+    pytest.param(lambda f: (f / "step.py").unlink() or (f / "step.py").write_text("print('hi')\n"),
+                 id="file replaced by the same content"),
+])
+def test_a_folder_its_step_changed_is_removed_not_kept(tmp_path: Path, change: Callable[[Path], None]) -> None:
+    folders, first = _ran(tmp_path, change)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(KEPT_PREFIX)]
+    assert not folders.take("s1", str(tmp_path / "step_2"))
+
+
+def test_a_kept_folder_changed_while_kept_is_not_given(tmp_path: Path) -> None:
+    folders, _ = _ran(tmp_path)
+    kept = next(tmp_path / n for n in os.listdir(tmp_path) if n.startswith(KEPT_PREFIX))
+    (kept / "late.txt").write_text("a detached process of the step wrote this")
+    assert not folders.take("s1", str(tmp_path / "step_2"))
+    assert not kept.exists() and not (tmp_path / "step_2").exists()
+
+
+def test_a_failed_steps_folder_stays_where_it_is(tmp_path: Path) -> None:
+    folders = WorkFolders(tmp_path)
+    first = _materialised(tmp_path, "step_1")
+    folders.stamp(first, "s1")
+    assert not folders.release(first, completed=False)
+    assert os.path.isdir(first)
+    assert not folders.take("s1", str(tmp_path / "step_2"))
+
+
+def test_kept_folders_are_bounded_and_cleared(tmp_path: Path) -> None:
+    folders = WorkFolders(tmp_path, limit=2)
+    for i in range(4):
+        folder = _materialised(tmp_path, f"step_{i}")
+        folders.stamp(folder, "s1")
+        assert folders.release(folder, completed=True)
+    assert len([n for n in os.listdir(tmp_path) if n.startswith(KEPT_PREFIX)]) == 2
+    folders.clear()
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_existing_destination_is_left_to_the_caller(tmp_path: Path) -> None:
+    folders, _ = _ran(tmp_path)
+    (tmp_path / "step_2").mkdir()  # an earlier attempt's folder
+    assert not folders.take("s1", str(tmp_path / "step_2"))
+    assert folders.take("s1", str(tmp_path / "step_3"))  # still kept for another
+
+
+def test_an_agent_that_starts_removes_what_a_killed_one_kept(tmp_path: Path) -> None:
+    (tmp_path / f"{KEPT_PREFIX}999999-0" / "pkg").mkdir(parents=True)
+    (tmp_path / f"{KEPT_PREFIX}{os.getpid()}-0").mkdir()  # this agent's own: in use
+    (tmp_path / "step_failed").mkdir()  # a failed step's folder: kept for inspection
+    remove_leftovers(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [f"{KEPT_PREFIX}{os.getpid()}-0", "step_failed"]
+
+
+def test_kept_folders_hold_at_most_their_byte_budget(tmp_path: Path) -> None:
+    folders = WorkFolders(tmp_path, limit=8, max_bytes=40)  # each folder holds 18 bytes
+    for i in range(3):
+        folder = _materialised(tmp_path, f"step_{i}")
+        folders.stamp(folder, "s1")
+        assert folders.release(folder, completed=True)
+    assert len([n for n in os.listdir(tmp_path) if n.startswith(KEPT_PREFIX)]) == 2
+    big = _materialised(tmp_path, "step_big")
+    (Path(big) / "data.bin").write_bytes(b"x" * 41)
+    folders.stamp(big, "s2")
+    assert not folders.release(big, completed=True)  # over the budget alone: removed by the caller, as before
