@@ -25,6 +25,7 @@ from cairn.runner.execute import (
 from cairn.runner.job import StepJob, StepResult
 from cairn.runner.slots import ProcessSlots
 from cairn.runner.spares import SparePool
+from cairn.runner.step_threads import StepThreads
 from cairn.runner.warm import WarmPool
 from cairn.runner.work_folders import WorkFolders
 
@@ -44,6 +45,7 @@ class LocalCompute:
         self.spares: SparePool | None = None
         self.set_spare_interpreters(spare_interpreters)
         self._work_folders: dict[str, WorkFolders] = {}  # by work root: completed steps' folders, kept
+        self._threads = StepThreads()
 
     @property
     def max_concurrency(self) -> int:
@@ -127,7 +129,7 @@ class LocalCompute:
             if not kept:
                 cleanup_after(job, result)
 
-        threading.Thread(target=work, name=f"step-{job.step_run_id}", daemon=True).start()
+        self._threads.run(f"step-{job.step_run_id}", work)
 
     def _work_folders_in(self, root: str) -> WorkFolders:
         with self._lock:
