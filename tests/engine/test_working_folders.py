@@ -72,3 +72,47 @@ def test_outputs_are_committed_whole_and_nothing_staged_stays(workspace, write_s
     assert (step_folder / "outputs" / "second" / "part.txt").read_text() == "second"
     assert not os.access(step_folder / "outputs" / "first" / "part.txt", os.W_OK) or os.geteuid() == 0
     assert run.find_step_run("read")[0].get_stdout_log() == "first second\n"
+
+
+LEAVE_BEHIND = """
+import os, subprocess, sys, time
+go, done = sys.argv[2], sys.argv[3]
+if sys.argv[1] == "leave":  # a process of its own session, still in this folder when the step ends
+    subprocess.Popen([sys.executable, "-c", '''
+import os, sys, time
+go, done = sys.argv[1], sys.argv[2]
+for _ in range(1000):
+    if os.path.exists(go):
+        break
+    time.sleep(0.01)
+try:
+    open("late.txt", "w").write("written after its step completed")
+except OSError:
+    pass
+open(done, "w").close()
+''', go, done], start_new_session=True)
+else:  # the next step of the snapshot: let the left process write, then look
+    open(go, "w").close()
+    for _ in range(1000):
+        if os.path.exists(done):
+            break
+        time.sleep(0.01)
+    print(sorted(os.listdir(".")))
+"""
+
+
+def test_a_folder_a_left_process_works_in_is_not_given_to_the_next_step(workspace, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "step.py").write_text(LEAVE_BEHIND)
+    go, done = str(tmp_path / "go"), str(tmp_path / "done")
+    leave = PythonScriptStep("step.py", name="leave", source_directory=str(src), allow_reuse=False,
+                             arguments=["leave", go, done])
+    look = PythonScriptStep("step.py", name="look", source_directory=str(src), allow_reuse=False,
+                            arguments=["look", go, done])
+    look.run_after(leave)
+    run = Experiment(workspace, "left").submit(Pipeline(workspace, [leave, look]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    assert os.path.exists(done)
+    assert run.find_step_run("look")[0].get_stdout_log() == "['step.py']\n"
+    assert "materialised in" in _system_log(run, "look")

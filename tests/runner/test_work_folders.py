@@ -4,11 +4,16 @@ they are still exactly that snapshot."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from cairn.runner.processes import process_start_time
 from cairn.runner.work_folders import KEPT_PREFIX, WorkFolders, remove_leftovers
 
 
@@ -17,6 +22,7 @@ def _materialised(root: Path, name: str) -> str:
     (folder / "pkg").mkdir(parents=True)
     (folder / "step.py").write_text("print('hi')\n")
     (folder / "pkg" / "util.py").write_text("X = 1\n")
+    (folder / "pkg" / "other.py").write_text("Y = 2\n")
     return str(folder)
 
 
@@ -39,7 +45,7 @@ def test_an_unchanged_folder_becomes_the_next_steps_folder(tmp_path: Path) -> No
     assert not folders.take("another-snapshot", str(tmp_path / "step_2"))
     assert folders.take("s1", str(tmp_path / "step_2"))
     assert (tmp_path / "step_2" / "step.py").read_text() == "print('hi')\n"
-    assert sorted(p.name for p in (tmp_path / "step_2").rglob("*")) == ["pkg", "step.py", "util.py"]
+    assert sorted(p.name for p in (tmp_path / "step_2").rglob("*")) == ["other.py", "pkg", "step.py", "util.py"]
     assert not folders.take("s1", str(tmp_path / "step_3"))  # one folder, one step
 
 
@@ -52,6 +58,9 @@ def test_an_unchanged_folder_becomes_the_next_steps_folder(tmp_path: Path) -> No
     pytest.param(lambda f: os.replace(f / "pkg" / "util.py", f / "pkg" / "other.py"), id="file renamed"),
     pytest.param(lambda f: (f / "step.py").unlink() or (f / "step.py").write_text("print('hi')\n"),
                  id="file replaced by the same content"),
+    pytest.param(lambda f: shutil.copy2(f / "pkg" / "other.py", f / "pkg" / "util.py"),
+                 id="another file of the same size copied over it, times kept"),
+    *([pytest.param(lambda f: os.chown(f / "step.py", 4242, 4242), id="owner changed")] if os.geteuid() == 0 else []),
 ])
 def test_a_folder_its_step_changed_is_removed_not_kept(tmp_path: Path, change: Callable[[Path], None]) -> None:
     folders, first = _ran(tmp_path, change)
@@ -95,21 +104,47 @@ def test_an_existing_destination_is_left_to_the_caller(tmp_path: Path) -> None:
 
 
 def test_an_agent_that_starts_removes_what_a_killed_one_kept(tmp_path: Path) -> None:
-    (tmp_path / f"{KEPT_PREFIX}999999-0" / "pkg").mkdir(parents=True)
-    (tmp_path / f"{KEPT_PREFIX}{os.getpid()}-0").mkdir()  # this agent's own: in use
-    (tmp_path / "step_failed").mkdir()  # a failed step's folder: kept for inspection
+    host = socket.gethostname()
+    me = f"{KEPT_PREFIX}{host}-{os.getpid()}-{process_start_time(os.getpid())}-0"
+    killed = f"{KEPT_PREFIX}{host}-{os.getpid()}-1-0"  # this pid, reused: its agent was another process
+    elsewhere = f"{KEPT_PREFIX}another-machine-4242-77-0"  # an agent of another machine sharing the workspace
+    for name in (me, killed, elsewhere, "step_failed"):  # (a failed step's folder: kept to be looked at)
+        (tmp_path / name / "pkg").mkdir(parents=True)
     remove_leftovers(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [f"{KEPT_PREFIX}{os.getpid()}-0", "step_failed"]
+    assert sorted(os.listdir(tmp_path)) == sorted([me, elsewhere, "step_failed"])
+
+
+def test_a_folder_a_process_of_the_step_still_works_in_is_not_kept(tmp_path: Path) -> None:
+    folders = WorkFolders(tmp_path)
+    first = _materialised(tmp_path, "step_1")
+    folders.stamp(first, "s1")
+    left_behind = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], cwd=Path(first) / "pkg",
+                                   stdin=subprocess.PIPE, start_new_session=True)  # e.g. detached by the step
+    try:
+        assert not folders.release(first, completed=True)  # it would write into the next step's folder
+    finally:
+        left_behind.communicate(b"")
+    folders.stamp(first, "s1")
+    assert folders.release(first, completed=True)
+
+
+def test_targets_of_one_workspace_keep_folders_under_names_of_their_own(tmp_path: Path) -> None:
+    one, other = WorkFolders(tmp_path), WorkFolders(tmp_path)
+    for i, folders in enumerate((one, other)):
+        folder = _materialised(tmp_path, f"step_{i}")
+        folders.stamp(folder, "s1")
+        assert folders.release(folder, completed=True)
+    assert one.take("s1", str(tmp_path / "step_a")) and other.take("s1", str(tmp_path / "step_b"))
 
 
 def test_kept_folders_hold_at_most_their_byte_budget(tmp_path: Path) -> None:
-    folders = WorkFolders(tmp_path, limit=8, max_bytes=40)  # each folder holds 18 bytes
+    folders = WorkFolders(tmp_path, limit=8, max_bytes=50)  # each folder holds 24 bytes
     for i in range(3):
         folder = _materialised(tmp_path, f"step_{i}")
         folders.stamp(folder, "s1")
         assert folders.release(folder, completed=True)
     assert len([n for n in os.listdir(tmp_path) if n.startswith(KEPT_PREFIX)]) == 2
     big = _materialised(tmp_path, "step_big")
-    (Path(big) / "data.bin").write_bytes(b"x" * 41)
+    (Path(big) / "data.bin").write_bytes(b"x" * 51)
     folders.stamp(big, "s2")
     assert not folders.release(big, completed=True)  # over the budget alone: removed by the caller, as before

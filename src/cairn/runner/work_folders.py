@@ -4,57 +4,79 @@ A step runs in a fresh copy of its snapshot, removed once it completed. On some 
 (ext4 without a journal, as on many VMs) making inodes costs far more right after others were
 freed nearby, and a step's folder and script copy are two made and two freed per step. A
 completed step's folder that is still exactly its snapshot (the step changed, added and removed
-nothing in it) is instead renamed for the next step of that snapshot: no copy, no inode made or
-freed.
+nothing in it, and no process it left behind still works in it) is instead renamed for the next
+step of that snapshot: no copy, no inode made or freed.
 
-"Exactly": every entry has the inode, type, mode and size it had once materialised, its files the
-modification time set then (a sentinel in the past: any write moves it to now, whatever the
-clock's granularity), and every folder the same names. Anything else, and the folder is removed
-as before."""
+"Exactly": every entry has the inode, type, mode, owner, size and change time it had once
+materialised, each file the modification time set then (a sentinel in the past, a different one
+per file: any write moves it to now, whatever the clock's granularity, and a copy with its times
+kept brings another file's), and every folder the same names."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import shutil
+import socket
 import stat
 import threading
 import time
 from collections import OrderedDict
 
-KEPT_PREFIX = ".kept-"  # kept folders in the work folder (removed by an agent that starts)
+from cairn.runner.processes import process_start_time, processes_in
+
+KEPT_PREFIX = ".kept-"  # kept folders in the work folder: .kept-<host>-<pid>-<start>-<n>
 KEPT_BYTES = 1 << 30  # what kept folders may hold at most, together (a folder over it is not kept)
-SENTINEL_AGE_S = 2  # a kept file's modification time is set this far into the past
+SENTINEL_AGE_S = 2  # a kept file's modification time is set this far into the past, or further
 
-Entry = tuple[str, int, int, int, int]  # relative path, inode, mode, size, mtime (ns; 0 for folders)
+# one folder's entries, by name: (name, inode, mode, uid, gid, size, mtime ns, ctime ns)
+Entry = tuple[str, int, int, int, int, int, int, int]
+Stamp = dict[str, tuple[Entry, ...]]  # folder (relative, "" for the top) -> its entries, sorted
+
+_names = itertools.count()  # one sequence for every target of the process: names never collide
 
 
-def _walk(root: str) -> list[Entry] | None:
-    """Every entry under ``root`` (itself first), sorted by path; None if it cannot be read."""
-    entries: list[Entry] = []
+def _entry(name: str, st: os.stat_result) -> Entry:
+    return (name, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size,
+            0 if stat.S_ISDIR(st.st_mode) else st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _folder(root: str, rel: str) -> tuple[Entry, ...]:
+    with os.scandir(os.path.join(root, rel) if rel else root) as it:
+        return tuple(sorted(_entry(e.name, e.stat(follow_symlinks=False)) for e in it))
+
+
+def _stamp(root: str) -> Stamp | None:
+    """Every folder's entries under ``root``; None if it cannot be read."""
+    stamp: Stamp = {}
+    stack = [""]
     try:
-        st = os.lstat(root)
-        entries.append(("", st.st_ino, st.st_mode, 0, 0))
-        stack = [""]
         while stack:
             rel = stack.pop()
-            with os.scandir(os.path.join(root, rel) if rel else root) as it:
-                for e in it:
-                    st = e.stat(follow_symlinks=False)
-                    path = f"{rel}/{e.name}" if rel else e.name
-                    if stat.S_ISDIR(st.st_mode):
-                        entries.append((path, st.st_ino, st.st_mode, 0, 0))
-                        stack.append(path)
-                    else:
-                        entries.append((path, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns))
+            entries = stamp[rel] = _folder(root, rel)
+            stack.extend(f"{rel}/{e[0]}" if rel else e[0] for e in entries if stat.S_ISDIR(e[2]))
     except OSError:
         return None
-    entries.sort()
-    return entries
+    return stamp
 
 
-def _size(entries: list[Entry]) -> int:
-    return sum(size for _rel, _ino, _mode, size, _mtime in entries)
+def _unchanged(root: str, stamp: Stamp) -> bool:
+    """Whether ``root`` is still as stamped; stops at the first folder that is not (a step that
+    added many files is not walked through)."""
+    try:
+        return all(_folder(root, rel) == entries for rel, entries in stamp.items())
+    except OSError:
+        return False
+
+
+def _size(stamp: Stamp) -> int:
+    return sum(e[5] for entries in stamp.values() for e in entries if not stat.S_ISDIR(e[2]))
+
+
+def _owner_tag() -> str:
+    """This agent, as kept folders name it (a pid reused by another agent after a crash, or the same
+    pid on another machine sharing the workspace, is another agent)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{process_start_time(os.getpid())}"
 
 
 class WorkFolders:
@@ -66,26 +88,28 @@ class WorkFolders:
         self._limit = limit
         self._max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._stamps: dict[str, tuple[str, list[Entry]]] = {}  # work folder -> (snapshot, entries)
-        self._kept: OrderedDict[str, tuple[str, list[Entry]]] = OrderedDict()  # kept path -> same
-        self._names = itertools.count()
+        self._stamps: dict[str, tuple[str, Stamp]] = {}  # work folder -> (snapshot, stamp)
+        self._kept: OrderedDict[str, tuple[str, Stamp]] = OrderedDict()  # kept path -> same
+        self._owner = _owner_tag()
 
     def stamp(self, folder: str, snapshot: str) -> None:
         """``folder`` now holds exactly ``snapshot``, fresh: remember it as such."""
-        sentinel = (int(time.time()) - SENTINEL_AGE_S) * 1_000_000_000
-        entries = _walk(folder)
-        if entries is None:
+        first = _stamp(folder)
+        if first is None:
             return
+        sentinel = (int(time.time()) - SENTINEL_AGE_S) * 1_000_000_000
         try:
-            for rel, _ino, mode, _size, _mtime in entries:
-                if rel and stat.S_ISREG(mode):
-                    os.utime(os.path.join(folder, rel), ns=(sentinel, sentinel))
+            for rel, entries in first.items():
+                for e in entries:
+                    if stat.S_ISREG(e[2]):
+                        sentinel -= 1  # each file its own
+                        os.utime(os.path.join(folder, rel, e[0]), ns=(sentinel, sentinel))
         except OSError:
             return
-        entries = [(rel, ino, mode, size, sentinel if stat.S_ISREG(mode) else mtime)
-                   for rel, ino, mode, size, mtime in entries]
-        with self._lock:
-            self._stamps[folder] = (snapshot, entries)
+        stamped = _stamp(folder)  # (the new times, and the change times they made)
+        if stamped is not None:
+            with self._lock:
+                self._stamps[folder] = (snapshot, stamped)
 
     def take(self, snapshot: str, dest: str) -> bool:
         """Rename a kept folder of ``snapshot`` to ``dest`` (which must not exist): True when done."""
@@ -96,15 +120,15 @@ class WorkFolders:
                 found = next((path for path, (snap, _) in reversed(self._kept.items()) if snap == snapshot), None)
                 if found is None:
                     return False
-                _, entries = self._kept.pop(found)
-            if _walk(found) == entries:  # nothing touched it while it was kept
+                _, stamp = self._kept.pop(found)
+            if _unchanged(found, stamp):  # nothing touched it while it was kept
                 try:
                     os.rename(found, dest)
                 except OSError:
                     shutil.rmtree(found, ignore_errors=True)
                     return False
                 with self._lock:
-                    self._stamps[dest] = (snapshot, entries)
+                    self._stamps[dest] = (snapshot, stamp)
                 return True
             shutil.rmtree(found, ignore_errors=True)
 
@@ -114,9 +138,11 @@ class WorkFolders:
         removes the folder (completed) or leaves it to be looked at (failed)."""
         with self._lock:
             stamped = self._stamps.pop(folder, None)
-        if not completed or stamped is None or _size(stamped[1]) > self._max_bytes or _walk(folder) != stamped[1]:
+        if not completed or stamped is None or _size(stamped[1]) > self._max_bytes:
             return False
-        kept = os.path.join(self._root, f"{KEPT_PREFIX}{os.getpid()}-{next(self._names)}")
+        if not _unchanged(folder, stamped[1]) or processes_in(folder):
+            return False  # (a process the step left, working there, would write into the next step's)
+        kept = os.path.join(self._root, f"{KEPT_PREFIX}{self._owner}-{next(_names)}")
         try:
             os.rename(folder, kept)
         except OSError:
@@ -124,7 +150,7 @@ class WorkFolders:
         with self._lock:
             self._kept[kept] = stamped
             evicted = []
-            while len(self._kept) > self._limit or sum(_size(e) for _, e in self._kept.values()) > self._max_bytes:
+            while len(self._kept) > self._limit or sum(_size(s) for _, s in self._kept.values()) > self._max_bytes:
                 evicted.append(self._kept.popitem(last=False)[0])
         for path in evicted:
             shutil.rmtree(path, ignore_errors=True)
@@ -141,12 +167,16 @@ class WorkFolders:
 
 
 def remove_leftovers(work_root: str | os.PathLike[str]) -> None:
-    """Kept folders an agent that ended without clearing them left (it was killed); not this
-    process's own."""
-    own = f"{KEPT_PREFIX}{os.getpid()}-"
+    """Kept folders of agents of this machine that ended without clearing them (killed): not those
+    of an agent still running, nor another machine's."""
+    host = f"{KEPT_PREFIX}{socket.gethostname()}-"
     try:
-        names = [n for n in os.listdir(work_root) if n.startswith(KEPT_PREFIX) and not n.startswith(own)]
+        names = [n for n in os.listdir(work_root) if n.startswith(host)]
     except OSError:
         return
     for name in names:
+        pid, _, rest = name[len(host):].partition("-")
+        started = rest.rpartition("-")[0]
+        if pid.isdigit() and process_start_time(int(pid)) == started:
+            continue  # its agent still runs
         shutil.rmtree(os.path.join(work_root, name), ignore_errors=True)
