@@ -160,11 +160,21 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cairn_overhead(workspace: str, run_id: str, agent_cpu: float) -> dict:
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """User + system CPU seconds of one thread of a running process (Linux)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cairn_overhead(workspace: str, run_id: str, agent_cpu: float, scheduler_cpu: float | None = None) -> dict:
     """Cairn's scheduling cost, read from its store after the run: the dispatch latency of each
     step that ran (from the step ending that let it start — its last upstream step, or the one that
-    freed a slot — to its own Running), and the agent's CPU time per step that ran (everything the
-    agent did for it: queries, folders, starting it, committing it)."""
+    freed a slot — to its own Running), the agent's CPU time per step that ran (everything the
+    agent did for it: queries, folders, starting it, committing it), and of that the scheduler's
+    (the agent's main thread: claiming the run, finding ready steps, fingerprints and reuse
+    look-ups, dispatching; the rest is each step's own bookkeeping, on its thread)."""
     import json
     import sqlite3
     import statistics
@@ -186,7 +196,9 @@ def cairn_overhead(workspace: str, run_id: str, agent_cpu: float) -> dict:
         if before:  # the first steps of a run wait for no ending: their start is the run's start
             latencies.append((started - before[-1]) * 1000)
     return {"dispatch_ms": statistics.median(latencies) if latencies else None,
-            "agent_cpu_ms_per_step": agent_cpu * 1000 / len(ran) if ran else None}
+            "agent_cpu_ms_per_step": agent_cpu * 1000 / len(ran) if ran else None,
+            "scheduler_cpu_ms_per_step": scheduler_cpu * 1000 / len(ran) if ran and scheduler_cpu is not None
+            else None}
 
 
 def data_dir(state: Path, name: str) -> str:

@@ -40,6 +40,7 @@ layout = WorkspaceLayout(ws.location)
 ensure_agent(layout)
 agent_pid = (_request(layout, {"op": "sync"}) or {})["pid"]
 cpu_before = common.process_cpu_seconds(agent_pid)
+scheduler_before = common.thread_cpu_seconds(agent_pid, agent_pid)  # its main thread runs the scheduler
 with common.Timer() as t:
     data: dict[str, PipelineData] = {}
     steps = []
@@ -56,5 +57,6 @@ with common.Timer() as t:
     status = run.wait_for_completion(show_output=False)
 assert status == "Completed", status
 agent_cpu = common.process_cpu_seconds(agent_pid) - cpu_before
-common.report(t.seconds, extra={**common.cairn_overhead(ws.location, run.id, agent_cpu),
+scheduler_cpu = common.thread_cpu_seconds(agent_pid, agent_pid) - scheduler_before
+common.report(t.seconds, extra={**common.cairn_overhead(ws.location, run.id, agent_cpu, scheduler_cpu),
                                 "agent_peak_mb": common.process_peak_mb(agent_pid)})
