@@ -148,3 +148,14 @@ def test_kept_folders_hold_at_most_their_byte_budget(tmp_path: Path) -> None:
     (Path(big) / "data.bin").write_bytes(b"x" * 51)
     folders.stamp(big, "s2")
     assert not folders.release(big, completed=True)  # over the budget alone: removed by the caller, as before
+
+
+def test_on_a_machine_with_very_many_processes_folders_are_removed_not_looked_through(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    from cairn.runner import processes
+
+    monkeypatch.setattr(processes, "PROCESSES_IN_LIMIT", 1)
+    folders = WorkFolders(tmp_path)
+    first = _materialised(tmp_path, "step_1")
+    folders.stamp(first, "s1")
+    assert not folders.release(first, completed=True)
