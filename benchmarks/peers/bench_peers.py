@@ -293,9 +293,10 @@ def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
             notes += sorted({f"WRONG: {r['wrong']}" for r in rows if r.get("wrong")})
             dispatch = _median(raw, tool, shape, "dispatch_ms")
             if dispatch is not None:  # Cairn's own scheduling cost (drivers/cairn_driver.py)
+                scheduler = _median(raw, tool, shape, "scheduler_cpu_ms_per_step")
                 notes.append(f"dispatch {dispatch:.1f} ms/step, agent CPU "
-                             f"{_median(raw, tool, shape, 'agent_cpu_ms_per_step') or 0:.1f} ms/step "
-                             f"(scheduler {_median(raw, tool, shape, 'scheduler_cpu_ms_per_step') or 0:.1f})")
+                             f"{_median(raw, tool, shape, 'agent_cpu_ms_per_step') or 0:.1f} ms/step"
+                             + (f" (scheduler {scheduler:.1f})" if scheduler is not None else ""))
             print(f"| {SHAPE_LABELS[shape]} | {tool} | {seconds:.2f} | {ratio} | {versus} | {versus_warm} | "
                   f"{_median(raw, tool, shape, 'wall') or 0:.2f} | {_median(raw, tool, shape, 'machine_cpu_s') or 0:.2f} | "
                   f"{_median(raw, tool, shape, 'peak_rss_mb') or 0:.0f} | {'/'.join(map(str, ran))} | "

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cairn.runner.processes import process_start_time
-from cairn.runner.work_folders import KEPT_PREFIX, WorkFolders, remove_leftovers
+from cairn.runner.work_folders import KEPT_PREFIX, WorkFolders, remove_folders, remove_leftovers
 
 
 def _materialised(root: Path, name: str) -> str:
@@ -33,7 +33,7 @@ def _ran(root: Path, change: Callable[[Path], None] | None = None) -> tuple[Work
     folders.stamp(first, "s1")
     if change is not None:
         change(Path(first))
-    assert folders.release(first, completed=True) == (change is None)
+    assert folders.release(first, completed=True) == (change is None, [])
     if change is not None:
         assert os.path.isdir(first)  # left to the caller to remove
     return folders, first
@@ -55,6 +55,7 @@ def test_an_unchanged_folder_becomes_the_next_steps_folder(tmp_path: Path) -> No
     pytest.param(lambda f: (f / "pkg" / "__pycache__").mkdir(), id="folder added below"),
     pytest.param(lambda f: (f / "pkg" / "util.py").unlink(), id="file removed"),
     pytest.param(lambda f: os.chmod(f / "step.py", 0o600), id="mode changed"),
+    pytest.param(lambda f: os.chmod(f, 0o555), id="the folder itself made read-only"),
     pytest.param(lambda f: os.replace(f / "pkg" / "util.py", f / "pkg" / "other.py"), id="file renamed"),
     pytest.param(lambda f: (f / "step.py").unlink() or (f / "step.py").write_text("print('hi')\n"),
                  id="file replaced by the same content"),
@@ -80,20 +81,38 @@ def test_a_failed_steps_folder_stays_where_it_is(tmp_path: Path) -> None:
     folders = WorkFolders(tmp_path)
     first = _materialised(tmp_path, "step_1")
     folders.stamp(first, "s1")
-    assert not folders.release(first, completed=False)
+    assert folders.release(first, completed=False) == (False, [])
     assert os.path.isdir(first)
     assert not folders.take("s1", str(tmp_path / "step_2"))
 
 
 def test_kept_folders_are_bounded_and_cleared(tmp_path: Path) -> None:
-    folders = WorkFolders(tmp_path, limit=2)
+    limit = [2]
+    folders = WorkFolders(tmp_path, limit=lambda: limit[0])
+    pushed_out = []
     for i in range(4):
         folder = _materialised(tmp_path, f"step_{i}")
         folders.stamp(folder, "s1")
-        assert folders.release(folder, completed=True)
+        kept, evicted = folders.release(folder, completed=True)
+        assert kept
+        pushed_out += evicted
+    assert len(pushed_out) == 2 and all(os.path.isdir(p) for p in pushed_out)  # removed by the caller, later
+    remove_folders(pushed_out)
     assert len([n for n in os.listdir(tmp_path) if n.startswith(KEPT_PREFIX)]) == 2
+    limit[0] = 1  # the target's concurrency was lowered
+    folder = _materialised(tmp_path, "step_4")
+    folders.stamp(folder, "s1")
+    kept, evicted = folders.release(folder, completed=True)
+    assert kept and len(evicted) == 2
+    remove_folders(evicted)
+    assert len([n for n in os.listdir(tmp_path) if n.startswith(KEPT_PREFIX)]) == 1
     folders.clear()
-    assert os.listdir(tmp_path) == []
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(KEPT_PREFIX)]
+    folder = _materialised(tmp_path, "step_5")
+    folders.stamp(folder, "s1")
+    kept, evicted = folders.release(folder, completed=True)  # after clear(): nothing stays kept
+    remove_folders(evicted)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(KEPT_PREFIX)]
 
 
 def test_an_existing_destination_is_left_to_the_caller(tmp_path: Path) -> None:
@@ -121,11 +140,11 @@ def test_a_folder_a_process_of_the_step_still_works_in_is_not_kept(tmp_path: Pat
     left_behind = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], cwd=Path(first) / "pkg",
                                    stdin=subprocess.PIPE, start_new_session=True)  # e.g. detached by the step
     try:
-        assert not folders.release(first, completed=True)  # it would write into the next step's folder
+        assert folders.release(first, completed=True) == (False, [])  # it would write into the next step's folder
     finally:
         left_behind.communicate(b"")
     folders.stamp(first, "s1")
-    assert folders.release(first, completed=True)
+    assert folders.release(first, completed=True) == (True, [])
 
 
 def test_targets_of_one_workspace_keep_folders_under_names_of_their_own(tmp_path: Path) -> None:
@@ -133,21 +152,23 @@ def test_targets_of_one_workspace_keep_folders_under_names_of_their_own(tmp_path
     for i, folders in enumerate((one, other)):
         folder = _materialised(tmp_path, f"step_{i}")
         folders.stamp(folder, "s1")
-        assert folders.release(folder, completed=True)
+        assert folders.release(folder, completed=True) == (True, [])
     assert one.take("s1", str(tmp_path / "step_a")) and other.take("s1", str(tmp_path / "step_b"))
 
 
 def test_kept_folders_hold_at_most_their_byte_budget(tmp_path: Path) -> None:
-    folders = WorkFolders(tmp_path, limit=8, max_bytes=50)  # each folder holds 24 bytes
+    folders = WorkFolders(tmp_path, max_bytes=50)  # each folder holds 24 bytes
     for i in range(3):
         folder = _materialised(tmp_path, f"step_{i}")
         folders.stamp(folder, "s1")
-        assert folders.release(folder, completed=True)
+        kept, evicted = folders.release(folder, completed=True)
+        assert kept
+        remove_folders(evicted)
     assert len([n for n in os.listdir(tmp_path) if n.startswith(KEPT_PREFIX)]) == 2
     big = _materialised(tmp_path, "step_big")
     (Path(big) / "data.bin").write_bytes(b"x" * 51)
     folders.stamp(big, "s2")
-    assert not folders.release(big, completed=True)  # over the budget alone: removed by the caller, as before
+    assert folders.release(big, completed=True) == (False, [])  # over the budget alone: removed by the caller
 
 
 def test_on_a_machine_with_very_many_processes_folders_are_removed_not_looked_through(tmp_path: Path,
@@ -158,4 +179,12 @@ def test_on_a_machine_with_very_many_processes_folders_are_removed_not_looked_th
     folders = WorkFolders(tmp_path)
     first = _materialised(tmp_path, "step_1")
     folders.stamp(first, "s1")
-    assert not folders.release(first, completed=True)
+    assert folders.release(first, completed=True) == (False, [])
+
+
+def test_a_machine_whose_name_begins_as_this_ones_keeps_its_folders(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "node")
+    theirs = f"{KEPT_PREFIX}node-2-4242-99887-0"  # machine "node-2", agent 4242 (its pid 2 here may be dead)
+    (tmp_path / theirs).mkdir()
+    remove_leftovers(tmp_path)
+    assert os.listdir(tmp_path) == [theirs]

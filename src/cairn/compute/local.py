@@ -27,7 +27,7 @@ from cairn.runner.slots import ProcessSlots
 from cairn.runner.spares import SparePool
 from cairn.runner.step_threads import StepThreads
 from cairn.runner.warm import WarmPool
-from cairn.runner.work_folders import WorkFolders
+from cairn.runner.work_folders import WorkFolders, remove_folders
 
 
 class LocalCompute:
@@ -123,11 +123,15 @@ class LocalCompute:
                 with self._lock:
                     self._running -= 1
             # an unchanged folder is kept before the engine hears of the end: the next step of the
-            # snapshot, started then, can have it
-            kept = work_folders.release(job.work_dir, result.status == "Completed")
+            # snapshot, started then, can have it (and what that pushed out goes once it heard)
+            try:
+                kept, evicted = work_folders.release(job.work_dir, result.status == "Completed")
+            except Exception:  # (e.g. no /proc) the folder goes as it did before: the ending is told
+                kept, evicted = False, []
             done(result)
             if not kept:
                 cleanup_after(job, result)
+            remove_folders(evicted)
 
         self._threads.run(f"step-{job.step_run_id}", work)
 
@@ -135,7 +139,7 @@ class LocalCompute:
         with self._lock:
             folders = self._work_folders.get(root)
             if folders is None:
-                folders = self._work_folders[root] = WorkFolders(root, limit=2 * self._max_concurrency + 2)
+                folders = self._work_folders[root] = WorkFolders(root, limit=lambda: 2 * self._max_concurrency + 2)
             return folders
 
     def shutdown(self) -> None:

@@ -1019,6 +1019,11 @@ def remove_staging(job: StepJob, spec: Any) -> None:
     for folder in {f for o in spec.outputs for f in earlier_staging_dirs(job.staging_dirs[o.name], job.attempt)}:
         if os.path.lexists(folder):
             shutil.rmtree(folder, ignore_errors=True)
+            if os.path.basename(os.path.dirname(folder)) == "outputs":  # an earlier layout's: it may be empty now
+                try:
+                    os.rmdir(os.path.dirname(folder))
+                except OSError:
+                    pass
     for folder in attempt_folders:
         try:  # after a local commit it is empty, or gone (renamed): one call instead of a tree walk
             os.rmdir(folder)

@@ -92,13 +92,12 @@ def processes_in(folder: str) -> bool:
     machine running more than ``PROCESSES_IN_LIMIT`` processes it says True without looking: the
     caller then does what it did before it could ask (removes the folder)."""
     me = str(os.getpid())
+    folder = os.path.realpath(folder)  # as /proc gives a current folder: links resolved
     inside = folder.rstrip("/") + "/"
-    entries = os.listdir("/proc")
-    if len(entries) > PROCESSES_IN_LIMIT:
+    pids = [entry for entry in os.listdir("/proc") if entry.isdigit() and entry != me]
+    if len(pids) > PROCESSES_IN_LIMIT:
         return True
-    for entry in entries:
-        if not entry.isdigit() or entry == me:
-            continue
+    for entry in pids:
         try:
             cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:  # gone, or another user's

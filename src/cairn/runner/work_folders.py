@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import socket
 import stat
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 
 from cairn.runner.processes import process_start_time, processes_in
 
@@ -31,9 +33,11 @@ SENTINEL_AGE_S = 2  # a kept file's modification time is set this far into the p
 
 # one folder's entries, by name: (name, inode, mode, uid, gid, size, mtime ns, ctime ns)
 Entry = tuple[str, int, int, int, int, int, int, int]
-Stamp = dict[str, tuple[Entry, ...]]  # folder (relative, "" for the top) -> its entries, sorted
+# folder (relative) -> its entries, sorted; "." -> the top folder's own (mode, uid, gid) as an entry
+Stamp = dict[str, tuple[Entry, ...]]
 
 _names = itertools.count()  # one sequence for every target of the process: names never collide
+_TAG = re.compile(r"(\d+)-(\d+)-\d+")  # what follows the host in a kept folder's name: pid, start, number
 
 
 def _entry(name: str, st: os.stat_result) -> Entry:
@@ -46,11 +50,18 @@ def _folder(root: str, rel: str) -> tuple[Entry, ...]:
         return tuple(sorted(_entry(e.name, e.stat(follow_symlinks=False)) for e in it))
 
 
+def _top(root: str) -> tuple[Entry, ...]:
+    """The top folder's own mode and owner (its change time moves as it is renamed: not compared)."""
+    st = os.lstat(root)
+    return (("", 0, st.st_mode, st.st_uid, st.st_gid, 0, 0, 0),)
+
+
 def _stamp(root: str) -> Stamp | None:
     """Every folder's entries under ``root``; None if it cannot be read."""
     stamp: Stamp = {}
     stack = [""]
     try:
+        stamp["."] = _top(root)
         while stack:
             rel = stack.pop()
             entries = stamp[rel] = _folder(root, rel)
@@ -64,7 +75,7 @@ def _unchanged(root: str, stamp: Stamp) -> bool:
     """Whether ``root`` is still as stamped; stops at the first folder that is not (a step that
     added many files is not walked through)."""
     try:
-        return all(_folder(root, rel) == entries for rel, entries in stamp.items())
+        return all((_top(root) if rel == "." else _folder(root, rel)) == entries for rel, entries in stamp.items())
     except OSError:
         return False
 
@@ -83,13 +94,16 @@ class WorkFolders:
     """The kept folders of one compute target, at most ``limit`` of them holding at most
     ``max_bytes`` (the least recently kept go first)."""
 
-    def __init__(self, work_root: str | os.PathLike[str], limit: int = 8, max_bytes: int = KEPT_BYTES) -> None:
+    def __init__(self, work_root: str | os.PathLike[str], limit: Callable[[], int] = lambda: 8,
+                 max_bytes: int = KEPT_BYTES) -> None:
         self._root = os.fspath(work_root)
-        self._limit = limit
+        self._limit = limit  # read at each release: the target's concurrency may change
         self._max_bytes = max_bytes
         self._lock = threading.Lock()
         self._stamps: dict[str, tuple[str, Stamp]] = {}  # work folder -> (snapshot, stamp)
-        self._kept: OrderedDict[str, tuple[str, Stamp]] = OrderedDict()  # kept path -> same
+        self._kept: OrderedDict[str, tuple[str, Stamp, int]] = OrderedDict()  # kept path -> (snapshot, stamp, size)
+        self._kept_bytes = 0
+        self._closed = False  # cleared: nothing is kept any more
         self._owner = _owner_tag()
 
     def stamp(self, folder: str, snapshot: str) -> None:
@@ -117,10 +131,11 @@ class WorkFolders:
             return False
         while True:
             with self._lock:
-                found = next((path for path, (snap, _) in reversed(self._kept.items()) if snap == snapshot), None)
+                found = next((path for path, (snap, _, _) in reversed(self._kept.items()) if snap == snapshot), None)
                 if found is None:
                     return False
-                _, stamp = self._kept.pop(found)
+                _, stamp, size = self._kept.pop(found)
+                self._kept_bytes -= size
             if _unchanged(found, stamp):  # nothing touched it while it was kept
                 try:
                     os.rename(found, dest)
@@ -132,38 +147,50 @@ class WorkFolders:
                 return True
             shutil.rmtree(found, ignore_errors=True)
 
-    def release(self, folder: str, completed: bool) -> bool:
+    def release(self, folder: str, completed: bool) -> tuple[bool, list[str]]:
         """The step that ran in ``folder`` ended. True: it completed and left the folder exactly its
         snapshot, which is now kept (renamed) for the next step of that snapshot. False: the caller
-        removes the folder (completed) or leaves it to be looked at (failed)."""
+        removes the folder (completed) or leaves it to be looked at (failed). With the kept folders
+        this pushed out, for the caller to remove (``remove_folders``) once the engine was told."""
         with self._lock:
             stamped = self._stamps.pop(folder, None)
-        if not completed or stamped is None or _size(stamped[1]) > self._max_bytes:
-            return False
+        size = _size(stamped[1]) if stamped is not None else 0
+        if not completed or stamped is None or size > self._max_bytes or self._closed:
+            return False, []
         if not _unchanged(folder, stamped[1]) or processes_in(folder):
-            return False  # (a process the step left, working there, would write into the next step's)
+            return False, []  # (a process the step left, working there, would write into the next step's)
         kept = os.path.join(self._root, f"{KEPT_PREFIX}{self._owner}-{next(_names)}")
         try:
             os.rename(folder, kept)
         except OSError:
-            return False
+            return False, []
+        evicted = []
         with self._lock:
-            self._kept[kept] = stamped
-            evicted = []
-            while len(self._kept) > self._limit or sum(_size(s) for _, s in self._kept.values()) > self._max_bytes:
-                evicted.append(self._kept.popitem(last=False)[0])
-        for path in evicted:
-            shutil.rmtree(path, ignore_errors=True)
-        return True
+            if self._closed:  # cleared while this was renamed
+                evicted.append(kept)
+            else:
+                self._kept[kept] = (stamped[0], stamped[1], size)
+                self._kept_bytes += size
+            while self._kept and (len(self._kept) > self._limit() or self._kept_bytes > self._max_bytes):
+                path, (_, _, gone) = self._kept.popitem(last=False)
+                self._kept_bytes -= gone
+                evicted.append(path)
+        return True, evicted
 
     def clear(self) -> None:
         """Remove every kept folder (the target is shut down)."""
         with self._lock:
             kept = list(self._kept)
             self._kept.clear()
+            self._kept_bytes = 0
             self._stamps.clear()
-        for path in kept:
-            shutil.rmtree(path, ignore_errors=True)
+            self._closed = True
+        remove_folders(kept)
+
+
+def remove_folders(paths: Iterable[str]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_leftovers(work_root: str | os.PathLike[str]) -> None:
@@ -175,8 +202,10 @@ def remove_leftovers(work_root: str | os.PathLike[str]) -> None:
     except OSError:
         return
     for name in names:
-        pid, _, rest = name[len(host):].partition("-")
-        started = rest.rpartition("-")[0]
-        if pid.isdigit() and process_start_time(int(pid)) == started:
+        tag = _TAG.fullmatch(name[len(host):])  # (not "node-2-..." of machine "node-2", seen from "node")
+        if tag is None:
+            continue
+        pid, started = tag.groups()
+        if process_start_time(int(pid)) == started:
             continue  # its agent still runs
         shutil.rmtree(os.path.join(work_root, name), ignore_errors=True)

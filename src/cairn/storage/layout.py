@@ -127,7 +127,10 @@ def earlier_staging_dirs(staging: str, attempt: int) -> list[str]:
     if attempt == 1 or os.path.basename(attempt_folder) != f".a{attempt}":  # (a node's scratch folder: removed whole)
         return []
     run_folder = os.path.dirname(attempt_folder)
-    # (Cairn before 2026-11-26 staged in <run folder>/staging, then in <run folder>/outputs/.a<k>)
-    legacy = [os.path.join(run_folder, "staging"), *(os.path.join(run_folder, "outputs", f".a{k}")
-                                                    for k in range(1, attempt))]
+    outputs, name = os.path.join(run_folder, "outputs"), os.path.basename(staging)
+    # where earlier versions of Cairn staged: <run folder>/staging, then outputs/.<name>.a<k>.staging,
+    # then outputs/.a<k>/<name>
+    legacy = [os.path.join(run_folder, "staging"),
+              *(os.path.join(outputs, f".{name}.a{k}.staging") for k in range(1, attempt)),
+              *(os.path.join(outputs, f".a{k}") for k in range(1, attempt))]
     return [*legacy, *(os.path.join(run_folder, f".a{k}") for k in range(1, attempt))]
