@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/peers/bench_peers.py [--repeat 3] [--tools ...] [--shapes ...]
 
 Installs each peer into its own virtual environment under ``benchmarks/.peers/`` with uv (once; pinned
-versions below), then, for each repetition and tool, runs the shapes in order in one fresh state folder:
+versions below), then, for each repetition, runs the shapes in order, each in every tool (in an order
+rotated from one repetition to the next) before the next, each tool in one fresh state folder:
 (a) ``chain`` 20 steps, (c) ``rerun`` the chain with nothing changed (each tool's own reuse),
 (d) ``edit`` the chain after editing step 10's script, (b) ``fanout`` 1 -> 50 -> 1, (e) ``dag`` 500
 random steps, (f) ``handoff`` of a 1 GiB output between two steps; and (g) ``snapshot`` of a 10,000-file
@@ -15,6 +16,7 @@ as JSON to ``benchmarks/results/``. See ``benchmarks/README.md``, section "Side 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -135,6 +137,16 @@ def check_cairn(tool: str, shape: str, state: Path, result: dict[str, Any], earl
                            f"expected {len(wanted)}")
 
 
+def stop_agents(states: list[Path]) -> None:
+    """Cairn's workspace agents outlive the drivers (idle, between shapes): stopped at the end."""
+    for state in states:
+        if (state / "cairn-ws").is_dir():
+            from cairn.engine.client import stop_agent
+            from cairn.storage.layout import WorkspaceLayout
+
+            stop_agent(WorkspaceLayout(state / "cairn-ws"))
+
+
 def edit_step_10(state: Path) -> None:
     """Edit the 10th step's script so that its output changes."""
     script = common.step_script(state, common.EDITED_STEP)
@@ -214,10 +226,17 @@ def main() -> None:
         peer_python(tool)  # install first: no install is timed
     raw: list[dict[str, Any]] = []
     for rep in range(args.repeat):
-        for tool in tools:
-            with tempfile.TemporaryDirectory(prefix=f"cairn-peers-{tool}-") as tmp:
-                state = Path(tmp)
-                for shape in [s for s in ORDER if s in shapes]:
+        # Each shape runs in every tool before the next shape (in a rotated order from one repetition to
+        # the next): the tools compared on a shape run seconds apart, not minutes, on a VM whose speed
+        # drifts. Each tool keeps its own state folder through the shapes (they build on each other).
+        order = tools[rep % len(tools):] + tools[:rep % len(tools)]
+        with contextlib.ExitStack() as folders:
+            states = {tool: Path(folders.enter_context(tempfile.TemporaryDirectory(prefix=f"cairn-peers-{tool}-")))
+                      for tool in order}
+            folders.callback(stop_agents, list(states.values()))  # (before the folders go: callbacks run last first)
+            for shape in [s for s in ORDER if s in shapes]:
+                for tool in order:
+                    state = states[tool]
                     if shape == "edit":
                         edit_step_10(state)
                     if (tool, shape) in SLOW and not args.slow:
@@ -234,11 +253,6 @@ def main() -> None:
                         print(result["error"], file=sys.stderr)
                     if "wrong" in result:
                         print(f"WRONG: {tool} {shape}: {result['wrong']}", file=sys.stderr)
-                if (state / "cairn-ws").is_dir():  # the workspace's agent outlives the drivers: stop it
-                    from cairn.engine.client import stop_agent
-                    from cairn.storage.layout import WorkspaceLayout
-
-                    stop_agent(WorkspaceLayout(state / "cairn-ws"))
     snapshot = snapshot_figures(args.repeat) if "snapshot" in shapes and "cairn" in tools else {}
     from bench_pipelines import machine
 
