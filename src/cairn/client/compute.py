@@ -247,7 +247,6 @@ class ComputeTarget:
         return f"ComputeTarget(name={self.name!r}, type={self.type!r})"
 
 
-
 def _check_replaceable(workspace: Workspace, name: str, kind: str) -> None:
     """A target may be made again under its name (new settings apply from the next dispatch), but
     ``local`` stays this machine, and a Ray cluster Cairn started is never left running unnamed."""

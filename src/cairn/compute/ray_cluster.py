@@ -176,6 +176,9 @@ def same_cluster(current: str, address: str) -> bool:
         return False
 
 
+_RECONNECT = "RAY_gcs_rpc_server_reconnect_timeout_s"
+
+
 def connect(address: str, switch: bool = True) -> None:
     """Make this process a Ray driver of the cluster at ``address``. A process drives one cluster
     at a time: with ``switch`` it leaves another one first, else that is an error."""
@@ -207,9 +210,6 @@ def connect(address: str, switch: bool = True) -> None:
             os.environ.pop(_RECONNECT, None)
         else:
             os.environ[_RECONNECT] = previous
-
-
-_RECONNECT = "RAY_gcs_rpc_server_reconnect_timeout_s"
 
 
 def stop_node(node: dict[str, Any]) -> None:

@@ -203,8 +203,7 @@ def _check_target(target: Path, source: Path, inputs: list[Any], local_stores: l
     """Refuse a folder whose files would change what a run reads: one the step's next snapshot
     would take (inside its source folder, or a folder a link there leads to, unless ignored as .cairn/
     is), inside one of its inputs, or inside a local datastore (recorded outputs and data)."""
-    def inside(folder: Path) -> bool:
-        return _inside(target, folder)
+    inside = target.is_relative_to  # (the folder itself or below it)
 
     if inside(source) and not never_snapshotted(source, target):
         raise UserInputError(f"{flag}{target} is inside the step's source folder {source}: the next run would "
@@ -223,20 +222,15 @@ def _check_target(target: Path, source: Path, inputs: list[Any], local_stores: l
             raise UserInputError(f"{flag}{target} is inside the step's input folder {real} (input {i.name}): the "
                                  f"recreated files would change the recorded data; choose a folder outside it")
     for store in local_stores:
-        if inside(store) and not (target == debug_root or debug_root in target.parents):
+        if inside(store) and not inside(debug_root):
             raise UserInputError(f"{flag}{target} is inside the local datastore folder {store}: the recreated files "
                                  f"would change recorded data; choose a folder outside it (the default is {default})")
-
-
-def _inside(target: Path, folder: Path) -> bool:
-    return target == folder or folder in target.parents
 
 
 def _check_cairn_folders(target: Path, dot: Path, other_sources: list[Path], flag: str, default: Path) -> None:
     """Refuse a folder inside the workspace's own (``.cairn/`` but its ``debug/``), or inside the
     source folder of another step of the run (its next snapshot would take the files)."""
-    def inside(folder: Path) -> bool:
-        return _inside(target, folder)
+    inside = target.is_relative_to  # (the folder itself or below it)
 
     if inside(dot.resolve()) and not inside((dot / "debug").resolve()):
         raise UserInputError(f"{flag}{target} is inside the workspace's own folder {dot.resolve()} (its store, "

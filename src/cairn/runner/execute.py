@@ -960,11 +960,11 @@ def commit_output(job: StepJob, o: Any, staging: Path, move: bool = True) -> dic
     only (its attempt folder is renamed to the outputs folder, see ``_whole_folder_commits``)."""
     tree = digest_tree(staging)
     local = o.datastore in job.datastore_roots
-    if local and not move:
-        make_read_only(staging)
-        signature = tree.stat_signature
-    elif local:
-        _commit_local(job, o, staging)
+    if local:
+        if move:
+            _commit_local(job, o, staging)
+        else:
+            make_read_only(staging)
         signature = tree.stat_signature
     else:  # what the store says of the uploaded files (ETags): checked before the output is reused
         signature = _commit_remote(job, o, staging)

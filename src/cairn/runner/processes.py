@@ -47,13 +47,18 @@ def kill_step_processes(pid: int | None, started: str | None, step_run_id: str |
     return killed
 
 
+def _other_pids() -> list[str]:
+    """The ids of every process but this one (``/proc``'s numbered entries)."""
+    me = str(os.getpid())
+    return [entry for entry in os.listdir("/proc") if entry.isdigit() and entry != me]
+
+
 def _session_members(session: int, not_before: int) -> list[int]:
     found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat_fields(entry)
-            if fields and int(fields[3]) == session and int(fields[19]) >= not_before:  # session, start time
-                found.append(int(entry))
+    for entry in _other_pids():
+        fields = _stat_fields(entry)
+        if fields and int(fields[3]) == session and int(fields[19]) >= not_before:  # session, start time
+            found.append(int(entry))
     return found
 
 
@@ -65,10 +70,7 @@ def kill_detached(step_run_id: str) -> bool:
     every process costs ~10 us each. Returns whether any was killed."""
     marker = f"\0CAIRN_RUN_ID={step_run_id}\0".encode()
     killed = False
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
+    for entry in _other_pids():
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
                 found = marker in b"\0" + f.read()
@@ -91,10 +93,9 @@ def processes_in(folder: str) -> bool:
     is there; ~1.5 us per process, read once per completed step whose folder would be kept). On a
     machine running more than ``PROCESSES_IN_LIMIT`` processes it says True without looking: the
     caller then does what it did before it could ask (removes the folder)."""
-    me = str(os.getpid())
     folder = os.path.realpath(folder)  # as /proc gives a current folder: links resolved
     inside = folder.rstrip("/") + "/"
-    pids = [entry for entry in os.listdir("/proc") if entry.isdigit() and entry != me]
+    pids = _other_pids()
     if len(pids) > PROCESSES_IN_LIMIT:
         return True
     for entry in pids:
