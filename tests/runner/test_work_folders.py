@@ -173,13 +173,61 @@ def test_kept_folders_hold_at_most_their_byte_budget(tmp_path: Path) -> None:
 
 def test_on_a_machine_with_very_many_processes_folders_are_removed_not_looked_through(tmp_path: Path,
                                                                                       monkeypatch) -> None:
-    from cairn.runner import processes
+    from cairn.runner import processes, work_folders
 
     monkeypatch.setattr(processes, "PROCESSES_IN_LIMIT", 1)
+    monkeypatch.setattr(work_folders, "pid_mark", lambda: None)  # no mark: every process would be looked at
     folders = WorkFolders(tmp_path)
     first = _materialised(tmp_path, "step_1")
     folders.stamp(first, "s1")
     assert folders.release(first, completed=True) == (False, [])
+
+
+def test_only_processes_made_since_the_folders_first_step_are_looked_through(tmp_path: Path, monkeypatch) -> None:
+    from cairn.runner import processes
+
+    monkeypatch.setattr(processes, "PROCESSES_IN_LIMIT", 1)  # (a scan of every process would give up)
+    folders = WorkFolders(tmp_path)
+    first = _materialised(tmp_path, "step_1")
+    older = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], cwd=Path(first) / "pkg",
+                             stdin=subprocess.PIPE)  # there before any step of the folder: not one's leftover
+    try:
+        folders.stamp(first, "s1")
+        assert folders.release(first, completed=True) == (True, [])
+        assert folders.take("s1", str(tmp_path / "step_2"))
+        left_behind = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                       cwd=tmp_path / "step_2", stdin=subprocess.PIPE, start_new_session=True)
+        try:
+            assert folders.release(str(tmp_path / "step_2"), completed=True) == (False, [])
+        finally:
+            left_behind.communicate(b"")
+    finally:
+        older.communicate(b"")
+
+
+@pytest.mark.parametrize(("now", "looked_above"), [
+    ((5000, 10_050, 200, 32768), 4000),  # no wrap: processes made since have pids above the mark's last
+    ((3000, 10_050, 200, 32768), None),  # the numbering wrapped (the last pid is below the mark's)
+    ((4500, 27_000, 200, 32768), None),  # enough made since that it may have wrapped and come round again
+])
+def test_a_wrap_of_the_pid_numbering_makes_every_process_looked_at(monkeypatch, now, looked_above) -> None:
+    from cairn.runner import processes
+
+    mark = processes.PidMark(4000, 10_000, 200, 32768)
+    monkeypatch.setattr(processes, "pid_mark", lambda: processes.PidMark(*now))
+    assert processes._made_since(mark) == looked_above
+
+
+def test_the_pid_mark_reads_this_machines_numbering() -> None:
+    from cairn.runner.processes import pid_mark
+
+    before = pid_mark()
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    after = pid_mark()
+    assert before is not None and after is not None
+    assert after.forks > before.forks and before.tasks > 0 and before.pid_max > 300
+    if after.last_pid >= before.last_pid:  # (no wrap meanwhile)
+        assert before.last_pid < int(child.stdout) <= after.last_pid
 
 
 def test_a_machine_whose_name_begins_as_this_ones_keeps_its_folders(tmp_path: Path, monkeypatch) -> None:

@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from cairn.runner.processes import process_start_time, processes_in
+from cairn.runner.processes import PidMark, pid_mark, process_start_time, processes_in
 
 KEPT_PREFIX = ".kept-"  # kept folders in the work folder: .kept-<host>-<pid>-<start>-<n>
 KEPT_BYTES = 1 << 30  # what kept folders may hold at most, together (a folder over it is not kept)
@@ -100,14 +100,19 @@ class WorkFolders:
         self._limit = limit  # read at each release: the target's concurrency may change
         self._max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._stamps: dict[str, tuple[str, Stamp]] = {}  # work folder -> (snapshot, stamp)
-        self._kept: OrderedDict[str, tuple[str, Stamp, int]] = OrderedDict()  # kept path -> (snapshot, stamp, size)
+        # work folder -> (snapshot, stamp, the pids before its first step: leftovers of the steps that ran
+        # in it are made after)
+        self._stamps: dict[str, tuple[str, Stamp, PidMark | None]] = {}
+        # kept path -> (snapshot, stamp, size, pids mark)
+        self._kept: OrderedDict[str, tuple[str, Stamp, int, PidMark | None]] = OrderedDict()
         self._kept_bytes = 0
         self._closed = False  # cleared: nothing is kept any more
         self._owner = _owner_tag()
 
     def stamp(self, folder: str, snapshot: str) -> None:
-        """``folder`` now holds exactly ``snapshot``, fresh: remember it as such."""
+        """``folder`` now holds exactly ``snapshot``, fresh: remember it as such (before its step
+        starts)."""
+        mark = pid_mark()
         first = _stamp(folder)
         if first is None:
             return
@@ -123,18 +128,19 @@ class WorkFolders:
         stamped = _stamp(folder)  # (the new times, and the change times they made)
         if stamped is not None:
             with self._lock:
-                self._stamps[folder] = (snapshot, stamped)
+                self._stamps[folder] = (snapshot, stamped, mark)
 
     def take(self, snapshot: str, dest: str) -> bool:
-        """Rename a kept folder of ``snapshot`` to ``dest`` (which must not exist): True when done."""
+        """Rename a kept folder of ``snapshot`` to ``dest`` (which must not exist; before its step
+        starts): True when done."""
         if os.path.lexists(dest):  # what an earlier attempt left: the caller clears it
             return False
         while True:
             with self._lock:
-                found = next((path for path, (snap, _, _) in reversed(self._kept.items()) if snap == snapshot), None)
+                found = next((path for path, (snap, *_) in reversed(self._kept.items()) if snap == snapshot), None)
                 if found is None:
                     return False
-                _, stamp, size = self._kept.pop(found)
+                _, stamp, size, mark = self._kept.pop(found)
                 self._kept_bytes -= size
             if _unchanged(found, stamp):  # nothing touched it while it was kept
                 try:
@@ -143,7 +149,7 @@ class WorkFolders:
                     shutil.rmtree(found, ignore_errors=True)
                     return False
                 with self._lock:
-                    self._stamps[dest] = (snapshot, stamp)
+                    self._stamps[dest] = (snapshot, stamp, mark)
                 return True
             shutil.rmtree(found, ignore_errors=True)
 
@@ -157,7 +163,7 @@ class WorkFolders:
         size = _size(stamped[1]) if stamped is not None else 0
         if not completed or stamped is None or size > self._max_bytes or self._closed:
             return False, []
-        if not _unchanged(folder, stamped[1]) or processes_in(folder):
+        if not _unchanged(folder, stamped[1]) or processes_in(folder, since=stamped[2]):
             return False, []  # (a process the step left, working there, would write into the next step's)
         kept = os.path.join(self._root, f"{KEPT_PREFIX}{self._owner}-{next(_names)}")
         try:
@@ -169,10 +175,10 @@ class WorkFolders:
             if self._closed:  # cleared while this was renamed
                 evicted.append(kept)
             else:
-                self._kept[kept] = (stamped[0], stamped[1], size)
+                self._kept[kept] = (*stamped[:2], size, stamped[2])
                 self._kept_bytes += size
             while self._kept and (len(self._kept) > self._limit() or self._kept_bytes > self._max_bytes):
-                path, (_, _, gone) = self._kept.popitem(last=False)
+                path, (_, _, gone, _) = self._kept.popitem(last=False)
                 self._kept_bytes -= gone
                 evicted.append(path)
         return True, evicted
