@@ -183,14 +183,18 @@ def test_on_a_machine_with_very_many_processes_folders_are_removed_not_looked_th
     assert folders.release(first, completed=True) == (False, [])
 
 
-def test_only_processes_made_since_the_folders_first_step_are_looked_through(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("one_by_one", [True, False])
+def test_only_processes_made_since_the_step_began_are_looked_through(tmp_path: Path, monkeypatch,
+                                                                     one_by_one: bool) -> None:
     from cairn.runner import processes
 
-    monkeypatch.setattr(processes, "PROCESSES_IN_LIMIT", 1)  # (a scan of every process would give up)
+    monkeypatch.setattr(processes, "PROCESSES_IN_LIMIT", 1)  # (a look through every process would give up)
+    if not one_by_one:  # more pids made since the mark than are asked for one by one: /proc is listed
+        monkeypatch.setattr(processes, "PROBED_PIDS", 0)
     folders = WorkFolders(tmp_path)
     first = _materialised(tmp_path, "step_1")
     older = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], cwd=Path(first) / "pkg",
-                             stdin=subprocess.PIPE)  # there before any step of the folder: not one's leftover
+                             stdin=subprocess.PIPE)  # there before the step began: not its leftover
     try:
         folders.stamp(first, "s1")
         assert folders.release(first, completed=True) == (True, [])
@@ -205,17 +209,17 @@ def test_only_processes_made_since_the_folders_first_step_are_looked_through(tmp
         older.communicate(b"")
 
 
-@pytest.mark.parametrize(("now", "looked_above"), [
-    ((5000, 10_050, 200, 32768), 4000),  # no wrap: processes made since have pids above the mark's last
+@pytest.mark.parametrize(("now", "looked_within"), [
+    ((5000, 10_050, 200, 32768), (4000, 5000)),  # no wrap: processes made since have pids in (4000, 5000]
     ((3000, 10_050, 200, 32768), None),  # the numbering wrapped (the last pid is below the mark's)
     ((4500, 27_000, 200, 32768), None),  # enough made since that it may have wrapped and come round again
 ])
-def test_a_wrap_of_the_pid_numbering_makes_every_process_looked_at(monkeypatch, now, looked_above) -> None:
+def test_a_wrap_of_the_pid_numbering_makes_every_process_looked_at(monkeypatch, now, looked_within) -> None:
     from cairn.runner import processes
 
     mark = processes.PidMark(4000, 10_000, 200, 32768)
     monkeypatch.setattr(processes, "pid_mark", lambda: processes.PidMark(*now))
-    assert processes._made_since(mark) == looked_above
+    assert processes._made_since(mark) == looked_within
 
 
 def test_the_pid_mark_reads_this_machines_numbering() -> None:

@@ -22,6 +22,7 @@ from cairn.backend import open_local_backend
 from cairn.backend.base import AgentSocketCalls
 from cairn.backend.relay import SCRIPT_METHODS, RelayBackend, RelayLost, ScriptService
 from cairn.core.socket_rpc import CallNotUnderstood
+from cairn.storage.snapshot import snapshot_limits
 
 # the scripts' calls (reads, records on runs and datasets), what submitting a pipeline needs, and
 # recording the workspace's compute targets (what a pipeline script sets up each time). Nothing
@@ -65,8 +66,6 @@ class AgentBackend(AgentSocketCalls):
         return self.layout.workspace_name(self.layout.read_config())
 
     def snapshots(self, source_directories: list[str]) -> dict[str, str]:
-        from cairn.storage.snapshot import snapshot_limits
-
         config = self.layout.read_config()
         # the agent's working folder and environment are not this process's
         absolute = {os.path.abspath(d): d for d in source_directories}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from cairn.client.run import PipelineRun  # (what submit returns: loaded with the class, not in the first submit)
 from cairn.core.errors import UserInputError
 from cairn.core.names import check_experiment_name, check_type
 
@@ -13,7 +14,7 @@ from cairn.core.names import check_experiment_name, check_type
 SUBMITTED: list[PipelineRun] | None = None
 
 if TYPE_CHECKING:
-    from cairn.client.run import PipelineRun, Run
+    from cairn.client.run import Run
     from cairn.client.workspace import Workspace
 
 
@@ -29,7 +30,6 @@ class Experiment:
                continue_on_step_failure: bool = False, **kwargs: Any) -> PipelineRun:
         """Queue ``config`` (a Pipeline) and return its PipelineRun without waiting."""
         from cairn.client.pipeline import Pipeline
-        from cairn.client.run import PipelineRun
 
         if not isinstance(config, Pipeline):
             raise UserInputError(f"Experiment.submit expects a Pipeline, not {type(config).__name__}")

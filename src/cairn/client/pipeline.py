@@ -11,6 +11,8 @@ from cairn.client.steps import PythonScriptStep
 from cairn.core.errors import PathNotFoundError, PipelineValidationError, UserInputError
 from cairn.core.spec import Argument, DatasetInputSpec, GraphSpec, InputSpec, OutputSpec, StepSpec
 from cairn.data.pipeline_data import PipelineData, PipelineDataInput
+from cairn.environments.spec import check_buildable, spec_digest
+from cairn.storage.git import git_properties_of
 
 if TYPE_CHECKING:
     from cairn.client.workspace import Workspace
@@ -95,8 +97,6 @@ class Pipeline:
                 except UserInputError as exc:
                     problems.append(f"{who}: {exc}")
                 else:
-                    from cairn.environments.spec import check_buildable
-
                     problems += [f"{who}: {p}" for p in check_buildable(env_spec, s.runconfig.environment.name)]
             out_names: dict[str, int] = {}
             for o in s.outputs:
@@ -156,8 +156,6 @@ class Pipeline:
         snapshots: dict[str, str] = {}
         gits: dict[str, dict[str, str]] = {}
         specs, step_props = [], {}
-        from cairn.storage.git import git_properties_of
-
         folders = list(dict.fromkeys(s.source_directory for s in self.steps))
         snapshots.update(backend.snapshots(folders))
         gits.update(git_properties_of(folders))
@@ -182,8 +180,6 @@ class Pipeline:
                 else:
                     args.append(Argument(literal=str(a) if not isinstance(a, bool) else str(a)))
             env_spec = s.runconfig.environment.to_spec()
-            from cairn.environments.spec import spec_digest
-
             rc = s.runconfig
             specs.append(StepSpec(
                 name=s.name, script_name=s.script_name, source_directory=s.source_directory,

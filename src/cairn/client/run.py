@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cairn.client.follow import follow
 from cairn.core.errors import NotFoundError, PathNotFoundError, UserInputError
 from cairn.core.names import check_type
 from cairn.core.status import Status
@@ -263,7 +264,6 @@ class Run(_MetricsMixin):
     def wait_for_completion(self, show_output: bool = True, timeout_seconds: float | None = None,
                             raise_on_error: bool = True) -> str:
         """Wait for the run to end; returns its final status (as Azure ML's PipelineRun does)."""
-        from cairn.client.follow import follow
 
         pipeline_id = self._row()["parent_id"] or self.id
         follow(self._backend, pipeline_id, show_output=show_output, timeout_seconds=timeout_seconds,

@@ -100,11 +100,9 @@ class WorkFolders:
         self._limit = limit  # read at each release: the target's concurrency may change
         self._max_bytes = max_bytes
         self._lock = threading.Lock()
-        # work folder -> (snapshot, stamp, the pids before its first step: leftovers of the steps that ran
-        # in it are made after)
+        # work folder -> (snapshot, stamp, the pids before its step began: the step's leftovers are made after)
         self._stamps: dict[str, tuple[str, Stamp, PidMark | None]] = {}
-        # kept path -> (snapshot, stamp, size, pids mark)
-        self._kept: OrderedDict[str, tuple[str, Stamp, int, PidMark | None]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[str, Stamp, int]] = OrderedDict()  # kept path -> (snapshot, stamp, size)
         self._kept_bytes = 0
         self._closed = False  # cleared: nothing is kept any more
         self._owner = _owner_tag()
@@ -137,10 +135,10 @@ class WorkFolders:
             return False
         while True:
             with self._lock:
-                found = next((path for path, (snap, *_) in reversed(self._kept.items()) if snap == snapshot), None)
+                found = next((path for path, (snap, _, _) in reversed(self._kept.items()) if snap == snapshot), None)
                 if found is None:
                     return False
-                _, stamp, size, mark = self._kept.pop(found)
+                _, stamp, size = self._kept.pop(found)
                 self._kept_bytes -= size
             if _unchanged(found, stamp):  # nothing touched it while it was kept
                 try:
@@ -148,6 +146,7 @@ class WorkFolders:
                 except OSError:
                     shutil.rmtree(found, ignore_errors=True)
                     return False
+                mark = pid_mark()  # (before its step starts; earlier steps' leftovers were looked for as they ended)
                 with self._lock:
                     self._stamps[dest] = (snapshot, stamp, mark)
                 return True
@@ -175,10 +174,10 @@ class WorkFolders:
             if self._closed:  # cleared while this was renamed
                 evicted.append(kept)
             else:
-                self._kept[kept] = (*stamped[:2], size, stamped[2])
+                self._kept[kept] = (stamped[0], stamped[1], size)
                 self._kept_bytes += size
             while self._kept and (len(self._kept) > self._limit() or self._kept_bytes > self._max_bytes):
-                path, (_, _, gone, _) = self._kept.popitem(last=False)
+                path, (_, _, gone) = self._kept.popitem(last=False)
                 self._kept_bytes -= gone
                 evicted.append(path)
         return True, evicted
