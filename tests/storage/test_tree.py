@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cairn.storage.tree import digest_tree, stat_signature, stat_signatures
+from cairn.storage.tree import digest_tree, stat_signature, stat_signature_matches, stat_signatures
 
 
 def test_an_empty_folder_changes_the_digest_and_the_old_signature_still_matches(tmp_path: Path) -> None:
@@ -25,9 +25,9 @@ def test_a_folder_added_to_an_output_recorded_now_is_noticed(tmp_path: Path) -> 
     out.mkdir()
     (out / "v.txt").write_text("v")
     recorded = digest_tree(out).stat_signature  # what a commit records
-    assert recorded in stat_signatures(out)
+    assert recorded in stat_signatures(out) and stat_signature_matches(out, recorded)
     (out / "new").mkdir()  # someone adds an empty folder to a committed output
-    assert recorded not in stat_signatures(out)
+    assert recorded not in stat_signatures(out) and not stat_signature_matches(out, recorded)
 
 
 def test_an_output_recorded_before_empty_folders_counted_is_still_itself(tmp_path: Path) -> None:
@@ -39,4 +39,6 @@ def test_an_output_recorded_before_empty_folders_counted_is_still_itself(tmp_pat
     (out / "empty").mkdir()
     st = (out / "v.txt").stat()
     legacy = digest_json({"stat": [["v.txt", st.st_size, st.st_mtime_ns]]})  # what older commits recorded
-    assert legacy in stat_signatures(out)
+    assert legacy in stat_signatures(out) and stat_signature_matches(out, legacy)
+    (out / "v.txt").write_text("vv")  # its bytes changed in place: neither form matches
+    assert not stat_signature_matches(out, legacy)

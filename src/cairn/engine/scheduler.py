@@ -23,7 +23,7 @@ from cairn.runner.job import InputLocation, StepJob
 from cairn.runner.processes import kill_step_processes
 from cairn.storage.layout import run_dir, staging_dir
 from cairn.storage.snapshot import load_manifest
-from cairn.storage.tree import stat_signatures
+from cairn.storage.tree import stat_signature_matches
 from cairn.store import queries as q
 
 Dispatch = Callable[[StepJob, StepSpec], None]
@@ -229,7 +229,7 @@ class PipelineScheduler:
             if not produced or not produced.get("stat_signature") or produced["datastore"] not in self._roots:
                 continue
             path = Path(self._roots[produced["datastore"]]) / produced["path"]
-            if path.exists() and produced["stat_signature"] not in stat_signatures(path):
+            if path.exists() and not stat_signature_matches(path, produced["stat_signature"]):
                 changed.append((i.name, i.producer))
         return changed
 
@@ -337,7 +337,7 @@ class PipelineScheduler:
             path = Path(self._roots.get(o["datastore"], "/nonexistent")) / o["path"]
             if not path.exists():
                 return None
-            if o.get("stat_signature") and o["stat_signature"] not in stat_signatures(path):
+            if o.get("stat_signature") and not stat_signature_matches(path, o["stat_signature"]):
                 return None
         return outs
 

@@ -664,7 +664,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
 def _changed_inputs(job: StepJob) -> list[str]:
     """The inputs given in place (committed outputs of upstream steps) that the step changed: added,
     removed or rewritten files (as root, or after a chmod, it can)."""
-    from cairn.storage.tree import stat_signatures
+    from cairn.storage.tree import stat_signature_matches
 
     changed = []
     for i in job.inputs:
@@ -672,7 +672,7 @@ def _changed_inputs(job: StepJob) -> list[str]:
             continue
         if not os.path.lexists(i.path):
             changed.append(f"its input {i.name!r} (removed {i.path})")
-        elif i.stat_signature not in stat_signatures(i.path):
+        elif not stat_signature_matches(i.path, i.stat_signature):
             changed.append(f"its input {i.name!r} ({i.path})")
     return changed
 

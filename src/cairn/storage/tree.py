@@ -100,12 +100,25 @@ def stat_signature(path: str | os.PathLike[str]) -> str:
 def stat_signatures(path: str | os.PathLike[str]) -> tuple[str, str]:
     """The stat signature, and the files-only form recorded before empty folders counted (an
     output recorded then is still itself if its files are)."""
-    stats = []
+    stats, empty = _stats(path)
+    return digest_json({"stat": stats, "folders": empty}), digest_json({"stat": stats})
+
+
+def stat_signature_matches(path: str | os.PathLike[str], recorded: str) -> bool:
+    """Whether ``path`` still has the ``recorded`` stat signature, in either form (the older form
+    is digested only when the current one differs: reuse asks this of every output it would use)."""
+    stats, empty = _stats(path)
+    return (digest_json({"stat": stats, "folders": empty}) == recorded
+            or digest_json({"stat": stats}) == recorded)
+
+
+def _stats(path: str | os.PathLike[str]) -> tuple[list[list[object]], list[str]]:
+    stats: list[list[object]] = []
     files, empty = _walk(Path(path))
     for rel, full in files:
         st = os.lstat(full)
         stats.append([rel, 0 if stat.S_ISLNK(st.st_mode) else st.st_size, st.st_mtime_ns])
-    return digest_json({"stat": stats, "folders": empty}), digest_json({"stat": stats})
+    return stats, empty
 
 
 def make_read_only(path: str | os.PathLike[str]) -> None:
