@@ -230,3 +230,63 @@ def test_committed_output_records_become_exactly_the_rows_the_store_reads_back(t
                 "file_count": 0, "stat_signature": None}]
     assert q.commit_step(store, step, outputs, "fp", {}, 0, True)
     assert {o["name"]: q.output_row(step, o) for o in outputs} == q.get_outputs(store, step)
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_per_step_statements_use_one_connection_per_thread_closed_with_the_thread(tmp_path):
+    """The fast paths keep a connection per thread (no pool check-out per statement); a thread's go
+    when it ends, so threads coming and going leave no more open files behind than were open at
+    once (SQLite keeps a closed connection's files open for the next, while others hold locks)."""
+    import gc
+
+    store = _store(tmp_path)
+    ids = _queue_runs(store, 1)
+    with store.fast_read() as first, store.fast_read() as again:
+        assert first.connection.driver_connection is again.connection.driver_connection
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            assert q.update_status(store, ids[0], Status.RUNNING)
+            assert q.get_run(store, ids[0])["status"] == "Running"
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    open_after = []
+    for _ in range(4):
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        gc.collect()
+        open_after.append(_open_fds())
+    assert errors == []
+    assert max(open_after[1:]) <= open_after[0], open_after  # 32 threads came and went: nothing piled up
+    assert len(store._own_made) <= 2  # (this thread's reader, and no other thread's)
+
+
+def test_a_forked_child_opens_its_own_connections_and_leaves_the_parents_working(tmp_path):
+    import os
+
+    store = _store(tmp_path)
+    ids = _queue_runs(store, 2)
+    assert q.update_status(store, ids[0], Status.RUNNING)  # the parent's connections exist now
+    pid = os.fork()
+    if pid == 0:  # the child: writes and reads through connections of its own
+        code = 1
+        try:
+            code = 0 if q.update_status(store, ids[1], Status.RUNNING) and \
+                q.get_run(store, ids[1])["status"] == "Running" else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert q.get_run(store, ids[1])["status"] == "Running"  # the parent reads what the child wrote
+    assert q.update_status(store, ids[0], Status.COMPLETED)  # and its own connections still write
+    assert q.get_run(store, ids[0])["status"] == "Completed"

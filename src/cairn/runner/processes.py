@@ -103,17 +103,45 @@ def pid_mark() -> PidMark | None:
     """The kernel's pid numbering now (``/proc/loadavg``, ``/proc/stat``); None where unreadable, or
     where ``/proc`` is another pid namespace's than this process's."""
     try:
-        if os.readlink("/proc/self") != str(os.getpid()):
+        if not _proc_is_this_namespaces():
             return None
-        with open("/proc/loadavg", "rb") as f:
-            fields = f.read().split()  # load x3, running/alive, last pid
-        with open("/proc/stat", "rb") as f:
-            forks = next(int(line.split()[1]) for line in f if line.startswith(b"processes "))
-        with open("/proc/sys/kernel/pid_max", "rb") as f:
-            pid_max = int(f.read())
+        fields = _read_proc("/proc/loadavg", 256).split()  # load x3, running/alive, last pid
+        head = _read_proc("/proc/stat", 64 << 10)
+        at = head.find(b"\nprocesses ")
+        end = head.find(b"\n", at + 1)
+        if at < 0 or end < 0:  # (a machine with very many CPUs or interrupts: the line is further on)
+            with open("/proc/stat", "rb") as f:
+                forks = next(int(line.split()[1]) for line in f if line.startswith(b"processes "))
+        else:
+            forks = int(head[at + 11:end])
+        pid_max = int(_read_proc("/proc/sys/kernel/pid_max", 32))
         return PidMark(int(fields[4]), forks, int(fields[3].partition(b"/")[2]), pid_max)
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+_proc_files: dict[str, int] = {}  # kept open: reading one again from its start is one call (~4x cheaper)
+_proc_checked: list[int] = []  # the pid whose /proc was found to be its own namespace's
+
+
+def _read_proc(path: str, size: int) -> bytes:
+    fd = _proc_files.get(path)
+    if fd is None:
+        opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _proc_files.setdefault(path, opened)
+        if fd != opened:  # another thread opened it first
+            os.close(opened)
+    return os.pread(fd, size, 0)
+
+
+def _proc_is_this_namespaces() -> bool:
+    pid = os.getpid()
+    if _proc_checked and _proc_checked[0] == pid:
+        return True
+    if os.readlink("/proc/self") != str(pid):
+        return False
+    _proc_checked[:] = [pid]
+    return True
 
 
 def _made_since(mark: PidMark | None) -> tuple[int, int] | None:
