@@ -24,6 +24,17 @@ def test_graph_spec_round_trips_through_json():
     assert again.downstream("prep") == ["train"] and step.upstream() == {"prep"}
 
 
+def test_a_spec_read_back_shares_its_equal_arguments_and_equals_what_was_written():
+    steps = tuple(StepSpec(name=f"s{i}", script_name="a.py", source_directory="src", snapshot="blake2b:1",
+                           arguments=(Argument(literal="--in"), Argument(input=f"x{i}"), Argument(literal="--in")))
+                  for i in range(3))
+    read = GraphSpec.from_json(GraphSpec(steps=steps).to_json())
+    assert read == GraphSpec(steps=steps)
+    firsts = [s.arguments[0] for s in read.steps] + [s.arguments[2] for s in read.steps]
+    assert all(a is firsts[0] for a in firsts)  # one "--in" for every step
+    assert [s.arguments[1].input for s in read.steps] == ["x0", "x1", "x2"]
+
+
 def test_ids_sort_by_time_and_digests_are_canonical():
     a = ids.new_id("run")
     b = ids.new_id("run")

@@ -155,7 +155,7 @@ def step_from_dict(d: dict[str, Any]) -> StepSpec:
         source_directory=d["source_directory"],
         snapshot=d["snapshot"],
         kind=d.get("kind", PYTHON_SCRIPT_STEP),
-        arguments=tuple(Argument(**a) for a in d.get("arguments", ())),
+        arguments=tuple(_argument(a) for a in d.get("arguments", ())),
         inputs=tuple(InputSpec(**i) for i in d.get("inputs", ())),
         outputs=tuple(OutputSpec(**o) for o in d.get("outputs", ())),
         params=_pairs(d.get("params", ())),
@@ -170,6 +170,24 @@ def step_from_dict(d: dict[str, Any]) -> StepSpec:
         cpus=d.get("cpus"), gpus=d.get("gpus"), memory_gb=d.get("memory_gb"), node_count=int(d.get("node_count", 1)),
         dataset_inputs=tuple(DatasetInputSpec(**x) for x in d.get("dataset_inputs", ())),
     )
+
+
+_ARGUMENTS: dict[tuple[Any, ...], Argument] = {}  # Arguments are immutable: equal ones are shared
+
+
+def _argument(a: dict[str, Any]) -> Argument:
+    """The Argument ``a`` describes, made once for each distinct one (a spec repeats most: "--in" is
+    every input's; building each cost a third of reading a fan-out's spec)."""
+    key = tuple(sorted(a.items()))
+    try:
+        found = _ARGUMENTS.get(key)
+    except TypeError:  # a value that is not hashable: no Argument of Cairn's has one, Argument says what is wrong
+        return Argument(**a)
+    if found is None:
+        if len(_ARGUMENTS) >= 65536:  # (an agent reads spec after spec: the cache must not grow without end)
+            _ARGUMENTS.clear()
+        found = _ARGUMENTS[key] = Argument(**a)
+    return found
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
