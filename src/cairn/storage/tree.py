@@ -30,17 +30,18 @@ def _files(root: Path) -> list[tuple[str, str]]:
 def _walk(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """``_files``, and the relative POSIX paths of the empty folders under root (sorted): a
     consumer may list them, so they are part of what an output is."""
-    if not root.is_dir():
-        return [("", str(root))], []
+    top = os.fspath(root)
+    if not os.path.isdir(top):
+        return [("", top)], []
     found, empty = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
+    cut = len(top.rstrip(os.sep)) + 1  # os.walk names each folder below as top + sep + ...
+    for dirpath, dirnames, filenames in os.walk(top):
+        rel_dir = dirpath[cut:].replace(os.sep, "/")  # "" for top itself
         # symlinked folders are listed (as links), not followed: no loops, no escapes
         for name in [*filenames, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))]:
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
-            found.append((rel, os.path.join(dirpath, name)))
-        if not dirnames and not filenames and rel_dir != ".":
-            empty.append(rel_dir.replace(os.sep, "/"))
+            found.append((f"{rel_dir}/{name}" if rel_dir else name, os.path.join(dirpath, name)))
+        if not dirnames and not filenames and rel_dir:
+            empty.append(rel_dir)
     found.sort()
     return found, sorted(empty)
 
