@@ -3,6 +3,7 @@ are still themselves."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cairn.storage.tree import digest_tree, stat_signature, stat_signature_matches, stat_signatures
@@ -42,3 +43,20 @@ def test_an_output_recorded_before_empty_folders_counted_is_still_itself(tmp_pat
     assert legacy in stat_signatures(out) and stat_signature_matches(out, legacy)
     (out / "v.txt").write_text("vv")  # its bytes changed in place: neither form matches
     assert not stat_signature_matches(out, legacy)
+
+
+def test_an_output_walked_from_any_spelling_of_its_folder_lists_the_same_paths(tmp_path: Path, monkeypatch) -> None:
+    from cairn.storage.tree import _walk
+
+    out = tmp_path / "out"
+    (out / "a" / "b").mkdir(parents=True)
+    (out / "a" / "b" / "f.txt").write_text("f")
+    (out / "top.txt").write_text("t")
+    (out / "empty").mkdir()
+    expected = ([("a/b/f.txt", "a/b/f.txt"), ("top.txt", "top.txt")], ["empty"])
+    monkeypatch.chdir(tmp_path)
+    for spelling in (str(out), f"{out}/", f"{out}//", "out", "out/", "./out", Path("out")):
+        files, empty = _walk(Path(spelling) if isinstance(spelling, Path) else spelling)
+        assert ([(rel, os.path.relpath(full, out)) for rel, full in files], empty) == expected, spelling
+    monkeypatch.chdir(out)
+    assert _walk(".")[0] == [("a/b/f.txt", "./a/b/f.txt"), ("top.txt", "./top.txt")]

@@ -149,15 +149,19 @@ def _made_since(mark: PidMark | None) -> tuple[int, int] | None:
     that cannot be said. Pids are handed out upwards from the last one, skipping those in use, and
     wrap to 300 after pid_max. A wrap is seen when the last pid is now below the mark's; a wrap that
     came round past the mark again moved over every number from 300 to pid_max: each a pid made
-    since (counted in forks) or one in use (alive at the mark, or made since). Fewer than that: no
-    such wrap."""
+    since (counted in forks) or one in use, by a task (alive at the mark, or made since) or as the
+    process group or session of up to two more per task. Fewer than that: no such wrap. Not
+    counted: forks the kernel refused after taking a pid (a machine at its process limit,
+    retrying), which could take the numbering round unseen; a folder kept then may have a process
+    left in it."""
     if mark is None:
         return None
     now = pid_mark()
     if now is None or now.last_pid < mark.last_pid:
         return None
     made = now.forks - mark.forks
-    if 2 * made + mark.tasks >= min(now.pid_max, mark.pid_max) - _FIRST_WRAPPED_PID:
+    in_use = 3 * (mark.tasks + made)
+    if made + in_use >= min(now.pid_max, mark.pid_max) - _FIRST_WRAPPED_PID:
         return None
     return mark.last_pid, now.last_pid
 

@@ -34,7 +34,7 @@ def _walk(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
     if not os.path.isdir(top):
         return [("", top)], []
     found, empty = [], []
-    cut = len(top.rstrip(os.sep)) + 1  # os.walk names each folder below as top + sep + ...
+    cut = len(os.path.join(top, ""))  # os.walk names each folder below top as join(top, ...)
     for dirpath, dirnames, filenames in os.walk(top):
         rel_dir = dirpath[cut:].replace(os.sep, "/")  # "" for top itself
         # symlinked folders are listed (as links), not followed: no loops, no escapes

@@ -31,20 +31,15 @@ class Store:
         self._reader = _make_engine(url, immediate=False)
         self._migrated = False
         self._one_writer = _writer_lock(url)
-        self._own = threading.local()  # each thread's connections for the fast paths (see _own_connection)
-        # every one of them alive, for dispose to close (a thread's go with it when it ends)
-        self._own_made: weakref.WeakSet[_RawConnection] = weakref.WeakSet()
-        self._own_lock = threading.Lock()
-        self._own_epoch = 0  # moved on by dispose and by a fork: connections of an earlier epoch are not used
+        self._fast_writers = _FastConnections(self._writer, in_transaction=True)
+        self._fast_readers = _FastConnections(self._reader, in_transaction=False)
         _OPEN_STORES.add(self)
 
     def _forget_connections(self) -> None:
         self._writer.dispose(close=False)
         self._reader.dispose(close=False)
-        with self._own_lock:
-            _ABANDONED.extend(self._own_made)  # the parent's: never closed (nor used) here
-            self._own_made = weakref.WeakSet()
-            self._own_epoch += 1
+        self._fast_writers.forget()
+        self._fast_readers.forget()
 
     @classmethod
     def for_sqlite_file(cls, path: Path) -> Store:
@@ -88,78 +83,39 @@ class Store:
     @contextmanager
     def fast_write(self) -> Iterator[Any]:
         """A write transaction for the prebuilt per-step statements (``queries._fast``) only: on
-        SQLite this thread's own DBAPI connection in ``BEGIN IMMEDIATE``, without SQLAlchemy's
-        pool and execution around it (they cost more than the statements); elsewhere the same as
-        ``write``."""
+        SQLite a DBAPI connection of the store's own (``_FastConnections``) in ``BEGIN IMMEDIATE``,
+        without SQLAlchemy's pool and execution around it (they cost more than the statements);
+        elsewhere the same as ``write``."""
         if not self.url.startswith("sqlite"):
             with self.write() as conn:
                 yield conn
             return
-        with self._one_writer:
-            conn = self._own_connection(self._writer, in_transaction=True)
-            db = conn.connection.driver_connection
+        with self._one_writer, self._fast_writers.use() as conn:
+            db = conn.driver_connection
+            db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    db.rollback()
-                    raise
-                db.commit()
+                yield conn
             except BaseException:
-                if db.in_transaction:  # not rolled back (the rollback itself failed): not used again
-                    self._drop_own_connection(self._writer)
+                db.rollback()
                 raise
+            db.commit()
 
     @contextmanager
     def fast_read(self) -> Iterator[Any]:
-        """Reads by the prebuilt per-step statements (``queries._fast``) only: on SQLite this
-        thread's own DBAPI connection (each statement reads what was committed when it ran),
+        """Reads by the prebuilt per-step statements (``queries._fast``) only: on SQLite a DBAPI
+        connection of the store's own (each statement reads what was committed when it ran),
         without SQLAlchemy's pool and execution around it; elsewhere the same as ``read``. No
         writes (``_fast`` refuses them: not in a transaction)."""
         if not self.url.startswith("sqlite"):
             with self.read() as conn:
                 yield conn
             return
-        yield self._own_connection(self._reader, in_transaction=False)
-
-    def _own_connection(self, engine: Engine, in_transaction: bool) -> _RawConnection:
-        """This thread's connection of ``engine`` for the prebuilt statements: taken from the pool
-        once (with the pragmas every connection gets) and kept by the thread. A pool check-out and
-        check-in cost ~5x what SQLite needs for one of these statements (~27 us against ~6)."""
-        key = id(engine)
-        held = getattr(self._own, "connections", None)
-        if held is None:
-            held = self._own.connections = {}
-        found = held.get(key)
-        if found is not None and found[0] == self._own_epoch:
-            return found[1]
-        pooled = engine.raw_connection()
-        pooled.detach()  # the pool forgets it: it is this thread's from now on (closed by dispose, or with the thread)
-        conn = _RawConnection(engine.dialect, pooled.dbapi_connection, in_transaction)
-        with self._own_lock:
-            self._own_made.add(conn)
-            epoch = self._own_epoch
-        held[key] = (epoch, conn)
-        return conn
-
-    def _drop_own_connection(self, engine: Engine) -> None:
-        found = getattr(self._own, "connections", {}).pop(id(engine), None)
-        if found is not None:
-            try:
-                found[1].driver_connection.close()
-            except Exception:  # (what failed before may fail again): it is not used any more either way
-                pass
+        with self._fast_readers.use() as conn:
+            yield conn
 
     def dispose(self) -> None:
-        with self._own_lock:
-            made, self._own_made = list(self._own_made), weakref.WeakSet()
-            self._own_epoch += 1
-        for conn in made:
-            try:
-                conn.driver_connection.close()
-            except Exception:  # another thread's, in use as it closes: it ends with its thread
-                pass
+        self._fast_writers.close_idle()
+        self._fast_readers.close_idle()
         self._writer.dispose()
         self._reader.dispose()
 
@@ -172,6 +128,7 @@ class _RawConnection:
         self.dialect = dialect
         self.driver_connection = driver_connection
         self._in_transaction = in_transaction
+        self.pid = os.getpid()  # the process that opened it: no other may use or close it
 
     @property
     def connection(self) -> _RawConnection:
@@ -179,6 +136,103 @@ class _RawConnection:
 
     def in_transaction(self) -> bool:
         return self._in_transaction
+
+
+class _Kept:
+    """The connections one ``_FastConnections`` opened: the idle ones, and every one still open."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: list[_RawConnection] = []
+        self.open: set[_RawConnection] = set()
+        self.epoch = 0  # moved on by close_idle and forks: connections in use then are not kept
+
+
+class _FastConnections:
+    """DBAPI connections of one engine for the prebuilt per-step statements: taken from
+    SQLAlchemy's pool once each (with the pragmas every connection gets) and kept here between
+    uses. A pool check-out and check-in cost ~5x what SQLite needs for one of these statements
+    (~20 us against ~4). At most ``KEEP`` are kept idle; more are opened while more are in use at
+    once, and closed as they come back; all close when the store is garbage. Every one stays
+    referenced here until closed: a forked child frees its parent's other threads' objects, and
+    must never close a connection of its parent's (SQLite's own locks may have been held by one of
+    the parent's threads at the fork)."""
+
+    KEEP = 8
+
+    def __init__(self, engine: Engine, in_transaction: bool) -> None:
+        self._engine = engine
+        self._in_transaction = in_transaction
+        self._kept = _Kept()
+        # (not at exit: a daemon thread may be using one then; the process's end closes them)
+        weakref.finalize(self, _close_all, self._kept).atexit = False
+
+    @contextmanager
+    def use(self) -> Iterator[_RawConnection]:
+        kept = self._kept
+        with kept.lock:
+            conn = kept.idle.pop() if kept.idle else None
+            epoch = kept.epoch
+        if conn is None:
+            pooled = self._engine.raw_connection()
+            pooled.detach()  # the pool forgets it: it is this store's from now on
+            conn = _RawConnection(self._engine.dialect, pooled.dbapi_connection, self._in_transaction)
+            with kept.lock:
+                kept.open.add(conn)
+        healthy = False
+        try:
+            yield conn
+            healthy = True
+        finally:
+            self._give_back(conn, epoch, healthy)
+
+    def _give_back(self, conn: _RawConnection, epoch: int, healthy: bool) -> None:
+        if conn.pid != os.getpid():  # the parent's, used across a fork: left alone (see forget)
+            return
+        if not healthy:  # left in a transaction (a rollback that failed): not used again
+            try:
+                healthy = not conn.driver_connection.in_transaction
+            except Exception:  # closed meanwhile: nothing to give back
+                healthy = False
+        kept = self._kept
+        with kept.lock:
+            if healthy and epoch == kept.epoch and len(kept.idle) < self.KEEP:
+                kept.idle.append(conn)
+                return
+            kept.open.discard(conn)
+        _close(conn)
+
+    def close_idle(self) -> None:
+        kept = self._kept
+        with kept.lock:
+            idle, kept.idle = kept.idle, []
+            kept.open.difference_update(idle)
+            kept.epoch += 1
+        for conn in idle:
+            _close(conn)
+
+    def forget(self) -> None:
+        """In a forked child: the parent's connections are never used (nor closed) here."""
+        kept = self._kept
+        _ABANDONED.extend(kept.open)
+        kept.lock = threading.Lock()  # a parent thread may have held it at the fork
+        kept.idle, kept.open = [], set()
+        kept.epoch += 1
+
+
+def _close(conn: _RawConnection) -> None:
+    try:
+        conn.driver_connection.close()
+    except Exception:  # (what failed before may fail again): it is not used any more either way
+        pass
+
+
+def _close_all(kept: _Kept) -> None:
+    """The store is garbage: its connections close (none is in use: a use holds the store)."""
+    mine = [conn for conn in kept.open if conn.pid == os.getpid()]
+    kept.idle, kept.open = [], set()
+    for conn in mine:
+        _close(conn)
 
 
 _WRITER_LOCKS: dict[str, threading.Lock] = {}
