@@ -264,7 +264,6 @@ class Run(_MetricsMixin):
     def wait_for_completion(self, show_output: bool = True, timeout_seconds: float | None = None,
                             raise_on_error: bool = True) -> str:
         """Wait for the run to end; returns its final status (as Azure ML's PipelineRun does)."""
-
         pipeline_id = self._row()["parent_id"] or self.id
         follow(self._backend, pipeline_id, show_output=show_output, timeout_seconds=timeout_seconds,
                raise_on_error=raise_on_error, only_step=None if pipeline_id == self.id else self.id)

@@ -36,6 +36,8 @@ class Store:
         _OPEN_STORES.add(self)
 
     def _forget_connections(self) -> None:
+        # the parent's pools are kept: freed here, their connections would close in this process
+        _ABANDONED.extend((self._writer.pool, self._reader.pool))
         self._writer.dispose(close=False)
         self._reader.dispose(close=False)
         self._fast_writers.forget()
@@ -96,8 +98,11 @@ class Store:
             try:
                 yield conn
             except BaseException:
-                db.rollback()
+                if conn.pid == os.getpid():
+                    db.rollback()
                 raise
+            if conn.pid != os.getpid():  # forked inside the transaction: only its parent may end it
+                raise RuntimeError("a process forked inside a store write must not commit its parent's transaction")
             db.commit()
 
     @contextmanager
@@ -228,11 +233,17 @@ def _close(conn: _RawConnection) -> None:
 
 
 def _close_all(kept: _Kept) -> None:
-    """The store is garbage: its connections close (none is in use: a use holds the store)."""
-    mine = [conn for conn in kept.open if conn.pid == os.getpid()]
-    kept.idle, kept.open = [], set()
-    for conn in mine:
-        _close(conn)
+    """The store is garbage: its idle connections close; one still in use (by a use caught in a
+    reference cycle with the store) closes as it comes back. A forked child keeps its parent's."""
+    pid = os.getpid()
+    _ABANDONED.extend(conn for conn in kept.open if conn.pid != pid)
+    # (no lock: nothing else can use a garbage store, and in a forked child it may be a parent's, held)
+    idle, kept.idle = kept.idle, []
+    kept.open = {conn for conn in kept.open if conn.pid == pid and conn not in idle}
+    kept.epoch += 1
+    for conn in idle:
+        if conn.pid == pid:
+            _close(conn)
 
 
 _WRITER_LOCKS: dict[str, threading.Lock] = {}
