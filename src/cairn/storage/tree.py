@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,7 @@ def digest_tree(path: str | os.PathLike[str]) -> TreeDigest:
     folders = {"folders": empty} if empty else {}  # (an output without empty folders keeps its old digest)
     # the stat signature always names its folders: one recorded from now on never equals the older
     # files-only form, which stat_signatures still accepts for outputs recorded before
-    return TreeDigest(digest_json({"tree": rows, **folders}), size, len(rows),
-                      digest_json({"stat": stats, "folders": empty}))
+    return TreeDigest(digest_json({"tree": rows, **folders}), size, len(rows), _signature(stats, empty))
 
 
 def stat_signature(path: str | os.PathLike[str]) -> str:
@@ -101,25 +101,29 @@ def stat_signature(path: str | os.PathLike[str]) -> str:
 def stat_signatures(path: str | os.PathLike[str]) -> tuple[str, str]:
     """The stat signature, and the files-only form recorded before empty folders counted (an
     output recorded then is still itself if its files are)."""
-    stats, empty = _stats(path)
-    return digest_json({"stat": stats, "folders": empty}), digest_json({"stat": stats})
+    current, files_only = _signature_forms(path)
+    return current, files_only
 
 
 def stat_signature_matches(path: str | os.PathLike[str], recorded: str) -> bool:
     """Whether ``path`` still has the ``recorded`` stat signature, in either form (the older form
     is digested only when the current one differs: reuse asks this of every output it would use)."""
-    stats, empty = _stats(path)
-    return (digest_json({"stat": stats, "folders": empty}) == recorded
-            or digest_json({"stat": stats}) == recorded)
+    return any(form == recorded for form in _signature_forms(path))
 
 
-def _stats(path: str | os.PathLike[str]) -> tuple[list[list[object]], list[str]]:
+def _signature_forms(path: str | os.PathLike[str]) -> Iterator[str]:
+    """``path``'s stat signature, then its older files-only form (made only if asked for)."""
     stats: list[list[object]] = []
     files, empty = _walk(Path(path))
     for rel, full in files:
         st = os.lstat(full)
         stats.append([rel, 0 if stat.S_ISLNK(st.st_mode) else st.st_size, st.st_mtime_ns])
-    return stats, empty
+    yield _signature(stats, empty)
+    yield digest_json({"stat": stats})
+
+
+def _signature(stats: list[list[object]], empty: list[str]) -> str:
+    return digest_json({"stat": stats, "folders": empty})
 
 
 def make_read_only(path: str | os.PathLike[str]) -> None:
