@@ -27,7 +27,7 @@ from cairn.engine.reporter import StoreReporter
 from cairn.engine.scheduler import PipelineScheduler
 from cairn.runner.execute import StepControl
 from cairn.runner.job import StepResult
-from cairn.runner.processes import kill_step_processes, process_start_time
+from cairn.runner.processes import kill_step_processes, this_process
 from cairn.runner.spares import prune_kept_code
 from cairn.storage.layout import WorkspaceLayout
 from cairn.store import queries as q
@@ -47,7 +47,7 @@ def _prune_leftovers(kept_code: Any, work: Any) -> None:
 
 
 def agent_owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
+    return ":".join(str(part) for part in this_process())
 
 
 class Agent:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from typing import NamedTuple
 
 
@@ -22,6 +23,13 @@ def process_start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (guards against a recycled pid when killing orphans)."""
     fields = _stat_fields(pid)
     return fields[19].decode() if fields and len(fields) > 19 else None
+
+
+def this_process() -> tuple[str, int, str | None]:
+    """This process as others can tell it apart: its machine's name, its pid and its start time (a
+    pid reused after a crash, or the same pid on another machine sharing a workspace, is another)."""
+    pid = os.getpid()
+    return socket.gethostname(), pid, process_start_time(pid)
 
 
 def kill_step_processes(pid: int | None, started: str | None, step_run_id: str | None = None) -> bool:

@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from cairn.runner.processes import PidMark, pid_mark, process_start_time, processes_in
+from cairn.runner.processes import PidMark, pid_mark, process_start_time, processes_in, this_process
 
 KEPT_PREFIX = ".kept-"  # kept folders in the work folder: .kept-<host>-<pid>-<start>-<n>
 KEPT_BYTES = 1 << 30  # what kept folders may hold at most, together (a folder over it is not kept)
@@ -85,9 +85,8 @@ def _size(stamp: Stamp) -> int:
 
 
 def _owner_tag() -> str:
-    """This agent, as kept folders name it (a pid reused by another agent after a crash, or the same
-    pid on another machine sharing the workspace, is another agent)."""
-    return f"{socket.gethostname()}-{os.getpid()}-{process_start_time(os.getpid())}"
+    """This agent, as kept folders name it."""
+    return "-".join(str(part) for part in this_process())
 
 
 class WorkFolders:
