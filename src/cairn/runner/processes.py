@@ -129,7 +129,7 @@ def pid_mark() -> PidMark | None:
 
 
 _proc_files: dict[str, int] = {}  # kept open: reading one again from its start is one call (~4x cheaper)
-_proc_checked: list[int] = []  # the pid whose /proc was found to be its own namespace's
+_proc_checked_by = 0  # the pid that found /proc to be its own pid namespace's (a fork asks again)
 
 
 def _read_proc(path: str, size: int) -> bytes:
@@ -143,12 +143,12 @@ def _read_proc(path: str, size: int) -> bytes:
 
 
 def _proc_is_this_namespaces() -> bool:
+    global _proc_checked_by
     pid = os.getpid()
-    if _proc_checked and _proc_checked[0] == pid:
-        return True
-    if os.readlink("/proc/self") != str(pid):
-        return False
-    _proc_checked[:] = [pid]
+    if _proc_checked_by != pid:
+        if os.readlink("/proc/self") != str(pid):
+            return False
+        _proc_checked_by = pid
     return True
 
 
