@@ -154,17 +154,18 @@ def process_peak_mb(pid: int) -> float | None:
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a running process (Linux)."""
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _cpu_seconds(f"/proc/{pid}/stat")
 
 
 def thread_cpu_seconds(pid: int, tid: int) -> float:
     """User + system CPU seconds of one thread of a running process (Linux)."""
+    return _cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
+
+
+def _cpu_seconds(stat_file: str) -> float:
     import os
 
-    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = Path(stat_file).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
