@@ -46,6 +46,9 @@ class LocalCompute:
         self.set_spare_interpreters(spare_interpreters)
         self._work_folders: dict[str, WorkFolders] = {}  # by work root: completed steps' folders, kept
         self._threads = StepThreads()
+        # the engine's choice (its reporter settles the hand-offs): large outputs go to their
+        # consumers before they are digested, and jobs may come with pending inputs
+        self.early_handoff = False
 
     @property
     def max_concurrency(self) -> int:
@@ -115,10 +118,12 @@ class LocalCompute:
         def work() -> None:
             try:
                 result = execute_step(job, reporter, control, warm=self.warm, slot=slot, spares=self.spares,
-                                      work_folders=work_folders)
+                                      work_folders=work_folders, early_handoff=self.early_handoff)
+                self._settle(job, reporter, result)
                 upload_logs(job, result)
             except BaseException as exc:  # never lose a slot or a step's ending
                 result = StepResult(job.step_run_id, "Failed", f"runner crashed: {exc}", None)
+                self._settle(job, reporter, result)
             finally:
                 with self._lock:
                     self._running -= 1
@@ -134,6 +139,11 @@ class LocalCompute:
             remove_folders(evicted)
 
         self._threads.run(f"step-{job.step_run_id}", work)
+
+    def _settle(self, job: StepJob, reporter: StepReporter, result: StepResult) -> None:
+        """Consumers waiting for the digests of what the step placed early get them, or why not."""
+        if self.early_handoff:
+            reporter.settle(job.step_run_id, result)  # type: ignore[attr-defined]
 
     def _work_folders_in(self, root: str) -> WorkFolders:
         with self._lock:

@@ -92,7 +92,8 @@ class Agent:
             signal_ready(b"ready\n")
         self.ctx = EngineContext.open(self.layout)
         self.reporter = StoreReporter(self.ctx.store, on_change=self._step_changed,
-                                      locate=self.ctx.datastore_location)
+                                      locate=self.ctx.datastore_location,
+                                      on_placed=lambda *placed: self.events.put(("placed", *placed)))
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         self._log(f"agent {self.owner} serving {self.layout.root}")
@@ -230,6 +231,11 @@ class Agent:
                     for other, parent in self.step_parent.items():  # prepared ahead, not started: they never will
                         if parent == sched.run_id:
                             self.controls[other].withdraw()
+        elif kind == "placed":  # a step's outputs are in place, being digested: consumers may start
+            _, step_run_id, attempt, outputs = event
+            sched = self.schedulers.get(self.step_parent.get(step_run_id) or "")
+            if sched is not None and sched.attempts.get(sched.name_of(step_run_id)) == attempt:
+                sched.outputs_placed(step_run_id, outputs, self._hands_over_early)
         elif kind == "changed":
             if event[1] in self.schedulers:
                 self._notify(event[1])
@@ -331,6 +337,8 @@ class Agent:
             if not sched.is_done():
                 continue
             final = sched.finish()
+            if self.reporter is not None:  # (tests' agents may report nothing)
+                self.reporter.forget_handoffs(sched.step_ids.values())
             q.release_lease(self.ctx.store, run_id, self.owner)
             del self.schedulers[run_id]
             self._log(f"run {run_id} {final.value}")
@@ -357,6 +365,11 @@ class Agent:
         compute.submit(job, self.reporter, control,
                        lambda result, attempt=control: self.events.put(("done", result, attempt)))
         return False
+
+    def _hands_over_early(self, target: str) -> bool:
+        """Whether steps of ``target`` may start with inputs not yet digested (a local target)."""
+        compute = self._compute(target)
+        return bool(getattr(compute, "early_handoff", False))
 
     def _record_reuses(self, sched: PipelineScheduler) -> None:
         for name in sched.record_reuses():
@@ -401,6 +414,8 @@ class Agent:
                 config["task_body"] = run_step_task
                 config["relay_factory"] = functools.partial(start_relay, str(self.layout.root), self.script_service)
             self.computes[name] = make_compute(name, targets[name]["kind"], config)
+            if hasattr(self.computes[name], "early_handoff"):  # the reporter below settles its hand-offs
+                self.computes[name].early_handoff = True  # type: ignore[attr-defined]
             self._compute_configs[name] = targets[name]["config"]
         return self.computes[name]
 

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cairn.core.status import Status
-from cairn.runner.job import StepJob
+from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts, input_digests
+from cairn.runner.job import InputHandoffError, StepJob, StepResult
 from cairn.store import queries as q
 from cairn.store.db import Store
 
 
+@dataclass
+class _Handoff:
+    """A step's outputs, placed before they were digested: their digests once it ended."""
+
+    digests: dict[str, str] | None = None
+    failure: str | None = None  # why they will never come
+    ended: bool = False
+
+
 class StoreReporter:
-    def __init__(self, store: Store, on_change: Any = None, locate: Any = None) -> None:
+    def __init__(self, store: Store, on_change: Any = None, locate: Any = None, on_placed: Any = None) -> None:
+        """``on_placed(step_run_id, attempt, outputs)``: a step's outputs are in place, not yet digested."""
         self._store = store
         self._on_change = on_change or (lambda run_id: None)
         self._locate = locate
+        self._on_placed = on_placed
+        self._handoffs: dict[str, _Handoff] = {}  # producer step run -> its hand-off
+        self._handoffs_changed = threading.Condition()
 
     def started(self, step_run_id: str, status: Status, **fields: Any) -> bool:
         ok = q.update_status(self._store, step_run_id, status, None, **fields)
@@ -22,8 +38,8 @@ class StoreReporter:
         return ok
 
     def succeeded(self, job: StepJob, outputs: list[dict[str, Any]], exit_code: int) -> bool:
-        ok = q.commit_step(self._store, job.step_run_id, outputs, job.fingerprint,
-                           job.fingerprint_parts, exit_code, job.cacheable)
+        ok = q.commit_step(self._store, job.step_run_id, outputs, job.fingerprint, job.fingerprint_parts,
+                           exit_code, job.cacheable, definition_of(job.fingerprint_parts) if job.cacheable else None)
         self._on_change(job.step_run_id)
         return ok
 
@@ -45,3 +61,49 @@ class StoreReporter:
         label = f"{row['name']}:{row['version']}"
         q.add_properties(self._store, job.step_run_id, {f"cairn.output.{output['name']}.dataset": label})
         return label
+
+    # -- outputs handed over before they are digested (local compute: execute_step(early_handoff=True))
+
+    def outputs_placed(self, job: StepJob, outputs: list[dict[str, Any]]) -> None:
+        with self._handoffs_changed:
+            self._handoffs[job.step_run_id] = _Handoff()
+        if self._on_placed is not None:
+            self._on_placed(job.step_run_id, job.attempt, outputs)
+
+    def settle(self, step_run_id: str, result: StepResult) -> None:
+        """The step ended (called for every step its compute ran): consumers waiting for the digests
+        of what it placed get them, or the reason they will not."""
+        with self._handoffs_changed:
+            handoff = self._handoffs.get(step_run_id)
+            if handoff is None or handoff.ended:
+                return
+            if result.status == Status.COMPLETED.value and result.outputs is not None:
+                handoff.digests = {o["name"]: o["digest"] for o in result.outputs}
+            else:
+                handoff.failure = f"it ended {result.status}" + (f" ({result.reason})" if result.reason else "")
+            handoff.ended = True
+            self._handoffs_changed.notify_all()
+
+    def settled_job(self, job: StepJob) -> StepJob:
+        digests: dict[str, str] = {}
+        with self._handoffs_changed:
+            for name, producer, output in job.pending_inputs:
+                handoff = self._handoffs.get(producer)
+                if handoff is None:
+                    raise InputHandoffError(f"input {name!r} was handed over before step run {producer} digested "
+                                            f"it, and this agent no longer knows that step run; run the pipeline "
+                                            f"again")
+                self._handoffs_changed.wait_for(lambda h=handoff: h.ended)
+                if handoff.digests is None or output not in handoff.digests:
+                    raise InputHandoffError(f"input {name!r} was handed over before step run {producer} digested "
+                                            f"it, and that step did not complete: {handoff.failure or 'no digest'}")
+                digests[name] = handoff.digests[output]
+        inputs = tuple(replace(i, digest=digests[i.name]) if i.name in digests else i for i in job.inputs)
+        parts = fingerprint_parts(job.spec, input_digests(job.spec, list(inputs)))
+        return replace(job, inputs=inputs, fingerprint=fingerprint(parts), fingerprint_parts=parts, pending_inputs=())
+
+    def forget_handoffs(self, step_run_ids: Any) -> None:
+        """The run of these step runs ended: nothing waits for their digests any more."""
+        with self._handoffs_changed:
+            for step_run_id in step_run_ids:
+                self._handoffs.pop(step_run_id, None)

@@ -10,16 +10,16 @@ import bisect
 import json
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cairn.core.digests import digest_json
-from cairn.core.spec import GraphSpec, InputSpec, StepSpec
+from cairn.core.spec import GraphSpec, StepSpec
 from cairn.core.status import ACTIVE, Status
 from cairn.data.datasets import local_folder
 from cairn.engine.context import EngineContext
-from cairn.engine.fingerprint import fingerprint, fingerprint_parts
-from cairn.runner.job import InputLocation, StepJob
+from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts, input_digests
+from cairn.runner.job import PENDING_DIGEST, InputLocation, StepJob
 from cairn.runner.processes import kill_step_processes
 from cairn.storage.layout import run_dir, staging_dir
 from cairn.storage.snapshot import load_manifest
@@ -68,6 +68,8 @@ class PipelineScheduler:
         self._unmet: dict[str, int] = {}  # step name -> upstream steps not (yet) ended successfully
         self._ready: set[str] = set()  # waiting steps whose upstream steps all succeeded
         self._ready_order: list[int] = []  # their places in the spec, sorted (kept as they change)
+        # producer -> consumers counted as met while the producer's placed outputs are digested
+        self._released: dict[str, set[str]] = {}
         if resume:
             self._resume()
         else:
@@ -159,10 +161,15 @@ class PipelineScheduler:
         store = self.ctx.store
         step_run_id = self.step_ids[step.name]
         inputs, datasets, locations = self._locate_inputs(step, step_run_id, record_lineage=True)
-        parts = fingerprint_parts(step, _input_digests(step, inputs))
-        fp = fingerprint(parts)
+        parts = fingerprint_parts(step, input_digests(step, inputs))
+        # inputs still being digested (see outputs_placed): it was released because no step of its
+        # definition was ever cached; its fingerprint is made when they are digested
+        pending = tuple((i.name, self.step_ids[i.producer], i.output)
+                        for i, located in zip(step.inputs, inputs[:len(step.inputs)], strict=True)
+                        if located.digest.startswith(PENDING_DIGEST))
+        fp = "" if pending else fingerprint(parts)
         log_dir = self._run_root / run_dir(self.run_id, step_run_id) / "logs"
-        if step.allow_reuse and not self.run["regenerate_outputs"]:
+        if step.allow_reuse and not self.run["regenerate_outputs"] and not pending:
             source = q.lookup_cache(store, fp)
             present = self._outputs_present(source, step) if source else None
             if present is not None:
@@ -178,7 +185,8 @@ class PipelineScheduler:
         attempt = self.attempts[step.name] = self.attempts[step.name] + 1
         if attempt > 1:  # an interrupted attempt's records must not mix into this one's
             q.forget_attempt(store, step_run_id)
-        return self._job(step, step_run_id, attempt, inputs, datasets, locations, fp, parts, log_dir)
+        job = self._job(step, step_run_id, attempt, inputs, datasets, locations, fp, parts, log_dir)
+        return replace(job, pending_inputs=pending) if pending else job
 
     def record_reuses(self) -> list[str]:
         """Record the reuses ``prepare`` decided since the last call, in one transaction. Call it
@@ -208,13 +216,46 @@ class PipelineScheduler:
             raise ValueError(f"step {step.name!r} cannot be recreated: upstream step {missing[0]} has no "
                              f"committed output for it in this run")
         inputs, datasets, locations = self._locate_inputs(step, step_run_id, record_lineage=False)
-        parts = fingerprint_parts(step, _input_digests(step, inputs))
+        parts = fingerprint_parts(step, input_digests(step, inputs))
         job = self._job(step, step_run_id, max(1, self.attempts[step.name]), inputs, datasets, locations,
                         fingerprint(parts), parts, tools_dir / "logs")
         staging = {o.name: str(tools_dir / "outputs" / o.name) for o in step.outputs}
         from dataclasses import replace
 
         return replace(job, work_dir=str(work_dir), staging_dirs=staging, log_upload=None)
+
+    def outputs_placed(self, step_run_id: str, outputs: list[dict[str, Any]],
+                       hands_over_early: Callable[[str], bool]) -> None:
+        """A running step's outputs are in place, being digested (large outputs of local datastores).
+        Its consumers that wait only for it may start now when the digest cannot matter: no step of
+        their definition was ever cached (or they are never reused), their target takes inputs not
+        yet digested (``hands_over_early``), and they read these outputs in place, as files. The
+        others wait for the step's end, as usual (an edited producer that wrote the same bytes
+        again still lets its consumers be reused)."""
+        name = self._names[step_run_id]
+        if self.status[name].is_terminal or name not in self.running:
+            return
+        self._outputs[step_run_id] = {o["name"]: {**q.output_row(step_run_id, o),
+                                                  "digest": f"{PENDING_DIGEST}{step_run_id}/{o['name']}"}
+                                      for o in outputs}
+        released = self._released.setdefault(name, set())
+        for consumer in self._downstream[name]:
+            if (consumer in released or consumer in self.running
+                    or self.status[consumer] not in (Status.NOT_STARTED, Status.QUEUED)):
+                continue
+            if self._may_start_before_digest(self.spec.step(consumer), name, hands_over_early):
+                released.add(consumer)
+                self._unmet[consumer] -= 1
+                self._check_ready(consumer)
+
+    def _may_start_before_digest(self, step: StepSpec, producer: str, hands_over_early: Callable[[str], bool]) -> bool:
+        if any(i.producer == producer and (i.read_as or i.mode == "download") for i in step.inputs):
+            return False  # read as a table, or copied: through the input's digest
+        if not hands_over_early(step.compute_target):
+            return False
+        if not step.allow_reuse or self.run["regenerate_outputs"]:
+            return True
+        return not q.definition_cached(self.ctx.store, definition_of(fingerprint_parts(step, {})))
 
     def committed(self, step_run_id: str, outputs: dict[str, dict[str, Any]]) -> None:
         """The outputs a step of this run committed, as the store has them: its consumers read these."""
@@ -349,6 +390,9 @@ class PipelineScheduler:
         """``withdrawn``: the compute did not start it because another step of the run failed there,
         a failure the engine hears of next: it waits for it, rather than being dispatched again."""
         self.running.discard(step_name)
+        for consumer in self._released.pop(step_name, ()):  # counted again below, if it succeeded
+            self._unmet[consumer] += 1
+            self._check_ready(consumer)
         if status == Status.QUEUED and withdrawn and not self._halted():
             self._held.add(step_name)
             return
@@ -409,27 +453,6 @@ class PipelineScheduler:
             final, reason = Status.FAILED, "some steps could not run"
         q.update_status(store, self.run_id, final, reason)
         return final
-
-
-def _input_digests(step: StepSpec, inputs: list[InputLocation]) -> dict[str, str]:
-    """What each input gives the step's fingerprint: its content's digest, and how the step reads it
-    where that is more than its files (a dataset's transformations and parse options, an output
-    read as a table): the same files read otherwise give another result."""
-    digests = {i.name: i.digest for i in inputs}
-    for d in step.dataset_inputs:
-        reading = {k: v for k, v in d.definition.items() if k not in ("kind", "paths")}
-        if reading or d.kind != "file":  # (a plain file dataset keeps the fingerprint it had)
-            digests[d.name] = digest_json([d.content_digest, d.kind, reading])
-    for i in step.inputs:
-        if i.read_as:
-            digests[i.name] = digest_json([digests[i.name], i.read_as])
-    # and where and how the step gets it, when not as by default: another path in its arguments, a
-    # private copy instead of the read-only original (default inputs keep the fingerprint they had)
-    for i in (*step.inputs, *step.dataset_inputs):
-        default = "mount" if isinstance(i, InputSpec) else "direct"
-        if i.mode != default or i.path_on_compute:
-            digests[i.name] = digest_json([digests[i.name], i.mode, i.path_on_compute])
-    return digests
 
 
 def _destination(o: Any, base: str, step_run_id: str) -> str:

@@ -8,12 +8,19 @@ from typing import Any
 
 from cairn.core.spec import StepSpec, step_from_dict
 
+# An input's digest while its producer is still digesting it (see ``StepJob.pending_inputs``)
+PENDING_DIGEST = "pending:"
+
+
+class InputHandoffError(Exception):
+    """An input handed over before it was digested never got its digest (its producer failed)."""
+
 
 @dataclass(frozen=True)
 class InputLocation:
     name: str
     path: str  # absolute, local to the machine that runs the step
-    digest: str
+    digest: str  # PENDING_DIGEST + producer step run + "/" + output while its producer digests it
     mode: str = "mount"
     # a committed output given in place (not copied): its stat signature at commit, checked again
     # when the step ends (it must not have changed it)
@@ -49,6 +56,10 @@ class StepJob:
     kept_code: str = ""  # where spare interpreters keep compiled step scripts ("": not kept)
     stop_run_on_failure: bool = True  # the run stops when a step fails (not continue_on_step_failure)
     die_with_runner: bool = False  # the step's process is killed if its runner dies (a Ray node of another machine)
+    # (input, producer step run, output) of inputs handed over while their producer was still
+    # digesting them (no step of this one's definition was cached, so no digest could make it
+    # reusable): its fingerprint is made when they are digested, before its outputs are committed
+    pending_inputs: tuple[tuple[str, str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -88,6 +88,7 @@ _OUTPUTS_OF = _select(t.step_outputs, where="step_run_id", param="b_id")
 _DELETE_CACHE_ENTRY = _delete(t.cache_entries, "fingerprint", "b_fingerprint")
 _INSERT_CACHE_ENTRY = _plain_insert(t.cache_entries)
 _CACHE_LOOKUP = _select(t.cache_entries, ("step_run_id",), "fingerprint")
+_DEFINITION_LOOKUP = _select(t.cache_entries, ("fingerprint",), "definition")
 _UPDATE_RUN: dict[tuple[str, ...], Update] = {}
 
 
@@ -481,8 +482,9 @@ def get_outputs(store: Store, step_run_id: str) -> dict[str, dict[str, Any]]:
 
 
 def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], fingerprint: str,
-                parts: dict[str, Any], exit_code: int, cacheable: bool) -> bool:
-    """Outputs, Completed status and cache entry in ONE transaction (the atomic-output rule)."""
+                parts: dict[str, Any], exit_code: int, cacheable: bool, definition: str | None = None) -> bool:
+    """Outputs, Completed status and cache entry in ONE transaction (the atomic-output rule).
+    ``definition``: the fingerprint without its inputs (see ``definition_cached``)."""
     with store.fast_write() as conn:  # prebuilt statements only
         if not set_status(conn, step_run_id, Status.COMPLETED, None, exit_code=exit_code,
                           fingerprint=fingerprint, fingerprint_parts=json.dumps(parts)):
@@ -493,7 +495,7 @@ def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], f
         if cacheable:
             _fast(conn, _DELETE_CACHE_ENTRY, {"b_fingerprint": fingerprint})
             _fast(conn, _INSERT_CACHE_ENTRY, {"fingerprint": fingerprint, "step_run_id": step_run_id,
-                                              "created_at": _now()})
+                                              "created_at": _now(), "definition": definition})
     return True
 
 
@@ -507,6 +509,13 @@ def lookup_cache(store: Store, fingerprint: str) -> str | None:
     with store.fast_read() as conn:
         rows = _fast(conn, _CACHE_LOOKUP, {"b_fingerprint": fingerprint}).fetchall()  # done: no read left open
         return rows[0][0] if rows else None
+
+
+def definition_cached(store: Store, definition: str) -> bool:
+    """Whether a step of this definition (its fingerprint without its inputs) was ever cached: if
+    not, no input can make it reusable."""
+    with store.fast_read() as conn:
+        return bool(_fast(conn, _DEFINITION_LOOKUP, {"b_definition": definition}).fetchall())
 
 
 ReuseRecord = tuple[str, str, str, dict[str, Any], list[dict[str, Any]]]

@@ -112,6 +112,10 @@ cache_entries = Table(
     Column("fingerprint", String(80), primary_key=True),
     Column("step_run_id", String(40), ForeignKey("runs.id"), nullable=False),
     Column("created_at", Float, nullable=False),
+    # the fingerprint without its inputs (engine.fingerprint.definition_of): whether a step of this
+    # definition was ever cached, whatever its inputs were
+    Column("definition", String(80), nullable=True),
+    Index("ix_cache_entries_definition", "definition"),
 )
 
 datastores = Table(

@@ -1,0 +1,255 @@
+"""Large outputs handed to their consumers before they are digested (local compute): a consumer
+whose reuse cannot depend on the digest starts while its producer digests; its fingerprint is made
+from the digest once it comes; a producer that fails meanwhile fails the consumer, saying why."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cairn.engine.client as agent_client
+from cairn import Experiment, Pipeline, PipelineData, PythonScriptStep, Workspace
+from cairn.core.status import Status
+from cairn.engine import agent as agent_module
+from cairn.engine.context import EngineContext
+from cairn.engine.fingerprint import definition_of, fingerprint
+from cairn.engine.reporter import StoreReporter
+from cairn.engine.scheduler import PipelineScheduler
+from cairn.runner import execute
+from cairn.storage.layout import WorkspaceLayout
+from cairn.store import queries as q
+from tests.engine.test_dispatch import EndingFront
+
+BIG = execute.EARLY_HANDOFF_FROM + (1 << 20)
+
+WRITER = f"""
+import pathlib, sys
+out = pathlib.Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+with open(out / "big.bin", "wb") as f:
+    f.write(b"x" * {BIG})
+"""
+
+READER = """
+import pathlib, sys
+data = (pathlib.Path(sys.argv[1]) / "big.bin").read_bytes()
+out = pathlib.Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+(out / "size").write_text(str(len(data)))
+"""
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, Path]:
+    folders = {}
+    for name, code in (("writer", WRITER), ("reader", READER)):  # one folder each: editing one leaves the other
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / f"{name}.py").write_text(code)
+    return folders
+
+
+def _pipeline(ws: Workspace, sources: dict[str, Path], writer_reuse: bool = True,
+              readers: tuple[tuple[str, dict[str, Any]], ...] = (("reader", {}),)) -> Pipeline:
+    big = PipelineData("big")
+    steps = [PythonScriptStep("writer.py", name="writer", source_directory=str(sources["writer"]),
+                              arguments=[big], outputs=[big], allow_reuse=writer_reuse)]
+    for name, how in readers:
+        size = PipelineData(f"{name}_size")
+        given = big.as_download() if how.get("download") else big.as_input()
+        steps.append(PythonScriptStep("reader.py", name=name, source_directory=str(sources["reader"]),
+                                      arguments=[given, size], outputs=[size],
+                                      allow_reuse=how.get("allow_reuse", True)))
+    return Pipeline(ws, steps)
+
+
+class _Watching(StoreReporter):
+    """The agent's reporter, telling the test when a second step started running."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.running: list[str] = []
+        self.second_running = threading.Event()
+
+    def started(self, step_run_id: str, status: Status, **fields: Any) -> bool:
+        ok = super().started(step_run_id, status, **fields)
+        if status == Status.RUNNING and step_run_id not in self.running:
+            self.running.append(step_run_id)
+            if len(self.running) == 2:
+                self.second_running.set()
+        return ok
+
+
+def _serve_in_process(ws: Workspace) -> _Watching:
+    """Run the queued run with an agent in this process (its digests can be held by the test)."""
+    front = EndingFront(1)
+    agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=front)
+    agent.ctx = EngineContext.open(agent.layout)
+    reporter = _Watching(agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
+                         on_placed=lambda *placed: agent.events.put(("placed", *placed)))
+    agent.reporter = reporter
+    loop = threading.Thread(target=agent._loop, daemon=True)
+    loop.start()
+    try:
+        assert front.ended.wait(timeout=60), "the run did not end"
+    finally:
+        agent.events.put(("stop", "test over"))
+        loop.join(timeout=30)
+        for compute in agent.computes.values():
+            compute.shutdown()
+    return reporter
+
+
+def _submit_for_this_process(ws: Workspace, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setattr(agent_client, "ensure_agent", lambda layout: None)
+    monkeypatch.setattr(agent_client, "prestart_agent", lambda layout: None)
+    return Experiment(ws, "handoff").submit(pipeline)
+
+
+def _hold_big_digests(monkeypatch: pytest.MonkeyPatch, reporter_box: list[_Watching],
+                      then: Any = None) -> list[bool]:
+    """The digest of the writer's output waits until a second step runs; returns whether it did."""
+    real = execute.digest_tree
+    waited: list[bool] = []
+
+    def held(path: Any) -> Any:
+        big = Path(path) / "big.bin"
+        if big.exists() and not big.stat().st_mode & 0o222:  # the placed (read-only) output, not a staged one
+            waited.append(reporter_box[0].second_running.wait(timeout=30))
+            if then is not None:
+                then(big)
+        return real(path)
+
+    monkeypatch.setattr(execute, "digest_tree", held)
+    return waited
+
+
+def _serve_holding(ws: Workspace, monkeypatch: pytest.MonkeyPatch, then: Any = None) -> tuple[_Watching, list[bool]]:
+    box: list[_Watching] = []
+    original = _Watching.__init__
+
+    def remember(self: _Watching, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        box.append(self)
+
+    monkeypatch.setattr(_Watching, "__init__", remember)
+    waited = _hold_big_digests(monkeypatch, box, then)
+    return _serve_in_process(ws), waited
+
+
+def test_a_consumer_starts_while_its_large_input_is_digested_and_is_keyed_by_the_digest(
+        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    _reporter, waited = _serve_holding(ws, monkeypatch)
+    assert waited == [True]  # the reader ran while the writer's output was not yet digested
+    assert run.get_status() == "Completed"
+    writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
+    assert (reader.get_output_data("reader_size").local_path / "size").read_text() == str(BIG)
+    ctx = EngineContext.open(WorkspaceLayout(ws.location))
+    produced = q.get_outputs(ctx.store, writer.id)["big"]
+    assert produced["digest"].startswith("blake2b:") and produced["size"] == BIG
+    keyed = reader.get_fingerprint()
+    # the reader's fingerprint names the digest that came after it started, as if it had waited
+    assert keyed["parts"]["input:big"] == produced["digest"]
+    assert keyed["fingerprint"] == fingerprint(keyed["parts"])
+    log = (Path(ws.location) / ".cairn").glob(f"datastores/*/runs/{run.id}/{reader.id}/logs/system.txt")
+    text = next(log).read_text()
+    assert "digest pending: its producer is digesting it" in text
+    assert f"digested by step run {writer.id} after this step started" in text
+
+    # the same pipeline again: both reused, the reader by the fingerprint it was given at its end
+    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    _serve_in_process(ws)
+    assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Reused", "reader": "Reused"}
+
+
+def test_a_producer_whose_placed_output_changes_fails_and_so_does_its_early_consumer(
+        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+
+    def change(big: Path) -> None:  # as a process the writer left behind would
+        os.chmod(big, 0o644)
+        with open(big, "ab") as f:
+            f.write(b"late")
+
+    _reporter, waited = _serve_holding(ws, monkeypatch, then=change)
+    assert waited == [True]
+    assert run.get_status() == "Failed"
+    writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
+    assert writer.get_status() == "Failed"
+    assert "output 'big' changed while it was being digested" in writer.get_details()["statusReason"]
+    assert reader.get_status() == "Failed"
+    reason = reader.get_details()["statusReason"]
+    assert f"input 'big' was handed over before step run {writer.id} digested it" in reason
+    assert "did not complete" in reason and "changed while it was being digested" in reason
+    ctx = EngineContext.open(WorkspaceLayout(ws.location))
+    assert q.lookup_cache(ctx.store, reader.get_fingerprint()["fingerprint"] or "none") is None
+
+
+def test_an_edited_producer_that_writes_the_same_bytes_still_lets_its_consumer_be_reused(
+        workspace: Workspace, sources: dict[str, Path]) -> None:
+    """The consumer's definition was cached: it waits for the digest, which matches."""
+    exp = Experiment(workspace, "handoff")
+    assert exp.submit(_pipeline(workspace, sources)).wait_for_completion(show_output=False) == "Completed"
+    with open(sources["writer"] / "writer.py", "a") as f:
+        f.write("# edited: the same bytes\n")
+    run = exp.submit(_pipeline(workspace, sources))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    assert {s.name: s.get_status() for s in run.get_steps()} == {"writer": "Completed", "reader": "Reused"}
+
+
+def test_only_consumers_whose_reuse_cannot_depend_on_the_digest_start_early(
+        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    readers = (("reader", {}), ("copier", {"download": True}), ("always", {"allow_reuse": False}))
+    # once, so that the reader's definition is cached
+    first = Experiment(ws, "handoff").submit(_pipeline(ws, sources, readers=readers[:1]))
+    assert first.wait_for_completion(show_output=False) == "Completed"
+    agent_client.stop_agent(WorkspaceLayout(ws.location))
+    with open(sources["writer"] / "writer.py", "a") as f:
+        f.write("# edited\n")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=(*readers, ("fresh", {}))), monkeypatch)
+    ctx = EngineContext.open(WorkspaceLayout(ws.location))
+
+    def placed(hands_over_early: bool = True) -> PipelineScheduler:
+        sched = PipelineScheduler(ctx, run.id)
+        sched.started(sched.spec.step("writer"))
+        record = {"name": "big", "datastore": "workspaceblobstore", "path": "somewhere", "digest": None,
+                  "size": BIG, "file_count": 1, "stat_signature": "sig"}
+        sched.outputs_placed(sched.step_ids["writer"], [record], lambda target: hands_over_early)
+        return sched
+
+    readers_now = ("reader", "fresh", "copier", "always")
+    sched = placed()
+    # "reader" ran before (its definition is cached: an equal digest would reuse it): it waits;
+    # "copier" reads a copy (made through the digest): it waits; "always" is never reused and
+    # "fresh" never ran (another output name: another definition): they start
+    assert {n for n in readers_now if sched.may_start(n)} == {"always", "fresh"}
+    sched.finished("writer", Status.FAILED)  # the producer failed after all: they wait for it again
+    assert {n: sched._unmet[n] for n in readers_now} == dict.fromkeys(readers_now, 1)
+    sched = placed()
+    sched.finished("writer", Status.COMPLETED)  # counted once, whether released early or not
+    assert {n for n in readers_now if sched.may_start(n)} == set(readers_now)
+    assert {n: sched._unmet[n] for n in readers_now} == dict.fromkeys(readers_now, 0)
+    assert not placed(hands_over_early=False).may_start("always")  # a target that cannot take them
+
+
+def test_the_migration_fills_in_definitions_as_the_engine_makes_them() -> None:
+    path = Path(q.__file__).parent / "migrations" / "versions" / "0006_cache_entry_definition.py"
+    spec = importlib.util.spec_from_file_location("migration_0006", path)
+    assert spec and spec.loader
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    parts = {"kind": "python", "script": "s.py", "arguments": ["--x", {"input": "a"}], "params": {"é": 1},
+             "input:a": "blake2b:00", "input:b": "xxh3:11"}
+    assert migration._definition(json.dumps(parts)) == definition_of(parts)
+    assert definition_of(parts) == definition_of({**parts, "input:a": "blake2b:ff"})
+    assert migration._definition(None) is None and migration._definition("not json") is None
