@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import cairn.engine.client as agent_client
-from cairn import Experiment, Pipeline, PipelineData, PythonScriptStep, Workspace
+from cairn import Experiment, OutputFileDatasetConfig, Pipeline, PipelineData, PythonScriptStep, Workspace
 from cairn.core.status import Status
 from cairn.engine import agent as agent_module
 from cairn.engine.context import EngineContext
@@ -192,6 +192,8 @@ def test_a_producer_whose_placed_output_changes_fails_and_so_does_its_early_cons
     assert "did not complete" in reason and "changed while it was being digested" in reason
     ctx = EngineContext.open(WorkspaceLayout(ws.location))
     assert q.lookup_cache(ctx.store, reader.get_fingerprint()["fingerprint"] or "none") is None
+    placed = Path(ws.location) / ".cairn" / "datastores" / "workspaceblobstore" / "runs" / run.id / writer.id
+    assert not (placed / "outputs" / "big").exists()  # never committed: not left where it was placed
 
 
 def test_an_edited_producer_that_writes_the_same_bytes_still_lets_its_consumer_be_reused(
@@ -209,37 +211,113 @@ def test_an_edited_producer_that_writes_the_same_bytes_still_lets_its_consumer_b
 def test_only_consumers_whose_reuse_cannot_depend_on_the_digest_start_early(
         tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.create(tmp_path / "ws")
-    readers = (("reader", {}), ("copier", {"download": True}), ("always", {"allow_reuse": False}))
     # once, so that the reader's definition is cached
-    first = Experiment(ws, "handoff").submit(_pipeline(ws, sources, readers=readers[:1]))
+    first = Experiment(ws, "handoff").submit(_pipeline(ws, sources))
     assert first.wait_for_completion(show_output=False) == "Completed"
     agent_client.stop_agent(WorkspaceLayout(ws.location))
     with open(sources["writer"] / "writer.py", "a") as f:
         f.write("# edited\n")
-    run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=(*readers, ("fresh", {}))), monkeypatch)
+    pipeline = _pipeline(ws, sources, readers=(("reader", {}), ("copier", {"download": True}),
+                                               ("always", {"allow_reuse": False}), ("fresh", {})))
+    writer = pipeline.steps[0]
+    registered = OutputFileDatasetConfig("registered").register_on_complete("big_data")
+    writer.outputs.append(registered)
+    writer.arguments += [registered]
+    after = PythonScriptStep("reader.py", name="after", source_directory=str(sources["reader"]), allow_reuse=False)
+    after.run_after(writer)
+    reads_registered = PythonScriptStep("reader.py", name="reads_registered", source_directory=str(sources["reader"]),
+                                        arguments=[registered.as_input()], allow_reuse=False)
+    run = _submit_for_this_process(ws, Pipeline(ws, [*pipeline.steps, after, reads_registered]), monkeypatch)
     ctx = EngineContext.open(WorkspaceLayout(ws.location))
+    consumers = ("reader", "fresh", "copier", "always", "after", "reads_registered")
 
     def placed(hands_over_early: bool = True) -> PipelineScheduler:
         sched = PipelineScheduler(ctx, run.id)
+        sched.hands_over_early = lambda target: hands_over_early
         sched.started(sched.spec.step("writer"))
-        record = {"name": "big", "datastore": "workspaceblobstore", "path": "somewhere", "digest": None,
-                  "size": BIG, "file_count": 1, "stat_signature": "sig"}
-        sched.outputs_placed(sched.step_ids["writer"], [record], lambda target: hands_over_early)
+        records = [{"name": name, "datastore": "workspaceblobstore", "path": f"somewhere/{name}", "digest": None,
+                    "size": BIG, "file_count": 1, "stat_signature": "sig"} for name in ("big", "registered")]
+        sched.outputs_placed(sched.step_ids["writer"], records)
         return sched
 
-    readers_now = ("reader", "fresh", "copier", "always")
     sched = placed()
-    # "reader" ran before (its definition is cached: an equal digest would reuse it): it waits;
-    # "copier" reads a copy (made through the digest): it waits; "always" is never reused and
-    # "fresh" never ran (another output name: another definition): they start
-    assert {n for n in readers_now if sched.may_start(n)} == {"always", "fresh"}
+    # "always" is never reused and "fresh" never ran (another output name: another definition):
+    # they start. "reader" ran before (an equal digest would reuse it), "copier" reads a copy
+    # (made through the digest), "after" only runs after it (nothing would tie its end to the
+    # writer's), "reads_registered" reads an output registered as a dataset (its lineage comes
+    # with the writer's end): they wait.
+    assert {n for n in consumers if sched.may_start(n)} == {"always", "fresh"}
+    assert sched.prepare(sched.spec.step("writer")).hand_over_early  # the writer's job is told to place early
     sched.finished("writer", Status.FAILED)  # the producer failed after all: they wait for it again
-    assert {n: sched._unmet[n] for n in readers_now} == dict.fromkeys(readers_now, 1)
+    assert {n: sched._unmet[n] for n in consumers} == dict.fromkeys(consumers, 1)
     sched = placed()
     sched.finished("writer", Status.COMPLETED)  # counted once, whether released early or not
-    assert {n for n in readers_now if sched.may_start(n)} == set(readers_now)
-    assert {n: sched._unmet[n] for n in readers_now} == dict.fromkeys(readers_now, 0)
-    assert not placed(hands_over_early=False).may_start("always")  # a target that cannot take them
+    assert {n for n in consumers if sched.may_start(n)} == set(consumers)
+    assert {n: sched._unmet[n] for n in consumers} == dict.fromkeys(consumers, 0)
+    nowhere = placed(hands_over_early=False)  # a target that cannot take them
+    assert not nowhere.may_start("always") and not nowhere.prepare(nowhere.spec.step("writer")).hand_over_early
+
+
+def test_outputs_with_a_fixed_destination_are_digested_before_they_are_placed(
+        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixed destination must never hold what was not committed (a later run would find it taken)."""
+    ws = Workspace.create(tmp_path / "ws")
+    big = OutputFileDatasetConfig("big", destination=(ws.get_default_datastore(), "fixed/{run-id}"))
+    writer = PythonScriptStep("writer.py", name="writer", source_directory=str(sources["writer"]),
+                              arguments=[big], outputs=[big])
+    size = PipelineData("size")
+    reader = PythonScriptStep("reader.py", name="reader", source_directory=str(sources["reader"]),
+                              arguments=[big.as_input(), size], outputs=[size], allow_reuse=False)
+    run = _submit_for_this_process(ws, Pipeline(ws, [writer, reader]), monkeypatch)
+    _reporter, waited = _serve_holding(ws, monkeypatch)
+    assert run.get_status() == "Completed"
+    assert waited == []  # digested in staging, as always: never placed undigested
+
+
+def test_a_consumer_waiting_for_a_digest_when_its_agent_stops_runs_again_rather_than_failing(
+        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=(("reader", {"allow_reuse": False}),)),
+                                   monkeypatch)
+    front = EndingFront(1)
+    agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=front)
+    agent.ctx = EngineContext.open(agent.layout)
+    waiting, settled = threading.Event(), []
+    both_settled = threading.Event()
+
+    class Reporter(StoreReporter):
+        def settled_job(self, job: Any) -> Any:
+            waiting.set()
+            return super().settled_job(job)
+
+        def settle(self, step_run_id: str, result: Any) -> None:
+            super().settle(step_run_id, result)
+            settled.append((step_run_id, result.status))
+            if len(settled) == 2:
+                both_settled.set()
+
+    agent.reporter = Reporter(agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
+                              on_placed=lambda *placed: agent.events.put(("placed", *placed)))
+    loop = threading.Thread(target=agent._loop, daemon=True)
+    real = execute.digest_tree
+
+    def stop_the_agent_first(path: Any) -> Any:
+        if (Path(path) / "big.bin").exists() and not (Path(path) / "big.bin").stat().st_mode & 0o222:
+            assert waiting.wait(timeout=30)  # the reader waits for this digest
+            agent.events.put(("stop", "test: the agent stops"))
+            loop.join(timeout=30)
+        return real(path)
+
+    monkeypatch.setattr(execute, "digest_tree", stop_the_agent_first)
+    loop.start()
+    try:
+        assert both_settled.wait(timeout=60), settled
+    finally:
+        for compute in agent.computes.values():
+            compute.shutdown()
+    reader = run.find_step_run("reader")[0]
+    assert dict(settled)[reader.id] == "Queued"  # it runs again with the run, not Failed
+    assert reader.get_status() == "Queued" and run.get_status() == "Queued"
 
 
 def test_the_migration_fills_in_definitions_as_the_engine_makes_them() -> None:

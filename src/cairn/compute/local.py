@@ -143,7 +143,10 @@ class LocalCompute:
     def _settle(self, job: StepJob, reporter: StepReporter, result: StepResult) -> None:
         """Consumers waiting for the digests of what the step placed early get them, or why not."""
         if self.early_handoff:
-            reporter.settle(job.step_run_id, result)  # type: ignore[attr-defined]
+            try:
+                reporter.settle(job.step_run_id, result)  # type: ignore[attr-defined]
+            except Exception:  # (it does not raise) the step's ending must reach the engine regardless
+                pass
 
     def _work_folders_in(self, root: str) -> WorkFolders:
         with self._lock:

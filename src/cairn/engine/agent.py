@@ -235,7 +235,7 @@ class Agent:
             _, step_run_id, attempt, outputs = event
             sched = self.schedulers.get(self.step_parent.get(step_run_id) or "")
             if sched is not None and sched.attempts.get(sched.name_of(step_run_id)) == attempt:
-                sched.outputs_placed(step_run_id, outputs, self._hands_over_early)
+                sched.outputs_placed(step_run_id, outputs)
         elif kind == "changed":
             if event[1] in self.schedulers:
                 self._notify(event[1])
@@ -297,6 +297,7 @@ class Agent:
             if self.computes:
                 self._refresh_computes(targets)
             self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id)
+            self.schedulers[run_id].hands_over_early = self._hands_over_early
             self._advance_needed = True
             self._log(f"claimed run {run_id}")
             self._prepare_local_targets(self.schedulers[run_id], targets)
@@ -367,9 +368,9 @@ class Agent:
         return False
 
     def _hands_over_early(self, target: str) -> bool:
-        """Whether steps of ``target`` may start with inputs not yet digested (a local target)."""
-        compute = self._compute(target)
-        return bool(getattr(compute, "early_handoff", False))
+        """Whether steps of ``target`` may start with inputs not yet digested (a local target; one
+        not made yet says no: no compute is made for this)."""
+        return bool(getattr(self.computes.get(target), "early_handoff", False))
 
     def _record_reuses(self, sched: PipelineScheduler) -> None:
         for name in sched.record_reuses():

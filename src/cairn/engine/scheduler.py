@@ -70,6 +70,9 @@ class PipelineScheduler:
         self._ready_order: list[int] = []  # their places in the spec, sorted (kept as they change)
         # producer -> consumers counted as met while the producer's placed outputs are digested
         self._released: dict[str, set[str]] = {}
+        # whether a target's steps may start with inputs not yet digested (the agent's: local ones)
+        self.hands_over_early: Callable[[str], bool] = lambda target: False
+        self._reuse_needs_digest: dict[str, bool] = {}  # consumer -> a step of its definition was cached
         if resume:
             self._resume()
         else:
@@ -186,7 +189,9 @@ class PipelineScheduler:
         if attempt > 1:  # an interrupted attempt's records must not mix into this one's
             q.forget_attempt(store, step_run_id)
         job = self._job(step, step_run_id, attempt, inputs, datasets, locations, fp, parts, log_dir)
-        return replace(job, pending_inputs=pending) if pending else job
+        early = self.hands_over_early(step.compute_target) and any(
+            self._may_start_before_digest(self.spec.step(c), step.name) for c in self._downstream[step.name])
+        return replace(job, pending_inputs=pending, hand_over_early=early) if pending or early else job
 
     def record_reuses(self) -> list[str]:
         """Record the reuses ``prepare`` decided since the last call, in one transaction. Call it
@@ -224,14 +229,10 @@ class PipelineScheduler:
 
         return replace(job, work_dir=str(work_dir), staging_dirs=staging, log_upload=None)
 
-    def outputs_placed(self, step_run_id: str, outputs: list[dict[str, Any]],
-                       hands_over_early: Callable[[str], bool]) -> None:
-        """A running step's outputs are in place, being digested (large outputs of local datastores).
-        Its consumers that wait only for it may start now when the digest cannot matter: no step of
-        their definition was ever cached (or they are never reused), their target takes inputs not
-        yet digested (``hands_over_early``), and they read these outputs in place, as files. The
-        others wait for the step's end, as usual (an edited producer that wrote the same bytes
-        again still lets its consumers be reused)."""
+    def outputs_placed(self, step_run_id: str, outputs: list[dict[str, Any]]) -> None:
+        """A running step's outputs are in place, being digested (large outputs of local datastores;
+        the step's job asked for it, ``hand_over_early``). Its consumers that wait only for it may
+        start now, where ``_may_start_before_digest``; the others wait for its end, as usual."""
         name = self._names[step_run_id]
         if self.status[name].is_terminal or name not in self.running:
             return
@@ -243,19 +244,32 @@ class PipelineScheduler:
             if (consumer in released or consumer in self.running
                     or self.status[consumer] not in (Status.NOT_STARTED, Status.QUEUED)):
                 continue
-            if self._may_start_before_digest(self.spec.step(consumer), name, hands_over_early):
+            if self._may_start_before_digest(self.spec.step(consumer), name):
                 released.add(consumer)
                 self._unmet[consumer] -= 1
                 self._check_ready(consumer)
 
-    def _may_start_before_digest(self, step: StepSpec, producer: str, hands_over_early: Callable[[str], bool]) -> bool:
-        if any(i.producer == producer and (i.read_as or i.mode == "download") for i in step.inputs):
-            return False  # read as a table, or copied: through the input's digest
-        if not hands_over_early(step.compute_target):
+    def _may_start_before_digest(self, step: StepSpec, producer: str) -> bool:
+        """Whether ``step`` may start while ``producer``'s outputs are being digested: it reads them
+        only in place, as files (not copied, nor as a table: through the digest), none of them is
+        registered as a dataset (its lineage comes with the producer's end), it does not merely run
+        after the producer (nothing would tie its end to the producer's), its target takes inputs
+        not yet digested, and its reuse cannot depend on the digest: it is never reused, or no step
+        of its definition was ever cached (else an edited producer that writes the same bytes again
+        must still let it be reused)."""
+        reads = [i for i in step.inputs if i.producer == producer]
+        if not reads or producer in step.run_after or not self.hands_over_early(step.compute_target):
+            return False
+        registered = {o.name for o in self.spec.step(producer).outputs if o.register}
+        if any(i.read_as or i.mode == "download" or i.output in registered for i in reads):
             return False
         if not step.allow_reuse or self.run["regenerate_outputs"]:
             return True
-        return not q.definition_cached(self.ctx.store, definition_of(fingerprint_parts(step, {})))
+        cached = self._reuse_needs_digest.get(step.name)
+        if cached is None:  # once per run (one found later only costs a reuse that could have been)
+            definition = definition_of(fingerprint_parts(step, {}))
+            cached = self._reuse_needs_digest[step.name] = q.definition_cached(self.ctx.store, definition)
+        return not cached
 
     def committed(self, step_run_id: str, outputs: dict[str, dict[str, Any]]) -> None:
         """The outputs a step of this run committed, as the store has them: its consumers read these."""

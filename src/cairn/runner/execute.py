@@ -618,6 +618,28 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, code)
         if control.canceled:
             return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, code)
+        pending = job.pending_inputs
+        if pending:  # handed over before they were digested: their digests make the fingerprint; a
+            # producer that failed meanwhile (its output changed as it was digested, and was removed)
+            # is the cause of whatever this step then did: it is named first
+            waiting = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)  # when it waits a while
+            try:
+                job = reporter.settled_job(job)
+                failure = None
+            except InputHandoffError as exc:
+                failure = str(exc)
+            finally:
+                waiting.cancel()
+            if control.requeue:  # stopped or given up meanwhile: that decides, not the hand-off
+                syslog(f"stopped: {control.cancel_reason}; the step will run again")
+                return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, code)
+            if control.canceled:
+                return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, code)
+            if failure is not None:
+                return _end(job, reporter, syslog, Status.FAILED, failure, code)
+            digests = {i.name: i.digest for i in job.inputs}
+            for name, producer, _output in pending:
+                syslog(f"input {name}: {digests[name]} (digested by step run {producer} after this step started)")
         if timed_out:
             return _end(job, reporter, syslog, Status.FAILED,
                         f"exceeded max_run_duration_seconds={spec.max_run_duration_seconds:g}: "
@@ -626,19 +648,6 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED, ended.lost, code)
         if code != 0:
             return _end(job, reporter, syslog, Status.FAILED, _exit_reason(code, log_dir), code)
-        pending = job.pending_inputs
-        if pending:  # handed over before they were digested: their digests make the fingerprint (and
-            # a producer that failed meanwhile, e.g. its output changed as it was digested, is named first)
-            waiting = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)  # when it waits a while
-            try:
-                job = reporter.settled_job(job)
-            except InputHandoffError as exc:
-                return _end(job, reporter, syslog, Status.FAILED, str(exc), code)
-            finally:
-                waiting.cancel()
-            digests = {i.name: i.digest for i in job.inputs}
-            for name, producer, _output in pending:
-                syslog(f"input {name}: {digests[name]} (digested by step run {producer} after this step started)")
         changed = _changed_inputs(job)
         if changed:
             return _end(job, reporter, syslog, Status.FAILED,
@@ -652,7 +661,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED, f"the script called run.fail(): {details}", code)
         finalizing = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)
         try:
-            placed = (lambda records: reporter.outputs_placed(job, records)) if early_handoff else None
+            placed = (lambda records: reporter.outputs_placed(job, records)) if early_handoff and job.hand_over_early \
+                else None
             outputs = _commit_outputs(job, spec, syslog, commit_local, placed)
         except OutputCommitError as exc:
             return _end(job, reporter, syslog, Status.FAILED, str(exc), code)
@@ -1057,9 +1067,10 @@ def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog,
     """Commit large outputs of local datastores in two stages: into place (renamed, read-only) and
     reported placed, then digested where they are, so that consumers whose reuse cannot depend on
     the digest start meanwhile (a 1 GiB output takes ~0.1 s to digest here). An output that
-    changed between the two stages fails the step. None when the outputs are not all on local
-    datastores or are small: they are committed as usual."""
-    if any(o.datastore not in job.datastore_roots for o in spec.outputs):
+    changed between the two stages fails the step (and is removed: it was never committed). None
+    when the outputs are small, or not all in the run's folders of local datastores (a fixed
+    destination must not hold what was never committed): they are committed as usual."""
+    if any(o.datastore not in job.datastore_roots or o.destination for o in spec.outputs):
         return None
     summaries = {o.name: stat_summary(job.staging_dirs[o.name]) for o in spec.outputs}
     if sum(size for _signature, size, _files in summaries.values()) < EARLY_HANDOFF_FROM:
@@ -1082,6 +1093,9 @@ def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog,
         final = os.path.join(job.datastore_roots[record["datastore"]], record["path"])
         tree = digest_tree(final)
         if tree.stat_signature != record["stat_signature"]:
+            for placed_record in records:
+                shutil.rmtree(os.path.join(job.datastore_roots[placed_record["datastore"]], placed_record["path"]),
+                              ignore_errors=True)
             raise OutputCommitError(f"output {record['name']!r} changed while it was being digested, after the "
                                     f"step's process had ended (a process it left running?): its consumers "
                                     f"may have read either version")

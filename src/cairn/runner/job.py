@@ -60,6 +60,8 @@ class StepJob:
     # digesting them (no step of this one's definition was cached, so no digest could make it
     # reusable): its fingerprint is made when they are digested, before its outputs are committed
     pending_inputs: tuple[tuple[str, str, str], ...] = ()
+    # large outputs are placed, reported and then digested (a consumer may start meanwhile)
+    hand_over_early: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

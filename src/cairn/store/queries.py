@@ -88,7 +88,10 @@ _OUTPUTS_OF = _select(t.step_outputs, where="step_run_id", param="b_id")
 _DELETE_CACHE_ENTRY = _delete(t.cache_entries, "fingerprint", "b_fingerprint")
 _INSERT_CACHE_ENTRY = _plain_insert(t.cache_entries)
 _CACHE_LOOKUP = _select(t.cache_entries, ("step_run_id",), "fingerprint")
-_DEFINITION_LOOKUP = _select(t.cache_entries, ("fingerprint",), "definition")
+_DEFINITION_LOOKUP = _with_sqlite_text(
+    select(t.cache_entries.c.fingerprint).where(t.cache_entries.c.definition == bindparam("b_definition")).limit(1),
+    f"SELECT {_quoted('fingerprint')} FROM {_quoted('cache_entries')} WHERE {_quoted('definition')} = ? LIMIT 1",
+    ("b_definition",))
 _UPDATE_RUN: dict[tuple[str, ...], Update] = {}
 
 
