@@ -118,13 +118,13 @@ def _hold_big_digests(monkeypatch: pytest.MonkeyPatch, reporter_box: list[_Watch
     real = execute.digest_tree
     waited: list[bool] = []
 
-    def held(path: Any) -> Any:
+    def held(path: Any, *walked: Any) -> Any:
         big = Path(path) / "big.bin"
         if big.exists() and not big.stat().st_mode & 0o222:  # the placed (read-only) output, not a staged one
             waited.append(reporter_box[0].second_running.wait(timeout=30))
             if then is not None:
                 then(big)
-        return real(path)
+        return real(path, *walked)
 
     monkeypatch.setattr(execute, "digest_tree", held)
     return waited
@@ -248,6 +248,7 @@ def test_only_consumers_whose_reuse_cannot_depend_on_the_digest_start_early(
     # with the writer's end): they wait.
     assert {n for n in consumers if sched.may_start(n)} == {"always", "fresh"}
     assert sched.prepare(sched.spec.step("writer")).hand_over_early  # the writer's job is told to place early
+    assert not sched.prepare(sched.spec.step("after")).hand_over_early  # no consumer: nothing to hand over
     sched.finished("writer", Status.FAILED)  # the producer failed after all: they wait for it again
     assert {n: sched._unmet[n] for n in consumers} == dict.fromkeys(consumers, 1)
     sched = placed()
@@ -301,12 +302,12 @@ def test_a_consumer_waiting_for_a_digest_when_its_agent_stops_runs_again_rather_
     loop = threading.Thread(target=agent._loop, daemon=True)
     real = execute.digest_tree
 
-    def stop_the_agent_first(path: Any) -> Any:
+    def stop_the_agent_first(path: Any, *walked: Any) -> Any:
         if (Path(path) / "big.bin").exists() and not (Path(path) / "big.bin").stat().st_mode & 0o222:
             assert waiting.wait(timeout=30)  # the reader waits for this digest
             agent.events.put(("stop", "test: the agent stops"))
             loop.join(timeout=30)
-        return real(path)
+        return real(path, *walked)
 
     monkeypatch.setattr(execute, "digest_tree", stop_the_agent_first)
     loop.start()

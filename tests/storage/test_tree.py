@@ -6,7 +6,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cairn.storage.tree import digest_tree, stat_signature, stat_signature_matches, stat_signatures
+from cairn.storage.tree import (
+    digest_tree,
+    stat_signature,
+    stat_signature_matches,
+    stat_signatures,
+    stat_summary,
+    tree_size,
+    walk_tree,
+)
 
 
 def test_an_empty_folder_changes_the_digest_and_the_old_signature_still_matches(tmp_path: Path) -> None:
@@ -60,3 +68,19 @@ def test_an_output_walked_from_any_spelling_of_its_folder_lists_the_same_paths(t
         assert ([(rel, os.path.relpath(full, out)) for rel, full in files], empty) == expected, spelling
     monkeypatch.chdir(out)
     assert _walk(".")[0] == [("a/b/f.txt", "./a/b/f.txt"), ("top.txt", "./top.txt")]
+
+
+def test_a_tree_walked_once_is_sized_signed_and_digested_as_digest_tree_does_alone(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "empty").mkdir()
+    (out / "a.bin").write_bytes(b"a" * 1000)
+    (out / "sub" / "b.txt").write_text("bee")
+    os.symlink("a.bin", out / "link")  # a link counts no bytes
+    walked = walk_tree(out)
+    alone = digest_tree(out)
+    assert digest_tree(out, walked) == alone
+    assert tree_size(walked) == alone.size == 1003
+    assert stat_summary(walked) == (alone.stat_signature, alone.size, alone.file_count)
+    (out / "sub" / "b.txt").write_text("bees")  # one byte more, and a new modification time
+    assert stat_summary(walk_tree(out))[0] != alone.stat_signature

@@ -189,8 +189,9 @@ class PipelineScheduler:
         if attempt > 1:  # an interrupted attempt's records must not mix into this one's
             q.forget_attempt(store, step_run_id)
         job = self._job(step, step_run_id, attempt, inputs, datasets, locations, fp, parts, log_dir)
+        # (whether the digest could matter to them is asked only if the outputs are large: placed)
         early = self.hands_over_early(step.compute_target) and any(
-            self._may_start_before_digest(self.spec.step(c), step.name) for c in self._downstream[step.name])
+            self._reads_in_place_only(self.spec.step(c), step.name) for c in self._downstream[step.name])
         return replace(job, pending_inputs=pending, hand_over_early=early) if pending or early else job
 
     def record_reuses(self) -> list[str]:
@@ -257,11 +258,7 @@ class PipelineScheduler:
         not yet digested, and its reuse cannot depend on the digest: it is never reused, or no step
         of its definition was ever cached (else an edited producer that writes the same bytes again
         must still let it be reused)."""
-        reads = [i for i in step.inputs if i.producer == producer]
-        if not reads or producer in step.run_after or not self.hands_over_early(step.compute_target):
-            return False
-        registered = {o.name for o in self.spec.step(producer).outputs if o.register}
-        if any(i.read_as or i.mode == "download" or i.output in registered for i in reads):
+        if not self._reads_in_place_only(step, producer):
             return False
         if not step.allow_reuse or self.run["regenerate_outputs"]:
             return True
@@ -270,6 +267,14 @@ class PipelineScheduler:
             definition = definition_of(fingerprint_parts(step, {}))
             cached = self._reuse_needs_digest[step.name] = q.definition_cached(self.ctx.store, definition)
         return not cached
+
+    def _reads_in_place_only(self, step: StepSpec, producer: str) -> bool:
+        """The conditions of ``_may_start_before_digest`` that need no store."""
+        reads = [i for i in step.inputs if i.producer == producer]
+        if not reads or producer in step.run_after or not self.hands_over_early(step.compute_target):
+            return False
+        registered = {o.name for o in self.spec.step(producer).outputs if o.register}
+        return not any(i.read_as or i.mode == "download" or i.output in registered for i in reads)
 
     def committed(self, step_run_id: str, outputs: dict[str, dict[str, Any]]) -> None:
         """The outputs a step of this run committed, as the store has them: its consumers read these."""

@@ -33,7 +33,7 @@ from cairn.runner.work_folders import WorkFolders
 from cairn.storage.layout import earlier_staging_dirs
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
-from cairn.storage.tree import digest_tree, make_read_only, stat_summary
+from cairn.storage.tree import TreeWalk, digest_tree, make_read_only, stat_summary, tree_size, walk_tree
 
 _CAIRN_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds the cairn package
 KILL_GRACE_SECONDS = 5.0
@@ -954,8 +954,9 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog, commit_local: L
         staging = Path(job.staging_dirs[o.name])
         if not staging.exists():
             staging.mkdir(parents=True)
+    walked: dict[str, TreeWalk] = {}  # each output's tree, when the check below walked it
     if placed is not None and commit_local is None and spec.outputs:
-        early = _place_then_digest(job, spec, syslog, placed)
+        early = _place_then_digest(job, spec, syslog, placed, walked)
         if early is not None:
             return early
     whole = _whole_folder_commits(job, spec) if commit_local is None else {}
@@ -964,9 +965,11 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog, commit_local: L
         staging = Path(job.staging_dirs[o.name])
         local = o.datastore in job.datastore_roots
         if o.name in moved:  # renamed below, with the others of its attempt folder
-            record = commit_output(job, o, staging, move=False)
+            record = commit_output(job, o, staging, move=False, walked=walked.get(o.name))
+        elif commit_local is not None and local:
+            record = commit_local(job, o, staging)
         else:
-            record = (commit_local or commit_output)(job, o, staging) if local else commit_output(job, o, staging)
+            record = commit_output(job, o, staging, walked=walked.get(o.name))
         syslog(f"output {o.name}: {record['file_count']} files, {record['size']} bytes, {record['digest']} "
                f"-> {o.datastore}:{job.output_dirs[o.name]}"
                + (" (the step wrote nothing into it: committed empty)" if record["file_count"] == 0 else ""))
@@ -998,11 +1001,12 @@ def _whole_folder_commits(job: StepJob, spec: Any) -> dict[str, list[str]]:
 LocalCommit = Callable[[StepJob, Any, Path], dict[str, Any]]
 
 
-def commit_output(job: StepJob, o: Any, staging: Path, move: bool = True) -> dict[str, Any]:
+def commit_output(job: StepJob, o: Any, staging: Path, move: bool = True,
+                  walked: TreeWalk | None = None) -> dict[str, Any]:
     """Digest one staged output and commit it: renamed into place on a local datastore (no copy),
     uploaded to an object store. Returns the output's record. ``move`` False: made read-only
     only (its attempt folder is renamed to the outputs folder, see ``_whole_folder_commits``)."""
-    tree = digest_tree(staging)
+    tree = digest_tree(staging, walked)
     local = o.datastore in job.datastore_roots
     if local:
         if move:
@@ -1062,19 +1066,21 @@ def _commit_remote(job: StepJob, o: Any, staging: Path) -> str | None:
 EARLY_HANDOFF_FROM = 16 << 20
 
 
-def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog,
-                       placed: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]] | None:
+def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog, placed: Callable[[list[dict[str, Any]]], None],
+                       walked: dict[str, TreeWalk]) -> list[dict[str, Any]] | None:
     """Commit large outputs of local datastores in two stages: into place (renamed, read-only) and
     reported placed, then digested where they are, so that consumers whose reuse cannot depend on
     the digest start meanwhile (a 1 GiB output takes ~0.1 s to digest here). An output that
     changed between the two stages fails the step (and is removed: it was never committed). None
     when the outputs are small, or not all in the run's folders of local datastores (a fixed
-    destination must not hold what was never committed): they are committed as usual."""
+    destination must not hold what was never committed): they are committed as usual (``walked``
+    then has the trees walked to learn their size)."""
     if any(o.datastore not in job.datastore_roots or o.destination for o in spec.outputs):
         return None
-    summaries = {o.name: stat_summary(job.staging_dirs[o.name]) for o in spec.outputs}
-    if sum(size for _signature, size, _files in summaries.values()) < EARLY_HANDOFF_FROM:
+    walked.update({o.name: walk_tree(job.staging_dirs[o.name]) for o in spec.outputs})
+    if sum(map(tree_size, walked.values())) < EARLY_HANDOFF_FROM:
         return None
+    summaries = {o.name: stat_summary(walked[o.name]) for o in spec.outputs}
     whole = _whole_folder_commits(job, spec)
     moved = {name for names in whole.values() for name in names}
     for o in spec.outputs:

@@ -80,9 +80,18 @@ def _entry(full: str) -> tuple[int, int, str]:
     return st.st_size, st.st_mtime_ns, content_digest_file(full)
 
 
-def digest_tree(path: str | os.PathLike[str]) -> TreeDigest:
+TreeWalk = tuple[list[tuple[str, str]], list[str]]  # ``_walk``'s: files (relative, absolute), empty folders
+
+
+def walk_tree(path: str | os.PathLike[str]) -> TreeWalk:
+    """What is in a folder (or the file itself), for ``digest_tree`` and ``stat_summary`` to share."""
+    return _walk(Path(path))
+
+
+def digest_tree(path: str | os.PathLike[str], walked: TreeWalk | None = None) -> TreeDigest:
+    """``walked``: ``walk_tree(path)``, if it was just walked (and nothing changed since)."""
     rows, stats, size = [], [], 0
-    files, empty = _walk(Path(path))
+    files, empty = walked or _walk(Path(path))
     for rel, full in files:
         file_size, mtime, digest = _entry(full)
         size += file_size
@@ -94,12 +103,17 @@ def digest_tree(path: str | os.PathLike[str]) -> TreeDigest:
     return TreeDigest(digest_json({"tree": rows, **folders}), size, len(rows), _signature(stats, empty))
 
 
-def stat_summary(path: str | os.PathLike[str]) -> tuple[str, int, int]:
-    """(stat signature, bytes, files) without reading a byte: what ``digest_tree`` will say of
-    these three while nothing changes."""
+def tree_size(walked: TreeWalk) -> int:
+    """The bytes ``digest_tree`` will count (links count none), without reading them."""
+    return sum(st.st_size for st in map(os.lstat, (full for _rel, full in walked[0])) if not stat.S_ISLNK(st.st_mode))
+
+
+def stat_summary(walked: TreeWalk) -> tuple[str, int, int]:
+    """(stat signature, bytes, files) of a walked tree without reading a byte: what ``digest_tree``
+    will say of these three while nothing changes."""
     stats: list[list[object]] = []
     size = 0
-    files, empty = _walk(Path(path))
+    files, empty = walked
     for rel, full in files:
         st = os.lstat(full)
         file_size = 0 if stat.S_ISLNK(st.st_mode) else st.st_size
