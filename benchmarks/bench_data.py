@@ -298,8 +298,13 @@ def bench_handoff(bench: Bench, source: Path, mib: int) -> dict[str, Any]:
         recorded = steps["write_big"].get_output_data("big")
         if recorded.digest != tree.digest:
             raise RuntimeError(f"the recorded digest {recorded.digest} is not the file's {tree.digest}")
+        read_at = _events(steps["read_head"])
         return {
             "mib": mib, "pipeline_s": pipeline_s, "write_s": written["write_s"],
+            # outputs handed over before they are digested: B starts while A digests (negative: before
+            # A's Completed)
+            "b_running_after_a_script_s": read_at["Running"] - written["ended"],
+            "b_running_minus_a_completed_s": read_at["Running"] - at["Completed"],
             "commit_s": commit_s, "finalizing_to_completed_s": at["Completed"] - at["Finalizing"]
             if "Finalizing" in at else None,
             "digest_s": digest_s, "commit_minus_digest_s": commit_s - digest_s,
@@ -422,6 +427,12 @@ def summarise(raw: dict[str, Any]) -> list[dict[str, Any]]:
         control = [r["commit_s"] for r in raw.get("handoff_control", [])]
         if control:
             row(part, f"  the same commit of a {CONTROL_MIB} MiB file (control)", control)
+        if "b_running_after_a_script_s" in h[0]:
+            row(part, "B runs, after A's script ended", per("b_running_after_a_script_s"))
+            early = [r["b_running_minus_a_completed_s"] for r in h]
+            row(part, "B runs, relative to A's Completed", None,
+                value=f"{statistics.median(early):+.3f} s", target="< 0 (handed over before the digest)",
+                met=statistics.median(early) < 0)
         same = all(r["same_inode"] for r in h)
         row(part, "B's input is A's committed file (same inode)", None, value="yes" if same else "NO",
             target="same inode", met=same)

@@ -251,8 +251,10 @@ def test_only_consumers_whose_reuse_cannot_depend_on_the_digest_start_early(
     assert not sched.prepare(sched.spec.step("after")).hand_over_early  # no consumer: nothing to hand over
     sched.finished("writer", Status.FAILED)  # the producer failed after all: they wait for it again
     assert {n: sched._unmet[n] for n in consumers} == dict.fromkeys(consumers, 1)
+    assert sched.step_ids["writer"] not in sched._outputs  # what it placed was never committed
     sched = placed()
     sched.finished("writer", Status.COMPLETED)  # counted once, whether released early or not
+    assert sched.step_ids["writer"] not in sched._outputs  # not told its committed outputs: read from the store
     assert {n for n in consumers if sched.may_start(n)} == set(consumers)
     assert {n: sched._unmet[n] for n in consumers} == dict.fromkeys(consumers, 0)
     nowhere = placed(hands_over_early=False)  # a target that cannot take them
@@ -291,9 +293,9 @@ def test_a_consumer_waiting_for_a_digest_when_its_agent_stops_runs_again_rather_
             waiting.set()
             return super().settled_job(job)
 
-        def settle(self, step_run_id: str, result: Any) -> None:
-            super().settle(step_run_id, result)
-            settled.append((step_run_id, result.status))
+        def settle(self, job: Any, result: Any) -> None:
+            super().settle(job, result)
+            settled.append((job.step_run_id, result.status))
             if len(settled) == 2:
                 both_settled.set()
 

@@ -29,7 +29,7 @@ class StoreReporter:
         self._on_change = on_change or (lambda run_id: None)
         self._locate = locate
         self._on_placed = on_placed
-        self._handoffs: dict[str, _Handoff] = {}  # producer step run -> its hand-off
+        self._handoffs: dict[str, dict[int, _Handoff]] = {}  # producer step run -> attempt -> its hand-off
         self._handoffs_changed = threading.Condition()
 
     def started(self, step_run_id: str, status: Status, **fields: Any) -> bool:
@@ -66,15 +66,15 @@ class StoreReporter:
 
     def outputs_placed(self, job: StepJob, outputs: list[dict[str, Any]]) -> None:
         with self._handoffs_changed:
-            self._handoffs[job.step_run_id] = _Handoff()
+            self._handoffs.setdefault(job.step_run_id, {})[job.attempt] = _Handoff()
         if self._on_placed is not None:
             self._on_placed(job.step_run_id, job.attempt, outputs)
 
-    def settle(self, step_run_id: str, result: StepResult) -> None:
+    def settle(self, job: StepJob, result: StepResult) -> None:
         """The step ended (called for every step its compute ran): consumers waiting for the digests
         of what it placed get them, or the reason they will not."""
         with self._handoffs_changed:
-            handoff = self._handoffs.get(step_run_id)
+            handoff = self._handoffs.get(job.step_run_id, {}).get(job.attempt)
             if handoff is None or handoff.ended:
                 return
             if result.status == Status.COMPLETED.value and result.outputs is not None:
@@ -87,8 +87,8 @@ class StoreReporter:
     def settled_job(self, job: StepJob) -> StepJob:
         digests: dict[str, str] = {}
         with self._handoffs_changed:
-            for name, producer, output in job.pending_inputs:
-                handoff = self._handoffs.get(producer)
+            for name, producer, output, attempt in job.pending_inputs:
+                handoff = self._handoffs.get(producer, {}).get(attempt)
                 if handoff is None:
                     raise InputHandoffError(f"input {name!r} was handed over before step run {producer} digested "
                                             f"it, and this agent no longer knows that step run; run the pipeline "

@@ -167,7 +167,7 @@ class PipelineScheduler:
         parts = fingerprint_parts(step, input_digests(step, inputs))
         # inputs still being digested (see outputs_placed): it was released because no step of its
         # definition was ever cached; its fingerprint is made when they are digested
-        pending = tuple((i.name, self.step_ids[i.producer], i.output)
+        pending = tuple((i.name, self.step_ids[i.producer], i.output, self.attempts[i.producer])
                         for i, located in zip(step.inputs, inputs[:len(step.inputs)], strict=True)
                         if located.digest.startswith(PENDING_DIGEST))
         fp = "" if pending else fingerprint(parts)
@@ -412,6 +412,10 @@ class PipelineScheduler:
         for consumer in self._released.pop(step_name, ()):  # counted again below, if it succeeded
             self._unmet[consumer] += 1
             self._check_ready(consumer)
+        placed = self._outputs.get(self.step_ids[step_name])
+        if placed and (not status.is_success or any(o["digest"].startswith(PENDING_DIGEST) for o in placed.values())):
+            # what it placed was never committed, or is read back from the store (as committed)
+            del self._outputs[self.step_ids[step_name]]
         if status == Status.QUEUED and withdrawn and not self._halted():
             self._held.add(step_name)
             return

@@ -638,7 +638,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             if failure is not None:
                 return _end(job, reporter, syslog, Status.FAILED, failure, code)
             digests = {i.name: i.digest for i in job.inputs}
-            for name, producer, _output in pending:
+            for name, producer, _output, _attempt in pending:
                 syslog(f"input {name}: {digests[name]} (digested by step run {producer} after this step started)")
         if timed_out:
             return _end(job, reporter, syslog, Status.FAILED,

@@ -56,10 +56,11 @@ class StepJob:
     kept_code: str = ""  # where spare interpreters keep compiled step scripts ("": not kept)
     stop_run_on_failure: bool = True  # the run stops when a step fails (not continue_on_step_failure)
     die_with_runner: bool = False  # the step's process is killed if its runner dies (a Ray node of another machine)
-    # (input, producer step run, output) of inputs handed over while their producer was still
-    # digesting them (no step of this one's definition was cached, so no digest could make it
-    # reusable): its fingerprint is made when they are digested, before its outputs are committed
-    pending_inputs: tuple[tuple[str, str, str], ...] = ()
+    # (input, producer step run, output, the producer's attempt) of inputs handed over while their
+    # producer was still digesting them (no step of this one's definition was cached, so no digest
+    # could make it reusable): its fingerprint is made when they are digested, before its outputs
+    # are committed
+    pending_inputs: tuple[tuple[str, str, str, int], ...] = ()
     # large outputs are placed, reported and then digested (a consumer may start meanwhile)
     hand_over_early: bool = False
 
