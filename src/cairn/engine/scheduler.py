@@ -188,11 +188,11 @@ class PipelineScheduler:
         attempt = self.attempts[step.name] = self.attempts[step.name] + 1
         if attempt > 1:  # an interrupted attempt's records must not mix into this one's
             q.forget_attempt(store, step_run_id)
-        job = self._job(step, step_run_id, attempt, inputs, datasets, locations, fp, parts, log_dir)
         # (whether the digest could matter to them is asked only if the outputs are large: placed)
         early = self.hands_over_early(step.compute_target) and any(
             self._reads_in_place_only(self.spec.step(c), step.name) for c in self._downstream[step.name])
-        return replace(job, pending_inputs=pending, hand_over_early=early) if pending or early else job
+        return self._job(step, step_run_id, attempt, inputs, datasets, locations, fp, parts, log_dir,
+                         pending_inputs=pending, hand_over_early=early)
 
     def record_reuses(self) -> list[str]:
         """Record the reuses ``prepare`` decided since the last call, in one transaction. Call it
@@ -226,8 +226,6 @@ class PipelineScheduler:
         job = self._job(step, step_run_id, max(1, self.attempts[step.name]), inputs, datasets, locations,
                         fingerprint(parts), parts, tools_dir / "logs")
         staging = {o.name: str(tools_dir / "outputs" / o.name) for o in step.outputs}
-        from dataclasses import replace
-
         return replace(job, work_dir=str(work_dir), staging_dirs=staging, log_upload=None)
 
     def outputs_placed(self, step_run_id: str, outputs: list[dict[str, Any]]) -> None:
@@ -347,7 +345,8 @@ class PipelineScheduler:
 
     def _job(self, step: StepSpec, step_run_id: str, attempt: int, inputs: list[InputLocation],
              datasets: dict[str, Any], locations: dict[str, Any], fp: str, parts: dict[str, Any],
-             log_dir: Path) -> StepJob:
+             log_dir: Path, pending_inputs: tuple[tuple[str, str, str, int], ...] = (),
+             hand_over_early: bool = False) -> StepJob:
         if step.snapshot not in self._manifests:
             snapshot = q.get_snapshot(self.ctx.store, step.snapshot)
             if snapshot is None:
@@ -369,6 +368,7 @@ class PipelineScheduler:
             datasets=datasets, datastore_locations=locations, env_cache=self._folders["envs"],
             kept_code=self._folders["kept_code"],
             stop_run_on_failure=not self.run["continue_on_step_failure"],
+            pending_inputs=pending_inputs, hand_over_early=hand_over_early,
         )
 
     def _log_upload(self, locations: dict[str, Any], step_run_id: str) -> dict[str, Any] | None:
