@@ -224,3 +224,47 @@ def test_the_scripts_socket_is_private_and_the_umask_untouched(tmp_path: Path) -
         assert now == before
     finally:
         stop()
+
+
+def test_a_run_recorded_through_the_agent_is_claimed_without_waiting_for_the_clients_poke(
+        tmp_path: Path, write_script: Callable[..., Path], monkeypatch) -> None:
+    from cairn.engine import client
+
+    ws = Workspace.create(tmp_path / "ws")
+    src = write_script("log.py", "print('hi')\n")
+    from cairn.backend import open_local_backend
+
+    queued: list[list[str]] = []
+    stop = serve_scripts(ws.location, lambda: queued.append([r["id"] for r in open_local_backend(ws.location)
+                                                             .list_runs("context", 5)]))
+    try:
+        monkeypatch.setattr(client, "ensure_agent", lambda layout: None)  # no agent: only the scripts socket here
+        monkeypatch.setattr(client, "prestart_agent", lambda layout: None)
+        here = Workspace(ws.location)
+        assert isinstance(here._backend, AgentBackend)
+        run = Experiment(here, "context").submit(Pipeline(here, [PythonScriptStep("log.py", source_directory=str(src))]))
+        assert queued == [[run.id]]  # told once, with the run already recorded
+        here._backend.list_experiments()  # any other call tells nothing
+        assert len(queued) == 1
+    finally:
+        stop()
+
+
+def test_a_workspace_reached_through_its_agent_does_not_start_one_for_a_pipeline(
+        tmp_path: Path, write_script: Callable[..., Path], monkeypatch) -> None:
+    from cairn.engine import client
+
+    ws = Workspace.create(tmp_path / "ws")
+    src = write_script("log.py", "print('hi')\n")
+    asked: list[str] = []
+    monkeypatch.setattr(client, "prestart_agent", lambda layout: asked.append(str(layout.root)))
+    stop = serve_scripts(ws.location)
+    try:
+        here = Workspace(ws.location)
+        Pipeline(here, [PythonScriptStep("log.py", source_directory=str(src))])
+        assert asked == []  # the agent answers this process: it is up
+        here._backend._agent.close()  # as if it had gone
+        Pipeline(here, [PythonScriptStep("log.py", source_directory=str(src))])
+        assert asked == [ws.location]  # (closed here: "gone") started in the background, as before
+    finally:
+        stop()

@@ -93,6 +93,11 @@ class RelayBackend:
             raise value
         return value
 
+    def closed_by_peer(self) -> bool:
+        """Whether the other end closed the connection (without waiting: a process that went)."""
+        sock = self._sock
+        return sock is None or _closed_by_peer(sock)
+
     def _lost(self, why: object, sent: bool) -> RelayLost:
         self.close()
         return RelayLost(f"the step's runner closed the relay connection ({why})", sent=sent)

@@ -72,6 +72,12 @@ class AgentBackend(AgentSocketCalls):
         digests = self._relayed("snapshots")(list(absolute), snapshot_limits(config))
         return {absolute.get(k, k): v for k, v in digests.items()}
 
+    def prestart(self) -> None:
+        """The agent answers this process: nothing to start (unless it went since)."""
+        agent = self._agent
+        if agent is None or agent.closed_by_peer():
+            super().prestart()
+
     def submit_pipeline(self, *args: Any, **kwargs: Any) -> tuple[str, dict[str, str]]:
         recorded = self._relayed("record_pipeline_run")(*args, **kwargs)
         self.ensure_progress()
@@ -133,9 +139,10 @@ def workspace_backend(workspace: str) -> Any:
         return open_local_backend(workspace)
 
 
-def serve_scripts(workspace: str) -> Callable[[], None]:
+def serve_scripts(workspace: str, on_recorded: Callable[[], None] | None = None) -> Callable[[], None]:
     """Answer ``AgentBackend`` calls for ``workspace`` (in its agent, which holds the workspace lock:
-    a socket file already there is a dead agent's). Returns what stops it."""
+    a socket file already there is a dead agent's). Returns what stops it. ``on_recorded``: a
+    pipeline run was just queued here (the agent claims it without waiting for the client's poke)."""
     from cairn import __version__
     from cairn.core.socket_rpc import serve
     from cairn.storage.layout import WorkspaceLayout
@@ -149,7 +156,10 @@ def serve_scripts(workspace: str) -> Callable[[], None]:
             return workspace
         if method == "__version__":
             return __version__
-        return service.call(method, args, kwargs)
+        value = service.call(method, args, kwargs)
+        if method == "record_pipeline_run" and on_recorded is not None:
+            on_recorded()
+        return value
 
     return serve(str(path), answer)
 

@@ -54,9 +54,9 @@ class Agent:
     def __init__(self, layout: WorkspaceLayout, idle_timeout: float | None = 300.0,
                  max_concurrency: int | None = None, front: AgentSocket | None = None,
                  script_service: Callable[[str], Any] | None = None,
-                 serve_scripts: Callable[[str], Callable[[], None]] | None = None) -> None:
+                 serve_scripts: Callable[[str, Callable[[], None]], Callable[[], None]] | None = None) -> None:
         """``script_service(workspace)`` answers the ``Run.get_context()`` calls of steps on Ray nodes of
-        other machines; ``serve_scripts(workspace)`` starts answering those of the steps that run on
+        other machines; ``serve_scripts(workspace, on_recorded)`` starts answering those of the steps that run on
         this machine and returns what stops it (the entry points give ``backend.relay.ScriptService``
         and ``backend.through_agent.serve_scripts``: the engine sits below the backend)."""
         self.layout = layout
@@ -120,7 +120,7 @@ class Agent:
         if self.serve_scripts is None:
             return None
         try:
-            return self.serve_scripts(str(self.layout.root))
+            return self.serve_scripts(str(self.layout.root), lambda: self.events.put(("queued",)))
         except OSError as exc:
             self._log(f"steps open the workspace themselves for Run.get_context(): cannot serve it ({exc})")
             return None
@@ -244,6 +244,8 @@ class Agent:
         elif kind == "poke":
             self._queue_may_have_work = True
             self._check_cancels()
+        elif kind == "queued":  # a run was recorded through this agent's scripts socket
+            self._queue_may_have_work = True
         return True
 
     def _refresh_computes(self, records: list[dict[str, Any]]) -> None:
