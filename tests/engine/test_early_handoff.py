@@ -106,10 +106,21 @@ def _serve_in_process(ws: Workspace) -> _Watching:
     return reporter
 
 
-def _submit_for_this_process(ws: Workspace, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> Any:
+def _no_agent_but_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before any Pipeline is built (it starts an agent in the background): an agent started by
+    the client would take the run from the one in this process."""
     monkeypatch.setattr(agent_client, "ensure_agent", lambda layout: None)
     monkeypatch.setattr(agent_client, "prestart_agent", lambda layout: None)
+
+
+def _submit_for_this_process(ws: Workspace, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> Any:
+    assert agent_client.prestart_agent.__module__ != agent_client.__name__, "call _no_agent_but_this_process first"
     return Experiment(ws, "handoff").submit(pipeline)
+
+
+@pytest.fixture
+def no_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_agent_but_this_process(monkeypatch)
 
 
 def _hold_big_digests(monkeypatch: pytest.MonkeyPatch, reporter_box: list[_Watching],
@@ -144,7 +155,7 @@ def _serve_holding(ws: Workspace, monkeypatch: pytest.MonkeyPatch, then: Any = N
 
 
 def test_a_consumer_starts_while_its_large_input_is_digested_and_is_keyed_by_the_digest(
-        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.create(tmp_path / "ws")
     run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
     _reporter, waited = _serve_holding(ws, monkeypatch)
@@ -171,7 +182,7 @@ def test_a_consumer_starts_while_its_large_input_is_digested_and_is_keyed_by_the
 
 
 def test_a_producer_whose_placed_output_changes_fails_and_so_does_its_early_consumer(
-        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.create(tmp_path / "ws")
     run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
 
@@ -186,6 +197,7 @@ def test_a_producer_whose_placed_output_changes_fails_and_so_does_its_early_cons
     writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
     assert writer.get_status() == "Failed"
     assert "output 'big' changed while it was being digested" in writer.get_details()["statusReason"]
+    assert not list(Path(ws.location).glob(".cairn/agent.log"))  # (no agent but the test's took part)
     assert reader.get_status() == "Failed"
     reason = reader.get_details()["statusReason"]
     assert f"input 'big' was handed over before step run {writer.id} digested it" in reason
@@ -217,6 +229,7 @@ def test_only_consumers_whose_reuse_cannot_depend_on_the_digest_start_early(
     agent_client.stop_agent(WorkspaceLayout(ws.location))
     with open(sources["writer"] / "writer.py", "a") as f:
         f.write("# edited\n")
+    _no_agent_but_this_process(monkeypatch)
     pipeline = _pipeline(ws, sources, readers=(("reader", {}), ("copier", {"download": True}),
                                                ("always", {"allow_reuse": False}), ("fresh", {})))
     writer = pipeline.steps[0]
@@ -247,10 +260,12 @@ def test_only_consumers_whose_reuse_cannot_depend_on_the_digest_start_early(
     # writer's), "reads_registered" reads an output registered as a dataset (its lineage comes
     # with the writer's end): they wait.
     assert {n for n in consumers if sched.may_start(n)} == {"always", "fresh"}
+    assert sched.released_by("writer") == ["always", "fresh"]  # withdrawn by the agent if the writer fails
     assert sched.prepare(sched.spec.step("writer")).hand_over_early  # the writer's job is told to place early
     assert not sched.prepare(sched.spec.step("after")).hand_over_early  # no consumer: nothing to hand over
     sched.finished("writer", Status.FAILED)  # the producer failed after all: they wait for it again
     assert {n: sched._unmet[n] for n in consumers} == dict.fromkeys(consumers, 1)
+    assert sched.released_by("writer") == []
     assert sched.step_ids["writer"] not in sched._outputs  # what it placed was never committed
     sched = placed()
     sched.finished("writer", Status.COMPLETED)  # counted once, whether released early or not
@@ -262,7 +277,7 @@ def test_only_consumers_whose_reuse_cannot_depend_on_the_digest_start_early(
 
 
 def test_outputs_with_a_fixed_destination_are_digested_before_they_are_placed(
-        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fixed destination must never hold what was not committed (a later run would find it taken)."""
     ws = Workspace.create(tmp_path / "ws")
     big = OutputFileDatasetConfig("big", destination=(ws.get_default_datastore(), "fixed/{run-id}"))
@@ -278,7 +293,7 @@ def test_outputs_with_a_fixed_destination_are_digested_before_they_are_placed(
 
 
 def test_a_consumer_waiting_for_a_digest_when_its_agent_stops_runs_again_rather_than_failing(
-        tmp_path: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.create(tmp_path / "ws")
     run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=(("reader", {"allow_reuse": False}),)),
                                    monkeypatch)
@@ -289,9 +304,9 @@ def test_a_consumer_waiting_for_a_digest_when_its_agent_stops_runs_again_rather_
     both_settled = threading.Event()
 
     class Reporter(StoreReporter):
-        def settled_job(self, job: Any) -> Any:
+        def settled_job(self, job: Any, *stopped: Any) -> Any:
             waiting.set()
-            return super().settled_job(job)
+            return super().settled_job(job, *stopped)
 
         def settle(self, job: Any, result: Any) -> None:
             super().settle(job, result)
@@ -334,3 +349,97 @@ def test_the_migration_fills_in_definitions_as_the_engine_makes_them() -> None:
     assert migration._definition(json.dumps(parts)) == definition_of(parts)
     assert definition_of(parts) == definition_of({**parts, "input:a": "blake2b:ff"})
     assert migration._definition(None) is None and migration._definition("not json") is None
+
+
+def test_a_consumer_that_adds_a_file_to_its_input_is_blamed_and_its_producer_completes(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a step that imports code kept in its input would (a __pycache__ folder next to it)."""
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=(("reader", {"allow_reuse": False}),)),
+                                   monkeypatch)
+
+    def add_beside(big: Path) -> None:  # while the writer digests, the reader writes into its input
+        (big.parent / "__pycache__").mkdir()
+        (big.parent / "__pycache__" / "mod.pyc").write_bytes(b"compiled")
+
+    _reporter, waited = _serve_holding(ws, monkeypatch, then=add_beside)
+    assert waited == [True]
+    writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
+    assert writer.get_status() == "Completed"  # what it wrote is whole and committed
+    assert (writer.get_output_data("big").local_path / "big.bin").stat().st_size == BIG
+    assert reader.get_status() == "Failed"
+    assert "the step changed its input 'big'" in reader.get_details()["statusReason"]
+
+
+def test_a_consumer_canceled_while_it_waits_for_a_digest_ends_at_once(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=(("reader", {"allow_reuse": False}),)),
+                                   monkeypatch)
+    front = EndingFront(1)
+    agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=front)
+    agent.ctx = EngineContext.open(agent.layout)
+    waiting, reader_ended = threading.Event(), threading.Event()
+
+    class Reporter(StoreReporter):
+        def settled_job(self, job: Any, stopped: Any = lambda: False) -> Any:
+            waiting.set()
+            return super().settled_job(job, stopped)
+
+        def settle(self, job: Any, result: Any) -> None:
+            super().settle(job, result)
+            if job.step.get("name") == "reader":
+                reader_ended.set()
+
+    agent.reporter = Reporter(agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
+                              on_placed=lambda *placed: agent.events.put(("placed", *placed)))
+    real = execute.digest_tree
+    timely: list[bool] = []
+
+    def cancel_first(path: Any, *walked: Any) -> Any:
+        if (Path(path) / "big.bin").exists() and not (Path(path) / "big.bin").stat().st_mode & 0o222:
+            assert waiting.wait(timeout=30)  # the reader waits for this digest
+            q.request_cancel(agent.ctx.store, run.id)
+            agent.events.put(("poke",))
+            timely.append(reader_ended.wait(timeout=10))  # before the digest ends
+        return real(path, *walked)
+
+    monkeypatch.setattr(execute, "digest_tree", cancel_first)
+    loop = threading.Thread(target=agent._loop, daemon=True)
+    loop.start()
+    try:
+        assert front.ended.wait(timeout=60)
+    finally:
+        agent.events.put(("stop", "test over"))
+        loop.join(timeout=30)
+        for compute in agent.computes.values():
+            compute.shutdown()
+    assert timely == [True]  # the reader ended without waiting for the digest any longer
+    assert run.get_status() == "Canceled"
+    assert run.find_step_run("reader")[0].get_status() == "Canceled"
+
+
+def test_a_step_waiting_on_an_attempt_its_agent_gave_up_is_told_so() -> None:
+    from cairn.runner.job import InputHandoffError, StepJob
+
+    reporter = StoreReporter(store=None)  # type: ignore[arg-type]  (no store is touched here)
+    producer = StepJob(workspace="", experiment="", pipeline_run_id="run", step_run_id="producer", attempt=1,
+                       step={}, manifest={}, objects_root="", work_dir="", log_dir="", datastore_roots={},
+                       output_dirs={}, staging_dirs={})
+    reporter.outputs_placed(producer, [])
+    consumer = StepJob(workspace="", experiment="", pipeline_run_id="run", step_run_id="consumer", attempt=1,
+                       step={}, manifest={}, objects_root="", work_dir="", log_dir="", datastore_roots={},
+                       output_dirs={}, staging_dirs={}, pending_inputs=(("big", "producer", "big", 1),))
+    failures: list[str] = []
+
+    def wait() -> None:
+        try:
+            reporter.settled_job(consumer)
+        except InputHandoffError as exc:
+            failures.append(str(exc))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    reporter.forget_handoffs(["producer"])  # the run ended (another agent's attempt finished it)
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and len(failures) == 1 and "its run ended without it" in failures[0]

@@ -226,11 +226,17 @@ class Agent:
                         status = Status(row.get("status") or Status.FAILED.value)
                     self._notify(sched.run_id)
                 control: StepControl = event[2]
+                released = sched.released_by(name)  # started before its outputs were digested
                 sched.finished(name, status, withdrawn=control.withdrawn and not control.canceled)
                 if status == Status.FAILED and not sched.run["continue_on_step_failure"]:
                     for other, parent in self.step_parent.items():  # prepared ahead, not started: they never will
                         if parent == sched.run_id:
                             self.controls[other].withdraw()
+                elif not status.is_success:  # its outputs never came: those not started yet never will
+                    for consumer in released:
+                        waiting = self.controls.get(sched.step_ids[consumer])
+                        if waiting is not None:
+                            waiting.withdraw()
         elif kind == "placed":  # a step's outputs are in place, being digested: consumers may start
             _, step_run_id, attempt, outputs = event
             sched = self.schedulers.get(self.step_parent.get(step_run_id) or "")

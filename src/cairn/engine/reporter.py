@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,7 +85,9 @@ class StoreReporter:
             handoff.ended = True
             self._handoffs_changed.notify_all()
 
-    def settled_job(self, job: StepJob) -> StepJob:
+    def settled_job(self, job: StepJob, stopped: Callable[[], bool] = lambda: False) -> StepJob:
+        """``stopped()``: the step was canceled or stopped meanwhile (``wake`` is then called): it
+        waits no longer and gets ``job`` back as it was."""
         digests: dict[str, str] = {}
         with self._handoffs_changed:
             for name, producer, output, attempt in job.pending_inputs:
@@ -93,7 +96,9 @@ class StoreReporter:
                     raise InputHandoffError(f"input {name!r} was handed over before step run {producer} digested "
                                             f"it, and this agent no longer knows that step run; run the pipeline "
                                             f"again")
-                self._handoffs_changed.wait_for(lambda h=handoff: h.ended)
+                self._handoffs_changed.wait_for(lambda h=handoff: h.ended or stopped())
+                if stopped():
+                    return job
                 if handoff.digests is None or output not in handoff.digests:
                     raise InputHandoffError(f"input {name!r} was handed over before step run {producer} digested "
                                             f"it, and that step did not complete: {handoff.failure or 'no digest'}")
@@ -102,8 +107,17 @@ class StoreReporter:
         parts = fingerprint_parts(job.spec, input_digests(job.spec, list(inputs)))
         return replace(job, inputs=inputs, fingerprint=fingerprint(parts), fingerprint_parts=parts, pending_inputs=())
 
+    def wake(self) -> None:
+        """A step waiting in ``settled_job`` was stopped: it looks again."""
+        with self._handoffs_changed:
+            self._handoffs_changed.notify_all()
+
     def forget_handoffs(self, step_run_ids: Any) -> None:
-        """The run of these step runs ended: nothing waits for their digests any more."""
+        """The run of these step runs ended (nothing of it waits for their digests any more; a step
+        of an attempt this agent gave up, still waiting, is told they will not come)."""
         with self._handoffs_changed:
             for step_run_id in step_run_ids:
-                self._handoffs.pop(step_run_id, None)
+                for handoff in self._handoffs.pop(step_run_id, {}).values():
+                    if not handoff.ended:
+                        handoff.failure, handoff.ended = "its run ended without it", True
+            self._handoffs_changed.notify_all()

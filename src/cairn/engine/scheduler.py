@@ -248,6 +248,10 @@ class PipelineScheduler:
                 self._unmet[consumer] -= 1
                 self._check_ready(consumer)
 
+    def released_by(self, producer: str) -> list[str]:
+        """The consumers that ``producer``'s placed outputs let start early (until it ends)."""
+        return sorted(self._released.get(producer, ()))
+
     def _may_start_before_digest(self, step: StepSpec, producer: str) -> bool:
         """Whether ``step`` may start while ``producer``'s outputs are being digested: it reads them
         only in place, as files (not copied, nor as a table: through the digest), none of them is

@@ -53,9 +53,12 @@ class StepReporter(Protocol):
     def outputs_placed(self, job: StepJob, outputs: list[dict[str, Any]]) -> None:
         """The outputs are in place (renamed, read-only), not yet digested (``digest`` None)."""
 
-    def settled_job(self, job: StepJob) -> StepJob:
-        """``job`` with the digests of its pending inputs and its fingerprint (waits for them);
-        raises ``InputHandoffError`` when one will never come."""
+    def settled_job(self, job: StepJob, stopped: Callable[[], bool]) -> StepJob:
+        """``job`` with the digests of its pending inputs and its fingerprint (waits for them, until
+        ``stopped()``, then returns ``job``); raises ``InputHandoffError`` when one will never come."""
+
+    def wake(self) -> None:
+        """``settled_job`` looks at ``stopped()`` again."""
 
 
 
@@ -623,8 +626,9 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             # producer that failed meanwhile (its output changed as it was digested, and was removed)
             # is the cause of whatever this step then did: it is named first
             waiting = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)  # when it waits a while
+            control.add_waker(reporter.wake)  # a cancel or a stop ends the wait
             try:
-                job = reporter.settled_job(job)
+                job = reporter.settled_job(job, lambda: control.canceled or control.requeue)
                 failure = None
             except InputHandoffError as exc:
                 failure = str(exc)
@@ -719,7 +723,7 @@ def _stopped_before_start(job: StepJob, reporter: StepReporter, control: StepCon
                           syslog: _SystemLog) -> StepResult:
     """The result of a step stopped while it waited to start (for a slot, or a warm-start server)."""
     if control.withdrawn and not control.canceled:  # its run stopped after a failure: never started
-        syslog("not started: the pipeline stopped after a step failed")
+        syslog("not started: the pipeline stopped after a step failed, or the step it reads from did")
         return StepResult(job.step_run_id, Status.QUEUED.value, None, None)
     if control.requeue:
         syslog(f"stopped before it started: {control.cancel_reason}; the step will run again")
@@ -1095,20 +1099,31 @@ def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog, placed: Call
                 "size": summaries[o.name][1], "file_count": summaries[o.name][2],
                 "stat_signature": summaries[o.name][0]} for o in spec.outputs]
     placed([dict(r) for r in records])
-    for record in records:
-        final = os.path.join(job.datastore_roots[record["datastore"]], record["path"])
-        tree = digest_tree(final)
-        if tree.stat_signature != record["stat_signature"]:
-            for placed_record in records:
-                shutil.rmtree(os.path.join(job.datastore_roots[placed_record["datastore"]], placed_record["path"]),
-                              ignore_errors=True)
-            raise OutputCommitError(f"output {record['name']!r} changed while it was being digested, after the "
-                                    f"step's process had ended (a process it left running?): its consumers "
-                                    f"may have read either version")
-        record["digest"] = tree.digest
-        syslog(f"output {record['name']}: {record['file_count']} files, {record['size']} bytes, {tree.digest} "
-               f"-> {record['datastore']}:{record['path']} (handed to its consumers before it was digested)"
-               + (" (the step wrote nothing into it: committed empty)" if record["file_count"] == 0 else ""))
+    finals = {r["name"]: os.path.join(job.datastore_roots[r["datastore"]], r["path"]) for r in records}
+    try:
+        for record in records:
+            # what the step wrote, where it is now: a consumer that already runs may add files beside
+            # it (its own in-place input check says so), which are not the step's output
+            staged, final = os.fspath(Path(job.staging_dirs[record["name"]])), finals[record["name"]]
+            files, empty = walked[record["name"]]  # (walked from that spelling of the staging folder)
+            moved = [(rel, final + full[len(staged):]) for rel, full in files]
+            try:
+                tree = digest_tree(final, (moved, empty))
+            except FileNotFoundError:
+                tree = None
+            if tree is None or tree.stat_signature != record["stat_signature"]:
+                raise OutputCommitError(
+                    f"output {record['name']!r} changed while it was being digested, after the step's process had "
+                    f"ended (by a process the step left running, or by a consumer that rewrote or removed a file "
+                    f"of it: steps read their inputs, never write them)")
+            record["digest"] = tree.digest
+            syslog(f"output {record['name']}: {record['file_count']} files, {record['size']} bytes, {tree.digest} "
+                   f"-> {record['datastore']}:{record['path']} (handed to its consumers before it was digested)"
+                   + (" (the step wrote nothing into it: committed empty)" if record["file_count"] == 0 else ""))
+    except BaseException:  # never committed: not left where committed outputs are
+        for final in finals.values():
+            shutil.rmtree(final, ignore_errors=True)
+        raise
     return records
 
 
