@@ -422,7 +422,7 @@ def test_a_consumer_canceled_while_it_waits_for_a_digest_ends_at_once(
 def test_a_step_waiting_on_an_attempt_its_agent_gave_up_is_told_so() -> None:
     from cairn.runner.job import InputHandoffError, StepJob
 
-    reporter = StoreReporter(store=None)  # type: ignore[arg-type]  (no store is touched here)
+    reporter = StoreReporter(store=None)  # type: ignore[arg-type]  (no store is touched here: it fails)
     producer = StepJob(workspace="", experiment="", pipeline_run_id="run", step_run_id="producer", attempt=1,
                        step={}, manifest={}, objects_root="", work_dir="", log_dir="", datastore_roots={},
                        output_dirs={}, staging_dirs={})
@@ -443,3 +443,19 @@ def test_a_step_waiting_on_an_attempt_its_agent_gave_up_is_told_so() -> None:
     reporter.forget_handoffs(["producer"])  # the run ended (another agent's attempt finished it)
     waiter.join(timeout=10)
     assert not waiter.is_alive() and len(failures) == 1 and "its run ended without it" in failures[0]
+
+
+def test_an_early_consumer_that_fails_keeps_the_fingerprint_its_digested_input_gives(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    with open(sources["reader"] / "reader.py", "a") as f:
+        f.write("sys.exit('the reader fails after reading')\n")
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    _reporter, waited = _serve_holding(ws, monkeypatch)
+    assert waited == [True]
+    writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
+    assert writer.get_status() == "Completed" and reader.get_status() == "Failed"
+    keyed = reader.get_fingerprint()  # explainable against the next run: no "pending:" input left
+    ctx = EngineContext.open(WorkspaceLayout(ws.location))
+    assert keyed["parts"]["input:big"] == q.get_outputs(ctx.store, writer.id)["big"]["digest"]
+    assert keyed["fingerprint"] == fingerprint(keyed["parts"])

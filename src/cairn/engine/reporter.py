@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -105,7 +106,11 @@ class StoreReporter:
                 digests[name] = handoff.digests[output]
         inputs = tuple(replace(i, digest=digests[i.name]) if i.name in digests else i for i in job.inputs)
         parts = fingerprint_parts(job.spec, input_digests(job.spec, list(inputs)))
-        return replace(job, inputs=inputs, fingerprint=fingerprint(parts), fingerprint_parts=parts, pending_inputs=())
+        settled = replace(job, inputs=inputs, fingerprint=fingerprint(parts), fingerprint_parts=parts, pending_inputs=())
+        # what its Running recorded had the inputs pending: the step is explainable whatever its end
+        q.update_fields(self._store, job.step_run_id, fingerprint=settled.fingerprint,
+                        fingerprint_parts=json.dumps(parts))
+        return settled
 
     def wake(self) -> None:
         """A step waiting in ``settled_job`` was stopped: it looks again."""
