@@ -459,3 +459,83 @@ def test_an_early_consumer_that_fails_keeps_the_fingerprint_its_digested_input_g
     ctx = EngineContext.open(WorkspaceLayout(ws.location))
     assert keyed["parts"]["input:big"] == q.get_outputs(ctx.store, writer.id)["big"]["digest"]
     assert keyed["fingerprint"] == fingerprint(keyed["parts"])
+
+
+def test_early_consumers_not_started_when_their_producer_fails_are_withdrawn(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three early consumers, each blocked reading a FIFO the test opens last: two hold both
+    process slots, the third waits for one when the producer fails: it never starts."""
+    from cairn import ComputeTarget, LocalCompute
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "reader.py").write_text(f"open({str(fifo)!r}, 'rb').read()\n" + READER)
+    ws = Workspace.create(tmp_path / "ws")
+    ComputeTarget.create(ws, "local", LocalCompute.provisioning_configuration(max_concurrency=2))
+    big = PipelineData("big")
+    steps = [PythonScriptStep("writer.py", name="writer", source_directory=str(sources["writer"]),
+                              arguments=[big], outputs=[big])]
+    for name in ("a", "b", "c"):
+        out = PipelineData(f"{name}_size")
+        steps.append(PythonScriptStep("reader.py", name=name, source_directory=str(blocked),
+                                      arguments=[big.as_input(), out], outputs=[out], allow_reuse=False))
+    run = Experiment(ws, "handoff").submit(Pipeline(ws, steps), continue_on_step_failure=True)
+
+    front = EndingFront(1)
+    agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=front)
+    agent.ctx = EngineContext.open(agent.layout)
+    three_running, one_ended = threading.Event(), threading.Event()
+    running: set[str] = set()
+    ended: list[str] = []
+
+    class Reporter(StoreReporter):
+        def started(self, step_run_id: str, status: Status, **fields: Any) -> bool:
+            ok = super().started(step_run_id, status, **fields)
+            if status == Status.RUNNING:
+                running.add(step_run_id)
+                if len(running) == 3:  # the writer and two consumers: the third waits for a process slot
+                    three_running.set()
+            return ok
+
+        def settle(self, job: Any, result: Any) -> None:
+            super().settle(job, result)
+            if job.step.get("name") != "writer":
+                ended.append(job.step["name"])
+                one_ended.set()
+
+    agent.reporter = Reporter(agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
+                              on_placed=lambda *placed: agent.events.put(("placed", *placed)))
+    real = execute.digest_tree
+
+    def fail_the_writer(path: Any, *walked: Any) -> Any:
+        big_file = Path(path) / "big.bin"
+        if big_file.exists() and not big_file.stat().st_mode & 0o222:
+            assert three_running.wait(timeout=30)
+            os.chmod(big_file, 0o644)
+            with open(big_file, "ab") as f:
+                f.write(b"late")
+        return real(path, *walked)
+
+    monkeypatch.setattr(execute, "digest_tree", fail_the_writer)
+    loop = threading.Thread(target=agent._loop, daemon=True)
+    loop.start()
+    try:
+        withdrawn = one_ended.wait(timeout=30)  # the third's wait for a slot ended, the others still blocked
+        waiting = list(ended)
+        with open(fifo, "wb"):  # a and c read to the end now
+            pass
+        assert front.ended.wait(timeout=60)
+    finally:
+        agent.events.put(("stop", "test over"))
+        loop.join(timeout=30)
+        for compute in agent.computes.values():
+            compute.shutdown()
+    assert withdrawn and len(waiting) == 1
+    third = waiting[0]
+    steps_now = {s.name: s for s in run.get_steps()}
+    assert {n: s.get_status() for n, s in steps_now.items()} == {
+        "writer": "Failed", **{n: "NotStarted" if n == third else "Failed" for n in ("a", "b", "c")}}
+    assert "upstream step 'writer' failed" in steps_now[third].get_details()["statusReason"]
+    assert all("did not complete" in steps_now[n].get_details()["statusReason"] for n in ("a", "b", "c") if n != third)
