@@ -1098,17 +1098,17 @@ def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog, placed: Call
     records = [{"name": o.name, "datastore": o.datastore, "path": job.output_dirs[o.name], "digest": None,
                 "size": summaries[o.name][1], "file_count": summaries[o.name][2],
                 "stat_signature": summaries[o.name][0]} for o in spec.outputs]
-    placed([dict(r) for r in records])
     finals = {r["name"]: os.path.join(job.datastore_roots[r["datastore"]], r["path"]) for r in records}
     try:
+        placed([dict(r) for r in records])
         for record in records:
             # what the step wrote, where it is now: a consumer that already runs may add files beside
             # it (its own in-place input check says so), which are not the step's output
             staged, final = os.fspath(Path(job.staging_dirs[record["name"]])), finals[record["name"]]
             files, empty = walked[record["name"]]  # (walked from that spelling of the staging folder)
-            moved = [(rel, final + full[len(staged):]) for rel, full in files]
+            written = [(rel, final + full[len(staged):]) for rel, full in files]
             try:
-                tree = digest_tree(final, (moved, empty))
+                tree = digest_tree(final, (written, empty))
             except FileNotFoundError:
                 tree = None
             if tree is None or tree.stat_signature != record["stat_signature"]:
