@@ -144,7 +144,7 @@ class LocalCompute:
         """Consumers waiting for the digests of what the step placed early get them, or why not."""
         if self.early_handoff:
             try:
-                reporter.settle(job, result)  # type: ignore[attr-defined]
+                reporter.settle(job, result)
             except Exception:  # (it does not raise) the step's ending must reach the engine regardless
                 pass
 

@@ -59,7 +59,6 @@ def input_digests(step: StepSpec, inputs: list[InputLocation]) -> dict[str, str]
     return digests
 
 
-
 def differing_parts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Names of the parts that differ, in a stable order."""
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

@@ -33,7 +33,7 @@ from cairn.runner.work_folders import WorkFolders
 from cairn.storage.layout import earlier_staging_dirs
 from cairn.storage.objects import ObjectStore
 from cairn.storage.snapshot import materialize
-from cairn.storage.tree import TreeWalk, digest_tree, make_read_only, stat_summary, tree_size, walk_tree
+from cairn.storage.tree import TreeWalk, digest_tree, make_read_only, stat_summary, walk_tree
 
 _CAIRN_PARENT = str(Path(__file__).resolve().parents[2])  # the folder that holds the cairn package
 KILL_GRACE_SECONDS = 5.0
@@ -60,6 +60,8 @@ class StepReporter(Protocol):
     def wake(self) -> None:
         """``settled_job`` looks at ``stopped()`` again."""
 
+    def settle(self, job: StepJob, result: StepResult) -> None:
+        """The step ended: steps waiting for the digests of what it placed get them, or why not."""
 
 
 class StepControl:
@@ -616,34 +618,16 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         code, timed_out = ended.code, ended.timed_out
         elapsed = time.monotonic() - (ended.started_at or started)
         syslog(f"exit code {code} after {elapsed:.3f} s", flush=True)  # digests and uploads may follow
-        if control.requeue:
+        # inputs handed over before they were digested: their digests make the fingerprint; a
+        # producer that failed meanwhile is the cause of whatever this step then did: named first
+        job, handoff_failure = _settle_pending_inputs(job, reporter, control, syslog)
+        if control.requeue:  # stopped (or given up) meanwhile: that decides, not the hand-off
             syslog(f"stopped: {control.cancel_reason}; the step will run again")
             return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, code)
         if control.canceled:
             return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, code)
-        pending = job.pending_inputs
-        if pending:  # handed over before they were digested: their digests make the fingerprint; a
-            # producer that failed meanwhile (its output changed as it was digested, and was removed)
-            # is the cause of whatever this step then did: it is named first
-            waiting = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)  # when it waits a while
-            control.add_waker(reporter.wake)  # a cancel or a stop ends the wait
-            try:
-                job = reporter.settled_job(job, lambda: control.canceled or control.requeue)
-                failure = None
-            except InputHandoffError as exc:
-                failure = str(exc)
-            finally:
-                waiting.cancel()
-            if control.requeue:  # stopped or given up meanwhile: that decides, not the hand-off
-                syslog(f"stopped: {control.cancel_reason}; the step will run again")
-                return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, code)
-            if control.canceled:
-                return _end(job, reporter, syslog, Status.CANCELED, control.cancel_reason, code)
-            if failure is not None:
-                return _end(job, reporter, syslog, Status.FAILED, failure, code)
-            digests = {i.name: i.digest for i in job.inputs}
-            for name, producer, _output, _attempt in pending:
-                syslog(f"input {name}: {digests[name]} (digested by step run {producer} after this step started)")
+        if handoff_failure is not None:
+            return _end(job, reporter, syslog, Status.FAILED, handoff_failure, code)
         if timed_out:
             return _end(job, reporter, syslog, Status.FAILED,
                         f"exceeded max_run_duration_seconds={spec.max_run_duration_seconds:g}: "
@@ -701,6 +685,27 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             resolved.close()  # the environment may be pruned again
         for fd in holds:
             os.close(fd)  # its input cache entries may be evicted again
+
+
+def _settle_pending_inputs(job: StepJob, reporter: StepReporter, control: StepControl,
+                           syslog: _SystemLog) -> tuple[StepJob, str | None]:
+    """``job`` with the digests of its ``pending_inputs`` and its fingerprint, waiting for them
+    (until the step is canceled or stopped: then ``job`` as it was), and why they will never come."""
+    if not job.pending_inputs:
+        return job, None
+    waiting = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)  # recorded if it waits a while
+    control.add_waker(reporter.wake)  # a cancel or a stop ends the wait
+    try:
+        settled = reporter.settled_job(job, lambda: control.canceled or control.requeue)
+    except InputHandoffError as exc:
+        return job, str(exc)
+    finally:
+        waiting.cancel()
+    if not settled.pending_inputs:
+        digests = {i.name: i.digest for i in settled.inputs}
+        for name, producer, _output, _attempt in job.pending_inputs:
+            syslog(f"input {name}: {digests[name]} (digested by step run {producer} after this step started)")
+    return settled, None
 
 
 def _changed_inputs(job: StepJob) -> list[str]:
@@ -974,14 +979,23 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog, commit_local: L
             record = commit_local(job, o, staging)
         else:
             record = commit_output(job, o, staging, walked=walked.get(o.name))
-        syslog(f"output {o.name}: {record['file_count']} files, {record['size']} bytes, {record['digest']} "
-               f"-> {o.datastore}:{job.output_dirs[o.name]}"
-               + (" (the step wrote nothing into it: committed empty)" if record["file_count"] == 0 else ""))
+        _log_output(syslog, record)
         committed.append(record)
-    for attempt_folder in whole:
-        os.rename(attempt_folder, os.path.join(os.path.dirname(attempt_folder), "outputs"))
+    _rename_attempt_folders(whole)
     remove_staging(job, spec)  # what an upload staged, what the step wrote beside its outputs, older attempts'
     return committed
+
+
+def _log_output(syslog: _SystemLog, record: dict[str, Any], how: str = "") -> None:
+    syslog(f"output {record['name']}: {record['file_count']} files, {record['size']} bytes, {record['digest']} "
+           f"-> {record['datastore']}:{record['path']}{how}"
+           + (" (the step wrote nothing into it: committed empty)" if record["file_count"] == 0 else ""))
+
+
+def _rename_attempt_folders(whole: dict[str, list[str]]) -> None:
+    """Each attempt folder of ``_whole_folder_commits`` becomes its step's ``outputs`` folder."""
+    for attempt_folder in whole:
+        os.rename(attempt_folder, os.path.join(os.path.dirname(attempt_folder), "outputs"))
 
 
 def _whole_folder_commits(job: StepJob, spec: Any) -> dict[str, list[str]]:
@@ -1013,16 +1027,21 @@ def commit_output(job: StepJob, o: Any, staging: Path, move: bool = True,
     tree = digest_tree(staging, walked)
     local = o.datastore in job.datastore_roots
     if local:
-        if move:
-            _commit_local(job, o, staging)
-        else:
-            make_read_only(staging)
+        _place_local(job, o, staging, move)
         signature = tree.stat_signature
     else:  # what the store says of the uploaded files (ETags): checked before the output is reused
         signature = _commit_remote(job, o, staging)
     return {"name": o.name, "datastore": o.datastore, "path": job.output_dirs[o.name],
             "digest": tree.digest, "size": tree.size, "file_count": tree.file_count,
             "stat_signature": signature}
+
+
+def _place_local(job: StepJob, o: Any, staging: Path, move: bool) -> None:
+    """Read-only, and renamed into place (``move``), or left for its attempt folder's rename."""
+    if move:
+        _commit_local(job, o, staging)
+    else:
+        make_read_only(staging)
 
 
 def _commit_local(job: StepJob, o: Any, staging: Path) -> None:
@@ -1082,18 +1101,14 @@ def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog, placed: Call
     if any(o.datastore not in job.datastore_roots or o.destination for o in spec.outputs):
         return None
     walked.update({o.name: walk_tree(job.staging_dirs[o.name]) for o in spec.outputs})
-    if sum(map(tree_size, walked.values())) < EARLY_HANDOFF_FROM:
-        return None
     summaries = {o.name: stat_summary(walked[o.name]) for o in spec.outputs}
+    if sum(size for _signature, size, _files in summaries.values()) < EARLY_HANDOFF_FROM:
+        return None
     whole = _whole_folder_commits(job, spec)
     moved = {name for names in whole.values() for name in names}
     for o in spec.outputs:
-        if o.name in moved:
-            make_read_only(job.staging_dirs[o.name])
-        else:
-            _commit_local(job, o, Path(job.staging_dirs[o.name]))
-    for attempt_folder in whole:
-        os.rename(attempt_folder, os.path.join(os.path.dirname(attempt_folder), "outputs"))
+        _place_local(job, o, Path(job.staging_dirs[o.name]), move=o.name not in moved)
+    _rename_attempt_folders(whole)
     remove_staging(job, spec)
     records = [{"name": o.name, "datastore": o.datastore, "path": job.output_dirs[o.name], "digest": None,
                 "size": summaries[o.name][1], "file_count": summaries[o.name][2],
@@ -1117,9 +1132,7 @@ def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog, placed: Call
                     f"ended (by a process the step left running, or by a consumer that rewrote or removed a file "
                     f"of it: steps read their inputs, never write them)")
             record["digest"] = tree.digest
-            syslog(f"output {record['name']}: {record['file_count']} files, {record['size']} bytes, {tree.digest} "
-                   f"-> {record['datastore']}:{record['path']} (handed to its consumers before it was digested)"
-                   + (" (the step wrote nothing into it: committed empty)" if record["file_count"] == 0 else ""))
+            _log_output(syslog, record, " (handed to its consumers before it was digested)")
     except BaseException:  # never committed: not left where committed outputs are
         for final in finals.values():
             shutil.rmtree(final, ignore_errors=True)

@@ -103,11 +103,6 @@ def digest_tree(path: str | os.PathLike[str], walked: TreeWalk | None = None) ->
     return TreeDigest(digest_json({"tree": rows, **folders}), size, len(rows), _signature(stats, empty))
 
 
-def tree_size(walked: TreeWalk) -> int:
-    """The bytes ``digest_tree`` will count (links count none), without reading them."""
-    return sum(st.st_size for st in map(os.lstat, (full for _rel, full in walked[0])) if not stat.S_ISLNK(st.st_mode))
-
-
 def stat_summary(walked: TreeWalk) -> tuple[str, int, int]:
     """(stat signature, bytes, files) of a walked tree without reading a byte: what ``digest_tree``
     will say of these three while nothing changes."""
