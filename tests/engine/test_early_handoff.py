@@ -86,24 +86,53 @@ class _Watching(StoreReporter):
         return ok
 
 
-def _serve_in_process(ws: Workspace) -> _Watching:
-    """Run the queued run with an agent in this process (its digests can be held by the test)."""
-    front = EndingFront(1)
-    agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=front)
-    agent.ctx = EngineContext.open(agent.layout)
-    reporter = _Watching(agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
-                         on_placed=lambda *placed: agent.events.put(("placed", *placed)))
-    agent.reporter = reporter
-    loop = threading.Thread(target=agent._loop, daemon=True)
-    loop.start()
-    try:
-        assert front.ended.wait(timeout=60), "the run did not end"
-    finally:
-        agent.events.put(("stop", "test over"))
-        loop.join(timeout=30)
-        for compute in agent.computes.values():
+class _AgentHere:
+    """An agent in this process for the workspace's queued run (so that a test can hold its
+    digests), reporting through ``reporter_class``; it serves inside ``with``."""
+
+    def __init__(self, ws: Workspace, reporter_class: type[StoreReporter] = StoreReporter) -> None:
+        self.front = EndingFront(1)
+        agent = self.agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=self.front)
+        agent.ctx = EngineContext.open(agent.layout)
+        self.reporter: Any = reporter_class(
+            agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
+            on_placed=lambda *placed: agent.events.put(("placed", *placed)))
+        agent.reporter = self.reporter
+        self.loop = threading.Thread(target=agent._loop, daemon=True)
+
+    def __enter__(self) -> _AgentHere:
+        self.loop.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.agent.events.put(("stop", "test over"))
+        self.loop.join(timeout=30)
+        for compute in self.agent.computes.values():
             compute.shutdown()
-    return reporter
+
+    def run_ended(self, within: float = 60) -> bool:
+        return self.front.ended.wait(timeout=within)
+
+
+def _serve_in_process(ws: Workspace) -> _Watching:
+    """Run the queued run with an agent in this process."""
+    with _AgentHere(ws, _Watching) as here:
+        assert here.run_ended(), "the run did not end"
+    return here.reporter
+
+
+def _before_digesting_placed(monkeypatch: pytest.MonkeyPatch, first: Any) -> None:
+    """``first(big)``, in the writer's thread, before its placed (read-only) output is digested
+    (not before a staged one is)."""
+    real = execute.digest_tree
+
+    def hooked(path: Any, *walked: Any) -> Any:
+        big = Path(path) / "big.bin"
+        if big.exists() and not big.stat().st_mode & 0o222:
+            first(big)
+        return real(path, *walked)
+
+    monkeypatch.setattr(execute, "digest_tree", hooked)
 
 
 def _no_agent_but_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,35 +152,21 @@ def no_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     _no_agent_but_this_process(monkeypatch)
 
 
-def _hold_big_digests(monkeypatch: pytest.MonkeyPatch, reporter_box: list[_Watching],
-                      then: Any = None) -> list[bool]:
-    """The digest of the writer's output waits until a second step runs; returns whether it did."""
-    real = execute.digest_tree
+def _serve_holding(ws: Workspace, monkeypatch: pytest.MonkeyPatch, then: Any = None) -> tuple[_Watching, list[bool]]:
+    """Run the queued run in this process, the digest of the writer's placed output waiting until a
+    second step runs (then ``then(big)``); returns the reporter and whether it did wait so."""
+    here = _AgentHere(ws, _Watching)
     waited: list[bool] = []
 
-    def held(path: Any, *walked: Any) -> Any:
-        big = Path(path) / "big.bin"
-        if big.exists() and not big.stat().st_mode & 0o222:  # the placed (read-only) output, not a staged one
-            waited.append(reporter_box[0].second_running.wait(timeout=30))
-            if then is not None:
-                then(big)
-        return real(path, *walked)
+    def hold(big: Path) -> None:
+        waited.append(here.reporter.second_running.wait(timeout=30))
+        if then is not None:
+            then(big)
 
-    monkeypatch.setattr(execute, "digest_tree", held)
-    return waited
-
-
-def _serve_holding(ws: Workspace, monkeypatch: pytest.MonkeyPatch, then: Any = None) -> tuple[_Watching, list[bool]]:
-    box: list[_Watching] = []
-    original = _Watching.__init__
-
-    def remember(self: _Watching, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        box.append(self)
-
-    monkeypatch.setattr(_Watching, "__init__", remember)
-    waited = _hold_big_digests(monkeypatch, box, then)
-    return _serve_in_process(ws), waited
+    _before_digesting_placed(monkeypatch, hold)
+    with here:
+        assert here.run_ended(), "the run did not end"
+    return here.reporter, waited
 
 
 def test_a_consumer_starts_while_its_large_input_is_digested_and_is_keyed_by_the_digest(
@@ -297,9 +312,6 @@ def test_a_consumer_waiting_for_a_digest_when_its_agent_stops_runs_again_rather_
     ws = Workspace.create(tmp_path / "ws")
     run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=(("reader", {"allow_reuse": False}),)),
                                    monkeypatch)
-    front = EndingFront(1)
-    agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=front)
-    agent.ctx = EngineContext.open(agent.layout)
     waiting, settled = threading.Event(), []
     both_settled = threading.Event()
 
@@ -314,25 +326,16 @@ def test_a_consumer_waiting_for_a_digest_when_its_agent_stops_runs_again_rather_
             if len(settled) == 2:
                 both_settled.set()
 
-    agent.reporter = Reporter(agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
-                              on_placed=lambda *placed: agent.events.put(("placed", *placed)))
-    loop = threading.Thread(target=agent._loop, daemon=True)
-    real = execute.digest_tree
+    here = _AgentHere(ws, Reporter)
 
-    def stop_the_agent_first(path: Any, *walked: Any) -> Any:
-        if (Path(path) / "big.bin").exists() and not (Path(path) / "big.bin").stat().st_mode & 0o222:
-            assert waiting.wait(timeout=30)  # the reader waits for this digest
-            agent.events.put(("stop", "test: the agent stops"))
-            loop.join(timeout=30)
-        return real(path, *walked)
+    def stop_the_agent_first(big: Path) -> None:
+        assert waiting.wait(timeout=30)  # the reader waits for this digest
+        here.agent.events.put(("stop", "test: the agent stops"))
+        here.loop.join(timeout=30)
 
-    monkeypatch.setattr(execute, "digest_tree", stop_the_agent_first)
-    loop.start()
-    try:
+    _before_digesting_placed(monkeypatch, stop_the_agent_first)
+    with here:
         assert both_settled.wait(timeout=60), settled
-    finally:
-        for compute in agent.computes.values():
-            compute.shutdown()
     reader = run.find_step_run("reader")[0]
     assert dict(settled)[reader.id] == "Queued"  # it runs again with the run, not Failed
     assert reader.get_status() == "Queued" and run.get_status() == "Queued"
@@ -376,9 +379,6 @@ def test_a_consumer_canceled_while_it_waits_for_a_digest_ends_at_once(
     ws = Workspace.create(tmp_path / "ws")
     run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=(("reader", {"allow_reuse": False}),)),
                                    monkeypatch)
-    front = EndingFront(1)
-    agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=front)
-    agent.ctx = EngineContext.open(agent.layout)
     waiting, reader_ended = threading.Event(), threading.Event()
 
     class Reporter(StoreReporter):
@@ -391,29 +391,18 @@ def test_a_consumer_canceled_while_it_waits_for_a_digest_ends_at_once(
             if job.step.get("name") == "reader":
                 reader_ended.set()
 
-    agent.reporter = Reporter(agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
-                              on_placed=lambda *placed: agent.events.put(("placed", *placed)))
-    real = execute.digest_tree
+    here = _AgentHere(ws, Reporter)
     timely: list[bool] = []
 
-    def cancel_first(path: Any, *walked: Any) -> Any:
-        if (Path(path) / "big.bin").exists() and not (Path(path) / "big.bin").stat().st_mode & 0o222:
-            assert waiting.wait(timeout=30)  # the reader waits for this digest
-            q.request_cancel(agent.ctx.store, run.id)
-            agent.events.put(("poke",))
-            timely.append(reader_ended.wait(timeout=10))  # before the digest ends
-        return real(path, *walked)
+    def cancel_first(big: Path) -> None:
+        assert waiting.wait(timeout=30)  # the reader waits for this digest
+        q.request_cancel(here.agent.ctx.store, run.id)
+        here.agent.events.put(("poke",))
+        timely.append(reader_ended.wait(timeout=10))  # before the digest ends
 
-    monkeypatch.setattr(execute, "digest_tree", cancel_first)
-    loop = threading.Thread(target=agent._loop, daemon=True)
-    loop.start()
-    try:
-        assert front.ended.wait(timeout=60)
-    finally:
-        agent.events.put(("stop", "test over"))
-        loop.join(timeout=30)
-        for compute in agent.computes.values():
-            compute.shutdown()
+    _before_digesting_placed(monkeypatch, cancel_first)
+    with here:
+        assert here.run_ended()
     assert timely == [True]  # the reader ended without waiting for the digest any longer
     assert run.get_status() == "Canceled"
     assert run.find_step_run("reader")[0].get_status() == "Canceled"
@@ -483,9 +472,6 @@ def test_early_consumers_not_started_when_their_producer_fails_are_withdrawn(
                                       arguments=[big.as_input(), out], outputs=[out], allow_reuse=False))
     run = Experiment(ws, "handoff").submit(Pipeline(ws, steps), continue_on_step_failure=True)
 
-    front = EndingFront(1)
-    agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=front)
-    agent.ctx = EngineContext.open(agent.layout)
     three_running, one_ended = threading.Event(), threading.Event()
     running: set[str] = set()
     ended: list[str] = []
@@ -505,33 +491,19 @@ def test_early_consumers_not_started_when_their_producer_fails_are_withdrawn(
                 ended.append(job.step["name"])
                 one_ended.set()
 
-    agent.reporter = Reporter(agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
-                              on_placed=lambda *placed: agent.events.put(("placed", *placed)))
-    real = execute.digest_tree
+    def fail_the_writer(big: Path) -> None:
+        assert three_running.wait(timeout=30)
+        os.chmod(big, 0o644)
+        with open(big, "ab") as f:
+            f.write(b"late")
 
-    def fail_the_writer(path: Any, *walked: Any) -> Any:
-        big_file = Path(path) / "big.bin"
-        if big_file.exists() and not big_file.stat().st_mode & 0o222:
-            assert three_running.wait(timeout=30)
-            os.chmod(big_file, 0o644)
-            with open(big_file, "ab") as f:
-                f.write(b"late")
-        return real(path, *walked)
-
-    monkeypatch.setattr(execute, "digest_tree", fail_the_writer)
-    loop = threading.Thread(target=agent._loop, daemon=True)
-    loop.start()
-    try:
+    _before_digesting_placed(monkeypatch, fail_the_writer)
+    with _AgentHere(ws, Reporter) as here:
         withdrawn = one_ended.wait(timeout=30)  # the third's wait for a slot ended, the others still blocked
         waiting = list(ended)
         with open(fifo, "wb"):  # a and c read to the end now
             pass
-        assert front.ended.wait(timeout=60)
-    finally:
-        agent.events.put(("stop", "test over"))
-        loop.join(timeout=30)
-        for compute in agent.computes.values():
-            compute.shutdown()
+        assert here.run_ended()
     assert withdrawn and len(waiting) == 1
     third = waiting[0]
     steps_now = {s.name: s for s in run.get_steps()}
