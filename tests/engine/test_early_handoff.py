@@ -260,8 +260,7 @@ def test_only_consumers_whose_reuse_cannot_depend_on_the_digest_start_early(
     consumers = ("reader", "fresh", "copier", "always", "after", "reads_registered")
 
     def placed(hands_over_early: bool = True) -> PipelineScheduler:
-        sched = PipelineScheduler(ctx, run.id)
-        sched.hands_over_early = lambda target: hands_over_early
+        sched = PipelineScheduler(ctx, run.id, hands_over_early=lambda target: hands_over_early)
         sched.started(sched.spec.step("writer"))
         records = [{"name": name, "datastore": "workspaceblobstore", "path": f"somewhere/{name}", "digest": None,
                     "size": BIG, "file_count": 1, "stat_signature": "sig"} for name in ("big", "registered")]

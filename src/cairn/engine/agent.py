@@ -304,8 +304,7 @@ class Agent:
             targets = q.list_named(self.ctx.store, "compute_targets")  # read once for both below
             if self.computes:
                 self._refresh_computes(targets)
-            self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id)
-            self.schedulers[run_id].hands_over_early = self._hands_over_early
+            self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id, hands_over_early=self._hands_over_early)
             self._advance_needed = True
             self._log(f"claimed run {run_id}")
             self._prepare_local_targets(self.schedulers[run_id], targets)

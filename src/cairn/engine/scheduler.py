@@ -30,8 +30,11 @@ Dispatch = Callable[[StepJob, StepSpec], None]
 
 
 class PipelineScheduler:
-    def __init__(self, ctx: EngineContext, run_id: str, resume: bool = True) -> None:
-        """``resume=False`` reads the run without changing it (``cairn debug`` rebuilds a step's job)."""
+    def __init__(self, ctx: EngineContext, run_id: str, resume: bool = True,
+                 hands_over_early: Callable[[str], bool] = lambda target: False) -> None:
+        """``resume=False`` reads the run without changing it (``cairn debug`` rebuilds a step's job).
+        ``hands_over_early(target)``: whether the steps of that target may start with inputs not
+        yet digested (the agent's local targets; see ``outputs_placed``)."""
         self.ctx = ctx
         self.run_id = run_id
         run = q.get_run(ctx.store, run_id)
@@ -70,8 +73,7 @@ class PipelineScheduler:
         self._ready_order: list[int] = []  # their places in the spec, sorted (kept as they change)
         # producer -> consumers counted as met while the producer's placed outputs are digested
         self._released: dict[str, set[str]] = {}
-        # whether a target's steps may start with inputs not yet digested (the agent's: local ones)
-        self.hands_over_early: Callable[[str], bool] = lambda target: False
+        self.hands_over_early = hands_over_early
         self._reuse_needs_digest: dict[str, bool] = {}  # consumer -> a step of its definition was cached
         if resume:
             self._resume()
