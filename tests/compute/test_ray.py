@@ -106,6 +106,45 @@ def test_cancel_reaches_the_task_and_its_process(workspace: Workspace, ray_targe
     assert events.count("Canceled") == 1, events  # told by the driver once, not once per code path
 
 
+CHECKPOINTS = """
+import os, signal, sys, time
+def save(signum, frame):
+    open(sys.argv[1], "w").write("checkpoint saved on " + signal.Signals(signum).name)
+    if sys.argv[2] == "exit":
+        sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+print("training", os.getpid(), flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.parametrize("after_saving", ["exit", "linger"])
+def test_a_cancel_lets_a_step_on_ray_save_a_checkpoint_first(workspace: Workspace, ray_target: ComputeTarget,
+                                                            write_script: Callable[..., Path], tmp_path: Path,
+                                                            after_saving: str) -> None:
+    """As on local compute: SIGTERM to the step's process group first, the task's worker stopped only
+    if it has not ended after the grace period (a step that exits 0 once saved is still canceled)."""
+    saved = tmp_path / "checkpoint.txt"
+    src = write_script("train.py", CHECKPOINTS)
+    run = Experiment(workspace, "ray").submit(Pipeline(workspace, [
+        PythonScriptStep("train.py", name="train", source_directory=str(src), compute_target="ray",
+                         arguments=[str(saved), after_saving], allow_reuse=False)]))
+    step = run.get_steps()[0]
+    wait_until(workspace, run, lambda: "training" in step.get_stdout_log())
+    pid = int(step.get_stdout_log().split()[1])
+    run.cancel()
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
+    assert saved.read_text() == "checkpoint saved on SIGTERM"
+    assert step.get_status() == "Canceled", workspace._backend.get_events(step.id)
+    events = [e["status"] for e in workspace._backend.get_events(step.id)]
+    assert events.count("Canceled") == 1 and "Completed" not in events, events
+    deadline = time.monotonic() + 30  # one that lingers is killed after the grace period
+    while not gone(pid):
+        assert time.monotonic() < deadline, "the canceled step's process is still alive"
+        time.sleep(0.05)
+
+
 def test_step_resources_come_from_the_run_configuration(workspace: Workspace, ray_target: ComputeTarget,
                                                         write_script: Callable[..., Path]) -> None:
     import json

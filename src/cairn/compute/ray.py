@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cairn.compute.base import DoneCallback
-from cairn.runner.execute import StepControl, StepReporter
+from cairn.runner.execute import KILL_GRACE_SECONDS, StepControl, StepReporter
 from cairn.runner.job import StepJob, StepResult
 
 DEFAULT_RETRIES = 1
@@ -156,7 +156,7 @@ class RayCompute:
             self._run_on_nodes(job, options, reporter, control, done)
             return
         ref = self._remote.options(**options).remote(job, self._expect(job))
-        control.on_cancel(lambda requeue: self._cancel(ref, job))
+        control.on_cancel(lambda requeue: self._cancel(ref, job, requeue))
         self._wait(job, ref, reporter, control, done)
 
     def _run_on_nodes(self, job: StepJob, options: dict[str, Any], reporter: StepReporter, control: StepControl,
@@ -189,7 +189,7 @@ class RayCompute:
             job = dataclasses.replace(job, step={**job.step, "environment_variables": variables})
             strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
             ref = self._remote.options(**{**options, "scheduling_strategy": strategy}).remote(job, self._expect(job))
-            control.on_cancel(lambda requeue: self._cancel(ref, job))
+            control.on_cancel(lambda requeue: self._cancel(ref, job, requeue))
             self._wait(job, ref, reporter, control, done)
         finally:
             remove_placement_group(group)
@@ -206,7 +206,33 @@ class RayCompute:
             return None
         return self._relay
 
-    def _cancel(self, ref: Any, job: StepJob) -> None:
+    def _cancel(self, ref: Any, job: StepJob, requeue: bool) -> None:
+        """A canceled step is asked to end first (SIGTERM to its process group: it may save a
+        checkpoint), as on local compute; its task's worker is stopped if it has not ended after
+        KILL_GRACE_SECONDS. An agent that stops (``requeue``) stops it at once: it runs again anyway."""
+        if requeue or self._relay is None:
+            self._stop_task(ref, job)
+            return
+        threading.Thread(target=self._cancel_gracefully, args=(ref, job), daemon=True,
+                         name=f"ray-cancel-{job.step_run_id}").start()  # never on the agent's loop thread
+
+    def _cancel_gracefully(self, ref: Any, job: StepJob) -> None:
+        import ray
+
+        try:
+            asked = ray.get(self._relay.ask_step_to_end.remote(job.step_run_id), timeout=30)
+        except Exception:  # no relay any more, or the node is gone
+            asked = False
+        if asked:
+            try:
+                ready, _ = ray.wait([ref], timeout=KILL_GRACE_SECONDS)
+            except Exception:
+                ready = []
+            if ready:
+                return
+        self._stop_task(ref, job)
+
+    def _stop_task(self, ref: Any, job: StepJob) -> None:
         """Stop the task's worker; a step on another machine also has its process group killed there
         (on this machine the agent does it)."""
         import ray
@@ -314,8 +340,8 @@ class RayCompute:
 
 def _after_cancel(result: StepResult, control: StepControl) -> StepResult:
     """A step whose task failed after the agent canceled it was canceled (or handed back to the
-    queue), not failed: the cancel killed its process (Ray's force cancel kills a worker's children as
-    the worker exits), and the task may have returned that exit before its worker was gone."""
+    queue), not failed: the cancel ended its process (SIGTERM, or Ray's force cancel, which kills a
+    worker's children as the worker exits), and the task may have returned that exit first."""
     if not control.canceled or result.status != "Failed":
         return result
     if control.requeue:

@@ -91,6 +91,30 @@ class WorkspaceRelay:
         except Exception:  # the node is gone too: so is the process
             return False
 
+    def ask_step_to_end(self, step_run_id: str) -> bool:
+        """SIGTERM a canceled step's process group (it may save a checkpoint), wherever it runs: on
+        another machine through a task on its node, on this one directly (its task recorded the pid
+        in the store). Returns whether there was one to ask; what is left is killed after the grace."""
+        from cairn.runner.processes import ask_step_to_end
+        from cairn.store import queries as q
+
+        with self._cond:
+            where = self._processes.get(step_run_id)
+        if where is None:
+            row = q.get_run(self.ctx.store, step_run_id) or {}
+            return ask_step_to_end(row.get("pid"), row.get("pid_started"))
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        _attempt, node, pid, started = where
+        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+        ref = ray.remote(ask_step_to_end).options(num_cpus=0, scheduling_strategy=strategy,
+                                                  max_retries=0).remote(pid, started)
+        try:
+            return bool(ray.get(ref, timeout=30))
+        except Exception:  # the node is gone: so is the process
+            return False
+
     # -- reports (the runner's StepReporter, on the workspace's side) ------------------------------
 
     def report(self, step_run_id: str, attempt: int, method: str, args: tuple[Any, ...],

@@ -39,7 +39,8 @@ def run_step_task(job: StepJob, relay: Any = None) -> dict[str, Any]:
     reporter = TaskReporter(ctx.store, on_change=lambda _sid: changed(layout, job.pipeline_run_id),
                             locate=ctx.datastore_location, node_dying=node_dying)
     q.add_properties(ctx.store, job.step_run_id, where)
-    # a cancel kills this worker (ray.cancel with force); the agent kills the step's process group
+    # a cancel asks the step's process group to end (SIGTERM), then kills this worker (ray.cancel with
+    # force) if it has not; the agent kills what the step left
     result = execute_step(job, reporter, StepControl())
     upload_logs(job, result)
     return {"step_run_id": result.step_run_id, "status": result.status, "reason": result.reason,
@@ -70,18 +71,11 @@ def workspace_unreachable(job: StepJob) -> str | None:
             f"`ray start --address=HEAD:PORT`) for steps to run on nodes of other machines")
 
 
-def _requeued(store: Any, step_run_id: str) -> bool:
-    from cairn.store import queries as q
-
-    row = q.get_run(store, step_run_id)
-    return row is not None and row["status"] == "Queued"
-
-
 def _stopped_by_agent(store: Any, step_run_id: str) -> bool:
     """Whether the step's agent has taken its ending on itself: it handed the step back to the queue
-    (an agent stop), or the step's pipeline run is being canceled. Either kills the task's process
-    (Ray's force cancel kills a worker's children as it exits), and that exit is not the step's
-    failure: the driver records what happened."""
+    (an agent stop), or the step's pipeline run is being canceled. Either ends the task's process
+    (SIGTERM first for a cancel; Ray's force cancel kills a worker's children as it exits), and that
+    ending is not the step's failure nor its success: the driver records what happened."""
     from cairn.store import queries as q
 
     row = q.get_run(store, step_run_id)
@@ -111,7 +105,9 @@ class TaskReporter:
         return self._inner.started(step_run_id, status, **fields)
 
     def succeeded(self, job: StepJob, outputs: list[dict[str, Any]], exit_code: int) -> bool:
-        if _requeued(self._store, job.step_run_id):
+        # a step asked to end by a cancel may still exit 0 (it saved a checkpoint): canceled, as on
+        # local compute
+        if _stopped_by_agent(self._store, job.step_run_id):
             return False
         return self._inner.succeeded(job, outputs, exit_code)
 

@@ -32,6 +32,18 @@ def this_process() -> tuple[str, int, str | None]:
     return socket.gethostname(), pid, process_start_time(pid)
 
 
+def ask_step_to_end(pid: int | None, started: str | None) -> bool:
+    """SIGTERM a step's process group while ``pid`` is still its leader: a cancel asks first (a step
+    may save a checkpoint) and kills what is left later. Returns whether it was asked."""
+    if not pid or not started or process_start_time(pid) != started:
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def kill_step_processes(pid: int | None, started: str | None, step_run_id: str | None = None) -> bool:
     """Kill a step's processes: its process group if ``pid`` is still the step's leader, and every
     process left in its session that started no earlier than it (the leader may have died first,
