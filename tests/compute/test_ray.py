@@ -180,6 +180,14 @@ def test_node_count_reserves_distinct_nodes_for_one_step(workspace: Workspace, r
     run = Experiment(workspace, "ray").submit(Pipeline(workspace, [step]))
     assert run.wait_for_completion(show_output=False) == "Completed"
     assert run.get_steps()[0].get_stdout_log() == "2 2\n"
+    rc.node_count = 3  # the cluster has 2 nodes: fails at once, saying so (no wait for a reservation)
+    three = PythonScriptStep("multi.py", name="three", source_directory=str(src), compute_target="ray", runconfig=rc,
+                             allow_reuse=False)
+    run = Experiment(workspace, "ray").submit(Pipeline(workspace, [three]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Failed"
+    reasons = [e["reason"] or "" for e in workspace._backend.get_events(run.get_steps()[0].id)]
+    assert any("node_count=3 distinct nodes" in r and "has 2 such alive node(s)" in r for r in reasons), reasons
+    rc.node_count = 2
     local = PythonScriptStep("multi.py", name="here", source_directory=str(src), runconfig=rc)
     with pytest.raises(PipelineValidationError, match="node_count=2 needs a Ray target"):
         Experiment(workspace, "ray").submit(Pipeline(workspace, [local]))

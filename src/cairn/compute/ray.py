@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -141,6 +142,8 @@ class RayCompute:
             self._fail(job, f"could not submit to Ray cluster {self.address!r} (target {self.name!r}): {exc}",
                        reporter, done)
             return
+        if not too_big and spec.node_count > 1:
+            too_big = self._too_few_nodes(ray, spec.node_count, cpus, float(spec.gpus or 0))
         if too_big:
             self._fail(job, too_big, reporter, done)
             return
@@ -250,12 +253,27 @@ class RayCompute:
     def _infeasible(self, ray: Any, cpus: float, gpus: float, memory_gb: float) -> str | None:
         """Why no node of the cluster can ever run a step asking this much (Ray would queue it
         forever), or None."""
-        import time
-
         if time.monotonic() - self._nodes_at > 5 or self._first_problem(self._nodes, cpus, gpus, memory_gb):
             self._nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]  # asked again before failing
             self._nodes_at = time.monotonic()
         return self._first_problem(self._nodes, cpus, gpus, memory_gb)
+
+    def _too_few_nodes(self, ray: Any, node_count: int, cpus: float, gpus: float) -> str | None:
+        """Why the cluster cannot give a node_count > 1 step that many distinct nodes (their
+        reservation would wait RESERVE_TIMEOUT for nothing), or None. Nodes busy with other work are
+        waited for."""
+        def fitting() -> int:
+            return sum(1 for n in self._nodes if n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus)
+
+        if fitting() < node_count:  # asked again before failing: a node may have joined
+            self._nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            self._nodes_at = time.monotonic()
+        if fitting() >= node_count:
+            return None
+        each = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+        return (f"the step asks for node_count={node_count} distinct nodes with {each} each, and Ray cluster "
+                f"{self.address!r} (target {self.name!r}) has {fitting()} such alive node(s); lower "
+                f"runconfig.node_count or add nodes (`ray start --address=...`)")
 
     def _first_problem(self, nodes: list[dict[str, float]], cpus: float, gpus: float, memory_gb: float) -> str | None:
         if not nodes:
