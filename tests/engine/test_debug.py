@@ -68,6 +68,7 @@ def test_a_failed_step_runs_again_in_the_foreground(workspace: Workspace, ran: d
     assert "lr 0.1 mode debugme" in result.stdout
     assert "inputs ['prepped']" in result.stdout
     assert "training failed on purpose" in result.stderr
+    assert "in its run: Failed: " in flat(result.stderr)  # why it failed then, said before it runs again
     assert "[offline run] scalar value = 41" in result.stderr  # never logged into the recorded run
     assert workspace.get_run(ran["1.train"]).get_metrics() == {"value": 41}  # only the original run's
     folder = root / ".cairn" / "debug" / ran["1.train"]
@@ -81,7 +82,7 @@ def test_print_prepares_a_folder_that_reproduces_the_step_by_hand(workspace: Wor
     result = cairn("debug", ran["2.train"], "--print", "--dir", str(folder), cwd=Path(workspace.location))
     assert result.returncode == 0, result.stderr
     script = folder / ".cairn_debug" / "debug.sh"
-    assert str(script) in flat(result.stdout)
+    assert result.stdout.strip() == str(script)  # only its path: "$(cairn debug ID --print)" runs it
     # through a link elsewhere, with CDPATH, and a shell whose Python variables an isolated environment drops
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "outputs").mkdir(parents=True)
@@ -98,6 +99,9 @@ def test_print_prepares_a_folder_that_reproduces_the_step_by_hand(workspace: Wor
     assert again.returncode == 2 and "--force" in flat(again.stderr)
     assert cairn("debug", ran["2.train"], "--print", "--dir", str(folder), "--force",
                  cwd=Path(workspace.location)).returncode == 0
+    assert cairn("env", "prune", cwd=Path(workspace.location)).returncode == 0  # its environment goes
+    pruned = subprocess.run([str(script)], capture_output=True, text=True, timeout=60)
+    assert pruned.returncode == 1 and "interpreter" in pruned.stderr and "--force" in pruned.stderr, pruned.stderr
 
 
 def test_a_reused_step_can_be_debugged(workspace: Workspace, ran: dict[str, str]) -> None:
@@ -487,6 +491,50 @@ def test_a_dataset_whose_files_changed_since_the_run_is_said(workspace: Workspac
     result = cairn("debug", run.find_step_run("count")[0].id, cwd=Path(workspace.location))
     assert result.returncode == 0 and "rows 4" in result.stdout
     assert "input rows: its files changed since the run" in flat(result.stderr)
+
+
+def test_a_dataset_whose_files_are_gone_is_refused_before_an_earlier_folder_goes(
+        workspace: Workspace, write_script: Callable[..., Path]) -> None:
+    from cairn import Dataset
+
+    store = Path(workspace.get_default_datastore().root)
+    (store / "parts").mkdir()
+    for n in (1, 2):
+        (store / "parts" / f"p{n}.csv").write_text(f"a\n{n}\n")
+    parts = Dataset.File.from_files((workspace.get_default_datastore(), "parts/*.csv"))  # files linked one by one
+    src = write_script("count.py", "import os, sys\nprint('parts', sorted(os.listdir(sys.argv[1])))\n")
+    step = PythonScriptStep("count.py", name="count", source_directory=str(src),
+                            arguments=[parts.as_named_input("parts").as_mount()])
+    run = Experiment(workspace, "gone").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    step_id, root = run.find_step_run("count")[0].id, Path(workspace.location)
+    (store / "parts" / "p3.csv").write_text("a\n3\n")  # changed since the run: said, and read as it is now
+    result = cairn("debug", step_id, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert "parts ['p1.csv', 'p2.csv', 'p3.csv']" in result.stdout
+    assert "input parts: its files changed since the run" in flat(result.stderr)
+    notes = root / ".cairn" / "debug" / step_id / "work" / "my-notes.txt"
+    notes.write_text("mine")
+    for f in (store / "parts").iterdir():
+        f.unlink()
+    gone = cairn("debug", step_id, "--force", cwd=root)
+    assert gone.returncode == 2 and "input parts: its files are gone" in flat(gone.stderr), gone.stderr
+    no_traceback(gone)
+    assert notes.read_text() == "mine"  # refused before the earlier folder was replaced
+
+
+def test_a_recreated_step_outside_its_workspace_still_finds_it(workspace: Workspace,
+                                                               write_script: Callable[..., Path],
+                                                               tmp_path: Path) -> None:
+    src = write_script("where.py", "from cairn import Workspace\nprint('workspace', Workspace.from_config().location)\n")
+    run = Experiment(workspace, "where").submit(Pipeline(workspace, [
+        PythonScriptStep("where.py", name="where", source_directory=str(src))]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    assert f"workspace {workspace.location}" in run.find_step_run("where")[0].get_stdout_log()
+    result = cairn("debug", run.find_step_run("where")[0].id, "--dir", str(tmp_path / "far"),
+                   cwd=Path(workspace.location))
+    assert result.returncode == 0, result.stderr
+    assert f"workspace {workspace.location}" in result.stdout
 
 
 def test_debug_refuses_folders_of_the_workspace_and_of_other_steps(workspace: Workspace,

@@ -408,15 +408,17 @@ def debug(step_run_id: str,
     try:
         err.print(f"step {plan.step_name!r} ({plan.status}) recreated in {plan.folder} (its working folder: "
                   f"{plan.work})", highlight=False)
+        if plan.reason and plan.status != "Completed":
+            err.print(f"  in its run: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
         for name, path in plan.inputs.items():
             err.print(f"  input {name}: {path}", highlight=False)
         for name, path in plan.outputs.items():
             err.print(f"  output {name}: {path}", highlight=False)
         if print_only:
             console.print(shlex.quote(str(plan.script)), highlight=False, soft_wrap=True)
-            console.print(f"# it empties the outputs, sets the step's variables, then runs from "
-                          f"{shlex.quote(str(plan.work))}: "
-                          f"{shlex.join(plan.argv)}", highlight=False, soft_wrap=True)
+            err.print(f"# it empties the outputs, sets the step's variables, then runs from "
+                      f"{shlex.quote(str(plan.work))}: "
+                      f"{shlex.join(plan.argv)}", highlight=False, soft_wrap=True)
             return
         err.print(f"running: {shlex.join(plan.argv)}", highlight=False, soft_wrap=True)
         # Ctrl-C is the step's (pdb stops where it is): this process waits on. A handler, not SIG_IGN,

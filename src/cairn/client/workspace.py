@@ -77,7 +77,8 @@ class Workspace:
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **ignored: Any) -> Workspace:
-        """Find ``.cairn/config.json`` in ``path`` (default: the current folder) or its parents."""
+        """Find ``.cairn/config.json`` in ``path`` (default: the current folder) or its parents;
+        without ``path``, in a step whose folder is outside its workspace, the step's workspace."""
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise UserInputError(f"Workspace.from_config path must be a folder or config.json path, not "
                                  f"{type(path).__name__}")
@@ -88,6 +89,11 @@ class Workspace:
         for folder in (start, *start.parents):
             if (folder / DOT / "config.json").is_file():
                 return cls(folder)
+        if path is None:  # a step (or one `cairn debug` recreated) whose folder is outside its workspace
+            for variable in ("CAIRN_WORKSPACE", "CAIRN_DEBUG_WORKSPACE"):
+                own = os.environ.get(variable)
+                if own and (Path(own) / DOT / "config.json").is_file():
+                    return cls(own)
         if not start.exists():
             raise WorkspaceNotFoundError(f"{start} does not exist: give the folder of a Cairn workspace (or one "
                                          f"inside it), or make one there with `cairn init`")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class DebugPlan:
     work: Path  # the step's working folder
     step_name: str
     status: str
+    reason: str | None  # why it ended as it did in its run (a failure's reason)
     argv: list[str]
     env: dict[str, str]
     changed: dict[str, str]  # what differs from this process's environment
@@ -90,7 +91,7 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         job = scheduler.debug_job(step, work, tools)  # everything is checked before anything is removed
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
-    _warn_changed_datasets(step, ctx, log)
+    job = _check_datasets(job, step, ctx, log)
     for name, producer in scheduler.changed_inputs(step):
         log(f"warning: input {name}: the output of step {producer!r} it reads changed since it was committed (a "
             f"step wrote into it?); the recreated step reads it as it is now")
@@ -145,20 +146,34 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         os.fchmod(fd, 0o700)
         f.write(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv,
                               [o.name for o in step.outputs], tools))
-    return DebugPlan(target, work, step.name, Status(row["status"]).value, argv, env, changed, removed, script,
-                     inputs, outputs, resolved)
+    return DebugPlan(target, work, step.name, Status(row["status"]).value, row.get("status_reason"), argv, env,
+                     changed, removed, script, inputs, outputs, resolved)
 
 
-def _warn_changed_datasets(step: Any, ctx: EngineContext, log: Any) -> None:
-    """A dataset names files in a datastore: say which have changed since the run."""
+def _check_datasets(job: Any, step: Any, ctx: EngineContext, log: Any) -> Any:
+    """A dataset names files in a datastore: refuse one whose files are gone or cannot be listed
+    (before an earlier folder is replaced), say which have changed since the run, and return the
+    job that reads those as they are now."""
+    now: dict[str, str] = {}
     for d in step.dataset_inputs:
         try:
-            now = ds_core.content_digest(ds_core.resolve_files(d.definition, ctx.datastore_location))
-        except Exception:  # unreachable now: materialising it says why, if it must
-            continue
-        if now != d.content_digest:
+            files = ds_core.resolve_files(d.definition, ctx.datastore_location)
+        except Exception as exc:
+            raise UserInputError(f"input {d.name}: its files cannot be listed now ({type(exc).__name__}: {exc}); "
+                                 f"the step cannot be recreated until they can") from None
+        if not files and ds_core.content_digest(files) != d.content_digest:
+            raise UserInputError(f"input {d.name}: its files are gone since the run (the dataset names "
+                                 f"{_dataset_paths(d.definition)}); restore them to recreate the step")
+        now[d.name] = ds_core.content_digest(files)
+        if now[d.name] != d.content_digest:
             log(f"warning: input {d.name}: its files changed since the run (the run read {d.content_digest}, they "
-                f"are {now} now); the recreated step reads them as they are now")
+                f"are {now[d.name]} now); the recreated step reads them as they are now")
+    inputs = [replace(i, digest=now[i.name]) if i.name in now else i for i in job.inputs]
+    return replace(job, inputs=inputs)
+
+
+def _dataset_paths(definition: dict[str, Any]) -> str:
+    return ", ".join(e.get("url") or f"{e.get('datastore')}:{e.get('path') or '.'}" for e in definition["paths"])
 
 
 def _make_folder(job: Any, target: Path, log: Any, copy_limit: int) -> dict[str, str]:
@@ -271,6 +286,10 @@ def _shell_script(step: str, run_id: str, step_run_id: str, changed: dict[str, s
              "# Each run starts with empty outputs, as the step did; inputs (copies) and the working folder keep "
              "what earlier runs changed: `cairn debug --force` recreates them.",
              f"[ -d {shlex.quote(str(tools.parent / WORK))} ] || {{ echo {shlex.quote(gone)} >&2; exit 1; }}"]
+    if os.path.isabs(argv[0]):  # a managed environment's interpreter goes with `cairn env prune`
+        missing = (f"debug.sh: the step's interpreter {argv[0]} is gone (its environment was pruned?): run "
+                   f"`cairn debug {step_run_id} --force` again, which builds it")
+        lines.append(f"[ -x {shlex.quote(argv[0])} ] || {{ echo {shlex.quote(missing)} >&2; exit 1; }}")
     if outputs:
         folders = " ".join(shlex.quote(str(tools / "outputs" / name)) for name in outputs)
         lines.append("# (its folders are written in full: run it from anywhere, but do not move or copy the folder)")
