@@ -633,27 +633,32 @@ def test_a_warm_steps_sys_path_equals_a_cold_ones(tmp_path: Path, step_path: str
     assert json.loads((tmp_path / "out.txt").read_text()) == json.loads(cold.stdout)
 
 
-def test_a_daemon_thread_still_running_at_a_warm_steps_end_sees_its_modules(tmp_path: Path) -> None:
+def test_a_daemon_thread_still_running_at_a_warm_steps_end_neither_stops_nor_sees_its_finalisation(
+        tmp_path: Path) -> None:
     import os
     import sys
+    import zipfile
 
     from cairn.runner.warm import WarmServer
 
     (tmp_path / "worker.py").write_text("import time\ndef tick():\n    time.sleep(0.001)\n")
     (tmp_path / "main.py").write_text(
-        "import threading, worker\n"
+        "import threading, worker, zipfile\n"
         "def beat():\n    while True:\n        worker.tick()\n"
         "threading.Thread(target=beat, daemon=True, name='heartbeat').start()\n"
-        "import json, decimal, email.mime.text, xml.dom.minidom\n")  # some work at the end
+        "import json, decimal, email.mime.text, xml.dom.minidom\n"  # some work at the end
+        "Z = zipfile.ZipFile('model.zip', 'w')\nZ.writestr('w.txt', 'w')\n")  # left open, as cold Python allows
     server = WarmServer(sys.executable, ("json",), dict(os.environ), tmp_path / "warm.log")
     try:
         for _ in range(3):
             step = server.launch([sys.executable, "main.py"], str(tmp_path), dict(os.environ),
                                  str(tmp_path / "out.txt"), str(tmp_path / "err.txt"))
             assert step.wait(timeout=60) == 0
+            # finalised as a cold step is, daemon thread or not: the zip file wrote its directory
+            assert zipfile.ZipFile(tmp_path / "model.zip").namelist() == ["w.txt"]
+            assert (tmp_path / "err.txt").read_text() == ""
     finally:
         server.kill()
-    assert (tmp_path / "err.txt").read_text() == ""
 
 
 # Each a step's whole script: what Python does at a script's edges, which a fork must do the same.

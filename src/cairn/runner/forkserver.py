@@ -417,20 +417,24 @@ def _run(script: str, server_modules: frozenset[str] = frozenset()) -> int:
         atexit._run_exitfuncs()
     except Exception:
         traceback.print_exc()
-    # and then it finalises the script's objects (files left open are flushed and closed), never
-    # under a daemon thread still running (CPython stops them first: here they would see None)
+    # and then it finalises the script's objects (a zip file left open writes its directory, files
+    # are flushed and closed). CPython first stops its daemon threads; here they cannot be stopped,
+    # so they get no turn from this thread (only while it waits on I/O), and one that then trips
+    # over what is gone ends silently, as a stopped one would have
     import threading
 
-    if threading.active_count() == 1:
-        try:
-            sys.modules["__main__"].__dict__.clear()
-        except Exception:
-            pass
-        _clear_step_modules(server_modules)
-        try:
-            gc.collect()
-        except Exception:
-            pass
+    if threading.active_count() > 1:
+        sys.setswitchinterval(1000.0)
+        threading.excepthook = lambda _args: None
+    try:
+        sys.modules["__main__"].__dict__.clear()
+    except Exception:
+        pass
+    _clear_step_modules(server_modules)
+    try:
+        gc.collect()
+    except Exception:
+        pass
     _flush_files_left_open()
     for stream in (sys.stdout, sys.stderr):
         try:
