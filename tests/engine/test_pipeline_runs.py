@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -653,6 +654,50 @@ def test_a_cancel_lets_a_step_save_a_checkpoint_first(workspace, write_script, t
     assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
     assert saved.read_text() == "checkpoint saved on SIGTERM"
     assert step.get_status() == "Canceled"
+
+
+FORKS_AWAY = """
+import os, sys, time
+child = os.fork()
+if child == 0:  # no exec: it keeps the interpreter's own variables, and leaves the step's group
+    os.setsid()
+    time.sleep(120)
+    os._exit(0)
+print("child", child, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("start", ["cold", "warm"])
+@pytest.mark.parametrize("stop", ["cancel", "timeout"])
+def test_a_stopped_step_takes_a_child_that_forked_into_its_own_session_along(workspace, write_script, start, stop):
+    """A child forked without exec, then setsid: neither the step's group nor its variables find it
+    (a spare's or a warm step's /proc environ is their interpreter's); its parentage does."""
+    from cairn import ComputeTarget, LocalCompute
+
+    if start == "warm":
+        ComputeTarget.create(workspace, "local", LocalCompute.provisioning_configuration(warm_start_modules=["json"]))
+    src = write_script("away.py", FORKS_AWAY)
+    rc = RunConfiguration()
+    if stop == "timeout":
+        rc.max_run_duration_seconds = 2
+    step_def = PythonScriptStep("away.py", name="away", source_directory=src, runconfig=rc, allow_reuse=False)
+    run = Experiment(workspace, "away").submit(Pipeline(workspace, [step_def]))
+    step = run.find_step_run("away")[0]
+    watch = workspace._backend.watch(run.id)
+    assert watch.connect()
+    while "child" not in step.get_stdout_log():  # woken by the agent's events (and log polls), not a timer
+        watch.wait(1)
+    watch.close()
+    child = int(step.get_stdout_log().split()[1])
+    if stop == "cancel":
+        run.cancel()
+    final = run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60)
+    assert final == ("Canceled" if stop == "cancel" else "Failed")
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1][:3]:
+        assert time.monotonic() < deadline, f"the step's child {child} in its own session is still running"
+        time.sleep(0.05)
 
 
 def test_a_submitted_run_is_not_kept_alive_by_cairn(workspace, write_script):

@@ -25,7 +25,7 @@ from cairn.environments.spec import is_managed
 from cairn.runner.input_cache import cache_root, cached_input
 from cairn.runner.job import PENDING_DIGEST, InputHandoffError, StepJob, StepResult
 from cairn.runner.markers import FAIL_MARKER, attempt_marker
-from cairn.runner.processes import kill_detached, process_start_time
+from cairn.runner.processes import Escaped, escaped_descendants, kill_detached, process_start_time, signal_escaped
 from cairn.runner.slots import SlotTicket
 from cairn.runner.spares import SparePool, kept_code_path
 from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmShadowed, WarmStartError
@@ -76,6 +76,7 @@ class StepControl:
         self.cancel_reason = "canceled"
         self.requeue = False  # stopped by its agent: report nothing, the step runs again later
         self.withdrawn = False  # not to start any more (its run stopped after a failure); a started step goes on
+        self.escaped: Escaped = []  # what the step's process had started outside its group when canceled
 
     def add_waker(self, waker: Callable[[], None]) -> None:
         """``waker()`` is called when the step is canceled or withdrawn (a wait for a slot ends)."""
@@ -113,11 +114,15 @@ class StepControl:
             # checkpoint), then kills what is left after KILL_GRACE_SECONDS, as a timeout does; an
             # agent that stops kills at once (the step runs again anyway).
             if self._proc is not None and getattr(self._proc, "returncode", None) is None:
+                self.escaped = escaped_descendants(self._proc.pid)  # before the leader dies: then they are init's
                 if requeue:
                     _kill_group(self._proc)
+                    signal_escaped(self.escaped)
                 else:
                     _kill_group(self._proc, signal.SIGTERM)
-                    _deadlines.call_later(KILL_GRACE_SECONDS, functools.partial(_kill_if_running, self._proc))
+                    signal_escaped(self.escaped, signal.SIGTERM)
+                    _deadlines.call_later(KILL_GRACE_SECONDS,
+                                          functools.partial(_kill_if_running, self._proc, self.escaped))
             cancellers = list(self._cancellers)
             wakers = list(self._wakers)
         for canceller in cancellers:
@@ -126,9 +131,10 @@ class StepControl:
             waker()
 
 
-def _kill_if_running(proc: Any) -> None:
+def _kill_if_running(proc: Any, escaped: Escaped) -> None:
     if getattr(proc, "returncode", None) is None:  # not waited for yet: its group is still its own
         _kill_group(proc)
+    signal_escaped(escaped)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
@@ -817,14 +823,16 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
         _kill_group(proc)
         proc.wait()
         raise
-    timed_out = False
+    timed_out, escaped = False, []  # escaped: what the step had started outside its group at its timeout
     try:
         code = proc.wait(timeout=spec.max_run_duration_seconds)
     except subprocess.TimeoutExpired:
         timed_out = True
         syslog(f"over max_run_duration_seconds={spec.max_run_duration_seconds:g}: sending SIGTERM, "
                f"then SIGKILL after {KILL_GRACE_SECONDS:g} s", flush=True)
+        escaped = escaped_descendants(proc.pid)
         _kill_group(proc, signal.SIGTERM)
+        signal_escaped(escaped, signal.SIGTERM)
         try:
             code = proc.wait(timeout=KILL_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
@@ -832,6 +840,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
             code = proc.wait()
     _kill_group(proc)  # nothing the step started may outlive it
     if timed_out or control.canceled:  # what it started in sessions of its own too
+        signal_escaped(escaped + control.escaped)
         kill_detached(job.step_run_id)
     return _ProcessEnd(code, timed_out, started_at=began, lost=getattr(proc, "lost", None))
 

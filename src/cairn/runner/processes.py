@@ -83,6 +83,39 @@ def _session_members(session: int, not_before: int) -> list[int]:
     return found
 
 
+Escaped = list[tuple[int, str]]  # (pid, start time) of processes a group kill does not reach
+
+
+def escaped_descendants(leader: int) -> Escaped:
+    """The processes descended from ``leader`` (parent by parent) that left its process group
+    (``setsid``/``setpgid``, also without ``exec``: a warm or spare step's fork keeps no variables
+    ``kill_detached`` could find it by). Read while the leader lives: once it dies they are init's.
+    A scan of every process (~10 us each): only when a step is stopped."""
+    children: dict[int, list[tuple[int, int, str]]] = {}
+    for entry in _other_pids():
+        fields = _stat_fields(entry)
+        if fields and len(fields) > 19:  # parent, process group, start time
+            children.setdefault(int(fields[1]), []).append((int(entry), int(fields[2]), fields[19].decode()))
+    found: Escaped = []
+    todo = [leader]
+    while todo:
+        for pid, group, started in children.get(todo.pop(), ()):
+            todo.append(pid)
+            if group != leader:
+                found.append((pid, started))
+    return found
+
+
+def signal_escaped(escaped: Escaped, sig: int = signal.SIGKILL) -> None:
+    """Signal each of ``escaped`` that is still the process it was (its pid not reused since)."""
+    for pid, started in escaped:
+        if process_start_time(pid) == started:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def kill_detached(step_run_id: str) -> bool:
     """Kill the processes a step started in a session of its own (``setsid``, ``start_new_session``),
     which neither its process group nor its session reaches: each still has the step's
