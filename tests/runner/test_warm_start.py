@@ -25,7 +25,8 @@ from cairn import (
 PRELOADED = "email.mime.text"  # a stdlib module no fresh interpreter has imported
 
 STEP = f"""
-    import json, os, random, sys
+    import json, os, random, sys, warnings
+    warnings.warn("deprecated here", DeprecationWarning, stacklevel=2)  # hidden, as Python hides it
     preloaded = {PRELOADED!r} in sys.modules
     import helper  # a module beside the script: sys.path[0] is the script's folder
     import email
@@ -33,6 +34,9 @@ STEP = f"""
     email.cairn_leak = sys.argv[1]  # a later step must not see this
     print(json.dumps({{"argv": sys.argv, "cwd": os.getcwd(), "name": __name__, "file": __file__,
                       "preloaded": preloaded, "leaked": leaked, "group": os.getpgid(0) == os.getpid(),
+                      "session": os.getsid(0) == os.getpid(), "orig_argv": sys.orig_argv[1:],
+                      "streams": [(s.encoding, s.errors, s.line_buffering, s.write_through)
+                                  for s in (sys.stdin, sys.stdout, sys.stderr)],
                       "var": os.environ.get("STEP_VAR"), "random": random.random(), "helper": helper.VALUE}}))
     print("to stderr", file=sys.stderr)
     if len(sys.argv) > 2:
@@ -87,6 +91,9 @@ def test_warm_steps_behave_like_cold_ones(workspace: Workspace, src: Path) -> No
         assert Path(w["cwd"]).name == Path(w["argv"][2]).parts[-3]  # the step's own working folder
         assert w["name"] == "__main__" and w["file"].endswith("/step.py") and w["helper"] == 7
         assert w["leaked"] is None and w["group"] and w["var"] == c["var"]
+        assert w["session"] and c["session"]
+        assert w["orig_argv"][0] == c["orig_argv"][0] == "step.py" and w["orig_argv"][1:] == w["argv"][1:]
+        assert w["streams"] == c["streams"]
     assert len({o["random"] for o in warm_out}) == 3  # each child reseeded
     for s in warm.get_steps():
         assert s.get_stderr_log() == "to stderr\n"

@@ -7,7 +7,7 @@ ready and exits when its standard input closes (the agent that started it is gon
 
 Protocol, one Unix-socket connection per step: the client sends one JSON line
 ``{"argv", "cwd", "env", "stdout", "stderr"}``; the server answers ``{"pid": N}`` once the child
-exists (in its own process group, so the client can kill the group), then ``{"exit": CODE}`` when
+exists (in its own session and process group, so the client can kill the group), then ``{"exit": CODE}`` when
 it ends (a negative code is the signal that killed it).
 """
 
@@ -213,13 +213,16 @@ def _serve(conn: socket.socket, server: socket.socket, sel: selectors.BaseSelect
     # Everything the server holds goes to the permanent generation: a child's collections (and its
     # final one) then scan only what the step made, and never touch, so never copy, the server's pages.
     gc.freeze()
+    session_made, made = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _child(request, conn, server, sel)  # never returns
-    try:
-        os.setpgid(pid, pid)  # also done by the child: whoever is first, the group exists before we answer
-    except OSError:
-        pass
+        os.close(session_made)
+        _child(request, conn, server, sel, made)  # never returns
+    os.close(made)
+    try:  # its session (and group) exists before the pid is answered: a kill of the group must reach it
+        os.read(session_made, 1)  # "" once the child closed its end (or died)
+    finally:
+        os.close(session_made)
     _send(conn, {"pid": pid})
     pidfd = os.pidfd_open(pid)
     sel.register(pidfd, selectors.EVENT_READ, ("child", pid, conn))
@@ -276,10 +279,14 @@ def _has_init(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, f"__init__{suffix}")) for suffix in _MODULE_SUFFIXES)
 
 
-def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selectors.BaseSelector) -> None:
+def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selectors.BaseSelector,
+           session_made: int) -> None:
     code = 1
     try:
-        os.setpgid(0, 0)
+        try:
+            os.setsid()  # its own session and process group, as a cold step's (start_new_session)
+        finally:
+            os.close(session_made)  # the server answers the pid now
         for fileobj in [k.fileobj for k in sel.get_map().values()]:
             if isinstance(fileobj, int) and fileobj > 2:
                 os.close(fileobj)  # other children's pidfds
@@ -300,8 +307,7 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
         # encodings and error handlers a cold start would choose: the server's, chosen at its start.
         # Also sys.__stdout__ & co., as Python's: a script that re-wraps sys.stdout's buffer leaves
         # the first wrapper alive there (freed, it would close the buffer under the new one).
-        sys.stdin = sys.__stdin__ = open(0, closefd=False)
-        sys.stdin.buffer.raw.name = "<stdin>"  # type: ignore[attr-defined]
+        sys.stdin = sys.__stdin__ = _stream(0, sys.__stdin__, "<stdin>")
         sys.stdout = sys.__stdout__ = _stream(1, sys.__stdout__, "<stdout>")
         sys.stderr = sys.__stderr__ = _stream(2, sys.__stderr__, "<stderr>")
         os.environ.clear()
@@ -310,6 +316,10 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
             os.environ.setdefault(name, value)
         script = os.path.abspath(request["argv"][1])
         sys.argv = request["argv"][1:]
+        sys.orig_argv = list(request["argv"])  # `python script.py args`, not this server's command
+        # a warning raised at the script's top level names _run's frame: not as __main__ (whose
+        # DeprecationWarnings Python shows), as spare_boot.py does
+        globals()["__name__"] = "cairn_forkserver"
         sys.path[:] = _step_path(script, os.environ.get("PYTHONPATH", ""))
         if hasattr(time, "tzset"):
             time.tzset()  # TZ of the step, not of the server
@@ -354,11 +364,14 @@ def _step_path(script: str, pythonpath: str) -> list[str]:
 
 
 def _stream(fd: int, like: io.TextIOWrapper | None, name: str) -> io.TextIOWrapper:
-    raw = io.FileIO(fd, "w", closefd=False)
+    """A standard stream as a cold step's under PYTHONUNBUFFERED, into a file: written through, not
+    line-buffered, unbuffered below (standard input is still read through a buffer)."""
+    raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
     raw.name = name  # type: ignore[misc]  # as Python names its standard streams
-    stream = io.TextIOWrapper(raw, encoding=like.encoding if like else None, errors=like.errors if like else None,
-                              line_buffering=True, write_through=True)
-    stream.mode = "w"  # type: ignore[misc]
+    below = io.BufferedReader(raw) if fd == 0 else raw
+    stream = io.TextIOWrapper(below, encoding=like.encoding if like else None,  # type: ignore[arg-type]
+                              errors=like.errors if like else None, line_buffering=False, write_through=True)
+    stream.mode = "r" if fd == 0 else "w"  # type: ignore[misc]
     return stream
 
 
