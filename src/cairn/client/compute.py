@@ -40,8 +40,8 @@ class LocalCompute:
         """``warm_start_modules`` (opt-in): steps are forked from a per-environment server that
         imported these modules once (e.g. ``["pandas", "sklearn.linear_model"]``: list submodules the
         steps import, a package's import does not import them), instead of each step paying for the
-        imports. Do not use it for modules that start threads, open GPU contexts or read
-        environment variables at import time.
+        imports. Do not use it for modules that start threads, open GPU contexts or network
+        connections, or read environment variables at import time.
 
         ``spare_interpreters`` (on by default): each step still starts in a new interpreter of its
         own, but one started ahead while earlier steps ran, so its start is off the pipeline's path.
