@@ -537,6 +537,53 @@ def test_a_recreated_step_outside_its_workspace_still_finds_it(workspace: Worksp
     assert f"workspace {workspace.location}" in result.stdout
 
 
+def test_what_the_step_inherited_from_its_agent_is_recreated(workspace: Workspace, write_script: Callable[..., Path],
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's variables reach each step; debug gives them back from a shell that lacks them (a
+    secret-looking one was kept as a digest only: the shell's is used, said when missing or other)."""
+    import sys
+
+    lib = tmp_path / "extlib"
+    lib.mkdir()
+    (lib / "extmod.py").write_text("WHERE = 'ext'\n")
+    monkeypatch.setenv("PYTHONPATH", str(lib))  # the agent this submit starts inherits these
+    monkeypatch.setenv("FOO_AGENT", "from the agent")
+    monkeypatch.setenv("MY_API_TOKEN", "s3cr3t")
+    src = write_script("env.py", "import os, extmod\nprint(extmod.WHERE, os.environ.get('FOO_AGENT'), "
+                                 "os.environ.get('MY_API_TOKEN'), os.environ.get('ADDED'))\n")
+    run = Experiment(workspace, "inherit").submit(Pipeline(workspace, [
+        PythonScriptStep("env.py", name="env", source_directory=str(src))]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    step_id = run.find_step_run("env")[0].id
+    assert run.find_step_run("env")[0].get_stdout_log() == "ext from the agent s3cr3t None\n"
+    assert "s3cr3t" not in "".join(p.read_text() for p in (Path(workspace.location) / ".cairn" / "inherited").iterdir())
+    shell = {k: v for k, v in os.environ.items()
+             if k not in ("PYTHONPATH", "FOO_AGENT", "MY_API_TOKEN") and not k.startswith("CAIRN_")}
+    root = Path(workspace.location)
+
+    def debug(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cairn", "debug", step_id, "--force"], cwd=root,
+                              env={**shell, "NO_COLOR": "1", **extra}, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=120)
+
+    bare = debug(ADDED="by hand")
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stdout == "ext from the agent None by hand\n"
+    assert "MY_API_TOKEN was set in the step's run" in flat(bare.stderr)
+    assert "this shell adds" in flat(bare.stderr) and "ADDED" in bare.stderr
+    other = debug(MY_API_TOKEN="another")
+    assert other.stdout == "ext from the agent another None\n"
+    assert "MY_API_TOKEN had another value in the step's run" in flat(other.stderr)
+    same = debug(MY_API_TOKEN="s3cr3t")
+    assert same.stdout == "ext from the agent s3cr3t None\n" and "MY_API_TOKEN" not in same.stderr
+    printed = subprocess.run([sys.executable, "-m", "cairn", "debug", step_id, "--force", "--print"], cwd=root,
+                             env={**shell, "MY_API_TOKEN": "s3cr3t"}, capture_output=True, text=True, timeout=120)
+    script = Path(printed.stdout.strip())
+    assert "s3cr3t" not in script.read_text()  # never written out: whoever runs it gives it
+    by_hand = subprocess.run([str(script)], env=shell, cwd="/", capture_output=True, text=True, timeout=60)
+    assert by_hand.stdout == "ext from the agent None None\n", by_hand.stderr
+
+
 def test_debug_refuses_folders_of_the_workspace_and_of_other_steps(workspace: Workspace,
                                                                    write_script: Callable[..., Path]) -> None:
     """``.cairn/`` (its store, objects and working folders; its ``debug/`` is the default) and the

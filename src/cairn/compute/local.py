@@ -118,7 +118,8 @@ class LocalCompute:
         def work() -> None:
             try:
                 result = execute_step(job, reporter, control, warm=self.warm, slot=slot, spares=self.spares,
-                                      work_folders=work_folders, early_handoff=self.early_handoff)
+                                      work_folders=work_folders, early_handoff=self.early_handoff,
+                                      record_inherited=True)  # on this machine: for `cairn debug`
                 self._settle(job, reporter, result)
                 upload_logs(job, result)
             except BaseException as exc:  # never lose a slot or a step's ending

@@ -30,8 +30,11 @@ from cairn.runner.execute import (
     docker_refusal,
     materialize_inputs,
     resolve_arguments,
+    start_environment,
     step_environment,
 )
+from cairn.runner.inherited import load as load_inherited
+from cairn.runner.inherited import value_digest
 from cairn.storage.layout import WorkspaceLayout
 from cairn.storage.objects import ObjectStore
 from cairn.storage.secrets import ENV_KEY
@@ -131,14 +134,15 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     for o in step.outputs:
         Path(job.staging_dirs[o.name]).mkdir(parents=True, exist_ok=True)
         outputs[o.name] = job.staging_dirs[o.name]
-    env = step_environment(job, outputs, inputs, resolved)
+    inherited, recorded = _inherited(layout, row, step.name, log)
+    env = step_environment(job, outputs, inputs, resolved, start_environment(job, resolved, inherited))
     for name in _RUN_BINDINGS:
         env.pop(name, None)
     env["CAIRN_DEBUG_OF"] = step_run_id
     env["CAIRN_DEBUG_WORKSPACE"] = str(layout.root)  # the offline run's workspace, to read
     interpreter = resolved.python if resolved else (job.interpreter or _current_python())
     argv = [interpreter, step.script_name, *resolve_arguments(job, inputs)]
-    changed, removed = _script_variables(step, env, resolved)
+    changed, removed = _script_variables(step, env, resolved, recorded)
     script = tools / "debug.sh"  # not in the working folder: the snapshot may have a file so named
     # it holds the step's variables: for this user only, from the start
     fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
@@ -197,12 +201,46 @@ def _make_folder(job: Any, target: Path, log: Any, copy_limit: int) -> dict[str,
                              f"(run again with --force once fixed)") from None
 
 
-def _script_variables(step: Any, env: dict[str, str], resolved: ResolvedEnvironment | None
-                      ) -> tuple[dict[str, str], list[str]]:
-    """What debug.sh sets (what differs from this shell, and the step's own whatever the shell has)
-    and unsets (what the step lacks: never the recorded run's bindings, nor, for an isolated
-    environment, what its run does not inherit)."""
+def _inherited(layout: WorkspaceLayout, row: dict[str, Any], step: str, log: Any
+               ) -> tuple[dict[str, str] | None, set[str]]:
+    """What the step inherited from its agent's variables, as recorded (None: not recorded, this
+    process's are used), and the names recorded with their values. A secret-looking variable was
+    recorded as a digest: this shell's value is used, said when it is another or missing."""
+    record = load_inherited(layout.dot, row.get("inherited_env") or "")
+    if record is None:
+        log(f"warning: the variables step {step!r} inherited from its agent were not recorded (it ran on Ray, "
+            f"or before Cairn recorded them): the recreated step inherits this shell's instead")
+        return None, set()
+    env: dict[str, str] = {}
+    for name, value in record.items():
+        if isinstance(value, str):
+            env[name] = value
+            continue
+        here = os.environ.get(name)
+        if here is None:
+            log(f"warning: {name} was set in the step's run (its value looks secret: not recorded); set it in "
+                f"this shell to give it to the recreated step")
+            continue
+        env[name] = here
+        if value_digest(name, here) != value.get("digest"):
+            log(f"warning: {name} had another value in the step's run (it looks secret: only its digest was "
+                f"recorded); this shell's is used")
+    # what this shell has and the run had not is added (`ASK=1 cairn debug ID` adds a variable)
+    extra = sorted(k for k in os.environ if k not in record and k not in _RUN_BINDINGS)
+    env.update({k: os.environ[k] for k in extra})
+    if extra:
+        log(f"this shell adds {len(extra)} variable(s) the step's run did not have: {', '.join(extra[:10])}"
+            + (", ..." if len(extra) > 10 else ""))
+    return env, {k for k, v in record.items() if isinstance(v, str)}
+
+
+def _script_variables(step: Any, env: dict[str, str], resolved: ResolvedEnvironment | None,
+                      recorded: set[str]) -> tuple[dict[str, str], list[str]]:
+    """What debug.sh sets (what differs from this shell, and the step's own whatever the shell has,
+    those it inherited from its agent included, ``recorded``) and unsets (what the step lacks: never
+    the recorded run's bindings, nor, for an isolated environment, what its run does not inherit)."""
     own = set(dict(step.environment_variables)) | set(step.environment.get("environment_variables") or {})
+    own |= recorded
     own |= {k for k in env if k.startswith(_STEP_OWN_PREFIXES) or k in _STEP_OWN}
     if resolved is not None:
         own |= {"PATH", *resolved.step_variables()}

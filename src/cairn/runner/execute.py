@@ -303,9 +303,11 @@ def resolve_arguments(job: StepJob, inputs: dict[str, str] | None = None) -> lis
 ISOLATED_DROPS = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX")  # what an isolated environment drops
 
 
-def base_environment(job: StepJob, resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
-    """The variables every step of this environment gets (what a warm-start server starts with)."""
-    return environment_base(job.spec.environment.get("environment_variables") or {}, resolved)
+def base_environment(job: StepJob, resolved: ResolvedEnvironment | None = None,
+                     inherited: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables every step of this environment gets (what a warm-start server starts with).
+    ``inherited``: what the step inherited from its agent, when not this process's (``cairn debug``)."""
+    return environment_base(job.spec.environment.get("environment_variables") or {}, resolved, inherited)
 
 
 _environ_copy: tuple[tuple[tuple[bytes, bytes], ...], dict[str, str]] = ((), {})
@@ -314,17 +316,39 @@ _environ_copy: tuple[tuple[tuple[bytes, bytes], ...], dict[str, str]] = ((), {})
 def _agent_environ() -> dict[str, str]:
     """A copy of the agent's variables, decoded again only when they changed (copying
     ``os.environ`` decodes every variable: ~30 µs, two or three times per step)."""
+    return dict(_agent_environ_unchanged())
+
+
+def inherited_record(workspace: str) -> str:
+    """The id of the record (``runner/inherited.py``) of what steps inherit from this process now:
+    written once per distinct environment, looked up again only when the variables changed."""
+    global _recorded
+    current = _agent_environ_unchanged()
+    if _recorded[0] is not current:
+        from cairn.runner.inherited import record
+        from cairn.storage.layout import WorkspaceLayout
+
+        _recorded = (current, record(WorkspaceLayout(workspace).dot, current))
+    return _recorded[1]
+
+
+_recorded: tuple[dict[str, str] | None, str] = (None, "")
+
+
+def _agent_environ_unchanged() -> dict[str, str]:
+    """The agent's variables decoded (not to be changed): the same object while none changed."""
     global _environ_copy
     data = getattr(os.environ, "_data", None)  # CPython's encoded variables: read without decoding
     raw = tuple(data.items() if isinstance(data, dict) else os.environb.items())
     if raw != _environ_copy[0]:
         _environ_copy = (raw, dict(os.environ))
-    return dict(_environ_copy[1])
+    return _environ_copy[1]
 
 
-def environment_base(variables: dict[str, Any], resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
+def environment_base(variables: dict[str, Any], resolved: ResolvedEnvironment | None = None,
+                     inherited: dict[str, str] | None = None) -> dict[str, str]:
     """``base_environment`` from an environment's own variables (``{}`` for the default one)."""
-    env = _agent_environ()
+    env = dict(inherited) if inherited is not None else _agent_environ()
     if resolved is not None:  # an isolated environment: nothing of the agent's Python leaks in
         for name in ISOLATED_DROPS:
             env.pop(name, None)
@@ -332,8 +356,9 @@ def environment_base(variables: dict[str, Any], resolved: ResolvedEnvironment | 
     env["PYTHONUNBUFFERED"] = "1"
     if resolved is None:
         # the environment's own entries first (relative ones from the step's folder), then Cairn for its client
+        agents = (inherited if inherited is not None else os.environ).get("PYTHONPATH")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(variables.get("PYTHONPATH") or ""), _CAIRN_PARENT,
-                                                        os.environ.get("PYTHONPATH")) if p)
+                                                        agents) if p)
     else:
         env.update(resolved.step_variables())
         agent_bin = os.path.join(sys.prefix, "bin") if sys.prefix != sys.base_prefix else None
@@ -342,10 +367,11 @@ def environment_base(variables: dict[str, Any], resolved: ResolvedEnvironment | 
     return env
 
 
-def start_environment(job: StepJob, resolved: ResolvedEnvironment | None = None) -> dict[str, str]:
+def start_environment(job: StepJob, resolved: ResolvedEnvironment | None = None,
+                      inherited: dict[str, str] | None = None) -> dict[str, str]:
     """The step's variables but those Cairn adds for each run of it (ids, folders, parameters):
     what a spare interpreter for it starts with."""
-    env = base_environment(job, resolved)
+    env = base_environment(job, resolved, inherited)
     env.update(dict(job.spec.environment_variables))
     return env
 
@@ -516,7 +542,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
                  on_started: Callable[[int], None] | None = None, warm: WarmPool | None = None,
                  slot: SlotTicket | None = None, commit_local: LocalCommit | None = None,
                  spares: SparePool | None = None, work_folders: WorkFolders | None = None,
-                 early_handoff: bool = False) -> StepResult:
+                 early_handoff: bool = False, record_inherited: bool = False) -> StepResult:
     """Run one step to its end and report it. Never raises for a step's own failure. With ``slot``,
     everything before the process (folders, inputs, environment) is done ahead, and the process
     waits for its turn. ``commit_local``: see ``_commit_outputs``. ``spares``: interpreters started
@@ -524,7 +550,9 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
     unchanged folders, one of which becomes this step's when it has the same snapshot (the caller
     releases the step's own there once it ended). ``early_handoff``: large outputs of local
     datastores are reported placed (``reporter.outputs_placed``) before they are digested, so that
-    their consumers may start meanwhile (the caller settles the hand-off with the result)."""
+    their consumers may start meanwhile (the caller settles the hand-off with the result).
+    ``record_inherited``: the step records what it inherits from this process's variables
+    (``runner/inherited.py``), for ``cairn debug``: where this process is the workspace's agent."""
     control = control or StepControl()
     spec = job.spec
     log_dir = Path(job.log_dir)
@@ -596,6 +624,12 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         syslog(f"command: {shlex.join(argv)}")
         start_env = start_environment(job, resolved)
         env = step_environment(job, output_paths, input_paths, resolved, start_env)
+        recorded = {}
+        if record_inherited:
+            try:
+                recorded["inherited_env"] = inherited_record(job.workspace)
+            except OSError as exc:  # `cairn debug` will use its shell's variables instead, saying so
+                syslog(f"could not record the variables the step inherits: {exc}")
         if job.attempt > 1:  # the logs keep every attempt; say where this one starts
             marker = f"{attempt_marker(job.attempt)}\n".encode()
             for name in ("stdout.txt", "stderr.txt"):
@@ -611,7 +645,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         started = time.monotonic()
         try:
             ended = _run_process(job, reporter, control, on_started, warm, resolved, argv, work, env, syslog, log_dir,
-                                 spares, start_env)
+                                 spares, start_env, recorded)
         finally:
             if slot is not None:
                 if (ended is None or not ended.succeeded) and job.stop_run_on_failure and not control.canceled:
@@ -785,9 +819,9 @@ class _ProcessEnd(NamedTuple):
 def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_started: Callable[[int], None] | None,
                  warm: WarmPool | None, resolved: ResolvedEnvironment | None, argv: list[str], work: Path,
                  env: dict[str, str], syslog: _SystemLog, log_dir: Path,
-                 spares: SparePool | None, start_env: dict[str, str]) -> _ProcessEnd:
-    """Start the step's process (forked warm, by a spare interpreter, or cold), record Running,
-    wait for its end."""
+                 spares: SparePool | None, start_env: dict[str, str], recorded: dict[str, str]) -> _ProcessEnd:
+    """Start the step's process (forked warm, by a spare interpreter, or cold), record Running
+    (with ``recorded``'s fields), wait for its end."""
     spec = job.spec
     how = ""
     proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog, control) if warm is not None else None
@@ -815,7 +849,7 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
         reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
                          pid_started=process_start_time(proc.pid), attempt=job.attempt,
                          fingerprint=job.fingerprint,  # kept even if the step fails: explainable
-                         fingerprint_parts=json.dumps(job.fingerprint_parts))
+                         fingerprint_parts=json.dumps(job.fingerprint_parts), **recorded)
         if on_started:
             on_started(proc.pid)
         syslog(f"started pid {proc.pid}{how}", flush=True)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 
 

@@ -50,6 +50,8 @@ runs = Table(
     Column("fingerprint", String(80), nullable=True),
     Column("fingerprint_parts", Text, nullable=True),
     Column("reused_from", String(40), nullable=True),
+    # a step: the record of the variables it inherited from its agent (runner/inherited.py), for debug
+    Column("inherited_env", String(40), nullable=True),
     Index("ix_runs_parent", "parent_id"),
     Index("ix_runs_status", "status"),
     Index("ix_runs_experiment_name", "experiment", "name"),
