@@ -271,6 +271,30 @@ def test_two_inputs_with_the_same_name(workspace: Workspace, src: Path) -> None:
     assert any("'both'" in p and "'data'" in p for p in info.value.problems)
 
 
+def test_one_input_name_given_two_ways_is_refused_not_picked(workspace: Workspace, src: Path) -> None:
+    from cairn import Dataset
+
+    data = PipelineData("data")
+    twice = Pipeline(workspace, [step(src, "make", outputs=[data]),
+                                 step(src, "read", arguments=["--a", data.as_mount(), "--b", data.as_download()])])
+    assert "2 different inputs are named 'data'" in only_problem(twice)
+    again = PipelineData("data")
+    same = Pipeline(workspace, [step(src, "make", outputs=[again]),
+                                step(src, "read", inputs=[again], arguments=["--a", again.as_input()])])
+    assert same.validate() == []  # the same input given the same way twice is one input
+    store = workspace.get_default_datastore()
+    for folder in ("one", "two"):
+        (Path(store.root) / folder).mkdir()
+        (Path(store.root) / folder / "f.txt").write_text(folder)
+    one, two = Dataset.File.from_files((store, "one")), Dataset.File.from_files((store, "two"))
+    for a, b in [(one.as_named_input("x"), two.as_named_input("x")),
+                 (one.as_named_input("x").as_mount(), one.as_named_input("x").as_download())]:
+        assert "2 different inputs are named 'x'" in only_problem(Pipeline(workspace, [step(src, "use", arguments=[a, b])]))
+    copy = Dataset.File.from_files((store, "one"))  # another object of the same dataset, given the same way
+    assert Pipeline(workspace, [step(src, "use", arguments=[one.as_named_input("x").as_mount(),
+                                                            copy.as_named_input("x").as_mount()])]).validate() == []
+
+
 # -- every problem at once --------------------------------------------------------------------
 
 

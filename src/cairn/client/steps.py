@@ -127,17 +127,32 @@ class PythonScriptStep:
                      and not (isinstance(a, PipelineData) and any(a is o for o in self.outputs))]
         for c in [*(x for x in self.inputs if not isinstance(x, DatasetConsumptionConfig)), *from_args]:
             binding = c.as_input() if isinstance(c, PipelineData) else c
-            if not any(b.data is binding.data and b.input_name == binding.input_name for b in found):
+            # the same data given another way under the same name is kept too: validation then says
+            # the name is taken twice (never one of the two picked silently)
+            if not any(b.data is binding.data and b.input_name == binding.input_name and _how(b) == _how(binding)
+                       for b in found):
                 found.append(binding)
         return found
 
     def dataset_bindings(self) -> list[DatasetConsumptionConfig]:
-        """Dataset inputs, declared or in arguments (one per name)."""
-        found: dict[str, DatasetConsumptionConfig] = {}
+        """Dataset inputs, declared or in arguments (one per name and way of giving it: another
+        dataset, or the same one given another way, under a taken name is kept for validation to
+        refuse)."""
+        found: list[DatasetConsumptionConfig] = []
         for c in [*self.inputs, *self.arguments]:
-            if isinstance(c, DatasetConsumptionConfig):
-                found.setdefault(c.name, c)
-        return list(found.values())
+            if isinstance(c, DatasetConsumptionConfig) and not any(
+                    d.name == c.name and _how(d) == _how(c) and _definition(d) == _definition(c) for d in found):
+                found.append(c)
+        return found
 
     def __repr__(self) -> str:
         return f"PythonScriptStep(name={self.name!r}, script_name={self.script_name!r})"
+
+
+def _how(binding: Any) -> tuple[Any, ...]:
+    """How an input is given: its mode, where it goes, and as what it is read."""
+    return binding.mode, getattr(binding, "path_on_compute", None), repr(getattr(binding, "read_as", None))
+
+
+def _definition(consumption: DatasetConsumptionConfig) -> Any:
+    return getattr(consumption.dataset, "_definition", consumption.dataset)
