@@ -451,15 +451,16 @@ def test_an_early_consumer_that_fails_keeps_the_fingerprint_its_digested_input_g
 
 def test_early_consumers_not_started_when_their_producer_fails_are_withdrawn(
         tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three early consumers, each blocked reading a FIFO the test opens last: two hold both
-    process slots, the third waits for one when the producer fails: it never starts."""
-    from cairn import ComputeTarget, LocalCompute
+    """Three early consumers, each blocked reading a FIFO of its own the test opens last: two hold
+    both process slots, the third waits for one when the producer fails: it never starts."""
+    from cairn import ComputeTarget, LocalCompute, RunConfiguration
 
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
+    fifos = {name: tmp_path / f"fifo-{name}" for name in ("a", "b", "c")}
+    for fifo in fifos.values():
+        os.mkfifo(fifo)
     blocked = tmp_path / "blocked"
     blocked.mkdir()
-    (blocked / "reader.py").write_text(f"open({str(fifo)!r}, 'rb').read()\n" + READER)
+    (blocked / "reader.py").write_text("import os\nopen(os.environ['FIFO'], 'rb').read()\n" + READER)
     ws = Workspace.create(tmp_path / "ws")
     ComputeTarget.create(ws, "local", LocalCompute.provisioning_configuration(max_concurrency=2))
     big = PipelineData("big")
@@ -467,7 +468,9 @@ def test_early_consumers_not_started_when_their_producer_fails_are_withdrawn(
                               arguments=[big], outputs=[big])]
     for name in ("a", "b", "c"):
         out = PipelineData(f"{name}_size")
-        steps.append(PythonScriptStep("reader.py", name=name, source_directory=str(blocked),
+        rc = RunConfiguration()
+        rc.environment_variables = {"FIFO": str(fifos[name])}
+        steps.append(PythonScriptStep("reader.py", name=name, source_directory=str(blocked), runconfig=rc,
                                       arguments=[big.as_input(), out], outputs=[out], allow_reuse=False))
     run = Experiment(ws, "handoff").submit(Pipeline(ws, steps), continue_on_step_failure=True)
 
@@ -500,8 +503,10 @@ def test_early_consumers_not_started_when_their_producer_fails_are_withdrawn(
     with _AgentHere(ws, Reporter) as here:
         withdrawn = one_ended.wait(timeout=30)  # the third's wait for a slot ended, the others still blocked
         waiting = list(ended)
-        with open(fifo, "wb"):  # a and c read to the end now
-            pass
+        for name in ("a", "b", "c"):
+            if withdrawn and name not in waiting:  # each running reader reads to the end now (the open waits for it)
+                with open(fifos[name], "wb"):
+                    pass
         assert here.run_ended()
     assert withdrawn and len(waiting) == 1
     third = waiting[0]

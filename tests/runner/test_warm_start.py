@@ -664,6 +664,16 @@ def test_a_daemon_thread_still_running_at_a_warm_steps_end_neither_stops_nor_see
             # finalised as a cold step is, daemon thread or not: the zip file wrote its directory
             assert zipfile.ZipFile(tmp_path / "model.zip").namelist() == ["w.txt"]
             assert (tmp_path / "err.txt").read_text() == ""
+        # a busy daemon thread and a finaliser that waits: the end is not held up by the thread
+        (tmp_path / "busy.py").write_text(
+            "import threading, time\n"
+            "def spin():\n    n = 0\n    while True:\n        n += 1\n"
+            "threading.Thread(target=spin, daemon=True).start()\n"
+            "class Slow:\n    def __del__(self, sleep=time.sleep):\n        sleep(0.05)\n"
+            "slow = Slow()\n")
+        step = server.launch([sys.executable, "busy.py"], str(tmp_path), dict(os.environ),
+                             str(tmp_path / "out.txt"), str(tmp_path / "err.txt"))
+        assert step.wait(timeout=30) == 0
     finally:
         server.kill()
 

@@ -431,13 +431,11 @@ def _run(script: str, server_modules: frozenset[str] = frozenset()) -> int:
     except Exception:
         traceback.print_exc()
     # and then it finalises the script's objects (a zip file left open writes its directory, files
-    # are flushed and closed). CPython first stops its daemon threads; here they cannot be stopped,
-    # so they get no turn from this thread (only while it waits on I/O), and one that then trips
-    # over what is gone ends silently, as a stopped one would have
+    # are flushed and closed). CPython first stops its daemon threads; here they cannot be stopped:
+    # one that trips over what is gone ends silently, as a stopped one would have
     import threading
 
     if threading.active_count() > 1:
-        sys.setswitchinterval(1000.0)
         threading.excepthook = lambda _args: None
     try:
         sys.modules["__main__"].__dict__.clear()
