@@ -278,10 +278,15 @@ def test_one_input_name_given_two_ways_is_refused_not_picked(workspace: Workspac
     twice = Pipeline(workspace, [step(src, "make", outputs=[data]),
                                  step(src, "read", arguments=["--a", data.as_mount(), "--b", data.as_download()])])
     assert "2 different inputs are named 'data'" in only_problem(twice)
-    again = PipelineData("data")
-    same = Pipeline(workspace, [step(src, "make", outputs=[again]),
-                                step(src, "read", inputs=[again], arguments=["--a", again.as_input()])])
-    assert same.validate() == []  # the same input given the same way twice is one input
+    for declared, referred in [(lambda d: d, lambda d: d.as_input()), (lambda d: d.as_download(), lambda d: d),
+                               (lambda d: d, lambda d: d.as_download())]:
+        again = PipelineData("data")  # the same input given the same way, or once as such: one input
+        same = Pipeline(workspace, [step(src, "make", outputs=[again]),
+                                    step(src, "read", inputs=[declared(again)], arguments=["--a", referred(again)])])
+        assert same.validate() == [], same.validate()
+        modes = {i.name: i.mode for s in same._compile()[0].steps if s.name == "read" for i in s.inputs}
+        assert modes == {"data": "download" if "download" in repr(declared(again)) + repr(referred(again))
+                         else "mount"}
     store = workspace.get_default_datastore()
     for folder in ("one", "two"):
         (Path(store.root) / folder).mkdir()
@@ -290,6 +295,8 @@ def test_one_input_name_given_two_ways_is_refused_not_picked(workspace: Workspac
     for a, b in [(one.as_named_input("x"), two.as_named_input("x")),
                  (one.as_named_input("x").as_mount(), one.as_named_input("x").as_download())]:
         assert "2 different inputs are named 'x'" in only_problem(Pipeline(workspace, [step(src, "use", arguments=[a, b])]))
+    named = one.as_named_input("x")
+    assert Pipeline(workspace, [step(src, "use", inputs=[named.as_download()], arguments=[named])]).validate() == []
     copy = Dataset.File.from_files((store, "one"))  # another object of the same dataset, given the same way
     assert Pipeline(workspace, [step(src, "use", arguments=[one.as_named_input("x").as_mount(),
                                                             copy.as_named_input("x").as_mount()])]).validate() == []

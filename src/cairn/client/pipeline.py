@@ -119,8 +119,9 @@ class Pipeline:
                     problems.append(f"{who}: dataset input {d.name!r} belongs to another workspace")
             for n, c in names_seen.items():
                 if c > 1:
-                    problems.append(f"{who}: {c} different inputs are named {n!r}; give them distinct names with "
-                                    f"as_input(input_name=...)")
+                    problems.append(f"{who}: {c} different inputs are named {n!r} (other data, or the same data "
+                                    f"given another way); give them distinct names with as_input(input_name=...) "
+                                    f"or as_named_input(...)")
             for b in bindings:
                 made_by = producers.get(id(b.data), [])
                 if not made_by:

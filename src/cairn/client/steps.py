@@ -125,23 +125,30 @@ class PythonScriptStep:
         found: list[PipelineDataInput] = []
         from_args = [a for a in self.arguments if isinstance(a, (PipelineData, PipelineDataInput))
                      and not (isinstance(a, PipelineData) and any(a is o for o in self.outputs))]
-        for c in [*(x for x in self.inputs if not isinstance(x, DatasetConsumptionConfig)), *from_args]:
-            binding = c.as_input() if isinstance(c, PipelineData) else c
+        given = [*(x for x in self.inputs if not isinstance(x, DatasetConsumptionConfig)), *from_args]
+        explicit = [c for c in given if isinstance(c, PipelineDataInput)]
+        for c in given:
+            if isinstance(c, PipelineData):  # a bare one names the input: as given elsewhere, else as_input()
+                if any(b.data is c and b.input_name == c.name for b in explicit):
+                    continue
+                c = c.as_input()
             # the same data given another way under the same name is kept too: validation then says
             # the name is taken twice (never one of the two picked silently)
-            if not any(b.data is binding.data and b.input_name == binding.input_name and _how(b) == _how(binding)
-                       for b in found):
-                found.append(binding)
+            if not any(b.data is c.data and b.input_name == c.input_name and _how(b) == _how(c) for b in found):
+                found.append(c)
         return found
 
     def dataset_bindings(self) -> list[DatasetConsumptionConfig]:
         """Dataset inputs, declared or in arguments (one per name and way of giving it: another
         dataset, or the same one given another way, under a taken name is kept for validation to
         refuse)."""
+        given = [c for c in [*self.inputs, *self.arguments] if isinstance(c, DatasetConsumptionConfig)]
         found: list[DatasetConsumptionConfig] = []
-        for c in [*self.inputs, *self.arguments]:
-            if isinstance(c, DatasetConsumptionConfig) and not any(
-                    d.name == c.name and _how(d) == _how(c) and _definition(d) == _definition(c) for d in found):
+        for c in given:
+            if c.mode == "direct" and any(d.mode != "direct" and d.name == c.name and _definition(d) == _definition(c)
+                                          for d in given):
+                continue  # a named input as such refers to the same one given as mount or download
+            if not any(d.name == c.name and _how(d) == _how(c) and _definition(d) == _definition(c) for d in found):
                 found.append(c)
         return found
 
