@@ -241,9 +241,9 @@ def test_debug_sh_sets_the_steps_variables_whatever_the_shell_has(workspace: Wor
     folder = tmp_path / "with space"
     result = cairn("debug", step_run.id, "--print", "--dir", str(folder), cwd=Path(workspace.location))
     assert result.returncode == 0, result.stderr
-    printed = result.stdout.splitlines()[0]
+    printed = result.stdout.splitlines()[0]  # the path as it is (spaces and all): "$(cairn debug ID --print)"
     # a bare shell, elsewhere, that has the recorded run's bindings (as a step's own shell would)
-    by_hand = subprocess.run(printed, shell=True, capture_output=True, text=True, timeout=60, cwd="/",
+    by_hand = subprocess.run(["/bin/sh", "-c", '"$0"', printed], capture_output=True, text=True, timeout=60, cwd="/",
                              env={"PATH": "/usr/bin:/bin", "CAIRN_RUN_ID": step_run.id,
                                   "CAIRN_WORKSPACE": workspace.location})
     assert by_hand.returncode == 3, by_hand.stderr
@@ -549,6 +549,7 @@ def test_what_the_step_inherited_from_its_agent_is_recreated(workspace: Workspac
     monkeypatch.setenv("PYTHONPATH", str(lib))  # the agent this submit starts inherits these
     monkeypatch.setenv("FOO_AGENT", "from the agent")
     monkeypatch.setenv("MY_API_TOKEN", "s3cr3t")
+    monkeypatch.setenv("WAREHOUSE", "postgres://me:hunter2@db/x")  # a password in a URL: by its value
     src = write_script("env.py", "import os, extmod\nprint(extmod.WHERE, os.environ.get('FOO_AGENT'), "
                                  "os.environ.get('MY_API_TOKEN'), os.environ.get('ADDED'))\n")
     run = Experiment(workspace, "inherit").submit(Pipeline(workspace, [
@@ -556,9 +557,10 @@ def test_what_the_step_inherited_from_its_agent_is_recreated(workspace: Workspac
     assert run.wait_for_completion(show_output=False) == "Completed"
     step_id = run.find_step_run("env")[0].id
     assert run.find_step_run("env")[0].get_stdout_log() == "ext from the agent s3cr3t None\n"
-    assert "s3cr3t" not in "".join(p.read_text() for p in (Path(workspace.location) / ".cairn" / "inherited").iterdir())
+    kept = "".join(p.read_text() for p in (Path(workspace.location) / ".cairn" / "inherited").iterdir())
+    assert "s3cr3t" not in kept and "hunter2" not in kept and "from the agent" in kept
     shell = {k: v for k, v in os.environ.items()
-             if k not in ("PYTHONPATH", "FOO_AGENT", "MY_API_TOKEN") and not k.startswith("CAIRN_")}
+             if k not in ("PYTHONPATH", "FOO_AGENT", "MY_API_TOKEN", "WAREHOUSE") and not k.startswith("CAIRN_")}
     root = Path(workspace.location)
 
     def debug(**extra: str) -> subprocess.CompletedProcess[str]:
@@ -582,6 +584,14 @@ def test_what_the_step_inherited_from_its_agent_is_recreated(workspace: Workspac
     assert "s3cr3t" not in script.read_text()  # never written out: whoever runs it gives it
     by_hand = subprocess.run([str(script)], env=shell, cwd="/", capture_output=True, text=True, timeout=60)
     assert by_hand.stdout == "ext from the agent None None\n", by_hand.stderr
+    rerun = Experiment(workspace, "inherit").submit(Pipeline(workspace, [
+        PythonScriptStep("env.py", name="env", source_directory=str(src))]))
+    assert rerun.wait_for_completion(show_output=False) == "Completed"
+    reused = rerun.find_step_run("env")[0]
+    assert reused.get_status() == "Reused"
+    step_id = reused.id  # a reused step is recreated as the run it reuses ran
+    again = debug(MY_API_TOKEN="s3cr3t")
+    assert again.stdout == "ext from the agent s3cr3t None\n" and "were not recorded" not in flat(again.stderr)
 
 
 def test_debug_refuses_folders_of_the_workspace_and_of_other_steps(workspace: Workspace,

@@ -415,7 +415,8 @@ def debug(step_run_id: str,
         for name, path in plan.outputs.items():
             err.print(f"  output {name}: {path}", highlight=False)
         if print_only:
-            console.print(shlex.quote(str(plan.script)), highlight=False, soft_wrap=True)
+            sys.stdout.write(f"{plan.script}\n")  # the path as it is: "$(cairn debug ID --print)" runs it
+            sys.stdout.flush()
             err.print(f"# it empties the outputs, sets the step's variables, then runs from "
                       f"{shlex.quote(str(plan.work))}: "
                       f"{shlex.join(plan.argv)}", highlight=False, soft_wrap=True)

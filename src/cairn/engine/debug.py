@@ -134,7 +134,7 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     for o in step.outputs:
         Path(job.staging_dirs[o.name]).mkdir(parents=True, exist_ok=True)
         outputs[o.name] = job.staging_dirs[o.name]
-    inherited, recorded = _inherited(layout, row, step.name, log)
+    inherited, recorded = _inherited(layout, ctx.store, row, step.name, log)
     env = step_environment(job, outputs, inputs, resolved, start_environment(job, resolved, inherited))
     for name in _RUN_BINDINGS:
         env.pop(name, None)
@@ -201,16 +201,20 @@ def _make_folder(job: Any, target: Path, log: Any, copy_limit: int) -> dict[str,
                              f"(run again with --force once fixed)") from None
 
 
-def _inherited(layout: WorkspaceLayout, row: dict[str, Any], step: str, log: Any
+def _inherited(layout: WorkspaceLayout, store: Any, row: dict[str, Any], step: str, log: Any
                ) -> tuple[dict[str, str] | None, set[str]]:
     """What the step inherited from its agent's variables, as recorded (None: not recorded, this
     process's are used), and the names recorded with their values. A secret-looking variable was
     recorded as a digest: this shell's value is used, said when it is another or missing."""
-    record = load_inherited(layout.dot, row.get("inherited_env") or "")
-    if record is None:
+    ident = row.get("inherited_env")
+    if not ident and row.get("reused_from"):  # a reused step ran as the one it reuses
+        ident = (q.get_run(store, row["reused_from"]) or {}).get("inherited_env")
+    loaded = load_inherited(layout.dot, ident or "")
+    if loaded is None:
         log(f"warning: the variables step {step!r} inherited from its agent were not recorded (it ran on Ray, "
             f"or before Cairn recorded them): the recreated step inherits this shell's instead")
         return None, set()
+    record, salt = loaded
     env: dict[str, str] = {}
     for name, value in record.items():
         if isinstance(value, str):
@@ -222,7 +226,7 @@ def _inherited(layout: WorkspaceLayout, row: dict[str, Any], step: str, log: Any
                 f"this shell to give it to the recreated step")
             continue
         env[name] = here
-        if value_digest(name, here) != value.get("digest"):
+        if value_digest(name, here, salt) != value.get("digest"):
             log(f"warning: {name} had another value in the step's run (it looks secret: only its digest was "
                 f"recorded); this shell's is used")
     # what this shell has and the run had not is added (`ASK=1 cairn debug ID` adds a variable)

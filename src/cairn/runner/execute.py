@@ -324,15 +324,15 @@ def inherited_record(workspace: str) -> str:
     written once per distinct environment, looked up again only when the variables changed."""
     global _recorded
     current = _agent_environ_unchanged()
-    if _recorded[0] is not current:
+    if _recorded[0] is not current or _recorded[1] != workspace:
         from cairn.runner.inherited import record
         from cairn.storage.layout import WorkspaceLayout
 
-        _recorded = (current, record(WorkspaceLayout(workspace).dot, current))
-    return _recorded[1]
+        _recorded = (current, workspace, record(WorkspaceLayout(workspace).dot, current))
+    return _recorded[2]
 
 
-_recorded: tuple[dict[str, str] | None, str] = (None, "")
+_recorded: tuple[dict[str, str] | None, str, str] = (None, "", "")
 
 
 def _agent_environ_unchanged() -> dict[str, str]:

@@ -1,7 +1,8 @@
 """What a step inherits from its agent's environment (the variables its run configuration and
 environment do not set), recorded once per distinct environment in ``.cairn/inherited/`` so that
-``cairn debug`` recreates the step with them. A variable whose name looks like it holds a secret is
-kept as a digest of its value only: debug says when the shell's value is another."""
+``cairn debug`` recreates the step with them. A variable that looks like it holds a secret (by its
+name, or a password in a URL, a connection string) is kept as a keyed digest of its value only:
+debug says when the shell's value is another."""
 
 from __future__ import annotations
 
@@ -9,37 +10,59 @@ import hashlib
 import json
 import os
 import re
+import tempfile
+import threading
 from pathlib import Path
 
 FOLDER = "inherited"  # under the workspace's .cairn/
-SECRET_LOOKING = re.compile(r"KEY|SECRET|TOKEN|PASS|CRED|AUTH|COOKIE|SESSION|PRIVATE|SIGNATURE|CERT", re.IGNORECASE)
+# names and values that may hold a secret (a key, a password in a URL, a connection string): kept as
+# digests only
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASS|PWD|CRED|AUTH|COOKIE|SESSION|PRIVATE|SIGNATURE|CERT|SAS|"
+                         r"URL|URI|DSN|CONNECTION|CONN_STR|PAT$|_PAT_|WEBHOOK|PROXY|JWT|BEARER|OTP", re.IGNORECASE)
+SECRET_VALUE = re.compile(r"://[^/@\s]*:[^/@\s]*@|AccountKey=|SharedAccessSignature|[?&]sig=|password=|"
+                          r"-----BEGIN", re.IGNORECASE)
 
 
-def value_digest(name: str, value: str) -> str:
-    return hashlib.blake2b(f"{name}={value}".encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+def looks_secret(name: str, value: str) -> bool:
+    return bool(SECRET_NAME.search(name) or SECRET_VALUE.search(value))
+
+
+def value_digest(name: str, value: str, salt: str) -> str:
+    """A digest of a value that is not kept: it tells whether another shell's value is the same."""
+    return hashlib.blake2b(f"{name}={value}".encode("utf-8", "surrogateescape"), digest_size=16,
+                           key=bytes.fromhex(salt)).hexdigest()
+
+
+_write_lock = threading.Lock()
 
 
 def record(dot: str | os.PathLike[str], env: dict[str, str]) -> str:
-    """Keep ``env`` (once: the file is named by its content) and return its id; for this user only."""
-    kept = {k: {"digest": value_digest(k, v)} if SECRET_LOOKING.search(k) else v for k, v in env.items()}
-    text = json.dumps(kept, sort_keys=True, ensure_ascii=False)
-    ident = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+    """Keep ``env`` (once per distinct set: the file is named by what it holds) and return its id;
+    for this user only. Secret-looking values are kept as keyed digests (a random key per record)."""
+    ident = hashlib.blake2b(json.dumps(sorted(env.items()), ensure_ascii=False).encode("utf-8", "surrogateescape"),
+                            digest_size=16).hexdigest()
     path = Path(dot) / FOLDER / f"{ident}.json"
-    if not path.exists():
+    with _write_lock:
+        if path.exists():
+            return ident
+        salt = os.urandom(16).hex()
+        kept = {k: {"digest": value_digest(k, v, salt)} if looks_secret(k, v) else v for k, v in env.items()}
+        text = json.dumps({"salt": salt, "variables": kept}, sort_keys=True, ensure_ascii=False)
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        temporary = path.with_name(f".{ident}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{ident}.", suffix=".tmp")  # 0600
         with open(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
-        os.replace(temporary, path)  # whole or not at all
+        os.replace(temporary, path)  # whole or not at all (another agent's equal record may win: the same)
     return ident
 
 
-def load(dot: str | os.PathLike[str], ident: str) -> dict[str, str | dict[str, str]] | None:
-    """A record kept by ``record``, or None (gone, or never kept)."""
+def load(dot: str | os.PathLike[str], ident: str) -> tuple[dict[str, str | dict[str, str]], str] | None:
+    """A record kept by ``record`` (its variables, and the key of its digests), or None (gone, or
+    never kept)."""
     if not re.fullmatch(r"[0-9a-f]{32}", ident or ""):
         return None
     try:
-        return json.loads((Path(dot) / FOLDER / f"{ident}.json").read_text(encoding="utf-8", errors="surrogateescape"))
-    except (OSError, ValueError):
+        kept = json.loads((Path(dot) / FOLDER / f"{ident}.json").read_text(encoding="utf-8", errors="surrogateescape"))
+        return kept["variables"], kept["salt"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
