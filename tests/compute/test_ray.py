@@ -110,6 +110,8 @@ CHECKPOINTS = """
 import os, signal, sys, time
 def save(signum, frame):
     open(sys.argv[1], "w").write("checkpoint saved on " + signal.Signals(signum).name)
+    os.makedirs(sys.argv[3], exist_ok=True)
+    open(os.path.join(sys.argv[3], "model.txt"), "w").write("half-trained")
     if sys.argv[2] == "exit":
         sys.exit(0)
 signal.signal(signal.SIGTERM, save)
@@ -125,11 +127,18 @@ def test_a_cancel_lets_a_step_on_ray_save_a_checkpoint_first(workspace: Workspac
                                                             after_saving: str) -> None:
     """As on local compute: SIGTERM to the step's process group first, the task's worker stopped only
     if it has not ended after the grace period (a step that exits 0 once saved is still canceled)."""
+    from cairn import OutputFileDatasetConfig
+
     saved = tmp_path / "checkpoint.txt"
+    store = workspace.get_default_datastore()
+    latest = Path(store.root) / "models" / "latest"
+    latest.mkdir(parents=True)
+    (latest / "model.txt").write_text("good")  # the last good model: a canceled step must not replace it
+    model = OutputFileDatasetConfig("model", destination=(store, "models/latest")).as_upload(overwrite=True)
     src = write_script("train.py", CHECKPOINTS)
     run = Experiment(workspace, "ray").submit(Pipeline(workspace, [
         PythonScriptStep("train.py", name="train", source_directory=str(src), compute_target="ray",
-                         arguments=[str(saved), after_saving], allow_reuse=False)]))
+                         arguments=[str(saved), after_saving, model], allow_reuse=False)]))
     step = run.get_steps()[0]
     wait_until(workspace, run, lambda: "training" in step.get_stdout_log())
     pid = int(step.get_stdout_log().split()[1])
@@ -139,6 +148,7 @@ def test_a_cancel_lets_a_step_on_ray_save_a_checkpoint_first(workspace: Workspac
     assert step.get_status() == "Canceled", workspace._backend.get_events(step.id)
     events = [e["status"] for e in workspace._backend.get_events(step.id)]
     assert events.count("Canceled") == 1 and "Completed" not in events, events
+    assert (latest / "model.txt").read_text() == "good"  # nothing of a canceled step is committed
     deadline = time.monotonic() + 30  # one that lingers is killed after the grace period
     while not gone(pid):
         assert time.monotonic() < deadline, "the canceled step's process is still alive"

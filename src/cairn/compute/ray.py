@@ -231,7 +231,8 @@ class RayCompute:
                 ready, _ = ray.wait([ref], timeout=KILL_GRACE_SECONDS)
             except Exception:
                 ready = []
-            if ready:
+            if ready:  # it ended within the grace: what it left in its session on another machine goes
+                self._kill_remote(job)
                 return
         self._stop_task(ref, job)
 

@@ -45,6 +45,7 @@ class WorkspaceRelay:
         self._cond = threading.Condition()
         self._jobs: dict[Attempt, StepJob] = {}
         self._processes: dict[str, tuple[int, str, int, str | None]] = {}  # step run -> attempt, node, pid, start
+        self._asked: dict[str, tuple[int, str, int, str | None]] = {}  # the same, of steps asked to end
         self._datasets: dict[tuple[str, int, str], list[Any]] = {}  # a dataset input's files, listed once
         self._script = script_service(workspace) if script_service is not None else None
 
@@ -77,7 +78,7 @@ class WorkspaceRelay:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         with self._cond:
-            where = self._processes.pop(step_run_id, None)
+            where = self._processes.pop(step_run_id, None) or self._asked.pop(step_run_id, None)
         if where is None:
             return False
         _attempt, node, pid, started = where
@@ -100,6 +101,8 @@ class WorkspaceRelay:
 
         with self._cond:
             where = self._processes.get(step_run_id)
+            if where is not None:  # kept for kill_step's sweep of what it leaves, once its end was reported
+                self._asked[step_run_id] = where
         if where is None:
             row = q.get_run(self.ctx.store, step_run_id) or {}
             return ask_step_to_end(row.get("pid"), row.get("pid_started"))
@@ -290,6 +293,14 @@ class WorkspaceRelay:
 
         job = self._job(step_run_id, attempt)
         remove_staging(job, job.spec)
+
+    def stopped(self, step_run_id: str, attempt: int) -> bool:
+        """Whether the step's agent took its ending on itself (a cancel, an agent stop): its node then
+        commits nothing, whatever the step's exit."""
+        from cairn.engine.ray_task import stopped_by_agent
+
+        self._job(step_run_id, attempt)  # only for an attempt its agent submitted
+        return stopped_by_agent(self.ctx.store, step_run_id)
 
     def upload_logs(self, step_run_id: str, attempt: int, result: dict[str, Any]) -> None:
         """The step's whole logs (every attempt's, as the workspace holds them) to an object-store

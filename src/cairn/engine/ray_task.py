@@ -41,7 +41,8 @@ def run_step_task(job: StepJob, relay: Any = None) -> dict[str, Any]:
     q.add_properties(ctx.store, job.step_run_id, where)
     # a cancel asks the step's process group to end (SIGTERM), then kills this worker (ray.cancel with
     # force) if it has not; the agent kills what the step left
-    result = execute_step(job, reporter, StepControl())
+    control = StepControl(ended_elsewhere=lambda: stopped_by_agent(ctx.store, job.step_run_id))
+    result = execute_step(job, reporter, control)
     upload_logs(job, result)
     return {"step_run_id": result.step_run_id, "status": result.status, "reason": result.reason,
             "exit_code": result.exit_code}
@@ -71,7 +72,7 @@ def workspace_unreachable(job: StepJob) -> str | None:
             f"`ray start --address=HEAD:PORT`) for steps to run on nodes of other machines")
 
 
-def _stopped_by_agent(store: Any, step_run_id: str) -> bool:
+def stopped_by_agent(store: Any, step_run_id: str) -> bool:
     """Whether the step's agent has taken its ending on itself: it handed the step back to the queue
     (an agent stop), or the step's pipeline run is being canceled. Either ends the task's process
     (SIGTERM first for a cancel; Ray's force cancel kills a worker's children as it exits), and that
@@ -107,12 +108,12 @@ class TaskReporter:
     def succeeded(self, job: StepJob, outputs: list[dict[str, Any]], exit_code: int) -> bool:
         # a step asked to end by a cancel may still exit 0 (it saved a checkpoint): canceled, as on
         # local compute
-        if _stopped_by_agent(self._store, job.step_run_id):
+        if stopped_by_agent(self._store, job.step_run_id):
             return False
         return self._inner.succeeded(job, outputs, exit_code)
 
     def ended(self, step_run_id: str, status: Any, reason: str, exit_code: int | None) -> None:
-        if not self._node_dying() and not _stopped_by_agent(self._store, step_run_id):
+        if not self._node_dying() and not stopped_by_agent(self._store, step_run_id):
             self._inner.ended(step_run_id, status, reason, exit_code)
 
     def register_output(self, job: StepJob, output: dict[str, Any], registration: dict[str, Any]) -> str:

@@ -91,7 +91,8 @@ def run_remote(job: StepJob, actor: Any, node: str, where: dict[str, str],
         stop_serving = _serve_run_context(call, local, f"{sock_dir}/relay.sock")
         local = _with_variable(local, "CAIRN_RELAY", f"{sock_dir}/relay.sock")
         shipper.start()
-        result = execute_step(local, _RelayReporter(call, node, shipper, node_dying), StepControl(),
+        result = execute_step(local, _RelayReporter(call, node, shipper, node_dying),
+                              StepControl(ended_elsewhere=lambda: bool(call("stopped"))),
                               commit_local=_LocalCommitter(call))
         shipper.stop()
         ended = result.status != "Queued"

@@ -67,7 +67,11 @@ class StepReporter(Protocol):
 class StepControl:
     """Lets the engine stop a running step: cancel() kills its whole process group."""
 
-    def __init__(self) -> None:
+    def __init__(self, ended_elsewhere: Callable[[], bool] | None = None) -> None:
+        """``ended_elsewhere()``: for a step whose engine is in another process (a Ray task), whether
+        that engine took the step's ending on itself (a cancel, an agent stop): asked once its process
+        ended, before anything is committed."""
+        self.ended_elsewhere = ended_elsewhere
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._cancellers: list[Callable[[bool], None]] = []
@@ -114,7 +118,8 @@ class StepControl:
             # checkpoint), then kills what is left after KILL_GRACE_SECONDS, as a timeout does; an
             # agent that stops kills at once (the step runs again anyway).
             if self._proc is not None and getattr(self._proc, "returncode", None) is None:
-                self.escaped = escaped_descendants(self._proc.pid)  # before the leader dies: then they are init's
+                # before the leader dies (then they are init's); a second stop adds to the first's
+                self.escaped = list({*self.escaped, *escaped_descendants(self._proc.pid)})
                 if requeue:
                     _kill_group(self._proc)
                     signal_escaped(self.escaped)
@@ -661,6 +666,9 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         # inputs handed over before they were digested: their digests make the fingerprint; a
         # producer that failed meanwhile is the cause of whatever this step then did: named first
         job, handoff_failure = _settle_pending_inputs(job, reporter, control, syslog)
+        if not (control.canceled or control.requeue) and control.ended_elsewhere is not None \
+                and control.ended_elsewhere():  # asked to end (SIGTERM) by its engine: even an exit 0 commits nothing
+            control.canceled = True
         if control.requeue:  # stopped (or given up) meanwhile: that decides, not the hand-off
             syslog(f"stopped: {control.cancel_reason}; the step will run again")
             return StepResult(job.step_run_id, Status.QUEUED.value, control.cancel_reason, code)
