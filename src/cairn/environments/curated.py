@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-SKLEARN_PINS = ["numpy==2.4.6", "pandas==3.1.1", "pyarrow==26.0.1", "scikit-learn==1.9.1", "scipy==1.17.1"]
+# python-dateutil (pandas needs it) at the version Cairn's client uses through botocore: its newest
+# release would make the build warn that the environment pins one of the client's packages otherwise
+SKLEARN_PINS = ["numpy==2.4.6", "pandas==3.1.1", "pyarrow==26.0.1", "python-dateutil==2.9.0.post0",
+                "scikit-learn==1.9.1", "scipy==1.17.1"]
 
 
 def _managed(name: str, pip: list[str]) -> dict[str, Any]:
