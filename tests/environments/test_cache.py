@@ -144,14 +144,18 @@ def test_prune_spares_needed_and_busy_environments(tmp_path: Path) -> None:
         cache.resolve(spec, tag).close()
     half_made = cache.root / "0123456789abcdef01234567"
     half_made.mkdir()
+    failed = "fedcba9876543210fedcba98"  # a build that failed: its lock files, no folder
+    for kind in ("build", "use"):
+        (cache.root / f"{failed}.{kind}.lock").touch()
     busy = cache.resolve(specs["busy"], "busy")  # a step is using it
     keys = {tag: cache_key(spec) for tag, spec in specs.items()}
     assert {e["name"] for e in cache.entries()} == {"needed", "busy", "idle"}
     removed, kept = cache.prune({keys["needed"]}, dry_run=True)
     assert cache.is_built(keys["idle"]) and keys["idle"] in removed
     removed, kept = cache.prune({keys["needed"]})
-    assert sorted(removed) == sorted([keys["idle"], half_made.name]) and kept == [keys["busy"]]
+    assert sorted(removed) == sorted([keys["idle"], half_made.name, failed]) and kept == [keys["busy"]]
     assert not cache.folder(keys["idle"]).exists() and not half_made.exists()
+    assert not list(cache.root.glob(f"{failed}.*")) and not list(cache.root.glob(f"{keys['idle']}.*"))
     assert cache.is_built(keys["needed"]) and cache.is_built(keys["busy"])
     busy.close()
     removed, _ = cache.prune(set())

@@ -278,8 +278,11 @@ class EnvironmentCache:
         removed, busy = [], []
         if not self.root.is_dir():
             return removed, busy
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            key = folder.name
+        # a build that failed left its lock files and no folder: those go too
+        keys = {p.name for p in self.root.iterdir() if p.is_dir()} | \
+            {p.name.split(".", 1)[0] for p in self.root.glob("*.lock")}
+        for key in sorted(keys):
+            folder = self.root / key
             if key in needed:
                 continue
             with self._lock_file(key, "use") as use, self._lock_file(key, "build") as build:
