@@ -566,6 +566,12 @@ def test_the_run_methods_scripts_call_work_in_a_step_and_offline(workspace, writ
     assert offline.returncode == 0, offline.stderr
     assert "all calls worked as OfflineRun" in offline.stdout
     assert "[offline run] upload one.txt from 'made/a.txt'" in offline.stderr
+    where = "from cairn import Run\nprint('workspace', getattr(Run.get_context().experiment.workspace, 'location', None))\n"
+    inside = subprocess.run([sys.executable, "-c", where], cwd=workspace.location, env=env, capture_output=True,
+                            text=True)
+    assert inside.stdout == f"workspace {workspace.location}\n", inside.stderr  # the one its folder is in
+    outside = subprocess.run([sys.executable, "-c", where], cwd="/", env=env, capture_output=True, text=True)
+    assert outside.stdout == "workspace None\n", outside.stderr
 
 
 DETACHES = """

@@ -499,19 +499,26 @@ def _folder_files(name: str, path: str | os.PathLike[str]) -> list[tuple[str, st
 
 class _OfflineExperiment:
     """An offline run's experiment. In a step recreated by `cairn debug`: the recorded step's
-    experiment name and workspace (opened when first asked for), for the script to read."""
+    experiment name and workspace (opened when first asked for), for the script to read. Else the
+    workspace the current folder is in (``Workspace.from_config()``), or None outside any."""
 
     def __init__(self, name: str = "offline", workspace_path: str | None = None) -> None:
         self.name = name
         self._workspace_path = workspace_path
         self._workspace: Workspace | None = None
+        self._looked = False
 
     @property
     def workspace(self) -> Workspace | None:
-        if self._workspace is None and self._workspace_path:
+        if self._workspace is None and not self._looked:
             from cairn.client.workspace import Workspace
+            from cairn.core.errors import WorkspaceNotFoundError
 
-            self._workspace = Workspace(self._workspace_path)
+            self._looked = True
+            try:
+                self._workspace = Workspace(self._workspace_path) if self._workspace_path else Workspace.from_config()
+            except WorkspaceNotFoundError:
+                self._workspace = None
         return self._workspace
 
 
