@@ -550,17 +550,20 @@ def test_what_the_step_inherited_from_its_agent_is_recreated(workspace: Workspac
     monkeypatch.setenv("FOO_AGENT", "from the agent")
     monkeypatch.setenv("MY_API_TOKEN", "s3cr3t")
     monkeypatch.setenv("WAREHOUSE", "postgres://me:hunter2@db/x")  # a password in a URL: by its value
-    src = write_script("env.py", "import os, extmod\nprint(extmod.WHERE, os.environ.get('FOO_AGENT'), "
-                                 "os.environ.get('MY_API_TOKEN'), os.environ.get('ADDED'))\n")
+    monkeypatch.setenv("RAW_BYTES", os.fsdecode(b"caf\xe9"))  # not UTF-8: kept and given back as it is
+    src = write_script("env.py", "import os, sys, extmod\nprint(extmod.WHERE, os.environ.get('FOO_AGENT'), "
+                                 "os.environ.get('MY_API_TOKEN'), os.environ.get('ADDED'))\n"
+                                 "print(os.environb.get(b'RAW_BYTES', b'').hex(), file=sys.stderr)\n")
     run = Experiment(workspace, "inherit").submit(Pipeline(workspace, [
         PythonScriptStep("env.py", name="env", source_directory=str(src))]))
     assert run.wait_for_completion(show_output=False) == "Completed"
     step_id = run.find_step_run("env")[0].id
     assert run.find_step_run("env")[0].get_stdout_log() == "ext from the agent s3cr3t None\n"
-    kept = "".join(p.read_text() for p in (Path(workspace.location) / ".cairn" / "inherited").iterdir())
+    kept = "".join(p.read_text(errors="surrogateescape") for p in (Path(workspace.location) / ".cairn" / "inherited").iterdir())
     assert "s3cr3t" not in kept and "hunter2" not in kept and "from the agent" in kept
     shell = {k: v for k, v in os.environ.items()
-             if k not in ("PYTHONPATH", "FOO_AGENT", "MY_API_TOKEN", "WAREHOUSE") and not k.startswith("CAIRN_")}
+             if k not in ("PYTHONPATH", "FOO_AGENT", "MY_API_TOKEN", "WAREHOUSE", "RAW_BYTES")
+             and not k.startswith("CAIRN_")}
     root = Path(workspace.location)
 
     def debug(**extra: str) -> subprocess.CompletedProcess[str]:
@@ -571,6 +574,7 @@ def test_what_the_step_inherited_from_its_agent_is_recreated(workspace: Workspac
     bare = debug(ADDED="by hand")
     assert bare.returncode == 0, bare.stderr
     assert bare.stdout == "ext from the agent None by hand\n"
+    assert "636166e9" in bare.stderr  # the step's variable of bytes that are not UTF-8, as it had it
     assert "MY_API_TOKEN was set in the step's run" in flat(bare.stderr)
     assert "this shell adds" in flat(bare.stderr) and "ADDED" in bare.stderr
     other = debug(MY_API_TOKEN="another")
@@ -581,9 +585,10 @@ def test_what_the_step_inherited_from_its_agent_is_recreated(workspace: Workspac
     printed = subprocess.run([sys.executable, "-m", "cairn", "debug", step_id, "--force", "--print"], cwd=root,
                              env={**shell, "MY_API_TOKEN": "s3cr3t"}, capture_output=True, text=True, timeout=120)
     script = Path(printed.stdout.strip())
-    assert "s3cr3t" not in script.read_text()  # never written out: whoever runs it gives it
+    assert "s3cr3t" not in script.read_text(errors="surrogateescape")  # never written out: whoever runs it gives it
     by_hand = subprocess.run([str(script)], env=shell, cwd="/", capture_output=True, text=True, timeout=60)
     assert by_hand.stdout == "ext from the agent None None\n", by_hand.stderr
+    assert "636166e9" in by_hand.stderr
     rerun = Experiment(workspace, "inherit").submit(Pipeline(workspace, [
         PythonScriptStep("env.py", name="env", source_directory=str(src))]))
     assert rerun.wait_for_completion(show_output=False) == "Completed"

@@ -669,7 +669,17 @@ if child == 0:  # no exec: it keeps the interpreter's own variables, and leaves 
     os.setsid()
     time.sleep(120)
     os._exit(0)
-print("child", child, flush=True)
+reader, writer = os.pipe()
+if os.fork() == 0:  # a daemon, as python-daemon makes one: fork, setsid, fork; its parent exits at once
+    os.setsid()
+    if os.fork() == 0:
+        os.write(writer, str(os.getpid()).encode())
+        os.close(writer)
+        time.sleep(120)
+    os._exit(0)
+os.close(writer)
+daemon = int(os.read(reader, 32))
+print("child", child, daemon, flush=True)
 time.sleep(120)
 """
 
@@ -677,8 +687,10 @@ time.sleep(120)
 @pytest.mark.parametrize("start", ["cold", "warm"])
 @pytest.mark.parametrize("stop", ["cancel", "timeout"])
 def test_a_stopped_step_takes_a_child_that_forked_into_its_own_session_along(workspace, write_script, start, stop):
-    """A child forked without exec, then setsid: neither the step's group nor its variables find it
-    (a spare's or a warm step's /proc environ is their interpreter's); its parentage does."""
+    """A child forked without exec, then setsid: neither the step's group nor its start-up variables
+    find it (a spare's or a warm step's started before its step was known); its parentage does. A
+    daemon (fork, setsid, fork) has no parentage left: the step's id written over its interpreter's
+    placeholder CAIRN_RUN_ID, which it inherited, does."""
     from cairn import ComputeTarget, LocalCompute
 
     if start == "warm":
@@ -695,15 +707,16 @@ def test_a_stopped_step_takes_a_child_that_forked_into_its_own_session_along(wor
     while "child" not in step.get_stdout_log():  # woken by the agent's events (and log polls), not a timer
         watch.wait(1)
     watch.close()
-    child = int(step.get_stdout_log().split()[1])
+    child, daemon = map(int, step.get_stdout_log().split()[1:3])
     if stop == "cancel":
         run.cancel()
     final = run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60)
     assert final == ("Canceled" if stop == "cancel" else "Failed")
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1][:3]:
-        assert time.monotonic() < deadline, f"the step's child {child} in its own session is still running"
-        time.sleep(0.05)
+    for pid in (child, daemon):  # the daemon's parent had exited: it was init's when the stop came
+        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]:
+            assert time.monotonic() < deadline, f"the step's process {pid} in a session of its own is still running"
+            time.sleep(0.05)
 
 
 def test_a_submitted_run_is_not_kept_alive_by_cairn(workspace, write_script):

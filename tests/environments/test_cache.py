@@ -181,3 +181,23 @@ def test_credentials_in_index_urls_never_reach_the_build_log(tmp_path: Path) -> 
     assert redact("uv pip install --index-url https://me:s3cret@pkgs.example.org/simple") == \
         "uv pip install --index-url https://***@pkgs.example.org/simple"
     assert redact("--extra-index-url https://token@host/simple x") == "--extra-index-url https://***@host/simple x"
+
+
+def test_without_the_package_index_an_environment_builds_from_uvs_cache(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine that cannot reach the index (here: a proxy nobody listens on) builds from what uv
+    has cached, saying so; the seed packages are in the cache once any environment was built."""
+    cache = EnvironmentCache(tmp_path / "envs")
+    cache.resolve(empty_env("online"), "online").close()  # the seed packages are cached now
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    lines: list[str] = []
+    resolved = cache.resolve(empty_env("offline"), "offline", lines.append)
+    try:
+        assert run_in(resolved, "import pip, sys; print(sys.prefix)").returncode == 0
+    finally:
+        resolved.close()
+    assert any("trying again from uv's cache alone" in line for line in lines), lines
+    assert any("built from uv's cache" in line for line in lines), lines

@@ -34,9 +34,12 @@ def test_steps_starting_together_share_one_whole_record(tmp_path: Path) -> None:
 def test_what_looks_secret_by_name_or_value() -> None:
     for name, value in [("DATABASE_URL", "sqlite:///x"), ("AZURE_STORAGE_CONNECTION_STRING", "x"), ("GH_PAT", "x"),
                         ("HTTPS_PROXY", "http://proxy"), ("X", "postgres://u:pw@db/x"), ("Y", "AccountKey=abc"),
-                        ("Z", "https://a.blob.core.windows.net/c?sv=1&sig=abc")]:
+                        ("Z", "https://a.blob.core.windows.net/c?sv=1&sig=abc"),
+                        ("APP_JSON", '{"db": {"password": "pw"}}'), ("MYSQL_CMD", "mysql -uroot --password=pw"),
+                        ("HEADER", "Basic dXNlcjpwYXNzMTcx")]:
         assert looks_secret(name, value), name
-    for name, value in [("PATH", "/usr/bin"), ("HOME", "/root"), ("PYTHONPATH", "/lib"), ("LANG", "C.UTF-8")]:
+    for name, value in [("PATH", "/usr/bin"), ("HOME", "/root"), ("PYTHONPATH", "/lib"), ("LANG", "C.UTF-8"),
+                        ("PWD", "/work"), ("OLDPWD", "/tmp")]:
         assert not looks_secret(name, value), name
 
 

@@ -146,7 +146,7 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     script = tools / "debug.sh"  # not in the working folder: the snapshot may have a file so named
     # it holds the step's variables: for this user only, from the start
     fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
-    with open(fd, "w", encoding="utf-8") as f:
+    with open(fd, "w", encoding="utf-8", errors="surrogateescape") as f:  # variables may be any bytes
         os.fchmod(fd, 0o700)
         f.write(_shell_script(step.name, row["parent_id"], step_run_id, changed, removed, argv,
                               [o.name for o in step.outputs], tools))

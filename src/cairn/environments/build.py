@@ -240,10 +240,10 @@ class EnvironmentCache:
                 f"solving conda packages with {Path(solver).name}")
         else:
             python = find_python(spec["python"])
-            run([uv, "venv", "--no-config", "--seed", "--color", "never", "--python", python or spec["python"],
-                 str(venv)],
-                f"creating a Python {spec['python']} environment"
-                + ("" if python else " (not installed here: uv will try to download it)"))
+            _from_cache_if_offline(run, tee, [uv, "venv", "--no-config", "--seed", "--clear", "--color", "never",
+                                              "--python", python or spec["python"], str(venv)],
+                                   f"creating a Python {spec['python']} environment"
+                                   + ("" if python else " (not installed here: uv will try to download it)"))
         pip = list(spec.get("pip") or [])
         if pip:
             requirements = folder / "requirements.txt"
@@ -251,8 +251,9 @@ class EnvironmentCache:
             index = ["--index-url", spec["index_url"]] if spec.get("index_url") else []
             for extra in spec.get("extra_index_urls") or []:
                 index += ["--extra-index-url", extra]
-            run([uv, "pip", "install", "--no-config", "--color", "never", "--python", str(venv / "bin" / "python"),
-                 "--compile-bytecode", *index, "-r", str(requirements)], "installing pip packages with uv")
+            _from_cache_if_offline(run, tee, [uv, "pip", "install", "--no-config", "--color", "never", "--python",
+                                              str(venv / "bin" / "python"), "--compile-bytecode", *index, "-r",
+                                              str(requirements)], "installing pip packages with uv")
 
     # -- listing and pruning -----------------------------------------------------------------
 
@@ -337,6 +338,27 @@ def _runner(tee: _Tee, attach: Callable[[subprocess.Popen[bytes]], None] | None
             detail = "\n".join(t for t in tail if t.strip())
             raise EnvironmentBuildError(f"{what} failed (exit code {code}):\n{detail}")
     return run
+
+
+_UNREACHABLE = re.compile(r"error resolving DNS|failed to lookup address|Failed to fetch|Connection refused|"
+                          r"Network is unreachable|timed out|error sending request", re.IGNORECASE)
+
+
+def _from_cache_if_offline(run: Callable[[list[str], str], None], tee: _Tee, argv: list[str], what: str) -> None:
+    """``run(argv)``; when it failed because the package index could not be reached, once more from
+    uv's cache alone (``--offline``): a machine without network builds what it has built before.
+    Fails with the first error when the cache cannot do it either."""
+    try:
+        run(argv, what)
+    except EnvironmentBuildError as exc:
+        if not _UNREACHABLE.search(str(exc)):
+            raise
+        tee("the package index could not be reached: trying again from uv's cache alone (--offline)")
+        try:
+            run([argv[0], "--offline", *argv[1:]], f"{what}, from uv's cache")
+        except EnvironmentBuildError:
+            raise exc from None
+        tee("built from uv's cache: the package index could not be reached")
 
 
 def redact(text: str) -> str:

@@ -287,6 +287,7 @@ def _child(request: dict, conn: socket.socket, server: socket.socket, sel: selec
             os.setsid()  # its own session and process group, as a cold step's (start_new_session)
         finally:
             os.close(session_made)  # the server answers the pid now
+        mark_environ(request["env"].get("CAIRN_RUN_ID"))
         for fileobj in [k.fileobj for k in sel.get_map().values()]:
             if isinstance(fileobj, int) and fileobj > 2:
                 os.close(fileobj)  # other children's pidfds
@@ -530,6 +531,34 @@ def _exit_code(value: object) -> int:
         return (value if -(1 << 63) <= value < (1 << 63) else -1) & 0xFF
     print(value, file=sys.stderr)
     return 1
+
+
+def mark_environ(step_run_id: str | None) -> None:
+    """(``spare_job.mark_environ`` is the same for spare interpreters.) Write the step's id over the ``CAIRN_RUN_ID`` this process started with (a placeholder: it
+    started before its step was known), in its start-up environment itself: what
+    ``/proc/PID/environ`` shows, and what a child forked without exec inherits. A canceled step's
+    daemons forked that way (fork, setsid, fork) are then found by it (``processes.kill_detached``)."""
+    if not step_run_id:
+        return
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50 and 51)
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            block = mem.read(end - start)
+            at = (b"\0" + block).find(b"\0CAIRN_RUN_ID=")
+            if at < 0:
+                return
+            value_at = at + len(b"CAIRN_RUN_ID=")
+            stop = block.find(b"\0", value_at)
+            stop = len(block) if stop < 0 else stop
+            new = step_run_id.encode()
+            if len(new) <= stop - value_at:
+                mem.seek(start + value_at)
+                mem.write(new + b"\0" * (stop - value_at - len(new)))
+    except (OSError, ValueError, IndexError):  # no /proc: such daemons are not found, as before
+        pass
 
 
 if __name__ == "__main__":

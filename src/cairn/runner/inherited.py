@@ -19,12 +19,13 @@ FOLDER = "inherited"  # under the workspace's .cairn/
 # digests only
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASS|PWD|CRED|AUTH|COOKIE|SESSION|PRIVATE|SIGNATURE|CERT|SAS|"
                          r"URL|URI|DSN|CONNECTION|CONN_STR|PAT$|_PAT_|WEBHOOK|PROXY|JWT|BEARER|OTP", re.IGNORECASE)
-SECRET_VALUE = re.compile(r"://[^/@\s]*:[^/@\s]*@|AccountKey=|SharedAccessSignature|[?&]sig=|password=|"
-                          r"-----BEGIN", re.IGNORECASE)
+SECRET_VALUE = re.compile(r"://[^/@\s]*:[^/@\s]*@|AccountKey=|SharedAccessSignature|[?&]sig=|passw|pwd|secret|"
+                          r"token|-----BEGIN|\b(Basic|Bearer)\s+\S{8,}", re.IGNORECASE)
+NOT_SECRET = {"PWD", "OLDPWD"}  # the shell's folders
 
 
 def looks_secret(name: str, value: str) -> bool:
-    return bool(SECRET_NAME.search(name) or SECRET_VALUE.search(value))
+    return name not in NOT_SECRET and bool(SECRET_NAME.search(name) or SECRET_VALUE.search(value))
 
 
 def value_digest(name: str, value: str, salt: str) -> str:

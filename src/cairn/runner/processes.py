@@ -116,6 +116,11 @@ def signal_escaped(escaped: Escaped, sig: int = signal.SIGKILL) -> None:
                 pass
 
 
+# What a spare interpreter or warm-start server starts with as its CAIRN_RUN_ID: room for a step's
+# id, written over it in the process that takes the step (``spare_job``/``forkserver.mark_environ``)
+RUN_ID_PLACEHOLDER = "." * 40
+
+
 def kill_detached(step_run_id: str) -> bool:
     """Kill the processes a step started in a session of its own (``setsid``, ``start_new_session``),
     which neither its process group nor its session reaches: each still has the step's

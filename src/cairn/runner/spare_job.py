@@ -135,6 +135,7 @@ def main(path0: bool) -> tuple:
         except OSError as exc:
             os.write(2, f"cairn: could not start {argv[0]}: {exc}\n".encode())
             os._exit(127)
+    mark_environ(env.get("CAIRN_RUN_ID"))
     os.environ.clear()
     os.environ.update(env)
     script = os.path.abspath(argv[1])
@@ -258,3 +259,31 @@ def print_uncaught(exc: BaseException) -> object:
         print("\nOriginal exception was:", file=sys.stderr)
         sys.__excepthook__(type(exc), exc, tb)
     return None
+
+
+def mark_environ(step_run_id: str | None) -> None:
+    """(``forkserver.mark_environ`` is the same for warm steps, which cannot import this.) Write the step's id over the ``CAIRN_RUN_ID`` this process started with (a placeholder: it
+    started before its step was known), in its start-up environment itself: what
+    ``/proc/PID/environ`` shows, and what a child forked without exec inherits. A canceled step's
+    daemons forked that way (fork, setsid, fork) are then found by it (``processes.kill_detached``)."""
+    if not step_run_id:
+        return
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50 and 51)
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            block = mem.read(end - start)
+            at = (b"\0" + block).find(b"\0CAIRN_RUN_ID=")
+            if at < 0:
+                return
+            value_at = at + len(b"CAIRN_RUN_ID=")
+            stop = block.find(b"\0", value_at)
+            stop = len(block) if stop < 0 else stop
+            new = step_run_id.encode()
+            if len(new) <= stop - value_at:
+                mem.seek(start + value_at)
+                mem.write(new + b"\0" * (stop - value_at - len(new)))
+    except (OSError, ValueError, IndexError):  # no /proc: such daemons are not found, as before
+        pass

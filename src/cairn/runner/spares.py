@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from cairn.runner.processes import RUN_ID_PLACEHOLDER
+
 SPARE_BOOT = str(Path(__file__).with_name("spare_boot.py"))
 SPARE_JOB = str(Path(__file__).with_name("spare_job.py"))
 TAKE_TIMEOUT = 30.0  # a spare that has not taken its step by then (a start that hangs) is killed
@@ -223,7 +225,8 @@ class SparePool:
             key, env = wanted
             try:
                 spare = subprocess.Popen([key[0], SPARE_BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+                                         stderr=subprocess.DEVNULL, env={**env, "CAIRN_RUN_ID": RUN_ID_PLACEHOLDER},
+                                         start_new_session=True)
             except OSError:  # e.g. the environment's interpreter is gone: its steps start cold (and say why)
                 with self._cond:
                     self._idle.pop(key, None)

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cairn.runner.processes import RUN_ID_PLACEHOLDER
+
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
 START_TIMEOUT = 300.0  # importing the modules may take a while; a hang must not
 # A step waits this long for a server still importing, then starts cold (importing what it needs
@@ -143,7 +145,8 @@ class WarmServer:
         self.log_path = log_path
         with open(log_path, "ab") as log:
             self._proc = subprocess.Popen([python, FORKSERVER, self.socket_path, *modules], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
+                                          stdout=subprocess.PIPE, stderr=log,
+                                          env={**env, "CAIRN_RUN_ID": RUN_ID_PLACEHOLDER}, start_new_session=True)
         try:
             self.ready: dict[str, Any] = self._wait_ready(log_path)
         except BaseException:
