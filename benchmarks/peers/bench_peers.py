@@ -219,8 +219,10 @@ def main() -> None:
                  f"({', '.join(SHAPE_LABELS)})")
     if shapes == ["snapshot"] and "cairn" not in tools:
         sys.exit("the snapshot shape is measured for cairn only (no peer snapshots code): add cairn to --tools")
+    if {"rerun", "edit"} & set(shapes) and "chain" not in shapes:  # they rerun the chain (a) made
+        sys.exit("the shapes rerun (c) and edit (d) run the chain again after (a): add chain to --shapes")
     missing = [t for t in ("bare", "cairn") if t not in tools]
-    if missing:
+    if missing and shapes != ["snapshot"]:
         print(f"note: without {' and '.join(missing)} in --tools, the ratio columns stay empty", file=sys.stderr)
     for tool in tools:
         peer_python(tool)  # install first: no install is timed
@@ -271,6 +273,19 @@ def main() -> None:
                  + "; ".join(sorted({f"{r['tool']} {r['shape']}" for r in failed})))
 
 
+def _why(error: str) -> str:
+    """The line of a failed run's output that says what failed (Cairn's names the step and reason;
+    its last line only points at a workspace that is gone with the run's state folder)."""
+    lines = [ln.strip() for ln in error.splitlines() if ln.strip()]
+    return next((ln for ln in lines if " failed: " in ln), lines[-1] if lines else "")
+
+
+def _ratio(cairn: float, seconds: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (Dagster's reruns: 0.0007, not 0.00)."""
+    value = cairn / seconds
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+
+
 def _median(raw: list[dict[str, Any]], tool: str, shape: str, key: str) -> float | None:
     values = [r[key] for r in raw if r["tool"] == tool and r["shape"] == shape and r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -297,11 +312,11 @@ def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
                 note = next((r.get("note", "") for r in rows if r.get("note")), "")
                 what = "n/a" if note and not error else "failed"
                 print(f"| {SHAPE_LABELS[shape]} | {tool} | {what} | | | | | | | | "
-                      f"{note or (error.splitlines()[-1] if error else '')} |")
+                      f"{note or _why(error)} |")
                 continue
             ratio = f"{seconds / bare:.2f}x" if bare else ""
-            versus = f"{cairn / seconds:.2f}" if cairn and not tool.startswith("cairn") else ""
-            versus_warm = f"{warm / seconds:.2f}" if warm and not tool.startswith("cairn") else ""
+            versus = _ratio(cairn, seconds) if cairn and not tool.startswith("cairn") else ""
+            versus_warm = _ratio(warm, seconds) if warm and not tool.startswith("cairn") else ""
             ran = sorted({r["ran"] for r in rows if "ran" in r})
             notes = sorted({r.get("note", "") for r in rows if r.get("note")})
             notes += sorted({f"WRONG: {r['wrong']}" for r in rows if r.get("wrong")})
