@@ -233,12 +233,15 @@ def machine() -> dict[str, Any]:
     try:  # which Cairn was measured; best effort, the benchmark also runs outside a checkout
         commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    try:
         changed = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
                                  capture_output=True, text=True, timeout=10).stdout.strip()
         if commit and changed:  # what was measured is not quite that commit
             commit += "+dirty"
     except (OSError, subprocess.TimeoutExpired):
-        commit = ""
+        pass
     return {"nproc": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
             "platform": platform.platform(), "commit": commit, "loadavg_at_start": os.getloadavg()}
 

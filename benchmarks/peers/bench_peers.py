@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -281,9 +282,11 @@ def _why(error: str) -> str:
 
 
 def _ratio(cairn: float, seconds: float) -> str:
-    """Two decimals, or two significant digits below 0.1 (Dagster's reruns: 0.0007, not 0.00)."""
+    """Two decimals, or two significant digits below 0.1 (Dagster's reruns: 0.00070, not 0.00)."""
     value = cairn / seconds
-    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+    if value >= 0.1 or value <= 0:
+        return f"{value:.2f}"
+    return f"{value:.{1 - math.floor(math.log10(value))}f}"
 
 
 def _median(raw: list[dict[str, Any]], tool: str, shape: str, key: str) -> float | None:

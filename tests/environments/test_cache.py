@@ -200,4 +200,4 @@ def test_without_the_package_index_an_environment_builds_from_uvs_cache(tmp_path
     finally:
         resolved.close()
     assert any("trying again from uv's cache alone" in line for line in lines), lines
-    assert any("built from uv's cache" in line for line in lines), lines
+    assert any("done from uv's cache" in line for line in lines), lines

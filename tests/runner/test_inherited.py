@@ -27,7 +27,8 @@ def test_steps_starting_together_share_one_whole_record(tmp_path: Path) -> None:
     assert not errors and len(set(ids)) == 1
     variables, salt = load(tmp_path, ids[0])
     assert variables["PATH"] == "/usr/bin" and variables["API_KEY"] == {"digest": value_digest("API_KEY", "k", salt)}
-    assert [p.name for p in (tmp_path / "inherited").iterdir()] == [f"{ids[0]}.json"]  # no temporary left
+    assert sorted(p.name for p in (tmp_path / "inherited").iterdir()) == [f"{ids[0]}.json", "id-key"]  # no temporary
+    assert record(tmp_path, {**env, "API_KEY": "other"}) != ids[0]  # another secret value: another record
     assert oct((tmp_path / "inherited" / f"{ids[0]}.json").stat().st_mode & 0o777) == "0o600"
 
 
@@ -36,10 +37,11 @@ def test_what_looks_secret_by_name_or_value() -> None:
                         ("HTTPS_PROXY", "http://proxy"), ("X", "postgres://u:pw@db/x"), ("Y", "AccountKey=abc"),
                         ("Z", "https://a.blob.core.windows.net/c?sv=1&sig=abc"),
                         ("APP_JSON", '{"db": {"password": "pw"}}'), ("MYSQL_CMD", "mysql -uroot --password=pw"),
-                        ("HEADER", "Basic dXNlcjpwYXNzMTcx")]:
+                        ("HEADER", "Basic dXNlcjpwYXNzMTcx"), ("REPO", "https://ghp_abc123@github.com/o/r.git")]:
         assert looks_secret(name, value), name
     for name, value in [("PATH", "/usr/bin"), ("HOME", "/root"), ("PYTHONPATH", "/lib"), ("LANG", "C.UTF-8"),
-                        ("PWD", "/work"), ("OLDPWD", "/tmp")]:
+                        ("PWD", "/work"), ("OLDPWD", "/tmp"), ("PYTHONPATH", "/opt/tokenizers/lib"),
+                        ("PATH", "/home/u/secret-tools/bin:/usr/bin")]:
         assert not looks_secret(name, value), name
 
 

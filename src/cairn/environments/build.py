@@ -240,10 +240,10 @@ class EnvironmentCache:
                 f"solving conda packages with {Path(solver).name}")
         else:
             python = find_python(spec["python"])
-            _from_cache_if_offline(run, tee, [uv, "venv", "--no-config", "--seed", "--clear", "--color", "never",
-                                              "--python", python or spec["python"], str(venv)],
-                                   f"creating a Python {spec['python']} environment"
-                                   + ("" if python else " (not installed here: uv will try to download it)"))
+            run([uv, "venv", "--no-config", "--seed", "--color", "never", "--python", python or spec["python"],
+                 str(venv)],
+                f"creating a Python {spec['python']} environment"
+                + ("" if python else " (not installed here: uv will try to download it)"))
         pip = list(spec.get("pip") or [])
         if pip:
             requirements = folder / "requirements.txt"
@@ -251,9 +251,8 @@ class EnvironmentCache:
             index = ["--index-url", spec["index_url"]] if spec.get("index_url") else []
             for extra in spec.get("extra_index_urls") or []:
                 index += ["--extra-index-url", extra]
-            _from_cache_if_offline(run, tee, [uv, "pip", "install", "--no-config", "--color", "never", "--python",
-                                              str(venv / "bin" / "python"), "--compile-bytecode", *index, "-r",
-                                              str(requirements)], "installing pip packages with uv")
+            run([uv, "pip", "install", "--no-config", "--color", "never", "--python", str(venv / "bin" / "python"),
+                 "--compile-bytecode", *index, "-r", str(requirements)], "installing pip packages with uv")
 
     # -- listing and pruning -----------------------------------------------------------------
 
@@ -309,7 +308,25 @@ def _try_lock(f: IO[bytes], exclusive: bool = True) -> bool:
 
 def _runner(tee: _Tee, attach: Callable[[subprocess.Popen[bytes]], None] | None
             ) -> Callable[[list[str], str], None]:
+    """Runs a build's commands. A uv command that failed because the package index could not be
+    reached runs once more from uv's cache alone (``--offline``): a machine without network builds
+    what it has built before. It fails with the first error when the cache cannot do it either."""
     def run(argv: list[str], what: str) -> None:
+        try:
+            run_once(argv, what)
+        except EnvironmentBuildError as exc:
+            if Path(argv[0]).name != "uv" or not _UNREACHABLE.search(str(exc)):
+                raise
+            tee("the package index could not be reached: trying again from uv's cache alone (--offline)")
+            if argv[1:2] == ["venv"]:  # what the first try made of the environment's folder
+                shutil.rmtree(argv[-1], ignore_errors=True)
+            try:
+                run_once([argv[0], "--offline", *argv[1:]], f"{what}, from uv's cache")
+            except EnvironmentBuildError:
+                raise exc from None
+            tee("done from uv's cache: the package index could not be reached")
+
+    def run_once(argv: list[str], what: str) -> None:
         tee(f"{what}: {redact(' '.join(argv))}")
         # the build depends on the spec only: no uv settings of this machine or shell
         env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")
@@ -340,25 +357,10 @@ def _runner(tee: _Tee, attach: Callable[[subprocess.Popen[bytes]], None] | None
     return run
 
 
-_UNREACHABLE = re.compile(r"error resolving DNS|failed to lookup address|Failed to fetch|Connection refused|"
-                          r"Network is unreachable|timed out|error sending request", re.IGNORECASE)
-
-
-def _from_cache_if_offline(run: Callable[[list[str], str], None], tee: _Tee, argv: list[str], what: str) -> None:
-    """``run(argv)``; when it failed because the package index could not be reached, once more from
-    uv's cache alone (``--offline``): a machine without network builds what it has built before.
-    Fails with the first error when the cache cannot do it either."""
-    try:
-        run(argv, what)
-    except EnvironmentBuildError as exc:
-        if not _UNREACHABLE.search(str(exc)):
-            raise
-        tee("the package index could not be reached: trying again from uv's cache alone (--offline)")
-        try:
-            run([argv[0], "--offline", *argv[1:]], f"{what}, from uv's cache")
-        except EnvironmentBuildError:
-            raise exc from None
-        tee("built from uv's cache: the package index could not be reached")
+# what uv says when it cannot reach the package index at all (not an index that answered an error)
+_UNREACHABLE = re.compile(r"dns error|error resolving DNS|failed to lookup address|tcp connect error|"
+                          r"Connection refused|Network is unreachable|operation timed out|error sending request for url",
+                          re.IGNORECASE)
 
 
 def redact(text: str) -> str:

@@ -1,7 +1,7 @@
 """What a step inherits from its agent's environment (the variables its run configuration and
 environment do not set), recorded once per distinct environment in ``.cairn/inherited/`` so that
 ``cairn debug`` recreates the step with them. A variable that looks like it holds a secret (by its
-name, or a password in a URL, a connection string) is kept as a keyed digest of its value only:
+name, or a password in a URL, a connection string) is kept as a salted digest of its value only:
 debug says when the shell's value is another."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ FOLDER = "inherited"  # under the workspace's .cairn/
 # digests only
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASS|PWD|CRED|AUTH|COOKIE|SESSION|PRIVATE|SIGNATURE|CERT|SAS|"
                          r"URL|URI|DSN|CONNECTION|CONN_STR|PAT$|_PAT_|WEBHOOK|PROXY|JWT|BEARER|OTP", re.IGNORECASE)
-SECRET_VALUE = re.compile(r"://[^/@\s]*:[^/@\s]*@|AccountKey=|SharedAccessSignature|[?&]sig=|passw|pwd|secret|"
-                          r"token|-----BEGIN|\b(Basic|Bearer)\s+\S{8,}", re.IGNORECASE)
+SECRET_VALUE = re.compile(r"://[^/@\s]+@|AccountKey=|SharedAccessSignature|[?&]sig=|-----BEGIN|"
+                          r"\b(password|passwd|pwd|secret|token)\b[\"']?\s*[:=]|\b(Basic|Bearer)\s+\S{8,}",
+                          re.IGNORECASE)
 NOT_SECRET = {"PWD", "OLDPWD"}  # the shell's folders
 
 
@@ -29,7 +30,8 @@ def looks_secret(name: str, value: str) -> bool:
 
 
 def value_digest(name: str, value: str, salt: str) -> str:
-    """A digest of a value that is not kept: it tells whether another shell's value is the same."""
+    """A salted digest of a value that is not kept: it tells whether another shell's value is the
+    same (the salt is kept beside it: a weak password can still be guessed from a copied record)."""
     return hashlib.blake2b(f"{name}={value}".encode("utf-8", "surrogateescape"), digest_size=16,
                            key=bytes.fromhex(salt)).hexdigest()
 
@@ -38,10 +40,12 @@ _write_lock = threading.Lock()
 
 
 def record(dot: str | os.PathLike[str], env: dict[str, str]) -> str:
-    """Keep ``env`` (once per distinct set: the file is named by what it holds) and return its id;
-    for this user only. Secret-looking values are kept as keyed digests (a random key per record)."""
-    ident = hashlib.blake2b(json.dumps(sorted(env.items()), ensure_ascii=False).encode("utf-8", "surrogateescape"),
-                            digest_size=16).hexdigest()
+    """Keep ``env`` (once per distinct set) and return its id; for this user only. Secret-looking
+    values are kept as salted digests (a random salt per record). The id is a digest of the set
+    with those values digested under a key of this machine (the record's own file), never in clear."""
+    ident = hashlib.blake2b(json.dumps(sorted((k, value_digest(k, v, _id_key(dot)) if looks_secret(k, v) else v)
+                                              for k, v in env.items()), ensure_ascii=False)
+                            .encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
     path = Path(dot) / FOLDER / f"{ident}.json"
     with _write_lock:
         if path.exists():
@@ -57,6 +61,24 @@ def record(dot: str | os.PathLike[str], env: dict[str, str]) -> str:
     return ident
 
 
+def _id_key(dot: str | os.PathLike[str]) -> str:
+    """A random key of this workspace's records (made once, for this user only)."""
+    path = Path(dot) / FOLDER / "id-key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".id-key.", suffix=".tmp")
+        with open(fd, "w") as f:
+            f.write(os.urandom(16).hex())
+        try:
+            os.link(temporary, path)  # the first one made wins: every record's id uses the same key
+        except FileExistsError:
+            pass
+        os.unlink(temporary)
+        return path.read_text().strip()
+
+
 def load(dot: str | os.PathLike[str], ident: str) -> tuple[dict[str, str | dict[str, str]], str] | None:
     """A record kept by ``record`` (its variables, and the key of its digests), or None (gone, or
     never kept)."""
@@ -64,6 +86,6 @@ def load(dot: str | os.PathLike[str], ident: str) -> tuple[dict[str, str | dict[
         return None
     try:
         kept = json.loads((Path(dot) / FOLDER / f"{ident}.json").read_text(encoding="utf-8", errors="surrogateescape"))
-        return kept["variables"], kept["salt"]
+        return kept["variables"], kept["salt"]  # (records of this form only: none older was released)
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -88,8 +88,8 @@ Escaped = list[tuple[int, str]]  # (pid, start time) of processes a group kill d
 
 def escaped_descendants(leader: int) -> Escaped:
     """The processes descended from ``leader`` (parent by parent) that left its process group
-    (``setsid``/``setpgid``, also without ``exec``: a warm or spare step's fork keeps no variables
-    ``kill_detached`` could find it by). Read while the leader lives: once it dies they are init's.
+    (``setsid``/``setpgid``, also without ``exec``). Read while the leader lives: once it dies they
+    are init's (a daemon's parent exits at once: ``kill_detached`` finds those by their variables).
     A scan of every process (~10 us each): only when a step is stopped."""
     children: dict[int, list[tuple[int, int, str]]] = {}
     for entry in _other_pids():
