@@ -823,3 +823,28 @@ def test_what_preloads_set_and_what_a_failed_one_left(workspace: Workspace, writ
         expected = "by the step" if step.name == "overrides" else "by the import"
         assert step.get_stdout_log() == f"{expected} None [] 30\n"
         assert "UserWarning: only a warning" in step.get_stderr_log()
+
+
+def test_a_target_keeps_at_most_so_many_servers_the_least_recently_used_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each server holds its imports in memory: one per environment, at most MAX_SERVERS of them."""
+    import os
+    import sys
+
+    from cairn.runner import warm
+
+    monkeypatch.setattr(warm, "MAX_SERVERS", 2)
+    pool = warm.WarmPool(("json",))
+    envs = [{**os.environ, "WHICH_ENV": str(n)} for n in range(3)]
+    try:
+        first = pool.server(sys.executable, envs[0], tmp_path)
+        second = pool.server(sys.executable, envs[1], tmp_path)
+        assert pool.server(sys.executable, envs[0], tmp_path) is first  # used again: the second is older now
+        third = pool.server(sys.executable, envs[2], tmp_path)
+        second._proc.wait(timeout=30)  # let go: nothing was running on it
+        assert first.alive() and third.alive() and not second.alive()
+        again = pool.server(sys.executable, envs[1], tmp_path)  # started again when asked for
+        assert again is not second and again.alive()
+        first._proc.wait(timeout=30)  # now the least recently used
+    finally:
+        pool.shutdown()

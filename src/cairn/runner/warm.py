@@ -30,6 +30,7 @@ from typing import Any
 from cairn.runner.processes import RUN_ID_PLACEHOLDER
 
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
+MAX_SERVERS = 4  # servers (environments) a compute target keeps at once: the least recently used goes
 START_TIMEOUT = 300.0  # importing the modules may take a while; a hang must not
 # A step waits this long for a server still importing, then starts cold (importing what it needs
 # itself, as slowly); the server goes on starting for the steps after it.
@@ -228,6 +229,7 @@ class WarmPool:
     def __init__(self, modules: tuple[str, ...]) -> None:
         self.modules = modules
         self._servers: dict[tuple[Any, ...], WarmServer] = {}
+        self._used: dict[tuple[Any, ...], float] = {}  # when each server last gave a step
         self._failed: dict[tuple[Any, ...], str] = {}
         self._starting: set[tuple[Any, ...]] = set()
         self._closed = False
@@ -253,6 +255,12 @@ class WarmPool:
     def _start_in_background(self, key: tuple[Any, ...], python: str, env: dict[str, str], log_dir: Path,
                              on_done: Callable[[WarmServer | None, str | None], None] | None) -> None:  # under _cond
         self._servers.pop(key, None)  # one that died, if any
+        # each server holds its imports in memory: beyond MAX_SERVERS environments, the one that gave
+        # a step longest ago is let go (its running steps end as ever; its next step starts it again)
+        while self._servers and len(self._servers) + len(self._starting) >= MAX_SERVERS:
+            oldest = min(self._servers, key=lambda k: self._used.get(k, 0.0))
+            self._servers.pop(oldest).stop()
+            self._used.pop(oldest, None)
         self._starting.add(key)
         threading.Thread(target=self._start, args=(key, python, env, log_dir, on_done),
                          name="warm-start-server", daemon=True).start()
@@ -296,6 +304,7 @@ class WarmPool:
             while True:
                 server = self._servers.get(key)
                 if server is not None and server.alive():
+                    self._used[key] = time.monotonic()
                     return server
                 if key in self._failed:
                     raise WarmStartError(self._failed[key])
