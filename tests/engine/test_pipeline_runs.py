@@ -644,6 +644,17 @@ time.sleep(120)
 """
 
 
+def _wait_for_output(workspace, run, step, text):
+    """Until ``step`` has printed ``text``: woken by the agent's events (and log polls), not a timer."""
+    watch = workspace._backend.watch(run.id)
+    assert watch.connect()
+    try:
+        while text not in step.get_stdout_log():
+            watch.wait(1)
+    finally:
+        watch.close()
+
+
 def test_a_cancel_lets_a_step_save_a_checkpoint_first(workspace, write_script, tmp_path):
     """SIGTERM first (as a timeout does), SIGKILL only for what is left after the grace period."""
     saved = tmp_path / "checkpoint.txt"
@@ -651,11 +662,7 @@ def test_a_cancel_lets_a_step_save_a_checkpoint_first(workspace, write_script, t
     run = Experiment(workspace, "graceful").submit(Pipeline(workspace, [
         PythonScriptStep("train.py", name="train", source_directory=src, arguments=[str(saved)])]))
     step = run.find_step_run("train")[0]
-    watch = workspace._backend.watch(run.id)
-    assert watch.connect()
-    while "training" not in step.get_stdout_log():  # woken by the agent's events (and log polls), not a timer
-        watch.wait(1)
-    watch.close()
+    _wait_for_output(workspace, run, step, "training")
     run.cancel()
     assert run.wait_for_completion(show_output=False, raise_on_error=False, timeout_seconds=60) == "Canceled"
     assert saved.read_text() == "checkpoint saved on SIGTERM"
@@ -702,11 +709,7 @@ def test_a_stopped_step_takes_a_child_that_forked_into_its_own_session_along(wor
     step_def = PythonScriptStep("away.py", name="away", source_directory=src, runconfig=rc, allow_reuse=False)
     run = Experiment(workspace, "away").submit(Pipeline(workspace, [step_def]))
     step = run.find_step_run("away")[0]
-    watch = workspace._backend.watch(run.id)
-    assert watch.connect()
-    while "child" not in step.get_stdout_log():  # woken by the agent's events (and log polls), not a timer
-        watch.wait(1)
-    watch.close()
+    _wait_for_output(workspace, run, step, "child")
     child, daemon = map(int, step.get_stdout_log().split()[1:3])
     if stop == "cancel":
         run.cancel()

@@ -255,9 +255,12 @@ class RayCompute:
         """Why no node of the cluster can ever run a step asking this much (Ray would queue it
         forever), or None."""
         if time.monotonic() - self._nodes_at > 5 or self._first_problem(self._nodes, cpus, gpus, memory_gb):
-            self._nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]  # asked again before failing
-            self._nodes_at = time.monotonic()
+            self._refresh_nodes(ray)  # asked again before failing
         return self._first_problem(self._nodes, cpus, gpus, memory_gb)
+
+    def _refresh_nodes(self, ray: Any) -> None:
+        self._nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        self._nodes_at = time.monotonic()
 
     def _too_few_nodes(self, ray: Any, node_count: int, cpus: float, gpus: float) -> str | None:
         """Why the cluster cannot give a node_count > 1 step that many distinct nodes (their
@@ -267,8 +270,7 @@ class RayCompute:
             return sum(1 for n in self._nodes if n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus)
 
         if fitting() < node_count:  # asked again before failing: a node may have joined
-            self._nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-            self._nodes_at = time.monotonic()
+            self._refresh_nodes(ray)
         if fitting() >= node_count:
             return None
         each = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")

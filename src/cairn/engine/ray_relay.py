@@ -28,6 +28,21 @@ EXPECT_TIMEOUT = 30.0  # how long a call may wait for the driver's copy of its j
 Attempt = tuple[str, int]  # step run id, attempt
 
 
+def _on_node(where: tuple[int, str, int, str | None], act: Callable[[int, str | None], bool]) -> bool:
+    """``act(pid, start time)`` of a step's process, run by a task on the node it runs on
+    (``where``: attempt, node, pid, start time); False when that node is gone (so is the process)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    _attempt, node, pid, started = where
+    strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    ref = ray.remote(act).options(num_cpus=0, scheduling_strategy=strategy, max_retries=0).remote(pid, started)
+    try:
+        return bool(ray.get(ref, timeout=30))
+    except Exception:
+        return False
+
+
 class WorkspaceRelay:
     """Runs in a Ray worker process on the agent's node (``start_relay`` pins it there)."""
 
@@ -74,23 +89,11 @@ class WorkspaceRelay:
         """Kill the process group of a step on another machine (its task is being canceled, or was
         lost while its node lives on): a task on that node does it, if the process is still the
         step's. Returns whether there was one to kill."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        from cairn.runner.processes import kill_step_processes
 
         with self._cond:
             where = self._processes.pop(step_run_id, None) or self._asked.pop(step_run_id, None)
-        if where is None:
-            return False
-        _attempt, node, pid, started = where
-        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-        from cairn.runner.processes import kill_step_processes
-
-        ref = ray.remote(kill_step_processes).options(num_cpus=0, scheduling_strategy=strategy,
-                                                     max_retries=0).remote(pid, started)
-        try:
-            return bool(ray.get(ref, timeout=30))
-        except Exception:  # the node is gone too: so is the process
-            return False
+        return where is not None and _on_node(where, kill_step_processes)
 
     def ask_step_to_end(self, step_run_id: str) -> bool:
         """SIGTERM a canceled step's process group (it may save a checkpoint), wherever it runs: on
@@ -106,17 +109,7 @@ class WorkspaceRelay:
         if where is None:
             row = q.get_run(self.ctx.store, step_run_id) or {}
             return ask_step_to_end(row.get("pid"), row.get("pid_started"))
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        _attempt, node, pid, started = where
-        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-        ref = ray.remote(ask_step_to_end).options(num_cpus=0, scheduling_strategy=strategy,
-                                                  max_retries=0).remote(pid, started)
-        try:
-            return bool(ray.get(ref, timeout=30))
-        except Exception:  # the node is gone: so is the process
-            return False
+        return _on_node(where, ask_step_to_end)
 
     # -- reports (the runner's StepReporter, on the workspace's side) ------------------------------
 

@@ -42,8 +42,9 @@ _write_lock = threading.Lock()
 def record(dot: str | os.PathLike[str], env: dict[str, str]) -> str:
     """Keep ``env`` (once per distinct set) and return its id; for this user only. Secret-looking
     values are kept as salted digests (a random salt per record). The id is a digest of the set
-    with those values digested under a key of this machine (the record's own file), never in clear."""
-    ident = hashlib.blake2b(json.dumps(sorted((k, value_digest(k, v, _id_key(dot)) if looks_secret(k, v) else v)
+    with those values digested under the workspace's key (``id-key`` beside the records), never in clear."""
+    key = _id_key(dot)
+    ident = hashlib.blake2b(json.dumps(sorted((k, value_digest(k, v, key) if looks_secret(k, v) else v)
                                               for k, v in env.items()), ensure_ascii=False)
                             .encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
     path = Path(dot) / FOLDER / f"{ident}.json"
