@@ -268,3 +268,44 @@ def test_a_workspace_reached_through_its_agent_does_not_start_one_for_a_pipeline
         assert asked == [ws.location]  # (closed here: "gone") started in the background, as before
     finally:
         stop()
+
+
+def test_a_run_recorded_by_the_agent_is_not_poked_for_and_one_recorded_here_is(
+        tmp_path: Path, write_script: Callable[..., Path], monkeypatch) -> None:
+    """The agent that recorded a run claims it itself: the submitting process sends no poke (a
+    round trip on every submit). A run the agent could not record (an argument it cannot read) is
+    recorded here, and then an agent is made sure of, as for a workspace opened here."""
+    from cairn.engine import client
+
+    ws = Workspace.create(tmp_path / "ws")
+    src = write_script("log.py", "print('hi')\n")
+    pokes: list[str] = []
+    monkeypatch.setattr(client, "ensure_agent", lambda layout: pokes.append(str(layout.root)))
+    monkeypatch.setattr(client, "prestart_agent", lambda layout: None)
+    queued: list[int] = []
+    stop = serve_scripts(ws.location, lambda: queued.append(1))
+    try:
+        here = Workspace(ws.location)
+        assert isinstance(here._backend, AgentBackend)
+        Experiment(here, "poke").submit(Pipeline(here, [PythonScriptStep("log.py", source_directory=str(src))]))
+        assert (queued, pokes) == ([1], [])
+        here._backend.ensure_progress()  # e.g. a follower's: the agent answering this process is up
+        assert pokes == []
+
+        from cairn.core.socket_rpc import CallNotUnderstood
+
+        agent_call = here._backend._agent._call
+
+        def cannot_read(method, args, kwargs):
+            if method == "record_pipeline_run":
+                raise CallNotUnderstood("a class the agent does not have")
+            return agent_call(method, args, kwargs)
+
+        monkeypatch.setattr(here._backend._agent, "_call", cannot_read)
+        Experiment(here, "poke").submit(Pipeline(here, [PythonScriptStep("log.py", source_directory=str(src))]))
+        assert (queued, pokes) == ([1], [ws.location])  # recorded here: nobody told the agent but the poke
+        here._backend._agent.close()  # as if the agent had gone
+        here._backend.ensure_progress()
+        assert pokes == [ws.location, ws.location]
+    finally:
+        stop()

@@ -84,3 +84,30 @@ def test_the_line_that_starts_a_later_attempt_is_shown_once() -> None:
     shown = out.getvalue().splitlines()
     assert shown.count(f"  train | {attempt_marker(2)}") == 1
     assert "  train | out line" in shown and "  train | err line" in shown
+
+
+def test_a_run_seen_ended_is_not_read_again(workspace, write_script) -> None:
+    """Once the follower has read the run's end, that is what it returns: a run's end is its last
+    change (one read of the store less at the end of every wait)."""
+    from cairn import Experiment, Pipeline, PythonScriptStep
+    from cairn.client.follow import follow
+
+    src = write_script("hi.py", "print('hi')\n")
+    run = Experiment(workspace, "ended").submit(Pipeline(workspace, [
+        PythonScriptStep("hi.py", name="hi", source_directory=str(src))]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+
+    class Counting:
+        def __init__(self, backend) -> None:
+            self.backend, self.reads = backend, 0
+
+        def get_run(self, run_id):
+            self.reads += 1
+            return self.backend.get_run(run_id)
+
+        def __getattr__(self, name):
+            return getattr(self.backend, name)
+
+    counting = Counting(workspace._backend)
+    assert follow(counting, run.id, show_output=False) == "Completed"
+    assert counting.reads == 1

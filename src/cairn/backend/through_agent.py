@@ -79,9 +79,20 @@ class AgentBackend(AgentSocketCalls):
             super().prestart()
 
     def submit_pipeline(self, *args: Any, **kwargs: Any) -> tuple[str, dict[str, str]]:
-        recorded = self._relayed("record_pipeline_run")(*args, **kwargs)
-        self.ensure_progress()
+        by_agent, recorded = self._answer("record_pipeline_run", args, kwargs)
+        if not by_agent:  # recorded here: make sure an agent serves it
+            super().ensure_progress()
+        # else the agent that recorded it claims it at once (``serve_scripts``' on_recorded): no poke
         return recorded
+
+    def ensure_progress(self) -> None:
+        """Nothing to do while the agent answering this process is up: it is of this Cairn version,
+        serves this workspace (both checked when it was reached) and holds its lock, so it has
+        claimed what was queued before it started and claims what is recorded through it at once.
+        Otherwise an agent is started (or poked) as for a workspace opened here."""
+        agent = self._agent
+        if agent is None or agent.closed_by_peer():
+            super().ensure_progress()
 
     def _local(self) -> Any:
         if self._pid != os.getpid():  # a forked child: a lock a parent's thread held stays held here
@@ -93,25 +104,29 @@ class AgentBackend(AgentSocketCalls):
 
     def _relayed(self, method: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            agent = self._agent
-            if agent is not None:
-                try:
-                    return agent._call(method, args, kwargs)
-                except CallNotUnderstood:
-                    pass  # an argument the agent cannot read (a class of the caller's script): made here
-                except RelayLost as lost:  # the agent went (idle, stopped): the workspace is opened here
-                    self._agent = None
-                    if lost.sent and method in NOT_REPEATED:
-                        from cairn.core.errors import AgentError
-
-                        raise AgentError(
-                            f"the workspace's agent stopped while recording {method}; it may or may not have "
-                            f"been recorded: look at the run (e.g. `cairn runs list`) before trying again") from None
-            value = getattr(self._local(), method)
-            return value(*args, **kwargs) if callable(value) else value  # ``name`` is a property
+            return self._answer(method, args, kwargs)[1]
 
         call.__name__ = method
         return call
+
+    def _answer(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+        """(whether the agent answered, its answer); made here when it could not."""
+        agent = self._agent
+        if agent is not None:
+            try:
+                return True, agent._call(method, args, kwargs)
+            except CallNotUnderstood:
+                pass  # an argument the agent cannot read (a class of the caller's script): made here
+            except RelayLost as lost:  # the agent went (idle, stopped): the workspace is opened here
+                self._agent = None
+                if lost.sent and method in NOT_REPEATED:
+                    from cairn.core.errors import AgentError
+
+                    raise AgentError(
+                        f"the workspace's agent stopped while recording {method}; it may or may not have "
+                        f"been recorded: look at the run (e.g. `cairn runs list`) before trying again") from None
+        value = getattr(self._local(), method)
+        return False, value(*args, **kwargs) if callable(value) else value  # ``name`` is a property
 
     def __getattr__(self, method: str) -> Any:
         if method.startswith("_"):

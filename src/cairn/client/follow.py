@@ -106,7 +106,7 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
                 connected = False
     finally:
         watch.close()
-    final = backend.get_run(run_id)
+    final = run if status.is_terminal else backend.get_run(run_id)  # a run's end is its last change
     if raise_on_error:
         failed_target = None
         if only_step:
