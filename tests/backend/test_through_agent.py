@@ -309,3 +309,22 @@ def test_a_run_recorded_by_the_agent_is_not_poked_for_and_one_recorded_here_is(
         assert pokes == [ws.location, ws.location]
     finally:
         stop()
+
+
+def test_the_agents_answers_use_its_own_open_store(tmp_path: Path, monkeypatch) -> None:
+    """What the scripts socket answers is read and written through the store the agent has open (its
+    connections, its compiled statements): the first call of a client opens no second one."""
+    from cairn.store import db
+
+    ws = Workspace.create(tmp_path / "ws")
+    agents_store = db.Store.for_sqlite_file(WorkspaceLayout(ws.location).db)
+    opened: list[str] = []
+    monkeypatch.setattr(db.Store, "for_sqlite_file", classmethod(lambda cls, path: opened.append(str(path))))
+    stop = serve_scripts(ws.location, store=agents_store)
+    try:
+        here = Workspace(ws.location)
+        assert isinstance(here._backend, AgentBackend)
+        assert [c["name"] for c in here._backend.list_compute_targets()] == ["local"]
+        assert opened == []
+    finally:
+        stop()

@@ -111,3 +111,27 @@ def test_a_run_seen_ended_is_not_read_again(workspace, write_script) -> None:
     counting = Counting(workspace._backend)
     assert follow(counting, run.id, show_output=False) == "Completed"
     assert counting.reads == 1
+
+
+def test_a_subscription_counts_once_the_agent_answers_it(tmp_path, monkeypatch) -> None:
+    """The follower subscribes before it reads the run, so the subscription must be in place when
+    ``connect`` says so: an agent's socket that takes the connection but never answers is no
+    subscription (the follower then reads the store now and then instead of waiting forever)."""
+    import socket
+
+    from cairn import Workspace
+    from cairn.engine import client
+    from cairn.storage.layout import WorkspaceLayout
+
+    layout = WorkspaceLayout(Workspace.create(tmp_path / "ws").location)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # accepts (backlog), never answers
+    silent.bind(str(layout.agent_socket))
+    silent.listen(1)
+    monkeypatch.setattr(client, "WATCH_ANSWER_SECONDS", 0.2)
+    try:
+        watch = client.Watch(layout, "run_x")
+        assert watch.connect() is False and watch._sock is None
+    finally:
+        silent.close()
+    layout.agent_socket.unlink()
+    assert client.Watch(layout, "run_x").connect() is False  # no agent at all

@@ -377,3 +377,31 @@ def test_the_local_target_stays_this_machine(workspace: Workspace) -> None:
     assert ComputeTarget(workspace, "local").type == "local"
     ComputeTarget.create(workspace, "local", LocalCompute.provisioning_configuration(max_concurrency=1))  # re-made
     assert ComputeTarget(workspace, "local").config["max_concurrency"] == 1
+
+
+def test_submitting_lists_the_datastores_once_and_outputs_go_to_the_default(
+        workspace: Workspace, src: Path, tmp_path: Path, monkeypatch) -> None:
+    """Validating and compiling share one listing of the datastores (each listing is a round trip to
+    the agent); an output without a datastore still goes to the workspace's default one."""
+    from cairn import Datastore
+
+    other = tmp_path / "other"
+    other.mkdir()
+    Datastore.register_local_folder(workspace, "other", other)
+    workspace._backend.make_default_datastore("other")
+    backend = workspace._backend
+    backend.snapshots([str(src)])  # (a new snapshot looks for an object store to upload to)
+    listings: list[int] = []
+    real = backend.list_datastores
+
+    def counted():
+        listings.append(1)
+        return real()
+
+    monkeypatch.setattr(backend, "list_datastores", counted, raising=False)
+    out = PipelineData("out")
+    run = Experiment(workspace, "listing").submit(Pipeline(workspace, [step(src, "a", outputs=[out])]))
+    assert len(listings) == 1
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    (output,) = run.get_steps()[0].get_outputs().values()
+    assert output.datastore_name == "other"

@@ -7,8 +7,9 @@ import os
 from typing import Any
 
 
-def open_local_backend(workspace: str) -> Any:
-    """The workspace opened in this process (its store needs SQLAlchemy in this interpreter)."""
+def open_local_backend(workspace: str, store: Any = None) -> Any:
+    """The workspace opened in this process (its store needs SQLAlchemy in this interpreter);
+    ``store``: its store, when this process has it open already."""
     import sys
 
     from cairn.core.errors import CairnError
@@ -23,7 +24,7 @@ def open_local_backend(workspace: str) -> Any:
         from cairn.backend.local import LocalBackend
         from cairn.storage.layout import WorkspaceLayout
 
-        return LocalBackend(WorkspaceLayout(workspace))
+        return LocalBackend(WorkspaceLayout(workspace), store)
     except (ImportError, TypeError, AttributeError) as exc:
         raise client_conflict(exc) from None
 

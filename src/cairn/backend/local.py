@@ -30,11 +30,15 @@ CONFIG_VERSION = 1
 
 
 class LocalBackend(AgentSocketCalls):
-    def __init__(self, layout: WorkspaceLayout) -> None:
+    def __init__(self, layout: WorkspaceLayout, store: Store | None = None) -> None:
+        """``store``: the workspace's store already open in this process (the agent's: its answers to
+        scripts share its connections and compiled statements), else it is opened here."""
         self.layout = layout
         self.location = str(layout.root)
-        self.store = Store.for_sqlite_file(layout.db)
-        self.store.migrate()
+        if store is None:
+            store = Store.for_sqlite_file(layout.db)
+            store.migrate()
+        self.store = store
         self.objects = ObjectStore(layout.objects)
         self._config = layout.read_config()
         self._secrets = SecretBox(layout.dot / "secret.key")

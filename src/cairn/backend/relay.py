@@ -146,16 +146,18 @@ class ScriptService:
     """The workspace's side of the scripts' calls (made by the relay, on the workspace's machine).
     ``allowed``: the backend methods it answers (by default what a script may do)."""
 
-    def __init__(self, workspace: str, allowed: frozenset[str] = SCRIPT_METHODS) -> None:
+    def __init__(self, workspace: str, allowed: frozenset[str] = SCRIPT_METHODS, store: Any = None) -> None:
+        """``store``: the workspace's store, open in this process (the agent's), shared."""
         self._workspace = workspace
         self._allowed = allowed
+        self._store = store
         self._lock = threading.Lock()
         self._backend: Any = None
 
     def _local(self) -> Any:
         with self._lock:
             if self._backend is None:
-                self._backend = open_local_backend(self._workspace)
+                self._backend = open_local_backend(self._workspace, self._store)
             return self._backend
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

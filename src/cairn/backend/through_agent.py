@@ -154,15 +154,17 @@ def workspace_backend(workspace: str) -> Any:
         return open_local_backend(workspace)
 
 
-def serve_scripts(workspace: str, on_recorded: Callable[[], None] | None = None) -> Callable[[], None]:
+def serve_scripts(workspace: str, on_recorded: Callable[[], None] | None = None,
+                  store: Any = None) -> Callable[[], None]:
     """Answer ``AgentBackend`` calls for ``workspace`` (in its agent, which holds the workspace lock:
     a socket file already there is a dead agent's). Returns what stops it. ``on_recorded``: a
-    pipeline run was just queued here (the agent claims it without waiting for the client's poke)."""
+    pipeline run was just queued here (the agent claims it without waiting for the client's poke).
+    ``store``: the agent's own (the answers share its connections and compiled statements)."""
     from cairn import __version__
     from cairn.core.socket_rpc import serve
     from cairn.storage.layout import WorkspaceLayout
 
-    service = ScriptService(workspace, LOCAL_METHODS)
+    service = ScriptService(workspace, LOCAL_METHODS, store)
     path = WorkspaceLayout(workspace).scripts_socket
     path.unlink(missing_ok=True)
 

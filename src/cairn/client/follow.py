@@ -63,7 +63,8 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
     seen: dict[str, tuple[str, str | None]] = {}
     offsets: dict[tuple[str, str], int] = {}
     shown_at: dict[tuple[str, str], float] = {}  # when each log last showed something
-    connected = False
+    connected = watch.connect()  # before the first read: whatever changes after it is told
+    ensured = False
     announced = False
     try:
         while True:
@@ -88,9 +89,13 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
             if deadline is not None and now >= deadline:
                 raise RunTimeoutError(f"run {run_id} is still {run['status']} after {now - began:.0f} s of waiting "
                                       f"(it goes on; wait again or `cairn cancel {run_id}`)")
-            if not connected:
+            if not connected or not ensured:
                 backend.ensure_progress()  # starts an agent if none serves the workspace (resume)
-                connected = watch.connect()
+                ensured = True
+                if not connected:
+                    connected = watch.connect()
+                    if connected:
+                        continue  # what changed before the agent had the subscription is read now
             running = any(c["status"] == Status.RUNNING.value for c in children)
             wait = LOG_TAIL_INTERVAL if show_output and running else IDLE_RECHECK
             if deadline is not None:

@@ -55,6 +55,10 @@ class Pipeline:
 
     def validate(self) -> list[str]:
         """Every problem of the pipeline, each naming its step; an empty list when it is sound."""
+        return self._problems(self.workspace._backend.list_datastores() if self.steps else [])
+
+    def _problems(self, datastores: list[dict[str, Any]]) -> list[str]:
+        """``validate`` with the workspace's datastores as listed (``_compile`` uses the listing too)."""
         problems: list[str] = []
         steps = self.steps
         if not steps:
@@ -67,7 +71,7 @@ class Pipeline:
                 problems.append(f"{count} steps are named {name!r}; give each step a distinct name=")
         kinds = {c["name"]: c["kind"] for c in self.workspace._backend.list_compute_targets()}
         targets = set(kinds)
-        stores = {d["name"]: d["kind"] for d in self.workspace._backend.list_datastores()}
+        stores = {d["name"]: d["kind"] for d in datastores}
         producers: dict[int, list[PythonScriptStep]] = {}
         for s in steps:
             for o in s.outputs:
@@ -146,13 +150,15 @@ class Pipeline:
     # -- compiling -------------------------------------------------------------------------
 
     def _compile(self) -> tuple[GraphSpec, dict[str, dict[str, str]]]:
-        problems = self.validate()
+        backend = self.workspace._backend
+        datastores = backend.list_datastores() if self.steps else []
+        problems = self._problems(datastores)
         if problems:
             raise PipelineValidationError(problems)
-        backend = self.workspace._backend
         default_store = self.default_datastore
-        default_store_name = (default_store if isinstance(default_store, str) else
-                              getattr(default_store, "name", None)) or self.workspace.get_default_datastore().name
+        default_store_name = (default_store if isinstance(default_store, str) else getattr(default_store, "name", None)) \
+            or next((d["name"] for d in datastores if d["is_default"]), None) \
+            or self.workspace.get_default_datastore().name  # none is the default: it says so
         producer_of: dict[int, PythonScriptStep] = {id(o): s for s in self.steps for o in s.outputs}
         snapshots: dict[str, str] = {}
         gits: dict[str, dict[str, str]] = {}

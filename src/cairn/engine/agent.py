@@ -54,11 +54,12 @@ class Agent:
     def __init__(self, layout: WorkspaceLayout, idle_timeout: float | None = 300.0,
                  max_concurrency: int | None = None, front: AgentSocket | None = None,
                  script_service: Callable[[str], Any] | None = None,
-                 serve_scripts: Callable[[str, Callable[[], None]], Callable[[], None]] | None = None) -> None:
+                 serve_scripts: Callable[[str, Callable[[], None], Any], Callable[[], None]] | None = None) -> None:
         """``script_service(workspace)`` answers the ``Run.get_context()`` calls of steps on Ray nodes of
-        other machines; ``serve_scripts(workspace, on_recorded)`` starts answering those of the steps that run on
-        this machine and returns what stops it (the entry points give ``backend.relay.ScriptService``
-        and ``backend.through_agent.serve_scripts``: the engine sits below the backend)."""
+        other machines; ``serve_scripts(workspace, on_recorded, store)`` starts answering those of the steps
+        that run on this machine (and its clients' submits), with the agent's store, and returns what
+        stops it (the entry points give ``backend.relay.ScriptService`` and
+        ``backend.through_agent.serve_scripts``: the engine sits below the backend)."""
         self.layout = layout
         self.script_service = script_service
         self.serve_scripts = serve_scripts
@@ -120,7 +121,7 @@ class Agent:
         if self.serve_scripts is None:
             return None
         try:
-            return self.serve_scripts(str(self.layout.root), lambda: self.events.put(("queued",)))
+            return self.serve_scripts(str(self.layout.root), lambda: self.events.put(("queued",)), self.ctx.store)
         except OSError as exc:
             self._log(f"steps open the workspace themselves for Run.get_context(): cannot serve it ({exc})")
             return None

@@ -15,6 +15,7 @@ from cairn.core.waiting import wait_readable
 from cairn.storage.layout import WorkspaceLayout
 
 AGENT_START_TIMEOUT = 60.0
+WATCH_ANSWER_SECONDS = 10.0  # an agent that is up answers a subscription in milliseconds
 READY_FD_ENV = "CAIRN_AGENT_READY_FD"
 
 
@@ -199,13 +200,22 @@ class Watch:
         self._buf = b""
 
     def connect(self) -> bool:
+        """Subscribe: True once the agent has it (it answers once every later change will be told),
+        False when no agent answers."""
         self.close()
         sock = _connect(self.layout)
         if sock is None:
             return False
-        sock.sendall((json.dumps({"op": "watch", "run": self.run_id, "final_only": self.final_only}) + "\n").encode())
         self._sock = sock
-        return True
+        try:
+            sock.sendall((json.dumps({"op": "watch", "run": self.run_id, "final_only": self.final_only})
+                          + "\n").encode())
+            if self.wait(WATCH_ANSWER_SECONDS) is not None:  # its first line answers the subscription
+                return True
+        except (OSError, ValueError):  # ConnectionError included: it went
+            pass
+        self.close()
+        return False
 
     def wait(self, timeout: float | None) -> dict[str, Any] | None:
         if self._sock is None:
