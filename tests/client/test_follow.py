@@ -135,3 +135,33 @@ def test_a_subscription_counts_once_the_agent_answers_it(tmp_path, monkeypatch) 
         silent.close()
     layout.agent_socket.unlink()
     assert client.Watch(layout, "run_x").connect() is False  # no agent at all
+
+
+def test_waiting_for_a_submitted_run_reads_it_once_when_it_has_ended(workspace, write_script) -> None:
+    """A run just submitted is known to be a pipeline run, and what the follower read at its end is
+    its status: waiting reads the run only to see it ended. A step run waited for gives its own
+    status, not its pipeline's."""
+    from cairn import Experiment, Pipeline, PythonScriptStep
+
+    src = write_script("hi.py", "print('hi')\n")
+    fail = write_script("fail.py", "raise SystemExit(3)\n")
+    run = Experiment(workspace, "ended").submit(Pipeline(workspace, [
+        PythonScriptStep("hi.py", name="hi", source_directory=str(src)),
+        PythonScriptStep("fail.py", name="fail", source_directory=str(fail))]), continue_on_step_failure=True)
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
+    backend = workspace._backend
+    reads: list[str] = []
+
+    class Counting:
+        def get_run(self, run_id):
+            reads.append(run_id)
+            return backend.get_run(run_id)
+
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+    run._backend = Counting()
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
+    assert reads == [run.id]
+    hi = run.find_step_run("hi")[0]
+    assert hi.wait_for_completion(show_output=False, raise_on_error=False) == "Completed"

@@ -54,6 +54,7 @@ class Experiment:
             properties=run_props, step_properties=step_props,
             regenerate_outputs=regenerate_outputs, continue_on_step_failure=continue_on_step_failure)
         run = PipelineRun(self, run_id)
+        run._pipeline_run = True
         if SUBMITTED is not None:
             SUBMITTED.append(run)
         return run

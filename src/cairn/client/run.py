@@ -120,13 +120,18 @@ class Run(_MetricsMixin):
         self.experiment = experiment
         self.id = run_id
         self._backend = experiment.workspace._backend
+        self._pipeline_run = False  # known to be a pipeline run (one just submitted): not read to find out
 
     @classmethod
     def _from_record(cls, workspace: Workspace, record: dict[str, Any]) -> Run:
         from cairn.client.experiment import Experiment
 
         exp = Experiment(workspace, record["experiment"])
-        return PipelineRun(exp, record["id"]) if record["kind"] == "pipeline" else StepRun(exp, record["id"])
+        if record["kind"] != "pipeline":
+            return StepRun(exp, record["id"])
+        run = PipelineRun(exp, record["id"])
+        run._pipeline_run = True
+        return run
 
     @staticmethod
     def get_context(allow_offline: bool = True) -> Run:
@@ -264,10 +269,10 @@ class Run(_MetricsMixin):
     def wait_for_completion(self, show_output: bool = True, timeout_seconds: float | None = None,
                             raise_on_error: bool = True) -> str:
         """Wait for the run to end; returns its final status (as Azure ML's PipelineRun does)."""
-        pipeline_id = self._row()["parent_id"] or self.id
-        follow(self._backend, pipeline_id, show_output=show_output, timeout_seconds=timeout_seconds,
-               raise_on_error=raise_on_error, only_step=None if pipeline_id == self.id else self.id)
-        return self.get_status()
+        pipeline_id = self.id if self._pipeline_run else self._row()["parent_id"] or self.id
+        status = follow(self._backend, pipeline_id, show_output=show_output, timeout_seconds=timeout_seconds,
+                        raise_on_error=raise_on_error, only_step=None if pipeline_id == self.id else self.id)
+        return status if pipeline_id == self.id else self.get_status()  # (a step's, not its pipeline's)
 
     # -- Azure ML run methods scripts call ---------------------------------------------------
 

@@ -173,7 +173,6 @@ class PipelineScheduler:
                         for i, located in zip(step.inputs, inputs[:len(step.inputs)], strict=True)
                         if located.digest.startswith(PENDING_DIGEST))
         fp = "" if pending else fingerprint(parts)
-        log_dir = self._run_root / run_dir(self.run_id, step_run_id) / "logs"
         if step.allow_reuse and not self.run["regenerate_outputs"] and not pending:
             source = q.lookup_cache(store, fp)
             present = self._outputs_present(source, step) if source else None
@@ -187,6 +186,7 @@ class PipelineScheduler:
                 self._set_status(step.name, Status.REUSED)
                 return None
         self._set_status(step.name, Status.QUEUED)  # the runner's Preparing is the next recorded status
+        log_dir = self._run_root / run_dir(self.run_id, step_run_id) / "logs"
         attempt = self.attempts[step.name] = self.attempts[step.name] + 1
         if attempt > 1:  # an interrupted attempt's records must not mix into this one's
             q.forget_attempt(store, step_run_id)
@@ -400,8 +400,8 @@ class PipelineScheduler:
                 if not _remote_unchanged(self.ctx.datastore_location(o["datastore"]), o["path"], o.get("stat_signature")):
                     return None
                 continue
-            path = Path(self._roots.get(o["datastore"], "/nonexistent")) / o["path"]
-            if not path.exists():
+            path = os.path.join(self._roots[o["datastore"]], o["path"])  # (strings: a rerun asks this of every output)
+            if not os.path.exists(path):
                 return None
             if o.get("stat_signature") and not stat_signature_matches(path, o["stat_signature"]):
                 return None

@@ -28,23 +28,40 @@ def _files(root: Path) -> list[tuple[str, str]]:
     return _walk(root)[0]
 
 
-def _walk(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
+def _walk(root: str | os.PathLike[str]) -> tuple[list[tuple[str, str]], list[str]]:
     """``_files``, and the relative POSIX paths of the empty folders under root (sorted): a
-    consumer may list them, so they are part of what an output is."""
+    consumer may list them, so they are part of what an output is. What ``os.walk`` finds, through
+    ``scandir`` alone (about twice as fast on the small outputs reuse checks one by one): symbolic
+    links are listed as files, never followed (no loops, no escapes); a folder that cannot be
+    listed is left out."""
     top = os.fspath(root)
     if not os.path.isdir(top):
         return [("", top)], []
-    found, empty = [], []
-    cut = len(os.path.join(top, ""))  # os.walk names each folder below top as join(top, ...)
-    for dirpath, dirnames, filenames in os.walk(top):
-        rel_dir = dirpath[cut:].replace(os.sep, "/")  # "" for top itself
-        # symlinked folders are listed (as links), not followed: no loops, no escapes
-        for name in [*filenames, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))]:
-            found.append((f"{rel_dir}/{name}" if rel_dir else name, os.path.join(dirpath, name)))
-        if not dirnames and not filenames and rel_dir:
+    found: list[tuple[str, str]] = []
+    empty: list[str] = []
+    folders = [(top, "")]
+    while folders:
+        folder, rel_dir = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError:
+            continue
+        if not entries and rel_dir:
             empty.append(rel_dir)
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            try:
+                real_folder = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                real_folder = False
+            if real_folder:
+                folders.append((entry.path, rel))
+            else:
+                found.append((rel, entry.path))
     found.sort()
-    return found, sorted(empty)
+    empty.sort()
+    return found, empty
 
 
 @dataclass(frozen=True)
@@ -137,7 +154,7 @@ def stat_signature_matches(path: str | os.PathLike[str], recorded: str) -> bool:
 def _signature_forms(path: str | os.PathLike[str]) -> Iterator[str]:
     """``path``'s stat signature, then its older files-only form (made only if asked for)."""
     stats: list[list[object]] = []
-    files, empty = _walk(Path(path))
+    files, empty = _walk(path)
     for rel, full in files:
         st = os.lstat(full)
         stats.append([rel, 0 if stat.S_ISLNK(st.st_mode) else st.st_size, st.st_mtime_ns])
