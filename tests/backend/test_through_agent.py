@@ -232,17 +232,25 @@ def test_a_run_recorded_through_the_agent_is_claimed_without_waiting_for_the_cli
 
     ws = Workspace.create(tmp_path / "ws")
     src = write_script("log.py", "print('hi')\n")
+    import threading
+
     from cairn.backend import open_local_backend
 
     queued: list[list[str]] = []
-    stop = serve_scripts(ws.location, lambda: queued.append([r["id"] for r in open_local_backend(ws.location)
-                                                             .list_runs("context", 5)]))
+    told = threading.Event()
+
+    def on_recorded() -> None:
+        queued.append([r["id"] for r in open_local_backend(ws.location).list_runs("context", 5)])
+        told.set()
+
+    stop = serve_scripts(ws.location, on_recorded)
     try:
         monkeypatch.setattr(client, "ensure_agent", lambda layout: None)  # no agent: only the scripts socket here
         monkeypatch.setattr(client, "prestart_agent", lambda layout: None)
         here = Workspace(ws.location)
         assert isinstance(here._backend, AgentBackend)
         run = Experiment(here, "context").submit(Pipeline(here, [PythonScriptStep("log.py", source_directory=str(src))]))
+        assert told.wait(10)  # once the reply went back: the agent's claim does not hold it up
         assert queued == [[run.id]]  # told once, with the run already recorded
         here._backend.list_experiments()  # any other call tells nothing
         assert len(queued) == 1
@@ -282,12 +290,16 @@ def test_a_run_recorded_by_the_agent_is_not_poked_for_and_one_recorded_here_is(
     pokes: list[str] = []
     monkeypatch.setattr(client, "ensure_agent", lambda layout: pokes.append(str(layout.root)))
     monkeypatch.setattr(client, "prestart_agent", lambda layout: None)
+    import threading
+
     queued: list[int] = []
-    stop = serve_scripts(ws.location, lambda: queued.append(1))
+    told = threading.Event()
+    stop = serve_scripts(ws.location, lambda: (queued.append(1), told.set()))
     try:
         here = Workspace(ws.location)
         assert isinstance(here._backend, AgentBackend)
         Experiment(here, "poke").submit(Pipeline(here, [PythonScriptStep("log.py", source_directory=str(src))]))
+        assert told.wait(10)
         assert (queued, pokes) == ([1], [])
         here._backend.ensure_progress()  # e.g. a follower's: the agent answering this process is up
         assert pokes == []
@@ -326,5 +338,31 @@ def test_the_agents_answers_use_its_own_open_store(tmp_path: Path, monkeypatch) 
         assert isinstance(here._backend, AgentBackend)
         assert [c["name"] for c in here._backend.list_compute_targets()] == ["local"]
         assert opened == []
+    finally:
+        stop()
+
+
+def test_what_an_answer_sets_off_waits_for_the_reply_to_be_sent(tmp_path: Path) -> None:
+    """A call's ``AfterReply`` work runs once its reply is sent: the caller has its answer while
+    that work (the agent claiming a run just recorded) still runs."""
+    import threading
+
+    from cairn.backend.relay import RelayBackend
+    from cairn.core.socket_rpc import AfterReply, serve
+
+    answered, finished = threading.Event(), threading.Event()
+
+    def then() -> None:
+        if answered.wait(10):  # only the caller, having its reply, sets it
+            finished.set()
+
+    path = str(tmp_path / "rpc.sock")
+    stop = serve(path, lambda method, args, kwargs: AfterReply(f"{method}:{args[0]}", then) if args else path)
+    try:
+        caller = RelayBackend(path, timeout=5)
+        assert caller._call("record", (7,), {}) == "record:7"
+        answered.set()
+        assert finished.wait(10)
+        caller.close()
     finally:
         stop()

@@ -161,7 +161,7 @@ def serve_scripts(workspace: str, on_recorded: Callable[[], None] | None = None,
     pipeline run was just queued here (the agent claims it without waiting for the client's poke).
     ``store``: the agent's own (the answers share its connections and compiled statements)."""
     from cairn import __version__
-    from cairn.core.socket_rpc import serve
+    from cairn.core.socket_rpc import AfterReply, serve
     from cairn.storage.layout import WorkspaceLayout
 
     service = ScriptService(workspace, LOCAL_METHODS, store)
@@ -175,7 +175,7 @@ def serve_scripts(workspace: str, on_recorded: Callable[[], None] | None = None,
             return __version__
         value = service.call(method, args, kwargs)
         if method == "record_pipeline_run" and on_recorded is not None:
-            on_recorded()
+            return AfterReply(value, on_recorded)  # the client goes on while the agent claims it
         return value
 
     return serve(str(path), answer)

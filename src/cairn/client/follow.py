@@ -66,8 +66,17 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
     connected = watch.connect()  # before the first read: whatever changes after it is told
     ensured = False
     announced = False
+    # waiting only for its end, which the agent that runs it will tell: nothing to read before that
+    tells_end = connected and getattr(watch, "running", False) and not show_output and not only_step
     try:
         while True:
+            if tells_end:
+                tells_end = False
+                wait = IDLE_RECHECK if deadline is None else min(IDLE_RECHECK, max(0.0, deadline - time.monotonic()))
+                try:
+                    watch.wait(wait)
+                except ConnectionError:
+                    connected = False
             run = backend.get_run(run_id)
             # step rows are read only when something is shown or one step is awaited
             children = backend.get_children(run_id) if show_output or only_step else []

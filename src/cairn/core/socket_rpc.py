@@ -10,7 +10,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 _HEADER = struct.Struct("!Q")
 
@@ -78,12 +78,22 @@ def remove_socket_file(path: str | os.PathLike[str], bound: tuple[int, int, int]
             pass
 
 
+class AfterReply(NamedTuple):
+    """What ``call`` returns to have ``then()`` called once ``value`` was sent back (or could not be):
+    work the answer sets off (an agent claiming the run just recorded) then does not hold the reply
+    up in the interpreter lock."""
+
+    value: Any
+    then: Callable[[], None]
+
+
 def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any],
           grace: float = 30.0) -> Callable[[], None]:
     """Serve ``RelayBackend`` connections on the Unix socket ``path`` (mode 0600, and only processes
-    of this user are answered) with ``call(method, args, kwargs)``; returns a function that stops
-    serving. Stopping lets the calls being answered finish (``grace`` seconds at most), then closes
-    every connection: a caller whose call was not yet read sees the connection end first."""
+    of this user are answered) with ``call(method, args, kwargs)`` (its value, or an ``AfterReply``);
+    returns a function that stops serving. Stopping lets the calls being answered finish (``grace``
+    seconds at most), then closes every connection: a caller whose call was not yet read sees the
+    connection end first."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)  # no umask change: that would apply to every thread's files meanwhile
     os.chmod(path, 0o600)
@@ -100,14 +110,21 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
         except Exception as exc:  # e.g. a value of a class defined in the caller's script
             send(conn, (False, CallNotUnderstood(f"{type(exc).__name__}: {exc}")))
             return
+        then = None
         try:
-            reply: tuple[bool, Any] = (True, call(method, args, kwargs))
+            value = call(method, args, kwargs)
+            if isinstance(value, AfterReply):
+                value, then = value
+            reply: tuple[bool, Any] = (True, value)
         except Exception as exc:  # the workspace's error goes back to the script that asked
             reply = (False, exc)
         try:
             send(conn, reply)
         except (pickle.PicklingError, TypeError, AttributeError):
             send(conn, (False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
+        finally:
+            if then is not None:
+                then()
 
     def handle(conn: socket.socket) -> None:
         nonlocal answering

@@ -299,6 +299,7 @@ class Agent:
         self._first_claim = False
         if run_id is None:
             return
+        self.front.running(run_id)  # its watchers are told its end (also if it cannot start: below)
         # one run per turn of the loop: its first steps start before the next claim, which comes at once
         self._queue_may_have_work = True
         try:
@@ -310,7 +311,10 @@ class Agent:
             self._log(f"claimed run {run_id}")
             self._prepare_local_targets(self.schedulers[run_id], targets)
         except Exception as exc:  # a spec we cannot read must not stop the agent
+            self.schedulers.pop(run_id, None)
             q.update_status(self.ctx.store, run_id, Status.FAILED, f"could not start the run: {exc}")
+            self._notify(run_id, final=True)  # (watchers of its end only are told too)
+            return
         self._notify(run_id)
 
     def _advance_all(self) -> None:
@@ -442,6 +446,7 @@ class Agent:
             if parent == run_id:
                 self.controls[step_run_id].cancel("lease lost to another agent", requeue=True)
         self.schedulers.pop(run_id, None)
+        self.front.let_go(run_id)
 
     def _stop_all(self) -> None:
         """Stop: kill running steps and hand the runs back to the queue for the next agent."""

@@ -30,6 +30,7 @@ class AgentSocket:
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._watchers: dict[str, list[socket.socket]] = {}
         self._final_only: set[socket.socket] = set()  # watchers that only want the end
+        self._running: set[str] = set()  # runs this agent runs: their end will be told
         self._lock = threading.Lock()  # guards watchers, and one writer at a time per socket
         self._listener: socket.socket | None = None
         self._bound: tuple[int, int, int] | None = None
@@ -80,8 +81,25 @@ class AgentSocket:
         with self._lock:
             return any(self._watchers.values())
 
+    def running(self, run_id: str) -> None:
+        """This agent runs ``run_id`` now: a watcher is told so, and its end (``notify(final=True)``)."""
+        with self._lock:
+            self._running.add(run_id)
+
+    def let_go(self, run_id: str) -> None:
+        """This agent no longer runs ``run_id`` (another took it): its watchers read it again."""
+        with self._lock:
+            self._running.discard(run_id)
+            for conn in self._watchers.get(run_id, ()):
+                try:
+                    _send(conn, {"event": "changed", "run": run_id})
+                except OSError:
+                    pass
+
     def notify(self, run_id: str, final: bool = False) -> None:
         with self._lock:
+            if final:
+                self._running.discard(run_id)
             for conn in self._watchers.get(run_id, ()):
                 if not final and conn in self._final_only:
                     continue
@@ -136,7 +154,8 @@ class AgentSocket:
                         self._watchers.setdefault(msg["run"], []).append(conn)
                         if msg.get("final_only"):
                             self._final_only.add(conn)
-                        _send(conn, {"ok": True})
+                        # "running": this agent runs it, so its end will be told (no need to read it now)
+                        _send(conn, {"ok": True, "running": msg["run"] in self._running})
                     self.events.put(("poke",))
         except (OSError, ValueError):
             pass

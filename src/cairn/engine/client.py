@@ -198,6 +198,7 @@ class Watch:
         self.final_only = final_only
         self._sock: socket.socket | None = None
         self._buf = b""
+        self.running = False  # the agent said it runs the run: it will tell its end
 
     def connect(self) -> bool:
         """Subscribe: True once the agent has it (it answers once every later change will be told),
@@ -210,7 +211,9 @@ class Watch:
         try:
             sock.sendall((json.dumps({"op": "watch", "run": self.run_id, "final_only": self.final_only})
                           + "\n").encode())
-            if self.wait(WATCH_ANSWER_SECONDS) is not None:  # its first line answers the subscription
+            answer = self.wait(WATCH_ANSWER_SECONDS)  # its first line answers the subscription
+            if answer is not None:
+                self.running = bool(answer.get("running"))
                 return True
         except (OSError, ValueError):  # ConnectionError included: it went
             pass

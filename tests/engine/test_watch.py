@@ -1,0 +1,72 @@
+"""Watching a run through the agent: a watcher of a run's end is told whether this agent runs it,
+so a follower waits for that end without reading the run first."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from cairn import Experiment, Pipeline, PythonScriptStep
+from cairn.client.follow import follow
+from cairn.engine import client
+from cairn.storage.layout import WorkspaceLayout
+
+
+def _waiting_run(workspace, write_script, tmp_path: Path) -> tuple:
+    fifo = tmp_path / "go-on"
+    os.mkfifo(fifo)
+    src = write_script("wait.py", f"open({str(fifo)!r}).read()\n")
+    run = Experiment(workspace, "watch").submit(Pipeline(workspace, [
+        PythonScriptStep("wait.py", name="wait", source_directory=str(src))]))
+    return run, fifo
+
+
+def test_a_watcher_of_a_run_the_agent_runs_is_told_so_and_then_its_end(workspace, write_script, tmp_path) -> None:
+    run, fifo = _waiting_run(workspace, write_script, tmp_path)
+    layout = WorkspaceLayout(workspace.location)
+    with open(fifo, "w"):  # open once the step has it open: the agent has claimed the run
+        watch = client.Watch(layout, run.id, final_only=True)
+        assert watch.connect() and watch.running
+    try:
+        assert watch.wait(60) == {"event": "final", "run": run.id}  # the step read to the end: it ended
+    finally:
+        watch.close()
+    assert run.get_status() == "Completed"  # told once the store has it
+    after = client.Watch(layout, run.id, final_only=True)
+    try:
+        assert after.connect() and not after.running  # ended: a follower reads it
+    finally:
+        after.close()
+
+
+def test_a_follower_of_a_running_runs_end_reads_it_once(workspace, write_script, tmp_path, monkeypatch) -> None:
+    run, fifo = _waiting_run(workspace, write_script, tmp_path)
+    backend = workspace._backend
+    reads: list[str] = []
+
+    class Counting:
+        def get_run(self, run_id):
+            reads.append(run_id)
+            return backend.get_run(run_id)
+
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+    subscribed = threading.Event()
+    connect = client.Watch.connect
+
+    def connected(self) -> bool:
+        made = connect(self)
+        subscribed.set()
+        return made
+
+    monkeypatch.setattr(client.Watch, "connect", connected)
+    ended: list[str] = []
+    with open(fifo, "w"):  # the step runs until this closes
+        follower = threading.Thread(target=lambda: ended.append(follow(Counting(), run.id, show_output=False)))
+        follower.start()
+        assert subscribed.wait(30)
+    follower.join(60)
+    assert ended == ["Completed"]
+    assert reads == [run.id]  # its end, once told
