@@ -239,8 +239,8 @@ def test_a_run_recorded_through_the_agent_is_claimed_without_waiting_for_the_cli
     queued: list[list[str]] = []
     told = threading.Event()
 
-    def on_recorded() -> None:
-        queued.append([r["id"] for r in open_local_backend(ws.location).list_runs("context", 5)])
+    def on_recorded(run_id: str) -> None:
+        queued.append([run_id, *(r["id"] for r in open_local_backend(ws.location).list_runs("context", 5))])
         told.set()
 
     stop = serve_scripts(ws.location, on_recorded)
@@ -251,7 +251,7 @@ def test_a_run_recorded_through_the_agent_is_claimed_without_waiting_for_the_cli
         assert isinstance(here._backend, AgentBackend)
         run = Experiment(here, "context").submit(Pipeline(here, [PythonScriptStep("log.py", source_directory=str(src))]))
         assert told.wait(10)  # once the reply went back: the agent's claim does not hold it up
-        assert queued == [[run.id]]  # told once, with the run already recorded
+        assert queued == [[run.id, run.id]]  # told once, of the run, already recorded
         here._backend.list_experiments()  # any other call tells nothing
         assert len(queued) == 1
     finally:
@@ -294,7 +294,7 @@ def test_a_run_recorded_by_the_agent_is_not_poked_for_and_one_recorded_here_is(
 
     queued: list[int] = []
     told = threading.Event()
-    stop = serve_scripts(ws.location, lambda: (queued.append(1), told.set()))
+    stop = serve_scripts(ws.location, lambda run_id: (queued.append(1), told.set()))
     try:
         here = Workspace(ws.location)
         assert isinstance(here._backend, AgentBackend)
@@ -366,3 +366,54 @@ def test_what_an_answer_sets_off_waits_for_the_reply_to_be_sent(tmp_path: Path) 
         caller.close()
     finally:
         stop()
+
+
+def test_an_agent_that_replaced_the_one_reached_is_checked_again(
+        tmp_path: Path, write_script: Callable[..., Path], monkeypatch) -> None:
+    """When the agent a process talks to goes and another answers in its place, that one is checked
+    as the first was: one of another Cairn version is not used (the run is recorded here, and an
+    agent of this version is made sure of)."""
+    import cairn
+    from cairn.engine import client
+
+    ws = Workspace.create(tmp_path / "ws")
+    src = write_script("log.py", "print('hi')\n")
+    pokes: list[str] = []
+    monkeypatch.setattr(client, "ensure_agent", lambda layout: pokes.append(str(layout.root)))
+    monkeypatch.setattr(client, "prestart_agent", lambda layout: None)
+    stop = serve_scripts(ws.location)
+    here = Workspace(ws.location)
+    assert isinstance(here._backend, AgentBackend)
+    stop()  # the agent goes; one of another version takes its place
+    recorded_there: list[int] = []
+    monkeypatch.setattr(cairn, "__version__", "0.0.0-other")
+    stop = serve_scripts(ws.location, lambda run_id: recorded_there.append(1))
+    monkeypatch.undo()
+    monkeypatch.setattr(client, "ensure_agent", lambda layout: pokes.append(str(layout.root)))
+    monkeypatch.setattr(client, "prestart_agent", lambda layout: None)
+    try:
+        run = Experiment(here, "replaced").submit(Pipeline(here, [PythonScriptStep("log.py", source_directory=str(src))]))
+        assert recorded_there == [] and pokes == [ws.location]
+        assert here._backend.get_run(run.id)["status"] == "Queued"  # recorded, in this process
+    finally:
+        stop()
+
+
+def test_work_after_a_reply_that_fails_does_not_end_the_connection(tmp_path: Path, capsys) -> None:
+    from cairn.backend.relay import RelayBackend
+    from cairn.core.socket_rpc import AfterReply, serve
+
+    def then() -> None:
+        raise RuntimeError("what the answer set off failed")
+
+    path = str(tmp_path / "rpc.sock")
+    stop = serve(path, lambda method, args, kwargs: AfterReply(args[0], then) if args else path)
+    try:
+        caller = RelayBackend(path, timeout=5)
+        sock = caller._sock
+        assert [caller._call("record", (n,), {}) for n in (1, 2)] == [1, 2]
+        assert caller._sock is sock  # the same connection answered both
+        caller.close()
+    finally:
+        stop()
+    assert "what the answer set off failed" in capsys.readouterr().err

@@ -165,3 +165,42 @@ def test_waiting_for_a_submitted_run_reads_it_once_when_it_has_ended(workspace, 
     assert reads == [run.id]
     hi = run.find_step_run("hi")[0]
     assert hi.wait_for_completion(show_output=False, raise_on_error=False) == "Completed"
+
+
+def test_the_subscription_wait_keeps_to_the_callers_timeout(workspace, write_script, monkeypatch) -> None:
+    """An agent's socket that takes connections but never answers holds a follower no longer than
+    the timeout it was given (the subscription's own limit is longer)."""
+    import socket
+    import time
+
+    import pytest
+
+    from cairn import Experiment, Pipeline, PythonScriptStep
+    from cairn.client.follow import follow
+    from cairn.core.errors import RunTimeoutError
+    from cairn.engine import client
+    from cairn.engine.client import stop_agent
+    from cairn.storage.layout import WorkspaceLayout
+
+    src = write_script("hi.py", "print('hi')\n")
+    run = Experiment(workspace, "silent").submit(Pipeline(workspace, [
+        PythonScriptStep("hi.py", name="hi", source_directory=str(src))]))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    layout = WorkspaceLayout(workspace.location)
+    stop_agent(layout)
+    monkeypatch.setattr(client, "WATCH_ANSWER_SECONDS", 60.0)
+    monkeypatch.setattr(client, "ensure_agent", lambda layout: None)  # nobody to start: the silent one "serves"
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(layout.agent_socket))
+    silent.listen(4)
+    try:
+        began = time.monotonic()
+        assert follow(workspace._backend, run.id, show_output=False, timeout_seconds=0.5) == "Completed"
+        # a run still going times out as asked, not after the subscription's limit
+        row = workspace._backend.get_run(run.id)
+        monkeypatch.setattr(workspace._backend, "get_run", lambda run_id: {**row, "status": "Running"})
+        with pytest.raises(RunTimeoutError):
+            follow(workspace._backend, run.id, show_output=False, timeout_seconds=0.5)
+        assert time.monotonic() - began < 30
+    finally:
+        silent.close()

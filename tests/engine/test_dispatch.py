@@ -279,3 +279,54 @@ def test_an_ending_the_store_recorded_before_a_cancel_stands(tmp_path: Path, mon
     s0 = run.find_step_run("s0")[0]
     assert s0.get_status() == "Failed"
     assert run.get_status() == "Failed"  # as its step is, not Canceled
+
+
+def test_a_run_recorded_as_the_agent_stops_is_handed_to_a_new_agent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_script) -> None:
+    """A client whose run the agent recorded sends no poke (the agent claims it). If the agent is
+    asked to stop just then, it never claims it: as it stops it starts a new agent for it, as the
+    poke would have. Runs it merely handed back as it stopped wait, as before."""
+    import signal
+
+    from cairn.backend.relay import ScriptService
+    from cairn.backend.through_agent import serve_scripts
+
+    started: list[str] = []
+    monkeypatch.setattr(agent_client, "prestart_agent", lambda layout: started.append(str(layout.root)))
+    monkeypatch.setattr(agent_client, "ensure_agent", lambda layout: None)
+    ws = Workspace.create(tmp_path / "ws")
+    src = write_script("s.py", "print('hi')\n")
+    serving = threading.Event()
+    agent: Any = None
+
+    def serve_and_stop_on_record(workspace: str, on_recorded: Any, store: Any) -> Any:
+        def stop_first(run_id: str) -> None:  # the stop comes just before the run's own event
+            agent.events.put(("stop", "asked as a run was recorded"))
+            on_recorded(run_id)
+
+        stop = serve_scripts(workspace, stop_first, store)
+        serving.set()
+        return stop
+
+    agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=QuietFront(),
+                               script_service=ScriptService, serve_scripts=serve_and_stop_on_record)
+    submitted: list[str] = []
+
+    def submit() -> None:
+        assert serving.wait(30)
+        here = Workspace(ws.location)  # through the agent's scripts socket
+        submitted.append(Experiment(here, "stop").submit(Pipeline(here, [
+            PythonScriptStep("s.py", name="s", source_directory=str(src))])).id)
+
+    client_thread = threading.Thread(target=submit, daemon=True)
+    client_thread.start()
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        assert agent.serve() == 0  # (returns once it stopped)
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+    client_thread.join(30)
+    (run_id,) = submitted
+    assert ws._backend.get_run(run_id)["status"] == "Queued"
+    assert started == [ws.location]

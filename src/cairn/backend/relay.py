@@ -43,11 +43,17 @@ class RelayBackend:
     """Forwards every backend method to the workspace (see the module's doc). ``timeout``: how long
     reaching the other end and its first answer may take (then ``RelayLost``); calls wait."""
 
-    def __init__(self, address: str, timeout: float | None = None) -> None:
+    def __init__(self, address: str, timeout: float | None = None,
+                 handshake: Callable[[Callable[[str], Any]], None] | None = None) -> None:
+        """``handshake(ask)``: checks the other end on every new connection, before its first call
+        (``ask(method)`` calls it there); it raises ``RelayLost`` to refuse that end. With ``timeout``
+        each handshake's answers, like the first answer, must come within it."""
         self._address = address
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._pid = os.getpid()
+        self._handshake = handshake
+        self._handshake_timeout = timeout
         self._timeout = timeout  # for the first answer only (a timeout is an OSError: RelayLost)
         self.location = str(self._call("__location__", (), {}))
         if self._sock is not None:
@@ -71,23 +77,33 @@ class RelayBackend:
                 raise RelayLost(f"cannot reach the workspace through the step's runner at {self._address} "
                                 f"({exc}); Run.get_context() works only while the step runs", sent=False) from None
             self._sock = sock
+            if self._handshake is not None:  # (an agent that went may have been replaced by another)
+                try:
+                    sock.settimeout(self._handshake_timeout)
+                    self._handshake(lambda method: self._exchange(sock, method, (), {}))
+                    sock.settimeout(self._timeout)
+                except BaseException:
+                    self.close()
+                    raise
         return self._sock
 
     def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._pid != os.getpid():
             self._connect()  # replaces the lock a fork may have copied while held
         with self._lock:
-            sock = self._connect()
-            try:
-                send(sock, (method, args, kwargs))
-            except OSError as exc:  # not delivered whole: the other end reads no call from it
-                raise self._lost(exc, sent=False) from None
-            try:
-                answer = receive(sock)
-            except OSError as exc:
-                raise self._lost(exc, sent=True) from None
-            if answer is None:
-                raise self._lost("end of file", sent=True)
+            return self._exchange(self._connect(), method, args, kwargs)
+
+    def _exchange(self, sock: socket.socket, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            send(sock, (method, args, kwargs))
+        except OSError as exc:  # not delivered whole: the other end reads no call from it
+            raise self._lost(exc, sent=False) from None
+        try:
+            answer = receive(sock)
+        except OSError as exc:
+            raise self._lost(exc, sent=True) from None
+        if answer is None:
+            raise self._lost("end of file", sent=True)
         ok, value = answer
         if not ok:
             raise value

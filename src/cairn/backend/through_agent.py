@@ -43,19 +43,20 @@ class AgentBackend(AgentSocketCalls):
         from cairn.storage.layout import WorkspaceLayout
 
         self._workspace = workspace
-        self._agent: RelayBackend | None = RelayBackend(address, timeout=HANDSHAKE_SECONDS)  # RelayLost
-        try:
-            version = self._agent._call("__version__", (), {})
-        except Exception:
-            self._agent.close()
-            raise
-        if version != __version__:  # what travels is pickled: both ends must be the same code
-            self._agent.close()
-            raise RelayLost(f"the agent runs Cairn {version}, this process {__version__}", sent=False)
+
+        def same_agent(ask: Callable[[str], Any]) -> None:
+            """Every connection's first words (the first, and one to an agent that replaced the one
+            that went): an agent of another version or serving another workspace is not used."""
+            version = ask("__version__")
+            if version != __version__:  # what travels is pickled: both ends must be the same code
+                raise RelayLost(f"the agent runs Cairn {version}, this process {__version__}", sent=False)
+            served = ask("__location__")
+            if not _same_folder(served, workspace):  # the workspace was moved since the agent started
+                raise RelayLost(f"the agent answering in {workspace} serves {served}", sent=False)
+
+        self._agent: RelayBackend | None = RelayBackend(address, timeout=HANDSHAKE_SECONDS,
+                                                        handshake=same_agent)  # RelayLost
         self.location = self._agent.location
-        if not _same_folder(self.location, workspace):  # the workspace was moved since the agent started
-            self._agent.close()
-            raise RelayLost(f"the agent answering in {workspace} serves {self.location}", sent=False)
         self.layout = WorkspaceLayout(workspace)
         self._direct: Any = None
         self._pid = os.getpid()
@@ -154,11 +155,11 @@ def workspace_backend(workspace: str) -> Any:
         return open_local_backend(workspace)
 
 
-def serve_scripts(workspace: str, on_recorded: Callable[[], None] | None = None,
+def serve_scripts(workspace: str, on_recorded: Callable[[str], None] | None = None,
                   store: Any = None) -> Callable[[], None]:
     """Answer ``AgentBackend`` calls for ``workspace`` (in its agent, which holds the workspace lock:
-    a socket file already there is a dead agent's). Returns what stops it. ``on_recorded``: a
-    pipeline run was just queued here (the agent claims it without waiting for the client's poke).
+    a socket file already there is a dead agent's). Returns what stops it. ``on_recorded(run_id)``:
+    a pipeline run was just queued here (the agent claims it: the client sends no poke).
     ``store``: the agent's own (the answers share its connections and compiled statements)."""
     from cairn import __version__
     from cairn.core.socket_rpc import AfterReply, serve
@@ -175,7 +176,7 @@ def serve_scripts(workspace: str, on_recorded: Callable[[], None] | None = None,
             return __version__
         value = service.call(method, args, kwargs)
         if method == "record_pipeline_run" and on_recorded is not None:
-            return AfterReply(value, on_recorded)  # the client goes on while the agent claims it
+            return AfterReply(value, lambda: on_recorded(value[0]))  # the client goes on while the agent claims it
         return value
 
     return serve(str(path), answer)

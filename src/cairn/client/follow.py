@@ -63,7 +63,8 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
     seen: dict[str, tuple[str, str | None]] = {}
     offsets: dict[tuple[str, str], int] = {}
     shown_at: dict[tuple[str, str], float] = {}  # when each log last showed something
-    connected = watch.connect()  # before the first read: whatever changes after it is told
+    # subscribed before the first read: whatever changes after it is told
+    connected = watch.connect() if deadline is None else watch.connect(max(0.0, deadline - time.monotonic()))
     ensured = False
     announced = False
     # waiting only for its end, which the agent that runs it will tell: nothing to read before that
@@ -102,7 +103,7 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
                 backend.ensure_progress()  # starts an agent if none serves the workspace (resume)
                 ensured = True
                 if not connected:
-                    connected = watch.connect()
+                    connected = watch.connect(IDLE_RECHECK if deadline is None else max(0.0, deadline - now))
                     if connected:
                         continue  # what changed before the agent had the subscription is read now
             running = any(c["status"] == Status.RUNNING.value for c in children)

@@ -124,7 +124,12 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
             send(conn, (False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
         finally:
             if then is not None:
-                then()
+                try:
+                    then()
+                except Exception:  # (the reply went back: the connection serves on)
+                    import traceback
+
+                    traceback.print_exc()
 
     def handle(conn: socket.socket) -> None:
         nonlocal answering

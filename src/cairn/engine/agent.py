@@ -54,7 +54,7 @@ class Agent:
     def __init__(self, layout: WorkspaceLayout, idle_timeout: float | None = 300.0,
                  max_concurrency: int | None = None, front: AgentSocket | None = None,
                  script_service: Callable[[str], Any] | None = None,
-                 serve_scripts: Callable[[str, Callable[[], None], Any], Callable[[], None]] | None = None) -> None:
+                 serve_scripts: Callable[[str, Callable[[str], None], Any], Callable[[], None]] | None = None) -> None:
         """``script_service(workspace)`` answers the ``Run.get_context()`` calls of steps on Ray nodes of
         other machines; ``serve_scripts(workspace, on_recorded, store)`` starts answering those of the steps
         that run on this machine (and its clients' submits), with the agent's store, and returns what
@@ -79,6 +79,7 @@ class Agent:
         self._queue_may_have_work = True  # set by pokes and timers: claiming costs a write transaction
         self._first_claim = True
         self._stop_scripts: Callable[[], None] | None = None
+        self._recorded: set[str] = set()  # runs recorded through its scripts socket, not claimed yet
         self._advance_needed = True  # set by events that may let steps start or runs end
 
     # -- life cycle ------------------------------------------------------------------------
@@ -112,6 +113,7 @@ class Agent:
                 except Exception as exc:
                     self._log(f"could not shut down compute target {compute.name!r}: {exc}")
             self.front.close()
+            self._hand_on_recorded()
             self._log("agent stopped")
         return 0
 
@@ -121,10 +123,30 @@ class Agent:
         if self.serve_scripts is None:
             return None
         try:
-            return self.serve_scripts(str(self.layout.root), lambda: self.events.put(("queued",)), self.ctx.store)
+            return self.serve_scripts(str(self.layout.root), self._on_recorded, self.ctx.store)
         except OSError as exc:
             self._log(f"steps open the workspace themselves for Run.get_context(): cannot serve it ({exc})")
             return None
+
+    def _on_recorded(self, run_id: str) -> None:
+        """A run recorded through the scripts socket: its client sends no poke, this agent claims it."""
+        self._recorded.add(run_id)
+        self.events.put(("queued",))
+
+    def _hand_on_recorded(self) -> None:
+        """As it stops: runs recorded through it that it never claimed (recorded as it was asked to
+        stop) go to a new agent, as the client's own poke would have started one."""
+        waiting = [r for r in list(self._recorded)
+                   if (row := q.get_run(self.ctx.store, r)) is not None and row["status"] == Status.QUEUED.value]
+        if not waiting:
+            return
+        from cairn.engine import client
+
+        try:
+            client.prestart_agent(self.layout)  # it waits for this agent's lock
+            self._log(f"runs recorded as it stopped ({', '.join(waiting)}): a new agent was started for them")
+        except Exception as exc:
+            self._log(f"runs recorded as it stopped ({', '.join(waiting)}) wait for an agent: {exc}")
 
     def _stop_serving_scripts(self) -> None:
         stop, self._stop_scripts = self._stop_scripts, None
@@ -299,6 +321,7 @@ class Agent:
         self._first_claim = False
         if run_id is None:
             return
+        self._recorded.discard(run_id)
         self.front.running(run_id)  # its watchers are told its end (also if it cannot start: below)
         # one run per turn of the loop: its first steps start before the next claim, which comes at once
         self._queue_may_have_work = True

@@ -68,6 +68,8 @@ class AgentSocket:
         threading.Thread(target=self._accept, args=(sock,), daemon=True, name="agent-accept").start()
 
     def close(self) -> None:
+        with self._lock:
+            self._running.clear()  # (a closing agent tells no more ends: a late watcher reads)
         if self._listener is not None:
             try:
                 self._listener.shutdown(socket.SHUT_RDWR)

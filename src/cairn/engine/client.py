@@ -200,9 +200,9 @@ class Watch:
         self._buf = b""
         self.running = False  # the agent said it runs the run: it will tell its end
 
-    def connect(self) -> bool:
+    def connect(self, timeout: float = WATCH_ANSWER_SECONDS) -> bool:
         """Subscribe: True once the agent has it (it answers once every later change will be told),
-        False when no agent answers."""
+        False when no agent answers (within ``timeout``, at most ``WATCH_ANSWER_SECONDS``)."""
         self.close()
         sock = _connect(self.layout)
         if sock is None:
@@ -211,7 +211,7 @@ class Watch:
         try:
             sock.sendall((json.dumps({"op": "watch", "run": self.run_id, "final_only": self.final_only})
                           + "\n").encode())
-            answer = self.wait(WATCH_ANSWER_SECONDS)  # its first line answers the subscription
+            answer = self.wait(min(timeout, WATCH_ANSWER_SECONDS))  # its first line answers the subscription
             if answer is not None:
                 self.running = bool(answer.get("running"))
                 return True
