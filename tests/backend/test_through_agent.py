@@ -417,3 +417,46 @@ def test_work_after_a_reply_that_fails_does_not_end_the_connection(tmp_path: Pat
     finally:
         stop()
     assert "what the answer set off failed" in capsys.readouterr().err
+
+
+def test_a_call_read_as_the_other_end_stops_is_said_not_made(tmp_path: Path, monkeypatch) -> None:
+    """A call that reaches a serving end after it began to stop is answered "not taken": the caller
+    knows it was not made (and may make it another way), rather than being left unsure."""
+    import threading
+
+    import pytest
+
+    from cairn.backend.relay import RelayBackend, RelayLost
+    from cairn.core import socket_rpc
+    from cairn.core.socket_rpc import serve
+
+    entered, leave, stop_began = threading.Event(), threading.Event(), threading.Event()
+    remove = socket_rpc.remove_socket_file
+    monkeypatch.setattr(socket_rpc, "remove_socket_file", lambda *a: (remove(*a), stop_began.set()))
+    made: list[str] = []
+
+    def call(method: str, args: tuple, kwargs: dict) -> object:
+        if method == "slow":
+            entered.set()
+            leave.wait(10)
+        made.append(method)
+        return method
+
+    path = str(tmp_path / "rpc.sock")
+    stop = serve(path, call)
+    first, second = RelayBackend(path, timeout=5), RelayBackend(path, timeout=5)
+    slow = threading.Thread(target=lambda: first._call("slow", (), {}), daemon=True)
+    slow.start()
+    assert entered.wait(10)
+    stopping = threading.Thread(target=stop, daemon=True)  # waits for the slow call to be answered
+    stopping.start()
+    try:
+        assert stop_began.wait(10)
+        with pytest.raises(RelayLost) as lost:
+            second._call("record", (), {})  # on the connection made before
+        assert lost.value.sent is False and "record" not in made
+    finally:
+        leave.set()
+        stopping.join(10)
+        slow.join(10)
+    assert "slow" in made

@@ -694,3 +694,16 @@ def test_init_on_a_file_is_a_clear_error(project: Project) -> None:
     result = project.cairn("init", "pipeline.py")
     assert result.returncode == 2 and "is a file, not a folder" in flat(result.stderr), result.stderr
     no_traceback(result)
+
+
+def test_the_agent_is_stopped_from_the_command_line(completed: Done) -> None:
+    from cairn.engine.client import ensure_agent, ping
+
+    layout = WorkspaceLayout(completed.project.root)
+    ensure_agent(layout)
+    result = completed.project.cairn("agent", "--stop")
+    assert result.returncode == 0, result.stderr
+    assert "stopped the agent (pid" in flat(result.stdout) and not ping(layout)
+    again = completed.project.cairn("agent", "--stop")
+    assert again.returncode == 0 and "no agent serves" in flat(again.stdout)
+    no_traceback(again)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cairn.backend import open_local_backend
-from cairn.core.socket_rpc import peer_uid, receive, send
+from cairn.core.socket_rpc import CallNotTaken, peer_uid, receive, send
 
 # what a script's Run.get_context() may do through the relay: read, and record on runs and datasets
 SCRIPT_METHODS = frozenset({
@@ -106,6 +106,8 @@ class RelayBackend:
             raise self._lost("end of file", sent=True)
         ok, value = answer
         if not ok:
+            if isinstance(value, CallNotTaken):  # it is stopping: the call was not made
+                raise self._lost(value, sent=False)
             raise value
         return value
 

@@ -478,18 +478,29 @@ def explain(step_run_id: str, workspace: Path = WorkspaceOption, as_json: bool =
 @app.command()
 def agent(workspace: Path = WorkspaceOption,
           idle_timeout: float = typer.Option(0, help="seconds without work before exiting (0: never)"),
-          max_concurrency: int = typer.Option(None, help="override the local target's concurrency")) -> None:
-    """Run the workspace's agent in the foreground (normally started on demand)."""
+          max_concurrency: int = typer.Option(None, help="override the local target's concurrency"),
+          stop: bool = typer.Option(False, "--stop", help="stop the agent that serves the workspace instead "
+                                                          "(its running steps go back to the queue)")) -> None:
+    """Run the workspace's agent in the foreground (normally started on demand), or stop it."""
     from cairn.engine.agent import Agent
-    from cairn.engine.client import _request
+    from cairn.engine.client import _request, stop_agent
     from cairn.storage.layout import WorkspaceLayout
 
     ws = _workspace(workspace)
     layout = WorkspaceLayout(ws.location)
     other = _request(layout, {"op": "ping"})
+    if stop:
+        if not stop_agent(layout):
+            console.print(f"no agent serves {ws.location}", highlight=False)
+            return
+        pid = f" (pid {other.get('pid')})" if other else ""
+        console.print(f"stopped the agent{pid} of {ws.location}; runs it had not finished wait in the queue "
+                      f"for the next agent (started by the next submit, `cairn runs list` or `cairn agent`)",
+                      highlight=False)
+        return
     if other is not None:
         err.print(f"[red]error:[/] another agent (pid {other.get('pid')}) already serves {ws.location}; "
-                  f"stop it first (kill {other.get('pid')}) or let it serve", highlight=False)
+                  f"stop it first (`cairn agent --stop`) or let it serve", highlight=False)
         raise typer.Exit(EXIT_USER_ERROR)
     console.print(f"agent serving {ws.location} (Ctrl-C to stop)")
     from cairn.backend.relay import ScriptService

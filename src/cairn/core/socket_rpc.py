@@ -25,6 +25,11 @@ class CallNotUnderstood(Exception):
     done. The caller may make the call another way."""
 
 
+class CallNotTaken(Exception):
+    """The serving end is stopping and did not make the call (it says so rather than closing the
+    connection on it, which would leave the caller unsure whether it was made)."""
+
+
 def receive(sock: socket.socket) -> Any:
     data = _frame(sock)
     return None if data is None else pickle.loads(data)
@@ -92,8 +97,9 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
     """Serve ``RelayBackend`` connections on the Unix socket ``path`` (mode 0600, and only processes
     of this user are answered) with ``call(method, args, kwargs)`` (its value, or an ``AfterReply``);
     returns a function that stops serving. Stopping lets the calls being answered finish (``grace``
-    seconds at most), then closes every connection: a caller whose call was not yet read sees the
-    connection end first."""
+    seconds at most), then closes every connection; a call read meanwhile is answered
+    ``CallNotTaken`` (not made), and a caller whose call was not yet read sees the connection end
+    first."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)  # no umask change: that would apply to every thread's files meanwhile
     os.chmod(path, 0o600)
@@ -144,9 +150,15 @@ def serve(path: str, call: Callable[[str, tuple[Any, ...], dict[str, Any]], Any]
                 if data is None:
                     return
                 with state:
-                    if stopping.is_set():
-                        return  # not read: the connection closes unanswered
-                    answering += 1
+                    stopped = stopping.is_set()
+                    if not stopped:
+                        answering += 1
+                if stopped:  # read, but not made: said so, then the connection closes
+                    try:
+                        send(conn, (False, CallNotTaken("the other end is stopping")))
+                    except OSError:
+                        pass
+                    return
                 try:
                     answer(conn, data)
                 except OSError:
