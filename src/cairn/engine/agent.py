@@ -105,6 +105,15 @@ class Agent:
         self._stop_scripts = self._serve_scripts()
         try:
             self._loop()
+        except Exception:
+            if self._still_here():
+                raise
+            # moved or removed under it: its store (opened never to make a new one) or folders fail
+            self._log(f"the workspace is no longer at {self.layout.root} (moved or removed while it ran): "
+                      f"stopping; its running steps are stopped (a moved workspace's runs go on once an agent "
+                      f"serves it where it is now)")
+            for control in self.controls.values():
+                control.cancel("the workspace was moved or removed while the step ran", requeue=True)
         finally:
             self._stop_serving_scripts()
             for compute in self.computes.values():
@@ -136,8 +145,14 @@ class Agent:
     def _hand_on_recorded(self) -> None:
         """As it stops: runs recorded through it that it never claimed (recorded as it was asked to
         stop) go to a new agent, as the client's own poke would have started one."""
-        waiting = [r for r in list(self._recorded)
-                   if (row := q.get_run(self.ctx.store, r)) is not None and row["status"] == Status.QUEUED.value]
+        if not self._recorded:
+            return
+        try:
+            waiting = [r for r in list(self._recorded)
+                       if (row := q.get_run(self.ctx.store, r)) is not None and row["status"] == Status.QUEUED.value]
+        except Exception as exc:  # (a workspace gone from under it)
+            self._log(f"could not look at the runs recorded as it stopped: {exc}")
+            return
         if not waiting:
             return
         from cairn.engine import client

@@ -24,7 +24,7 @@ class EngineContext:
 
     @classmethod
     def open(cls, layout: WorkspaceLayout) -> EngineContext:
-        store = Store.for_sqlite_file(layout.db)
+        store = Store.for_sqlite_file(layout.db, create=False)  # the agent's: never makes an empty one
         store.migrate()
         return cls(layout, store, ObjectStore(layout.objects))
 

@@ -44,8 +44,13 @@ class Store:
         self._fast_readers.forget()
 
     @classmethod
-    def for_sqlite_file(cls, path: Path) -> Store:
-        return cls(f"sqlite:///{path}")
+    def for_sqlite_file(cls, path: Path, create: bool = True) -> Store:
+        """``create=False``: a database that is not there (a workspace moved or removed while its
+        agent runs) is an error, not a new empty one made at its old place."""
+        if create:
+            return cls(f"sqlite:///{path}")
+        quoted = str(path).replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+        return cls(f"sqlite:///file:{quoted}?mode=rw&uri=true")
 
     def migrate(self) -> None:
         """Bring the schema up to date (Alembic), only importing Alembic when behind."""
