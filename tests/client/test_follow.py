@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cairn.client.follow import _display_lines
+from tests.reads import CountingReads
 
 
 def test_a_progress_bar_redrawn_with_carriage_returns_shows_its_latest_drawing() -> None:
@@ -97,20 +98,9 @@ def test_a_run_seen_ended_is_not_read_again(workspace, write_script) -> None:
         PythonScriptStep("hi.py", name="hi", source_directory=str(src))]))
     assert run.wait_for_completion(show_output=False) == "Completed"
 
-    class Counting:
-        def __init__(self, backend) -> None:
-            self.backend, self.reads = backend, 0
-
-        def get_run(self, run_id):
-            self.reads += 1
-            return self.backend.get_run(run_id)
-
-        def __getattr__(self, name):
-            return getattr(self.backend, name)
-
-    counting = Counting(workspace._backend)
+    counting = CountingReads(workspace._backend)
     assert follow(counting, run.id, show_output=False) == "Completed"
-    assert counting.reads == 1
+    assert len(counting.reads) == 1
 
 
 def test_a_subscription_counts_once_the_agent_answers_it(tmp_path, monkeypatch) -> None:
@@ -149,20 +139,9 @@ def test_waiting_for_a_submitted_run_reads_it_once_when_it_has_ended(workspace, 
         PythonScriptStep("hi.py", name="hi", source_directory=str(src)),
         PythonScriptStep("fail.py", name="fail", source_directory=str(fail))]), continue_on_step_failure=True)
     assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
-    backend = workspace._backend
-    reads: list[str] = []
-
-    class Counting:
-        def get_run(self, run_id):
-            reads.append(run_id)
-            return backend.get_run(run_id)
-
-        def __getattr__(self, name):
-            return getattr(backend, name)
-
-    run._backend = Counting()
+    run._backend = counting = CountingReads(workspace._backend)
     assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
-    assert reads == [run.id]
+    assert counting.reads == [run.id]
     hi = run.find_step_run("hi")[0]
     assert hi.wait_for_completion(show_output=False, raise_on_error=False) == "Completed"
 

@@ -11,6 +11,7 @@ from cairn import Experiment, Pipeline, PythonScriptStep
 from cairn.client.follow import follow
 from cairn.engine import client
 from cairn.storage.layout import WorkspaceLayout
+from tests.reads import CountingReads
 
 
 def _waiting_run(workspace, write_script, tmp_path: Path) -> tuple:
@@ -42,31 +43,21 @@ def test_a_watcher_of_a_run_the_agent_runs_is_told_so_and_then_its_end(workspace
 
 def test_a_follower_of_a_running_runs_end_reads_it_once(workspace, write_script, tmp_path, monkeypatch) -> None:
     run, fifo = _waiting_run(workspace, write_script, tmp_path)
-    backend = workspace._backend
-    reads: list[str] = []
-
-    class Counting:
-        def get_run(self, run_id):
-            reads.append(run_id)
-            return backend.get_run(run_id)
-
-        def __getattr__(self, name):
-            return getattr(backend, name)
-
+    counting = CountingReads(workspace._backend)
     subscribed = threading.Event()
     connect = client.Watch.connect
 
-    def connected(self) -> bool:
-        made = connect(self)
+    def connected(self, *timeout: float) -> bool:
+        made = connect(self, *timeout)
         subscribed.set()
         return made
 
     monkeypatch.setattr(client.Watch, "connect", connected)
     ended: list[str] = []
     with open(fifo, "w"):  # the step runs until this closes
-        follower = threading.Thread(target=lambda: ended.append(follow(Counting(), run.id, show_output=False)))
+        follower = threading.Thread(target=lambda: ended.append(follow(counting, run.id, show_output=False)))
         follower.start()
         assert subscribed.wait(30)
     follower.join(60)
     assert ended == ["Completed"]
-    assert reads == [run.id]  # its end, once told
+    assert counting.reads == [run.id]  # its end, once told

@@ -44,18 +44,23 @@ class RelayBackend:
     reaching the other end and its first answer may take (then ``RelayLost``); calls wait."""
 
     def __init__(self, address: str, timeout: float | None = None,
-                 handshake: Callable[[Callable[[str], Any]], None] | None = None) -> None:
+                 handshake: Callable[[Callable[[str], Any]], str] | None = None) -> None:
         """``handshake(ask)``: checks the other end on every new connection, before its first call
-        (``ask(method)`` calls it there); it raises ``RelayLost`` to refuse that end. With ``timeout``
-        each handshake's answers, like the first answer, must come within it."""
+        (``ask(method)`` calls it there), and returns the workspace it serves; it raises ``RelayLost``
+        to refuse that end. With ``timeout`` each handshake's answers, like the first answer, must
+        come within it."""
         self._address = address
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._pid = os.getpid()
         self._handshake = handshake
         self._handshake_timeout = timeout
+        self._served: str | None = None  # what the last handshake was told
         self._timeout = timeout  # for the first answer only (a timeout is an OSError: RelayLost)
-        self.location = str(self._call("__location__", (), {}))
+        if handshake is not None:
+            with self._lock:
+                self._connect()
+        self.location = self._served if self._served is not None else str(self._call("__location__", (), {}))
         if self._sock is not None:
             self._sock.settimeout(None)
         self._timeout = None
@@ -80,7 +85,7 @@ class RelayBackend:
             if self._handshake is not None:  # (an agent that went may have been replaced by another)
                 try:
                     sock.settimeout(self._handshake_timeout)
-                    self._handshake(lambda method: self._exchange(sock, method, (), {}))
+                    self._served = str(self._handshake(lambda method: self._exchange(sock, method, (), {})))
                     sock.settimeout(self._timeout)
                 except BaseException:
                     self.close()

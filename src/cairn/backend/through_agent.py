@@ -44,7 +44,7 @@ class AgentBackend(AgentSocketCalls):
 
         self._workspace = workspace
 
-        def same_agent(ask: Callable[[str], Any]) -> None:
+        def same_agent(ask: Callable[[str], Any]) -> str:
             """Every connection's first words (the first, and one to an agent that replaced the one
             that went): an agent of another version or serving another workspace is not used."""
             version = ask("__version__")
@@ -53,6 +53,7 @@ class AgentBackend(AgentSocketCalls):
             served = ask("__location__")
             if not _same_folder(served, workspace):  # the workspace was moved since the agent started
                 raise RelayLost(f"the agent answering in {workspace} serves {served}", sent=False)
+            return str(served)
 
         self._agent: RelayBackend | None = RelayBackend(address, timeout=HANDSHAKE_SECONDS,
                                                         handshake=same_agent)  # RelayLost

@@ -63,19 +63,23 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
     seen: dict[str, tuple[str, str | None]] = {}
     offsets: dict[tuple[str, str], int] = {}
     shown_at: dict[tuple[str, str], float] = {}  # when each log last showed something
+
+    def left(at_most: float) -> float:
+        """How long a wait may last: ``at_most``, and never past the deadline."""
+        return at_most if deadline is None else min(at_most, max(0.0, deadline - time.monotonic()))
+
     # subscribed before the first read: whatever changes after it is told
-    connected = watch.connect() if deadline is None else watch.connect(max(0.0, deadline - time.monotonic()))
+    connected = watch.connect(left(float("inf")))  # (the subscription's own limit, within the deadline)
     ensured = False
     announced = False
     # waiting only for its end, which the agent that runs it will tell: nothing to read before that
-    tells_end = connected and getattr(watch, "running", False) and not show_output and not only_step
+    tells_end = connected and watch.running and not show_output and not only_step
     try:
         while True:
             if tells_end:
                 tells_end = False
-                wait = IDLE_RECHECK if deadline is None else min(IDLE_RECHECK, max(0.0, deadline - time.monotonic()))
                 try:
-                    watch.wait(wait)
+                    watch.wait(left(IDLE_RECHECK))
                 except ConnectionError:
                     connected = False
             run = backend.get_run(run_id)
@@ -103,13 +107,11 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
                 backend.ensure_progress()  # starts an agent if none serves the workspace (resume)
                 ensured = True
                 if not connected:
-                    connected = watch.connect(IDLE_RECHECK if deadline is None else max(0.0, deadline - now))
+                    connected = watch.connect(left(IDLE_RECHECK))
                     if connected:
                         continue  # what changed before the agent had the subscription is read now
             running = any(c["status"] == Status.RUNNING.value for c in children)
-            wait = LOG_TAIL_INTERVAL if show_output and running else IDLE_RECHECK
-            if deadline is not None:
-                wait = min(wait, max(0.0, deadline - now))
+            wait = left(LOG_TAIL_INTERVAL if show_output and running else IDLE_RECHECK)
             try:
                 if connected:
                     if watch.wait(wait) is not None:
