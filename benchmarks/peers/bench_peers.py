@@ -329,9 +329,11 @@ def print_table(raw: list[dict[str, Any]], tools: list[str], shapes: list[str],
                 scheduler = _median(raw, tool, shape, "scheduler_cpu_ms_per_step")
                 # (no dispatch latency where every step started before the one before it ended: a
                 # consumer handed its input before it was digested)
+                late = _median(raw, tool, shape, "late_digest_s")
                 notes.append((f"dispatch {dispatch:.1f} ms/step, " if dispatch is not None else "")
                              + f"agent CPU {agent:.1f} ms/step"
-                             + (f" (scheduler {scheduler:.1f})" if scheduler is not None else ""))
+                             + (f" (scheduler {scheduler:.1f})" if scheduler is not None else "")
+                             + (f"; outputs digested {late:.2f} s after the run's end" if late else ""))
             print(f"| {SHAPE_LABELS[shape]} | {tool} | {seconds:.2f} | {ratio} | {versus} | {versus_warm} | "
                   f"{_median(raw, tool, shape, 'wall') or 0:.2f} | {_median(raw, tool, shape, 'machine_cpu_s') or 0:.2f} | "
                   f"{_median(raw, tool, shape, 'peak_rss_mb') or 0:.0f} | {'/'.join(map(str, ran))} | "

@@ -19,6 +19,7 @@ from cairn.core.status import Status
 from cairn.engine import agent as agent_module
 from cairn.engine.context import EngineContext
 from cairn.engine.fingerprint import definition_of, fingerprint
+from cairn.engine.late_digests import LateDigests
 from cairn.engine.reporter import StoreReporter
 from cairn.engine.scheduler import PipelineScheduler
 from cairn.runner import execute
@@ -90,13 +91,18 @@ class _AgentHere:
     """An agent in this process for the workspace's queued run (so that a test can hold its
     digests), reporting through ``reporter_class``; it serves inside ``with``."""
 
-    def __init__(self, ws: Workspace, reporter_class: type[StoreReporter] = StoreReporter) -> None:
-        self.front = EndingFront(1)
+    def __init__(self, ws: Workspace, reporter_class: type[StoreReporter] = StoreReporter, runs: int = 1,
+                 late: bool = False) -> None:
+        """``late``: outputs may be committed before they are digested, as a served agent's are."""
+        self.front = EndingFront(runs)
         agent = self.agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=self.front)
         agent.ctx = EngineContext.open(agent.layout)
+        if late:
+            agent.late = LateDigests(agent.ctx.store, on_change=agent._step_changed)
         self.reporter: Any = reporter_class(
             agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
-            on_placed=lambda *placed: agent.events.put(("placed", *placed)))
+            on_placed=lambda *placed: agent.events.put(("placed", *placed)),
+            late=agent.late, may_digest_late=agent._may_digest_late)
         agent.reporter = self.reporter
         self.loop = threading.Thread(target=agent._loop, daemon=True)
 

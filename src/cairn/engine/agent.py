@@ -23,10 +23,11 @@ from cairn.core.spec import StepSpec
 from cairn.core.status import Status
 from cairn.engine.agent_socket import AgentSocket, signal_ready
 from cairn.engine.context import EngineContext
+from cairn.engine.late_digests import LateDigests
 from cairn.engine.reporter import StoreReporter
 from cairn.engine.scheduler import PipelineScheduler
 from cairn.runner.execute import StepControl
-from cairn.runner.job import StepResult
+from cairn.runner.job import StepJob, StepResult
 from cairn.runner.processes import kill_step_processes, this_process
 from cairn.runner.spares import prune_kept_code
 from cairn.storage.layout import WorkspaceLayout
@@ -81,6 +82,7 @@ class Agent:
         self._stop_scripts: Callable[[], None] | None = None
         self._recorded: set[str] = set()  # runs recorded through its scripts socket, not claimed yet
         self._advance_needed = True  # set by events that may let steps start or runs end
+        self.late: LateDigests | None = None  # digests of outputs committed before them (made in serve)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -93,9 +95,11 @@ class Agent:
             self.front.open()
             signal_ready(b"ready\n")
         self.ctx = EngineContext.open(self.layout)
+        self.late = LateDigests(self.ctx.store, on_change=self._step_changed)
         self.reporter = StoreReporter(self.ctx.store, on_change=self._step_changed,
                                       locate=self.ctx.datastore_location,
-                                      on_placed=lambda *placed: self.events.put(("placed", *placed)))
+                                      on_placed=lambda *placed: self.events.put(("placed", *placed)),
+                                      late=self.late, may_digest_late=self._may_digest_late)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         self._log(f"agent {self.owner} serving {self.layout.root}")
@@ -121,6 +125,9 @@ class Agent:
                     compute.shutdown()  # e.g. warm-start servers
                 except Exception as exc:
                     self._log(f"could not shut down compute target {compute.name!r}: {exc}")
+            if not self.late.join(timeout=0):  # their records would stay pending: made by whoever needs them
+                self._log("waiting for the digests of outputs committed before them")
+                self.late.join()
             self.front.close()
             self._hand_on_recorded()
             self._log("agent stopped")
@@ -344,7 +351,8 @@ class Agent:
             targets = q.list_named(self.ctx.store, "compute_targets")  # read once for both below
             if self.computes:
                 self._refresh_computes(targets)
-            self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id, hands_over_early=self._hands_over_early)
+            self.schedulers[run_id] = PipelineScheduler(self.ctx, run_id, hands_over_early=self._hands_over_early,
+                                                        late=self.late)
             self._advance_needed = True
             self._log(f"claimed run {run_id}")
             self._prepare_local_targets(self.schedulers[run_id], targets)
@@ -416,6 +424,11 @@ class Agent:
         compute.submit(job, self.reporter, control,
                        lambda result, attempt=control: self.events.put(("done", result, attempt)))
         return False
+
+    def _may_digest_late(self, job: StepJob) -> bool:
+        """Asked from a step's thread (``PipelineScheduler.digest_may_come_late``)."""
+        sched = self.schedulers.get(job.pipeline_run_id)
+        return sched is not None and sched.digest_may_come_late(sched.name_of(job.step_run_id))
 
     def _hands_over_early(self, target: str) -> bool:
         """Whether steps of ``target`` may start with inputs not yet digested (a local target; one

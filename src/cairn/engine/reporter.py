@@ -10,7 +10,8 @@ from typing import Any
 
 from cairn.core.status import Status
 from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts, input_digests
-from cairn.runner.job import InputHandoffError, StepJob, StepResult
+from cairn.engine.late_digests import LateDigests
+from cairn.runner.job import PENDING_DIGEST, InputHandoffError, StepJob, StepResult
 from cairn.store import queries as q
 from cairn.store.db import Store
 
@@ -22,15 +23,22 @@ class _Handoff:
     digests: dict[str, str] | None = None
     failure: str | None = None  # why they will never come
     ended: bool = False
+    # it committed them before they were digested (``late_digests``): its consumers need not wait
+    committed: bool = False
 
 
 class StoreReporter:
-    def __init__(self, store: Store, on_change: Any = None, locate: Any = None, on_placed: Any = None) -> None:
-        """``on_placed(step_run_id, attempt, outputs)``: a step's outputs are in place, not yet digested."""
+    def __init__(self, store: Store, on_change: Any = None, locate: Any = None, on_placed: Any = None,
+                 late: LateDigests | None = None, may_digest_late: Callable[[StepJob], bool] | None = None) -> None:
+        """``on_placed(step_run_id, attempt, outputs)``: a step's outputs are in place, not yet
+        digested. ``late``: makes the digests of outputs committed before them, for the steps
+        where ``may_digest_late(job)``."""
         self._store = store
         self._on_change = on_change or (lambda run_id: None)
         self._locate = locate
         self._on_placed = on_placed
+        self._late = late
+        self._may_digest_late = may_digest_late
         self._handoffs: dict[str, dict[int, _Handoff]] = {}  # producer step run -> attempt -> its hand-off
         self._handoffs_changed = threading.Condition()
 
@@ -40,9 +48,15 @@ class StoreReporter:
         return ok
 
     def succeeded(self, job: StepJob, outputs: list[dict[str, Any]], exit_code: int) -> bool:
-        ok = q.commit_step(self._store, job.step_run_id, outputs, job.fingerprint, job.fingerprint_parts,
-                           exit_code, job.cacheable, definition_of(job.fingerprint_parts) if job.cacheable else None)
+        if job.pending_inputs:  # inputs committed before they were digested: keyed once they are
+            ok = q.commit_step(self._store, job.step_run_id, outputs, None, job.fingerprint_parts, exit_code, False)
+        else:
+            ok = q.commit_step(self._store, job.step_run_id, outputs, job.fingerprint, job.fingerprint_parts,
+                               exit_code, job.cacheable,
+                               definition_of(job.fingerprint_parts) if job.cacheable else None)
         self._on_change(job.step_run_id)
+        if ok and job.pending_inputs and self._late is not None:
+            self._late.fingerprint_later(job)
         return ok
 
     def ended(self, step_run_id: str, status: Status, reason: str, exit_code: int | None) -> None:
@@ -74,12 +88,17 @@ class StoreReporter:
 
     def settle(self, job: StepJob, result: StepResult) -> None:
         """The step ended (called for every step its compute ran): consumers waiting for the digests
-        of what it placed get them, or the reason they will not."""
+        of what it placed get them, or the reason they will not (or that it committed them first:
+        see ``digest_later``)."""
         with self._handoffs_changed:
             handoff = self._handoffs.get(job.step_run_id, {}).get(job.attempt)
             if handoff is None or handoff.ended:
                 return
             if result.status == Status.COMPLETED.value and result.outputs is not None:
+                if any(o["digest"].startswith(PENDING_DIGEST) for o in result.outputs):
+                    handoff.committed = True  # their digests come later: nobody waits for them
+                    self._handoffs_changed.notify_all()
+                    return
                 handoff.digests = {o["name"]: o["digest"] for o in result.outputs}
             else:
                 handoff.failure = f"it ended {result.status}" + (f" ({result.reason})" if result.reason else "")
@@ -88,8 +107,10 @@ class StoreReporter:
 
     def settled_job(self, job: StepJob, stopped: Callable[[], bool] = lambda: False) -> StepJob:
         """``stopped()``: the step was canceled or stopped meanwhile (``wake`` is then called): it
-        waits no longer and gets ``job`` back as it was."""
+        waits no longer and gets ``job`` back as it was. So does a step one of whose producers
+        committed before digesting (``digest_later``): it is committed, and keyed once they are."""
         digests: dict[str, str] = {}
+        late = False
         with self._handoffs_changed:
             for name, producer, output, attempt in job.pending_inputs:
                 handoff = self._handoffs.get(producer, {}).get(attempt)
@@ -97,13 +118,21 @@ class StoreReporter:
                     raise InputHandoffError(f"input {name!r} was handed over before step run {producer} digested "
                                             f"it, and this agent no longer knows that step run; run the pipeline "
                                             f"again")
-                self._handoffs_changed.wait_for(lambda h=handoff: h.ended or stopped())
+                self._handoffs_changed.wait_for(lambda h=handoff: h.ended or h.committed or stopped())
                 if stopped():
                     return job
+                if not handoff.ended:  # committed, digest to come
+                    late = True
+                    continue
+                if handoff.committed and handoff.digests is None:
+                    raise InputHandoffError(f"input {name!r} changed after step run {producer} committed it, before "
+                                            f"it was digested: {handoff.failure}")
                 if handoff.digests is None or output not in handoff.digests:
                     raise InputHandoffError(f"input {name!r} was handed over before step run {producer} digested "
                                             f"it, and that step did not complete: {handoff.failure or 'no digest'}")
                 digests[name] = handoff.digests[output]
+        if late:
+            return job
         inputs = tuple(replace(i, digest=digests[i.name]) if i.name in digests else i for i in job.inputs)
         parts = fingerprint_parts(job.spec, input_digests(job.spec, list(inputs)))
         settled = replace(job, inputs=inputs, fingerprint=fingerprint(parts), fingerprint_parts=parts, pending_inputs=())
@@ -111,6 +140,27 @@ class StoreReporter:
         q.update_fields(self._store, job.step_run_id, fingerprint=settled.fingerprint,
                         fingerprint_parts=json.dumps(parts))
         return settled
+
+    # -- outputs committed before they are digested (``late_digests``)
+
+    def digest_late(self, job: StepJob) -> bool:
+        if self._late is None or self._may_digest_late is None:
+            return False
+        try:
+            return self._may_digest_late(job)
+        except Exception:  # (the store failed) digested before the commit, as always
+            return False
+
+    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]], digest: Callable[[], dict[str, str]]) -> None:
+        assert self._late is not None, "digest_late said no"
+        self._late.start(job, outputs, digest, lambda digests, failure: self._digested(job, digests, failure))
+
+    def _digested(self, job: StepJob, digests: dict[str, str] | None, failure: str | None) -> None:
+        with self._handoffs_changed:
+            handoff = self._handoffs.get(job.step_run_id, {}).get(job.attempt)
+            if handoff is not None and not handoff.ended:
+                handoff.digests, handoff.failure, handoff.ended = digests, failure, True
+                self._handoffs_changed.notify_all()
 
     def wake(self) -> None:
         """A step waiting in ``settled_job`` was stopped: it looks again."""

@@ -19,6 +19,7 @@ from cairn.core.status import ACTIVE, Status
 from cairn.data.datasets import local_folder
 from cairn.engine.context import EngineContext
 from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts, input_digests
+from cairn.engine.late_digests import CHANGED, LateDigests, pending_owner, resolved
 from cairn.runner.job import PENDING_DIGEST, InputLocation, StepJob
 from cairn.runner.processes import kill_step_processes
 from cairn.storage.layout import run_dir, staging_dir
@@ -31,11 +32,14 @@ Dispatch = Callable[[StepJob, StepSpec], None]
 
 class PipelineScheduler:
     def __init__(self, ctx: EngineContext, run_id: str, resume: bool = True,
-                 hands_over_early: Callable[[str], bool] = lambda target: False) -> None:
+                 hands_over_early: Callable[[str], bool] = lambda target: False,
+                 late: LateDigests | None = None) -> None:
         """``resume=False`` reads the run without changing it (``cairn debug`` rebuilds a step's job).
         ``hands_over_early(target)``: whether the steps of that target may start with inputs not
-        yet digested (the agent's local targets; see ``outputs_placed``)."""
+        yet digested (the agent's local targets; see ``outputs_placed``). ``late``: the agent's
+        digests of outputs committed before them (see ``digest_may_come_late``)."""
         self.ctx = ctx
+        self._late = late
         self.run_id = run_id
         run = q.get_run(ctx.store, run_id)
         assert run is not None
@@ -214,7 +218,8 @@ class PipelineScheduler:
         return [self._names[i] for i in refused]
 
     def debug_job(self, step: StepSpec, work_dir: Path, tools_dir: Path) -> StepJob:
-        """The step's job as it would run now, changing nothing in the store: its inputs are the
+        """The step's job as it would run now, changing nothing in the store (but the digest of an
+        input still pending, made and recorded as whoever needs it does): its inputs are the
         committed outputs its upstream steps have in this run (reused ones included); its logs and
         outputs go to ``tools_dir``, outside its working folder as in a run."""
         step_run_id = self.step_ids[step.name]
@@ -299,13 +304,33 @@ class PipelineScheduler:
 
     def _outputs_of(self, step_run_id: str) -> dict[str, Any]:
         """Committed outputs never change: each producer's are read once (a fan-out source has many
-        consumers)."""
+        consumers). A digest still pending is made (or waited for) first, unless this agent makes
+        it for a step of this run: then its consumers start with it pending (see ``prepare``)."""
         outputs = self._outputs.get(step_run_id)
         if outputs is None:
             outputs = q.get_outputs(self.ctx.store, step_run_id)
+            for name, row in outputs.items():
+                owner = pending_owner(row["digest"])
+                if owner is not None and not (owner in self._names and self._late is not None and self._late.live(owner)):
+                    outputs[name] = {**row, "digest": self._resolved(row)}
             if outputs:
                 self._outputs[step_run_id] = outputs
         return outputs
+
+    def _resolved(self, row: dict[str, Any]) -> str:
+        root = self._roots.get(row["datastore"])
+        return self._late.resolved(row, root) if self._late is not None else resolved(self.ctx.store, row, root)
+
+    def digest_may_come_late(self, name: str) -> bool:
+        """Whether step ``name``'s large outputs may be committed before they are digested: it runs
+        on a target that hands outputs over early, registers none as a dataset, and each of its
+        consumers in the run may start before the digest (``_may_start_before_digest``: none's
+        reuse can depend on it). Asked from the step's own thread once its outputs are known to be
+        large: it reads only the spec and the store."""
+        step = self.spec.step(name)
+        if self._late is None or not self.hands_over_early(step.compute_target) or any(o.register for o in step.outputs):
+            return False
+        return all(self._may_start_before_digest(self.spec.step(c), name) for c in self._downstream[name])
 
     def _locate_inputs(self, step: StepSpec, step_run_id: str, record_lineage: bool
                        ) -> tuple[list[InputLocation], dict[str, Any], dict[str, Any]]:
@@ -395,7 +420,12 @@ class PipelineScheduler:
         outs = q.get_outputs(self.ctx.store, source_id)
         if {o.name for o in step.outputs} - outs.keys():
             return None
-        for o in outs.values():
+        for name, o in list(outs.items()):
+            if pending_owner(o["digest"]):  # committed before it was digested: its consumers need the digest
+                digest = self._resolved(o)
+                if digest.startswith(CHANGED):
+                    return None
+                outs[name] = o = {**o, "digest": digest}
             if o["datastore"] not in self._roots:  # an object store: listed as it was committed
                 if not _remote_unchanged(self.ctx.datastore_location(o["datastore"]), o["path"], o.get("stat_signature")):
                     return None

@@ -23,7 +23,7 @@ from cairn.core.status import Status
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
 from cairn.environments.spec import is_managed
 from cairn.runner.input_cache import cache_root, cached_input
-from cairn.runner.job import PENDING_DIGEST, InputHandoffError, StepJob, StepResult
+from cairn.runner.job import PENDING_DIGEST, InputHandoffError, StepJob, StepResult, pending_digest
 from cairn.runner.markers import FAIL_MARKER, attempt_marker
 from cairn.runner.processes import Escaped, escaped_descendants, kill_detached, process_start_time, signal_escaped
 from cairn.runner.slots import SlotTicket
@@ -62,6 +62,14 @@ class StepReporter(Protocol):
 
     def settle(self, job: StepJob, result: StepResult) -> None:
         """The step ended: steps waiting for the digests of what it placed get them, or why not."""
+
+    def digest_late(self, job: StepJob) -> bool:
+        """Whether the step's large outputs may be committed before they are digested (nothing of
+        its run would wait for the digest): then ``digest_later`` is told of them."""
+
+    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]], digest: Callable[[], dict[str, str]]) -> None:
+        """The step was committed with ``outputs`` whose digests are pending: ``digest()`` makes
+        them (each output's digest by name; it raises when one changed since the commit)."""
 
 
 class StepControl:
@@ -696,10 +704,12 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             failed_by_script.unlink()
             return _end(job, reporter, syslog, Status.FAILED, f"the script called run.fail(): {details}", code)
         finalizing = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)
+        later: list[Callable[[], dict[str, str]]] = []  # the digests of outputs committed before them
         try:
             placed = (lambda records: reporter.outputs_placed(job, records)) if early_handoff and job.hand_over_early \
                 else None
-            outputs = _commit_outputs(job, spec, syslog, commit_local, placed)
+            late = (lambda: reporter.digest_late(job)) if early_handoff else None
+            outputs = _commit_outputs(job, spec, syslog, commit_local, placed, late, later)
         except OutputCommitError as exc:
             return _end(job, reporter, syslog, Status.FAILED, str(exc), code)
         finally:
@@ -708,6 +718,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         if not reporter.succeeded(job, outputs, code):
             syslog("the step run had already ended (canceled?): outputs not recorded")
             return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
+        if later:
+            reporter.digest_later(job, outputs, later[0])
         for o in spec.outputs:
             if o.register:
                 record = next(x for x in outputs if x["name"] == o.name)
@@ -753,6 +765,10 @@ def _settle_pending_inputs(job: StepJob, reporter: StepReporter, control: StepCo
         digests = {i.name: i.digest for i in settled.inputs}
         for name, producer, _output, _attempt in job.pending_inputs:
             syslog(f"input {name}: {digests[name]} (digested by step run {producer} after this step started)")
+    elif not (control.canceled or control.requeue):
+        names = ", ".join(name for name, *_ in job.pending_inputs)
+        syslog(f"input {names}: committed by {'its producer' if len(job.pending_inputs) == 1 else 'their producers'} "
+               f"before being digested: this step's fingerprint is recorded once they are")
     return settled, None
 
 
@@ -1003,22 +1019,28 @@ class OutputCommitError(Exception):
 
 
 def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog, commit_local: LocalCommit | None = None,
-                    placed: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+                    placed: Callable[[list[dict[str, Any]]], None] | None = None,
+                    late: Callable[[], bool] | None = None,
+                    later: list[Callable[[], dict[str, str]]] | None = None) -> list[dict[str, Any]]:
     """Digest each staged output, then move it into place with one rename (no copy) on a local
     datastore, or upload it to an object store. ``commit_local`` commits outputs of local
     datastores elsewhere (a step on a Ray node of another machine hands them to the workspace).
     ``placed``: told of large outputs of local datastores once they are in place, before they
-    are digested (``_place_then_digest``)."""
+    are digested (``_place_then_digest``). ``late()``: whether those may be committed before
+    they are digested: then their records say pending, and ``later`` gets what digests them."""
     committed = []
     for o in spec.outputs:
         staging = Path(job.staging_dirs[o.name])
         if not staging.exists():
             staging.mkdir(parents=True)
     walked: dict[str, TreeWalk] = {}  # each output's tree, when the check below walked it
-    if placed is not None and commit_local is None and spec.outputs:
-        early = _place_then_digest(job, spec, syslog, placed, walked)
+    if (placed is not None or late is not None) and commit_local is None and spec.outputs:
+        early = _place_then_digest(job, spec, syslog, placed, walked, late or (lambda: False))
         if early is not None:
-            return early
+            records, digest_later = early
+            if digest_later is not None and later is not None:
+                later.append(digest_later)
+            return records
     whole = _whole_folder_commits(job, spec) if commit_local is None else {}
     moved = {name for names in whole.values() for name in names}
     for o in spec.outputs:
@@ -1140,20 +1162,26 @@ def _commit_remote(job: StepJob, o: Any, staging: Path) -> str | None:
 EARLY_HANDOFF_FROM = 16 << 20
 
 
-def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog, placed: Callable[[list[dict[str, Any]]], None],
-                       walked: dict[str, TreeWalk]) -> list[dict[str, Any]] | None:
+def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog,
+                       placed: Callable[[list[dict[str, Any]]], None] | None, walked: dict[str, TreeWalk],
+                       late: Callable[[], bool]) -> tuple[list[dict[str, Any]], Callable[[], dict[str, str]] | None] | None:
     """Commit large outputs of local datastores in two stages: into place (renamed, read-only) and
-    reported placed, then digested where they are, so that consumers whose reuse cannot depend on
-    the digest start meanwhile (a 1 GiB output takes ~0.1 s to digest here). An output that
-    changed between the two stages fails the step (and is removed: it was never committed). None
-    when the outputs are small, or not all in the run's folders of local datastores (a fixed
-    destination must not hold what was never committed): they are committed as usual (``walked``
-    then has the trees walked to learn their size)."""
+    reported ``placed``, then digested where they are, so that consumers whose reuse cannot depend
+    on the digest start meanwhile (a 1 GiB output takes ~0.1 s to digest here). When ``late()``
+    (nothing of the run would wait for the digest), the records say pending
+    (``pending_digest``) and the second stage is returned, to follow the commit: (records, the
+    digest). An output that changed between the two stages fails the step (and is removed: it was
+    never committed). None when the outputs are small, or not all in the run's folders of local
+    datastores (a fixed destination must not hold what was never committed): they are committed
+    as usual (``walked`` then has the trees walked to learn their size)."""
     if any(o.datastore not in job.datastore_roots or o.destination for o in spec.outputs):
         return None
     walked.update({o.name: walk_tree(job.staging_dirs[o.name]) for o in spec.outputs})
     summaries = {o.name: stat_summary(walked[o.name]) for o in spec.outputs}
     if sum(size for _signature, size, _files in summaries.values()) < EARLY_HANDOFF_FROM:
+        return None
+    digest_late = late()
+    if placed is None and not digest_late:
         return None
     whole = _whole_folder_commits(job, spec)
     moved = {name for names in whole.values() for name in names}
@@ -1165,8 +1193,9 @@ def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog, placed: Call
                 "size": summaries[o.name][1], "file_count": summaries[o.name][2],
                 "stat_signature": summaries[o.name][0]} for o in spec.outputs]
     finals = {r["name"]: os.path.join(job.datastore_roots[r["datastore"]], r["path"]) for r in records}
-    try:
-        placed([dict(r) for r in records])
+
+    def digest_placed() -> dict[str, str]:
+        digests = {}
         for record in records:
             # what the step wrote, where it is now: a consumer that already runs may add files beside
             # it (its own in-place input check says so), which are not the step's output
@@ -1182,13 +1211,42 @@ def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog, placed: Call
                     f"output {record['name']!r} changed while it was being digested, after the step's process had "
                     f"ended (by a process the step left running, or by a consumer that rewrote or removed a file "
                     f"of it: steps read their inputs, never write them)")
-            record["digest"] = tree.digest
+            digests[record["name"]] = tree.digest
+        return digests
+
+    try:
+        if placed is not None:
+            placed([dict(r) for r in records])
+        if digest_late:
+            for record in records:
+                record["digest"] = pending_digest(job.step_run_id)
+            return records, lambda: _digest_after_commit(job, records, digest_placed)
+        digests = digest_placed()
+        for record in records:
+            record["digest"] = digests[record["name"]]
             _log_output(syslog, record, " (handed to its consumers before it was digested)")
     except BaseException:  # never committed: not left where committed outputs are
         for final in finals.values():
             shutil.rmtree(final, ignore_errors=True)
         raise
-    return records
+    return records, None
+
+
+def _digest_after_commit(job: StepJob, records: list[dict[str, Any]],
+                         digest_placed: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """The digests of outputs committed before them, said in the step's system log."""
+    syslog = _SystemLog(Path(job.log_dir) / "system.txt")
+    try:
+        digests = digest_placed()
+        for record in records:
+            _log_output(syslog, {**record, "digest": digests[record["name"]]},
+                        " (digested after the step was committed: nothing of the run waited for it)")
+        return digests
+    except OutputCommitError as exc:  # committed, and maybe read already: kept, but keyed by nothing
+        syslog(f"{exc}; it stays, but this step is not reused and no step's fingerprint names it")
+        raise
+    finally:
+        syslog.close()
 
 
 def remove_staging(job: StepJob, spec: Any) -> None:

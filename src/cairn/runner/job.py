@@ -12,6 +12,13 @@ from cairn.core.spec import StepSpec, step_from_dict
 PENDING_DIGEST = "pending:"
 
 
+def pending_digest(step_run_id: str) -> str:
+    """What the record of an output committed before it was digested says until it is
+    (``engine/late_digests.py``; the output's name tells one step's outputs apart: a digest
+    column holds no more than a step run's id)."""
+    return f"{PENDING_DIGEST}{step_run_id}"
+
+
 class InputHandoffError(Exception):
     """An input handed over before it was digested never got its digest (its producer failed)."""
 
@@ -20,7 +27,8 @@ class InputHandoffError(Exception):
 class InputLocation:
     name: str
     path: str  # absolute, local to the machine that runs the step
-    digest: str  # PENDING_DIGEST + producer step run + "/" + output while its producer digests it
+    # PENDING_DIGEST + producer step run (+ "/" + output, while the producer runs) until it is digested
+    digest: str
     mode: str = "mount"
     # a committed output given in place (not copied): its stat signature at commit, checked again
     # when the step ends (it must not have changed it)

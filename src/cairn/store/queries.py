@@ -484,7 +484,7 @@ def get_outputs(store: Store, step_run_id: str) -> dict[str, dict[str, Any]]:
         return {r["name"]: r for r in _fast_rows(conn, _OUTPUTS_OF, {"b_id": step_run_id})}
 
 
-def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], fingerprint: str,
+def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], fingerprint: str | None,
                 parts: dict[str, Any], exit_code: int, cacheable: bool, definition: str | None = None) -> bool:
     """Outputs, Completed status and cache entry in ONE transaction (the atomic-output rule).
     ``definition``: the fingerprint without its inputs (see ``definition_cached``)."""
@@ -500,6 +500,34 @@ def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], f
             _fast(conn, _INSERT_CACHE_ENTRY, {"fingerprint": fingerprint, "step_run_id": step_run_id,
                                               "created_at": _now(), "definition": definition})
     return True
+
+
+def record_late_digests(store: Store, step_run_id: str, pending: str, digests: dict[str, str],
+                        forget_cache_entry: bool = False) -> None:
+    """The digests of outputs ``step_run_id`` committed before they were made (``engine/late_digests``),
+    in every record that still says ``pending``: its own and those of the steps that reused them.
+    ``forget_cache_entry``: one changed after its commit, so the step is no longer reused."""
+    with store.write() as conn:
+        for name, digest in digests.items():
+            conn.execute(update(t.step_outputs).where(
+                t.step_outputs.c.digest == pending, t.step_outputs.c.name == name).values(digest=digest))
+        if forget_cache_entry:
+            conn.execute(delete(t.cache_entries).where(t.cache_entries.c.step_run_id == step_run_id))
+
+
+def complete_fingerprint(store: Store, step_run_id: str, fingerprint: str, parts: dict[str, Any],
+                         cacheable: bool, definition: str | None) -> bool:
+    """A step committed while digests of its inputs were pending gets its fingerprint and cache
+    entry, in one transaction (only once, only while it stands Completed)."""
+    with store.write() as conn:
+        done = conn.execute(update(t.runs).where(
+            t.runs.c.id == step_run_id, t.runs.c.fingerprint.is_(None), t.runs.c.status == Status.COMPLETED.value,
+        ).values(fingerprint=fingerprint, fingerprint_parts=json.dumps(parts))).rowcount
+        if done and cacheable:
+            conn.execute(delete(t.cache_entries).where(t.cache_entries.c.fingerprint == fingerprint))
+            conn.execute(insert(t.cache_entries).values(fingerprint=fingerprint, step_run_id=step_run_id,
+                                                        created_at=_now(), definition=definition))
+    return bool(done)
 
 
 def output_row(step_run_id: str, output: dict[str, Any]) -> dict[str, Any]:

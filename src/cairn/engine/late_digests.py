@@ -1,0 +1,166 @@
+"""Large outputs digested after their step was committed (the agent's local compute), so that
+nothing of the run waits for the digest: the step's every consumer in the run could start before
+it (``PipelineScheduler.digest_may_come_late``), and a step with no consumer in the run has nobody
+to wait for it.
+
+Until the digest comes, the output's record carries ``pending_digest(step run)`` (so do the
+records of steps that reuse it: the digest replaces them all, by the output's name). A consumer that committed
+meanwhile is recorded without a fingerprint, and gets it, with its cache entry, when the digests it
+waits for come: until then it is never reused, never wrongly reused. Whoever needs a digest still
+pending and finds nobody making it (a later agent, after the one that committed the step died; a
+``cairn debug`` shell) digests the output where it is, first checking that it did not change since
+it was committed. An output that did change is recorded as ``changed:``: no fingerprint names it
+and its step is not reused."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts, input_digests
+from cairn.runner.job import PENDING_DIGEST, StepJob, pending_digest
+from cairn.store import queries as q
+from cairn.store.db import Store
+
+CHANGED = "changed:"  # an output that changed after its commit, before it was digested
+
+
+def pending_owner(digest: str) -> str | None:
+    """The step run that committed an output of this pending digest; None for a digest."""
+    if not digest.startswith(PENDING_DIGEST):
+        return None
+    return digest[len(PENDING_DIGEST):].partition("/")[0]  # (a running step's placed form adds "/output")
+
+
+def digest_in_place(row: dict[str, Any], root: str) -> str:
+    """The digest of a committed output (``row``, on a local datastore at ``root``) where it is, or
+    ``CHANGED`` + the step run's id when it changed (or went) since it was committed."""
+    from cairn.storage.tree import digest_tree
+
+    changed = CHANGED + (pending_owner(row["digest"]) or "")
+    try:
+        tree = digest_tree(os.path.join(root, row["path"]))
+    except FileNotFoundError:
+        return changed
+    return tree.digest if tree.stat_signature == row.get("stat_signature") else changed
+
+
+def resolved(store: Store, row: dict[str, Any], root: str | None) -> str:
+    """The digest of a committed output whose record (``row``, its own or a reuser's) may say
+    pending: read from the store when it was made meanwhile, else made here, where it is (``root``:
+    its local datastore's), and recorded. None for ``root``: its datastore is no longer a local
+    one here, so nothing can be read: ``CHANGED`` (for this caller only: nothing is recorded)."""
+    owner = pending_owner(row["digest"])
+    if owner is None:
+        return row["digest"]
+    now = q.get_outputs(store, owner).get(row["name"])
+    if now is not None and not pending_owner(now["digest"]):
+        return now["digest"]
+    if root is None:
+        return CHANGED + owner
+    made = digest_in_place(row, root)
+    q.record_late_digests(store, owner, pending_digest(owner), {row["name"]: made},
+                          forget_cache_entry=made.startswith(CHANGED))
+    return made
+
+
+class LateDigests:
+    """The agent's digests in flight, and the consumers whose fingerprints wait for them."""
+
+    def __init__(self, store: Store, on_change: Callable[[str], None] = lambda step_run_id: None) -> None:
+        self._store = store
+        self._on_change = on_change
+        self._changed = threading.Condition()
+        self._running: dict[str, threading.Thread] = {}  # producer step run -> the thread digesting its outputs
+        self._recorded: set[str] = set()  # of those, the ones whose digests the store has now
+        self._waiting: dict[str, list[StepJob]] = {}  # producer step run -> consumers whose fingerprint waits
+
+    def start(self, job: StepJob, outputs: list[dict[str, Any]],
+              digest: Callable[[], dict[str, str]], settle: Callable[[dict[str, str] | None, str | None], None]
+              ) -> None:
+        """``job`` committed ``outputs`` with pending digests: ``digest()`` makes them (raising when
+        one changed), in a thread of its own; ``settle(digests, failure)`` follows their recording."""
+        pending = [o["name"] for o in outputs if pending_owner(o["digest"])]
+        thread = threading.Thread(target=self._digest, args=(job, pending, digest, settle),
+                                  name=f"digest-{job.step_run_id}", daemon=True)
+        with self._changed:
+            self._running[job.step_run_id] = thread
+        thread.start()
+
+    def _digest(self, job: StepJob, pending: list[str], digest: Callable[[], dict[str, str]],
+                settle: Callable[[dict[str, str] | None, str | None], None]) -> None:
+        digests: dict[str, str] | None = None
+        failure: str | None = None
+        try:
+            digests = digest()
+            recorded = {name: digests[name] for name in pending}
+        except Exception as exc:  # changed after its commit (or unreadable): keyed by nothing
+            failure = str(exc) or type(exc).__name__
+            recorded = dict.fromkeys(pending, CHANGED + job.step_run_id)
+        try:
+            q.record_late_digests(self._store, job.step_run_id, pending_digest(job.step_run_id), recorded,
+                                  forget_cache_entry=failure is not None)
+        except Exception as exc:  # the store failed: the digests stay pending, made again by whoever needs them
+            failure = failure or f"could not record its digests: {type(exc).__name__}: {exc}"
+            digests = None
+        with self._changed:
+            self._recorded.add(job.step_run_id)  # a consumer keyed from now on reads them from the store
+        try:
+            settle(digests, failure)
+        finally:
+            # its consumers are keyed before anyone waiting for the digest goes on (a rerun then
+            # finds their cache entries)
+            while True:
+                with self._changed:
+                    waiting = self._waiting.pop(job.step_run_id, [])
+                    if not waiting:
+                        del self._running[job.step_run_id]
+                        self._recorded.discard(job.step_run_id)
+                        self._changed.notify_all()
+                        break
+                for consumer in waiting:
+                    try:
+                        self.fingerprint_later(consumer)
+                    except Exception:  # (the store failed) that consumer is never reused; the others are keyed
+                        pass
+        self._on_change(job.step_run_id)
+
+    def live(self, step_run_id: str) -> bool:
+        """Whether this agent is digesting that step run's outputs now."""
+        with self._changed:
+            return step_run_id in self._running
+
+    def resolved(self, row: dict[str, Any], root: str | None) -> str:
+        """``resolved``, waiting first when this agent is making that digest."""
+        owner = pending_owner(row["digest"])
+        if owner is not None:
+            with self._changed:
+                self._changed.wait_for(lambda: owner not in self._running)
+        return resolved(self._store, row, root)
+
+    def fingerprint_later(self, job: StepJob) -> None:
+        """``job`` committed with inputs whose digests were pending: its fingerprint and cache entry
+        are recorded once they are all made (now, if they are), never when one changed."""
+        digests: dict[str, str] = {}
+        for name, producer, output, _attempt in job.pending_inputs:
+            with self._changed:
+                if producer in self._running and producer not in self._recorded:
+                    self._waiting.setdefault(producer, []).append(job)
+                    return
+            made = q.get_outputs(self._store, producer).get(output)
+            if made is None or pending_owner(made["digest"]) or made["digest"].startswith(CHANGED):
+                return  # lost with an agent that died, or changed: the step is never reused
+            digests[name] = made["digest"]
+        inputs = [replace(i, digest=digests[i.name]) if i.name in digests else i for i in job.inputs]
+        parts = fingerprint_parts(job.spec, input_digests(job.spec, inputs))
+        q.complete_fingerprint(self._store, job.step_run_id, fingerprint(parts), parts, job.cacheable,
+                               definition_of(parts) if job.cacheable else None)
+        self._on_change(job.step_run_id)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the digests in flight (an agent about to exit); False when some still run."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._running, timeout=timeout)

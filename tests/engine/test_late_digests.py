@@ -1,0 +1,203 @@
+"""Large outputs committed before they are digested (engine/late_digests.py): the run ends without
+waiting for the digest; a consumer committed meanwhile gets its fingerprint when the digest comes; a
+rerun meanwhile waits for it and reuses; an output changed before it was digested keys nothing; a
+digest left pending by an agent that died is made by whoever needs it."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cairn import Experiment, OutputFileDatasetConfig, Workspace
+from cairn.engine.context import EngineContext
+from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts
+from cairn.engine.late_digests import CHANGED, LateDigests, resolved
+from cairn.engine.scheduler import PipelineScheduler
+from cairn.runner.job import pending_digest
+from cairn.storage.layout import WorkspaceLayout
+from cairn.storage.tree import digest_tree
+from cairn.store import queries as q
+from cairn.store import schema as t
+from tests.engine import test_early_handoff as early
+from tests.engine.test_early_handoff import (
+    BIG,
+    _AgentHere,
+    _before_digesting_placed,
+    _pipeline,
+    _serve_in_process,
+    _submit_for_this_process,
+)
+
+sources, no_agent = early.sources, early.no_agent  # its fixtures
+
+
+def _system_log(ws: Workspace, run: Any, step: Any) -> str:
+    return next((Path(ws.location) / ".cairn").glob(f"datastores/*/runs/{run.id}/{step.id}/logs/system.txt")).read_text()
+
+
+def _store(ws: Workspace) -> Any:
+    return EngineContext.open(WorkspaceLayout(ws.location)).store
+
+
+def _held_digest(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The writer's placed output is digested only once the returned event is set (then() first)."""
+    release = threading.Event()
+    _before_digesting_placed(monkeypatch, lambda big: release.wait(timeout=60))
+    return release
+
+
+def test_the_run_ends_before_the_digest_and_its_consumer_is_keyed_once_it_comes(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    release = _held_digest(monkeypatch)
+    store = _store(ws)
+    with _AgentHere(ws, late=True) as here:
+        assert here.run_ended(), "the run waited for the digest"
+        assert run.get_status() == "Completed"
+        writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
+        assert q.get_outputs(store, writer.id)["big"]["digest"] == pending_digest(writer.id)
+        assert reader.get_status() == "Completed" and reader.get_fingerprint()["fingerprint"] is None
+        assert (reader.get_output_data("reader_size").local_path / "size").read_text() == str(BIG)
+        release.set()
+        assert here.agent.late.join(timeout=60)
+    produced = q.get_outputs(store, writer.id)["big"]
+    assert produced["digest"] == digest_tree(Path(ws.location) / ".cairn" / "datastores" / produced["datastore"]
+                                             / produced["path"]).digest
+    keyed = reader.get_fingerprint()
+    assert keyed["parts"]["input:big"] == produced["digest"]
+    assert keyed["fingerprint"] == fingerprint(keyed["parts"])
+    assert q.lookup_cache(store, keyed["fingerprint"]) == reader.id
+    assert "digested after the step was committed" in _system_log(ws, run, writer)
+    assert "committed by its producer before being digested" in _system_log(ws, run, reader)
+
+    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    _serve_in_process(ws)
+    assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Reused", "reader": "Reused"}
+
+
+def test_a_rerun_while_the_digest_is_made_waits_for_it_and_reuses_every_step(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    first = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    release = _held_digest(monkeypatch)
+    here = _AgentHere(ws, runs=2, late=True)
+    first_ended, asked = threading.Event(), threading.Event()
+    notify, resolved_here = here.front.notify, here.agent.late.resolved
+
+    def notifying(run_id: str, final: bool = False) -> None:
+        notify(run_id, final)
+        if final and run_id == first.id:
+            first_ended.set()
+
+    def resolving(row: dict[str, Any], root: str | None) -> str:
+        asked.set()
+        return resolved_here(row, root)
+
+    here.front.notify = notifying  # type: ignore[method-assign]
+    here.agent.late.resolved = resolving  # type: ignore[method-assign]
+    with here:
+        assert first_ended.wait(timeout=60)  # with the writer's digest held
+        again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+        here.agent.events.put(("poke",))
+        assert asked.wait(timeout=60)  # the rerun needs the writer's digest, still held
+        release.set()
+        assert here.run_ended()
+    assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Reused", "reader": "Reused"}
+    writer = again.find_step_run("writer")[0]
+    assert not q.get_outputs(_store(ws), writer.id)["big"]["digest"].startswith("pending:")  # the reuser's record too
+
+
+def test_an_output_changed_before_it_was_digested_keys_nothing_and_its_step_runs_again(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    release = _held_digest(monkeypatch)
+    store = _store(ws)
+    with _AgentHere(ws, late=True) as here:
+        assert here.run_ended()
+        writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
+        row = q.get_outputs(store, writer.id)["big"]
+        big = Path(ws.location) / ".cairn" / "datastores" / row["datastore"] / row["path"] / "big.bin"
+        os.chmod(big, 0o644)  # as a process the writer left behind would
+        with open(big, "ab") as f:
+            f.write(b"late")
+        release.set()
+        assert here.agent.late.join(timeout=60)
+    assert run.get_status() == "Completed"  # what ran stands
+    assert q.get_outputs(store, writer.id)["big"]["digest"] == CHANGED + writer.id
+    assert reader.get_fingerprint()["fingerprint"] is None
+    with store.read() as conn:
+        assert conn.execute(t.cache_entries.select().where(t.cache_entries.c.step_run_id == writer.id)).first() is None
+    assert "changed while it was being digested" in _system_log(ws, run, writer)
+
+    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    _serve_in_process(ws)
+    assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Completed", "reader": "Completed"}
+
+
+def test_a_digest_left_pending_by_an_agent_that_died_is_made_by_whoever_needs_it(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    with _AgentHere(ws, late=True) as here:
+        assert here.run_ended()
+        assert here.agent.late.join(timeout=60)
+    store = _store(ws)
+    writer = run.find_step_run("writer")[0]
+    made = q.get_outputs(store, writer.id)["big"]["digest"]
+    # as an agent that died between the commit and the digest leaves it
+    q.record_late_digests(store, writer.id, made, {"big": pending_digest(writer.id)})
+    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    _serve_in_process(ws)  # an agent without digests in flight: it makes the writer's, then reuses both
+    assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Reused", "reader": "Reused"}
+    assert q.get_outputs(store, writer.id)["big"]["digest"] == made
+    assert q.get_outputs(store, again.find_step_run("writer")[0].id)["big"]["digest"] == made
+
+    q.record_late_digests(store, writer.id, made, {"big": pending_digest(writer.id)})
+    row = q.get_outputs(store, writer.id)["big"]
+    root = str(Path(ws.location) / ".cairn" / "datastores" / row["datastore"])
+    assert resolved(store, row, root) == made  # read where it is (as `cairn debug` does)
+    assert q.get_outputs(store, writer.id)["big"]["digest"] == made  # and recorded
+    assert resolved(store, row, None) == made  # made meanwhile: read from the store
+    q.record_late_digests(store, writer.id, made, {"big": pending_digest(writer.id)})
+    assert resolved(store, row, None) == CHANGED + writer.id  # no longer a local datastore: nothing to read
+    assert q.get_outputs(store, writer.id)["big"]["digest"] == pending_digest(writer.id)  # (for that caller only)
+    assert resolved(store, row, root) == made
+
+
+def test_only_a_step_whose_consumers_never_wait_for_its_digest_commits_before_it(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    store = _store(ws)
+    late = LateDigests(store)
+
+    def scheduler(pipeline: Any) -> PipelineScheduler:
+        run = Experiment(ws, "late").submit(pipeline)  # (no agent: it stays queued, and is only read here)
+        return PipelineScheduler(EngineContext.open(WorkspaceLayout(ws.location)), run.id, resume=False,
+                                 hands_over_early=lambda target: True, late=late)
+
+    sched = scheduler(_pipeline(ws, sources))
+    assert sched.digest_may_come_late("writer")  # its reader cannot be reused: it never ran
+    assert sched.digest_may_come_late("reader")  # no consumer in the run
+    copied = scheduler(_pipeline(ws, sources, readers=(("copier", {"download": True}),)))
+    assert not copied.digest_may_come_late("writer")  # a copy is made through the digest
+    registered = _pipeline(ws, sources)
+    dataset = OutputFileDatasetConfig("registered").register_on_complete("big_data")
+    registered.steps[0].outputs.append(dataset)
+    assert not scheduler(registered).digest_may_come_late("writer")  # a dataset version records it
+    nowhere = PipelineScheduler(sched.ctx, sched.run_id, resume=False, late=late)  # a target that cannot
+    assert not nowhere.digest_may_come_late("writer")
+    unserved = PipelineScheduler(sched.ctx, sched.run_id, resume=False, hands_over_early=lambda target: True)
+    assert not unserved.digest_may_come_late("writer")  # no agent to make the digest
+    # once the reader's definition is cached, its reuse needs the writer's digest: the writer digests first
+    with store.write() as conn:
+        reader = sched.spec.step("reader")
+        conn.execute(t.cache_entries.insert().values(fingerprint="f", step_run_id=sched.step_ids["reader"],
+                                                     created_at=0.0,
+                                                     definition=definition_of(fingerprint_parts(reader, {}))))
+    assert not scheduler(_pipeline(ws, sources)).digest_may_come_late("writer")
