@@ -349,6 +349,14 @@ def test_runs_show_lists_each_steps_outputs(workspace: Workspace, tmp_path: Path
     assert f"output make.o: {run.find_step_run('make')[0].get_output_data('o').local_path} (1 bytes," in flat(result.stdout)
 
 
+def test_an_output_without_its_digest_yet_says_why() -> None:
+    from cairn.cli.main import _digest_shown
+
+    assert _digest_shown("pending:run_x") == "digest pending: being made after the step's commit"
+    assert "changed after the step's commit" in _digest_shown("changed:run_x")
+    assert _digest_shown("xxh3-128:ab") == "xxh3-128:ab"
+
+
 def test_runs_show_json(completed: Done) -> None:
     result = completed.project.cairn("runs", "show", completed.run_id, "--json")
     assert result.returncode == 0, result.stderr

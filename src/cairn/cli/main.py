@@ -62,6 +62,17 @@ def _status(s: str) -> str:
     return f"[{_STYLE.get(s, 'white')}]{s}[/]"
 
 
+def _digest_shown(digest: str) -> str:
+    """An output's digest, or what it is while there is none (engine/late_digests.py)."""
+    from cairn.engine.late_digests import CHANGED, pending_owner
+
+    if pending_owner(digest):
+        return "digest pending: being made after the step's commit"
+    if digest.startswith(CHANGED):
+        return "no digest: it changed after the step's commit, before it was digested"
+    return digest
+
+
 def _where(output: Any) -> str:
     return str(output.local_path) if output.local_path else f"{output.datastore_name}:{output.path_on_datastore}"
 
@@ -211,7 +222,8 @@ def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = ty
     for s in (steps or [run]):  # a pipeline's: each step's, named by step
         who = f"{s._row()['name']}." if steps else ""
         for name, o in s.get_outputs().items():
-            console.print(f"output {who}{name}: {_where(o)} ({o.size} bytes, {o.digest})", highlight=False,
+            digest = _digest_shown(o.digest)
+            console.print(f"output {who}{name}: {_where(o)} ({o.size} bytes, {digest})", highlight=False,
                           soft_wrap=True)  # a path stays whole, to copy
     for title, values in (("tags", details["tags"]), ("properties", details["properties"])):
         if values:
