@@ -98,7 +98,8 @@ class _AgentHere:
         agent = self.agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=self.front)
         agent.ctx = EngineContext.open(agent.layout)
         if late:
-            agent.late = LateDigests(agent.ctx.store, on_change=agent._step_changed)
+            agent.late = LateDigests(agent.ctx.store, on_change=agent._step_changed,
+                                     on_made=lambda step_run_id: agent.events.put(("made", step_run_id)))
         self.reporter: Any = reporter_class(
             agent.ctx.store, on_change=agent._step_changed, locate=agent.ctx.datastore_location,
             on_placed=lambda *placed: agent.events.put(("placed", *placed)),

@@ -15,7 +15,7 @@ import pytest
 from cairn import Experiment, OutputFileDatasetConfig, Workspace
 from cairn.engine.context import EngineContext
 from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts
-from cairn.engine.late_digests import CHANGED, LateDigests, resolved
+from cairn.engine.late_digests import CHANGED, LateDigests, OutputChanged, resolved
 from cairn.engine.scheduler import PipelineScheduler
 from cairn.runner.job import pending_digest
 from cairn.storage.layout import WorkspaceLayout
@@ -80,36 +80,40 @@ def test_the_run_ends_before_the_digest_and_its_consumer_is_keyed_once_it_comes(
     assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Reused", "reader": "Reused"}
 
 
-def test_a_rerun_while_the_digest_is_made_waits_for_it_and_reuses_every_step(
+def test_a_rerun_while_the_digest_is_made_reuses_every_step_and_the_agent_serves_meanwhile(
         tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.create(tmp_path / "ws")
     first = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
     release = _held_digest(monkeypatch)
     here = _AgentHere(ws, runs=2, late=True)
-    first_ended, asked = threading.Event(), threading.Event()
-    notify, resolved_here = here.front.notify, here.agent.late.resolved
+    first_ended, asked, answered = threading.Event(), threading.Event(), threading.Event()
+    notify, request = here.front.notify, here.agent.late.request
 
     def notifying(run_id: str, final: bool = False) -> None:
         notify(run_id, final)
         if final and run_id == first.id:
             first_ended.set()
 
-    def resolving(row: dict[str, Any], root: str | None) -> str:
+    def requesting(row: dict[str, Any], root: str | None) -> str:
         asked.set()
-        return resolved_here(row, root)
+        return request(row, root)
 
     here.front.notify = notifying  # type: ignore[method-assign]
-    here.agent.late.resolved = resolving  # type: ignore[method-assign]
+    here.front.reply = lambda *args: answered.set()  # type: ignore[method-assign]
+    here.agent.late.request = requesting  # type: ignore[method-assign]
     with here:
         assert first_ended.wait(timeout=60)  # with the writer's digest held
         again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
         here.agent.events.put(("poke",))
         assert asked.wait(timeout=60)  # the rerun needs the writer's digest, still held
+        here.agent.events.put(("sync", "probe"))
+        assert answered.wait(timeout=60)  # the agent's loop does not wait for a digest
+        assert again.get_status() in ("Queued", "Running") and not release.is_set()
         release.set()
         assert here.run_ended()
     assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Reused", "reader": "Reused"}
     writer = again.find_step_run("writer")[0]
-    assert not q.get_outputs(_store(ws), writer.id)["big"]["digest"].startswith("pending:")  # the reuser's record too
+    assert not q.get_outputs(_store(ws), writer.id)["big"]["digest"].startswith("pending:")  # the reuser's record
 
 
 def test_an_output_changed_before_it_was_digested_keys_nothing_and_its_step_runs_again(
@@ -153,7 +157,8 @@ def test_a_digest_left_pending_by_an_agent_that_died_is_made_by_whoever_needs_it
     # as an agent that died between the commit and the digest leaves it
     q.record_late_digests(store, writer.id, made, {"big": pending_digest(writer.id)})
     again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
-    _serve_in_process(ws)  # an agent without digests in flight: it makes the writer's, then reuses both
+    with _AgentHere(ws, late=True) as here:  # an agent without digests in flight: it makes the writer's
+        assert here.run_ended()
     assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Reused", "reader": "Reused"}
     assert q.get_outputs(store, writer.id)["big"]["digest"] == made
     assert q.get_outputs(store, again.find_step_run("writer")[0].id)["big"]["digest"] == made
@@ -201,3 +206,67 @@ def test_only_a_step_whose_consumers_never_wait_for_its_digest_commits_before_it
                                                      created_at=0.0,
                                                      definition=definition_of(fingerprint_parts(reader, {}))))
     assert not scheduler(_pipeline(ws, sources)).digest_may_come_late("writer")
+
+
+def test_a_store_that_fails_keying_a_consumer_later_leaves_it_completed_and_unkeyed(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    release = _held_digest(monkeypatch)
+
+    def locked(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(q, "complete_fingerprint", locked)
+    with _AgentHere(ws, late=True) as here:
+        assert here.run_ended()
+        release.set()
+        assert here.agent.late.join(timeout=60)
+    reader = run.find_step_run("reader")[0]
+    assert (reader.get_status(), run.get_status()) == ("Completed", "Completed")
+    assert reader.get_fingerprint()["fingerprint"] is None  # never reused, never wrongly
+
+
+def test_a_digest_that_cannot_get_a_thread_is_left_pending_and_made_when_needed(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    start = threading.Thread.start
+
+    def no_digest_thread(thread: threading.Thread) -> None:
+        if thread.name.startswith("digest-"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_digest_thread)
+    with _AgentHere(ws, late=True) as here:
+        assert here.run_ended()
+        assert here.agent.late.join(timeout=10)  # nothing in flight: the agent may exit
+    assert run.get_status() == "Completed"
+    writer = run.find_step_run("writer")[0]
+    store = _store(ws)
+    assert q.get_outputs(store, writer.id)["big"]["digest"] == pending_digest(writer.id)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    with _AgentHere(ws, late=True) as here:
+        assert here.run_ended()
+    assert again.find_step_run("writer")[0].get_status() == "Reused"
+    assert q.get_outputs(store, writer.id)["big"]["digest"].startswith("blake2b:")  # made, in a thread
+
+
+def test_a_step_whose_input_changed_before_it_was_digested_fails_saying_so(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    with _AgentHere(ws, late=True) as here:
+        assert here.run_ended()
+        assert here.agent.late.join(timeout=60)
+    store = _store(ws)
+    writer = run.find_step_run("writer")[0]
+    q.record_late_digests(store, writer.id, q.get_outputs(store, writer.id)["big"]["digest"],
+                          {"big": CHANGED + writer.id})  # as its digest thread records a changed output
+    # the reader prepared again (a resumed run): it cannot run on what changed, and says why
+    sched = PipelineScheduler(EngineContext.open(WorkspaceLayout(ws.location)), run.id, resume=False,
+                              hands_over_early=lambda target: True, late=LateDigests(store))
+    with pytest.raises(OutputChanged, match="its input 'big' changed after its producer committed it"):
+        sched.prepare(sched.spec.step("reader"))

@@ -23,7 +23,7 @@ from cairn.core.spec import StepSpec
 from cairn.core.status import Status
 from cairn.engine.agent_socket import AgentSocket, signal_ready
 from cairn.engine.context import EngineContext
-from cairn.engine.late_digests import LateDigests
+from cairn.engine.late_digests import DigestPending, LateDigests, OutputChanged
 from cairn.engine.reporter import StoreReporter
 from cairn.engine.scheduler import PipelineScheduler
 from cairn.runner.execute import StepControl
@@ -95,7 +95,8 @@ class Agent:
             self.front.open()
             signal_ready(b"ready\n")
         self.ctx = EngineContext.open(self.layout)
-        self.late = LateDigests(self.ctx.store, on_change=self._step_changed)
+        self.late = LateDigests(self.ctx.store, on_change=self._step_changed,
+                                on_made=lambda step_run_id: self.events.put(("made", step_run_id)))
         self.reporter = StoreReporter(self.ctx.store, on_change=self._step_changed,
                                       locate=self.ctx.datastore_location,
                                       on_placed=lambda *placed: self.events.put(("placed", *placed)),
@@ -297,6 +298,7 @@ class Agent:
             self._check_cancels()
         elif kind == "queued":  # a run was recorded through this agent's scripts socket
             self._queue_may_have_work = True
+        # "made": a digest that steps waited for is made (late_digests): this pass prepares them again
         return True
 
     def _refresh_computes(self, records: list[dict[str, Any]]) -> None:
@@ -407,6 +409,12 @@ class Agent:
         """Reuse or dispatch ``step``; True when it ended at once (reused, or could not start)."""
         try:
             job = sched.prepare(step)
+        except DigestPending:  # being made: this step is prepared again once it is (the "made" event)
+            return False
+        except OutputChanged as exc:
+            sched.dispatch_failed(step, str(exc))
+            self._notify(sched.run_id)
+            return True
         except Exception as exc:
             sched.dispatch_failed(step, f"could not prepare the step: {type(exc).__name__}: {exc}")
             self._notify(sched.run_id)

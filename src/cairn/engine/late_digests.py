@@ -3,14 +3,15 @@ nothing of the run waits for the digest: the step's every consumer in the run co
 it (``PipelineScheduler.digest_may_come_late``), and a step with no consumer in the run has nobody
 to wait for it.
 
-Until the digest comes, the output's record carries ``pending_digest(step run)`` (so do the
-records of steps that reuse it: the digest replaces them all, by the output's name). A consumer that committed
-meanwhile is recorded without a fingerprint, and gets it, with its cache entry, when the digests it
-waits for come: until then it is never reused, never wrongly reused. Whoever needs a digest still
-pending and finds nobody making it (a later agent, after the one that committed the step died; a
-``cairn debug`` shell) digests the output where it is, first checking that it did not change since
-it was committed. An output that did change is recorded as ``changed:``: no fingerprint names it
-and its step is not reused."""
+Until the digest comes, the output's record carries ``pending_digest(step run)``; no step reuses
+the output before its digest is made (the scheduler asks for it, ``LateDigests.request``, and
+prepares the step again once it is: the agent's loop never waits for a digest). A consumer that
+committed meanwhile is recorded without a fingerprint, and gets it, with its cache entry, when the
+digests it waits for come: until then it is never reused, never wrongly reused. Whoever needs a
+digest still pending and finds nobody making it (a later agent, after the one that committed the
+step died, in a thread; a ``cairn debug`` shell) digests the output where it is, first checking
+that it did not change since it was committed. An output that did change is recorded as
+``changed:``: no fingerprint names it, and its step is not reused."""
 
 from __future__ import annotations
 
@@ -49,10 +50,11 @@ def digest_in_place(row: dict[str, Any], root: str) -> str:
 
 
 def resolved(store: Store, row: dict[str, Any], root: str | None) -> str:
-    """The digest of a committed output whose record (``row``, its own or a reuser's) may say
-    pending: read from the store when it was made meanwhile, else made here, where it is (``root``:
-    its local datastore's), and recorded. None for ``root``: its datastore is no longer a local
-    one here, so nothing can be read: ``CHANGED`` (for this caller only: nothing is recorded)."""
+    """The digest of a committed output whose record (``row``) may say pending: read from the store
+    when it was made meanwhile, else made here, where it is (``root``: its local datastore's), and
+    recorded: for a process with no agent's digests in flight (``cairn debug``). None for ``root``:
+    its datastore is no longer a local one here, so nothing can be read: ``CHANGED`` (for this
+    caller only: nothing is recorded)."""
     owner = pending_owner(row["digest"])
     if owner is None:
         return row["digest"]
@@ -67,16 +69,41 @@ def resolved(store: Store, row: dict[str, Any], root: str | None) -> str:
     return made
 
 
-class LateDigests:
-    """The agent's digests in flight, and the consumers whose fingerprints wait for them."""
+class DigestPending(Exception):
+    """A digest a step needs is being made by the agent: the step is prepared again once it is
+    (the agent's loop does not wait for it)."""
 
-    def __init__(self, store: Store, on_change: Callable[[str], None] = lambda step_run_id: None) -> None:
+
+class OutputChanged(Exception):
+    """A step's input changed after its producer committed it, before it was digested."""
+
+
+class LateDigests:
+    """The agent's digests in flight, and the consumers whose fingerprints wait for them. Nothing
+    here blocks the agent's loop: ``request`` says a digest is pending, and ``on_made(step run)``
+    follows each one made."""
+
+    def __init__(self, store: Store, on_change: Callable[[str], None] = lambda step_run_id: None,
+                 on_made: Callable[[str], None] = lambda step_run_id: None) -> None:
         self._store = store
         self._on_change = on_change
+        self._on_made = on_made
         self._changed = threading.Condition()
-        self._running: dict[str, threading.Thread] = {}  # producer step run -> the thread digesting its outputs
+        # producer step run -> the thread making its digests (None: promised, its step commits first)
+        self._running: dict[str, threading.Thread | None] = {}
         self._recorded: set[str] = set()  # of those, the ones whose digests the store has now
         self._waiting: dict[str, list[StepJob]] = {}  # producer step run -> consumers whose fingerprint waits
+        self._unrecorded: set[str] = set()  # step runs whose digests this agent made but could not record
+
+    def promise(self, step_run_id: str) -> None:
+        """That step's outputs will be committed before they are digested (``start``, or ``drop``
+        if it is not committed after all): nobody makes those digests meanwhile."""
+        with self._changed:
+            self._running[step_run_id] = None
+
+    def drop(self, step_run_id: str) -> None:
+        """A promise not kept: the step was not committed."""
+        self._finish(step_run_id)
 
     def start(self, job: StepJob, outputs: list[dict[str, Any]],
               digest: Callable[[], dict[str, str]], settle: Callable[[dict[str, str] | None, str | None], None]
@@ -84,80 +111,133 @@ class LateDigests:
         """``job`` committed ``outputs`` with pending digests: ``digest()`` makes them (raising when
         one changed), in a thread of its own; ``settle(digests, failure)`` follows their recording."""
         pending = [o["name"] for o in outputs if pending_owner(o["digest"])]
-        thread = threading.Thread(target=self._digest, args=(job, pending, digest, settle),
-                                  name=f"digest-{job.step_run_id}", daemon=True)
+        self._run(job.step_run_id, lambda: self._digest(job, pending, digest, settle))
+
+    def _run(self, step_run_id: str, work: Callable[[], None]) -> None:
+        thread = threading.Thread(target=work, name=f"digest-{step_run_id}", daemon=True)
         with self._changed:
-            self._running[job.step_run_id] = thread
-        thread.start()
+            self._running[step_run_id] = thread
+        try:
+            thread.start()
+        except BaseException:  # (no thread to be had) left pending, for whoever needs it next
+            self._finish(step_run_id)
+            raise
 
     def _digest(self, job: StepJob, pending: list[str], digest: Callable[[], dict[str, str]],
                 settle: Callable[[dict[str, str] | None, str | None], None]) -> None:
         digests: dict[str, str] | None = None
         failure: str | None = None
         try:
-            digests = digest()
-            recorded = {name: digests[name] for name in pending}
-        except Exception as exc:  # changed after its commit (or unreadable): keyed by nothing
-            failure = str(exc) or type(exc).__name__
-            recorded = dict.fromkeys(pending, CHANGED + job.step_run_id)
-        try:
-            q.record_late_digests(self._store, job.step_run_id, pending_digest(job.step_run_id), recorded,
-                                  forget_cache_entry=failure is not None)
-        except Exception as exc:  # the store failed: the digests stay pending, made again by whoever needs them
-            failure = failure or f"could not record its digests: {type(exc).__name__}: {exc}"
-            digests = None
-        with self._changed:
-            self._recorded.add(job.step_run_id)  # a consumer keyed from now on reads them from the store
-        try:
+            try:
+                digests = digest()
+                recorded = {name: digests[name] for name in pending}
+            except Exception as exc:  # changed after its commit (or unreadable): keyed by nothing
+                failure = str(exc) or type(exc).__name__
+                recorded = dict.fromkeys(pending, CHANGED + job.step_run_id)
+            try:
+                q.record_late_digests(self._store, job.step_run_id, pending_digest(job.step_run_id), recorded,
+                                      forget_cache_entry=failure is not None)
+            except Exception as exc:  # the store failed: the digests stay pending, made by whoever needs them
+                failure = failure or f"could not record its digests: {type(exc).__name__}: {exc}"
+                digests = None
+            with self._changed:
+                self._recorded.add(job.step_run_id)  # a consumer keyed from now on reads them from the store
             settle(digests, failure)
         finally:
-            # its consumers are keyed before anyone waiting for the digest goes on (a rerun then
-            # finds their cache entries)
-            while True:
-                with self._changed:
-                    waiting = self._waiting.pop(job.step_run_id, [])
-                    if not waiting:
-                        del self._running[job.step_run_id]
-                        self._recorded.discard(job.step_run_id)
-                        self._changed.notify_all()
-                        break
-                for consumer in waiting:
-                    try:
-                        self.fingerprint_later(consumer)
-                    except Exception:  # (the store failed) that consumer is never reused; the others are keyed
-                        pass
-        self._on_change(job.step_run_id)
+            self._finish(job.step_run_id)
+
+    def _finish(self, step_run_id: str) -> None:
+        """Its consumers are keyed before anyone waiting for the digest goes on (a rerun then finds
+        their cache entries)."""
+        while True:
+            with self._changed:
+                waiting = self._waiting.pop(step_run_id, [])
+                if not waiting:
+                    self._running.pop(step_run_id, None)
+                    self._recorded.discard(step_run_id)
+                    self._changed.notify_all()
+                    break
+            for consumer in waiting:
+                self._keyed(consumer)
+        self._on_made(step_run_id)
+        self._on_change(step_run_id)
 
     def live(self, step_run_id: str) -> bool:
-        """Whether this agent is digesting that step run's outputs now."""
+        """Whether this agent makes that step run's digests now (or will, once it is committed)."""
         with self._changed:
             return step_run_id in self._running
 
-    def resolved(self, row: dict[str, Any], root: str | None) -> str:
-        """``resolved``, waiting first when this agent is making that digest."""
+    def request(self, row: dict[str, Any], root: str | None) -> str:
+        """The digest of a committed output whose record (``row``) may say pending: from the store
+        when it was made; else being made (by the step that committed it, or here, in a thread: an
+        agent that died left it), and ``DigestPending`` is raised (``on_made`` follows). None for
+        ``root``: as ``resolved``."""
         owner = pending_owner(row["digest"])
-        if owner is not None:
+        if owner is None:
+            return row["digest"]
+        with self._changed:
+            if owner in self._running:
+                raise DigestPending(owner)
+        now = q.get_outputs(self._store, owner).get(row["name"])
+        if now is not None and not pending_owner(now["digest"]):
+            return now["digest"]
+        with self._changed:
+            if root is None or owner in self._unrecorded:
+                return CHANGED + owner
+            if owner in self._running:  # (started meanwhile)
+                raise DigestPending(owner)
+            self._running[owner] = None
+        self._run(owner, lambda: self._adopt(owner, row, root))
+        raise DigestPending(owner)
+
+    def _adopt(self, owner: str, row: dict[str, Any], root: str) -> None:
+        """Make the pending digest of that output of ``owner`` where it is (one that cannot be read
+        is recorded changed: keyed by nothing; a store that fails leaves it pending, and this agent
+        gives its callers ``CHANGED`` rather than trying again and again)."""
+        try:
+            try:
+                made = digest_in_place(row, root)
+            except OSError:
+                made = CHANGED + owner
+            q.record_late_digests(self._store, owner, pending_digest(owner), {row["name"]: made},
+                                  forget_cache_entry=made.startswith(CHANGED))
+        except Exception:
             with self._changed:
-                self._changed.wait_for(lambda: owner not in self._running)
-        return resolved(self._store, row, root)
+                self._unrecorded.add(owner)
+        finally:
+            self._finish(owner)
 
     def fingerprint_later(self, job: StepJob) -> None:
         """``job`` committed with inputs whose digests were pending: its fingerprint and cache entry
         are recorded once they are all made (now, if they are), never when one changed."""
-        digests: dict[str, str] = {}
-        for name, producer, output, _attempt in job.pending_inputs:
-            with self._changed:
+        with self._changed:
+            for _name, producer, _output, _attempt in job.pending_inputs:
                 if producer in self._running and producer not in self._recorded:
                     self._waiting.setdefault(producer, []).append(job)
                     return
-            made = q.get_outputs(self._store, producer).get(output)
-            if made is None or pending_owner(made["digest"]) or made["digest"].startswith(CHANGED):
-                return  # lost with an agent that died, or changed: the step is never reused
-            digests[name] = made["digest"]
-        inputs = [replace(i, digest=digests[i.name]) if i.name in digests else i for i in job.inputs]
-        parts = fingerprint_parts(job.spec, input_digests(job.spec, inputs))
-        q.complete_fingerprint(self._store, job.step_run_id, fingerprint(parts), parts, job.cacheable,
-                               definition_of(parts) if job.cacheable else None)
+        self._keyed(job)
+
+    def _keyed(self, job: StepJob) -> None:
+        """Record ``job``'s fingerprint from its inputs' digests in the store (a store that fails
+        leaves the step without one: never reused)."""
+        try:
+            digests: dict[str, str] = {}
+            for name, producer, output, _attempt in job.pending_inputs:
+                made = q.get_outputs(self._store, producer).get(output)
+                if made is not None and pending_owner(made["digest"]):
+                    with self._changed:  # (another producer's, still being made: keyed after it)
+                        if producer in self._running and producer not in self._recorded:
+                            self._waiting.setdefault(producer, []).append(job)
+                    return  # (else lost with an agent that died: never reused)
+                if made is None or made["digest"].startswith(CHANGED):
+                    return
+                digests[name] = made["digest"]
+            inputs = [replace(i, digest=digests[i.name]) if i.name in digests else i for i in job.inputs]
+            parts = fingerprint_parts(job.spec, input_digests(job.spec, inputs))
+            q.complete_fingerprint(self._store, job.step_run_id, fingerprint(parts), parts, job.cacheable,
+                                   definition_of(parts) if job.cacheable else None)
+        except Exception:
+            return
         self._on_change(job.step_run_id)
 
     def join(self, timeout: float | None = None) -> bool:

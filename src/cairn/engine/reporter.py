@@ -56,7 +56,10 @@ class StoreReporter:
                                definition_of(job.fingerprint_parts) if job.cacheable else None)
         self._on_change(job.step_run_id)
         if ok and job.pending_inputs and self._late is not None:
-            self._late.fingerprint_later(job)
+            try:
+                self._late.fingerprint_later(job)
+            except Exception:  # the step is committed: it stands, and is never reused
+                pass
         return ok
 
     def ended(self, step_run_id: str, status: Status, reason: str, exit_code: int | None) -> None:
@@ -147,13 +150,23 @@ class StoreReporter:
         if self._late is None or self._may_digest_late is None:
             return False
         try:
-            return self._may_digest_late(job)
+            late = self._may_digest_late(job)
         except Exception:  # (the store failed) digested before the commit, as always
             return False
+        if late:
+            self._late.promise(job.step_run_id)
+        return late
 
-    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]], digest: Callable[[], dict[str, str]]) -> None:
+    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]],
+                     digest: Callable[[], dict[str, str]] | None) -> None:
         assert self._late is not None, "digest_late said no"
-        self._late.start(job, outputs, digest, lambda digests, failure: self._digested(job, digests, failure))
+        if digest is None:
+            self._late.drop(job.step_run_id)
+            return
+        try:
+            self._late.start(job, outputs, digest, lambda digests, failure: self._digested(job, digests, failure))
+        except Exception:  # (no thread to be had) the step is committed: its digests stay pending, made
+            pass  # by whoever needs them; its consumers committed meanwhile are not keyed
 
     def _digested(self, job: StepJob, digests: dict[str, str] | None, failure: str | None) -> None:
         with self._handoffs_changed:

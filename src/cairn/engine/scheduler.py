@@ -19,7 +19,7 @@ from cairn.core.status import ACTIVE, Status
 from cairn.data.datasets import local_folder
 from cairn.engine.context import EngineContext
 from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts, input_digests
-from cairn.engine.late_digests import CHANGED, LateDigests, pending_owner, resolved
+from cairn.engine.late_digests import CHANGED, LateDigests, OutputChanged, pending_owner, resolved
 from cairn.runner.job import PENDING_DIGEST, InputLocation, StepJob
 from cairn.runner.processes import kill_step_processes
 from cairn.storage.layout import run_dir, staging_dir
@@ -166,10 +166,17 @@ class PipelineScheduler:
         return self.canceling or bool(self.failed_step and not self.run["continue_on_step_failure"])
 
     def prepare(self, step: StepSpec) -> StepJob | None:
-        """Reuse the step if its fingerprint is cached (returns None), else build its job."""
+        """Reuse the step if its fingerprint is cached (returns None), else build its job. Raises
+        ``DigestPending`` (nothing changed: prepare it again once the digest is made) and
+        ``OutputChanged`` (it cannot run: it fails with that reason)."""
         store = self.ctx.store
         step_run_id = self.step_ids[step.name]
         inputs, datasets, locations = self._locate_inputs(step, step_run_id, record_lineage=True)
+        changed = [i.name for i in inputs if i.digest.startswith(CHANGED)]
+        if changed:
+            raise OutputChanged(f"its input {changed[0]!r} changed after its producer committed it, before it was "
+                                f"digested (a process the producer left running?); run the pipeline again: the "
+                                f"producer then runs again")
         parts = fingerprint_parts(step, input_digests(step, inputs))
         # inputs still being digested (see outputs_placed): it was released because no step of its
         # definition was ever cached; its fingerprint is made when they are digested
@@ -318,8 +325,9 @@ class PipelineScheduler:
         return outputs
 
     def _resolved(self, row: dict[str, Any]) -> str:
+        """A committed output's digest; ``DigestPending`` while the agent makes it."""
         root = self._roots.get(row["datastore"])
-        return self._late.resolved(row, root) if self._late is not None else resolved(self.ctx.store, row, root)
+        return self._late.request(row, root) if self._late is not None else resolved(self.ctx.store, row, root)
 
     def digest_may_come_late(self, name: str) -> bool:
         """Whether step ``name``'s large outputs may be committed before they are digested: it runs

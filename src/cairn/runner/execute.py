@@ -67,9 +67,11 @@ class StepReporter(Protocol):
         """Whether the step's large outputs may be committed before they are digested (nothing of
         its run would wait for the digest): then ``digest_later`` is told of them."""
 
-    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]], digest: Callable[[], dict[str, str]]) -> None:
+    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]],
+                     digest: Callable[[], dict[str, str]] | None) -> None:
         """The step was committed with ``outputs`` whose digests are pending: ``digest()`` makes
-        them (each output's digest by name; it raises when one changed since the commit)."""
+        them (each output's digest by name; it raises when one changed since the commit). None:
+        ``digest_late`` said yes, but the step was not committed after all."""
 
 
 class StepControl:
@@ -705,21 +707,33 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return _end(job, reporter, syslog, Status.FAILED, f"the script called run.fail(): {details}", code)
         finalizing = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)
         later: list[Callable[[], dict[str, str]]] = []  # the digests of outputs committed before them
+        promised: list[bool] = []  # the reporter was told they would be (``digest_late``)
+
+        def late() -> bool:
+            promised.append(reporter.digest_late(job))
+            return promised[-1]
+
+        handed_over = False
         try:
-            placed = (lambda records: reporter.outputs_placed(job, records)) if early_handoff and job.hand_over_early \
-                else None
-            late = (lambda: reporter.digest_late(job)) if early_handoff else None
-            outputs = _commit_outputs(job, spec, syslog, commit_local, placed, late, later)
-        except OutputCommitError as exc:
-            return _end(job, reporter, syslog, Status.FAILED, str(exc), code)
+            try:
+                placed = (lambda records: reporter.outputs_placed(job, records)) \
+                    if early_handoff and job.hand_over_early else None
+                outputs = _commit_outputs(job, spec, syslog, commit_local, placed, late if early_handoff else None,
+                                          later)
+            except OutputCommitError as exc:
+                return _end(job, reporter, syslog, Status.FAILED, str(exc), code)
+            finally:
+                finalizing.cancel()
+            syslog.flush()  # the log is whole before the run says it ended
+            if not reporter.succeeded(job, outputs, code):
+                syslog("the step run had already ended (canceled?): outputs not recorded")
+                return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
+            if later:
+                handed_over = True
+                reporter.digest_later(job, outputs, later[0])
         finally:
-            finalizing.cancel()
-        syslog.flush()  # the log is whole before the run says it ended
-        if not reporter.succeeded(job, outputs, code):
-            syslog("the step run had already ended (canceled?): outputs not recorded")
-            return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
-        if later:
-            reporter.digest_later(job, outputs, later[0])
+            if any(promised) and not handed_over:  # not committed after all: nothing follows
+                reporter.digest_later(job, [], None)
         for o in spec.outputs:
             if o.register:
                 record = next(x for x in outputs if x["name"] == o.name)

@@ -505,12 +505,14 @@ def commit_step(store: Store, step_run_id: str, outputs: list[dict[str, Any]], f
 def record_late_digests(store: Store, step_run_id: str, pending: str, digests: dict[str, str],
                         forget_cache_entry: bool = False) -> None:
     """The digests of outputs ``step_run_id`` committed before they were made (``engine/late_digests``),
-    in every record that still says ``pending``: its own and those of the steps that reused them.
-    ``forget_cache_entry``: one changed after its commit, so the step is no longer reused."""
+    where its records still say ``pending`` (no other step's do: a step reuses an output only once
+    its digest is made). ``forget_cache_entry``: one changed after its commit, so the step is no
+    longer reused."""
     with store.write() as conn:
         for name, digest in digests.items():
             conn.execute(update(t.step_outputs).where(
-                t.step_outputs.c.digest == pending, t.step_outputs.c.name == name).values(digest=digest))
+                t.step_outputs.c.step_run_id == step_run_id, t.step_outputs.c.name == name,
+                t.step_outputs.c.digest == pending).values(digest=digest))
         if forget_cache_entry:
             conn.execute(delete(t.cache_entries).where(t.cache_entries.c.step_run_id == step_run_id))
 
