@@ -93,7 +93,9 @@ class _AgentHere:
 
     def __init__(self, ws: Workspace, reporter_class: type[StoreReporter] = StoreReporter, runs: int = 1,
                  late: bool = False) -> None:
-        """``late``: outputs may be committed before they are digested, as a served agent's are."""
+        """``late``: outputs may be committed before they are digested, as a served agent's are
+        where no consumer waits for the digest (test_late_digests.py). Without it, these tests pin
+        the hand-off a producer makes when one of its consumers needs the digest."""
         self.front = EndingFront(runs)
         agent = self.agent = agent_module.Agent(WorkspaceLayout(ws.location), idle_timeout=None, front=self.front)
         agent.ctx = EngineContext.open(agent.layout)
