@@ -15,8 +15,10 @@ import pytest
 from cairn import Experiment, OutputFileDatasetConfig, Workspace
 from cairn.engine.context import EngineContext
 from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts
-from cairn.engine.late_digests import CHANGED, LateDigests, OutputChanged, resolved
+from cairn.engine.late_digests import CHANGED, DigestPending, LateDigests, OutputChanged, resolved
+from cairn.engine.reporter import StoreReporter
 from cairn.engine.scheduler import PipelineScheduler
+from cairn.runner import execute
 from cairn.runner.job import pending_digest
 from cairn.storage.layout import WorkspaceLayout
 from cairn.storage.tree import digest_tree
@@ -270,3 +272,139 @@ def test_a_step_whose_input_changed_before_it_was_digested_fails_saying_so(
                               hands_over_early=lambda target: True, late=LateDigests(store))
     with pytest.raises(OutputChanged, match="its input 'big' changed after its producer committed it"):
         sched.prepare(sched.spec.step("reader"))
+
+
+BIG_READER = f"""
+import pathlib, sys
+data = (pathlib.Path(sys.argv[1]) / "big.bin").read_bytes()
+out = pathlib.Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+(out / "size").write_text(str(len(data)))
+(out / "pad.bin").write_bytes(b"y" * {BIG})
+"""
+
+
+def test_a_consumer_whose_own_output_changed_before_its_digest_is_never_keyed(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its fingerprint waits for its input's digest; its own output's digest failed meanwhile."""
+    (sources["reader"] / "reader.py").write_text(BIG_READER)  # the reader's output is large too: late
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    release, reader_recorded = threading.Event(), threading.Event()
+    real_digest = execute.digest_tree
+
+    def hooked(path: Any, *walked: Any) -> Any:
+        if (Path(path) / "big.bin").exists() and not (Path(path) / "big.bin").stat().st_mode & 0o222:
+            release.wait(timeout=60)  # the writer's digest is held
+        if (Path(path) / "pad.bin").exists():
+            raise OSError(5, "Input/output error")  # the reader's own digest fails
+        return real_digest(path, *walked)
+
+    monkeypatch.setattr(execute, "digest_tree", hooked)
+    store = _store(ws)
+    with _AgentHere(ws, late=True) as here:
+        late = here.agent.late
+        record = late._record
+
+        def recording(owner: str, made: dict[str, str]) -> None:
+            record(owner, made)
+            if "reader_size" in made:
+                reader_recorded.set()
+
+        late._record = recording  # type: ignore[method-assign]
+        assert here.run_ended()
+        assert reader_recorded.wait(timeout=60)  # before the writer's digest comes
+        release.set()
+        assert late.join(timeout=60)
+    reader = run.find_step_run("reader")[0]
+    assert q.get_outputs(store, reader.id)["reader_size"]["digest"] == CHANGED + reader.id
+    assert reader.get_fingerprint()["fingerprint"] is None
+    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    with _AgentHere(ws, late=True) as here:
+        assert here.run_ended()
+    assert again.find_step_run("reader")[0].get_status() == "Completed"  # ran again, not reused
+
+
+def test_a_store_that_refuses_a_late_digest_fails_no_consumer(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    ws = Workspace.create(tmp_path / "ws")
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+
+    class AfterTheDigest(StoreReporter):
+        """The reader reaches its hand-off once the writer's digest thread has ended."""
+
+        def settled_job(self, job: Any, *args: Any) -> Any:
+            assert self._late is not None and self._late.join(timeout=30)
+            return super().settled_job(job, *args)
+
+    def locked(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(q, "record_late_digests", locked)
+    with _AgentHere(ws, AfterTheDigest, late=True) as here:
+        assert here.run_ended()
+    writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
+    assert (writer.get_status(), reader.get_status(), run.get_status()) == ("Completed",) * 3
+    assert q.get_outputs(_store(ws), writer.id)["big"]["digest"] == pending_digest(writer.id)  # made when needed
+
+
+def test_a_digest_made_here_that_the_store_refused_ends_and_is_given_from_here(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from cairn.engine import late_digests
+
+    reads = {"n": 0}
+    row = {"name": "big", "digest": pending_digest("P"), "path": "x", "stat_signature": "s"}
+
+    def get_outputs(store: Any, step_run_id: str) -> dict[str, Any]:
+        reads["n"] += 1
+        return {"big": dict(row)}
+
+    def locked(*args: Any, **kwargs: Any) -> None:  # (SQLite's WAL: reads go on, writes are refused)
+        raise RuntimeError("database is locked")
+
+    gate = threading.Event()
+    monkeypatch.setattr(q, "get_outputs", get_outputs)
+    monkeypatch.setattr(q, "record_late_digests", locked)
+    monkeypatch.setattr(late_digests, "digest_in_place", lambda r, root: "blake2b:made" if gate.wait(10) else "")
+    late = LateDigests(store=None)
+    with pytest.raises(DigestPending):
+        late.request(row, "/root")  # a digest a dead agent left pending: made here, in a thread
+    consumer = SimpleNamespace(pending_inputs=(("big", "P", "big", 1),), step_run_id="C")  # committed meanwhile
+    late.fingerprint_later(consumer)  # type: ignore[arg-type]
+    gate.set()
+    assert late.join(timeout=30)
+    assert reads["n"] < 10  # (it spun, re-queuing the consumer on the producer it was finishing)
+    assert late.request(row, "/root") == "blake2b:made"  # the store refused it: given from here
+
+
+def test_consumers_of_a_digest_a_dead_agent_left_wait_for_it_in_a_resumed_run(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cairn.engine import late_digests
+
+    ws = Workspace.create(tmp_path / "ws")
+    readers = (("reader", {"allow_reuse": False}), ("reader2", {"allow_reuse": False}))
+    run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=readers), monkeypatch)
+    with _AgentHere(ws, late=True) as here:
+        assert here.run_ended()
+        assert here.agent.late.join(timeout=60)
+    store = _store(ws)
+    writer = run.find_step_run("writer")[0]
+    made = q.get_outputs(store, writer.id)["big"]["digest"]
+    q.record_late_digests(store, writer.id, made, {"big": pending_digest(writer.id)})  # as a dead agent leaves it
+    gate = threading.Event()
+    real = late_digests.digest_in_place
+    monkeypatch.setattr(late_digests, "digest_in_place", lambda row, root: real(row, root) if gate.wait(30) else "")
+    late = LateDigests(store)
+    sched = PipelineScheduler(EngineContext.open(WorkspaceLayout(ws.location)), run.id, resume=False,
+                              hands_over_early=lambda target: True, late=late)
+    with pytest.raises(DigestPending):
+        sched.prepare(sched.spec.step("reader"))  # the new agent makes the writer's digest, in a thread
+    with pytest.raises(DigestPending):
+        sched.prepare(sched.spec.step("reader2"))  # (not started with it pending: no hand-off here)
+    gate.set()
+    assert late.join(timeout=30)
+    for name in ("reader", "reader2"):
+        job = sched.prepare(sched.spec.step(name))
+        assert job is not None and not job.pending_inputs and job.inputs[0].digest == made

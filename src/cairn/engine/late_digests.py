@@ -93,7 +93,9 @@ class LateDigests:
         self._running: dict[str, threading.Thread | None] = {}
         self._recorded: set[str] = set()  # of those, the ones whose digests the store has now
         self._waiting: dict[str, list[StepJob]] = {}  # producer step run -> consumers whose fingerprint waits
-        self._unrecorded: set[str] = set()  # step runs whose digests this agent made but could not record
+        self._adopting: set[str] = set()  # of those, the ones whose step ran elsewhere (an agent that died)
+        # (step run, output) -> a digest made here that the store refused: given from here meanwhile
+        self._unrecorded: dict[tuple[str, str], str] = {}
 
     def promise(self, step_run_id: str) -> None:
         """That step's outputs will be committed before they are digested (``start``, or ``drop``
@@ -109,7 +111,7 @@ class LateDigests:
               digest: Callable[[], dict[str, str]], settle: Callable[[dict[str, str] | None, str | None], None]
               ) -> None:
         """``job`` committed ``outputs`` with pending digests: ``digest()`` makes them (raising when
-        one changed), in a thread of its own; ``settle(digests, failure)`` follows their recording."""
+        one changed), in a thread of its own; ``settle(digests, failure)`` follows."""
         pending = [o["name"] for o in outputs if pending_owner(o["digest"])]
         self._run(job.step_run_id, lambda: self._digest(job, pending, digest, settle))
 
@@ -130,21 +132,26 @@ class LateDigests:
         try:
             try:
                 digests = digest()
-                recorded = {name: digests[name] for name in pending}
+                made = {name: digests[name] for name in pending}
             except Exception as exc:  # changed after its commit (or unreadable): keyed by nothing
                 failure = str(exc) or type(exc).__name__
-                recorded = dict.fromkeys(pending, CHANGED + job.step_run_id)
-            try:
-                q.record_late_digests(self._store, job.step_run_id, pending_digest(job.step_run_id), recorded,
-                                      forget_cache_entry=failure is not None)
-            except Exception as exc:  # the store failed: the digests stay pending, made by whoever needs them
-                failure = failure or f"could not record its digests: {type(exc).__name__}: {exc}"
-                digests = None
-            with self._changed:
-                self._recorded.add(job.step_run_id)  # a consumer keyed from now on reads them from the store
+                made = dict.fromkeys(pending, CHANGED + job.step_run_id)
+            self._record(job.step_run_id, made)
             settle(digests, failure)
         finally:
             self._finish(job.step_run_id)
+
+    def _record(self, owner: str, made: dict[str, str]) -> None:
+        """Record digests made here; kept here when the store refuses them (given from here, and
+        recorded again when asked for)."""
+        try:
+            q.record_late_digests(self._store, owner, pending_digest(owner), made,
+                                  forget_cache_entry=any(d.startswith(CHANGED) for d in made.values()))
+        except Exception:
+            with self._changed:
+                self._unrecorded.update({(owner, name): digest for name, digest in made.items()})
+        with self._changed:
+            self._recorded.add(owner)  # a consumer keyed from now on finds them (store, or here)
 
     def _finish(self, step_run_id: str) -> None:
         """Its consumers are keyed before anyone waiting for the digest goes on (a rerun then finds
@@ -155,6 +162,7 @@ class LateDigests:
                 if not waiting:
                     self._running.pop(step_run_id, None)
                     self._recorded.discard(step_run_id)
+                    self._adopting.discard(step_run_id)
                     self._changed.notify_all()
                     break
             for consumer in waiting:
@@ -162,48 +170,68 @@ class LateDigests:
         self._on_made(step_run_id)
         self._on_change(step_run_id)
 
-    def live(self, step_run_id: str) -> bool:
-        """Whether this agent makes that step run's digests now (or will, once it is committed)."""
+    def _known(self, owner: str, output: str) -> str | None:
+        """The digest made of that output: from here (made, the store refused it: recorded again
+        now, if it can be), or from the store; None while it is pending; ``CHANGED`` for an output
+        the store no longer has."""
         with self._changed:
-            return step_run_id in self._running
+            made = self._unrecorded.get((owner, output))
+        if made is not None:
+            try:
+                q.record_late_digests(self._store, owner, pending_digest(owner), {output: made},
+                                      forget_cache_entry=made.startswith(CHANGED))
+                with self._changed:
+                    self._unrecorded.pop((owner, output), None)
+            except Exception:
+                pass
+            return made
+        row = q.get_outputs(self._store, owner).get(output)
+        if row is None:
+            return CHANGED + owner
+        return None if pending_owner(row["digest"]) else row["digest"]
+
+    def live(self, step_run_id: str) -> bool:
+        """Whether this agent's own step commits (or committed) that step run's outputs before their
+        digests, which it makes now: its consumers in the run may start with them pending."""
+        with self._changed:
+            return step_run_id in self._running and step_run_id not in self._adopting
 
     def request(self, row: dict[str, Any], root: str | None) -> str:
-        """The digest of a committed output whose record (``row``) may say pending: from the store
-        when it was made; else being made (by the step that committed it, or here, in a thread: an
-        agent that died left it), and ``DigestPending`` is raised (``on_made`` follows). None for
-        ``root``: as ``resolved``."""
+        """The digest of a committed output whose record (``row``) may say pending: known (the
+        store's, or made here); else being made (by the step that committed it, or here, in a
+        thread: an agent that died left it), and ``DigestPending`` is raised (``on_made``
+        follows). None for ``root``: as ``resolved``."""
         owner = pending_owner(row["digest"])
         if owner is None:
             return row["digest"]
         with self._changed:
             if owner in self._running:
                 raise DigestPending(owner)
-        now = q.get_outputs(self._store, owner).get(row["name"])
-        if now is not None and not pending_owner(now["digest"]):
-            return now["digest"]
+        known = self._known(owner, row["name"])
+        if known is not None:
+            return known
+        if root is None:
+            return CHANGED + owner
         with self._changed:
-            if root is None or owner in self._unrecorded:
-                return CHANGED + owner
             if owner in self._running:  # (started meanwhile)
                 raise DigestPending(owner)
             self._running[owner] = None
-        self._run(owner, lambda: self._adopt(owner, row, root))
+            self._adopting.add(owner)
+        try:
+            self._run(owner, lambda: self._adopt(owner, row, root))
+        except RuntimeError:  # no thread to be had: made here and now, the loop waiting for it
+            return resolved(self._store, row, root)
         raise DigestPending(owner)
 
     def _adopt(self, owner: str, row: dict[str, Any], root: str) -> None:
         """Make the pending digest of that output of ``owner`` where it is (one that cannot be read
-        is recorded changed: keyed by nothing; a store that fails leaves it pending, and this agent
-        gives its callers ``CHANGED`` rather than trying again and again)."""
+        is recorded changed: keyed by nothing)."""
         try:
             try:
                 made = digest_in_place(row, root)
             except OSError:
                 made = CHANGED + owner
-            q.record_late_digests(self._store, owner, pending_digest(owner), {row["name"]: made},
-                                  forget_cache_entry=made.startswith(CHANGED))
-        except Exception:
-            with self._changed:
-                self._unrecorded.add(owner)
+            self._record(owner, {row["name"]: made})
         finally:
             self._finish(owner)
 
@@ -218,24 +246,27 @@ class LateDigests:
         self._keyed(job)
 
     def _keyed(self, job: StepJob) -> None:
-        """Record ``job``'s fingerprint from its inputs' digests in the store (a store that fails
-        leaves the step without one: never reused)."""
+        """Record ``job``'s fingerprint from its inputs' digests (never when one changed, nor when
+        one of its own outputs did; a store that fails leaves the step without one: never reused)."""
         try:
             digests: dict[str, str] = {}
             for name, producer, output, _attempt in job.pending_inputs:
-                made = q.get_outputs(self._store, producer).get(output)
-                if made is not None and pending_owner(made["digest"]):
-                    with self._changed:  # (another producer's, still being made: keyed after it)
+                made = self._known(producer, output)
+                if made is None:
+                    with self._changed:  # still being made: keyed after it
                         if producer in self._running and producer not in self._recorded:
                             self._waiting.setdefault(producer, []).append(job)
-                    return  # (else lost with an agent that died: never reused)
-                if made is None or made["digest"].startswith(CHANGED):
+                            return
+                    made = self._known(producer, output)  # (made meanwhile)
+                    if made is None:
+                        return  # lost with an agent that died: never reused
+                if made.startswith(CHANGED):
                     return
-                digests[name] = made["digest"]
+                digests[name] = made
             inputs = [replace(i, digest=digests[i.name]) if i.name in digests else i for i in job.inputs]
             parts = fingerprint_parts(job.spec, input_digests(job.spec, inputs))
             q.complete_fingerprint(self._store, job.step_run_id, fingerprint(parts), parts, job.cacheable,
-                                   definition_of(parts) if job.cacheable else None)
+                                   definition_of(parts) if job.cacheable else None, unless_output_like=CHANGED + "%")
         except Exception:
             return
         self._on_change(job.step_run_id)

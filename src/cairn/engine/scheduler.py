@@ -430,10 +430,9 @@ class PipelineScheduler:
             return None
         for name, o in list(outs.items()):
             if pending_owner(o["digest"]):  # committed before it was digested: its consumers need the digest
-                digest = self._resolved(o)
-                if digest.startswith(CHANGED):
-                    return None
-                outs[name] = o = {**o, "digest": digest}
+                outs[name] = o = {**o, "digest": self._resolved(o)}
+            if o["digest"].startswith(CHANGED):  # changed after its commit, before its digest
+                return None
             if o["datastore"] not in self._roots:  # an object store: listed as it was committed
                 if not _remote_unchanged(self.ctx.datastore_location(o["datastore"]), o["path"], o.get("stat_signature")):
                     return None

@@ -1248,19 +1248,26 @@ def _place_then_digest(job: StepJob, spec: Any, syslog: _SystemLog,
 
 def _digest_after_commit(job: StepJob, records: list[dict[str, Any]],
                          digest_placed: Callable[[], dict[str, str]]) -> dict[str, str]:
-    """The digests of outputs committed before them, said in the step's system log."""
-    syslog = _SystemLog(Path(job.log_dir) / "system.txt")
+    """The digests of outputs committed before them, said in the step's system log (when it can
+    be opened: the digests do not depend on it)."""
+    try:
+        syslog: _SystemLog | None = _SystemLog(Path(job.log_dir) / "system.txt")
+    except OSError:
+        syslog = None
     try:
         digests = digest_placed()
         for record in records:
-            _log_output(syslog, {**record, "digest": digests[record["name"]]},
-                        " (digested after the step was committed: nothing of the run waited for it)")
+            if syslog is not None:
+                _log_output(syslog, {**record, "digest": digests[record["name"]]},
+                            " (digested after the step was committed: nothing of the run waited for it)")
         return digests
     except OutputCommitError as exc:  # committed, and maybe read already: kept, but keyed by nothing
-        syslog(f"{exc}; it stays, but this step is not reused and no step's fingerprint names it")
+        if syslog is not None:
+            syslog(f"{exc}; it stays, but this step is not reused and no step's fingerprint names it")
         raise
     finally:
-        syslog.close()
+        if syslog is not None:
+            syslog.close()
 
 
 def remove_staging(job: StepJob, spec: Any) -> None:

@@ -518,10 +518,15 @@ def record_late_digests(store: Store, step_run_id: str, pending: str, digests: d
 
 
 def complete_fingerprint(store: Store, step_run_id: str, fingerprint: str, parts: dict[str, Any],
-                         cacheable: bool, definition: str | None) -> bool:
+                         cacheable: bool, definition: str | None, unless_output_like: str | None = None) -> bool:
     """A step committed while digests of its inputs were pending gets its fingerprint and cache
-    entry, in one transaction (only once, only while it stands Completed)."""
+    entry, in one transaction (only once, only while it stands Completed, and not while one of its
+    outputs' digests is ``unless_output_like``)."""
     with store.write() as conn:
+        if unless_output_like is not None and conn.execute(select(t.step_outputs.c.name).where(
+                t.step_outputs.c.step_run_id == step_run_id,
+                t.step_outputs.c.digest.like(unless_output_like)).limit(1)).first() is not None:
+            return False
         done = conn.execute(update(t.runs).where(
             t.runs.c.id == step_run_id, t.runs.c.fingerprint.is_(None), t.runs.c.status == Status.COMPLETED.value,
         ).values(fingerprint=fingerprint, fingerprint_parts=json.dumps(parts))).rowcount
