@@ -29,6 +29,7 @@ from tests.engine.test_early_handoff import (
     BIG,
     _AgentHere,
     _before_digesting_placed,
+    _no_agent_but_this_process,
     _pipeline,
     _serve_in_process,
     _submit_for_this_process,
@@ -227,6 +228,15 @@ def test_a_store_that_fails_keying_a_consumer_later_leaves_it_completed_and_unke
     reader = run.find_step_run("reader")[0]
     assert (reader.get_status(), run.get_status()) == ("Completed", "Completed")
     assert reader.get_fingerprint()["fingerprint"] is None  # never reused, never wrongly
+    assert "it completed before its fingerprint" in reader.explain()["summary"]
+    monkeypatch.undo()
+    _no_agent_but_this_process(monkeypatch)
+    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    _serve_in_process(ws)
+    rerun = again.find_step_run("reader")[0]
+    assert rerun.get_status() == "Completed"  # nothing to reuse: it ran again, and says why
+    explained = rerun.explain()
+    assert explained["compared_with"] == reader.id and "has no fingerprint to be reused by" in explained["summary"]
 
 
 def test_a_digest_that_cannot_get_a_thread_is_left_pending_and_made_when_needed(
@@ -247,13 +257,20 @@ def test_a_digest_that_cannot_get_a_thread_is_left_pending_and_made_when_needed(
     assert run.get_status() == "Completed"
     writer = run.find_step_run("writer")[0]
     store = _store(ws)
-    assert q.get_outputs(store, writer.id)["big"]["digest"] == pending_digest(writer.id)
+    # pending, or made at once for the reader if it was prepared after the writer's end (no thread either)
+    assert q.get_outputs(store, writer.id)["big"]["digest"] in (pending_digest(writer.id), _made(ws, store, writer))
     monkeypatch.setattr(threading.Thread, "start", start)
     again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
     with _AgentHere(ws, late=True) as here:
         assert here.run_ended()
     assert again.find_step_run("writer")[0].get_status() == "Reused"
-    assert q.get_outputs(store, writer.id)["big"]["digest"].startswith("blake2b:")  # made, in a thread
+    assert q.get_outputs(store, writer.id)["big"]["digest"] == _made(ws, store, writer)
+
+
+def _made(ws: Workspace, store: Any, step: Any) -> str:
+    """The digest of ``step``'s output ``big``, made now."""
+    row = q.get_outputs(store, step.id)["big"]
+    return digest_tree(Path(ws.location) / ".cairn" / "datastores" / row["datastore"] / row["path"]).digest
 
 
 def test_a_step_whose_input_changed_before_it_was_digested_fails_saying_so(

@@ -29,6 +29,12 @@ CONFIG_VERSION = 1
 
 
 
+# what `explain` says of a step that completed without a fingerprint (engine/late_digests.py)
+_UNKEYED = ("it completed before its fingerprint: an input of it was committed by its producer before being "
+            "digested, and the fingerprint is recorded once that digest is made; where it could not be (the "
+            "agent stopped first, or the input changed), the step is never reused: its next run runs it again")
+
+
 class LocalBackend(AgentSocketCalls):
     def __init__(self, layout: WorkspaceLayout, store: Store | None = None) -> None:
         """``store``: the workspace's store already open in this process (the agent's: its answers to
@@ -444,6 +450,9 @@ class LocalBackend(AgentSocketCalls):
             result["summary"] = f"the step did not get as far as a fingerprint ({run['status']}: " \
                                 f"{run['status_reason'] or 'no reason recorded'})"
             return result
+        if run["fingerprint"] is None and run["status"] == Status.COMPLETED.value:
+            result["summary"] = _UNKEYED
+            return result
         if run["status"] == Status.REUSED.value:
             source = q.get_run(self.store, run["reused_from"]) or {}
             result["summary"] = (f"reused: every part of the fingerprint matches step run {run['reused_from']} "
@@ -453,7 +462,13 @@ class LocalBackend(AgentSocketCalls):
         pipeline = q.get_run(self.store, run["parent_id"]) or {}
         spec = GraphSpec.from_json(pipeline["spec"]) if pipeline.get("spec") else None
         allow_reuse = spec.step(run["name"]).allow_reuse if spec else True
-        if prev is None:
+        unkeyed = q.previous_step_run(self.store, run["experiment"], run["name"], run["created_at"], step_run_id,
+                                      keyed=False) if prev is None else None
+        if prev is None and unkeyed is not None and unkeyed["status"] == Status.COMPLETED.value:
+            result["compared_with"] = unkeyed["id"]
+            result["summary"] = (f"ran: the earlier run of step {run['name']!r}, {unkeyed['id']}, has no fingerprint "
+                                 f"to be reused by ({_UNKEYED})")
+        elif prev is None:
             result["summary"] = f"ran: no earlier run of step {run['name']!r} in experiment {run['experiment']!r}"
         else:
             old = json.loads(prev["fingerprint_parts"])

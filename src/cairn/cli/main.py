@@ -67,7 +67,7 @@ def _digest_shown(digest: str) -> str:
     from cairn.engine.late_digests import CHANGED, pending_owner
 
     if pending_owner(digest):
-        return "digest pending: being made after the step's commit"
+        return "digest pending: made after the step's commit, by its agent (or when a run needs it)"
     if digest.startswith(CHANGED):
         return "no digest: it changed after the step's commit, before it was digested"
     return digest

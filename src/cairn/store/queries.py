@@ -579,13 +579,15 @@ def record_reuses(store: Store, records: list[ReuseRecord]) -> list[str]:
 
 
 def previous_step_run(store: Store, experiment: str, step_name: str, before: float,
-                      exclude_id: str) -> dict[str, Any] | None:
-    """The most recent earlier run of the same step in the same experiment that has a fingerprint."""
+                      exclude_id: str, keyed: bool = True) -> dict[str, Any] | None:
+    """The most recent earlier run of the same step in the same experiment that has a fingerprint
+    (``keyed``), or that has fingerprint parts but no fingerprint (not ``keyed``)."""
+    fingerprinted = t.runs.c.fingerprint.is_not(None) if keyed else and_(
+        t.runs.c.fingerprint.is_(None), t.runs.c.fingerprint_parts.is_not(None))
     with store.read() as conn:
         row = conn.execute(select(t.runs).where(
             t.runs.c.kind == "step", t.runs.c.experiment == experiment, t.runs.c.name == step_name,
-            t.runs.c.id != exclude_id, t.runs.c.fingerprint.is_not(None),
-            t.runs.c.created_at <= before,
+            t.runs.c.id != exclude_id, fingerprinted, t.runs.c.created_at <= before,
         ).order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc()).limit(1)).first()
         return _d(row)
 
