@@ -425,3 +425,58 @@ def test_consumers_of_a_digest_a_dead_agent_left_wait_for_it_in_a_resumed_run(
     for name in ("reader", "reader2"):
         job = sched.prepare(sched.spec.step(name))
         assert job is not None and not job.pending_inputs and job.inputs[0].digest == made
+
+
+def test_no_thread_for_a_digest_while_a_consumer_waits_for_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from cairn.engine import late_digests
+
+    reads = {"n": 0}
+    row = {"name": "big", "digest": pending_digest("P"), "path": "x", "stat_signature": "s", "datastore": "d"}
+
+    def get_outputs(store: Any, step_run_id: str) -> dict[str, Any]:
+        reads["n"] += 1
+        assert reads["n"] < 1000, "spinning"
+        return {"big": dict(row)}
+
+    monkeypatch.setattr(q, "get_outputs", get_outputs)
+    monkeypatch.setattr(q, "record_late_digests", lambda *args, **kwargs: None)
+    monkeypatch.setattr(late_digests, "digest_in_place", lambda r, root: "blake2b:made")
+    late = LateDigests(store=None)
+    consumer = SimpleNamespace(pending_inputs=(("big", "P", "big", 1),), step_run_id="C")
+    start = threading.Thread.start
+
+    def no_thread(thread: threading.Thread) -> None:
+        if thread.name.startswith("digest-"):
+            late.fingerprint_later(consumer)  # type: ignore[arg-type]  # (a consumer commits at this moment)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    assert late.request(row, "/root").startswith(("blake2b:", CHANGED))  # made at once, no thread to be had
+    assert late.join(timeout=5)
+
+
+def test_a_consumer_on_a_target_made_after_its_producer_was_prepared_completes(
+        tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cairn import ComputeTarget, LocalCompute, Pipeline, PipelineData, PythonScriptStep
+
+    ws = Workspace.create(tmp_path / "ws")
+    # no spare interpreters: the target is made only when its first step is dispatched, after the writer's
+    ComputeTarget.create(ws, "b", LocalCompute.provisioning_configuration(spare_interpreters=False))
+    (sources["reader"] / "other.py").write_text("import time; time.sleep(0.5)\n")
+    big, size = PipelineData("big"), PipelineData("reader_size")
+    steps = [PythonScriptStep("writer.py", name="writer", source_directory=str(sources["writer"]), arguments=[big],
+                              outputs=[big]),
+             PythonScriptStep("other.py", name="other", source_directory=str(sources["reader"]), compute_target="b"),
+             PythonScriptStep("reader.py", name="reader", source_directory=str(sources["reader"]),
+                              arguments=[big.as_input(), size], outputs=[size], compute_target="b")]
+    run = _submit_for_this_process(ws, Pipeline(ws, steps), monkeypatch)
+    release = _held_digest(monkeypatch)
+    with _AgentHere(ws, late=True) as here:
+        ended = here.run_ended()
+        release.set()
+        assert here.agent.late.join(timeout=60)
+    assert ended and run.get_status() == "Completed"
+    assert run.find_step_run("reader")[0].get_status() == "Completed"

@@ -436,7 +436,7 @@ class Agent:
     def _may_digest_late(self, job: StepJob) -> bool:
         """Asked from a step's thread (``PipelineScheduler.digest_may_come_late``)."""
         sched = self.schedulers.get(job.pipeline_run_id)
-        return sched is not None and sched.digest_may_come_late(sched.name_of(job.step_run_id))
+        return sched is not None and sched.digest_may_come_late(sched.name_of(job.step_run_id), job.hand_over_early)
 
     def _hands_over_early(self, target: str) -> bool:
         """Whether steps of ``target`` may start with inputs not yet digested (a local target; one

@@ -155,7 +155,10 @@ class LateDigests:
 
     def _finish(self, step_run_id: str) -> None:
         """Its consumers are keyed before anyone waiting for the digest goes on (a rerun then finds
-        their cache entries)."""
+        their cache entries); none waits on it again (made or not: a digest never made here is lost
+        to them)."""
+        with self._changed:
+            self._recorded.add(step_run_id)
         while True:
             with self._changed:
                 waiting = self._waiting.pop(step_run_id, [])
@@ -224,14 +227,21 @@ class LateDigests:
         raise DigestPending(owner)
 
     def _adopt(self, owner: str, row: dict[str, Any], root: str) -> None:
-        """Make the pending digest of that output of ``owner`` where it is (one that cannot be read
-        is recorded changed: keyed by nothing)."""
+        """Make the pending digests of ``owner``'s outputs on that output's datastore, where they are
+        (one that cannot be read is recorded changed: keyed by nothing)."""
         try:
-            try:
-                made = digest_in_place(row, root)
-            except OSError:
-                made = CHANGED + owner
-            self._record(owner, {row["name"]: made})
+            rows = [own for own in q.get_outputs(self._store, owner).values()
+                    if own["datastore"] == row["datastore"] and pending_owner(own["digest"])]
+        except Exception:  # (the store failed) that one output, at least
+            rows = [row]
+        try:
+            made: dict[str, str] = {}
+            for own in rows or [row]:
+                try:
+                    made[own["name"]] = digest_in_place(own, root)
+                except Exception:
+                    made[own["name"]] = CHANGED + owner
+            self._record(owner, made)
         finally:
             self._finish(owner)
 

@@ -329,16 +329,21 @@ class PipelineScheduler:
         root = self._roots.get(row["datastore"])
         return self._late.request(row, root) if self._late is not None else resolved(self.ctx.store, row, root)
 
-    def digest_may_come_late(self, name: str) -> bool:
+    def digest_may_come_late(self, name: str, hands_over: bool = True) -> bool:
         """Whether step ``name``'s large outputs may be committed before they are digested: it runs
         on a target that hands outputs over early, registers none as a dataset, and each of its
         consumers in the run may start before the digest (``_may_start_before_digest``: none's
-        reuse can depend on it). Asked from the step's own thread once its outputs are known to be
-        large: it reads only the spec and the store."""
+        reuse can depend on it), its job handing them over (``hands_over``: its job's
+        ``hand_over_early``, decided when it was prepared, when a consumer's target may not have
+        been made yet) where it has any. Asked from the step's own thread once its outputs are
+        known to be large: it reads only the spec and the store."""
         step = self.spec.step(name)
         if self._late is None or not self.hands_over_early(step.compute_target) or any(o.register for o in step.outputs):
             return False
-        return all(self._may_start_before_digest(self.spec.step(c), name) for c in self._downstream[name])
+        consumers = self._downstream[name]
+        if consumers and not hands_over:
+            return False
+        return all(self._may_start_before_digest(self.spec.step(c), name) for c in consumers)
 
     def _locate_inputs(self, step: StepSpec, step_run_id: str, record_lineage: bool
                        ) -> tuple[list[InputLocation], dict[str, Any], dict[str, Any]]:

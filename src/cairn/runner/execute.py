@@ -886,7 +886,8 @@ def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_
     try:
         reporter.started(job.step_run_id, Status.RUNNING, pid=proc.pid,
                          pid_started=process_start_time(proc.pid), attempt=job.attempt,
-                         fingerprint=job.fingerprint,  # kept even if the step fails: explainable
+                         # kept even if the step fails: explainable (none while an input's digest is pending)
+                         fingerprint=job.fingerprint or None,
                          fingerprint_parts=json.dumps(job.fingerprint_parts), **recorded)
         if on_started:
             on_started(proc.pid)
