@@ -91,7 +91,8 @@ class LateDigests:
         self._changed = threading.Condition()
         # producer step run -> the thread making its digests (None: promised, its step commits first)
         self._running: dict[str, threading.Thread | None] = {}
-        self._recorded: set[str] = set()  # of those, the ones whose digests the store has now
+        # of those, the ones made (the store has them, or this agent does) or given up: none waits on them
+        self._recorded: set[str] = set()
         self._waiting: dict[str, list[StepJob]] = {}  # producer step run -> consumers whose fingerprint waits
         self._adopting: set[str] = set()  # of those, the ones whose step ran elsewhere (an agent that died)
         # (step run, output) -> a digest made here that the store refused: given from here meanwhile
