@@ -480,3 +480,19 @@ def test_a_consumer_on_a_target_made_after_its_producer_was_prepared_completes(
         assert here.agent.late.join(timeout=60)
     assert ended and run.get_status() == "Completed"
     assert run.find_step_run("reader")[0].get_status() == "Completed"
+
+
+def test_a_served_agent_commits_first_and_has_made_the_digests_once_it_stopped(
+        workspace: Workspace, sources: dict[str, Path]) -> None:
+    from cairn.engine.client import stop_agent
+
+    run = Experiment(workspace, "late").submit(_pipeline(workspace, sources))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    assert stop_agent(WorkspaceLayout(workspace.location))  # (an agent that stops makes its digests first)
+    store = _store(workspace)
+    writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
+    assert "digested after the step was committed" in _system_log(workspace, run, writer)
+    made = q.get_outputs(store, writer.id)["big"]["digest"]
+    assert made == _made(workspace, store, writer)
+    keyed = reader.get_fingerprint()
+    assert keyed["parts"]["input:big"] == made and q.lookup_cache(store, keyed["fingerprint"]) == reader.id

@@ -171,8 +171,8 @@ class StoreReporter:
     def _digested(self, job: StepJob, digests: dict[str, str] | None, failure: str | None) -> None:
         with self._handoffs_changed:
             handoff = self._handoffs.get(job.step_run_id, {}).get(job.attempt)
-            if handoff is not None and not handoff.ended:
-                handoff.digests, handoff.failure, handoff.ended = digests, failure, True
+            if handoff is not None and not handoff.ended:  # (committed: settle may not have said so yet)
+                handoff.digests, handoff.failure, handoff.ended, handoff.committed = digests, failure, True, True
                 self._handoffs_changed.notify_all()
 
     def wake(self) -> None:
