@@ -144,6 +144,13 @@ def _before_digesting_placed(monkeypatch: pytest.MonkeyPatch, first: Any) -> Non
     monkeypatch.setattr(execute, "digest_tree", hooked)
 
 
+def _change_as_left_behind(big: Path) -> None:
+    """Rewrite a committed (read-only) output file, as a process its step left running would."""
+    os.chmod(big, 0o644)
+    with open(big, "ab") as f:
+        f.write(b"late")
+
+
 def _no_agent_but_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before any Pipeline is built (it starts an agent in the background): an agent started by
     the client would take the run from the one in this process."""
@@ -209,13 +216,7 @@ def test_a_producer_whose_placed_output_changes_fails_and_so_does_its_early_cons
         tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.create(tmp_path / "ws")
     run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
-
-    def change(big: Path) -> None:  # as a process the writer left behind would
-        os.chmod(big, 0o644)
-        with open(big, "ab") as f:
-            f.write(b"late")
-
-    _reporter, waited = _serve_holding(ws, monkeypatch, then=change)
+    _reporter, waited = _serve_holding(ws, monkeypatch, then=_change_as_left_behind)
     assert waited == [True]
     assert run.get_status() == "Failed"
     writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
@@ -504,9 +505,7 @@ def test_early_consumers_not_started_when_their_producer_fails_are_withdrawn(
 
     def fail_the_writer(big: Path) -> None:
         assert three_running.wait(timeout=30)
-        os.chmod(big, 0o644)
-        with open(big, "ab") as f:
-            f.write(b"late")
+        _change_as_left_behind(big)
 
     _before_digesting_placed(monkeypatch, fail_the_writer)
     with _AgentHere(ws, Reporter) as here:

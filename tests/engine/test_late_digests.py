@@ -5,7 +5,6 @@ digest left pending by an agent that died is made by whoever needs it."""
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,11 @@ import pytest
 from cairn import Experiment, OutputFileDatasetConfig, Workspace
 from cairn.engine.context import EngineContext
 from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts
-from cairn.engine.late_digests import CHANGED, DigestPending, LateDigests, OutputChanged, resolved
+from cairn.engine.late_digests import DigestPending, LateDigests, OutputChanged, resolved
 from cairn.engine.reporter import StoreReporter
 from cairn.engine.scheduler import PipelineScheduler
 from cairn.runner import execute
-from cairn.runner.job import pending_digest
+from cairn.runner.job import CHANGED, pending_digest
 from cairn.storage.layout import WorkspaceLayout
 from cairn.storage.tree import digest_tree
 from cairn.store import queries as q
@@ -29,9 +28,9 @@ from tests.engine.test_early_handoff import (
     BIG,
     _AgentHere,
     _before_digesting_placed,
+    _change_as_left_behind,
     _no_agent_but_this_process,
     _pipeline,
-    _serve_in_process,
     _submit_for_this_process,
 )
 
@@ -53,6 +52,29 @@ def _held_digest(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     return release
 
 
+def _again(ws: Workspace, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch, late: bool = False) -> Any:
+    """The same pipeline submitted again and run by an agent in this process (with late digests)."""
+    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
+    with _AgentHere(ws, late=late) as here:
+        assert here.run_ended(), "the run did not end"
+    return run
+
+
+def _statuses(run: Any) -> dict[str, str]:
+    return {s.name: s.get_status() for s in run.get_steps()}
+
+
+def _root(ws: Workspace, row: dict[str, Any]) -> Path:
+    """The local datastore folder of an output's record."""
+    return Path(ws.location) / ".cairn" / "datastores" / row["datastore"]
+
+
+def _made(ws: Workspace, store: Any, step: Any) -> str:
+    """The digest of ``step``'s output ``big``, made now."""
+    row = q.get_outputs(store, step.id)["big"]
+    return digest_tree(_root(ws, row) / row["path"]).digest
+
+
 def test_the_run_ends_before_the_digest_and_its_consumer_is_keyed_once_it_comes(
         tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.create(tmp_path / "ws")
@@ -69,8 +91,7 @@ def test_the_run_ends_before_the_digest_and_its_consumer_is_keyed_once_it_comes(
         release.set()
         assert here.agent.late.join(timeout=60)
     produced = q.get_outputs(store, writer.id)["big"]
-    assert produced["digest"] == digest_tree(Path(ws.location) / ".cairn" / "datastores" / produced["datastore"]
-                                             / produced["path"]).digest
+    assert produced["digest"] == _made(ws, store, writer)
     keyed = reader.get_fingerprint()
     assert keyed["parts"]["input:big"] == produced["digest"]
     assert keyed["fingerprint"] == fingerprint(keyed["parts"])
@@ -78,9 +99,7 @@ def test_the_run_ends_before_the_digest_and_its_consumer_is_keyed_once_it_comes(
     assert "digested after the step was committed" in _system_log(ws, run, writer)
     assert "committed by its producer before being digested" in _system_log(ws, run, reader)
 
-    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
-    _serve_in_process(ws)
-    assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Reused", "reader": "Reused"}
+    assert _statuses(_again(ws, sources, monkeypatch)) == {"writer": "Reused", "reader": "Reused"}
 
 
 def test_a_rerun_while_the_digest_is_made_reuses_every_step_and_the_agent_serves_meanwhile(
@@ -129,10 +148,7 @@ def test_an_output_changed_before_it_was_digested_keys_nothing_and_its_step_runs
         assert here.run_ended()
         writer, reader = run.find_step_run("writer")[0], run.find_step_run("reader")[0]
         row = q.get_outputs(store, writer.id)["big"]
-        big = Path(ws.location) / ".cairn" / "datastores" / row["datastore"] / row["path"] / "big.bin"
-        os.chmod(big, 0o644)  # as a process the writer left behind would
-        with open(big, "ab") as f:
-            f.write(b"late")
+        _change_as_left_behind(_root(ws, row) / row["path"] / "big.bin")
         release.set()
         assert here.agent.late.join(timeout=60)
     assert run.get_status() == "Completed"  # what ran stands
@@ -142,9 +158,7 @@ def test_an_output_changed_before_it_was_digested_keys_nothing_and_its_step_runs
         assert conn.execute(t.cache_entries.select().where(t.cache_entries.c.step_run_id == writer.id)).first() is None
     assert "changed while it was being digested" in _system_log(ws, run, writer)
 
-    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
-    _serve_in_process(ws)
-    assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Completed", "reader": "Completed"}
+    assert _statuses(_again(ws, sources, monkeypatch)) == {"writer": "Completed", "reader": "Completed"}
 
 
 def test_a_digest_left_pending_by_an_agent_that_died_is_made_by_whoever_needs_it(
@@ -159,16 +173,14 @@ def test_a_digest_left_pending_by_an_agent_that_died_is_made_by_whoever_needs_it
     made = q.get_outputs(store, writer.id)["big"]["digest"]
     # as an agent that died between the commit and the digest leaves it
     q.record_late_digests(store, writer.id, made, {"big": pending_digest(writer.id)})
-    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
-    with _AgentHere(ws, late=True) as here:  # an agent without digests in flight: it makes the writer's
-        assert here.run_ended()
-    assert {s.name: s.get_status() for s in again.get_steps()} == {"writer": "Reused", "reader": "Reused"}
+    again = _again(ws, sources, monkeypatch, late=True)  # an agent without digests in flight: it makes the writer's
+    assert _statuses(again) == {"writer": "Reused", "reader": "Reused"}
     assert q.get_outputs(store, writer.id)["big"]["digest"] == made
     assert q.get_outputs(store, again.find_step_run("writer")[0].id)["big"]["digest"] == made
 
     q.record_late_digests(store, writer.id, made, {"big": pending_digest(writer.id)})
     row = q.get_outputs(store, writer.id)["big"]
-    root = str(Path(ws.location) / ".cairn" / "datastores" / row["datastore"])
+    root = str(_root(ws, row))
     assert resolved(store, row, root) == made  # read where it is (as `cairn debug` does)
     assert q.get_outputs(store, writer.id)["big"]["digest"] == made  # and recorded
     assert resolved(store, row, None) == made  # made meanwhile: read from the store
@@ -231,9 +243,7 @@ def test_a_store_that_fails_keying_a_consumer_later_leaves_it_completed_and_unke
     assert "it completed before its fingerprint" in reader.explain()["summary"]
     monkeypatch.undo()
     _no_agent_but_this_process(monkeypatch)
-    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
-    _serve_in_process(ws)
-    rerun = again.find_step_run("reader")[0]
+    rerun = _again(ws, sources, monkeypatch).find_step_run("reader")[0]
     assert rerun.get_status() == "Completed"  # nothing to reuse: it ran again, and says why
     explained = rerun.explain()
     assert explained["compared_with"] == reader.id and "has no fingerprint to be reused by" in explained["summary"]
@@ -260,17 +270,9 @@ def test_a_digest_that_cannot_get_a_thread_is_left_pending_and_made_when_needed(
     # pending, or made at once for the reader if it was prepared after the writer's end (no thread either)
     assert q.get_outputs(store, writer.id)["big"]["digest"] in (pending_digest(writer.id), _made(ws, store, writer))
     monkeypatch.setattr(threading.Thread, "start", start)
-    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
-    with _AgentHere(ws, late=True) as here:
-        assert here.run_ended()
-    assert again.find_step_run("writer")[0].get_status() == "Reused"
+    assert _again(ws, sources, monkeypatch, late=True).find_step_run("writer")[0].get_status() == "Reused"
     assert q.get_outputs(store, writer.id)["big"]["digest"] == _made(ws, store, writer)
 
-
-def _made(ws: Workspace, store: Any, step: Any) -> str:
-    """The digest of ``step``'s output ``big``, made now."""
-    row = q.get_outputs(store, step.id)["big"]
-    return digest_tree(Path(ws.location) / ".cairn" / "datastores" / row["datastore"] / row["path"]).digest
 
 
 def test_a_step_whose_input_changed_before_it_was_digested_fails_saying_so(
@@ -336,10 +338,7 @@ def test_a_consumer_whose_own_output_changed_before_its_digest_is_never_keyed(
     reader = run.find_step_run("reader")[0]
     assert q.get_outputs(store, reader.id)["reader_size"]["digest"] == CHANGED + reader.id
     assert reader.get_fingerprint()["fingerprint"] is None
-    again = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
-    with _AgentHere(ws, late=True) as here:
-        assert here.run_ended()
-    assert again.find_step_run("reader")[0].get_status() == "Completed"  # ran again, not reused
+    assert _again(ws, sources, monkeypatch, late=True).find_step_run("reader")[0].get_status() == "Completed"
 
 
 def test_a_store_that_refuses_a_late_digest_fails_no_consumer(

@@ -64,7 +64,7 @@ def _status(s: str) -> str:
 
 def _digest_shown(digest: str) -> str:
     """An output's digest, or what it is while there is none (engine/late_digests.py)."""
-    from cairn.engine.late_digests import CHANGED, pending_owner
+    from cairn.runner.job import CHANGED, pending_owner
 
     if pending_owner(digest):
         return "digest pending: made after the step's commit, by its agent (or when a run needs it)"

@@ -22,18 +22,9 @@ from dataclasses import replace
 from typing import Any
 
 from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts, input_digests
-from cairn.runner.job import PENDING_DIGEST, StepJob, pending_digest
+from cairn.runner.job import CHANGED, StepJob, pending_digest, pending_owner
 from cairn.store import queries as q
 from cairn.store.db import Store
-
-CHANGED = "changed:"  # an output that changed after its commit, before it was digested
-
-
-def pending_owner(digest: str) -> str | None:
-    """The step run that committed an output of this pending digest; None for a digest."""
-    if not digest.startswith(PENDING_DIGEST):
-        return None
-    return digest[len(PENDING_DIGEST):].partition("/")[0]  # (a running step's placed form adds "/output")
 
 
 def digest_in_place(row: dict[str, Any], root: str) -> str:
@@ -89,8 +80,7 @@ class LateDigests:
         self._on_change = on_change
         self._on_made = on_made
         self._changed = threading.Condition()
-        # producer step run -> the thread making its digests (None: promised, its step commits first)
-        self._running: dict[str, threading.Thread | None] = {}
+        self._running: set[str] = set()  # step runs whose digests are being made (or promised: see promise)
         # of those, the ones made (the store has them, or this agent does) or given up: none waits on them
         self._recorded: set[str] = set()
         self._waiting: dict[str, list[StepJob]] = {}  # producer step run -> consumers whose fingerprint waits
@@ -99,10 +89,10 @@ class LateDigests:
         self._unrecorded: dict[tuple[str, str], str] = {}
 
     def promise(self, step_run_id: str) -> None:
-        """That step's outputs will be committed before they are digested (``start``, or ``drop``
-        if it is not committed after all): nobody makes those digests meanwhile."""
+        """That step is about to commit outputs before their digests (``start`` follows, or ``drop``
+        if it is not committed after all): nobody else makes those digests meanwhile."""
         with self._changed:
-            self._running[step_run_id] = None
+            self._running.add(step_run_id)
 
     def drop(self, step_run_id: str) -> None:
         """A promise not kept: the step was not committed."""
@@ -119,7 +109,7 @@ class LateDigests:
     def _run(self, step_run_id: str, work: Callable[[], None]) -> None:
         thread = threading.Thread(target=work, name=f"digest-{step_run_id}", daemon=True)
         with self._changed:
-            self._running[step_run_id] = thread
+            self._running.add(step_run_id)
         try:
             thread.start()
         except BaseException:  # (no thread to be had) left pending, for whoever needs it next
@@ -164,13 +154,13 @@ class LateDigests:
             with self._changed:
                 waiting = self._waiting.pop(step_run_id, [])
                 if not waiting:
-                    self._running.pop(step_run_id, None)
+                    self._running.discard(step_run_id)
                     self._recorded.discard(step_run_id)
                     self._adopting.discard(step_run_id)
                     self._changed.notify_all()
                     break
             for consumer in waiting:
-                self._keyed(consumer)
+                self.fingerprint_later(consumer)
         self._on_made(step_run_id)
         self._on_change(step_run_id)
 
@@ -219,7 +209,7 @@ class LateDigests:
         with self._changed:
             if owner in self._running:  # (started meanwhile)
                 raise DigestPending(owner)
-            self._running[owner] = None
+            self._running.add(owner)
             self._adopting.add(owner)
         try:
             self._run(owner, lambda: self._adopt(owner, row, root))
@@ -248,17 +238,8 @@ class LateDigests:
 
     def fingerprint_later(self, job: StepJob) -> None:
         """``job`` committed with inputs whose digests were pending: its fingerprint and cache entry
-        are recorded once they are all made (now, if they are), never when one changed."""
-        with self._changed:
-            for _name, producer, _output, _attempt in job.pending_inputs:
-                if producer in self._running and producer not in self._recorded:
-                    self._waiting.setdefault(producer, []).append(job)
-                    return
-        self._keyed(job)
-
-    def _keyed(self, job: StepJob) -> None:
-        """Record ``job``'s fingerprint from its inputs' digests (never when one changed, nor when
-        one of its own outputs did; a store that fails leaves the step without one: never reused)."""
+        are recorded once they are all made (now, if they are), never when one changed, nor when
+        one of its own outputs did (a store that fails leaves the step without one: never reused)."""
         try:
             digests: dict[str, str] = {}
             for name, producer, output, _attempt in job.pending_inputs:

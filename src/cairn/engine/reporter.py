@@ -11,7 +11,7 @@ from typing import Any
 from cairn.core.status import Status
 from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts, input_digests
 from cairn.engine.late_digests import LateDigests
-from cairn.runner.job import PENDING_DIGEST, InputHandoffError, StepJob, StepResult
+from cairn.runner.job import InputHandoffError, StepJob, StepResult, pending_owner
 from cairn.store import queries as q
 from cairn.store.db import Store
 
@@ -48,18 +48,25 @@ class StoreReporter:
         return ok
 
     def succeeded(self, job: StepJob, outputs: list[dict[str, Any]], exit_code: int) -> bool:
-        if job.pending_inputs:  # inputs committed before they were digested: keyed once they are
-            ok = q.commit_step(self._store, job.step_run_id, outputs, None, job.fingerprint_parts, exit_code, False)
-        else:
-            ok = q.commit_step(self._store, job.step_run_id, outputs, job.fingerprint, job.fingerprint_parts,
-                               exit_code, job.cacheable,
-                               definition_of(job.fingerprint_parts) if job.cacheable else None)
+        # outputs committed before their digests (``digest_later`` follows): nobody else makes them
+        late = self._late if any(pending_owner(o["digest"]) for o in outputs) else None
+        if late is not None:
+            late.promise(job.step_run_id)
+        keyed = not job.pending_inputs  # (else inputs committed before their digests: keyed once they are)
+        cached = keyed and job.cacheable
+        try:
+            ok = q.commit_step(self._store, job.step_run_id, outputs, job.fingerprint if keyed else None,
+                               job.fingerprint_parts, exit_code, cached,
+                               definition_of(job.fingerprint_parts) if cached else None)
+        except BaseException:
+            if late is not None:
+                late.drop(job.step_run_id)
+            raise
+        if late is not None and not ok:
+            late.drop(job.step_run_id)
         self._on_change(job.step_run_id)
         if ok and job.pending_inputs and self._late is not None:
-            try:
-                self._late.fingerprint_later(job)
-            except Exception:  # the step is committed: it stands, and is never reused
-                pass
+            self._late.fingerprint_later(job)  # (never raises: a store that fails leaves it unkeyed)
         return ok
 
     def ended(self, step_run_id: str, status: Status, reason: str, exit_code: int | None) -> None:
@@ -98,7 +105,7 @@ class StoreReporter:
             if handoff is None or handoff.ended:
                 return
             if result.status == Status.COMPLETED.value and result.outputs is not None:
-                if any(o["digest"].startswith(PENDING_DIGEST) for o in result.outputs):
+                if any(pending_owner(o["digest"]) for o in result.outputs):
                     handoff.committed = True  # their digests come later: nobody waits for them
                     self._handoffs_changed.notify_all()
                     return
@@ -150,19 +157,12 @@ class StoreReporter:
         if self._late is None or self._may_digest_late is None:
             return False
         try:
-            late = self._may_digest_late(job)
+            return self._may_digest_late(job)
         except Exception:  # (the store failed) digested before the commit, as always
             return False
-        if late:
-            self._late.promise(job.step_run_id)
-        return late
 
-    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]],
-                     digest: Callable[[], dict[str, str]] | None) -> None:
+    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]], digest: Callable[[], dict[str, str]]) -> None:
         assert self._late is not None, "digest_late said no"
-        if digest is None:
-            self._late.drop(job.step_run_id)
-            return
         try:
             self._late.start(job, outputs, digest, lambda digests, failure: self._digested(job, digests, failure))
         except Exception:  # (no thread to be had) the step is committed: its digests stay pending, made

@@ -19,8 +19,8 @@ from cairn.core.status import ACTIVE, Status
 from cairn.data.datasets import local_folder
 from cairn.engine.context import EngineContext
 from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts, input_digests
-from cairn.engine.late_digests import CHANGED, LateDigests, OutputChanged, pending_owner, resolved
-from cairn.runner.job import PENDING_DIGEST, InputLocation, StepJob
+from cairn.engine.late_digests import LateDigests, OutputChanged, resolved
+from cairn.runner.job import CHANGED, PENDING_DIGEST, InputLocation, StepJob, pending_owner
 from cairn.runner.processes import kill_step_processes
 from cairn.storage.layout import run_dir, staging_dir
 from cairn.storage.snapshot import load_manifest

@@ -67,11 +67,9 @@ class StepReporter(Protocol):
         """Whether the step's large outputs may be committed before they are digested (nothing of
         its run would wait for the digest): then ``digest_later`` is told of them."""
 
-    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]],
-                     digest: Callable[[], dict[str, str]] | None) -> None:
+    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]], digest: Callable[[], dict[str, str]]) -> None:
         """The step was committed with ``outputs`` whose digests are pending: ``digest()`` makes
-        them (each output's digest by name; it raises when one changed since the commit). None:
-        ``digest_late`` said yes, but the step was not committed after all."""
+        them (each output's digest by name; it raises when one changed since the commit)."""
 
 
 class StepControl:
@@ -706,34 +704,21 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             failed_by_script.unlink()
             return _end(job, reporter, syslog, Status.FAILED, f"the script called run.fail(): {details}", code)
         finalizing = _DeferredStatus(reporter, job.step_run_id, Status.FINALIZING)
-        later: list[Callable[[], dict[str, str]]] = []  # the digests of outputs committed before them
-        promised: list[bool] = []  # the reporter was told they would be (``digest_late``)
-
-        def late() -> bool:
-            promised.append(reporter.digest_late(job))
-            return promised[-1]
-
-        handed_over = False
         try:
-            try:
-                placed = (lambda records: reporter.outputs_placed(job, records)) \
-                    if early_handoff and job.hand_over_early else None
-                outputs = _commit_outputs(job, spec, syslog, commit_local, placed, late if early_handoff else None,
-                                          later)
-            except OutputCommitError as exc:
-                return _end(job, reporter, syslog, Status.FAILED, str(exc), code)
-            finally:
-                finalizing.cancel()
-            syslog.flush()  # the log is whole before the run says it ended
-            if not reporter.succeeded(job, outputs, code):
-                syslog("the step run had already ended (canceled?): outputs not recorded")
-                return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
-            if later:
-                handed_over = True
-                reporter.digest_later(job, outputs, later[0])
+            placed = (lambda records: reporter.outputs_placed(job, records)) if early_handoff and job.hand_over_early \
+                else None
+            late = (lambda: reporter.digest_late(job)) if early_handoff else None
+            outputs, digest_later = _commit_outputs(job, spec, syslog, commit_local, placed, late)
+        except OutputCommitError as exc:
+            return _end(job, reporter, syslog, Status.FAILED, str(exc), code)
         finally:
-            if any(promised) and not handed_over:  # not committed after all: nothing follows
-                reporter.digest_later(job, [], None)
+            finalizing.cancel()
+        syslog.flush()  # the log is whole before the run says it ended
+        if not reporter.succeeded(job, outputs, code):
+            syslog("the step run had already ended (canceled?): outputs not recorded")
+            return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
+        if digest_later is not None:  # committed before their digests: made now, the step's end told meanwhile
+            reporter.digest_later(job, outputs, digest_later)
         for o in spec.outputs:
             if o.register:
                 record = next(x for x in outputs if x["name"] == o.name)
@@ -1035,14 +1020,15 @@ class OutputCommitError(Exception):
 
 def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog, commit_local: LocalCommit | None = None,
                     placed: Callable[[list[dict[str, Any]]], None] | None = None,
-                    late: Callable[[], bool] | None = None,
-                    later: list[Callable[[], dict[str, str]]] | None = None) -> list[dict[str, Any]]:
+                    late: Callable[[], bool] | None = None
+                    ) -> tuple[list[dict[str, Any]], Callable[[], dict[str, str]] | None]:
     """Digest each staged output, then move it into place with one rename (no copy) on a local
     datastore, or upload it to an object store. ``commit_local`` commits outputs of local
     datastores elsewhere (a step on a Ray node of another machine hands them to the workspace).
     ``placed``: told of large outputs of local datastores once they are in place, before they
     are digested (``_place_then_digest``). ``late()``: whether those may be committed before
-    they are digested: then their records say pending, and ``later`` gets what digests them."""
+    they are digested: then their records say pending, and what digests them comes back with
+    the records (else None)."""
     committed = []
     for o in spec.outputs:
         staging = Path(job.staging_dirs[o.name])
@@ -1052,10 +1038,7 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog, commit_local: L
     if (placed is not None or late is not None) and commit_local is None and spec.outputs:
         early = _place_then_digest(job, spec, syslog, placed, walked, late or (lambda: False))
         if early is not None:
-            records, digest_later = early
-            if digest_later is not None and later is not None:
-                later.append(digest_later)
-            return records
+            return early
     whole = _whole_folder_commits(job, spec) if commit_local is None else {}
     moved = {name for names in whole.values() for name in names}
     for o in spec.outputs:
@@ -1071,7 +1054,7 @@ def _commit_outputs(job: StepJob, spec: Any, syslog: _SystemLog, commit_local: L
         committed.append(record)
     _rename_attempt_folders(whole)
     remove_staging(job, spec)  # what an upload staged, what the step wrote beside its outputs, older attempts'
-    return committed
+    return committed, None
 
 
 def _log_output(syslog: _SystemLog, record: dict[str, Any], how: str = "") -> None:

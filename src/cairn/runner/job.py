@@ -12,11 +12,22 @@ from cairn.core.spec import StepSpec, step_from_dict
 PENDING_DIGEST = "pending:"
 
 
+# An output that changed after its commit, before it was digested (``engine/late_digests.py``)
+CHANGED = "changed:"
+
+
 def pending_digest(step_run_id: str) -> str:
     """What the record of an output committed before it was digested says until it is
     (``engine/late_digests.py``; the output's name tells one step's outputs apart: a digest
     column holds no more than a step run's id)."""
     return f"{PENDING_DIGEST}{step_run_id}"
+
+
+def pending_owner(digest: str) -> str | None:
+    """The step run that committed an output of this pending digest; None for a digest."""
+    if not digest.startswith(PENDING_DIGEST):
+        return None
+    return digest[len(PENDING_DIGEST):].partition("/")[0]  # (a running step's placed form adds "/output")
 
 
 class InputHandoffError(Exception):
