@@ -351,10 +351,14 @@ def test_runs_show_lists_each_steps_outputs(workspace: Workspace, tmp_path: Path
 
 def test_an_output_without_its_digest_yet_says_why() -> None:
     from cairn.cli.main import _digest_shown
+    from cairn.client.run import OutputData
 
-    assert _digest_shown("pending:run_x").startswith("digest pending: made after the step's commit")
-    assert "changed after the step's commit" in _digest_shown("changed:run_x")
-    assert _digest_shown("xxh3-128:ab") == "xxh3-128:ab"
+    def shown(digest: str) -> str:
+        return _digest_shown(OutputData({"name": "o", "datastore": "d", "path": "p", "digest": digest, "size": 1}))
+
+    assert shown("pending:run_x").startswith("digest pending: made after the step's commit")
+    assert "changed after the step's commit" in shown("changed:run_x")
+    assert shown("xxh3-128:ab") == "xxh3-128:ab"
 
 
 def test_runs_show_json(completed: Done) -> None:

@@ -62,15 +62,13 @@ def _status(s: str) -> str:
     return f"[{_STYLE.get(s, 'white')}]{s}[/]"
 
 
-def _digest_shown(digest: str) -> str:
-    """An output's digest, or what it is while there is none (engine/late_digests.py)."""
-    from cairn.runner.job import CHANGED, pending_owner
-
-    if pending_owner(digest):
+def _digest_shown(output: Any) -> str:
+    """An output's digest, or why there is none (yet) (engine/late_digests.py)."""
+    if output.digest_status == "pending":
         return "digest pending: made after the step's commit, by its agent (or when a run needs it)"
-    if digest.startswith(CHANGED):
+    if output.digest_status == "changed":
         return "no digest: it changed after the step's commit, before it was digested"
-    return digest
+    return output.digest
 
 
 def _where(output: Any) -> str:
@@ -222,7 +220,7 @@ def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = ty
     for s in (steps or [run]):  # a pipeline's: each step's, named by step
         who = f"{s._row()['name']}." if steps else ""
         for name, o in s.get_outputs().items():
-            digest = _digest_shown(o.digest)
+            digest = _digest_shown(o)
             console.print(f"output {who}{name}: {_where(o)} ({o.size} bytes, {digest})", highlight=False,
                           soft_wrap=True)  # a path stays whole, to copy
     for title, values in (("tags", details["tags"]), ("properties", details["properties"])):

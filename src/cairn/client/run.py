@@ -17,6 +17,7 @@ from cairn.client.follow import follow
 from cairn.core.errors import NotFoundError, PathNotFoundError, UserInputError
 from cairn.core.names import check_type
 from cairn.core.status import Status
+from cairn.runner.job import digest_status
 from cairn.runner.markers import FAIL_MARKER
 
 if TYPE_CHECKING:
@@ -366,7 +367,11 @@ class OutputData:
         self.name: str = record["name"]
         self.datastore_name: str = record["datastore"]
         self.path_on_datastore: str = record["path"]
-        self.digest: str = record["digest"]
+        # "made", or why there is no digest (yet): "pending" (committed before it was digested; its
+        # agent makes it after the step's end) or "changed" (changed after its commit, before then)
+        self.digest_status: str = digest_status(record["digest"])
+        # the content digest (``<algorithm>:<hex>``); None while pending, or when it changed
+        self.digest: str | None = record["digest"] if self.digest_status == "made" else None
         self.size: int = record["size"]
         # None when the output lives in an object store (download() fetches it)
         self.local_path: Path | None = Path(record["local_path"]) if record.get("local_path") else None

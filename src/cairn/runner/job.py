@@ -30,6 +30,15 @@ def pending_owner(digest: str) -> str | None:
     return digest[len(PENDING_DIGEST):].partition("/")[0]  # (a running step's placed form adds "/output")
 
 
+def digest_status(digest: str) -> str:
+    """What an output's recorded digest is: ``"made"`` (a content digest), ``"pending"`` (committed
+    before it was digested; its agent, or the next run that needs it, makes it) or ``"changed"``
+    (it changed after its commit, before it was digested: it keys nothing)."""
+    if digest.startswith(PENDING_DIGEST):
+        return "pending"
+    return "changed" if digest.startswith(CHANGED) else "made"
+
+
 class InputHandoffError(Exception):
     """An input handed over before it was digested never got its digest (its producer failed)."""
 
