@@ -719,3 +719,21 @@ def test_the_agent_is_stopped_from_the_command_line(completed: Done) -> None:
     again = completed.project.cairn("agent", "--stop")
     assert again.returncode == 0 and "no agent serves" in flat(again.stdout)
     no_traceback(again)
+
+
+def test_the_agent_status_says_who_serves_the_workspace(completed: Done) -> None:
+    from cairn.engine.client import _request, ensure_agent, stop_agent
+
+    layout = WorkspaceLayout(completed.project.root)
+    ensure_agent(layout)
+    pid = _request(layout, {"op": "ping"})["pid"]
+    serving = completed.project.cairn("agent", "--status")
+    assert serving.returncode == 0, serving.stderr
+    said = flat(serving.stdout)
+    assert f"agent pid {pid} " in said and "runs nothing now" in said and str(layout.agent_log) in said
+    assert stop_agent(layout)
+    none = completed.project.cairn("agent", "--status")
+    assert none.returncode == 1 and "no agent serves" in flat(none.stdout)
+    both = completed.project.cairn("agent", "--status", "--stop")
+    assert both.returncode == 2 and "give one" in flat(both.stderr)
+    no_traceback(both)

@@ -490,15 +490,25 @@ def agent(workspace: Path = WorkspaceOption,
           idle_timeout: float = typer.Option(0, help="seconds without work before exiting (0: never)"),
           max_concurrency: int = typer.Option(None, help="override the local target's concurrency"),
           stop: bool = typer.Option(False, "--stop", help="stop the agent that serves the workspace instead "
-                                                          "(its running steps go back to the queue)")) -> None:
-    """Run the workspace's agent in the foreground (normally started on demand), or stop it."""
+                                                          "(its running steps go back to the queue)"),
+          status: bool = typer.Option(False, "--status", help="say whether an agent serves the workspace: its "
+                                                              "pid, since when, the runs it runs, its log (exit "
+                                                              "1 if none does)")) -> None:
+    """Run the workspace's agent in the foreground (normally started on demand), stop it, or say
+    whether one serves the workspace."""
     from cairn.engine.agent import Agent
     from cairn.engine.client import _request, stop_agent
     from cairn.storage.layout import WorkspaceLayout
 
+    if stop and status:
+        err.print("[red]error:[/] --stop and --status ask for two things: give one", highlight=False)
+        raise typer.Exit(EXIT_USER_ERROR)
     ws = _workspace(workspace)
     layout = WorkspaceLayout(ws.location)
     other = _request(layout, {"op": "ping"})
+    if status:
+        _agent_status(ws.location, layout.agent_log, other)
+        return
     if stop:
         if not stop_agent(layout):
             console.print(f"no agent serves {ws.location}", highlight=False)
@@ -518,6 +528,22 @@ def agent(workspace: Path = WorkspaceOption,
 
     raise typer.Exit(Agent(layout, idle_timeout or None, max_concurrency, script_service=ScriptService,
                            serve_scripts=serve_scripts).serve())
+
+
+def _agent_status(location: str, log: Path, agent: dict[str, Any] | None) -> None:
+    if agent is None:
+        console.print(f"no agent serves {location}; one starts with the next submit, `cairn runs list` or "
+                      f"`cairn agent` (its log: {log})", highlight=False)
+        raise typer.Exit(EXIT_RUN_FAILED)
+    since = agent.get("since")
+    started = ""
+    if isinstance(since, (int, float)):
+        up = int(max(0.0, time.time() - since))
+        started = f" since {_fmt_time(since)} (up {up // 3600}h {up // 60 % 60:02d}m {up % 60:02d}s)"
+    runs = agent.get("runs") or []
+    running = f"runs {len(runs)} run(s): {', '.join(runs)}" if runs else "runs nothing now"
+    console.print(f"agent pid {agent.get('pid')} (cairn {agent.get('version')}) serves {location}{started}; "
+                  f"{running}; its log: {log}", highlight=False)
 
 
 @app.command()

@@ -31,6 +31,7 @@ class AgentSocket:
         self._watchers: dict[str, list[socket.socket]] = {}
         self._final_only: set[socket.socket] = set()  # watchers that only want the end
         self._running: set[str] = set()  # runs this agent runs: their end will be told
+        self.since = time.time()  # when it started serving (`cairn agent --status`)
         self._lock = threading.Lock()  # guards watchers, and one writer at a time per socket
         self._listener: socket.socket | None = None
         self._bound: tuple[int, int, int] | None = None
@@ -148,7 +149,10 @@ class AgentSocket:
                     self.events.put(("changed", str(msg.get("run", ""))))
                     self._reply(conn, {"ok": True})
                 elif op == "ping":
-                    self._reply(conn, {"ok": True, "pid": os.getpid(), "version": __version__})
+                    with self._lock:
+                        runs = sorted(self._running)
+                    self._reply(conn, {"ok": True, "pid": os.getpid(), "version": __version__,
+                                       "since": self.since, "runs": runs})
                 elif op == "watch":
                     # a stuck watcher must not stall the agent: bound sends only (reads wait forever)
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 10, 0))
