@@ -4,6 +4,7 @@ to know where the metadata lives."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -718,6 +719,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             syslog("the step run had already ended (canceled?): outputs not recorded")
             return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
         if digest_later is not None:  # committed before their digests: made now, the step's end told meanwhile
+            _late_log_lines.expect(job)
             reporter.digest_later(job, outputs, digest_later)
         for o in spec.outputs:
             if o.register:
@@ -907,17 +909,61 @@ def upload_logs(job: StepJob, result: StepResult) -> None:
     """When the default datastore is an object store, the step's logs go there once it ended
     (before the engine hears of the end, so a finished run has its logs in place)."""
     if job.log_upload and result.status != Status.QUEUED.value:
-        from cairn.storage.datastores import DatastoreLocation, upload
+        with _late_log_lines.uploading(job.step_run_id):
+            _upload_log_files(job, sorted(Path(job.log_dir).glob("*.txt")))
 
-        target = job.log_upload
-        loc_data = job.datastore_locations[target["datastore"]]
-        loc = DatastoreLocation(target["datastore"], loc_data["kind"], loc_data["config"], loc_data["secrets"])
-        files = [(str(p), f"{target['path']}/{p.name}") for p in sorted(Path(job.log_dir).glob("*.txt"))]
-        try:
-            upload(loc, files, overwrite=True, show_progress=False)
-        except Exception as exc:  # the logs stay in the local cache; say so where they are
-            with open(Path(job.log_dir) / "system.txt", "a", encoding="utf-8") as f:
-                f.write(f"could not upload the logs to {target['datastore']}: {exc}\n")
+
+def _upload_log_files(job: StepJob, paths: list[Path]) -> None:
+    from cairn.storage.datastores import DatastoreLocation, upload
+
+    target = job.log_upload
+    loc_data = job.datastore_locations[target["datastore"]]
+    loc = DatastoreLocation(target["datastore"], loc_data["kind"], loc_data["config"], loc_data["secrets"])
+    try:
+        upload(loc, [(str(p), f"{target['path']}/{p.name}") for p in paths], overwrite=True, show_progress=False)
+    except Exception as exc:  # the logs stay in the local cache; say so where they are
+        with open(Path(job.log_dir) / "system.txt", "a", encoding="utf-8") as f:
+            f.write(f"could not upload the logs to {target['datastore']}: {exc}\n")
+
+
+class _LateLogLines:
+    """Lines a late digest adds to a step's system log after the step's end, where its logs are
+    uploaded at that end (``upload_logs``): whichever of the two comes second has the whole log
+    uploaded (the system log again, if the step's upload came first)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held while the logs of such a step upload (few: large outputs)
+        self._state: dict[str, str] = {}  # step run -> "expected", "uploaded" (the step's) or "written" (the lines)
+
+    def expect(self, job: StepJob) -> None:
+        if job.log_upload:
+            with self._lock:
+                self._state[job.step_run_id] = "expected"
+
+    @contextlib.contextmanager
+    def uploading(self, step_run_id: str) -> Iterator[None]:
+        """Around the upload of a step's logs at its end."""
+        if step_run_id not in self._state:  # (added before the step's end: no race with this look)
+            yield
+            return
+        with self._lock:
+            yield
+            if self._state.pop(step_run_id, None) == "expected":  # the lines are still to come
+                self._state[step_run_id] = "uploaded"
+
+    def written(self, job: StepJob) -> None:
+        """The late digest's lines are in the local system log."""
+        if not job.log_upload:
+            return
+        with self._lock:
+            state = self._state.pop(job.step_run_id, None)
+            if state == "expected":  # the step's upload, still to come, reads them
+                self._state[job.step_run_id] = "written"
+            elif state == "uploaded":
+                _upload_log_files(job, [Path(job.log_dir) / "system.txt"])
+
+
+_late_log_lines = _LateLogLines()
 
 
 def cleanup_after(job: StepJob, result: StepResult) -> None:
@@ -1252,6 +1298,7 @@ def _digest_after_commit(job: StepJob, records: list[dict[str, Any]],
     finally:
         if syslog is not None:
             syslog.close()
+        _late_log_lines.written(job)
 
 
 def remove_staging(job: StepJob, spec: Any) -> None:
