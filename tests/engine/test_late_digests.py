@@ -501,3 +501,20 @@ def test_a_served_agent_commits_first_and_has_made_the_digests_once_it_stopped(
     assert made == _made(workspace, store, writer)
     keyed = reader.get_fingerprint()
     assert keyed["parts"]["input:big"] == made and q.lookup_cache(store, keyed["fingerprint"]) == reader.id
+
+
+def test_a_stopping_agent_waits_for_its_digests_only_so_long(
+        workspace: Workspace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from cairn.engine import agent as agent_module
+
+    monkeypatch.setattr(agent_module, "STOP_DIGEST_WAIT", 0.05)
+    agent = agent_module.Agent(WorkspaceLayout(workspace.location), idle_timeout=None)
+    agent.late = LateDigests(_store(workspace))
+    agent._let_digests_end()  # none in flight: nothing said
+    assert capsys.readouterr().err == ""
+    agent.late.promise("step_held")  # a digest in flight that does not end
+    agent._let_digests_end()  # (returns: `cairn agent --stop` and the next agent do not wait for it)
+    said = capsys.readouterr().err
+    assert "waiting up to 0.05 s for the digests" in said and "stay 'digest pending'" in said
+    agent.late.drop("step_held")
+    assert agent.late.join(timeout=0)

@@ -34,6 +34,9 @@ from cairn.storage.layout import WorkspaceLayout
 from cairn.store import queries as q
 
 LEASE_TTL = 30.0
+# How long a stopping agent lets its digests in flight end (engine/late_digests.py), within the
+# 30 s `cairn agent --stop` waits: the rest stay pending, made by the next agent or run needing them
+STOP_DIGEST_WAIT = 20.0
 
 
 def _prune_leftovers(kept_code: Any, work: Any) -> None:
@@ -126,13 +129,22 @@ class Agent:
                     compute.shutdown()  # e.g. warm-start servers
                 except Exception as exc:
                     self._log(f"could not shut down compute target {compute.name!r}: {exc}")
-            if not self.late.join(timeout=0):  # their records would stay pending: made by whoever needs them
-                self._log("waiting for the digests of outputs committed before them")
-                self.late.join()
+            self._let_digests_end()
             self.front.close()
             self._hand_on_recorded()
             self._log("agent stopped")
         return 0
+
+    def _let_digests_end(self) -> None:
+        """The digests of outputs committed before them, in flight, end before the agent does, for
+        up to STOP_DIGEST_WAIT s (they would stay pending, made by whoever needs them next)."""
+        if self.late.join(timeout=0):
+            return
+        self._log(f"waiting up to {STOP_DIGEST_WAIT:g} s for the digests of outputs committed before them")
+        if not self.late.join(timeout=STOP_DIGEST_WAIT):
+            self._log("stopping with digests still being made: those outputs stay 'digest pending' until the next "
+                      "agent, or the next run that needs them, makes them (a step that read one and was not keyed "
+                      "yet runs again once, instead of being reused)")
 
     def _serve_scripts(self) -> Callable[[], None] | None:
         """Answer the ``Run.get_context()`` calls of the steps run here: a script then needs no store
