@@ -134,7 +134,8 @@ def test_a_warm_step_can_be_canceled_and_timed_out(workspace: Workspace, write_s
 
 
 def test_a_module_that_cannot_be_preloaded_is_reported_not_fatal(workspace: Workspace, src: Path) -> None:
-    warm_target(workspace, ["no_such_module_for_cairn", PRELOADED])
+    with pytest.warns(UserWarning, match="no module named 'no_such_module_for_cairn' can be imported here"):
+        warm_target(workspace, ["no_such_module_for_cairn", PRELOADED])
     run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 1)))
     assert run.wait_for_completion(show_output=False) == "Completed"
     system = run.get_steps()[0].get_system_log()
@@ -142,7 +143,7 @@ def test_a_module_that_cannot_be_preloaded_is_reported_not_fatal(workspace: Work
     assert outputs(run)[0]["preloaded"] is True
 
 
-@pytest.mark.parametrize("modules", ["pandas", [5], ["not a module"]])
+@pytest.mark.parametrize("modules", ["pandas", [5], ["not a module"], [".relative"], ["pandas."], ["a..b"], [""]])
 def test_bad_warm_start_modules_are_clear_errors(modules: object) -> None:
     with pytest.raises(UserInputError, match="warm_start_modules"):
         LocalCompute.provisioning_configuration(warm_start_modules=modules)  # type: ignore[arg-type]
@@ -380,6 +381,7 @@ def _module_on_the_agents_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.py").write_text(textwrap.dedent(code))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.syspath_prepend(str(folder))  # (found here too, as a user's are: no warning that it is not)
 
 
 def test_a_server_that_could_not_start_is_not_waited_for_again(
@@ -803,6 +805,7 @@ def test_what_preloads_set_and_what_a_failed_one_left(workspace: Workspace, writ
         "import logging, os, warnings\nos.environ['LEFT_BY_FAILURE'] = 'x'\nwarnings.simplefilter('error')\n"
         "logging.basicConfig(level=logging.DEBUG)\nraise ImportError('halfway')\n")
     monkeypatch.setenv("PYTHONPATH", str(modules))  # the agent and its fork server find them
+    monkeypatch.syspath_prepend(str(modules))  # (and this process: no warning that it does not)
     src = write_script("uses.py", """
         import logging, os, warnings
         import sets_variables
@@ -848,3 +851,39 @@ def test_a_target_keeps_at_most_so_many_servers_the_least_recently_used_goes(
         first._proc.wait(timeout=30)  # now the least recently used
     finally:
         pool.shutdown()
+
+
+def test_an_edited_module_of_the_users_own_restarts_the_server_before_the_next_step(
+        workspace: Workspace, write_script: Callable[..., Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    module = mods / "cairn_own_preload.py"
+    module.write_text("VALUE = 1\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(mods), os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.syspath_prepend(str(mods))  # (found here too: no warning that it is not)
+    src = write_script("own.py", """
+        import sys
+        preloaded = "cairn_own_preload" in sys.modules
+        import cairn_own_preload
+        print(preloaded, cairn_own_preload.VALUE)
+    """)
+    warm_target(workspace, ["cairn_own_preload"])
+
+    def run_once() -> tuple[str, str]:
+        step = PythonScriptStep("own.py", name="own", source_directory=str(src), allow_reuse=False)
+        run = Experiment(workspace, "warm").submit(Pipeline(workspace, [step]))
+        assert run.wait_for_completion(show_output=False) == "Completed"
+        only = run.get_steps()[0]
+        return only.get_stdout_log().strip(), only.get_system_log()
+
+    said, system = run_once()
+    assert said == "True 1" and "forked by server pid" in system
+    first_server = system.split("forked by server pid ")[1].split()[0]
+    module.write_text("VALUE = 22\n")  # (another size: seen even where mtimes are coarse)
+    said, system = run_once()
+    assert said == "True 22"  # preloaded again, by a new server
+    assert f"{module}, preloaded by the server, changed since it started: the server starts again" in system
+    assert system.split("forked by server pid ")[1].split()[0] != first_server

@@ -12,6 +12,24 @@ if TYPE_CHECKING:
     from cairn.client.workspace import Workspace
 
 
+def _warn_unimportable(modules: tuple[str, ...]) -> None:
+    """A warm-start module this interpreter cannot find is most likely misspelled: a server could not
+    preload it, and its steps would import it themselves each time, silently slower."""
+    import importlib.util
+    import sys
+    import warnings
+
+    for top in dict.fromkeys(m.partition(".")[0] for m in modules):
+        try:
+            found = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            warnings.warn(f"warm_start_modules: no module named {top!r} can be imported here ({sys.executable}); "
+                          f"unless the steps' environment has it, the warm-start server cannot preload it and "
+                          f"each step imports it itself (check the spelling)", UserWarning, stacklevel=3)
+
+
 @dataclass(frozen=True)
 class LocalComputeConfiguration:
     max_concurrency: int | None = None
@@ -53,9 +71,11 @@ class LocalCompute:
         modules: tuple[str, ...] = ()
         if warm_start_modules is not None:
             if isinstance(warm_start_modules, str) or not all(
-                    isinstance(m, str) and m.replace(".", "_").isidentifier() for m in warm_start_modules):
-                raise UserInputError(f"warm_start_modules must be a list of module names such as "
-                                     f"['pandas', 'sklearn.ensemble'], not {warm_start_modules!r}")
+                    isinstance(m, str) and all(part.isidentifier() for part in m.split("."))
+                    for m in warm_start_modules):
+                raise UserInputError(f"warm_start_modules must be a list of absolute module names such as "
+                                     f"['pandas', 'sklearn.ensemble'] (no relative or empty parts), not "
+                                     f"{warm_start_modules!r}")
             modules = tuple(warm_start_modules)
         check_type(spare_interpreters, bool, "spare_interpreters")
         return LocalComputeConfiguration(max_concurrency, modules, spare_interpreters)
@@ -162,6 +182,8 @@ class ComputeTarget:
                                  f"RayCompute.provisioning_configuration(...), not "
                                  f"{type(provisioning_configuration).__name__}")
         _check_replaceable(workspace, name, provisioning_configuration.kind)
+        if isinstance(provisioning_configuration, LocalComputeConfiguration):
+            _warn_unimportable(provisioning_configuration.warm_start_modules)
         config = provisioning_configuration.to_config()
         if isinstance(provisioning_configuration, RayProvisioningConfiguration):  # started now, awaited later
             config = workspace._backend.provision_ray_cluster(name, config)

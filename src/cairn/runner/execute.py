@@ -434,7 +434,9 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
         return None
     try:
         server = warm.server(argv[0], base, Path(job.workspace) / ".cairn", stop_waiting=control, on_wait=lambda: syslog(
-            f"waiting for the warm-start server of this environment (importing {', '.join(warm.modules)})", flush=True))
+            f"waiting for the warm-start server of this environment (importing {', '.join(warm.modules)})", flush=True),
+            on_restart=lambda changed: syslog(f"warm start: {changed}, preloaded by the server, changed since it "
+                                              f"started: the server starts again"))
         proc = server.launch(argv, str(work), env, str(log_dir / "stdout.txt"), str(log_dir / "stderr.txt"))
     except WarmShadowed as exc:  # the server checks what it has imported by then (Cairn's client, lazily)
         own = [os.path.relpath(f, work) if Path(f).is_relative_to(work) else f for f in exc.files]

@@ -75,6 +75,7 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     started = time.monotonic()
     preloaded, failed = [], []
     environment = dict(os.environ)
+    before = set(sys.modules)
     for name in modules:
         state = _process_state()
         try:
@@ -92,7 +93,8 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     sel.register(server, selectors.EVENT_READ, ("accept", None, None))
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
     _ready(ready_fd, {"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
-                      "import_seconds": round(time.monotonic() - started, 3)})
+                      "import_seconds": round(time.monotonic() - started, 3),
+                      "watched": own_module_files([sys.modules[m] for m in set(sys.modules) - before])})
     accepting = True
     # Cairn's step-side client is imported once the server has been quiet for a moment (no request,
     # no step ending): a burst of short steps never waits for it (~0.3 s), and a step that calls
@@ -129,6 +131,31 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
 
 
 _SET_BY_PRELOADS: dict[str, str] = {}  # variables the preloaded modules set as they were imported
+
+
+def own_module_files(modules: list[object]) -> list[list[object]]:
+    """[file, mtime_ns, size] of those of ``modules`` that are the user's own source: not in the
+    interpreter's or an environment's installation (stdlib, site-packages), which a user edits
+    rarely and which holds thousands of files. The agent restarts the server when one changes."""
+    import sysconfig
+
+    installed = {os.path.realpath(p) + os.sep for p in
+                 {*(sysconfig.get_paths().get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib")),
+                  sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix} if p}
+    files = []
+    for module in modules:
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str):
+            continue
+        real = os.path.realpath(path)
+        if any(real.startswith(prefix) for prefix in installed):
+            continue
+        try:
+            st = os.stat(real)
+        except OSError:
+            continue
+        files.append([real, st.st_mtime_ns, st.st_size])
+    return files
 
 
 def _process_state() -> tuple:

@@ -6,8 +6,9 @@ stdout/stderr files and exit code; ``WarmProcess`` looks like ``subprocess.Popen
 When not to use it: modules that start threads at import (only the forking thread survives into
 the child), that open GPU contexts or network connections at import (shared with every child),
 or that read environment variables at import (they see the server's, not the step's). What every
-warm step shares with the server: the preloaded modules as they were when it started (edit one, and
-steps see the change once the server restarts: re-create the target, or restart the agent), the
+warm step shares with the server: the preloaded modules as they were when it started (a step that finds one of the user's own
+preloaded files changed restarts the server first, ``WarmServer.changed``; an installed package
+upgraded meanwhile is seen once the agent restarts), the
 hash seed of ``str`` (and so the order of sets of strings), and the process title (``ps`` shows
 ``forkserver.py``). A step that sets a variable Python or a preloaded library reads only at start
 (``STARTUP_VARIABLES``), or whose snapshot has its own copy of a module the server imported,
@@ -174,6 +175,18 @@ class WarmServer:
             raise WarmStartError(f"warm start is not possible here: {ready.get('reason')}")
         return ready
 
+    def changed(self) -> str | None:
+        """A file of the user's own modules the server preloaded that changed since (it then
+        restarts: a cold step would import the new one), or None."""
+        for path, mtime_ns, size in self.ready.get("watched", ()):
+            try:
+                st = os.stat(path)
+            except OSError:
+                return path
+            if (st.st_mtime_ns, st.st_size) != (mtime_ns, size):
+                return path
+        return None
+
     def kill(self) -> None:
         try:
             self._proc.kill()
@@ -291,10 +304,13 @@ class WarmPool:
             on_done(server, failure)
 
     def server(self, python: str, env: dict[str, str], log_dir: Path, stop_waiting: Any = None,
-               on_wait: Callable[[], None] | None = None) -> WarmServer:
+               on_wait: Callable[[], None] | None = None,
+               on_restart: Callable[[str], None] | None = None) -> WarmServer:
         """The running server for this interpreter and environment, started if needed and waited
-        for. Raises WarmStartError when it cannot start (now or before), when warm start was turned
-        off, or when ``stop_waiting`` (a StepControl) is canceled or withdrawn meanwhile."""
+        for; started again when one of the user's own modules it preloaded changed (said to
+        ``on_restart`` with the file). Raises WarmStartError when it cannot start (now or before),
+        when warm start was turned off, or when ``stop_waiting`` (a StepControl) is canceled or
+        withdrawn meanwhile."""
         key = self._key(python, env)
         if stop_waiting is not None:
             stop_waiting.add_waker(self._wake)
@@ -303,6 +319,13 @@ class WarmPool:
         with self._cond:
             while True:
                 server = self._servers.get(key)
+                changed = server.changed() if server is not None and server.alive() else None
+                if changed is not None and server is not None:  # its running steps end as ever
+                    self._servers.pop(key).stop()
+                    self._used.pop(key, None)
+                    if on_restart is not None:
+                        on_restart(changed)
+                    server = None
                 if server is not None and server.alive():
                     self._used[key] = time.monotonic()
                     return server
