@@ -154,6 +154,12 @@ def test_force_never_removes_a_folder_debug_did_not_make(workspace: Workspace, r
     result = cairn("debug", ran["1.train"], "--dir", str(root), "--force", "--print", cwd=root)
     assert result.returncode == 2 and "was not made by `cairn debug`" in flat(result.stderr)
     assert (root / "notes.txt").read_text() == "precious" and (root / ".cairn" / "cairn.db").is_file()
+    unforced = cairn("debug", ran["1.train"], "--dir", ".", "--print", cwd=root)  # --force would not help: not offered
+    assert unforced.returncode == 2 and "was not made by `cairn debug`" in flat(unforced.stderr)
+    assert "--force" not in flat(unforced.stderr)
+    empty = cairn("debug", ran["1.train"], "--dir", "", "--print", cwd=root)
+    assert empty.returncode == 2 and "--dir is empty" in flat(empty.stderr)
+    no_traceback(empty)
 
 
 def test_the_recreated_step_cannot_change_what_the_run_recorded(workspace: Workspace,

@@ -400,7 +400,7 @@ def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
 
 @app.command()
 def debug(step_run_id: str,
-          folder: Path = typer.Option(None, "--dir", help="where to recreate the step (default: .cairn/debug/<step run id>)"),
+          folder: str = typer.Option(None, "--dir", help="where to recreate the step (default: .cairn/debug/<step run id>)"),
           print_only: bool = typer.Option(False, "--print", help="only prepare the folder, and print the script that runs the step"),
           force: bool = typer.Option(False, "--force", help="replace the folder if it exists"),
           workspace: Path = WorkspaceOption) -> None:

@@ -88,6 +88,9 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         raise UserInputError(f"step {step.name!r} cannot be recreated here: {refused}")
     # by default inside .cairn/: a folder beside the sources could end up in the next snapshot
     default = layout.dot / "debug" / step_run_id
+    if folder is not None and not os.fspath(folder).strip():  # (not the current folder: Path("") is ".")
+        raise UserInputError("--dir is empty: name a folder (a new one, or one `cairn debug` made, with --force), "
+                             "or leave --dir out for .cairn/debug/<step run id>")
     target = (Path(folder) if folder else default).resolve()
     work, tools = target / WORK, target / DEBUG_MARKER
     try:
@@ -111,12 +114,13 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         raise UserInputError(f"{target} is a file; --dir must name a new folder (or one `cairn debug` made, with "
                              f"--force)")
     if target.exists() and any(target.iterdir()):
+        if not tools.is_dir():  # never replaced: --force would not help
+            raise UserInputError(f"{target} is not empty and was not made by `cairn debug` (it has no "
+                                 f"{DEBUG_MARKER} folder): it is never replaced; choose another --dir (a new or "
+                                 f"empty folder)")
         if not force:
-            raise UserInputError(f"{target} already exists and is not empty; pass --force to replace it, or "
-                                 f"--dir to choose another folder")
-        if not tools.is_dir():
-            raise UserInputError(f"{target} was not made by `cairn debug` (it has no {DEBUG_MARKER} folder): "
-                                 f"--force replaces only such folders; choose another --dir")
+            raise UserInputError(f"{target} already exists (an earlier `cairn debug` made it); pass --force to "
+                                 f"replace it, or --dir to choose another folder")
     resolved = None
     if is_managed(step.environment):  # built before an old folder goes: a build that fails leaves it
         try:
