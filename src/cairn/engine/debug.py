@@ -226,13 +226,13 @@ def _inherited(layout: WorkspaceLayout, store: Any, row: dict[str, Any], step: s
             continue
         here = os.environ.get(name)
         if here is None:
-            log(f"warning: {name} was set in the step's run (its value looks secret: not recorded); set it in "
-                f"this shell to give it to the recreated step")
+            log(f"warning: {name} was set in the step's run (it looks secret: only a digest of its value was "
+                f"recorded, not the value); set it in this shell to give it to the recreated step")
             continue
         env[name] = here
         if value_digest(name, here, salt) != value.get("digest"):
-            log(f"warning: {name} had another value in the step's run (it looks secret: only its digest was "
-                f"recorded); this shell's is used")
+            log(f"warning: {name} had another value in the step's run (it looks secret: only a digest of its "
+                f"value was recorded, not the value); this shell's is used")
     # what this shell has and the run had not is added (`ASK=1 cairn debug ID` adds a variable)
     extra = sorted(k for k in os.environ if k not in record and k not in _RUN_BINDINGS)
     env.update({k: os.environ[k] for k in extra})
