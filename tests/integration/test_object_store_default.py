@@ -101,3 +101,38 @@ def test_a_snapshot_whose_upload_failed_is_uploaded_by_the_next_submit(workspace
     fs, root = s3._location().filesystem()
     fs.invalidate_cache()
     assert fs.exists(f"{root}/snapshots/objects/{digest_file(src / 'produce.py').split(':', 1)[1]}")
+
+
+def test_a_late_digests_line_reaches_the_uploaded_system_log(workspace, moto_s3, tmp_path, monkeypatch):
+    """A step whose large output (on a local datastore) is digested after its commit: the line the
+    digest adds to its system log reaches the copy uploaded to the object-store default datastore,
+    though that upload came first (runner/execute.py, _LateLogLines)."""
+    from cairn import Datastore as Store
+    from tests.engine import test_early_handoff as early
+    from tests.engine.test_late_digests import _held_digest
+
+    early._no_agent_but_this_process(monkeypatch)
+    s3 = Datastore.register_s3_bucket(
+        workspace, "lake", bucket_name=f"b{uuid.uuid4().hex[:10]}", endpoint_url=moto_s3["endpoint_url"],
+        access_key_id=moto_s3["access_key_id"], secret_access_key=moto_s3["secret_access_key"],
+        create_if_not_exists=True)
+    local = Store.get(workspace, "workspaceblobstore")
+    s3.set_as_default()
+    src = tmp_path / "writer"
+    src.mkdir()
+    (src / "writer.py").write_text(early.WRITER)
+    big = PipelineData("big", datastore=local)
+    writer = PythonScriptStep("writer.py", name="writer", source_directory=str(src), arguments=[big], outputs=[big])
+    run = early._submit_for_this_process(workspace, Pipeline(workspace, [writer]), monkeypatch)
+    release = _held_digest(monkeypatch)
+    with early._AgentHere(workspace, late=True) as here:
+        assert here.run_ended(), "the run waited for the digest"
+        step = run.find_step_run("writer")[0]
+        assert step.get_output_data("big").digest_status == "pending"  # its logs were uploaded by now
+        release.set()
+        assert here.agent.late.join(timeout=60)
+    assert step.get_output_data("big").digest_status == "made"
+    fs, root = s3._location().filesystem()
+    fs.invalidate_cache()
+    uploaded = fs.cat_file(f"{root}/runs/{run.id}/{step.id}/logs/system.txt").decode()
+    assert "digested after the step was committed" in uploaded

@@ -48,6 +48,34 @@ def test_the_uploaded_system_log_has_the_late_digests_lines(tmp_path: Path, line
     assert "step" not in execute._late_log_lines._state  # nothing kept once both came
 
 
+def test_lines_written_while_the_step_uploads_its_logs_are_uploaded_after(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    job = _job(tmp_path)
+    execute._late_log_lines.expect(job)
+    real, calls = execute._upload_log_files, []
+
+    def upload(job: StepJob, paths: list[Path]) -> None:
+        calls.append([p.name for p in paths])
+        real(job, paths)  # what it read had no lines: they come now, during the upload
+        if len(calls) == 1:
+            _late_lines(job)
+
+    monkeypatch.setattr(execute, "_upload_log_files", upload)
+    execute.upload_logs(job, StepResult("step", "Completed", None, 0))
+    assert calls == [["stdout.txt", "system.txt"], ["system.txt"]]
+    uploaded = tmp_path / "store" / "runs" / "run" / "step" / "logs" / "system.txt"
+    assert "digested after the step was committed" in uploaded.read_text()
+    assert "step" not in execute._late_log_lines._state
+
+
+def test_a_digest_that_will_not_be_made_here_leaves_nothing_behind(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    execute._late_log_lines.expect(job)
+    execute._late_log_lines.forget(job)  # (no thread for it: it stays pending, its lines never come)
+    execute.upload_logs(job, StepResult("step", "Completed", None, 0))
+    assert "step" not in execute._late_log_lines._state
+
+
 def test_a_step_without_late_lines_uploads_once_and_keeps_nothing(tmp_path: Path) -> None:
     job = _job(tmp_path)
     execute.upload_logs(job, StepResult("step", "Completed", None, 0))

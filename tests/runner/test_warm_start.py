@@ -4,6 +4,7 @@ between steps), and can be canceled and timed out like them."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,6 +148,25 @@ def test_a_module_that_cannot_be_preloaded_is_reported_not_fatal(workspace: Work
 def test_bad_warm_start_modules_are_clear_errors(modules: object) -> None:
     with pytest.raises(UserInputError, match="warm_start_modules"):
         LocalCompute.provisioning_configuration(warm_start_modules=modules)  # type: ignore[arg-type]
+
+
+def test_a_module_only_beside_the_submitting_script_is_warned_about(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from cairn.client.compute import _findable
+
+    beside, elsewhere = tmp_path / "script_folder", tmp_path / "on_the_path"
+    for folder, name in ((beside, "cairn_beside_script"), (elsewhere, "cairn_on_the_path")):
+        folder.mkdir()
+        (folder / f"{name}.py").write_text("X = 1\n")
+    monkeypatch.setattr(sys, "path", [str(beside), *sys.path, str(elsewhere)])  # [0]: the script's folder
+    assert not sys.flags.safe_path  # (with -P, sys.path[0] is not the script's folder)
+    assert _findable("cairn_on_the_path") and _findable("json") and _findable("sys")  # (a builtin)
+    assert not _findable("cairn_beside_script")  # a fork server has no script folder: it would not find it
+    from cairn.client.compute import _warn_unimportable
+
+    with pytest.warns(UserWarning, match="no module named 'cairn_beside_script'") as said:
+        _warn_unimportable(("cairn_beside_script.sub", "cairn_on_the_path", "json"))
+    assert len(said) == 1
 
 
 def test_what_python_reads_at_start_is_honoured_or_the_step_starts_cold(
@@ -381,7 +401,7 @@ def _module_on_the_agents_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.py").write_text(textwrap.dedent(code))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.syspath_prepend(str(folder))  # (found here too, as a user's are: no warning that it is not)
+    monkeypatch.setattr(sys, "path", [*sys.path, str(folder)])  # (found here too, as a user's are: no warning)
 
 
 def test_a_server_that_could_not_start_is_not_waited_for_again(
@@ -805,7 +825,7 @@ def test_what_preloads_set_and_what_a_failed_one_left(workspace: Workspace, writ
         "import logging, os, warnings\nos.environ['LEFT_BY_FAILURE'] = 'x'\nwarnings.simplefilter('error')\n"
         "logging.basicConfig(level=logging.DEBUG)\nraise ImportError('halfway')\n")
     monkeypatch.setenv("PYTHONPATH", str(modules))  # the agent and its fork server find them
-    monkeypatch.syspath_prepend(str(modules))  # (and this process: no warning that it does not)
+    monkeypatch.setattr(sys, "path", [*sys.path, str(modules)])  # (and this process: no warning that it does not)
     src = write_script("uses.py", """
         import logging, os, warnings
         import sets_variables
@@ -863,7 +883,7 @@ def test_an_edited_module_of_the_users_own_restarts_the_server_before_the_next_s
     module = mods / "cairn_own_preload.py"
     module.write_text("VALUE = 1\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(mods), os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.syspath_prepend(str(mods))  # (found here too: no warning that it is not)
+    monkeypatch.setattr(sys, "path", [*sys.path, str(mods)])  # (found here too: no warning that it is not)
     src = write_script("own.py", """
         import sys
         preloaded = "cairn_own_preload" in sys.modules
@@ -887,3 +907,53 @@ def test_an_edited_module_of_the_users_own_restarts_the_server_before_the_next_s
     assert said == "True 22"  # preloaded again, by a new server
     assert f"{module}, preloaded by the server, changed since it started: the server starts again" in system
     assert system.split("forked by server pid ")[1].split()[0] != first_server
+
+
+def test_what_a_server_watches_of_the_users_own_modules(tmp_path: Path) -> None:
+    """Each preload's files are stated right after its import (a later preload may take minutes);
+    a preload that failed is watched too (fixed, it restarts the server); a symlinked module is
+    watched where it was imported from; a lazily loaded module is not imported by the watching."""
+    import os
+    import sys
+
+    from cairn.runner.warm import WarmServer
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "mine_a.py").write_text("A = 1\n")
+    (mods / "slow_a.py").write_text(f"open({str(mods / 'mine_a.py')!r}, 'a').write('# edited meanwhile\\n')\n")
+    (mods / "broken_b.py").write_text("def (\n")
+    (mods / "r1.py").write_text("R = 1\n")
+    (mods / "r2.py").write_text("R = 2\n")
+    (mods / "link_d.py").symlink_to(mods / "r1.py")
+    (mods / "heavy_c.py").write_text("raise ImportError('only when used')\n")
+    (mods / "lazy_c.py").write_text(
+        "import importlib.util, sys\n"
+        "spec = importlib.util.find_spec('heavy_c')\n"
+        "spec.loader = importlib.util.LazyLoader(spec.loader)\n"
+        "heavy = sys.modules['heavy_c'] = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(heavy)\n")
+    env = {**os.environ, "PYTHONPATH": str(mods)}
+
+    def serve(*modules: str) -> WarmServer:
+        return WarmServer(sys.executable, modules, env, tmp_path / "warm.log")
+
+    edited_later = serve("mine_a", "slow_a")
+    try:
+        assert edited_later.changed() == str(mods / "mine_a.py")
+    finally:
+        edited_later.kill()
+    others = serve("lazy_c", "broken_b", "link_d")
+    try:
+        assert others.alive() and others.ready["preloaded"] == ["lazy_c", "link_d"]
+        assert others.changed() is None
+        (mods / "link_d.py").unlink()
+        (mods / "link_d.py").symlink_to(mods / "r2.py")  # re-pointed: another file, of the same size
+        assert others.changed() == str(mods / "link_d.py")
+        (mods / "link_d.py").unlink()
+        (mods / "link_d.py").symlink_to(mods / "r1.py")
+        assert others.changed() is None
+        (mods / "broken_b.py").write_text("B = 2\n")  # fixed
+        assert others.changed() == str(mods / "broken_b.py")
+    finally:
+        others.kill()

@@ -15,19 +15,34 @@ if TYPE_CHECKING:
 def _warn_unimportable(modules: tuple[str, ...]) -> None:
     """A warm-start module this interpreter cannot find is most likely misspelled: a server could not
     preload it, and its steps would import it themselves each time, silently slower."""
-    import importlib.util
     import sys
     import warnings
 
     for top in dict.fromkeys(m.partition(".")[0] for m in modules):
+        if not _findable(top):
+            warnings.warn(f"warm_start_modules: no module named {top!r} can be imported here ({sys.executable}, "
+                          f"outside this script's folder); unless the steps' environment has it, the warm-start "
+                          f"server cannot preload it and each step imports it itself (check the spelling)",
+                          UserWarning, stacklevel=3)
+
+
+def _findable(top: str) -> bool:
+    """Whether a top-level module can be found as the agent's fork server looks for it: not in the
+    folder of the script that runs this (``sys.path[0]``, a server does not have it), nothing imported."""
+    import importlib.machinery
+    import sys
+
+    search = sys.path if sys.flags.safe_path else sys.path[1:]
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
         try:
-            found = importlib.util.find_spec(top) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            warnings.warn(f"warm_start_modules: no module named {top!r} can be imported here ({sys.executable}); "
-                          f"unless the steps' environment has it, the warm-start server cannot preload it and "
-                          f"each step imports it itself (check the spelling)", UserWarning, stacklevel=3)
+            if find(top, search if finder is importlib.machinery.PathFinder else None) is not None:
+                return True
+        except Exception:  # (a finder of someone else's that fails: says nothing either way)
+            continue
+    return False
 
 
 @dataclass(frozen=True)

@@ -161,12 +161,13 @@ class StoreReporter:
         except Exception:  # (the store failed) digested before the commit, as always
             return False
 
-    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]], digest: Callable[[], dict[str, str]]) -> None:
+    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]], digest: Callable[[], dict[str, str]]) -> bool:
         assert self._late is not None, "digest_late said no"
         try:
             self._late.start(job, outputs, digest, lambda digests, failure: self._digested(job, digests, failure))
         except Exception:  # (no thread to be had) the step is committed: its digests stay pending, made
-            pass  # by whoever needs them; its consumers committed meanwhile are not keyed
+            return False  # by whoever needs them; its consumers committed meanwhile are not keyed
+        return True
 
     def _digested(self, job: StepJob, digests: dict[str, str] | None, failure: str | None) -> None:
         with self._handoffs_changed:

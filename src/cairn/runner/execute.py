@@ -4,7 +4,6 @@ to know where the metadata lives."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -15,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -68,9 +67,10 @@ class StepReporter(Protocol):
         """Whether the step's large outputs may be committed before they are digested (nothing of
         its run would wait for the digest): then ``digest_later`` is told of them."""
 
-    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]], digest: Callable[[], dict[str, str]]) -> None:
+    def digest_later(self, job: StepJob, outputs: list[dict[str, Any]], digest: Callable[[], dict[str, str]]) -> bool:
         """The step was committed with ``outputs`` whose digests are pending: ``digest()`` makes
-        them (each output's digest by name; it raises when one changed since the commit)."""
+        them (each output's digest by name; it raises when one changed since the commit). False
+        when it will not be called (they stay pending, made by whoever needs them)."""
 
 
 class StepControl:
@@ -722,7 +722,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
         if digest_later is not None:  # committed before their digests: made now, the step's end told meanwhile
             _late_log_lines.expect(job)
-            reporter.digest_later(job, outputs, digest_later)
+            if not reporter.digest_later(job, outputs, digest_later):
+                _late_log_lines.forget(job)
         for o in spec.outputs:
             if o.register:
                 record = next(x for x in outputs if x["name"] == o.name)
@@ -911,8 +912,7 @@ def upload_logs(job: StepJob, result: StepResult) -> None:
     """When the default datastore is an object store, the step's logs go there once it ended
     (before the engine hears of the end, so a finished run has its logs in place)."""
     if job.log_upload and result.status != Status.QUEUED.value:
-        with _late_log_lines.uploading(job.step_run_id):
-            _upload_log_files(job, sorted(Path(job.log_dir).glob("*.txt")))
+        _late_log_lines.upload_at_end(job, lambda: _upload_log_files(job, sorted(Path(job.log_dir).glob("*.txt"))))
 
 
 def _upload_log_files(job: StepJob, paths: list[Path]) -> None:
@@ -930,28 +930,41 @@ def _upload_log_files(job: StepJob, paths: list[Path]) -> None:
 
 class _LateLogLines:
     """Lines a late digest adds to a step's system log after the step's end, where its logs are
-    uploaded at that end (``upload_logs``): whichever of the two comes second has the whole log
-    uploaded (the system log again, if the step's upload came first)."""
+    uploaded at that end (``upload_logs``): whichever of the two comes second has the whole system
+    log uploaded (again). No lock is held while uploading."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # held while the logs of such a step upload (few: large outputs)
-        self._state: dict[str, str] = {}  # step run -> "expected", "uploaded" (the step's) or "written" (the lines)
+        self._lock = threading.Lock()
+        # step run -> "expected" (lines to come), "uploading" (the step's upload, lines to come),
+        # "uploaded" (lines to come, after it), "written" (before any upload) or "written, uploading"
+        self._state: dict[str, str] = {}
 
     def expect(self, job: StepJob) -> None:
         if job.log_upload:
             with self._lock:
                 self._state[job.step_run_id] = "expected"
 
-    @contextlib.contextmanager
-    def uploading(self, step_run_id: str) -> Iterator[None]:
-        """Around the upload of a step's logs at its end."""
-        if step_run_id not in self._state:  # (added before the step's end: no race with this look)
-            yield
+    def forget(self, job: StepJob) -> None:
+        """The late digest will not be made here after all: no lines come."""
+        with self._lock:
+            self._state.pop(job.step_run_id, None)
+
+    def upload_at_end(self, job: StepJob, upload: Callable[[], None]) -> None:
+        """The step's own upload of its logs at its end."""
+        with self._lock:
+            state = self._state.get(job.step_run_id)
+            if state == "expected":
+                self._state[job.step_run_id] = "uploading"
+        upload()
+        if state is None:  # no lines to come
             return
         with self._lock:
-            yield
-            if self._state.pop(step_run_id, None) == "expected":  # the lines are still to come
-                self._state[step_run_id] = "uploaded"
+            after = self._state.pop(job.step_run_id, None)
+            if after == "uploading":  # the lines are still to come: their writer uploads again
+                self._state[job.step_run_id] = "uploaded"
+                return
+        if after == "written, uploading":  # written while that upload ran: it may lack them
+            _upload_log_files(job, [Path(job.log_dir) / "system.txt"])
 
     def written(self, job: StepJob) -> None:
         """The late digest's lines are in the local system log."""
@@ -959,10 +972,11 @@ class _LateLogLines:
             return
         with self._lock:
             state = self._state.pop(job.step_run_id, None)
-            if state == "expected":  # the step's upload, still to come, reads them
-                self._state[job.step_run_id] = "written"
-            elif state == "uploaded":
-                _upload_log_files(job, [Path(job.log_dir) / "system.txt"])
+            if state in ("expected", "uploading"):  # the step's upload, to come or running, sees to them
+                self._state[job.step_run_id] = "written" if state == "expected" else "written, uploading"
+                return
+        if state == "uploaded":
+            _upload_log_files(job, [Path(job.log_dir) / "system.txt"])
 
 
 _late_log_lines = _LateLogLines()

@@ -75,15 +75,25 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     started = time.monotonic()
     preloaded, failed = [], []
     environment = dict(os.environ)
-    before = set(sys.modules)
+    watched: dict[str, list[object]] = {}  # the user's own files the preloads read, as they were then
+    installed = _installed_folders()
     for name in modules:
         state = _process_state()
+        before, began = set(sys.modules), time.time_ns()
         try:
             importlib.import_module(name)
             preloaded.append(name)
         except Exception as exc:  # the step imports it itself (and fails there, with its own error)
             failed.append(f"{name}: {type(exc).__name__}: {exc}")
             _restore_process_state(state)  # what it changed before failing is not every step's
+        # (stated now, right after the import that read them: a later preload may take minutes)
+        files = [_file_of(m) for m in _modules_of(set(sys.modules) - before)]
+        if name not in preloaded:  # fixed later, it is preloaded then: a restart
+            files.append(_origin(name))
+        for path in files:
+            seen = watched_file(path, installed, began)
+            if seen is not None:
+                watched.setdefault(seen[0], seen)
     # variables the preloads set (a library's import may set some): a cold step's imports set them too
     _SET_BY_PRELOADS.update({k: v for k, v in os.environ.items() if environment.get(k) != v})
     for name in CHILD_NEEDS:
@@ -94,7 +104,7 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
     _ready(ready_fd, {"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
                       "import_seconds": round(time.monotonic() - started, 3),
-                      "watched": own_module_files([sys.modules[m] for m in set(sys.modules) - before])})
+                      "watched": list(watched.values())})
     accepting = True
     # Cairn's step-side client is imported once the server has been quiet for a moment (no request,
     # no step ending): a burst of short steps never waits for it (~0.3 s), and a step that calls
@@ -133,29 +143,61 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
 _SET_BY_PRELOADS: dict[str, str] = {}  # variables the preloaded modules set as they were imported
 
 
-def own_module_files(modules: list[object]) -> list[list[object]]:
-    """[file, mtime_ns, size] of those of ``modules`` that are the user's own source: not in the
-    interpreter's or an environment's installation (stdlib, site-packages), which a user edits
-    rarely and which holds thousands of files. The agent restarts the server when one changes."""
+def _installed_folders() -> tuple[str, ...]:
+    """Where installed code lives (the standard library, site-packages, the user's site-packages),
+    which a user edits rarely and which holds thousands of files: not watched."""
+    import site
     import sysconfig
 
-    installed = {os.path.realpath(p) + os.sep for p in
-                 {*(sysconfig.get_paths().get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib")),
-                  sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix} if p}
-    files = []
-    for module in modules:
-        path = getattr(module, "__file__", None)
-        if not isinstance(path, str):
-            continue
-        real = os.path.realpath(path)
-        if any(real.startswith(prefix) for prefix in installed):
-            continue
-        try:
-            st = os.stat(real)
-        except OSError:
-            continue
-        files.append([real, st.st_mtime_ns, st.st_size])
-    return files
+    paths = {sysconfig.get_paths().get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    try:
+        paths.update(site.getsitepackages())
+        paths.add(site.getusersitepackages())
+    except AttributeError:  # (a site module without them)
+        pass
+    return tuple(os.path.realpath(p) + os.sep for p in paths if p)
+
+
+def _modules_of(names: set[str]) -> list[object]:
+    return [m for m in (sys.modules.get(n) for n in names) if m is not None]
+
+
+def _file_of(module: object) -> object:
+    """A module's ``__file__``, read from its namespace: not through the module's own attribute
+    look-up, which imports a lazily loaded module (``importlib.util.LazyLoader``)."""
+    try:
+        return object.__getattribute__(module, "__dict__").get("__file__")
+    except Exception:  # (not a module: anything may sit in sys.modules)
+        return None
+
+
+def _origin(name: str) -> str | None:
+    """The file a module that failed to import would be read from (None when none is found)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except Exception:  # (its parent cannot be imported either)
+        return None
+    return spec.origin if spec is not None and spec.has_location else None
+
+
+def watched_file(path: object, installed: tuple[str, ...], began: int) -> list[object] | None:
+    """[path, mtime_ns, size, inode, device] of a module file of the user's own (None for installed
+    code, or a file that is not one: a zip member, a module made in memory). The path as imported
+    (a symlink re-pointed changes what it stats as); a file changed after ``began`` (while it was
+    being imported) is recorded as changed already: the first step restarts the server."""
+    if not isinstance(path, str) or not path:
+        return None
+    path = os.path.abspath(path)
+    if os.path.realpath(path).startswith(installed):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    mtime = st.st_mtime_ns if not began <= st.st_mtime_ns <= time.time_ns() else -1
+    return [path, mtime, st.st_size, st.st_ino, st.st_dev]
 
 
 def _process_state() -> tuple:

@@ -178,12 +178,12 @@ class WarmServer:
     def changed(self) -> str | None:
         """A file of the user's own modules the server preloaded that changed since (it then
         restarts: a cold step would import the new one), or None."""
-        for path, mtime_ns, size in self.ready.get("watched", ()):
+        for path, mtime_ns, size, inode, device in self.ready.get("watched", ()):
             try:
                 st = os.stat(path)
             except OSError:
                 return path
-            if (st.st_mtime_ns, st.st_size) != (mtime_ns, size):
+            if (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev) != (mtime_ns, size, inode, device):
                 return path
         return None
 
@@ -314,18 +314,27 @@ class WarmPool:
         key = self._key(python, env)
         if stop_waiting is not None:
             stop_waiting.add_waker(self._wake)
-        waited = False
         deadline = time.monotonic() + STEP_WAIT
-        with self._cond:
-            while True:
-                server = self._servers.get(key)
-                changed = server.changed() if server is not None and server.alive() else None
-                if changed is not None and server is not None:  # its running steps end as ever
-                    self._servers.pop(key).stop()
+        restarted = False
+        while True:
+            server = self._running_server(key, python, env, log_dir, stop_waiting, on_wait, deadline)
+            changed = None if restarted else server.changed()  # (stats files: not under the pool's lock)
+            if changed is None:  # (a file edited again meanwhile restarts it for the next step, not this one)
+                return server
+            with self._cond:
+                if self._servers.get(key) is server:  # (not restarted by another step meanwhile)
+                    self._servers.pop(key).stop()  # its running steps end as ever
                     self._used.pop(key, None)
                     if on_restart is not None:
                         on_restart(changed)
-                    server = None
+            restarted, on_wait = True, None
+
+    def _running_server(self, key: tuple[Any, ...], python: str, env: dict[str, str], log_dir: Path,
+                        stop_waiting: Any, on_wait: Callable[[], None] | None, deadline: float) -> WarmServer:
+        waited = False
+        with self._cond:
+            while True:
+                server = self._servers.get(key)
                 if server is not None and server.alive():
                     self._used[key] = time.monotonic()
                     return server
