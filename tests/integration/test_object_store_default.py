@@ -103,27 +103,34 @@ def test_a_snapshot_whose_upload_failed_is_uploaded_by_the_next_submit(workspace
     assert fs.exists(f"{root}/snapshots/objects/{digest_file(src / 'produce.py').split(':', 1)[1]}")
 
 
-def test_a_late_digests_line_reaches_the_uploaded_system_log(workspace, moto_s3, tmp_path, monkeypatch):
-    """A step whose large output (on a local datastore) is digested after its commit: the line the
-    digest adds to its system log reaches the copy uploaded to the object-store default datastore,
-    though that upload came first (runner/execute.py, _LateLogLines)."""
-    from cairn import Datastore as Store
+def _large_output_with_s3_default(workspace, moto_s3, tmp_path, monkeypatch):
+    """(the S3 datastore, a run queued for an agent in this process: one step writing a large
+    output to the local datastore, digested after its commit)"""
     from tests.engine import test_early_handoff as early
-    from tests.engine.test_late_digests import _held_digest
 
     early._no_agent_but_this_process(monkeypatch)
     s3 = Datastore.register_s3_bucket(
         workspace, "lake", bucket_name=f"b{uuid.uuid4().hex[:10]}", endpoint_url=moto_s3["endpoint_url"],
         access_key_id=moto_s3["access_key_id"], secret_access_key=moto_s3["secret_access_key"],
         create_if_not_exists=True)
-    local = Store.get(workspace, "workspaceblobstore")
+    local = Datastore.get(workspace, "workspaceblobstore")
     s3.set_as_default()
     src = tmp_path / "writer"
     src.mkdir()
     (src / "writer.py").write_text(early.WRITER)
     big = PipelineData("big", datastore=local)
     writer = PythonScriptStep("writer.py", name="writer", source_directory=str(src), arguments=[big], outputs=[big])
-    run = early._submit_for_this_process(workspace, Pipeline(workspace, [writer]), monkeypatch)
+    return s3, early._submit_for_this_process(workspace, Pipeline(workspace, [writer]), monkeypatch)
+
+
+def test_a_late_digests_line_reaches_the_uploaded_system_log(workspace, moto_s3, tmp_path, monkeypatch):
+    """A step whose large output (on a local datastore) is digested after its commit: the line the
+    digest adds to its system log reaches the copy uploaded to the object-store default datastore,
+    though that upload came first (runner/execute.py, _LateLogLines)."""
+    from tests.engine import test_early_handoff as early
+    from tests.engine.test_late_digests import _held_digest
+
+    s3, run = _large_output_with_s3_default(workspace, moto_s3, tmp_path, monkeypatch)
     release = _held_digest(monkeypatch)
     with early._AgentHere(workspace, late=True) as here:
         assert here.run_ended(), "the run waited for the digest"
@@ -136,3 +143,25 @@ def test_a_late_digests_line_reaches_the_uploaded_system_log(workspace, moto_s3,
     fs.invalidate_cache()
     uploaded = fs.cat_file(f"{root}/runs/{run.id}/{step.id}/logs/system.txt").decode()
     assert "digested after the step was committed" in uploaded
+
+
+def test_a_late_digest_no_thread_could_make_leaves_no_log_lines_awaited(workspace, moto_s3, tmp_path, monkeypatch):
+    import threading
+
+    from cairn.runner import execute
+    from tests.engine import test_early_handoff as early
+
+    _, run = _large_output_with_s3_default(workspace, moto_s3, tmp_path, monkeypatch)
+    start = threading.Thread.start
+
+    def no_digest_thread(thread):
+        if thread.name.startswith("digest-"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_digest_thread)
+    with early._AgentHere(workspace, late=True) as here:
+        assert here.run_ended()
+    step = run.find_step_run("writer")[0]
+    assert run.get_status() == "Completed" and step.get_output_data("big").digest_status == "pending"
+    assert step.id not in execute._late_log_lines._state  # no lines to wait for: forgotten

@@ -957,3 +957,91 @@ def test_what_a_server_watches_of_the_users_own_modules(tmp_path: Path) -> None:
         assert others.changed() == str(mods / "broken_b.py")
     finally:
         others.kill()
+
+
+def test_files_stated_as_read_failed_preloads_and_generated_modules(tmp_path: Path) -> None:
+    """A preload's own file edited while that same preload still imports is seen; a module a preload
+    writes and then imports is not taken for an edit (no restart at every step); a dotted preload
+    whose package fails is imported once, and the file it failed on is watched."""
+    import os
+
+    from cairn.runner.warm import WarmServer
+
+    mods = tmp_path / "mods"
+    (mods / "badpkg").mkdir(parents=True)
+    (mods / "pkg2").mkdir()
+    ran = tmp_path / "ran.txt"
+    (mods / "self_f.py").write_text("import edits_f\n")
+    (mods / "edits_f.py").write_text(f"open({str(mods / 'self_f.py')!r}, 'a').write('# edited during its import\\n')\n")
+    (mods / "gen_e.py").write_text(
+        f"open({str(mods / 'generated_e.py')!r}, 'w').write('TABLE = 1\\n')\nimport generated_e\n")
+    (mods / "badpkg" / "__init__.py").write_text(f"open({str(ran)!r}, 'a').write('ran\\n')\nraise ImportError('no')\n")
+    (mods / "badpkg" / "sub.py").write_text("")
+    (mods / "pkg2" / "__init__.py").write_text("from . import broken\n")
+    (mods / "pkg2" / "broken.py").write_text("def (\n")
+    server = WarmServer(sys.executable, ("self_f", "gen_e", "badpkg.sub", "pkg2"),
+                        {**os.environ, "PYTHONPATH": str(mods)}, tmp_path / "warm.log")
+    try:
+        assert server.ready["preloaded"] == ["self_f", "gen_e"]
+        assert ran.read_text() == "ran\n"  # not imported again to find what failed
+        assert server.changed() == str(mods / "self_f.py")
+        watched = {path for path, *_ in server.ready["watched"]}
+        assert {str(mods / "generated_e.py"), str(mods / "badpkg" / "__init__.py"),
+                str(mods / "pkg2" / "broken.py")} <= watched
+    finally:
+        server.kill()
+    (mods / "edits_f.py").write_text("")  # (self_f is no longer edited as it is imported)
+    again = WarmServer(sys.executable, ("self_f", "gen_e", "pkg2"), {**os.environ, "PYTHONPATH": str(mods)},
+                       tmp_path / "warm.log")
+    try:
+        assert again.changed() is None  # generated_e.py, written then imported: as it was read
+        (mods / "pkg2" / "broken.py").write_text("FIXED = 1\n")
+        assert again.changed() == str(mods / "pkg2" / "broken.py")
+    finally:
+        again.kill()
+
+
+def test_a_pool_restarts_a_changed_server_once_per_step_and_once_for_all(tmp_path: Path) -> None:
+    """Steps asking at once for a server found changed get one new server between them; a server
+    that is changed again at once (a preload that edits another) is restarted once per step, never
+    in a loop."""
+    import os
+    import threading
+
+    from cairn.runner.warm import WarmPool
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "mine_g.py").write_text("G = 1\n")
+    (mods / "touch_g.py").write_text(f"open({str(mods / 'mine_g.py')!r}, 'a').write('# touched\\n')\n")
+    env = {**os.environ, "PYTHONPATH": str(mods)}
+
+    pool, restarts = WarmPool(("mine_g",)), []
+    try:
+        first = pool.server(sys.executable, env, tmp_path)
+        (mods / "mine_g.py").write_text("G = 22\n")
+        got: list[object] = []
+
+        def ask() -> None:
+            got.append(pool.server(sys.executable, env, tmp_path, on_restart=restarts.append))
+
+        askers = [threading.Thread(target=ask) for _ in range(2)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(timeout=120)
+        assert len(got) == 2 and got[0] is got[1] is not first
+        assert restarts == [str(mods / "mine_g.py")]
+    finally:
+        pool.shutdown()
+
+    storming, restarts = WarmPool(("mine_g", "touch_g")), []
+    try:
+        done: list[object] = []
+        asker = threading.Thread(target=lambda: done.append(
+            storming.server(sys.executable, env, tmp_path, on_restart=restarts.append)))
+        asker.start()
+        asker.join(timeout=120)
+        assert done and restarts == [str(mods / "mine_g.py")]  # once, then the new server, changed as it is
+    finally:
+        storming.shutdown()

@@ -722,8 +722,12 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
             return StepResult(job.step_run_id, Status.CANCELED.value, "canceled", code)
         if digest_later is not None:  # committed before their digests: made now, the step's end told meanwhile
             _late_log_lines.expect(job)
-            if not reporter.digest_later(job, outputs, digest_later):
-                _late_log_lines.forget(job)
+            made_later = False
+            try:
+                made_later = reporter.digest_later(job, outputs, digest_later)
+            finally:
+                if not made_later:
+                    _late_log_lines.forget(job)
         for o in spec.outputs:
             if o.register:
                 record = next(x for x in outputs if x["name"] == o.name)
@@ -916,12 +920,13 @@ def upload_logs(job: StepJob, result: StepResult) -> None:
 
 
 def _upload_log_files(job: StepJob, paths: list[Path]) -> None:
+    """Never raises: the logs stay in the local cache, their system log saying why."""
     from cairn.storage.datastores import DatastoreLocation, upload
 
     target = job.log_upload
-    loc_data = job.datastore_locations[target["datastore"]]
-    loc = DatastoreLocation(target["datastore"], loc_data["kind"], loc_data["config"], loc_data["secrets"])
     try:
+        loc_data = job.datastore_locations[target["datastore"]]
+        loc = DatastoreLocation(target["datastore"], loc_data["kind"], loc_data["config"], loc_data["secrets"])
         upload(loc, [(str(p), f"{target['path']}/{p.name}") for p in paths], overwrite=True, show_progress=False)
     except Exception as exc:  # the logs stay in the local cache; say so where they are
         with open(Path(job.log_dir) / "system.txt", "a", encoding="utf-8") as f:

@@ -75,25 +75,21 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     started = time.monotonic()
     preloaded, failed = [], []
     environment = dict(os.environ)
-    watched: dict[str, list[object]] = {}  # the user's own files the preloads read, as they were then
     installed = _installed_folders()
-    for name in modules:
-        state = _process_state()
-        before, began = set(sys.modules), time.time_ns()
-        try:
-            importlib.import_module(name)
-            preloaded.append(name)
-        except Exception as exc:  # the step imports it itself (and fails there, with its own error)
-            failed.append(f"{name}: {type(exc).__name__}: {exc}")
-            _restore_process_state(state)  # what it changed before failing is not every step's
-        # (stated now, right after the import that read them: a later preload may take minutes)
-        files = [_file_of(m) for m in _modules_of(set(sys.modules) - before)]
-        if name not in preloaded:  # fixed later, it is preloaded then: a restart
-            files.append(_origin(name))
-        for path in files:
-            seen = watched_file(path, installed, began)
-            if seen is not None:
-                watched.setdefault(seen[0], seen)
+    with _StatsAsRead() as read:  # the user's own module files, as they were when a preload read them
+        for name in modules:
+            state = _process_state()
+            before = set(sys.modules)
+            try:
+                importlib.import_module(name)
+                preloaded.append(name)
+            except Exception as exc:  # the step imports it itself (and fails there, with its own error)
+                failed.append(f"{name}: {type(exc).__name__}: {exc}")
+                _restore_process_state(state)  # what it changed before failing is not every step's
+                read.failed(name, exc)  # fixed later, it is preloaded then: a restart
+            for module in _modules_of(set(sys.modules) - before):
+                read.imported(_file_of(module))  # (an extension module: stated now)
+    watched = [seen for seen in (watched_file(path, st, installed) for path, st in read.files.items()) if seen]
     # variables the preloads set (a library's import may set some): a cold step's imports set them too
     _SET_BY_PRELOADS.update({k: v for k, v in os.environ.items() if environment.get(k) != v})
     for name in CHILD_NEEDS:
@@ -104,7 +100,7 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
     _ready(ready_fd, {"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
                       "import_seconds": round(time.monotonic() - started, 3),
-                      "watched": list(watched.values())})
+                      "watched": watched})
     accepting = True
     # Cairn's step-side client is imported once the server has been quiet for a moment (no request,
     # no step ending): a burst of short steps never waits for it (~0.3 s), and a step that calls
@@ -171,33 +167,80 @@ def _file_of(module: object) -> object:
         return None
 
 
-def _origin(name: str) -> str | None:
-    """The file a module that failed to import would be read from (None when none is found)."""
-    import importlib.util
+class _StatsAsRead:
+    """While the preloads import: the stat of each module source file as the import system reads
+    it (``SourceFileLoader.path_stats`` comes right before the source, or its cached bytecode, is
+    read): an edit made later, even while the same preload still imports, is then seen; a file a
+    preload writes before importing it is stated as written."""
 
+    def __init__(self) -> None:
+        self.files: dict[str, os.stat_result] = {}
+
+    def __enter__(self) -> _StatsAsRead:
+        from importlib.machinery import SourceFileLoader
+
+        self._real = real = SourceFileLoader.path_stats
+        files = self.files
+
+        def path_stats(loader: object, path: str) -> dict:
+            try:
+                files.setdefault(os.path.abspath(path), os.stat(path))
+            except OSError:
+                pass
+            return real(loader, path)
+
+        SourceFileLoader.path_stats = path_stats  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from importlib.machinery import SourceFileLoader
+
+        SourceFileLoader.path_stats = self._real  # type: ignore[method-assign]
+
+    def imported(self, path: object) -> None:
+        """A module file the import system did not state (an extension module): stated now."""
+        if isinstance(path, str) and path:
+            try:
+                self.files.setdefault(os.path.abspath(path), os.stat(path))
+            except OSError:
+                pass
+
+    def failed(self, name: str, exc: BaseException) -> None:
+        """A preload that failed: the files its failure came from (a syntax error's, the frames')
+        and the file it would be read from, stated now (its import read them, or not at all)."""
+        paths = [getattr(exc, "filename", None) if isinstance(exc, SyntaxError) else None, _origin(name)]
+        tb = exc.__traceback__
+        while tb is not None:
+            paths.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        for path in paths:
+            self.imported(path)
+
+
+def _origin(name: str) -> str | None:
+    """The file a module that failed to import would be read from (None when none is found),
+    looked up without importing anything (a dotted name's parent only where it is imported)."""
+    from importlib.machinery import PathFinder
+
+    parent, _, _ = name.rpartition(".")
     try:
-        spec = importlib.util.find_spec(name)
-    except Exception:  # (its parent cannot be imported either)
+        if parent:
+            search = getattr(sys.modules.get(parent), "__path__", None)
+            spec = PathFinder.find_spec(name, list(search)) if search is not None else None
+        else:
+            spec = PathFinder.find_spec(name)
+    except Exception:
         return None
     return spec.origin if spec is not None and spec.has_location else None
 
 
-def watched_file(path: object, installed: tuple[str, ...], began: int) -> list[object] | None:
-    """[path, mtime_ns, size, inode, device] of a module file of the user's own (None for installed
-    code, or a file that is not one: a zip member, a module made in memory). The path as imported
-    (a symlink re-pointed changes what it stats as); a file changed after ``began`` (while it was
-    being imported) is recorded as changed already: the first step restarts the server."""
-    if not isinstance(path, str) or not path:
+def watched_file(path: str, st: os.stat_result, installed: tuple[str, ...]) -> list[object] | None:
+    """[path, mtime_ns, size, inode, device] of a module file of the user's own, as ``st`` saw it
+    (None for installed code, or a file that is not one: a zip member, a frozen module). The path
+    as imported: a symlink re-pointed changes what it stats as."""
+    if os.path.realpath(path).startswith(installed) or not os.path.isfile(path):
         return None
-    path = os.path.abspath(path)
-    if os.path.realpath(path).startswith(installed):
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    mtime = st.st_mtime_ns if not began <= st.st_mtime_ns <= time.time_ns() else -1
-    return [path, mtime, st.st_size, st.st_ino, st.st_dev]
+    return [path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev]
 
 
 def _process_state() -> tuple:

@@ -328,6 +328,7 @@ class WarmPool:
                     if on_restart is not None:
                         on_restart(changed)
             restarted, on_wait = True, None
+            deadline = time.monotonic() + STEP_WAIT  # (the new server imports it all again)
 
     def _running_server(self, key: tuple[Any, ...], python: str, env: dict[str, str], log_dir: Path,
                         stop_waiting: Any, on_wait: Callable[[], None] | None, deadline: float) -> WarmServer:
