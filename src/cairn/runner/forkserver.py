@@ -183,10 +183,12 @@ class _StatsAsRead:
         files = self.files
 
         def path_stats(loader: object, path: str) -> dict:
-            try:
-                files.setdefault(os.path.abspath(path), os.stat(path))
-            except OSError:
-                pass
+            where = os.path.abspath(path)
+            if where not in files:  # (the first read counts)
+                try:
+                    files[where] = os.stat(path)
+                except OSError:
+                    pass
             return real(loader, path)
 
         SourceFileLoader.path_stats = path_stats  # type: ignore[method-assign]
@@ -199,9 +201,9 @@ class _StatsAsRead:
 
     def imported(self, path: object) -> None:
         """A module file the import system did not state (an extension module): stated now."""
-        if isinstance(path, str) and path:
+        if isinstance(path, str) and path and os.path.abspath(path) not in self.files:
             try:
-                self.files.setdefault(os.path.abspath(path), os.stat(path))
+                self.files[os.path.abspath(path)] = os.stat(path)
             except OSError:
                 pass
 

@@ -6,9 +6,9 @@ stdout/stderr files and exit code; ``WarmProcess`` looks like ``subprocess.Popen
 When not to use it: modules that start threads at import (only the forking thread survives into
 the child), that open GPU contexts or network connections at import (shared with every child),
 or that read environment variables at import (they see the server's, not the step's). What every
-warm step shares with the server: the preloaded modules as they were when it started (a step that finds one of the user's own
-preloaded files changed restarts the server first, ``WarmServer.changed``; an installed package
-upgraded meanwhile is seen once the agent restarts), the
+warm step shares with the server: the preloaded modules as they were when it started (a step that
+finds one of the user's own module files a preload imported changed restarts the server first,
+``WarmServer.changed``; an installed package upgraded meanwhile is seen once the agent restarts), the
 hash seed of ``str`` (and so the order of sets of strings), and the process title (``ps`` shows
 ``forkserver.py``). A step that sets a variable Python or a preloaded library reads only at start
 (``STARTUP_VARIABLES``), or whose snapshot has its own copy of a module the server imported,
@@ -322,11 +322,12 @@ class WarmPool:
             if changed is None:  # (a file edited again meanwhile restarts it for the next step, not this one)
                 return server
             with self._cond:
-                if self._servers.get(key) is server:  # (not restarted by another step meanwhile)
+                mine = self._servers.get(key) is server  # (else another step restarted it meanwhile)
+                if mine:
                     self._servers.pop(key).stop()  # its running steps end as ever
                     self._used.pop(key, None)
-                    if on_restart is not None:
-                        on_restart(changed)
+            if mine and on_restart is not None:
+                on_restart(changed)
             restarted, on_wait = True, None
             deadline = time.monotonic() + STEP_WAIT  # (the new server imports it all again)
 
