@@ -81,3 +81,13 @@ def test_a_step_without_late_lines_uploads_once_and_keeps_nothing(tmp_path: Path
     execute.upload_logs(job, StepResult("step", "Completed", None, 0))
     assert (tmp_path / "store" / "runs" / "run" / "step" / "logs" / "system.txt").read_text() == "completed\n"
     assert not execute._late_log_lines._state
+
+
+def test_an_upload_that_fails_where_its_logs_went_does_not_raise(tmp_path: Path) -> None:
+    job = _job(tmp_path)
+    broken = StepJob(**{**job.to_dict(), "datastore_locations": {"lake": {"kind": "local", "config": {
+        "path": str(tmp_path / "no_such_store")}, "secrets": {}}}, "log_dir": str(tmp_path / "gone")})
+    execute._late_log_lines.expect(broken)
+    execute.upload_logs(broken, StepResult("step", "Completed", None, 0))  # no logs, nowhere to say so
+    execute._late_log_lines.written(broken)  # (and again, for the lines)
+    assert "step" not in execute._late_log_lines._state

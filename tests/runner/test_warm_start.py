@@ -979,10 +979,18 @@ def test_files_stated_as_read_failed_preloads_and_generated_modules(tmp_path: Pa
     (mods / "badpkg" / "sub.py").write_text("")
     (mods / "pkg2" / "__init__.py").write_text("from . import broken\n")
     (mods / "pkg2" / "broken.py").write_text("def (\n")
-    server = WarmServer(sys.executable, ("self_f", "gen_e", "badpkg.sub", "pkg2"),
+    twice = mods / "twice_gen.py"
+    (mods / "twice_h.py").write_text(  # writes a module, imports it, writes it again and imports it again
+        "import importlib.util\n"
+        "for value in ('1', '22222'):\n"
+        f"    open({str(twice)!r}, 'w').write('X = ' + value + '\\n')\n"
+        f"    spec = importlib.util.spec_from_file_location('twice_gen', {str(twice)!r})\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n")
+    (mods / "odd_i.py").write_text("raise SyntaxError('odd', ('a\\x00b', 1, 1, 'x'))\n")  # a name no file has
+    server = WarmServer(sys.executable, ("self_f", "gen_e", "badpkg.sub", "pkg2", "twice_h", "odd_i"),
                         {**os.environ, "PYTHONPATH": str(mods)}, tmp_path / "warm.log")
     try:
-        assert server.ready["preloaded"] == ["self_f", "gen_e"]
+        assert server.ready["preloaded"] == ["self_f", "gen_e", "twice_h"]
         assert ran.read_text() == "ran\n"  # not imported again to find what failed
         assert server.changed() == str(mods / "self_f.py")
         watched = {path for path, *_ in server.ready["watched"]}
@@ -991,10 +999,10 @@ def test_files_stated_as_read_failed_preloads_and_generated_modules(tmp_path: Pa
     finally:
         server.kill()
     (mods / "edits_f.py").write_text("")  # (self_f is no longer edited as it is imported)
-    again = WarmServer(sys.executable, ("self_f", "gen_e", "pkg2"), {**os.environ, "PYTHONPATH": str(mods)},
+    again = WarmServer(sys.executable, ("self_f", "gen_e", "pkg2", "twice_h"), {**os.environ, "PYTHONPATH": str(mods)},
                        tmp_path / "warm.log")
     try:
-        assert again.changed() is None  # generated_e.py, written then imported: as it was read
+        assert again.changed() is None  # generated_e.py and twice_gen.py, written then imported: as last read
         (mods / "pkg2" / "broken.py").write_text("FIXED = 1\n")
         assert again.changed() == str(mods / "pkg2" / "broken.py")
     finally:

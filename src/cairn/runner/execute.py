@@ -929,8 +929,11 @@ def _upload_log_files(job: StepJob, paths: list[Path]) -> None:
         loc = DatastoreLocation(target["datastore"], loc_data["kind"], loc_data["config"], loc_data["secrets"])
         upload(loc, [(str(p), f"{target['path']}/{p.name}") for p in paths], overwrite=True, show_progress=False)
     except Exception as exc:  # the logs stay in the local cache; say so where they are
-        with open(Path(job.log_dir) / "system.txt", "a", encoding="utf-8") as f:
-            f.write(f"could not upload the logs to {target['datastore']}: {exc}\n")
+        try:
+            with open(Path(job.log_dir) / "system.txt", "a", encoding="utf-8") as f:
+                f.write(f"could not upload the logs to {target['datastore']}: {exc}\n")
+        except OSError:  # (its folder gone, the disk full: nowhere to say it)
+            pass
 
 
 class _LateLogLines:

@@ -86,7 +86,10 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
             except Exception as exc:  # the step imports it itself (and fails there, with its own error)
                 failed.append(f"{name}: {type(exc).__name__}: {exc}")
                 _restore_process_state(state)  # what it changed before failing is not every step's
-                read.failed(name, exc)  # fixed later, it is preloaded then: a restart
+                try:
+                    read.failed(name, exc)  # fixed later, it is preloaded then: a restart
+                except Exception:  # (what it failed on cannot be told: not watched)
+                    pass
             for module in _modules_of(set(sys.modules) - before):
                 read.imported(_file_of(module))  # (an extension module: stated now)
     watched = [seen for seen in (watched_file(path, st, installed) for path, st in read.files.items()) if seen]
@@ -183,12 +186,10 @@ class _StatsAsRead:
         files = self.files
 
         def path_stats(loader: object, path: str) -> dict:
-            where = os.path.abspath(path)
-            if where not in files:  # (the first read counts)
-                try:
-                    files[where] = os.stat(path)
-                except OSError:
-                    pass
+            try:  # (the last read counts: a file a preload writes again and imports again)
+                files[os.path.abspath(path)] = os.stat(path)
+            except (OSError, ValueError):
+                pass
             return real(loader, path)
 
         SourceFileLoader.path_stats = path_stats  # type: ignore[method-assign]
@@ -204,7 +205,7 @@ class _StatsAsRead:
         if isinstance(path, str) and path and os.path.abspath(path) not in self.files:
             try:
                 self.files[os.path.abspath(path)] = os.stat(path)
-            except OSError:
+            except (OSError, ValueError):  # (not a file's name: "<string>", a NUL byte, a lone surrogate)
                 pass
 
     def failed(self, name: str, exc: BaseException) -> None:
