@@ -59,13 +59,14 @@ ORDER = ("chain", "rerun", "edit", "fanout", "dag", "handoff")
 
 
 def peer_python(tool: str) -> str:
-    """The interpreter of the tool's own venv, made (once) with uv."""
+    """The interpreter of the tool's own venv, made (once) with uv ("steps": the steps' own, every
+    tool's, with no packages)."""
     if tool in ("bare", "cairn", "cairn-warm"):
         return sys.executable
     venv = PEERS_ROOT / tool
     python = venv / "bin" / "python"
     stamp = venv / ".installed"
-    wanted = " ".join(PEERS[tool])
+    wanted = " ".join(PEERS.get(tool, ()))
     if not (stamp.exists() and stamp.read_text() == wanted):
         from cairn.environments.build import EnvironmentBuildError, uv_binary
 
@@ -74,8 +75,9 @@ def peer_python(tool: str) -> str:
         try:
             uv = uv_binary()
             subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
-            subprocess.run([uv, "pip", "install", "--quiet", "--python", str(python), "--compile-bytecode",
-                            *PEERS[tool]], check=True)
+            if PEERS.get(tool):
+                subprocess.run([uv, "pip", "install", "--quiet", "--python", str(python), "--compile-bytecode",
+                                *PEERS[tool]], check=True)
         except (subprocess.CalledProcessError, EnvironmentBuildError, OSError) as exc:
             shutil.rmtree(venv, ignore_errors=True)
             why = "uv's error is above" if isinstance(exc, subprocess.CalledProcessError) else str(exc)
@@ -88,7 +90,10 @@ def peer_python(tool: str) -> str:
 def run_driver(tool: str, shape: str, state: Path) -> dict[str, Any]:
     """One driver process: its own pipeline seconds, its wall time, its peak RSS (the largest single
     process of its tree, from wait4), and how many steps ran (from ran.log)."""
-    env = {**os.environ, "BENCH_RAN_LOG": str(state / "ran.log"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "BENCH_RAN_LOG": str(state / "ran.log"), "PYTHONUNBUFFERED": "1",
+           # every tool's steps start the same interpreter: one venv's being larger (Cairn's, with
+           # pandas, Ray, ...: ~1 ms more per start) is no tool's cost
+           "BENCH_STEP_PYTHON": peer_python("steps")}
     env.pop("VIRTUAL_ENV", None)
     (state / "ran.log").write_text("")
     # every shape starts with nothing left to write back: the 1 GiB hand-off's dirty pages slowed

@@ -9,6 +9,7 @@ Steps append their names to ``<state>/ran.log`` (the harness counts what ran; dr
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -66,9 +67,15 @@ def step_script(state: Path, name: str) -> Path:
     return script
 
 
+def step_python() -> str:
+    """The interpreter every tool runs the steps with (``bench_peers.py`` makes it: a venv with no
+    packages, so that no tool's steps start faster for its own venv's being smaller)."""
+    return os.environ.get("BENCH_STEP_PYTHON") or sys.executable
+
+
 def step_argv(state: Path, name: str, inputs: list[str], out: str, python: str | None = None) -> list[str]:
     """The command of one step: its own script, its input folders, its output folder."""
-    argv = [python or sys.executable, str(step_script(state, name)), "--name", name, "--out", out,
+    argv = [python or step_python(), str(step_script(state, name)), "--name", name, "--out", out,
             "--ran", str(state / "ran.log")]
     for folder in inputs:
         argv += ["--in", folder]

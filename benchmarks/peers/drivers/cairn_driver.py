@@ -11,11 +11,13 @@ import common  # noqa: E402
 
 from cairn import (  # noqa: E402
     ComputeTarget,
+    Environment,
     Experiment,
     LocalCompute,
     Pipeline,
     PipelineData,
     PythonScriptStep,
+    RunConfiguration,
     Workspace,
 )
 from cairn.engine.client import _request, ensure_agent  # noqa: E402
@@ -41,6 +43,9 @@ ensure_agent(layout)
 agent_pid = (_request(layout, {"op": "sync"}) or {})["pid"]
 cpu_before = common.process_cpu_seconds(agent_pid)
 scheduler_before = common.thread_cpu_seconds(agent_pid, agent_pid)  # its main thread runs the scheduler
+# the steps' interpreter, every tool's (a venv with no packages): a user-managed environment
+steps_run = RunConfiguration()
+steps_run.environment = Environment.from_existing_interpreter("bench-steps", common.step_python())
 with common.Timer() as t:
     data: dict[str, PipelineData] = {}
     steps = []
@@ -52,7 +57,7 @@ with common.Timer() as t:
         if name == "handoff_write":
             arguments += ["--size", str(common.HANDOFF_BYTES)]
         steps.append(PythonScriptStep("step.py", name=name, source_directory=str(args.state / "steps" / name),
-                                      arguments=arguments, outputs=[out]))
+                                      arguments=arguments, outputs=[out], runconfig=steps_run))
     run = Experiment(ws, args.shape).submit(Pipeline(ws, steps))
     status = run.wait_for_completion(show_output=False)
 assert status == "Completed", status
