@@ -26,6 +26,7 @@ import os  # noqa: E402
 import selectors  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import stat  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from importlib.machinery import all_suffixes  # noqa: E402
@@ -75,8 +76,7 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     started = time.monotonic()
     preloaded, failed = [], []
     environment = dict(os.environ)
-    installed = _installed_folders()
-    with _StatsAsRead() as read:  # the user's own module files, as they were when a preload read them
+    with _StatsAsRead(_installed_folders()) as read:  # the user's own module files, as a preload read them
         for name in modules:
             state = _process_state()
             before = set(sys.modules)
@@ -92,7 +92,7 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
                     pass
             for module in _modules_of(set(sys.modules) - before):
                 read.imported(_file_of(module))  # (an extension module: stated now)
-    watched = [seen for seen in (watched_file(path, st, installed) for path, st in read.files.items()) if seen]
+    watched = [[path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev] for path, st in read.files.items()]
     # variables the preloads set (a library's import may set some): a cold step's imports set them too
     _SET_BY_PRELOADS.update({k: v for k, v in os.environ.items() if environment.get(k) != v})
     for name in CHILD_NEEDS:
@@ -144,17 +144,17 @@ _SET_BY_PRELOADS: dict[str, str] = {}  # variables the preloaded modules set as 
 
 def _installed_folders() -> tuple[str, ...]:
     """Where installed code lives (the standard library, site-packages, the user's site-packages),
-    which a user edits rarely and which holds thousands of files: not watched."""
+    which a user edits rarely and which holds thousands of files: not watched. As spelled and with
+    links resolved. (Not through ``sysconfig``: a module the server imports, every warm step has.)"""
     import site
-    import sysconfig
 
-    paths = {sysconfig.get_paths().get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths = {os.path.dirname(os.__file__)}  # the standard library (its lib-dynload inside)
     try:
         paths.update(site.getsitepackages())
         paths.add(site.getusersitepackages())
     except AttributeError:  # (a site module without them)
         pass
-    return tuple(os.path.realpath(p) + os.sep for p in paths if p)
+    return tuple({f(p) + os.sep for p in paths if p for f in (os.path.abspath, os.path.realpath)})
 
 
 def _modules_of(names: set[str]) -> list[object]:
@@ -171,25 +171,23 @@ def _file_of(module: object) -> object:
 
 
 class _StatsAsRead:
-    """While the preloads import: the stat of each module source file as the import system reads
-    it (``SourceFileLoader.path_stats`` comes right before the source, or its cached bytecode, is
-    read): an edit made later, even while the same preload still imports, is then seen; a file a
-    preload writes before importing it is stated as written."""
+    """While the preloads import: the stat of each of the user's own module source files (not
+    ``installed`` code) as the import system reads it (``SourceFileLoader.path_stats`` comes right
+    before the source, or its cached bytecode, is read): an edit made later, even while the same
+    preload still imports, is then seen; a file a preload writes before importing it is stated as
+    written. The path as imported: a symlink re-pointed changes what it stats as."""
 
-    def __init__(self) -> None:
+    def __init__(self, installed: tuple[str, ...]) -> None:
+        self.installed = installed
         self.files: dict[str, os.stat_result] = {}
 
     def __enter__(self) -> _StatsAsRead:
         from importlib.machinery import SourceFileLoader
 
         self._real = real = SourceFileLoader.path_stats
-        files = self.files
 
         def path_stats(loader: object, path: str) -> dict:
-            try:  # (the last read counts: a file a preload writes again and imports again)
-                files[os.path.abspath(path)] = os.stat(path)
-            except (OSError, ValueError):
-                pass
+            self._state(path, again=True)  # (the last read counts: a file written again, imported again)
             return real(loader, path)
 
         SourceFileLoader.path_stats = path_stats  # type: ignore[method-assign]
@@ -200,13 +198,23 @@ class _StatsAsRead:
 
         SourceFileLoader.path_stats = self._real  # type: ignore[method-assign]
 
+    def _state(self, path: object, again: bool = False) -> None:
+        if not isinstance(path, str) or not path:
+            return
+        where = os.path.abspath(path)
+        if (where in self.files and not again) or where.startswith(self.installed) \
+                or os.path.realpath(where).startswith(self.installed):
+            return
+        try:
+            st = os.stat(where)
+        except (OSError, ValueError):  # (not a file's name: "<string>", a zip member, a NUL byte)
+            return
+        if stat.S_ISREG(st.st_mode):
+            self.files[where] = st
+
     def imported(self, path: object) -> None:
         """A module file the import system did not state (an extension module): stated now."""
-        if isinstance(path, str) and path and os.path.abspath(path) not in self.files:
-            try:
-                self.files[os.path.abspath(path)] = os.stat(path)
-            except (OSError, ValueError):  # (not a file's name: "<string>", a NUL byte, a lone surrogate)
-                pass
+        self._state(path)
 
     def failed(self, name: str, exc: BaseException) -> None:
         """A preload that failed: the files its failure came from (a syntax error's, the frames')
@@ -217,7 +225,7 @@ class _StatsAsRead:
             paths.append(tb.tb_frame.f_code.co_filename)
             tb = tb.tb_next
         for path in paths:
-            self.imported(path)
+            self._state(path)
 
 
 def _origin(name: str) -> str | None:
@@ -235,15 +243,6 @@ def _origin(name: str) -> str | None:
     except Exception:
         return None
     return spec.origin if spec is not None and spec.has_location else None
-
-
-def watched_file(path: str, st: os.stat_result, installed: tuple[str, ...]) -> list[object] | None:
-    """[path, mtime_ns, size, inode, device] of a module file of the user's own, as ``st`` saw it
-    (None for installed code, or a file that is not one: a zip member, a frozen module). The path
-    as imported: a symlink re-pointed changes what it stats as."""
-    if os.path.realpath(path).startswith(installed) or not os.path.isfile(path):
-        return None
-    return [path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev]
 
 
 def _process_state() -> tuple:
