@@ -75,6 +75,23 @@ def _made(ws: Workspace, store: Any, step: Any) -> str:
     return digest_tree(_root(ws, row) / row["path"]).digest
 
 
+def _left_pending_by_a_dead_agent(ws: Workspace, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                  readers: tuple[tuple[str, dict[str, Any]], ...] = (("reader", {}),)
+                                  ) -> tuple[Any, Any, Any, str]:
+    """The pipeline run to its end (its digests made), then the writer's output record put back
+    as an agent that died between the commit and the digest leaves it: (run, store, writer, the
+    digest)."""
+    run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=readers), monkeypatch)
+    with _AgentHere(ws, late=True) as here:
+        assert here.run_ended()
+        assert here.agent.late.join(timeout=60)
+    store = _store(ws)
+    writer = run.find_step_run("writer")[0]
+    made = q.get_outputs(store, writer.id)["big"]["digest"]
+    q.record_late_digests(store, writer.id, made, {"big": pending_digest(writer.id)})
+    return run, store, writer, made
+
+
 def test_the_run_ends_before_the_digest_and_its_consumer_is_keyed_once_it_comes(
         tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.create(tmp_path / "ws")
@@ -170,15 +187,7 @@ def test_an_output_changed_before_it_was_digested_keys_nothing_and_its_step_runs
 def test_a_digest_left_pending_by_an_agent_that_died_is_made_by_whoever_needs_it(
         tmp_path: Path, sources: dict[str, Path], no_agent: None, monkeypatch: pytest.MonkeyPatch) -> None:
     ws = Workspace.create(tmp_path / "ws")
-    run = _submit_for_this_process(ws, _pipeline(ws, sources), monkeypatch)
-    with _AgentHere(ws, late=True) as here:
-        assert here.run_ended()
-        assert here.agent.late.join(timeout=60)
-    store = _store(ws)
-    writer = run.find_step_run("writer")[0]
-    made = q.get_outputs(store, writer.id)["big"]["digest"]
-    # as an agent that died between the commit and the digest leaves it
-    q.record_late_digests(store, writer.id, made, {"big": pending_digest(writer.id)})
+    _, store, writer, made = _left_pending_by_a_dead_agent(ws, sources, monkeypatch)
     again = _again(ws, sources, monkeypatch, late=True)  # an agent without digests in flight: it makes the writer's
     assert _statuses(again) == {"writer": "Reused", "reader": "Reused"}
     assert q.get_outputs(store, writer.id)["big"]["digest"] == made
@@ -407,14 +416,7 @@ def test_consumers_of_a_digest_a_dead_agent_left_wait_for_it_in_a_resumed_run(
 
     ws = Workspace.create(tmp_path / "ws")
     readers = (("reader", {"allow_reuse": False}), ("reader2", {"allow_reuse": False}))
-    run = _submit_for_this_process(ws, _pipeline(ws, sources, readers=readers), monkeypatch)
-    with _AgentHere(ws, late=True) as here:
-        assert here.run_ended()
-        assert here.agent.late.join(timeout=60)
-    store = _store(ws)
-    writer = run.find_step_run("writer")[0]
-    made = q.get_outputs(store, writer.id)["big"]["digest"]
-    q.record_late_digests(store, writer.id, made, {"big": pending_digest(writer.id)})  # as a dead agent leaves it
+    run, store, writer, made = _left_pending_by_a_dead_agent(ws, sources, monkeypatch, readers)
     gate = threading.Event()
     real = late_digests.digest_in_place
     monkeypatch.setattr(late_digests, "digest_in_place", lambda row, root: real(row, root) if gate.wait(30) else "")
