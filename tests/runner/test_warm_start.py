@@ -959,6 +959,53 @@ def test_what_a_server_watches_of_the_users_own_modules(tmp_path: Path) -> None:
         others.kill()
 
 
+def test_edits_a_stat_cannot_tell_and_modules_in_zip_archives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a filesystem's clock is coarse (2 s on FAT), an edit in the same tick as the read, at the
+    same size, leaves the stat as it was: a module modified that recently when it was read has its
+    content compared, until its clock has moved on. A module imported from a zip archive is watched
+    through the archive."""
+    import os
+    import time
+    import zipfile
+
+    from cairn.runner import warm
+    from cairn.runner.warm import WarmServer
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    recent, settled = mods / "recent_j.py", mods / "settled_j.py"
+    recent.write_text("V = 1\n")
+    settled.write_text("V = 1\n")
+    long_ago = time.time_ns() - 60 * 10**9
+    os.utime(settled, ns=(long_ago, long_ago))
+    archive = tmp_path / "lib.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("zipped_k.py", "K = 1\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(mods), str(archive)])}
+    server = WarmServer(sys.executable, ("recent_j", "settled_j", "zipped_k"), env, tmp_path / "warm.log")
+    try:
+        assert server.ready["preloaded"] == ["recent_j", "settled_j", "zipped_k"]
+        watched = {entry[0]: entry for entry in server.ready["watched"]}
+        assert watched[str(recent)][5] is not None and watched[str(settled)][5] is None
+        assert str(archive) in watched
+        assert server.changed() is None
+        as_read = os.stat(recent)
+        recent.write_text("V = 2\n")  # same size; the coarse clock gives it the same time
+        os.utime(recent, ns=(as_read.st_atime_ns, as_read.st_mtime_ns))
+        assert server.changed() == str(recent)
+        recent.write_text("V = 1\n")  # back as it was read
+        os.utime(recent, ns=(as_read.st_atime_ns, as_read.st_mtime_ns))
+        assert server.changed() is None
+        later = time.time_ns() + 10 * 10**9
+        monkeypatch.setattr(warm.time, "time_ns", lambda: later)
+        assert server.changed() is None and watched[str(recent)][5] is None  # settled: its stat tells now
+        with zipfile.ZipFile(archive, "w") as zipped:
+            zipped.writestr("zipped_k.py", "K = 22\n")
+        assert server.changed() == str(archive)
+    finally:
+        server.kill()
+
+
 def test_files_stated_as_read_failed_preloads_and_generated_modules(tmp_path: Path) -> None:
     """A preload's own file edited while that same preload still imports is seen; a module a preload
     writes and then imports is not taken for an edit (no restart at every step); a dotted preload

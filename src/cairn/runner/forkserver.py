@@ -42,6 +42,10 @@ QUIET_SECONDS = 0.05
 INTERRUPTED = -1  # the script ended on an uncaught KeyboardInterrupt
 # What every child uses on its way in and out: imported once here, not once per step.
 CHILD_NEEDS = ["atexit", "random", "threading", "traceback", "types", "importlib.machinery"]
+# A module file modified this recently when it is read may be edited again within the same tick of
+# its filesystem's clock (2 s on FAT, 1 s on HFS+ and some network filesystems, a scheduler tick
+# elsewhere) at the same size: its stat would not tell. Its content is kept then, and compared.
+RACY_NS = 2_000_000_000
 
 
 def main() -> None:
@@ -92,11 +96,12 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
                     pass
             for module in _modules_of(set(sys.modules) - before):
                 read.imported(_file_of(module))  # (an extension module: stated now)
-    watched = [[path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev] for path, st in read.files.items()]
     # variables the preloads set (a library's import may set some): a cold step's imports set them too
     _SET_BY_PRELOADS.update({k: v for k, v in os.environ.items() if environment.get(k) != v})
     for name in CHILD_NEEDS:
         importlib.import_module(name)
+    watched = [[path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev, read.digest(path)]
+               for path, st in read.files.items()]
     _BASE_PATH[:] = _base_path()
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ, ("accept", None, None))
@@ -180,6 +185,7 @@ class _StatsAsRead:
     def __init__(self, installed: tuple[str, ...]) -> None:
         self.installed = installed
         self.files: dict[str, os.stat_result] = {}
+        self.contents: dict[str, bytes] = {}  # of the files modified too recently for their stat to tell
 
     def __enter__(self) -> _StatsAsRead:
         from importlib.machinery import SourceFileLoader
@@ -207,10 +213,37 @@ class _StatsAsRead:
             return
         try:
             st = os.stat(where)
-        except (OSError, ValueError):  # (not a file's name: "<string>", a zip member, a NUL byte)
+        except ValueError:  # (a NUL byte)
             return
-        if stat.S_ISREG(st.st_mode):
-            self.files[where] = st
+        except OSError:  # not a file's name ("<string>"), or a member of a zip archive: the archive
+            where = _archive_of(where)
+            if where is None or where.startswith(self.installed) or os.path.realpath(where).startswith(self.installed):
+                return
+            try:
+                st = os.stat(where)
+            except OSError:
+                return
+        if not stat.S_ISREG(st.st_mode):
+            return
+        self.files[where] = st
+        self.contents.pop(where, None)
+        if time.time_ns() - st.st_mtime_ns < RACY_NS:  # (a time in the future too)
+            try:
+                with open(where, "rb") as file:
+                    self.contents[where] = file.read()
+            except OSError:
+                pass
+
+    def digest(self, path: str) -> str | None:
+        """The SHA-512 of a file's content as it was read while its stat could not tell an edit
+        (``RACY_NS``), or None. (``random``, which every child needs, has loaded ``_sha512``.)"""
+        content = self.contents.get(path)
+        if content is None:
+            return None
+        sha512 = getattr(sys.modules.get("_sha512"), "sha512", None)
+        if sha512 is None:  # (a build without it: random took hashlib's)
+            from hashlib import sha512
+        return sha512(content).hexdigest()
 
     def imported(self, path: object) -> None:
         """A module file the import system did not state (an extension module): stated now."""
@@ -226,6 +259,18 @@ class _StatsAsRead:
             tb = tb.tb_next
         for path in paths:
             self._state(path)
+
+
+def _archive_of(path: str) -> str | None:
+    """The zip archive a module was imported from (``/x/lib.zip/pkg/mod.py`` -> ``/x/lib.zip``):
+    the longest leading part of the path that is a file. Editing any module in it changes it."""
+    head = path
+    while True:
+        head, tail = os.path.split(head)
+        if not tail or not head:
+            return None
+        if os.path.isfile(head):
+            return head
 
 
 def _origin(name: str) -> str | None:

@@ -8,7 +8,9 @@ the child), that open GPU contexts or network connections at import (shared with
 or that read environment variables at import (they see the server's, not the step's). What every
 warm step shares with the server: the preloaded modules as they were when it started (a step that
 finds one of the user's own module files a preload imported changed restarts the server first,
-``WarmServer.changed``; an installed package upgraded meanwhile is seen once the agent restarts), the
+``WarmServer.changed``: by its stat, by its content where it was modified too recently when read for
+its stat to tell, by its zip archive's stat; an installed package upgraded meanwhile is seen once the
+agent restarts), the
 hash seed of ``str`` (and so the order of sets of strings), and the process title (``ps`` shows
 ``forkserver.py``). A step that sets a variable Python or a preloaded library reads only at start
 (``STARTUP_VARIABLES``), or whose snapshot has its own copy of a module the server imported,
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cairn.runner.forkserver import RACY_NS
 from cairn.runner.processes import RUN_ID_PLACEHOLDER
 
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
@@ -138,6 +141,16 @@ class WarmProcess:
         return self.returncode
 
 
+def _content_digest(path: str) -> str | None:
+    import hashlib
+
+    try:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "sha512").hexdigest()
+    except OSError:
+        return None
+
+
 class WarmServer:
     def __init__(self, python: str, modules: tuple[str, ...], env: dict[str, str], log_path: Path) -> None:
         # a fresh private folder (mode 0700, unguessable name) in /tmp: short enough for AF_UNIX
@@ -178,13 +191,19 @@ class WarmServer:
     def changed(self) -> str | None:
         """A file of the user's own modules the server preloaded that changed since (it then
         restarts: a cold step would import the new one), or None."""
-        for path, mtime_ns, size, inode, device in self.ready.get("watched", ()):
+        for entry in self.ready.get("watched", ()):
+            path, mtime_ns, size, inode, device, content_digest = entry
             try:
                 st = os.stat(path)
             except OSError:
                 return path
             if (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev) != (mtime_ns, size, inode, device):
                 return path
+            if content_digest is not None:  # modified too recently when read for its stat to tell
+                if _content_digest(path) != content_digest:
+                    return path
+                if time.time_ns() - mtime_ns >= RACY_NS:
+                    entry[5] = None  # its clock has moved on since: a later edit changes its stat
         return None
 
     def kill(self) -> None:
