@@ -82,3 +82,17 @@ def test_a_read_error_while_digesting_a_large_file_is_raised(tmp_path, monkeypat
     monkeypatch.setattr(digests, "open", lambda p, *_a, **_k: FailingFile(p, "rb"), raising=False)
     with pytest.raises(OSError, match="Input/output error"):
         digests.content_digest_file(path)
+
+
+def test_files_modified_too_recently_for_their_stat_to_tell_an_edit() -> None:
+    """A whole-second mtime is taken for a filesystem clock of seconds (FAT's 2 s); other mtimes
+    move with the kernel's tick (<= 10 ms): within that, an edit at the same size keeps the stat."""
+    from cairn.core.digests import modified_too_recently
+
+    whole = 1_700_000_000 * 10**9
+    assert modified_too_recently(whole, whole + 1_900_000_000)
+    assert not modified_too_recently(whole, whole + 2_000_000_000)
+    fine = whole + 123_456_789
+    assert modified_too_recently(fine, fine + 15_000_000)
+    assert not modified_too_recently(fine, fine + 20_000_000)
+    assert modified_too_recently(fine, fine - 5 * 10**9)  # modified "in the future": a clock set back

@@ -12,6 +12,16 @@ _CHUNK = 1 << 20
 _READ_BUFFER = 256 << 10
 
 
+def modified_too_recently(mtime_ns: int, now_ns: int) -> bool:
+    """Whether a file stated at ``now_ns`` with this mtime could still be edited, at the same
+    size, without its stat changing: within the same tick of its filesystem's clock (git's "racily
+    clean" files). A whole-second mtime is taken for a clock of seconds (FAT: 2 s); otherwise the
+    kernel's timestamps move with its tick (<= 10 ms; exFAT: 10 ms). Such a file is compared by
+    content, not stat. (``runner/forkserver.py``, which imports nothing of Cairn's, has a copy.)"""
+    window = 2_000_000_000 if mtime_ns % 1_000_000_000 == 0 else 20_000_000
+    return now_ns - mtime_ns < window
+
+
 def _hasher() -> Any:
     return hashlib.blake2b(digest_size=32)
 

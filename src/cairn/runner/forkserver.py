@@ -42,10 +42,6 @@ QUIET_SECONDS = 0.05
 INTERRUPTED = -1  # the script ended on an uncaught KeyboardInterrupt
 # What every child uses on its way in and out: imported once here, not once per step.
 CHILD_NEEDS = ["atexit", "random", "threading", "traceback", "types", "importlib.machinery"]
-# A module file modified this recently when it is read may be edited again within the same tick of
-# its filesystem's clock (2 s on FAT, 1 s on HFS+ and some network filesystems, a scheduler tick
-# elsewhere) at the same size: its stat would not tell. Its content is kept then, and compared.
-RACY_NS = 2_000_000_000
 
 
 def main() -> None:
@@ -227,7 +223,7 @@ class _StatsAsRead:
             return
         self.files[where] = st
         self.contents.pop(where, None)
-        if time.time_ns() - st.st_mtime_ns < RACY_NS:  # (a time in the future too)
+        if modified_too_recently(st.st_mtime_ns, time.time_ns()):  # (a time in the future too)
             try:
                 with open(where, "rb") as file:
                     self.contents[where] = file.read()
@@ -236,7 +232,7 @@ class _StatsAsRead:
 
     def digest(self, path: str) -> str | None:
         """The SHA-512 of a file's content as it was read while its stat could not tell an edit
-        (``RACY_NS``), or None. (``random``, which every child needs, has loaded ``_sha512``.)"""
+        (``modified_too_recently``), or None. (``random``, which every child needs, has loaded ``_sha512``.)"""
         content = self.contents.get(path)
         if content is None:
             return None
@@ -259,6 +255,13 @@ class _StatsAsRead:
             tb = tb.tb_next
         for path in paths:
             self._state(path)
+
+
+def modified_too_recently(mtime_ns: int, now_ns: int) -> bool:
+    """As ``cairn.core.digests.modified_too_recently`` (this file imports nothing of Cairn's): a
+    file an edit at the same size may change without changing its stat. Its content is compared."""
+    window = 2_000_000_000 if mtime_ns % 1_000_000_000 == 0 else 20_000_000
+    return now_ns - mtime_ns < window
 
 
 def _archive_of(path: str) -> str | None:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cairn.runner.forkserver import RACY_NS
+from cairn.core.digests import modified_too_recently
 from cairn.runner.processes import RUN_ID_PLACEHOLDER
 
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
@@ -202,7 +202,7 @@ class WarmServer:
             if content_digest is not None:  # modified too recently when read for its stat to tell
                 if _content_digest(path) != content_digest:
                     return path
-                if time.time_ns() - mtime_ns >= RACY_NS:
+                if not modified_too_recently(mtime_ns, time.time_ns()):
                     entry[5] = None  # its clock has moved on since: a later edit changes its stat
         return None
 

@@ -1,7 +1,9 @@
 """Snapshots of a source directory: content-addressed, ignore-file aware, stat-cached.
 
 A file whose (size, mtime, inode) match the stat cache is not read again; the caller loads and
-saves the cache (the store owns it), so this module does no SQL.
+saves the cache (the store owns it), so this module does no SQL. A file modified just before the
+walk is not cached: an edit within the same tick of its filesystem's clock, at the same size,
+would leave its stat as it was (``modified_too_recently``).
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ import json
 import os
 import shutil
 import stat as stat_mod
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cairn.core.digests import digest_file, digest_json
+from cairn.core.digests import digest_file, digest_json, modified_too_recently
 from cairn.core.errors import SnapshotTooLargeError, UserInputError
 from cairn.storage.objects import ObjectStore
 from cairn.storage.paths import real_path
@@ -256,6 +259,7 @@ def take_snapshot(
     except UnicodeEncodeError:
         raise UserInputError(f"the source folder {src!r} has a name that is not valid UTF-8, which a run cannot "
                              f"record: rename it") from None
+    walked_at = time.time_ns()
     files, empty, cut_short = _walk(src, spec, ignore_file, exclude, max_files)
     total = sum(st.st_size for _, st, _ in files)
     if cut_short or len(files) > max_files or total > max_bytes:
@@ -285,7 +289,8 @@ def take_snapshot(
             digest = cached[1]
         else:
             digest = digest_file(abspath)
-            updates[abspath] = (key, digest)
+            if not modified_too_recently(st.st_mtime_ns, walked_at):  # (read again next time)
+                updates[abspath] = (key, digest)
         entries.append(SnapshotEntry(rel, digest, st.st_size, bool(st.st_mode & stat_mod.S_IXUSR)))
     manifest: dict[str, Any] = {"files": [[e.path, e.digest, e.size, e.executable] for e in entries]}
     if empty:  # only then: a snapshot without empty folders keeps the digest it always had
