@@ -225,6 +225,18 @@ def test_a_recreated_step_has_its_datasets_and_workspace(workspace: Workspace,
     assert f"rows 2 workspace {workspace.name} experiment tables" in result.stdout
     assert "[offline run] scalar parent_metric = 1" in result.stderr
     assert run.get_metrics() == {"parent_metric": 1} and done.get_metrics() == {"child_metric": 2}  # the run's own
+    # the Dataset a direct input is reads the step's copies, not the datastore's files as they are now
+    folder = Path(workspace.location) / "a debug 'folder'"
+    printed = cairn("debug", done.id, "--print", "--dir", str(folder), cwd=Path(workspace.location))
+    assert printed.returncode == 0, printed.stderr
+    (Path(store.root) / "t.csv").write_text("a,b\n1,x\n2,y\n3,z\n")
+    pasted = next(line for line in printed.stderr.splitlines() if line.startswith("# to run it: "))
+    by_hand = subprocess.run(["bash", "-c", pasted.removeprefix("# to run it: ")], capture_output=True, text=True,
+                             timeout=120)
+    assert by_hand.returncode == 0 and "rows 2 " in by_hand.stdout, by_hand.stderr
+    (Path(store.root) / "t.csv").unlink()
+    assert subprocess.run(["bash", "-c", pasted.removeprefix("# to run it: ")], capture_output=True, text=True,
+                          timeout=120).returncode == 0
 
 
 def test_debug_sh_sets_the_steps_variables_whatever_the_shell_has(workspace: Workspace,
@@ -638,8 +650,7 @@ def test_what_debug_cannot_or_should_not_recreate_is_said(workspace: Workspace, 
         import os, sys
         path = os.path.join(sys.argv[1], "v.txt")
         os.chmod(path, 0o644)  # root writes anyway; a user must make it writable first
-        open(path, "a").write(" spoiled")
-        sys.exit(1)
+        open(path, "a").write(" spoiled")  # and exits 0: its run fails for that change alone
     """)
     made = PipelineData("made")
     run = Experiment(workspace, "debug").submit(Pipeline(workspace, [
@@ -651,6 +662,11 @@ def test_what_debug_cannot_or_should_not_recreate_is_said(workspace: Workspace, 
                    env_extra={"CAIRN_SECRET_KEY": "not-for-files"})
     assert result.returncode == 0, result.stderr
     assert "input made: the output of step 'make' it reads changed since it was committed" in flat(result.stderr)
+    said = flat(result.stderr)
+    assert said.index("in its run: Failed: ") < said.index("input made: the output")  # what the run was, first
+    assert "inputs are copies of its own: it cannot fail that way here" in said
+    refused = cairn("debug", spoil, "--print", "--dir", str(src), cwd=Path(workspace.location))
+    assert refused.returncode == 2 and "warning" not in refused.stderr, refused.stderr  # the arguments first
     script = tmp_path / "dbg" / ".cairn_debug" / "debug.sh"
     assert "not-for-files" not in script.read_text() and (script.stat().st_mode & 0o777) == 0o700
 

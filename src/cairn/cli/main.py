@@ -30,9 +30,9 @@ app.add_typer(env_app, name="env")
 console = Console()
 if not console.is_terminal:  # piped output: never cut ids and paths that scripts read
     console = Console(width=200)
-err = Console(stderr=True)
-if not err.is_terminal:
-    err = Console(stderr=True, width=200)
+# messages are never folded by Cairn (a terminal shows a long line whole; a path copied from it or
+# read from a pipe stays in one piece)
+err = Console(stderr=True, soft_wrap=True)
 
 WorkspaceOption = typer.Option(None, "--workspace", "-w", help="workspace folder (default: found from here upwards)")
 
@@ -418,8 +418,6 @@ def debug(step_run_id: str,
     try:
         err.print(f"step {plan.step_name!r} ({plan.status}) recreated in {plan.folder} (its working folder: "
                   f"{plan.work})", highlight=False)
-        if plan.reason and plan.status != "Completed":
-            err.print(f"  in its run: {plan.status}: {plan.reason}", highlight=False, soft_wrap=True)
         for name, path in plan.inputs.items():
             err.print(f"  input {name}: {path}", highlight=False)
         for name, path in plan.outputs.items():
@@ -430,6 +428,7 @@ def debug(step_run_id: str,
             err.print(f"# it empties the outputs, sets the step's variables, then runs from "
                       f"{shlex.quote(str(plan.work))}: "
                       f"{shlex.join(plan.argv)}", highlight=False, soft_wrap=True)
+            err.print(f"# to run it: {shlex.quote(str(plan.script))}", highlight=False, soft_wrap=True)
             return
         err.print(f"running: {shlex.join(plan.argv)}", highlight=False, soft_wrap=True)
         # Ctrl-C is the step's (pdb stops where it is): this process waits on. A handler, not SIG_IGN,

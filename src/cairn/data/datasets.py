@@ -82,7 +82,7 @@ def resolve_files(definition: dict[str, Any], locate: Any) -> list[ResolvedFile]
     systems: dict[str, tuple[Any, str]] = {}
     for entry in definition["paths"]:
         if "url" in entry:
-            found[entry["url"]] = _resolve_url(entry["url"])
+            found[entry["url"]] = _resolve_url(entry["url"], entry.get("relative"))
             continue
         loc: DatastoreLocation = locate(entry["datastore"])
         if loc.name not in systems:  # one client per datastore: an S3 client costs ~0.2 s to set up
@@ -132,7 +132,9 @@ def _check_relative(rel: str, store: str, full: str) -> None:
                            f"it cannot be part of a dataset") from None
 
 
-def _resolve_url(url: str) -> ResolvedFile:
+def _resolve_url(url: str, relative: str | None = None) -> ResolvedFile:
+    """``relative``: where the file is in the dataset's layout (default: its name; ``cairn debug``
+    names the copies of a dataset's files by their URLs, each where the dataset had it)."""
     import fsspec
 
     if url.endswith("/"):
@@ -147,7 +149,8 @@ def _resolve_url(url: str) -> ResolvedFile:
         raise DatasetError(f"dataset URL {url!r} does not exist (HTTP 404)") from None
     except Exception as exc:
         raise DatasetError(f"cannot reach dataset URL {url!r}: {type(exc).__name__}: {exc}") from None
-    return ResolvedFile(None, url, url.rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0), _version_of(info))
+    return ResolvedFile(None, url, relative or url.rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0),
+                        _version_of(info))
 
 
 def content_digest(files: list[ResolvedFile]) -> str:

@@ -11,6 +11,7 @@ the read-only files of an input too large to copy, see ``_private_view``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -26,6 +27,7 @@ from cairn.engine.scheduler import PipelineScheduler
 from cairn.environments.build import EnvironmentBuildError, EnvironmentCache, ResolvedEnvironment
 from cairn.environments.spec import is_managed
 from cairn.runner.execute import (
+    CHANGED_IN_PLACE,
     ISOLATED_DROPS,
     docker_refusal,
     materialize_inputs,
@@ -97,13 +99,6 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         job = scheduler.debug_job(step, work, tools)  # everything is checked before anything is removed
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
-    job = _check_datasets(job, step, ctx, log)
-    for name, producer in scheduler.changed_inputs(step):
-        log(f"warning: input {name}: the output of step {producer!r} it reads changed since it was committed (a "
-            f"step wrote into it?); the recreated step reads it as it is now")
-    if Status(row["status"]) not in TERMINAL:
-        log(f"warning: step {step.name!r} is {row['status']}: its run has not ended; it is recreated as it "
-            f"was dispatched")
     copy_limit = _copy_limit()
     local_stores = [Path(root).resolve() for root in job.datastore_roots.values()]
     others = [Path(s.source_directory).resolve() for s in scheduler.spec.steps if s.name != step.name]
@@ -121,6 +116,19 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         if not force:
             raise UserInputError(f"{target} already exists (an earlier `cairn debug` made it); pass --force to "
                                  f"replace it, or --dir to choose another folder")
+    # the arguments are checked: now what the run was, then what differs from it
+    reason = row.get("status_reason")
+    if reason and row["status"] != Status.COMPLETED.value:
+        repeats = "" if CHANGED_IN_PLACE not in reason else \
+            " (the recreated step's inputs are copies of its own: it cannot fail that way here)"
+        log(f"in its run: {row['status']}: {reason}{repeats}")
+    job = _check_datasets(job, step, ctx, log)
+    for name, producer in scheduler.changed_inputs(step):
+        log(f"warning: input {name}: the output of step {producer!r} it reads changed since it was committed (a "
+            f"step wrote into it?); the recreated step reads it as it is now")
+    if Status(row["status"]) not in TERMINAL:
+        log(f"warning: step {step.name!r} is {row['status']}: its run has not ended; it is recreated as it "
+            f"was dispatched")
     resolved = None
     if is_managed(step.environment):  # built before an old folder goes: a build that fails leaves it
         try:
@@ -140,6 +148,7 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
         outputs[o.name] = job.staging_dirs[o.name]
     inherited, recorded = _inherited(layout, ctx.store, row, step.name, log)
     env = step_environment(job, outputs, inputs, resolved, start_environment(job, resolved, inherited))
+    _direct_datasets_read_copies(env, inputs)
     for name in _RUN_BINDINGS:
         env.pop(name, None)
     env["CAIRN_DEBUG_OF"] = step_run_id
@@ -178,6 +187,22 @@ def _check_datasets(job: Any, step: Any, ctx: EngineContext, log: Any) -> Any:
                 f"are {now[d.name]} now); the recreated step reads them as they are now")
     inputs = [replace(i, digest=now[i.name]) if i.name in now else i for i in job.inputs]
     return replace(job, inputs=inputs)
+
+
+def _direct_datasets_read_copies(env: dict[str, str], inputs: dict[str, str]) -> None:
+    """A dataset given in direct mode is the Dataset, which names its datastore's files: in the
+    recreated step it names the copies of them (``file://`` URLs, each where the dataset had it),
+    as every other input is the step's own copy."""
+    datasets = json.loads(env.get("CAIRN_DATASETS") or "{}")
+    direct = [name for name, d in datasets.items() if d["mode"] == "direct" and name in inputs]
+    for name in direct:
+        view = Path(inputs[name])
+        files = [(view, view.name)] if view.is_file() else \
+            [(p, p.relative_to(view).as_posix()) for p in sorted(view.rglob("*")) if p.is_file()]
+        datasets[name]["definition"] = {**datasets[name]["definition"],
+                                        "paths": [{"url": f"file://{p}", "relative": rel} for p, rel in files]}
+    if direct:
+        env["CAIRN_DATASETS"] = json.dumps(datasets)
 
 
 def _dataset_paths(definition: dict[str, Any]) -> str:

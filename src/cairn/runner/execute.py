@@ -554,6 +554,9 @@ def _resolve_environment(job: StepJob, control: StepControl, syslog: _SystemLog)
     return resolved
 
 
+CHANGED_IN_PLACE = "given in place (read-only: committed outputs never change)"  # a failure's reason says it
+
+
 def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | None = None,
                  on_started: Callable[[int], None] | None = None, warm: WarmPool | None = None,
                  slot: SlotTicket | None = None, commit_local: LocalCommit | None = None,
@@ -698,9 +701,8 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         changed = _changed_inputs(job)
         if changed:
             return _end(job, reporter, syslog, Status.FAILED,
-                        f"the step changed {', '.join(changed)}, given in place (read-only: committed outputs never "
-                        f"change); write into an output instead, or read the input with as_download() for a "
-                        f"private copy", code)
+                        f"the step changed {', '.join(changed)}, {CHANGED_IN_PLACE}; write into an output instead, "
+                        f"or read the input with as_download() for a private copy", code)
         failed_by_script = log_dir / FAIL_MARKER
         if failed_by_script.exists():
             details = failed_by_script.read_text(errors="replace").strip()[:300]
