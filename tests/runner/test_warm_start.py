@@ -144,7 +144,8 @@ def test_a_module_that_cannot_be_preloaded_is_reported_not_fatal(workspace: Work
     assert outputs(run)[0]["preloaded"] is True
 
 
-@pytest.mark.parametrize("modules", ["pandas", [5], ["not a module"], [".relative"], ["pandas."], ["a..b"], [""]])
+@pytest.mark.parametrize("modules", ["pandas", [5], ["not a module"], [".relative"], ["pandas."], ["a..b"], [""],
+                                     ["__main__"]])
 def test_bad_warm_start_modules_are_clear_errors(modules: object) -> None:
     with pytest.raises(UserInputError, match="warm_start_modules"):
         LocalCompute.provisioning_configuration(warm_start_modules=modules)  # type: ignore[arg-type]
@@ -164,9 +165,21 @@ def test_a_module_only_beside_the_submitting_script_is_warned_about(tmp_path: Pa
     assert not _findable("cairn_beside_script")  # a fork server has no script folder: it would not find it
     from cairn.client.compute import _warn_unimportable
 
-    with pytest.warns(UserWarning, match="no module named 'cairn_beside_script'") as said:
+    with pytest.warns(UserWarning, match="no module named 'cairn_beside_script.sub'") as said:
         _warn_unimportable(("cairn_beside_script.sub", "cairn_on_the_path", "json"))
     assert len(said) == 1
+    # a submodule is looked for in its package's folders, nothing imported; below a plain module
+    # (os.path) nothing can be told without importing it
+    assert _findable("email.mime.text") and _findable("json.decoder") and _findable("os.path")
+    assert not _findable("email.mime.textt") and not _findable("json.nope.deeper")
+    package = elsewhere / "cairn_pkg_probe"
+    package.mkdir()
+    (package / "__init__.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
+    (package / "sub.py").write_text("")
+    assert _findable("cairn_pkg_probe.sub") and not _findable("cairn_pkg_probe.subb")
+    assert not (tmp_path / "imported").exists()  # found without importing the package
+    with pytest.warns(UserWarning, match="no module named 'json.decodr'"):
+        _warn_unimportable(("json.decodr",))
 
 
 def test_what_python_reads_at_start_is_honoured_or_the_step_starts_cold(
@@ -404,12 +417,15 @@ def _module_on_the_agents_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     monkeypatch.setattr(sys, "path", [*sys.path, str(folder)])  # (found here too, as a user's are: no warning)
 
 
-def test_a_server_that_could_not_start_is_not_waited_for_again(
+def test_a_server_that_could_not_start_is_not_waited_for_again_in_its_run(
         workspace: Workspace, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preload that ends the server's process (os._exit) fails its start: the run's steps start cold
+    at once, saying why; the next run tries again (the module may have been fixed meanwhile)."""
     starts = tmp_path / "starts.txt"
     _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_exits_at_import", f"""
+        import os
         open({str(starts)!r}, "a").write("start\\n")
-        raise SystemExit(3)
+        os._exit(3)
     """)
     warm_target(workspace, ["cairn_exits_at_import"])
     run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 3)))
@@ -418,6 +434,26 @@ def test_a_server_that_could_not_start_is_not_waited_for_again(
         assert "the fork server could not start" in step.get_system_log()
         assert "exited with code 3" in step.get_system_log()
     assert starts.read_text() == "start\n"  # one try, not one per step
+    _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_exits_at_import", f"""
+        open({str(starts)!r}, "a").write("fixed\\n")
+    """)
+    again = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 3)))
+    assert again.wait_for_completion(show_output=False) == "Completed"
+    assert all("forked by server pid" in step.get_system_log() for step in again.get_steps())
+    assert starts.read_text() == "start\nfixed\n"
+
+
+def test_a_preload_that_exits_or_is_interrupted_as_it_imports_is_reported_not_fatal(
+        workspace: Workspace, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_sys_exit_at_import", "import sys\nsys.exit(4)\n")
+    _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_interrupt_at_import", "raise KeyboardInterrupt\n")
+    warm_target(workspace, ["cairn_sys_exit_at_import", "cairn_interrupt_at_import", PRELOADED])
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 2)))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    assert all(o["preloaded"] for o in outputs(run))  # the server runs, with what it could preload
+    system = run.get_steps()[0].get_system_log()
+    assert "cairn_sys_exit_at_import: SystemExit: 4" in system
+    assert "cairn_interrupt_at_import: KeyboardInterrupt" in system
 
 
 @contextmanager
@@ -491,11 +527,16 @@ def test_warm_steps_end_and_write_as_cold_ones(workspace: Workspace, write_scrip
     write_script("sub/json.py", "VALUE = 'beside the script'\n", folder="nested")  # sys.path[0] is sub/
     nested = write_script("sub/shadow.py", "import json\nprint(getattr(json, 'VALUE', 'the standard library'))\n",
                           folder="nested")
+    elsewhere = write_script("json.py", "VALUE = 'on its PYTHONPATH'\n", folder="elsewhere")
+    on_its_path = RunConfiguration()
+    on_its_path.environment_variables = {"PYTHONPATH": str(elsewhere)}
     warm_target(workspace, ["json"])
     steps = [PythonScriptStep("ends.py", name=how, source_directory=str(src), arguments=[how], allow_reuse=False)
              for how in ("print", "interrupt")]
     steps.append(PythonScriptStep("shadow.py", name="shadow", source_directory=str(shadowing), allow_reuse=False))
     steps.append(PythonScriptStep("sub/shadow.py", name="nested", source_directory=str(nested), allow_reuse=False))
+    steps.append(PythonScriptStep("ends.py", name="path", source_directory=str(src), arguments=["print"],
+                                  runconfig=on_its_path, allow_reuse=False))
     run = Experiment(workspace, "warm").submit(Pipeline(workspace, steps), continue_on_step_failure=True)
     run.wait_for_completion(show_output=False, raise_on_error=False)
     by_name = {s.name: s for s in run.get_steps()}
@@ -507,6 +548,8 @@ def test_warm_steps_end_and_write_as_cold_ones(workspace: Workspace, write_scrip
     assert "warm start skipped: the snapshot has its own json.py" in by_name["shadow"].get_system_log()
     assert by_name["nested"].get_stdout_log().strip() == "beside the script"
     assert "warm start skipped: the snapshot has its own sub/json.py" in by_name["nested"].get_system_log()
+    assert (f"warm start skipped: the step's module search path (its PYTHONPATH) has its own {elsewhere / 'json.py'}"
+            in by_name["path"].get_system_log())
 
 
 def test_after_one_step_gave_up_on_a_server_still_importing_the_next_do_not_wait(

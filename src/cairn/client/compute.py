@@ -18,17 +18,37 @@ def _warn_unimportable(modules: tuple[str, ...]) -> None:
     import sys
     import warnings
 
-    for top in dict.fromkeys(m.partition(".")[0] for m in modules):
-        if not _findable(top):
-            warnings.warn(f"warm_start_modules: no module named {top!r} can be imported here ({sys.executable}, "
+    for name in dict.fromkeys(modules):
+        if not _findable(name):
+            warnings.warn(f"warm_start_modules: no module named {name!r} can be imported here ({sys.executable}, "
                           f"outside this script's folder); unless the steps' environment has it, the warm-start "
                           f"server cannot preload it and each step imports it itself (check the spelling)",
                           UserWarning, stacklevel=3)
 
 
-def _findable(top: str) -> bool:
-    """Whether a top-level module can be found as the agent's fork server looks for it: not in the
-    folder of the script that runs this (``sys.path[0]``, a server does not have it), nothing imported."""
+def _findable(name: str) -> bool:
+    """Whether a module can be found as the agent's fork server looks for it: not in the folder of
+    the script that runs this (``sys.path[0]``, a server does not have it), nothing imported. A
+    submodule is looked for in its package's folders; below a plain module (``os.path``), what its
+    import defines cannot be told without importing it: taken as there."""
+    import importlib.machinery
+
+    top, *parts = name.split(".")
+    spec = _top_spec(top)
+    for part in parts:
+        if spec is None:
+            return False
+        locations = spec.submodule_search_locations
+        if locations is None:
+            return True
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(part, list(locations))
+        except Exception:  # (a package's own path object that fails: says nothing either way)
+            return True
+    return spec is not None
+
+
+def _top_spec(top: str) -> Any:
     import importlib.machinery
     import sys
 
@@ -38,11 +58,12 @@ def _findable(top: str) -> bool:
         if find is None:
             continue
         try:
-            if find(top, search if finder is importlib.machinery.PathFinder else None) is not None:
-                return True
+            spec = find(top, search if finder is importlib.machinery.PathFinder else None)
         except Exception:  # (a finder of someone else's that fails: says nothing either way)
             continue
-    return False
+        if spec is not None:
+            return spec
+    return None
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,9 @@ class LocalCompute:
                 raise UserInputError(f"warm_start_modules must be a list of absolute module names such as "
                                      f"['pandas', 'sklearn.ensemble'] (no relative or empty parts), not "
                                      f"{warm_start_modules!r}")
+            if "__main__" in (m.partition(".")[0] for m in warm_start_modules):
+                raise UserInputError("warm_start_modules: '__main__' is the step's own script, which each step "
+                                     "runs itself: name the modules it imports")
             modules = tuple(warm_start_modules)
         check_type(spare_interpreters, bool, "spare_interpreters")
         return LocalComputeConfiguration(max_concurrency, modules, spare_interpreters)

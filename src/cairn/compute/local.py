@@ -85,12 +85,14 @@ class LocalCompute:
     def prestart(self, log_dir: Path, log: Callable[[str], None] | None = None) -> None:
         """Start the default environment's spare interpreters, and its warm-start server (in the
         background, so that the first step is warm too: a step that needs it meanwhile waits for
-        it, as it would anyway)."""
+        it, as it would anyway). Called for each run: servers that could not start for an
+        earlier one are tried again."""
         warm, env = self.warm, environment_base({})
         if self.spares is not None and warm is None:
             self.spares.want(sys.executable, env)
         if warm is None:
             return
+        warm.retry_failed()
         say = log or (lambda _message: None)
 
         def started(server: Any, failure: str | None) -> None:

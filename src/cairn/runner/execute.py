@@ -439,9 +439,12 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
                                               f"started: the server starts again"))
         proc = server.launch(argv, str(work), env, str(log_dir / "stdout.txt"), str(log_dir / "stderr.txt"))
     except WarmShadowed as exc:  # the server checks what it has imported by then (Cairn's client, lazily)
-        own = [os.path.relpath(f, work) if Path(f).is_relative_to(work) else f for f in exc.files]
-        syslog(f"warm start skipped: the snapshot has its own {', '.join(own)}, which a cold start imports "
-               f"and a fork of the server would not (it has the server's copy, or, of a sitecustomize, none)")
+        in_snapshot = [os.path.relpath(f, work) for f in exc.files if Path(f).is_relative_to(work)]
+        elsewhere = [f for f in exc.files if not Path(f).is_relative_to(work)]
+        whose = [f"the snapshot has its own {', '.join(in_snapshot)}"] if in_snapshot else []
+        whose += [f"the step's module search path (its PYTHONPATH) has its own {', '.join(elsewhere)}"] if elsewhere else []
+        syslog(f"warm start skipped: {' and '.join(whose)}, which a cold start imports and a fork of the server "
+               f"would not (it has the server's copy, or, of a sitecustomize, none)")
         return None
     except (WarmStartError, OSError) as exc:
         if not (control.canceled or control.withdrawn):  # else it does not start at all

@@ -83,7 +83,8 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
             try:
                 importlib.import_module(name)
                 preloaded.append(name)
-            except Exception as exc:  # the step imports it itself (and fails there, with its own error)
+            except BaseException as exc:  # the step imports it itself (and fails there, with its own error);
+                # a module that calls sys.exit() or raises KeyboardInterrupt as it is imported too
                 failed.append(f"{name}: {type(exc).__name__}: {exc}")
                 _restore_process_state(state)  # what it changed before failing is not every step's
                 try:

@@ -255,8 +255,10 @@ class WarmServer:
 class WarmPool:
     """The fork servers of one compute target. A server starts in the background (with the agent,
     or for the first step that needs it); steps wait for it on a condition, so a canceled step
-    stops waiting at once. A server that could not start is not tried again by this pool: its
-    steps start cold at once, saying why (a hanging or failing import fails the same way each time)."""
+    stops waiting at once. A server that could not start is not tried again for the same run: its
+    steps start cold at once, saying why (a failing import fails the same way each time); the next
+    run tries again (``retry_failed``: the user may have fixed it). One still importing is waited
+    for by no step after the first that gave up on it."""
 
     def __init__(self, modules: tuple[str, ...]) -> None:
         self.modules = modules
@@ -321,6 +323,13 @@ class WarmPool:
             self._cond.notify_all()
         if on_done is not None:
             on_done(server, failure)
+
+    def retry_failed(self) -> None:
+        """Servers that could not start are started again for the next step that needs one (not
+        one still importing: its steps would wait for it again)."""
+        with self._cond:
+            for key in [k for k in self._failed if k not in self._starting]:
+                del self._failed[key]
 
     def server(self, python: str, env: dict[str, str], log_dir: Path, stop_waiting: Any = None,
                on_wait: Callable[[], None] | None = None,
