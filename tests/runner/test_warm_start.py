@@ -443,6 +443,24 @@ def test_a_server_that_could_not_start_is_not_waited_for_again_in_its_run(
     assert starts.read_text() == "start\nfixed\n"
 
 
+def test_threads_a_preload_started_are_said_missing_in_each_step(
+        workspace: Workspace, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_starts_a_thread", """
+        import threading
+        threading.Thread(target=threading.Event().wait, name="cairn-background-poller", daemon=True).start()
+    """)
+    warm_target(workspace, ["cairn_starts_a_thread", PRELOADED])
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 1)))
+    assert run.wait_for_completion(show_output=False) == "Completed"
+    system = run.get_steps()[0].get_system_log()
+    assert "forked by server pid" in system
+    assert "the preloads started threads this step does not have" in system and "cairn-background-poller" in system
+    warm_target(workspace, [PRELOADED])
+    quiet = Experiment(workspace, "warm").submit(Pipeline(workspace, chain(src, 1)))
+    assert quiet.wait_for_completion(show_output=False) == "Completed"
+    assert "the preloads started threads" not in quiet.get_steps()[0].get_system_log()
+
+
 def test_a_preload_that_exits_or_is_interrupted_as_it_imports_is_reported_not_fatal(
         workspace: Workspace, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _module_on_the_agents_path(monkeypatch, tmp_path, "cairn_sys_exit_at_import", "import sys\nsys.exit(4)\n")

@@ -453,6 +453,10 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     ready = server.ready
     syslog(f"warm start: forked by server pid {ready['pid']} (preloaded: {', '.join(ready['preloaded']) or 'none'}"
            + (f"; could not preload: {'; '.join(ready['failed'])}" if ready["failed"] else "") + ")")
+    if ready.get("threads"):
+        syslog(f"warm start: the preloads started threads this step does not have (only the forking thread "
+               f"survives a fork): {', '.join(ready['threads'])}; a module whose work needs them belongs in a cold "
+               f"start (leave it out of warm_start_modules)")
     return proc
 
 

@@ -105,7 +105,7 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, ("parent", None, None))
     _ready(ready_fd, {"ready": True, "pid": os.getpid(), "preloaded": preloaded, "failed": failed,
                       "import_seconds": round(time.monotonic() - started, 3),
-                      "watched": watched})
+                      "watched": watched, "threads": _threads_started()})
     accepting = True
     # Cairn's step-side client is imported once the server has been quiet for a moment (no request,
     # no step ending): a burst of short steps never waits for it (~0.3 s), and a step that calls
@@ -256,6 +256,16 @@ class _StatsAsRead:
             tb = tb.tb_next
         for path in paths:
             self._state(path)
+
+
+def _threads_started() -> list[str]:
+    """The Python threads the preloads started and left running: a forked child has none of them
+    (only the thread that forks survives a fork)."""
+    threading = sys.modules.get("threading")
+    if threading is None:
+        return []
+    main = threading.main_thread()
+    return sorted(t.name for t in threading.enumerate() if t is not main and t.is_alive())
 
 
 def modified_too_recently(mtime_ns: int, now_ns: int) -> bool:
