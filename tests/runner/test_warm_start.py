@@ -1068,6 +1068,31 @@ def test_edits_a_stat_cannot_tell_and_modules_in_zip_archives(tmp_path: Path, mo
         server.kill()
 
 
+def test_a_module_put_earlier_on_the_search_path_restarts_the_server(tmp_path: Path) -> None:
+    """A cold start would import a copy put in a folder searched before the preloaded one's: the
+    folders before it are watched (not installed code's, nor folders after it)."""
+    import os
+
+    from cairn.runner.warm import WarmServer
+
+    early, late, after = tmp_path / "early", tmp_path / "late", tmp_path / "after"
+    for folder in (early, late, after):
+        folder.mkdir()
+    (late / "mylib_m.py").write_text("VERSION = 'late'\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (early, late, after)))}
+    server = WarmServer(sys.executable, ("mylib_m", "json"), env, tmp_path / "warm.log")
+    try:
+        watched = {entry[0] for entry in server.ready["watched"]}
+        assert str(early) in watched and str(after) not in watched
+        assert not any(path.startswith(os.path.dirname(os.__file__)) for path in watched)
+        (after / "mylib_m.py").write_text("VERSION = 'after'\n")  # found after: a cold start has the same
+        assert server.changed() is None
+        (early / "mylib_m.py").write_text("VERSION = 'early'\n")
+        assert server.changed() == str(early)
+    finally:
+        server.kill()
+
+
 def test_files_stated_as_read_failed_preloads_and_generated_modules(tmp_path: Path) -> None:
     """A preload's own file edited while that same preload still imports is seen; a module a preload
     writes and then imports is not taken for an edit (no restart at every step); a dotted preload

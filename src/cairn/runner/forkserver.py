@@ -33,6 +33,7 @@ from importlib.machinery import all_suffixes  # noqa: E402
 
 _MODULE_SUFFIXES = sorted(all_suffixes(), key=len, reverse=True)  # the longest first: .cpython-311-...so before .so
 
+_THIS_FILE = os.path.abspath(__file__)
 MAX_REQUEST = 1 << 25
 # Cairn's step-side client (Run.get_context()): imported once too, where the environment has it.
 # One module at a time, between steps. Not the store (SQLAlchemy): a step's run context goes
@@ -99,6 +100,8 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
         importlib.import_module(name)
     watched = [[path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev, read.digest(path)]
                for path, st in read.files.items()]
+    watched += [[path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev, None]
+                for path, st in _searched_before(read.files, read.installed).items()]
     _BASE_PATH[:] = _base_path()
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ, ("accept", None, None))
@@ -205,6 +208,8 @@ class _StatsAsRead:
         if not isinstance(path, str) or not path:
             return
         where = os.path.abspath(path)
+        if where == _THIS_FILE:  # (a failed preload's traceback has this file's frames)
+            return
         if (where in self.files and not again) or where.startswith(self.installed) \
                 or os.path.realpath(where).startswith(self.installed):
             return
@@ -256,6 +261,27 @@ class _StatsAsRead:
             tb = tb.tb_next
         for path in paths:
             self._state(path)
+
+
+def _searched_before(files: dict[str, os.stat_result], installed: tuple[str, ...]) -> dict[str, os.stat_result]:
+    """The folders of ``sys.path`` searched before the one each of ``files`` (the user's own module
+    files) was found in: a module of the same name put there later would shadow it in a cold
+    start, and adding one changes the folder's stat. Installed code's folders are left out."""
+    entries = [os.path.abspath(e) for e in sys.path if isinstance(e, str)]
+    # (a file found in none, loaded from its path by a preload: no folder is searched for it)
+    last = max((next((i for i, e in enumerate(entries) if path.startswith(e + os.sep)), 0) for path in files),
+               default=0)
+    searched: dict[str, os.stat_result] = {}
+    for folder in entries[:last]:
+        if folder in searched or (folder + os.sep).startswith(installed):
+            continue
+        try:
+            st = os.stat(folder)
+        except OSError:  # (a folder that is not there yet: not watched)
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            searched[folder] = st
+    return searched
 
 
 def _threads_started() -> list[str]:
