@@ -213,6 +213,16 @@ def test_error_messages_are_not_wrapped(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_what_the_user_named_is_printed_as_written(tmp_path: Path) -> None:
+    """Names and paths are not read as markup or emoji codes (a folder "[draft]" stays whole)."""
+    folder = tmp_path / "ws [draft] :memo: [bold]x[/]"
+    made = cairn("init", str(folder), cwd=tmp_path)
+    assert made.returncode == 0 and str(folder) in made.stdout, made.stdout
+    result = cairn("runs", "show", "run_[red]nope[/]:memo:", cwd=folder)
+    assert result.returncode == 2 and "'run_[red]nope[/]:memo:'" in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ")
+
+
 def test_the_workspace_option(completed: Done, tmp_path: Path) -> None:
     result = cairn("runs", "list", "--workspace", str(completed.project.root), cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -226,8 +226,11 @@ def test_a_recreated_step_has_its_datasets_and_workspace(workspace: Workspace,
     assert "[offline run] scalar parent_metric = 1" in result.stderr
     assert run.get_metrics() == {"parent_metric": 1} and done.get_metrics() == {"child_metric": 2}  # the run's own
     # the Dataset a direct input is reads the step's copies, not the datastore's files as they are now
-    folder = Path(workspace.location) / "a debug 'folder'"
+    # (a folder name that is neither markup, nor an emoji code, nor an fsspec chain)
+    folder = Path(workspace.location) / "a debug 'folder' [draft] :memo: d::e"
     printed = cairn("debug", done.id, "--print", "--dir", str(folder), cwd=Path(workspace.location))
+    assert f"# to run it: '{folder}/.cairn_debug/debug.sh'".replace("'folder'", "'\"'\"'folder'\"'\"'") \
+        in printed.stderr, printed.stderr
     assert printed.returncode == 0, printed.stderr
     (Path(store.root) / "t.csv").write_text("a,b\n1,x\n2,y\n3,z\n")
     pasted = next(line for line in printed.stderr.splitlines() if line.startswith("# to run it: "))
@@ -237,6 +240,36 @@ def test_a_recreated_step_has_its_datasets_and_workspace(workspace: Workspace,
     (Path(store.root) / "t.csv").unlink()
     assert subprocess.run(["bash", "-c", pasted.removeprefix("# to run it: ")], capture_output=True, text=True,
                           timeout=120).returncode == 0
+
+
+def test_a_direct_dataset_of_many_files_reads_its_copies_in_their_layout(workspace: Workspace,
+                                                                       write_script: Callable[..., Path]) -> None:
+    """Thousands of files: the recreated step's Dataset names the folder of its copies, not each file
+    (a variable holds at most 128 KiB)."""
+    from cairn import Dataset
+
+    store = workspace.get_default_datastore()
+    for i in range(1500):
+        part = Path(store.root) / "images" / f"part{i % 3}"
+        part.mkdir(parents=True, exist_ok=True)
+        (part / f"image-with-a-long-name-{i:05d}.txt").write_text(str(i))
+    images = Dataset.File.from_files((store, "images/"))
+    src = write_script("count.py", """
+        import sys
+        from cairn import Run
+        paths = Run.get_context().input_datasets["images"].to_path()
+        print("files", len(paths), sorted(paths)[0])
+        sys.exit(3)
+    """)
+    step = PythonScriptStep("count.py", name="count", source_directory=str(src),
+                            inputs=[images.as_named_input("images")])
+    run = Experiment(workspace, "many").submit(Pipeline(workspace, [step]))
+    assert run.wait_for_completion(show_output=False, raise_on_error=False) == "Failed"
+    count = run.find_step_run("count")[0]
+    assert count.get_stdout_log() == "files 1500 part0/image-with-a-long-name-00000.txt\n"
+    result = cairn("debug", count.id, cwd=Path(workspace.location))
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == count.get_stdout_log()  # the same layout, from the step's copies
 
 
 def test_debug_sh_sets_the_steps_variables_whatever_the_shell_has(workspace: Workspace,
@@ -664,7 +697,7 @@ def test_what_debug_cannot_or_should_not_recreate_is_said(workspace: Workspace, 
     assert "input made: the output of step 'make' it reads changed since it was committed" in flat(result.stderr)
     said = flat(result.stderr)
     assert said.index("in its run: Failed: ") < said.index("input made: the output")  # what the run was, first
-    assert "inputs are copies of its own: it cannot fail that way here" in said
+    assert "this failure is not repeated here" in said
     refused = cairn("debug", spoil, "--print", "--dir", str(src), cwd=Path(workspace.location))
     assert refused.returncode == 2 and "warning" not in refused.stderr, refused.stderr  # the arguments first
     script = tmp_path / "dbg" / ".cairn_debug" / "debug.sh"

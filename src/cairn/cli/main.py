@@ -14,6 +14,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cairn.core.errors import CairnError, RunFailedError, RunTimeoutError
 
@@ -27,12 +28,14 @@ datasets_app = typer.Typer(help="Registered datasets and their lineage.", no_arg
 app.add_typer(datasets_app, name="datasets")
 env_app = typer.Typer(help="Environments: registered, curated and built.", no_args_is_help=True)
 app.add_typer(env_app, name="env")
-console = Console()
+# No markup nor emoji codes in what Cairn prints: paths, names and reasons are the user's ("[draft]",
+# ":memo:" print as written); styles are given as Text
+console = Console(markup=False, emoji=False)
 if not console.is_terminal:  # piped output: never cut ids and paths that scripts read
-    console = Console(width=200)
+    console = Console(width=200, markup=False, emoji=False)
 # messages are never folded by Cairn (a terminal shows a long line whole; a path copied from it or
 # read from a pipe stays in one piece)
-err = Console(stderr=True, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 WorkspaceOption = typer.Option(None, "--workspace", "-w", help="workspace folder (default: found from here upwards)")
 
@@ -58,8 +61,12 @@ def _duration(row: dict[str, Any]) -> str:
 _STYLE = {"Completed": "green", "Reused": "cyan", "Failed": "red", "Canceled": "yellow", "Running": "blue"}
 
 
-def _status(s: str) -> str:
-    return f"[{_STYLE.get(s, 'white')}]{s}[/]"
+def _error(message: str, label: str = "error:", style: str = "red") -> Text:
+    return Text.assemble((label, style), " ", message)
+
+
+def _status(s: str) -> Text:
+    return Text(s, style=_STYLE.get(s, "white"))
 
 
 def _digest_shown(output: Any) -> str:
@@ -87,8 +94,8 @@ def init(path: Path = typer.Argument(Path("."), help="folder to make the workspa
     from cairn.client.workspace import Workspace
 
     ws = Workspace.create(path)
-    console.print(f"Workspace ready in [bold]{ws.location}[/] (default datastore "
-                  f"{ws.get_default_datastore().name!r}, compute target 'local')")
+    console.print(Text.assemble("Workspace ready in ", (str(ws.location), "bold"),
+                                f" (default datastore {ws.get_default_datastore().name!r}, compute target 'local')"))
 
 
 @app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -122,7 +129,7 @@ def run_file(ctx: typer.Context,
         raise typer.Exit(EXIT_USER_ERROR) from None
     runs, exp_module.SUBMITTED = list(exp_module.SUBMITTED or []), None
     if not runs:
-        err.print("[yellow]the file submitted no pipeline run[/]")
+        err.print("the file submitted no pipeline run", style="yellow")
         return
     if not follow:
         for r in runs:
@@ -139,7 +146,7 @@ def run_file(ctx: typer.Context,
         try:
             r.wait_for_completion(show_output=True, timeout_seconds=left, raise_on_error=True)
         except RunFailedError as exc:
-            err.print(f"[red]{exc}[/]", highlight=False)
+            err.print(str(exc), style="red", highlight=False)
             failed = True
     if failed:
         raise typer.Exit(EXIT_RUN_FAILED)
@@ -159,7 +166,7 @@ def _print_user_error(exc: BaseException, pipeline_file: Path) -> None:
             tb = tb.tb_next
         text = "".join(traceback.format_exception(type(exc), exc, tb or exc.__traceback__))
     sys.stderr.write(text)
-    err.print(f"[red]error:[/] {pipeline_file} stopped with {type(exc).__name__} (see above)", highlight=False)
+    err.print(_error(f"{pipeline_file} stopped with {type(exc).__name__} (see above)"), highlight=False)
 
 
 @runs_app.command("list")
@@ -207,8 +214,10 @@ def runs_show(run_id: str, workspace: Path = WorkspaceOption, as_json: bool = ty
         console.print_json(json.dumps(details, default=str))
         return
     row = run._row()
-    console.print(f"[bold]{run_id}[/]  {row['kind']} run '{row['name']}' in experiment '{row['experiment']}'")
-    console.print(f"status: {_status(row['status'])}" + (f" — {row['status_reason']}" if row["status_reason"] else ""))
+    console.print(Text.assemble((run_id, "bold"), f"  {row['kind']} run '{row['name']}' in experiment "
+                                                 f"'{row['experiment']}'"))
+    console.print(Text.assemble("status: ", _status(row["status"]),
+                                f" — {row['status_reason']}" if row["status_reason"] else ""))
     console.print(f"created {_fmt_time(row['created_at'])}, duration {_duration(row)}")
     if steps:
         table = Table("step", "status", "duration", "step run", "note")
@@ -274,8 +283,9 @@ def datasets_show(name: str, workspace: Path = WorkspaceOption, as_json: bool = 
         console.print_json(json.dumps(versions, default=str))
         return
     for v in versions:
-        console.print(f"[bold]{name}[/] version {v['version']} ({v['kind']}, {v['file_count']} files, "
-                      f"{v['size']:,} B) id {v['id']}, registered {_fmt_time(v['created_at'])}", highlight=False)
+        console.print(Text.assemble((name, "bold"), f" version {v['version']} ({v['kind']}, {v['file_count']} files, "
+                                    f"{v['size']:,} B) id {v['id']}, registered {_fmt_time(v['created_at'])}"),
+                      highlight=False)
         console.print(f"  digest {v['content_digest']}", highlight=False)
         for label, runs in (("produced by", v["produced_by"]), ("consumed by", v["consumed_by"])):
             for r in runs:
@@ -372,7 +382,7 @@ def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
                             only_step=run_id if row["parent_id"] else None)
         for s in (steps or run.get_steps()) if system else []:  # written through the end: shown after it
             text, _ = backend.read_log(s.id, "system")
-            console.print(f"[dim]--- {s._row()['name']}: system ---[/]")
+            console.print(f"--- {s._row()['name']}: system ---", style="dim")
             sys.stdout.write(text)
         sys.stdout.flush()
         if status in ("Failed", "Canceled"):
@@ -390,10 +400,10 @@ def logs(run_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
         for which in kinds:
             text, _ = backend.read_log(source if which in ("stdout", "stderr") else s.id, which)
             if not text and which == "environment" and environment:
-                err.print(f"[dim]{srow['name']}: no environment build log (its environment needed no build)[/]")
+                err.print(f"{srow['name']}: no environment build log (its environment needed no build)", style="dim")
             if text:
                 if len(steps) > 1 or len(kinds) > 1:
-                    console.print(f"[dim]--- {which} ---[/]")
+                    console.print(f"--- {which} ---", style="dim")
                 sys.stdout.write(text)
         sys.stdout.flush()
 
@@ -473,7 +483,7 @@ def explain(step_run_id: str, workspace: Path = WorkspaceOption, as_json: bool =
     if as_json:
         console.print_json(json.dumps(info))
         return
-    console.print(f"[bold]{info['step']}[/] ({step_run_id}): {_status(info['status'])}")
+    console.print(Text.assemble((info["step"], "bold"), f" ({step_run_id}): ", _status(info["status"])))
     console.print(info["summary"])
     for change in info["changes"]:
         console.print(f"  • {change}")
@@ -500,7 +510,7 @@ def agent(workspace: Path = WorkspaceOption,
     from cairn.storage.layout import WorkspaceLayout
 
     if stop and status:
-        err.print("[red]error:[/] --stop and --status ask for two things: give one", highlight=False)
+        err.print(_error("--stop and --status ask for two things: give one"), highlight=False)
         raise typer.Exit(EXIT_USER_ERROR)
     ws = _workspace(workspace)
     layout = WorkspaceLayout(ws.location)
@@ -518,8 +528,8 @@ def agent(workspace: Path = WorkspaceOption,
                       highlight=False)
         return
     if other is not None:
-        err.print(f"[red]error:[/] another agent (pid {other.get('pid')}) already serves {ws.location}; "
-                  f"stop it first (`cairn agent --stop`) or let it serve", highlight=False)
+        err.print(_error(f"another agent (pid {other.get('pid')}) already serves {ws.location}; stop it first "
+                         f"(`cairn agent --stop`) or let it serve"), highlight=False)
         raise typer.Exit(EXIT_USER_ERROR)
     console.print(f"agent serving {ws.location} (Ctrl-C to stop)")
     from cairn.backend.relay import ScriptService
@@ -584,13 +594,13 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except RunTimeoutError as exc:
-        err.print(f"[yellow]timeout:[/] {exc}", highlight=False)
+        err.print(_error(str(exc), "timeout:", "yellow"), highlight=False)
         sys.exit(EXIT_TIMEOUT)
     except RunFailedError as exc:
-        err.print(f"[red]{exc}[/]", highlight=False)
+        err.print(str(exc), style="red", highlight=False)
         sys.exit(EXIT_RUN_FAILED)
     except (CairnError, OSError, ValueError) as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(_error(str(exc)), highlight=False)
         sys.exit(EXIT_USER_ERROR)
     except (KeyboardInterrupt, *click_abort):
         from cairn.client import follow

@@ -8,6 +8,7 @@ digest from the listing (size, ETag/checksum where the store gives one, path) wi
 from __future__ import annotations
 
 import glob as globlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,11 @@ def resolve_files(definition: dict[str, Any], locate: Any) -> list[ResolvedFile]
     systems: dict[str, tuple[Any, str]] = {}
     for entry in definition["paths"]:
         if "url" in entry:
-            found[entry["url"]] = _resolve_url(entry["url"], entry.get("relative"))
+            found[entry["url"]] = _resolve_url(entry["url"])
+            continue
+        if "local_copy" in entry:  # (cairn debug's copies of a dataset's files, where it had each)
+            for f in _resolve_local_copy(entry["local_copy"]):
+                found[f"local:{f.path}"] = f
             continue
         loc: DatastoreLocation = locate(entry["datastore"])
         if loc.name not in systems:  # one client per datastore: an S3 client costs ~0.2 s to set up
@@ -132,9 +137,38 @@ def _check_relative(rel: str, store: str, full: str) -> None:
                            f"it cannot be part of a dataset") from None
 
 
-def _resolve_url(url: str, relative: str | None = None) -> ResolvedFile:
-    """``relative``: where the file is in the dataset's layout (default: its name; ``cairn debug``
-    names the copies of a dataset's files by their URLs, each where the dataset had it)."""
+def _filesystem_of(f: ResolvedFile, systems: dict[str, Any]) -> tuple[Any, str]:
+    """(filesystem, path) of a resolved file: its datastore's (in ``systems``), this machine's for a
+    file of a local copy (an absolute path: fsspec's URLs would take "::" in it for a chain), else
+    its URL's."""
+    import fsspec
+
+    if f.datastore is not None:
+        return systems[f.datastore], f.path
+    if f.path.startswith("/"):
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem(), f.path
+    return fsspec.core.url_to_fs(f.path)
+
+
+def _resolve_local_copy(root: str) -> list[ResolvedFile]:
+    """The files of a folder on this machine (or the file), each where it is below it: what
+    ``cairn debug`` gives a recreated step in place of a direct-mode dataset's datastore files."""
+    found = []
+    if os.path.isfile(root):
+        st = os.stat(root)
+        return [ResolvedFile(None, root, os.path.basename(root), st.st_size, str(st.st_mtime_ns))]
+    for folder, _dirs, files in os.walk(root, followlinks=True):
+        for name in files:
+            full = os.path.join(folder, name)
+            st = os.stat(full)
+            found.append(ResolvedFile(None, full, os.path.relpath(full, root).replace(os.sep, "/"), st.st_size,
+                                      str(st.st_mtime_ns)))
+    return sorted(found, key=lambda f: f.relative)
+
+
+def _resolve_url(url: str) -> ResolvedFile:
     import fsspec
 
     if url.endswith("/"):
@@ -149,8 +183,7 @@ def _resolve_url(url: str, relative: str | None = None) -> ResolvedFile:
         raise DatasetError(f"dataset URL {url!r} does not exist (HTTP 404)") from None
     except Exception as exc:
         raise DatasetError(f"cannot reach dataset URL {url!r}: {type(exc).__name__}: {exc}") from None
-    return ResolvedFile(None, url, relative or url.rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0),
-                        _version_of(info))
+    return ResolvedFile(None, url, url.rstrip("/").rsplit("/", 1)[-1], int(info.get("size") or 0), _version_of(info))
 
 
 def content_digest(files: list[ResolvedFile]) -> str:
@@ -179,14 +212,12 @@ def missing_paths(definition: dict[str, Any], locate: Any) -> list[str]:
 
 
 def describe_paths(definition: dict[str, Any]) -> str:
-    return ", ".join(e.get("url") or f"{e['datastore']}:{e['path']}" for e in definition["paths"])
+    return ", ".join(e.get("url") or e.get("local_copy") or f"{e['datastore']}:{e['path']}" for e in definition["paths"])
 
 
 def fetch(files: list[ResolvedFile], locate: Any, dest: Path) -> None:
     """Copy the files into ``dest`` keeping their relative paths (atomic per file)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    import fsspec
 
     from cairn.storage.datastores import get_atomic
     from cairn.storage.paths import confined
@@ -198,11 +229,7 @@ def fetch(files: list[ResolvedFile], locate: Any, dest: Path) -> None:
 
     def one(f: ResolvedFile) -> None:
         target = confined(dest, f.relative, f"file {f.relative!r} of the dataset")
-        if f.datastore is None:  # an http(s) URL
-            fs, path = fsspec.core.url_to_fs(f.path)
-            get_atomic(fs, path, target)
-        else:
-            get_atomic(systems[f.datastore], f.path, target)
+        get_atomic(*_filesystem_of(f, systems), target)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, files))
@@ -212,7 +239,9 @@ def local_folder(definition: dict[str, Any], locate: Any) -> str | None:
     """The dataset's own local folder or file when it is exactly one, on a local datastore (then
     consuming it needs no copy); else None."""
     paths = definition["paths"]
-    if len(paths) != 1 or "url" in paths[0] or _has_magic(paths[0]["path"]):
+    if len(paths) == 1 and "local_copy" in paths[0]:
+        return paths[0]["local_copy"] if os.path.exists(paths[0]["local_copy"]) else None
+    if len(paths) != 1 or "datastore" not in paths[0] or _has_magic(paths[0]["path"]):
         return None
     loc = locate(paths[0]["datastore"])
     if loc.kind != "local":
@@ -236,15 +265,10 @@ def read_table(definition: dict[str, Any], files: list[ResolvedFile], locate: An
     frames = []
     systems: dict[str, Any] = {}
     for f in sorted(files, key=lambda x: x.relative):
-        if f.datastore is None:
-            import fsspec
-
-            opener = fsspec.open(f.path, "rb")
-        else:
-            if f.datastore not in systems:
-                systems[f.datastore] = locate(f.datastore).filesystem()[0]
-            opener = systems[f.datastore].open(f.path, "rb")
-        with opener as handle:
+        if f.datastore is not None and f.datastore not in systems:
+            systems[f.datastore] = locate(f.datastore).filesystem()[0]
+        fs, path = _filesystem_of(f, systems)
+        with fs.open(path, "rb") as handle:
             frame = _read_one(fmt, opts, handle, f)
         if opts.get("include_path"):
             frame.insert(0, "Path", f.relative)

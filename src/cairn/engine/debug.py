@@ -120,7 +120,8 @@ def prepare_debug(root: str | os.PathLike[str], step_run_id: str, folder: str | 
     reason = row.get("status_reason")
     if reason and row["status"] != Status.COMPLETED.value:
         repeats = "" if CHANGED_IN_PLACE not in reason else \
-            " (the recreated step's inputs are copies of its own: it cannot fail that way here)"
+            " (the recreated step's inputs are its own copies, or hard links to the read-only files of one over " \
+            "CAIRN_DEBUG_COPY_LIMIT: this failure is not repeated here)"
         log(f"in its run: {row['status']}: {reason}{repeats}")
     job = _check_datasets(job, step, ctx, log)
     for name, producer in scheduler.changed_inputs(step):
@@ -191,22 +192,19 @@ def _check_datasets(job: Any, step: Any, ctx: EngineContext, log: Any) -> Any:
 
 def _direct_datasets_read_copies(env: dict[str, str], inputs: dict[str, str]) -> None:
     """A dataset given in direct mode is the Dataset, which names its datastore's files: in the
-    recreated step it names the copies of them (``file://`` URLs, each where the dataset had it),
-    as every other input is the step's own copy."""
+    recreated step it names the copies of them (one ``local_copy`` entry: the folder, each file where
+    the dataset had it), as every other input is the step's own copy."""
     datasets = json.loads(env.get("CAIRN_DATASETS") or "{}")
     direct = [name for name, d in datasets.items() if d["mode"] == "direct" and name in inputs]
     for name in direct:
-        view = Path(inputs[name])
-        files = [(view, view.name)] if view.is_file() else \
-            [(p, p.relative_to(view).as_posix()) for p in sorted(view.rglob("*")) if p.is_file()]
-        datasets[name]["definition"] = {**datasets[name]["definition"],
-                                        "paths": [{"url": f"file://{p}", "relative": rel} for p, rel in files]}
+        datasets[name]["definition"] = {**datasets[name]["definition"], "paths": [{"local_copy": inputs[name]}]}
     if direct:
         env["CAIRN_DATASETS"] = json.dumps(datasets)
 
 
 def _dataset_paths(definition: dict[str, Any]) -> str:
-    return ", ".join(e.get("url") or f"{e.get('datastore')}:{e.get('path') or '.'}" for e in definition["paths"])
+    return ", ".join(e.get("url") or e.get("local_copy") or f"{e.get('datastore')}:{e.get('path') or '.'}"
+                     for e in definition["paths"])
 
 
 def _make_folder(job: Any, target: Path, log: Any, copy_limit: int) -> dict[str, str]:
