@@ -84,15 +84,24 @@ def test_a_read_error_while_digesting_a_large_file_is_raised(tmp_path, monkeypat
         digests.content_digest_file(path)
 
 
-def test_files_modified_too_recently_for_their_stat_to_tell_an_edit() -> None:
-    """A whole-second mtime is taken for a filesystem clock of seconds (FAT's 2 s); other mtimes
-    move with the kernel's tick (<= 10 ms): within that, an edit at the same size keeps the stat."""
-    from cairn.core.digests import modified_too_recently
+def test_files_changed_too_recently_for_their_stat_to_tell_an_edit(monkeypatch) -> None:
+    """The change time decides (tar and touch -d cannot put it ahead); a whole-second mtime is taken
+    for a filesystem clock of seconds (FAT's 2 s), other clocks move with the kernel's tick
+    (<= 10 ms); $CAIRN_FS_TICK_SECONDS says the tick instead."""
+    from types import SimpleNamespace
+
+    from cairn.core import digests
+    from cairn.core.digests import changed_too_recently
 
     whole = 1_700_000_000 * 10**9
-    assert modified_too_recently(whole, whole + 1_900_000_000)
-    assert not modified_too_recently(whole, whole + 2_000_000_000)
-    fine = whole + 123_456_789
-    assert modified_too_recently(fine, fine + 15_000_000)
-    assert not modified_too_recently(fine, fine + 20_000_000)
-    assert modified_too_recently(fine, fine - 5 * 10**9)  # modified "in the future": a clock set back
+    on_fat = SimpleNamespace(st_mtime_ns=whole, st_ctime_ns=whole)
+    assert changed_too_recently(on_fat, whole + 1_900_000_000)
+    assert not changed_too_recently(on_fat, whole + 2_000_000_000)
+    fine = SimpleNamespace(st_mtime_ns=whole + 123_456_789, st_ctime_ns=whole + 123_456_789)
+    assert changed_too_recently(fine, fine.st_ctime_ns + 15_000_000)
+    assert not changed_too_recently(fine, fine.st_ctime_ns + 20_000_000)
+    ahead = SimpleNamespace(st_mtime_ns=whole + 10**12 + 1, st_ctime_ns=whole)  # mtime set ahead, by tar
+    assert not changed_too_recently(ahead, whole + 30_000_000)
+    assert changed_too_recently(fine, fine.st_ctime_ns - 5 * 10**9)  # changed "in the future": a clock set back
+    monkeypatch.setattr(digests, "_FS_TICK_NS", 10**9)
+    assert changed_too_recently(fine, fine.st_ctime_ns + 900_000_000)

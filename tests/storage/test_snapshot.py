@@ -49,19 +49,9 @@ def test_identical_content_is_stored_once_and_digest_is_stable(tmp_path):
     assert take_snapshot(src, objects, {}).digest != first.digest
 
 
-def _settled(src: Path) -> Path:
-    """``src`` (a file, or every file of a folder) modified a minute ago: long enough for its stat
-    to tell a later edit."""
-    import time
-
-    minute_ago = time.time_ns() - 60 * 10**9
-    for path in (src.rglob("*") if src.is_dir() else [src]):
-        os.utime(path, ns=(minute_ago, minute_ago))
-    return src
-
-
 def test_unchanged_files_are_not_hashed_again(tmp_path, monkeypatch):
-    src = _settled(_tree(tmp_path / "src", {f"f{i}.txt": str(i) for i in range(20)}))
+    monkeypatch.setattr(snap_mod, "changed_too_recently", lambda st, now: False)  # (however fast this runs)
+    src = _tree(tmp_path / "src", {f"f{i}.txt": str(i) for i in range(20)})
     objects = ObjectStore(tmp_path / "objects")
     first = take_snapshot(src, objects, {})
     cache = dict(first.stat_updates)
@@ -78,15 +68,12 @@ def test_unchanged_files_are_not_hashed_again(tmp_path, monkeypatch):
     assert [Path(c).name for c in calls] == ["f3.txt"] and third.digest != first.digest
 
 
-def test_a_file_modified_just_before_the_walk_is_not_cached(tmp_path):
+def test_a_file_changed_just_before_the_walk_is_not_cached(tmp_path, monkeypatch):
     """Where a filesystem's clock is coarse, an edit in the same tick at the same size keeps the
-    stat: a file modified that recently before the walk is read again at the next snapshot."""
-    import time
-
+    stat: a file changed that recently before the walk is read again at the next snapshot."""
     src = _tree(tmp_path / "src", {"train.py": "A = 1\n", "old.py": "B = 1\n"})
-    _settled(src / "old.py")
-    ahead = time.time_ns() + 60 * 10**9  # (modified "now" whatever the time the walk takes)
-    os.utime(src / "train.py", ns=(ahead, ahead))
+    # (whatever the time the walk takes: train.py is taken for changed within the tick, old.py not)
+    monkeypatch.setattr(snap_mod, "changed_too_recently", lambda st, now: st.st_ino == os.stat(src / "train.py").st_ino)
     objects = ObjectStore(tmp_path / "objects")
     first = take_snapshot(src, objects, {})
     assert set(map(Path, first.stat_updates)) == {src / "old.py"}  # train.py: just written

@@ -18,19 +18,26 @@ def _warn_unimportable(modules: tuple[str, ...]) -> None:
     import sys
     import warnings
 
+    missing_tops: set[str] = set()
     for name in dict.fromkeys(modules):
-        if not _findable(name):
-            warnings.warn(f"warm_start_modules: no module named {name!r} can be imported here ({sys.executable}, "
-                          f"outside this script's folder); unless the steps' environment has it, the warm-start "
-                          f"server cannot preload it and each step imports it itself (check the spelling)",
-                          UserWarning, stacklevel=3)
+        top = name.partition(".")[0]
+        if top in missing_tops or _findable(name):
+            continue
+        if _top_spec(top) is None:
+            missing_tops.add(top)
+            name = top
+        warnings.warn(f"warm_start_modules: no module named {name!r} can be imported here ({sys.executable}, "
+                      f"outside this script's folder); unless the steps' environment has it, the warm-start "
+                      f"server cannot preload it and each step imports it itself (check the spelling)",
+                      UserWarning, stacklevel=3)
 
 
 def _findable(name: str) -> bool:
     """Whether a module can be found as the agent's fork server looks for it: not in the folder of
     the script that runs this (``sys.path[0]``, a server does not have it), nothing imported. A
-    submodule is looked for in its package's folders; below a plain module (``os.path``), what its
-    import defines cannot be told without importing it: taken as there."""
+    submodule is looked for in its package's folders; where the package may add folders or modules
+    as it is imported (its ``__init__`` names ``__path__`` or ``sys.modules``), or below a plain
+    module (``os.path``), what its import makes cannot be told without importing it: taken as there."""
     import importlib.machinery
 
     top, *parts = name.split(".")
@@ -39,13 +46,29 @@ def _findable(name: str) -> bool:
         if spec is None:
             return False
         locations = spec.submodule_search_locations
-        if locations is None:
+        if locations is None or _extends_itself(spec):
             return True
         try:
             spec = importlib.machinery.PathFinder.find_spec(part, list(locations))
         except Exception:  # (a package's own path object that fails: says nothing either way)
             return True
     return spec is not None
+
+
+def _extends_itself(spec: Any) -> bool:
+    """Whether a package's ``__init__`` may add to its folders or modules as it is imported (Keras,
+    ``pkgutil.extend_path``, generated API packages): read, not run."""
+    origin = getattr(spec, "origin", None)
+    if origin is None or not getattr(spec, "has_location", False):  # a namespace package: no code of its own
+        return False
+    if not origin.endswith(".py"):  # compiled: cannot be read
+        return True
+    try:
+        with open(origin, "rb") as f:
+            source = f.read()
+    except OSError:
+        return True
+    return b"__path__" in source or b"sys.modules" in source
 
 
 def _top_spec(top: str) -> Any:

@@ -12,14 +12,24 @@ _CHUNK = 1 << 20
 _READ_BUFFER = 256 << 10
 
 
-def modified_too_recently(mtime_ns: int, now_ns: int) -> bool:
-    """Whether a file stated at ``now_ns`` with this mtime could still be edited, at the same
-    size, without its stat changing: within the same tick of its filesystem's clock (git's "racily
-    clean" files). A whole-second mtime is taken for a clock of seconds (FAT: 2 s); otherwise the
-    kernel's timestamps move with its tick (<= 10 ms; exFAT: 10 ms). Such a file is compared by
-    content, not stat. (``runner/forkserver.py``, which imports nothing of Cairn's, has a copy.)"""
-    window = 2_000_000_000 if mtime_ns % 1_000_000_000 == 0 else 20_000_000
-    return now_ns - mtime_ns < window
+# The tick of the filesystems' clocks, when it is known better than guessed (a network filesystem
+# whose server's clock runs behind this machine's: its skew added)
+_FS_TICK_NS = int(float(os.environ["CAIRN_FS_TICK_SECONDS"]) * 1e9) if os.environ.get("CAIRN_FS_TICK_SECONDS") else None
+
+
+def changed_too_recently(st: os.stat_result, now_ns: int) -> bool:
+    """Whether a file stated at ``now_ns`` (taken before the stat) could still be edited, at the same
+    size, without its stat changing: within the same tick of its filesystem's clock as its last
+    change (git's "racily clean" files). Its change time decides (the kernel sets it: ``touch -d``
+    and tar cannot put it ahead). A whole-second mtime is taken for a clock of seconds (FAT: 2 s);
+    otherwise the kernel's timestamps move with its tick (<= 10 ms; exFAT: 10 ms);
+    ``$CAIRN_FS_TICK_SECONDS`` says it instead. Such a file is compared by content, not stat.
+    (``runner/forkserver.py``, which imports nothing of Cairn's, has a copy.)"""
+    if _FS_TICK_NS is not None:
+        window = _FS_TICK_NS
+    else:
+        window = 2_000_000_000 if st.st_mtime_ns % 1_000_000_000 == 0 else 20_000_000
+    return now_ns - st.st_ctime_ns < window
 
 
 def _hasher() -> Any:

@@ -435,11 +435,10 @@ def _warm_start(warm: WarmPool, job: StepJob, resolved: ResolvedEnvironment | No
     try:
         server = warm.server(argv[0], base, Path(job.workspace) / ".cairn", stop_waiting=control, on_wait=lambda: syslog(
             f"waiting for the warm-start server of this environment (importing {', '.join(warm.modules)})", flush=True),
-            on_restart=lambda changed: syslog(
-                f"warm start: {changed}, preloaded by the server, changed since it started: the server starts again"
-                if not os.path.isdir(changed) else
+            on_restart=lambda changed, is_folder: syslog(
                 f"warm start: {changed}, searched for modules before one the server preloaded, changed since it "
-                f"started (a module put there may shadow it): the server starts again"))
+                f"started (a module put there may shadow it): the server starts again" if is_folder else
+                f"warm start: {changed}, preloaded by the server, changed since it started: the server starts again"))
         proc = server.launch(argv, str(work), env, str(log_dir / "stdout.txt"), str(log_dir / "stderr.txt"))
     except WarmShadowed as exc:  # the server checks what it has imported by then (Cairn's client, lazily)
         in_snapshot = [os.path.relpath(f, work) for f in exc.files if Path(f).is_relative_to(work)]

@@ -98,10 +98,11 @@ def _serve_forever(sock_path: str, modules: list[str]) -> None:
     _SET_BY_PRELOADS.update({k: v for k, v in os.environ.items() if environment.get(k) != v})
     for name in CHILD_NEEDS:
         importlib.import_module(name)
-    watched = [[path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev, read.digest(path)]
+    watched = [[path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev, read.digest(path), "file"]
                for path, st in read.files.items()]
-    watched += [[path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev, None]
+    watched += [[path, st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev, None, "folder"]
                 for path, st in _searched_before(read.files, read.installed).items()]
+    read.contents.clear()  # (digested)
     _BASE_PATH[:] = _base_path()
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ, ("accept", None, None))
@@ -185,7 +186,7 @@ class _StatsAsRead:
     def __init__(self, installed: tuple[str, ...]) -> None:
         self.installed = installed
         self.files: dict[str, os.stat_result] = {}
-        self.contents: dict[str, bytes] = {}  # of the files modified too recently for their stat to tell
+        self.contents: dict[str, bytes] = {}  # of the files changed too recently for their stat to tell
 
     def __enter__(self) -> _StatsAsRead:
         from importlib.machinery import SourceFileLoader
@@ -213,6 +214,7 @@ class _StatsAsRead:
         if (where in self.files and not again) or where.startswith(self.installed) \
                 or os.path.realpath(where).startswith(self.installed):
             return
+        now = time.time_ns()  # (before the stat: see changed_too_recently)
         try:
             st = os.stat(where)
         except ValueError:  # (a NUL byte)
@@ -229,7 +231,7 @@ class _StatsAsRead:
             return
         self.files[where] = st
         self.contents.pop(where, None)
-        if modified_too_recently(st.st_mtime_ns, time.time_ns()):  # (a time in the future too)
+        if changed_too_recently(st, now):
             try:
                 with open(where, "rb") as file:
                     self.contents[where] = file.read()
@@ -238,11 +240,12 @@ class _StatsAsRead:
 
     def digest(self, path: str) -> str | None:
         """The SHA-512 of a file's content as it was read while its stat could not tell an edit
-        (``modified_too_recently``), or None. (``random``, which every child needs, has loaded ``_sha512``.)"""
+        (``changed_too_recently``), or None. (``random``, which every child needs, has loaded
+        ``_sha512``, ``_sha2`` from Python 3.12.)"""
         content = self.contents.get(path)
         if content is None:
             return None
-        sha512 = getattr(sys.modules.get("_sha512"), "sha512", None)
+        sha512 = getattr(sys.modules.get("_sha512") or sys.modules.get("_sha2"), "sha512", None)
         if sha512 is None:  # (a build without it: random took hashlib's)
             from hashlib import sha512
         return sha512(content).hexdigest()
@@ -268,9 +271,14 @@ def _searched_before(files: dict[str, os.stat_result], installed: tuple[str, ...
     files) was found in: a module of the same name put there later would shadow it in a cold
     start, and adding one changes the folder's stat. Installed code's folders are left out."""
     entries = [os.path.abspath(e) for e in sys.path if isinstance(e, str)]
-    # (a file found in none, loaded from its path by a preload: no folder is searched for it)
-    last = max((next((i for i, e in enumerate(entries) if path.startswith(e + os.sep)), 0) for path in files),
-               default=0)
+
+    def found_in(path: str) -> int:
+        """The entry it was found in: the longest that holds it (``/proj/src`` rather than ``/proj``),
+        or that is it (a zip archive); 0 for one found in none (loaded from its path by a preload)."""
+        holding = [i for i, e in enumerate(entries) if path == e or path.startswith(e + os.sep)]
+        return max(holding, key=lambda i: len(entries[i]), default=0)
+
+    last = max(map(found_in, files), default=0)
     searched: dict[str, os.stat_result] = {}
     for folder in entries[:last]:
         if folder in searched or (folder + os.sep).startswith(installed):
@@ -294,11 +302,17 @@ def _threads_started() -> list[str]:
     return sorted(t.name for t in threading.enumerate() if t is not main and t.is_alive())
 
 
-def modified_too_recently(mtime_ns: int, now_ns: int) -> bool:
-    """As ``cairn.core.digests.modified_too_recently`` (this file imports nothing of Cairn's): a
+_FS_TICK_NS = int(float(os.environ["CAIRN_FS_TICK_SECONDS"]) * 1e9) if os.environ.get("CAIRN_FS_TICK_SECONDS") else None
+
+
+def changed_too_recently(st: os.stat_result, now_ns: int) -> bool:
+    """As ``cairn.core.digests.changed_too_recently`` (this file imports nothing of Cairn's): a
     file an edit at the same size may change without changing its stat. Its content is compared."""
-    window = 2_000_000_000 if mtime_ns % 1_000_000_000 == 0 else 20_000_000
-    return now_ns - mtime_ns < window
+    if _FS_TICK_NS is not None:
+        window = _FS_TICK_NS
+    else:
+        window = 2_000_000_000 if st.st_mtime_ns % 1_000_000_000 == 0 else 20_000_000
+    return now_ns - st.st_ctime_ns < window
 
 
 def _archive_of(path: str) -> str | None:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cairn.core.digests import modified_too_recently
+from cairn.core.digests import changed_too_recently
 from cairn.runner.processes import RUN_ID_PLACEHOLDER
 
 FORKSERVER = str(Path(__file__).with_name("forkserver.py"))
@@ -86,6 +86,10 @@ def prune_stale_folders(parent: str = "/tmp", min_age: float = 600.0) -> int:
 
 class WarmStartError(Exception):
     """The fork server could not start a step (the runner then starts it cold)."""
+
+
+class WarmServerExited(WarmStartError):
+    """The server's process ended before it was ready (a preload ended it: ``os._exit``, a crash)."""
 
 
 class WarmShadowed(WarmStartError):
@@ -179,7 +183,7 @@ class WarmServer:
         line = self._proc.stdout.readline()
         if not line:
             code = self._proc.wait()
-            raise WarmStartError(f"the fork server exited with code {code} before it was ready (see {log_path})")
+            raise WarmServerExited(f"the fork server exited with code {code} before it was ready (see {log_path})")
         try:
             ready = json.loads(line)
         except ValueError:
@@ -189,22 +193,28 @@ class WarmServer:
         return ready
 
     def changed(self) -> str | None:
-        """A file of the user's own modules the server preloaded that changed since (it then
-        restarts: a cold step would import the new one), or None."""
+        """A file of the user's own modules the server preloaded that changed since, or a folder
+        searched before one of them that did (``is_folder``; it then restarts: a cold step would
+        import the new one), or None."""
         for entry in self.ready.get("watched", ()):
-            path, mtime_ns, size, inode, device, content_digest = entry
+            path, mtime_ns, size, inode, device, content_digest = entry[:6]
+            now = time.time_ns()  # (before the stat: an edit after it, in the same tick, is read below)
             try:
                 st = os.stat(path)
             except OSError:
                 return path
             if (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev) != (mtime_ns, size, inode, device):
                 return path
-            if content_digest is not None:  # modified too recently when read for its stat to tell
+            if content_digest is not None:  # changed too recently when read for its stat to tell
                 if _content_digest(path) != content_digest:
                     return path
-                if not modified_too_recently(mtime_ns, time.time_ns()):
+                if not changed_too_recently(st, now):
                     entry[5] = None  # its clock has moved on since: a later edit changes its stat
         return None
+
+    def is_folder(self, path: str) -> bool:
+        """Whether ``path`` (as ``changed`` said it) is a folder searched before a preloaded module's."""
+        return any(entry[0] == path and entry[6:7] == ["folder"] for entry in self.ready.get("watched", ()))
 
     def kill(self) -> None:
         try:
@@ -256,15 +266,16 @@ class WarmPool:
     """The fork servers of one compute target. A server starts in the background (with the agent,
     or for the first step that needs it); steps wait for it on a condition, so a canceled step
     stops waiting at once. A server that could not start is not tried again for the same run: its
-    steps start cold at once, saying why (a failing import fails the same way each time); the next
-    run tries again (``retry_failed``: the user may have fixed it). One still importing is waited
-    for by no step after the first that gave up on it."""
+    steps start cold at once, saying why (a failing import fails the same way each time); one whose
+    process ended as it imported is tried again for the next run (``retry_failed``: the user may have
+    fixed the module). One still importing is waited for by no step after the first that gave up on it."""
 
     def __init__(self, modules: tuple[str, ...]) -> None:
         self.modules = modules
         self._servers: dict[tuple[Any, ...], WarmServer] = {}
         self._used: dict[tuple[Any, ...], float] = {}  # when each server last gave a step
         self._failed: dict[tuple[Any, ...], str] = {}
+        self._exited: set[tuple[Any, ...]] = set()  # of the failed: those whose process ended as it imported
         self._starting: set[tuple[Any, ...]] = set()
         self._closed = False
         self._cond = threading.Condition()
@@ -303,11 +314,12 @@ class WarmPool:
                on_done: Callable[[WarmServer | None, str | None], None] | None) -> None:
         server: WarmServer | None = None
         failure: str | None = None
+        exited = False
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
             server = WarmServer(python, self.modules, env, log_dir / "warm-start.log")
         except (WarmStartError, OSError) as exc:
-            failure = str(exc)
+            failure, exited = str(exc), isinstance(exc, WarmServerExited)
         except BaseException as exc:  # never leave waiting steps waiting
             failure = f"{type(exc).__name__}: {exc}"
         with self._cond:
@@ -320,20 +332,24 @@ class WarmPool:
                 self._failed.pop(key, None)  # it came after all (a step gave up on it meanwhile)
             else:
                 self._failed[key] = f"the fork server could not start ({failure})"
+                if exited:
+                    self._exited.add(key)
             self._cond.notify_all()
         if on_done is not None:
             on_done(server, failure)
 
     def retry_failed(self) -> None:
-        """Servers that could not start are started again for the next step that needs one (not
-        one still importing: its steps would wait for it again)."""
+        """Servers whose process ended as they imported (a preload the user may have fixed since)
+        are started again for the next step that needs one. Not those that timed out or were refused:
+        their steps would wait for them again, and fail the same way."""
         with self._cond:
-            for key in [k for k in self._failed if k not in self._starting]:
+            for key in self._exited & set(self._failed):
                 del self._failed[key]
+            self._exited.clear()
 
     def server(self, python: str, env: dict[str, str], log_dir: Path, stop_waiting: Any = None,
                on_wait: Callable[[], None] | None = None,
-               on_restart: Callable[[str], None] | None = None) -> WarmServer:
+               on_restart: Callable[[str, bool], None] | None = None) -> WarmServer:
         """The running server for this interpreter and environment, started if needed and waited
         for; started again when one of the user's own modules it preloaded changed (said to
         ``on_restart`` with the file). Raises WarmStartError when it cannot start (now or before),
@@ -355,7 +371,7 @@ class WarmPool:
                     self._servers.pop(key).stop()  # its running steps end as ever
                     self._used.pop(key, None)
             if mine and on_restart is not None:
-                on_restart(changed)
+                on_restart(changed, server.is_folder(changed))
             restarted, on_wait = True, None
             deadline = time.monotonic() + STEP_WAIT  # (the new server imports it all again)
 

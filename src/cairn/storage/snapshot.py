@@ -3,7 +3,7 @@
 A file whose (size, mtime, inode) match the stat cache is not read again; the caller loads and
 saves the cache (the store owns it), so this module does no SQL. A file modified just before the
 walk is not cached: an edit within the same tick of its filesystem's clock, at the same size,
-would leave its stat as it was (``modified_too_recently``).
+would leave its stat as it was (``changed_too_recently``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cairn.core.digests import digest_file, digest_json, modified_too_recently
+from cairn.core.digests import changed_too_recently, digest_file, digest_json
 from cairn.core.errors import SnapshotTooLargeError, UserInputError
 from cairn.storage.objects import ObjectStore
 from cairn.storage.paths import real_path
@@ -289,7 +289,7 @@ def take_snapshot(
             digest = cached[1]
         else:
             digest = digest_file(abspath)
-            if not modified_too_recently(st.st_mtime_ns, walked_at):  # (read again next time)
+            if not changed_too_recently(st, walked_at):  # (read again next time)
                 updates[abspath] = (key, digest)
         entries.append(SnapshotEntry(rel, digest, st.st_size, bool(st.st_mode & stat_mod.S_IXUSR)))
     manifest: dict[str, Any] = {"files": [[e.path, e.digest, e.size, e.executable] for e in entries]}
