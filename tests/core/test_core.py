@@ -105,3 +105,15 @@ def test_files_changed_too_recently_for_their_stat_to_tell_an_edit(monkeypatch) 
     assert changed_too_recently(fine, fine.st_ctime_ns - 5 * 10**9)  # changed "in the future": a clock set back
     monkeypatch.setattr(digests, "_FS_TICK_NS", 10**9)
     assert changed_too_recently(fine, fine.st_ctime_ns + 900_000_000)
+
+
+def test_a_filesystem_tick_that_is_not_a_number_is_said_and_ignored(monkeypatch) -> None:
+    import pytest
+
+    from cairn.core import digests
+
+    monkeypatch.setenv("CAIRN_FS_TICK_SECONDS", "2s")
+    with pytest.warns(UserWarning, match="CAIRN_FS_TICK_SECONDS='2s' is not a number of seconds"):
+        assert digests._fs_tick_ns() is None
+    monkeypatch.setenv("CAIRN_FS_TICK_SECONDS", "0.5")
+    assert digests._fs_tick_ns() == 500_000_000

@@ -12,9 +12,26 @@ _CHUNK = 1 << 20
 _READ_BUFFER = 256 << 10
 
 
-# The tick of the filesystems' clocks, when it is known better than guessed (a network filesystem
-# whose server's clock runs behind this machine's: its skew added)
-_FS_TICK_NS = int(float(os.environ["CAIRN_FS_TICK_SECONDS"]) * 1e9) if os.environ.get("CAIRN_FS_TICK_SECONDS") else None
+def _fs_tick_ns() -> int | None:
+    """``$CAIRN_FS_TICK_SECONDS``: the tick of the filesystems' clocks, where it is known better than
+    guessed (a network filesystem whose server's clock runs behind this machine's: its skew added)."""
+    text = os.environ.get("CAIRN_FS_TICK_SECONDS")
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+        if not 0 <= seconds < 1e9:
+            raise ValueError
+    except ValueError:
+        import warnings
+
+        warnings.warn(f"CAIRN_FS_TICK_SECONDS={text!r} is not a number of seconds (such as 2 or 0.02): ignored, "
+                      f"the tick is guessed from each file's mtime", UserWarning, stacklevel=2)
+        return None
+    return int(seconds * 1e9)
+
+
+_FS_TICK_NS = _fs_tick_ns()
 
 
 def changed_too_recently(st: os.stat_result, now_ns: int) -> bool:

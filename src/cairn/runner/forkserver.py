@@ -302,7 +302,15 @@ def _threads_started() -> list[str]:
     return sorted(t.name for t in threading.enumerate() if t is not main and t.is_alive())
 
 
-_FS_TICK_NS = int(float(os.environ["CAIRN_FS_TICK_SECONDS"]) * 1e9) if os.environ.get("CAIRN_FS_TICK_SECONDS") else None
+def _fs_tick_ns() -> int | None:  # (Cairn's own, in the agent, warns about a value that is not a number)
+    try:
+        seconds = float(os.environ.get("CAIRN_FS_TICK_SECONDS") or "nan")
+    except ValueError:
+        return None
+    return int(seconds * 1e9) if 0 <= seconds < 1e9 else None
+
+
+_FS_TICK_NS = _fs_tick_ns()
 
 
 def changed_too_recently(st: os.stat_result, now_ns: int) -> bool:
