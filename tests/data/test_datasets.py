@@ -106,3 +106,24 @@ def test_a_dataset_reads_the_files_its_store_has_now(store, tmp_path):
     assert files.to_path() == ["part 1.csv", "part_3.csv"]
     assert sorted(Path(p).name for p in files.download(tmp_path / "dl")) == ["part 1.csv", "part_3.csv"]
     assert table.to_pandas_dataframe()["a"].tolist() == [1, 3, 7, 9]
+
+
+def test_a_local_copy_entry_names_the_files_of_a_folder_where_they_are(tmp_path) -> None:
+    """``cairn debug`` gives a recreated step's direct-mode Dataset one entry: the folder of its copies."""
+    import pytest
+
+    from cairn.data.datasets import DatasetError, resolve_files
+
+    copy = tmp_path / "copies::x [draft]"
+    (copy / "b").mkdir(parents=True)
+    (copy / "b" / "two.csv").write_text("a\n2\n")
+    (copy / "one.csv").write_text("a\n1\n")
+    files = resolve_files({"paths": [{"local_copy": str(copy)}]}, locate=None)
+    assert [(f.relative, f.size, f.datastore) for f in files] == [("b/two.csv", 4, None), ("one.csv", 4, None)]
+    alone = resolve_files({"paths": [{"local_copy": str(copy / "one.csv")}]}, locate=None)
+    assert [f.relative for f in alone] == ["one.csv"]
+    (copy / "gone.csv").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="cannot be read"):
+        resolve_files({"paths": [{"local_copy": str(copy)}]}, locate=None)
+    with pytest.raises(DatasetError, match="cannot be read"):
+        resolve_files({"paths": [{"local_copy": str(tmp_path / "missing")}]}, locate=None)

@@ -229,9 +229,9 @@ def test_a_recreated_step_has_its_datasets_and_workspace(workspace: Workspace,
     # (a folder name that is neither markup, nor an emoji code, nor an fsspec chain)
     folder = Path(workspace.location) / "a debug 'folder' [draft] :memo: d::e"
     printed = cairn("debug", done.id, "--print", "--dir", str(folder), cwd=Path(workspace.location))
+    assert printed.returncode == 0, printed.stderr
     assert f"# to run it: '{folder}/.cairn_debug/debug.sh'".replace("'folder'", "'\"'\"'folder'\"'\"'") \
         in printed.stderr, printed.stderr
-    assert printed.returncode == 0, printed.stderr
     (Path(store.root) / "t.csv").write_text("a,b\n1,x\n2,y\n3,z\n")
     pasted = next(line for line in printed.stderr.splitlines() if line.startswith("# to run it: "))
     by_hand = subprocess.run(["bash", "-c", pasted.removeprefix("# to run it: ")], capture_output=True, text=True,

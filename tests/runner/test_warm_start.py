@@ -1103,8 +1103,9 @@ def test_a_module_put_earlier_on_the_search_path_restarts_the_server(tmp_path: P
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (early, late, nested)))}
     server = WarmServer(sys.executable, ("mylib_m",), env, tmp_path / "warm.log")
     try:
-        assert {str(early), str(late)} <= {entry[0] for entry in server.ready["watched"]}
-        assert not server.is_folder(str(nested / "mylib_m.py"))
+        kinds = {entry[0]: entry[6] for entry in server.ready["watched"]}
+        assert kinds[str(early)] == kinds[str(late)] == "folder" and kinds[str(nested / "mylib_m.py")] == "file"
+        assert server.is_folder(str(late)) and not server.is_folder(str(nested / "mylib_m.py"))
         (late / "mylib_m.py").write_text("VERSION = 'shadows the nested one'\n")
         assert server.changed() == str(late)
     finally:
@@ -1206,3 +1207,28 @@ def test_a_pool_restarts_a_changed_server_once_per_step_and_once_for_all(tmp_pat
         assert done and restarts == [str(mods / "mine_g.py")]  # once, then the new server, changed as it is
     finally:
         storming.shutdown()
+
+
+@pytest.mark.parametrize(("failure", "tried_again"), [("exited", True), ("timed out", True), ("refused", False)])
+def test_which_servers_that_could_not_start_the_next_run_tries_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str, tried_again: bool) -> None:
+    from cairn.runner import warm
+
+    starts: list[str] = []
+
+    class Failing:
+        def __init__(self, *args: object) -> None:
+            starts.append(failure)
+            if failure == "refused":
+                raise warm.WarmStartRefused("warm start is not possible here: no os.pidfd_open")
+            raise warm.WarmStartError(f"the fork server {failure}")
+
+    monkeypatch.setattr(warm, "WarmServer", Failing)
+    pool = warm.WarmPool(("anything",))
+    for _run in range(2):
+        with pytest.raises(warm.WarmStartError, match="could not start"):
+            pool.server(sys.executable, {}, tmp_path)
+        with pytest.raises(warm.WarmStartError, match="could not start"):  # once a run: not again for its next step
+            pool.server(sys.executable, {}, tmp_path)
+        pool.retry_failed()  # (a run begins)
+    assert len(starts) == (2 if tried_again else 1)

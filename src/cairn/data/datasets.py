@@ -155,16 +155,24 @@ def _filesystem_of(f: ResolvedFile, systems: dict[str, Any]) -> tuple[Any, str]:
 def _resolve_local_copy(root: str) -> list[ResolvedFile]:
     """The files of a folder on this machine (or the file), each where it is below it: what
     ``cairn debug`` gives a recreated step in place of a direct-mode dataset's datastore files."""
+    def unreadable(exc: OSError) -> None:
+        raise DatasetError(f"the copy of the dataset's files in {root!r} cannot be read: {exc}") from None
+
     found = []
-    if os.path.isfile(root):
-        st = os.stat(root)
-        return [ResolvedFile(None, root, os.path.basename(root), st.st_size, str(st.st_mtime_ns))]
-    for folder, _dirs, files in os.walk(root, followlinks=True):
-        for name in files:
-            full = os.path.join(folder, name)
-            st = os.stat(full)
-            found.append(ResolvedFile(None, full, os.path.relpath(full, root).replace(os.sep, "/"), st.st_size,
-                                      str(st.st_mtime_ns)))
+    try:
+        if os.path.isfile(root):
+            st = os.stat(root)
+            return [ResolvedFile(None, root, os.path.basename(root), st.st_size, str(st.st_mtime_ns))]
+        if not os.path.isdir(root):
+            raise FileNotFoundError(2, "no such file or folder", root)
+        for folder, _dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+            for name in files:
+                full = os.path.join(folder, name)
+                st = os.stat(full)
+                found.append(ResolvedFile(None, full, os.path.relpath(full, root).replace(os.sep, "/"), st.st_size,
+                                          str(st.st_mtime_ns)))
+    except OSError as exc:
+        unreadable(exc)
     return sorted(found, key=lambda f: f.relative)
 
 

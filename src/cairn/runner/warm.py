@@ -88,8 +88,8 @@ class WarmStartError(Exception):
     """The fork server could not start a step (the runner then starts it cold)."""
 
 
-class WarmServerExited(WarmStartError):
-    """The server's process ended before it was ready (a preload ended it: ``os._exit``, a crash)."""
+class WarmStartRefused(WarmStartError):
+    """Warm start cannot work with this interpreter or kernel (no ``os.pidfd_open``): not tried again."""
 
 
 class WarmShadowed(WarmStartError):
@@ -183,13 +183,13 @@ class WarmServer:
         line = self._proc.stdout.readline()
         if not line:
             code = self._proc.wait()
-            raise WarmServerExited(f"the fork server exited with code {code} before it was ready (see {log_path})")
+            raise WarmStartError(f"the fork server exited with code {code} before it was ready (see {log_path})")
         try:
             ready = json.loads(line)
         except ValueError:
             raise WarmStartError(f"the fork server said {line[:200]!r} instead of being ready") from None
         if not ready.get("ready"):
-            raise WarmStartError(f"warm start is not possible here: {ready.get('reason')}")
+            raise WarmStartRefused(f"warm start is not possible here: {ready.get('reason')}")
         return ready
 
     def changed(self) -> str | None:
@@ -266,16 +266,16 @@ class WarmPool:
     """The fork servers of one compute target. A server starts in the background (with the agent,
     or for the first step that needs it); steps wait for it on a condition, so a canceled step
     stops waiting at once. A server that could not start is not tried again for the same run: its
-    steps start cold at once, saying why (a failing import fails the same way each time); one whose
-    process ended as it imported is tried again for the next run (``retry_failed``: the user may have
-    fixed the module). One still importing is waited for by no step after the first that gave up on it."""
+    steps start cold at once, saying why (a failing import fails the same way each time); the next
+    run tries it again (``retry_failed``: the user may have fixed the module), unless warm start was
+    refused here. One still importing is waited for by no step after the first that gave up on it."""
 
     def __init__(self, modules: tuple[str, ...]) -> None:
         self.modules = modules
         self._servers: dict[tuple[Any, ...], WarmServer] = {}
         self._used: dict[tuple[Any, ...], float] = {}  # when each server last gave a step
         self._failed: dict[tuple[Any, ...], str] = {}
-        self._exited: set[tuple[Any, ...]] = set()  # of the failed: those whose process ended as it imported
+        self._retry: set[tuple[Any, ...]] = set()  # of the failed: those the next run tries again
         self._starting: set[tuple[Any, ...]] = set()
         self._closed = False
         self._cond = threading.Condition()
@@ -314,12 +314,12 @@ class WarmPool:
                on_done: Callable[[WarmServer | None, str | None], None] | None) -> None:
         server: WarmServer | None = None
         failure: str | None = None
-        exited = False
+        retry = True
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
             server = WarmServer(python, self.modules, env, log_dir / "warm-start.log")
         except (WarmStartError, OSError) as exc:
-            failure, exited = str(exc), isinstance(exc, WarmServerExited)
+            failure, retry = str(exc), not isinstance(exc, WarmStartRefused)
         except BaseException as exc:  # never leave waiting steps waiting
             failure = f"{type(exc).__name__}: {exc}"
         with self._cond:
@@ -332,20 +332,21 @@ class WarmPool:
                 self._failed.pop(key, None)  # it came after all (a step gave up on it meanwhile)
             else:
                 self._failed[key] = f"the fork server could not start ({failure})"
-                if exited:
-                    self._exited.add(key)
+                if retry:
+                    self._retry.add(key)
             self._cond.notify_all()
         if on_done is not None:
             on_done(server, failure)
 
     def retry_failed(self) -> None:
-        """Servers whose process ended as they imported (a preload the user may have fixed since)
-        are started again for the next step that needs one. Not those that timed out or were refused:
-        their steps would wait for them again, and fail the same way."""
+        """Servers that could not start (a preload that ended the process, which the user may have
+        fixed since; an import slow only the first time) are started again for the next step that
+        needs one: one background start per run, and its steps wait at most ``STEP_WAIT`` as ever.
+        Not those refused (this interpreter or kernel cannot fork steps), nor one still importing."""
         with self._cond:
-            for key in self._exited & set(self._failed):
+            for key in self._retry & set(self._failed):
                 del self._failed[key]
-            self._exited.clear()
+            self._retry.clear()
 
     def server(self, python: str, env: dict[str, str], log_dir: Path, stop_waiting: Any = None,
                on_wait: Callable[[], None] | None = None,
