@@ -134,6 +134,47 @@ def test_a_warm_step_can_be_canceled_and_timed_out(workspace: Workspace, write_s
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
+def test_warm_steps_an_agent_stops_record_how_they_ended(workspace: Workspace, write_script: Callable[..., Path],
+                                                          tmp_path: Path) -> None:
+    """A warm step hears of its end through its server: the agent that stops waits for its steps'
+    threads to record it (as a cold step's do) before it exits; the next agent runs them again."""
+    import os
+    import select
+
+    from cairn.engine.client import stop_agent
+    from cairn.storage.layout import WorkspaceLayout
+
+    src = write_script("once.py", f"""
+        import os, sys, time
+        marker = os.path.join({str(tmp_path)!r}, sys.argv[1])
+        if not os.path.exists(marker):  # the first attempt says it is there, then waits to be stopped
+            open(marker, "w").close()
+            with open(marker + ".fifo", "w") as fifo:
+                fifo.write("here")
+            time.sleep(120)
+    """)
+    readers = []
+    for name in ("a", "b"):  # (opened first, without waiting for a writer: each step's write then returns)
+        os.mkfifo(tmp_path / f"{name}.fifo")
+        readers.append(os.open(tmp_path / f"{name}.fifo", os.O_RDONLY | os.O_NONBLOCK))
+    warm_target(workspace)
+    steps = [PythonScriptStep("once.py", name=name, source_directory=str(src), arguments=[name], allow_reuse=False)
+             for name in ("a", "b")]
+    run = Experiment(workspace, "warm").submit(Pipeline(workspace, steps))
+    try:
+        for fd in readers:  # both first attempts are in their scripts
+            assert select.select([fd], [], [], 60)[0] and os.read(fd, 16) == b"here"
+    finally:
+        for fd in readers:
+            os.close(fd)
+    assert stop_agent(WorkspaceLayout(workspace.location))
+    assert run.wait_for_completion(show_output=False, timeout_seconds=120) == "Completed"  # a new agent
+    for step in run.get_steps():
+        first = step.get_system_log().split("attempt 2 of step")[0]
+        assert "forked by server pid" in first
+        assert "stopped: the agent stopped; the step will run again" in first, first
+
+
 def test_a_module_that_cannot_be_preloaded_is_reported_not_fatal(workspace: Workspace, src: Path) -> None:
     with pytest.warns(UserWarning, match="no module named 'no_such_module_for_cairn' can be imported here"):
         warm_target(workspace, ["no_such_module_for_cairn", PRELOADED])

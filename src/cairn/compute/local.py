@@ -29,6 +29,8 @@ from cairn.runner.step_threads import StepThreads
 from cairn.runner.warm import WarmPool
 from cairn.runner.work_folders import WorkFolders, remove_folders
 
+SHUTDOWN_WAIT = 10.0
+
 
 class LocalCompute:
     def __init__(self, name: str = "local", max_concurrency: int | None = None,
@@ -37,6 +39,7 @@ class LocalCompute:
         self._max_concurrency = int(max_concurrency or os.cpu_count() or 1)
         self._running = 0
         self._lock = threading.Lock()
+        self._step_ended = threading.Condition(self._lock)
         # Up to max_concurrency more steps are prepared ahead (folders, inputs, environment) while
         # the running ones run; processes are still at most max_concurrency at a time.
         self._slots = ProcessSlots(lambda: self._max_concurrency)
@@ -130,6 +133,7 @@ class LocalCompute:
             finally:
                 with self._lock:
                     self._running -= 1
+                    self._step_ended.notify_all()
             # an unchanged folder is kept before the engine hears of the end: the next step of the
             # snapshot, started then, can have it (and what that pushed out goes once it heard)
             try:
@@ -159,7 +163,11 @@ class LocalCompute:
             return folders
 
     def shutdown(self) -> None:
+        """Let the target go. Steps still running were stopped (their processes killed) by whoever
+        shuts it down: their threads get up to ``SHUTDOWN_WAIT`` s to record how they ended (a warm
+        step hears of its end through its server) before the agent's process exits under them."""
         with self._lock:
+            self._step_ended.wait_for(lambda: self._running == 0, timeout=SHUTDOWN_WAIT)
             kept, self._work_folders = list(self._work_folders.values()), {}
         for folders in kept:
             folders.clear()
