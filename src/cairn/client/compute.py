@@ -20,12 +20,15 @@ def _warn_unimportable(modules: tuple[str, ...]) -> None:
 
     missing_tops: set[str] = set()
     for name in dict.fromkeys(modules):
-        top = name.partition(".")[0]
-        if top in missing_tops or _findable(name):
+        top, *parts = name.split(".")
+        if top in missing_tops:
             continue
-        if _top_spec(top) is None:
+        spec = _top_spec(top)
+        if spec is None:
             missing_tops.add(top)
             name = top
+        elif _found_below(spec, parts):
+            continue
         warnings.warn(f"warm_start_modules: no module named {name!r} can be imported here ({sys.executable}, "
                       f"outside this script's folder); unless the steps' environment has it, the warm-start "
                       f"server cannot preload it and each step imports it itself (check the spelling)",
@@ -34,17 +37,20 @@ def _warn_unimportable(modules: tuple[str, ...]) -> None:
 
 def _findable(name: str) -> bool:
     """Whether a module can be found as the agent's fork server looks for it: not in the folder of
-    the script that runs this (``sys.path[0]``, a server does not have it), nothing imported. A
-    submodule is looked for in its package's folders; where the package may add folders or modules
-    as it is imported (its ``__init__`` names ``__path__`` or ``sys.modules``), or below a plain
-    module (``os.path``), what its import makes cannot be told without importing it: taken as there."""
-    import importlib.machinery
-
+    the script that runs this (``sys.path[0]``, a server does not have it), nothing imported."""
     top, *parts = name.split(".")
     spec = _top_spec(top)
+    return spec is not None and _found_below(spec, parts)
+
+
+def _found_below(spec: Any, parts: list[str]) -> bool:
+    """Whether the submodule ``parts`` of the package ``spec`` can be found: looked for in its
+    package's folders; where the package may add folders or modules as it is imported (its
+    ``__init__`` names ``__path__`` or ``sys.modules``), or below a plain module (``os.path``), what
+    its import makes cannot be told without importing it: taken as there."""
+    import importlib.machinery
+
     for part in parts:
-        if spec is None:
-            return False
         locations = spec.submodule_search_locations
         if locations is None or _extends_itself(spec):
             return True
@@ -52,7 +58,9 @@ def _findable(name: str) -> bool:
             spec = importlib.machinery.PathFinder.find_spec(part, list(locations))
         except Exception:  # (a package's own path object that fails: says nothing either way)
             return True
-    return spec is not None
+        if spec is None:
+            return False
+    return True
 
 
 def _extends_itself(spec: Any) -> bool:

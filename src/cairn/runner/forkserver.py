@@ -211,8 +211,7 @@ class _StatsAsRead:
         where = os.path.abspath(path)
         if where == _THIS_FILE:  # (a failed preload's traceback has this file's frames)
             return
-        if (where in self.files and not again) or where.startswith(self.installed) \
-                or os.path.realpath(where).startswith(self.installed):
+        if (where in self.files and not again) or self._installed(where):
             return
         now = time.time_ns()  # (before the stat: see changed_too_recently)
         try:
@@ -221,7 +220,7 @@ class _StatsAsRead:
             return
         except OSError:  # not a file's name ("<string>"), or a member of a zip archive: the archive
             where = _archive_of(where)
-            if where is None or where.startswith(self.installed) or os.path.realpath(where).startswith(self.installed):
+            if where is None or self._installed(where):
                 return
             try:
                 st = os.stat(where)
@@ -237,6 +236,10 @@ class _StatsAsRead:
                     self.contents[where] = file.read()
             except OSError:
                 pass
+
+    def _installed(self, path: str) -> bool:
+        """Installed code, as spelled or with links resolved: not watched."""
+        return path.startswith(self.installed) or os.path.realpath(path).startswith(self.installed)
 
     def digest(self, path: str) -> str | None:
         """The SHA-512 of a file's content as it was read while its stat could not tell an edit

@@ -196,9 +196,9 @@ class WarmServer:
         """A file of the user's own modules the server preloaded that changed since, or a folder
         searched before one of them that did (``is_folder``; it then restarts: a cold step would
         import the new one), or None."""
+        now = time.time_ns()  # (before the stats: an edit after one, in the same tick, is read below)
         for entry in self.ready.get("watched", ()):
             path, mtime_ns, size, inode, device, content_digest = entry[:6]
-            now = time.time_ns()  # (before the stat: an edit after it, in the same tick, is read below)
             try:
                 st = os.stat(path)
             except OSError:
