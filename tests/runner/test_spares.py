@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from cairn import (
     RunConfiguration,
     Workspace,
 )
-from cairn.runner.spares import SparePool
+from cairn.runner.spares import ForkedStep, SparePool
 
 PROBE = '''
     """the probe's docstring"""
@@ -62,9 +63,10 @@ PROBE = '''
 '''
 
 
-@pytest.fixture(scope="module")
-def pool() -> SparePool:
-    spares = SparePool(1)
+@pytest.fixture(scope="module", params=["forked", "started"])
+def pool(request: pytest.FixtureRequest) -> SparePool:
+    """Both kinds of spare: one that forks a child per step, and interpreters started ahead."""
+    spares = SparePool(1, fork=request.param == "forked")
     yield spares
     spares.shutdown()
 
@@ -217,7 +219,8 @@ def test_unreadable_kept_code_is_compiled_again(pool: SparePool, tmp_path: Path)
     assert spare == cold == (0, "hello\n", "")
 
 
-def test_a_site_folder_changed_after_the_spare_started_makes_it_start_cold(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fork", [True, False])
+def test_a_site_folder_changed_after_the_spare_started_makes_it_start_cold(tmp_path: Path, fork: bool) -> None:
     """``.pth`` files are read as Python starts: a spare that started before one appeared becomes
     a cold start of the step (same process), which reads it."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
@@ -227,15 +230,18 @@ def test_a_site_folder_changed_after_the_spare_started_makes_it_start_cold(tmp_p
     assert site_dir.startswith(str(tmp_path))
     (tmp_path / "show.py").write_text("import os, sys\nprint('extra' if any(p.endswith('added') for p in sys.path) "
                                       "else 'plain', os.getpid())\n")
-    pool, env = SparePool(1), dict(os.environ)
+    pool, env = SparePool(1, fork=fork), dict(os.environ)
     try:
         for pth in ("none", "extra"):
             pool.want(python, env)
             spare = None
             while spare is None:
                 spare = pool.take(python, env, env)
-            assert spare.stdout is not None
-            assert spare.stdout.read(1) == b"+"  # it is up: its site folders are read
+            if isinstance(spare, ForkedStep):
+                assert spare.forking.proc.pid  # it forks: it is up, its site folders are read
+            else:
+                assert spare.stdout is not None
+                assert spare.stdout.read(1) == b"+"  # it is up: its site folders are read
             if pth == "extra":
                 (tmp_path / "added").mkdir()
                 Path(site_dir, "extra.pth").write_text(str(tmp_path / "added") + "\n")
@@ -250,7 +256,7 @@ def test_a_site_folder_changed_after_the_spare_started_makes_it_start_cold(tmp_p
 def test_a_step_whose_other_variables_differ_gets_no_spare() -> None:
     """Only what Cairn adds for each run of a step may differ from what its spare started with:
     the dynamic loader, libc, Python and .pth files read the others as a process starts."""
-    pool = SparePool(1)
+    pool = SparePool(1, fork=False)
     try:
         base = dict(os.environ, PYTHONUNBUFFERED="1")
         for name, value in (("PYTHONHASHSEED", "7"), ("LC_ALL", "C"), ("LD_LIBRARY_PATH", "/opt/lib"),
@@ -300,7 +306,7 @@ def test_a_spare_stuck_starting_is_killed_and_never_takes_the_step(tmp_path: Pat
 
 
 def test_a_spare_that_is_gone_is_not_given_a_step(tmp_path: Path) -> None:
-    pool = SparePool(1)
+    pool = SparePool(1, fork=False)
     try:
         env = dict(os.environ)
         pool.want(sys.executable, env)
@@ -316,7 +322,7 @@ def test_a_spare_that_is_gone_is_not_given_a_step(tmp_path: Path) -> None:
 
 
 def test_idle_spares_exit_when_let_go() -> None:
-    pool = SparePool(2)
+    pool = SparePool(2, fork=False)
     env = dict(os.environ)
     pool.want(sys.executable, env)
     spares = []
@@ -336,7 +342,9 @@ WAIT_FOR_SPARE = """
     with open("/proc/self/environ", "rb") as f:  # what the process started with
         started_with = b"MY_START_VAR=yes" in f.read().split(b"\\0")
     print(os.getpid(), os.environ["CAIRN_STEP_NAME"], started_with)
-    if sys.argv[1] == "wait":  # until the agent has a spare interpreter up for the next step
+    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+        forked = b"spare_boot.py" in f.read()  # by a spare that forks: it is up
+    if sys.argv[1] == "wait" and not forked:  # until the agent has a spare interpreter up for the next step
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -354,18 +362,21 @@ WAIT_FOR_SPARE = """
 """
 
 
-@pytest.mark.parametrize("spares", [True, False])
-def test_the_engine_runs_steps_in_spares_unless_told_not_to(workspace: Workspace,
-                                                            write_script: Callable[..., Path], spares: bool) -> None:
+@pytest.mark.parametrize("spares", ["forked", "started", "off"])
+def test_the_engine_runs_steps_in_spares_unless_told_not_to(workspace: Workspace, write_script: Callable[..., Path],
+                                                            monkeypatch: pytest.MonkeyPatch, spares: str) -> None:
     from cairn import PipelineData
 
+    if spares == "started":  # (read by the agent this test starts)
+        monkeypatch.setenv("CAIRN_SPARE_INTERPRETERS", "started")
     src = write_script("step.py", WAIT_FOR_SPARE)
-    ComputeTarget.create(workspace, "local", LocalCompute.provisioning_configuration(spare_interpreters=spares))
+    ComputeTarget.create(workspace, "local",
+                         LocalCompute.provisioning_configuration(spare_interpreters=spares != "off"))
     first = PipelineData("first")
     rc = RunConfiguration()
     rc.environment_variables = {"MY_START_VAR": "yes"}  # the spare starts with the step's own variables
     steps = [PythonScriptStep("step.py", name="first", source_directory=str(src), outputs=[first], runconfig=rc,
-                              arguments=["wait" if spares else "go", first], allow_reuse=False),
+                              arguments=["wait" if spares != "off" else "go", first], allow_reuse=False),
              PythonScriptStep("step.py", name="second", source_directory=str(src), inputs=[first], runconfig=rc,
                               arguments=["go", first], allow_reuse=False)]
     run = Experiment(workspace, "spares").submit(Pipeline(workspace, steps))
@@ -374,12 +385,15 @@ def test_the_engine_runs_steps_in_spares_unless_told_not_to(workspace: Workspace
     printed = {name: by_name[name].get_stdout_log().split() for name in by_name}
     assert len({p[0] for p in printed.values()}) == 2  # each step its own process
     assert all(p[2] == "True" for p in printed.values())
-    assert ("(an interpreter started ahead)" in by_name["second"].get_system_log()) == spares
-    if not spares:
-        assert "(an interpreter started ahead)" not in by_name["first"].get_system_log()
+    second = by_name["second"].get_system_log()
+    assert ("(an interpreter started ahead)" in second) == (spares == "started")
+    assert ("(forked from a spare interpreter)" in second) == (spares == "forked")
+    if spares == "off":
+        assert "started ahead" not in by_name["first"].get_system_log()
+        assert "forked" not in by_name["first"].get_system_log()
     # a spare keeps the script's compiled code by content, for the next run of it
     kept = list((Path(workspace.location) / ".cairn" / "compiled").glob("*"))
-    assert len(kept) == (1 if spares else 0)
+    assert len(kept) == (0 if spares == "off" else 1)
 
 
 def test_kept_code_older_than_a_week_is_pruned(tmp_path: Path) -> None:
@@ -483,3 +497,113 @@ def test_a_step_with_a_relative_pythonpath_gets_its_own_folders(workspace: Works
     for s in run.get_steps():
         assert s.get_stdout_log() == "from lib yes\n"
         assert "started cold, not by an interpreter started ahead: its PYTHONPATH has 'lib'" in s.get_system_log()
+
+
+def forked_step(pool: SparePool, env: dict[str, str]) -> ForkedStep:
+    pool.want(sys.executable, env)
+    spare = None
+    while spare is None:  # the pool's thread starts its spare that forks
+        spare = pool.take(sys.executable, env, env)
+    assert isinstance(spare, ForkedStep)
+    return spare
+
+
+def test_a_forked_step_is_its_own_session_child_of_the_spare(tmp_path: Path) -> None:
+    (tmp_path / "who.py").write_text("import os\nprint(os.getpid(), os.getsid(0), os.getpgid(0), os.getppid())\n")
+    pool, env = SparePool(1), dict(os.environ)
+    try:
+        pids = []
+        for i in range(2):
+            step = forked_step(pool, env)
+            assert pool.launch(step, [sys.executable, "who.py"], str(tmp_path), str(tmp_path / f"{i}.out"),
+                               str(tmp_path / "err"), env)
+            assert step.wait(timeout=30) == 0
+            pid, sid, pgid, parent = map(int, (tmp_path / f"{i}.out").read_text().split())
+            assert pid == sid == pgid == step.pid  # the agent signals its group
+            assert parent == step.forking.proc.pid
+            pids.append(pid)
+        assert pids[0] != pids[1]
+    finally:
+        pool.shutdown()
+
+
+def test_a_forked_step_whose_spare_dies_ends_lost_and_the_next_gets_a_new_spare(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(60)\n")
+    (tmp_path / "ok.py").write_text("print('ok')\n")
+    pool, env = SparePool(1), dict(os.environ)
+    try:
+        step = forked_step(pool, env)
+        assert pool.launch(step, [sys.executable, "slow.py"], str(tmp_path), str(tmp_path / "out"),
+                           str(tmp_path / "err"), env)
+        server = step.forking
+        os.kill(server.proc.pid, 9)
+        assert step.wait(timeout=30) == -9
+        assert step.lost and "died while the step ran" in step.lost
+        os.killpg(step.pid, 9)  # (the runner kills the group of a step whose end is lost)
+        server.proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while (nxt := pool.take(sys.executable, env, env)) is None or (
+                isinstance(nxt, ForkedStep) and nxt.forking is server):
+            assert time.monotonic() < deadline, "no new spare that forks"
+            time.sleep(0.01)
+        assert isinstance(nxt, ForkedStep)
+        assert pool.launch(nxt, [sys.executable, "ok.py"], str(tmp_path), str(tmp_path / "ok.out"),
+                           str(tmp_path / "err"), env)
+        assert nxt.wait(timeout=30) == 0 and (tmp_path / "ok.out").read_text() == "ok\n"
+    finally:
+        pool.shutdown()
+
+
+def test_a_forked_step_stuck_before_taking_its_step_is_killed_and_never_takes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cairn.runner.spares as spares_module
+
+    monkeypatch.setattr(spares_module, "TAKE_TIMEOUT", 0.5)
+    os.mkfifo(tmp_path / "fifo")  # opening it for writing blocks: no reader
+    (tmp_path / "ran.py").write_text("open('ran', 'w').close()\n")
+    pool, env = SparePool(1), dict(os.environ)
+    try:
+        step = forked_step(pool, env)
+        step.forking.ready.wait(30)
+        assert not pool.launch(step, [sys.executable, "ran.py"], str(tmp_path), str(tmp_path / "fifo"),
+                               str(tmp_path / "err"), env)
+        assert step.wait(timeout=30) == -9
+        assert not (tmp_path / "ran").exists()
+    finally:
+        pool.shutdown()
+
+
+def test_a_spare_let_go_still_tells_its_running_steps_end(tmp_path: Path) -> None:
+    (tmp_path / "gate.py").write_text("import sys\nsys.exit(int(open('gate').read()))\n")
+    os.mkfifo(tmp_path / "gate")
+    pool, env = SparePool(1), dict(os.environ)
+    step = forked_step(pool, env)
+    assert pool.launch(step, [sys.executable, "gate.py"], str(tmp_path), str(tmp_path / "out"), str(tmp_path / "err"),
+                       env)
+    pool.shutdown()  # let go while its step runs
+    (tmp_path / "gate").write_text("4")
+    assert step.wait(timeout=30) == 4 and step.lost is None
+    assert step.forking.proc.wait(timeout=30) == 0  # and then it exited
+
+
+def test_where_a_start_leaves_a_thread_running_spares_do_not_fork(tmp_path: Path) -> None:
+    """A fork has only the forking thread: an interpreter whose start left one running (a
+    sitecustomize, a .pth file's import) gets spares that each take one step, as before."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "sitecustomize.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n")
+    (tmp_path / "t.py").write_text("import threading\nprint(threading.active_count())\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "lib"))
+    pool = SparePool(1)
+    try:
+        pool.want(sys.executable, env)
+        deadline = time.monotonic() + 30
+        while (spare := pool.take(sys.executable, env, env)) is None or isinstance(spare, ForkedStep):
+            assert time.monotonic() < deadline, "no spare"
+            time.sleep(0.01)
+        assert [why for why in pool.not_forked.values()] == ["2 threads are running after its start"]
+        assert pool.launch(spare, [sys.executable, "t.py"], str(tmp_path), str(tmp_path / "out"),
+                           str(tmp_path / "err"), env)
+        assert spare.wait(timeout=30) == 0 and (tmp_path / "out").read_text() == "2\n"
+    finally:
+        pool.shutdown()

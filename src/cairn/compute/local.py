@@ -74,11 +74,14 @@ class LocalCompute:
 
     def set_spare_interpreters(self, enabled: bool) -> None:
         """Steps start in interpreters started ahead (``enabled``), or each in a new one when it starts."""
-        enabled = enabled and os.environ.get("CAIRN_SPARE_INTERPRETERS", "1") != "0"
+        how = os.environ.get("CAIRN_SPARE_INTERPRETERS", "1")
+        enabled = enabled and how != "0"
         if enabled and self.spares is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             # only with a core to spare: on busy cores a spare's start would slow the running steps
-            self.spares = SparePool(min(self._max_concurrency, 4), lambda: self._slots.busy < cores)
+            # (one that forks starts once per environment, whatever the cores do)
+            self.spares = SparePool(min(self._max_concurrency, 4), lambda: self._slots.busy < cores,
+                                    fork=how != "started")
             self._slots.on_release.append(self.spares.poke)
         elif not enabled and self.spares is not None:
             self._slots.on_release.remove(self.spares.poke)

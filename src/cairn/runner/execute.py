@@ -27,7 +27,7 @@ from cairn.runner.job import PENDING_DIGEST, InputHandoffError, StepJob, StepRes
 from cairn.runner.markers import FAIL_MARKER, attempt_marker
 from cairn.runner.processes import Escaped, escaped_descendants, kill_detached, process_start_time, signal_escaped
 from cairn.runner.slots import SlotTicket
-from cairn.runner.spares import SparePool, kept_code_path
+from cairn.runner.spares import ForkedStep, SparePool, kept_code_path
 from cairn.runner.warm import STARTUP_VARIABLES, WarmPool, WarmProcess, WarmShadowed, WarmStartError
 from cairn.runner.work_folders import WorkFolders
 from cairn.storage.layout import earlier_staging_dirs
@@ -652,6 +652,9 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         syslog(f"command: {shlex.join(argv)}")
         start_env = start_environment(job, resolved)
         env = step_environment(job, output_paths, input_paths, resolved, start_env)
+        no_spare = _spare_refusal(env) if spares is not None and not job.die_with_runner else None
+        if spares is not None and warm is None and not job.die_with_runner and no_spare is None:
+            spares.want(interpreter, start_env)  # (a first step of its environment: started while it gets ready)
         recorded = {}
         if record_inherited:
             try:
@@ -673,7 +676,7 @@ def execute_step(job: StepJob, reporter: StepReporter, control: StepControl | No
         started = time.monotonic()
         try:
             ended = _run_process(job, reporter, control, on_started, warm, resolved, argv, work, env, syslog, log_dir,
-                                 spares, start_env, recorded)
+                                 spares, start_env, recorded, no_spare)
         finally:
             if slot is not None:
                 if (ended is None or not ended.succeeded) and job.stop_run_on_failure and not control.canceled:
@@ -862,22 +865,26 @@ class _ProcessEnd(NamedTuple):
 def _run_process(job: StepJob, reporter: StepReporter, control: StepControl, on_started: Callable[[int], None] | None,
                  warm: WarmPool | None, resolved: ResolvedEnvironment | None, argv: list[str], work: Path,
                  env: dict[str, str], syslog: _SystemLog, log_dir: Path,
-                 spares: SparePool | None, start_env: dict[str, str], recorded: dict[str, str]) -> _ProcessEnd:
+                 spares: SparePool | None, start_env: dict[str, str], recorded: dict[str, str],
+                 no_spare: str | None = None) -> _ProcessEnd:
     """Start the step's process (forked warm, by a spare interpreter, or cold), record Running
-    (with ``recorded``'s fields), wait for its end."""
+    (with ``recorded``'s fields), wait for its end. ``no_spare``: why no spare may start it
+    (``_spare_refusal``)."""
     spec = job.spec
     how = ""
     proc: Any = _warm_start(warm, job, resolved, argv, work, env, syslog, control) if warm is not None else None
     if proc is None and (control.canceled or control.withdrawn):
         return _ProcessEnd(stopped_first=True)
     if proc is None and spares is not None and not job.die_with_runner:
-        refusal = _spare_refusal(env)
+        refusal = no_spare
         spare = spares.take(argv[0], start_env, env) if refusal is None else None
         if refusal is not None:
             syslog(f"started cold, not by an interpreter started ahead: {refusal}")
         elif spare is not None and spares.launch(spare, argv, str(work), str(log_dir / "stdout.txt"),
                                                  str(log_dir / "stderr.txt"), env, _kept_code(job)):
-            proc, how = spare, " (an interpreter started ahead)"
+            proc = spare
+            how = " (forked from a spare interpreter)" if isinstance(spare, ForkedStep) else \
+                " (an interpreter started ahead)"
     if proc is None:
         try:
             with open(log_dir / "stdout.txt", "ab") as out, open(log_dir / "stderr.txt", "ab") as err:

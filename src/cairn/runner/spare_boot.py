@@ -1,4 +1,4 @@
-"""A spare interpreter's entry point: ``python spare_boot.py``, started ahead by the agent
+"""A spare interpreter's entry point: ``python spare_boot.py [--fork]``, started ahead by the agent
 (``spares.py``). What it does is in ``spare_job.py``, imported from its compiled bytecode: Python
 parses a file it runs as a script at every start, so this one stays short."""
 
@@ -16,7 +16,8 @@ import spare_job as _job  # noqa: E402
 
 del sys.path[0], sys.modules["spare_job"]
 sys.path_importer_cache.pop(_HERE, None)  # nothing of this folder stays visible to the step
-_globals, _source, _script, _kept = _job.main(_PATH0)
+# `--fork`: this interpreter forks a child for each step (spare_job.serve), which goes on below
+_globals, _source, _script, _kept = (_job.serve if sys.argv[1:] == ["--fork"] else _job.main)(_PATH0)
 # warnings raised from the script's top level name this file's frame: not as __main__
 __name__ = "cairn_spare_boot"
 _failure = None

@@ -116,19 +116,29 @@ def main(path0: bool) -> tuple:
     data = _read_job()
     if not data:
         os._exit(0)  # let go before it had a step: nothing to finalise, nothing to say
+    answer = os.dup(1)
+
+    def taken() -> None:
+        os.write(answer, b"!")
+        os.close(answer)
+
+    return _become(data, path0, taken)
+
+
+def _become(data: bytes, path0: bool, taken: object) -> tuple:
+    """Become the step of ``data`` (a job as ``main`` reads it), calling ``taken()`` once this process
+    is the step; returns what ``main`` returns."""
     fields = [os.fsdecode(f) for f in data.split(b"\0")]
     argc = int(fields[0])
     argv = fields[1:1 + argc]
     cwd, stdout, stderr, kept = fields[1 + argc:5 + argc]
     env = dict(item.split("=", 1) for item in fields[5 + argc:])
-    # Until the agent hears "taken" on our standard output, the step is not started: if anything
-    # below fails (or this process dies), the agent starts the step cold, with a cold start's errors.
-    answer = os.dup(1)
+    # Until the agent hears "taken", the step is not started: if anything below fails (or this
+    # process dies), the agent starts the step cold, with a cold start's errors.
     os.chdir(cwd)
     cold = _cold(argv)
     _redirect(stdout, stderr)
-    os.write(answer, b"!")  # taken: from here on this process is the step
-    os.close(answer)
+    taken()  # from here on this process is the step
     if cold:
         try:
             os.execve(argv[0], argv, env)  # a cold start, in this process
@@ -153,6 +163,112 @@ def main(path0: bool) -> tuple:
     with open(script, "rb") as f:
         source = f.read()
     return main.__dict__, source, script, kept
+
+
+def serve(path0: bool) -> tuple:
+    """A spare that forks (``spare_boot.py --fork``): this interpreter takes no step itself; for each
+    job it reads it forks a child, which becomes the step exactly as ``main`` would (its own session,
+    then ``_become``), and tells the agent each child's end. Returns only in a child, what ``main``
+    returns.
+
+    Protocol: "F\\n" once it serves (after the spare's "+"), or "-" and a reason and it exits. Jobs
+    come on standard input as ``<id> <size>\\n`` and ``size`` bytes of a job; the child writes
+    ``T <id> <pid>\\n`` (taken) on standard output, this process ``X <id> <pid> <exit status>\\n``
+    once the child ended (negative: the signal that killed it, as ``subprocess`` says it).
+    ``<id> kill\\n`` kills that job's child (not taken in time). At end of file it takes no more jobs
+    and exits once its children have ended."""
+    refusal = _fork_refusal()
+    if refusal:
+        _tell(b"-" + refusal.encode() + b"\n")
+        os._exit(0)
+    had_select = "select" in sys.modules
+    import select  # (an extension module: dropped again in each child, which a cold start never imports)
+
+    poller = select.poll()
+    poller.register(0, select.POLLIN)
+    children: dict = {}  # pidfd: (job id, pid)
+    pending = b""
+    accepting = True
+    _tell(b"F\n")
+    while accepting or children:
+        for fd, _events in poller.poll():
+            if fd in children:
+                job_id, pid = children.pop(fd)
+                poller.unregister(fd)
+                os.close(fd)
+                status = os.waitpid(pid, 0)[1]
+                _tell(b"X %s %d %d\n" % (job_id, pid, os.waitstatus_to_exitcode(status)))
+                continue
+            chunk = os.read(0, 1 << 16)
+            if not chunk:  # the agent let it go (or is gone): the running children are still told
+                accepting = False
+                poller.unregister(0)
+                continue
+            pending += chunk
+            while True:
+                head, newline, rest = pending.partition(b"\n")
+                if not newline:
+                    break
+                job_id, size = head.split()
+                if size == b"kill":  # not taken in time (stuck entering its folder): it never will
+                    pending = rest
+                    for pid in [pid for held, pid in children.values() if held == job_id]:
+                        os.kill(pid, 9)
+                    continue
+                if len(rest) < int(size):
+                    break
+                job, pending = rest[:int(size)], rest[int(size):]
+                pid = os.fork()
+                if pid == 0:
+                    return _forked(job, path0, job_id, list(children), had_select)
+                pidfd = os.pidfd_open(pid)
+                children[pidfd] = (job_id, pid)
+                poller.register(pidfd, select.POLLIN)
+    os._exit(0)
+
+
+def _fork_refusal() -> str:
+    """Why this interpreter may not fork spares ("" when it may): no ``pidfd_open``, or a thread that
+    its start left running (a ``.pth`` file's import), which a fork would not have."""
+    if not hasattr(os, "pidfd_open") or not hasattr(os, "waitstatus_to_exitcode"):
+        return "this Python has no os.pidfd_open"
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError as exc:
+        return f"this kernel has no pidfd_open ({exc})"
+    try:
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threading = sys.modules.get("threading")
+        threads = threading.active_count() if threading is not None else 1
+    return f"{threads} threads are running after its start" if threads > 1 else ""
+
+
+def _tell(message: bytes) -> None:
+    try:
+        os.write(1, message)  # (short: one write, never interleaved with another process's)
+    except OSError:  # the agent no longer listens
+        pass
+
+
+def _forked(job: bytes, path0: bool, job_id: bytes, pidfds: list, had_select: bool) -> tuple:
+    """In a child of ``serve``: become the step of ``job``, in a session of its own (the agent
+    signals its group); nothing of the forking server stays visible."""
+    try:
+        os.setsid()
+        for fd in pidfds:
+            os.close(fd)
+        if not had_select:
+            del sys.modules["select"]
+        answer = os.dup(1)
+
+        def taken() -> None:
+            os.write(answer, b"T %s %d\n" % (job_id, os.getpid()))
+            os.close(answer)
+
+        return _become(job, path0, taken)
+    except BaseException:  # before "taken": the agent starts the step cold, with a cold start's errors
+        os._exit(1)
 
 
 def code(source: bytes, script: str, kept: str) -> object:

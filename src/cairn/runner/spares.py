@@ -1,15 +1,25 @@
-"""Spare interpreters, the agent's side: a few fresh interpreters per (interpreter, environment),
-started ahead while other steps run, each taking exactly one step (``spare_boot.py``). A step run
-by a spare is a cold start whose interpreter start happened earlier: its own new process and
-interpreter, arguments, working directory, variables, stdout/stderr files and exit code.
+"""Spare interpreters, the agent's side: fresh interpreters per (interpreter, environment), ready
+before the steps that use them. A step run by a spare is a cold start whose interpreter start
+happened earlier: its own new process and interpreter, arguments, working directory, variables,
+stdout/stderr files and exit code.
 
-Spares are started by one background thread (never on a step's path), only while a core is free
-(``may_start``): when every core runs a step, a spare's start would only take CPU from them, and
-the next step starts cold as it would anyway. They are replaced as they are taken, and exit on
-their own when the agent goes (their standard input closes)."""
+Where it can, each (interpreter, environment) has one spare that forks (``spare_boot.py --fork``,
+``spare_job.serve``): an interpreter that has only started, imported nothing a cold step would not,
+and forks a child for each step, which becomes the step as a spare does (~1 ms of CPU instead of an
+interpreter's start, ~15-20 ms). It is started with the first step of its environment, whatever the
+cores do. What a forked step shares with the other steps of that spare: Python's hash seed (set as an
+interpreter starts) and the address space layout; nothing else it did, for it did nothing.
+
+Elsewhere (no ``pidfd_open``, a thread left running by a ``.pth`` file, ``CAIRN_SPARE_INTERPRETERS=
+started``) spares are interpreters started ahead that each take exactly one step (``spare_boot.py``),
+started by one background thread only while a core is free (``may_start``): when every core runs a
+step, a spare's start would only take CPU from them, and the next step starts cold as it would
+anyway. They are replaced as they are taken. Both kinds exit on their own when the agent goes (their
+standard input closes); one that forks once its children have ended."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import signal
@@ -26,6 +36,7 @@ SPARE_BOOT = str(Path(__file__).with_name("spare_boot.py"))
 SPARE_JOB = str(Path(__file__).with_name("spare_job.py"))
 TAKE_TIMEOUT = 30.0  # a spare that has not taken its step by then (a start that hangs) is killed
 MAX_KEYS = 4  # environments with spares at once: the least recently used one's are let go
+MAX_FORK_DEATHS = 3  # a spare that forks and died this often: its environment's spares each take one step
 # What Cairn adds for each step (ids, folders, parameters): nothing reads them as a process starts.
 # Every other variable a step has is in the environment its spare started with (the dynamic
 # loader, libc, Python and .pth files read theirs at start).
@@ -101,31 +112,43 @@ def ensure_compiled(path: str = "") -> None:
 
 
 class SparePool:
-    """Up to ``per_key`` idle spares for each (interpreter, base environment) in use, started
-    while ``may_start()`` (call ``poke()`` when it may have changed)."""
+    """For each (interpreter, base environment) in use, a spare that forks (``fork``), or else up to
+    ``per_key`` idle spares, started while ``may_start()`` (call ``poke()`` when it may have changed)."""
 
-    def __init__(self, per_key: int, may_start: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, per_key: int, may_start: Callable[[], bool] = lambda: True, fork: bool = True) -> None:
         self.per_key = max(1, per_key)
         self._may_start = may_start
+        self.fork = fork
         self._idle: OrderedDict[Key, list[subprocess.Popen[bytes]]] = OrderedDict()
         self._envs: dict[Key, dict[str, str]] = {}
+        self._forking: dict[Key, ForkingSpare] = {}
+        self._fork_deaths: dict[Key, int] = {}
+        self.not_forked: dict[Key, str] = {}  # why an environment's spares do not fork
         self._cond = threading.Condition()
         self._closed = False
         self._maker: threading.Thread | None = None
 
     def want(self, python: str, base_env: dict[str, str]) -> None:
         """Have spares of this interpreter and environment ready (started in the background)."""
+        key = self._key(python, base_env)
         with self._cond:
-            self._want(self._key(python, base_env), base_env)
+            forking = self._forking.get(key)
+            if forking is None or forking.dead:
+                self._want(key, base_env)
 
-    def take(self, python: str, base_env: dict[str, str], env: dict[str, str]) -> subprocess.Popen[bytes] | None:
+    def take(self, python: str, base_env: dict[str, str],
+             env: dict[str, str]) -> subprocess.Popen[bytes] | ForkedStep | None:
         """A spare started with ``base_env`` for a step with variables ``env`` (None: start it
-        cold); a new one is started to replace it. A spare may still be starting: it takes the
-        step as soon as it is up."""
+        cold): a child its forking spare will fork, or one that takes one step (a new one is started
+        to replace it; it may still be starting: it takes the step as soon as it is up)."""
         if not fits(base_env, env):
             return None  # the step would not start as it starts cold
         key = self._key(python, base_env)
         with self._cond:
+            forking = self._forking.get(key)
+            if forking is not None and not forking.dead:
+                self._idle.move_to_end(key)  # (recently used: its spares are let go last)
+                return ForkedStep(forking)
             spares = self._idle.get(key, [])
             spares[:] = [s for s in spares if s.poll() is None]
             spare = None
@@ -136,11 +159,13 @@ class SparePool:
             self._want(key, base_env)
         return spare
 
-    def launch(self, spare: subprocess.Popen[bytes], argv: list[str], cwd: str, stdout: str, stderr: str,
-               env: dict[str, str], kept: str = "") -> bool:
+    def launch(self, spare: subprocess.Popen[bytes] | ForkedStep, argv: list[str], cwd: str, stdout: str,
+               stderr: str, env: dict[str, str], kept: str = "") -> bool:
         """Give ``spare`` its step. True once it said it took it (it is then the step's process);
         False when it did not (gone, or it could not enter the step's folder or open its logs):
         the caller starts the step cold, as it would have anyway."""
+        if isinstance(spare, ForkedStep):
+            return spare.forking.launch(spare, encode_job(argv, cwd, stdout, stderr, env, kept))
         assert spare.stdin is not None and spare.stdout is not None
         taken = False
         try:
@@ -176,10 +201,14 @@ class SparePool:
         with self._cond:
             self._closed = True
             spares = [s for group in self._idle.values() for s in group]
+            forking = list(self._forking.values())
             self._idle.clear()
+            self._forking.clear()
             self._cond.notify_all()
         for spare in spares:
             _let_go(spare)
+        for server in forking:
+            server.let_go()
 
     # -- the maker thread --------------------------------------------------------------------
 
@@ -198,19 +227,55 @@ class SparePool:
             self._envs.pop(old, None)
             for spare in spares:
                 _let_go(spare)
+            forking = self._forking.pop(old, None)
+            if forking is not None:
+                forking.let_go()
         if self._maker is None or not self._maker.is_alive():
             self._maker = threading.Thread(target=self._make, name="spare-interpreters", daemon=True)
             self._maker.start()
         self._cond.notify_all()
 
+    def _forks(self, key: Key) -> bool:  # under self._cond
+        return self.fork and key not in self.not_forked
+
     def _missing(self) -> tuple[Key, dict[str, str]] | None:  # under self._cond
+        for key in reversed(self._idle):  # a forking spare: whatever the cores do (it starts once)
+            forking = self._forking.get(key)
+            if self._forks(key) and (forking is None or forking.dead):
+                return key, self._envs[key]
         if not self._may_start():
             return None
         for key, spares in reversed(self._idle.items()):  # the most recently used environment first
+            if self._forks(key):
+                continue
             spares[:] = [s for s in spares if s.poll() is None]
             if len(spares) < self.per_key:
                 return key, self._envs[key]
         return None
+
+    def _start_forking(self, key: Key, env: dict[str, str]) -> None:
+        """Start the forking spare of ``key`` (in the maker thread); where it cannot fork, or died too
+        often, the environment's spares are started ones from then on."""
+        with self._cond:
+            gone = self._forking.pop(key, None)
+            if gone is not None and gone.refusal is not None:  # it could not fork here
+                self.not_forked[key] = gone.refusal
+                return
+            if gone is not None:  # it died
+                self._fork_deaths[key] = self._fork_deaths.get(key, 0) + 1
+                if self._fork_deaths[key] >= MAX_FORK_DEATHS:
+                    self.not_forked[key] = f"its spare that forks died {MAX_FORK_DEATHS} times"
+                    return
+        started = ForkingSpare.start(key[0], env, self.poke)
+        with self._cond:
+            if isinstance(started, str):
+                self.not_forked[key] = started
+                return
+            if self._closed or key not in self._idle:
+                started.let_go()
+                return
+            self._forking[key] = started  # steps are given to it already: they wait until it serves
+        started.wait_ready()
 
     def _make(self) -> None:
         ensure_compiled()
@@ -223,6 +288,11 @@ class SparePool:
                 if self._closed:
                     return
             key, env = wanted
+            with self._cond:
+                forks = self._forks(key)
+            if forks:
+                self._start_forking(key, env)
+                continue
             try:
                 spare = subprocess.Popen([key[0], SPARE_BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.DEVNULL, env={**env, "CAIRN_RUN_ID": RUN_ID_PLACEHOLDER},
@@ -258,3 +328,185 @@ def _let_go(spare: subprocess.Popen[bytes]) -> None:
         except OSError:
             pass
     threading.Thread(target=spare.wait, daemon=True).start()
+
+
+class ForkedStep:
+    """A step's process that a ``ForkingSpare`` forks: ``pid`` (0 until taken), ``poll()``,
+    ``wait(timeout)``, ``returncode``, ``kill()``, as ``subprocess.Popen`` has them, and ``lost``: why
+    its exit status is unknown (its forking spare died while it ran)."""
+
+    def __init__(self, forking: ForkingSpare) -> None:
+        self.forking = forking
+        self.pid = 0
+        self.returncode: int | None = None
+        self.lost: str | None = None
+        self.taken = False
+        self.abandoned = False  # not taken in time: killed if it says it took the step after all
+        self.answered = threading.Event()  # taken, or ended without taking it
+        self.ended = threading.Event()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def never_ran(self) -> bool:
+        """No child was forked for it (its forking spare is gone, or stuck starting): ended, as a
+        spare killed before it took its step. Returns False (not taken)."""
+        self.returncode = -signal.SIGKILL
+        self.answered.set()
+        self.ended.set()
+        return False
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self.ended.wait(timeout):
+            raise subprocess.TimeoutExpired(f"step process {self.pid}", timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.pid and self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+class ForkingSpare:
+    """The agent's side of a spare that forks (``spare_job.serve``): jobs go to its standard input;
+    a thread reads what its children took and how they ended from its standard output."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], on_death: Callable[[], None] = lambda: None) -> None:
+        self.proc = proc
+        self.dead = False
+        self.ready = threading.Event()  # it serves, or it is dead
+        self.refusal: str | None = None  # why it did not serve (it could not fork here)
+        self._on_death = on_death
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._jobs: dict[int, ForkedStep] = {}
+        threading.Thread(target=self._read, name=f"forking-spare-{proc.pid}", daemon=True).start()
+
+    @classmethod
+    def start(cls, python: str, env: dict[str, str], on_death: Callable[[], None] = lambda: None) -> ForkingSpare | str:
+        """A forking spare of ``python`` with ``env``, starting (``ready`` once it serves); or why there
+        is none. ``on_death()``: called when it is gone."""
+        try:
+            proc = subprocess.Popen([python, SPARE_BOOT, "--fork"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, env={**env, "CAIRN_RUN_ID": RUN_ID_PLACEHOLDER},
+                                    start_new_session=True)
+        except OSError as exc:
+            return f"{python} could not be started ({exc})"
+        return cls(proc, on_death)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Until it serves; one stuck starting that long is killed (its steps start cold meanwhile)."""
+        timeout = TAKE_TIMEOUT if timeout is None else timeout
+        if not self.ready.wait(timeout):
+            self.refusal = f"its spare that forks did not answer in {timeout:g} s"
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def launch(self, step: ForkedStep, job: bytes) -> bool:
+        """Have a child forked for ``job``: True once it took it (``step`` is then its process)."""
+        assert self.proc.stdin is not None
+        if not self.ready.wait(TAKE_TIMEOUT):
+            return step.never_ran()
+        with self._lock:
+            if self.dead:
+                return step.never_ran()
+            job_id = next(self._ids)
+            self._jobs[job_id] = step
+            try:
+                self.proc.stdin.write(b"%d %d\n%s" % (job_id, len(job), job))
+                self.proc.stdin.flush()
+            except (OSError, ValueError):  # gone (its reader says so to the others)
+                del self._jobs[job_id]
+                return step.never_ran()
+        if step.answered.wait(TAKE_TIMEOUT) and step.taken:
+            return True
+        with self._lock:
+            if step.taken:  # just now
+                return True
+            step.abandoned = True
+            if job_id in self._jobs and not self.dead:  # stuck entering its folder: never a second copy
+                try:
+                    self.proc.stdin.write(b"%d kill\n" % job_id)
+                    self.proc.stdin.flush()
+                except (OSError, ValueError):
+                    pass
+        return False
+
+    def let_go(self) -> None:
+        """No more jobs: it exits once its children have ended (they are still told)."""
+        with self._lock:
+            try:
+                if self.proc.stdin is not None:
+                    self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        fd, pending = self.proc.stdout.fileno(), b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                if self.ready.is_set():
+                    self._heard(line.split())
+                elif line == b"+F":  # up ("+"), and it forks ("F")
+                    self.ready.set()
+                else:
+                    self.refusal = line[2:].decode(errors="replace") if line.startswith(b"+-") else \
+                        "its spare that forks did not start"
+        with self._lock:  # it died (or ended, let go, once its children had): those left lose their ends
+            self.dead = True
+            left = list(self._jobs.values())
+            self._jobs.clear()
+        if self.refusal is None and not self.ready.is_set():
+            self.refusal = "its spare that forks did not start"
+        self.ready.set()
+        for step in left:
+            step.lost = (f"the spare interpreter that forked the step (pid {self.proc.pid}) died while the step "
+                         f"ran: the step was stopped and its exit status is unknown")
+            step.returncode = -signal.SIGKILL
+            step.answered.set()
+            step.ended.set()
+        self.proc.stdout.close()
+        self.proc.wait()
+        self._on_death()
+
+    def _heard(self, fields: list[bytes]) -> None:
+        if len(fields) < 3 or fields[0] not in (b"T", b"X"):
+            return
+        job_id, pid = int(fields[1]), int(fields[2])
+        with self._lock:
+            step = self._jobs.get(job_id)
+            if step is None:
+                return
+            if fields[0] == b"T":
+                if step.abandoned:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                    return
+                step.pid, step.taken = pid, True
+            else:
+                del self._jobs[job_id]
+                step.pid = step.pid or pid
+                step.returncode = int(fields[3])
+                step.ended.set()
+        step.answered.set()
