@@ -238,7 +238,7 @@ def test_a_site_folder_changed_after_the_spare_started_makes_it_start_cold(tmp_p
             while spare is None:
                 spare = pool.take(python, env, env)
             if isinstance(spare, ForkedStep):
-                assert spare.forking.proc.pid  # it forks: it is up, its site folders are read
+                assert spare.forking.ready.wait(30) and not spare.forking.dead  # it serves: its site folders are read
             else:
                 assert spare.stdout is not None
                 assert spare.stdout.read(1) == b"+"  # it is up: its site folders are read
@@ -364,14 +364,12 @@ WAIT_FOR_SPARE = """
 
 @pytest.mark.parametrize("spares", ["forked", "started", "off"])
 def test_the_engine_runs_steps_in_spares_unless_told_not_to(workspace: Workspace, write_script: Callable[..., Path],
-                                                            monkeypatch: pytest.MonkeyPatch, spares: str) -> None:
+                                                            spares: str) -> None:
     from cairn import PipelineData
 
-    if spares == "started":  # (read by the agent this test starts)
-        monkeypatch.setenv("CAIRN_SPARE_INTERPRETERS", "started")
     src = write_script("step.py", WAIT_FOR_SPARE)
-    ComputeTarget.create(workspace, "local",
-                         LocalCompute.provisioning_configuration(spare_interpreters=spares != "off"))
+    ComputeTarget.create(workspace, "local", LocalCompute.provisioning_configuration(
+        spare_interpreters={"forked": True, "started": "started", "off": False}[spares]))
     first = PipelineData("first")
     rc = RunConfiguration()
     rc.environment_variables = {"MY_START_VAR": "yes"}  # the spare starts with the step's own variables
@@ -407,11 +405,14 @@ def test_kept_code_older_than_a_week_is_pruned(tmp_path: Path) -> None:
     assert prune_kept_code(tmp_path / "missing") == 0
 
 
-def test_spare_interpreters_must_be_a_boolean() -> None:
+@pytest.mark.parametrize("value", ["no", 1, None, "fork"])
+def test_spare_interpreters_must_be_a_boolean_or_a_kind(value: object) -> None:
     from cairn import UserInputError
 
-    with pytest.raises(UserInputError, match="spare_interpreters"):
-        LocalCompute.provisioning_configuration(spare_interpreters="no")  # type: ignore[arg-type]
+    with pytest.raises(UserInputError, match="spare_interpreters must be True, False, 'forked' or 'started'"):
+        LocalCompute.provisioning_configuration(spare_interpreters=value)  # type: ignore[arg-type]
+    for good in (True, False, "forked", "started"):
+        LocalCompute.provisioning_configuration(spare_interpreters=good)
 
 
 def test_the_spares_bytecode_is_rewritten_when_it_was_made_from_another_source(tmp_path: Path) -> None:

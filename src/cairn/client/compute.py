@@ -101,7 +101,7 @@ def _top_spec(top: str) -> Any:
 class LocalComputeConfiguration:
     max_concurrency: int | None = None
     warm_start_modules: tuple[str, ...] = ()
-    spare_interpreters: bool = True
+    spare_interpreters: bool | str = True
     kind: str = "local"
 
     def to_config(self) -> dict[str, Any]:
@@ -110,8 +110,8 @@ class LocalComputeConfiguration:
             config["max_concurrency"] = self.max_concurrency
         if self.warm_start_modules:
             config["warm_start_modules"] = list(self.warm_start_modules)
-        if not self.spare_interpreters:
-            config["spare_interpreters"] = False
+        if self.spare_interpreters is False or self.spare_interpreters == "started":
+            config["spare_interpreters"] = self.spare_interpreters
         return config
 
 
@@ -121,16 +121,19 @@ class LocalCompute:
     @staticmethod
     def provisioning_configuration(max_concurrency: int | None = None,
                                    warm_start_modules: list[str] | None = None,
-                                   spare_interpreters: bool = True) -> LocalComputeConfiguration:
+                                   spare_interpreters: bool | str = True) -> LocalComputeConfiguration:
         """``warm_start_modules`` (opt-in): steps are forked from a per-environment server that
         imported these modules once (e.g. ``["pandas", "sklearn.linear_model"]``: list submodules the
         steps import, a package's import does not import them), instead of each step paying for the
         imports. Do not use it for modules that start threads, open GPU contexts or network
         connections, or read environment variables at import time.
 
-        ``spare_interpreters`` (on by default): each step still starts in a new interpreter of its
-        own, but one started ahead while earlier steps ran, so its start is off the pipeline's path.
-        ``False``: each step's interpreter starts when the step does."""
+        ``spare_interpreters`` (on by default): each step still runs in a new interpreter of its
+        own, whose start is off the pipeline's path. ``True`` or ``"forked"``: forked, for each step,
+        from an interpreter of the step's environment that has only started and imported nothing a
+        cold start would not (about half a cold start's CPU; the steps share Python's hash seed).
+        ``"started"``: each one started ahead while earlier steps ran and a core was free (its own
+        hash seed). ``False``: each step's interpreter starts when the step does."""
         if max_concurrency is not None:
             check_type(max_concurrency, int, "max_concurrency")
             if max_concurrency < 1:
@@ -147,7 +150,9 @@ class LocalCompute:
                 raise UserInputError("warm_start_modules: '__main__' is the step's own script, which each step "
                                      "runs itself: name the modules it imports")
             modules = tuple(warm_start_modules)
-        check_type(spare_interpreters, bool, "spare_interpreters")
+        if not (isinstance(spare_interpreters, bool) or spare_interpreters in ("forked", "started")):
+            raise UserInputError(f"spare_interpreters must be True, False, 'forked' or 'started', not "
+                                 f"{spare_interpreters!r}")
         return LocalComputeConfiguration(max_concurrency, modules, spare_interpreters)
 
 

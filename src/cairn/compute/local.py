@@ -1,8 +1,10 @@
 """The built-in ``local`` target: each step runs as a subprocess of this machine, at most
 ``max_concurrency`` at a time (default: the number of cores), as many more prepared ahead. A step
-runs in a fresh interpreter started ahead while earlier steps ran (runner/spares.py; off with
-``spare_interpreters=False`` or ``CAIRN_SPARE_INTERPRETERS=0``); with ``warm_start_modules``, steps
-are forked from a per-environment server that imported those modules once (runner/warm.py)."""
+runs in a fresh interpreter forked from one of its environment that has only started, or started
+ahead while earlier steps ran (runner/spares.py; ``spare_interpreters="started"`` or
+``CAIRN_SPARE_INTERPRETERS=started``: always the latter; off with ``spare_interpreters=False`` or
+``CAIRN_SPARE_INTERPRETERS=0``); with ``warm_start_modules``, steps are forked from a
+per-environment server that imported those modules once (runner/warm.py)."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ SHUTDOWN_WAIT = 10.0
 
 class LocalCompute:
     def __init__(self, name: str = "local", max_concurrency: int | None = None,
-                 warm_start_modules: list[str] | None = None, spare_interpreters: bool = True) -> None:
+                 warm_start_modules: list[str] | None = None, spare_interpreters: bool | str = True) -> None:
         self.name = name
         self._max_concurrency = int(max_concurrency or os.cpu_count() or 1)
         self._running = 0
@@ -72,21 +74,23 @@ class LocalCompute:
             self.warm.shutdown()
         self.warm = WarmPool(wanted) if wanted else None
 
-    def set_spare_interpreters(self, enabled: bool) -> None:
-        """Steps start in interpreters started ahead (``enabled``), or each in a new one when it starts."""
-        how = os.environ.get("CAIRN_SPARE_INTERPRETERS", "1")
-        enabled = enabled and how != "0"
+    def set_spare_interpreters(self, how: bool | str) -> None:
+        """Steps start in spare interpreters (``True``/``"forked"``: forked where it can be, else
+        started ahead; ``"started"``: started ahead), or each in a new one when it starts (``False``).
+        ``CAIRN_SPARE_INTERPRETERS`` (``0``, ``started``) overrides it for this process."""
+        override = os.environ.get("CAIRN_SPARE_INTERPRETERS", "1")
+        enabled = how is not False and override != "0"
+        fork = how != "started" and override != "started"
+        if self.spares is not None and (not enabled or self.spares.fork != fork):
+            self._slots.on_release.remove(self.spares.poke)
+            self.spares.shutdown()
+            self.spares = None
         if enabled and self.spares is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             # only with a core to spare: on busy cores a spare's start would slow the running steps
             # (one that forks starts once per environment, whatever the cores do)
-            self.spares = SparePool(min(self._max_concurrency, 4), lambda: self._slots.busy < cores,
-                                    fork=how != "started")
+            self.spares = SparePool(min(self._max_concurrency, 4), lambda: self._slots.busy < cores, fork=fork)
             self._slots.on_release.append(self.spares.poke)
-        elif not enabled and self.spares is not None:
-            self._slots.on_release.remove(self.spares.poke)
-            self.spares.shutdown()
-            self.spares = None
 
     def prestart(self, log_dir: Path, log: Callable[[str], None] | None = None) -> None:
         """Start the default environment's spare interpreters, and its warm-start server (in the

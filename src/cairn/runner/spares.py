@@ -222,6 +222,8 @@ class SparePool:
         self._envs[key] = base_env
         self._idle.setdefault(key, [])
         self._idle.move_to_end(key)
+        if self._forks(key) and key not in self._forking:  # steps are given to it from now on: they
+            self._forking[key] = ForkingSpare(key[0], base_env, self.poke)  # wait until it serves
         while len(self._idle) > MAX_KEYS:  # an environment not used for a while: its spares go
             old, spares = self._idle.popitem(last=False)
             self._envs.pop(old, None)
@@ -241,7 +243,7 @@ class SparePool:
     def _missing(self) -> tuple[Key, dict[str, str]] | None:  # under self._cond
         for key in reversed(self._idle):  # a forking spare: whatever the cores do (it starts once)
             forking = self._forking.get(key)
-            if self._forks(key) and (forking is None or forking.dead):
+            if self._forks(key) and (forking is None or forking.dead or not forking.spawned):
                 return key, self._envs[key]
         if not self._may_start():
             return None
@@ -257,25 +259,23 @@ class SparePool:
         """Start the forking spare of ``key`` (in the maker thread); where it cannot fork, or died too
         often, the environment's spares are started ones from then on."""
         with self._cond:
-            gone = self._forking.pop(key, None)
-            if gone is not None and gone.refusal is not None:  # it could not fork here
-                self.not_forked[key] = gone.refusal
-                return
-            if gone is not None:  # it died
+            forking = self._forking.get(key)
+            if forking is not None and forking.dead:
+                del self._forking[key]
+                if forking.refusal is not None:  # it could not fork here
+                    self.not_forked[key] = forking.refusal
+                    return
                 self._fork_deaths[key] = self._fork_deaths.get(key, 0) + 1
                 if self._fork_deaths[key] >= MAX_FORK_DEATHS:
                     self.not_forked[key] = f"its spare that forks died {MAX_FORK_DEATHS} times"
                     return
-        started = ForkingSpare.start(key[0], env, self.poke)
-        with self._cond:
-            if isinstance(started, str):
-                self.not_forked[key] = started
+                forking = None
+            if forking is None:
+                forking = self._forking[key] = ForkingSpare(key[0], env, self.poke)
+            if forking.spawned:
                 return
-            if self._closed or key not in self._idle:
-                started.let_go()
-                return
-            self._forking[key] = started  # steps are given to it already: they wait until it serves
-        started.wait_ready()
+            forking.spawned = True
+        forking.spawn()
 
     def _make(self) -> None:
         ensure_compiled()
@@ -378,10 +378,14 @@ class ForkedStep:
 
 class ForkingSpare:
     """The agent's side of a spare that forks (``spare_job.serve``): jobs go to its standard input;
-    a thread reads what its children took and how they ended from its standard output."""
+    a thread reads what its children took and how they ended from its standard output. Made before
+    its process is started (``spawn``): steps given to it meanwhile wait until it serves."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], on_death: Callable[[], None] = lambda: None) -> None:
-        self.proc = proc
+    def __init__(self, python: str, env: dict[str, str], on_death: Callable[[], None] = lambda: None) -> None:
+        self.python = python
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.spawned = False
         self.dead = False
         self.ready = threading.Event()  # it serves, or it is dead
         self.refusal: str | None = None  # why it did not serve (it could not fork here)
@@ -389,37 +393,30 @@ class ForkingSpare:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._jobs: dict[int, ForkedStep] = {}
-        threading.Thread(target=self._read, name=f"forking-spare-{proc.pid}", daemon=True).start()
 
-    @classmethod
-    def start(cls, python: str, env: dict[str, str], on_death: Callable[[], None] = lambda: None) -> ForkingSpare | str:
-        """A forking spare of ``python`` with ``env``, starting (``ready`` once it serves); or why there
-        is none. ``on_death()``: called when it is gone."""
+    def spawn(self) -> None:
+        """Start its process; a thread waits for it to serve (killing it after ``TAKE_TIMEOUT``), then
+        reads what it says."""
         try:
-            proc = subprocess.Popen([python, SPARE_BOOT, "--fork"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, env={**env, "CAIRN_RUN_ID": RUN_ID_PLACEHOLDER},
-                                    start_new_session=True)
-        except OSError as exc:
-            return f"{python} could not be started ({exc})"
-        return cls(proc, on_death)
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Until it serves; one stuck starting that long is killed (its steps start cold meanwhile)."""
-        timeout = TAKE_TIMEOUT if timeout is None else timeout
-        if not self.ready.wait(timeout):
-            self.refusal = f"its spare that forks did not answer in {timeout:g} s"
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            with self._lock:
+                if self.dead:  # let go before it started
+                    return
+                self.proc = subprocess.Popen([self.python, SPARE_BOOT, "--fork"], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                             env={**self.env, "CAIRN_RUN_ID": RUN_ID_PLACEHOLDER},
+                                             start_new_session=True)
+        except OSError as exc:  # e.g. the environment's interpreter is gone: its steps start cold
+            self.refusal = f"{self.python} could not be started ({exc})"
+            self._died([])
+            return
+        threading.Thread(target=self._read, name=f"forking-spare-{self.proc.pid}", daemon=True).start()
 
     def launch(self, step: ForkedStep, job: bytes) -> bool:
         """Have a child forked for ``job``: True once it took it (``step`` is then its process)."""
-        assert self.proc.stdin is not None
         if not self.ready.wait(TAKE_TIMEOUT):
             return step.never_ran()
         with self._lock:
-            if self.dead:
+            if self.dead or self.proc is None or self.proc.stdin is None:
                 return step.never_ran()
             job_id = next(self._ids)
             self._jobs[job_id] = step
@@ -446,6 +443,10 @@ class ForkingSpare:
     def let_go(self) -> None:
         """No more jobs: it exits once its children have ended (they are still told)."""
         with self._lock:
+            if self.proc is None:  # never started
+                self.dead = True
+                self.ready.set()
+                return
             try:
                 if self.proc.stdin is not None:
                     self.proc.stdin.close()
@@ -453,8 +454,16 @@ class ForkingSpare:
                 pass
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
+        assert self.proc is not None and self.proc.stdout is not None
         fd, pending = self.proc.stdout.fileno(), b""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(TAKE_TIMEOUT * 1000):  # stuck starting: killed (its steps start cold meanwhile)
+            self.refusal = f"its spare that forks did not answer in {TAKE_TIMEOUT:g} s"
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
         while True:
             try:
                 chunk = os.read(fd, 65536)
@@ -477,15 +486,20 @@ class ForkingSpare:
             self._jobs.clear()
         if self.refusal is None and not self.ready.is_set():
             self.refusal = "its spare that forks did not start"
+        self.proc.stdout.close()
+        self.proc.wait()
+        self._died(left)
+
+    def _died(self, left: list[ForkedStep]) -> None:
+        with self._lock:
+            self.dead = True
         self.ready.set()
         for step in left:
-            step.lost = (f"the spare interpreter that forked the step (pid {self.proc.pid}) died while the step "
-                         f"ran: the step was stopped and its exit status is unknown")
+            step.lost = (f"the spare interpreter that forked the step (pid {self.proc.pid if self.proc else '?'}) "
+                         f"died while the step ran: the step was stopped and its exit status is unknown")
             step.returncode = -signal.SIGKILL
             step.answered.set()
             step.ended.set()
-        self.proc.stdout.close()
-        self.proc.wait()
         self._on_death()
 
     def _heard(self, fields: list[bytes]) -> None:
