@@ -338,27 +338,46 @@ def test_idle_spares_exit_when_let_go() -> None:
 
 
 WAIT_FOR_SPARE = """
-    import os, sys, time
+    import os, re, sys, time
     with open("/proc/self/environ", "rb") as f:  # what the process started with
         started_with = b"MY_START_VAR=yes" in f.read().split(b"\\0")
     print(os.getpid(), os.environ["CAIRN_STEP_NAME"], started_with)
-    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-        forked = b"spare_boot.py" in f.read()  # by a spare that forks: it is up
-    if sys.argv[1] == "wait" and not forked:  # until the agent has a spare interpreter up for the next step
+
+    def forking_spare_serves():  # one of this step's environment: the agent says so in its log
+        try:
+            with open(os.path.join(os.environ["CAIRN_WORKSPACE"], ".cairn", "agent.log")) as f:
+                said = f.read()
+        except OSError:
+            return False
+        for pid in re.findall(r"spare interpreter pid (\\d+) .* serves", said):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if b"MY_START_VAR=yes" in f.read().split(b"\\0"):
+                        return True
+            except OSError:
+                pass
+        return False
+
+    def started_spare_up():  # a spare_boot.py child of the agent
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    spare = b"spare_boot.py" in f.read()
+            except OSError:
+                continue
+            if spare and parent == os.getppid():
+                return True
+        return False
+
+    if sys.argv[1] != "go":  # until the agent has a spare interpreter up for the next step
+        up = forking_spare_serves if sys.argv[1] == "wait-forked" else started_spare_up
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    with open(f"/proc/{pid}/stat") as f:
-                        parent = int(f.read().rsplit(")", 1)[1].split()[1])
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        spare = b"spare_boot.py" in f.read()
-                except OSError:
-                    continue
-                if spare and parent == os.getppid():
-                    sys.exit(0)
+        while not up():
+            if time.monotonic() > deadline:
+                sys.exit("no spare interpreter was started")
             time.sleep(0.02)
-        sys.exit("no spare interpreter was started")
 """
 
 
@@ -374,7 +393,8 @@ def test_the_engine_runs_steps_in_spares_unless_told_not_to(workspace: Workspace
     rc = RunConfiguration()
     rc.environment_variables = {"MY_START_VAR": "yes"}  # the spare starts with the step's own variables
     steps = [PythonScriptStep("step.py", name="first", source_directory=str(src), outputs=[first], runconfig=rc,
-                              arguments=["wait" if spares != "off" else "go", first], allow_reuse=False),
+                              arguments=[{"forked": "wait-forked", "started": "wait-started"}.get(spares, "go"), first],
+                              allow_reuse=False),
              PythonScriptStep("step.py", name="second", source_directory=str(src), inputs=[first], runconfig=rc,
                               arguments=["go", first], allow_reuse=False)]
     run = Experiment(workspace, "spares").submit(Pipeline(workspace, steps))

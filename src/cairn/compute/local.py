@@ -48,6 +48,7 @@ class LocalCompute:
         self.warm: WarmPool | None = None
         self.set_warm_start(warm_start_modules)
         self.spares: SparePool | None = None
+        self._say: Callable[[str], None] = lambda _message: None  # the agent's log, once it gave it (prestart)
         self.set_spare_interpreters(spare_interpreters)
         self._work_folders: dict[str, WorkFolders] = {}  # by work root: completed steps' folders, kept
         self._threads = StepThreads()
@@ -89,7 +90,8 @@ class LocalCompute:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             # only with a core to spare: on busy cores a spare's start would slow the running steps
             # (one that forks starts once per environment, whatever the cores do)
-            self.spares = SparePool(min(self._max_concurrency, 4), lambda: self._slots.busy < cores, fork=fork)
+            self.spares = SparePool(min(self._max_concurrency, 4), lambda: self._slots.busy < cores, fork=fork,
+                                    say=lambda message: self._say(message))
             self._slots.on_release.append(self.spares.poke)
 
     def prestart(self, log_dir: Path, log: Callable[[str], None] | None = None) -> None:
@@ -98,6 +100,8 @@ class LocalCompute:
         it, as it would anyway). Called for each run: servers that could not start for an
         earlier one are tried again."""
         warm, env = self.warm, environment_base({})
+        if log is not None:
+            self._say = log
         if self.spares is not None and warm is None:
             self.spares.want(sys.executable, env)
         if warm is None:

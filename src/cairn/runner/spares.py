@@ -115,10 +115,13 @@ class SparePool:
     """For each (interpreter, base environment) in use, a spare that forks (``fork``), or else up to
     ``per_key`` idle spares, started while ``may_start()`` (call ``poke()`` when it may have changed)."""
 
-    def __init__(self, per_key: int, may_start: Callable[[], bool] = lambda: True, fork: bool = True) -> None:
+    def __init__(self, per_key: int, may_start: Callable[[], bool] = lambda: True, fork: bool = True,
+                 say: Callable[[str], None] = lambda _message: None) -> None:
+        """``say(message)``: where a spare that forks says it serves, or why it does not."""
         self.per_key = max(1, per_key)
         self._may_start = may_start
         self.fork = fork
+        self._say = say
         self._idle: OrderedDict[Key, list[subprocess.Popen[bytes]]] = OrderedDict()
         self._envs: dict[Key, dict[str, str]] = {}
         self._forking: dict[Key, ForkingSpare] = {}
@@ -148,7 +151,8 @@ class SparePool:
             forking = self._forking.get(key)
             if forking is not None and not forking.dead:
                 self._idle.move_to_end(key)  # (recently used: its spares are let go last)
-                return ForkedStep(forking)
+                # still starting: this step starts cold, at once, while it does (a start costs the same)
+                return ForkedStep(forking) if forking.ready.is_set() else None
             spares = self._idle.get(key, [])
             spares[:] = [s for s in spares if s.poll() is None]
             spare = None
@@ -222,8 +226,8 @@ class SparePool:
         self._envs[key] = base_env
         self._idle.setdefault(key, [])
         self._idle.move_to_end(key)
-        if self._forks(key) and key not in self._forking:  # steps are given to it from now on: they
-            self._forking[key] = ForkingSpare(key[0], base_env, self.poke)  # wait until it serves
+        if self._forks(key) and key not in self._forking:  # (started by the maker thread)
+            self._forking[key] = ForkingSpare(key[0], base_env, self.poke, self._say)
         while len(self._idle) > MAX_KEYS:  # an environment not used for a while: its spares go
             old, spares = self._idle.popitem(last=False)
             self._envs.pop(old, None)
@@ -271,7 +275,7 @@ class SparePool:
                     return
                 forking = None
             if forking is None:
-                forking = self._forking[key] = ForkingSpare(key[0], env, self.poke)
+                forking = self._forking[key] = ForkingSpare(key[0], env, self.poke, self._say)
             if forking.spawned:
                 return
             forking.spawned = True
@@ -379,10 +383,12 @@ class ForkedStep:
 class ForkingSpare:
     """The agent's side of a spare that forks (``spare_job.serve``): jobs go to its standard input;
     a thread reads what its children took and how they ended from its standard output. Made before
-    its process is started (``spawn``): steps given to it meanwhile wait until it serves."""
+    its process is started (``spawn``); steps are given to it once it serves (``ready``)."""
 
-    def __init__(self, python: str, env: dict[str, str], on_death: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, python: str, env: dict[str, str], on_death: Callable[[], None] = lambda: None,
+                 say: Callable[[str], None] = lambda _message: None) -> None:
         self.python = python
+        self._say = say
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.spawned = False
@@ -477,6 +483,8 @@ class ForkingSpare:
                     self._heard(line.split())
                 elif line == b"+F":  # up ("+"), and it forks ("F")
                     self.ready.set()
+                    self._say(f"spare interpreter pid {self.proc.pid} ({self.python}) serves: the steps of its "
+                              f"environment are forked from it")
                 else:
                     self.refusal = line[2:].decode(errors="replace") if line.startswith(b"+-") else \
                         "its spare that forks did not start"
@@ -493,6 +501,8 @@ class ForkingSpare:
     def _died(self, left: list[ForkedStep]) -> None:
         with self._lock:
             self.dead = True
+        if self.refusal is not None:
+            self._say(f"spare interpreters of {self.python} do not fork: {self.refusal}; each takes one step")
         self.ready.set()
         for step in left:
             step.lost = (f"the spare interpreter that forked the step (pid {self.proc.pid if self.proc else '?'}) "
