@@ -628,3 +628,105 @@ def test_where_a_start_leaves_a_thread_running_spares_do_not_fork(tmp_path: Path
         assert spare.wait(timeout=30) == 0 and (tmp_path / "out").read_text() == "2\n"
     finally:
         pool.shutdown()
+
+
+def test_a_fork_that_fails_leaves_that_step_to_a_cold_start_and_the_others_running(tmp_path: Path) -> None:
+    """A process limit met as the spare forks: that one step starts cold (launch says not taken);
+    the steps it forked before run to their own end."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "sitecustomize.py").write_text(textwrap.dedent("""
+        import errno, os
+        _fork, _calls = os.fork, []
+        def fork():  # the second fork of this process meets a process limit
+            _calls.append(1)
+            if len(_calls) == 2:
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            return _fork()
+        os.fork = fork
+    """))
+    (tmp_path / "gate.py").write_text("import sys\nsys.exit(int(open('gate').read()))\n")
+    os.mkfifo(tmp_path / "gate")
+    (tmp_path / "ok.py").write_text("print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "lib"))
+    pool = SparePool(1)
+    try:
+        running = forked_step(pool, env)
+        assert pool.launch(running, [sys.executable, "gate.py"], str(tmp_path), str(tmp_path / "out"),
+                           str(tmp_path / "err"), env)
+        refused = forked_step(pool, env)
+        assert not pool.launch(refused, [sys.executable, "ok.py"], str(tmp_path), str(tmp_path / "ok.out"),
+                               str(tmp_path / "err"), env)
+        (tmp_path / "gate").write_text("5")
+        assert running.wait(timeout=30) == 5 and running.lost is None
+        assert not running.forking.dead  # it serves on
+        again = forked_step(pool, env)
+        assert pool.launch(again, [sys.executable, "ok.py"], str(tmp_path), str(tmp_path / "ok.out"),
+                           str(tmp_path / "err"), env)
+        assert again.wait(timeout=30) == 0 and (tmp_path / "ok.out").read_text() == "ok\n"
+    finally:
+        pool.shutdown()
+
+
+def test_a_spare_that_dies_while_a_child_is_stuck_before_its_step_is_seen_dead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child still holds the pipe its answer goes to: the agent sees its spare's end anyway
+    (its process), and the step it was given is not taken (a cold start runs it)."""
+    import threading
+
+    import cairn.runner.spares as spares_module
+
+    monkeypatch.setattr(spares_module, "TAKE_TIMEOUT", 60.0)
+    os.mkfifo(tmp_path / "fifo")  # opening it for writing blocks: no reader
+    (tmp_path / "ran.py").write_text("open('ran', 'w').close()\n")
+    pool, env = SparePool(1), dict(os.environ)
+    try:
+        step = forked_step(pool, env)
+        taken: list[bool] = []
+        launching = threading.Thread(target=lambda: taken.append(pool.launch(
+            step, [sys.executable, "ran.py"], str(tmp_path), str(tmp_path / "fifo"), str(tmp_path / "err"), env)))
+        launching.start()
+        deadline = time.monotonic() + 30
+        while not step.forking._jobs:  # given to the spare
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert step.forking.proc is not None
+        os.kill(step.forking.proc.pid, 9)
+        launching.join(timeout=20)  # well before the 60 s it would wait for an answer
+        assert taken == [False] and step.forking.dead
+        assert step.wait(timeout=1) == -9
+    finally:
+        pool.shutdown()
+        for pid in filter(str.isdigit, os.listdir("/proc")):  # the stuck child: not to outlive the test
+            try:
+                if os.readlink(f"/proc/{pid}/cwd") == str(tmp_path):
+                    os.kill(int(pid), 9)
+            except OSError:
+                pass
+
+
+def test_what_an_interpreter_prints_as_it_starts_does_not_stop_its_spare_from_forking(tmp_path: Path) -> None:
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "sitecustomize.py").write_text("print('hello from sitecustomize')\n")
+    (tmp_path / "ok.py").write_text("print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "lib"))
+    pool = SparePool(1)
+    try:
+        step = forked_step(pool, env)
+        assert pool.launch(step, [sys.executable, "ok.py"], str(tmp_path), str(tmp_path / "out"),
+                           str(tmp_path / "err"), env)
+        assert step.wait(timeout=30) == 0 and (tmp_path / "out").read_text() == "ok\n"
+        assert not pool.not_forked
+    finally:
+        pool.shutdown()
+
+
+def test_no_spare_is_started_for_an_environment_let_go_before_its_turn() -> None:
+    """The maker thread picked it, then more recent environments took its place: it starts none
+    (one would be kept by nobody)."""
+    pool = SparePool(1)
+    pool._closed = True  # (no maker thread: the calls below are the maker's, made by hand)
+    env = dict(os.environ)
+    key = pool._key(sys.executable, env)
+    pool._start_forking(key, env)
+    assert key not in pool._forking
+    assert pool.take(sys.executable, env, env) is None

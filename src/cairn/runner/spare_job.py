@@ -1,7 +1,7 @@
 """What a spare interpreter does (``spare_boot.py`` is its entry point): a fresh ``python`` started
 ahead of time that waits for one step and then runs its script as ``python script.py args`` would,
-in itself (no fork: every step still gets an interpreter nobody used before). It hides the
-interpreter's start (~15-20 ms) behind the steps that run before it.
+in itself. It hides the interpreter's start (~15-20 ms) behind the steps that run before it. A spare
+that forks (``serve``) takes no step itself: it forks a child for each, which does the same.
 
 Imported from its compiled bytecode by ``spare_boot.py`` (a file run as a script is parsed at every
 start; a module is not), then dropped from ``sys.modules``; uses only what Python has loaded at
@@ -160,8 +160,12 @@ def _become(data: bytes, path0: bool, taken: object) -> tuple:
     main.__builtins__ = sys.modules["builtins"]
     main.__loader__ = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", script)
     sys.modules["__main__"] = main
-    with open(script, "rb") as f:
-        source = f.read()
+    try:
+        with open(script, "rb") as f:
+            source = f.read()
+    except OSError as exc:  # gone since it was checked: as a cold start says it
+        os.write(2, f"{argv[0]}: can't open file {script!r}: [Errno {exc.errno}] {exc.strerror}\n".encode())
+        os._exit(2)
     return main.__dict__, source, script, kept
 
 
@@ -218,10 +222,20 @@ def serve(path0: bool) -> tuple:
                 if len(rest) < int(size):
                     break
                 job, pending = rest[:int(size)], rest[int(size):]
-                pid = os.fork()
+                try:
+                    pid = os.fork()
+                except OSError as exc:  # (a process limit): this step starts cold; the others run on
+                    _tell(b"X %s 0 %d\n" % (job_id, -exc.errno))
+                    continue
                 if pid == 0:
                     return _forked(job, path0, job_id, list(children), had_select)
-                pidfd = os.pidfd_open(pid)
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError as exc:  # (out of descriptors): it cannot be followed, so it must not run
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    _tell(b"X %s 0 %d\n" % (job_id, -exc.errno))
+                    continue
                 children[pidfd] = (job_id, pid)
                 poller.register(pidfd, select.POLLIN)
     os._exit(0)
@@ -255,12 +269,18 @@ def _forked(job: bytes, path0: bool, job_id: bytes, pidfds: list, had_select: bo
     """In a child of ``serve``: become the step of ``job``, in a session of its own (the agent
     signals its group); nothing of the forking server stays visible."""
     try:
+        answer = os.dup(1)
+        # the server's pipes are the agent's: none stays open here (a child stuck before it takes
+        # its step must not hide its server's end from the agent)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.close(devnull)
         os.setsid()
         for fd in pidfds:
             os.close(fd)
         if not had_select:
             del sys.modules["select"]
-        answer = os.dup(1)
 
         def taken() -> None:
             os.write(answer, b"T %s %d\n" % (job_id, os.getpid()))

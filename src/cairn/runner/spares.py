@@ -150,7 +150,8 @@ class SparePool:
         with self._cond:
             forking = self._forking.get(key)
             if forking is not None and not forking.dead:
-                self._idle.move_to_end(key)  # (recently used: its spares are let go last)
+                if key in self._idle:
+                    self._idle.move_to_end(key)  # (recently used: its spares are let go last)
                 # still starting: this step starts cold, at once, while it does (a start costs the same)
                 return ForkedStep(forking) if forking.ready.is_set() else None
             spares = self._idle.get(key, [])
@@ -274,6 +275,8 @@ class SparePool:
                     self.not_forked[key] = f"its spare that forks died {MAX_FORK_DEATHS} times"
                     return
                 forking = None
+            if self._closed or key not in self._idle:  # let go meanwhile (another environment took its place)
+                return
             if forking is None:
                 forking = self._forking[key] = ForkingSpare(key[0], env, self.poke, self._say)
             if forking.spawned:
@@ -395,6 +398,7 @@ class ForkingSpare:
         self.dead = False
         self.ready = threading.Event()  # it serves, or it is dead
         self.refusal: str | None = None  # why it did not serve (it could not fork here)
+        self.stuck = False  # it did not answer in time as it started (killed: counted as a death)
         self._on_death = on_death
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -444,7 +448,9 @@ class ForkingSpare:
                     self.proc.stdin.flush()
                 except (OSError, ValueError):
                     pass
-        return False
+        # whether it took the step after all decides: then the step ran (and was stopped), else a cold start
+        step.ended.wait(TAKE_TIMEOUT)
+        return step.taken
 
     def let_go(self) -> None:
         """No more jobs: it exits once its children have ended (they are still told)."""
@@ -460,17 +466,30 @@ class ForkingSpare:
                 pass
 
     def _read(self) -> None:
+        """Its answers, until it is gone: its standard output closed, or (children that have not
+        taken their step yet still hold that pipe) its process ended, seen through a pidfd."""
         assert self.proc is not None and self.proc.stdout is not None
         fd, pending = self.proc.stdout.fileno(), b""
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        if not poller.poll(TAKE_TIMEOUT * 1000):  # stuck starting: killed (its steps start cold meanwhile)
-            self.refusal = f"its spare that forks did not answer in {TAKE_TIMEOUT:g} s"
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
+        try:
+            server = os.pidfd_open(self.proc.pid)
+            poller.register(server, select.POLLIN)
+        except OSError:  # (it serves only where pidfds are)
+            server = -1
+        deadline = time.monotonic() + TAKE_TIMEOUT
         while True:
+            timeout = None if self.ready.is_set() or self.stuck else max(0.0, deadline - time.monotonic()) * 1000
+            events = dict(poller.poll(timeout))
+            if not events:  # stuck starting: killed, and counted as a death (its steps start cold meanwhile)
+                self.stuck = True
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                continue
+            if fd not in events:  # it ended; what it wrote before is read above first (poll says both)
+                break
             try:
                 chunk = os.read(fd, 65536)
             except OSError:
@@ -481,19 +500,18 @@ class ForkingSpare:
             for line in lines:
                 if self.ready.is_set():
                     self._heard(line.split())
-                elif line == b"+F":  # up ("+"), and it forks ("F")
+                elif line.endswith(b"+F"):  # up ("+"), and it forks ("F"); (what a .pth printed comes first)
                     self.ready.set()
                     self._say(f"spare interpreter pid {self.proc.pid} ({self.python}) serves: the steps of its "
                               f"environment are forked from it")
-                else:
-                    self.refusal = line[2:].decode(errors="replace") if line.startswith(b"+-") else \
-                        "its spare that forks did not start"
+                elif b"+-" in line:
+                    self.refusal = line.partition(b"+-")[2].decode(errors="replace")
+        if server >= 0:
+            os.close(server)
         with self._lock:  # it died (or ended, let go, once its children had): those left lose their ends
             self.dead = True
             left = list(self._jobs.values())
             self._jobs.clear()
-        if self.refusal is None and not self.ready.is_set():
-            self.refusal = "its spare that forks did not start"
         self.proc.stdout.close()
         self.proc.wait()
         self._died(left)
@@ -513,24 +531,27 @@ class ForkingSpare:
         self._on_death()
 
     def _heard(self, fields: list[bytes]) -> None:
-        if len(fields) < 3 or fields[0] not in (b"T", b"X"):
+        try:
+            kind, job_id, pid = fields[0], int(fields[1]), int(fields[2])
+            code = int(fields[3]) if kind == b"X" else 0
+        except (IndexError, ValueError):  # not a line of its (nothing else writes there)
             return
-        job_id, pid = int(fields[1]), int(fields[2])
         with self._lock:
             step = self._jobs.get(job_id)
             if step is None:
                 return
-            if fields[0] == b"T":
-                if step.abandoned:
+            if kind == b"T":
+                step.pid, step.taken = pid, True
+                if step.abandoned:  # it took its step after all, later than it was given up: stopped
+                    step.lost = (f"the step's process did not start within {TAKE_TIMEOUT:g} s of being forked "
+                                 f"(entering its folder or opening its logs hung) and was stopped")
                     try:
                         os.killpg(pid, signal.SIGKILL)
                     except OSError:
                         pass
-                    return
-                step.pid, step.taken = pid, True
-            else:
+            elif kind == b"X":
                 del self._jobs[job_id]
                 step.pid = step.pid or pid
-                step.returncode = int(fields[3])
+                step.returncode = code
                 step.ended.set()
         step.answered.set()
