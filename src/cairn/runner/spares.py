@@ -7,8 +7,9 @@ Where it can, each (interpreter, environment) has one spare that forks (``spare_
 ``spare_job.serve``): an interpreter that has only started, imported nothing a cold step would not,
 and forks a child for each step, which becomes the step as a spare does (~1 ms of CPU instead of an
 interpreter's start, ~15-20 ms). It is started with the first step of its environment, whatever the
-cores do. What a forked step shares with the other steps of that spare: Python's hash seed (set as an
-interpreter starts) and the address space layout; nothing else it did, for it did nothing.
+cores do, and used once it serves (a step starts cold meanwhile). What a forked step shares with the
+other steps of that spare: Python's hash seed (set as an interpreter starts), the address space
+layout, and what the interpreter's start ran (``.pth`` files, a ``sitecustomize``).
 
 Elsewhere (no ``pidfd_open``, a thread left running by a ``.pth`` file, ``CAIRN_SPARE_INTERPRETERS=
 started``) spares are interpreters started ahead that each take exactly one step (``spare_boot.py``),
