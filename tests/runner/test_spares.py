@@ -686,14 +686,22 @@ def test_a_spare_that_dies_while_a_child_is_stuck_before_its_step_is_seen_dead(
             step, [sys.executable, "ran.py"], str(tmp_path), str(tmp_path / "fifo"), str(tmp_path / "err"), env)))
         launching.start()
         deadline = time.monotonic() + 30
-        while not step.forking._jobs:  # given to the spare
-            assert time.monotonic() < deadline
+        while not (children := [pid for pid in filter(str.isdigit, os.listdir("/proc")) if _cwd(pid) == str(tmp_path)]):
+            assert time.monotonic() < deadline, "no child was forked"  # (it enters the folder, then blocks)
             time.sleep(0.01)
         assert step.forking.proc is not None
         os.kill(step.forking.proc.pid, 9)
         launching.join(timeout=20)  # well before the 60 s it would wait for an answer
         assert taken == [False] and step.forking.dead
         assert step.wait(timeout=1) == -9
+        assert len(children) == 1  # the stuck child, now init's
+        with open(tmp_path / "fifo", "rb"):  # unblocks it: its server is gone, so it must not run the step
+            pass
+        deadline = time.monotonic() + 30
+        while _cwd(children[0]) == str(tmp_path):
+            assert time.monotonic() < deadline, "the child lives on"
+            time.sleep(0.01)
+        assert not (tmp_path / "ran").exists()
     finally:
         pool.shutdown()
         for pid in filter(str.isdigit, os.listdir("/proc")):  # the stuck child: not to outlive the test
@@ -730,3 +738,10 @@ def test_no_spare_is_started_for_an_environment_let_go_before_its_turn() -> None
     pool._start_forking(key, env)
     assert key not in pool._forking
     assert pool.take(sys.executable, env, env) is None
+
+
+def _cwd(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None

@@ -269,6 +269,7 @@ def _forked(job: bytes, path0: bool, job_id: bytes, pidfds: list, had_select: bo
     """In a child of ``serve``: become the step of ``job``, in a session of its own (the agent
     signals its group); nothing of the forking server stays visible."""
     try:
+        server = os.getppid()
         answer = os.dup(1)
         # the server's pipes are the agent's: none stays open here (a child stuck before it takes
         # its step must not hide its server's end from the agent)
@@ -283,6 +284,8 @@ def _forked(job: bytes, path0: bool, job_id: bytes, pidfds: list, had_select: bo
             del sys.modules["select"]
 
         def taken() -> None:
+            if os.getppid() != server:  # its server died meanwhile: the agent has started the step cold
+                os._exit(1)
             os.write(answer, b"T %s %d\n" % (job_id, os.getpid()))
             os.close(answer)
 
