@@ -228,8 +228,6 @@ class SparePool:
         self._envs[key] = base_env
         self._idle.setdefault(key, [])
         self._idle.move_to_end(key)
-        if self._forks(key) and key not in self._forking:  # (started by the maker thread)
-            self._forking[key] = ForkingSpare(key[0], base_env, self.poke, self._say)
         while len(self._idle) > MAX_KEYS:  # an environment not used for a while: its spares go
             old, spares = self._idle.popitem(last=False)
             self._envs.pop(old, None)
@@ -249,7 +247,7 @@ class SparePool:
     def _missing(self) -> tuple[Key, dict[str, str]] | None:  # under self._cond
         for key in reversed(self._idle):  # a forking spare: whatever the cores do (it starts once)
             forking = self._forking.get(key)
-            if self._forks(key) and (forking is None or forking.dead or not forking.spawned):
+            if self._forks(key) and (forking is None or forking.dead):
                 return key, self._envs[key]
         if not self._may_start():
             return None
@@ -276,14 +274,10 @@ class SparePool:
                     self.not_forked[key] = f"its spare that forks died {MAX_FORK_DEATHS} times"
                     return
                 forking = None
-            if self._closed or key not in self._idle:  # let go meanwhile (another environment took its place)
-                return
-            if forking is None:
-                forking = self._forking[key] = ForkingSpare(key[0], env, self.poke, self._say)
-            if forking.spawned:
-                return
-            forking.spawned = True
-        forking.spawn()
+            if forking is not None or self._closed or key not in self._idle:
+                return  # there already, or let go meanwhile (another environment took its place)
+            forking = self._forking[key] = ForkingSpare(key[0], env, self.poke, self._say)
+        forking.spawn()  # (outside the lock: a shutdown meanwhile lets it go, and it starts nothing)
 
     def _make(self) -> None:
         ensure_compiled()
@@ -386,8 +380,8 @@ class ForkedStep:
 
 class ForkingSpare:
     """The agent's side of a spare that forks (``spare_job.serve``): jobs go to its standard input;
-    a thread reads what its children took and how they ended from its standard output. Made before
-    its process is started (``spawn``); steps are given to it once it serves (``ready``)."""
+    a thread reads what its children took and how they ended from its standard output. Steps are
+    given to it once it serves (``ready``)."""
 
     def __init__(self, python: str, env: dict[str, str], on_death: Callable[[], None] = lambda: None,
                  say: Callable[[str], None] = lambda _message: None) -> None:
@@ -395,7 +389,6 @@ class ForkingSpare:
         self._say = say
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
-        self.spawned = False
         self.dead = False
         self.ready = threading.Event()  # it serves, or it is dead
         self.refusal: str | None = None  # why it did not serve (it could not fork here)
