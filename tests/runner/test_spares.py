@@ -520,6 +520,11 @@ def test_a_step_with_a_relative_pythonpath_gets_its_own_folders(workspace: Works
         assert "started cold, not by an interpreter started ahead: its PYTHONPATH has 'lib'" in s.get_system_log()
 
 
+def give(pool: SparePool, spare: ForkedStep | subprocess.Popen[bytes], folder: Path, script: str, out: str, env: dict[str, str]) -> bool:
+    """``pool.launch`` of ``python script`` in ``folder``, its output in ``folder/out``, errors in ``folder/err``."""
+    return pool.launch(spare, [sys.executable, script], str(folder), str(folder / out), str(folder / "err"), env)
+
+
 def forked_step(pool: SparePool, env: dict[str, str]) -> ForkedStep:
     pool.want(sys.executable, env)
     spare = None
@@ -536,8 +541,7 @@ def test_a_forked_step_is_its_own_session_child_of_the_spare(tmp_path: Path) -> 
         pids = []
         for i in range(2):
             step = forked_step(pool, env)
-            assert pool.launch(step, [sys.executable, "who.py"], str(tmp_path), str(tmp_path / f"{i}.out"),
-                               str(tmp_path / "err"), env)
+            assert give(pool, step, tmp_path, "who.py", f"{i}.out", env)
             assert step.wait(timeout=30) == 0
             pid, sid, pgid, parent = map(int, (tmp_path / f"{i}.out").read_text().split())
             assert pid == sid == pgid == step.pid  # the agent signals its group
@@ -554,8 +558,7 @@ def test_a_forked_step_whose_spare_dies_ends_lost_and_the_next_gets_a_new_spare(
     pool, env = SparePool(1), dict(os.environ)
     try:
         step = forked_step(pool, env)
-        assert pool.launch(step, [sys.executable, "slow.py"], str(tmp_path), str(tmp_path / "out"),
-                           str(tmp_path / "err"), env)
+        assert give(pool, step, tmp_path, "slow.py", "out", env)
         server = step.forking
         os.kill(server.proc.pid, 9)
         assert step.wait(timeout=30) == -9
@@ -568,8 +571,7 @@ def test_a_forked_step_whose_spare_dies_ends_lost_and_the_next_gets_a_new_spare(
             assert time.monotonic() < deadline, "no new spare that forks"
             time.sleep(0.01)
         assert isinstance(nxt, ForkedStep)
-        assert pool.launch(nxt, [sys.executable, "ok.py"], str(tmp_path), str(tmp_path / "ok.out"),
-                           str(tmp_path / "err"), env)
+        assert give(pool, nxt, tmp_path, "ok.py", "ok.out", env)
         assert nxt.wait(timeout=30) == 0 and (tmp_path / "ok.out").read_text() == "ok\n"
     finally:
         pool.shutdown()
@@ -586,8 +588,7 @@ def test_a_forked_step_stuck_before_taking_its_step_is_killed_and_never_takes_it
     try:
         step = forked_step(pool, env)
         step.forking.ready.wait(30)
-        assert not pool.launch(step, [sys.executable, "ran.py"], str(tmp_path), str(tmp_path / "fifo"),
-                               str(tmp_path / "err"), env)
+        assert not give(pool, step, tmp_path, "ran.py", "fifo", env)
         assert step.wait(timeout=30) == -9
         assert not (tmp_path / "ran").exists()
     finally:
@@ -599,8 +600,7 @@ def test_a_spare_let_go_still_tells_its_running_steps_end(tmp_path: Path) -> Non
     os.mkfifo(tmp_path / "gate")
     pool, env = SparePool(1), dict(os.environ)
     step = forked_step(pool, env)
-    assert pool.launch(step, [sys.executable, "gate.py"], str(tmp_path), str(tmp_path / "out"), str(tmp_path / "err"),
-                       env)
+    assert give(pool, step, tmp_path, "gate.py", "out", env)
     pool.shutdown()  # let go while its step runs
     (tmp_path / "gate").write_text("4")
     assert step.wait(timeout=30) == 4 and step.lost is None
@@ -623,8 +623,7 @@ def test_where_a_start_leaves_a_thread_running_spares_do_not_fork(tmp_path: Path
             assert time.monotonic() < deadline, "no spare"
             time.sleep(0.01)
         assert [why for why in pool.not_forked.values()] == ["2 threads are running after its start"]
-        assert pool.launch(spare, [sys.executable, "t.py"], str(tmp_path), str(tmp_path / "out"),
-                           str(tmp_path / "err"), env)
+        assert give(pool, spare, tmp_path, "t.py", "out", env)
         assert spare.wait(timeout=30) == 0 and (tmp_path / "out").read_text() == "2\n"
     finally:
         pool.shutdown()
@@ -651,17 +650,14 @@ def test_a_fork_that_fails_leaves_that_step_to_a_cold_start_and_the_others_runni
     pool = SparePool(1)
     try:
         running = forked_step(pool, env)
-        assert pool.launch(running, [sys.executable, "gate.py"], str(tmp_path), str(tmp_path / "out"),
-                           str(tmp_path / "err"), env)
+        assert give(pool, running, tmp_path, "gate.py", "out", env)
         refused = forked_step(pool, env)
-        assert not pool.launch(refused, [sys.executable, "ok.py"], str(tmp_path), str(tmp_path / "ok.out"),
-                               str(tmp_path / "err"), env)
+        assert not give(pool, refused, tmp_path, "ok.py", "ok.out", env)
         (tmp_path / "gate").write_text("5")
         assert running.wait(timeout=30) == 5 and running.lost is None
         assert not running.forking.dead  # it serves on
         again = forked_step(pool, env)
-        assert pool.launch(again, [sys.executable, "ok.py"], str(tmp_path), str(tmp_path / "ok.out"),
-                           str(tmp_path / "err"), env)
+        assert give(pool, again, tmp_path, "ok.py", "ok.out", env)
         assert again.wait(timeout=30) == 0 and (tmp_path / "ok.out").read_text() == "ok\n"
     finally:
         pool.shutdown()
@@ -682,8 +678,7 @@ def test_a_spare_that_dies_while_a_child_is_stuck_before_its_step_is_seen_dead(
     try:
         step = forked_step(pool, env)
         taken: list[bool] = []
-        launching = threading.Thread(target=lambda: taken.append(pool.launch(
-            step, [sys.executable, "ran.py"], str(tmp_path), str(tmp_path / "fifo"), str(tmp_path / "err"), env)))
+        launching = threading.Thread(target=lambda: taken.append(give(pool, step, tmp_path, "ran.py", "fifo", env)))
         launching.start()
         deadline = time.monotonic() + 30
         while not (children := [pid for pid in filter(str.isdigit, os.listdir("/proc")) if _cwd(pid) == str(tmp_path)]):
@@ -720,8 +715,7 @@ def test_what_an_interpreter_prints_as_it_starts_does_not_stop_its_spare_from_fo
     pool = SparePool(1)
     try:
         step = forked_step(pool, env)
-        assert pool.launch(step, [sys.executable, "ok.py"], str(tmp_path), str(tmp_path / "out"),
-                           str(tmp_path / "err"), env)
+        assert give(pool, step, tmp_path, "ok.py", "out", env)
         assert step.wait(timeout=30) == 0 and (tmp_path / "out").read_text() == "ok\n"
         assert not pool.not_forked
     finally:

@@ -243,7 +243,8 @@ def serve(path0: bool) -> tuple:
 
 def _fork_refusal() -> str:
     """Why this interpreter may not fork spares ("" when it may): no ``pidfd_open``, or a thread that
-    its start left running (a ``.pth`` file's import), which a fork would not have."""
+    its start left running (a ``.pth`` file's import), which a fork would not have. (The pidfd check
+    is the warm-start server's, in ``forkserver._serve_forever``, which this file cannot import.)"""
     if not hasattr(os, "pidfd_open") or not hasattr(os, "waitstatus_to_exitcode"):
         return "this Python has no os.pidfd_open"
     try:
