@@ -130,10 +130,11 @@ class LocalCompute:
 
         ``spare_interpreters`` (on by default): each step still runs in a new interpreter of its
         own, whose start is off the pipeline's path. ``True`` or ``"forked"``: forked, for each step,
-        from an interpreter of the step's environment that has only started and imported nothing a
-        cold start would not (about half a cold start's CPU; the steps share Python's hash seed).
-        ``"started"``: each one started ahead while earlier steps ran and a core was free (its own
-        hash seed). ``False``: each step's interpreter starts when the step does."""
+        from an interpreter of the step's environment that has only started, and that imports the
+        standard-library modules earlier steps imported (under half a cold start's CPU; the steps
+        share Python's hash seed and find those modules in ``sys.modules``). ``"started"``: each one
+        started ahead while earlier steps ran and a core was free (its own hash seed, nothing
+        imported ahead). ``False``: each step's interpreter starts when the step does."""
         if max_concurrency is not None:
             check_type(max_concurrency, int, "max_concurrency")
             if max_concurrency < 1:

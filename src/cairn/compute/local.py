@@ -1,6 +1,7 @@
 """The built-in ``local`` target: each step runs as a subprocess of this machine, at most
 ``max_concurrency`` at a time (default: the number of cores), as many more prepared ahead. A step
-runs in a fresh interpreter forked from one of its environment that has only started, or started
+runs in a fresh interpreter forked from one of its environment that has only started (and imported
+the standard-library modules earlier steps imported: runner/spare_learn.py), or started
 ahead while earlier steps ran (runner/spares.py; ``spare_interpreters="started"`` or
 ``CAIRN_SPARE_INTERPRETERS=started``: always the latter; off with ``spare_interpreters=False`` or
 ``CAIRN_SPARE_INTERPRETERS=0``); with ``warm_start_modules``, steps are forked from a

@@ -14,10 +14,16 @@ if not _PATH0:
     sys.path.insert(0, _HERE)
 import spare_job as _job  # noqa: E402
 
+# `--fork`: this interpreter forks a child for each step (spare_job.serve), which goes on below, and
+# imports what its steps imported (spare_learn)
+_learn = None
+if sys.argv[1:] == ["--fork"]:
+    import spare_learn as _learn
+
 del sys.path[0], sys.modules["spare_job"]
+sys.modules.pop("spare_learn", None)
 sys.path_importer_cache.pop(_HERE, None)  # nothing of this folder stays visible to the step
-# `--fork`: this interpreter forks a child for each step (spare_job.serve), which goes on below
-_globals, _source, _script, _kept = (_job.serve if sys.argv[1:] == ["--fork"] else _job.main)(_PATH0)
+_globals, _source, _script, _kept = _job.serve(_PATH0, _learn) if _learn is not None else _job.main(_PATH0)
 # warnings raised from the script's top level name this file's frame: not as __main__
 __name__ = "cairn_spare_boot"
 _failure = None
@@ -33,6 +39,9 @@ if _failure is None:
     except BaseException as _exc:  # printed as Python prints it, without this file's frame
         _tb = _exc.__traceback__  # its first frame is always this file's (the exec above)
         _failure = _exc.with_traceback(_tb.tb_next if _tb is not None else None)
+    finally:  # a forked step tells its spare what it imported
+        if _learn is not None:
+            _learn.report()
 if _failure is not None:
     # outside any handler, as Python calls the hook (sys.exc_info() is empty there); the hook
     # prints the exception's own. Then Python ends as it does after an uncaught exception (status 1,

@@ -5,7 +5,8 @@ that forks (``serve``) takes no step itself: it forks a child for each, which do
 
 Imported from its compiled bytecode by ``spare_boot.py`` (a file run as a script is parsed at every
 start; a module is not), then dropped from ``sys.modules``; uses only what Python has loaded at
-start (``os``, ``sys``, ``io``, ``marshal``) and imports nothing a cold step would not. Once up the
+start (``os``, ``sys``, ``io``, ``marshal``) and imports nothing a cold step would not (a spare that
+forks imports what its steps imported of the standard library: ``spare_learn``). Once up the
 spare writes one byte to its standard output, then reads one job from its standard input until end
 of file: NUL-separated fields ``argc, argv..., cwd, stdout, stderr, code, NAME=VALUE...``. Nothing
 there (the agent let it go): it exits quietly.
@@ -125,9 +126,10 @@ def main(path0: bool) -> tuple:
     return _become(data, path0, taken)
 
 
-def _become(data: bytes, path0: bool, taken: object) -> tuple:
+def _become(data: bytes, path0: bool, taken: object, learner: object = None) -> tuple:
     """Become the step of ``data`` (a job as ``main`` reads it), calling ``taken()`` once this process
-    is the step; returns what ``main`` returns."""
+    is the step; returns what ``main`` returns. ``learner``: a forking spare's (``spare_learn``), whose
+    imports the script's folder must not shadow."""
     fields = [os.fsdecode(f) for f in data.split(b"\0")]
     argc = int(fields[0])
     argv = fields[1:1 + argc]
@@ -136,7 +138,7 @@ def _become(data: bytes, path0: bool, taken: object) -> tuple:
     # Until the agent hears "taken", the step is not started: if anything below fails (or this
     # process dies), the agent starts the step cold, with a cold start's errors.
     os.chdir(cwd)
-    cold = _cold(argv)
+    cold = _cold(argv) or (learner is not None and learner.shadowed(argv[1], path0))
     _redirect(stdout, stderr)
     taken()  # from here on this process is the step
     if cold:
@@ -169,7 +171,7 @@ def _become(data: bytes, path0: bool, taken: object) -> tuple:
     return main.__dict__, source, script, kept
 
 
-def serve(path0: bool) -> tuple:
+def serve(path0: bool, learn: object) -> tuple:
     """A spare that forks (``spare_boot.py --fork``): this interpreter takes no step itself; for each
     job it reads it forks a child, which becomes the step exactly as ``main`` would (its own session,
     then ``_become``), and tells the agent each child's end. Returns only in a child, what ``main``
@@ -180,7 +182,12 @@ def serve(path0: bool) -> tuple:
     ``T <id> <pid>\\n`` (taken) on standard output, this process ``X <id> <pid> <exit status>\\n``
     once the child ended (negative: the signal that killed it, as ``subprocess`` says it).
     ``<id> kill\\n`` kills that job's child (not taken in time). At end of file it takes no more jobs
-    and exits once its children have ended."""
+    and exits once its children have ended.
+
+    While no job waits it imports the standard-library modules its steps imported (``learn``, the
+    ``spare_learn`` module, says how and why). Should an import leave a thread running, it forks no
+    more: each later job is answered ``X <id> 0 -1`` (that step starts cold) and it exits once its
+    children have ended, to be replaced."""
     refusal = _fork_refusal()
     if refusal:
         _tell(b"-" + refusal.encode() + b"\n")
@@ -188,20 +195,33 @@ def serve(path0: bool) -> tuple:
     had_select = "select" in sys.modules
     import select  # (an extension module: dropped again in each child, which a cold start never imports)
 
+    learner = learn.Learner()
     poller = select.poll()
     poller.register(0, select.POLLIN)
+    poller.register(learner.reports, select.POLLIN)
     children: dict = {}  # pidfd: (job id, pid)
     pending = b""
     accepting = True
     _tell(b"F\n")
     while accepting or children:
-        for fd, _events in poller.poll():
+        events = poller.poll(0 if learner.wanted and accepting and not learner.tainted else None)
+        if not events and learner.wanted:  # no job waits: import what the steps did
+            learner.import_next()
+            if learner.tainted and not children:
+                break
+            continue
+        for fd, _events in events:
+            if fd == learner.reports:
+                learner.heard()
+                continue
             if fd in children:
                 job_id, pid = children.pop(fd)
                 poller.unregister(fd)
                 os.close(fd)
                 status = os.waitpid(pid, 0)[1]
                 _tell(b"X %s %d %d\n" % (job_id, pid, os.waitstatus_to_exitcode(status)))
+                if learner.tainted and not children:
+                    os._exit(0)
                 continue
             chunk = os.read(0, 1 << 16)
             if not chunk:  # the agent let it go (or is gone): the running children are still told
@@ -222,13 +242,16 @@ def serve(path0: bool) -> tuple:
                 if len(rest) < int(size):
                     break
                 job, pending = rest[:int(size)], rest[int(size):]
+                if learner.tainted:  # a thread runs here now: a fork would not have it
+                    _tell(b"X %s 0 -1\n" % job_id)
+                    continue
                 try:
                     pid = os.fork()
                 except OSError as exc:  # (a process limit): this step starts cold; the others run on
                     _tell(b"X %s 0 %d\n" % (job_id, -exc.errno))
                     continue
                 if pid == 0:
-                    return _forked(job, path0, job_id, list(children), had_select)
+                    return _forked(job, path0, job_id, list(children), had_select, learner)
                 try:
                     pidfd = os.pidfd_open(pid)
                 except OSError as exc:  # (out of descriptors): it cannot be followed, so it must not run
@@ -266,7 +289,7 @@ def _tell(message: bytes) -> None:
         pass
 
 
-def _forked(job: bytes, path0: bool, job_id: bytes, pidfds: list, had_select: bool) -> tuple:
+def _forked(job: bytes, path0: bool, job_id: bytes, pidfds: list, had_select: bool, learner: object) -> tuple:
     """In a child of ``serve``: become the step of ``job``, in a session of its own (the agent
     signals its group); nothing of the forking server stays visible."""
     try:
@@ -283,6 +306,7 @@ def _forked(job: bytes, path0: bool, job_id: bytes, pidfds: list, had_select: bo
             os.close(fd)
         if not had_select:
             del sys.modules["select"]
+        learner.in_child(server)
 
         def taken() -> None:
             if os.getppid() != server:  # its server died meanwhile: the agent has started the step cold
@@ -290,7 +314,7 @@ def _forked(job: bytes, path0: bool, job_id: bytes, pidfds: list, had_select: bo
             os.write(answer, b"T %s %d\n" % (job_id, os.getpid()))
             os.close(answer)
 
-        return _become(job, path0, taken)
+        return _become(job, path0, taken, learner)
     except BaseException:  # before "taken": the agent starts the step cold, with a cold start's errors
         os._exit(1)
 

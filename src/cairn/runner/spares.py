@@ -4,12 +4,14 @@ happened earlier: its own new process and interpreter, arguments, working direct
 stdout/stderr files and exit code.
 
 Where it can, each (interpreter, environment) has one spare that forks (``spare_boot.py --fork``,
-``spare_job.serve``): an interpreter that has only started, imported nothing a cold step would not,
-and forks a child for each step, which becomes the step as a spare does (~1 ms of CPU instead of an
-interpreter's start, ~15-20 ms). It is started with the first step of its environment, whatever the
-cores do, and used once it serves (a step starts cold meanwhile). What a forked step shares with the
-other steps of that spare: Python's hash seed (set as an interpreter starts), the address space
-layout, and what the interpreter's start ran (``.pth`` files, a ``sitecustomize``).
+``spare_job.serve``): an interpreter that has only started, and forks a child for each step, which
+becomes the step as a spare does (~1 ms of CPU instead of an interpreter's start, ~15-20 ms).
+Between steps it imports the standard-library modules its steps imported (``spare_learn``: only
+those whose import changed nothing a step could see). It is started with the first step of its
+environment, whatever the cores do, and used once it serves (a step starts cold meanwhile). What a
+forked step shares with the other steps of that spare: Python's hash seed (set as an interpreter
+starts), the address space layout, what the interpreter's start ran (``.pth`` files, a
+``sitecustomize``), and those standard-library modules.
 
 Elsewhere (no ``pidfd_open``, a thread left running by a ``.pth`` file, ``CAIRN_SPARE_INTERPRETERS=
 started``) spares are interpreters started ahead that each take exactly one step (``spare_boot.py``),
@@ -35,6 +37,7 @@ from cairn.runner.processes import RUN_ID_PLACEHOLDER
 
 SPARE_BOOT = str(Path(__file__).with_name("spare_boot.py"))
 SPARE_JOB = str(Path(__file__).with_name("spare_job.py"))
+SPARE_LEARN = str(Path(__file__).with_name("spare_learn.py"))
 TAKE_TIMEOUT = 30.0  # a spare that has not taken its step by then (a start that hangs) is killed
 MAX_KEYS = 4  # environments with spares at once: the least recently used one's are let go
 MAX_FORK_DEATHS = 3  # a spare that forks and died this often: its environment's spares each take one step
@@ -88,7 +91,7 @@ def prune_kept_code(folder: str | os.PathLike[str], max_age_days: float = KEPT_C
 
 
 def ensure_compiled(path: str = "") -> None:
-    """Have ``spare_job.py``'s bytecode written for this interpreter: a spare imports it at every
+    """Have ``spare_job.py``'s (or ``path``'s) bytecode written for this interpreter: a spare imports it at every
     start, and without it would compile it each time (``PYTHONDONTWRITEBYTECODE`` stops Python
     from writing it on its own)."""
     import importlib.util
@@ -281,6 +284,7 @@ class SparePool:
 
     def _make(self) -> None:
         ensure_compiled()
+        ensure_compiled(SPARE_LEARN)
         while True:
             with self._cond:
                 wanted = self._missing()
