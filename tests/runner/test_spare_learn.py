@@ -5,12 +5,10 @@ keeps per-process state (random numbers) differs from one step to the next."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -92,14 +90,55 @@ def test_forked_steps_draw_different_random_numbers_after_random_was_learned(poo
     assert len(set(numbers)) == 4, numbers  # the spare's random state is reseeded in each child
 
 
-def test_logging_counts_a_forked_steps_time_from_the_step_not_from_its_spare(pool: SparePool,
-                                                                             tmp_path: Path) -> None:
-    (tmp_path / "step.py").write_text("import sys\nprint('logging' in sys.modules)\nimport logging\n"
-                                      "print(repr(logging._startTime))\n")
-    assert run_until(pool, tmp_path, "step.py", dict(os.environ), "True")[-1].startswith("True")
-    launched = time.time()
-    code, out, err = run_forked(pool, tmp_path, "step.py", dict(os.environ), "timed")
-    assert out.startswith("True") and float(out.split()[1]) >= launched  # relativeCreated starts with the step
+def test_a_module_that_registers_an_exit_handler_is_not_learned(pool: SparePool, tmp_path: Path) -> None:
+    # logging registers logging.shutdown at import: imported ahead, it would run after the script's
+    # own exit handlers instead of before those registered ahead of the import
+    (tmp_path / "step.py").write_text("import sys\nprint('logging' in sys.modules, 'argparse' in sys.modules)\n"
+                                      "import logging, argparse\n")
+    outputs = run_until(pool, tmp_path, "step.py", dict(os.environ), "False True")  # logging was tried first
+    assert outputs[-1] == "False True\n"
+    assert run_forked(pool, tmp_path, "step.py", dict(os.environ), "again")[1] == "False True\n"
+
+
+def test_a_script_shadowing_a_learned_module_from_pythonpath_imports_its_own(pool: SparePool,
+                                                                               tmp_path: Path) -> None:
+    ahead = tmp_path / "ahead"
+    ahead.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ahead))
+    (tmp_path / "step.py").write_text("import sys\nprint('argparse' in sys.modules)\nimport argparse\n")
+    run_until(pool, tmp_path, "step.py", env, "True")
+    (ahead / "argparse.py").write_text("print('the argparse of PYTHONPATH')\n")
+    assert run_forked(pool, tmp_path, "step.py", env, "shadowed") == (0, "False\nthe argparse of PYTHONPATH\n", "")
+
+
+def test_steps_run_on_when_the_spares_own_folder_is_removed(tmp_path: Path) -> None:
+    home, here = tmp_path / "home", os.getcwd()
+    home.mkdir()
+    os.chdir(home)
+    try:
+        pool = SparePool(1)  # its spare starts in `home`
+        env = dict(os.environ)
+        (tmp_path / "step.py").write_text("import argparse, json\nprint(json.dumps(1))\n")
+        assert run_forked(pool, tmp_path, "step.py", env, "first") == (0, "1\n", "")
+    finally:
+        os.chdir(here)
+    home.rmdir()
+    try:
+        for i in range(5):  # learning in a spare whose folder is gone loses no step
+            assert run_forked(pool, tmp_path, "step.py", env, f"run{i}") == (0, "1\n", "")
+    finally:
+        pool.shutdown()
+
+
+def test_a_script_run_through_a_link_imports_from_its_real_folder(pool: SparePool, tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "helper.py").write_text("WHERE = 'next to the real file'\n")
+    (tmp_path / "real" / "step.py").write_text("import helper\nprint(helper.WHERE)\n")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "step.py").symlink_to(tmp_path / "real" / "step.py")
+    cold = subprocess.run([sys.executable, "step.py"], cwd=tmp_path / "linked", capture_output=True, text=True)
+    assert (cold.returncode, cold.stdout) == (0, "next to the real file\n")
+    assert run_forked(pool, tmp_path / "linked", "step.py", dict(os.environ), "linked") == (0, cold.stdout, "")
 
 
 def test_a_deprecated_module_warns_in_every_forked_step_as_it_does_cold(pool: SparePool, tmp_path: Path) -> None:
@@ -118,58 +157,109 @@ def _warns(name: str) -> bool:
     return "DeprecationWarning" in found.stderr
 
 
-LEARNER = """
-import io, json, os, sys
+TRIAL = """
+import os, sys
 sys.path.insert(0, {src!r})
 from cairn.runner import spare_learn
-spare_learn._STDLIB = {lib!r} + os.sep  # the test's modules stand for the standard library's
+spare_learn._STDLIB_FOLDERS += ({lib!r} + os.sep,)  # the test's modules are the standard library's too
 sys.path.insert(0, {lib!r})
-learner = spare_learn.Learner()
+read, write = os.pipe()
+spare_learn._trial(sys.argv[1], write, True)
+os.close(write)
+print(os.read(read, 100).decode() or "not kept", flush=True)
+os._exit(0)  # (what the import registered to run at exit does not run: a trial ends so too)
+"""
+
+LIBRARY = {
+    "fine": "import helper_of_fine\nVALUE = 1\n",
+    "helper_of_fine": "",
+    "loud": "print('hello from an import')\n",
+    "loud_fd": "import os\nos.write(1, b'straight to the descriptor')\n",
+    "warns": "import warnings\nwarnings.warn('old', DeprecationWarning)\n",
+    "filters": "import warnings\nwarnings.filterwarnings('ignore', 'x')\n",
+    "paths": "import sys\nsys.path.append('/elsewhere')\n",
+    "moves": "import os\nos.chdir('/')\n",
+    "umask": "import os\nos.umask(0o077)\n",
+    "signals": "import signal\nsignal.signal(signal.SIGUSR1, lambda *a: None)\n",
+    "sets": "import os\nos.environ['SET_BY_AN_IMPORT'] = '1'\n",
+    "reads_step": "import os\nos.environ.get('CAIRN_RUN_ID')\n",
+    "copies": "import os\nCOPY = dict(os.environ)\n",
+    "reads_home": "import os\nHOME = os.environ.get('HOME')\n",
+    "exits": "import atexit\natexit.register(print)\n",
+    "fails": "raise ImportError('no')\n",
+    "threads": "import threading, time\nthreading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n",
+    "outside": "import os\nopen(os.environ['MARK'], 'w').close()\n",
+}
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of modules that stand for the standard library's, and the trial script."""
+    root = tmp_path_factory.mktemp("trial")
+    (root / "lib").mkdir()
+    for name, source in LIBRARY.items():
+        if name != "outside":
+            (root / "lib" / f"{name}.py").write_text(source)
+    (root / "elsewhere").mkdir()
+    (root / "elsewhere" / "outside.py").write_text(LIBRARY["outside"])
+    (root / "trial.py").write_text(TRIAL.format(src=str(Path(spare_learn.__file__).parents[2]), lib=str(root / "lib")))
+    return root
+
+
+@pytest.mark.parametrize("name, verdict", [
+    ("fine", "kept"), ("reads_home", "kept"), ("loud", "not kept"), ("loud_fd", "not kept"), ("warns", "not kept"),
+    ("filters", "not kept"), ("paths", "not kept"), ("moves", "not kept"), ("umask", "not kept"),
+    ("signals", "not kept"), ("sets", "not kept"), ("reads_step", "not kept"), ("copies", "not kept"),
+    ("exits", "not kept"), ("fails", "not kept"), ("threads", "not kept"), ("multiprocessing", "not kept"),
+])
+def test_a_trial_keeps_a_module_only_if_importing_it_changed_nothing_but_sys_modules(library: Path, name: str,
+                                                                                     verdict: str) -> None:
+    found = subprocess.run([sys.executable, "trial.py", name], cwd=library, capture_output=True, text=True,
+                           env=dict(os.environ, CAIRN_RUN_ID="run_x"))
+    assert (found.returncode, found.stdout, found.stderr) == (0, verdict + "\n", "")  # nothing else printed
+
+
+def test_a_trial_never_runs_a_module_from_outside_the_standard_library(library: Path) -> None:
+    mark = library / "ran"
+    env = dict(os.environ, PYTHONPATH=str(library / "elsewhere"), MARK=str(mark))
+    found = subprocess.run([sys.executable, "trial.py", "outside"], cwd=library, capture_output=True, text=True,
+                           env=env)
+    assert (found.stdout, found.stderr) == ("not kept\n", "")
+    assert not mark.exists()
+
+
+LEARNER = """
+import os, select, sys
+sys.path.insert(0, {src!r})
+from cairn.runner import spare_learn
+spare_learn._STDLIB_FOLDERS += ({lib!r} + os.sep,)
+sys.path.insert(0, {lib!r})
+poller = select.poll()
+learner = spare_learn.Learner(poller, True)
 for name in sys.argv[1:]:
     learner.wanted[name] = None
-path, cwd, environ = list(sys.path), os.getcwd(), dict(os.environ)
-while learner.wanted:
-    learner.import_next()
-print(json.dumps({{"modules": sorted(n for n in sys.argv[1:] + ["helper_of_fine"] if n in sys.modules),
-                  "tops": sorted(learner.tops), "tainted": learner.tainted,
-                  "same": [sys.path == path, os.getcwd() == cwd, dict(os.environ) == environ]}}))
+while learner.timeout() is not None:
+    events = poller.poll(learner.timeout())
+    if not events:
+        learner.work()
+    for fd, _ in events:
+        learner.ready(fd, set())
+print(sorted(n for n in {names!r} if n in sys.modules), sorted(learner.tops), learner.tainted)
 """
 
 
-def test_a_module_is_kept_only_if_importing_it_changed_nothing_but_sys_modules(tmp_path: Path) -> None:
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    modules = {
-        "fine": "import helper_of_fine\nVALUE = 1\n",
-        "helper_of_fine": "",
-        "loud": "print('hello from an import')\n",
-        "loud_fd": "import os\nos.write(1, b'straight to the descriptor')\n",
-        "warns": "import warnings\nwarnings.warn('old', DeprecationWarning)\n",
-        "paths": "import sys\nsys.path.append('/elsewhere')\n",
-        "moves": "import os\nos.chdir('/')\n",
-        "sets": "import os\nos.environ['SET_BY_AN_IMPORT'] = '1'\n",
-        "fails": "raise ImportError('no')\n",
-        "threads": "import threading, time\nthreading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n",
-    }
-    for name, source in modules.items():
-        (lib / f"{name}.py").write_text(source)
-    (tmp_path / "learner.py").write_text(LEARNER.format(src=str(Path(spare_learn.__file__).parents[2]), lib=str(lib)))
-    names = [n for n in modules if n not in ("helper_of_fine", "threads")]
-    found = subprocess.run([sys.executable, "learner.py", *names], cwd=tmp_path, capture_output=True, text=True)
-    assert found.returncode == 0, found.stderr
-    assert found.stderr == ""
-    result = json.loads(found.stdout)  # nothing the rejected imports printed reached the real stdout
-    assert result == {"modules": ["fine", "helper_of_fine"], "tops": ["fine", "helper_of_fine"],
-                      "tainted": False, "same": [True, True, True]}
-    found = subprocess.run([sys.executable, "learner.py", "threads"], cwd=tmp_path, capture_output=True, text=True)
-    assert json.loads(found.stdout)["tainted"] is True  # a thread it cannot take back: no more forks
-
-
-def test_a_module_outside_the_standard_library_is_not_kept(tmp_path: Path) -> None:
-    (tmp_path / "elsewhere.py").write_text("")
-    code = (f"import sys; sys.path.insert(0, {str(Path(spare_learn.__file__).parents[2])!r}); sys.path.insert(0, {str(tmp_path)!r})\n"
-            "from cairn.runner import spare_learn\n"
-            "learner = spare_learn.Learner(); learner.wanted['elsewhere'] = None; learner.import_next()\n"
-            "print('elsewhere' in sys.modules, sorted(learner.tops))\n")
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert (found.stdout, found.stderr) == ("False []\n", "")
+def test_the_spare_imports_what_its_trials_kept_and_stops_forking_if_that_left_a_thread(library: Path) -> None:
+    (library / "lib" / "late_thread.py").write_text(
+        "import os, threading, time\n"
+        "if os.getpid() == int(os.environ['SPARE_PID']):  # only in the spare, not in its trial\n"
+        "    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n")
+    names = ["fine", "helper_of_fine", "loud", "exits", "late_thread"]
+    (library / "learner.py").write_text(LEARNER.format(src=str(Path(spare_learn.__file__).parents[2]),
+                                                       lib=str(library / "lib"), names=names))
+    script = ("import os, runpy, sys; os.environ['SPARE_PID'] = str(os.getpid()); "
+              "sys.argv = ['learner.py', *sys.argv[1:]]; runpy.run_path('learner.py', run_name='__main__')")
+    found = subprocess.run([sys.executable, "-c", script, "fine", "loud", "exits"], cwd=library,
+                           capture_output=True, text=True)
+    assert (found.stdout, found.stderr) == ("['fine', 'helper_of_fine'] ['fine', 'helper_of_fine'] False\n", "")
+    found = subprocess.run([sys.executable, "-c", script, "late_thread"], cwd=library, capture_output=True, text=True)
+    assert (found.stdout, found.stderr) == ("['late_thread'] [] True\n", "")

@@ -153,8 +153,8 @@ def _become(data: bytes, path0: bool, taken: object, learner: object = None) -> 
     script = os.path.abspath(argv[1])
     sys.argv = argv[1:]
     sys.orig_argv = list(argv)
-    if path0:
-        sys.path.insert(0, os.path.dirname(script))
+    if path0:  # the folder of the script's real path, as Python resolves it (links included)
+        sys.path.insert(0, os.path.dirname(os.path.realpath(script)))
     main = type(sys)("__main__")  # what `python script.py` runs the script in
     main.__file__ = script
     main.__cached__ = None
@@ -184,10 +184,11 @@ def serve(path0: bool, learn: object) -> tuple:
     ``<id> kill\\n`` kills that job's child (not taken in time). At end of file it takes no more jobs
     and exits once its children have ended.
 
-    While no job waits it imports the standard-library modules its steps imported (``learn``, the
-    ``spare_learn`` module, says how and why). Should an import leave a thread running, it forks no
-    more: each later job is answered ``X <id> 0 -1`` (that step starts cold) and it exits once its
-    children have ended, to be replaced."""
+    While no job waits it tries, then imports, the standard-library modules its steps imported
+    (``learn``, the ``spare_learn`` module, says how and why; a failure there stops the learning, not
+    the spare). Should an import leave a thread running here, it forks no more: each later job is
+    answered ``X <id> 0 -1`` (that step starts cold) and it exits once its children have ended, to
+    be replaced."""
     refusal = _fork_refusal()
     if refusal:
         _tell(b"-" + refusal.encode() + b"\n")
@@ -195,24 +196,23 @@ def serve(path0: bool, learn: object) -> tuple:
     had_select = "select" in sys.modules
     import select  # (an extension module: dropped again in each child, which a cold start never imports)
 
-    learner = learn.Learner()
     poller = select.poll()
     poller.register(0, select.POLLIN)
-    poller.register(learner.reports, select.POLLIN)
+    learner = learn.Learner(poller, had_select)
     children: dict = {}  # pidfd: (job id, pid)
     pending = b""
     accepting = True
     _tell(b"F\n")
     while accepting or children:
-        events = poller.poll(0 if learner.wanted and accepting and not learner.tainted else None)
-        if not events and learner.wanted:  # no job waits: import what the steps did
-            learner.import_next()
+        events = poller.poll(learner.timeout() if accepting else None)
+        if not events:  # no job waits: what the steps imported is tried, then imported
+            _learning(learner.work)
             if learner.tainted and not children:
                 break
             continue
         for fd, _events in events:
-            if fd == learner.reports:
-                learner.heard()
+            if fd in learner.fds:
+                _learning(learner.ready, fd, {pid for _job_id, pid in children.values()})
                 continue
             if fd in children:
                 job_id, pid = children.pop(fd)
@@ -220,6 +220,7 @@ def serve(path0: bool, learn: object) -> tuple:
                 os.close(fd)
                 status = os.waitpid(pid, 0)[1]
                 _tell(b"X %s %d %d\n" % (job_id, pid, os.waitstatus_to_exitcode(status)))
+                learner.ended(pid)
                 if learner.tainted and not children:
                     os._exit(0)
                 continue
@@ -264,6 +265,18 @@ def serve(path0: bool, learn: object) -> tuple:
     os._exit(0)
 
 
+def _learning(call: object, *args: object) -> None:
+    """A call of the spare's ``Learner``: should it fail (e.g. its folder was removed), the spare
+    learns no more, and serves on."""
+    try:
+        call(*args)
+    except BaseException:
+        try:
+            call.__self__.stop()
+        except BaseException:
+            pass
+
+
 def _fork_refusal() -> str:
     """Why this interpreter may not fork spares ("" when it may): no ``pidfd_open``, or a thread that
     its start left running (a ``.pth`` file's import), which a fork would not have. (The pidfd check
@@ -304,7 +317,7 @@ def _forked(job: bytes, path0: bool, job_id: bytes, pidfds: list, had_select: bo
         os.setsid()
         for fd in pidfds:
             os.close(fd)
-        if not had_select:
+        if not had_select and not learner.keep_select:  # (kept once an imported module uses it)
             del sys.modules["select"]
         learner.in_child(server)
 
