@@ -164,10 +164,16 @@ from cairn.runner import spare_learn
 spare_learn._STDLIB_FOLDERS += ({lib!r} + os.sep,)  # the test's modules are the standard library's too
 sys.path.insert(0, {lib!r})
 read, write = os.pipe()
-spare_learn._trial(sys.argv[1], write, True)
+pid = os.fork()
+if pid == 0:  # as the spare runs a trial: in a child of its own, which ends by os._exit
+    try:
+        spare_learn._trial(sys.argv[1], write, True)
+    finally:
+        os._exit(0)
 os.close(write)
-print(os.read(read, 100).decode() or "not kept", flush=True)
-os._exit(0)  # (what the import registered to run at exit does not run: a trial ends so too)
+verdict = b"".join(iter(lambda: os.read(read, 100), b""))
+os.waitpid(pid, 0)
+print(verdict.decode() or "not kept")
 """
 
 LIBRARY = {
@@ -263,3 +269,34 @@ def test_the_spare_imports_what_its_trials_kept_and_stops_forking_if_that_left_a
     assert (found.stdout, found.stderr) == ("['fine', 'helper_of_fine'] ['fine', 'helper_of_fine'] False\n", "")
     found = subprocess.run([sys.executable, "-c", script, "late_thread"], cwd=library, capture_output=True, text=True)
     assert (found.stdout, found.stderr) == ("['late_thread'] [] True\n", "")
+
+
+IN_CHILD = """
+import os, select, sys
+sys.path.insert(0, {src!r})
+from cairn.runner import spare_learn
+spare_learn._STDLIB_FOLDERS += ({lib!r} + os.sep,)
+sys.path.insert(0, {lib!r})
+poller = select.poll()
+before = set(os.listdir("/proc/self/fd"))
+learner = spare_learn.Learner(poller, True)
+learner.wanted["slow"] = None
+learner.work()  # the trial of `slow` runs now
+pid = os.fork()
+if pid == 0:  # a step forked meanwhile
+    learner.in_child(os.getppid())
+    print(sorted(set(os.listdir("/proc/self/fd")) - before), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+learner.stop()
+print(len(set(os.listdir("/proc/self/fd")) - before))
+"""
+
+
+def test_a_step_forked_during_a_trial_holds_no_descriptor_of_its_spare(library: Path) -> None:
+    (library / "lib" / "slow.py").write_text("import time\ntime.sleep(1)\n")
+    (library / "in_child.py").write_text(IN_CHILD.format(src=str(Path(spare_learn.__file__).parents[2]),
+                                                         lib=str(library / "lib")))
+    found = subprocess.run([sys.executable, "in_child.py"], cwd=library, capture_output=True, text=True)
+    # the step: nothing beyond what the process had; the spare, its trial ended: its report pipe's two ends
+    assert (found.stdout, found.stderr) == ("[]\n2\n", ""), found

@@ -55,11 +55,14 @@ class Pipeline:
 
     def validate(self) -> list[str]:
         """Every problem of the pipeline, each naming its step; an empty list when it is sound."""
-        return self._problems(self.workspace._backend.list_datastores() if self.steps else [])
+        return self._problems(self.workspace._backend.list_datastores() if self.steps else [], {})
 
-    def _problems(self, datastores: list[dict[str, Any]]) -> list[str]:
-        """``validate`` with the workspace's datastores as listed (``_compile`` uses the listing too)."""
+    def _problems(self, datastores: list[dict[str, Any]], env_specs: dict[int, dict[str, Any]]) -> list[str]:
+        """``validate`` with the workspace's datastores as listed (``_compile`` uses the listing too);
+        fills ``env_specs`` (id of an Environment -> its spec), which ``_compile`` reuses: the steps
+        of a pipeline usually share one environment, whose spec checks its interpreter's files."""
         problems: list[str] = []
+        env_problems: dict[int, list[str]] = {}
         steps = self.steps
         if not steps:
             return ["the pipeline has no steps; pass at least one step in steps=[...]"]
@@ -95,13 +98,16 @@ class Pipeline:
                     and not any("node_count" in p for p in rc_problems):
                 problems.append(f"{who}: runconfig.node_count={s.runconfig.node_count} needs a Ray target (it "
                                 f"reserves that many nodes); target {target!r} runs a step on this machine")
-            if isinstance(s.runconfig.environment, Environment):
-                try:
-                    env_spec = s.runconfig.environment.to_spec()
-                except UserInputError as exc:
-                    problems.append(f"{who}: {exc}")
-                else:
-                    problems += [f"{who}: {p}" for p in check_buildable(env_spec, s.runconfig.environment.name)]
+            environment = s.runconfig.environment
+            if isinstance(environment, Environment):
+                if id(environment) not in env_problems:
+                    try:
+                        env_specs[id(environment)] = environment.to_spec()
+                    except UserInputError as exc:
+                        env_problems[id(environment)] = [str(exc)]
+                    else:
+                        env_problems[id(environment)] = check_buildable(env_specs[id(environment)], environment.name)
+                problems += [f"{who}: {p}" for p in env_problems[id(environment)]]
             out_names: dict[str, int] = {}
             for o in s.outputs:
                 out_names[o.output_name] = out_names.get(o.output_name, 0) + 1
@@ -152,7 +158,8 @@ class Pipeline:
     def _compile(self) -> tuple[GraphSpec, dict[str, dict[str, str]]]:
         backend = self.workspace._backend
         datastores = backend.list_datastores() if self.steps else []
-        problems = self._problems(datastores)
+        env_specs: dict[int, dict[str, Any]] = {}
+        problems = self._problems(datastores, env_specs)
         if problems:
             raise PipelineValidationError(problems)
         default_store = self.default_datastore
@@ -163,6 +170,7 @@ class Pipeline:
         snapshots: dict[str, str] = {}
         gits: dict[str, dict[str, str]] = {}
         specs, step_props = [], {}
+        env_digests: dict[int, str] = {}
         folders = list(dict.fromkeys(s.source_directory for s in self.steps))
         snapshots.update(backend.snapshots(folders))
         gits.update(git_properties_of(folders))
@@ -186,14 +194,17 @@ class Pipeline:
                     args.append(Argument(input=a.name))
                 else:
                     args.append(Argument(literal=str(a) if not isinstance(a, bool) else str(a)))
-            env_spec = s.runconfig.environment.to_spec()
+            env_spec = env_specs.get(id(s.runconfig.environment)) or s.runconfig.environment.to_spec()
+            env_digest = env_digests.get(id(env_spec))
+            if env_digest is None:
+                env_digest = env_digests[id(env_spec)] = spec_digest(env_spec)
             rc = s.runconfig
             specs.append(StepSpec(
                 name=s.name, script_name=s.script_name, source_directory=s.source_directory,
                 snapshot=snapshots[s.source_directory], arguments=tuple(args), inputs=inputs,
                 outputs=tuple(_output_spec(o, default_store_name) for o in s.outputs),
                 params=tuple(sorted((k, str(v)) for k, v in s.params.items())),
-                environment=env_spec, environment_digest=spec_digest(env_spec),
+                environment=env_spec, environment_digest=env_digest,
                 environment_variables=tuple(sorted((str(k), str(v)) for k, v in rc.environment_variables.items())),
                 compute_target=_target_name(s), allow_reuse=s.allow_reuse, version=s.version,
                 run_after=tuple(a.name for a in s._run_after),

@@ -208,6 +208,7 @@ def serve(path0: bool, learn: object) -> tuple:
         if not events:  # no job waits: what the steps imported is tried, then imported
             _learning(learner.work)
             if learner.tainted and not children:
+                _learning(learner.stop)
                 break
             continue
         for fd, _events in events:
@@ -228,6 +229,7 @@ def serve(path0: bool, learn: object) -> tuple:
             if not chunk:  # the agent let it go (or is gone): the running children are still told
                 accepting = False
                 poller.unregister(0)
+                _learning(learner.stop)  # (a trial under way is ended)
                 continue
             pending += chunk
             while True:

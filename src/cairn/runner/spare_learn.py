@@ -40,6 +40,8 @@ NEVER = frozenset({"__main__", "multiprocessing", "readline", "rlcompleter", "th
                    "sitecustomize", "usercustomize", "test", "pydoc", "pdb", "ensurepip", "venv"})
 PER_STEP_PREFIXES = ("CAIRN_", "AML_PARAMETER_")  # (as spares.PER_STEP_PREFIXES, which this cannot import)
 TRIAL_SECONDS = 10.0  # a trial import that has not ended by then is killed, and the module not kept
+# a trial that took longer is not imported here: the spare's own import would hold up the jobs as long
+IMPORT_MAX_SECONDS = 0.5
 _LINE_MAX = 4000  # one write of at most PIPE_BUF bytes is never interleaved with another child's
 _POLLIN = 1  # select.POLLIN on Linux (the spare's select module is not this file's to import)
 _ERROR_FILTER = ("error", None, Warning, None, 0)
@@ -91,7 +93,8 @@ class Learner:
         self.tainted = False  # an import left a thread running here: this process must not fork again
         self.stopped = False
         self._reporting: set = set()  # pids of running steps that reported: their ends come first
-        self._trial = None  # (name, pid, verdict pipe, deadline, what it read so far)
+        self._trial = None  # (name, pid, verdict pipe, deadline, what it read so far, started)
+        self._kept: list = []  # (name, whether it uses select) kept by their trials, to import here
         self._partial = b""
 
     @property
@@ -103,6 +106,8 @@ class Learner:
         trial's deadline, None when there is nothing to do."""
         if self.stopped or self.tainted:
             return None
+        if self._kept:
+            return 0
         if self._trial is not None:
             return max(0, int((self._trial[3] - _clock()) * 1000) + 1)
         return 0 if self.wanted and not self._reporting else None
@@ -117,8 +122,11 @@ class Learner:
         self._reporting.discard(pid)
 
     def work(self) -> None:
-        """Kill an overdue trial, or start the next one."""
-        if self._trial is not None:
+        """Import what a trial kept, kill an overdue trial, or start the next one (called while no
+        job waits)."""
+        if self._kept:
+            self._import(*self._kept.pop(0))
+        elif self._trial is not None:
             if _clock() >= self._trial[3]:
                 os.kill(self._trial[1], 9)
                 self._end_trial()
@@ -143,6 +151,8 @@ class Learner:
         _child = (server, self._write_end, frozenset(sys.modules))
         os.close(self.reports)
         os.close(self._write_end)
+        if self._trial is not None:
+            os.close(self._trial[2])
 
     def shadowed(self, script: str, path0: bool) -> bool:
         """Whether a cold start of ``script`` could import something else under the name of a module
@@ -177,7 +187,7 @@ class Learner:
             self._partial = lines.pop()
             for line in lines:
                 fields = os.fsdecode(line).split()
-                if not fields or not fields[0].isdigit():
+                if not fields or not fields[0].isdecimal():
                     continue
                 pid, names = int(fields[0]), fields[1:]
                 if pid in running:  # it reported as it ended: imports wait for its end
@@ -195,7 +205,12 @@ class Learner:
         if name in sys.modules or name.partition(".")[0] in NEVER:
             return
         verdict_r, verdict_w = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(verdict_r)
+            os.close(verdict_w)
+            raise
         if pid == 0:
             code = 1
             try:
@@ -205,7 +220,8 @@ class Learner:
                 os._exit(code)
         os.close(verdict_w)
         os.set_blocking(verdict_r, False)
-        self._trial = (name, pid, verdict_r, _clock() + TRIAL_SECONDS, [])
+        started = _clock()
+        self._trial = (name, pid, verdict_r, started + TRIAL_SECONDS, [], started)
         self._poller.register(verdict_r, _POLLIN)
 
     def _read_verdict(self) -> None:
@@ -217,16 +233,20 @@ class Learner:
             if not chunk:
                 break
             self._trial[4].append(chunk)
-        name, verdict = self._trial[0], b"".join(self._trial[4])
+        name, verdict, took = self._trial[0], b"".join(self._trial[4]), _clock() - self._trial[5]
         self._end_trial()
-        if verdict in (b"kept", b"kept select"):
-            self._import(name, verdict == b"kept select")
+        if verdict in (b"kept", b"kept select") and took <= IMPORT_MAX_SECONDS:
+            self._kept.append((name, verdict == b"kept select"))
 
     def _end_trial(self) -> None:
-        _name, pid, verdict_r, _deadline, _read = self._trial
+        _name, pid, verdict_r, *_rest = self._trial
         self._trial = None
         self._poller.unregister(verdict_r)
         os.close(verdict_r)
+        try:
+            os.kill(pid, 9)  # (it said all it had to: it is not waited for)
+        except OSError:
+            pass
         os.waitpid(pid, 0)
 
     def _import(self, name: str, uses_select: bool) -> None:
@@ -249,27 +269,42 @@ class _Quiet:
     """Standard streams and descriptors 0-2 away from the agent's pipes: input from /dev/null,
     output to a memfd (``printed`` says whether anything was written)."""
 
+    def __init__(self, restore: bool = True) -> None:
+        self.restore = restore  # a trial never gets the agent's pipes back: it only ends
+
     def __enter__(self) -> "_Quiet":
         self.output = io.StringIO()
         self.streams = sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__
-        self.saved = [os.dup(fd) for fd in (0, 1, 2)]
-        self.sink = os.memfd_create("cairn-spare-import", 0)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        os.dup2(self.sink, 1)
-        os.dup2(self.sink, 2)
+        self.saved: list = []
+        self.sink = -1
+        try:
+            if self.restore:
+                for fd in (0, 1, 2):
+                    self.saved.append(os.dup(fd))
+            self.sink = os.memfd_create("cairn-spare-import", 0)
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+            os.dup2(self.sink, 1)
+            os.dup2(self.sink, 2)
+        except BaseException:  # (out of descriptors): nothing stays changed, nothing leaks
+            self._put_back()
+            raise
         sys.stdin = sys.__stdin__ = io.StringIO()
         sys.stdout = sys.stderr = sys.__stdout__ = sys.__stderr__ = self.output
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.printed = bool(self.output.getvalue()) or os.fstat(self.sink).st_size > 0
+        self._put_back()
+
+    def _put_back(self) -> None:
         sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__ = self.streams
         for fd, saved in enumerate(self.saved):
             os.dup2(saved, fd)
             os.close(saved)
-        self.printed = bool(self.output.getvalue()) or os.fstat(self.sink).st_size > 0
-        os.close(self.sink)
+        if self.sink >= 0 and self.restore:
+            os.close(self.sink)
 
 
 def _trial(name: str, verdict: int, had_select: bool) -> int:
@@ -277,11 +312,12 @@ def _trial(name: str, verdict: int, had_select: bool) -> int:
     needed ``select``) on ``verdict`` if that changed nothing a step could see but ``sys.modules``."""
     import atexit  # (built in; this process ends by os._exit)
 
+    _signal.alarm(int(TRIAL_SECONDS) + 1)  # it ends on its own, whatever becomes of its spare
     if not had_select:
         sys.modules.pop("select", None)  # as in a step: whether the module needs it is the question
+    before = set(sys.modules)
     if not _found_in_stdlib(name.partition(".")[0]):  # its code is never run
         return 0
-    before = set(sys.modules)
     state = _state()
     handlers = atexit._ncallbacks()
     environ = os.environ
@@ -298,7 +334,7 @@ def _trial(name: str, verdict: int, had_select: bool) -> int:
 
     _warnings.filters[:] = [_ERROR_FILTER]  # any warning fails the import
     _warnings._filters_mutated()
-    with _Quiet() as quiet:
+    with _Quiet(restore=False) as quiet:  # (the agent's pipes never come back here)
         environ.__class__ = Watched
         try:
             __import__(name)
