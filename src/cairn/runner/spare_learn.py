@@ -102,8 +102,8 @@ class Learner:
         return {self.reports} | ({self._trial[2]} if self._trial else set())
 
     def timeout(self) -> int | None:
-        """How long ``serve`` may wait for a job (ms): 0 when a trial can start, until an unfinished
-        trial's deadline, None when there is nothing to do."""
+        """How long ``serve`` may wait for a job (ms): 0 when a kept module waits to be imported or a
+        trial can start, until an unfinished trial's deadline, None when there is nothing to do."""
         if self.stopped or self.tainted:
             return None
         if self._kept:
@@ -134,7 +134,8 @@ class Learner:
             self._start_trial()
 
     def stop(self) -> None:
-        """Learn no more (an unexpected error): what was imported stays, nothing else is tried."""
+        """Learn no more (an unexpected error, the agent let the spare go, or a taint): what was
+        imported stays, a trial under way is ended, nothing else is tried."""
         self.stopped = True
         self.wanted.clear()
         if self._trial is not None:
