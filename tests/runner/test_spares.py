@@ -525,6 +525,12 @@ def give(pool: SparePool, spare: ForkedStep | subprocess.Popen[bytes], folder: P
     return pool.launch(spare, [sys.executable, script], str(folder), str(folder / out), str(folder / "err"), env)
 
 
+def runs_ok(pool: SparePool, step: ForkedStep, folder: Path, env: dict[str, str]) -> bool:
+    """Whether ``step`` takes ``folder/ok.py`` (it prints "ok") and ends with status 0, printing it."""
+    return (give(pool, step, folder, "ok.py", "ok.out", env) and step.wait(timeout=30) == 0
+            and (folder / "ok.out").read_text() == "ok\n")
+
+
 def forked_step(pool: SparePool, env: dict[str, str]) -> ForkedStep:
     pool.want(sys.executable, env)
     spare = None
@@ -571,8 +577,7 @@ def test_a_forked_step_whose_spare_dies_ends_lost_and_the_next_gets_a_new_spare(
             assert time.monotonic() < deadline, "no new spare that forks"
             time.sleep(0.01)
         assert isinstance(nxt, ForkedStep)
-        assert give(pool, nxt, tmp_path, "ok.py", "ok.out", env)
-        assert nxt.wait(timeout=30) == 0 and (tmp_path / "ok.out").read_text() == "ok\n"
+        assert runs_ok(pool, nxt, tmp_path, env)
     finally:
         pool.shutdown()
 
@@ -656,9 +661,7 @@ def test_a_fork_that_fails_leaves_that_step_to_a_cold_start_and_the_others_runni
         (tmp_path / "gate").write_text("5")
         assert running.wait(timeout=30) == 5 and running.lost is None
         assert not running.forking.dead  # it serves on
-        again = forked_step(pool, env)
-        assert give(pool, again, tmp_path, "ok.py", "ok.out", env)
-        assert again.wait(timeout=30) == 0 and (tmp_path / "ok.out").read_text() == "ok\n"
+        assert runs_ok(pool, forked_step(pool, env), tmp_path, env)
     finally:
         pool.shutdown()
 

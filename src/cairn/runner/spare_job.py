@@ -138,7 +138,10 @@ def _become(data: bytes, path0: bool, taken: object, learner: object = None) -> 
     # Until the agent hears "taken", the step is not started: if anything below fails (or this
     # process dies), the agent starts the step cold, with a cold start's errors.
     os.chdir(cwd)
-    cold = _cold(argv) or (learner is not None and learner.shadowed(argv[1], path0))
+    cold = _cold(argv)
+    # a cold start puts the folder of the script's real path first on sys.path (links resolved)
+    folder0 = os.path.dirname(os.path.realpath(argv[1])) if path0 and not cold else None
+    cold = cold or (learner is not None and learner.shadowed(folder0))
     _redirect(stdout, stderr)
     taken()  # from here on this process is the step
     if cold:
@@ -153,8 +156,8 @@ def _become(data: bytes, path0: bool, taken: object, learner: object = None) -> 
     script = os.path.abspath(argv[1])
     sys.argv = argv[1:]
     sys.orig_argv = list(argv)
-    if path0:  # the folder of the script's real path, as Python resolves it (links included)
-        sys.path.insert(0, os.path.dirname(os.path.realpath(script)))
+    if folder0 is not None:
+        sys.path.insert(0, folder0)
     main = type(sys)("__main__")  # what `python script.py` runs the script in
     main.__file__ = script
     main.__cached__ = None
@@ -189,7 +192,7 @@ def serve(path0: bool, learn: object) -> tuple:
     the spare). Should an import leave a thread running here, it forks no more: each later job is
     answered ``X <id> 0 -1`` (that step starts cold) and it exits once its children have ended, to
     be replaced."""
-    refusal = _fork_refusal()
+    refusal = _fork_refusal(learn)
     if refusal:
         _tell(b"-" + refusal.encode() + b"\n")
         os._exit(0)
@@ -279,7 +282,7 @@ def _learning(call: object, *args: object) -> None:
             pass
 
 
-def _fork_refusal() -> str:
+def _fork_refusal(learn: object) -> str:
     """Why this interpreter may not fork spares ("" when it may): no ``pidfd_open``, or a thread that
     its start left running (a ``.pth`` file's import), which a fork would not have. (The pidfd check
     is the warm-start server's, in ``forkserver._serve_forever``, which this file cannot import.)"""
@@ -289,11 +292,7 @@ def _fork_refusal() -> str:
         os.close(os.pidfd_open(os.getpid()))
     except OSError as exc:
         return f"this kernel has no pidfd_open ({exc})"
-    try:
-        threads = len(os.listdir("/proc/self/task"))
-    except OSError:
-        threading = sys.modules.get("threading")
-        threads = threading.active_count() if threading is not None else 1
+    threads = learn.threads()
     return f"{threads} threads are running after its start" if threads > 1 else ""
 
 

@@ -155,13 +155,13 @@ class Learner:
         if self._trial is not None:
             os.close(self._trial[2])
 
-    def shadowed(self, script: str, path0: bool) -> bool:
-        """Whether a cold start of ``script`` could import something else under the name of a module
-        this spare imported: a module, package or folder of that name in the script's folder (first
-        on a cold start's ``sys.path``) or a ``PYTHONPATH`` folder (a zip there: assumed to)."""
+    def shadowed(self, script_folder: str | None) -> bool:
+        """Whether a cold start could import something else under the name of a module this spare
+        imported: a module, package or folder of that name in ``script_folder`` (first on a cold
+        start's ``sys.path``; None under -P) or a ``PYTHONPATH`` folder (a zip there: assumed to)."""
         if not self.tops:
             return False
-        folders = ([os.path.dirname(os.path.realpath(script))] if path0 else []) + self.ahead
+        folders = ([script_folder] if script_folder is not None else []) + self.ahead
         for folder in folders:
             try:
                 entries = os.listdir(folder)
@@ -256,7 +256,7 @@ class Learner:
         before = set(sys.modules)
         with _Quiet():
             __import__(name)
-        if _threads() > 1:
+        if threads() > 1:
             self.tainted = True
             return
         new = set(sys.modules) - before
@@ -345,7 +345,7 @@ def _trial(name: str, verdict: int, had_select: bool) -> int:
         environ.__class__ = Watched.__mro__[1]
         filters = list(_warnings.filters)
     new = set(sys.modules) - before
-    kept = (imported and not quiet.printed and _threads() == 1 and atexit._ncallbacks() == handlers
+    kept = (imported and not quiet.printed and threads() == 1 and atexit._ncallbacks() == handlers
             and filters == [_ERROR_FILTER] and _state() == state
             and not any(key is None or key.startswith(PER_STEP_PREFIXES) for key in seen)
             and all(n.partition(".")[0] not in NEVER and is_stdlib(n, sys.modules[n]) for n in new))
@@ -424,11 +424,13 @@ def _folders_ahead() -> list:
     return []  # no standard-library folder on sys.path: nothing ahead of it to check
 
 
-def _threads() -> int:
+def threads() -> int:
+    """How many threads this process runs (a fork has only the forking one)."""
     try:
         return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 1
+    except OSError:  # no /proc: what the threading module knows of, if it was imported
+        threading = sys.modules.get("threading")
+        return threading.active_count() if threading is not None else 1
 
 
 def _clock() -> float:
