@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cairn import Experiment, Pipeline, PythonScriptStep, Workspace
 from cairn.backend.local import LocalBackend
@@ -239,7 +240,8 @@ def test_a_run_recorded_through_the_agent_is_claimed_without_waiting_for_the_cli
     queued: list[list[str]] = []
     told = threading.Event()
 
-    def on_recorded(run_id: str) -> None:
+    def on_recorded(run_id: str, spec: Any, step_ids: dict[str, str]) -> None:
+        assert set(step_ids) == {s.name for s in spec.steps}  # what the agent's claim needs, as recorded
         queued.append([run_id, *(r["id"] for r in open_local_backend(ws.location).list_runs("context", 5))])
         told.set()
 
@@ -294,7 +296,7 @@ def test_a_run_recorded_by_the_agent_is_not_poked_for_and_one_recorded_here_is(
 
     queued: list[int] = []
     told = threading.Event()
-    stop = serve_scripts(ws.location, lambda run_id: (queued.append(1), told.set()))
+    stop = serve_scripts(ws.location, lambda run_id, spec, step_ids: (queued.append(1), told.set()))
     try:
         here = Workspace(ws.location)
         assert isinstance(here._backend, AgentBackend)

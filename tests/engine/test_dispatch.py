@@ -185,20 +185,32 @@ def test_a_rerun_records_the_reuses_of_one_dispatch_pass_in_one_transaction(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cairn.store import queries
 
+    from cairn.store.db import Store
+
     ws, run, _ = _rerun_in_process(tmp_path, monkeypatch)
     batches: list[list[str]] = []
-    record = queries.record_reuses
+    record = queries.record_reuses_in
+    writes: list[str] = []
 
-    def counted(store: Any, records: list[Any]) -> list[str]:
+    def counted(conn: Any, records: list[Any]) -> list[str]:
         batches.append([r[0] for r in records])
-        return record(store, records)
+        return record(conn, records)
 
-    monkeypatch.setattr(queries, "record_reuses", counted)
+    for kind in ("write", "fast_write"):
+        def counting(self: Store, kind: str = kind, original: Any = getattr(Store, kind)) -> Any:
+            writes.append(kind)
+            return original(self)
+
+        monkeypatch.setattr(Store, kind, counting)
+    monkeypatch.setattr(queries, "record_reuses_in", counted)
     _serve_until_the_run_ends(ws)
     steps = {s.name: s for s in run.get_steps()}
     assert run.get_status() == "Completed"
     assert {n: s.get_status() for n, s in steps.items()} == {"s0": "Reused", "s1": "Reused", "s2": "Reused"}
     assert batches == [[steps[n].id for n in ("s0", "s1", "s2")]]  # the whole chain in one pass
+    # its claim (which makes it Running), then its reuses with its end (which ends the lease)
+    assert len(writes) == 2, writes
+    assert run._row()["lease_owner"] is None and run._row()["lease_expires_at"] is None
     for i in range(3):  # each reused step has its source's output, as downstream steps read it
         output = steps[f"s{i}"].get_output_data(f"d{i}")
         assert output.local_path is not None and (output.local_path / "x").read_text() == str(i)
@@ -212,10 +224,10 @@ def test_reuses_the_store_could_not_record_fail_their_steps_saying_why(
 
     ws, run, _ = _rerun_in_process(tmp_path, monkeypatch)
 
-    def locked(store: Any, records: list[Any]) -> list[str]:
+    def locked(conn: Any, records: list[Any]) -> list[str]:
         raise OperationalError("INSERT ...", {}, Exception("database is locked"))
 
-    monkeypatch.setattr(queries, "record_reuses", locked)
+    monkeypatch.setattr(queries, "record_reuses_in", locked)
     _serve_until_the_run_ends(ws)
     assert run.get_status() == "Failed"
     for step in run.get_steps():
@@ -243,10 +255,10 @@ def test_a_step_whose_upstream_reuse_could_not_be_recorded_is_not_started(
 
     ws, run, _ = _rerun_in_process(tmp_path, monkeypatch, allow_reuse=(True, False, True))
 
-    def locked(store: Any, records: list[Any]) -> list[str]:
+    def locked(conn: Any, records: list[Any]) -> list[str]:
         raise OperationalError("INSERT ...", {}, Exception("database is locked"))
 
-    monkeypatch.setattr(queries, "record_reuses", locked)
+    monkeypatch.setattr(queries, "record_reuses_in", locked)
     target = FailingTarget()
     _serve_until_the_run_ends(ws, target=target)
     steps = {s.name: s for s in run.get_steps()}
@@ -300,9 +312,9 @@ def test_a_run_recorded_as_the_agent_stops_is_handed_to_a_new_agent(
     agent: Any = None
 
     def serve_and_stop_on_record(workspace: str, on_recorded: Any, store: Any) -> Any:
-        def stop_first(run_id: str) -> None:  # the stop comes just before the run's own event
+        def stop_first(run_id: str, *recorded: Any) -> None:  # the stop comes just before the run's own event
             agent.events.put(("stop", "asked as a run was recorded"))
-            on_recorded(run_id)
+            on_recorded(run_id, *recorded)
 
         stop = serve_scripts(workspace, stop_first, store)
         serving.set()

@@ -156,11 +156,12 @@ def workspace_backend(workspace: str) -> Any:
         return open_local_backend(workspace)
 
 
-def serve_scripts(workspace: str, on_recorded: Callable[[str], None] | None = None,
+def serve_scripts(workspace: str, on_recorded: Callable[[str, Any, dict[str, str]], None] | None = None,
                   store: Any = None) -> Callable[[], None]:
     """Answer ``AgentBackend`` calls for ``workspace`` (in its agent, which holds the workspace lock:
-    a socket file already there is a dead agent's). Returns what stops it. ``on_recorded(run_id)``:
-    a pipeline run was just queued here (the agent claims it: the client sends no poke).
+    a socket file already there is a dead agent's). Returns what stops it. ``on_recorded(run_id,
+    spec, step_ids)``: a pipeline run was just queued here, with that GraphSpec and those step run
+    ids (the agent claims it: the client sends no poke).
     ``store``: the agent's own (the answers share its connections and compiled statements)."""
     from cairn import __version__
     from cairn.core.socket_rpc import AfterReply, serve
@@ -177,7 +178,9 @@ def serve_scripts(workspace: str, on_recorded: Callable[[str], None] | None = No
             return __version__
         value = service.call(method, args, kwargs)
         if method == "record_pipeline_run" and on_recorded is not None:
-            return AfterReply(value, lambda: on_recorded(value[0]))  # the client goes on while the agent claims it
+            spec = kwargs["spec"] if "spec" in kwargs else args[2]
+            # the client goes on while the agent claims it
+            return AfterReply(value, lambda: on_recorded(value[0], spec, value[1]))
         return value
 
     return serve(str(path), answer)

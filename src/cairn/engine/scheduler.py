@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cairn.core.spec import GraphSpec, StepSpec
 from cairn.core.status import ACTIVE, Status
@@ -30,25 +30,36 @@ from cairn.store import queries as q
 Dispatch = Callable[[StepJob, StepSpec], None]
 
 
+class RecordedRun(NamedTuple):
+    """A pipeline run as the agent that recorded it has it: its spec and its step run ids (by step name)."""
+
+    spec: GraphSpec
+    step_ids: dict[str, str]
+
+
 class PipelineScheduler:
     def __init__(self, ctx: EngineContext, run_id: str, resume: bool = True,
                  hands_over_early: Callable[[str], bool] = lambda target: False,
-                 late: LateDigests | None = None) -> None:
+                 late: LateDigests | None = None, recorded: RecordedRun | None = None,
+                 started: bool = False) -> None:
         """``resume=False`` reads the run without changing it (``cairn debug`` rebuilds a step's job).
         ``hands_over_early(target)``: whether the steps of that target may start with inputs not
         yet digested (the agent's local targets; see ``outputs_placed``). ``late``: the agent's
-        digests of outputs committed before them (see ``digest_may_come_late``)."""
+        digests of outputs committed before them (see ``digest_may_come_late``). ``recorded``:
+        the spec and step run ids as this process recorded the run (not read back from the store),
+        used on the run's first claim only. ``started``: its claim made it Running (it was queued)."""
         self.ctx = ctx
         self._late = late
+        self._started = started
         self.run_id = run_id
         run = q.get_run(ctx.store, run_id)
         assert run is not None
         self.run = run
-        raw_spec = json.loads(run["spec"])
-        self.spec = GraphSpec.from_dict(raw_spec)
+        if recorded is not None and run["attempt"] != 1:  # an agent had it before: its steps moved on
+            recorded = None
+        self.spec = recorded.spec if recorded is not None else GraphSpec.from_json(run["spec"])
         self.targets = {s.compute_target for s in self.spec.steps}  # the compute targets its steps use
-        # each job carries its step as the submitted JSON has it (what StepSpec parses back)
-        self._spec_dicts: dict[str, dict[str, Any]] = {d["name"]: d for d in raw_spec["steps"]}
+        self._step_dicts: dict[str, dict[str, Any]] | None = None  # see step_dict
         self.step_ids: dict[str, str] = {}
         self.attempts: dict[str, int] = {}  # step name -> attempts started so far
         self.status: dict[str, Status] = {}
@@ -79,7 +90,12 @@ class PipelineScheduler:
         self._released: dict[str, set[str]] = {}
         self.hands_over_early = hands_over_early
         self._reuse_needs_digest: dict[str, bool] = {}  # consumer -> a step of its definition was cached
-        if resume:
+        if recorded is not None and resume:  # its steps are as recorded: not started, no attempt yet
+            self.step_ids = dict(recorded.step_ids)
+            self.attempts = dict.fromkeys(self.step_ids, 0)
+            self.status = dict.fromkeys(self.step_ids, Status.NOT_STARTED)
+            self._mark_running(resumed=False)
+        elif resume:
             self._resume()
         else:
             for child in q.child_runs(ctx.store, run_id):
@@ -88,6 +104,14 @@ class PipelineScheduler:
                 self.status[child["name"]] = Status(child["status"])
         self._names = {i: n for n, i in self.step_ids.items()}  # step run id -> step name
         self._count_unmet()
+
+    def step_dict(self, name: str) -> dict[str, Any]:
+        """Step ``name`` as the submitted JSON has it (what StepSpec parses back): what its job
+        carries. Read once, when a first step is dispatched (a rerun that reuses every step never
+        needs it)."""
+        if self._step_dicts is None:
+            self._step_dicts = {d["name"]: d for d in json.loads(self.run["spec"])["steps"]}
+        return self._step_dicts[name]
 
     def name_of(self, step_run_id: str) -> str:
         return self._names[step_run_id]
@@ -136,11 +160,17 @@ class PipelineScheduler:
             self.status[child["name"]] = st
             if st == Status.FAILED and self.failed_step is None:
                 self.failed_step = child["name"]
+        self._mark_running(bool(resumed))
+
+    def _mark_running(self, resumed: bool) -> None:
+        """The run is Running (its claim made a queued run Running: nothing to record then)."""
+        if self._started and not resumed:
+            return
         run_status = Status(self.run["status"])
         if run_status == Status.QUEUED:
-            q.update_status(store, self.run_id, Status.RUNNING)
+            q.update_status(self.ctx.store, self.run_id, Status.RUNNING)
         elif resumed or run_status in ACTIVE:
-            q.update_status(store, self.run_id, Status.RUNNING,
+            q.update_status(self.ctx.store, self.run_id, Status.RUNNING,
                             "resumed by a new agent" if self.run["attempt"] > 1 else None)
 
     # -- progress --------------------------------------------------------------------------
@@ -218,11 +248,14 @@ class PipelineScheduler:
         try:
             refused = q.record_reuses(self.ctx.store, records)
         except Exception as exc:  # nothing of the batch was recorded: its steps fail, saying why
-            for step_run_id, *_ in records:
-                self.dispatch_failed(self.spec.step(self._names[step_run_id]),
-                                     f"could not record its reuse: {type(exc).__name__}: {exc}")
+            self._reuses_not_recorded(records, exc)
             return []
         return [self._names[i] for i in refused]
+
+    def _reuses_not_recorded(self, records: list[q.ReuseRecord], exc: Exception) -> None:
+        for step_run_id, *_ in records:
+            self.dispatch_failed(self.spec.step(self._names[step_run_id]),
+                                 f"could not record its reuse: {type(exc).__name__}: {exc}")
 
     def debug_job(self, step: StepSpec, work_dir: Path, tools_dir: Path) -> StepJob:
         """The step's job as it would run now, changing nothing in the store (but the digest of an
@@ -400,7 +433,7 @@ class PipelineScheduler:
         return StepJob(
             workspace=self._folders["root"], experiment=self.run["experiment"],
             pipeline_run_id=self.run_id, step_run_id=step_run_id, attempt=attempt,
-            step=self._spec_dicts[step.name], manifest=self._manifests[step.snapshot],
+            step=self.step_dict(step.name), manifest=self._manifests[step.snapshot],
             objects_root=self._folders["objects"], work_dir=os.path.join(self._folders["work"], step_run_id),
             log_dir=str(log_dir), datastore_roots=self._roots,
             output_dirs={o.name: _destination(o, base, step_run_id) for o in step.outputs},
@@ -494,16 +527,27 @@ class PipelineScheduler:
     def is_done(self) -> bool:
         return not self.running and not self.has_ready() and (not self._held or self._halted())
 
-    def finish(self) -> Status:
-        """Record the end: steps that never ran say why; the pipeline gets its final status."""
-        store = self.ctx.store
+    def finish(self, owner: str) -> tuple[Status, list[str]]:
+        """Record the end, in one transaction: the reuses decided and not yet recorded (see
+        ``record_reuses``), why the steps that never ran did not, and the pipeline's final status,
+        which also ends its lease (``owner``'s). Returns the final status and the steps whose reuse
+        the store refused (as ``record_reuses``)."""
+        records, self._reuses = self._reuses, []
+        if records:
+            try:
+                return self._end(owner, records)
+            except Exception as exc:  # nothing was recorded: those steps fail, saying why, and the run ends
+                self._reuses_not_recorded(records, exc)
+        return self._end(owner, [])
+
+    def _end(self, owner: str, reuses: list[q.ReuseRecord]) -> tuple[Status, list[str]]:
+        moves: list[q.StatusMove] = []
         for step in self.spec.steps:
             st = self.status[step.name]
             if st.is_terminal:
                 continue
             if self.canceling:
-                q.update_status(store, self.step_ids[step.name], Status.CANCELED, "pipeline run canceled")
-                self._set_status(step.name, Status.CANCELED)
+                moves.append((self.step_ids[step.name], Status.CANCELED, "pipeline run canceled", {}))
                 continue
             failed_up = [u for u in _all_upstream(self.spec, step.name) if self.status[u] == Status.FAILED]
             if failed_up:
@@ -512,7 +556,7 @@ class PipelineScheduler:
                 reason = f"not run: the pipeline stopped after step {self.failed_step!r} failed"
             else:
                 reason = "not run"
-            q.update_status(store, self.step_ids[step.name], Status.NOT_STARTED, reason)
+            moves.append((self.step_ids[step.name], Status.NOT_STARTED, reason, {}))
         failed = [n for n, s in self.status.items() if s == Status.FAILED]
         if self.canceling or any(s == Status.CANCELED for s in self.status.values()):
             final, reason = Status.CANCELED, "canceled"
@@ -522,8 +566,14 @@ class PipelineScheduler:
             final, reason = Status.COMPLETED, None
         else:
             final, reason = Status.FAILED, "some steps could not run"
-        q.update_status(store, self.run_id, final, reason)
-        return final
+        with self.ctx.store.fast_write() as conn:  # prebuilt statements only
+            refused = q.record_reuses_in(conn, reuses) if reuses else []
+            if not q.set_statuses(conn, [*moves, (self.run_id, final, reason, {})])[-1]:
+                q.release_lease_in(conn, self.run_id, owner)  # it had ended otherwise: the lease still ends
+        if self.canceling:  # (only once recorded: a transaction that failed is made again)
+            for step_run_id, status, _, _ in moves:
+                self._set_status(self._names[step_run_id], status)
+        return final, [self._names[i] for i in refused]
 
 
 def _destination(o: Any, base: str, step_run_id: str) -> str:

@@ -180,14 +180,18 @@ _NAMED = {"datastores": _select(t.datastores, order=("name",)),
 
 def _update_run(conn: Connection, run_id: str, values: dict[str, Any]) -> None:
     """``UPDATE runs SET values WHERE id = run_id`` through one prebuilt statement per column set."""
-    columns = tuple(sorted(values))
+    _fast(conn, _update_statement(tuple(sorted(values))), {"b_id": run_id, **{f"b_{c}": v for c, v in values.items()}})
+
+
+def _update_statement(columns: tuple[str, ...]) -> Any:
+    """The prebuilt ``UPDATE runs SET columns WHERE id`` (parameters ``b_<column>`` and ``b_id``)."""
     stmt = _UPDATE_RUN.get(columns)
     if stmt is None:
         assignments = ", ".join(f"{_quoted(c)} = ?" for c in columns)
         stmt = _UPDATE_RUN[columns] = _with_sqlite_text(
             update(t.runs).where(t.runs.c.id == bindparam("b_id")).values({c: bindparam(f"b_{c}") for c in columns}),
             f'UPDATE "runs" SET {assignments} WHERE "id" = ?', (*(f"b_{c}" for c in columns), "b_id"))
-    _fast(conn, stmt, {"b_id": run_id, **{f"b_{c}": v for c, v in values.items()}})
+    return stmt
 
 
 # -- experiments ---------------------------------------------------------------------------
@@ -273,25 +277,45 @@ def set_status(conn: Connection, run_id: str, status: Status, reason: str | None
                **fields: Any) -> bool:
     """Move a run along the state machine and record the event. False if the move is not allowed
     (e.g. the run already ended: a late update never overwrites a final status)."""
-    row = _fast(conn, _STATUS_OF, {"b_id": run_id}).fetchone()
-    if row is None:
-        return False
-    old = Status(row[0])
-    if old != status and not can_move(old, status):
-        return False
-    if old == status and status in (Status.FAILED, Status.CANCELED) and reason == row[1]:
-        return True  # the same ending told twice (by a Ray task and by its driver): recorded once, as first told
+    return set_statuses(conn, [(run_id, status, reason, fields)])[0]
+
+
+StatusMove = tuple[str, Status, "str | None", dict[str, Any]]  # run id, new status, reason, other fields
+
+
+def set_statuses(conn: Connection, moves: list[StatusMove]) -> list[bool]:
+    """``set_status`` for each (run id, status, reason, fields) of ``moves``, in the caller's
+    transaction: each run's status is read, its writes go in one statement per kind for them all
+    (a rerun moves 20 steps at once). A run appears once in ``moves``."""
     now = _now()
-    values: dict[str, Any] = {"status": status.value, "status_reason": reason, **fields}
-    if status in (Status.RUNNING, Status.PREPARING) and old in (Status.NOT_STARTED, Status.QUEUED):
-        values["started_at"] = now
-    if status.is_terminal:
-        values["ended_at"] = now
-        values.setdefault("lease_owner", None)
-    _update_run(conn, run_id, values)
-    if old != status or reason:
-        _fast(conn, _INSERT_EVENT, {"run_id": run_id, "status": status.value, "reason": reason, "at": now})
-    return True
+    allowed = []
+    updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    events = []
+    for run_id, status, reason, fields in moves:
+        row = _fast(conn, _STATUS_OF, {"b_id": run_id}).fetchone()
+        old = None if row is None else Status(row[0])
+        if old is None or (old != status and not can_move(old, status)):
+            allowed.append(False)
+            continue
+        allowed.append(True)
+        if old == status and status in (Status.FAILED, Status.CANCELED) and reason == row[1]:
+            continue  # the same ending told twice (by a Ray task and by its driver): recorded once, as first told
+        values: dict[str, Any] = {"status": status.value, "status_reason": reason, **fields}
+        if status in (Status.RUNNING, Status.PREPARING) and old in (Status.NOT_STARTED, Status.QUEUED):
+            values["started_at"] = now
+        if status.is_terminal:
+            values["ended_at"] = now
+            values.setdefault("lease_owner", None)  # an ended run is nobody's
+            values.setdefault("lease_expires_at", None)
+        updates.setdefault(tuple(sorted(values)), []).append(
+            {"b_id": run_id, **{f"b_{c}": v for c, v in values.items()}})
+        if old != status or reason:
+            events.append({"run_id": run_id, "status": status.value, "reason": reason, "at": now})
+    for columns, rows in updates.items():
+        _fast(conn, _update_statement(columns), rows if len(rows) > 1 else rows[0])
+    if events:
+        _fast(conn, _INSERT_EVENT, events if len(events) > 1 else events[0])
+    return allowed
 
 
 def update_status(store: Store, run_id: str, status: Status, reason: str | None = None,
@@ -345,6 +369,17 @@ def claim_run(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable
     """Atomically take the oldest queued run, or an active one whose lease expired or whose
     owner is known dead. Returns its id, or None when nothing is waiting (found by a read: no
     write transaction is taken for nothing)."""
+    claimed = claim_and_start(store, owner, ttl, reclaimable_owners, start=False)
+    return None if claimed is None else claimed[0]
+
+
+_CLAIMABLE_STATUS = _select(t.runs, ("status",), "id")
+
+
+def claim_and_start(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable[str] = (),
+                    start: bool = True) -> tuple[str, bool] | None:
+    """``claim_run``, and (``start``) a queued run it takes is Running in the same transaction.
+    Returns (its id, whether it was queued and is now Running)."""
     now = _now()
     dead = list(reclaimable_owners)
     params = {"b_owner": owner, "b_now": now}
@@ -357,9 +392,13 @@ def claim_run(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable
                 return None
     with store.fast_write() as conn:  # asked again inside the transaction: another agent may have been first
         row = _fast(conn, _CLAIMABLE, params).fetchone()
-        if row is not None:
-            _fast(conn, _TAKE_LEASE, {"b_id": row[0], "b_owner": owner, "b_expires": now + ttl})
-        return None if row is None else row[0]
+        if row is None:
+            return None
+        _fast(conn, _TAKE_LEASE, {"b_id": row[0], "b_owner": owner, "b_expires": now + ttl})
+        started = start and _fast(conn, _CLAIMABLE_STATUS, {"b_id": row[0]}).fetchone()[0] == Status.QUEUED.value
+        if started:
+            set_status(conn, row[0], Status.RUNNING)
+        return row[0], started
 
 
 def renew_leases(store: Store, owner: str, ttl: float) -> set[str]:
@@ -379,7 +418,12 @@ _RELEASE_LEASE = _with_sqlite_text(
 
 def release_lease(store: Store, run_id: str, owner: str) -> None:
     with store.fast_write() as conn:
-        _fast(conn, _RELEASE_LEASE, {"b_id": run_id, "b_owner": owner})
+        release_lease_in(conn, run_id, owner)
+
+
+def release_lease_in(conn: Connection, run_id: str, owner: str) -> None:
+    """``release_lease`` in the caller's write transaction."""
+    _fast(conn, _RELEASE_LEASE, {"b_id": run_id, "b_owner": owner})
 
 
 _LEASE_OWNERS = _with_sqlite_text(
@@ -564,18 +608,23 @@ def record_reuses(store: Store, records: list[ReuseRecord]) -> list[str]:
     outputs of the source run (as ``get_outputs`` gave them to the caller's reuse check: committed
     outputs never change), in one transaction: a rerun reuses most of its steps in one dispatch
     pass. Returns the step runs that could not become Reused (they had ended meanwhile)."""
-    refused = []
     with store.fast_write() as conn:  # prebuilt statements only
-        for step_run_id, source_id, fingerprint, parts, rows in records:
-            if not set_status(conn, step_run_id, Status.REUSED, f"reused the outputs of step run {source_id}",
-                              reused_from=source_id, fingerprint=fingerprint,
-                              fingerprint_parts=json.dumps(parts)):
-                refused.append(step_run_id)
-                continue
-            _fast(conn, _DELETE_OUTPUTS, {"b_id": step_run_id})
-            if rows:
-                _fast(conn, _INSERT_OUTPUT, [{**r, "step_run_id": step_run_id} for r in rows])
-    return refused
+        return record_reuses_in(conn, records)
+
+
+def record_reuses_in(conn: Connection, records: list[ReuseRecord]) -> list[str]:
+    """``record_reuses`` in the caller's write transaction."""
+    allowed = set_statuses(conn, [(step_run_id, Status.REUSED, f"reused the outputs of step run {source_id}",
+                                   {"reused_from": source_id, "fingerprint": fingerprint,
+                                    "fingerprint_parts": json.dumps(parts)})
+                                  for step_run_id, source_id, fingerprint, parts, _ in records])
+    reused = [record for record, ok in zip(records, allowed, strict=True) if ok]
+    if reused:
+        _fast(conn, _DELETE_OUTPUTS, [{"b_id": record[0]} for record in reused])
+        outputs = [{**r, "step_run_id": record[0]} for record in reused for r in record[4]]
+        if outputs:
+            _fast(conn, _INSERT_OUTPUT, outputs)
+    return [record[0] for record, ok in zip(records, allowed, strict=True) if not ok]
 
 
 def previous_step_run(store: Store, experiment: str, step_name: str, before: float,
