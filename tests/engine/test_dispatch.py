@@ -61,7 +61,7 @@ class QuietFront:
     def has_watchers(self) -> bool:
         return True
 
-    def notify(self, run_id: str, final: bool = False) -> None: ...
+    def notify(self, run_id: str, final: bool = False, status: str | None = None) -> None: ...
 
     def running(self, run_id: str) -> None: ...
 
@@ -119,7 +119,7 @@ class EndingFront(QuietFront):
         self.waiting_for = runs
         self.ended = threading.Event()
 
-    def notify(self, run_id: str, final: bool = False) -> None:
+    def notify(self, run_id: str, final: bool = False, status: str | None = None) -> None:
         if final:
             self.waiting_for -= 1
             if self.waiting_for == 0:
@@ -184,7 +184,6 @@ def _serve_until_the_run_ends(ws: Workspace, runs: int = 1, within: float = 30, 
 def test_a_rerun_records_the_reuses_of_one_dispatch_pass_in_one_transaction(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cairn.store import queries
-
     from cairn.store.db import Store
 
     ws, run, _ = _rerun_in_process(tmp_path, monkeypatch)

@@ -132,8 +132,8 @@ def test_a_rerun_while_the_digest_is_made_reuses_every_step_and_the_agent_serves
     first_ended, asked, answered = threading.Event(), threading.Event(), threading.Event()
     notify, request = here.front.notify, here.agent.late.request
 
-    def notifying(run_id: str, final: bool = False) -> None:
-        notify(run_id, final)
+    def notifying(run_id: str, final: bool = False, status: str | None = None) -> None:
+        notify(run_id, final, status)
         if final and run_id == first.id:
             first_ended.set()
 

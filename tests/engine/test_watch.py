@@ -30,7 +30,8 @@ def test_a_watcher_of_a_run_the_agent_runs_is_told_so_and_then_its_end(workspace
         watch = client.Watch(layout, run.id, final_only=True)
         assert watch.connect() and watch.running
     try:
-        assert watch.wait(60) == {"event": "final", "run": run.id}  # the step read to the end: it ended
+        # the step read to the end: it ended, as the store has recorded
+        assert watch.wait(60) == {"event": "final", "run": run.id, "status": "Completed"}
     finally:
         watch.close()
     assert run.get_status() == "Completed"  # told once the store has it
@@ -41,7 +42,8 @@ def test_a_watcher_of_a_run_the_agent_runs_is_told_so_and_then_its_end(workspace
         after.close()
 
 
-def test_a_follower_of_a_running_runs_end_reads_it_once(workspace, write_script, tmp_path, monkeypatch) -> None:
+def test_a_follower_of_a_running_runs_end_reads_nothing_when_told_it_completed(
+        workspace, write_script, tmp_path, monkeypatch) -> None:
     run, fifo = _waiting_run(workspace, write_script, tmp_path)
     counting = CountingReads(workspace._backend)
     subscribed = threading.Event()
@@ -60,4 +62,41 @@ def test_a_follower_of_a_running_runs_end_reads_it_once(workspace, write_script,
         assert subscribed.wait(30)
     follower.join(60)
     assert ended == ["Completed"]
-    assert counting.reads == [run.id]  # its end, once told
+    assert counting.reads == []  # the agent told its end, Completed: nothing to read
+
+
+def test_a_follower_of_a_run_that_fails_reads_its_end_once(workspace, write_script, tmp_path, monkeypatch) -> None:
+    """A failed run's end is read (what failed is said from the store), once."""
+    import pytest
+
+    from cairn.core.errors import RunFailedError
+
+    fifo = tmp_path / "go-on"
+    os.mkfifo(fifo)
+    src = write_script("wait_fail.py", f"open({str(fifo)!r}).read()\nraise SystemExit(3)\n")
+    run = Experiment(workspace, "watch").submit(Pipeline(workspace, [
+        PythonScriptStep("wait_fail.py", name="wait", source_directory=str(src))]))
+    counting = CountingReads(workspace._backend)
+    subscribed = threading.Event()
+    connect = client.Watch.connect
+
+    def connected(self, *timeout: float) -> bool:
+        made = connect(self, *timeout)
+        subscribed.set()
+        return made
+
+    monkeypatch.setattr(client.Watch, "connect", connected)
+    ended: list[BaseException] = []
+
+    def following() -> None:
+        with pytest.raises(RunFailedError) as failed:
+            follow(counting, run.id, show_output=False)
+        ended.append(failed.value)
+
+    with open(fifo, "w"):  # the step runs until this closes
+        follower = threading.Thread(target=following)
+        follower.start()
+        assert subscribed.wait(30)
+    follower.join(60)
+    assert len(ended) == 1 and "wait" in str(ended[0])
+    assert counting.reads == [run.id]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # a step's run context imports this module: the spec's dataclasses cost ~25 ms
@@ -45,6 +46,7 @@ class Backend(Protocol):
     # authoring
     def snapshot(self, source_directory: str) -> str: ...
     def snapshots(self, source_directories: list[str]) -> dict[str, str]: ...
+    def start_snapshots(self, source_directories: list[str]) -> Callable[[], dict[str, str]]: ...
     def submit_pipeline(self, experiment: str, name: str, spec: GraphSpec, *, tags: dict[str, str],
                         properties: dict[str, str], step_properties: dict[str, dict[str, str]],
                         regenerate_outputs: bool, continue_on_step_failure: bool) -> tuple[str, dict[str, str]]: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,11 @@ class LocalBackend(AgentSocketCalls):
 
     def snapshot(self, source_directory: str) -> str:
         return self.snapshots([source_directory])[source_directory]
+
+    def start_snapshots(self, source_directories: list[str]) -> Callable[[], dict[str, str]]:
+        """``snapshots``, taken when the function returned is called (in this process, nothing
+        is gained by taking them sooner)."""
+        return lambda: self.snapshots(source_directories)
 
     def snapshots(self, source_directories: list[str], limits: tuple[int, int] | None = None) -> dict[str, str]:
         """Snapshot each folder; what is new is recorded in ONE write transaction for them all (a

@@ -98,11 +98,39 @@ class RelayBackend:
         with self._lock:
             return self._exchange(self._connect(), method, args, kwargs)
 
+    def _begin(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Any]:
+        """``_call`` in two halves: the call is sent now, and its answer read when the function
+        returned is called (once, always: this connection makes no other call until then), so
+        that the caller works while the other end answers."""
+        if self._pid != os.getpid():
+            self._connect()
+        self._lock.acquire()
+        try:
+            sock = self._connect()
+            self._send(sock, method, args, kwargs)
+        except BaseException:
+            self._lock.release()
+            raise
+
+        def answer() -> Any:
+            try:
+                return self._answer(sock)
+            finally:
+                self._lock.release()
+
+        return answer
+
     def _exchange(self, sock: socket.socket, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._send(sock, method, args, kwargs)
+        return self._answer(sock)
+
+    def _send(self, sock: socket.socket, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
             send(sock, (method, args, kwargs))
         except OSError as exc:  # not delivered whole: the other end reads no call from it
             raise self._lost(exc, sent=False) from None
+
+    def _answer(self, sock: socket.socket) -> Any:
         try:
             answer = receive(sock)
         except OSError as exc:

@@ -68,11 +68,34 @@ class AgentBackend(AgentSocketCalls):
         return self.layout.workspace_name(self.layout.read_config())
 
     def snapshots(self, source_directories: list[str]) -> dict[str, str]:
-        config = self.layout.read_config()
+        return self.start_snapshots(source_directories)()
+
+    def start_snapshots(self, source_directories: list[str]) -> Callable[[], dict[str, str]]:
+        """The agent takes the snapshots while this process goes on (a submit checks its pipeline
+        meanwhile); the function returned waits for them. It must be called, once: until then
+        this process makes no other call through the agent."""
         # the agent's working folder and environment are not this process's
         absolute = {os.path.abspath(d): d for d in source_directories}
-        digests = self._relayed("snapshots")(list(absolute), snapshot_limits(config))
-        return {absolute.get(k, k): v for k, v in digests.items()}
+        call = (list(absolute), snapshot_limits(self.layout.read_config()))
+        agent, answer = self._agent, None
+        if agent is not None:
+            try:
+                answer = agent._begin("snapshots", call, {})
+            except RelayLost:  # the agent went: the workspace is opened here (below)
+                self._agent = None
+
+        def digests() -> dict[str, str]:
+            taken = None
+            if answer is not None:
+                try:
+                    taken = answer()
+                except RelayLost:  # (snapshots are made again: a repeat records nothing twice)
+                    self._agent = None
+            if taken is None:
+                taken = self._local().snapshots(*call)
+            return {absolute.get(k, k): v for k, v in taken.items()}
+
+        return digests
 
     def prestart(self) -> None:
         """The agent answers this process: nothing to start (unless it went since)."""

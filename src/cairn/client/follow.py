@@ -79,7 +79,8 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
             if tells_end:
                 tells_end = False
                 try:
-                    watch.wait(left(IDLE_RECHECK))
+                    if _completed(watch.wait(left(IDLE_RECHECK))):
+                        return Status.COMPLETED.value
                 except ConnectionError:
                     connected = False
             run = backend.get_run(run_id)
@@ -114,9 +115,12 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
             wait = left(LOG_TAIL_INTERVAL if show_output and running else IDLE_RECHECK)
             try:
                 if connected:
-                    if watch.wait(wait) is not None:
-                        while watch.wait(0) is not None:  # many changes at once: read the store once
-                            pass
+                    event = watch.wait(wait)
+                    if event is not None:
+                        while (more := watch.wait(0)) is not None:  # many changes at once: read the store once
+                            event = more
+                        if _completed(event) and not show_output and not only_step:
+                            return Status.COMPLETED.value
                 else:
                     time.sleep(min(wait, 0.5))
             except ConnectionError:
@@ -132,6 +136,12 @@ def _follow(backend: Any, run_id: str, *, show_output: bool, timeout_seconds: fl
         if final["status"] in (Status.FAILED.value, Status.CANCELED.value) or failed_target:
             raise RunFailedError(_failure_message(backend, final))
     return final["status"]
+
+
+def _completed(event: dict[str, Any] | None) -> bool:
+    """Whether the agent told the run's end as Completed, recorded (nothing is left to read or say
+    when only its end is awaited)."""
+    return event is not None and event.get("event") == "final" and event.get("status") == Status.COMPLETED.value
 
 
 def _print_changes(backend: Any, children: list[dict[str, Any]], seen: dict[str, tuple[str, str | None]],

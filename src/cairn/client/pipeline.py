@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +58,10 @@ class Pipeline:
         """Every problem of the pipeline, each naming its step; an empty list when it is sound."""
         return self._problems(self.workspace._backend.list_datastores() if self.steps else [], {})
 
-    def _problems(self, datastores: list[dict[str, Any]], env_specs: dict[int, dict[str, Any]]) -> list[str]:
-        """``validate`` with the workspace's datastores as listed (``_compile`` uses the listing too);
-        fills ``env_specs`` (id of an Environment -> its spec), which ``_compile`` reuses: the steps
+    def _problems(self, datastores: list[dict[str, Any]], env_specs: dict[int, dict[str, Any]],
+                  compute_targets: list[dict[str, Any]] | None = None) -> list[str]:
+        """``validate`` with the workspace's datastores (and compute targets) as listed (``_compile``
+        lists them first: its snapshots hold the agent's connection meanwhile); fills ``env_specs`` (id of an Environment -> its spec), which ``_compile`` reuses: the steps
         of a pipeline usually share one environment, whose spec checks its interpreter's files."""
         problems: list[str] = []
         env_problems: dict[int, list[str]] = {}
@@ -72,7 +74,9 @@ class Pipeline:
         for name, count in seen.items():
             if count > 1:
                 problems.append(f"{count} steps are named {name!r}; give each step a distinct name=")
-        kinds = {c["name"]: c["kind"] for c in self.workspace._backend.list_compute_targets()}
+        if compute_targets is None:
+            compute_targets = self.workspace._backend.list_compute_targets()
+        kinds = {c["name"]: c["kind"] for c in compute_targets}
         targets = set(kinds)
         stores = {d["name"]: d["kind"] for d in datastores}
         producers: dict[int, list[PythonScriptStep]] = {}
@@ -158,22 +162,52 @@ class Pipeline:
     def _compile(self) -> tuple[GraphSpec, dict[str, dict[str, str]]]:
         backend = self.workspace._backend
         datastores = backend.list_datastores() if self.steps else []
-        env_specs: dict[int, dict[str, Any]] = {}
-        problems = self._problems(datastores, env_specs)
+        targets = backend.list_compute_targets() if self.steps else []
+        folders = list(dict.fromkeys(s.source_directory for s in self.steps))
+        # the agent snapshots the folders while the pipeline is checked and compiled here
+        snapshots_of = backend.start_snapshots(folders) if self.steps else dict
+        problems: list[str] = []
+        compiled: list[dict[str, Any]] = []
+        gits: dict[str, dict[str, str]] = {}
+        try:
+            env_specs: dict[int, dict[str, Any]] = {}
+            problems = self._problems(datastores, env_specs, targets)
+            if not problems:
+                compiled = self._compiled_steps(datastores, env_specs)
+                gits = git_properties_of(folders)
+        except BaseException:
+            with contextlib.suppress(Exception):  # its answer is read: the agent's connection is free again
+                snapshots_of()
+            raise
+        try:
+            snapshots = snapshots_of()
+        except Exception:
+            if not problems:
+                raise
+            snapshots = {}  # (a source folder that does not exist, say: the problems say so)
         if problems:
             raise PipelineValidationError(problems)
+        specs, step_props = [], {}
+        for s, fields in zip(self.steps, compiled, strict=True):
+            snapshot = snapshots[s.source_directory]
+            specs.append(StepSpec(snapshot=snapshot, **fields))
+            step_props[s.name] = {**gits[s.source_directory], "cairn.snapshot": snapshot}
+            for d in specs[-1].dataset_inputs:  # lineage: what data the step consumed
+                step_props[s.name][f"cairn.input.{d.name}.digest"] = d.content_digest
+                if d.dataset:
+                    step_props[s.name][f"cairn.input.{d.name}.dataset"] = d.dataset
+        return GraphSpec(tuple(specs)), step_props
+
+    def _compiled_steps(self, datastores: list[dict[str, Any]],
+                        env_specs: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each step's StepSpec fields but its snapshot (which the agent is taking meanwhile)."""
         default_store = self.default_datastore
         default_store_name = (default_store if isinstance(default_store, str) else getattr(default_store, "name", None)) \
             or next((d["name"] for d in datastores if d["is_default"]), None) \
             or self.workspace.get_default_datastore().name  # none is the default: it says so
         producer_of: dict[int, PythonScriptStep] = {id(o): s for s in self.steps for o in s.outputs}
-        snapshots: dict[str, str] = {}
-        gits: dict[str, dict[str, str]] = {}
-        specs, step_props = [], {}
         env_digests: dict[int, str] = {}
-        folders = list(dict.fromkeys(s.source_directory for s in self.steps))
-        snapshots.update(backend.snapshots(folders))
-        gits.update(git_properties_of(folders))
+        compiled = []
         for s in self.steps:
             bindings = s.input_bindings()
             inputs = tuple(InputSpec(b.input_name, producer_of[id(b.data)].name, b.data.output_name, b.mode,
@@ -199,9 +233,9 @@ class Pipeline:
             if env_digest is None:
                 env_digest = env_digests[id(env_spec)] = spec_digest(env_spec)
             rc = s.runconfig
-            specs.append(StepSpec(
+            compiled.append(dict(
                 name=s.name, script_name=s.script_name, source_directory=s.source_directory,
-                snapshot=snapshots[s.source_directory], arguments=tuple(args), inputs=inputs,
+                arguments=tuple(args), inputs=inputs,
                 outputs=tuple(_output_spec(o, default_store_name) for o in s.outputs),
                 params=tuple(sorted((k, str(v)) for k, v in s.params.items())),
                 environment=env_spec, environment_digest=env_digest,
@@ -212,12 +246,7 @@ class Pipeline:
                 cpus=rc.cpus, gpus=rc.gpus, memory_gb=rc.memory_gb, node_count=rc.node_count,
                 dataset_inputs=tuple(_dataset_input(d, self.workspace) for d in s.dataset_bindings()),
             ))
-            step_props[s.name] = {**gits[s.source_directory], "cairn.snapshot": snapshots[s.source_directory]}
-            for d in specs[-1].dataset_inputs:  # lineage: what data the step consumed
-                step_props[s.name][f"cairn.input.{d.name}.digest"] = d.content_digest
-                if d.dataset:
-                    step_props[s.name][f"cairn.input.{d.name}.dataset"] = d.dataset
-        return GraphSpec(tuple(specs)), step_props
+        return compiled
 
     def __repr__(self) -> str:
         return f"Pipeline(steps={[s.name for s in self.steps]!r})"

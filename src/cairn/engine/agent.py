@@ -420,7 +420,7 @@ class Agent:
                 self.reporter.forget_handoffs(sched.step_ids.values())
             del self.schedulers[run_id]
             self._log(f"run {run_id} {final.value}")
-            self._notify(run_id, final=True)
+            self._notify(run_id, final=True, status=sched.recorded_end)
 
     def _start_step(self, sched: PipelineScheduler, step: StepSpec, compute: Compute) -> bool:
         """Reuse or dispatch ``step``; True when it ended at once (reused, or could not start)."""
@@ -559,5 +559,9 @@ class Agent:
         if run_id:
             self._notify(run_id)
 
-    def _notify(self, run_id: str, final: bool = False) -> None:
-        self.front.notify(run_id, final)
+    def _notify(self, run_id: str, final: bool = False, status: Status | None = None) -> None:
+        """Tell the run's watchers it changed (``final``: it ended, as ``status`` when that is known)."""
+        if status is None:
+            self.front.notify(run_id, final)
+        else:
+            self.front.notify(run_id, final, status.value)

@@ -99,7 +99,12 @@ class AgentSocket:
                 except OSError:
                     pass
 
-    def notify(self, run_id: str, final: bool = False) -> None:
+    def notify(self, run_id: str, final: bool = False, status: str | None = None) -> None:
+        """``status``: the final status recorded, told with a final event (a watcher that waits
+        only for it then reads nothing more)."""
+        event = {"event": "final" if final else "changed", "run": run_id}
+        if final and status is not None:
+            event["status"] = status
         with self._lock:
             if final:
                 self._running.discard(run_id)
@@ -107,7 +112,7 @@ class AgentSocket:
                 if not final and conn in self._final_only:
                     continue
                 try:
-                    _send(conn, {"event": "final" if final else "changed", "run": run_id})
+                    _send(conn, event)
                 except OSError:
                     pass
 

@@ -90,6 +90,7 @@ class PipelineScheduler:
         self._released: dict[str, set[str]] = {}
         self.hands_over_early = hands_over_early
         self._reuse_needs_digest: dict[str, bool] = {}  # consumer -> a step of its definition was cached
+        self.recorded_end: Status | None = None  # the final status ``finish`` recorded (None: another ending stands)
         if recorded is not None and resume:  # its steps are as recorded: not started, no attempt yet
             self.step_ids = dict(recorded.step_ids)
             self.attempts = dict.fromkeys(self.step_ids, 0)
@@ -568,8 +569,10 @@ class PipelineScheduler:
             final, reason = Status.FAILED, "some steps could not run"
         with self.ctx.store.fast_write() as conn:  # prebuilt statements only
             refused = q.record_reuses_in(conn, reuses) if reuses else []
-            if not q.set_statuses(conn, [*moves, (self.run_id, final, reason, {})])[-1]:
+            ended = q.set_statuses(conn, [*moves, (self.run_id, final, reason, {})])[-1]
+            if not ended:
                 q.release_lease_in(conn, self.run_id, owner)  # it had ended otherwise: the lease still ends
+        self.recorded_end = final if ended else None
         if self.canceling:  # (only once recorded: a transaction that failed is made again)
             for step_run_id, status, _, _ in moves:
                 self._set_status(self._names[step_run_id], status)
