@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cairn.core.digests import digest_json
+from cairn.core.digests import canonical_json, digest_bytes, digest_json
 from cairn.core.spec import InputSpec, StepSpec
 from cairn.runner.job import InputLocation
 
@@ -30,6 +30,13 @@ def fingerprint_parts(step: StepSpec, digests: dict[str, str]) -> dict[str, Any]
 
 def fingerprint(parts: dict[str, Any]) -> str:
     return digest_json(parts)
+
+
+def fingerprint_and_text(parts: dict[str, Any]) -> tuple[str, str]:
+    """``fingerprint(parts)``, and the JSON it is the digest of (what a reuse records of its parts:
+    made once, not once more to be recorded)."""
+    text = canonical_json(parts)
+    return digest_bytes(text), text.decode()
 
 
 def definition_of(parts: dict[str, Any]) -> str:

@@ -18,7 +18,13 @@ from cairn.core.spec import GraphSpec, StepSpec
 from cairn.core.status import ACTIVE, Status
 from cairn.data.datasets import local_folder
 from cairn.engine.context import EngineContext
-from cairn.engine.fingerprint import definition_of, fingerprint, fingerprint_parts, input_digests
+from cairn.engine.fingerprint import (
+    definition_of,
+    fingerprint,
+    fingerprint_and_text,
+    fingerprint_parts,
+    input_digests,
+)
 from cairn.engine.late_digests import LateDigests, OutputChanged, resolved
 from cairn.runner.job import CHANGED, PENDING_DIGEST, InputLocation, StepJob, pending_owner
 from cairn.runner.processes import kill_step_processes
@@ -214,14 +220,14 @@ class PipelineScheduler:
         pending = tuple((i.name, self.step_ids[i.producer], i.output, self.attempts[i.producer])
                         for i, located in zip(step.inputs, inputs[:len(step.inputs)], strict=True)
                         if located.digest.startswith(PENDING_DIGEST))
-        fp = "" if pending else fingerprint(parts)
+        fp, parts_text = ("", "") if pending else fingerprint_and_text(parts)
         if step.allow_reuse and not self.run["regenerate_outputs"] and not pending:
             source = q.lookup_cache(store, fp)
             present = self._outputs_present(source, step) if source else None
             if present is not None:
                 # recorded by record_reuses with the others of this dispatch pass, in one transaction
                 # no log file: a reused step's system log is read from its record (LocalBackend.read_log)
-                self._reuses.append((step_run_id, source, fp, parts, list(present.values())))
+                self._reuses.append((step_run_id, source, fp, parts_text, list(present.values())))
                 # what downstream steps read next: this step's outputs are the source's
                 self._outputs[step_run_id] = {name: {**row, "step_run_id": step_run_id}
                                               for name, row in present.items()}

@@ -291,8 +291,9 @@ def set_statuses(conn: Connection, moves: list[StatusMove]) -> list[bool]:
     allowed = []
     updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     events = []
+    rows = _statuses_of(conn, [m[0] for m in moves])
     for run_id, status, reason, fields in moves:
-        row = _fast(conn, _STATUS_OF, {"b_id": run_id}).fetchone()
+        row = rows.get(run_id)
         old = None if row is None else Status(row[0])
         if old is None or (old != status and not can_move(old, status)):
             allowed.append(False)
@@ -316,6 +317,26 @@ def set_statuses(conn: Connection, moves: list[StatusMove]) -> list[bool]:
     if events:
         _fast(conn, _INSERT_EVENT, events if len(events) > 1 else events[0])
     return allowed
+
+
+def _statuses_of(conn: Connection, run_ids: list[str]) -> dict[str, tuple[str, str | None]]:
+    """Run id -> (status, status reason), of those that exist: one read for them all."""
+    if len(run_ids) == 1:
+        row = _fast(conn, _STATUS_OF, {"b_id": run_ids[0]}).fetchone()
+        return {} if row is None else {run_ids[0]: (row[0], row[1])}
+    found: dict[str, tuple[str, str | None]] = {}
+    for i in range(0, len(run_ids), 500):  # (SQLite's limit on parameters is 999 on older builds)
+        chunk = run_ids[i:i + 500]
+        if conn.dialect.name == "sqlite":  # as ``_fast`` does: SQLAlchemy costs more than the read
+            cursor = conn.connection.driver_connection.cursor()
+            cursor.execute(f'SELECT "id", "status", "status_reason" FROM "runs" WHERE "id" IN '
+                           f'({", ".join("?" * len(chunk))})', chunk)
+            rows = cursor.fetchall()
+        else:
+            rows = conn.execute(select(t.runs.c.id, t.runs.c.status, t.runs.c.status_reason)
+                                .where(t.runs.c.id.in_(chunk))).all()
+        found.update((r[0], (r[1], r[2])) for r in rows)
+    return found
 
 
 def update_status(store: Store, run_id: str, status: Status, reason: str | None = None,
@@ -600,7 +621,8 @@ def definition_cached(store: Store, definition: str) -> bool:
         return bool(_fast(conn, _DEFINITION_LOOKUP, {"b_definition": definition}).fetchall())
 
 
-ReuseRecord = tuple[str, str, str, dict[str, Any], list[dict[str, Any]]]
+# (step run, source step run, fingerprint, its parts (as JSON text, or as a dict), the source's outputs)
+ReuseRecord = tuple[str, str, str, "dict[str, Any] | str", list[dict[str, Any]]]
 
 
 def record_reuses(store: Store, records: list[ReuseRecord]) -> list[str]:
@@ -616,7 +638,7 @@ def record_reuses_in(conn: Connection, records: list[ReuseRecord]) -> list[str]:
     """``record_reuses`` in the caller's write transaction."""
     allowed = set_statuses(conn, [(step_run_id, Status.REUSED, f"reused the outputs of step run {source_id}",
                                    {"reused_from": source_id, "fingerprint": fingerprint,
-                                    "fingerprint_parts": json.dumps(parts)})
+                                    "fingerprint_parts": parts if isinstance(parts, str) else json.dumps(parts)})
                                   for step_run_id, source_id, fingerprint, parts, _ in records])
     reused = [record for record, ok in zip(records, allowed, strict=True) if ok]
     if reused:
