@@ -37,7 +37,8 @@ from typing import Any
 
 from shapes import STEP_SOURCE, chain_pipeline, fanout_pipeline
 
-TIMED_QUERIES = ("update_status", "commit_step", "record_reuses", "claim_run", "renew_leases", "release_lease",
+TIMED_QUERIES = ("update_status", "commit_step", "record_reuses", "record_reuses_in", "set_statuses",
+                 "claim_and_start", "renew_leases", "release_lease",
                  "get_run", "get_outputs", "get_snapshot", "lookup_cache", "lease_owners", "list_named",
                  "child_runs")
 
