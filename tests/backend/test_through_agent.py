@@ -462,3 +462,82 @@ def test_a_call_read_as_the_other_end_stops_is_said_not_made(tmp_path: Path, mon
         stopping.join(10)
         slow.join(10)
     assert "slow" in made
+
+
+def test_calls_made_while_snapshots_are_taken_are_answered_and_the_snapshots_kept(tmp_path: Path) -> None:
+    """``start_snapshots`` sends the call and reads its answer later: a call made meanwhile (a
+    compile that needs the default datastore, another thread) reads that answer first and keeps
+    it, never waits for itself nor takes it for its own."""
+    import threading
+
+    ws = Workspace.create(tmp_path / "ws")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("print('a')\n")
+    stop = serve_scripts(ws.location)
+    try:
+        backend = workspace_backend(ws.location)
+        assert isinstance(backend, AgentBackend)
+        expected = backend.snapshots([str(src)])
+        snapshots_of = backend.start_snapshots([str(src)])
+        assert [d["name"] for d in backend.list_datastores()] == ["workspaceblobstore"]
+        other: list[Any] = []
+        reader = threading.Thread(target=lambda: other.append(backend.list_experiments()))
+        reader.start()
+        reader.join(30)
+        assert other == [[]]
+        assert snapshots_of() == expected
+        assert backend.list_experiments() == []  # the connection is in step after it
+        forgotten = backend.start_snapshots([str(src)])  # never read (a pipeline with problems)
+        assert [d["name"] for d in backend.list_datastores()] == ["workspaceblobstore"]
+        del forgotten
+    finally:
+        stop()
+
+
+def test_a_snapshot_error_is_the_callers_of_start_snapshots(tmp_path: Path) -> None:
+    import pytest
+
+    ws = Workspace.create(tmp_path / "ws")
+    stop = serve_scripts(ws.location)
+    try:
+        backend = workspace_backend(ws.location)
+        snapshots_of = backend.start_snapshots([str(tmp_path / "missing")])
+        assert backend.list_experiments() == []  # reads the error's answer first, keeps it
+        with pytest.raises(Exception, match="missing"):
+            snapshots_of()
+    finally:
+        stop()
+
+
+def test_a_compile_that_asks_the_agent_while_it_snapshots_does_not_wait_for_itself(
+        tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    from cairn.client.pipeline import Pipeline as PipelineClass
+
+    ws = Workspace.create(tmp_path / "ws")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("print('a')\n")
+    problems = PipelineClass._problems
+
+    def asking(self: Any, *args: Any) -> list[str]:  # as a compile with no default datastore does
+        self.workspace.get_default_datastore()
+        return problems(self, *args)
+
+    monkeypatch.setattr(PipelineClass, "_problems", asking)
+    stop = serve_scripts(ws.location)
+    try:
+        here = Workspace(ws.location)
+        assert isinstance(here._backend, AgentBackend)
+        compiled: list[Any] = []
+        pipeline = Pipeline(here, [PythonScriptStep("a.py", name="a", source_directory=str(src))])
+        compiling = threading.Thread(target=lambda: compiled.append(pipeline._compile()), daemon=True)
+        compiling.start()
+        compiling.join(30)
+        assert compiled, "the compile waited for its own snapshots"
+        spec, props = compiled[0]
+        assert spec.steps[0].snapshot == props["a"]["cairn.snapshot"] == here._backend.snapshots([str(src)])[str(src)]
+    finally:
+        stop()

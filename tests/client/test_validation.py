@@ -405,3 +405,41 @@ def test_submitting_lists_the_datastores_once_and_outputs_go_to_the_default(
     assert run.wait_for_completion(show_output=False) == "Completed"
     (output,) = run.get_steps()[0].get_outputs().values()
     assert output.datastore_name == "other"
+
+
+def test_an_invalid_pipeline_is_refused_before_any_snapshot_is_taken(
+        workspace: Workspace, src: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the submitting process (no agent serves the workspace), the snapshots are taken only for
+    a pipeline that has no problem: a mistake is told without hashing the source folders first."""
+    from cairn.backend.local import LocalBackend
+
+    assert isinstance(workspace._backend, LocalBackend)
+    taken: list[list[str]] = []
+    snapshots = LocalBackend.snapshots
+
+    def counted(self: LocalBackend, folders: list[str], *args: object) -> dict[str, str]:
+        taken.append(folders)
+        return snapshots(self, folders, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LocalBackend, "snapshots", counted)
+    bad = Pipeline(workspace, [step(src, "a", compute_target="nowhere")])
+    with pytest.raises(PipelineValidationError, match="nowhere"):
+        Experiment(workspace, "invalid").submit(bad)
+    assert taken == []
+    spec, _ = Pipeline(workspace, [step(src, "a")])._compile()
+    assert taken == [[str(src)]] and spec.steps[0].snapshot
+
+
+def test_a_compiled_spec_is_what_its_json_reads_back(workspace: Workspace, src: Path) -> None:
+    """The agent that records a run schedules it from the spec as sent (not read back): that spec
+    must equal its JSON's, or its fingerprints would differ from a resumed run's (a reading with
+    int keys: JSON makes them strings)."""
+    from cairn.core.spec import GraphSpec
+
+    data = PipelineData("table")
+    first = step(src, "first", outputs=[data], arguments=["--out", data])
+    reading = data.as_input(input_name="table")
+    reading.read_as = {"kind": "delimited", "set_column_types": {10: "int", 2: "str"}}
+    second = step(src, "second", arguments=["--in", reading], params={"n": 3, "flag": True})
+    spec, _ = Pipeline(workspace, [first, second])._compile()
+    assert GraphSpec.from_json(spec.to_json()) == spec

@@ -234,6 +234,33 @@ def test_reuses_the_store_could_not_record_fail_their_steps_saying_why(
         assert "could not record its reuse: OperationalError" in step.get_details()["statusReason"]
 
 
+def test_an_end_the_store_refused_once_does_not_fail_the_reuses_it_carried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last reuses go with the run's end, in one transaction: when that transaction fails for
+    the end's own sake (the store busy once), the reuses are recorded alone and the end again:
+    the run completes, its steps reused, nothing blamed on them."""
+    from sqlalchemy.exc import OperationalError
+
+    from cairn.core.status import Status
+    from cairn.store import queries
+
+    ws, run, _ = _rerun_in_process(tmp_path, monkeypatch)
+    moves = queries.set_statuses
+    refused: list[str] = []
+
+    def busy_once(conn: Any, batch: list[Any]) -> list[bool]:
+        if not refused and any(m[0] == run.id and m[1] == Status.COMPLETED for m in batch):
+            refused.append(run.id)
+            raise OperationalError("UPDATE ...", {}, Exception("database is locked"))
+        return moves(conn, batch)
+
+    monkeypatch.setattr(queries, "set_statuses", busy_once)
+    _serve_until_the_run_ends(ws)
+    assert refused == [run.id]
+    assert run.get_status() == "Completed"
+    assert {s.name: s.get_status() for s in run.get_steps()} == {"s0": "Reused", "s1": "Reused", "s2": "Reused"}
+
+
 def test_runs_queued_together_are_each_claimed_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The agent claims one run per turn of its loop, and turns again at once while runs may be
     waiting: runs that end without a single event (all reused) do not leave the next one to the

@@ -3,6 +3,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from cairn.core.status import Status
 from cairn.store import queries as q
 from cairn.store.db import SCHEMA_REVISION, Store
@@ -36,16 +38,20 @@ def test_sqlite_is_in_wal_mode_and_migrated(tmp_path):
     assert again.current_revision() == SCHEMA_REVISION
 
 
-def test_concurrent_claims_never_hand_one_run_to_two_agents(tmp_path):
+@pytest.mark.parametrize("start", [False, True])
+def test_concurrent_claims_never_hand_one_run_to_two_agents(tmp_path, start):
+    """``start``: the agent's claim, which also makes the run Running (once: one Running event)."""
     store = _store(tmp_path)
     ids = _queue_runs(store, 20)
     claimed: dict[str, list[str]] = {}
+    started: list[bool] = []
 
     def agent(owner: str) -> None:
         mine = claimed.setdefault(owner, [])
         other = Store.for_sqlite_file(tmp_path / "cairn.db")
-        while (run_id := q.claim_run(other, owner, ttl=30)) is not None:
-            mine.append(run_id)
+        while (taken := q.claim_and_start(other, owner, ttl=30, start=start)) is not None:
+            mine.append(taken[0])
+            started.append(taken[1])
 
     threads = [threading.Thread(target=agent, args=(f"agent{i}",)) for i in range(4)]
     for t in threads:
@@ -54,6 +60,11 @@ def test_concurrent_claims_never_hand_one_run_to_two_agents(tmp_path):
         t.join()
     everything = [r for runs in claimed.values() for r in runs]
     assert sorted(everything) == sorted(ids)  # each run exactly once
+    assert started == [start] * len(ids)  # each was queued when it was taken
+    for run_id in ids:
+        events = [e["status"] for e in q.run_events(store, run_id)]
+        assert events == (["Queued", "Running"] if start else ["Queued"])
+        assert (q.get_run(store, run_id)["started_at"] is not None) is start
 
 
 def test_expired_or_dead_leases_are_reclaimed(tmp_path):

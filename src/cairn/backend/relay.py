@@ -39,6 +39,15 @@ class RelayLost(ConnectionError):
         self.sent = sent
 
 
+class _Pending:
+    """A call ``RelayBackend._begin`` sent on ``sock``: its answer (or error), once read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
 class RelayBackend:
     """Forwards every backend method to the workspace (see the module's doc). ``timeout``: how long
     reaching the other end and its first answer may take (then ``RelayLost``); calls wait."""
@@ -56,6 +65,7 @@ class RelayBackend:
         self._handshake = handshake
         self._handshake_timeout = timeout
         self._served: str | None = None  # what the last handshake was told
+        self._pending: _Pending | None = None  # the call ``_begin`` sent, its answer not read yet
         self._timeout = timeout  # for the first answer only (a timeout is an OSError: RelayLost)
         if handshake is not None:
             with self._lock:
@@ -67,7 +77,7 @@ class RelayBackend:
 
     def _connect(self) -> socket.socket:
         if self._pid != os.getpid():  # a forked child (multiprocessing): never share the parent's connection
-            self._pid, self._sock, self._lock = os.getpid(), None, threading.Lock()
+            self._pid, self._sock, self._lock, self._pending = os.getpid(), None, threading.Lock(), None
         if self._sock is not None and _closed_by_peer(self._sock):
             self.close()  # the other end went (an agent that stopped): a new one may be there
         if self._sock is None:
@@ -96,29 +106,44 @@ class RelayBackend:
         if self._pid != os.getpid():
             self._connect()  # replaces the lock a fork may have copied while held
         with self._lock:
+            self._settle()
             return self._exchange(self._connect(), method, args, kwargs)
 
     def _begin(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], Any]:
-        """``_call`` in two halves: the call is sent now, and its answer read when the function
-        returned is called (once, always: this connection makes no other call until then), so
-        that the caller works while the other end answers."""
+        """``_call`` in two halves: the call is sent now and its answer read when the function
+        returned is called, so that the caller works while the other end answers. Calls made
+        meanwhile (from any thread) read that answer first, where it comes on the connection,
+        and keep it for the function."""
         if self._pid != os.getpid():
             self._connect()
-        self._lock.acquire()
-        try:
+        with self._lock:
+            self._settle()
             sock = self._connect()
             self._send(sock, method, args, kwargs)
-        except BaseException:
-            self._lock.release()
-            raise
+            pending = self._pending = _Pending(sock)
 
         def answer() -> Any:
-            try:
-                return self._answer(sock)
-            finally:
-                self._lock.release()
+            with self._lock:
+                if self._pending is pending:
+                    self._settle()
+            if pending.error is not None:
+                raise pending.error
+            return pending.value
 
         return answer
+
+    def _settle(self) -> None:
+        """Read the answer of the call ``_begin`` sent, if it is still unread (with the lock held)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.value = self._answer(pending.sock)
+        except Exception as exc:  # the caller of _begin is told, not the call that read it
+            pending.error = exc
+        except BaseException:  # (Ctrl-C) its answer is lost: what it was told comes from the connection's loss
+            pending.error = RelayLost("the answer was not read (interrupted)", sent=True)
+            raise
 
     def _exchange(self, sock: socket.socket, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._send(sock, method, args, kwargs)
@@ -135,6 +160,9 @@ class RelayBackend:
             answer = receive(sock)
         except OSError as exc:
             raise self._lost(exc, sent=True) from None
+        except BaseException:  # (Ctrl-C) the rest of the answer would be read as the next call's
+            self.close()
+            raise
         if answer is None:
             raise self._lost("end of file", sent=True)
         ok, value = answer
@@ -155,6 +183,9 @@ class RelayBackend:
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
+        pending, self._pending = self._pending, None
+        if pending is not None:  # its answer cannot come any more
+            pending.error = RelayLost("the connection closed before the answer came", sent=True)
         if sock is not None:
             sock.close()
 

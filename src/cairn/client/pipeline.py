@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -164,29 +164,16 @@ class Pipeline:
         datastores = backend.list_datastores() if self.steps else []
         targets = backend.list_compute_targets() if self.steps else []
         folders = list(dict.fromkeys(s.source_directory for s in self.steps))
-        # the agent snapshots the folders while the pipeline is checked and compiled here
+        # the agent snapshots the folders while the pipeline is checked and compiled here (a
+        # pipeline with problems is told so without waiting for them)
         snapshots_of = backend.start_snapshots(folders) if self.steps else dict
-        problems: list[str] = []
-        compiled: list[dict[str, Any]] = []
-        gits: dict[str, dict[str, str]] = {}
-        try:
-            env_specs: dict[int, dict[str, Any]] = {}
-            problems = self._problems(datastores, env_specs, targets)
-            if not problems:
-                compiled = self._compiled_steps(datastores, env_specs)
-                gits = git_properties_of(folders)
-        except BaseException:
-            with contextlib.suppress(Exception):  # its answer is read: the agent's connection is free again
-                snapshots_of()
-            raise
-        try:
-            snapshots = snapshots_of()
-        except Exception:
-            if not problems:
-                raise
-            snapshots = {}  # (a source folder that does not exist, say: the problems say so)
+        env_specs: dict[int, dict[str, Any]] = {}
+        problems = self._problems(datastores, env_specs, targets)
         if problems:
             raise PipelineValidationError(problems)
+        compiled = self._compiled_steps(datastores, env_specs)
+        gits = git_properties_of(folders)
+        snapshots = snapshots_of()
         specs, step_props = [], {}
         for s, fields in zip(self.steps, compiled, strict=True):
             snapshot = snapshots[s.source_directory]
@@ -210,8 +197,10 @@ class Pipeline:
         compiled = []
         for s in self.steps:
             bindings = s.input_bindings()
+            # (a reading as JSON has it: an agent keys the run by the spec as sent, a resume by its JSON)
             inputs = tuple(InputSpec(b.input_name, producer_of[id(b.data)].name, b.data.output_name, b.mode,
-                                     b.path_on_compute, b.read_as) for b in bindings)
+                                     b.path_on_compute, b.read_as and json.loads(json.dumps(b.read_as)))
+                           for b in bindings)
             binding_name: dict[int, str] = {}
             for b in bindings:
                 binding_name.setdefault(id(b.data), b.input_name)

@@ -164,6 +164,14 @@ class Agent:
         self._recorded[run_id] = RecordedRun(spec, step_ids)
         self.events.put(("queued",))
 
+    def _forget_recorded(self) -> None:
+        """Drop what was kept of runs recorded here that are no longer queued (claimed before they
+        were told as recorded, canceled, taken by another agent): nothing will claim them from here."""
+        for run_id in list(self._recorded):
+            row = q.get_run(self.ctx.store, run_id)
+            if row is None or row["status"] != Status.QUEUED.value:
+                self._recorded.pop(run_id, None)
+
     def _hand_on_recorded(self) -> None:
         """As it stops: runs recorded through it that it never claimed (recorded as it was asked to
         stop) go to a new agent, as the client's own poke would have started one."""
@@ -218,6 +226,7 @@ class Agent:
                         self._log(f"lease on run {run_id} lost to another agent; leaving it")
                         self._abandon(run_id)
                 next_renewal = now + LEASE_TTL / 3
+                self._forget_recorded()
                 self._queue_may_have_work = True  # leases of other hosts' agents may have expired
                 self._advance_needed = True  # and now and then regardless (a cluster that grew)
             if self._advance_needed:  # not after a mere status change: nothing more may start then
@@ -403,17 +412,20 @@ class Agent:
                         full.add(step.compute_target)
                         continue
                     progressed |= self._start_step(sched, step, compute)
-            held = sched.release_held()  # steps held for a failure that never came: they start now
-            if held or not sched.is_done():
+            # done (then nothing held is let go): the pass's reuses are recorded with the end, which
+            # also ends the lease; a rerun that reuses every step writes twice, its claim and its end
+            if not sched.is_done():
                 self._record_reuses(sched)
                 if run_id in self._reused_in_pass:  # watchers re-read the run: one word for the whole pass
                     self._reused_in_pass.discard(run_id)
                     self._notify(run_id)
-                self._advance_needed |= held
-                continue
-            # the pass's reuses are recorded with the ending, which also ends the lease: a rerun
-            # that reuses every step takes one transaction from its claim to its end
+                if sched.release_held():  # steps held for a failure that never came: they start now
+                    self._advance_needed = True
+                    continue
+                if not sched.is_done():  # (a reuse the store refused fails its step: that may end the run)
+                    continue
             self._reused_in_pass.discard(run_id)
+            self._recorded.pop(run_id, None)  # (recorded as it was claimed: told after the claim)
             final, refused = sched.finish(self.owner)
             self._log_refused(sched, refused)
             if self.reporter is not None:  # (tests' agents may report nothing)

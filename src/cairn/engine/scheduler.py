@@ -543,8 +543,11 @@ class PipelineScheduler:
         if records:
             try:
                 return self._end(owner, records)
-            except Exception as exc:  # nothing was recorded: those steps fail, saying why, and the run ends
-                self._reuses_not_recorded(records, exc)
+            except Exception:  # nothing was recorded: the reuses alone, then the end (an error of its own is raised)
+                self._reuses = records
+                refused = self.record_reuses()  # (a failure fails their steps, saying why)
+                final, more = self._end(owner, [])
+                return final, refused + more
         return self._end(owner, [])
 
     def _end(self, owner: str, reuses: list[q.ReuseRecord]) -> tuple[Status, list[str]]:
