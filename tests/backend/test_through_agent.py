@@ -541,3 +541,29 @@ def test_a_compile_that_asks_the_agent_while_it_snapshots_does_not_wait_for_itse
         assert spec.steps[0].snapshot == props["a"]["cairn.snapshot"] == here._backend.snapshots([str(src)])[str(src)]
     finally:
         stop()
+
+
+def test_a_forked_child_never_reads_its_parents_pending_answer(tmp_path: Path) -> None:
+    import os
+
+    from cairn.backend.relay import RelayLost
+
+    ws = Workspace.create(tmp_path / "ws")
+    stop = serve_scripts(ws.location)
+    try:
+        backend = workspace_backend(ws.location)
+        answer = backend._agent._begin("list_experiments", (), {})
+        pid = os.fork()
+        if pid == 0:  # the child: told the answer is not its own, the parent's stays unread
+            try:
+                answer()
+            except RelayLost:
+                os._exit(0)
+            except BaseException:
+                os._exit(2)
+            os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert answer() == []
+    finally:
+        stop()

@@ -44,6 +44,7 @@ class _Pending:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.pid = os.getpid()
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -119,10 +120,16 @@ class RelayBackend:
         with self._lock:
             self._settle()
             sock = self._connect()
-            self._send(sock, method, args, kwargs)
-            pending = self._pending = _Pending(sock)
+            try:
+                self._pending = pending = _Pending(sock)
+                self._send(sock, method, args, kwargs)
+            except BaseException:  # (an interrupted send: the connection went with it, see _send)
+                self.close()
+                raise
 
         def answer() -> Any:
+            if pending.pid != os.getpid():  # a forked child: the connection is its parent's
+                raise RelayLost("the answer belongs to the process that sent the call", sent=False)
             with self._lock:
                 if self._pending is pending:
                     self._settle()
@@ -141,8 +148,9 @@ class RelayBackend:
             pending.value = self._answer(pending.sock)
         except Exception as exc:  # the caller of _begin is told, not the call that read it
             pending.error = exc
-        except BaseException:  # (Ctrl-C) its answer is lost: what it was told comes from the connection's loss
+        except BaseException:  # (Ctrl-C) its answer is lost with the connection
             pending.error = RelayLost("the answer was not read (interrupted)", sent=True)
+            self.close()
             raise
 
     def _exchange(self, sock: socket.socket, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -154,6 +162,9 @@ class RelayBackend:
             send(sock, (method, args, kwargs))
         except OSError as exc:  # not delivered whole: the other end reads no call from it
             raise self._lost(exc, sent=False) from None
+        except BaseException:  # (Ctrl-C) sent in part or whole: the other end could read what comes next as its rest
+            self.close()
+            raise
 
     def _answer(self, sock: socket.socket) -> Any:
         try:

@@ -89,6 +89,8 @@ class AgentBackend(AgentSocketCalls):
             if answer is not None:
                 try:
                     taken = answer()
+                except CallNotUnderstood:
+                    pass  # an argument the agent cannot read: made here
                 except RelayLost:  # (snapshots are made again: a repeat records nothing twice)
                     self._agent = None
             if taken is None:

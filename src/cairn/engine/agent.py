@@ -422,7 +422,7 @@ class Agent:
                 if sched.release_held():  # steps held for a failure that never came: they start now
                     self._advance_needed = True
                     continue
-                if not sched.is_done():  # (a reuse the store refused fails its step: that may end the run)
+                if not sched.is_done():  # (a reuse that could not be recorded fails its step: that may end the run)
                     continue
             self._reused_in_pass.discard(run_id)
             self._recorded.pop(run_id, None)  # (recorded as it was claimed: told after the claim)
