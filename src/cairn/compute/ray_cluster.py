@@ -34,10 +34,19 @@ def ray_cli() -> str:
     raise RuntimeError("Ray is not installed: pip install 'cairn[ray]' (ray[default])")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each stays bound until all are picked (one at a time, the
+    system may hand the same port out twice, and Ray refuses two components on one port)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def start_node(address: str | None, cpus: int | None, log: Path, port: int | None = None,
@@ -47,13 +56,13 @@ def start_node(address: str | None, cpus: int | None, log: Path, port: int | Non
     ``launcher`` is put before ``ray start`` (e.g. a namespace wrapper), ``env`` added to its
     variables."""
     temp_dir = tempfile.mkdtemp(prefix="cairn-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    manager_port = free_port()
+    manager_port, object_port, head_port, client_port = free_ports(4)
     argv = [*launcher, ray_cli(), "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}",
             "--node-ip-address=127.0.0.1", f"--node-manager-port={manager_port}",
-            f"--object-manager-port={free_port()}"]
+            f"--object-manager-port={object_port}"]
     if address is None:
-        argv += ["--head", f"--port={port or free_port()}", "--include-dashboard=false",
-                 f"--ray-client-server-port={free_port()}"]
+        argv += ["--head", f"--port={port or head_port}", "--include-dashboard=false",
+                 f"--ray-client-server-port={client_port}"]
     else:
         argv += [f"--address={address}"]
     if cpus is not None:

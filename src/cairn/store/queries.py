@@ -312,8 +312,8 @@ def set_statuses(conn: Connection, moves: list[StatusMove]) -> list[bool]:
             {"b_id": run_id, **{f"b_{c}": v for c, v in values.items()}})
         if old != status or reason:
             events.append({"run_id": run_id, "status": status.value, "reason": reason, "at": now})
-    for columns, rows in updates.items():
-        _fast(conn, _update_statement(columns), rows if len(rows) > 1 else rows[0])
+    for columns, params in updates.items():
+        _fast(conn, _update_statement(columns), params if len(params) > 1 else params[0])
     if events:
         _fast(conn, _INSERT_EVENT, events if len(events) > 1 else events[0])
     return allowed
@@ -394,9 +394,6 @@ def claim_run(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable
     return None if claimed is None else claimed[0]
 
 
-_CLAIMABLE_STATUS = _select(t.runs, ("status",), "id")
-
-
 def claim_and_start(store: Store, owner: str, ttl: float, reclaimable_owners: Iterable[str] = (),
                     start: bool = True) -> tuple[str, bool] | None:
     """``claim_run``, and (``start``) a queued run it takes is Running in the same transaction.
@@ -416,7 +413,7 @@ def claim_and_start(store: Store, owner: str, ttl: float, reclaimable_owners: It
         if row is None:
             return None
         _fast(conn, _TAKE_LEASE, {"b_id": row[0], "b_owner": owner, "b_expires": now + ttl})
-        started = start and _fast(conn, _CLAIMABLE_STATUS, {"b_id": row[0]}).fetchone()[0] == Status.QUEUED.value
+        started = start and _fast(conn, _STATUS_OF, {"b_id": row[0]}).fetchone()[0] == Status.QUEUED.value
         if started:
             set_status(conn, row[0], Status.RUNNING)
         return row[0], started
