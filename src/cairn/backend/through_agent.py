@@ -72,8 +72,8 @@ class AgentBackend(AgentSocketCalls):
 
     def start_snapshots(self, source_directories: list[str]) -> Callable[[], dict[str, str]]:
         """The agent takes the snapshots while this process goes on (a submit checks its pipeline
-        meanwhile); the function returned waits for them. It must be called, once: until then
-        this process makes no other call through the agent."""
+        meanwhile); the function returned waits for them (a call made through the agent meanwhile
+        waits for them too, and keeps them for it: ``RelayBackend._begin``)."""
         # the agent's working folder and environment are not this process's
         absolute = {os.path.abspath(d): d for d in source_directories}
         call = (list(absolute), snapshot_limits(self.layout.read_config()))
