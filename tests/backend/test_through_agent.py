@@ -471,9 +471,7 @@ def test_calls_made_while_snapshots_are_taken_are_answered_and_the_snapshots_kep
     import threading
 
     ws = Workspace.create(tmp_path / "ws")
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.py").write_text("print('a')\n")
+    src = _source_folder(tmp_path)
     stop = serve_scripts(ws.location)
     try:
         backend = workspace_backend(ws.location)
@@ -517,9 +515,7 @@ def test_a_compile_that_asks_the_agent_while_it_snapshots_does_not_wait_for_itse
     from cairn.client.pipeline import Pipeline as PipelineClass
 
     ws = Workspace.create(tmp_path / "ws")
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.py").write_text("print('a')\n")
+    src = _source_folder(tmp_path)
     problems = PipelineClass._problems
 
     def asking(self: Any, *args: Any) -> list[str]:  # as a compile with no default datastore does
@@ -567,3 +563,11 @@ def test_a_forked_child_never_reads_its_parents_pending_answer(tmp_path: Path) -
         assert answer() == []
     finally:
         stop()
+
+
+def _source_folder(tmp_path: Path) -> Path:
+    """A step's source folder holding a.py."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("print('a')\n")
+    return src

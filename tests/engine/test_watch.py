@@ -14,13 +14,28 @@ from cairn.storage.layout import WorkspaceLayout
 from tests.reads import CountingReads
 
 
-def _waiting_run(workspace, write_script, tmp_path: Path) -> tuple:
+def _waiting_run(workspace, write_script, tmp_path: Path, then: str = "") -> tuple:
+    """A run of one step that reads the FIFO returned to its end (then runs ``then``)."""
     fifo = tmp_path / "go-on"
     os.mkfifo(fifo)
-    src = write_script("wait.py", f"open({str(fifo)!r}).read()\n")
+    src = write_script("wait.py", f"open({str(fifo)!r}).read()\n{then}")
     run = Experiment(workspace, "watch").submit(Pipeline(workspace, [
         PythonScriptStep("wait.py", name="wait", source_directory=str(src))]))
     return run, fifo
+
+
+def _told_when_subscribed(monkeypatch) -> threading.Event:
+    """Set once a follower's subscription is in place (``Watch.connect`` returned)."""
+    subscribed = threading.Event()
+    connect = client.Watch.connect
+
+    def connected(self, *timeout: float) -> bool:
+        made = connect(self, *timeout)
+        subscribed.set()
+        return made
+
+    monkeypatch.setattr(client.Watch, "connect", connected)
+    return subscribed
 
 
 def test_a_watcher_of_a_run_the_agent_runs_is_told_so_and_then_its_end(workspace, write_script, tmp_path) -> None:
@@ -46,15 +61,7 @@ def test_a_follower_of_a_running_runs_end_reads_nothing_when_told_it_completed(
         workspace, write_script, tmp_path, monkeypatch) -> None:
     run, fifo = _waiting_run(workspace, write_script, tmp_path)
     counting = CountingReads(workspace._backend)
-    subscribed = threading.Event()
-    connect = client.Watch.connect
-
-    def connected(self, *timeout: float) -> bool:
-        made = connect(self, *timeout)
-        subscribed.set()
-        return made
-
-    monkeypatch.setattr(client.Watch, "connect", connected)
+    subscribed = _told_when_subscribed(monkeypatch)
     ended: list[str] = []
     with open(fifo, "w"):  # the step runs until this closes
         follower = threading.Thread(target=lambda: ended.append(follow(counting, run.id, show_output=False)))
@@ -71,21 +78,9 @@ def test_a_follower_of_a_run_that_fails_reads_its_end_once(workspace, write_scri
 
     from cairn.core.errors import RunFailedError
 
-    fifo = tmp_path / "go-on"
-    os.mkfifo(fifo)
-    src = write_script("wait_fail.py", f"open({str(fifo)!r}).read()\nraise SystemExit(3)\n")
-    run = Experiment(workspace, "watch").submit(Pipeline(workspace, [
-        PythonScriptStep("wait_fail.py", name="wait", source_directory=str(src))]))
+    run, fifo = _waiting_run(workspace, write_script, tmp_path, then="raise SystemExit(3)\n")
     counting = CountingReads(workspace._backend)
-    subscribed = threading.Event()
-    connect = client.Watch.connect
-
-    def connected(self, *timeout: float) -> bool:
-        made = connect(self, *timeout)
-        subscribed.set()
-        return made
-
-    monkeypatch.setattr(client.Watch, "connect", connected)
+    subscribed = _told_when_subscribed(monkeypatch)
     ended: list[BaseException] = []
 
     def following() -> None:
