@@ -77,24 +77,15 @@ class AgentBackend(AgentSocketCalls):
         # the agent's working folder and environment are not this process's
         absolute = {os.path.abspath(d): d for d in source_directories}
         call = (list(absolute), snapshot_limits(self.layout.read_config()))
-        agent, answer = self._agent, None
+        agent, begun = self._agent, None
         if agent is not None:
             try:
-                answer = agent._begin("snapshots", call, {})
-            except RelayLost:  # the agent went: the workspace is opened here (below)
+                begun = agent._begin("snapshots", call, {})
+            except RelayLost:  # the agent went: they are taken here, when asked for
                 self._agent = None
 
         def digests() -> dict[str, str]:
-            taken = None
-            if answer is not None:
-                try:
-                    taken = answer()
-                except CallNotUnderstood:
-                    pass  # an argument the agent cannot read: made here
-                except RelayLost:  # (snapshots are made again: a repeat records nothing twice)
-                    self._agent = None
-            if taken is None:
-                taken = self._local().snapshots(*call)
+            taken = self._answer("snapshots", call, {}, begun)[1]
             return {absolute.get(k, k): v for k, v in taken.items()}
 
         return digests
@@ -136,12 +127,14 @@ class AgentBackend(AgentSocketCalls):
         call.__name__ = method
         return call
 
-    def _answer(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
-        """(whether the agent answered, its answer); made here when it could not."""
+    def _answer(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                begun: Callable[[], Any] | None = None) -> tuple[bool, Any]:
+        """(whether the agent answered, its answer); made here when it could not. ``begun``: the
+        answer of that call, already sent to the agent (``RelayBackend._begin``)."""
         agent = self._agent
         if agent is not None:
             try:
-                return True, agent._call(method, args, kwargs)
+                return True, begun() if begun is not None else agent._call(method, args, kwargs)
             except CallNotUnderstood:
                 pass  # an argument the agent cannot read (a class of the caller's script): made here
             except RelayLost as lost:  # the agent went (idle, stopped): the workspace is opened here

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +60,8 @@ class Pipeline:
     def _problems(self, datastores: list[dict[str, Any]], env_specs: dict[int, dict[str, Any]],
                   compute_targets: list[dict[str, Any]] | None = None) -> list[str]:
         """``validate`` with the workspace's datastores (and compute targets) as listed (``_compile``
-        lists them first: its snapshots hold the agent's connection meanwhile); fills ``env_specs`` (id of an Environment -> its spec), which ``_compile`` reuses: the steps
+        lists them before its snapshots start: asked while they are taken, a call waits for them);
+        fills ``env_specs`` (id of an Environment -> its spec), which ``_compile`` reuses: the steps
         of a pipeline usually share one environment, whose spec checks its interpreter's files."""
         problems: list[str] = []
         env_problems: dict[int, list[str]] = {}
@@ -197,10 +197,8 @@ class Pipeline:
         compiled = []
         for s in self.steps:
             bindings = s.input_bindings()
-            # (a reading as JSON has it: an agent keys the run by the spec as sent, a resume by its JSON)
             inputs = tuple(InputSpec(b.input_name, producer_of[id(b.data)].name, b.data.output_name, b.mode,
-                                     b.path_on_compute, b.read_as and json.loads(json.dumps(b.read_as)))
-                           for b in bindings)
+                                     b.path_on_compute, b.read_as) for b in bindings)
             binding_name: dict[int, str] = {}
             for b in bindings:
                 binding_name.setdefault(id(b.data), b.input_name)

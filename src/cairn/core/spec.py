@@ -24,6 +24,10 @@ class InputSpec:
     path_on_compute: str | None = None
     read_as: dict[str, Any] | None = field(default=None, hash=False)  # a tabular reading of the output
 
+    def __post_init__(self) -> None:
+        if self.read_as:  # as its JSON has it (int keys become strings): the spec equals its JSON's
+            object.__setattr__(self, "read_as", json.loads(json.dumps(self.read_as)))
+
 
 @dataclass(frozen=True)
 class DatasetInputSpec:
