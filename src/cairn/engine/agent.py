@@ -84,7 +84,7 @@ class Agent:
         self._first_claim = True
         self._stop_scripts: Callable[[], None] | None = None
         # runs recorded through its scripts socket, not claimed yet (their spec: not read back at the claim)
-        self._recorded: dict[str, RecordedRun | None] = {}
+        self._recorded: dict[str, RecordedRun] = {}
         self._advance_needed = True  # set by events that may let steps start or runs end
         self.late: LateDigests | None = None  # digests of outputs committed before them (made in serve)
 

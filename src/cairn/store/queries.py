@@ -321,22 +321,28 @@ def set_statuses(conn: Connection, moves: list[StatusMove]) -> list[bool]:
 
 def _statuses_of(conn: Connection, run_ids: list[str]) -> dict[str, tuple[str, str | None]]:
     """Run id -> (status, status reason), of those that exist: one read for them all."""
-    if len(run_ids) == 1:
-        row = _fast(conn, _STATUS_OF, {"b_id": run_ids[0]}).fetchone()
-        return {} if row is None else {run_ids[0]: (row[0], row[1])}
     found: dict[str, tuple[str, str | None]] = {}
     for i in range(0, len(run_ids), 500):  # (SQLite's limit on parameters is 999 on older builds)
         chunk = run_ids[i:i + 500]
-        if conn.dialect.name == "sqlite":  # as ``_fast`` does: SQLAlchemy costs more than the read
-            cursor = conn.connection.driver_connection.cursor()
-            cursor.execute(f'SELECT "id", "status", "status_reason" FROM "runs" WHERE "id" IN '
-                           f'({", ".join("?" * len(chunk))})', chunk)
-            rows = cursor.fetchall()
-        else:
-            rows = conn.execute(select(t.runs.c.id, t.runs.c.status, t.runs.c.status_reason)
-                                .where(t.runs.c.id.in_(chunk))).all()
+        rows = _fast(conn, _statuses_statement(len(chunk)), {f"b_{n}": r for n, r in enumerate(chunk)}).fetchall()
         found.update((r[0], (r[1], r[2])) for r in rows)
     return found
+
+
+_STATUSES_OF: dict[int, Any] = {}
+
+
+def _statuses_statement(count: int) -> Any:
+    """The prebuilt ``SELECT id, status, status_reason FROM runs WHERE id IN`` ``count`` ids
+    (parameters ``b_0``...)."""
+    stmt = _STATUSES_OF.get(count)
+    if stmt is None:
+        names = tuple(f"b_{n}" for n in range(count))
+        stmt = _STATUSES_OF[count] = _with_sqlite_text(
+            select(t.runs.c.id, t.runs.c.status, t.runs.c.status_reason)
+            .where(t.runs.c.id.in_([bindparam(name) for name in names])),
+            f'SELECT "id", "status", "status_reason" FROM "runs" WHERE "id" IN ({", ".join("?" * count)})', names)
+    return stmt
 
 
 def update_status(store: Store, run_id: str, status: Status, reason: str | None = None,
